@@ -1,0 +1,135 @@
+//! The command line (DESIGN §3). Every flag can also come from a `DSSM_CERTS_…` variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::generate::DhSource;
+use crate::pki::{KeyAlgorithm, Subject};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dssm-certs",
+    version,
+    about = "Certificate lifecycle for F5 dSSM (Redis DB + Sentinel) and its TMM clients",
+    after_help = "Exit codes: 0 ok, 1 warning, 2 critical, 3 cannot tell, 4 failed, 64 usage."
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "DSSM_CERTS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write the five files of the manual procedure and the two Secret manifests.
+    Generate(GenerateArgs),
+    /// Inspect deployed materials: expiry, residual time, chain, key match, DH params.
+    Check(CheckArgs),
+    /// Print the TMM Helm values that point TMM at dSSM with these materials.
+    Values(ValuesArgs),
+}
+
+fn parse_subject(s: &str) -> Result<Subject, String> {
+    Subject::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    crate::manifest::validate_namespace(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A duration such as `28d`, `336h` or `2w`, in seconds.
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 28d or 336h: {e}"))
+        .and_then(|d| i64::try_from(d.as_secs()).map_err(|_| format!("{s:?} is too long")))
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Folder to write into (created 0700 if missing).
+    #[arg(long, env = "DSSM_CERTS_OUT")]
+    pub out: PathBuf,
+    /// Replace existing files in the folder.
+    #[arg(long, env = "DSSM_CERTS_FORCE")]
+    pub force: bool,
+    /// metadata.namespace of the manifests; also the default --dssm-namespace.
+    #[arg(long, env = "DSSM_CERTS_NAMESPACE", value_parser = parse_namespace)]
+    pub namespace: Option<String>,
+    /// Namespace of the dSSM Services, for the leaf's subjectAltNames.
+    #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
+    pub dssm_namespace: Option<String>,
+    /// Lifetime of the leaf certificate.
+    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_DAYS")]
+    pub days: u32,
+    /// Lifetime of a new CA certificate.
+    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_CA_DAYS")]
+    pub ca_days: u32,
+    #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa4096, env = "DSSM_CERTS_KEY_ALGORITHM")]
+    pub key_algorithm: KeyAlgorithm,
+    #[arg(long, default_value = "O=Redis Test, CN=Certificate Authority", value_parser = parse_subject, env = "DSSM_CERTS_CA_SUBJECT")]
+    pub ca_subject: Subject,
+    #[arg(long, default_value = "O=Redis Test, CN=Server", value_parser = parse_subject, env = "DSSM_CERTS_SUBJECT")]
+    pub subject: Subject,
+    /// subjectAltName DNS names of the leaf, instead of the dSSM Service names (repeatable).
+    #[arg(
+        long = "dns",
+        value_name = "NAME",
+        env = "DSSM_CERTS_DNS",
+        value_delimiter = ','
+    )]
+    pub dns: Vec<String>,
+    /// Sign the leaf with this existing CA certificate instead of making a CA.
+    #[arg(long, requires = "ca_key", env = "DSSM_CERTS_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// The existing CA's private key.
+    #[arg(long, requires = "ca_cert", env = "DSSM_CERTS_CA_KEY")]
+    pub ca_key: Option<PathBuf>,
+    /// DH parameters: `generate` (fresh, like openssl dhparam 2048), `ffdhe2048` (RFC 7919) or a FILE to reuse.
+    #[arg(
+        long,
+        default_value = "generate",
+        value_name = "generate|ffdhe2048|FILE",
+        env = "DSSM_CERTS_DHPARAM"
+    )]
+    pub dhparam: DhSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Folder holding the files of the manual procedure.
+    #[arg(long, env = "DSSM_CERTS_DIR")]
+    pub dir: PathBuf,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
+    pub output: OutputFormat,
+    /// Warn when less than this is left.
+    #[arg(long, default_value = "28d", value_parser = parse_duration, env = "DSSM_CERTS_WARN")]
+    pub warn: i64,
+    /// Critical when less than this is left.
+    #[arg(long, default_value = "14d", value_parser = parse_duration, env = "DSSM_CERTS_CRITICAL")]
+    pub critical: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct ValuesArgs {
+    /// Namespace of the dSSM pods (default: this pod's namespace).
+    #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
+    pub dssm_namespace: Option<String>,
+}

@@ -1,0 +1,15 @@
+//! Exit codes, in one place. `check` and `probe` follow the monitoring-plugin convention so that
+//! they can drive alerts directly.
+
+/// Everything is fine / the command did what was asked.
+pub const OK: i32 = 0;
+/// Something needs attention soon (e.g. a certificate inside the `--warn` window).
+pub const WARNING: i32 = 1;
+/// Broken or about to break: expired, inside the `--critical` window, broken chain, key mismatch.
+pub const CRITICAL: i32 = 2;
+/// Cannot tell: the input is missing or unreadable.
+pub const UNKNOWN: i32 = 3;
+/// The command failed (bad input, refused overwrite, I/O error). Nothing was half-written.
+pub const FAILED: i32 = 4;
+/// The command line itself is wrong (unknown flag, bad value).
+pub const USAGE: i32 = 64;

@@ -1,0 +1,389 @@
+//! `generate`: steps 3 to 8 of the seeds' procedure in one command, written safely to a folder.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use time::OffsetDateTime;
+
+use crate::contract;
+use crate::manifest;
+use crate::pki::{
+    self, CaSigner, DhError, DhParams, IssueError, KeyAlgorithm, KeyError, LeafRequest, PrivateKey,
+    SecretBytes, Subject,
+};
+
+/// Where the DH parameters come from (`--dhparam generate|ffdhe2048|FILE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DhSource {
+    Generate,
+    Ffdhe2048,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for DhSource {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "generate" => DhSource::Generate,
+            "ffdhe2048" => DhSource::Ffdhe2048,
+            path => DhSource::File(PathBuf::from(path)),
+        })
+    }
+}
+
+/// An existing CA to sign the new leaf with (`--ca-cert`, `--ca-key`).
+#[derive(Debug, Clone)]
+pub struct ExistingCa {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub days: u32,
+    pub ca_days: u32,
+    pub key_algorithm: KeyAlgorithm,
+    pub ca_subject: Subject,
+    pub subject: Subject,
+    pub dns_names: Vec<String>,
+    pub existing_ca: Option<ExistingCa>,
+    pub dhparam: DhSource,
+    /// `metadata.namespace` of the manifests.
+    pub namespace: Option<String>,
+    /// Parallel DH searches.
+    pub threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot write: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing to overwrite existing files in {dir}: {files}; pass --force to replace them"
+    )]
+    WouldOverwrite { dir: PathBuf, files: String },
+    #[error("{path} exists and is not a directory")]
+    NotADirectory { path: PathBuf },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    #[error(transparent)]
+    Dh(#[from] DhError),
+}
+
+/// The five files of the manual procedure. Keys are PEM bytes kept out of `Debug`.
+#[derive(Debug, Clone)]
+pub struct Materials {
+    pub ca_cert: Vec<u8>,
+    pub ca_key: SecretBytes,
+    pub leaf_cert: Vec<u8>,
+    pub leaf_key: SecretBytes,
+    pub dhparams: DhParams,
+}
+
+/// One output file: its name, its bytes and its mode.
+pub struct OutputFile {
+    pub name: &'static str,
+    pub bytes: Vec<u8>,
+    pub mode: u32,
+}
+
+impl std::fmt::Debug for OutputFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "OutputFile({}, {} bytes, {:o})",
+            self.name,
+            self.bytes.len(),
+            self.mode
+        )
+    }
+}
+
+pub const OUTPUT_NAMES: [&str; 7] = [
+    contract::CA_KEY,
+    contract::CA_CERT,
+    contract::LEAF_KEY,
+    contract::LEAF_CERT,
+    contract::DH_PARAMS,
+    contract::CERTS_MANIFEST,
+    contract::KEYS_MANIFEST,
+];
+
+fn read(path: &Path) -> Result<Vec<u8>, GenerateError> {
+    fs::read(path).map_err(|source| GenerateError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Makes the materials. DH parameters are searched on other threads while the keys are made.
+pub fn make_materials(
+    opts: &GenerateOptions,
+    now: OffsetDateTime,
+    cancel: &AtomicBool,
+) -> Result<Materials, GenerateError> {
+    // Everything that can be refused is refused before the slow work starts.
+    let existing = match &opts.existing_ca {
+        Some(ca) => {
+            let cert = read(&ca.cert)?;
+            let key_pem = read(&ca.key)?;
+            let key = PrivateKey::from_pem(&key_pem, &ca.key.display().to_string())?;
+            Some((cert, SecretBytes::new(key_pem), key))
+        }
+        None => None,
+    };
+    let cert_name = opts
+        .existing_ca
+        .as_ref()
+        .map(|c| c.cert.display().to_string())
+        .unwrap_or_default();
+    let key_name = opts
+        .existing_ca
+        .as_ref()
+        .map(|c| c.key.display().to_string())
+        .unwrap_or_default();
+    if let Some((cert, _, key)) = &existing {
+        pki::check_ca_can_sign(
+            &CaSigner {
+                cert_pem: cert,
+                key,
+                cert_name: &cert_name,
+                key_name: &key_name,
+            },
+            opts.days,
+            now,
+        )?;
+    } else if opts.days > opts.ca_days {
+        return Err(IssueError::LeafOutlivesCa {
+            ca_cert: "the new CA".into(),
+            ca_not_after: format!("in {} days (--ca-days)", opts.ca_days),
+            leaf_not_after: format!("in {} days (--days)", opts.days),
+            max_days: i64::from(opts.ca_days),
+        }
+        .into());
+    }
+    let fixed_dh = match &opts.dhparam {
+        DhSource::Generate => None,
+        DhSource::Ffdhe2048 => Some(DhParams::ffdhe2048()),
+        DhSource::File(path) => Some(DhParams::validate(
+            &read(path)?,
+            &path.display().to_string(),
+        )?),
+    };
+
+    std::thread::scope(|scope| {
+        let dh_search = fixed_dh.is_none().then(|| {
+            scope.spawn(|| DhParams::generate(pki::dhparams::MIN_BITS, opts.threads, cancel))
+        });
+
+        let pki_result = (|| -> Result<_, GenerateError> {
+            let (ca_cert, ca_key_pem, ca_key) = match existing {
+                Some(found) => found,
+                None => {
+                    let key = PrivateKey::generate(opts.key_algorithm)?;
+                    let cert = pki::issue_ca(&opts.ca_subject, opts.ca_days, &key, now)?;
+                    (cert.into_bytes(), SecretBytes::new(key.to_pkcs8_pem()), key)
+                }
+            };
+            let leaf_key = PrivateKey::generate(opts.key_algorithm)?;
+            let leaf_cert = pki::issue_leaf(
+                &LeafRequest {
+                    subject: &opts.subject,
+                    days: opts.days,
+                    dns_names: &opts.dns_names,
+                },
+                &leaf_key,
+                &CaSigner {
+                    cert_pem: &ca_cert,
+                    key: &ca_key,
+                    cert_name: if cert_name.is_empty() {
+                        contract::CA_CERT
+                    } else {
+                        &cert_name
+                    },
+                    key_name: if key_name.is_empty() {
+                        contract::CA_KEY
+                    } else {
+                        &key_name
+                    },
+                },
+                now,
+            )?;
+            Ok((ca_cert, ca_key_pem, leaf_cert, leaf_key))
+        })();
+        if pki_result.is_err() {
+            // No point finishing a minute of DH search for materials we will not write.
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let dhparams = match dh_search {
+            Some(handle) => handle.join().expect("the DH search thread panicked"),
+            None => Ok(fixed_dh.clone().expect("fixed DH params")),
+        };
+        let (ca_cert, ca_key, leaf_cert, leaf_key) = pki_result?;
+        Ok(Materials {
+            ca_cert,
+            ca_key,
+            leaf_cert: leaf_cert.into_bytes(),
+            leaf_key: SecretBytes::new(leaf_key.to_pkcs8_pem()),
+            dhparams: dhparams?,
+        })
+    })
+}
+
+/// The seven output files: the five materials and the two Secret manifests.
+pub fn output_files(m: &Materials, namespace: Option<&str>) -> Vec<OutputFile> {
+    let certs = manifest::secret_yaml(
+        contract::CERTS_SECRET,
+        namespace,
+        &[
+            (contract::CA_CERT, &m.ca_cert),
+            (contract::LEAF_CERT, &m.leaf_cert),
+            (contract::DH_PARAMS, m.dhparams.pem()),
+        ],
+    );
+    let keys = manifest::secret_yaml(
+        contract::KEYS_SECRET,
+        namespace,
+        &[(contract::LEAF_KEY, m.leaf_key.expose())],
+    );
+    vec![
+        OutputFile {
+            name: contract::CA_KEY,
+            bytes: m.ca_key.expose().to_vec(),
+            mode: 0o600,
+        },
+        OutputFile {
+            name: contract::CA_CERT,
+            bytes: m.ca_cert.clone(),
+            mode: 0o644,
+        },
+        OutputFile {
+            name: contract::LEAF_KEY,
+            bytes: m.leaf_key.expose().to_vec(),
+            mode: 0o600,
+        },
+        OutputFile {
+            name: contract::LEAF_CERT,
+            bytes: m.leaf_cert.clone(),
+            mode: 0o644,
+        },
+        OutputFile {
+            name: contract::DH_PARAMS,
+            bytes: m.dhparams.pem().to_vec(),
+            mode: 0o644,
+        },
+        OutputFile {
+            name: contract::CERTS_MANIFEST,
+            bytes: certs.into_bytes(),
+            mode: 0o644,
+        },
+        // The keys manifest carries the private key: as secret as the key file.
+        OutputFile {
+            name: contract::KEYS_MANIFEST,
+            bytes: keys.into_bytes(),
+            mode: 0o600,
+        },
+    ]
+}
+
+/// Refuses early, before any slow work, when `dir` already holds an output file.
+pub fn refuse_overwrite(dir: &Path, force: bool) -> Result<(), GenerateError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(GenerateError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    if force {
+        return Ok(());
+    }
+    let existing: Vec<&str> = OUTPUT_NAMES
+        .iter()
+        .copied()
+        .filter(|n| dir.join(n).symlink_metadata().is_ok())
+        .collect();
+    if existing.is_empty() {
+        Ok(())
+    } else {
+        Err(GenerateError::WouldOverwrite {
+            dir: dir.to_path_buf(),
+            files: existing.join(", "),
+        })
+    }
+}
+
+/// Writes all files or none: each goes to a temporary file with its final mode first (a key is
+/// never readable by others, not even for a moment), then all are moved into place. Without
+/// `force` a file that appeared meanwhile is not replaced and what was placed is taken back.
+pub fn write_files(dir: &Path, files: &[OutputFile], force: bool) -> Result<(), GenerateError> {
+    refuse_overwrite(dir, force)?;
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| GenerateError::Write {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    let tmp_name = |name: &str| dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let cleanup = |upto: usize| {
+        for f in &files[..upto] {
+            let _ = fs::remove_file(tmp_name(f.name));
+        }
+    };
+    for (i, f) in files.iter().enumerate() {
+        let path = tmp_name(f.name);
+        let result = (|| {
+            let _ = fs::remove_file(&path);
+            let mut out = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(f.mode)
+                .open(&path)?;
+            out.write_all(&f.bytes)?;
+            out.sync_all()
+        })();
+        if let Err(source) = result {
+            cleanup(i + 1);
+            return Err(GenerateError::Write { path, source });
+        }
+    }
+    let mut placed = Vec::new();
+    for f in files {
+        let (tmp, dest) = (tmp_name(f.name), dir.join(f.name));
+        let result = if force {
+            fs::rename(&tmp, &dest)
+        } else {
+            // link(2) fails when the destination exists: no race can make us overwrite.
+            fs::hard_link(&tmp, &dest).and_then(|()| fs::remove_file(&tmp))
+        };
+        if let Err(source) = result {
+            if !force {
+                for p in &placed {
+                    let _ = fs::remove_file(p);
+                }
+            }
+            cleanup(files.len());
+            return Err(GenerateError::Write { path: dest, source });
+        }
+        placed.push(dest);
+    }
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

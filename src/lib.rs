@@ -1,0 +1,13 @@
+//! dssm-certs: the certificate lifecycle of F5 dSSM (Redis DB + Sentinel) and its TMM clients.
+//!
+//! The pure core (`pki`, `check`'s report) is separate from the shell that reads and writes
+//! files and talks to the cluster.
+
+pub mod check;
+pub mod cli;
+pub mod contract;
+pub mod exit;
+pub mod generate;
+pub mod manifest;
+pub mod pki;
+pub mod values;

@@ -1,0 +1,133 @@
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+
+use clap::Parser;
+use dssm_certs::cli::{Cli, Command, LogFormat, OutputFormat};
+use dssm_certs::{check, contract, exit, generate, values};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return code(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    init_tracing(cli.log_format);
+    code(match run(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            exit::FAILED
+        }
+    })
+}
+
+fn code(c: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(c).unwrap_or(1))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DSSM_CERTS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Generate(a) => {
+            generate::refuse_overwrite(&a.out, a.force)?;
+            let dns_names = if a.dns.is_empty() {
+                contract::default_dns_names(a.dssm_namespace.as_deref().or(a.namespace.as_deref()))
+            } else {
+                a.dns.clone()
+            };
+            let opts = generate::GenerateOptions {
+                days: a.days,
+                ca_days: a.ca_days,
+                key_algorithm: a.key_algorithm,
+                ca_subject: a.ca_subject,
+                subject: a.subject,
+                dns_names,
+                existing_ca: a
+                    .ca_cert
+                    .zip(a.ca_key)
+                    .map(|(cert, key)| generate::ExistingCa { cert, key }),
+                dhparam: a.dhparam,
+                namespace: a.namespace.clone(),
+                threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            };
+            let started = std::time::Instant::now();
+            let cancel = AtomicBool::new(false);
+            let materials =
+                generate::make_materials(&opts, time::OffsetDateTime::now_utc(), &cancel)?;
+            let files = generate::output_files(&materials, a.namespace.as_deref());
+            generate::write_files(&a.out, &files, a.force)?;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "generated"
+            );
+            for f in &files {
+                println!("{}", a.out.join(f.name).display());
+            }
+            Ok(exit::OK)
+        }
+        Command::Check(a) => {
+            let thresholds = check::Thresholds {
+                warn: a.warn,
+                critical: a.critical,
+            };
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let copy = if a.dir.is_dir() {
+                check::inspect(&check::read_dir_source(&a.dir), now, thresholds)
+            } else {
+                check::CopyReport {
+                    source: format!("dir:{}", a.dir.display()),
+                    status: check::Status::Unknown,
+                    certificates: vec![],
+                    checks: vec![check::CheckResult {
+                        name: "read",
+                        status: check::Status::Unknown,
+                        message: format!("{}: not a directory", a.dir.display()),
+                    }],
+                    dhparams: None,
+                }
+            };
+            let report = check::Report::new(vec![copy], now, thresholds);
+            match a.output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                OutputFormat::Table => print!("{}", check::render_table(&report)),
+            }
+            Ok(report.exit_code)
+        }
+        Command::Values(a) => {
+            let ns = match a.dssm_namespace {
+                Some(ns) => ns,
+                None => own_namespace().ok_or(
+                    "--dssm-namespace is required outside a pod (no service account namespace file)",
+                )?,
+            };
+            print!("{}", values::tmm_values(&ns));
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// The namespace of the pod we run in, as the service account mount tells it.
+fn own_namespace() -> Option<String> {
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}

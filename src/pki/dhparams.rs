@@ -1,0 +1,209 @@
+//! DH parameters for Redis' `tls-dh-params-file`: fresh ones like `openssl dhparam 2048`
+//! (searched on every core, first winner stops the others), the RFC 7919 ffdhe2048 group, or an
+//! operator's file checked with DH_check.
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use foreign_types::ForeignType;
+use openssl::dh::Dh;
+use openssl::pkey::Params;
+
+/// The smallest modulus we accept, and the size the seeds generate.
+pub const MIN_BITS: u32 = 2048;
+
+/// RFC 7919 ffdhe2048, byte-identical to
+/// `openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048`.
+pub const FFDHE2048_PEM: &str = "-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DhError {
+    #[error("{what}: not PEM DH parameters (expected `-----BEGIN DH PARAMETERS-----`)")]
+    Unreadable { what: String },
+    #[error("{what}: the DH modulus has {bits} bits; at least {MIN_BITS} are required")]
+    TooSmall { what: String, bits: u32 },
+    #[error("{what}: DH_check rejects the parameters: {problems}")]
+    Invalid { what: String, problems: String },
+    #[error("DH parameter generation failed: {0}")]
+    Generate(String),
+    #[error("DH parameter generation was cancelled")]
+    Cancelled,
+}
+
+/// Validated DH parameters, as PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhParams {
+    pem: Vec<u8>,
+    bits: u32,
+    generator: u32,
+}
+
+impl DhParams {
+    pub fn pem(&self) -> &[u8] {
+        &self.pem
+    }
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+    pub fn generator(&self) -> u32 {
+        self.generator
+    }
+
+    pub fn ffdhe2048() -> Self {
+        Self::validate(FFDHE2048_PEM.as_bytes(), "ffdhe2048").expect("RFC 7919 group is valid")
+    }
+
+    /// Reads and checks PEM parameters: at least 2048 bits, a safe prime, a suitable generator.
+    /// The PEM is kept byte for byte.
+    pub fn validate(pem: &[u8], what: &str) -> Result<Self, DhError> {
+        let dh = Dh::params_from_pem(pem).map_err(|_| DhError::Unreadable {
+            what: what.to_string(),
+        })?;
+        let bits = dh.prime_p().num_bits() as u32;
+        if bits < MIN_BITS {
+            return Err(DhError::TooSmall {
+                what: what.to_string(),
+                bits,
+            });
+        }
+        let problems = dh_check(&dh);
+        if !problems.is_empty() {
+            return Err(DhError::Invalid {
+                what: what.to_string(),
+                problems: problems.join(", "),
+            });
+        }
+        let generator = dh
+            .generator()
+            .to_dec_str()
+            .ok()
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0);
+        Ok(DhParams {
+            pem: pem.to_vec(),
+            bits,
+            generator,
+        })
+    }
+
+    /// Fresh parameters with generator 2, like `openssl dhparam <bits>`. Runs `threads`
+    /// independent searches; the first to find a safe prime wins and the others stop within
+    /// milliseconds. `cancel` stops all of them.
+    pub fn generate(bits: u32, threads: usize, cancel: &AtomicBool) -> Result<Self, DhError> {
+        let threads = threads.max(1);
+        let done = AtomicBool::new(false);
+        let winner = std::thread::scope(|scope| {
+            let searches: Vec<_> = (0..threads)
+                .map(|_| scope.spawn(|| search(bits, &done, cancel)))
+                .collect();
+            let mut winner = None;
+            let mut failure = None;
+            for s in searches {
+                match s.join().expect("a DH search thread panicked") {
+                    Ok(Some(pem)) if winner.is_none() => winner = Some(pem),
+                    Ok(_) => {}
+                    Err(e) => failure = Some(e),
+                }
+            }
+            winner.ok_or(failure.unwrap_or(DhError::Cancelled))
+        })?;
+        Self::validate(&winner, "generated DH parameters")
+    }
+}
+
+fn dh_check(dh: &Dh<Params>) -> Vec<&'static str> {
+    let mut codes: c_int = 0;
+    // SAFETY: dh is a valid DH object for the duration of the call.
+    let ok = unsafe { openssl_sys::DH_check(dh.as_ptr(), &mut codes) };
+    let _ = openssl::error::ErrorStack::get(); // drain the thread's error queue
+    if ok != 1 {
+        return vec!["DH_check could not run"];
+    }
+    // Flag values from openssl/dh.h.
+    let flags: [(c_int, &str); 7] = [
+        (0x01, "p is not prime"),
+        (0x02, "p is not a safe prime"),
+        (0x04, "unable to check the generator"),
+        (0x08, "the generator is not suitable"),
+        (0x10, "q is not prime"),
+        (0x20, "q is invalid"),
+        (0x40, "j is invalid"),
+    ];
+    flags
+        .iter()
+        .filter(|(bit, _)| codes & bit != 0)
+        .map(|(_, text)| *text)
+        .collect()
+}
+
+// openssl-sys declares BN_GENCB but not the functions that make one.
+extern "C" {
+    fn BN_GENCB_new() -> *mut openssl_sys::BN_GENCB;
+    fn BN_GENCB_free(cb: *mut openssl_sys::BN_GENCB);
+    fn BN_GENCB_set(
+        cb: *mut openssl_sys::BN_GENCB,
+        callback: extern "C" fn(c_int, c_int, *mut openssl_sys::BN_GENCB) -> c_int,
+        arg: *mut c_void,
+    );
+    fn BN_GENCB_get_arg(cb: *mut openssl_sys::BN_GENCB) -> *mut c_void;
+}
+
+struct StopFlags<'a> {
+    done: &'a AtomicBool,
+    cancel: &'a AtomicBool,
+}
+
+/// OpenSSL calls this throughout the prime search; returning 0 aborts it.
+extern "C" fn keep_going(_p: c_int, _n: c_int, cb: *mut openssl_sys::BN_GENCB) -> c_int {
+    // SAFETY: the argument is the StopFlags that `search` keeps alive for the whole call.
+    let flags = unsafe { &*(BN_GENCB_get_arg(cb) as *const StopFlags<'_>) };
+    let stop = flags.done.load(Ordering::Relaxed) || flags.cancel.load(Ordering::Relaxed);
+    c_int::from(!stop)
+}
+
+/// One search. Ok(None): another search won or we were cancelled.
+fn search(bits: u32, done: &AtomicBool, cancel: &AtomicBool) -> Result<Option<Vec<u8>>, DhError> {
+    let flags = StopFlags { done, cancel };
+    // SAFETY: every pointer is checked, freed exactly once, and `flags` outlives the call.
+    unsafe {
+        let raw = openssl_sys::DH_new();
+        if raw.is_null() {
+            return Err(DhError::Generate("DH_new failed".into()));
+        }
+        let dh: Dh<Params> = Dh::from_ptr(raw);
+        let cb = BN_GENCB_new();
+        if cb.is_null() {
+            return Err(DhError::Generate("BN_GENCB_new failed".into()));
+        }
+        BN_GENCB_set(
+            cb,
+            keep_going,
+            &flags as *const StopFlags<'_> as *mut c_void,
+        );
+        let ok = openssl_sys::DH_generate_parameters_ex(dh.as_ptr(), bits as c_int, 2, cb);
+        BN_GENCB_free(cb);
+        let errors = openssl::error::ErrorStack::get();
+        if ok == 1 {
+            if done.swap(true, Ordering::SeqCst) {
+                return Ok(None); // someone else finished first
+            }
+            return dh
+                .params_to_pem()
+                .map(Some)
+                .map_err(|e| DhError::Generate(e.to_string()));
+        }
+        if done.load(Ordering::SeqCst) || cancel.load(Ordering::SeqCst) {
+            Ok(None)
+        } else {
+            Err(DhError::Generate(errors.to_string()))
+        }
+    }
+}

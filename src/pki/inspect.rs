@@ -1,0 +1,215 @@
+//! Reading certificates (ours, and the seeds' v1 ones) and the facts `check` reports on them.
+
+use serde::Serialize;
+use x509_parser::oid_registry as oids;
+use x509_parser::pem::Pem;
+use x509_parser::prelude::*;
+
+use super::keys::PrivateKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("{what}: no PEM block found (expected `-----BEGIN CERTIFICATE-----`)")]
+    NotPem { what: String },
+    #[error("{what}: the PEM block is a {label:?}, not a CERTIFICATE")]
+    WrongLabel { what: String, label: String },
+    #[error("{what}: the certificate is not valid DER X.509: {detail}")]
+    NotX509 { what: String, detail: String },
+}
+
+/// The facts about one certificate that the report and the planner need.
+#[derive(Debug, Clone, Serialize)]
+pub struct Certificate {
+    pub subject: String,
+    pub issuer: String,
+    /// Upper-case hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub key_type: String,
+    pub key_bits: u32,
+    pub signature_algorithm: String,
+    /// 1 for the seeds' certificates, 3 for ours.
+    pub version: u32,
+    pub is_ca: bool,
+    pub dns_names: Vec<String>,
+    pub server_auth: Option<bool>,
+    pub client_auth: Option<bool>,
+    /// SHA-256 over the DER, upper-case hex with colons (`openssl x509 -fingerprint -sha256`).
+    pub sha256_fingerprint: String,
+    /// Further certificates after the first in the same PEM input.
+    pub extra_certificates: usize,
+    #[serde(skip)]
+    der: Vec<u8>,
+    #[serde(skip)]
+    spki: Vec<u8>,
+    #[serde(skip)]
+    subject_der: Vec<u8>,
+    #[serde(skip)]
+    issuer_der: Vec<u8>,
+}
+
+impl Certificate {
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
+
+    /// DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    /// Whether `issuer`'s key signed this certificate and the names chain.
+    pub fn is_signed_by(&self, issuer: &Certificate) -> bool {
+        if self.issuer_der != issuer.subject_der {
+            return false;
+        }
+        let Ok((_, me)) = X509Certificate::from_der(&self.der) else {
+            return false;
+        };
+        let Ok((_, them)) = X509Certificate::from_der(&issuer.der) else {
+            return false;
+        };
+        me.verify_signature(Some(them.public_key())).is_ok()
+    }
+
+    pub fn is_self_signed(&self) -> bool {
+        self.is_signed_by(self)
+    }
+
+    pub fn matches_key(&self, key: &PrivateKey) -> bool {
+        self.spki == key.public_key_der()
+    }
+}
+
+/// Parses the first certificate of a PEM input; `what` names the file or Secret key.
+pub fn parse_certificate(pem: &[u8], what: &str) -> Result<Certificate, InspectError> {
+    let mut blocks = Pem::iter_from_buffer(pem);
+    let first = match blocks.next() {
+        Some(Ok(p)) => p,
+        _ => {
+            return Err(InspectError::NotPem {
+                what: what.to_string(),
+            })
+        }
+    };
+    if first.label != "CERTIFICATE" {
+        return Err(InspectError::WrongLabel {
+            what: what.to_string(),
+            label: first.label,
+        });
+    }
+    let extra = blocks
+        .filter(|b| matches!(b, Ok(p) if p.label == "CERTIFICATE"))
+        .count();
+    let mut cert = from_der(&first.contents, what)?;
+    cert.extra_certificates = extra;
+    Ok(cert)
+}
+
+fn from_der(der: &[u8], what: &str) -> Result<Certificate, InspectError> {
+    let (rest, x509) = X509Certificate::from_der(der).map_err(|e| InspectError::NotX509 {
+        what: what.to_string(),
+        detail: e.to_string(),
+    })?;
+    if !rest.is_empty() {
+        return Err(InspectError::NotX509 {
+            what: what.to_string(),
+            detail: format!(
+                "{} bytes of trailing data after the certificate",
+                rest.len()
+            ),
+        });
+    }
+    let spki = x509.public_key().raw.to_vec();
+    let (key_type, key_bits) = describe_public_key(x509.public_key());
+    let mut dns_names = Vec::new();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(n) = name {
+                dns_names.push(n.to_string());
+            }
+        }
+    }
+    let (server_auth, client_auth) = match x509.extended_key_usage() {
+        Ok(Some(eku)) => (
+            Some(eku.value.server_auth || eku.value.any),
+            Some(eku.value.client_auth || eku.value.any),
+        ),
+        _ => (None, None),
+    };
+    let is_ca = match x509.basic_constraints() {
+        Ok(Some(bc)) => bc.value.ca,
+        // A v1 certificate has no extensions; OpenSSL treats a self-signed v1 as a CA.
+        _ => x509.version() == X509Version::V1 && x509.subject().as_raw() == x509.issuer().as_raw(),
+    };
+    Ok(Certificate {
+        subject: x509.subject().to_string(),
+        issuer: x509.issuer().to_string(),
+        serial: hex_upper(x509.raw_serial(), ""),
+        not_before: x509.validity().not_before.timestamp(),
+        not_after: x509.validity().not_after.timestamp(),
+        key_type,
+        key_bits,
+        signature_algorithm: signature_name(&x509.signature_algorithm.algorithm),
+        version: x509.version().0 + 1,
+        is_ca,
+        dns_names,
+        server_auth,
+        client_auth,
+        sha256_fingerprint: hex_upper(&openssl::sha::sha256(der), ":"),
+        extra_certificates: 0,
+        der: der.to_vec(),
+        spki,
+        subject_der: x509.subject().as_raw().to_vec(),
+        issuer_der: x509.issuer().as_raw().to_vec(),
+    })
+}
+
+fn describe_public_key(spki: &SubjectPublicKeyInfo<'_>) -> (String, u32) {
+    use x509_parser::public_key::PublicKey;
+    match spki.parsed() {
+        Ok(PublicKey::RSA(rsa)) => ("RSA".into(), rsa.key_size() as u32),
+        Ok(PublicKey::EC(ec)) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok());
+            let name = match curve {
+                Some(c) if c == oids::OID_EC_P256 => "ECDSA P-256",
+                Some(c) if c == oids::OID_NIST_EC_P384 => "ECDSA P-384",
+                Some(c) if c == oids::OID_NIST_EC_P521 => "ECDSA P-521",
+                _ => "ECDSA",
+            };
+            (name.into(), ec.key_size() as u32)
+        }
+        Ok(PublicKey::Unknown(_)) | Ok(_) | Err(_) => (spki.algorithm.algorithm.to_id_string(), 0),
+    }
+}
+
+fn signature_name(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
+    let known = [
+        (oids::OID_PKCS1_SHA256WITHRSA, "sha256WithRSAEncryption"),
+        (oids::OID_PKCS1_SHA384WITHRSA, "sha384WithRSAEncryption"),
+        (oids::OID_PKCS1_SHA512WITHRSA, "sha512WithRSAEncryption"),
+        (oids::OID_PKCS1_SHA1WITHRSA, "sha1WithRSAEncryption"),
+        (oids::OID_SIG_ECDSA_WITH_SHA256, "ecdsa-with-SHA256"),
+        (oids::OID_SIG_ECDSA_WITH_SHA384, "ecdsa-with-SHA384"),
+        (oids::OID_SIG_ECDSA_WITH_SHA512, "ecdsa-with-SHA512"),
+        (oids::OID_SIG_ED25519, "ED25519"),
+    ];
+    known
+        .iter()
+        .find(|(o, _)| o == oid)
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|| oid.to_id_string())
+}
+
+pub(crate) fn hex_upper(bytes: &[u8], sep: &str) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(sep)
+}
