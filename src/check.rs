@@ -573,3 +573,49 @@ fn columns<const N: usize>(rows: &[[String; N]]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn residual_time_reads_like_kubeadm() {
+        for (secs, want) in [
+            (-5, "expired"),
+            (0, "expired"),
+            (59, "0m59s"),
+            (3_600 + 120, "1h2m"),
+            (86_400 * 364 + 3_600, "364d"),
+        ] {
+            assert_eq!(format_residual(secs), want, "{secs}");
+        }
+    }
+
+    #[test]
+    fn the_worst_status_wins_and_cannot_tell_outranks_a_warning() {
+        assert!(Status::Ok < Status::Warning);
+        assert!(Status::Warning < Status::Unknown);
+        assert!(Status::Unknown < Status::Critical);
+        let copy = |status| CopyReport {
+            source: "x".into(),
+            status,
+            certificates: vec![],
+            checks: vec![],
+            dhparams: None,
+        };
+        let r = Report::new(
+            vec![copy(Status::Warning), copy(Status::Critical)],
+            0,
+            Thresholds::default(),
+        );
+        assert_eq!((r.status, r.exit_code), (Status::Critical, 2));
+        let r = Report::new(vec![], 0, Thresholds::default());
+        assert_eq!(r.exit_code, 3, "no copy at all: cannot tell");
+    }
+
+    #[test]
+    fn found_bytes_never_show_in_debug() {
+        let f = Found::Bytes(b"-----BEGIN PRIVATE KEY-----secret".to_vec());
+        assert!(!format!("{f:?}").contains("PRIVATE"));
+    }
+}

@@ -48,3 +48,27 @@ pub fn default_dns_names(dssm_namespace: Option<&str>) -> Vec<String> {
     }
     names
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_cover_both_services_and_the_db_pods() {
+        assert_eq!(
+            default_dns_names(Some("spk-utilities")),
+            [
+                "f5-dssm-sentinel",
+                "f5-dssm-sentinel.spk-utilities",
+                "f5-dssm-sentinel.spk-utilities.svc",
+                "f5-dssm-sentinel.spk-utilities.svc.cluster.local",
+                "f5-dssm-db",
+                "f5-dssm-db.spk-utilities",
+                "f5-dssm-db.spk-utilities.svc",
+                "f5-dssm-db.spk-utilities.svc.cluster.local",
+                "*.f5-dssm-db.spk-utilities.svc.cluster.local",
+            ]
+        );
+        assert_eq!(default_dns_names(None), ["f5-dssm-sentinel", "f5-dssm-db"]);
+    }
+}

@@ -42,3 +42,49 @@ pub fn secret_yaml(name: &str, namespace: Option<&str>, entries: &[(&str, &[u8])
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_names_follow_dns_1123_labels() {
+        for ok in [
+            "spk-utilities",
+            "cnf-gateway",
+            "a",
+            "a1-b2",
+            &"x".repeat(63),
+        ] {
+            validate_namespace(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Spk",
+            "a_b",
+            "a.b",
+            "a b",
+            &"x".repeat(64),
+            "ns\nkind: x",
+        ] {
+            let err = validate_namespace(bad).expect_err(bad);
+            assert!(err.to_string().contains(&format!("{bad:?}")));
+        }
+    }
+
+    #[test]
+    fn secret_data_is_base64_of_the_exact_bytes() {
+        let y = secret_yaml(
+            "dssm-keys-secret",
+            Some("ns1"),
+            &[("dssm-key.key", b"\x00\xffkey\n")],
+        );
+        assert_eq!(
+            y,
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: dssm-keys-secret\n  namespace: ns1\ntype: Opaque\ndata:\n  dssm-key.key: AP9rZXkK\n"
+        );
+        assert!(!secret_yaml("s", None, &[]).contains("namespace"));
+    }
+}

@@ -207,3 +207,44 @@ fn search(bits: u32, done: &AtomicBool, cancel: &AtomicBool) -> Result<Option<Ve
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ffdhe2048_is_a_valid_2048_bit_group_with_generator_2() {
+        let p = DhParams::ffdhe2048();
+        assert_eq!((p.bits(), p.generator()), (2048, 2));
+    }
+
+    #[test]
+    fn a_cancelled_search_stops_and_says_so() {
+        let cancel = AtomicBool::new(true);
+        // A search that ignored the callback would finish and return parameters.
+        let err = DhParams::generate(2048, 2, &cancel).unwrap_err();
+        assert!(matches!(err, DhError::Cancelled), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_unreadable_and_names_the_input() {
+        let err = DhParams::validate(b"not pem", "ns/secret[dhparam2048.pem]").unwrap_err();
+        assert!(matches!(err, DhError::Unreadable { .. }));
+        assert!(err.to_string().contains("ns/secret[dhparam2048.pem]"));
+    }
+
+    #[test]
+    fn a_modulus_that_is_not_a_safe_prime_is_invalid() {
+        use openssl::bn::BigNum;
+        // ffdhe2048's p + 2 is odd, 2048 bits, and not prime.
+        let good = Dh::params_from_pem(FFDHE2048_PEM.as_bytes()).unwrap();
+        let mut p = BigNum::new().unwrap();
+        p.checked_add(good.prime_p(), &BigNum::from_u32(2).unwrap())
+            .unwrap();
+        let bad = Dh::from_pqg(p, None, BigNum::from_u32(2).unwrap()).unwrap();
+        let pem = bad.params_to_pem().unwrap();
+        let err = DhParams::validate(&pem, "bad.pem").unwrap_err();
+        assert!(matches!(err, DhError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("not prime"), "{err}");
+    }
+}

@@ -265,3 +265,78 @@ pub fn issue_leaf(
         })?;
     Ok(cert.pem())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_parse_in_both_spellings_and_keep_their_order() {
+        let cases: &[(&str, Option<&[(DnType, &str)]>)] = &[
+            (
+                "/O=Redis Test/CN=Certificate Authority",
+                Some(&[
+                    (DnType::OrganizationName, "Redis Test"),
+                    (DnType::CommonName, "Certificate Authority"),
+                ]),
+            ),
+            (
+                "O=Redis Test, CN=Server",
+                Some(&[
+                    (DnType::OrganizationName, "Redis Test"),
+                    (DnType::CommonName, "Server"),
+                ]),
+            ),
+            (
+                "CN=x,O=y",
+                Some(&[(DnType::CommonName, "x"), (DnType::OrganizationName, "y")]),
+            ),
+            (
+                "c=US, st=WA, l=Seattle, ou=Ops, cn=a",
+                Some(&[
+                    (DnType::CountryName, "US"),
+                    (DnType::StateOrProvinceName, "WA"),
+                    (DnType::LocalityName, "Seattle"),
+                    (DnType::OrganizationalUnitName, "Ops"),
+                    (DnType::CommonName, "a"),
+                ]),
+            ),
+            ("", None),
+            ("/", None),
+            ("CN", None),
+            ("CN=", None),
+            ("XX=1", None),
+        ];
+        for (text, want) in cases {
+            let got = Subject::parse(text);
+            match want {
+                Some(want) => {
+                    let want: Vec<(DnType, String)> = want
+                        .iter()
+                        .map(|(t, v)| (t.clone(), v.to_string()))
+                        .collect();
+                    assert_eq!(got.expect(text).0, want, "{text}");
+                }
+                None => {
+                    let err = got.expect_err(text).to_string();
+                    assert!(err.contains(&format!("{text:?}")), "{err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn serials_are_positive_16_octets_and_differ() {
+        let a = random_serial().to_bytes();
+        let b = random_serial().to_bytes();
+        assert_eq!(a.len(), 16);
+        assert!(a[0] & 0x80 == 0 && a[0] != 0);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn zero_days_is_refused() {
+        let err = validity(OffsetDateTime::now_utc(), 0).unwrap_err();
+        assert!(matches!(err, IssueError::Days { days: 0 }));
+    }
+}

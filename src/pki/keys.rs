@@ -224,3 +224,62 @@ impl fmt::Debug for SecretBytes {
         write!(f, "SecretBytes([{} bytes elided])", self.0.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_key_material() {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let pem = key.to_pkcs8_pem();
+        let body: String = String::from_utf8_lossy(&pem)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        for shown in [
+            format!("{key:?}"),
+            format!("{:?}", SecretBytes::new(pem.clone())),
+        ] {
+            assert!(
+                !shown.contains(&body[..20]) && !shown.contains("PRIVATE"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_pem_form_of_a_key_reads_back_as_the_same_key() {
+        let key = PrivateKey::generate(KeyAlgorithm::Rsa2048).unwrap();
+        let rsa = key.pkey.rsa().unwrap();
+        let pkcs1 = rsa.private_key_to_pem().unwrap();
+        assert!(String::from_utf8_lossy(&pkcs1).contains("BEGIN RSA PRIVATE KEY"));
+        for pem in [key.to_pkcs8_pem(), pkcs1] {
+            let back = PrivateKey::from_pem(&pem, "k").unwrap();
+            assert_eq!(back.public_key_der(), key.public_key_der());
+            assert_eq!(back.describe(), "RSA 2048");
+        }
+        let ec = PrivateKey::generate(KeyAlgorithm::EcdsaP384).unwrap();
+        let sec1 = ec.pkey.ec_key().unwrap().private_key_to_pem().unwrap();
+        assert!(String::from_utf8_lossy(&sec1).contains("BEGIN EC PRIVATE KEY"));
+        let back = PrivateKey::from_pem(&sec1, "k").unwrap();
+        assert_eq!(back.algorithm(), KeyAlgorithm::EcdsaP384);
+        back.signer("k")
+            .expect("a SEC1 key converted to PKCS#8 signs");
+    }
+
+    #[test]
+    fn unreadable_and_unsupported_keys_name_their_source() {
+        let err = PrivateKey::from_pem(b"nope", "spk-utilities/dssm-keys-secret[dssm-key.key]")
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("spk-utilities/dssm-keys-secret[dssm-key.key]"));
+        let small = PKey::from_rsa(Rsa::generate(1024).unwrap()).unwrap();
+        let pem = small.private_key_to_pem_pkcs8().unwrap();
+        let err = PrivateKey::from_pem(&pem, "small.key").unwrap_err();
+        assert!(matches!(err, KeyError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("small.key") && err.to_string().contains("1024"));
+    }
+}

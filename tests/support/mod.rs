@@ -1,0 +1,111 @@
+//! Shared helpers for the integration tests: the real binary, the real openssl CLI, and the
+//! seeds' exact commands.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dssm-certs"));
+    c.env_remove("DSSM_CERTS_LOG");
+    c
+}
+
+/// Runs the binary; returns (exit code, stdout, stderr).
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    output(bin().args(args))
+}
+
+pub fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out: Output = cmd.output().expect("spawn");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the openssl CLI in `dir`; panics with its stderr when it fails.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl CLI (scripts/setup installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sh(dir: &Path, script: &str) {
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Steps 3–5 of the seeds, verbatim (DH params from the RFC 7919 group instead of a minute of
+/// `openssl dhparam 2048`, which is the one step whose output format is the same either way).
+/// `traditional` makes PKCS#1 `RSA PRIVATE KEY` keys, as OpenSSL 1.x's genrsa did.
+pub fn seed_materials(dir: &Path, traditional: bool) {
+    let genrsa = if traditional {
+        "openssl genrsa -traditional"
+    } else {
+        "openssl genrsa"
+    };
+    sh(
+        dir,
+        &format!(
+            "{genrsa} -out dssm-ca.key 4096 2>/dev/null
+             openssl req -x509 -new -nodes -sha384 \
+                 -key dssm-ca.key -days 365 \
+                 -subj '/O=Redis Test/CN=Certificate Authority' \
+                 -out dssm-ca.crt
+             {genrsa} -out dssm-key.key 4096 2>/dev/null
+             openssl req -new -sha384 -key dssm-key.key \
+                 -subj '/O=Redis Test/CN=Server' | \
+                 openssl x509 -req -sha384 -CA dssm-ca.crt \
+                     -CAkey dssm-ca.key -CAserial dssm-ca.txt \
+                     -CAcreateserial  -days 365 \
+                     -out dssm-cert.crt 2>/dev/null
+             openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048 -out dhparam2048.pem"
+        ),
+    );
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("dssm-certs-test")
+        .tempdir()
+        .unwrap()
+}
+
+/// `generate` into `dir/sub` with the instant DH group; panics unless it succeeds.
+pub fn generate(dir: &Path, extra: &[&str]) -> PathBuf {
+    let out = dir.join("out");
+    let mut args = vec![
+        "generate",
+        "--out",
+        out.to_str().unwrap(),
+        "--dhparam",
+        "ffdhe2048",
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "generate {extra:?}: {stdout}{stderr}");
+    out
+}
+
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
