@@ -1,0 +1,345 @@
+//! `check --dir`: reports and exit codes for healthy, aging, broken and unreadable materials.
+
+mod support;
+
+use std::path::Path;
+
+use dssm_certs::pki::{self, CaSigner, KeyAlgorithm, LeafRequest, PrivateKey, Subject};
+use support::*;
+use time::{Duration, OffsetDateTime};
+
+fn check_json(dir: &Path, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["check", "--dir", dir.to_str().unwrap(), "-o", "json"];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = run(&args);
+    let v = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}"));
+    (code, v)
+}
+
+fn check_named<'a>(report: &'a serde_json::Value, name: &str) -> Vec<&'a serde_json::Value> {
+    report["copies"][0]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == name)
+        .collect()
+}
+
+/// Materials issued as if `now` were `at`, written as the five files.
+fn materials_at(dir: &Path, at: OffsetDateTime, ca_days: u32, days: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let ca = pki::issue_ca(&Subject::parse("CN=Test CA").unwrap(), ca_days, &ca_key, at).unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let leaf = pki::issue_leaf(
+        &LeafRequest {
+            subject: &Subject::parse("CN=Server").unwrap(),
+            days,
+            dns_names: &[],
+        },
+        &key,
+        &CaSigner {
+            cert_pem: ca.as_bytes(),
+            key: &ca_key,
+            cert_name: "ca",
+            key_name: "ca key",
+        },
+        at,
+    )
+    .unwrap();
+    std::fs::write(dir.join("dssm-ca.crt"), ca).unwrap();
+    std::fs::write(dir.join("dssm-ca.key"), ca_key.to_pkcs8_pem()).unwrap();
+    std::fs::write(dir.join("dssm-cert.crt"), leaf).unwrap();
+    std::fs::write(dir.join("dssm-key.key"), key.to_pkcs8_pem()).unwrap();
+    std::fs::write(dir.join("dhparam2048.pem"), pki::dhparams::FFDHE2048_PEM).unwrap();
+}
+
+#[test]
+fn fresh_materials_are_ok_with_every_fact_reported() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &[]);
+    let (code, r) = check_json(&out, &[]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["schema"], "dssm-certs.check/v1");
+    assert_eq!(r["status"], "ok");
+    let certs = r["copies"][0]["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 2);
+    let leaf = certs.iter().find(|c| c["file"] == "dssm-cert.crt").unwrap();
+    assert_eq!(leaf["role"], "leaf");
+    assert_eq!(leaf["subject"], "O=Redis Test, CN=Server");
+    assert_eq!(leaf["issuer"], "O=Redis Test, CN=Certificate Authority");
+    assert_eq!(leaf["key_type"], "RSA");
+    assert_eq!(leaf["key_bits"], 4096);
+    assert_eq!(leaf["signature_algorithm"], "sha384WithRSAEncryption");
+    assert_eq!(leaf["version"], 3);
+    // The serial and notAfter agree with openssl's reading of the same file.
+    let serial = openssl(&out, &["x509", "-in", "dssm-cert.crt", "-noout", "-serial"]);
+    assert_eq!(
+        format!("serial={}", leaf["serial"].as_str().unwrap()),
+        serial.trim()
+    );
+    let residual = leaf["residual_seconds"].as_i64().unwrap();
+    assert!(
+        (364 * 86_400..=365 * 86_400).contains(&residual),
+        "{residual}"
+    );
+    for name in ["chain", "leaf-key", "ca-key", "dhparams", "leaf-usage"] {
+        let c = check_named(&r, name);
+        assert_eq!(c.len(), 1, "{name}: {r:#}");
+        assert_eq!(c[0]["status"], "ok", "{name}");
+    }
+    assert_eq!(r["copies"][0]["dhparams"]["bits"], 2048);
+
+    let (code, table, _) = run(&["check", "--dir", out.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("CERTIFICATE") && table.contains("RESIDUAL TIME") && table.contains("364d"),
+        "{table}"
+    );
+    assert!(table.contains("overall: OK"));
+}
+
+#[test]
+fn seed_made_materials_are_read_and_reported_not_rejected() {
+    for traditional in [false, true] {
+        let tmp = tempdir();
+        seed_materials(tmp.path(), traditional);
+        let (code, r) = check_json(tmp.path(), &[]);
+        assert_eq!(code, 0, "traditional={traditional}: {r:#}");
+        let leaf = r["copies"][0]["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["file"] == "dssm-cert.crt")
+            .unwrap()
+            .clone();
+        assert_eq!(leaf["version"], 1, "the seeds make v1 leaves");
+        assert_eq!(leaf["subject"], "O=Redis Test, CN=Server");
+        assert_eq!(check_named(&r, "chain")[0]["status"], "ok");
+        assert_eq!(check_named(&r, "leaf-key")[0]["status"], "ok");
+        assert_eq!(check_named(&r, "ca-key")[0]["status"], "ok");
+        // made seconds after its CA, the seed leaf outlives it; noted, not an alarm
+        let nesting = check_named(&r, "validity-nesting");
+        assert_eq!(nesting[0]["status"], "ok");
+    }
+}
+
+#[test]
+fn residual_time_inside_the_thresholds_warns_then_goes_critical() {
+    let tmp = tempdir();
+    let warn = generate(&tmp.path().join("w"), &["--days", "20"]);
+    let (code, r) = check_json(&warn, &[]);
+    assert_eq!(
+        (code, r["status"].as_str().unwrap()),
+        (1, "warning"),
+        "{r:#}"
+    );
+
+    let crit = generate(&tmp.path().join("c"), &["--days", "10"]);
+    let (code, _) = check_json(&crit, &[]);
+    assert_eq!(code, 2);
+
+    // Thresholds are flags: with --warn 5d --critical 2d, ten days left is fine.
+    let (code, _) = check_json(&crit, &["--warn", "5d", "--critical", "2d"]);
+    assert_eq!(code, 0);
+    let (code, _) = check_json(&warn, &["--warn", "60d", "--critical", "30d"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn expired_and_not_yet_valid_certificates_are_critical() {
+    let tmp = tempdir();
+    let expired = tmp.path().join("expired");
+    materials_at(
+        &expired,
+        OffsetDateTime::now_utc() - Duration::days(400),
+        365,
+        365,
+    );
+    let (code, r) = check_json(&expired, &[]);
+    assert_eq!(code, 2, "{r:#}");
+    let msgs: Vec<&str> = r["copies"][0]["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"].as_str().unwrap())
+        .collect();
+    assert!(msgs.iter().all(|m| m.starts_with("expired at")), "{msgs:?}");
+    // openssl agrees it has expired
+    assert!(std::process::Command::new("openssl")
+        .args(["x509", "-in", "dssm-cert.crt", "-noout", "-checkend", "0"])
+        .current_dir(&expired)
+        .status()
+        .map(|s| !s.success())
+        .unwrap());
+
+    let future = tmp.path().join("future");
+    materials_at(
+        &future,
+        OffsetDateTime::now_utc() + Duration::days(2),
+        365,
+        300,
+    );
+    let (code, r) = check_json(&future, &[]);
+    assert_eq!(code, 2, "{r:#}");
+    assert!(r["copies"][0]["certificates"][0]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("not valid before"));
+}
+
+#[test]
+fn a_leaf_from_another_ca_is_a_broken_chain() {
+    let tmp = tempdir();
+    let a = generate(&tmp.path().join("a"), &["--key-algorithm", "ecdsa-p256"]);
+    let b = generate(&tmp.path().join("b"), &["--key-algorithm", "ecdsa-p256"]);
+    std::fs::copy(b.join("dssm-ca.crt"), a.join("dssm-ca.crt")).unwrap();
+    std::fs::remove_file(a.join("dssm-ca.key")).unwrap();
+    let (code, r) = check_json(&a, &[]);
+    assert_eq!(code, 2, "{r:#}");
+    let chain = check_named(&r, "chain");
+    assert_eq!(chain[0]["status"], "critical");
+    assert!(chain[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("is not signed by"));
+    assert!(
+        check_named(&r, "ca-key").is_empty(),
+        "no CA key, no CA key check"
+    );
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_is_critical() {
+    let tmp = tempdir();
+    let a = generate(&tmp.path().join("a"), &["--key-algorithm", "ecdsa-p256"]);
+    let b = generate(&tmp.path().join("b"), &["--key-algorithm", "ecdsa-p256"]);
+    std::fs::copy(b.join("dssm-key.key"), a.join("dssm-key.key")).unwrap();
+    std::fs::copy(b.join("dssm-ca.key"), a.join("dssm-ca.key")).unwrap();
+    let (code, r) = check_json(&a, &[]);
+    assert_eq!(code, 2);
+    for name in ["leaf-key", "ca-key"] {
+        let c = check_named(&r, name);
+        assert_eq!(c[0]["status"], "critical", "{name}");
+        assert!(c[0]["message"].as_str().unwrap().contains("does not match"));
+    }
+}
+
+#[test]
+fn unreadable_or_missing_input_means_cannot_tell() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &["--key-algorithm", "ecdsa-p256"]);
+    std::fs::write(
+        out.join("dssm-cert.crt"),
+        b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let (code, r) = check_json(&out, &[]);
+    assert_eq!(code, 3, "{r:#}");
+    let parse = check_named(&r, "parse");
+    assert!(
+        parse[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("dssm-cert.crt"),
+        "{r:#}"
+    );
+
+    std::fs::write(out.join("dssm-cert.crt"), b"garbage").unwrap();
+    assert_eq!(check_json(&out, &[]).0, 3);
+
+    std::fs::remove_file(out.join("dssm-cert.crt")).unwrap();
+    let (code, r) = check_json(&out, &[]);
+    assert_eq!(code, 3);
+    assert!(check_named(&r, "read")[0]["message"]
+        .as_str()
+        .unwrap()
+        .ends_with("dssm-cert.crt: not found"));
+
+    // Something known to be broken outranks what cannot be read.
+    std::fs::write(
+        out.join("dssm-key.key"),
+        read(
+            &generate(&tmp.path().join("o"), &["--key-algorithm", "ecdsa-p256"])
+                .join("dssm-ca.key"),
+        ),
+    )
+    .unwrap();
+    std::fs::copy(
+        tmp.path().join("o/out/dssm-ca.key"),
+        out.join("dssm-ca.key"),
+    )
+    .unwrap();
+    assert_eq!(check_json(&out, &[]).0, 2);
+
+    let (code, _) = check_json(&tmp.path().join("does-not-exist"), &[]);
+    assert_eq!(code, 3);
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_eq!(check_json(&empty, &[]).0, 3);
+}
+
+#[test]
+fn dh_params_that_fail_dh_check_are_critical() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &["--key-algorithm", "ecdsa-p256"]);
+    openssl(&out, &["dhparam", "-out", "dhparam2048.pem", "-2", "1024"]);
+    let (code, r) = check_json(&out, &[]);
+    assert_eq!(code, 2);
+    assert!(check_named(&r, "dhparams")[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("1024 bits"));
+}
+
+#[test]
+fn a_server_only_leaf_is_critical_because_redis_refuses_it_as_a_client_cert() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &["--key-algorithm", "ecdsa-p256"]);
+    sh(
+        &out,
+        "printf 'extendedKeyUsage=serverAuth\\n' > ext.cnf
+         openssl req -new -key dssm-key.key -subj '/CN=Server' |
+           openssl x509 -req -CA dssm-ca.crt -CAkey dssm-ca.key -days 100 -extfile ext.cnf -out dssm-cert.crt 2>/dev/null",
+    );
+    let (code, r) = check_json(&out, &[]);
+    assert_eq!(code, 2, "{r:#}");
+    assert!(check_named(&r, "leaf-usage")[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("clientAuth"));
+}
+
+#[test]
+fn values_prints_the_tmm_helm_snippet_for_the_namespace() {
+    let (code, stdout, _) = run(&["values", "--dssm-namespace", "spk-utilities"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_yaml::from_str(&stdout).unwrap();
+    assert_eq!(v["tmm"]["sessiondb"]["useExternalStorage"], "true");
+    let env: Vec<(String, String)> = v["tmm"]["customEnvVars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().into(),
+                e["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want = [
+        ("REDIS_CA_FILE", "/etc/ssl/certs/dssm-ca.crt"),
+        ("REDIS_AUTH_CERT", "/etc/ssl/certs/dssm-cert.crt"),
+        ("REDIS_AUTH_KEY", "/etc/ssl/private/dssm-key.key"),
+        ("SESSIONDB_EXTERNAL_STORAGE", "true"),
+        ("SESSIONDB_DISCOVERY_SENTINEL", "true"),
+        (
+            "SESSIONDB_EXTERNAL_SERVICE",
+            "f5-dssm-sentinel.spk-utilities",
+        ),
+    ];
+    assert_eq!(env, want.map(|(a, b)| (a.to_string(), b.to_string())));
+    let (code, _, stderr) = run(&["values"]);
+    assert_eq!(code, 4);
+    assert!(stderr.contains("--dssm-namespace is required"), "{stderr}");
+}
