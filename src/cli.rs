@@ -37,6 +37,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Print the TMM Helm values that point TMM at dSSM with these materials.
     Values(ValuesArgs),
+    /// Mutual-TLS handshake and PING to Sentinel (and DBs) with the deployed materials.
+    Probe(ProbeArgs),
 }
 
 fn parse_subject(s: &str) -> Result<Subject, String> {
@@ -132,4 +134,31 @@ pub struct ValuesArgs {
     /// Namespace of the dSSM pods (default: this pod's namespace).
     #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
     pub dssm_namespace: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Folder holding dssm-ca.crt, dssm-cert.crt and dssm-key.key (as TMM mounts them).
+    #[arg(long, env = "DSSM_CERTS_DIR")]
+    pub dir: PathBuf,
+    /// Sentinel endpoint (default: f5-dssm-sentinel.<dssm-namespace>:26379).
+    #[arg(long, env = "DSSM_CERTS_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// A DB endpoint to probe as well (repeatable).
+    #[arg(
+        long = "db-endpoint",
+        env = "DSSM_CERTS_DB_ENDPOINT",
+        value_delimiter = ','
+    )]
+    pub db_endpoints: Vec<String>,
+    /// Name to verify the served certificate against (default: each endpoint's host).
+    #[arg(long, env = "DSSM_CERTS_SERVER_NAME")]
+    pub server_name: Option<String>,
+    #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
+    pub dssm_namespace: Option<String>,
+    /// Connect and reply timeout per endpoint.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "DSSM_CERTS_TIMEOUT")]
+    pub timeout: i64,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
+    pub output: OutputFormat,
 }

@@ -190,15 +190,25 @@ pub fn make_materials(
         });
 
         let pki_result = (|| -> Result<_, GenerateError> {
-            let (ca_cert, ca_key_pem, ca_key) = match existing {
-                Some(found) => found,
-                None => {
-                    let key = PrivateKey::generate(opts.key_algorithm)?;
+            // The two keys are independent: make them side by side (RSA 4096 takes seconds).
+            let (ca_key, leaf_key) = std::thread::scope(|keys| {
+                let ca_key = existing
+                    .is_none()
+                    .then(|| keys.spawn(|| PrivateKey::generate(opts.key_algorithm)));
+                let leaf_key = PrivateKey::generate(opts.key_algorithm);
+                let ca_key = ca_key.map(|h| h.join().expect("key generation panicked"));
+                (ca_key, leaf_key)
+            });
+            let leaf_key = leaf_key?;
+            let (ca_cert, ca_key_pem, ca_key) = match (existing, ca_key) {
+                (Some(found), _) => found,
+                (None, Some(key)) => {
+                    let key = key?;
                     let cert = pki::issue_ca(&opts.ca_subject, opts.ca_days, &key, now)?;
                     (cert.into_bytes(), SecretBytes::new(key.to_pkcs8_pem()), key)
                 }
+                (None, None) => unreachable!("a CA key is made when none is given"),
             };
-            let leaf_key = PrivateKey::generate(opts.key_algorithm)?;
             let leaf_cert = pki::issue_leaf(
                 &LeafRequest {
                     subject: &opts.subject,

@@ -10,4 +10,5 @@ pub mod exit;
 pub mod generate;
 pub mod manifest;
 pub mod pki;
+pub mod probe;
 pub mod values;

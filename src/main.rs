@@ -3,7 +3,7 @@ use std::sync::atomic::AtomicBool;
 
 use clap::Parser;
 use dssm_certs::cli::{Cli, Command, LogFormat, OutputFormat};
-use dssm_certs::{check, contract, exit, generate, values};
+use dssm_certs::{check, contract, exit, generate, pki, probe, values};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -111,6 +111,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             }
             Ok(report.exit_code)
         }
+        Command::Probe(a) => probe(a),
         Command::Values(a) => {
             let ns = match a.dssm_namespace {
                 Some(ns) => ns,
@@ -130,4 +131,99 @@ fn own_namespace() -> Option<String> {
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
+}
+
+fn probe(a: dssm_certs::cli::ProbeArgs) -> Result<i32, Box<dyn std::error::Error>> {
+    let read = |name: &str| {
+        let path = a.dir.join(name);
+        std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+    };
+    let materials = match (|| -> Result<_, Box<dyn std::error::Error>> {
+        let key_path = a.dir.join(contract::LEAF_KEY);
+        Ok(probe::ClientMaterials {
+            ca_cert: read(contract::CA_CERT)?,
+            leaf_cert: read(contract::LEAF_CERT)?,
+            leaf_key: pki::PrivateKey::from_pem(
+                &read(contract::LEAF_KEY)?,
+                &key_path.display().to_string(),
+            )?,
+        })
+    })() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(exit::UNKNOWN);
+        }
+    };
+    let sentinel = match (a.endpoint, a.dssm_namespace.or_else(own_namespace)) {
+        (Some(e), _) => e,
+        (None, Some(ns)) => format!(
+            "{}.{ns}:{}",
+            contract::SENTINEL_SERVICE,
+            contract::SENTINEL_PORT
+        ),
+        (None, None) => {
+            return Err("--endpoint or --dssm-namespace is required outside a pod".into())
+        }
+    };
+    let prober = match probe::Prober::new(&materials, true) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(exit::UNKNOWN);
+        }
+    };
+    let timeout = std::time::Duration::from_secs(a.timeout.max(1) as u64);
+    let reports: Vec<probe::ProbeReport> = std::iter::once(sentinel)
+        .chain(a.db_endpoints)
+        .map(|endpoint| {
+            let host = endpoint
+                .rsplit_once(':')
+                .map_or(endpoint.as_str(), |(h, _)| h);
+            let name = a
+                .server_name
+                .clone()
+                .unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+            prober.ping(&endpoint, &name, timeout)
+        })
+        .collect();
+    let worst = reports
+        .iter()
+        .map(|r| r.status)
+        .max()
+        .unwrap_or(check::Status::Unknown);
+    match a.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "schema": "dssm-certs.probe/v1",
+                "status": worst,
+                "exit_code": worst.exit_code(),
+                "endpoints": reports,
+            }))?
+        ),
+        OutputFormat::Table => {
+            for r in &reports {
+                println!("{}  {}  {}", r.endpoint, r.status, r.message);
+                if let Some(s) = &r.served {
+                    println!(
+                        "  served: subject \"{}\", serial {}, notAfter {}, X.509 v{}, {} the deployed leaf",
+                        s.subject,
+                        s.serial,
+                        s.not_after,
+                        s.version,
+                        if s.matches_deployed_leaf { "matches" } else { "differs from" }
+                    );
+                }
+                if let (Some(v), Some(p)) = (&r.tls_version, &r.verify_path) {
+                    let how = match p {
+                        probe::VerifyPath::Webpki => format!("rustls WebPKI (chain, validity, EKU, name {:?})", r.server_name),
+                        probe::VerifyPath::LegacyNoNameCheck => "v1/SAN-less certificate: chain and validity via x509-parser, no name check".to_string(),
+                    };
+                    println!("  {v}, verified by {how}");
+                }
+            }
+        }
+    }
+    Ok(worst.exit_code())
 }

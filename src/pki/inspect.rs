@@ -102,12 +102,13 @@ pub fn parse_certificate(pem: &[u8], what: &str) -> Result<Certificate, InspectE
     let extra = blocks
         .filter(|b| matches!(b, Ok(p) if p.label == "CERTIFICATE"))
         .count();
-    let mut cert = from_der(&first.contents, what)?;
+    let mut cert = parse_certificate_der(&first.contents, what)?;
     cert.extra_certificates = extra;
     Ok(cert)
 }
 
-fn from_der(der: &[u8], what: &str) -> Result<Certificate, InspectError> {
+/// Parses one DER certificate; `what` names it in errors.
+pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, InspectError> {
     let (rest, x509) = X509Certificate::from_der(der).map_err(|e| InspectError::NotX509 {
         what: what.to_string(),
         detail: e.to_string(),

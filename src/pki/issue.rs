@@ -270,9 +270,11 @@ pub fn issue_leaf(
 mod tests {
     use super::*;
 
+    type Case<'a> = (&'a str, Option<&'a [(DnType, &'a str)]>);
+
     #[test]
     fn subjects_parse_in_both_spellings_and_keep_their_order() {
-        let cases: &[(&str, Option<&[(DnType, &str)]>)] = &[
+        let cases: &[Case<'_>] = &[
             (
                 "/O=Redis Test/CN=Certificate Authority",
                 Some(&[

@@ -178,7 +178,8 @@ impl PrivateKey {
             .expect("a key we hold always serializes")
     }
 
-    pub(crate) fn to_pkcs8_der(&self) -> Vec<u8> {
+    /// PKCS#8 DER. Handle as secret.
+    pub fn to_pkcs8_der(&self) -> Vec<u8> {
         self.pkey
             .private_key_to_pkcs8()
             .expect("a key we hold always serializes")
