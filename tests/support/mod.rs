@@ -2,6 +2,8 @@
 //! seeds' exact commands.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

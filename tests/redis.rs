@@ -1,0 +1,369 @@
+//! Real Redis: what dssm-certs generates really works for dSSM (Redis DB + Sentinel over mutual
+//! TLS), before and after a rotation. Needs redis-server and redis-sentinel (scripts/setup); a
+//! missing binary fails the test.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dssm_certs::pki::PrivateKey;
+use dssm_certs::probe::{ClientMaterials, Prober, VerifyPath};
+use support::redis::*;
+use support::*;
+
+const SETTLE: Duration = Duration::from_secs(90);
+
+/// `generate` into `dir/name`, then mount the Secrets' data into `dir/name-mount`.
+fn materials(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = generate(&dir.join(name), extra);
+    mount_from_manifests(&out, &dir.join(format!("{name}-mount")))
+}
+
+fn client(mount: &Path, with_cert: bool) -> Prober {
+    let m = ClientMaterials {
+        ca_cert: read(&mount.join("dssm-ca.crt")),
+        leaf_cert: read(&mount.join("dssm-cert.crt")),
+        leaf_key: PrivateKey::from_pem(&read(&mount.join("dssm-key.key")), "dssm-key.key").unwrap(),
+    };
+    Prober::new(&m, with_cert).unwrap()
+}
+
+fn pong(prober: &Prober, port: u16) -> bool {
+    let r = prober.ping(
+        &format!("127.0.0.1:{port}"),
+        "f5-dssm-sentinel",
+        Duration::from_secs(5),
+    );
+    r.reply.as_deref() == Some("+PONG")
+}
+
+/// `dssm-certs probe` (the binary) against a sentinel and a DB.
+fn probe_bin(mount: &Path, sentinel: u16, db: u16) -> (i32, serde_json::Value) {
+    let (code, stdout, stderr) = run(&[
+        "probe",
+        "--dir",
+        mount.to_str().unwrap(),
+        "--endpoint",
+        &format!("127.0.0.1:{sentinel}"),
+        "--db-endpoint",
+        &format!("127.0.0.1:{db}"),
+        "--server-name",
+        "f5-dssm-sentinel",
+        "-o",
+        "json",
+    ]);
+    (
+        code,
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}")),
+    )
+}
+
+#[test]
+fn generated_materials_run_a_tls_only_dssm_topology() {
+    for alg in ["rsa4096", "ecdsa-p384"] {
+        let tmp = tempdir();
+        let mount = materials(
+            tmp.path(),
+            "m",
+            &["--key-algorithm", alg, "--namespace", "spk-utilities"],
+        );
+        // start() waits for: six processes answering PING over TLS with the client cert, both
+        // replicas `master_link_status:up`, all sentinels agreeing on the primary and each
+        // seeing two replicas and the two other sentinels.
+        let t = Topology::start(&mount);
+        assert_eq!(t.agreed_primary(), Some(t.primary_port));
+        for p in &t.procs {
+            let conf = std::fs::read_to_string(p.dir.join("redis.conf")).unwrap();
+            assert!(
+                conf.contains("port 0\n") && conf.contains("tls-auth-clients yes"),
+                "TLS only"
+            );
+        }
+        let c = client(&mount, true);
+        for p in &t.procs {
+            assert!(pong(&c, p.port), "{alg}: {} did not PONG", p.name);
+        }
+        let (code, report) = probe_bin(&mount, t.get("sentinel-0").port, t.get("db-1").port);
+        assert_eq!(code, 0, "{report:#}");
+        for e in report["endpoints"].as_array().unwrap() {
+            assert_eq!(e["reply"], "+PONG");
+            assert_eq!(e["verify_path"], "webpki");
+            assert_eq!(e["served"]["matches_deployed_leaf"], true);
+        }
+    }
+}
+
+#[test]
+fn clients_without_a_certificate_or_from_another_ca_are_refused() {
+    let tmp = tempdir();
+    let mount = materials(tmp.path(), "m", &["--key-algorithm", "ecdsa-p256"]);
+    let other = materials(tmp.path(), "other", &["--key-algorithm", "ecdsa-p256"]);
+    let t = Topology::start(&mount);
+    for p in [t.get("db-0"), t.get("sentinel-0")] {
+        let no_cert = client(&mount, false);
+        let r = no_cert.ping(
+            &format!("127.0.0.1:{}", p.port),
+            "f5-dssm-sentinel",
+            Duration::from_secs(5),
+        );
+        assert_eq!(r.reply, None, "{}: {r:?}", p.name);
+        assert_eq!(r.status, dssm_certs::check::Status::Critical);
+
+        // A client whose certificate comes from another CA (it trusts ours, to get that far).
+        let stranger = ClientMaterials {
+            ca_cert: read(&mount.join("dssm-ca.crt")),
+            leaf_cert: read(&other.join("dssm-cert.crt")),
+            leaf_key: PrivateKey::from_pem(&read(&other.join("dssm-key.key")), "k").unwrap(),
+        };
+        let r = Prober::new(&stranger, true).unwrap().ping(
+            &format!("127.0.0.1:{}", p.port),
+            "f5-dssm-sentinel",
+            Duration::from_secs(5),
+        );
+        assert_eq!(r.reply, None, "{}: {r:?}", p.name);
+        // redis-cli agrees
+        assert_eq!(t.cli(&other, p.port, &["PING"]).trim(), "");
+        assert_eq!(t.cli(&mount, p.port, &["PING"]).trim(), "PONG");
+    }
+}
+
+#[test]
+fn sentinel_failover_completes_over_tls_and_the_old_primary_rejoins() {
+    let tmp = tempdir();
+    let mount = materials(tmp.path(), "m", &["--key-algorithm", "ecdsa-p256"]);
+    let t = Topology::start(&mount);
+    let old = t.primary_port;
+    let s = t.get("sentinel-1");
+    assert_eq!(
+        t.cli(&mount, s.port, &["SENTINEL", "FAILOVER", MASTER])
+            .trim(),
+        "OK"
+    );
+    let new = wait_for("a new primary agreed by all sentinels", SETTLE, || {
+        t.agreed_primary().filter(|p| *p != old)
+    });
+    wait_for(
+        "the old primary to rejoin as a replica of the new one",
+        SETTLE,
+        || {
+            let info = t.cli(&mount, old, &["INFO", "replication"]);
+            (info.contains("role:slave")
+                && info.contains(&format!("master_port:{new}"))
+                && info.contains("master_link_status:up"))
+            .then_some(())
+        },
+    );
+    assert_eq!(t.wait_healthy(SETTLE), new);
+}
+
+#[test]
+fn renewing_the_leaf_under_the_same_ca_keeps_both_leaves_working_through_a_rolling_restart() {
+    let tmp = tempdir();
+    let old = materials(tmp.path(), "old", &["--key-algorithm", "ecdsa-p256"]);
+    let m = tmp.path().join("old/out");
+    let renewed = generate(
+        &tmp.path().join("new"),
+        &[
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--days",
+            "300",
+            "--ca-cert",
+            m.join("dssm-ca.crt").to_str().unwrap(),
+            "--ca-key",
+            m.join("dssm-ca.key").to_str().unwrap(),
+        ],
+    );
+    let new = mount_from_manifests(&renewed, &tmp.path().join("new-mount"));
+    assert_eq!(
+        read(&new.join("dssm-ca.crt")),
+        read(&old.join("dssm-ca.crt"))
+    );
+    assert_ne!(
+        read(&new.join("dssm-cert.crt")),
+        read(&old.join("dssm-cert.crt"))
+    );
+
+    let mut t = Topology::start(&old);
+    let (old_client, new_client) = (client(&old, true), client(&new, true));
+    // Replicas and sentinels first, the primary last: the `rolling` strategy's order.
+    for name in [
+        "db-1",
+        "db-2",
+        "sentinel-0",
+        "sentinel-1",
+        "sentinel-2",
+        "db-0",
+    ] {
+        t.restart_with(name, &new);
+        for p in &t.procs {
+            assert!(
+                pong(&old_client, p.port),
+                "old leaf refused by {} after restarting {name}",
+                p.name
+            );
+            assert!(
+                pong(&new_client, p.port),
+                "new leaf refused by {} after restarting {name}",
+                p.name
+            );
+        }
+        t.wait_healthy(SETTLE);
+    }
+    let served = new_client.ping(
+        &format!("127.0.0.1:{}", t.get("db-0").port),
+        "f5-dssm-db",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        served.served.unwrap().matches_deployed_leaf,
+        true,
+        "db-0 serves the renewed leaf"
+    );
+}
+
+#[test]
+fn a_ca_rotation_splits_old_and_new_processes_and_refuses_old_clients_afterwards() {
+    let tmp = tempdir();
+    let old = materials(tmp.path(), "old", &["--key-algorithm", "ecdsa-p256"]);
+    let new = materials(tmp.path(), "new", &["--key-algorithm", "ecdsa-p256"]);
+    let mut t = Topology::start(&old);
+
+    // Midway: one replica on the new CA, the primary on the old one. Replication breaks.
+    t.restart_with("db-1", &new);
+    let replica = t.get("db-1");
+    wait_for(
+        "db-1 to fail its TLS link to the old-CA primary",
+        SETTLE,
+        || {
+            let info = t.cli(&new, replica.port, &["INFO", "replication"]);
+            let log = replica.log();
+            (info.contains("master_link_status:down")
+                && log.contains("Error condition on socket for SYNC"))
+            .then_some(())
+        },
+    );
+    assert!(
+        !pong(&client(&old, true), replica.port),
+        "an old-CA client must be refused by db-1"
+    );
+
+    // After every process has the new materials: old clients refused, new ones accepted.
+    for name in ["db-0", "db-2", "sentinel-0", "sentinel-1", "sentinel-2"] {
+        t.restart_with(name, &new);
+    }
+    t.wait_healthy(SETTLE);
+    let (old_client, new_client) = (client(&old, true), client(&new, true));
+    for p in &t.procs {
+        assert!(
+            !pong(&old_client, p.port),
+            "{} still accepts the old CA's leaf",
+            p.name
+        );
+        assert!(pong(&new_client, p.port), "{} refuses the new leaf", p.name);
+    }
+}
+
+#[test]
+fn materials_made_by_the_seed_commands_work_with_redis_and_probe() {
+    let tmp = tempdir();
+    let seed = tmp.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    seed_materials(&seed, false);
+    let t = Topology::start(&seed);
+    let (code, report) = probe_bin(&seed, t.get("sentinel-2").port, t.get("db-0").port);
+    assert_eq!(code, 0, "{report:#}");
+    for e in report["endpoints"].as_array().unwrap() {
+        assert_eq!(e["reply"], "+PONG");
+        assert_eq!(
+            e["verify_path"], "legacy-no-name-check",
+            "v1 leaf: the x509-parser path"
+        );
+        assert_eq!(e["served"]["version"], 1);
+    }
+    let r = client(&seed, true).ping(
+        &format!("127.0.0.1:{}", t.get("db-2").port),
+        "x",
+        Duration::from_secs(5),
+    );
+    assert_eq!(r.verify_path, Some(VerifyPath::LegacyNoNameCheck));
+}
+
+#[test]
+fn redis_db_reloads_certificates_in_place_but_sentinel_cannot() {
+    let tmp = tempdir();
+    let old = materials(tmp.path(), "old", &["--key-algorithm", "ecdsa-p256"]);
+    let m = tmp.path().join("old/out");
+    let renewed = generate(
+        &tmp.path().join("new"),
+        &[
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--days",
+            "300",
+            "--ca-cert",
+            m.join("dssm-ca.crt").to_str().unwrap(),
+            "--ca-key",
+            m.join("dssm-ca.key").to_str().unwrap(),
+        ],
+    );
+    let new = mount_from_manifests(&renewed, &tmp.path().join("new-mount"));
+    let t = Topology::start(&old);
+    let new_client = client(&new, true);
+
+    // Redis DB: new files at the same path, CONFIG SET the same path, new connections get them.
+    let db = t.get("db-2");
+    for f in ["dssm-cert.crt", "dssm-key.key"] {
+        std::fs::copy(new.join(f), db.mount.join(f)).unwrap();
+    }
+    let path = db.mount.join("dssm-cert.crt");
+    let key = db.mount.join("dssm-key.key");
+    let reply = t.cli(
+        &old,
+        db.port,
+        &[
+            "CONFIG",
+            "SET",
+            "tls-cert-file",
+            path.to_str().unwrap(),
+            "tls-key-file",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(reply.trim(), "OK");
+    let r = new_client.ping(
+        &format!("127.0.0.1:{}", db.port),
+        "f5-dssm-db",
+        Duration::from_secs(5),
+    );
+    assert!(
+        r.served.unwrap().matches_deployed_leaf,
+        "db-2 serves the new leaf without a restart"
+    );
+
+    // Sentinel: neither CONFIG SET nor SENTINEL CONFIG SET takes TLS settings.
+    let s = t.get("sentinel-0");
+    let path = path.to_str().unwrap();
+    let plain = t.cli(&old, s.port, &["CONFIG", "SET", "tls-cert-file", path]);
+    let sentinel = t.cli(
+        &old,
+        s.port,
+        &["SENTINEL", "CONFIG", "SET", "tls-cert-file", path],
+    );
+    for reply in [&plain, &sentinel] {
+        assert!(
+            reply.starts_with("ERR") || reply.contains("ERR"),
+            "sentinel accepted: {reply:?}"
+        );
+    }
+    let r = new_client.ping(
+        &format!("127.0.0.1:{}", s.port),
+        "f5-dssm-sentinel",
+        Duration::from_secs(5),
+    );
+    assert!(
+        !r.served.unwrap().matches_deployed_leaf,
+        "sentinel still serves the old leaf"
+    );
+}
