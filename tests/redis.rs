@@ -216,9 +216,8 @@ fn renewing_the_leaf_under_the_same_ca_keeps_both_leaves_working_through_a_rolli
         "f5-dssm-db",
         Duration::from_secs(5),
     );
-    assert_eq!(
+    assert!(
         served.served.unwrap().matches_deployed_leaf,
-        true,
         "db-0 serves the renewed leaf"
     );
 }
