@@ -7,6 +7,7 @@ pub mod check;
 pub mod cli;
 pub mod contract;
 pub mod exit;
+pub mod fuzz;
 pub mod generate;
 pub mod manifest;
 pub mod pki;

@@ -1,4 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = dssm_certs::pki::DhParams::validate(data, "fuzz");
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| dssm_certs::fuzz::dhparams_pem(data));

@@ -2,6 +2,7 @@
 //! seeds' exact commands.
 #![allow(dead_code)]
 
+pub mod apiserver;
 pub mod redis;
 
 use std::path::{Path, PathBuf};
