@@ -178,6 +178,12 @@ pub struct Report {
     pub warn_seconds: i64,
     pub critical_seconds: i64,
     pub copies: Vec<CopyReport>,
+    /// Cluster only: whether every copy holds the same bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_sync: Option<bool>,
+    /// Checks across copies (cluster only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckResult>,
 }
 
 impl Report {
@@ -195,7 +201,126 @@ impl Report {
             warn_seconds: thresholds.warn,
             critical_seconds: thresholds.critical,
             copies,
+            in_sync: None,
+            checks: Vec::new(),
         }
+    }
+
+    /// Adds the comparison of the copies (cluster): identical bytes everywhere, or which differ.
+    /// Different copies under the same CA still talk to each other (warning); under different
+    /// CAs TMM and dSSM refuse each other (critical).
+    pub fn with_sync(mut self, sources: &[Source]) -> Self {
+        if sources.len() < 2 {
+            self.in_sync = Some(true);
+            return self;
+        }
+        let bytes = |s: &Source, n: &str| match s.get(n) {
+            Some((_, Found::Bytes(b))) => Some(b.clone()),
+            _ => None,
+        };
+        let keys = [
+            contract::CA_CERT,
+            contract::LEAF_CERT,
+            contract::LEAF_KEY,
+            contract::DH_PARAMS,
+        ];
+        let differing: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| {
+                sources
+                    .windows(2)
+                    .any(|w| bytes(&w[0], k) != bytes(&w[1], k))
+            })
+            .collect();
+        let in_sync = differing.is_empty();
+        self.in_sync = Some(in_sync);
+        let labels: Vec<&str> = sources.iter().map(|s| s.label.as_str()).collect();
+        let result = if in_sync {
+            CheckResult {
+                name: "copies-in-sync",
+                status: Status::Ok,
+                message: format!("{} hold identical materials", labels.join(" and ")),
+            }
+        } else {
+            let status = if differing.contains(&contract::CA_CERT) {
+                Status::Critical
+            } else {
+                Status::Warning
+            };
+            CheckResult {
+                name: "copies-in-sync",
+                status,
+                message: format!(
+                    "{} differ in {}",
+                    labels.join(" and "),
+                    differing.join(", ")
+                ),
+            }
+        };
+        self.status = self.status.max(result.status);
+        self.exit_code = self.status.exit_code();
+        self.checks.push(result);
+        self
+    }
+}
+
+/// One namespace's copy, from its Secrets (and the CA key Secret in the dSSM namespace).
+pub fn source_from_secrets(
+    ns: &str,
+    certs: &crate::plan::SecretObs,
+    keys: &crate::plan::SecretObs,
+    store: Option<&crate::plan::SecretObs>,
+) -> Source {
+    use crate::plan::SecretObs;
+    let entry = |obs: &SecretObs, secret: &str, key: &'static str, file: &'static str| {
+        let loc = format!("{ns}/{secret}[{key}]");
+        let found = match obs {
+            SecretObs::Missing => Found::Missing,
+            SecretObs::Present { data, .. } => data
+                .get(key)
+                .map(|b| Found::Bytes(b.clone()))
+                .unwrap_or(Found::Missing),
+        };
+        (file, loc, found)
+    };
+    let mut entries = vec![
+        entry(
+            certs,
+            contract::CERTS_SECRET,
+            contract::CA_CERT,
+            contract::CA_CERT,
+        ),
+        entry(
+            certs,
+            contract::CERTS_SECRET,
+            contract::LEAF_CERT,
+            contract::LEAF_CERT,
+        ),
+        entry(
+            keys,
+            contract::KEYS_SECRET,
+            contract::LEAF_KEY,
+            contract::LEAF_KEY,
+        ),
+        entry(
+            certs,
+            contract::CERTS_SECRET,
+            contract::DH_PARAMS,
+            contract::DH_PARAMS,
+        ),
+    ];
+    if let Some(store) = store {
+        entries.push(entry(
+            store,
+            contract::CA_KEY_SECRET,
+            crate::plan::store_keys::CA_KEY,
+            contract::CA_KEY,
+        ));
+    }
+    Source {
+        label: format!("namespace/{ns}"),
+        entries,
     }
 }
 
@@ -527,6 +652,18 @@ pub fn render_table(report: &Report) -> String {
         out.push('\n');
         let mut rows = vec![["CHECK".to_string(), "STATUS".into(), "DETAIL".into()]];
         for c in &copy.checks {
+            rows.push([c.name.to_string(), c.status.to_string(), c.message.clone()]);
+        }
+        out.push_str(&columns(&rows));
+        out.push('\n');
+    }
+    if !report.checks.is_empty() {
+        let mut rows = vec![[
+            "ACROSS COPIES".to_string(),
+            "STATUS".into(),
+            "DETAIL".into(),
+        ]];
+        for c in &report.checks {
             rows.push([c.name.to_string(), c.status.to_string(), c.message.clone()]);
         }
         out.push_str(&columns(&rows));

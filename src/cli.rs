@@ -39,6 +39,98 @@ pub enum Command {
     Values(ValuesArgs),
     /// Mutual-TLS handshake and PING to Sentinel (and DBs) with the deployed materials.
     Probe(ProbeArgs),
+    /// One pass against the cluster: observe, plan, write what is due (the CronJob's command).
+    Reconcile(ReconcileArgs),
+    /// Renew now even if nothing is due; --ca also replaces the CA (the on-demand Job).
+    Rotate(RotateArgs),
+}
+
+/// Where dssm-certs works in the cluster (KUBECONFIG or the in-cluster service account).
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Namespace of the dSSM pods and of the CA key Secret (default: the pod's or kubeconfig's).
+    #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
+    pub dssm_namespace: Option<String>,
+    /// Namespace of TMM (default: the dSSM namespace, as in CNF).
+    #[arg(long, env = "DSSM_CERTS_TMM_NAMESPACE", value_parser = parse_namespace)]
+    pub tmm_namespace: Option<String>,
+    #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT")]
+    pub tmm_deployment: String,
+    #[arg(long, default_value = crate::contract::DSSM_SELECTOR, env = "DSSM_CERTS_DSSM_SELECTOR")]
+    pub dssm_selector: String,
+    /// Timeout of each API request.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "DSSM_CERTS_API_TIMEOUT")]
+    pub api_timeout: i64,
+}
+
+impl ClusterArgs {
+    pub fn target(&self) -> crate::cluster::Target {
+        crate::cluster::Target {
+            dssm_namespace: self.dssm_namespace.clone(),
+            tmm_namespace: self.tmm_namespace.clone(),
+            tmm_deployment: self.tmm_deployment.clone(),
+            dssm_selector: self.dssm_selector.clone(),
+            timeout: std::time::Duration::from_secs(self.api_timeout.max(1) as u64),
+        }
+    }
+}
+
+/// How new materials are made in the cluster (same meaning as for `generate`).
+#[derive(Debug, Clone, Args)]
+pub struct IssueArgs {
+    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_DAYS")]
+    pub days: u32,
+    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_CA_DAYS")]
+    pub ca_days: u32,
+    #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa4096, env = "DSSM_CERTS_KEY_ALGORITHM")]
+    pub key_algorithm: KeyAlgorithm,
+    #[arg(long, default_value = "O=Redis Test, CN=Certificate Authority", value_parser = parse_subject, env = "DSSM_CERTS_CA_SUBJECT")]
+    pub ca_subject: Subject,
+    #[arg(long, default_value = "O=Redis Test, CN=Server", value_parser = parse_subject, env = "DSSM_CERTS_SUBJECT")]
+    pub subject: Subject,
+    /// subjectAltName DNS names (default: the dSSM Service names in the dSSM namespace).
+    #[arg(
+        long = "dns",
+        value_name = "NAME",
+        env = "DSSM_CERTS_DNS",
+        value_delimiter = ','
+    )]
+    pub dns: Vec<String>,
+    /// DH params for new materials: reuse the deployed ones while valid (default), or
+    /// `generate`, `ffdhe2048`, FILE.
+    #[arg(
+        long,
+        value_name = "generate|ffdhe2048|FILE",
+        env = "DSSM_CERTS_DHPARAM"
+    )]
+    pub dhparam: Option<DhSource>,
+    /// Renew this long before expiry instead of when 1/3 of the lifetime is left.
+    #[arg(long, value_parser = parse_duration, env = "DSSM_CERTS_RENEW_BEFORE")]
+    pub renew_before: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub issue: IssueArgs,
+    /// Print the plan and what would be written; make no write request at all.
+    #[arg(long, env = "DSSM_CERTS_DRY_RUN")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub issue: IssueArgs,
+    /// Replace the CA too (TMM and dSSM must all restart before they trust each other again).
+    #[arg(long, env = "DSSM_CERTS_ROTATE_CA")]
+    pub ca: bool,
+    #[arg(long, env = "DSSM_CERTS_DRY_RUN")]
+    pub dry_run: bool,
 }
 
 fn parse_subject(s: &str) -> Result<Subject, String> {
@@ -116,9 +208,11 @@ pub enum OutputFormat {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Folder holding the files of the manual procedure.
+    /// Folder holding the files of the manual procedure (without it: the cluster).
     #[arg(long, env = "DSSM_CERTS_DIR")]
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
     pub output: OutputFormat,
     /// Warn when less than this is left.

@@ -11,5 +11,7 @@ pub const CRITICAL: i32 = 2;
 pub const UNKNOWN: i32 = 3;
 /// The command failed (bad input, refused overwrite, I/O error). Nothing was half-written.
 pub const FAILED: i32 = 4;
+/// Another dssm-certs holds the Lease: nothing was done, try again later.
+pub const LOCKED: i32 = 5;
 /// The command line itself is wrong (unknown flag, bad value).
 pub const USAGE: i32 = 64;

@@ -15,12 +15,14 @@ use crate::pki::{
     SecretBytes, Subject,
 };
 
-/// Where the DH parameters come from (`--dhparam generate|ffdhe2048|FILE`).
+/// Where the DH parameters come from (`--dhparam generate|ffdhe2048|FILE`, or deployed ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DhSource {
     Generate,
     Ffdhe2048,
     File(PathBuf),
+    /// PEM already at hand (the deployed params, reused on renewal), and where it came from.
+    Pem(Vec<u8>, String),
 }
 
 impl std::str::FromStr for DhSource {
@@ -34,11 +36,31 @@ impl std::str::FromStr for DhSource {
     }
 }
 
-/// An existing CA to sign the new leaf with (`--ca-cert`, `--ca-key`).
-#[derive(Debug, Clone)]
+/// An existing CA to sign the new leaf with (`--ca-cert`/`--ca-key`, or the CA key Secret).
+#[derive(Clone)]
 pub struct ExistingCa {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub cert: Vec<u8>,
+    pub key: SecretBytes,
+    /// Where they came from, for messages.
+    pub cert_name: String,
+    pub key_name: String,
+}
+
+impl std::fmt::Debug for ExistingCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExistingCa({}, {})", self.cert_name, self.key_name)
+    }
+}
+
+impl ExistingCa {
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, GenerateError> {
+        Ok(ExistingCa {
+            cert: read(cert)?,
+            key: SecretBytes::new(read(key)?),
+            cert_name: cert.display().to_string(),
+            key_name: key.display().to_string(),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -138,22 +160,20 @@ pub fn make_materials(
     // Everything that can be refused is refused before the slow work starts.
     let existing = match &opts.existing_ca {
         Some(ca) => {
-            let cert = read(&ca.cert)?;
-            let key_pem = read(&ca.key)?;
-            let key = PrivateKey::from_pem(&key_pem, &ca.key.display().to_string())?;
-            Some((cert, SecretBytes::new(key_pem), key))
+            let key = PrivateKey::from_pem(ca.key.expose(), &ca.key_name)?;
+            Some((ca.cert.clone(), ca.key.clone(), key))
         }
         None => None,
     };
     let cert_name = opts
         .existing_ca
         .as_ref()
-        .map(|c| c.cert.display().to_string())
+        .map(|c| c.cert_name.clone())
         .unwrap_or_default();
     let key_name = opts
         .existing_ca
         .as_ref()
-        .map(|c| c.key.display().to_string())
+        .map(|c| c.key_name.clone())
         .unwrap_or_default();
     if let Some((cert, _, key)) = &existing {
         pki::check_ca_can_sign(
@@ -178,6 +198,7 @@ pub fn make_materials(
     let fixed_dh = match &opts.dhparam {
         DhSource::Generate => None,
         DhSource::Ffdhe2048 => Some(DhParams::ffdhe2048()),
+        DhSource::Pem(pem, name) => Some(DhParams::validate(pem, name)?),
         DhSource::File(path) => Some(DhParams::validate(
             &read(path)?,
             &path.display().to_string(),

@@ -5,11 +5,14 @@
 
 pub mod check;
 pub mod cli;
+pub mod cluster;
 pub mod contract;
 pub mod exit;
 pub mod fuzz;
 pub mod generate;
 pub mod manifest;
 pub mod pki;
+pub mod plan;
 pub mod probe;
+pub mod reconcile;
 pub mod values;

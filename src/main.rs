@@ -3,6 +3,9 @@ use std::sync::atomic::AtomicBool;
 
 use clap::Parser;
 use dssm_certs::cli::{Cli, Command, LogFormat, OutputFormat};
+use dssm_certs::cluster::{Cluster, ClusterError};
+use dssm_certs::plan::Policy;
+use dssm_certs::reconcile::{self, ReconcileError};
 use dssm_certs::{check, contract, exit, generate, pki, probe, values};
 
 fn main() -> ExitCode {
@@ -60,10 +63,10 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
                 ca_subject: a.ca_subject,
                 subject: a.subject,
                 dns_names,
-                existing_ca: a
-                    .ca_cert
-                    .zip(a.ca_key)
-                    .map(|(cert, key)| generate::ExistingCa { cert, key }),
+                existing_ca: match a.ca_cert.zip(a.ca_key) {
+                    Some((cert, key)) => Some(generate::ExistingCa::from_files(&cert, &key)?),
+                    None => None,
+                },
                 dhparam: a.dhparam,
                 namespace: a.namespace.clone(),
                 threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -89,22 +92,33 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
                 critical: a.critical,
             };
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let copy = if a.dir.is_dir() {
-                check::inspect(&check::read_dir_source(&a.dir), now, thresholds)
-            } else {
-                check::CopyReport {
-                    source: format!("dir:{}", a.dir.display()),
-                    status: check::Status::Unknown,
-                    certificates: vec![],
-                    checks: vec![check::CheckResult {
-                        name: "read",
-                        status: check::Status::Unknown,
-                        message: format!("{}: not a directory", a.dir.display()),
-                    }],
-                    dhparams: None,
+            let report = match &a.dir {
+                Some(dir) => {
+                    let copy = if dir.is_dir() {
+                        check::inspect(&check::read_dir_source(dir), now, thresholds)
+                    } else {
+                        check::CopyReport {
+                            source: format!("dir:{}", dir.display()),
+                            status: check::Status::Unknown,
+                            certificates: vec![],
+                            checks: vec![check::CheckResult {
+                                name: "read",
+                                status: check::Status::Unknown,
+                                message: format!("{}: not a directory", dir.display()),
+                            }],
+                            dhparams: None,
+                        }
+                    };
+                    check::Report::new(vec![copy], now, thresholds)
                 }
+                None => match runtime()?.block_on(cluster_check(&a.cluster, now, thresholds)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(exit::UNKNOWN);
+                    }
+                },
             };
-            let report = check::Report::new(vec![copy], now, thresholds);
             match a.output {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 OutputFormat::Table => print!("{}", check::render_table(&report)),
@@ -112,6 +126,28 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             Ok(report.exit_code)
         }
         Command::Probe(a) => probe(a),
+        Command::Reconcile(a) => cluster_run(
+            &a.cluster,
+            &a.issue,
+            a.dry_run,
+            Policy {
+                renew_before: a.issue.renew_before,
+                leaf_days: a.issue.days,
+                force_leaf: false,
+                force_ca: false,
+            },
+        ),
+        Command::Rotate(a) => cluster_run(
+            &a.cluster,
+            &a.issue,
+            a.dry_run,
+            Policy {
+                renew_before: a.issue.renew_before,
+                leaf_days: a.issue.days,
+                force_leaf: true,
+                force_ca: a.ca,
+            },
+        ),
         Command::Values(a) => {
             let ns = match a.dssm_namespace {
                 Some(ns) => ns,
@@ -226,4 +262,78 @@ fn probe(a: dssm_certs::cli::ProbeArgs) -> Result<i32, Box<dyn std::error::Error
         }
     }
     Ok(worst.exit_code())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+async fn cluster_check(
+    args: &dssm_certs::cli::ClusterArgs,
+    now: i64,
+    thresholds: check::Thresholds,
+) -> Result<check::Report, ClusterError> {
+    let cluster = Cluster::connect(&args.target()).await?;
+    let obs = cluster.observe().await?;
+    let sources: Vec<check::Source> = obs
+        .copies
+        .iter()
+        .map(|c| {
+            let store = (c.namespace == cluster.dssm_ns).then_some(&obs.store);
+            check::source_from_secrets(&c.namespace, &c.certs, &c.keys, store)
+        })
+        .collect();
+    let copies = sources
+        .iter()
+        .map(|s| check::inspect(s, now, thresholds))
+        .collect();
+    Ok(check::Report::new(copies, now, thresholds).with_sync(&sources))
+}
+
+fn cluster_run(
+    args: &dssm_certs::cli::ClusterArgs,
+    issue: &dssm_certs::cli::IssueArgs,
+    dry_run: bool,
+    policy: Policy,
+) -> Result<i32, Box<dyn std::error::Error>> {
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let cluster = Cluster::connect(&args.target()).await?;
+        let dns_names = if issue.dns.is_empty() {
+            contract::default_dns_names(Some(&cluster.dssm_ns))
+        } else {
+            issue.dns.clone()
+        };
+        let opts = reconcile::Options {
+            dry_run,
+            policy,
+            dhparam: issue.dhparam.clone(),
+            generate: generate::GenerateOptions {
+                days: issue.days,
+                ca_days: issue.ca_days,
+                key_algorithm: issue.key_algorithm,
+                ca_subject: issue.ca_subject.clone(),
+                subject: issue.subject.clone(),
+                dns_names,
+                existing_ca: None,
+                dhparam: generate::DhSource::Generate,
+                namespace: None,
+                threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            },
+            thresholds: check::Thresholds::default(),
+        };
+        let mut out = std::io::stdout();
+        reconcile::reconcile(&cluster, &opts, &mut out).await
+    });
+    match result {
+        Ok(_) => Ok(exit::OK),
+        Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
+            eprintln!("error: {m}");
+            Ok(exit::LOCKED)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -112,3 +112,110 @@ pub fn generate(dir: &Path, extra: &[&str]) -> PathBuf {
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// A test cluster with dSSM installed, and the real binary pointed at it through a kubeconfig.
+pub struct TestEnv {
+    pub server: apiserver::ApiServer,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    pub dssm_ns: String,
+    pub tmm_ns: String,
+}
+
+impl TestEnv {
+    /// SPK: dSSM in spk-utilities, TMM (3 replicas) in spk-ingress.
+    pub fn spk() -> Self {
+        Self::new("spk-utilities", "spk-ingress", apiserver::ADMIN_TOKEN)
+    }
+
+    /// CNF: both in cnf-gateway.
+    pub fn cnf() -> Self {
+        Self::new("cnf-gateway", "cnf-gateway", apiserver::ADMIN_TOKEN)
+    }
+
+    pub fn new(dssm_ns: &str, tmm_ns: &str, token: &str) -> Self {
+        let sa = format!("system:serviceaccount:{dssm_ns}:dssm-certs");
+        let server = apiserver::ApiServer::start(&[dssm_ns, tmm_ns], &sa);
+        server.install_dssm(dssm_ns, tmm_ns, 3);
+        let dir = tempdir();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig(token, dssm_ns)).unwrap();
+        TestEnv {
+            server,
+            dir,
+            kubeconfig,
+            dssm_ns: dssm_ns.into(),
+            tmm_ns: tmm_ns.into(),
+        }
+    }
+
+    /// Runs `dssm-certs <args> --dssm-namespace .. --tmm-namespace ..` against the cluster.
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let mut cmd = bin();
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.dir.path())
+            .args(args)
+            .args([
+                "--dssm-namespace",
+                &self.dssm_ns,
+                "--tmm-namespace",
+                &self.tmm_ns,
+            ]);
+        output(&mut cmd)
+    }
+
+    /// `reconcile` with fast settings (RSA 2048, the RFC 7919 DH group unless reused).
+    pub fn reconcile(&self, extra: &[&str]) -> (i32, String, String) {
+        let mut args = vec!["reconcile", "--key-algorithm", "ecdsa-p256"];
+        if !extra.iter().any(|a| *a == "--dhparam") {
+            args.extend(["--dhparam", "ffdhe2048"]);
+        }
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    pub fn secret(&self, ns: &str, name: &str) -> Option<serde_json::Value> {
+        self.server.get("", "secrets", ns, name)
+    }
+
+    /// The four mounted items of a copy, decoded.
+    pub fn copy(&self, ns: &str) -> Option<[Vec<u8>; 4]> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let certs = self.secret(ns, "dssm-certs-secret")?;
+        let keys = self.secret(ns, "dssm-keys-secret")?;
+        let get = |s: &serde_json::Value, k: &str| {
+            b64.decode(s["data"][k].as_str().unwrap_or(""))
+                .unwrap_or_default()
+        };
+        Some([
+            get(&certs, "dssm-ca.crt"),
+            get(&certs, "dssm-cert.crt"),
+            get(&keys, "dssm-key.key"),
+            get(&certs, "dhparam2048.pem"),
+        ])
+    }
+
+    /// Puts a Secret as `kubectl apply` of the seeds' manifests would (no labels).
+    pub fn put_secret(&self, ns: &str, name: &str, data: &[(&str, &[u8])]) {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let data: serde_json::Map<String, serde_json::Value> = data
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::json!(b64.encode(v))))
+            .collect();
+        let mut obj = self
+            .secret(ns, name)
+            .unwrap_or_else(|| serde_json::json!({"metadata": {"name": name}, "type": "Opaque"}));
+        obj["data"] = serde_json::Value::Object(data);
+        self.server.put("", "secrets", ns, obj);
+    }
+
+    pub fn writes(&self) -> Vec<apiserver::Recorded> {
+        self.server
+            .requests()
+            .into_iter()
+            .filter(|r| r.is_write())
+            .collect()
+    }
+}

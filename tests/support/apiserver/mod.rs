@@ -1264,9 +1264,13 @@ async fn route(
             }
         }
     }
+    // Like the NamespaceLifecycle admission plugin: only what creates an object needs the
+    // namespace to exist; reads in a missing namespace answer NotFound for the object.
+    let creates = verb == "create"
+        || (verb == "patch" && content_type.starts_with("application/apply-patch"));
     if let Some(ns) = &p.ns {
         let exists = shared.state.lock().unwrap().namespace_exists(ns);
-        if !exists && p.res.namespaced {
+        if creates && !exists && p.res.namespaced {
             return status_error(
                 404,
                 "NotFound",

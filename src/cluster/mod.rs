@@ -1,0 +1,386 @@
+//! The only code that talks to the Kubernetes API (kube-rs): the Secrets in both namespaces, the
+//! CA key Secret, the TMM Deployment, the Lease and Events. Every call names the object it
+//! touches in its errors and retries what is transient (429, 5xx, transport) with backoff.
+
+pub mod lease;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::contract;
+use crate::plan::{annotations, CopyObs, Owner, SecretObs};
+
+/// Attempts for a call that fails transiently, and the first backoff (doubled each time).
+pub const ATTEMPTS: u32 = 5;
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot set up the Kubernetes client: {0}")]
+    Config(String),
+    #[error("cannot {verb} {what}: forbidden: {message}")]
+    Forbidden {
+        verb: &'static str,
+        what: String,
+        message: String,
+    },
+    #[error("cannot {verb} {what}: not found: {message}")]
+    NotFound {
+        verb: &'static str,
+        what: String,
+        message: String,
+    },
+    #[error("cannot {verb} {what}: conflict: {message}")]
+    Conflict {
+        verb: &'static str,
+        what: String,
+        message: String,
+    },
+    #[error("cannot {verb} {what}: the API server answered {code} {reason}: {message} (after {attempts} attempts)")]
+    Api {
+        verb: &'static str,
+        what: String,
+        code: u16,
+        reason: String,
+        message: String,
+        attempts: u32,
+    },
+    #[error(
+        "cannot {verb} {what}: the API server is unreachable: {detail} (after {attempts} attempts)"
+    )]
+    Unreachable {
+        verb: &'static str,
+        what: String,
+        detail: String,
+        attempts: u32,
+    },
+    #[error("{what} is managed by {owner}, not dssm-certs: refusing to overwrite it. Remove its app.kubernetes.io/managed-by label (or owner reference) or delete it to let dssm-certs manage it")]
+    NotOurs { what: String, owner: String },
+    #[error("{0}")]
+    Locked(String),
+    #[error("deployment {namespace}/{name} not found: TMM must exist before its materials are replaced (check --tmm-namespace / --tmm-deployment)")]
+    NoDeployment { namespace: String, name: String },
+}
+
+impl ClusterError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, ClusterError::Conflict { .. })
+    }
+}
+
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => matches!(s.code, 429 | 500 | 502 | 503 | 504),
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs `f`, retrying transient failures with exponential backoff; maps the final error to one
+/// that names `verb` and `what`.
+pub async fn call<T, F, Fut>(verb: &'static str, what: &str, f: F) -> Result<T, ClusterError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && attempt < ATTEMPTS => {
+                tracing::warn!(verb, what, attempt, error = %e, "transient API error, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+            Err(e) => {
+                let what = what.to_string();
+                return Err(match e {
+                    kube::Error::Api(s) => match s.code {
+                        403 => ClusterError::Forbidden {
+                            verb,
+                            what,
+                            message: s.message,
+                        },
+                        404 => ClusterError::NotFound {
+                            verb,
+                            what,
+                            message: s.message,
+                        },
+                        409 => ClusterError::Conflict {
+                            verb,
+                            what,
+                            message: s.message,
+                        },
+                        code => ClusterError::Api {
+                            verb,
+                            what,
+                            code,
+                            reason: s.reason,
+                            message: s.message,
+                            attempts: attempt,
+                        },
+                    },
+                    other => ClusterError::Unreachable {
+                        verb,
+                        what,
+                        detail: other.to_string(),
+                        attempts: attempt,
+                    },
+                });
+            }
+        }
+    }
+}
+
+/// Where dssm-certs works: the flags of DESIGN §3.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub dssm_namespace: Option<String>,
+    pub tmm_namespace: Option<String>,
+    pub tmm_deployment: String,
+    pub dssm_selector: String,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+pub struct Cluster {
+    pub client: Client,
+    pub dssm_ns: String,
+    pub tmm_ns: String,
+    pub tmm_deployment: String,
+    pub dssm_selector: String,
+    pub identity: String,
+    recorder: Recorder,
+}
+
+/// What one observation found, with the raw Secrets for writing back.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// dSSM namespace first, then TMM's when it differs.
+    pub copies: Vec<CopyObs>,
+    pub store: SecretObs,
+    pub raw: BTreeMap<(String, String), Secret>,
+    pub deployment: Option<Deployment>,
+}
+
+fn owner_of(s: &Secret) -> Owner {
+    let labels = s.labels();
+    match labels.get(annotations::MANAGED_BY).map(String::as_str) {
+        Some(annotations::MANAGER) => Owner::Us,
+        Some(other) => Owner::Other(format!(
+            "{other} (label {}={other})",
+            annotations::MANAGED_BY
+        )),
+        None => match s.owner_references().first() {
+            Some(o) => Owner::Other(format!("{} {} (owner reference)", o.kind, o.name)),
+            None => Owner::Nobody,
+        },
+    }
+}
+
+pub fn secret_obs(s: Option<&Secret>) -> SecretObs {
+    match s {
+        None => SecretObs::Missing,
+        Some(s) => SecretObs::Present {
+            data: s
+                .data
+                .as_ref()
+                .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+                .unwrap_or_default(),
+            owner: owner_of(s),
+            annotations: s.annotations().clone(),
+        },
+    }
+}
+
+impl Cluster {
+    pub async fn connect(t: &Target) -> Result<Self, ClusterError> {
+        let mut config = kube::Config::infer()
+            .await
+            .map_err(|e| ClusterError::Config(e.to_string()))?;
+        config.read_timeout = Some(t.timeout);
+        config.write_timeout = Some(t.timeout);
+        config.connect_timeout = Some(t.timeout);
+        let dssm_ns = t
+            .dssm_namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let tmm_ns = t.tmm_namespace.clone().unwrap_or_else(|| dssm_ns.clone());
+        let client = Client::try_from(config).map_err(|e| ClusterError::Config(e.to_string()))?;
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "dssm-certs".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "f5.com/dssm-certs".into(),
+                instance: Some(identity.clone()),
+            },
+        );
+        Ok(Cluster {
+            client,
+            dssm_ns,
+            tmm_ns,
+            tmm_deployment: t.tmm_deployment.clone(),
+            dssm_selector: t.dssm_selector.clone(),
+            identity,
+            recorder,
+        })
+    }
+
+    /// The namespaces holding copies: dSSM's first, TMM's when it differs (SPK).
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut v = vec![self.dssm_ns.clone()];
+        if self.tmm_ns != self.dssm_ns {
+            v.push(self.tmm_ns.clone());
+        }
+        v
+    }
+
+    pub async fn get_secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, ClusterError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        call("get", &format!("secret {ns}/{name}"), || api.get_opt(name)).await
+    }
+
+    pub async fn get_deployment(&self) -> Result<Option<Deployment>, ClusterError> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.tmm_ns);
+        let name = &self.tmm_deployment;
+        call("get", &format!("deployment {}/{name}", self.tmm_ns), || {
+            api.get_opt(name)
+        })
+        .await
+    }
+
+    /// Reads every Secret of both copies, the CA key Secret and the TMM Deployment: 2 reads per
+    /// namespace plus 2.
+    pub async fn observe(&self) -> Result<Observation, ClusterError> {
+        let mut raw = BTreeMap::new();
+        let mut copies = Vec::new();
+        for ns in self.namespaces() {
+            let certs = self.get_secret(&ns, contract::CERTS_SECRET).await?;
+            let keys = self.get_secret(&ns, contract::KEYS_SECRET).await?;
+            copies.push(CopyObs {
+                namespace: ns.clone(),
+                certs: secret_obs(certs.as_ref()),
+                keys: secret_obs(keys.as_ref()),
+            });
+            for (name, s) in [
+                (contract::CERTS_SECRET, certs),
+                (contract::KEYS_SECRET, keys),
+            ] {
+                if let Some(s) = s {
+                    raw.insert((ns.clone(), name.to_string()), s);
+                }
+            }
+        }
+        let store = self
+            .get_secret(&self.dssm_ns, contract::CA_KEY_SECRET)
+            .await?;
+        let store_obs = secret_obs(store.as_ref());
+        if let Some(s) = store {
+            raw.insert(
+                (self.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string()),
+                s,
+            );
+        }
+        let deployment = self.get_deployment().await?;
+        Ok(Observation {
+            copies,
+            store: store_obs,
+            raw,
+            deployment,
+        })
+    }
+
+    /// Creates the Secret, or replaces it if `existing` is given (optimistic concurrency: a
+    /// change since it was read is a 409 Conflict). Refuses Secrets managed by someone else.
+    pub async fn write_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        data: BTreeMap<String, Vec<u8>>,
+        annotations: BTreeMap<String, String>,
+        existing: Option<&Secret>,
+    ) -> Result<Secret, ClusterError> {
+        let what = format!("secret {ns}/{name}");
+        if let Some(Owner::Other(owner)) = existing.map(owner_of) {
+            return Err(ClusterError::NotOurs { what, owner });
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let mut s = existing.cloned().unwrap_or_default();
+        s.metadata.name = Some(name.to_string());
+        s.metadata.namespace = Some(ns.to_string());
+        s.metadata.managed_fields = None;
+        s.labels_mut()
+            .insert(annotations::MANAGED_BY.into(), annotations::MANAGER.into());
+        let ann = s.annotations_mut();
+        ann.retain(|k, _| {
+            !k.starts_with("dssm-certs.f5.com/")
+                && k != "kubectl.kubernetes.io/last-applied-configuration"
+        });
+        ann.extend(annotations);
+        s.type_ = Some("Opaque".into());
+        s.string_data = None;
+        s.data = Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect());
+        let pp = PostParams {
+            field_manager: Some("dssm-certs".into()),
+            ..Default::default()
+        };
+        if existing.is_some() {
+            call("update", &what, || api.replace(name, &pp, &s)).await
+        } else {
+            call("create", &what, || api.create(&pp, &s)).await
+        }
+    }
+
+    /// Sets (or with None removes) an annotation on the TMM Deployment.
+    pub async fn annotate_deployment(
+        &self,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), ClusterError> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.tmm_ns);
+        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+        let what = format!("deployment {}/{}", self.tmm_ns, self.tmm_deployment);
+        let pp = PatchParams {
+            field_manager: Some("dssm-certs".into()),
+            ..Default::default()
+        };
+        let patch = Patch::Merge(&patch);
+        call("patch", &what, || {
+            api.patch(&self.tmm_deployment, &pp, &patch)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Publishes an Event about `secret` (best effort: a failure is logged, never fatal).
+    pub async fn event(&self, secret: &Secret, warning: bool, reason: &str, note: String) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &secret.object_ref(&())).await {
+            tracing::warn!(reason, error = %e, "could not publish an Event");
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The planner: from what was observed in the cluster and the clock, exactly one action with its
+//! reasons. Pure: no I/O, table-tested.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::contract;
+use crate::pki::{self, Certificate, DhParams, PrivateKey};
+
+/// Who manages a Secret, from its `app.kubernetes.io/managed-by` label and ownerReferences.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Owner {
+    /// Labelled by us.
+    Us,
+    /// Made by hand (the seeds' procedure): we may adopt and later replace it.
+    Nobody,
+    /// Another manager (Helm, cert-manager, an owner reference): we never write it.
+    Other(String),
+}
+
+/// One observed Secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretObs {
+    Missing,
+    Present {
+        data: BTreeMap<String, Vec<u8>>,
+        owner: Owner,
+        annotations: BTreeMap<String, String>,
+    },
+}
+
+impl std::fmt::Debug for SecretObs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretObs::Missing => f.write_str("Missing"),
+            SecretObs::Present { data, owner, .. } => f
+                .debug_struct("Present")
+                .field("keys", &data.keys().collect::<Vec<_>>())
+                .field("owner", owner)
+                .finish(),
+        }
+    }
+}
+
+impl SecretObs {
+    pub fn owner(&self) -> Option<&Owner> {
+        match self {
+            SecretObs::Missing => None,
+            SecretObs::Present { owner, .. } => Some(owner),
+        }
+    }
+    fn get(&self, key: &str) -> Option<&[u8]> {
+        match self {
+            SecretObs::Missing => None,
+            SecretObs::Present { data, .. } => data.get(key).map(Vec::as_slice),
+        }
+    }
+}
+
+/// The two Secrets of one namespace.
+#[derive(Debug, Clone)]
+pub struct CopyObs {
+    pub namespace: String,
+    pub certs: SecretObs,
+    pub keys: SecretObs,
+}
+
+/// The materials TMM and dSSM mount: what every copy must hold, byte for byte.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub ca_cert: Vec<u8>,
+    pub leaf_cert: Vec<u8>,
+    pub leaf_key: Vec<u8>,
+    pub dhparams: Vec<u8>,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle").finish_non_exhaustive()
+    }
+}
+
+/// Keys of the CA key Secret (dSSM namespace only, never mounted by pods).
+pub mod store_keys {
+    pub const CA_CERT: &str = "dssm-ca.crt";
+    pub const CA_KEY: &str = "dssm-ca.key";
+    pub const PENDING_CERT: &str = "pending-dssm-cert.crt";
+    pub const PENDING_KEY: &str = "pending-dssm-key.key";
+    pub const PENDING_DH: &str = "pending-dhparam2048.pem";
+}
+
+/// Annotations dssm-certs writes.
+pub mod annotations {
+    pub const REVISION: &str = "dssm-certs.f5.com/revision";
+    pub const STATE: &str = "dssm-certs.f5.com/state";
+    pub const CA_SHA256: &str = "dssm-certs.f5.com/ca-sha256";
+    pub const CERT_SHA256: &str = "dssm-certs.f5.com/cert-sha256";
+    pub const NOT_AFTER: &str = "dssm-certs.f5.com/not-after";
+    pub const RESTART_NEEDED: &str = "dssm-certs.f5.com/restart-needed";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const MANAGER: &str = "dssm-certs";
+}
+
+/// What one copy amounts to.
+#[derive(Debug, Clone)]
+pub enum CopyState {
+    Missing,
+    Invalid(String),
+    Valid {
+        bundle: Bundle,
+        ca: Certificate,
+        leaf: Certificate,
+    },
+}
+
+/// The CA key Secret, read.
+#[derive(Debug, Clone)]
+pub enum StoreState {
+    Missing,
+    Invalid(String),
+    Valid {
+        ca: Certificate,
+        ca_cert: Vec<u8>,
+        revision: u64,
+        /// A rotation written here but not yet to every copy.
+        pending: Option<Bundle>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Everything is valid, identical, managed by us and not due.
+    Nothing,
+    /// Valid materials made by hand: kept as they are until due.
+    Adopt,
+    /// Nothing exists yet: generate and write everything.
+    Publish,
+    /// Copies differ: copy the winning one over the others.
+    Repair,
+    /// The leaf is due: a new leaf under the same CA.
+    RenewLeaf,
+    /// The CA is due, the leaf would outlive it, or no CA key is available: new CA and leaf.
+    RotateCa,
+    /// Unusable materials everywhere: the deployment is already broken; replace them.
+    ReplaceInvalid,
+    /// A rotation was interrupted: finish it from the saved materials.
+    Resume,
+}
+
+impl Action {
+    pub fn writes(self) -> bool {
+        !matches!(self, Action::Nothing | Action::Adopt)
+    }
+    pub fn needs_new_materials(self) -> bool {
+        matches!(
+            self,
+            Action::Publish | Action::RenewLeaf | Action::RotateCa | Action::ReplaceInvalid
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub action: Action,
+    pub reasons: Vec<String>,
+    /// Repair and Resume: the bundle to write.
+    pub source: Option<Bundle>,
+    /// Repair: the namespace whose copy wins.
+    pub source_namespace: Option<String>,
+    /// New materials: reuse the CA in the store (RenewLeaf, ReplaceInvalid with a usable CA).
+    pub reuse_store_ca: bool,
+    /// DH params to keep when renewing (valid ones found in a copy).
+    pub reusable_dhparams: Option<Vec<u8>>,
+    /// Copies that differ from the target, or are missing or invalid.
+    pub out_of_sync: bool,
+    pub invalid: Vec<String>,
+}
+
+/// Flags that steer the planner.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// Renew this long before notAfter instead of at 1/3 of the lifetime left.
+    pub renew_before: Option<i64>,
+    /// Lifetime of a new leaf, to refuse a leaf outliving its CA.
+    pub leaf_days: u32,
+    /// `rotate`: renew now.
+    pub force_leaf: bool,
+    /// `rotate --ca`: replace the CA now.
+    pub force_ca: bool,
+}
+
+/// Reads one copy: complete, parseable, key matching, chaining, in validity.
+pub fn evaluate_copy(c: &CopyObs, now: i64) -> CopyState {
+    if c.certs == SecretObs::Missing && c.keys == SecretObs::Missing {
+        return CopyState::Missing;
+    }
+    let ns = &c.namespace;
+    let need = |s: &SecretObs, secret: &str, key: &str| -> Result<Vec<u8>, String> {
+        match s {
+            SecretObs::Missing => Err(format!("{ns}/{secret}: missing")),
+            _ => s
+                .get(key)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| format!("{ns}/{secret}: has no key {key}")),
+        }
+    };
+    let bundle = (|| {
+        Ok::<_, String>(Bundle {
+            ca_cert: need(&c.certs, contract::CERTS_SECRET, contract::CA_CERT)?,
+            leaf_cert: need(&c.certs, contract::CERTS_SECRET, contract::LEAF_CERT)?,
+            dhparams: need(&c.certs, contract::CERTS_SECRET, contract::DH_PARAMS)?,
+            leaf_key: need(&c.keys, contract::KEYS_SECRET, contract::LEAF_KEY)?,
+        })
+    })();
+    let bundle = match bundle {
+        Ok(b) => b,
+        Err(e) => return CopyState::Invalid(e),
+    };
+    match validate_bundle(&bundle, ns, now) {
+        Ok((ca, leaf)) => CopyState::Valid { bundle, ca, leaf },
+        Err(e) => CopyState::Invalid(e),
+    }
+}
+
+/// A bundle TLS can work with right now, or why not.
+pub fn validate_bundle(
+    b: &Bundle,
+    ns: &str,
+    now: i64,
+) -> Result<(Certificate, Certificate), String> {
+    let at = |key: &str| {
+        format!(
+            "{ns}/{}[{key}]",
+            if key == contract::LEAF_KEY {
+                contract::KEYS_SECRET
+            } else {
+                contract::CERTS_SECRET
+            }
+        )
+    };
+    let ca =
+        pki::parse_certificate(&b.ca_cert, &at(contract::CA_CERT)).map_err(|e| e.to_string())?;
+    let leaf = pki::parse_certificate(&b.leaf_cert, &at(contract::LEAF_CERT))
+        .map_err(|e| e.to_string())?;
+    let key =
+        PrivateKey::from_pem(&b.leaf_key, &at(contract::LEAF_KEY)).map_err(|e| e.to_string())?;
+    DhParams::validate(&b.dhparams, &at(contract::DH_PARAMS)).map_err(|e| e.to_string())?;
+    if !leaf.matches_key(&key) {
+        return Err(format!(
+            "{} does not match {}",
+            at(contract::LEAF_KEY),
+            at(contract::LEAF_CERT)
+        ));
+    }
+    if !leaf.is_signed_by(&ca) {
+        return Err(format!(
+            "{} is not signed by {}",
+            at(contract::LEAF_CERT),
+            at(contract::CA_CERT)
+        ));
+    }
+    for (c, key) in [(&ca, contract::CA_CERT), (&leaf, contract::LEAF_CERT)] {
+        if now >= c.not_after {
+            return Err(format!(
+                "{} expired at {}",
+                at(key),
+                pki::format_time(c.not_after)
+            ));
+        }
+        if now < c.not_before {
+            return Err(format!(
+                "{} is not valid before {}",
+                at(key),
+                pki::format_time(c.not_before)
+            ));
+        }
+    }
+    Ok((ca, leaf))
+}
+
+/// Reads the CA key Secret.
+pub fn evaluate_store(s: &SecretObs, ns: &str, now: i64) -> StoreState {
+    let SecretObs::Present {
+        data, annotations, ..
+    } = s
+    else {
+        return StoreState::Missing;
+    };
+    let at = |k: &str| format!("{ns}/{}[{k}]", contract::CA_KEY_SECRET);
+    let (Some(cert), Some(key)) = (data.get(store_keys::CA_CERT), data.get(store_keys::CA_KEY))
+    else {
+        return StoreState::Invalid(format!(
+            "{ns}/{}: lacks {} or {}",
+            contract::CA_KEY_SECRET,
+            store_keys::CA_CERT,
+            store_keys::CA_KEY
+        ));
+    };
+    let ca = match pki::parse_certificate(cert, &at(store_keys::CA_CERT)) {
+        Ok(c) => c,
+        Err(e) => return StoreState::Invalid(e.to_string()),
+    };
+    match PrivateKey::from_pem(key, &at(store_keys::CA_KEY)) {
+        Ok(k) if ca.matches_key(&k) => {}
+        Ok(_) => {
+            return StoreState::Invalid(format!(
+                "{} does not match {}",
+                at(store_keys::CA_KEY),
+                at(store_keys::CA_CERT)
+            ))
+        }
+        Err(e) => return StoreState::Invalid(e.to_string()),
+    }
+    let revision = annotations
+        .get(annotations::REVISION)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    let pending = (annotations.get(annotations::STATE).map(String::as_str) == Some("pending"))
+        .then(|| {
+            Some(Bundle {
+                ca_cert: cert.clone(),
+                leaf_cert: data.get(store_keys::PENDING_CERT)?.clone(),
+                leaf_key: data.get(store_keys::PENDING_KEY)?.clone(),
+                dhparams: data.get(store_keys::PENDING_DH)?.clone(),
+            })
+        })
+        .flatten()
+        .filter(|b| validate_bundle(b, ns, now).is_ok());
+    StoreState::Valid {
+        ca,
+        ca_cert: cert.clone(),
+        revision,
+        pending,
+    }
+}
+
+/// When `c` is due: at `renew_before` before notAfter, or when 1/3 of its lifetime is left.
+pub fn renewal_time(c: &Certificate, renew_before: Option<i64>) -> i64 {
+    let lifetime = c.not_after - c.not_before;
+    c.not_after - renew_before.unwrap_or(lifetime / 3)
+}
+
+fn base(action: Action, reasons: Vec<String>) -> Plan {
+    Plan {
+        action,
+        reasons,
+        source: None,
+        source_namespace: None,
+        reuse_store_ca: false,
+        reusable_dhparams: None,
+        out_of_sync: false,
+        invalid: Vec::new(),
+    }
+}
+
+/// The one decision of a pass.
+pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) -> Plan {
+    let states: Vec<(String, CopyState)> = copies
+        .iter()
+        .map(|c| (c.namespace.clone(), evaluate_copy(c, now)))
+        .collect();
+    let invalid: Vec<String> = states
+        .iter()
+        .filter_map(|(_, s)| match s {
+            CopyState::Invalid(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    let valid: Vec<(&String, &Bundle, &Certificate, &Certificate)> = states
+        .iter()
+        .filter_map(|(ns, s)| match s {
+            CopyState::Valid { bundle, ca, leaf } => Some((ns, bundle, ca, leaf)),
+            _ => None,
+        })
+        .collect();
+    let all_missing = states.iter().all(|(_, s)| matches!(s, CopyState::Missing));
+    let in_sync =
+        !valid.is_empty() && valid.len() == states.len() && valid.iter().all(|v| v.1 == valid[0].1);
+    let store_ca = match store {
+        StoreState::Valid { ca, .. } => Some(ca),
+        _ => None,
+    };
+    let finish = |mut p: Plan| {
+        p.out_of_sync = !in_sync;
+        p.invalid = invalid.clone();
+        p
+    };
+
+    // 1. An interrupted rotation is finished before anything else, from what was saved.
+    if let StoreState::Valid {
+        pending: Some(b),
+        revision,
+        ..
+    } = store
+    {
+        let mut p = base(Action::Resume, vec![format!("rotation to revision {revision} was interrupted: finishing it from the materials saved in {}", contract::CA_KEY_SECRET)]);
+        p.source = Some(b.clone());
+        return finish(p);
+    }
+    // 2. Nothing there yet.
+    if all_missing {
+        let mut p = base(Action::Publish, vec!["no dSSM Secrets exist yet".into()]);
+        p.reuse_store_ca = store_ca.is_some_and(|ca| ca_usable(ca, now, policy));
+        return finish(p);
+    }
+    // 3. Nothing usable: the deployment is already broken.
+    if valid.is_empty() {
+        let mut reasons = vec!["no copy holds usable materials".to_string()];
+        reasons.extend(invalid.iter().cloned());
+        let mut p = base(Action::ReplaceInvalid, reasons);
+        p.reuse_store_ca = store_ca.is_some_and(|ca| ca_usable(ca, now, policy));
+        return finish(p);
+    }
+    // The winning copy: the valid one chaining to the stored CA, else the dSSM namespace's
+    // (the first copy), else any valid one.
+    let winner = valid
+        .iter()
+        .find(|v| store_ca.is_some_and(|ca| v.3.is_signed_by(ca)))
+        .or_else(|| valid.iter().find(|v| v.0 == &copies[0].namespace))
+        .unwrap_or(&valid[0]);
+    let (win_ns, win_bundle, win_ca, win_leaf) = *winner;
+    let store_signs_winner =
+        store_ca.is_some_and(|ca| win_leaf.is_signed_by(ca) && ca.der() == win_ca.der());
+
+    // 4. Due, or asked for?
+    let ca_due = now >= renewal_time(win_ca, policy.renew_before);
+    let leaf_due = now >= renewal_time(win_leaf, policy.renew_before);
+    let new_leaf_end = now + i64::from(policy.leaf_days.max(1)) * 86_400;
+    let mut rotate_reasons = Vec::new();
+    if policy.force_ca {
+        rotate_reasons.push("CA rotation requested (rotate --ca)".to_string());
+    }
+    if ca_due {
+        rotate_reasons.push(format!(
+            "the CA expires at {}: less than {} left",
+            pki::format_time(win_ca.not_after),
+            renew_window(win_ca, policy)
+        ));
+    }
+    if (leaf_due || policy.force_leaf) && !store_signs_winner {
+        rotate_reasons.push(format!(
+            "the leaf is due but no CA key for {:?} is stored in {}: a new CA is needed",
+            win_ca.subject,
+            contract::CA_KEY_SECRET
+        ));
+    }
+    if (leaf_due || policy.force_leaf) && store_signs_winner && new_leaf_end > win_ca.not_after {
+        rotate_reasons.push(format!(
+            "a new leaf of {} days would outlive the CA (expires {})",
+            policy.leaf_days,
+            pki::format_time(win_ca.not_after)
+        ));
+    }
+    let keep_dh = Some(win_bundle.dhparams.clone());
+    if !rotate_reasons.is_empty() {
+        let mut p = base(Action::RotateCa, rotate_reasons);
+        p.reusable_dhparams = keep_dh;
+        return finish(p);
+    }
+    if leaf_due || policy.force_leaf {
+        let reason = if policy.force_leaf && !leaf_due {
+            "renewal requested (rotate)".to_string()
+        } else {
+            format!(
+                "the leaf expires at {}: less than {} left",
+                pki::format_time(win_leaf.not_after),
+                renew_window(win_leaf, policy)
+            )
+        };
+        let mut p = base(Action::RenewLeaf, vec![reason]);
+        p.reuse_store_ca = true;
+        p.reusable_dhparams = keep_dh;
+        return finish(p);
+    }
+    // 5. Valid and not due, but the copies differ.
+    if !in_sync {
+        let mut reasons = vec![format!("the copies differ: {win_ns}'s valid copy wins")];
+        reasons.extend(invalid.iter().cloned());
+        let mut p = base(Action::Repair, reasons);
+        p.source = Some(win_bundle.clone());
+        p.source_namespace = Some(win_ns.clone());
+        return finish(p);
+    }
+    // 6. Fine. Made by hand? Then we only watch it.
+    let hand_made = copies.iter().any(|c| {
+        [&c.certs, &c.keys]
+            .iter()
+            .any(|s| s.owner() != Some(&Owner::Us))
+    });
+    let until = format!(
+        "valid; the leaf is due for renewal at {}",
+        pki::format_time(
+            renewal_time(win_leaf, policy.renew_before)
+                .min(renewal_time(win_ca, policy.renew_before))
+        )
+    );
+    finish(if hand_made {
+        base(
+            Action::Adopt,
+            vec![format!(
+                "materials made by hand are {until}; kept untouched until then"
+            )],
+        )
+    } else {
+        base(Action::Nothing, vec![until])
+    })
+}
+
+fn renew_window(c: &Certificate, policy: Policy) -> String {
+    match policy.renew_before {
+        Some(s) => format!("{}d (--renew-before)", s / 86_400),
+        None => format!(
+            "1/3 of its lifetime ({}d)",
+            (c.not_after - c.not_before) / 3 / 86_400
+        ),
+    }
+}
+
+fn ca_usable(ca: &Certificate, now: i64, policy: Policy) -> bool {
+    now < renewal_time(ca, policy.renew_before)
+        && now + i64::from(policy.leaf_days.max(1)) * 86_400 <= ca.not_after
+        && now >= ca.not_before
+}

@@ -1,0 +1,527 @@
+//! `reconcile` and `rotate`: one pass of observe → plan → act → report against the cluster, with
+//! the write order of DESIGN §5 so that a crash between any two writes is finished by the next
+//! run from the saved materials.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+
+use k8s_openapi::api::core::v1::Secret;
+
+use crate::check::Thresholds;
+use crate::cluster::{Cluster, ClusterError, Observation};
+use crate::contract;
+use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
+use crate::pki::{self, SecretBytes};
+use crate::plan::{
+    self, annotations, store_keys, Action, Bundle, Plan, Policy, SecretObs, StoreState,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error("{0}")]
+    Refused(String),
+    /// Internal: the pass must write, so it needs the Lease first.
+    #[error("the pass needs the lease")]
+    NeedsLease,
+    #[error(
+        "the Secrets kept changing under us ({attempts} passes ended in a 409 Conflict); try again"
+    )]
+    KeptConflicting { attempts: u32 },
+}
+
+/// What a reconcile needs besides the cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dry_run: bool,
+    pub policy: Policy,
+    /// None: reuse valid deployed DH params, else generate fresh ones.
+    pub dhparam: Option<DhSource>,
+    /// New materials are made like `generate` with these (existing_ca and dhparam are filled in).
+    pub generate: GenerateOptions,
+    pub thresholds: Thresholds,
+}
+
+/// What a pass did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub plan: Plan,
+    pub written: Vec<String>,
+    pub revision: Option<u64>,
+}
+
+const PASSES: u32 = 3;
+
+fn sha256(b: &[u8]) -> String {
+    pki::inspect::hex_upper(&openssl::sha::sha256(b), "")
+}
+
+fn store_revision(obs: &Observation) -> u64 {
+    let from = |s: &SecretObs| match s {
+        SecretObs::Present { annotations: a, .. } => a
+            .get(annotations::REVISION)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0),
+        SecretObs::Missing => 0,
+    };
+    obs.copies
+        .iter()
+        .flat_map(|c| [from(&c.certs), from(&c.keys)])
+        .chain([from(&obs.store)])
+        .max()
+        .unwrap_or(0)
+}
+
+/// Runs a reconcile. A pass with nothing to write takes no Lease and writes nothing (not even
+/// the Lease); a pass that must write takes the Lease, then observes and plans again under it,
+/// retrying from a fresh observation after a 409 Conflict.
+pub async fn reconcile(
+    cluster: &Cluster,
+    opts: &Options,
+    out: &mut dyn Write,
+) -> Result<Outcome, ReconcileError> {
+    let mut first = Vec::new();
+    match pass_once(cluster, opts, &mut first, false).await {
+        Err(ReconcileError::NeedsLease) => {}
+        other => {
+            let _ = out.write_all(&first);
+            return other;
+        }
+    }
+    let lease = cluster.acquire_lease().await?;
+    let mut result = Err(ReconcileError::KeptConflicting { attempts: PASSES });
+    for pass in 1..=PASSES {
+        match pass_once(cluster, opts, out, true).await {
+            Err(ReconcileError::Cluster(e)) if e.is_conflict() && pass < PASSES => {
+                tracing::warn!(error = %e, "conflict: observing again");
+                let _ = writeln!(out, "conflict ({e}); observing again");
+            }
+            Err(ReconcileError::Cluster(e)) if e.is_conflict() => break,
+            other => {
+                result = other;
+                break;
+            }
+        }
+    }
+    lease.release().await;
+    result
+}
+
+async fn pass_once(
+    cluster: &Cluster,
+    opts: &Options,
+    out: &mut dyn Write,
+    lease_held: bool,
+) -> Result<Outcome, ReconcileError> {
+    let now = time::OffsetDateTime::now_utc();
+    let unix = now.unix_timestamp();
+    let obs = cluster.observe().await?;
+    let store = plan::evaluate_store(&obs.store, &cluster.dssm_ns, unix);
+    let plan = plan::plan(&obs.copies, &store, unix, opts.policy);
+    let _ = writeln!(
+        out,
+        "plan: {}",
+        serde_json::to_value(plan.action)
+            .unwrap()
+            .as_str()
+            .unwrap_or("")
+    );
+    for r in &plan.reasons {
+        let _ = writeln!(out, "  - {r}");
+    }
+    let mut outcome = Outcome {
+        plan: plan.clone(),
+        written: Vec::new(),
+        revision: None,
+    };
+    if plan.action.writes() && !opts.dry_run && !lease_held {
+        return Err(ReconcileError::NeedsLease);
+    }
+    if !plan.action.writes() {
+        if !opts.dry_run {
+            report_events(cluster, &obs, &plan, unix, opts.thresholds).await;
+        }
+        return Ok(outcome);
+    }
+
+    // Everything that can refuse the pass is checked before the first write.
+    if obs.deployment.is_none() {
+        return Err(ClusterError::NoDeployment {
+            namespace: cluster.tmm_ns.clone(),
+            name: cluster.tmm_deployment.clone(),
+        }
+        .into());
+    }
+    let targets = targets(cluster);
+    for (ns, name) in &targets {
+        if let Some(s) = obs.raw.get(&(ns.clone(), name.to_string())) {
+            if let SecretObs::Present {
+                owner: plan::Owner::Other(owner),
+                ..
+            } = crate::cluster::secret_obs(Some(s))
+            {
+                return Err(ClusterError::NotOurs {
+                    what: format!("secret {ns}/{name}"),
+                    owner,
+                }
+                .into());
+            }
+        }
+    }
+
+    let revision = match (&plan.action, &store) {
+        (Action::Resume, StoreState::Valid { revision, .. }) => *revision,
+        _ => store_revision(&obs) + 1,
+    };
+    outcome.revision = Some(revision);
+    if opts.dry_run {
+        let _ = writeln!(out, "dry run: would write (revision {revision}):");
+        if plan.action.needs_new_materials() {
+            let _ = writeln!(
+                out,
+                "  secret {}/{} (new materials, marked pending)",
+                cluster.dssm_ns,
+                contract::CA_KEY_SECRET
+            );
+        }
+        for (ns, name) in targets
+            .iter()
+            .filter(|(_, n)| *n != contract::CA_KEY_SECRET)
+        {
+            let _ = writeln!(out, "  secret {ns}/{name}");
+        }
+        let _ = writeln!(
+            out,
+            "  deployment {}/{}: annotation {}={revision}",
+            cluster.tmm_ns,
+            cluster.tmm_deployment,
+            annotations::RESTART_NEEDED
+        );
+        return Ok(outcome);
+    }
+
+    // The bundle to publish, and the CA key that goes with it (new materials only).
+    let (bundle, ca_key) = match plan.action {
+        Action::Repair | Action::Resume => (
+            plan.source
+                .clone()
+                .expect("repair and resume carry their bundle"),
+            None,
+        ),
+        _ => {
+            let m = new_materials(cluster, &obs, &store, &plan, opts).await?;
+            let bundle = Bundle {
+                ca_cert: m.ca_cert.clone(),
+                leaf_cert: m.leaf_cert.clone(),
+                leaf_key: m.leaf_key.expose().to_vec(),
+                dhparams: m.dhparams.pem().to_vec(),
+            };
+            (bundle, Some(m.ca_key))
+        }
+    };
+    let leaf = pki::parse_certificate(&bundle.leaf_cert, contract::LEAF_CERT)
+        .map_err(|e| ReconcileError::Refused(e.to_string()))?;
+
+    // 1. New materials are saved first, marked pending, with the CA key.
+    let store_secret = obs
+        .raw
+        .get(&(cluster.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string()));
+    let mut saved_store: Option<Secret> = None;
+    if let Some(key) = &ca_key {
+        let mut data = BTreeMap::new();
+        data.insert(store_keys::CA_CERT.to_string(), bundle.ca_cert.clone());
+        data.insert(store_keys::CA_KEY.to_string(), key.expose().to_vec());
+        data.insert(
+            store_keys::PENDING_CERT.to_string(),
+            bundle.leaf_cert.clone(),
+        );
+        data.insert(store_keys::PENDING_KEY.to_string(), bundle.leaf_key.clone());
+        data.insert(store_keys::PENDING_DH.to_string(), bundle.dhparams.clone());
+        let ann = BTreeMap::from([
+            (annotations::REVISION.to_string(), revision.to_string()),
+            (annotations::STATE.to_string(), "pending".to_string()),
+            (
+                "dssm-certs.f5.com/action".to_string(),
+                action_name(plan.action).to_string(),
+            ),
+        ]);
+        let s = cluster
+            .write_secret(
+                &cluster.dssm_ns,
+                contract::CA_KEY_SECRET,
+                data,
+                ann,
+                store_secret,
+            )
+            .await?;
+        outcome.written.push(format!(
+            "secret {}/{}",
+            cluster.dssm_ns,
+            contract::CA_KEY_SECRET
+        ));
+        let _ = writeln!(
+            out,
+            "wrote secret {}/{} (revision {revision}, pending)",
+            cluster.dssm_ns,
+            contract::CA_KEY_SECRET
+        );
+        saved_store = Some(s);
+    }
+
+    // 2. The dSSM copies, then 3. the TMM copies. A copy that already holds the bundle is kept.
+    let copy_ann = BTreeMap::from([
+        (annotations::REVISION.to_string(), revision.to_string()),
+        (annotations::CA_SHA256.to_string(), sha256(&bundle.ca_cert)),
+        (
+            annotations::CERT_SHA256.to_string(),
+            sha256(&bundle.leaf_cert),
+        ),
+        (
+            annotations::NOT_AFTER.to_string(),
+            pki::format_time(leaf.not_after),
+        ),
+    ]);
+    let certs_data = BTreeMap::from([
+        (contract::CA_CERT.to_string(), bundle.ca_cert.clone()),
+        (contract::LEAF_CERT.to_string(), bundle.leaf_cert.clone()),
+        (contract::DH_PARAMS.to_string(), bundle.dhparams.clone()),
+    ]);
+    let keys_data = BTreeMap::from([(contract::LEAF_KEY.to_string(), bundle.leaf_key.clone())]);
+    let mut written_secrets = Vec::new();
+    for ns in cluster.namespaces() {
+        for (name, data) in [
+            (contract::CERTS_SECRET, &certs_data),
+            (contract::KEYS_SECRET, &keys_data),
+        ] {
+            let existing = obs.raw.get(&(ns.clone(), name.to_string()));
+            let same = existing.is_some_and(|s| {
+                crate::cluster::secret_obs(Some(s)) != SecretObs::Missing
+                    && s.data.as_ref().is_some_and(|d| {
+                        d.len() == data.len()
+                            && data
+                                .iter()
+                                .all(|(k, v)| d.get(k).is_some_and(|x| &x.0 == v))
+                    })
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(annotations::MANAGED_BY))
+                        .map(String::as_str)
+                        == Some(annotations::MANAGER)
+            });
+            if same {
+                continue;
+            }
+            let s = cluster
+                .write_secret(&ns, name, data.clone(), copy_ann.clone(), existing)
+                .await?;
+            outcome.written.push(format!("secret {ns}/{name}"));
+            let _ = writeln!(out, "wrote secret {ns}/{name} (revision {revision})");
+            written_secrets.push(s);
+        }
+    }
+
+    // 4. TMM and dSSM must restart to use new files: say so on the Deployment.
+    if !outcome.written.is_empty() {
+        cluster
+            .annotate_deployment(annotations::RESTART_NEEDED, Some(&revision.to_string()))
+            .await?;
+        let _ = writeln!(
+            out,
+            "marked deployment {}/{}: {}={revision}",
+            cluster.tmm_ns,
+            cluster.tmm_deployment,
+            annotations::RESTART_NEEDED
+        );
+    }
+
+    // 5. The rotation is complete: the store keeps the CA, the pending copy goes.
+    let store_now = saved_store.or_else(|| {
+        if plan.action == Action::Resume {
+            store_secret.cloned()
+        } else {
+            None
+        }
+    });
+    if let Some(s) = store_now {
+        let mut data: BTreeMap<String, Vec<u8>> = s
+            .data
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        data.retain(|k, _| k == store_keys::CA_CERT || k == store_keys::CA_KEY);
+        let ann = BTreeMap::from([
+            (annotations::REVISION.to_string(), revision.to_string()),
+            (annotations::STATE.to_string(), "complete".to_string()),
+        ]);
+        cluster
+            .write_secret(
+                &cluster.dssm_ns,
+                contract::CA_KEY_SECRET,
+                data,
+                ann,
+                Some(&s),
+            )
+            .await?;
+        let _ = writeln!(
+            out,
+            "wrote secret {}/{} (revision {revision}, complete)",
+            cluster.dssm_ns,
+            contract::CA_KEY_SECRET
+        );
+    }
+
+    // 6. Events on what changed.
+    let reason = match plan.action {
+        Action::Resume => match &obs.store {
+            SecretObs::Present { annotations: a, .. } => {
+                match a.get("dssm-certs.f5.com/action").map(String::as_str) {
+                    Some("rotate-ca") | Some("replace-invalid") => "CARotated",
+                    Some("publish") => "Published",
+                    _ => "Renewed",
+                }
+            }
+            _ => "Renewed",
+        },
+        a => reason_for(a),
+    };
+    for s in &written_secrets {
+        cluster
+            .event(
+                s,
+                false,
+                reason,
+                format!(
+                    "{}: revision {revision}, leaf valid until {}; {}",
+                    action_name(plan.action),
+                    pki::format_time(leaf.not_after),
+                    plan.reasons.join("; ")
+                ),
+            )
+            .await;
+    }
+    Ok(outcome)
+}
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Nothing => "nothing",
+        Action::Adopt => "adopt",
+        Action::Publish => "publish",
+        Action::Repair => "repair",
+        Action::RenewLeaf => "renew-leaf",
+        Action::RotateCa => "rotate-ca",
+        Action::ReplaceInvalid => "replace-invalid",
+        Action::Resume => "resume",
+    }
+}
+
+fn reason_for(a: Action) -> &'static str {
+    match a {
+        Action::Publish => "Published",
+        Action::RenewLeaf => "Renewed",
+        Action::RotateCa | Action::ReplaceInvalid => "CARotated",
+        Action::Repair => "Repaired",
+        _ => "Reconciled",
+    }
+}
+
+/// Every Secret a write may touch, in write order.
+fn targets(cluster: &Cluster) -> Vec<(String, &'static str)> {
+    let mut t = vec![(cluster.dssm_ns.clone(), contract::CA_KEY_SECRET)];
+    for ns in cluster.namespaces() {
+        t.push((ns.clone(), contract::CERTS_SECRET));
+        t.push((ns, contract::KEYS_SECRET));
+    }
+    t
+}
+
+async fn new_materials(
+    cluster: &Cluster,
+    obs: &Observation,
+    store: &StoreState,
+    plan: &Plan,
+    opts: &Options,
+) -> Result<generate::Materials, ReconcileError> {
+    let mut g = opts.generate.clone();
+    g.existing_ca = None;
+    if plan.reuse_store_ca {
+        if let (StoreState::Valid { ca_cert, .. }, SecretObs::Present { data, .. }) =
+            (store, &obs.store)
+        {
+            let at = |k: &str| format!("{}/{}[{k}]", cluster.dssm_ns, contract::CA_KEY_SECRET);
+            g.existing_ca = Some(ExistingCa {
+                cert: ca_cert.clone(),
+                key: SecretBytes::new(data.get(store_keys::CA_KEY).cloned().unwrap_or_default()),
+                cert_name: at(store_keys::CA_CERT),
+                key_name: at(store_keys::CA_KEY),
+            });
+        }
+    }
+    g.dhparam = match (&opts.dhparam, &plan.reusable_dhparams) {
+        (Some(explicit), _) => explicit.clone(),
+        (None, Some(pem)) => {
+            DhSource::Pem(pem.clone(), format!("the deployed {}", contract::DH_PARAMS))
+        }
+        (None, None) => DhSource::Generate,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let m = tokio::task::spawn_blocking(move || {
+        let cancel = AtomicBool::new(false);
+        generate::make_materials(&g, now, &cancel)
+    })
+    .await
+    .expect("material generation panicked")?;
+    Ok(m)
+}
+
+/// Warnings that hold whatever the plan: expiring soon, invalid copies, copies out of sync.
+async fn report_events(cluster: &Cluster, obs: &Observation, plan: &Plan, now: i64, t: Thresholds) {
+    let Some(anchor) = obs
+        .raw
+        .get(&(cluster.dssm_ns.clone(), contract::CERTS_SECRET.to_string()))
+    else {
+        return;
+    };
+    for c in &obs.copies {
+        if let plan::CopyState::Valid { ca, leaf, .. } = plan::evaluate_copy(c, now) {
+            for (what, cert) in [("CA", &ca), ("leaf", &leaf)] {
+                if cert.not_after - now < t.warn {
+                    cluster
+                        .event(
+                            anchor,
+                            true,
+                            "CertificateExpiringSoon",
+                            format!(
+                                "{}: the {what} certificate expires at {}",
+                                c.namespace,
+                                pki::format_time(cert.not_after)
+                            ),
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+    if !plan.invalid.is_empty() {
+        cluster
+            .event(anchor, true, "InvalidMaterials", plan.invalid.join("; "))
+            .await;
+    }
+    if plan.out_of_sync {
+        cluster
+            .event(
+                anchor,
+                true,
+                "CopiesOutOfSync",
+                "the copies in the dSSM and TMM namespaces differ".into(),
+            )
+            .await;
+    }
+}

@@ -1,0 +1,555 @@
+//! `reconcile`, `rotate` and `check` on a cluster, through the real binary against the test
+//! cluster.
+
+mod support;
+
+use std::time::Duration;
+
+use support::apiserver::Fault;
+use support::*;
+
+fn ca_of(copy: &[Vec<u8>; 4]) -> &[u8] {
+    &copy[0]
+}
+
+fn assert_all_copies_identical_and_valid(env: &TestEnv) -> [Vec<u8>; 4] {
+    let a = env.copy(&env.dssm_ns).expect("dSSM copy");
+    let b = env.copy(&env.tmm_ns).expect("TMM copy");
+    assert!(a == b, "the copies differ");
+    let tmp = tempdir();
+    for (i, f) in [
+        "dssm-ca.crt",
+        "dssm-cert.crt",
+        "dssm-key.key",
+        "dhparam2048.pem",
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::write(tmp.path().join(f), &a[i]).unwrap();
+    }
+    openssl(
+        tmp.path(),
+        &["verify", "-CAfile", "dssm-ca.crt", "dssm-cert.crt"],
+    );
+    let (code, out, _) = run(&["check", "--dir", tmp.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    a
+}
+
+#[test]
+fn publish_writes_the_store_first_then_dssm_then_tmm_then_marks_the_restart() {
+    let env = TestEnv::spk();
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: publish"), "{out}");
+    let copy = assert_all_copies_identical_and_valid(&env);
+
+    // Labelled, annotated, and the CA key only in the dSSM namespace's store.
+    let certs = env.secret("spk-ingress", "dssm-certs-secret").unwrap();
+    assert_eq!(
+        certs["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "dssm-certs"
+    );
+    assert_eq!(
+        certs["metadata"]["annotations"]["dssm-certs.f5.com/revision"],
+        "1"
+    );
+    assert!(
+        certs["metadata"]["annotations"]["dssm-certs.f5.com/not-after"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    let store = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap();
+    assert_eq!(
+        store["metadata"]["annotations"]["dssm-certs.f5.com/state"],
+        "complete"
+    );
+    assert!(store["data"].get("pending-dssm-cert.crt").is_none());
+    assert!(env.secret("spk-ingress", "dssm-ca-key-secret").is_none());
+    use base64::Engine;
+    let stored_ca = base64::engine::general_purpose::STANDARD
+        .decode(store["data"]["dssm-ca.crt"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(stored_ca, ca_of(&copy));
+
+    // Write order (DESIGN §5).
+    let writes: Vec<String> = env
+        .writes()
+        .iter()
+        .filter(|r| !r.path.contains("/leases") && !r.path.contains("/events"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            "POST /api/v1/namespaces/spk-utilities/secrets",
+            "POST /api/v1/namespaces/spk-utilities/secrets",
+            "POST /api/v1/namespaces/spk-utilities/secrets",
+            "POST /api/v1/namespaces/spk-ingress/secrets",
+            "POST /api/v1/namespaces/spk-ingress/secrets",
+            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+            "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-ca-key-secret",
+        ]
+    );
+    let dep = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    assert_eq!(
+        dep["metadata"]["annotations"]["dssm-certs.f5.com/restart-needed"],
+        "1"
+    );
+    // Events on the written Secrets.
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "Published" && e["regarding"]["name"] == "dssm-certs-secret"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_second_reconcile_with_nothing_due_writes_nothing_and_reads_a_handful() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    env.server.clear_requests();
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: nothing"), "{out}");
+    let reqs = env.server.requests();
+    assert!(
+        reqs.iter().all(|r| !r.is_write()),
+        "wrote: {:?}",
+        env.writes()
+    );
+    // 2 Secrets x 2 namespaces + the CA key Secret + the Deployment.
+    assert_eq!(reqs.len(), 6, "{reqs:?}");
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_makes_no_write_request() {
+    let env = TestEnv::spk();
+    let (code, out, err) = env.reconcile(&["--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("plan: publish") && out.contains("dry run: would write"),
+        "{out}"
+    );
+    assert!(out.contains("secret spk-ingress/dssm-keys-secret"), "{out}");
+    assert!(env.writes().is_empty(), "{:?}", env.writes());
+    assert!(env.secret("spk-utilities", "dssm-certs-secret").is_none());
+}
+
+#[test]
+fn cnf_uses_one_namespace_for_everything() {
+    let env = TestEnv::cnf();
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(env.copy("cnf-gateway").is_some());
+    let writes = env
+        .writes()
+        .into_iter()
+        .filter(|r| r.path.contains("/secrets"))
+        .count();
+    assert_eq!(writes, 4, "store, two copies, store complete");
+    let (code, out, _) = env.run(&["check"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+fn seed_secrets(env: &TestEnv) -> std::path::PathBuf {
+    let seed = env.dir.path().join("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    seed_materials(&seed, false);
+    let r = |f: &str| read(&seed.join(f));
+    for ns in [env.dssm_ns.clone(), env.tmm_ns.clone()] {
+        env.put_secret(
+            &ns,
+            "dssm-certs-secret",
+            &[
+                ("dssm-ca.crt", &r("dssm-ca.crt")),
+                ("dssm-cert.crt", &r("dssm-cert.crt")),
+                ("dhparam2048.pem", &r("dhparam2048.pem")),
+            ],
+        );
+        env.put_secret(
+            &ns,
+            "dssm-keys-secret",
+            &[("dssm-key.key", &r("dssm-key.key"))],
+        );
+    }
+    seed
+}
+
+#[test]
+fn secrets_made_by_the_seed_procedure_are_adopted_untouched_and_reported() {
+    let env = TestEnv::spk();
+    seed_secrets(&env);
+    let before = env.copy("spk-utilities").unwrap();
+    env.server.clear_requests();
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: adopt") && out.contains("made by hand"),
+        "{out}"
+    );
+    assert!(env.writes().is_empty(), "{:?}", env.writes());
+    assert_eq!(env.copy("spk-utilities").unwrap(), before);
+    let (code, out, _) = env.run(&["check", "-o", "json"]);
+    assert_eq!(code, 0, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["in_sync"], true);
+    assert_eq!(r["copies"].as_array().unwrap().len(), 2);
+    assert_eq!(r["copies"][1]["certificates"][1]["version"], 1);
+}
+
+#[test]
+fn a_due_leaf_is_renewed_under_the_same_ca_and_the_dh_params_are_kept() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--ca-days", "1000"]).0, 0);
+    let before = env.copy("spk-utilities").unwrap();
+    // 400 days before expiry: the 365-day leaf is due, the 1000-day CA is not.
+    let (code, out, err) = env.reconcile(&[
+        "--renew-before",
+        "400d",
+        "--days",
+        "30",
+        "--dhparam",
+        "generate",
+    ]);
+    // --dhparam generate was given explicitly: fresh params. Without it they are reused:
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: renew-leaf"), "{out}");
+    let mid = assert_all_copies_identical_and_valid(&env);
+    assert_eq!(mid[0], before[0], "same CA");
+    assert_ne!(mid[1], before[1], "new leaf");
+    assert_ne!(mid[3], before[3], "fresh DH params when asked");
+    let (code, out, err) = env.run(&[
+        "reconcile",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--renew-before",
+        "400d",
+        "--days",
+        "30",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let after = assert_all_copies_identical_and_valid(&env);
+    assert_eq!(after[3], mid[3], "valid DH params are reused by default");
+    assert_eq!(after[0], before[0]);
+    let store = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap();
+    assert_eq!(
+        store["metadata"]["annotations"]["dssm-certs.f5.com/revision"],
+        "3"
+    );
+}
+
+#[test]
+fn without_a_ca_key_a_due_leaf_means_a_new_ca() {
+    let env = TestEnv::spk();
+    seed_secrets(&env);
+    let before = env.copy("spk-utilities").unwrap();
+    let (code, out, err) = env.run(&["rotate", "--key-algorithm", "ecdsa-p256"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: rotate-ca") && out.contains("no CA key"),
+        "{out}"
+    );
+    let after = assert_all_copies_identical_and_valid(&env);
+    assert_ne!(after[0], before[0]);
+    assert_eq!(
+        after[3], before[3],
+        "the seed's DH params are valid and kept"
+    );
+    let events = env.server.list("events.k8s.io", "events", "spk-utilities");
+    assert!(
+        events.iter().any(|e| e["reason"] == "CARotated"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn rotate_renews_now_and_rotate_ca_replaces_the_ca() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    let first = env.copy("spk-utilities").unwrap();
+    let (code, out, err) = env.run(&["rotate", "--key-algorithm", "ecdsa-p256", "--days", "200"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: renew-leaf") && out.contains("renewal requested"),
+        "{out}"
+    );
+    let second = assert_all_copies_identical_and_valid(&env);
+    assert_eq!(second[0], first[0]);
+    assert_ne!(second[1], first[1]);
+    let (code, out, err) = env.run(&["rotate", "--ca", "--key-algorithm", "ecdsa-p256"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: rotate-ca"), "{out}");
+    let third = assert_all_copies_identical_and_valid(&env);
+    assert_ne!(third[0], first[0]);
+}
+
+#[test]
+fn a_drifted_copy_is_repaired_from_the_copy_that_chains_to_the_stored_ca() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    let good = env.copy("spk-utilities").unwrap();
+    // Someone applied other materials into the TMM namespace only.
+    let other = generate(env.dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let r = |f: &str| read(&other.join(f));
+    env.put_secret(
+        "spk-ingress",
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", &r("dssm-ca.crt")),
+            ("dssm-cert.crt", &r("dssm-cert.crt")),
+            ("dhparam2048.pem", &r("dhparam2048.pem")),
+        ],
+    );
+    env.put_secret(
+        "spk-ingress",
+        "dssm-keys-secret",
+        &[("dssm-key.key", &r("dssm-key.key"))],
+    );
+    let (code, out, _) = env.run(&["check"]);
+    assert_eq!(code, 2, "different CAs in the two copies: critical\n{out}");
+    assert!(out.contains("differ in dssm-ca.crt"), "{out}");
+
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: repair") && out.contains("spk-utilities's valid copy wins"),
+        "{out}"
+    );
+    assert_eq!(assert_all_copies_identical_and_valid(&env), good);
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Repaired"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn invalid_materials_are_never_copied_over_valid_ones() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    let good = env.copy("spk-ingress").unwrap();
+    env.put_secret(
+        "spk-utilities",
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", b"garbage"),
+            ("dssm-cert.crt", b"x"),
+            ("dhparam2048.pem", b"y"),
+        ],
+    );
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: repair"), "{out}");
+    assert_eq!(assert_all_copies_identical_and_valid(&env), good);
+}
+
+#[test]
+fn unusable_materials_everywhere_are_replaced() {
+    let env = TestEnv::spk();
+    for ns in ["spk-utilities", "spk-ingress"] {
+        env.put_secret(
+            ns,
+            "dssm-certs-secret",
+            &[(
+                "dssm-ca.crt",
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            )],
+        );
+    }
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: replace-invalid"), "{out}");
+    assert!(
+        out.contains("spk-utilities/dssm-keys-secret: missing") || out.contains("has no key"),
+        "{out}"
+    );
+    assert_all_copies_identical_and_valid(&env);
+}
+
+#[test]
+fn an_interrupted_rotation_is_finished_from_the_saved_materials() {
+    let env = TestEnv::spk();
+    // Every write to the TMM namespace fails: the run stops after the store and the dSSM copies.
+    env.server
+        .add_fault(Fault::status("POST", "/namespaces/spk-ingress/secrets", 1, 500).repeat(100));
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("secret spk-ingress/dssm-certs-secret") && err.contains("500"),
+        "{err}"
+    );
+    let store = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap();
+    assert_eq!(
+        store["metadata"]["annotations"]["dssm-certs.f5.com/state"],
+        "pending"
+    );
+    let saved = env.copy("spk-utilities").unwrap();
+    assert!(env.copy("spk-ingress").is_none());
+
+    env.server.with_state(|s| s.faults.clear());
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: resume"), "{out}");
+    let after = assert_all_copies_identical_and_valid(&env);
+    assert!(
+        after == saved,
+        "resumed with the saved materials, not new ones"
+    );
+    let store = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap();
+    assert_eq!(
+        store["metadata"]["annotations"]["dssm-certs.f5.com/state"],
+        "complete"
+    );
+    assert_eq!(env.reconcile(&[]).1.lines().next(), Some("plan: nothing"));
+}
+
+#[test]
+fn a_second_actor_holding_the_lease_makes_reconcile_exit_5_without_writing() {
+    let env = TestEnv::spk();
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    env.server.put("coordination.k8s.io", "leases", "spk-utilities", serde_json::json!({
+        "metadata": {"name": "dssm-certs"},
+        "spec": {"holderIdentity": "other-pod", "leaseDurationSeconds": 600, "acquireTime": now, "renewTime": now},
+    }));
+    env.server.clear_requests();
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(err.contains("held by \"other-pod\""), "{err}");
+    assert!(env.writes().is_empty(), "{:?}", env.writes());
+}
+
+#[test]
+fn a_secret_managed_by_someone_else_is_never_overwritten() {
+    let env = TestEnv::spk();
+    env.server.put("", "secrets", "spk-ingress", serde_json::json!({
+        "metadata": {"name": "dssm-certs-secret", "labels": {"app.kubernetes.io/managed-by": "Helm"}},
+        "data": {"dssm-ca.crt": "eA=="},
+    }));
+    env.server.clear_requests();
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("secret spk-ingress/dssm-certs-secret is managed by Helm"),
+        "{err}"
+    );
+    let writes: Vec<_> = env
+        .writes()
+        .into_iter()
+        .filter(|w| w.path.contains("/secrets"))
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+}
+
+#[test]
+fn conflicts_and_transient_errors_are_retried() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    // A 409 on the first update: observe again, plan again, succeed.
+    env.server
+        .add_fault(Fault::status("PUT", "/secrets/dssm-certs-secret", 1, 409));
+    // 429 and 500 on reads: retried with backoff.
+    env.server
+        .add_fault(Fault::status("GET", "/secrets/dssm-keys-secret", 1, 429));
+    env.server
+        .add_fault(Fault::status("GET", "/secrets/dssm-ca-key-secret", 1, 503));
+    let (code, out, err) = env.run(&["rotate", "--key-algorithm", "ecdsa-p256"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("observing again"), "{out}");
+    assert_all_copies_identical_and_valid(&env);
+}
+
+#[test]
+fn persistent_server_errors_fail_clearly_after_bounded_retries() {
+    let env = TestEnv::spk();
+    env.server
+        .add_fault(Fault::status("GET", "/secrets/dssm-certs-secret", 1, 500).repeat(1000));
+    let (code, _, err) = env.reconcile(&[]);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("cannot get secret spk-utilities/dssm-certs-secret")
+            && err.contains("after 5 attempts"),
+        "{err}"
+    );
+    assert!(env.writes().is_empty());
+}
+
+#[test]
+fn an_unreachable_api_server_fails_clearly() {
+    let env = TestEnv::spk();
+    let cfg = std::fs::read_to_string(&env.kubeconfig).unwrap();
+    let port = support::redis::free_port();
+    let cfg = cfg.replace(&env.server.url, &format!("https://127.0.0.1:{port}"));
+    std::fs::write(&env.kubeconfig, cfg).unwrap();
+    let (code, _, err) = env.reconcile(&["--api-timeout", "2s"]);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("unreachable") && err.contains("spk-utilities/dssm-certs-secret"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_tmm_deployment_or_namespace_is_found_before_anything_is_written() {
+    let env = TestEnv::spk();
+    env.server
+        .delete("apps", "deployments", "spk-ingress", "f5-tmm");
+    env.server.clear_requests();
+    let (code, _, err) = env.reconcile(&[]);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("deployment spk-ingress/f5-tmm not found"),
+        "{err}"
+    );
+    let secret_writes: Vec<_> = env
+        .writes()
+        .into_iter()
+        .filter(|w| w.path.contains("/secrets"))
+        .collect();
+    assert!(secret_writes.is_empty(), "{secret_writes:?}");
+
+    let mut cmd = bin();
+    cmd.env("KUBECONFIG", &env.kubeconfig).args([
+        "reconcile",
+        "--dssm-namespace",
+        "spk-utilities",
+        "--tmm-namespace",
+        "no-such-ns",
+    ]);
+    let (code, _, err) = output(&mut cmd);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("deployment no-such-ns/f5-tmm not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_on_the_cluster_grades_every_copy() {
+    let env = TestEnv::spk();
+    let (code, out, _) = env.run(&["check"]);
+    assert_eq!(code, 3, "nothing deployed: cannot tell\n{out}");
+    assert_eq!(env.reconcile(&["--days", "20"]).0, 0);
+    let (code, out, _) = env.run(&["check", "-o", "json"]);
+    assert_eq!(code, 1, "20 days left: warning\n{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["copies"][0]["source"], "namespace/spk-utilities");
+    assert_eq!(r["copies"][1]["source"], "namespace/spk-ingress");
+    assert_eq!(r["checks"][0]["name"], "copies-in-sync");
+    // The CA key Secret is checked against the CA in the dSSM copy.
+    assert!(r["copies"][0]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["name"] == "ca-key" && c["status"] == "ok"));
+    let _ = Duration::from_secs(0);
+}
