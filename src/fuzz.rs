@@ -57,7 +57,10 @@ pub fn check_inspect(data: &[u8]) {
 }
 
 /// Every target by the name of its folder under `fuzz/corpus/`.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+/// A fuzz entry point.
+pub type Target = fn(&[u8]);
+
+pub const TARGETS: [(&str, Target); 5] = [
     ("certificate_pem", certificate_pem),
     ("private_key_pem", private_key_pem),
     ("dhparams_pem", dhparams_pem),

@@ -105,6 +105,7 @@ pub mod annotations {
 
 /// What one copy amounts to.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // short-lived, a handful per pass
 pub enum CopyState {
     Missing,
     Invalid(String),
@@ -117,6 +118,7 @@ pub enum CopyState {
 
 /// The CA key Secret, read.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum StoreState {
     Missing,
     Invalid(String),

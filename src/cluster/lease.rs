@@ -70,7 +70,7 @@ impl Cluster {
                 };
                 match call("create", &what, || api.create(&pp, &lease)).await {
                     Ok(_) => {}
-                    Err(e) if matches!(e, ClusterError::Conflict { .. }) => {
+                    Err(ClusterError::Conflict { .. }) => {
                         return Err(ClusterError::Locked(format!(
                             "{what} was just taken by another dssm-certs; nothing was written"
                         )))

@@ -167,7 +167,7 @@ impl TestEnv {
     /// `reconcile` with fast settings (RSA 2048, the RFC 7919 DH group unless reused).
     pub fn reconcile(&self, extra: &[&str]) -> (i32, String, String) {
         let mut args = vec!["reconcile", "--key-algorithm", "ecdsa-p256"];
-        if !extra.iter().any(|a| *a == "--dhparam") {
+        if !extra.contains(&"--dhparam") {
             args.extend(["--dhparam", "ffdhe2048"]);
         }
         args.extend_from_slice(extra);

@@ -1149,8 +1149,10 @@ fn validate(r: &Resource, obj: &Value) -> Result<(), String> {
             }
         }
     }
-    if r.kind == "Deployment" || r.kind == "StatefulSet" {
-        if obj["spec"]["replicas"].as_i64().is_some_and(|n| n < 0) {
+    if (r.kind == "Deployment" || r.kind == "StatefulSet")
+        && obj["spec"]["replicas"].as_i64().is_some_and(|n| n < 0)
+    {
+        {
             return Err(format!("{kind}.apps \"{name}\" is invalid: spec.replicas: Invalid value: {}: must be greater than or equal to 0", obj["spec"]["replicas"]));
         }
     }
@@ -1461,7 +1463,7 @@ async fn route(
                     } else if content_type.starts_with("application/strategic-merge-patch+json") {
                         strategic_merge_patch(&mut o, &parsed);
                     } else {
-                        return status_error(415, "UnsupportedMediaType", &format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"), None);
+                        return status_error(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml", None);
                     }
                     o
                 }
@@ -1612,7 +1614,7 @@ async fn route(
         _ => status_error(
             405,
             "MethodNotAllowed",
-            &format!("the server does not allow this method on the requested resource"),
+            "the server does not allow this method on the requested resource",
             None,
         ),
     }
