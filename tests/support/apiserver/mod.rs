@@ -1373,7 +1373,7 @@ async fn route(
                     m.remove(k);
                 }
             }
-            if q.get("dryRun").is_some() {
+            if q.contains_key("dryRun") {
                 return json_response(201, &obj);
             }
             record_update(None, &mut obj, &manager, &r.api_version(), &now);
@@ -1408,7 +1408,7 @@ async fn route(
                     o
                 }
                 (_, None) if is_apply => {
-                    if q.get("fieldManager").is_none() {
+                    if !q.contains_key("fieldManager") {
                         return status_error(400, "BadRequest", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch", None);
                     }
                     match apply(
@@ -1440,7 +1440,7 @@ async fn route(
                     }
                     let mut o = cur.clone();
                     if is_apply {
-                        if q.get("fieldManager").is_none() {
+                        if !q.contains_key("fieldManager") {
                             return status_error(400, "BadRequest", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch", None);
                         }
                         match apply(
@@ -1475,7 +1475,7 @@ async fn route(
             if let Err(m) = validate(r, &obj) {
                 return status_error(422, "Invalid", &m, Some((&name, r.group, r.kind)));
             }
-            if q.get("dryRun").is_some() {
+            if q.contains_key("dryRun") {
                 return json_response(200, &obj);
             }
             if !is_apply {
