@@ -24,7 +24,6 @@ fn main() -> ExitCode {
     code(match run(cli) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("error: {e}");
             exit::FAILED
         }

@@ -517,6 +517,8 @@ fn a_missing_tmm_deployment_or_namespace_is_found_before_anything_is_written() {
         .collect();
     assert!(secret_writes.is_empty(), "{secret_writes:?}");
 
+    // Under the shipped RBAC a namespace we were not given access to (or that does not exist)
+    // answers 403, and the message names the verb, the resource and the namespace.
     let mut cmd = bin();
     cmd.env("KUBECONFIG", &env.kubeconfig).args([
         "reconcile",
@@ -528,8 +530,40 @@ fn a_missing_tmm_deployment_or_namespace_is_found_before_anything_is_written() {
     let (code, _, err) = output(&mut cmd);
     assert_eq!(code, 4, "{err}");
     assert!(
+        err.contains(
+            "cannot get resource \"secrets\" in API group \"\" in the namespace \"no-such-ns\""
+        ),
+        "{err}"
+    );
+
+    // With unlimited rights, the missing namespace shows as the missing Deployment.
+    let admin = TestEnv::new(
+        "spk-utilities",
+        "spk-ingress",
+        support::apiserver::ADMIN_TOKEN,
+    );
+    let mut cmd = bin();
+    cmd.env("KUBECONFIG", &admin.kubeconfig).args([
+        "reconcile",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--dhparam",
+        "ffdhe2048",
+        "--dssm-namespace",
+        "spk-utilities",
+        "--tmm-namespace",
+        "no-such-ns",
+    ]);
+    let (code, _, err) = output(&mut cmd);
+    assert_eq!(code, 4, "{err}");
+    assert!(
         err.contains("deployment no-such-ns/f5-tmm not found"),
         "{err}"
+    );
+    assert!(
+        admin.writes().iter().all(|w| !w.path.contains("/secrets")),
+        "{:?}",
+        admin.writes()
     );
 }
 

@@ -123,14 +123,23 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// SPK: dSSM in spk-utilities, TMM (3 replicas) in spk-ingress.
+    /// SPK: dSSM in spk-utilities, TMM (3 replicas) in spk-ingress. The binary runs as the
+    /// ServiceAccount, under exactly the RBAC of `manifests/overlays/spk`.
     pub fn spk() -> Self {
-        Self::new("spk-utilities", "spk-ingress", apiserver::ADMIN_TOKEN)
+        Self::with_rbac("spk-utilities", "spk-ingress", "spk")
     }
 
-    /// CNF: both in cnf-gateway.
+    /// CNF: both in cnf-gateway, under `manifests/overlays/cnf`'s RBAC.
     pub fn cnf() -> Self {
-        Self::new("cnf-gateway", "cnf-gateway", apiserver::ADMIN_TOKEN)
+        Self::with_rbac("cnf-gateway", "cnf-gateway", "cnf")
+    }
+
+    pub fn with_rbac(dssm_ns: &str, tmm_ns: &str, overlay: &str) -> Self {
+        let env = Self::new(dssm_ns, tmm_ns, apiserver::SA_TOKEN);
+        let (user, rules) = apiserver::rbac_from_manifests(&apiserver::render_overlay(overlay));
+        assert_eq!(user, format!("system:serviceaccount:{dssm_ns}:dssm-certs"));
+        env.server.with_state(|s| s.rbac = Some(rules));
+        env
     }
 
     pub fn new(dssm_ns: &str, tmm_ns: &str, token: &str) -> Self {

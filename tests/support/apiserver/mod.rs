@@ -1715,3 +1715,89 @@ fn watch(
         .body(StreamBody::new(stream).boxed())
         .unwrap()
 }
+
+/// What the authorizer sees of a recorded request: (verb, group, resource[/sub], namespace, name).
+pub fn attributes(rec: &Recorded) -> Option<(String, String, String, String, Option<String>)> {
+    let p = parse_path(&rec.path)?;
+    let q = query_map(&rec.query);
+    let verb = verb_of(&rec.method, &p, &q).to_string();
+    let resource = match &p.sub {
+        Some(s) => format!("{}/{s}", p.res.plural),
+        None => p.res.plural.to_string(),
+    };
+    Some((
+        verb,
+        p.res.group.to_string(),
+        resource,
+        p.ns.unwrap_or_default(),
+        p.name,
+    ))
+}
+
+/// The Roles and RoleBindings of a rendered kustomize overlay, as the RBAC the test cluster
+/// enforces for the ServiceAccount `dssm-certs`: namespace -> rules.
+pub fn rbac_from_manifests(yaml: &str) -> (String, HashMap<String, Vec<Rule>>) {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let mut roles: HashMap<(String, String), Role> = HashMap::new();
+    let mut bindings = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("Role") => {
+                let r: Role = serde_json::from_value(v).unwrap();
+                roles.insert(
+                    (
+                        r.metadata.namespace.clone().unwrap(),
+                        r.metadata.name.clone().unwrap(),
+                    ),
+                    r,
+                );
+            }
+            Some("RoleBinding") => bindings.push(serde_json::from_value::<RoleBinding>(v).unwrap()),
+            _ => {}
+        }
+    }
+    let mut sa_user = String::new();
+    let mut out: HashMap<String, Vec<Rule>> = HashMap::new();
+    for b in bindings {
+        let ns = b.metadata.namespace.clone().unwrap();
+        for s in b.subjects.unwrap_or_default() {
+            if s.kind == "ServiceAccount" && s.name == "dssm-certs" {
+                sa_user = format!(
+                    "system:serviceaccount:{}:{}",
+                    s.namespace.clone().unwrap_or(ns.clone()),
+                    s.name
+                );
+                let role = &roles[&(ns.clone(), b.role_ref.name.clone())];
+                for r in role.rules.clone().unwrap_or_default() {
+                    out.entry(ns.clone()).or_default().push(Rule {
+                        api_groups: r.api_groups.unwrap_or_default(),
+                        resources: r.resources.unwrap_or_default(),
+                        verbs: r.verbs,
+                        resource_names: r.resource_names.unwrap_or_default(),
+                    });
+                }
+            }
+        }
+    }
+    (sa_user, out)
+}
+
+/// `kubectl kustomize manifests/overlays/<overlay>`.
+pub fn render_overlay(overlay: &str) -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests/overlays")
+        .join(overlay);
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("kubectl (1.32, with kustomize)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
