@@ -526,3 +526,338 @@ fn ca_usable(ca: &Certificate, now: i64, policy: Policy) -> bool {
         && now + i64::from(policy.leaf_days.max(1)) * 86_400 <= ca.not_after
         && now >= ca.not_before
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{issue_ca, issue_leaf, CaSigner, KeyAlgorithm, LeafRequest, Subject};
+    use time::{Duration, OffsetDateTime};
+
+    struct Made {
+        bundle: Bundle,
+        ca_key: Vec<u8>,
+    }
+
+    const DAY: i64 = 86_400;
+
+    /// Materials issued `ago_days` before now, with these lifetimes.
+    fn made(ago_days: i64, ca_days: u32, days: u32) -> Made {
+        let at = OffsetDateTime::now_utc() - Duration::days(ago_days);
+        let ca_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let ca = issue_ca(&Subject::parse("CN=CA").unwrap(), ca_days, &ca_key, at).unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let leaf = issue_leaf(
+            &LeafRequest {
+                subject: &Subject::parse("CN=Server").unwrap(),
+                days,
+                dns_names: &[],
+            },
+            &key,
+            &CaSigner {
+                cert_pem: ca.as_bytes(),
+                key: &ca_key,
+                cert_name: "ca",
+                key_name: "ca key",
+            },
+            at,
+        )
+        .unwrap();
+        Made {
+            bundle: Bundle {
+                ca_cert: ca.into_bytes(),
+                leaf_cert: leaf.into_bytes(),
+                leaf_key: key.to_pkcs8_pem(),
+                dhparams: crate::pki::dhparams::FFDHE2048_PEM.as_bytes().to_vec(),
+            },
+            ca_key: ca_key.to_pkcs8_pem(),
+        }
+    }
+
+    fn copy(ns: &str, b: Option<&Bundle>, owner: Owner) -> CopyObs {
+        let Some(b) = b else {
+            return CopyObs {
+                namespace: ns.into(),
+                certs: SecretObs::Missing,
+                keys: SecretObs::Missing,
+            };
+        };
+        let s = |pairs: &[(&str, &Vec<u8>)]| SecretObs::Present {
+            data: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), (*v).clone()))
+                .collect(),
+            owner: owner.clone(),
+            annotations: BTreeMap::new(),
+        };
+        CopyObs {
+            namespace: ns.into(),
+            certs: s(&[
+                (contract::CA_CERT, &b.ca_cert),
+                (contract::LEAF_CERT, &b.leaf_cert),
+                (contract::DH_PARAMS, &b.dhparams),
+            ]),
+            keys: s(&[(contract::LEAF_KEY, &b.leaf_key)]),
+        }
+    }
+
+    fn store(m: &Made, pending: Option<&Bundle>) -> StoreState {
+        let mut data = BTreeMap::from([
+            (store_keys::CA_CERT.to_string(), m.bundle.ca_cert.clone()),
+            (store_keys::CA_KEY.to_string(), m.ca_key.clone()),
+        ]);
+        let mut ann = BTreeMap::from([(annotations::REVISION.to_string(), "4".to_string())]);
+        if let Some(p) = pending {
+            data.insert(store_keys::PENDING_CERT.into(), p.leaf_cert.clone());
+            data.insert(store_keys::PENDING_KEY.into(), p.leaf_key.clone());
+            data.insert(store_keys::PENDING_DH.into(), p.dhparams.clone());
+            ann.insert(annotations::STATE.into(), "pending".into());
+        }
+        let obs = SecretObs::Present {
+            data,
+            owner: Owner::Us,
+            annotations: ann,
+        };
+        evaluate_store(&obs, "dssm", now())
+    }
+
+    fn now() -> i64 {
+        OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            renew_before: None,
+            leaf_days: 365,
+            force_leaf: false,
+            force_ca: false,
+        }
+    }
+
+    #[test]
+    fn the_planner_picks_exactly_one_action_for_each_situation() {
+        let fresh = made(1, 1000, 365);
+        let other = made(1, 1000, 365);
+        let leaf_due = made(300, 1000, 365); // 65 of 365 days left < 1/3
+        let ca_due = made(700, 1000, 990); // the CA has 300 of 1000 days left < 1/3
+        let short_ca = made(1, 120, 100); // a new 365-day leaf would outlive this CA
+        let short_ca_due = made(80, 120, 100);
+        let mut garbage = fresh.bundle.clone();
+        garbage.leaf_cert = b"garbage".to_vec();
+        let mut mismatched = fresh.bundle.clone();
+        mismatched.leaf_key = other.bundle.leaf_key.clone();
+        let us = Owner::Us;
+        let hand = Owner::Nobody;
+
+        type Case<'a> = (&'a str, Vec<CopyObs>, StoreState, Policy, Action);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "nothing anywhere",
+                vec![copy("d", None, us.clone()), copy("t", None, us.clone())],
+                StoreState::Missing,
+                policy(),
+                Action::Publish,
+            ),
+            (
+                "valid, ours, not due",
+                vec![
+                    copy("d", Some(&fresh.bundle), us.clone()),
+                    copy("t", Some(&fresh.bundle), us.clone()),
+                ],
+                store(&fresh, None),
+                policy(),
+                Action::Nothing,
+            ),
+            (
+                "valid, made by hand",
+                vec![
+                    copy("d", Some(&fresh.bundle), hand.clone()),
+                    copy("t", Some(&fresh.bundle), hand.clone()),
+                ],
+                StoreState::Missing,
+                policy(),
+                Action::Adopt,
+            ),
+            (
+                "leaf due, CA key stored",
+                vec![
+                    copy("d", Some(&leaf_due.bundle), us.clone()),
+                    copy("t", Some(&leaf_due.bundle), us.clone()),
+                ],
+                store(&leaf_due, None),
+                policy(),
+                Action::RenewLeaf,
+            ),
+            (
+                "leaf due, no CA key",
+                vec![copy("d", Some(&leaf_due.bundle), hand.clone())],
+                StoreState::Missing,
+                policy(),
+                Action::RotateCa,
+            ),
+            (
+                "leaf due, another CA's key stored",
+                vec![copy("d", Some(&leaf_due.bundle), us.clone())],
+                store(&other, None),
+                policy(),
+                Action::RotateCa,
+            ),
+            (
+                "CA due",
+                vec![copy("d", Some(&ca_due.bundle), us.clone())],
+                store(&ca_due, None),
+                policy(),
+                Action::RotateCa,
+            ),
+            (
+                "leaf due, new leaf would outlive the CA",
+                vec![copy("d", Some(&short_ca_due.bundle), us.clone())],
+                store(&short_ca_due, None),
+                Policy {
+                    leaf_days: 365,
+                    ..policy()
+                },
+                Action::RotateCa,
+            ),
+            (
+                "not due with a short CA",
+                vec![copy("d", Some(&short_ca.bundle), us.clone())],
+                store(&short_ca, None),
+                policy(),
+                Action::Nothing,
+            ),
+            (
+                "--renew-before makes it due",
+                vec![copy("d", Some(&fresh.bundle), us.clone())],
+                store(&fresh, None),
+                Policy {
+                    renew_before: Some(400 * DAY),
+                    ..policy()
+                },
+                Action::RenewLeaf,
+            ),
+            (
+                "copies differ",
+                vec![
+                    copy("d", Some(&fresh.bundle), us.clone()),
+                    copy("t", Some(&other.bundle), us.clone()),
+                ],
+                StoreState::Missing,
+                policy(),
+                Action::Repair,
+            ),
+            (
+                "TMM copy missing",
+                vec![
+                    copy("d", Some(&fresh.bundle), us.clone()),
+                    copy("t", None, us.clone()),
+                ],
+                store(&fresh, None),
+                policy(),
+                Action::Repair,
+            ),
+            (
+                "dSSM copy garbage",
+                vec![
+                    copy("d", Some(&garbage), us.clone()),
+                    copy("t", Some(&fresh.bundle), us.clone()),
+                ],
+                store(&fresh, None),
+                policy(),
+                Action::Repair,
+            ),
+            (
+                "everything unusable",
+                vec![
+                    copy("d", Some(&garbage), us.clone()),
+                    copy("t", Some(&mismatched), us.clone()),
+                ],
+                StoreState::Missing,
+                policy(),
+                Action::ReplaceInvalid,
+            ),
+            (
+                "interrupted rotation",
+                vec![
+                    copy("d", Some(&other.bundle), us.clone()),
+                    copy("t", Some(&fresh.bundle), us.clone()),
+                ],
+                store(&other, Some(&other.bundle)),
+                policy(),
+                Action::Resume,
+            ),
+            (
+                "rotate",
+                vec![copy("d", Some(&fresh.bundle), us.clone())],
+                store(&fresh, None),
+                Policy {
+                    force_leaf: true,
+                    ..policy()
+                },
+                Action::RenewLeaf,
+            ),
+            (
+                "rotate --ca",
+                vec![copy("d", Some(&fresh.bundle), us.clone())],
+                store(&fresh, None),
+                Policy {
+                    force_leaf: true,
+                    force_ca: true,
+                    ..policy()
+                },
+                Action::RotateCa,
+            ),
+        ];
+        for (name, copies, st, pol, want) in cases {
+            let p = plan(&copies, &st, now(), pol);
+            assert_eq!(p.action, want, "{name}: {:?}", p.reasons);
+            assert!(!p.reasons.is_empty(), "{name}: a plan always says why");
+        }
+    }
+
+    #[test]
+    fn repair_prefers_the_copy_that_chains_to_the_stored_ca_and_never_an_invalid_one() {
+        let a = made(1, 1000, 365);
+        let b = made(1, 1000, 365);
+        let copies = vec![
+            copy("dssm", Some(&a.bundle), Owner::Us),
+            copy("tmm", Some(&b.bundle), Owner::Us),
+        ];
+        let p = plan(&copies, &StoreState::Missing, now(), policy());
+        assert_eq!(
+            p.source_namespace.as_deref(),
+            Some("dssm"),
+            "without a stored CA the dSSM copy wins"
+        );
+        let p = plan(&copies, &store(&b, None), now(), policy());
+        assert_eq!(
+            p.source_namespace.as_deref(),
+            Some("tmm"),
+            "the copy chaining to the stored CA wins"
+        );
+        assert!(p.source == Some(b.bundle.clone()));
+
+        let mut broken = b.bundle.clone();
+        broken.leaf_key = a.bundle.leaf_key.clone();
+        let copies = vec![
+            copy("dssm", Some(&broken), Owner::Us),
+            copy("tmm", Some(&a.bundle), Owner::Us),
+        ];
+        let p = plan(&copies, &store(&b, None), now(), policy());
+        assert_eq!(p.source_namespace.as_deref(), Some("tmm"));
+        assert!(
+            p.invalid.iter().any(|e| e.contains("does not match")),
+            "{:?}",
+            p.invalid
+        );
+    }
+
+    #[test]
+    fn a_pending_rotation_with_broken_materials_is_not_resumed() {
+        let a = made(1, 1000, 365);
+        let mut bad = a.bundle.clone();
+        bad.leaf_cert = b"truncated".to_vec();
+        let copies = vec![copy("d", Some(&a.bundle), Owner::Us)];
+        let p = plan(&copies, &store(&a, Some(&bad)), now(), policy());
+        assert_ne!(p.action, Action::Resume);
+    }
+}
