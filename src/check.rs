@@ -554,6 +554,19 @@ pub fn inspect(source: &Source, now: i64, t: Thresholds) -> CopyReport {
             );
         }
     }
+    // A readable key whose certificate is not: still reported, so every file has its line.
+    for (name, cert, key, cert_file) in [
+        ("leaf-key", leaf.is_some(), &leaf_key, contract::LEAF_CERT),
+        ("ca-key", ca.is_some(), &ca_key, contract::CA_CERT),
+    ] {
+        if let (false, Some((key_loc, k))) = (cert, key) {
+            push(
+                name,
+                Status::Unknown,
+                format!("{key_loc} is a readable {} key, but {cert_file} is not: the pair cannot be checked", k.describe()),
+            );
+        }
+    }
     if let (Some((cert_loc, c)), Some((key_loc, k))) = (&ca, &ca_key) {
         if c.matches_key(k) {
             push(

@@ -343,3 +343,134 @@ fn values_prints_the_tmm_helm_snippet_for_the_namespace() {
     assert_eq!(code, 4);
     assert!(stderr.contains("--dssm-namespace is required"), "{stderr}");
 }
+
+/// Bad input, one file at a time: one clear line naming the file and what is wrong, the other
+/// files still reported, never a panic.
+#[test]
+fn each_kind_of_bad_input_gets_one_clear_line_naming_the_file() {
+    let tmp = tempdir();
+    let good = generate(&tmp.path().join("good"), &["--key-algorithm", "ecdsa-p256"]);
+    let other = generate(
+        &tmp.path().join("other"),
+        &["--key-algorithm", "ecdsa-p256"],
+    );
+    let expired = tmp.path().join("expired");
+    materials_at(
+        &expired,
+        OffsetDateTime::now_utc() - Duration::days(400),
+        365,
+        365,
+    );
+    let future = tmp.path().join("future");
+    materials_at(
+        &future,
+        OffsetDateTime::now_utc() + Duration::days(3),
+        365,
+        300,
+    );
+    let cert = String::from_utf8(read(&good.join("dssm-cert.crt"))).unwrap();
+    let truncated = cert[..cert.len() / 2].to_string() + "\n-----END CERTIFICATE-----\n";
+    let small_dh = {
+        let dh = openssl::dh::Dh::from_pqg(
+            openssl::bn::BigNum::from_u32(23).unwrap(),
+            None,
+            openssl::bn::BigNum::from_u32(2).unwrap(),
+        )
+        .unwrap();
+        dh.params_to_pem().unwrap()
+    };
+    let not_safe = {
+        let mut p = openssl::bn::BigNum::new().unwrap();
+        p.generate_prime(2048, false, None, None).unwrap();
+        openssl::dh::Dh::from_pqg(p, None, openssl::bn::BigNum::from_u32(2).unwrap())
+            .unwrap()
+            .params_to_pem()
+            .unwrap()
+    };
+
+    // (file, new contents, exit code, what the line must say)
+    let cases: Vec<(&str, Vec<u8>, i32, &str)> = vec![
+        (
+            "dssm-cert.crt",
+            b"hello, not PEM".to_vec(),
+            3,
+            "no PEM block found",
+        ),
+        (
+            "dssm-cert.crt",
+            read(&good.join("dssm-key.key")),
+            3,
+            "is a \"PRIVATE KEY\", not a CERTIFICATE",
+        ),
+        ("dssm-ca.crt", truncated.into_bytes(), 3, "truncated"),
+        ("dssm-key.key", Vec::new(), 3, "not a PEM private key"),
+        (
+            "dssm-key.key",
+            read(&other.join("dssm-key.key")),
+            2,
+            "does not match",
+        ),
+        (
+            "dssm-cert.crt",
+            read(&other.join("dssm-cert.crt")),
+            2,
+            "is not signed by",
+        ),
+        (
+            "dssm-cert.crt",
+            read(&expired.join("dssm-cert.crt")),
+            2,
+            "expired at",
+        ),
+        (
+            "dssm-cert.crt",
+            read(&future.join("dssm-cert.crt")),
+            2,
+            "not valid before",
+        ),
+        ("dhparam2048.pem", small_dh, 2, "5 bits; at least 2048"),
+        ("dhparam2048.pem", not_safe, 2, "not a safe prime"),
+    ];
+    for (file, contents, want_code, want_text) in cases {
+        let dir = tmp
+            .path()
+            .join(format!("case-{}", want_text.len() * 31 + file.len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "dssm-ca.crt",
+            "dssm-ca.key",
+            "dssm-cert.crt",
+            "dssm-key.key",
+            "dhparam2048.pem",
+        ] {
+            std::fs::copy(good.join(f), dir.join(f)).unwrap();
+        }
+        std::fs::write(dir.join(file), &contents).unwrap();
+        let (code, stdout, stderr) = run(&["check", "--dir", dir.to_str().unwrap()]);
+        assert!(!stderr.contains("panicked"), "{file}: {stderr}");
+        assert_eq!(code, want_code, "{file} / {want_text}:\n{stdout}");
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.contains(want_text) && (l.contains(file) || l.starts_with(file)))
+            .collect();
+        assert!(
+            !lines.is_empty(),
+            "{file}: no line says {want_text:?}:\n{stdout}"
+        );
+        // The other files are still reported.
+        let reported = [
+            "dssm-ca.crt",
+            "dssm-cert.crt",
+            "dssm-key.key",
+            "dhparam2048.pem",
+        ]
+        .iter()
+        .filter(|f| **f != file)
+        .all(|f| stdout.contains(f));
+        assert!(
+            reported,
+            "{file}: other files missing from the report:\n{stdout}"
+        );
+    }
+}

@@ -706,3 +706,131 @@ fn usage_errors_exit_64_and_help_exits_0() {
     assert_eq!(code, 0);
     assert!(stdout.contains("generate") && stdout.contains("check"));
 }
+
+/// A real mutual-TLS handshake between openssl s_server and s_client, the leaf on both sides
+/// (dSSM serves it, TMM presents it); TLS 1.2 with a DHE suite uses the DH params too.
+#[test]
+fn openssl_s_server_and_s_client_complete_mutual_tls_with_the_one_leaf() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &["--key-algorithm", "rsa2048"]);
+    for client_extra in [
+        &["-tls1_3"][..],
+        &["-tls1_2", "-cipher", "DHE-RSA-AES256-GCM-SHA384"][..],
+    ] {
+        let port = support::redis::free_port().to_string();
+        let mut server = std::process::Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &port,
+                "-naccept",
+                "1",
+                "-cert",
+                "dssm-cert.crt",
+                "-key",
+                "dssm-key.key",
+                "-CAfile",
+                "dssm-ca.crt",
+                "-Verify",
+                "1",
+                "-verify_return_error",
+                "-dhparam",
+                "dhparam2048.pem",
+                "-quiet",
+            ])
+            .current_dir(&out)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        support::redis::wait_for(
+            "s_server to listen",
+            std::time::Duration::from_secs(10),
+            || {
+                std::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+                    .err()
+                    .map_or(Some(()), |_| None)
+            },
+        );
+        // That probe connection used up the one accept: start again, now known to bind quickly.
+        let _ = server.kill();
+        let _ = server.wait();
+        let server = std::process::Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &port,
+                "-naccept",
+                "1",
+                "-cert",
+                "dssm-cert.crt",
+                "-key",
+                "dssm-key.key",
+                "-CAfile",
+                "dssm-ca.crt",
+                "-Verify",
+                "1",
+                "-verify_return_error",
+                "-dhparam",
+                "dhparam2048.pem",
+                "-quiet",
+            ])
+            .current_dir(&out)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let client = support::redis::wait_for(
+            "s_client to finish a handshake",
+            std::time::Duration::from_secs(10),
+            || {
+                let mut args = vec![
+                    "s_client",
+                    "-connect",
+                    &*format!("127.0.0.1:{port}"),
+                    "-cert",
+                    "dssm-cert.crt",
+                    "-key",
+                    "dssm-key.key",
+                    "-CAfile",
+                    "dssm-ca.crt",
+                    "-verify_return_error",
+                    "-brief",
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>();
+                args.extend(client_extra.iter().map(|s| s.to_string()));
+                let o = std::process::Command::new("openssl")
+                    .args(&args)
+                    .current_dir(&out)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&o.stdout).to_string()
+                    + &String::from_utf8_lossy(&o.stderr);
+                (!text.contains("Connection refused")).then_some((o.status.success(), text))
+            },
+        );
+        let server_out = server.wait_with_output().unwrap();
+        let server_text = String::from_utf8_lossy(&server_out.stderr).to_string()
+            + &String::from_utf8_lossy(&server_out.stdout);
+        assert!(
+            client.0 && client.1.contains("Verification: OK"),
+            "{client_extra:?}: {}",
+            client.1
+        );
+        if client_extra[0] == "-tls1_2" {
+            assert!(
+                client.1.contains("DHE-RSA-AES256-GCM-SHA384"),
+                "{}",
+                client.1
+            );
+        }
+        assert!(
+            server_text.contains("depth=0 O = Redis Test, CN = Server")
+                && server_text.contains("verify return:1"),
+            "the server verified the client's certificate: {server_text}"
+        );
+    }
+}

@@ -11,6 +11,8 @@ use super::keys::PrivateKey;
 pub enum InspectError {
     #[error("{what}: no PEM block found (expected `-----BEGIN CERTIFICATE-----`)")]
     NotPem { what: String },
+    #[error("{what}: the PEM block is damaged (truncated or corrupted base64, or no END line)")]
+    DamagedPem { what: String },
     #[error("{what}: the PEM block is a {label:?}, not a CERTIFICATE")]
     WrongLabel { what: String, label: String },
     #[error("{what}: the certificate is not valid DER X.509: {detail}")]
@@ -87,6 +89,11 @@ pub fn parse_certificate(pem: &[u8], what: &str) -> Result<Certificate, InspectE
     let mut blocks = Pem::iter_from_buffer(pem);
     let first = match blocks.next() {
         Some(Ok(p)) => p,
+        Some(Err(_)) if pem.windows(11).any(|w| w == b"-----BEGIN ") => {
+            return Err(InspectError::DamagedPem {
+                what: what.to_string(),
+            })
+        }
         _ => {
             return Err(InspectError::NotPem {
                 what: what.to_string(),
@@ -111,7 +118,15 @@ pub fn parse_certificate(pem: &[u8], what: &str) -> Result<Certificate, InspectE
 pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, InspectError> {
     let (rest, x509) = X509Certificate::from_der(der).map_err(|e| InspectError::NotX509 {
         what: what.to_string(),
-        detail: e.to_string(),
+        detail: match e {
+            x509_parser::nom::Err::Incomplete(_) => {
+                "truncated: the data ends before the certificate does".into()
+            }
+            e if e.to_string().contains("Eof") => {
+                "truncated: the data ends before the certificate does".into()
+            }
+            e => e.to_string(),
+        },
     })?;
     if !rest.is_empty() {
         return Err(InspectError::NotX509 {
