@@ -1,13 +1,15 @@
-//! Compares `dssm-certs generate` with the seeds' openssl commands on this machine, in one run.
+//! Compares `dssm-certs generate` with the seeds' openssl commands on this machine, in one run,
+//! as paired runs (ours, then theirs, alternately, so drift hits both sides alike).
 //!
-//!   cargo bench --bench vs_openssl                 # keys + certs (5 runs), DH params (5 runs)
-//!   BENCH_RUNS=9 BENCH_DH_RUNS=0 cargo bench --bench vs_openssl
+//!   cargo bench --bench vs_openssl                       # 10 pairs of each comparison
+//!   BENCH_PAIRS=20 cargo bench --bench vs_openssl
+//!   BENCH_DH_PAIRS=0 cargo bench --bench vs_openssl      # skip the slow full-sequence pairs
 //!
-//! Prints the median wall time of each side and their ratio. DH parameter search is a random
-//! walk, so its spread is wide: read the medians over several runs, not one.
+//! Prints the median wall time of each side and the ratio of the medians. DH parameter search
+//! is a random walk: read the medians over many pairs, never one run.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -15,15 +17,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn time_it(runs: usize, mut f: impl FnMut(&Path)) -> Vec<Duration> {
-    (0..runs)
-        .map(|_| {
-            let dir = tempfile::tempdir().unwrap();
-            let t = Instant::now();
-            f(dir.path());
-            t.elapsed()
-        })
-        .collect()
+fn timed(f: impl FnOnce(&Path)) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    f(dir.path());
+    t.elapsed()
 }
 
 fn sh(dir: &Path, script: &str) {
@@ -45,13 +43,14 @@ fn ours(dir: &Path, dhparam: &str) {
             "--dhparam",
             dhparam,
         ])
-        .stdout(std::process::Stdio::null())
+        .stdout(Stdio::null())
         .status()
         .unwrap()
         .success();
     assert!(ok);
 }
 
+/// Steps 3 and 4 of the seeds, verbatim.
 const SEED_KEYS_AND_CERTS: &str = "
 openssl genrsa -out dssm-ca.key 4096 2>/dev/null
 openssl req -x509 -new -nodes -sha384 -key dssm-ca.key -days 365 \
@@ -62,20 +61,38 @@ openssl req -new -sha384 -key dssm-key.key -subj '/O=Redis Test/CN=Server' | \
         -CAcreateserial -days 365 -out dssm-cert.crt 2>/dev/null
 ";
 
-fn report(what: &str, ours: Vec<Duration>, theirs: Vec<Duration>) {
-    let (o, t) = (median(ours.clone()), median(theirs.clone()));
+fn compare(what: &str, pairs: usize, mut ours_f: impl FnMut(&Path), theirs_script: &str) {
+    let (mut o, mut t) = (Vec::new(), Vec::new());
+    for _ in 0..pairs {
+        o.push(timed(&mut ours_f));
+        t.push(timed(|d| sh(d, theirs_script)));
+    }
+    let fmt = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (mo, mt) = (median(o.clone()), median(t.clone()));
+    println!("{what} ({pairs} pairs)");
     println!(
-        "{what}: dssm-certs median {:.2}s (runs {:?}), openssl CLI median {:.2}s (runs {:?}), ratio ours/openssl {:.2}",
-        o.as_secs_f64(),
-        ours.iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
-        t.as_secs_f64(),
-        theirs.iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
-        o.as_secs_f64() / t.as_secs_f64()
+        "  dssm-certs   median {:>6.2}s   runs: {}",
+        mo.as_secs_f64(),
+        fmt(&o)
+    );
+    println!(
+        "  openssl CLI  median {:>6.2}s   runs: {}",
+        mt.as_secs_f64(),
+        fmt(&t)
+    );
+    println!(
+        "  ratio of medians (ours / openssl): {:.2}",
+        mo.as_secs_f64() / mt.as_secs_f64()
     );
 }
 
 fn main() {
-    // `cargo test --all-targets` runs benches as tests: do nothing then.
+    // `cargo test --all-targets` runs benches in test mode: do nothing then.
     if std::env::args().any(|a| a == "--test") {
         return;
     }
@@ -85,26 +102,28 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let (runs, dh_runs) = (env("BENCH_RUNS", 5), env("BENCH_DH_RUNS", 5));
+    let (pairs, dh_pairs) = (env("BENCH_PAIRS", 10), env("BENCH_DH_PAIRS", 10));
     println!(
         "cores: {}",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    if runs > 0 {
-        let ours_t = time_it(runs, |d| ours(d, "ffdhe2048"));
-        let theirs_t = time_it(runs, |d| sh(d, SEED_KEYS_AND_CERTS));
-        report("CA + leaf (2x RSA 4096, SHA-384)", ours_t, theirs_t);
+    if pairs > 0 {
+        let theirs = format!("{SEED_KEYS_AND_CERTS}\nopenssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048 -out dhparam2048.pem");
+        compare(
+            "generate --dhparam ffdhe2048 vs the seed sequence with ffdhe2048 params",
+            pairs,
+            |d| ours(d, "ffdhe2048"),
+            &theirs,
+        );
     }
-    if dh_runs > 0 {
-        // Ours includes the two RSA keys made while the DH search runs.
-        let ours_t = time_it(dh_runs, |d| ours(d, "generate"));
-        let theirs_t = time_it(dh_runs, |d| {
-            sh(d, "openssl dhparam -out dhparam2048.pem 2048 2>/dev/null")
-        });
-        report(
-            "full generate vs openssl dhparam 2048 alone",
-            ours_t,
-            theirs_t,
+    if dh_pairs > 0 {
+        let theirs =
+            format!("{SEED_KEYS_AND_CERTS}\nopenssl dhparam -out dhparam2048.pem 2048 2>/dev/null");
+        compare(
+            "generate (defaults, fresh DH params) vs the seed sequence (genrsa x2 + dhparam 2048)",
+            dh_pairs,
+            |d| ours(d, "generate"),
+            &theirs,
         );
     }
 }

@@ -43,6 +43,37 @@ pub enum Command {
     Reconcile(ReconcileArgs),
     /// Renew now even if nothing is due; --ca also replaces the CA (the on-demand Job).
     Rotate(RotateArgs),
+    /// Only the seeds' Restarting procedure (TMM to 0 and back, dSSM pods recreated), safely.
+    Restart(RestartArgs),
+}
+
+/// How TMM and dSSM are restarted to pick up new materials.
+#[derive(Debug, Clone, Args)]
+pub struct RestartFlags {
+    /// `tmm-first` (the seeds' order) or `dssm-first` (TMM stays at zero until the dSSM election
+    /// is complete).
+    #[arg(long, value_enum, default_value_t = crate::restart::Order::TmmFirst, env = "DSSM_CERTS_ORDER")]
+    pub order: crate::restart::Order,
+    /// Bound of every wait (pods terminating, pods Ready, TMM available).
+    #[arg(long, default_value = "300s", value_parser = parse_duration, env = "DSSM_CERTS_WAIT_TIMEOUT")]
+    pub wait_timeout: i64,
+}
+
+impl RestartFlags {
+    pub fn options(&self) -> crate::restart::Options {
+        crate::restart::Options {
+            order: self.order,
+            wait_timeout: std::time::Duration::from_secs(self.wait_timeout.max(1) as u64),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub restart: RestartFlags,
 }
 
 /// Where dssm-certs works in the cluster (KUBECONFIG or the in-cluster service account).
@@ -118,6 +149,11 @@ pub struct ReconcileArgs {
     /// Print the plan and what would be written; make no write request at all.
     #[arg(long, env = "DSSM_CERTS_DRY_RUN")]
     pub dry_run: bool,
+    /// Write new materials and mark the Deployment, but do not restart.
+    #[arg(long, env = "DSSM_CERTS_NO_RESTART")]
+    pub no_restart: bool,
+    #[command(flatten)]
+    pub restart: RestartFlags,
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +167,10 @@ pub struct RotateArgs {
     pub ca: bool,
     #[arg(long, env = "DSSM_CERTS_DRY_RUN")]
     pub dry_run: bool,
+    #[arg(long, env = "DSSM_CERTS_NO_RESTART")]
+    pub no_restart: bool,
+    #[command(flatten)]
+    pub restart: RestartFlags,
 }
 
 fn parse_subject(s: &str) -> Result<Subject, String> {

@@ -15,4 +15,5 @@ pub mod pki;
 pub mod plan;
 pub mod probe;
 pub mod reconcile;
+pub mod restart;
 pub mod values;

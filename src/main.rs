@@ -125,10 +125,12 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             Ok(report.exit_code)
         }
         Command::Probe(a) => probe(a),
+        Command::Restart(a) => restart(&a),
         Command::Reconcile(a) => cluster_run(
             &a.cluster,
             &a.issue,
             a.dry_run,
+            (!a.no_restart).then(|| a.restart.options()),
             Policy {
                 renew_before: a.issue.renew_before,
                 leaf_days: a.issue.days,
@@ -140,6 +142,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             &a.cluster,
             &a.issue,
             a.dry_run,
+            (!a.no_restart).then(|| a.restart.options()),
             Policy {
                 renew_before: a.issue.renew_before,
                 leaf_days: a.issue.days,
@@ -296,11 +299,13 @@ fn cluster_run(
     args: &dssm_certs::cli::ClusterArgs,
     issue: &dssm_certs::cli::IssueArgs,
     dry_run: bool,
+    restart: Option<dssm_certs::restart::Options>,
     policy: Policy,
 ) -> Result<i32, Box<dyn std::error::Error>> {
     let rt = runtime()?;
     let result = rt.block_on(async {
         let cluster = Cluster::connect(&args.target()).await?;
+        let cluster = &cluster;
         let dns_names = if issue.dns.is_empty() {
             contract::default_dns_names(Some(&cluster.dssm_ns))
         } else {
@@ -323,12 +328,68 @@ fn cluster_run(
                 threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             },
             thresholds: check::Thresholds::default(),
+            restart,
         };
         let mut out = std::io::stdout();
-        reconcile::reconcile(&cluster, &opts, &mut out).await
+        let work = reconcile::reconcile(cluster, &opts, &mut out);
+        until_sigterm(cluster, work).await
     });
     match result {
         Ok(_) => Ok(exit::OK),
+        Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
+            eprintln!("error: {m}");
+            Ok(exit::LOCKED)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs `work`; on SIGTERM or SIGINT drops it and restores TMM before returning, so that TMM is
+/// never left at zero by a stopped Job.
+async fn until_sigterm<T, E>(
+    cluster: &Cluster,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E>
+where
+    E: From<dssm_certs::restart::RestartError> + From<ClusterError>,
+{
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        r = work => r,
+        _ = term.recv() => stop(cluster).await,
+        _ = tokio::signal::ctrl_c() => stop(cluster).await,
+    }
+}
+
+async fn stop<T, E>(cluster: &Cluster) -> Result<T, E>
+where
+    E: From<dssm_certs::restart::RestartError> + From<ClusterError>,
+{
+    eprintln!("signal received: restoring TMM before exiting");
+    let replicas = cluster.restore_tmm().await?.unwrap_or(-1);
+    Err(dssm_certs::restart::RestartError::Interrupted { replicas }.into())
+}
+
+fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::Error>> {
+    let rt = runtime()?;
+    let result: Result<(), ReconcileError> = rt.block_on(async {
+        let cluster = Cluster::connect(&a.cluster.target()).await?;
+        let lease = cluster.acquire_lease().await?;
+        let mut out = std::io::stdout();
+        let opts = a.restart.options();
+        let r = until_sigterm(&cluster, async {
+            cluster
+                .restart(&opts, &mut out)
+                .await
+                .map_err(ReconcileError::from)
+        })
+        .await;
+        lease.release().await;
+        r
+    });
+    match result {
+        Ok(()) => Ok(exit::OK),
         Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
             eprintln!("error: {m}");
             Ok(exit::LOCKED)

@@ -23,6 +23,8 @@ pub enum ReconcileError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Generate(#[from] GenerateError),
+    #[error("new materials are written, but the restart failed: {0}. TMM was restored; run `dssm-certs restart` (or the next reconcile) once the cause is fixed")]
+    Restart(#[from] crate::restart::RestartError),
     #[error("{0}")]
     Refused(String),
     /// Internal: the pass must write, so it needs the Lease first.
@@ -44,6 +46,8 @@ pub struct Options {
     /// New materials are made like `generate` with these (existing_ca and dhparam are filled in).
     pub generate: GenerateOptions,
     pub thresholds: Thresholds,
+    /// Restart TMM and dSSM after writing (None: only mark the Deployment).
+    pub restart: Option<crate::restart::Options>,
 }
 
 /// What a pass did.
@@ -52,6 +56,12 @@ pub struct Outcome {
     pub plan: Plan,
     pub written: Vec<String>,
     pub revision: Option<u64>,
+    /// The Deployment says a restart is needed or was interrupted.
+    pub restart_pending: bool,
+}
+
+fn pending_restart(o: &Outcome) -> bool {
+    o.restart_pending
 }
 
 const PASSES: u32 = 3;
@@ -82,17 +92,55 @@ fn store_revision(obs: &Observation) -> u64 {
 pub async fn reconcile(
     cluster: &Cluster,
     opts: &Options,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
 ) -> Result<Outcome, ReconcileError> {
     let mut first = Vec::new();
     match pass_once(cluster, opts, &mut first, false).await {
         Err(ReconcileError::NeedsLease) => {}
+        Ok(outcome) if !opts.dry_run && opts.restart.is_some() && pending_restart(&outcome) => {
+            // Materials were written by an earlier run that did not restart: do it now, under
+            // the Lease.
+            let _ = out.write_all(&first);
+            let _ = writeln!(
+                out,
+                "a restart is pending on deployment {}/{}",
+                cluster.tmm_ns, cluster.tmm_deployment
+            );
+        }
         other => {
             let _ = out.write_all(&first);
             return other;
         }
     }
     let lease = cluster.acquire_lease().await?;
+    let result = async {
+        let outcome = write_passes(cluster, opts, out).await?;
+        if let Some(r) = &opts.restart {
+            if needs_restart(cluster).await? {
+                cluster.restart(r, out).await?;
+            }
+        }
+        Ok(outcome)
+    }
+    .await;
+    lease.release().await;
+    result
+}
+
+/// New materials are waiting for pods to pick them up, or a restart was interrupted.
+async fn needs_restart(cluster: &Cluster) -> Result<bool, ClusterError> {
+    Ok(cluster.get_deployment().await?.is_some_and(|d| {
+        let a = d.metadata.annotations.unwrap_or_default();
+        a.contains_key(annotations::RESTART_NEEDED)
+            || a.contains_key(crate::restart::REPLICAS_ANNOTATION)
+    }))
+}
+
+async fn write_passes(
+    cluster: &Cluster,
+    opts: &Options,
+    out: &mut (dyn Write + Send),
+) -> Result<Outcome, ReconcileError> {
     let mut result = Err(ReconcileError::KeptConflicting { attempts: PASSES });
     for pass in 1..=PASSES {
         match pass_once(cluster, opts, out, true).await {
@@ -107,14 +155,13 @@ pub async fn reconcile(
             }
         }
     }
-    lease.release().await;
     result
 }
 
 async fn pass_once(
     cluster: &Cluster,
     opts: &Options,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
     lease_held: bool,
 ) -> Result<Outcome, ReconcileError> {
     let now = time::OffsetDateTime::now_utc();
@@ -133,10 +180,17 @@ async fn pass_once(
     for r in &plan.reasons {
         let _ = writeln!(out, "  - {r}");
     }
+    let restart_pending = obs.deployment.as_ref().is_some_and(|d| {
+        d.metadata.annotations.as_ref().is_some_and(|a| {
+            a.contains_key(annotations::RESTART_NEEDED)
+                || a.contains_key(crate::restart::REPLICAS_ANNOTATION)
+        })
+    });
     let mut outcome = Outcome {
         plan: plan.clone(),
         written: Vec::new(),
         revision: None,
+        restart_pending,
     };
     if plan.action.writes() && !opts.dry_run && !lease_held {
         return Err(ReconcileError::NeedsLease);

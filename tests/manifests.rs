@@ -125,6 +125,9 @@ fn the_cronjobs_never_overlap_and_run_locked_down() {
 #[test]
 fn the_roles_grant_exactly_what_the_code_uses() {
     for (overlay, env) in [("spk", TestEnv::spk()), ("cnf", TestEnv::cnf())] {
+        // Pods take a second to be Ready, so the waits cannot be satisfied by their first list.
+        env.server
+            .with_state(|s| s.timing.pod_start = std::time::Duration::from_secs(1));
         let steps: &[&[&str]] = &[
             &["reconcile", "--dry-run"],
             &[
@@ -138,6 +141,8 @@ fn the_roles_grant_exactly_what_the_code_uses() {
             &["check"],
             &["rotate", "--key-algorithm", "ecdsa-p256"],
             &["rotate", "--ca", "--key-algorithm", "ecdsa-p256"],
+            // TMM is still starting when its wait begins: the wait watches the Deployment.
+            &["restart", "--order", "dssm-first"],
         ];
         for step in steps {
             let (code, out, err) = env.run(step);

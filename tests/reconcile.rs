@@ -40,7 +40,7 @@ fn assert_all_copies_identical_and_valid(env: &TestEnv) -> [Vec<u8>; 4] {
 #[test]
 fn publish_writes_the_store_first_then_dssm_then_tmm_then_marks_the_restart() {
     let env = TestEnv::spk();
-    let (code, out, err) = env.reconcile(&[]);
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("plan: publish"), "{out}");
     let copy = assert_all_copies_identical_and_valid(&env);

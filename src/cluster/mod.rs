@@ -368,6 +368,17 @@ impl Cluster {
 
     /// Publishes an Event about `secret` (best effort: a failure is logged, never fatal).
     pub async fn event(&self, secret: &Secret, warning: bool, reason: &str, note: String) {
+        self.event_on(secret, warning, reason, note).await
+    }
+
+    /// Publishes an Event about any object (best effort).
+    pub async fn event_on<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
         let ev = Event {
             type_: if warning {
                 EventType::Warning
@@ -379,7 +390,7 @@ impl Cluster {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &secret.object_ref(&())).await {
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(reason, error = %e, "could not publish an Event");
         }
     }

@@ -248,6 +248,8 @@ pub struct State {
     pub never_ready: Vec<String>,
     pod_timers: HashMap<(String, String), Instant>,
     uid: u64,
+    /// uid -> the resourceVersion at which the object was created.
+    pub created_rv: HashMap<String, u64>,
 }
 
 fn res_key(r: &Resource) -> String {
@@ -337,6 +339,11 @@ impl State {
         }
         let rv = self.next_rv();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if !existed {
+            if let Some(uid) = obj["metadata"]["uid"].as_str() {
+                self.created_rv.insert(uid.to_string(), rv);
+            }
+        }
         self.objects.insert(key, obj.clone());
         self.record(r, ns, if existed { "MODIFIED" } else { "ADDED" }, &obj);
         obj
@@ -434,6 +441,7 @@ impl ApiServer {
             never_ready: Vec::new(),
             pod_timers: HashMap::new(),
             uid: 0,
+            created_rv: HashMap::new(),
         };
         for ns in namespaces {
             state.put(&RESOURCES[0], "", json!({"metadata": {"name": ns}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}));
@@ -1725,12 +1733,22 @@ pub fn attributes(rec: &Recorded) -> Option<(String, String, String, String, Opt
         Some(s) => format!("{}/{s}", p.res.plural),
         None => p.res.plural.to_string(),
     };
+    // list/watch name their object through a metadata.name field selector, as RBAC sees it.
+    let name = p.name.clone().or_else(|| {
+        if !matches!(verb.as_str(), "list" | "watch") {
+            return None;
+        }
+        let sel = parse_field_selector(q.get("fieldSelector")?).ok()?;
+        sel.into_iter()
+            .find(|(k, eq, _)| k == "metadata.name" && *eq)
+            .map(|(_, _, v)| v)
+    });
     Some((
         verb,
         p.res.group.to_string(),
         resource,
-        p.ns.unwrap_or_default(),
-        p.name,
+        p.ns.clone().unwrap_or_default(),
+        name,
     ))
 }
 

@@ -1,0 +1,360 @@
+//! The seeds' "Restarting" procedure, made safe: an explicit, resumable sequence of steps. The
+//! TMM replica count is recorded on the Deployment before it is scaled to zero, so that any later
+//! run (after a crash, a SIGTERM, a timeout) restores it; every wait watches and has a timeout;
+//! on any failure after scaling down TMM is scaled back before the error is returned.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::{Api, ResourceExt};
+
+use crate::cluster::{call, Cluster, ClusterError};
+use crate::plan::annotations;
+
+/// Where the replica count lives while TMM is scaled down.
+pub const REPLICAS_ANNOTATION: &str = "dssm-certs.f5.com/tmm-replicas";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Order {
+    /// The seeds' order: TMM down and back up, then the dSSM pods.
+    TmmFirst,
+    /// TMM stays at zero until the dSSM election is complete (the seeds' warning about DB
+    /// entries failing during the election).
+    DssmFirst,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub order: Order,
+    /// Bound of every wait.
+    pub wait_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("timed out after {secs}s waiting for {what}")]
+    Timeout { what: String, secs: u64 },
+    #[error("interrupted by a signal; TMM was restored to {replicas} replicas")]
+    Interrupted { replicas: i32 },
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn terminating(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_some()
+}
+
+/// Lists pods matching `selector`, then watches them until `done` holds for the current set.
+pub async fn wait_pods(
+    api: &Api<Pod>,
+    selector: &str,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&BTreeMap<String, Pod>) -> bool,
+) -> Result<BTreeMap<String, Pod>, RestartError> {
+    let fut = async {
+        loop {
+            let lp = ListParams::default().labels(selector);
+            let list = call("list", &format!("pods ({selector})"), || api.list(&lp)).await?;
+            let mut pods: BTreeMap<String, Pod> =
+                list.items.into_iter().map(|p| (p.name_any(), p)).collect();
+            if done(&pods) {
+                return Ok::<_, RestartError>(pods);
+            }
+            let rv = list.metadata.resource_version.unwrap_or_default();
+            let wp = WatchParams::default().labels(selector).timeout(60);
+            let stream = call("watch", &format!("pods ({selector})"), || {
+                api.watch(&wp, &rv)
+            })
+            .await?;
+            let mut stream = stream.boxed();
+            while let Ok(Some(ev)) = stream.try_next().await {
+                match ev {
+                    WatchEvent::Added(p) | WatchEvent::Modified(p) => {
+                        pods.insert(p.name_any(), p);
+                    }
+                    WatchEvent::Deleted(p) => {
+                        pods.remove(&p.name_any());
+                    }
+                    WatchEvent::Bookmark(_) => {}
+                    WatchEvent::Error(_) => break, // expired: list again
+                }
+                if done(&pods) {
+                    return Ok(pods);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(RestartError::Timeout {
+                what: what.to_string(),
+                secs: timeout.as_secs(),
+            })
+        })
+}
+
+fn selector_of(d: &Deployment) -> String {
+    d.spec
+        .selector
+        .match_labels
+        .as_ref()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+impl Cluster {
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.tmm_ns)
+    }
+
+    async fn scale_tmm(&self, replicas: i32) -> Result<(), ClusterError> {
+        let api = self.deployments();
+        let patch = serde_json::json!({"spec": {"replicas": replicas}});
+        let patch = Patch::Merge(&patch);
+        let pp = PatchParams {
+            field_manager: Some("dssm-certs".into()),
+            ..Default::default()
+        };
+        let what = format!("deployment {}/{} (scale)", self.tmm_ns, self.tmm_deployment);
+        call("patch", &what, || {
+            api.patch_scale(&self.tmm_deployment, &pp, &patch)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Restores TMM to the recorded count and removes the record. Safe to call any time.
+    pub async fn restore_tmm(&self) -> Result<Option<i32>, ClusterError> {
+        let Some(d) = self.get_deployment().await? else {
+            return Ok(None);
+        };
+        let Some(n) = d
+            .annotations()
+            .get(REPLICAS_ANNOTATION)
+            .and_then(|v| v.parse::<i32>().ok())
+        else {
+            return Ok(None);
+        };
+        if d.spec.replicas != Some(n) {
+            self.scale_tmm(n).await?;
+        }
+        self.annotate_deployment(REPLICAS_ANNOTATION, None).await?;
+        Ok(Some(n))
+    }
+
+    async fn wait_tmm_available(
+        &self,
+        replicas: i32,
+        timeout: Duration,
+    ) -> Result<(), RestartError> {
+        let api = self.deployments();
+        let name = self.tmm_deployment.clone();
+        let cond = move |d: Option<&Deployment>| {
+            d.and_then(|d| d.status.as_ref())
+                .is_some_and(|s| s.available_replicas.unwrap_or(0) >= replicas)
+        };
+        let what = format!(
+            "deployment {}/{name} to have {replicas} available replicas",
+            self.tmm_ns
+        );
+        match tokio::time::timeout(
+            timeout,
+            kube::runtime::wait::await_condition(api, &name, cond),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ClusterError::Unreachable {
+                verb: "watch",
+                what,
+                detail: e.to_string(),
+                attempts: 1,
+            }
+            .into()),
+            Err(_) => Err(RestartError::Timeout {
+                what,
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
+    async fn restart_dssm(
+        &self,
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let sel = self.dssm_selector.clone();
+        let lp = ListParams::default().labels(&sel);
+        let dp = DeleteParams::default();
+        let before = call("list", &format!("pods {} ({sel})", self.dssm_ns), || {
+            pods.list(&lp)
+        })
+        .await?;
+        let old: BTreeMap<String, String> = before
+            .items
+            .iter()
+            .filter(|p| !terminating(p))
+            .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+            .collect();
+        let what = format!("pods {} ({sel})", self.dssm_ns);
+        call("deletecollection", &what, || {
+            pods.delete_collection(&dp, &lp)
+        })
+        .await?;
+        let _ = writeln!(
+            out,
+            "deleted {} dSSM pods in {} ({sel})",
+            old.len(),
+            self.dssm_ns
+        );
+        let wait_what = format!(
+            "the {} dSSM pods in {} to come back Running and Ready",
+            old.len(),
+            self.dssm_ns
+        );
+        wait_pods(&pods, &sel, &wait_what, timeout, |now| {
+            old.iter().all(|(name, uid)| {
+                now.get(name).is_some_and(|p| {
+                    p.uid().as_deref() != Some(uid.as_str()) && !terminating(p) && pod_ready(p)
+                })
+            })
+        })
+        .await?;
+        let _ = writeln!(
+            out,
+            "dSSM pods in {} are back, Running and Ready",
+            self.dssm_ns
+        );
+        Ok(())
+    }
+
+    /// The whole procedure. Resumes a previous interrupted run when the replica annotation is
+    /// there.
+    pub async fn restart(
+        &self,
+        opts: &Options,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let Some(d) = self.get_deployment().await? else {
+            return Err(ClusterError::NoDeployment {
+                namespace: self.tmm_ns.clone(),
+                name: self.tmm_deployment.clone(),
+            }
+            .into());
+        };
+        // 1. Record the count, unless an interrupted run already did: then its count is the truth.
+        let replicas = match d
+            .annotations()
+            .get(REPLICAS_ANNOTATION)
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            Some(n) => {
+                let _ = writeln!(out, "resuming an interrupted restart: TMM had {n} replicas");
+                n
+            }
+            None => {
+                let n = d.spec.replicas.unwrap_or(1);
+                self.annotate_deployment(REPLICAS_ANNOTATION, Some(&n.to_string()))
+                    .await?;
+                n
+            }
+        };
+        let tmm_sel = selector_of(&d);
+        let result = self.restart_steps(opts, replicas, &tmm_sel, out).await;
+        if let Err(e) = &result {
+            // TMM is never left at zero.
+            let _ = writeln!(
+                out,
+                "restart failed ({e}); restoring TMM to {replicas} replicas"
+            );
+            if let Err(r) = self.restore_tmm().await {
+                let _ = writeln!(out, "could not restore TMM: {r}");
+            }
+            if let Some(d) = self.get_deployment().await.ok().flatten() {
+                self.event_on(&d, true, "RestartFailed", e.to_string())
+                    .await;
+            }
+        }
+        result
+    }
+
+    async fn restart_steps(
+        &self,
+        opts: &Options,
+        replicas: i32,
+        tmm_sel: &str,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let t = opts.wait_timeout;
+        let tmm_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.tmm_ns);
+        // 2. Scale TMM to zero, 3. wait until no TMM pod is left.
+        self.scale_tmm(0).await?;
+        let _ = writeln!(
+            out,
+            "scaled deployment {}/{} to 0 (was {replicas})",
+            self.tmm_ns, self.tmm_deployment
+        );
+        wait_pods(
+            &tmm_pods,
+            tmm_sel,
+            &format!("the TMM pods in {} to terminate", self.tmm_ns),
+            t,
+            |p| p.is_empty(),
+        )
+        .await?;
+        let _ = writeln!(out, "no TMM pod left in {}", self.tmm_ns);
+        if opts.order == Order::DssmFirst {
+            self.restart_dssm(t, out).await?;
+        }
+        // 4. Scale back to the recorded count, then forget it.
+        self.scale_tmm(replicas).await?;
+        self.annotate_deployment(REPLICAS_ANNOTATION, None).await?;
+        let _ = writeln!(
+            out,
+            "scaled deployment {}/{} back to {replicas}",
+            self.tmm_ns, self.tmm_deployment
+        );
+        // 5.–6. Delete the dSSM pods and wait for them.
+        if opts.order == Order::TmmFirst {
+            self.restart_dssm(t, out).await?;
+        }
+        // 7. TMM available again.
+        self.wait_tmm_available(replicas, t).await?;
+        let _ = writeln!(
+            out,
+            "deployment {}/{} has {replicas} available replicas",
+            self.tmm_ns, self.tmm_deployment
+        );
+        self.annotate_deployment(annotations::RESTART_NEEDED, None)
+            .await?;
+        if let Some(d) = self.get_deployment().await? {
+            self.event_on(
+                &d,
+                false,
+                "Restarted",
+                format!("TMM and dSSM restarted ({replicas} TMM replicas restored)"),
+            )
+            .await;
+        }
+        Ok(())
+    }
+}

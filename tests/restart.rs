@@ -1,0 +1,403 @@
+//! The restart procedure and crash-safe rotation, through the real binary against the test
+//! cluster (pods terminate and come back with their simulated delays).
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::apiserver::{resource, Fault};
+use support::*;
+
+fn tmm_replicas(env: &TestEnv) -> (i64, Value) {
+    let d = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    (
+        d["spec"]["replicas"].as_i64().unwrap(),
+        d["metadata"]["annotations"].clone(),
+    )
+}
+
+fn wait_installed(env: &TestEnv) {
+    env.server
+        .wait_until("dSSM and TMM pods Ready", Duration::from_secs(20), |s| {
+            let pods = s.list(resource("", "pods"), None);
+            pods.len() == 9
+                && pods
+                    .iter()
+                    .all(|p| p.pointer("/status/phase") == Some(&serde_json::json!("Running")))
+        });
+}
+
+/// Every TMM and dSSM pod was created after the last write of a Secret copy.
+fn pods_newer_than_the_secrets(env: &TestEnv) {
+    env.server.with_state(|s| {
+        let last_secret_write = ["dssm-certs-secret", "dssm-keys-secret"]
+            .iter()
+            .flat_map(|n| {
+                [
+                    s.get(resource("", "secrets"), "spk-utilities", n),
+                    s.get(resource("", "secrets"), "spk-ingress", n),
+                ]
+            })
+            .flatten()
+            .map(|o| {
+                o["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .max()
+            .expect("secrets exist");
+        let pods = s.list(resource("", "pods"), None);
+        assert_eq!(pods.len(), 9, "6 dSSM + 3 TMM pods");
+        for p in pods {
+            let uid = p["metadata"]["uid"].as_str().unwrap();
+            let created = s.created_rv[uid];
+            assert!(
+                created > last_secret_write,
+                "pod {} started before the final Secrets were written",
+                p["metadata"]["name"]
+            );
+        }
+    });
+}
+
+#[test]
+fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    let old_uids: Vec<String> = env
+        .server
+        .list("", "pods", "spk-utilities")
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
+        .collect();
+    env.server.clear_requests();
+    let (code, out, err) = env.run(&["restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for line in [
+        "scaled deployment spk-ingress/f5-tmm to 0 (was 3)",
+        "no TMM pod left",
+        "back to 3",
+        "dSSM pods in spk-utilities are back",
+        "3 available replicas",
+    ] {
+        assert!(out.contains(line), "missing {line:?}:\n{out}");
+    }
+    let (replicas, ann) = tmm_replicas(&env);
+    assert_eq!(replicas, 3);
+    assert!(ann.get("dssm-certs.f5.com/tmm-replicas").is_none(), "{ann}");
+    let new_uids: Vec<String> = env
+        .server
+        .list("", "pods", "spk-utilities")
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(new_uids.len(), 6);
+    assert!(
+        new_uids.iter().all(|u| !old_uids.contains(u)),
+        "every dSSM pod was recreated"
+    );
+
+    let writes: Vec<String> = env
+        .writes()
+        .iter()
+        .filter(|w| !w.path.contains("/events") && !w.path.contains("/leases"))
+        .map(|w| format!("{} {}", w.method, w.path))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
+            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
+            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+            "DELETE /api/v1/namespaces/spk-utilities/pods",
+            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+        ]
+    );
+    // Waits watch, they do not poll: a handful of lists, the rest are watches.
+    let reqs = env.server.requests();
+    let pod_lists = reqs
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/pods") && !r.query.contains("watch"))
+        .count();
+    assert!(pod_lists <= 6, "{pod_lists} pod lists: polling?");
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Restarted"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn dssm_first_keeps_tmm_at_zero_until_dssm_is_ready() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    env.server.clear_requests();
+    let (code, out, err) = env.run(&["restart", "--order", "dssm-first"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let at = |needle: &str| {
+        out.find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {out}"))
+    };
+    assert!(at("no TMM pod left") < at("deleted 6 dSSM pods"));
+    assert!(at("dSSM pods in spk-utilities are back") < at("back to 3"));
+    assert_eq!(tmm_replicas(&env).0, 3);
+}
+
+#[test]
+fn reconcile_that_writes_new_materials_restarts_and_every_pod_sees_them() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: publish") && out.contains("3 available replicas"),
+        "{out}"
+    );
+    pods_newer_than_the_secrets(&env);
+    let (_, ann) = tmm_replicas(&env);
+    assert!(
+        ann.get("dssm-certs.f5.com/restart-needed").is_none(),
+        "{ann}"
+    );
+    // Nothing due: no restart, no write.
+    env.server.clear_requests();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    assert!(env.writes().is_empty(), "{:?}", env.writes());
+}
+
+#[test]
+fn tmm_pods_that_never_terminate_time_out_and_tmm_is_restored() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    env.server
+        .with_state(|s| s.stuck_terminating.push("f5-tmm".into()));
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "2s"]);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("timed out after 2s waiting for the TMM pods in spk-ingress to terminate"),
+        "{err}"
+    );
+    let (replicas, ann) = tmm_replicas(&env);
+    assert_eq!(replicas, 3, "TMM is never left at zero");
+    assert!(ann.get("dssm-certs.f5.com/tmm-replicas").is_none());
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "RestartFailed" && e["type"] == "Warning"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn dssm_pods_that_never_become_ready_fail_the_restart_with_tmm_restored() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    env.server
+        .with_state(|s| s.never_ready.push("f5-dssm-sentinel".into()));
+    let (code, _, err) = env.run(&["restart", "--wait-timeout", "2s", "--order", "dssm-first"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("dSSM pods in spk-utilities to come back Running and Ready"),
+        "{err}"
+    );
+    assert_eq!(tmm_replicas(&env).0, 3);
+}
+
+#[test]
+fn api_errors_while_scaling_back_still_restore_tmm() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    // The second scale (back to 3) fails five times in a row: the step gives up, then the
+    // restore scales TMM back.
+    env.server
+        .add_fault(Fault::status("PATCH", "/deployments/f5-tmm/scale", 2, 500).repeat(5));
+    let (code, out, err) = env.run(&["restart"]);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("deployment spk-ingress/f5-tmm (scale)") && err.contains("after 5 attempts"),
+        "{err}"
+    );
+    assert_eq!(tmm_replicas(&env).0, 3);
+}
+
+#[test]
+fn an_interrupted_restart_is_resumed_with_the_recorded_count() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    // A previous run recorded 3 and scaled to 0, then died.
+    let mut d = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    d["metadata"]["annotations"] = serde_json::json!({"dssm-certs.f5.com/tmm-replicas": "3"});
+    d["spec"]["replicas"] = serde_json::json!(0);
+    env.server.put("apps", "deployments", "spk-ingress", d);
+    let (code, out, err) = env.run(&["restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("resuming an interrupted restart: TMM had 3 replicas"),
+        "{out}"
+    );
+    assert_eq!(tmm_replicas(&env).0, 3);
+}
+
+#[test]
+fn sigterm_during_a_restart_restores_tmm_before_exiting() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    env.server
+        .with_state(|s| s.stuck_terminating.push("f5-tmm".into()));
+    let child = bin()
+        .env("KUBECONFIG", &env.kubeconfig)
+        .args([
+            "restart",
+            "--dssm-namespace",
+            "spk-utilities",
+            "--tmm-namespace",
+            "spk-ingress",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.server
+        .wait_until("TMM scaled to 0", Duration::from_secs(10), |s| {
+            s.get(resource("apps", "deployments"), "spk-ingress", "f5-tmm")
+                .unwrap()["spec"]["replicas"]
+                == 0
+        });
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("restoring TMM"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tmm_replicas(&env).0, 3);
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// SIGKILL the rotation after its Nth write, for every N, then run `reconcile` again: the
+/// cluster always ends consistent, with the materials saved before the crash.
+#[test]
+fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
+    let mut n = 1;
+    loop {
+        let env = TestEnv::spk();
+        wait_installed(&env);
+        assert_eq!(env.reconcile(&[]).0, 0);
+        env.server.clear_requests();
+        let mut child = bin()
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("POD_NAME", "rotate-job")
+            .args([
+                "rotate",
+                "--ca",
+                "--key-algorithm",
+                "ecdsa-p256",
+                "--dssm-namespace",
+                "spk-utilities",
+                "--tmm-namespace",
+                "spk-ingress",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let writes = |s: &support::apiserver::State| {
+            s.requests
+                .iter()
+                .filter(|r| r.is_write() && !r.path.contains("/events"))
+                .count()
+        };
+        let mut finished = false;
+        let start = std::time::Instant::now();
+        loop {
+            if env.server.with_state(|s| writes(s)) >= n {
+                break;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                finished = true;
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "rotate hung");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if finished {
+            break; // n is past the last write: every crash point was covered
+        }
+        let store_ca = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["data"]
+            ["dssm-ca.crt"]
+            .clone();
+        let pending = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["metadata"]
+            ["annotations"]["dssm-certs.f5.com/state"]
+            == "pending";
+
+        // The next run, in the same pod identity (the Lease is its own).
+        let mut cmd = bin();
+        cmd.env("KUBECONFIG", &env.kubeconfig)
+            .env("POD_NAME", "rotate-job")
+            .args([
+                "reconcile",
+                "--key-algorithm",
+                "ecdsa-p256",
+                "--dssm-namespace",
+                "spk-utilities",
+                "--tmm-namespace",
+                "spk-ingress",
+            ]);
+        let (code, out, err) = output(&mut cmd);
+        assert_eq!(code, 0, "crash after write {n}: {out}{err}");
+        let a = env.copy("spk-utilities").unwrap();
+        let b = env.copy("spk-ingress").unwrap();
+        assert!(a == b, "crash after write {n}: copies differ");
+        let store = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap();
+        assert_eq!(
+            store["metadata"]["annotations"]["dssm-certs.f5.com/state"], "complete",
+            "crash after write {n}"
+        );
+        if pending {
+            assert_eq!(
+                store["data"]["dssm-ca.crt"], store_ca,
+                "crash after write {n}: a different CA was generated"
+            );
+        }
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD
+            .decode(store["data"]["dssm-ca.crt"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            a[0], ca,
+            "crash after write {n}: the copies hold the stored CA"
+        );
+        let (replicas, ann) = tmm_replicas(&env);
+        assert_eq!(replicas, 3, "crash after write {n}");
+        assert!(
+            ann.get("dssm-certs.f5.com/tmm-replicas").is_none()
+                && ann.get("dssm-certs.f5.com/restart-needed").is_none(),
+            "crash after write {n}: {ann}"
+        );
+        pods_newer_than_the_secrets(&env);
+        n += 1;
+    }
+    assert!(
+        n > 10,
+        "only {n} crash points: the rotation writes more than that"
+    );
+}
