@@ -54,16 +54,29 @@ pub struct RestartFlags {
     /// is complete).
     #[arg(long, value_enum, default_value_t = crate::restart::Order::TmmFirst, env = "DSSM_CERTS_ORDER")]
     pub order: crate::restart::Order,
+    /// `scale-to-zero` (default; required when the CA changed) or `rolling` (no interruption;
+    /// refused when the CA changed).
+    #[arg(long, value_enum, default_value_t = crate::restart::Strategy::ScaleToZero, env = "DSSM_CERTS_STRATEGY")]
+    pub strategy: crate::restart::Strategy,
     /// Bound of every wait (pods terminating, pods Ready, TMM available).
     #[arg(long, default_value = "300s", value_parser = parse_duration, env = "DSSM_CERTS_WAIT_TIMEOUT")]
     pub wait_timeout: i64,
+    /// Verify the restart with an mTLS PING here (default: f5-dssm-sentinel.<dssm-namespace>:26379).
+    #[arg(long, env = "DSSM_CERTS_PROBE_ENDPOINT")]
+    pub probe_endpoint: Option<String>,
+    /// Name the served certificate is checked against (default: the endpoint's host).
+    #[arg(long, env = "DSSM_CERTS_PROBE_SERVER_NAME")]
+    pub probe_server_name: Option<String>,
 }
 
 impl RestartFlags {
     pub fn options(&self) -> crate::restart::Options {
         crate::restart::Options {
             order: self.order,
+            strategy: self.strategy,
             wait_timeout: std::time::Duration::from_secs(self.wait_timeout.max(1) as u64),
+            probe_endpoint: self.probe_endpoint.clone(),
+            probe_server_name: self.probe_server_name.clone(),
         }
     }
 }

@@ -380,7 +380,22 @@ async fn pass_once(
     }
 
     // 4. TMM and dSSM must restart to use new files: say so on the Deployment.
-    if !outcome.written.is_empty() {
+    // A resumed rotation marks the restart even when every copy was already written: the run
+    // that wrote them may have died before marking it.
+    if !outcome.written.is_empty() || plan.action == Action::Resume {
+        // Did any copy hold another CA? Then old and new pods cannot talk: no rolling restart.
+        let ca_changed = obs.raw.iter().any(|((_, name), s)| {
+            name == contract::CERTS_SECRET
+                && s.data
+                    .as_ref()
+                    .and_then(|d| d.get(contract::CA_CERT))
+                    .is_some_and(|c| c.0 != bundle.ca_cert)
+        });
+        if ca_changed {
+            cluster
+                .annotate_deployment(crate::restart::CA_CHANGED_ANNOTATION, Some("true"))
+                .await?;
+        }
         cluster
             .annotate_deployment(annotations::RESTART_NEEDED, Some(&revision.to_string()))
             .await?;

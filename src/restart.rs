@@ -27,11 +27,28 @@ pub enum Order {
     DssmFirst,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// TMM to zero, then back: required when the CA changed (old and new sides refuse each other).
+    ScaleToZero,
+    /// No traffic interruption: a rolling restart of TMM and the dSSM pods one at a time.
+    /// Allowed only when the CA did not change, so old and new leaves are both trusted.
+    Rolling,
+}
+
+/// Set on the Deployment by a write that changed the CA, until the restart is done.
+pub const CA_CHANGED_ANNOTATION: &str = "dssm-certs.f5.com/ca-changed";
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub order: Order,
+    pub strategy: Strategy,
     /// Bound of every wait.
     pub wait_timeout: Duration,
+    /// Where to verify the result with an mTLS PING (default: the Sentinel Service).
+    pub probe_endpoint: Option<String>,
+    /// The name the served certificate is checked against (default: the endpoint's host).
+    pub probe_server_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +59,10 @@ pub enum RestartError {
     Timeout { what: String, secs: u64 },
     #[error("interrupted by a signal; TMM was restored to {replicas} replicas")]
     Interrupted { replicas: i32 },
+    #[error("the pods restarted, but the mTLS probe failed: {0}")]
+    Probe(String),
+    #[error("--strategy rolling is refused: the CA changed (annotation {CA_CHANGED_ANNOTATION} on deployment {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero")]
+    RollingAfterCaChange(String),
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -261,6 +282,27 @@ impl Cluster {
             }
             .into());
         };
+        if opts.strategy == Strategy::Rolling {
+            if d.annotations()
+                .get(CA_CHANGED_ANNOTATION)
+                .map(String::as_str)
+                == Some("true")
+            {
+                return Err(RestartError::RollingAfterCaChange(format!(
+                    "{}/{}",
+                    self.tmm_ns, self.tmm_deployment
+                )));
+            }
+            if !d.annotations().contains_key(REPLICAS_ANNOTATION) {
+                let result = self.rolling(opts, &d, out).await;
+                if let Err(e) = &result {
+                    self.event_on(&d, true, "RestartFailed", e.to_string())
+                        .await;
+                }
+                return result;
+            }
+            // An interrupted scale-to-zero restart is finished the way it started.
+        }
         // 1. Record the count, unless an interrupted run already did: then its count is the truth.
         let replicas = match d
             .annotations()
@@ -344,17 +386,196 @@ impl Cluster {
             "deployment {}/{} has {replicas} available replicas",
             self.tmm_ns, self.tmm_deployment
         );
-        self.annotate_deployment(annotations::RESTART_NEEDED, None)
+        self.finish_restart(&format!(
+            "TMM and dSSM restarted ({replicas} TMM replicas restored)"
+        ))
+        .await?;
+        // 8. Verify with the materials TMM now holds.
+        self.verify_with_probe(opts, out).await
+    }
+
+    async fn finish_restart(&self, note: &str) -> Result<(), ClusterError> {
+        self.clear_deployment_annotations(&[annotations::RESTART_NEEDED, CA_CHANGED_ANNOTATION])
             .await?;
         if let Some(d) = self.get_deployment().await? {
-            self.event_on(
-                &d,
-                false,
-                "Restarted",
-                format!("TMM and dSSM restarted ({replicas} TMM replicas restored)"),
-            )
-            .await;
+            self.event_on(&d, false, "Restarted", note.to_string())
+                .await;
         }
         Ok(())
+    }
+
+    /// An mTLS PING to Sentinel with the TMM copy, where the Service is reachable from here.
+    async fn verify_with_probe(
+        &self,
+        opts: &Options,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        use crate::check::Status;
+        use crate::contract;
+        let endpoint = opts.probe_endpoint.clone().unwrap_or_else(|| {
+            format!(
+                "{}.{}:{}",
+                contract::SENTINEL_SERVICE,
+                self.dssm_ns,
+                contract::SENTINEL_PORT
+            )
+        });
+        let name = opts.probe_server_name.clone().unwrap_or_else(|| {
+            endpoint
+                .rsplit_once(':')
+                .map_or(endpoint.clone(), |(h, _)| h.to_string())
+        });
+        let certs = self
+            .get_secret(&self.tmm_ns, contract::CERTS_SECRET)
+            .await?;
+        let keys = self.get_secret(&self.tmm_ns, contract::KEYS_SECRET).await?;
+        let get = |s: &Option<k8s_openapi::api::core::v1::Secret>, k: &str| {
+            s.as_ref()
+                .and_then(|s| s.data.as_ref())
+                .and_then(|d| d.get(k))
+                .map(|b| b.0.clone())
+        };
+        let (Some(ca_cert), Some(leaf_cert), Some(key)) = (
+            get(&certs, contract::CA_CERT),
+            get(&certs, contract::LEAF_CERT),
+            get(&keys, contract::LEAF_KEY),
+        ) else {
+            let _ = writeln!(
+                out,
+                "probe skipped: the TMM copy of the Secrets is incomplete"
+            );
+            return Ok(());
+        };
+        let report = tokio::task::spawn_blocking(move || {
+            let leaf_key = crate::pki::PrivateKey::from_pem(&key, contract::LEAF_KEY)
+                .map_err(|e| e.to_string())?;
+            let m = crate::probe::ClientMaterials {
+                ca_cert,
+                leaf_cert,
+                leaf_key,
+            };
+            let prober = crate::probe::Prober::new(&m, true).map_err(|e| e.to_string())?;
+            Ok::<_, String>(prober.ping(&endpoint, &name, Duration::from_secs(5)))
+        })
+        .await
+        .expect("the probe panicked")
+        .map_err(RestartError::Probe)?;
+        match report.status {
+            Status::Ok => {
+                let _ = writeln!(out, "probe: {}", report.message);
+                Ok(())
+            }
+            // Not resolvable from here (outside the cluster): say so rather than fail.
+            Status::Unknown => {
+                let _ = writeln!(out, "probe skipped: {}", report.message);
+                Ok(())
+            }
+            _ => Err(RestartError::Probe(report.message)),
+        }
+    }
+
+    /// No interruption: TMM rolls (one new pod Ready before an old one goes), then the dSSM pods
+    /// are recreated one at a time — sentinels, then DB replicas, the first DB (the initial
+    /// primary) last — each waited for before the next.
+    async fn rolling(
+        &self,
+        opts: &Options,
+        d: &Deployment,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let t = opts.wait_timeout;
+        let api = self.deployments();
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}});
+        let patch = Patch::Merge(&patch);
+        let pp = PatchParams {
+            field_manager: Some("dssm-certs".into()),
+            ..Default::default()
+        };
+        let what = format!("deployment {}/{}", self.tmm_ns, self.tmm_deployment);
+        let patched = call("patch", &what, || {
+            api.patch(&self.tmm_deployment, &pp, &patch)
+        })
+        .await?;
+        let generation = patched.metadata.generation.unwrap_or(0);
+        let replicas = d.spec.replicas.unwrap_or(1);
+        let _ = writeln!(out, "rolling restart of {what} ({replicas} replicas)");
+        let name = self.tmm_deployment.clone();
+        let rolled = move |d: Option<&Deployment>| {
+            d.is_some_and(|d| {
+                let s = d.status.clone().unwrap_or_default();
+                s.observed_generation.unwrap_or(0) >= generation
+                    && s.updated_replicas.unwrap_or(0) >= replicas
+                    && s.available_replicas.unwrap_or(0) >= replicas
+                    && s.replicas.unwrap_or(0) == replicas
+            })
+        };
+        let wait_what = format!("the rollout of {what}");
+        match tokio::time::timeout(
+            t,
+            kube::runtime::wait::await_condition(api.clone(), &name, rolled),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(ClusterError::Unreachable {
+                    verb: "watch",
+                    what: wait_what,
+                    detail: e.to_string(),
+                    attempts: 1,
+                }
+                .into())
+            }
+            Err(_) => {
+                return Err(RestartError::Timeout {
+                    what: wait_what,
+                    secs: t.as_secs(),
+                })
+            }
+        }
+        let _ = writeln!(out, "{what} rolled out");
+
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let sel = self.dssm_selector.clone();
+        let lp = ListParams::default().labels(&sel);
+        let list = call("list", &format!("pods {} ({sel})", self.dssm_ns), || {
+            pods.list(&lp)
+        })
+        .await?;
+        let mut order: Vec<(String, String)> = list
+            .items
+            .iter()
+            .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+            .collect();
+        let rank = |n: &str| {
+            let sentinel = n.contains("sentinel");
+            let ordinal: i64 = n
+                .rsplit('-')
+                .next()
+                .and_then(|o| o.parse().ok())
+                .unwrap_or(0);
+            (if sentinel { 0 } else { 1 }, -ordinal)
+        };
+        order.sort_by_key(|(n, _)| rank(n));
+        for (name, uid) in order {
+            let dp = DeleteParams::default();
+            call("delete", &format!("pod {}/{name}", self.dssm_ns), || {
+                pods.delete(&name, &dp)
+            })
+            .await?;
+            let wait_what = format!("pod {}/{name} to come back Running and Ready", self.dssm_ns);
+            let n2 = name.clone();
+            wait_pods(&pods, &sel, &wait_what, t, move |now| {
+                now.get(&n2).is_some_and(|p| {
+                    p.uid().as_deref() != Some(uid.as_str()) && !terminating(p) && pod_ready(p)
+                })
+            })
+            .await?;
+            let _ = writeln!(out, "pod {}/{name} recreated and Ready", self.dssm_ns);
+        }
+        self.finish_restart("rolling restart of TMM and dSSM, no interruption")
+            .await?;
+        self.verify_with_probe(opts, out).await
     }
 }

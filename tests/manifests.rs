@@ -143,6 +143,7 @@ fn the_roles_grant_exactly_what_the_code_uses() {
             &["rotate", "--ca", "--key-algorithm", "ecdsa-p256"],
             // TMM is still starting when its wait begins: the wait watches the Deployment.
             &["restart", "--order", "dssm-first"],
+            &["restart", "--strategy", "rolling"],
         ];
         for step in steps {
             let (code, out, err) = env.run(step);

@@ -587,3 +587,112 @@ fn check_on_the_cluster_grades_every_copy() {
         .any(|c| c["name"] == "ca-key" && c["status"] == "ok"));
     let _ = Duration::from_secs(0);
 }
+
+#[test]
+fn a_request_that_times_out_is_retried() {
+    let env = TestEnv::spk();
+    // The first read of the TMM copy hangs for 3s; with a 1s request timeout it is abandoned
+    // and retried.
+    env.server.add_fault(Fault::delay(
+        "GET",
+        "/namespaces/spk-ingress/secrets/dssm-certs-secret",
+        1,
+        Duration::from_secs(3),
+    ));
+    let (code, out, err) = env.reconcile(&["--api-timeout", "1s", "--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_all_copies_identical_and_valid(&env);
+}
+
+#[test]
+fn after_a_failure_the_next_reconcile_finishes_the_job() {
+    let env = TestEnv::spk();
+    // The TMM keys Secret cannot be written: a persistent 503.
+    env.server
+        .add_fault(Fault::status("POST", "/namespaces/spk-ingress/secrets", 2, 503).repeat(5));
+    let (code, _, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("cannot create secret spk-ingress/dssm-keys-secret") && err.contains("503"),
+        "{err}"
+    );
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: resume"), "{out}");
+    assert_all_copies_identical_and_valid(&env);
+}
+
+#[test]
+fn a_secret_missing_a_key_is_invalid_and_named() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let good = env.copy("spk-utilities").unwrap();
+    env.put_secret(
+        "spk-ingress",
+        "dssm-keys-secret",
+        &[("wrong-name.key", &good[2])],
+    );
+    let (code, out, _) = env.run(&["check"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("spk-ingress/dssm-keys-secret[dssm-key.key]: not found"),
+        "{out}"
+    );
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: repair")
+            && out.contains("spk-ingress/dssm-keys-secret: has no key dssm-key.key"),
+        "{out}"
+    );
+    assert_eq!(assert_all_copies_identical_and_valid(&env), good);
+}
+
+#[test]
+fn two_rotations_started_at_once_one_runs_the_other_exits_5() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let spawn = || {
+        bin()
+            .env("KUBECONFIG", &env.kubeconfig)
+            .args([
+                "rotate",
+                "--key-algorithm",
+                "ecdsa-p256",
+                "--dssm-namespace",
+                "spk-utilities",
+                "--tmm-namespace",
+                "spk-ingress",
+            ])
+            .output()
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(spawn);
+        let b = s.spawn(spawn);
+        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+    });
+    let mut codes = [a.status.code().unwrap(), b.status.code().unwrap()];
+    codes.sort();
+    // Either one ran while the other found the Lease held (0 and 5), or they did not overlap
+    // at all (0 and 0): never two writers at once, never a failure.
+    assert!(
+        codes == [0, 5] || codes == [0, 0],
+        "{codes:?}: {} {}",
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr)
+    );
+    assert_all_copies_identical_and_valid(&env);
+    let lease = env
+        .server
+        .get(
+            "coordination.k8s.io",
+            "leases",
+            "spk-utilities",
+            "dssm-certs",
+        )
+        .unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"].is_null(),
+        "released: {lease}"
+    );
+}

@@ -401,3 +401,161 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
         "only {n} crash points: the rotation writes more than that"
     );
 }
+
+/// Step 8 against real Redis: the materials the cluster holds after a reconcile, mounted into a
+/// real TLS-only dSSM topology; the restart ends with an mTLS PING to its sentinel.
+#[test]
+fn the_restart_is_verified_with_an_mtls_ping_where_sentinel_is_reachable() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let mount = env.dir.path().join("mount");
+    std::fs::create_dir_all(&mount).unwrap();
+    let copy = env.copy("spk-ingress").unwrap();
+    for (i, f) in [
+        "dssm-ca.crt",
+        "dssm-cert.crt",
+        "dssm-key.key",
+        "dhparam2048.pem",
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::write(mount.join(f), &copy[i]).unwrap();
+    }
+    let topo = support::redis::Topology::start(&mount);
+    let sentinel = format!("127.0.0.1:{}", topo.get("sentinel-0").port);
+    let (code, out, err) = env.run(&[
+        "restart",
+        "--probe-endpoint",
+        &sentinel,
+        "--probe-server-name",
+        "f5-dssm-sentinel.spk-utilities",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("probe: PONG from {sentinel} over mutual TLS")),
+        "{out}"
+    );
+
+    // Materials the sentinel does not trust: the restart itself succeeds, the verification fails.
+    let other = generate(env.dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let other_mount =
+        support::redis::mount_from_manifests(&other, &env.dir.path().join("other-mount"));
+    let other_topo = support::redis::Topology::start(&other_mount);
+    let stranger = format!("127.0.0.1:{}", other_topo.get("sentinel-0").port);
+    let (code, out, err) = env.run(&["restart", "--probe-endpoint", &stranger]);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(err.contains("the mTLS probe failed"), "{err}");
+    assert_eq!(tmm_replicas(&env).0, 3);
+
+    // Outside the cluster the Service name does not resolve: skipped, and said so.
+    let (code, out, err) = env.run(&["restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("probe skipped: f5-dssm-sentinel.spk-utilities:26379: cannot resolve"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_rolling_restart_replaces_every_pod_without_scaling_tmm_down() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    let old_tmm: Vec<String> = env
+        .server
+        .list("", "pods", "spk-ingress")
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let old_dssm: Vec<String> = env
+        .server
+        .list("", "pods", "spk-utilities")
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
+        .collect();
+    env.server.clear_requests();
+    let (code, out, err) = env.run(&["restart", "--strategy", "rolling"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rolled out"), "{out}");
+    let reqs = env.server.requests();
+    assert!(
+        !reqs.iter().any(|r| r.path.ends_with("/scale")),
+        "rolling never scales TMM"
+    );
+    let deletes: Vec<String> = reqs
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "f5-dssm-sentinel-2",
+            "f5-dssm-sentinel-1",
+            "f5-dssm-sentinel-0",
+            "f5-dssm-db-2",
+            "f5-dssm-db-1",
+            "f5-dssm-db-0"
+        ],
+        "one at a time, sentinels first, db-0 last"
+    );
+    let new_tmm: Vec<String> = env
+        .server
+        .list("", "pods", "spk-ingress")
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(new_tmm.len(), 3);
+    assert!(
+        new_tmm.iter().all(|n| !old_tmm.contains(n)),
+        "every TMM pod replaced: {old_tmm:?} -> {new_tmm:?}"
+    );
+    let new_dssm: Vec<String> = env
+        .server
+        .list("", "pods", "spk-utilities")
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
+        .collect();
+    assert!(new_dssm.iter().all(|u| !old_dssm.contains(u)));
+    assert_eq!(tmm_replicas(&env).0, 3);
+}
+
+#[test]
+fn rolling_is_refused_when_the_ca_changed() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let (code, out, err) = env.run(&[
+        "rotate",
+        "--ca",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--no-restart",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, ann) = tmm_replicas(&env);
+    assert_eq!(ann["dssm-certs.f5.com/ca-changed"], "true");
+    env.server.clear_requests();
+    let (code, _, err) = env.run(&["restart", "--strategy", "rolling"]);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("--strategy rolling is refused: the CA changed"),
+        "{err}"
+    );
+    assert!(
+        env.writes()
+            .iter()
+            .all(|w| w.path.contains("/leases") || w.path.contains("/events")),
+        "{:?}",
+        env.writes()
+    );
+    let (code, out, err) = env.run(&["restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, ann) = tmm_replicas(&env);
+    assert!(
+        ann.get("dssm-certs.f5.com/ca-changed").is_none()
+            && ann.get("dssm-certs.f5.com/restart-needed").is_none(),
+        "{ann}"
+    );
+}

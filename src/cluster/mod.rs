@@ -366,6 +366,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// Removes annotations from the TMM Deployment in one patch.
+    pub async fn clear_deployment_annotations(&self, keys: &[&str]) -> Result<(), ClusterError> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.tmm_ns);
+        let ann: serde_json::Map<String, serde_json::Value> = keys
+            .iter()
+            .map(|k| (k.to_string(), serde_json::Value::Null))
+            .collect();
+        let patch = serde_json::json!({"metadata": {"annotations": ann}});
+        let what = format!("deployment {}/{}", self.tmm_ns, self.tmm_deployment);
+        let pp = PatchParams {
+            field_manager: Some("dssm-certs".into()),
+            ..Default::default()
+        };
+        let patch = Patch::Merge(&patch);
+        call("patch", &what, || {
+            api.patch(&self.tmm_deployment, &pp, &patch)
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Publishes an Event about `secret` (best effort: a failure is logged, never fatal).
     pub async fn event(&self, secret: &Secret, warning: bool, reason: &str, note: String) {
         self.event_on(secret, warning, reason, note).await

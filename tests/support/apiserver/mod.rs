@@ -672,9 +672,17 @@ fn controllers(shared: &Shared) {
                     })
                     .collect();
                 let template = o["spec"]["template"].clone();
+                // Like the ReplicaSet's pod-template-hash: pods of an older template are "old".
+                let hash = {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    template.to_string().hash(&mut h);
+                    format!("{:08x}", h.finish() as u32)
+                };
                 let make_pod = |pod_name: String| {
                     let mut meta = template["metadata"].clone();
                     meta["name"] = json!(pod_name);
+                    meta["labels"]["pod-template-hash"] = json!(hash.clone());
                     meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": if sts {"StatefulSet"} else {"ReplicaSet"}, "name": name, "uid": o["metadata"]["uid"], "controller": true}]);
                     json!({"metadata": meta, "spec": template["spec"], "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}]}})
                 };
@@ -699,7 +707,40 @@ fn controllers(shared: &Shared) {
                         }
                     }
                 } else {
-                    if live.len() < want {
+                    let is_current =
+                        |p: &Value| p["metadata"]["labels"]["pod-template-hash"] == json!(hash);
+                    let old: Vec<&Value> =
+                        live.iter().copied().filter(|p| !is_current(p)).collect();
+                    let new_ready = live
+                        .iter()
+                        .filter(|p| is_current(p) && pod_ready(p))
+                        .count();
+                    if !old.is_empty() && want > 0 {
+                        // Rolling update, maxSurge 1 / maxUnavailable 0: one new pod, then, once
+                        // a new one is Ready, one old pod goes.
+                        let new_live = live.len() - old.len();
+                        if live.len() < want + 1 && new_live < want {
+                            let id = s.next_rv();
+                            s.put(pods_res, &ns, make_pod(format!("{name}-{hash}-{id:05x}")));
+                            changed = true;
+                        } else if new_ready > 0 && live.len() > want {
+                            mark_terminating(
+                                &mut s,
+                                &ns,
+                                old[0]["metadata"]["name"].as_str().unwrap(),
+                            );
+                            changed = true;
+                        } else if new_ready >= want {
+                            for p in &old {
+                                mark_terminating(
+                                    &mut s,
+                                    &ns,
+                                    p["metadata"]["name"].as_str().unwrap(),
+                                );
+                            }
+                            changed = true;
+                        }
+                    } else if live.len() < want {
                         for _ in live.len()..want {
                             let id = s.next_rv();
                             s.put(
@@ -739,8 +780,17 @@ fn controllers(shared: &Shared) {
                                 .is_none_or(Value::is_null)
                     })
                     .count();
+                let updated = pods
+                    .iter()
+                    .filter(|p| {
+                        p["metadata"]
+                            .get("deletionTimestamp")
+                            .is_none_or(Value::is_null)
+                    })
+                    .filter(|p| sts || p["metadata"]["labels"]["pod-template-hash"] == json!(hash))
+                    .count();
                 let mut status = json!({"observedGeneration": o["metadata"]["generation"], "replicas": replicas, "readyReplicas": ready,
-                    "availableReplicas": ready, "updatedReplicas": replicas});
+                    "availableReplicas": ready, "updatedReplicas": updated});
                 if sts {
                     status["currentReplicas"] = json!(replicas);
                     status.as_object_mut().unwrap().remove("updatedReplicas");
