@@ -211,6 +211,9 @@ impl Cluster {
         config.read_timeout = Some(t.timeout);
         config.write_timeout = Some(t.timeout);
         config.connect_timeout = Some(t.timeout);
+        // Our `call` retries (and says which object it was retrying); kube's own retry layer
+        // would multiply the attempts and hide them.
+        config.default_retry = false;
         let dssm_ns = t
             .dssm_namespace
             .clone()
