@@ -250,6 +250,8 @@ pub struct State {
     uid: u64,
     /// uid -> the resourceVersion at which the object was created.
     pub created_rv: HashMap<String, u64>,
+    /// pod uid -> when the simulated kubelet marked it Ready.
+    pub ready_at: HashMap<String, Instant>,
 }
 
 fn res_key(r: &Resource) -> String {
@@ -442,6 +444,7 @@ impl ApiServer {
             pod_timers: HashMap::new(),
             uid: 0,
             created_rv: HashMap::new(),
+            ready_at: HashMap::new(),
         };
         for ns in namespaces {
             state.put(&RESOURCES[0], "", json!({"metadata": {"name": ns}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}));
@@ -635,6 +638,7 @@ fn controllers(shared: &Shared) {
                     p["status"] = json!({"phase": "Running", "startTime": t, "conditions": [
                         {"type": "Initialized", "status": "True"}, {"type": "ContainersReady", "status": "True"},
                         {"type": "Ready", "status": "True", "lastTransitionTime": t}, {"type": "PodScheduled", "status": "True"}]});
+                    s.ready_at.insert(uid.clone(), now);
                     s.put(pods_res, &ns, p);
                     changed = true;
                 }
