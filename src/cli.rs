@@ -119,11 +119,13 @@ impl ClusterArgs {
     }
 }
 
-/// How new materials are made in the cluster (same meaning as for `generate`).
+/// What new materials look like: the same flags for `generate` and the cluster commands.
 #[derive(Debug, Clone, Args)]
-pub struct IssueArgs {
+pub struct MaterialArgs {
+    /// Lifetime of the leaf certificate.
     #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_DAYS")]
     pub days: u32,
+    /// Lifetime of a new CA certificate.
     #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_CA_DAYS")]
     pub ca_days: u32,
     #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa4096, env = "DSSM_CERTS_KEY_ALGORITHM")]
@@ -132,7 +134,7 @@ pub struct IssueArgs {
     pub ca_subject: Subject,
     #[arg(long, default_value = "O=Redis Test, CN=Server", value_parser = parse_subject, env = "DSSM_CERTS_SUBJECT")]
     pub subject: Subject,
-    /// subjectAltName DNS names (default: the dSSM Service names in the dSSM namespace).
+    /// subjectAltName DNS names of the leaf, instead of the dSSM Service names (repeatable).
     #[arg(
         long = "dns",
         value_name = "NAME",
@@ -140,6 +142,13 @@ pub struct IssueArgs {
         value_delimiter = ','
     )]
     pub dns: Vec<String>,
+}
+
+/// How new materials are made in the cluster.
+#[derive(Debug, Clone, Args)]
+pub struct IssueArgs {
+    #[command(flatten)]
+    pub material: MaterialArgs,
     /// DH params for new materials: reuse the deployed ones while valid (default), or
     /// `generate`, `ffdhe2048`, FILE.
     #[arg(
@@ -217,26 +226,8 @@ pub struct GenerateArgs {
     /// Namespace of the dSSM Services, for the leaf's subjectAltNames.
     #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
     pub dssm_namespace: Option<String>,
-    /// Lifetime of the leaf certificate.
-    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_DAYS")]
-    pub days: u32,
-    /// Lifetime of a new CA certificate.
-    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_CA_DAYS")]
-    pub ca_days: u32,
-    #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa4096, env = "DSSM_CERTS_KEY_ALGORITHM")]
-    pub key_algorithm: KeyAlgorithm,
-    #[arg(long, default_value = "O=Redis Test, CN=Certificate Authority", value_parser = parse_subject, env = "DSSM_CERTS_CA_SUBJECT")]
-    pub ca_subject: Subject,
-    #[arg(long, default_value = "O=Redis Test, CN=Server", value_parser = parse_subject, env = "DSSM_CERTS_SUBJECT")]
-    pub subject: Subject,
-    /// subjectAltName DNS names of the leaf, instead of the dSSM Service names (repeatable).
-    #[arg(
-        long = "dns",
-        value_name = "NAME",
-        env = "DSSM_CERTS_DNS",
-        value_delimiter = ','
-    )]
-    pub dns: Vec<String>,
+    #[command(flatten)]
+    pub material: MaterialArgs,
     /// Sign the leaf with this existing CA certificate instead of making a CA.
     #[arg(long, requires = "ca_key", env = "DSSM_CERTS_CA_CERT")]
     pub ca_cert: Option<PathBuf>,

@@ -53,17 +53,17 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Generate(a) => {
             generate::refuse_overwrite(&a.out, a.force)?;
-            let dns_names = if a.dns.is_empty() {
+            let dns_names = if a.material.dns.is_empty() {
                 contract::default_dns_names(a.dssm_namespace.as_deref().or(a.namespace.as_deref()))
             } else {
-                a.dns.clone()
+                a.material.dns.clone()
             };
             let opts = generate::GenerateOptions {
-                days: a.days,
-                ca_days: a.ca_days,
-                key_algorithm: a.key_algorithm,
-                ca_subject: a.ca_subject,
-                subject: a.subject,
+                days: a.material.days,
+                ca_days: a.material.ca_days,
+                key_algorithm: a.material.key_algorithm,
+                ca_subject: a.material.ca_subject,
+                subject: a.material.subject,
                 dns_names,
                 existing_ca: match a.ca_cert.zip(a.ca_key) {
                     Some((cert, key)) => Some(generate::ExistingCa::from_files(&cert, &key)?),
@@ -136,7 +136,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             (!a.no_restart).then(|| a.restart.options()),
             Policy {
                 renew_before: a.issue.renew_before,
-                leaf_days: a.issue.days,
+                leaf_days: a.issue.material.days,
                 force_leaf: false,
                 force_ca: false,
             },
@@ -148,7 +148,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             (!a.no_restart).then(|| a.restart.options()),
             Policy {
                 renew_before: a.issue.renew_before,
-                leaf_days: a.issue.days,
+                leaf_days: a.issue.material.days,
                 force_leaf: true,
                 force_ca: a.ca,
             },
@@ -309,21 +309,21 @@ fn cluster_run(
     let result = rt.block_on(async {
         let cluster = Cluster::connect(&args.target()).await?;
         let cluster = &cluster;
-        let dns_names = if issue.dns.is_empty() {
+        let dns_names = if issue.material.dns.is_empty() {
             contract::default_dns_names(Some(&cluster.dssm_ns))
         } else {
-            issue.dns.clone()
+            issue.material.dns.clone()
         };
         let opts = reconcile::Options {
             dry_run,
             policy,
             dhparam: issue.dhparam.clone(),
             generate: generate::GenerateOptions {
-                days: issue.days,
-                ca_days: issue.ca_days,
-                key_algorithm: issue.key_algorithm,
-                ca_subject: issue.ca_subject.clone(),
-                subject: issue.subject.clone(),
+                days: issue.material.days,
+                ca_days: issue.material.ca_days,
+                key_algorithm: issue.material.key_algorithm,
+                ca_subject: issue.material.ca_subject.clone(),
+                subject: issue.material.subject.clone(),
                 dns_names,
                 existing_ca: None,
                 dhparam: generate::DhSource::Generate,

@@ -723,45 +723,6 @@ fn openssl_s_server_and_s_client_complete_mutual_tls_with_the_one_leaf() {
                 "s_server",
                 "-accept",
                 &port,
-                "-naccept",
-                "1",
-                "-cert",
-                "dssm-cert.crt",
-                "-key",
-                "dssm-key.key",
-                "-CAfile",
-                "dssm-ca.crt",
-                "-Verify",
-                "1",
-                "-verify_return_error",
-                "-dhparam",
-                "dhparam2048.pem",
-                "-quiet",
-            ])
-            .current_dir(&out)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        support::redis::wait_for(
-            "s_server to listen",
-            std::time::Duration::from_secs(10),
-            || {
-                std::net::TcpStream::connect(format!("127.0.0.1:{port}"))
-                    .err()
-                    .map_or(Some(()), |_| None)
-            },
-        );
-        // That probe connection used up the one accept: start again, now known to bind quickly.
-        let _ = server.kill();
-        let _ = server.wait();
-        let server = std::process::Command::new("openssl")
-            .args([
-                "s_server",
-                "-accept",
-                &port,
-                "-naccept",
-                "1",
                 "-cert",
                 "dssm-cert.crt",
                 "-key",
@@ -812,6 +773,7 @@ fn openssl_s_server_and_s_client_complete_mutual_tls_with_the_one_leaf() {
                 (!text.contains("Connection refused")).then_some((o.status.success(), text))
             },
         );
+        let _ = server.kill();
         let server_out = server.wait_with_output().unwrap();
         let server_text = String::from_utf8_lossy(&server_out.stderr).to_string()
             + &String::from_utf8_lossy(&server_out.stdout);

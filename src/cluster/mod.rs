@@ -354,27 +354,24 @@ impl Cluster {
         key: &str,
         value: Option<&str>,
     ) -> Result<(), ClusterError> {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.tmm_ns);
-        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
-        let what = format!("deployment {}/{}", self.tmm_ns, self.tmm_deployment);
-        let pp = PatchParams {
-            field_manager: Some("dssm-certs".into()),
-            ..Default::default()
-        };
-        let patch = Patch::Merge(&patch);
-        call("patch", &what, || {
-            api.patch(&self.tmm_deployment, &pp, &patch)
-        })
-        .await?;
-        Ok(())
+        self.patch_deployment_annotations(&[(key, value)]).await
     }
 
     /// Removes annotations from the TMM Deployment in one patch.
     pub async fn clear_deployment_annotations(&self, keys: &[&str]) -> Result<(), ClusterError> {
+        let changes: Vec<(&str, Option<&str>)> = keys.iter().map(|k| (*k, None)).collect();
+        self.patch_deployment_annotations(&changes).await
+    }
+
+    /// One merge patch of the Deployment's annotations (None removes).
+    async fn patch_deployment_annotations(
+        &self,
+        changes: &[(&str, Option<&str>)],
+    ) -> Result<(), ClusterError> {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.tmm_ns);
-        let ann: serde_json::Map<String, serde_json::Value> = keys
+        let ann: serde_json::Map<String, serde_json::Value> = changes
             .iter()
-            .map(|k| (k.to_string(), serde_json::Value::Null))
+            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
             .collect();
         let patch = serde_json::json!({"metadata": {"annotations": ann}});
         let what = format!("deployment {}/{}", self.tmm_ns, self.tmm_deployment);
