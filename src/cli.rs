@@ -45,6 +45,33 @@ pub enum Command {
     Rotate(RotateArgs),
     /// Only the seeds' Restarting procedure (TMM to 0 and back, dSSM pods recreated), safely.
     Restart(RestartArgs),
+    /// The long-running agent: expiry metrics, health, Events; reconciles only inside
+    /// --maintenance-window.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub issue: IssueArgs,
+    #[command(flatten)]
+    pub restart: RestartFlags,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "DSSM_CERTS_LISTEN")]
+    pub listen: std::net::SocketAddr,
+    /// Inspect at least this often (and on every change of the Secrets).
+    #[arg(long, default_value = "1h", value_parser = parse_duration, env = "DSSM_CERTS_INTERVAL")]
+    pub interval: i64,
+    /// A cron expression (UTC) and a duration, e.g. "0 3 * * SUN 2h": inside it, renew and
+    /// restart what is due. Without it the agent never writes Secrets.
+    #[arg(long, env = "DSSM_CERTS_MAINTENANCE_WINDOW")]
+    pub maintenance_window: Option<String>,
+    #[arg(long, default_value = "28d", value_parser = parse_duration, env = "DSSM_CERTS_WARN")]
+    pub warn: i64,
+    #[arg(long, default_value = "14d", value_parser = parse_duration, env = "DSSM_CERTS_CRITICAL")]
+    pub critical: i64,
 }
 
 /// How TMM and dSSM are restarted to pick up new materials.

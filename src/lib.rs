@@ -3,6 +3,7 @@
 //! The pure core (`pki`, `check`'s report) is separate from the shell that reads and writes
 //! files and talks to the cluster.
 
+pub mod agent;
 pub mod check;
 pub mod cli;
 pub mod cluster;
@@ -11,6 +12,7 @@ pub mod exit;
 pub mod fuzz;
 pub mod generate;
 pub mod manifest;
+pub mod metrics;
 pub mod pki;
 pub mod plan;
 pub mod probe;

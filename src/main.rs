@@ -129,6 +129,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
         }
         Command::Probe(a) => probe(a),
         Command::Restart(a) => restart(&a),
+        Command::Run(a) => agent(&a),
         Command::Reconcile(a) => cluster_run(
             &a.cluster,
             &a.issue,
@@ -309,30 +310,7 @@ fn cluster_run(
     let result = rt.block_on(async {
         let cluster = Cluster::connect(&args.target()).await?;
         let cluster = &cluster;
-        let dns_names = if issue.material.dns.is_empty() {
-            contract::default_dns_names(Some(&cluster.dssm_ns))
-        } else {
-            issue.material.dns.clone()
-        };
-        let opts = reconcile::Options {
-            dry_run,
-            policy,
-            dhparam: issue.dhparam.clone(),
-            generate: generate::GenerateOptions {
-                days: issue.material.days,
-                ca_days: issue.material.ca_days,
-                key_algorithm: issue.material.key_algorithm,
-                ca_subject: issue.material.ca_subject.clone(),
-                subject: issue.material.subject.clone(),
-                dns_names,
-                existing_ca: None,
-                dhparam: generate::DhSource::Generate,
-                namespace: None,
-                threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            },
-            thresholds: check::Thresholds::default(),
-            restart,
-        };
+        let opts = reconcile_options(cluster, issue, dry_run, restart, policy);
         let mut out = std::io::stdout();
         let work = reconcile::reconcile(cluster, &opts, &mut out);
         until_sigterm(cluster, work).await
@@ -398,5 +376,87 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
             Ok(exit::LOCKED)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>> {
+    use dssm_certs::agent;
+    let window = a
+        .maintenance_window
+        .as_deref()
+        .map(agent::MaintenanceWindow::parse)
+        .transpose()?;
+    let thresholds = check::Thresholds {
+        warn: a.warn,
+        critical: a.critical,
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let cluster = std::sync::Arc::new(Cluster::connect(&a.cluster.target()).await?);
+        let opts = agent::Options {
+            listen: a.listen,
+            interval: std::time::Duration::from_secs(a.interval.max(1) as u64),
+            window,
+            reconcile: reconcile_options(
+                &cluster,
+                &a.issue,
+                false,
+                Some(a.restart.options()),
+                Policy {
+                    renew_before: a.issue.renew_before,
+                    leaf_days: a.issue.material.days,
+                    force_leaf: false,
+                    force_ca: false,
+                },
+            ),
+            thresholds,
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        // On SIGTERM the agent stops; a reconcile in flight is dropped, and TMM restored.
+        agent::run(cluster.clone(), opts, stop).await?;
+        if let Ok(Some(n)) = cluster.restore_tmm().await {
+            eprintln!("restored TMM to {n} replicas before exiting");
+        }
+        Ok::<_, Box<dyn std::error::Error>>(exit::OK)
+    })
+}
+
+fn reconcile_options(
+    cluster: &Cluster,
+    issue: &dssm_certs::cli::IssueArgs,
+    dry_run: bool,
+    restart: Option<dssm_certs::restart::Options>,
+    policy: Policy,
+) -> reconcile::Options {
+    let m = &issue.material;
+    let dns_names = if m.dns.is_empty() {
+        contract::default_dns_names(Some(&cluster.dssm_ns))
+    } else {
+        m.dns.clone()
+    };
+    reconcile::Options {
+        dry_run,
+        policy,
+        dhparam: issue.dhparam.clone(),
+        generate: generate::GenerateOptions {
+            days: m.days,
+            ca_days: m.ca_days,
+            key_algorithm: m.key_algorithm,
+            ca_subject: m.ca_subject.clone(),
+            subject: m.subject.clone(),
+            dns_names,
+            existing_ca: None,
+            dhparam: generate::DhSource::Generate,
+            namespace: None,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        },
+        thresholds: check::Thresholds::default(),
+        restart,
     }
 }

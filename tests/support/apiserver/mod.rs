@@ -388,6 +388,18 @@ pub struct ApiServer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+impl ApiServer {
+    /// Stops serving (the API server "goes away"); later requests are refused.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         if let Some(s) = self.shutdown.take() {

@@ -1,0 +1,383 @@
+//! `run`: the long-running agent. Watches the managed Secrets in both namespaces, inspects on
+//! every change and at least every `--interval`, serves `/metrics`, `/healthz` and `/readyz`,
+//! emits Events when a state changes (and at most once a day while it persists), and reconciles
+//! only inside the maintenance window, if one is given.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Api;
+
+use crate::check::{self, Report, Status, Thresholds};
+use crate::cluster::Cluster;
+use crate::contract;
+use crate::metrics::Metrics;
+use crate::reconcile;
+
+/// Events for a state that persists are repeated at most this often.
+pub const EVENT_REPEAT: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("--maintenance-window {0:?}: {1}")]
+    Window(String, String),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+/// `"0 3 * * SUN" 2h`: a cron expression (UTC) and how long the window stays open.
+#[derive(Debug, Clone)]
+pub struct MaintenanceWindow {
+    text: String,
+    cron: croner::Cron,
+    duration: Duration,
+}
+
+impl MaintenanceWindow {
+    pub fn parse(text: &str) -> Result<Self, AgentError> {
+        let bad = |why: &str| AgentError::Window(text.to_string(), why.to_string());
+        let (expr, dur) = text
+            .trim()
+            .rsplit_once(char::is_whitespace)
+            .ok_or_else(|| {
+                bad("expected a cron expression and a duration, e.g. \"0 3 * * SUN 2h\"")
+            })?;
+        let duration = humantime::parse_duration(dur.trim())
+            .map_err(|e| bad(&format!("duration {dur:?}: {e}")))?;
+        let cron = croner::Cron::new(expr.trim().trim_matches('"'))
+            .with_dom_and_dow()
+            .parse()
+            .map_err(|e| bad(&e.to_string()))?;
+        Ok(MaintenanceWindow {
+            text: text.to_string(),
+            cron,
+            duration,
+        })
+    }
+
+    /// Open at `now`: some occurrence falls in (now - duration, now].
+    pub fn is_open(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        let from = now - chrono::Duration::from_std(self.duration).unwrap_or_default();
+        matches!(self.cron.find_next_occurrence(&from, true), Ok(t) if t <= now)
+    }
+}
+
+pub struct Options {
+    pub listen: SocketAddr,
+    pub interval: Duration,
+    pub window: Option<MaintenanceWindow>,
+    pub reconcile: reconcile::Options,
+    pub thresholds: Thresholds,
+}
+
+struct Shared {
+    metrics: Metrics,
+    ready: AtomicBool,
+    /// (reason, namespace) -> (the state it was emitted for, when).
+    emitted: Mutex<HashMap<(String, String), (String, Instant)>>,
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (code, ctype, body) = match req.uri().path() {
+        "/metrics" => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.metrics.encode(),
+        ),
+        "/healthz" => (200, "text/plain", "ok\n".to_string()),
+        "/readyz" if shared.ready.load(Ordering::SeqCst) => {
+            (200, "text/plain", "ready\n".to_string())
+        }
+        "/readyz" => (
+            503,
+            "text/plain",
+            "not ready: no successful inspection yet, or the API server is unreachable\n"
+                .to_string(),
+        ),
+        _ => (404, "text/plain", "not found\n".to_string()),
+    };
+    Ok(Response::builder()
+        .status(code)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response"))
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let shared = Arc::new(Shared {
+        metrics: Metrics::new(),
+        ready: AtomicBool::new(false),
+        emitted: Mutex::new(HashMap::new()),
+    });
+    shared
+        .metrics
+        .start_time
+        .set(time::OffsetDateTime::now_utc().unix_timestamp());
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| AgentError::Listen(opts.listen, e))?;
+    tracing::info!(listen = %opts.listen, "serving /metrics, /healthz, /readyz");
+    let http = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| serve(shared.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        })
+    };
+
+    // A watch per Secret we care about; any event triggers an inspection.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bool>(16);
+    let mut watches = Vec::new();
+    for ns in cluster.namespaces() {
+        let mut names = vec![contract::CERTS_SECRET, contract::KEYS_SECRET];
+        if ns == cluster.dssm_ns {
+            names.push(contract::CA_KEY_SECRET);
+        }
+        for name in names {
+            let api: Api<Secret> = Api::namespaced(cluster.client.clone(), &ns);
+            let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            let tx = tx.clone();
+            watches.push(tokio::spawn(async move {
+                let mut stream = watcher(api, cfg).default_backoff().boxed();
+                while let Some(ev) = stream.next().await {
+                    // true: something changed; false: the watch failed (API server away?)
+                    let _ = tx.send(ev.is_ok()).await;
+                }
+            }));
+        }
+    }
+    drop(tx);
+
+    tokio::pin!(shutdown);
+    loop {
+        inspect(&cluster, &opts, &shared).await;
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(opts.interval) => {}
+            ev = rx.recv() => {
+                let mut failed = ev == Some(false);
+                // Coalesce a burst (a reconcile writes several Secrets), for at most half a second.
+                let until = tokio::time::Instant::now() + Duration::from_millis(500);
+                while let Ok(Some(ok)) = tokio::time::timeout_at(until.min(tokio::time::Instant::now() + Duration::from_millis(50)), rx.recv()).await {
+                    failed |= !ok;
+                }
+                if failed {
+                    // A watch failed: the API server may be gone. The inspection that follows
+                    // says whether it is.
+                    shared.ready.store(false, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+    for w in watches {
+        w.abort();
+    }
+    http.abort();
+    Ok(())
+}
+
+async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
+    let started = Instant::now();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let obs = match cluster.observe().await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "inspection failed");
+            shared.ready.store(false, Ordering::SeqCst);
+            return;
+        }
+    };
+    let sources: Vec<check::Source> = obs
+        .copies
+        .iter()
+        .map(|c| {
+            check::source_from_secrets(
+                &c.namespace,
+                &c.certs,
+                &c.keys,
+                (c.namespace == cluster.dssm_ns).then_some(&obs.store),
+            )
+        })
+        .collect();
+    let copies = sources
+        .iter()
+        .map(|s| check::inspect(s, now, opts.thresholds))
+        .collect();
+    let report = Report::new(copies, now, opts.thresholds).with_sync(&sources);
+    shared.metrics.record(&report);
+    shared.ready.store(true, Ordering::SeqCst);
+    events(cluster, &obs, &report, shared).await;
+
+    if let Some(w) = &opts.window {
+        if w.is_open(chrono::Utc::now()) {
+            let mut out = Vec::new();
+            let r = reconcile::reconcile(cluster, &opts.reconcile, &mut out).await;
+            let text = String::from_utf8_lossy(&out);
+            match r {
+                Ok(o) if o.plan.action.writes() || o.restart_pending => {
+                    shared
+                        .metrics
+                        .rotations
+                        .get_or_create(&crate::metrics::ResultLabels {
+                            result: "success".into(),
+                        })
+                        .inc();
+                    shared
+                        .metrics
+                        .last_rotation
+                        .set(time::OffsetDateTime::now_utc().unix_timestamp());
+                    tracing::info!(window = %w.text, output = %text, "reconciled inside the maintenance window");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    shared
+                        .metrics
+                        .rotations
+                        .get_or_create(&crate::metrics::ResultLabels {
+                            result: "failure".into(),
+                        })
+                        .inc();
+                    tracing::warn!(error = %e, output = %text, "reconcile inside the maintenance window failed");
+                }
+            }
+        }
+    }
+    shared
+        .metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Events when a state starts, changes, or has lasted another day — not at every interval.
+async fn events(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    report: &Report,
+    shared: &Shared,
+) {
+    let mut wanted: Vec<(String, String, String, String)> = Vec::new(); // reason, ns, state, note
+    for copy in &report.copies {
+        let ns = copy
+            .source
+            .strip_prefix("namespace/")
+            .unwrap_or(&copy.source)
+            .to_string();
+        for c in &copy.certificates {
+            if c.residual_seconds < report.warn_seconds {
+                let level = if c.status == Status::Critical {
+                    "critical"
+                } else {
+                    "warning"
+                };
+                wanted.push((
+                    "CertificateExpiringSoon".into(),
+                    ns.clone(),
+                    format!("{}:{level}:{}", c.file, c.not_after),
+                    format!("{ns}: {} expires at {} ({level})", c.file, c.not_after),
+                ));
+            }
+        }
+        let broken: Vec<&str> = copy
+            .checks
+            .iter()
+            .filter(|c| {
+                matches!(c.status, Status::Critical | Status::Unknown)
+                    && c.name != "validity-nesting"
+            })
+            .map(|c| c.message.as_str())
+            .collect();
+        if !broken.is_empty() {
+            wanted.push((
+                "InvalidMaterials".into(),
+                ns.clone(),
+                broken.join("; "),
+                broken.join("; "),
+            ));
+        }
+    }
+    if report.in_sync == Some(false) {
+        let msg = report
+            .checks
+            .iter()
+            .map(|c| c.message.clone())
+            .collect::<Vec<_>>()
+            .join("; ");
+        wanted.push((
+            "CopiesOutOfSync".into(),
+            cluster.dssm_ns.clone(),
+            msg.clone(),
+            msg,
+        ));
+    }
+    for (reason, ns, state, note) in wanted {
+        let due = {
+            let mut emitted = shared.emitted.lock().expect("not poisoned");
+            let key = (reason.clone(), ns.clone());
+            let due = match emitted.get(&key) {
+                Some((s, at)) => *s != state || at.elapsed() >= EVENT_REPEAT,
+                None => true,
+            };
+            if due {
+                emitted.insert(key, (state, Instant::now()));
+            }
+            due
+        };
+        if due {
+            if let Some(s) = obs
+                .raw
+                .get(&(ns.clone(), contract::CERTS_SECRET.to_string()))
+            {
+                cluster.event(s, true, &reason, note).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn a_window_is_open_from_each_occurrence_for_its_duration() {
+        let w = MaintenanceWindow::parse("0 3 * * SUN 2h").unwrap();
+        let at = |d, h, m| chrono::Utc.with_ymd_and_hms(2026, 11, d, h, m, 0).unwrap();
+        // 2026-11-22 is a Sunday.
+        assert!(w.is_open(at(22, 3, 0)));
+        assert!(w.is_open(at(22, 4, 59)));
+        assert!(!w.is_open(at(22, 5, 1)));
+        assert!(!w.is_open(at(22, 2, 59)));
+        assert!(!w.is_open(at(23, 3, 30)), "Monday");
+        for bad in ["0 3 * * SUN", "0 3 * * SUN forever", "nonsense 2h", ""] {
+            assert!(MaintenanceWindow::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Prometheus metrics, named like cert-manager's (DESIGN §6), served on `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::check::{CopyReport, Report, Status};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    pub namespace: String,
+    pub secret: String,
+    pub key: String,
+    pub subject: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub not_after: Family<CertLabels, Gauge<i64>>,
+    pub not_before: Family<CertLabels, Gauge<i64>>,
+    pub ready: Family<CertLabels, Gauge<i64>>,
+    pub in_sync: Gauge<i64>,
+    pub rotations: Family<ResultLabels, Counter>,
+    pub last_rotation: Gauge<i64>,
+    pub reconcile_duration: Histogram,
+    pub resident_memory: Gauge<i64>,
+    pub cpu_seconds: Gauge<f64, AtomicU64>,
+    pub start_time: Gauge<i64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            not_after: Family::default(),
+            not_before: Family::default(),
+            ready: Family::default(),
+            in_sync: Gauge::default(),
+            rotations: Family::default(),
+            last_rotation: Gauge::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            resident_memory: Gauge::default(),
+            cpu_seconds: Gauge::default(),
+            start_time: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "dssm_certificate_not_after_timestamp_seconds",
+            "The notAfter of each deployed certificate, unix seconds",
+            m.not_after.clone(),
+        );
+        registry.register(
+            "dssm_certificate_not_before_timestamp_seconds",
+            "The notBefore of each deployed certificate, unix seconds",
+            m.not_before.clone(),
+        );
+        registry.register("dssm_certificate_ready", "1 when the certificate is in its validity period, chains to the deployed CA and matches its key", m.ready.clone());
+        registry.register(
+            "dssm_secrets_in_sync",
+            "1 when the copies in the dSSM and TMM namespaces are identical",
+            m.in_sync.clone(),
+        );
+        registry.register(
+            "dssm_rotation",
+            "Rotations by result (success, failure)",
+            m.rotations.clone(),
+        );
+        registry.register(
+            "dssm_last_rotation_timestamp_seconds",
+            "When the last successful rotation finished, unix seconds",
+            m.last_rotation.clone(),
+        );
+        registry.register(
+            "dssm_reconcile_duration_seconds",
+            "Duration of an inspection or reconcile pass",
+            m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            m.resident_memory.clone(),
+        );
+        registry.register(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            m.cpu_seconds.clone(),
+        );
+        registry.register(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds",
+            m.start_time.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Replaces the per-certificate series with what `report` found.
+    pub fn record(&self, report: &Report) {
+        self.not_after.clear();
+        self.not_before.clear();
+        self.ready.clear();
+        for copy in &report.copies {
+            let ns = copy
+                .source
+                .strip_prefix("namespace/")
+                .unwrap_or(&copy.source)
+                .to_string();
+            let sound = copy_sound(copy);
+            for c in &copy.certificates {
+                let labels = CertLabels {
+                    namespace: ns.clone(),
+                    secret: crate::contract::CERTS_SECRET.into(),
+                    key: c.file.into(),
+                    subject: c.subject.clone(),
+                };
+                self.not_after.get_or_create(&labels).set(c.not_after_unix);
+                self.not_before
+                    .get_or_create(&labels)
+                    .set(c.not_before_unix);
+                let in_validity =
+                    c.residual_seconds > 0 && !c.message.starts_with("not valid before");
+                self.ready
+                    .get_or_create(&labels)
+                    .set(i64::from(in_validity && sound));
+            }
+        }
+        self.in_sync.set(i64::from(report.in_sync.unwrap_or(false)));
+    }
+
+    /// Process metrics, read from /proc at scrape time.
+    pub fn sample_process(&self) {
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+            if let Some(pages) = statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<i64>().ok())
+            {
+                self.resident_memory.set(pages * 4096);
+            }
+        }
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name (which may contain spaces): state is field 3.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                // utime and stime are fields 14 and 15 (11 and 12 after the name); 100 Hz clock.
+                self.cpu_seconds.set((ticks(11) + ticks(12)) / 100.0);
+            }
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        self.sample_process();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+/// Chain and key checks of a copy passed (expiry is judged per certificate).
+fn copy_sound(copy: &CopyReport) -> bool {
+    copy.checks
+        .iter()
+        .filter(|c| matches!(c.name, "chain" | "leaf-key" | "read" | "parse" | "ca"))
+        .all(|c| c.status == Status::Ok)
+}
