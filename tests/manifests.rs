@@ -3,8 +3,9 @@
 
 mod support;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use serde_json::Value;
 use support::apiserver::{attributes, rbac_from_manifests, render_overlay};
@@ -31,7 +32,15 @@ fn every_manifest_parses_into_its_type_and_round_trips() {
     for overlay in ["spk", "cnf"] {
         let all = docs(&render_overlay(overlay));
         let kinds: Vec<&str> = all.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-        for want in ["ServiceAccount", "Role", "RoleBinding", "CronJob"] {
+        for want in [
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "CronJob",
+            "Deployment",
+            "Service",
+            "PrometheusRule",
+        ] {
             assert!(kinds.contains(&want), "{overlay} lacks a {want}");
         }
         for d in &all {
@@ -40,6 +49,10 @@ fn every_manifest_parses_into_its_type_and_round_trips() {
                 "Role" => round_trip::<Role>(d),
                 "RoleBinding" => round_trip::<RoleBinding>(d),
                 "CronJob" => round_trip::<CronJob>(d),
+                "Deployment" => round_trip::<Deployment>(d),
+                "Service" => round_trip::<Service>(d),
+                // A CRD: no k8s-openapi type; checked by the PromQL test below.
+                "PrometheusRule" => assert_eq!(d["apiVersion"], "monitoring.coreos.com/v1"),
                 other => panic!("unexpected kind {other} in {overlay}"),
             }
         }
@@ -149,6 +162,8 @@ fn the_roles_grant_exactly_what_the_code_uses() {
             let (code, out, err) = env.run(step);
             assert_eq!(code, 0, "{overlay} {step:?}: {out}{err}");
         }
+        // The agent: it lists and watches each Secret by name.
+        drop(run_agent_until_it_watched(&env));
         let forbidden: Vec<_> = env
             .server
             .requests()
@@ -191,4 +206,211 @@ fn the_roles_grant_exactly_what_the_code_uses() {
             }
         }
     }
+}
+
+struct Killed(std::process::Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `run` and waits until it has listed and watched each of its Secrets.
+fn run_agent_until_it_watched(env: &TestEnv) -> (Killed, String) {
+    let addr = format!("127.0.0.1:{}", support::redis::free_port());
+    let child = bin()
+        .env("KUBECONFIG", &env.kubeconfig)
+        .args([
+            "run",
+            "--listen",
+            &addr,
+            "--interval",
+            "1s",
+            "--dssm-namespace",
+            &env.dssm_ns,
+            "--tmm-namespace",
+            &env.tmm_ns,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = Killed(child);
+    support::redis::wait_for(
+        "the agent's watches",
+        std::time::Duration::from_secs(15),
+        || {
+            let reqs = env.server.requests();
+            let watched = |ns: &str, name: &str| {
+                reqs.iter().any(|r| {
+                    r.path == format!("/api/v1/namespaces/{ns}/secrets")
+                        && r.query.contains("watch=true")
+                        && r.query.contains(name)
+                })
+            };
+            let mut wanted = vec![(env.dssm_ns.as_str(), "dssm-ca-key-secret")];
+            for ns in [env.dssm_ns.as_str(), env.tmm_ns.as_str()] {
+                wanted.push((ns, "dssm-certs-secret"));
+                wanted.push((ns, "dssm-keys-secret"));
+            }
+            wanted.iter().all(|(ns, n)| watched(ns, n)).then_some(())
+        },
+    );
+    (agent, addr)
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.contains(" 200 ").then(|| {
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    })
+}
+
+fn metric_names(e: &promql_parser::parser::Expr, out: &mut Vec<String>) {
+    use promql_parser::parser::Expr;
+    match e {
+        Expr::VectorSelector(v) => out.extend(v.name.clone()),
+        Expr::MatrixSelector(m) => out.extend(m.vs.name.clone()),
+        Expr::Binary(b) => {
+            metric_names(&b.lhs, out);
+            metric_names(&b.rhs, out);
+        }
+        Expr::Aggregate(a) => metric_names(&a.expr, out),
+        Expr::Unary(u) => metric_names(&u.expr, out),
+        Expr::Paren(p) => metric_names(&p.expr, out),
+        Expr::Subquery(s) => metric_names(&s.expr, out),
+        Expr::Call(c) => c.args.args.iter().for_each(|a| metric_names(a, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_alert_parses_as_promql_and_names_only_metrics_the_agent_exports() {
+    let all = docs(&render_overlay("spk"));
+    let rule = all.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
+    let rules = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
+    let alerts: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    assert_eq!(
+        alerts,
+        [
+            "DssmCertificateExpiringSoon",
+            "DssmCertificateExpiryCritical",
+            "DssmCertificateInvalid",
+            "DssmSecretsOutOfSync",
+            "DssmRotationFailed",
+            "DssmCertAgentDown"
+        ]
+    );
+
+    // The live exposition of a running agent.
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let (_agent, addr) = run_agent_until_it_watched(&env);
+    let exposition = support::redis::wait_for(
+        "/metrics with certificates",
+        std::time::Duration::from_secs(10),
+        || {
+            http_get(&addr, "/metrics")
+                .filter(|m| m.contains("dssm_certificate_not_after_timestamp_seconds{"))
+        },
+    );
+    let exported: Vec<String> = exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect();
+
+    for r in rules {
+        let name = r["alert"].as_str().unwrap();
+        let expr = r["expr"].as_str().unwrap();
+        let parsed =
+            promql_parser::parser::parse(expr).unwrap_or_else(|e| panic!("{name}: {expr}: {e}"));
+        let mut names = Vec::new();
+        metric_names(&parsed, &mut names);
+        assert!(!names.is_empty(), "{name} uses no metric");
+        for n in names {
+            // `up` is written by Prometheus for every scrape target, not by the agent.
+            if n == "up" {
+                continue;
+            }
+            // Counters are exposed with their _total suffix; rotation failures appear only
+            // after the first rotation, so their HELP/TYPE line is what the agent declares.
+            let declared =
+                exposition.contains(&format!("# TYPE {} ", n.trim_end_matches("_total")));
+            assert!(
+                exported.contains(&n) || declared,
+                "{name} uses {n}, which the agent does not export:\n{exposition}"
+            );
+        }
+        for k in ["summary", "description"] {
+            assert!(
+                r["annotations"][k].as_str().is_some_and(|t| t.len() > 20),
+                "{name} lacks a {k}"
+            );
+        }
+        if name.contains("Expir") || name.contains("Rotation") {
+            assert!(
+                r["annotations"]["description"]
+                    .as_str()
+                    .unwrap()
+                    .contains("kubectl create job --from=cronjob/dssm-certs-rotate"),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_agent_deployment_is_probed_on_its_metrics_port() {
+    let all = docs(&render_overlay("spk"));
+    let d: Deployment = serde_json::from_value(
+        all.iter()
+            .find(|d| d["kind"] == "Deployment")
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    assert_eq!(d.spec.replicas, Some(1));
+    let pod = d.spec.template.spec.unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.args.as_ref().unwrap()[0], "run");
+    assert_eq!(
+        c.ports.as_ref().unwrap()[0].name.as_deref(),
+        Some("metrics")
+    );
+    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone()
+    };
+    assert_eq!(path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));
+    assert_eq!(
+        c.security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(true)
+    );
+    assert_eq!(
+        pod.security_context.as_ref().unwrap().run_as_non_root,
+        Some(true)
+    );
+    let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
+    assert!(
+        env.contains(&"DSSM_CERTS_TMM_NAMESPACE".to_string()),
+        "the spk overlay points the agent at spk-ingress"
+    );
+    let svc: Service =
+        serde_json::from_value(all.iter().find(|d| d["kind"] == "Service").unwrap().clone())
+            .unwrap();
+    assert_eq!(
+        svc.spec.unwrap().ports.unwrap()[0].name.as_deref(),
+        Some("metrics")
+    );
 }
