@@ -269,3 +269,27 @@ fn outside_the_maintenance_window_or_without_one_nothing_is_written() {
         drop(agent);
     }
 }
+
+#[test]
+fn sigterm_stops_the_agent_cleanly() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let mut agent = start(&env, &["--interval", "1h"]);
+    wait_for("ready", Duration::from_secs(10), || {
+        (get(&agent.addr, "/readyz")?.0 == 200).then_some(())
+    });
+    unsafe { kill(agent.child.id() as i32, 15) };
+    let status = wait_for("the agent to exit", Duration::from_secs(10), || {
+        agent.child.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "{status:?}");
+    let d = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    assert_eq!(d["spec"]["replicas"], 3);
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
