@@ -132,6 +132,10 @@ pub struct ClusterArgs {
     /// Timeout of each API request.
     #[arg(long, default_value = "30s", value_parser = parse_duration, env = "DSSM_CERTS_API_TIMEOUT")]
     pub api_timeout: i64,
+    /// How long the Lease lasts unless renewed (every third of it while held): what a crashed
+    /// run makes the next one wait.
+    #[arg(long, default_value = "120s", value_parser = parse_duration, env = "DSSM_CERTS_LEASE_DURATION")]
+    pub lease_duration: i64,
 }
 
 impl ClusterArgs {
@@ -142,6 +146,7 @@ impl ClusterArgs {
             tmm_deployment: self.tmm_deployment.clone(),
             dssm_selector: self.dssm_selector.clone(),
             timeout: std::time::Duration::from_secs(self.api_timeout.max(1) as u64),
+            lease_seconds: i32::try_from(self.lease_duration.max(1)).unwrap_or(i32::MAX),
         }
     }
 }

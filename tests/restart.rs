@@ -559,3 +559,58 @@ fn rolling_is_refused_when_the_ca_changed() {
         "{ann}"
     );
 }
+
+/// A restart that waits longer than the Lease lasts keeps renewing it, so no second actor can
+/// take over mid-restart; it is released at the end.
+#[test]
+fn the_lease_is_renewed_while_a_long_restart_waits() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    env.server
+        .with_state(|s| s.timing.pod_grace = Duration::from_secs(4));
+    let child = bin()
+        .env("KUBECONFIG", &env.kubeconfig)
+        .args([
+            "restart",
+            "--lease-duration",
+            "3s",
+            "--dssm-namespace",
+            "spk-utilities",
+            "--tmm-namespace",
+            "spk-ingress",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let renew_times = || {
+        env.server
+            .get(
+                "coordination.k8s.io",
+                "leases",
+                "spk-utilities",
+                "dssm-certs",
+            )
+            .map(|l| {
+                (
+                    l["spec"]["holderIdentity"].clone(),
+                    l["spec"]["renewTime"].clone(),
+                )
+            })
+    };
+    let first = wait_for_value(|| renew_times().filter(|(h, _)| !h.is_null()));
+    // TMM pods take 4 s to terminate: longer than the 3 s Lease.
+    let renewed = wait_for_value(|| renew_times().filter(|(h, t)| *h == first.0 && *t != first.1));
+    assert_eq!(renewed.0, first.0, "same holder");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(renew_times().unwrap().0.is_null(), "released at the end");
+}
+
+fn wait_for_value<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    support::redis::wait_for("the lease", Duration::from_secs(20), &mut f)
+}

@@ -10,12 +10,15 @@ use kube::Api;
 use super::{call, Cluster, ClusterError};
 
 pub const LEASE_NAME: &str = "dssm-certs";
-/// Long enough for a full pass with DH generation and a restart; renewed while held.
-pub const LEASE_SECONDS: i32 = 600;
+/// The default of `--lease-duration`: how long the Lease lasts without renewal, i.e. what a
+/// crashed run makes the next one wait. It is renewed every third of that while held, so a long
+/// restart keeps it.
+pub const LEASE_SECONDS: i32 = 120;
 
 pub struct Held {
     api: Api<Lease>,
     namespace: String,
+    renewer: tokio::task::JoinHandle<()>,
 }
 
 fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
@@ -37,7 +40,7 @@ impl Cluster {
             holder_identity: Some(self.identity.clone()),
             acquire_time: Some(MicroTime(now)),
             renew_time: Some(MicroTime(now)),
-            lease_duration_seconds: Some(LEASE_SECONDS),
+            lease_duration_seconds: Some(self.lease_seconds),
             ..Default::default()
         };
         let pp = PostParams {
@@ -100,13 +103,51 @@ impl Cluster {
                 }
             }
         }
-        Ok(Held { api, namespace: ns })
+        let renewer = {
+            let (api, identity, what) = (api.clone(), self.identity.clone(), what.clone());
+            let every = std::time::Duration::from_millis(
+                u64::try_from(self.lease_seconds).unwrap_or(120) * 1000 / 3,
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Ok(Some(mut lease)) = call("get", &what, || api.get_opt(LEASE_NAME)).await
+                    else {
+                        continue;
+                    };
+                    let Some(spec) = lease.spec.as_mut() else {
+                        break;
+                    };
+                    if spec.holder_identity.as_deref() != Some(identity.as_str()) {
+                        tracing::warn!(lease = %what, "the lease was taken over; no longer renewing it");
+                        break;
+                    }
+                    spec.renew_time = Some(MicroTime(Timestamp::now()));
+                    lease.metadata.managed_fields = None;
+                    let pp = PostParams {
+                        field_manager: Some("dssm-certs".into()),
+                        ..Default::default()
+                    };
+                    if let Err(e) =
+                        call("update", &what, || api.replace(LEASE_NAME, &pp, &lease)).await
+                    {
+                        tracing::warn!(lease = %what, error = %e, "could not renew the lease");
+                    }
+                }
+            })
+        };
+        Ok(Held {
+            api,
+            namespace: ns,
+            renewer,
+        })
     }
 }
 
 impl Held {
     /// Gives the Lease back (best effort; it expires anyway).
     pub async fn release(self) {
+        self.renewer.abort();
         let what = format!("lease {}/{LEASE_NAME}", self.namespace);
         if let Ok(Some(mut lease)) = call("get", &what, || self.api.get_opt(LEASE_NAME)).await {
             if let Some(spec) = lease.spec.as_mut() {

@@ -151,6 +151,8 @@ pub struct Target {
     pub dssm_selector: String,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Lease duration (renewed every third of it while held).
+    pub lease_seconds: i32,
 }
 
 pub struct Cluster {
@@ -160,6 +162,7 @@ pub struct Cluster {
     pub tmm_deployment: String,
     pub dssm_selector: String,
     pub identity: String,
+    pub lease_seconds: i32,
     recorder: Recorder,
 }
 
@@ -239,6 +242,7 @@ impl Cluster {
             tmm_deployment: t.tmm_deployment.clone(),
             dssm_selector: t.dssm_selector.clone(),
             identity,
+            lease_seconds: t.lease_seconds.max(1),
             recorder,
         })
     }
