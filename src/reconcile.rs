@@ -60,10 +60,6 @@ pub struct Outcome {
     pub restart_pending: bool,
 }
 
-fn pending_restart(o: &Outcome) -> bool {
-    o.restart_pending
-}
-
 const PASSES: u32 = 3;
 
 fn sha256(b: &[u8]) -> String {
@@ -97,7 +93,7 @@ pub async fn reconcile(
     let mut first = Vec::new();
     match pass_once(cluster, opts, &mut first, false).await {
         Err(ReconcileError::NeedsLease) => {}
-        Ok(outcome) if !opts.dry_run && opts.restart.is_some() && pending_restart(&outcome) => {
+        Ok(outcome) if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending => {
             // Materials were written by an earlier run that did not restart: do it now, under
             // the Lease.
             let _ = out.write_all(&first);
