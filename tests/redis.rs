@@ -38,6 +38,26 @@ fn pong(prober: &Prober, port: u16) -> bool {
     r.reply.as_deref() == Some("+PONG")
 }
 
+/// Mounted materials, and a renewed leaf under the same CA (`generate --ca-cert --ca-key`).
+fn old_and_renewed_under_the_same_ca(dir: &Path) -> (PathBuf, PathBuf) {
+    let old = materials(dir, "old", &["--key-algorithm", "ecdsa-p256"]);
+    let m = dir.join("old/out");
+    let renewed = generate(
+        &dir.join("new"),
+        &[
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--days",
+            "300",
+            "--ca-cert",
+            m.join("dssm-ca.crt").to_str().unwrap(),
+            "--ca-key",
+            m.join("dssm-ca.key").to_str().unwrap(),
+        ],
+    );
+    (old, mount_from_manifests(&renewed, &dir.join("new-mount")))
+}
+
 /// `dssm-certs probe` (the binary) against a sentinel and a DB.
 fn probe_bin(mount: &Path, sentinel: u16, db: u16) -> (i32, serde_json::Value) {
     let (code, stdout, stderr) = run(&[
@@ -160,22 +180,7 @@ fn sentinel_failover_completes_over_tls_and_the_old_primary_rejoins() {
 #[test]
 fn renewing_the_leaf_under_the_same_ca_keeps_both_leaves_working_through_a_rolling_restart() {
     let tmp = tempdir();
-    let old = materials(tmp.path(), "old", &["--key-algorithm", "ecdsa-p256"]);
-    let m = tmp.path().join("old/out");
-    let renewed = generate(
-        &tmp.path().join("new"),
-        &[
-            "--key-algorithm",
-            "ecdsa-p256",
-            "--days",
-            "300",
-            "--ca-cert",
-            m.join("dssm-ca.crt").to_str().unwrap(),
-            "--ca-key",
-            m.join("dssm-ca.key").to_str().unwrap(),
-        ],
-    );
-    let new = mount_from_manifests(&renewed, &tmp.path().join("new-mount"));
+    let (old, new) = old_and_renewed_under_the_same_ca(tmp.path());
     assert_eq!(
         read(&new.join("dssm-ca.crt")),
         read(&old.join("dssm-ca.crt"))
@@ -292,22 +297,7 @@ fn materials_made_by_the_seed_commands_work_with_redis_and_probe() {
 #[test]
 fn redis_db_reloads_certificates_in_place_but_sentinel_cannot() {
     let tmp = tempdir();
-    let old = materials(tmp.path(), "old", &["--key-algorithm", "ecdsa-p256"]);
-    let m = tmp.path().join("old/out");
-    let renewed = generate(
-        &tmp.path().join("new"),
-        &[
-            "--key-algorithm",
-            "ecdsa-p256",
-            "--days",
-            "300",
-            "--ca-cert",
-            m.join("dssm-ca.crt").to_str().unwrap(),
-            "--ca-key",
-            m.join("dssm-ca.key").to_str().unwrap(),
-        ],
-    );
-    let new = mount_from_manifests(&renewed, &tmp.path().join("new-mount"));
+    let (old, new) = old_and_renewed_under_the_same_ca(tmp.path());
     let t = Topology::start(&old);
     let new_client = client(&new, true);
 

@@ -1062,12 +1062,13 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
         }
         hit
     };
-    let resp = if let Some((status, delay)) = fault {
-        if let Some(d) = delay {
-            tokio::time::sleep(d).await;
-        }
-        match status {
-            Some(code) => {
+    // A delay fault holds the request, then serves it; a status fault answers instead.
+    let injected = match fault {
+        Some((status, delay)) => {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            status.map(|code| {
                 let msg = match code {
                     429 => "Too many requests, please try again later.".to_string(),
                     500 => "Internal error occurred: injected fault".to_string(),
@@ -1075,33 +1076,25 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
                     c => format!("injected fault {c}"),
                 };
                 status_error(code, reason_of(code), &msg, None)
-            }
-            None => {
-                route(
-                    &shared,
-                    &method,
-                    &path,
-                    &query,
-                    &content_type,
-                    &user_agent,
-                    user.as_deref(),
-                    &body,
-                )
-                .await
-            }
+            })
         }
-    } else {
-        route(
-            &shared,
-            &method,
-            &path,
-            &query,
-            &content_type,
-            &user_agent,
-            user.as_deref(),
-            &body,
-        )
-        .await
+        None => None,
+    };
+    let resp = match injected {
+        Some(r) => r,
+        None => {
+            route(
+                &shared,
+                &method,
+                &path,
+                &query,
+                &content_type,
+                &user_agent,
+                user.as_deref(),
+                &body,
+            )
+            .await
+        }
     };
     {
         let mut s = shared.state.lock().unwrap();
