@@ -523,6 +523,16 @@ pub fn inspect(source: &Source, now: i64, t: Thresholds) -> CopyReport {
                         format_time(ca.not_after)
                     ),
                 );
+            } else if leaf.not_after == ca.not_after {
+                // dssm-certs cuts a leaf that would outlive its CA to the CA's end.
+                push(
+                    "validity-nesting",
+                    Status::Ok,
+                    format!(
+                        "{leaf_loc}: leaf valid until the CA's end, {} (its lifetime was cut to {ca_loc}'s)",
+                        format_time(ca.not_after)
+                    ),
+                );
             } else {
                 push(
                     "validity-nesting",

@@ -1,5 +1,6 @@
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Parser;
 use dssm_certs::cli::{Cli, Command, LogFormat, OutputFormat};
@@ -30,6 +31,36 @@ fn main() -> ExitCode {
     })
 }
 
+/// Sets `flag` on SIGTERM or SIGINT, from a thread of its own (generate is synchronous).
+fn stop_on_signal(flag: Arc<AtomicBool>) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            let _ = ready_tx.send(());
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            flag.store(true, Ordering::SeqCst);
+        });
+    });
+    // The handlers are installed before any temporary file can exist.
+    let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(2));
+}
+
 fn code(c: i32) -> ExitCode {
     ExitCode::from(u8::try_from(c).unwrap_or(1))
 }
@@ -53,6 +84,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Generate(a) => {
             generate::refuse_overwrite(&a.out, a.force)?;
+            generate::check_writable(&a.out)?;
             let dns_names = if a.material.dns.is_empty() {
                 contract::default_dns_names(a.dssm_namespace.as_deref().or(a.namespace.as_deref()))
             } else {
@@ -74,17 +106,34 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
                 threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             };
             let started = std::time::Instant::now();
-            let cancel = AtomicBool::new(false);
+            // SIGTERM/SIGINT stop the DH search and any write not yet begun; no temporary file
+            // is left behind (the default action would kill us mid-write).
+            let cancel = Arc::new(AtomicBool::new(false));
+            stop_on_signal(cancel.clone());
+            let interrupted = || {
+                cancel
+                    .load(Ordering::SeqCst)
+                    .then(|| generate::GenerateError::Interrupted { dir: a.out.clone() })
+            };
             let materials =
-                generate::make_materials(&opts, time::OffsetDateTime::now_utc(), &cancel)?;
+                match generate::make_materials(&opts, time::OffsetDateTime::now_utc(), &cancel) {
+                    Err(e) => return Err(interrupted().map_or(e, Into::into).into()),
+                    Ok(m) => m,
+                };
+            if let Some(e) = interrupted() {
+                return Err(e.into());
+            }
             let files = generate::output_files(&materials, a.namespace.as_deref());
-            generate::write_files(&a.out, &files, a.force)?;
+            generate::write_files(&a.out, &files, a.force, &cancel)?;
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "generated"
             );
             for f in &files {
                 println!("{}", a.out.join(f.name).display());
+            }
+            if let Some(note) = &materials.leaf_note {
+                eprintln!("note: {note}");
             }
             Ok(exit::OK)
         }
@@ -137,6 +186,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             (!a.no_restart).then(|| a.restart.options()),
             Policy {
                 renew_before: a.issue.renew_before,
+                ca_renew_before: a.issue.ca_renew_before,
                 leaf_days: a.issue.material.days,
                 force_leaf: false,
                 force_ca: false,
@@ -149,6 +199,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             (!a.no_restart).then(|| a.restart.options()),
             Policy {
                 renew_before: a.issue.renew_before,
+                ca_renew_before: a.issue.ca_renew_before,
                 leaf_days: a.issue.material.days,
                 force_leaf: true,
                 force_ca: a.ca,
@@ -404,6 +455,7 @@ fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>
                 Some(a.restart.options()),
                 Policy {
                     renew_before: a.issue.renew_before,
+                    ca_renew_before: a.issue.ca_renew_before,
                     leaf_days: a.issue.material.days,
                     force_leaf: false,
                     force_ca: false,

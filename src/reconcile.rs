@@ -255,6 +255,7 @@ async fn pass_once(
     }
 
     // The bundle to publish, and the CA key that goes with it (new materials only).
+    let mut leaf_note = None;
     let (bundle, ca_key) = match plan.action {
         Action::Repair | Action::Resume => (
             plan.source
@@ -264,6 +265,10 @@ async fn pass_once(
         ),
         _ => {
             let m = new_materials(cluster, &obs, &store, &plan, opts).await?;
+            if let Some(note) = &m.leaf_note {
+                let _ = writeln!(out, "note: {note}");
+            }
+            leaf_note = m.leaf_note.clone();
             let bundle = Bundle {
                 ca_cert: m.ca_cert.clone(),
                 leaf_cert: m.leaf_cert.clone(),
@@ -463,9 +468,13 @@ async fn pass_once(
                 false,
                 reason,
                 format!(
-                    "{}: revision {revision}, leaf valid until {}; {}",
+                    "{}: revision {revision}, leaf valid until {}{}; {}",
                     action_name(plan.action),
                     pki::format_time(leaf.not_after),
+                    leaf_note
+                        .as_ref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default(),
                     plan.reasons.join("; ")
                 ),
             )
