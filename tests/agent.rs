@@ -3,10 +3,10 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use support::redis::{free_port, wait_for};
+use support::redis::wait_for;
 use support::*;
 
 struct Agent {
@@ -21,24 +21,15 @@ impl Drop for Agent {
     }
 }
 
+/// As the manifests run it: the read-only `dssm-certs-agent` account, or the writer `dssm-certs`
+/// when it is given a maintenance window to reconcile in.
 fn start(env: &TestEnv, extra: &[&str]) -> Agent {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = bin()
-        .env("KUBECONFIG", &env.kubeconfig)
-        .args([
-            "run",
-            "--listen",
-            &addr,
-            "--dssm-namespace",
-            &env.dssm_ns,
-            "--tmm-namespace",
-            &env.tmm_ns,
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let kubeconfig = if extra.contains(&"--maintenance-window") {
+        &env.kubeconfig
+    } else {
+        &env.agent_kubeconfig
+    };
+    let (child, addr) = support::agent::spawn(env, kubeconfig, extra);
     let agent = Agent { child, addr };
     wait_for("the agent to listen", Duration::from_secs(10), || {
         get(&agent.addr, "/healthz").filter(|(c, _)| *c == 200)

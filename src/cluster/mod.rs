@@ -174,6 +174,9 @@ pub struct Observation {
     pub store: SecretObs,
     pub raw: BTreeMap<(String, String), Secret>,
     pub deployment: Option<Deployment>,
+    /// False when the CA key Secret could not be read (403, the agent's read-only account):
+    /// `store` is then `Missing` and means "not available", not "absent".
+    pub store_readable: bool,
 }
 
 fn owner_of(s: &Secret) -> Owner {
@@ -273,6 +276,19 @@ impl Cluster {
     /// Reads every Secret of both copies, the CA key Secret and the TMM Deployment: 2 reads per
     /// namespace plus 2.
     pub async fn observe(&self) -> Result<Observation, ClusterError> {
+        self.observe_inner(false).await
+    }
+
+    /// `observe` for the agent, whose own ServiceAccount may not read the CA key Secret: a 403
+    /// on that one Secret leaves the store out (`store_readable: false`) instead of failing.
+    pub async fn observe_without_ca_key(&self) -> Result<Observation, ClusterError> {
+        self.observe_inner(true).await
+    }
+
+    async fn observe_inner(
+        &self,
+        ca_key_may_be_forbidden: bool,
+    ) -> Result<Observation, ClusterError> {
         let mut raw = BTreeMap::new();
         let mut copies = Vec::new();
         for ns in self.namespaces() {
@@ -292,9 +308,13 @@ impl Cluster {
                 }
             }
         }
-        let store = self
+        let (store, store_readable) = match self
             .get_secret(&self.dssm_ns, contract::CA_KEY_SECRET)
-            .await?;
+            .await
+        {
+            Err(ClusterError::Forbidden { .. }) if ca_key_may_be_forbidden => (None, false),
+            r => (r?, true),
+        };
         let store_obs = secret_obs(store.as_ref());
         if let Some(s) = store {
             raw.insert(
@@ -308,6 +328,7 @@ impl Cluster {
             store: store_obs,
             raw,
             deployment,
+            store_readable,
         })
     }
 
