@@ -223,6 +223,22 @@ async fn pass_once(
         }
     }
 
+    // A rolling restart cannot carry a CA change until the phased CA rotation exists: old and
+    // new pods would refuse each other. Refuse here, before any write, not after them.
+    let rolling = opts
+        .restart
+        .as_ref()
+        .is_some_and(|r| r.strategy == crate::restart::Strategy::Rolling);
+    if rolling && plan.action == Action::RotateCa {
+        return Err(ReconcileError::Refused(format!(
+            "the plan is a CA rotation ({}), and --strategy rolling cannot restart through a CA \
+             change: pods holding the old and the new CA would refuse each other. Nothing was \
+             written. Run this once with --strategy scale-to-zero (it interrupts TMM traffic: use \
+             a maintenance window)",
+            plan.reasons.join("; ")
+        )));
+    }
+
     let revision = match (&plan.action, &store) {
         (Action::Resume, StoreState::Valid { revision, .. }) => *revision,
         _ => store_revision(&obs) + 1,
