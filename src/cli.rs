@@ -136,6 +136,11 @@ pub struct ClusterArgs {
     /// run makes the next one wait.
     #[arg(long, default_value = "120s", value_parser = parse_duration, env = "DSSM_CERTS_LEASE_DURATION")]
     pub lease_duration: i64,
+    /// How far apart the clocks of two machines running dssm-certs may be. A Lease whose last
+    /// renewal is older than its duration plus this is taken at once; a younger one is watched
+    /// for a whole lease duration on our own clock first (client-go's rule).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "DSSM_CERTS_MAX_CLOCK_SKEW")]
+    pub max_clock_skew: i64,
 }
 
 impl ClusterArgs {
@@ -147,6 +152,7 @@ impl ClusterArgs {
             dssm_selector: self.dssm_selector.clone(),
             timeout: std::time::Duration::from_secs(self.api_timeout.max(1) as u64),
             lease_seconds: i32::try_from(self.lease_duration.max(1)).unwrap_or(i32::MAX),
+            max_clock_skew: self.max_clock_skew,
         }
     }
 }

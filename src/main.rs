@@ -410,12 +410,15 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
         let lease = cluster.acquire_lease().await?;
         let mut out = std::io::stdout();
         let opts = a.restart.options();
-        let r = until_sigterm(&cluster, async {
-            cluster
-                .restart(&opts, &mut out)
-                .await
-                .map_err(ReconcileError::from)
-        })
+        let r = until_sigterm(
+            &cluster,
+            lease.guard(async {
+                cluster
+                    .restart(&opts, &mut out)
+                    .await
+                    .map_err(ReconcileError::from)
+            }),
+        )
         .await;
         lease.release().await;
         r

@@ -109,16 +109,17 @@ pub async fn reconcile(
         }
     }
     let lease = cluster.acquire_lease().await?;
-    let result = async {
-        let outcome = write_passes(cluster, opts, out).await?;
-        if let Some(r) = &opts.restart {
-            if needs_restart(cluster).await? {
-                cluster.restart(r, out).await?;
+    let result = lease
+        .guard(async {
+            let outcome = write_passes(cluster, opts, out).await?;
+            if let Some(r) = &opts.restart {
+                if needs_restart(cluster).await? {
+                    cluster.restart(r, out).await?;
+                }
             }
-        }
-        Ok(outcome)
-    }
-    .await;
+            Ok(outcome)
+        })
+        .await;
     lease.release().await;
     result
 }

@@ -66,6 +66,8 @@ pub enum ClusterError {
     NotOurs { what: String, owner: String },
     #[error("{0}")]
     Locked(String),
+    #[error("{0} could not be renewed within its renew deadline (or was taken over): stopped before it could expire for another dssm-certs. The next run (or the agent) finishes or rolls back what this one started")]
+    LeaseLost(String),
     #[error("deployment {namespace}/{name} not found: TMM must exist before its materials are replaced (check --tmm-namespace / --tmm-deployment)")]
     NoDeployment { namespace: String, name: String },
 }
@@ -151,8 +153,10 @@ pub struct Target {
     pub dssm_selector: String,
     /// Per-request timeout.
     pub timeout: Duration,
-    /// Lease duration (renewed every third of it while held).
+    /// Lease duration (client-go's timings derive from it; see `lease::Timing`).
     pub lease_seconds: i32,
+    /// How far apart two machines' clocks may be (`--max-clock-skew`).
+    pub max_clock_skew: i64,
 }
 
 pub struct Cluster {
@@ -163,6 +167,7 @@ pub struct Cluster {
     pub dssm_selector: String,
     pub identity: String,
     pub lease_seconds: i32,
+    pub max_clock_skew: i64,
     recorder: Recorder,
 }
 
@@ -246,6 +251,7 @@ impl Cluster {
             dssm_selector: t.dssm_selector.clone(),
             identity,
             lease_seconds: t.lease_seconds.max(1),
+            max_clock_skew: t.max_clock_skew.max(0),
             recorder,
         })
     }

@@ -500,7 +500,15 @@ impl ApiServer {
                                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                                 let svc = hyper::service::service_fn(move |req| {
                                     let shared = shared.clone();
-                                    async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                                    // Served in a task of its own: like a real API server, a
+                                    // request whose client gave up (a timeout) still completes,
+                                    // so its write can be stored while the answer is lost.
+                                    async move {
+                                        let served = tokio::spawn(handle(shared, req)).await;
+                                        Ok::<_, Infallible>(served.unwrap_or_else(|_| {
+                                            Response::builder().status(500).body(Body::default()).unwrap()
+                                        }))
+                                    }
                                 });
                                 let _ = hyper::server::conn::http1::Builder::new()
                                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
