@@ -398,6 +398,12 @@ async fn stop<T, E>(cluster: &Cluster) -> Result<T, E>
 where
     E: From<dssm_certs::restart::RestartError> + From<ClusterError>,
 {
+    if !cluster.holds_lease().await {
+        eprintln!(
+            "signal received: this process does not hold the lease, so it leaves TMM to the holder"
+        );
+        return Err(dssm_certs::restart::RestartError::Interrupted { replicas: -1 }.into());
+    }
     eprintln!("signal received: restoring TMM before exiting");
     let replicas = cluster.restore_tmm().await?.unwrap_or(-1);
     Err(dssm_certs::restart::RestartError::Interrupted { replicas }.into())
@@ -475,8 +481,10 @@ fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>
         };
         // On SIGTERM the agent stops; a reconcile in flight is dropped, and TMM restored.
         agent::run(cluster.clone(), opts, stop).await?;
-        if let Ok(Some(n)) = cluster.restore_tmm().await {
-            eprintln!("restored TMM to {n} replicas before exiting");
+        if cluster.holds_lease().await {
+            if let Ok(Some(n)) = cluster.restore_tmm().await {
+                eprintln!("restored TMM to {n} replicas before exiting");
+            }
         }
         Ok::<_, Box<dyn std::error::Error>>(exit::OK)
     })

@@ -206,3 +206,55 @@ fn a_holder_that_loses_its_lease_stops_and_leaves_the_new_holders_lease_alone() 
         "not released by us"
     );
 }
+
+/// A process that does not hold the Lease (here: one still watching another holder's Lease)
+/// gets SIGTERM while that holder has TMM scaled to 0. It used to "restore" TMM in the middle of
+/// the other's restart; only the holder may.
+#[test]
+fn sigterm_in_a_process_without_the_lease_never_touches_tmm() {
+    let env = TestEnv::spk();
+    put_lease(&env, "restarting-pod", Duration::from_secs(20), 30);
+    let mut d = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    d["metadata"]["annotations"] = json!({"dssm-certs.f5.com/tmm-replicas": "3"});
+    d["spec"]["replicas"] = json!(0);
+    env.server.put("apps", "deployments", "spk-ingress", d);
+    env.server.clear_requests();
+    let args = [
+        &RECONCILE[..],
+        &["--lease-duration", "30s", "--max-clock-skew", "30s"],
+    ]
+    .concat();
+    let child = command(&env, "bystander", &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It is watching the Lease now (a GET of it), not acting.
+    env.server
+        .wait_until("the lease read", Duration::from_secs(30), |s| {
+            s.requests
+                .iter()
+                .any(|r| r.method == "GET" && r.path.contains("/leases"))
+        });
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not hold the lease"), "{err}");
+    let d = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    assert_eq!(d["spec"]["replicas"], 0, "left to the holder: {d}");
+    assert!(
+        env.writes().iter().all(|w| w.path.contains("/events")),
+        "{:?}",
+        env.writes()
+    );
+}

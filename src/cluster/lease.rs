@@ -119,6 +119,18 @@ impl Cluster {
         ))
     }
 
+    /// Whether the Lease names us now. Only its holder may scale, evict or restore: a dry run, or
+    /// a run that found the Lease held, must never "restore" TMM in the middle of another
+    /// process's restart.
+    pub async fn holds_lease(&self) -> bool {
+        let (api, what) = self.lease_api();
+        matches!(
+            call("get", &what, || api.get_opt(LEASE_NAME)).await,
+            Ok(Some(l)) if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                == Some(self.identity.as_str())
+        )
+    }
+
     /// Takes the Lease, or says who holds it.
     pub async fn acquire_lease(&self) -> Result<Held, ClusterError> {
         let (api, what) = self.lease_api();
