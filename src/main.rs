@@ -372,6 +372,13 @@ fn cluster_run(
             eprintln!("error: {m}");
             Ok(exit::LOCKED)
         }
+        Err(
+            e @ (ReconcileError::Preflight(_)
+            | ReconcileError::Restart(dssm_certs::restart::RestartError::Preflight(_))),
+        ) => {
+            eprintln!("error: {e}");
+            Ok(exit::PREFLIGHT)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -419,10 +426,12 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
         let r = until_sigterm(
             &cluster,
             lease.guard(async {
-                cluster
-                    .restart(&opts, &mut out)
-                    .await
-                    .map_err(ReconcileError::from)
+                cluster.restart(&opts, &mut out).await.map_err(|e| match e {
+                    dssm_certs::restart::RestartError::Preflight(why) => {
+                        ReconcileError::Preflight(why)
+                    }
+                    e => e.into(),
+                })
             }),
         )
         .await;
@@ -434,6 +443,13 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
         Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
             eprintln!("error: {m}");
             Ok(exit::LOCKED)
+        }
+        Err(
+            e @ (ReconcileError::Preflight(_)
+            | ReconcileError::Restart(dssm_certs::restart::RestartError::Preflight(_))),
+        ) => {
+            eprintln!("error: {e}");
+            Ok(exit::PREFLIGHT)
         }
         Err(e) => Err(e.into()),
     }

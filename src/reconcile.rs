@@ -27,6 +27,8 @@ pub enum ReconcileError {
     Restart(#[from] crate::restart::RestartError),
     #[error("{0}")]
     Refused(String),
+    #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
+    Preflight(String),
     /// Internal: the pass must write, so it needs the Lease first.
     #[error("the pass needs the lease")]
     NeedsLease,
@@ -238,6 +240,18 @@ async fn pass_once(
              a maintenance window)",
             plan.reasons.join("; ")
         )));
+    }
+
+    // New files reach the pods through kubelet whatever we do next: a restart that the
+    // pre-flight would refuse must be refused before the Secrets are written, not after.
+    if let (Some(r), false) = (&opts.restart, opts.dry_run) {
+        cluster
+            .preflight(r.force, r.wait_timeout)
+            .await
+            .map_err(|e| match e {
+                crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
+                other => other.into(),
+            })?;
     }
 
     let revision = match (&plan.action, &store) {

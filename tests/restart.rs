@@ -6,7 +6,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::apiserver::{resource, Fault};
 use support::*;
 
@@ -657,4 +657,141 @@ fn the_lease_is_renewed_while_a_long_restart_waits() {
 
 fn wait_for_value<T>(mut f: impl FnMut() -> Option<T>) -> T {
     support::redis::wait_for("the lease", Duration::from_secs(20), &mut f)
+}
+
+/// Marks one pod not Ready for good, as a failing readiness probe does.
+fn make_not_ready(env: &TestEnv, ns: &str, pod: &str) {
+    env.server
+        .with_state(|s| s.never_ready.push(pod.to_string()));
+    let mut p = env.server.get("", "pods", ns, pod).unwrap();
+    p["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    env.server.put("", "pods", ns, p);
+}
+
+/// The restart-safety issue: a rotation started while a dSSM pod was already not Ready (or TMM
+/// mid-rollout), turning one sick pod into an outage. The pre-flight waits (here 2 s), then
+/// refuses before the first write, with exit 6 and an Event naming the pod.
+#[test]
+fn a_dssm_pod_not_ready_refuses_the_rotation_before_any_write() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let before = env.copy("spk-utilities").unwrap();
+    make_not_ready(&env, "spk-utilities", "f5-dssm-db-1");
+    env.server.clear_requests();
+    let rotate = [
+        "rotate",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--wait-timeout",
+        "2s",
+    ];
+    let (code, out, err) = env.run(&rotate);
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(
+        err.contains("pre-flight refused")
+            && err.contains("pod spk-utilities/f5-dssm-db-1 not Ready"),
+        "{err}"
+    );
+    let writes: Vec<_> = env
+        .writes()
+        .into_iter()
+        .filter(|w| !w.path.contains("/leases") && !w.path.contains("/events"))
+        .collect();
+    assert!(writes.is_empty(), "nothing touched: {writes:?}");
+    assert_eq!(env.copy("spk-utilities").unwrap(), before);
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events.iter().any(|e| e["reason"] == "RestartRefused"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("f5-dssm-db-1"))),
+        "{events:?}"
+    );
+    // `restart` alone is refused the same way.
+    let (code, _, err) = env.run(&["restart", "--wait-timeout", "2s"]);
+    assert_eq!(code, 6, "{err}");
+}
+
+#[test]
+fn tmm_mid_rollout_refuses_the_restart() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let tmm_pod = env
+        .server
+        .list("", "pods", "spk-ingress")
+        .first()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .unwrap();
+    make_not_ready(&env, "spk-ingress", &tmm_pod);
+    let (code, _, err) = env.run(&["restart", "--wait-timeout", "2s"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(
+        err.contains(
+            "deployment spk-ingress/f5-tmm: rollout in progress (3 of 3 updated, 2 available)"
+        ),
+        "{err}"
+    );
+    let (replicas, _) = tmm_replicas(&env);
+    assert_eq!(replicas, 3, "untouched");
+
+    // --force goes ahead (the sick pod is replaced) and says so in an Event.
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "20s", "--force"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events.iter().any(|e| e["reason"] == "PreflightOverridden"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("--force") && n.contains("2 available"))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn rollout_and_readiness_verdicts() {
+    use dssm_certs::restart::{dssm_not_ready, rollout_incomplete};
+    let d = |gen: i64,
+             observed: i64,
+             updated: i32,
+             available: i32|
+     -> k8s_openapi::api::apps::v1::Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "f5-tmm", "namespace": "t", "generation": gen},
+            "spec": {"replicas": 3, "selector": {}, "template": {}},
+            "status": {"observedGeneration": observed, "updatedReplicas": updated, "availableReplicas": available},
+        }))
+        .unwrap()
+    };
+    assert_eq!(rollout_incomplete(&d(2, 2, 3, 3)), None);
+    assert!(rollout_incomplete(&d(3, 2, 3, 3))
+        .unwrap()
+        .contains("not observed generation 3"));
+    assert!(rollout_incomplete(&d(2, 2, 2, 3))
+        .unwrap()
+        .contains("2 of 3 updated"));
+    assert!(rollout_incomplete(&d(2, 2, 3, 2))
+        .unwrap()
+        .contains("2 available"));
+    let pod = |name: &str, phase: &str, ready: &str| -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]},
+        }))
+        .unwrap()
+    };
+    let ok = pod("db-0", "Running", "True");
+    assert_eq!(dssm_not_ready(std::slice::from_ref(&ok), "n", "s"), None);
+    // An evicted (Failed) pod stays listed but is not live: it does not block.
+    assert_eq!(
+        dssm_not_ready(&[ok.clone(), pod("db-9", "Failed", "False")], "n", "s"),
+        None
+    );
+    assert!(
+        dssm_not_ready(&[ok, pod("db-1", "Running", "False")], "n", "s")
+            .unwrap()
+            .contains("pod n/db-1 not Ready")
+    );
+    assert!(dssm_not_ready(&[], "n", "s")
+        .unwrap()
+        .contains("no dSSM pod"));
 }
