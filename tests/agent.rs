@@ -153,7 +153,7 @@ fn readyz_waits_for_the_first_inspection_and_drops_when_the_api_server_goes_away
     let mut env = TestEnv::spk();
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     // The first reads are slow: /readyz must say "not ready" meanwhile.
-    env.server.add_fault(support::apiserver::Fault::delay(
+    env.server.add_fault(dssm_testcluster::Fault::delay(
         "GET",
         "/secrets/dssm-certs-secret",
         1,

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::apiserver::Fault;
+use dssm_testcluster::Fault;
 use support::*;
 
 fn ca_of(copy: &[Vec<u8>; 4]) -> &[u8] {
@@ -540,7 +540,7 @@ fn a_missing_tmm_deployment_or_namespace_is_found_before_anything_is_written() {
     let admin = TestEnv::new(
         "spk-utilities",
         "spk-ingress",
-        support::apiserver::ADMIN_TOKEN,
+        dssm_testcluster::ADMIN_TOKEN,
     );
     let mut cmd = bin();
     cmd.env("KUBECONFIG", &admin.kubeconfig).args([

@@ -6,8 +6,8 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
+use dssm_testcluster::{resource, Fault};
 use serde_json::Value;
-use support::apiserver::{resource, Fault};
 use support::*;
 
 fn tmm_replicas(env: &TestEnv) -> (i64, Value) {
@@ -318,7 +318,7 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let writes = |s: &support::apiserver::State| {
+        let writes = |s: &dssm_testcluster::State| {
             s.requests
                 .iter()
                 .filter(|r| r.is_write() && !r.path.contains("/events"))

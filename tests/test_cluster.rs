@@ -5,8 +5,8 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use dssm_testcluster::*;
 use serde_json::json;
-use support::apiserver::*;
 
 struct Kubectl {
     _dir: tempfile::TempDir,

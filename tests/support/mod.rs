@@ -2,7 +2,8 @@
 //! seeds' exact commands.
 #![allow(dead_code)]
 
-pub mod apiserver;
+/// The test cluster, a crate of its own in the workspace (testcluster/).
+pub use dssm_testcluster as apiserver;
 pub mod redis;
 
 use std::path::{Path, PathBuf};
