@@ -213,6 +213,55 @@ pub struct State {
     pub ready_at: HashMap<String, Instant>,
 }
 
+/// The API server's defaulting of the workload specs we serve (pkg/apis/apps/v1/defaults.go
+/// SetDefaults_Deployment, SetDefaults_StatefulSet, SetDefaults_DaemonSet): clients such as
+/// `kubectl rollout status` read these fields.
+fn defaults(kind: &str, spec: &mut Value) {
+    let set = |spec: &mut Value, pointer: &str, v: Value| {
+        if spec.pointer(pointer).is_none_or(Value::is_null) {
+            let mut at = &mut *spec;
+            for key in pointer.trim_start_matches('/').split('/') {
+                at = &mut at[key];
+            }
+            *at = v;
+        }
+    };
+    match kind {
+        "Deployment" => {
+            set(spec, "/replicas", json!(1));
+            set(spec, "/strategy/type", json!("RollingUpdate"));
+            if spec["strategy"]["type"] == "RollingUpdate" {
+                set(spec, "/strategy/rollingUpdate/maxSurge", json!("25%"));
+                set(spec, "/strategy/rollingUpdate/maxUnavailable", json!("25%"));
+            }
+            set(spec, "/revisionHistoryLimit", json!(10));
+            set(spec, "/progressDeadlineSeconds", json!(600));
+        }
+        "StatefulSet" => {
+            set(spec, "/replicas", json!(1));
+            set(spec, "/podManagementPolicy", json!("OrderedReady"));
+            set(spec, "/updateStrategy/type", json!("RollingUpdate"));
+            if spec["updateStrategy"]["type"] == "RollingUpdate" {
+                set(spec, "/updateStrategy/rollingUpdate/partition", json!(0));
+            }
+            set(spec, "/revisionHistoryLimit", json!(10));
+        }
+        "DaemonSet" => {
+            set(spec, "/updateStrategy/type", json!("RollingUpdate"));
+            if spec["updateStrategy"]["type"] == "RollingUpdate" {
+                set(
+                    spec,
+                    "/updateStrategy/rollingUpdate/maxUnavailable",
+                    json!(1),
+                );
+                set(spec, "/updateStrategy/rollingUpdate/maxSurge", json!(0));
+            }
+            set(spec, "/revisionHistoryLimit", json!(10));
+        }
+        _ => {}
+    }
+}
+
 pub(crate) fn res_key(r: &Resource) -> String {
     format!("{}/{}", r.group, r.plural)
 }
@@ -329,6 +378,7 @@ impl State {
         }
         obj["apiVersion"] = json!(r.api_version());
         obj["kind"] = json!(r.kind);
+        defaults(r.kind, &mut obj["spec"]);
         // metadata.generation moves on spec changes only, for the kinds whose strategies set it
         // (pkg/registry/apps/deployment/strategy.go PrepareForUpdate, same for StatefulSet,
         // DaemonSet and pkg/registry/policy/poddisruptionbudget/strategy.go).
