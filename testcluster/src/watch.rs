@@ -72,7 +72,8 @@ pub(crate) fn watch(
         let farewell = |cursor: u64, floor: u64| {
             fault.as_ref().and_then(|f| f.error).map(|code| {
                 let msg = if code == 410 {
-                    format!("too old resource version: {cursor} ({floor})")
+                    // An injected expiry: the oldest version kept is at least the cursor.
+                    format!("too old resource version: {cursor} ({})", floor.max(cursor))
                 } else {
                     crate::faults::message_of(code)
                 };
