@@ -93,6 +93,7 @@ pub async fn reconcile(
     out: &mut (dyn Write + Send),
 ) -> Result<Outcome, ReconcileError> {
     let mut first = Vec::new();
+    let mut restart_pending = false;
     match pass_once(cluster, opts, &mut first, false).await {
         Err(ReconcileError::NeedsLease) => {}
         Ok(outcome) if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending => {
@@ -104,13 +105,15 @@ pub async fn reconcile(
                 "a restart is pending on deployment {}/{}",
                 cluster.tmm_ns, cluster.tmm_deployment
             );
+            restart_pending = true;
         }
         other => {
             let _ = out.write_all(&first);
             return other;
         }
     }
-    let lease = cluster.acquire_lease().await?;
+    // A pending restart may mean TMM is down under a dead holder: wait out its Lease.
+    let lease = cluster.acquire_lease_waiting(restart_pending).await?;
     let result = lease
         .guard(async {
             let outcome = write_passes(cluster, opts, out).await?;

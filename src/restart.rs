@@ -274,7 +274,25 @@ impl Cluster {
         Ok(())
     }
 
-    /// Restores TMM to the recorded count and removes the record. Safe to call any time.
+    /// A restart record (TMM's recorded count on the Deployment) whose Lease is free or expired
+    /// is an orphan: its holder died mid-restart. Take the Lease, restore TMM first, give the
+    /// Lease back. A live holder's record is left to it (`Locked`). The restart itself is
+    /// finished by the next `reconcile`/`restart`, which finds the `restart-needed` mark.
+    pub async fn recover_orphan(&self) -> Result<Option<i32>, ClusterError> {
+        let Some(d) = self.get_deployment().await? else {
+            return Ok(None);
+        };
+        if !d.annotations().contains_key(REPLICAS_ANNOTATION) {
+            return Ok(None);
+        }
+        let lease = self.acquire_lease_waiting(true).await?;
+        let restored = lease.guard(self.restore_tmm()).await;
+        lease.release().await;
+        restored
+    }
+
+    /// Restores TMM to the recorded count and removes the record. Only the Lease holder may call
+    /// it.
     pub async fn restore_tmm(&self) -> Result<Option<i32>, ClusterError> {
         let Some(d) = self.get_deployment().await? else {
             return Ok(None);

@@ -6,8 +6,8 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
+use dssm_testcluster::{resource, Fault, WatchFault};
 use serde_json::{json, Value};
-use support::apiserver::{resource, Fault};
 use support::*;
 
 fn tmm_replicas(env: &TestEnv) -> (i64, Value) {
@@ -110,17 +110,7 @@ fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
         .filter(|w| !w.path.contains("/events") && !w.path.contains("/leases"))
         .map(|w| format!("{} {}", w.method, w.path))
         .collect();
-    assert_eq!(
-        writes,
-        [
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
-            "DELETE /api/v1/namespaces/spk-utilities/pods",
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
-        ]
-    );
+    assert_eq!(writes, RESTART_WRITES);
     // Waits watch, they do not poll: a handful of lists, the rest are watches.
     let reqs = env.server.requests();
     let pod_lists = reqs
@@ -133,6 +123,44 @@ fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
         events.iter().any(|e| e["reason"] == "Restarted"),
         "{events:?}"
     );
+}
+
+/// The first watch request whose path contains `path` was followed by a fresh list of it: the
+/// wait went through its re-list branch.
+fn relisted_after_the_first_watch(env: &TestEnv, path: &str) {
+    let reqs = env.server.requests();
+    let is = |r: &&dssm_testcluster::Recorded, watch: bool| {
+        r.method == "GET" && r.path.ends_with(path) && r.query.contains("watch") == watch
+    };
+    let first_watch = reqs
+        .iter()
+        .position(|r| is(&r, true))
+        .unwrap_or_else(|| panic!("no watch of {path}"));
+    assert!(
+        reqs[first_watch + 1..].iter().any(|r| is(&r, false)),
+        "no list of {path} after its watch was answered 410 Gone"
+    );
+}
+
+#[test]
+fn a_410_gone_during_the_pod_waits_relists_and_the_restart_completes() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    env.server.clear_requests();
+    // The wait for TMM pods gone sees one event, then 410 Gone (its resourceVersion expired);
+    // the wait for dSSM pods back is answered 410 Gone at once.
+    env.server.add_watch_fault(
+        WatchFault::end_after_events("/namespaces/spk-ingress/pods", 1).with_error(410),
+    );
+    env.server
+        .add_watch_fault(WatchFault::gone("/namespaces/spk-utilities/pods"));
+    let (code, out, err) = env.run(&["restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no TMM pod left"), "{out}");
+    assert!(out.contains("dSSM pods in spk-utilities are back"), "{out}");
+    assert_eq!(tmm_replicas(&env).0, 3);
+    relisted_after_the_first_watch(&env, "/namespaces/spk-ingress/pods");
+    relisted_after_the_first_watch(&env, "/namespaces/spk-utilities/pods");
 }
 
 #[test]
@@ -296,6 +324,8 @@ extern "C" {
 #[test]
 fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
     let mut n = 1;
+    // The write each run was killed after: method and path of the nth write.
+    let mut points: Vec<String> = Vec::new();
     loop {
         let env = TestEnv::spk();
         wait_installed(&env);
@@ -318,16 +348,17 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let writes = |s: &support::apiserver::State| {
+        let writes = |s: &dssm_testcluster::State| -> Vec<String> {
             s.requests
                 .iter()
                 .filter(|r| r.is_write() && !r.path.contains("/events"))
-                .count()
+                .map(|r| format!("{} {}", r.method, r.path))
+                .collect()
         };
         let mut finished = false;
         let start = std::time::Instant::now();
         loop {
-            if env.server.with_state(|s| writes(s)) >= n {
+            if env.server.with_state(|s| writes(s)).len() >= n {
                 break;
             }
             if let Ok(Some(_)) = child.try_wait() {
@@ -342,6 +373,7 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
         if finished {
             break; // n is past the last write: every crash point was covered
         }
+        points.push(env.server.with_state(|s| writes(s))[n - 1].clone());
         let store_ca = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["data"]
             ["dssm-ca.crt"]
             .clone();
@@ -396,11 +428,36 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
         pods_newer_than_the_secrets(&env);
         n += 1;
     }
-    assert!(
-        n > 10,
-        "only {n} crash points: the rotation writes more than that"
+    let lease = "PUT /apis/coordination.k8s.io/v1/namespaces/spk-utilities/leases/dssm-certs";
+    assert_eq!(
+        points,
+        [&[lease], ROTATE_CA_WRITES, RESTART_WRITES, &[lease]].concat(),
+        "the rotation's writes changed: review the crash points"
     );
 }
+
+/// The writes of the seed procedure's restart (scale-to-zero), in order.
+const RESTART_WRITES: &[&str] = &[
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    "DELETE /api/v1/namespaces/spk-utilities/pods",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+];
+
+/// The writes of `rotate --ca` before its restart, in order (between taking and giving back the
+/// Lease): the crash matrix kills the rotation right after each of these and of the restart's.
+const ROTATE_CA_WRITES: &[&str] = &[
+    "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-ca-key-secret",
+    "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-certs-secret",
+    "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-keys-secret",
+    "PUT /api/v1/namespaces/spk-ingress/secrets/dssm-certs-secret",
+    "PUT /api/v1/namespaces/spk-ingress/secrets/dssm-keys-secret",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-ca-key-secret",
+];
 
 /// Step 8 against real Redis: the materials the cluster holds after a reconcile, mounted into a
 /// real TLS-only dSSM topology; the restart ends with an mTLS PING to its sentinel.

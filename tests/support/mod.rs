@@ -3,9 +3,10 @@
 #![allow(dead_code)]
 
 pub mod agent;
-pub mod apiserver;
 pub mod objects;
 pub mod rbac;
+/// The test cluster, a crate of its own in the workspace (testcluster/).
+pub use dssm_testcluster as apiserver;
 pub mod redis;
 
 use std::path::{Path, PathBuf};
