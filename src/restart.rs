@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::api::{EvictParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
 
 use crate::cluster::{call, Cluster, ClusterError};
@@ -61,6 +61,8 @@ pub enum RestartError {
     Timeout { what: String, secs: u64 },
     #[error("interrupted by a signal; {}", if *replicas >= 0 { format!("TMM was restored to {replicas} replicas") } else { "TMM was not touched by this process".to_string() })]
     Interrupted { replicas: i32 },
+    #[error("pod {pod} could not be evicted before the deadline (--wait-timeout): a PodDisruptionBudget allows no disruption ({message})")]
+    EvictionBlocked { pod: String, message: String },
     #[error("the pods restarted, but the mTLS probe failed: {0}")]
     Probe(String),
     #[error("pre-flight refused the restart, nothing was touched: {0}. Fix that first, or pass --force to restart anyway (recorded in an Event)")]
@@ -183,6 +185,54 @@ pub async fn wait_pods(
         })
 }
 
+/// Resolves once `cond` holds for the Deployment `name`. kube-runtime's watcher re-lists on
+/// 410 Gone and backs off on errors, so an API server restart or a broken stream never ends the
+/// wait early (its caller's deadline does).
+async fn watch_deployment(
+    api: Api<Deployment>,
+    name: &str,
+    cond: impl Fn(Option<&Deployment>) -> bool,
+) {
+    use kube::runtime::{watcher, WatchStreamExt};
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let stream = watcher(api, config).default_backoff().applied_objects();
+    futures::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(d) if cond(Some(&d)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(deployment = %name, error = %e, "watch interrupted; resuming")
+            }
+        }
+    }
+}
+
+/// Whether a LabelSelector (matchLabels and matchExpressions, as apimachinery's
+/// `LabelSelectorAsSelector`) selects `labels`. An empty selector selects everything.
+pub fn selects(
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let by_labels = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_expressions = sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        let have = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => have.is_some_and(|v| values.contains(v)),
+            "NotIn" => have.is_none_or(|v| !values.contains(v)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            _ => false,
+        }
+    });
+    by_labels && by_expressions
+}
+
 fn selector_of(d: &Deployment) -> String {
     d.spec
         .selector
@@ -225,13 +275,13 @@ impl Cluster {
             }
             Err(e) => return Err(e),
         }
-        let api = self.deployments();
-        let rolled_out = kube::runtime::wait::await_condition(
-            api.clone(),
+        blocking.extend(self.blocking_pdbs().await?);
+        let rolled_out = watch_deployment(
+            self.deployments(),
             &self.tmm_deployment,
             |d: Option<&Deployment>| d.is_some_and(|d| rollout_incomplete(d).is_none()),
         );
-        if !matches!(tokio::time::timeout(timeout, rolled_out).await, Ok(Ok(_))) {
+        if tokio::time::timeout(timeout, rolled_out).await.is_err() {
             let Some(d) = self.get_deployment().await? else {
                 return Err(ClusterError::NoDeployment {
                     namespace: self.tmm_ns.clone(),
@@ -256,6 +306,74 @@ impl Cluster {
         self.event_on(&d, true, "RestartRefused", format!("pre-flight: {why}"))
             .await;
         Err(RestartError::Preflight(why))
+    }
+
+    /// PodDisruptionBudgets over dSSM pods that allow no disruption now: every eviction would be
+    /// refused (429) until the deadline.
+    async fn blocking_pdbs(&self) -> Result<Vec<String>, ClusterError> {
+        use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+        let api: Api<PodDisruptionBudget> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let what = format!("poddisruptionbudgets in {}", self.dssm_ns);
+        let all = ListParams::default();
+        let pdbs = call("list", &what, || api.list(&all)).await?;
+        let lp = ListParams::default().labels(&self.dssm_selector);
+        let dssm = call("list", &what, || pods.list(&lp)).await?;
+        Ok(pdbs
+            .items
+            .iter()
+            .filter(|b| {
+                b.status
+                    .as_ref()
+                    .and_then(|s| s.disruptions_allowed)
+                    .unwrap_or(0)
+                    == 0
+                    && b.spec
+                        .as_ref()
+                        .and_then(|s| s.selector.as_ref())
+                        .is_some_and(|sel| dssm.items.iter().any(|p| selects(sel, p.labels())))
+            })
+            .map(|b| {
+                format!(
+                    "poddisruptionbudget {}/{} allows no disruption now",
+                    self.dssm_ns,
+                    b.name_any()
+                )
+            })
+            .collect())
+    }
+
+    /// Removes a dSSM pod through the Eviction API, so PodDisruptionBudgets are respected: a
+    /// 429 (no disruption allowed now) is retried until `deadline`, as `kubectl drain` does. A pod
+    /// already gone is fine.
+    async fn evict(
+        &self,
+        pods: &Api<Pod>,
+        name: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), RestartError> {
+        let what = format!("pod {}/{name} (eviction)", self.dssm_ns);
+        let ep = EvictParams::default();
+        loop {
+            match call("create", &what, || pods.evict(name, &ep)).await {
+                Ok(_) | Err(ClusterError::NotFound { .. }) => return Ok(()),
+                Err(ClusterError::Api {
+                    code: 429, message, ..
+                }) if tokio::time::Instant::now() < deadline => {
+                    tracing::info!(pod = %name, %message, "eviction not allowed yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(ClusterError::Api {
+                    code: 429, message, ..
+                }) => {
+                    return Err(RestartError::EvictionBlocked {
+                        pod: format!("{}/{name}", self.dssm_ns),
+                        message,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn scale_tmm(&self, replicas: i32) -> Result<(), ClusterError> {
@@ -326,24 +444,16 @@ impl Cluster {
             "deployment {}/{name} to have {replicas} available replicas",
             self.tmm_ns
         );
-        match tokio::time::timeout(
-            timeout,
-            kube::runtime::wait::await_condition(api, &name, cond),
-        )
-        .await
+        if tokio::time::timeout(timeout, watch_deployment(api, &name, cond))
+            .await
+            .is_ok()
         {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(ClusterError::Unreachable {
-                verb: "watch",
-                what,
-                detail: e.to_string(),
-                attempts: 1,
-            }
-            .into()),
-            Err(_) => Err(RestartError::Timeout {
+            Ok(())
+        } else {
+            Err(RestartError::Timeout {
                 what,
                 secs: timeout.as_secs(),
-            }),
+            })
         }
     }
 
@@ -355,7 +465,6 @@ impl Cluster {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
         let sel = self.dssm_selector.clone();
         let lp = ListParams::default().labels(&sel);
-        let dp = DeleteParams::default();
         let before = call("list", &format!("pods {} ({sel})", self.dssm_ns), || {
             pods.list(&lp)
         })
@@ -366,14 +475,13 @@ impl Cluster {
             .filter(|p| !terminating(p))
             .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
             .collect();
-        let what = format!("pods {} ({sel})", self.dssm_ns);
-        call("deletecollection", &what, || {
-            pods.delete_collection(&dp, &lp)
-        })
-        .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        for name in old.keys() {
+            self.evict(&pods, name, deadline).await?;
+        }
         let _ = writeln!(
             out,
-            "deleted {} dSSM pods in {} ({sel})",
+            "evicted {} dSSM pods in {} ({sel})",
             old.len(),
             self.dssm_ns
         );
@@ -695,11 +803,8 @@ impl Cluster {
         };
         order.sort_by_key(|(n, _)| rank(n));
         for (name, uid) in order {
-            let dp = DeleteParams::default();
-            call("delete", &format!("pod {}/{name}", self.dssm_ns), || {
-                pods.delete(&name, &dp)
-            })
-            .await?;
+            self.evict(&pods, &name, tokio::time::Instant::now() + t)
+                .await?;
             let wait_what = format!("pod {}/{name} to come back Running and Ready", self.dssm_ns);
             let n2 = name.clone();
             wait_pods(&pods, &sel, &wait_what, t, move |now| {

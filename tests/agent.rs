@@ -196,7 +196,8 @@ fn inside_the_maintenance_window_a_due_certificate_is_renewed_and_restarted() {
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     env.server.with_state(|s| s.faults.clear());
     let before = env.copy("spk-utilities").unwrap();
-    // Always open: every minute, for an hour. --renew-before makes the leaf due now.
+    // Always open: every minute, for an hour. --renew-before makes the 365-day leaf due now,
+    // and not its 730-day successor (else every renewal would trigger the next one).
     let agent = start(
         &env,
         &[
@@ -206,8 +207,8 @@ fn inside_the_maintenance_window_a_due_certificate_is_renewed_and_restarted() {
             "* * * * * 1h",
             "--renew-before",
             "400d",
-            "--ca-days",
-            "365",
+            "--days",
+            "730",
             "--key-algorithm",
             "ecdsa-p256",
         ],

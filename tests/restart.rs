@@ -174,7 +174,7 @@ fn dssm_first_keeps_tmm_at_zero_until_dssm_is_ready() {
         out.find(needle)
             .unwrap_or_else(|| panic!("{needle}: {out}"))
     };
-    assert!(at("no TMM pod left") < at("deleted 6 dSSM pods"));
+    assert!(at("no TMM pod left") < at("evicted 6 dSSM pods"));
     assert!(at("dSSM pods in spk-utilities are back") < at("back to 3"));
     assert_eq!(tmm_replicas(&env).0, 3);
 }
@@ -442,7 +442,14 @@ const RESTART_WRITES: &[&str] = &[
     "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
     "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
     "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
-    "DELETE /api/v1/namespaces/spk-utilities/pods",
+    // The dSSM pods leave through the Eviction API (PodDisruptionBudgets respected), never a
+    // deletecollection.
+    "POST /api/v1/namespaces/spk-utilities/pods/f5-dssm-db-0/eviction",
+    "POST /api/v1/namespaces/spk-utilities/pods/f5-dssm-db-1/eviction",
+    "POST /api/v1/namespaces/spk-utilities/pods/f5-dssm-db-2/eviction",
+    "POST /api/v1/namespaces/spk-utilities/pods/f5-dssm-sentinel-0/eviction",
+    "POST /api/v1/namespaces/spk-utilities/pods/f5-dssm-sentinel-1/eviction",
+    "POST /api/v1/namespaces/spk-utilities/pods/f5-dssm-sentinel-2/eviction",
     "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
 ];
 
@@ -542,8 +549,8 @@ fn a_rolling_restart_replaces_every_pod_without_scaling_tmm_down() {
     );
     let deletes: Vec<String> = reqs
         .iter()
-        .filter(|r| r.method == "DELETE")
-        .map(|r| r.path.rsplit('/').next().unwrap().to_string())
+        .filter(|r| r.method == "POST" && r.path.ends_with("/eviction"))
+        .map(|r| r.path.rsplit('/').nth(1).unwrap().to_string())
         .collect();
     assert_eq!(
         deletes,
@@ -851,4 +858,160 @@ fn rollout_and_readiness_verdicts() {
     assert!(dssm_not_ready(&[], "n", "s")
         .unwrap()
         .contains("no dSSM pod"));
+}
+
+/// The restart-safety issue: an evicted (Failed) TMM pod stays listed after the scale-down, and
+/// the "old pods gone" wait waited for it until its timeout, with TMM at zero all along.
+#[test]
+fn a_failed_tmm_pod_does_not_hold_the_scale_down_wait() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let victim = env.server.list("", "pods", "spk-ingress")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.server.fail_pod("spk-ingress", &victim, "Evicted");
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "20s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no TMM pod left"), "{out}");
+    let failed = env.server.get("", "pods", "spk-ingress", &victim).unwrap();
+    assert_eq!(
+        failed["status"]["phase"], "Failed",
+        "still listed, as in a real cluster"
+    );
+    let (replicas, _) = tmm_replicas(&env);
+    assert_eq!(replicas, 3);
+}
+
+/// The restart-safety issue: dSSM pods were deleted (deletecollection), bypassing
+/// PodDisruptionBudgets. A PDB that allows no disruption now refuses the restart in the
+/// pre-flight with nothing touched; with --force the eviction is retried until the deadline,
+/// then the restart fails cleanly with TMM restored.
+#[test]
+fn a_pdb_allowing_no_disruption_refuses_the_restart_and_eviction_respects_it() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    env.server.put(
+        "policy",
+        "poddisruptionbudgets",
+        "spk-utilities",
+        json!({
+            "metadata": {"name": "f5-dssm-db"},
+            "spec": {"maxUnavailable": 0, "selector": {"matchExpressions": [
+                {"key": "app", "operator": "In", "values": ["f5-dssm-db"]}]}},
+        }),
+    );
+    env.server
+        .wait_until("the PDB's status", Duration::from_secs(10), |s| {
+            s.get(
+                resource("policy", "poddisruptionbudgets"),
+                "spk-utilities",
+                "f5-dssm-db",
+            )
+            .is_some_and(|b| {
+                b["status"]["disruptionsAllowed"] == 0 && b["status"]["expectedPods"] == 3
+            })
+        });
+    env.server.clear_requests();
+    let (code, _, err) = env.run(&["restart", "--wait-timeout", "3s"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(
+        err.contains("poddisruptionbudget spk-utilities/f5-dssm-db allows no disruption now"),
+        "{err}"
+    );
+    assert!(
+        env.writes()
+            .iter()
+            .all(|w| w.path.contains("/events") || w.path.contains("/leases")),
+        "{:?}",
+        env.writes()
+    );
+
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "5s", "--force"]);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("could not be evicted before the deadline")
+            && err.contains("PodDisruptionBudget"),
+        "{err}"
+    );
+    let evictions = env
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/eviction"))
+        .count();
+    assert!(evictions >= 2, "retried until the deadline ({evictions})");
+    assert!(
+        env.server
+            .requests()
+            .iter()
+            .all(|r| r.method != "DELETE" || !r.path.contains("/pods")),
+        "never a delete of a pod"
+    );
+    let (replicas, ann) = tmm_replicas(&env);
+    assert_eq!(replicas, 3, "TMM restored");
+    assert!(ann.get("dssm-certs.f5.com/tmm-replicas").is_none());
+}
+
+#[test]
+fn label_selectors_with_match_expressions_select_like_apimachinery() {
+    use dssm_certs::restart::selects;
+    let sel =
+        |v: serde_json::Value| -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            serde_json::from_value(v).unwrap()
+        };
+    let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let db = labels(&[("app", "f5-dssm-db"), ("tier", "store")]);
+    assert!(selects(&sel(json!({})), &db), "empty selects all");
+    assert!(selects(
+        &sel(json!({"matchLabels": {"app": "f5-dssm-db"}})),
+        &db
+    ));
+    assert!(!selects(
+        &sel(json!({"matchLabels": {"app": "f5-tmm"}})),
+        &db
+    ));
+    let expr = |op: &str, values: &[&str]| {
+        sel(json!({"matchExpressions": [{"key": "app", "operator": op, "values": values}]}))
+    };
+    assert!(selects(
+        &expr("In", &["f5-dssm-db", "f5-dssm-sentinel"]),
+        &db
+    ));
+    assert!(!selects(&expr("NotIn", &["f5-dssm-db"]), &db));
+    assert!(selects(&expr("Exists", &[]), &db));
+    assert!(!selects(&expr("DoesNotExist", &[]), &db));
+    assert!(
+        selects(&expr("NotIn", &["x"]), &labels(&[])),
+        "NotIn matches a missing key"
+    );
+}
+
+/// A 410 Gone while waiting for TMM to be available again: `await_condition` gave up on it and
+/// the restart failed with TMM half back. kube-runtime's watcher re-lists and the restart
+/// completes.
+#[test]
+fn a_410_gone_during_the_wait_for_tmm_available_relists_and_the_restart_completes() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    env.server.clear_requests();
+    env.server
+        .with_state(|s| s.never_ready.push("f5-tmm".into()));
+    env.server.add_watch_fault(WatchFault::gone(
+        "/apis/apps/v1/namespaces/spk-ingress/deployments",
+    ));
+    let (code, out, err) = std::thread::scope(|scope| {
+        let run = scope.spawn(|| env.run(&["restart"]));
+        std::thread::sleep(Duration::from_secs(8));
+        env.server.with_state(|s| s.never_ready.clear());
+        run.join().unwrap()
+    });
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("3 available replicas"), "{out}");
+    relisted_after_the_first_watch(&env, "/namespaces/spk-ingress/deployments");
 }
