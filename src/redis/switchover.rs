@@ -19,8 +19,6 @@ use super::{pause_until, RedisError};
 const POLL: Duration = Duration::from_millis(20);
 /// The longest a primary stays paused if we die midway (Redis ends the pause by itself).
 const PAUSE_CAP: Duration = Duration::from_secs(30);
-/// How long Sentinel gets to turn the old primary into a replica before we do it ourselves.
-const SENTINEL_RECONFIG_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct Switchover {
@@ -28,6 +26,10 @@ pub struct Switchover {
     pub new_primary: String,
     /// Writes were paused on the old primary this long.
     pub paused_for: Duration,
+    /// From the pause until every replica had caught up, and until the sentinels agreed on the
+    /// promoted replica.
+    pub caught_up_after: Duration,
+    pub promoted_after: Duration,
     /// Whether we sent REPLICAOF to the old primary (Sentinel had not yet).
     pub replicaof_sent: bool,
 }
@@ -93,7 +95,7 @@ pub fn paused_switchover(
         master,
         &old,
         &mut primary,
-        deadline,
+        (paused_at, deadline),
     );
     // Unpause whatever happened: on a new connection if ours broke.
     let unpaused = primary
@@ -102,13 +104,15 @@ pub fn paused_switchover(
             Connection::connect(tls, &old, server_name, deadline + Duration::from_secs(2))
                 .and_then(|mut c| c.call(&["CLIENT", "UNPAUSE"], deadline + Duration::from_secs(2)))
         });
-    let (new, replicaof_sent) = moved?;
+    let (new, replicaof_sent, caught_up_after, promoted_after) = moved?;
     unpaused?;
     Ok(Switchover {
         old_primary: old,
         new_primary: new,
         paused_for: paused_at.elapsed(),
         replicaof_sent,
+        caught_up_after,
+        promoted_after,
     })
 }
 
@@ -119,22 +123,36 @@ fn move_while_paused(
     master: &str,
     old: &str,
     primary: &mut Connection,
-    deadline: Instant,
-) -> Result<(String, bool), RedisError> {
-    // Every replica holds every acknowledged write: whichever Sentinel picks loses nothing.
+    (paused_at, deadline): (Instant, Instant),
+) -> Result<(String, bool, Duration, Duration), RedisError> {
+    // Every replica holds every acknowledged write: whichever Sentinel picks loses nothing. Asked
+    // of the replicas themselves: the primary learns their offsets only once a second.
+    let info = info_replication(primary, deadline)?;
+    let target = info.master_repl_offset;
+    let mut replicas = info
+        .replicas
+        .iter()
+        .map(|r| Connection::connect(tls, &r.endpoint(), server_name, deadline))
+        .collect::<Result<Vec<_>, _>>()?;
     loop {
-        let info = info_replication(primary, deadline)?;
-        if !info.replicas.is_empty() && info.caught_up().len() == info.replicas.len() {
+        let mut behind = Vec::new();
+        for r in &mut replicas {
+            let me = info_replication(r, deadline)?;
+            if !(me.link_up && me.replica_offset == Some(target)) {
+                behind.push(format!("{} at {:?}", r.endpoint(), me.replica_offset));
+            }
+        }
+        if behind.is_empty() {
             break;
         }
         if Instant::now() + POLL >= deadline {
             return Err(topology(format!(
-                "{old}: replicas did not catch up while writes were paused: {:?} at primary offset {}",
-                info.replicas, info.master_repl_offset
+                "{old}: replicas did not catch up with offset {target} while writes were paused: {behind:?}"
             )));
         }
-        pause_until(deadline, POLL);
+        pause_until(deadline, POLL / 4);
     }
+    let caught_up_after = paused_at.elapsed();
     let mut asked = Err(topology("no sentinel to ask".into()));
     for s in sentinels {
         asked = Connection::connect(tls, s, server_name, deadline)
@@ -161,23 +179,17 @@ fn move_while_paused(
         }
         pause_until(deadline, POLL);
     };
-    // Sentinel normally turns the old primary into a replica of the new one; never leave two.
-    let grace = Instant::now() + SENTINEL_RECONFIG_GRACE;
-    let mut replicaof_sent = false;
-    loop {
-        let info = info_replication(primary, deadline)?;
-        if info.role == Role::Replica && info.primary.as_deref() == Some(new.as_str()) {
-            break;
-        }
-        if Instant::now() >= grace.min(deadline) {
-            let (host, port) = new.rsplit_once(':').expect("ip:port");
-            primary.call(&["REPLICAOF", host, port], deadline)?;
-            replicaof_sent = true;
-            break;
-        }
-        pause_until(deadline, POLL);
+    let promoted_after = paused_at.elapsed();
+    // Sentinel would turn the old primary into a replica of the new one too, but only after its
+    // next INFO poll (seconds); while paused nobody writes to it, so it follows now.
+    let info = info_replication(primary, deadline)?;
+    let replicaof_sent =
+        !(info.role == Role::Replica && info.primary.as_deref() == Some(new.as_str()));
+    if replicaof_sent {
+        let (host, port) = new.rsplit_once(':').expect("ip:port");
+        primary.call(&["REPLICAOF", host, port], deadline)?;
     }
     // Clients still connected to the old primary must find the new one through the sentinels.
     primary.call(&["CLIENT", "KILL", "TYPE", "normal"], deadline)?;
-    Ok((new, replicaof_sent))
+    Ok((new, replicaof_sent, caught_up_after, promoted_after))
 }

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod load;
 pub mod objects;
 pub mod rbac;
 pub mod redis;
