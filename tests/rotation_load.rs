@@ -21,6 +21,13 @@ fn leaf_renewal_under_load_fails_no_operation_and_loses_no_write() {
 }
 
 #[test]
+fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_over_under_load() {
+    let f = scenarios::leaf_renewal_mounted(LoadConfig::default(), true);
+    eprintln!("leaf renewal, subPath: {f:?}");
+    f.assert_unnoticed("leaf renewal with subPath mounts");
+}
+
+#[test]
 fn three_phase_ca_rotation_from_seed_materials_under_load_fails_no_operation_and_loses_no_write() {
     let f = scenarios::ca_rotation(LoadConfig::default());
     eprintln!("CA rotation: {f:?}");

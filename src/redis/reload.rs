@@ -115,12 +115,13 @@ pub fn reload_tls(
 ) -> Result<Reloaded, RedisError> {
     let start = Instant::now();
     let mut attempts = 0;
+    let mut served = "unknown".to_string();
     loop {
         attempts += 1;
         let round = Connection::connect(tls, endpoint, server_name, deadline)
             .and_then(|mut c| config_set_same_paths(&mut c, deadline))
             .and_then(|()| check_proof(tls, endpoint, server_name, proof, deadline));
-        match round {
+        let last_error = match round {
             Ok(()) => {
                 return Ok(Reloaded {
                     endpoint: endpoint.to_string(),
@@ -128,21 +129,23 @@ pub fn reload_tls(
                     took: start.elapsed(),
                 })
             }
-            Err(e) if Instant::now() + RETRY >= deadline => {
-                return Err(match e {
-                    RedisError::NotSwapped { .. } => e,
-                    other => RedisError::NotSwapped {
-                        endpoint: endpoint.to_string(),
-                        expected: proof
-                            .serves
-                            .clone()
-                            .unwrap_or_else(|| "the new files".into()),
-                        served: "unknown".into(),
-                        last_error: format!("; last error: {other}"),
-                    },
-                })
+            Err(RedisError::NotSwapped { served: s, .. }) => {
+                served = s;
+                String::new()
             }
-            Err(_) => pause_until(deadline, RETRY),
+            Err(other) => format!("; last error: {other}"),
+        };
+        if Instant::now() + RETRY >= deadline {
+            return Err(RedisError::NotSwapped {
+                endpoint: endpoint.to_string(),
+                expected: proof
+                    .serves
+                    .clone()
+                    .unwrap_or_else(|| "the new files".into()),
+                served,
+                last_error,
+            });
         }
+        pause_until(deadline, RETRY);
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::reload::{check_proof, reload_tls, Proof};
 use super::replication::{info_replication, Role};
 use super::resp::Connection;
-use super::sentinel::in_quorum_and_sees_the_others;
+use super::sentinel::{in_quorum_and_sees_the_others, replica_ready_for_sentinels};
 use super::switchover::{agreed_primary, paused_switchover};
 use super::tls::TlsClient;
 use super::{pause_until, RedisError};
@@ -48,7 +48,8 @@ pub enum Step {
     RestartDb {
         pod: String,
     },
-    /// Gate: the DB answers as a replica, its link is up and it caught up with the primary.
+    /// Gate: the DB answers as a replica, its link is up, it caught up with the primary, and
+    /// every sentinel sees it so (else a later failover finds no replica to promote).
     DbCaughtUp {
         pod: String,
     },
@@ -294,6 +295,14 @@ fn run_step(
                 }
                 pause_until(deadline, POLL / 5);
             }
+            replica_ready_for_sentinels(
+                cx.tls,
+                cx.server_name,
+                sentinels,
+                cx.master,
+                &endpoint,
+                deadline,
+            )?;
             check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
         }),
         Step::SentinelInQuorum {

@@ -139,6 +139,34 @@ pub fn in_quorum_and_sees_the_others(
     Ok(())
 }
 
+/// Whether every sentinel at `sentinels` lists the replica at `replica` (`ip:port`) as healthy
+/// with its link to the primary up. Sentinel refreshes a replica's INFO only every 10 s, and a
+/// failover never promotes a replica whose last INFO showed the link down (`NOGOODSLAVE`).
+pub fn replica_ready_for_sentinels(
+    tls: &super::TlsClient,
+    server_name: &str,
+    sentinels: &[String],
+    master: &str,
+    replica: &str,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    for s in sentinels {
+        let mut c = Connection::connect(tls, s, server_name, deadline)?;
+        let seen = replicas(&mut c, master, deadline)?;
+        let ready = seen.iter().any(|p| {
+            p.endpoint() == replica
+                && p.healthy()
+                && p.fields.get("master-link-status").map(String::as_str) == Some("ok")
+        });
+        if !ready {
+            return Err(RedisError::Topology(format!(
+                "{s}: does not yet see replica {replica} healthy with its link up"
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

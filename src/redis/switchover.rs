@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::replication::{info_replication, Role};
 use super::resp::Connection;
-use super::sentinel::primary_addr;
+use super::sentinel::{primary_addr, replica_ready_for_sentinels};
 use super::tls::TlsClient;
 use super::{pause_until, RedisError};
 
@@ -80,6 +80,24 @@ pub fn paused_switchover(
         return Err(topology(format!(
             "{old}: not a primary with an online replica ({info:?}): refusing to move the only copy of the data"
         )));
+    }
+    // Pause only once Sentinel could promote every replica (its view lags a restart by seconds).
+    for r in &info.replicas {
+        let endpoint = r.endpoint();
+        loop {
+            match replica_ready_for_sentinels(
+                tls,
+                server_name,
+                sentinels,
+                master,
+                &endpoint,
+                deadline,
+            ) {
+                Ok(()) => break,
+                Err(e) if Instant::now() + POLL >= deadline => return Err(e),
+                Err(_) => pause_until(deadline, POLL * 5),
+            }
+        }
     }
     let pause_ms = deadline
         .saturating_duration_since(Instant::now())

@@ -140,6 +140,19 @@ impl Ca {
     }
 }
 
+/// A leaf renewal under one CA (ECDSA P-256): the old and the new materials in `dir`.
+pub fn renewal_materials(dir: &Path) -> (PathBuf, PathBuf) {
+    let ca = Ca::new(
+        "O=Redis Test, CN=Certificate Authority",
+        KeyAlgorithm::EcdsaP256,
+    );
+    let (c, k) = ca.leaf(365);
+    let old = write_materials(&dir.join("old"), &ca.cert, &c, &k);
+    let (c, k) = ca.leaf(300);
+    let new = write_materials(&dir.join("new"), &ca.cert, &c, &k);
+    (old, new)
+}
+
 pub fn tls_client(dir: &Path) -> TlsClient {
     TlsClient::new(&ClientMaterials::from_dir(dir).unwrap(), true).unwrap()
 }
@@ -453,13 +466,26 @@ pub fn observed_pods(t: &Topology, sub_path: bool) -> Vec<rollout::Pod> {
 /// One phase through every dSSM process: kubelet swaps each pod's files, then the Redis-aware
 /// rollout (DB reloads, sentinels one at a time behind their quorum gate) proves `proof`.
 pub fn roll_dssm(t: &mut Topology, files: &Path, tool: &TlsClient, proof: Proof<'_>) {
+    roll_dssm_mounted(t, files, tool, proof, false)
+}
+
+/// `roll_dssm`, with `sub_path`: whether the pods mount their Secrets with `subPath`, so that
+/// only a restart brings the new files (swapped here before the restart, which is what the
+/// restarted container sees).
+pub fn roll_dssm_mounted(
+    t: &mut Topology,
+    files: &Path,
+    tool: &TlsClient,
+    proof: Proof<'_>,
+    sub_path: bool,
+) {
     for p in &t.procs {
         KubeletMount {
             dir: p.mount.clone(),
         }
         .swap(files);
     }
-    let steps = rollout::plan(&observed_pods(t, false)).unwrap();
+    let steps = rollout::plan(&observed_pods(t, sub_path)).unwrap();
     let cx = RolloutContext {
         tls: tool,
         server_name: SERVER_NAME,
@@ -490,15 +516,14 @@ pub mod scenarios {
     /// (a) A new leaf under the same CA: kubelet swaps every pod's files, each DB reloads in
     /// place, sentinels restart one at a time behind their quorum gate, TMM rolls.
     pub fn leaf_renewal(cfg: LoadConfig) -> Figures {
+        leaf_renewal_mounted(cfg, false)
+    }
+
+    /// (a) with `sub_path` mounts: DBs cannot reload, so replicas restart one at a time, caught
+    /// up before the next, and the primary restarts last after a paused switchover.
+    pub fn leaf_renewal_mounted(cfg: LoadConfig, sub_path: bool) -> Figures {
         let tmp = super::super::tempdir();
-        let ca = Ca::new(
-            "O=Redis Test, CN=Certificate Authority",
-            KeyAlgorithm::EcdsaP256,
-        );
-        let (c, k) = ca.leaf(365);
-        let old = write_materials(&tmp.path().join("old"), &ca.cert, &c, &k);
-        let (c, k) = ca.leaf(300);
-        let new = write_materials(&tmp.path().join("new"), &ca.cert, &c, &k);
+        let (old, new) = renewal_materials(tmp.path());
         let (mut t, load) = start(&old, cfg);
         let tool = tls_client(&new);
         let proof = Proof {
@@ -506,7 +531,7 @@ pub mod scenarios {
             accepts: vec![&tool],
             refuses: vec![],
         };
-        roll_dssm(&mut t, &new, &tool, proof);
+        roll_dssm_mounted(&mut t, &new, &tool, proof, sub_path);
         load.roll_clients(&new, ROLL_GAP);
         std::thread::sleep(SETTLE);
         load.finish(&new)
@@ -530,6 +555,16 @@ pub mod scenarios {
             let seed = tmp.path().join("seed");
             std::fs::create_dir(&seed).unwrap();
             super::super::seed_materials(&seed, false);
+            Self::from_seed(tmp, seed, new_subject, old_first)
+        }
+
+        /// The same from existing seed materials in `seed`.
+        pub fn from_seed(
+            tmp: tempfile::TempDir,
+            seed: PathBuf,
+            new_subject: &str,
+            old_first: bool,
+        ) -> CaRotation {
             let old = Ca::load(&seed);
             // Same key type as the seed's CA: OpenSSL would otherwise tell them apart by it.
             let new = Ca::new(new_subject, KeyAlgorithm::Rsa2048);

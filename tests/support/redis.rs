@@ -196,23 +196,7 @@ impl Topology {
     }
 
     fn spawn(&self, p: &mut Proc) {
-        let bin = match p.role {
-            Role::Db => require("redis-server"),
-            Role::Sentinel => require("redis-sentinel"),
-        };
-        let child = Command::new(bin)
-            .arg(p.dir.join("redis.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        p.child = Some(child);
-        let (port, mount) = (p.port, p.mount.clone());
-        wait_for(
-            &format!("{} to answer PING", p.name),
-            Duration::from_secs(20),
-            || (cli_with(&mount, port, &["PING"]).trim() == "PONG").then_some(()),
-        );
+        spawn(p);
     }
 
     pub fn get(&self, name: &str) -> &Proc {
@@ -336,6 +320,50 @@ fn follow(p: &Proc, primary: u16) {
         conf.push_str(&format!("\nreplicaof 127.0.0.1 {primary}\n"));
     }
     std::fs::write(p.dir.join("redis.conf"), conf).unwrap();
+}
+
+/// Starts `p`'s process on its config and waits until it answers PING over TLS.
+fn spawn(p: &mut Proc) {
+    let bin = match p.role {
+        Role::Db => require("redis-server"),
+        Role::Sentinel => require("redis-sentinel"),
+    };
+    let child = Command::new(bin)
+        .arg(p.dir.join("redis.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    p.child = Some(child);
+    let (port, mount) = (p.port, p.mount.clone());
+    wait_for(
+        &format!("{} to answer PING", p.name),
+        Duration::from_secs(20),
+        || (cli_with(&mount, port, &["PING"]).trim() == "PONG").then_some(()),
+    );
+}
+
+/// One TLS-only DB (no replicas, no sentinels) running from `mount`, in `dir`.
+pub fn start_db(dir: &Path, mount: &Path) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut p = Proc {
+        name: "db".into(),
+        role: Role::Db,
+        port: free_port(),
+        dir: dir.to_path_buf(),
+        mount: mount.to_path_buf(),
+        child: None,
+    };
+    let mut conf = format!(
+        "port 0\ntls-port {}\nbind 127.0.0.1\ndir {}\nlogfile {}\nsave \"\"\nappendonly no\n",
+        p.port,
+        p.dir.display(),
+        p.dir.join("log").display()
+    );
+    conf.push_str(&tls_lines(mount));
+    std::fs::write(p.dir.join("redis.conf"), conf).unwrap();
+    spawn(&mut p);
+    p
 }
 
 fn count_field(reply: &str, field: &str) -> usize {
