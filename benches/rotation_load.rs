@@ -5,7 +5,8 @@
 //!   cargo bench --bench rotation_load
 //!
 //! (a) leaf renewal under the same CA, (b) three-phase CA rotation from seed-made materials,
-//! both rolled the Redis-aware way (DB hot reload, sentinels one at a time behind CKQUORUM);
+//! both rolled the Redis-aware way (DB hot reload, sentinels one at a time behind CKQUORUM),
+//! and (a) again with subPath mounts (replicas restarted one at a time, primary switched over);
 //! (c) for contrast, new CA + leaf with every process restarted at once; and the paused
 //! switchover of the primary on its own.
 
@@ -17,7 +18,7 @@ use support::load::{scenarios, Figures, LoadConfig};
 
 fn row(name: &str, f: &Figures) {
     println!(
-        "{name:<44} {:>6} {:>6} {:>8} {:>6} {:>9.2} {:>5} {:>10}",
+        "{name:<48} {:>6} {:>6} {:>8} {:>6} {:>9.2} {:>5} {:>10}",
         f.ops,
         f.acked,
         f.failed_after_retry,
@@ -34,14 +35,16 @@ fn main() {
     }
     let cfg = LoadConfig::default();
     let a = scenarios::leaf_renewal(cfg);
+    let a_sub = scenarios::leaf_renewal_mounted(cfg, true);
     let b = scenarios::ca_rotation(cfg);
     let c = scenarios::everything_at_once(cfg);
     let (s, moved) = scenarios::paused_switchover(cfg);
     println!(
-        "{:<44} {:>6} {:>6} {:>8} {:>6} {:>9} {:>5} {:>10}",
+        "{:<48} {:>6} {:>6} {:>8} {:>6} {:>9} {:>5} {:>10}",
         "scenario", "ops", "acked", "failed*", "lost", "gap (s)", "DBs", "sentinels"
     );
     row("(a) leaf renewal, rolling (reload + 1-by-1)", &a);
+    row("(a) same, subPath mounts (restarts+switchover)", &a_sub);
     row("(b) CA rotation, 3 phases, rolling", &b);
     row("(c) new CA, everything restarted at once", &c);
     row("paused switchover of the primary", &s);

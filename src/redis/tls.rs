@@ -302,3 +302,47 @@ impl TlsClient {
 pub fn fingerprint(der: &[u8]) -> String {
     pki::inspect::hex_upper(&openssl::sha::sha256(der), ":")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{issue::default_ca_subject, KeyAlgorithm};
+
+    fn ca() -> Vec<u8> {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        pki::issue_ca(
+            &default_ca_subject(),
+            30,
+            &key,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+        .into_bytes()
+    }
+
+    #[test]
+    fn every_ca_of_a_bundle_is_read_in_order_and_damage_is_named() {
+        let (old, new) = (ca(), ca());
+        let bundle = [old.clone(), new.clone()].concat();
+        let cas = parse_bundle(&bundle, CA_CERT).unwrap();
+        assert_eq!(cas.len(), 2);
+        assert_eq!(
+            cas[0].der(),
+            pki::parse_certificate(&old, "old").unwrap().der()
+        );
+        assert_eq!(
+            cas[1].der(),
+            pki::parse_certificate(&new, "new").unwrap().der()
+        );
+
+        let mut damaged = bundle.clone();
+        let cut = old.len() + new.len() / 2;
+        damaged.truncate(cut);
+        let err = parse_bundle(&damaged, CA_CERT).unwrap_err().to_string();
+        assert!(err.contains(CA_CERT), "{err}");
+        let err = parse_bundle(b"not a certificate", CA_CERT)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(CA_CERT), "{err}");
+    }
+}
