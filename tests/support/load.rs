@@ -136,7 +136,7 @@ impl Ca {
             key_name: "ca key",
         };
         let cert = pki::issue_leaf(&req, &key, &signer, time::OffsetDateTime::now_utc()).unwrap();
-        (cert.into_bytes(), key)
+        (cert.pem.into_bytes(), key)
     }
 }
 
