@@ -17,5 +17,6 @@ pub mod pki;
 pub mod plan;
 pub mod probe;
 pub mod reconcile;
+pub mod redis;
 pub mod restart;
 pub mod values;

@@ -1,60 +1,19 @@
 //! `probe`: a mutual-TLS handshake and `PING` to Sentinel (and a DB) with the deployed materials,
-//! the way TMM connects. The only code that talks to Redis.
-//!
-//! Our v3 leaf is verified by rustls' WebPKI verifier (chain, validity, EKU, name). A leaf made by
-//! the seeds' procedure is X.509 v1 without subjectAltName, which WebPKI refuses; for such a leaf
-//! the chain and validity are checked against the deployed CA with x509-parser and the handshake
-//! signatures against its raw public key. Redis itself never checks host names. The report says
-//! which path was used.
+//! the way TMM connects. The TLS setup (WebPKI for our v3 leaf, x509-parser for the seeds' v1
+//! leaf, every CA of the bundle trusted) is `redis::tls`'s. The report says which path was used.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
-use rustls::crypto::{ring as provider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{
-    CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime,
-};
-use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 
 use crate::check::Status;
-use crate::pki::{self, Certificate, PrivateKey};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    #[error("{0}")]
-    Materials(String),
-    #[error("TLS setup: {0}")]
-    Tls(#[from] rustls::Error),
-}
-
-/// The deployed materials a client (TMM) holds.
-pub struct ClientMaterials {
-    pub ca_cert: Vec<u8>,
-    pub leaf_cert: Vec<u8>,
-    pub leaf_key: PrivateKey,
-}
-
-impl std::fmt::Debug for ClientMaterials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientMaterials").finish_non_exhaustive()
-    }
-}
-
-/// How the served certificate was verified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VerifyPath {
-    /// rustls WebPKI: chain, validity, EKU serverAuth, and the name.
-    Webpki,
-    /// A v1 or SAN-less certificate (the seeds'): chain and validity via x509-parser, no name check.
-    LegacyNoNameCheck,
-}
+use crate::pki;
+use crate::redis::tls::TlsClient;
+pub use crate::redis::tls::{ClientMaterials, TlsSetupError as ProbeError, VerifyPath};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServedCertificate {
@@ -77,204 +36,22 @@ pub struct ProbeReport {
     pub reply: Option<String>,
 }
 
-struct Verifier {
-    ca: Certificate,
-    webpki: Arc<WebPkiServerVerifier>,
-    algorithms: WebPkiSupportedAlgorithms,
-    seen: Mutex<Option<(VerifyPath, Certificate)>>,
-}
-
-impl std::fmt::Debug for Verifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Verifier")
-    }
-}
-
-impl Verifier {
-    fn legacy(&self) -> bool {
-        matches!(
-            self.seen.lock().expect("not poisoned").as_ref(),
-            Some((VerifyPath::LegacyNoNameCheck, _))
-        )
-    }
-
-    fn raw_key(cert: &CertificateDer<'_>) -> Result<Vec<u8>, rustls::Error> {
-        pki::inspect::parse_certificate_der(cert.as_ref(), "served certificate")
-            .map(|c| c.spki_der().to_vec())
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
-    }
-}
-
-impl ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let served = pki::inspect::parse_certificate_der(end_entity.as_ref(), "served certificate")
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let path = if served.version == 3 && !served.dns_names.is_empty() {
-            VerifyPath::Webpki
-        } else {
-            VerifyPath::LegacyNoNameCheck
-        };
-        *self.seen.lock().expect("not poisoned") = Some((path, served.clone()));
-        match path {
-            VerifyPath::Webpki => {
-                self.webpki
-                    .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-            }
-            VerifyPath::LegacyNoNameCheck => {
-                let t = now.as_secs() as i64;
-                if !served.is_signed_by(&self.ca) {
-                    Err(rustls::Error::InvalidCertificate(
-                        CertificateError::UnknownIssuer,
-                    ))
-                } else if t >= served.not_after {
-                    Err(rustls::Error::InvalidCertificate(CertificateError::Expired))
-                } else if t < served.not_before {
-                    Err(rustls::Error::InvalidCertificate(
-                        CertificateError::NotValidYet,
-                    ))
-                } else {
-                    Ok(ServerCertVerified::assertion())
-                }
-            }
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if !self.legacy() {
-            return rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms);
-        }
-        // TLS 1.2 names only the scheme; try each algorithm it maps to against the raw key.
-        let spki = Self::raw_key(cert)?;
-        let (_, parsed) =
-            <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<
-                x509_parser::error::X509Error,
-            >>::from_der(&spki)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let key = parsed.subject_public_key.data.as_ref();
-        for (scheme, algs) in self.algorithms.mapping {
-            if *scheme != dss.scheme {
-                continue;
-            }
-            for alg in *algs {
-                if alg.verify_signature(key, message, dss.signature()).is_ok() {
-                    return Ok(HandshakeSignatureValid::assertion());
-                }
-            }
-        }
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::BadSignature,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if !self.legacy() {
-            return rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms);
-        }
-        let spki = Self::raw_key(cert)?;
-        rustls::crypto::verify_tls13_signature_with_raw_key(
-            message,
-            &SubjectPublicKeyInfoDer::from(spki.as_slice()),
-            dss,
-            &self.algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// Presents the deployed leaf whatever its version: `with_client_auth_cert` would refuse a v1.
-#[derive(Debug)]
-struct ClientCert(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for ClientCert {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-fn first_der(pem: &[u8], what: &str) -> Result<Vec<u8>, ProbeError> {
-    pki::parse_certificate(pem, what)
-        .map(|c| c.der().to_vec())
-        .map_err(|e| ProbeError::Materials(e.to_string()))
-}
-
 /// A connection set up with the deployed materials. `client_cert: false` leaves the certificate
 /// out (to prove the server demands one).
 pub struct Prober {
-    config: Arc<rustls::ClientConfig>,
-    verifier: Arc<Verifier>,
-    leaf_der: Vec<u8>,
+    tls: TlsClient,
 }
 
 impl Prober {
     pub fn new(m: &ClientMaterials, client_cert: bool) -> Result<Self, ProbeError> {
-        let provider = Arc::new(provider::default_provider());
-        let ca_der = first_der(&m.ca_cert, crate::contract::CA_CERT)?;
-        let ca = pki::inspect::parse_certificate_der(&ca_der, crate::contract::CA_CERT)
-            .map_err(|e| ProbeError::Materials(e.to_string()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        // A v1 CA is accepted as a trust anchor too: webpki only needs its subject and key.
-        roots
-            .add(CertificateDer::from(ca_der.clone()))
-            .map_err(|e| ProbeError::Materials(format!("{}: {e}", crate::contract::CA_CERT)))?;
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| ProbeError::Materials(e.to_string()))?;
-        let verifier = Arc::new(Verifier {
-            ca,
-            webpki,
-            algorithms: provider.signature_verification_algorithms,
-            seen: Mutex::new(None),
-        });
-        let leaf_der = first_der(&m.leaf_cert, crate::contract::LEAF_CERT)?;
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone());
-        let config = if client_cert {
-            let key = provider
-                .key_provider
-                .load_private_key(PrivateKeyDer::Pkcs8(m.leaf_key.to_pkcs8_der().into()))
-                .map_err(|e| {
-                    ProbeError::Materials(format!("{}: {e}", crate::contract::LEAF_KEY))
-                })?;
-            let certified = CertifiedKey::new(vec![CertificateDer::from(leaf_der.clone())], key);
-            builder.with_client_cert_resolver(Arc::new(ClientCert(Arc::new(certified))))
-        } else {
-            builder.with_no_client_auth()
-        };
         Ok(Prober {
-            config: Arc::new(config),
-            verifier,
-            leaf_der,
+            tls: TlsClient::new(m, client_cert)?,
         })
     }
 
     /// Connects to `endpoint` (`host:port`), verifies the server as `server_name`, sends `PING`.
     pub fn ping(&self, endpoint: &str, server_name: &str, timeout: Duration) -> ProbeReport {
-        *self.verifier.seen.lock().expect("not poisoned") = None;
+        *self.tls.verifier.seen.lock().expect("not poisoned") = None;
         let mut report = ProbeReport {
             endpoint: endpoint.to_string(),
             server_name: server_name.to_string(),
@@ -286,14 +63,14 @@ impl Prober {
             reply: None,
         };
         let result = self.exchange(endpoint, server_name, timeout, &mut report);
-        if let Some((path, served)) = self.verifier.seen.lock().expect("not poisoned").clone() {
+        if let Some((path, served)) = self.tls.verifier.seen.lock().expect("not poisoned").clone() {
             report.verify_path = Some(path);
             report.served = Some(ServedCertificate {
                 subject: served.subject.clone(),
                 serial: served.serial.clone(),
                 not_after: pki::format_time(served.not_after),
                 version: served.version,
-                matches_deployed_leaf: served.der() == self.leaf_der.as_slice(),
+                matches_deployed_leaf: served.der() == self.tls.leaf_der.as_slice(),
             });
         }
         match result {
@@ -336,7 +113,7 @@ impl Prober {
             .map_err(|e| (Status::Critical, format!("{endpoint}: cannot connect: {e}")))?;
         let _ = tcp.set_read_timeout(Some(timeout));
         let _ = tcp.set_write_timeout(Some(timeout));
-        let conn = rustls::ClientConnection::new(self.config.clone(), name)
+        let conn = rustls::ClientConnection::new(Arc::clone(&self.tls.config), name)
             .map_err(|e| (Status::Unknown, format!("TLS setup: {e}")))?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         let tls_err = |e: std::io::Error| {

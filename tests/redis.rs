@@ -356,3 +356,95 @@ fn redis_db_reloads_certificates_in_place_but_sentinel_cannot() {
         "sentinel still serves the old leaf"
     );
 }
+
+/// Decides whether a CA rotation needs a new CA subject or cross-signing, with OpenSSL (Redis)
+/// as the verifier. Finding: with the seeds' subject on both CAs, a seed-made v1 leaf (no
+/// authority key identifier) is accepted only while the OLD CA comes first in `dssm-ca.crt`
+/// (OpenSSL picks the first CA whose name matches and, without an AKI, does not try the next);
+/// our v3 leaves carry an AKI and are accepted in either order. A distinct subject for the new CA
+/// lifts the ordering constraint, but the contract keeps the seeds' subject, so the bundle is
+/// always old CA first. Cross-signing is not needed: every process trusts the bundle (phase a)
+/// before any leaf of the new CA is served (phase b), as the rotation-under-load test shows.
+#[test]
+fn a_same_subject_ca_bundle_must_list_the_old_ca_first_while_seed_v1_leaves_live() {
+    use support::load::scenarios::CaRotation;
+    let same = "O=Redis Test, CN=Certificate Authority";
+    let cases = [
+        (same, true, true),
+        (same, false, false),
+        ("O=Redis Test, CN=Certificate Authority 2", false, true),
+    ];
+    let made = CaRotation::new(same, true); // its temporary directory holds the seed
+    let seed = made.seed.clone();
+    for (subject, old_first, seed_leaf_accepted) in cases {
+        let m = CaRotation::from_seed(tempdir(), seed.clone(), subject, old_first);
+        // The DB serves the new leaf and trusts the bundle; clients present either leaf.
+        let db = start_db(&m.tmp.path().join("db"), &m.switch);
+        let seed_client = cli_with(&m.trust, db.port, &["PING"]);
+        let new_client = cli_with(&m.switch, db.port, &["PING"]);
+        let what = format!("new CA {subject:?}, old CA first: {old_first}");
+        assert_eq!(new_client.trim(), "PONG", "{what}: the new v3 leaf");
+        assert_eq!(
+            seed_client.trim() == "PONG",
+            seed_leaf_accepted,
+            "{what}: the seed's v1 leaf got {seed_client:?}"
+        );
+    }
+}
+
+#[test]
+fn reload_tls_retries_until_kubelet_swaps_the_files_and_reports_when_they_never_change() {
+    use dssm_certs::redis::reload::{reload_tls, Proof};
+    use dssm_certs::redis::{Connection, RedisError};
+    use std::time::Instant;
+    use support::load::*;
+
+    let tmp = tempdir();
+    let (old, new) = renewal_materials(tmp.path());
+    let mount = KubeletMount::create(&tmp.path().join("mount"), &old);
+    let db = start_db(&tmp.path().join("db"), &mount.dir);
+    let endpoint = format!("127.0.0.1:{}", db.port);
+    let tool = tls_client(&new);
+    let proof = Proof {
+        serves: Some(fingerprint_of(&new)),
+        ..Default::default()
+    };
+    let deadline = || Instant::now() + Duration::from_secs(20);
+    let mut existing = Connection::connect(&tool, &endpoint, SERVER_NAME, deadline()).unwrap();
+    assert_eq!(
+        existing.served_fingerprint(),
+        Some(fingerprint_of(&old).as_str())
+    );
+
+    // The files never change (a subPath mount): reported at the deadline, naming the DB.
+    let err = reload_tls(
+        &tool,
+        &endpoint,
+        SERVER_NAME,
+        &proof,
+        Instant::now() + Duration::from_millis(1500),
+    )
+    .unwrap_err();
+    assert!(matches!(err, RedisError::NotSwapped { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&endpoint) && msg.contains(&fingerprint_of(&old)),
+        "{msg}"
+    );
+
+    // Kubelet swaps a second into the reload: it retries until then, then proves the new leaf.
+    let swap = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        mount.swap(&new);
+    });
+    let reloaded = reload_tls(&tool, &endpoint, SERVER_NAME, &proof, deadline()).unwrap();
+    swap.join().unwrap();
+    assert!(reloaded.attempts > 1, "{reloaded:?}");
+    let fresh = Connection::connect(&tool, &endpoint, SERVER_NAME, deadline()).unwrap();
+    assert_eq!(fresh.served_fingerprint(), proof.serves.as_deref());
+    // The connection opened before the reload keeps working.
+    assert_eq!(
+        existing.call(&["PING"], deadline()).unwrap(),
+        dssm_certs::redis::Value::Simple("PONG".into())
+    );
+}

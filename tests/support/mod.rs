@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod load;
 pub mod objects;
 pub mod rbac;
 /// The test cluster, a crate of its own in the workspace (testcluster/).

@@ -121,6 +121,11 @@ impl Topology {
     /// Starts primary, two replicas and three sentinels, each with its own copy of `mount`'s
     /// files, and waits until replication is up and every sentinel sees the whole topology.
     pub fn start(mount: &Path) -> Topology {
+        Self::start_with(|_, own_mount| copy_mount(mount, own_mount))
+    }
+
+    /// Like `start`, with `make_mount(name, dir)` laying out each process's mount at `dir`.
+    pub fn start_with(mut make_mount: impl FnMut(&str, &Path)) -> Topology {
         let root = tempfile::Builder::new()
             .prefix("dssm-redis")
             .tempdir()
@@ -142,7 +147,7 @@ impl Topology {
             let dir = t.root.path().join(name);
             std::fs::create_dir_all(&dir).unwrap();
             let own_mount = dir.join("mount");
-            copy_mount(mount, &own_mount);
+            make_mount(name, &own_mount);
             let port = if name == "db-0" {
                 primary_port
             } else {
@@ -191,23 +196,7 @@ impl Topology {
     }
 
     fn spawn(&self, p: &mut Proc) {
-        let bin = match p.role {
-            Role::Db => require("redis-server"),
-            Role::Sentinel => require("redis-sentinel"),
-        };
-        let child = Command::new(bin)
-            .arg(p.dir.join("redis.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        p.child = Some(child);
-        let (port, mount) = (p.port, p.mount.clone());
-        wait_for(
-            &format!("{} to answer PING", p.name),
-            Duration::from_secs(20),
-            || (cli_with(&mount, port, &["PING"]).trim() == "PONG").then_some(()),
-        );
+        spawn(p);
     }
 
     pub fn get(&self, name: &str) -> &Proc {
@@ -275,6 +264,12 @@ impl Topology {
 
     /// Stops `name` and starts it again with its own mount replaced by `mount`'s files.
     pub fn restart_with(&mut self, name: &str, mount: &Path) {
+        copy_mount(mount, &self.get(name).mount.clone());
+        self.restart(name);
+    }
+
+    /// Stops `name` and starts it again on its mount's current files.
+    pub fn restart(&mut self, name: &str) {
         let idx = self.procs.iter().position(|p| p.name == name).unwrap();
         let mut p = std::mem::replace(
             &mut self.procs[idx],
@@ -288,24 +283,87 @@ impl Topology {
             },
         );
         p.stop();
-        copy_mount(mount, &p.mount);
-        if p.role == Role::Db {
-            // A restarted DB comes back as a replica of whoever is primary now.
-            let primary = self.agreed_primary().unwrap_or(self.primary_port);
-            let mut conf = std::fs::read_to_string(p.dir.join("redis.conf")).unwrap();
-            conf = conf
-                .lines()
-                .filter(|l| !l.starts_with("replicaof"))
-                .collect::<Vec<_>>()
-                .join("\n");
-            if p.port != primary {
-                conf.push_str(&format!("\nreplicaof 127.0.0.1 {primary}\n"));
-            }
-            std::fs::write(p.dir.join("redis.conf"), conf).unwrap();
-        }
+        // A restarted DB comes back as a replica of whoever is primary now.
+        follow(&p, self.agreed_primary().unwrap_or(self.primary_port));
         self.spawn(&mut p);
         self.procs[idx] = p;
     }
+
+    /// Stops every process, then starts them all again on their mounts' current files: what
+    /// deleting every dSSM pod at once does. The DBs come back empty (no persistence).
+    pub fn restart_all(&mut self) {
+        let primary = self.agreed_primary().unwrap_or(self.primary_port);
+        let mut procs = std::mem::take(&mut self.procs);
+        for p in &mut procs {
+            p.stop();
+        }
+        for p in &mut procs {
+            follow(p, primary);
+            self.spawn(p);
+        }
+        self.procs = procs;
+    }
+}
+
+/// Points a DB's config at `primary` (no `replicaof` if it is the primary).
+fn follow(p: &Proc, primary: u16) {
+    if p.role != Role::Db {
+        return;
+    }
+    let mut conf = std::fs::read_to_string(p.dir.join("redis.conf")).unwrap();
+    conf = conf
+        .lines()
+        .filter(|l| !l.starts_with("replicaof"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if p.port != primary {
+        conf.push_str(&format!("\nreplicaof 127.0.0.1 {primary}\n"));
+    }
+    std::fs::write(p.dir.join("redis.conf"), conf).unwrap();
+}
+
+/// Starts `p`'s process on its config and waits until it answers PING over TLS.
+fn spawn(p: &mut Proc) {
+    let bin = match p.role {
+        Role::Db => require("redis-server"),
+        Role::Sentinel => require("redis-sentinel"),
+    };
+    let child = Command::new(bin)
+        .arg(p.dir.join("redis.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    p.child = Some(child);
+    let (port, mount) = (p.port, p.mount.clone());
+    wait_for(
+        &format!("{} to answer PING", p.name),
+        Duration::from_secs(20),
+        || (cli_with(&mount, port, &["PING"]).trim() == "PONG").then_some(()),
+    );
+}
+
+/// One TLS-only DB (no replicas, no sentinels) running from `mount`, in `dir`.
+pub fn start_db(dir: &Path, mount: &Path) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut p = Proc {
+        name: "db".into(),
+        role: Role::Db,
+        port: free_port(),
+        dir: dir.to_path_buf(),
+        mount: mount.to_path_buf(),
+        child: None,
+    };
+    let mut conf = format!(
+        "port 0\ntls-port {}\nbind 127.0.0.1\ndir {}\nlogfile {}\nsave \"\"\nappendonly no\n",
+        p.port,
+        p.dir.display(),
+        p.dir.join("log").display()
+    );
+    conf.push_str(&tls_lines(mount));
+    std::fs::write(p.dir.join("redis.conf"), conf).unwrap();
+    spawn(&mut p);
+    p
 }
 
 fn count_field(reply: &str, field: &str) -> usize {

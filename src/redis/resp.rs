@@ -1,0 +1,294 @@
+//! A minimal blocking RESP2 client over mutual TLS: one command at a time, each bounded by a
+//! deadline (connect, handshake, write and read all count against it).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+
+use super::tls::{fingerprint, TlsClient};
+use super::RedisError;
+
+/// A RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Value>>),
+}
+
+impl Value {
+    /// The reply as text: simple strings, bulk strings and integers.
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Value::Simple(s) => Some(s.clone()),
+            Value::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::Int(i) => Some(i.to_string()),
+            _ => None,
+        }
+    }
+
+    pub fn items(&self) -> &[Value] {
+        match self {
+            Value::Array(Some(v)) => v,
+            _ => &[],
+        }
+    }
+}
+
+/// Encodes a command as a RESP array of bulk strings.
+pub fn encode(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Reads one reply. Nesting is bounded: Redis' replies here are at most two levels deep.
+pub fn read_value(r: &mut impl BufRead, depth: usize) -> std::io::Result<Value> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line)?;
+    if line.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    if !line.ends_with(b"\r\n") {
+        return Err(bad("reply line not terminated by CRLF"));
+    }
+    let body = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
+    let int = |s: &str| s.parse::<i64>().map_err(|_| bad("bad length or integer"));
+    Ok(match line[0] {
+        b'+' => Value::Simple(body),
+        b'-' => Value::Error(body),
+        b':' => Value::Int(int(&body)?),
+        b'$' => match int(&body)? {
+            -1 => Value::Bulk(None),
+            n if (0..=512 * 1024 * 1024).contains(&n) => {
+                let mut buf = vec![0u8; n as usize + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(n as usize);
+                Value::Bulk(Some(buf))
+            }
+            _ => return Err(bad("bulk length out of range")),
+        },
+        b'*' => match int(&body)? {
+            -1 => Value::Array(None),
+            _ if depth >= 4 => return Err(bad("reply nested too deep")),
+            n if (0..=1_000_000).contains(&n) => Value::Array(Some(
+                (0..n)
+                    .map(|_| read_value(r, depth + 1))
+                    .collect::<Result<_, _>>()?,
+            )),
+            _ => return Err(bad("array length out of range")),
+        },
+        _ => return Err(bad("unknown reply type")),
+    })
+}
+
+type Stream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// One mutual-TLS connection to a DB or a sentinel.
+pub struct Connection {
+    endpoint: String,
+    io: BufReader<Stream>,
+    served: Option<String>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn remaining(endpoint: &str, deadline: Instant, what: &str) -> Result<Duration, RedisError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left < Duration::from_millis(1) {
+        return Err(RedisError::Timeout {
+            endpoint: endpoint.to_string(),
+            what: what.to_string(),
+        });
+    }
+    Ok(left)
+}
+
+impl Connection {
+    /// Connects and completes the handshake (Redis' TLS accept is lazy: a PING proves the server
+    /// accepted our certificate).
+    pub fn connect(
+        tls: &TlsClient,
+        endpoint: &str,
+        server_name: &str,
+        deadline: Instant,
+    ) -> Result<Self, RedisError> {
+        let io_err = |detail: String| RedisError::Io {
+            endpoint: endpoint.to_string(),
+            detail,
+        };
+        let addr = endpoint
+            .to_socket_addrs()
+            .map_err(|e| io_err(format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| io_err("no address".into()))?;
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| io_err(format!("server name {server_name:?}: {e}")))?;
+        let tcp = TcpStream::connect_timeout(&addr, remaining(endpoint, deadline, "connect")?)
+            .map_err(|e| io_err(format!("cannot connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let conn = rustls::ClientConnection::new(Arc::clone(&tls.config), name)
+            .map_err(|e| io_err(format!("TLS setup: {e}")))?;
+        let mut c = Connection {
+            endpoint: endpoint.to_string(),
+            io: BufReader::new(rustls::StreamOwned::new(conn, tcp)),
+            served: None,
+        };
+        let pong = c.command(&["PING"], deadline)?;
+        if pong != Value::Simple("PONG".into()) {
+            return Err(RedisError::Unexpected {
+                endpoint: endpoint.to_string(),
+                command: "PING".into(),
+                reply: format!("{pong:?}"),
+            });
+        }
+        c.served =
+            c.io.get_ref()
+                .conn
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| fingerprint(leaf.as_ref()));
+        Ok(c)
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// SHA-256 fingerprint of the certificate the server presented in this handshake.
+    pub fn served_fingerprint(&self) -> Option<&str> {
+        self.served.as_deref()
+    }
+
+    /// Sends one command and reads its reply; an error reply is returned as `Value::Error`.
+    pub fn command(&mut self, args: &[&str], deadline: Instant) -> Result<Value, RedisError> {
+        let what = args.first().copied().unwrap_or("");
+        let left = remaining(&self.endpoint, deadline, what)?;
+        let tcp = &self.io.get_ref().sock;
+        let _ = tcp.set_read_timeout(Some(left));
+        let _ = tcp.set_write_timeout(Some(left));
+        let endpoint = self.endpoint.clone();
+        let io_err = |e: std::io::Error| {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                return RedisError::Timeout {
+                    endpoint: endpoint.clone(),
+                    what: what.to_string(),
+                };
+            }
+            let detail = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(rustls::Error::AlertReceived(a)) => format!(
+                    "the server refused the handshake (alert {a:?}): it does not accept our client certificate"
+                ),
+                Some(rustls::Error::InvalidCertificate(c)) => {
+                    format!("the served certificate is not trusted with the deployed CA: {c:?}")
+                }
+                _ if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    "the server closed the connection".to_string()
+                }
+                _ => e.to_string(),
+            };
+            RedisError::Io {
+                endpoint: endpoint.clone(),
+                detail,
+            }
+        };
+        let stream = self.io.get_mut();
+        stream.write_all(&encode(args)).map_err(io_err)?;
+        stream.flush().map_err(io_err)?;
+        read_value(&mut self.io, 0).map_err(io_err)
+    }
+
+    /// Like `command`, but an error reply is an error naming the command.
+    pub fn call(&mut self, args: &[&str], deadline: Instant) -> Result<Value, RedisError> {
+        match self.command(args, deadline)? {
+            Value::Error(message) => Err(RedisError::Reply {
+                endpoint: self.endpoint.clone(),
+                command: args.iter().take(2).copied().collect::<Vec<_>>().join(" "),
+                message,
+            }),
+            v => Ok(v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> std::io::Result<Value> {
+        read_value(&mut std::io::Cursor::new(bytes.to_vec()), 0)
+    }
+
+    #[test]
+    fn replies_of_every_type_parse() {
+        let cases: &[(&[u8], Value)] = &[
+            (b"+OK\r\n", Value::Simple("OK".into())),
+            (b"-ERR no\r\n", Value::Error("ERR no".into())),
+            (b":42\r\n", Value::Int(42)),
+            (b"$3\r\na\r\n\r\n", Value::Bulk(Some(b"a\r\n".to_vec()))),
+            (b"$-1\r\n", Value::Bulk(None)),
+            (b"*-1\r\n", Value::Array(None)),
+            (
+                b"*2\r\n$9\r\n127.0.0.1\r\n*1\r\n:1\r\n",
+                Value::Array(Some(vec![
+                    Value::Bulk(Some(b"127.0.0.1".to_vec())),
+                    Value::Array(Some(vec![Value::Int(1)])),
+                ])),
+            ),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                &parse(bytes).unwrap(),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_or_malformed_replies_are_errors() {
+        for bytes in [
+            &b""[..],
+            b"+OK",
+            b"$5\r\nab\r\n",
+            b"?x\r\n",
+            b":x\r\n",
+            b"$-7\r\n",
+            b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
+        ] {
+            assert!(
+                parse(bytes).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn commands_encode_as_bulk_arrays() {
+        assert_eq!(
+            encode(&["CONFIG", "GET", "tls-cert-file"]),
+            b"*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$13\r\ntls-cert-file\r\n".to_vec()
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! The Redis-aware rollout of one phase's materials through dSSM: a pure plan (which pod, in
+//! which order, behind which gate) and its executor.
+//!
+//! DBs whose Secret volume is mounted without `subPath` see kubelet's file swap and reload in
+//! place. Others need a restart: replicas one at a time, each caught up before the next; the
+//! primary last, after a paused switchover has moved its role to a caught-up replica (restarting
+//! a primary without persistence would bring it back empty, and its replicas would resync from
+//! it). Sentinels cannot reload: one at a time, each back in quorum and seeing the others before
+//! the next. A restart takes one process down, so it needs three of its kind to keep two up.
+
+use std::time::{Duration, Instant};
+
+use super::reload::{check_proof, reload_tls, Proof};
+use super::replication::{info_replication, Role};
+use super::resp::Connection;
+use super::sentinel::{in_quorum_and_sees_the_others, replica_ready_for_sentinels};
+use super::switchover::{agreed_primary, paused_switchover};
+use super::tls::TlsClient;
+use super::{pause_until, RedisError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodKind {
+    Db,
+    Sentinel,
+}
+
+/// A dSSM pod as observed: its kind, whether it is the primary, whether its Secret volume is
+/// mounted with `subPath` (then kubelet never updates its files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub name: String,
+    pub kind: PodKind,
+    pub primary: bool,
+    pub sub_path: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// `CONFIG SET` the same TLS paths, until new handshakes prove the new files.
+    ReloadDb {
+        pod: String,
+    },
+    /// Move the primary role away from `from` (paused switchover).
+    Switchover {
+        from: String,
+    },
+    /// Restart a DB that is (now) a replica.
+    RestartDb {
+        pod: String,
+    },
+    /// Gate: the DB answers as a replica, its link is up, it caught up with the primary, and
+    /// every sentinel sees it so (else a later failover finds no replica to promote).
+    DbCaughtUp {
+        pod: String,
+    },
+    RestartSentinel {
+        pod: String,
+    },
+    /// Gate: `SENTINEL CKQUORUM` passes and it sees `others` sentinels and `replicas` replicas.
+    SentinelInQuorum {
+        pod: String,
+        others: usize,
+        replicas: usize,
+    },
+}
+
+impl Step {
+    pub fn pod(&self) -> &str {
+        match self {
+            Step::ReloadDb { pod }
+            | Step::RestartDb { pod }
+            | Step::DbCaughtUp { pod }
+            | Step::RestartSentinel { pod }
+            | Step::SentinelInQuorum { pod, .. } => pod,
+            Step::Switchover { from } => from,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::ReloadDb { pod } => write!(f, "{pod}: reload TLS files in place (CONFIG SET), prove with a new handshake"),
+            Step::Switchover { from } => write!(f, "{from}: paused switchover of the primary role to a caught-up replica"),
+            Step::RestartDb { pod } => write!(f, "{pod}: restart (as a replica)"),
+            Step::DbCaughtUp { pod } => write!(f, "{pod}: wait until replica link up and caught up"),
+            Step::RestartSentinel { pod } => write!(f, "{pod}: restart"),
+            Step::SentinelInQuorum { pod, others, replicas } => write!(
+                f,
+                "{pod}: wait until CKQUORUM passes and it sees {others} sentinels and {replicas} replicas"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RolloutPlanError {
+    #[error("{count} DB pods are primary ({pods:?}): expected exactly one; wait until the sentinels settle")]
+    Primaries { count: usize, pods: Vec<String> },
+    #[error("{kind} pods {pods:?} must be restarted, but there are only {have}: a restart would leave fewer than 2 up")]
+    TooFewToRestart {
+        kind: &'static str,
+        have: usize,
+        pods: Vec<String>,
+    },
+    #[error("pod {0} is listed twice")]
+    Duplicate(String),
+}
+
+/// The ordered steps that roll the new materials through dSSM's pods.
+pub fn plan(pods: &[Pod]) -> Result<Vec<Step>, RolloutPlanError> {
+    let mut names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(RolloutPlanError::Duplicate(w[0].to_string()));
+    }
+    let mut dbs: Vec<&Pod> = pods.iter().filter(|p| p.kind == PodKind::Db).collect();
+    let mut sentinels: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.kind == PodKind::Sentinel)
+        .collect();
+    dbs.sort_by(|a, b| (a.primary, &a.name).cmp(&(b.primary, &b.name))); // primary last
+    sentinels.sort_by(|a, b| a.name.cmp(&b.name));
+    let primaries: Vec<String> = dbs
+        .iter()
+        .filter(|p| p.primary)
+        .map(|p| p.name.clone())
+        .collect();
+    if primaries.len() != 1 {
+        return Err(RolloutPlanError::Primaries {
+            count: primaries.len(),
+            pods: primaries,
+        });
+    }
+    let restarted: Vec<String> = dbs
+        .iter()
+        .filter(|p| p.sub_path)
+        .map(|p| p.name.clone())
+        .collect();
+    if !restarted.is_empty() && dbs.len() < 3 {
+        return Err(RolloutPlanError::TooFewToRestart {
+            kind: "DB",
+            have: dbs.len(),
+            pods: restarted,
+        });
+    }
+    if !sentinels.is_empty() && sentinels.len() < 3 {
+        return Err(RolloutPlanError::TooFewToRestart {
+            kind: "sentinel",
+            have: sentinels.len(),
+            pods: sentinels.iter().map(|p| p.name.clone()).collect(),
+        });
+    }
+    let mut steps = Vec::new();
+    for db in &dbs {
+        let pod = db.name.clone();
+        match (db.sub_path, db.primary) {
+            (false, _) => steps.push(Step::ReloadDb { pod }),
+            (true, primary) => {
+                if primary {
+                    steps.push(Step::Switchover { from: pod.clone() });
+                }
+                steps.push(Step::RestartDb { pod: pod.clone() });
+                steps.push(Step::DbCaughtUp { pod });
+            }
+        }
+    }
+    for s in &sentinels {
+        steps.push(Step::RestartSentinel {
+            pod: s.name.clone(),
+        });
+        steps.push(Step::SentinelInQuorum {
+            pod: s.name.clone(),
+            others: sentinels.len() - 1,
+            replicas: dbs.len() - 1,
+        });
+    }
+    Ok(steps)
+}
+
+/// What the executor needs from whoever runs the pods (Kubernetes eviction, or test processes).
+pub trait Pods {
+    /// `host:port` where the tool reaches this pod's Redis (its pod IP and container port).
+    fn endpoint(&self, pod: &str) -> String;
+    /// Restarts the pod and returns once its process runs again (not necessarily Ready).
+    fn restart(&mut self, pod: &str, deadline: Instant) -> Result<(), String>;
+}
+
+/// How the executor talks to dSSM during one phase.
+pub struct RolloutContext<'a> {
+    /// The tool's own client materials for this phase (accepted before and after it).
+    pub tls: &'a TlsClient,
+    pub server_name: &'a str,
+    pub master: &'a str,
+    /// What new handshakes must show on every process once it runs the phase's materials.
+    pub proof: Proof<'a>,
+    /// Deadline of each step.
+    pub step_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("rollout step \"{step}\" failed: {error}")]
+pub struct RolloutError {
+    pub step: String,
+    pub error: String,
+}
+
+const POLL: Duration = Duration::from_millis(100);
+
+/// Runs `steps` in order; stops at the first that fails (nothing later is touched). `done` is
+/// told of each finished step.
+pub fn execute(
+    steps: &[Step],
+    pods: &mut dyn Pods,
+    cx: &RolloutContext<'_>,
+    mut done: impl FnMut(&Step, Duration),
+) -> Result<(), RolloutError> {
+    let sentinels: Vec<String> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::RestartSentinel { pod } => Some(pods.endpoint(pod)),
+            _ => None,
+        })
+        .collect();
+    for step in steps {
+        let start = Instant::now();
+        let deadline = start + cx.step_timeout;
+        run_step(step, pods, cx, &sentinels, deadline).map_err(|error| RolloutError {
+            step: step.to_string(),
+            error,
+        })?;
+        done(step, start.elapsed());
+    }
+    Ok(())
+}
+
+/// Polls `f` until it succeeds; at the deadline, its last error.
+fn until<T>(deadline: Instant, mut f: impl FnMut() -> Result<T, RedisError>) -> Result<T, String> {
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() + POLL >= deadline => return Err(e.to_string()),
+            Err(_) => pause_until(deadline, POLL),
+        }
+    }
+}
+
+fn run_step(
+    step: &Step,
+    pods: &mut dyn Pods,
+    cx: &RolloutContext<'_>,
+    sentinels: &[String],
+    deadline: Instant,
+) -> Result<(), String> {
+    let endpoint = pods.endpoint(step.pod());
+    match step {
+        Step::ReloadDb { .. } => reload_tls(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Step::Switchover { .. } => {
+            match agreed_primary(cx.tls, cx.server_name, sentinels, cx.master, deadline) {
+                // Already moved (a failover since the plan was made): nothing to do.
+                Some(p) if p != endpoint => Ok(()),
+                _ => paused_switchover(cx.tls, cx.server_name, sentinels, cx.master, deadline)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+            }
+        }
+        Step::RestartDb { pod } | Step::RestartSentinel { pod } => pods.restart(pod, deadline),
+        Step::DbCaughtUp { .. } => until(deadline, || {
+            let mut c = Connection::connect(cx.tls, &endpoint, cx.server_name, deadline)?;
+            let me = info_replication(&mut c, deadline)?;
+            let primary = me
+                .primary
+                .clone()
+                .filter(|_| me.role == Role::Replica && me.link_up);
+            let primary = primary.ok_or_else(|| {
+                RedisError::Topology(format!("{endpoint}: not yet a replica with its link up"))
+            })?;
+            let target = {
+                let mut p = Connection::connect(cx.tls, &primary, cx.server_name, deadline)?;
+                info_replication(&mut p, deadline)?.master_repl_offset
+            };
+            // The primary moves on under load: caught up = reached where it was a moment ago.
+            loop {
+                let now = info_replication(&mut c, deadline)?;
+                if now.replica_offset.unwrap_or(-1) >= target {
+                    break;
+                }
+                if Instant::now() + POLL >= deadline {
+                    return Err(RedisError::Topology(format!(
+                        "{endpoint}: offset {:?} behind the primary's {target}",
+                        now.replica_offset
+                    )));
+                }
+                pause_until(deadline, POLL / 5);
+            }
+            replica_ready_for_sentinels(
+                cx.tls,
+                cx.server_name,
+                sentinels,
+                cx.master,
+                &endpoint,
+                deadline,
+            )?;
+            check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
+        }),
+        Step::SentinelInQuorum {
+            others, replicas, ..
+        } => until(deadline, || {
+            let mut c = Connection::connect(cx.tls, &endpoint, cx.server_name, deadline)?;
+            in_quorum_and_sees_the_others(&mut c, cx.master, *others, *replicas, deadline)?;
+            check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, kind: PodKind, primary: bool, sub_path: bool) -> Pod {
+        Pod {
+            name: name.into(),
+            kind,
+            primary,
+            sub_path,
+        }
+    }
+
+    fn dssm(sub_path: bool, primary: &str) -> Vec<Pod> {
+        let mut pods: Vec<Pod> = ["db-0", "db-1", "db-2"]
+            .iter()
+            .map(|n| pod(n, PodKind::Db, *n == primary, sub_path))
+            .collect();
+        for n in ["sentinel-2", "sentinel-0", "sentinel-1"] {
+            pods.push(pod(n, PodKind::Sentinel, false, sub_path));
+        }
+        pods
+    }
+
+    fn show(steps: &[Step]) -> Vec<String> {
+        steps
+            .iter()
+            .map(|s| {
+                let kind = match s {
+                    Step::ReloadDb { .. } => "reload",
+                    Step::Switchover { .. } => "switchover",
+                    Step::RestartDb { .. } | Step::RestartSentinel { .. } => "restart",
+                    Step::DbCaughtUp { .. } => "caught-up",
+                    Step::SentinelInQuorum { .. } => "quorum",
+                };
+                format!("{kind} {}", s.pod())
+            })
+            .collect()
+    }
+
+    const SENTINELS_ONE_AT_A_TIME: [&str; 6] = [
+        "restart sentinel-0",
+        "quorum sentinel-0",
+        "restart sentinel-1",
+        "quorum sentinel-1",
+        "restart sentinel-2",
+        "quorum sentinel-2",
+    ];
+
+    #[test]
+    fn without_subpath_dbs_reload_in_place_primary_last_then_sentinels_one_at_a_time() {
+        let steps = plan(&dssm(false, "db-1")).unwrap();
+        let mut want = vec!["reload db-0", "reload db-2", "reload db-1"];
+        want.extend(SENTINELS_ONE_AT_A_TIME);
+        assert_eq!(show(&steps), want);
+        assert_eq!(
+            steps[4],
+            Step::SentinelInQuorum {
+                pod: "sentinel-0".into(),
+                others: 2,
+                replicas: 2
+            }
+        );
+    }
+
+    #[test]
+    fn with_subpath_replicas_restart_one_at_a_time_and_the_primary_moves_before_its_restart() {
+        let steps = plan(&dssm(true, "db-0")).unwrap();
+        let mut want = vec![
+            "restart db-1",
+            "caught-up db-1",
+            "restart db-2",
+            "caught-up db-2",
+            "switchover db-0",
+            "restart db-0",
+            "caught-up db-0",
+        ];
+        want.extend(SENTINELS_ONE_AT_A_TIME);
+        assert_eq!(show(&steps), want);
+    }
+
+    #[test]
+    fn a_mixed_topology_reloads_what_it_can_and_restarts_the_rest() {
+        let mut pods = dssm(false, "db-2");
+        pods[2].sub_path = true; // the primary
+        let steps = plan(&pods).unwrap();
+        assert_eq!(
+            show(&steps)[..5],
+            [
+                "reload db-0",
+                "reload db-1",
+                "switchover db-2",
+                "restart db-2",
+                "caught-up db-2"
+            ]
+        );
+    }
+
+    #[test]
+    fn unsafe_topologies_are_refused_naming_the_pods() {
+        let mut two_primaries = dssm(false, "db-0");
+        two_primaries[1].primary = true;
+        assert_eq!(
+            plan(&two_primaries),
+            Err(RolloutPlanError::Primaries {
+                count: 2,
+                pods: vec!["db-0".into(), "db-1".into()]
+            })
+        );
+        assert!(matches!(
+            plan(&dssm(false, "none")),
+            Err(RolloutPlanError::Primaries { count: 0, .. })
+        ));
+        // Two DBs with subPath: restarting one leaves a single DB up.
+        let mut two_dbs = dssm(true, "db-0");
+        two_dbs.retain(|p| p.name != "db-2");
+        let err = plan(&two_dbs).unwrap_err();
+        assert!(err.to_string().contains("[\"db-1\", \"db-0\"]"), "{err}");
+        // Reloads take nothing down: two DBs without subPath are fine.
+        let mut reload_only = dssm(false, "db-0");
+        reload_only.retain(|p| p.name != "db-2");
+        assert!(plan(&reload_only).is_ok());
+        let mut two_sentinels = dssm(false, "db-0");
+        two_sentinels.retain(|p| p.name != "sentinel-2");
+        assert!(matches!(
+            plan(&two_sentinels),
+            Err(RolloutPlanError::TooFewToRestart {
+                kind: "sentinel",
+                have: 2,
+                ..
+            })
+        ));
+        let mut dup = dssm(false, "db-0");
+        dup.push(dup[0].clone());
+        assert_eq!(plan(&dup), Err(RolloutPlanError::Duplicate("db-0".into())));
+    }
+}

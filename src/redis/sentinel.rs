@@ -1,0 +1,219 @@
+//! What Sentinel knows: the primary's address, the other sentinels and the replicas it
+//! monitors, and whether a quorum could authorize a failover (`SENTINEL CKQUORUM`).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::resp::{Connection, Value};
+use super::RedisError;
+
+/// A sentinel or replica as `SENTINEL SENTINELS` / `SENTINEL REPLICAS` list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub ip: String,
+    pub port: u16,
+    pub flags: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Peer {
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
+    }
+
+    /// Not flagged subjectively or objectively down, nor disconnected.
+    pub fn healthy(&self) -> bool {
+        !self
+            .flags
+            .split(',')
+            .any(|f| matches!(f, "s_down" | "o_down" | "disconnected"))
+    }
+}
+
+fn unexpected(conn: &Connection, command: &str, reply: &Value) -> RedisError {
+    RedisError::Unexpected {
+        endpoint: conn.endpoint().to_string(),
+        command: command.to_string(),
+        reply: format!("{reply:?}"),
+    }
+}
+
+/// Parses the RESP2 flat field/value arrays of `SENTINEL SENTINELS|REPLICAS`.
+pub fn parse_peers(reply: &Value) -> Option<Vec<Peer>> {
+    reply
+        .items()
+        .iter()
+        .map(|entry| {
+            let items = entry.items();
+            let fields: BTreeMap<String, String> = items
+                .chunks(2)
+                .filter_map(|kv| Some((kv.first()?.text()?, kv.get(1)?.text()?)))
+                .collect();
+            Some(Peer {
+                ip: fields.get("ip")?.clone(),
+                port: fields.get("port")?.parse().ok()?,
+                flags: fields.get("flags").cloned().unwrap_or_default(),
+                fields,
+            })
+        })
+        .collect()
+}
+
+fn peers(
+    conn: &mut Connection,
+    what: &str,
+    master: &str,
+    deadline: Instant,
+) -> Result<Vec<Peer>, RedisError> {
+    let reply = conn.call(&["SENTINEL", what, master], deadline)?;
+    parse_peers(&reply).ok_or_else(|| unexpected(conn, &format!("SENTINEL {what}"), &reply))
+}
+
+/// The other sentinels this one knows for `master`.
+pub fn sentinels(
+    conn: &mut Connection,
+    master: &str,
+    deadline: Instant,
+) -> Result<Vec<Peer>, RedisError> {
+    peers(conn, "SENTINELS", master, deadline)
+}
+
+/// The replicas this sentinel monitors for `master`.
+pub fn replicas(
+    conn: &mut Connection,
+    master: &str,
+    deadline: Instant,
+) -> Result<Vec<Peer>, RedisError> {
+    peers(conn, "REPLICAS", master, deadline)
+}
+
+/// `SENTINEL get-master-addr-by-name`: the primary as `ip:port`, None if unknown.
+pub fn primary_addr(
+    conn: &mut Connection,
+    master: &str,
+    deadline: Instant,
+) -> Result<Option<String>, RedisError> {
+    let reply = conn.call(&["SENTINEL", "get-master-addr-by-name", master], deadline)?;
+    match &reply {
+        Value::Array(None) | Value::Bulk(None) => Ok(None),
+        Value::Array(Some(items)) if items.len() == 2 => match (items[0].text(), items[1].text()) {
+            (Some(ip), Some(port)) => Ok(Some(format!("{ip}:{port}"))),
+            _ => Err(unexpected(conn, "SENTINEL get-master-addr-by-name", &reply)),
+        },
+        _ => Err(unexpected(conn, "SENTINEL get-master-addr-by-name", &reply)),
+    }
+}
+
+/// `SENTINEL CKQUORUM`: Ok with Sentinel's message when a quorum and a majority are reachable.
+pub fn ckquorum(
+    conn: &mut Connection,
+    master: &str,
+    deadline: Instant,
+) -> Result<String, RedisError> {
+    let reply = conn.call(&["SENTINEL", "CKQUORUM", master], deadline)?;
+    reply
+        .text()
+        .ok_or_else(|| unexpected(conn, "SENTINEL CKQUORUM", &reply))
+}
+
+/// The gate after a sentinel restart: CKQUORUM passes and it sees `others` healthy sentinels
+/// and `replicas` healthy replicas.
+pub fn in_quorum_and_sees_the_others(
+    conn: &mut Connection,
+    master: &str,
+    others: usize,
+    replica_count: usize,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    ckquorum(conn, master, deadline)?;
+    let seen = sentinels(conn, master, deadline)?;
+    let healthy = seen.iter().filter(|p| p.healthy()).count();
+    let reps = replicas(conn, master, deadline)?;
+    let healthy_replicas = reps.iter().filter(|p| p.healthy()).count();
+    if healthy < others || healthy_replicas < replica_count {
+        return Err(RedisError::Topology(format!(
+            "{}: sees {healthy} of {others} other sentinels and {healthy_replicas} of {replica_count} replicas healthy",
+            conn.endpoint()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether every sentinel at `sentinels` lists the replica at `replica` (`ip:port`) as healthy
+/// with its link to the primary up. Sentinel refreshes a replica's INFO only every 10 s, and a
+/// failover never promotes a replica whose last INFO showed the link down (`NOGOODSLAVE`).
+pub fn replica_ready_for_sentinels(
+    tls: &super::TlsClient,
+    server_name: &str,
+    sentinels: &[String],
+    master: &str,
+    replica: &str,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    for s in sentinels {
+        let mut c = Connection::connect(tls, s, server_name, deadline)?;
+        let seen = replicas(&mut c, master, deadline)?;
+        let ready = seen.iter().any(|p| {
+            p.endpoint() == replica
+                && p.healthy()
+                && p.fields.get("master-link-status").map(String::as_str) == Some("ok")
+        });
+        if !ready {
+            return Err(RedisError::Topology(format!(
+                "{s}: does not yet see replica {replica} healthy with its link up"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::Bulk(Some(s.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn peers_parse_from_flat_field_value_arrays() {
+        let reply = Value::Array(Some(vec![
+            Value::Array(Some(
+                [
+                    "name",
+                    "abc",
+                    "ip",
+                    "127.0.0.1",
+                    "port",
+                    "26380",
+                    "flags",
+                    "sentinel",
+                ]
+                .iter()
+                .map(|s| bulk(s))
+                .collect(),
+            )),
+            Value::Array(Some(
+                [
+                    "ip",
+                    "127.0.0.1",
+                    "port",
+                    "26381",
+                    "flags",
+                    "s_down,sentinel",
+                ]
+                .iter()
+                .map(|s| bulk(s))
+                .collect(),
+            )),
+        ]));
+        let peers = parse_peers(&reply).unwrap();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].endpoint(), "127.0.0.1:26380");
+        assert_eq!(peers[0].fields["name"], "abc");
+        assert!(peers[0].healthy());
+        assert!(!peers[1].healthy());
+        let no_port = Value::Array(Some(vec![Value::Array(Some(vec![bulk("ip"), bulk("x")]))]));
+        assert_eq!(parse_peers(&no_port), None);
+    }
+}

@@ -1,0 +1,348 @@
+//! The mutual-TLS client setup every Redis connection uses (probe, reloads, switchovers): TMM's
+//! view of dSSM, built from the mounted materials.
+//!
+//! Our v3 leaf is verified by rustls' WebPKI verifier (chain, validity, EKU, name). A leaf made by
+//! the seeds' procedure is X.509 v1 without subjectAltName, which WebPKI refuses; for such a leaf
+//! the chain and validity are checked against the deployed CAs with x509-parser and the handshake
+//! signatures against its raw public key. Redis itself never checks host names.
+//!
+//! `dssm-ca.crt` may hold several CAs (old + new during a CA rotation): every one is trusted, as
+//! Redis (OpenSSL) trusts every CA of its `tls-ca-cert-file`.
+
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::crypto::{ring as provider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime,
+};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use serde::Serialize;
+
+use crate::contract::{CA_CERT, LEAF_CERT, LEAF_KEY};
+use crate::pki::{self, Certificate, PrivateKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{0}")]
+    Materials(String),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The deployed materials a client (TMM) holds.
+pub struct ClientMaterials {
+    pub ca_cert: Vec<u8>,
+    pub leaf_cert: Vec<u8>,
+    pub leaf_key: PrivateKey,
+}
+
+impl std::fmt::Debug for ClientMaterials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientMaterials").finish_non_exhaustive()
+    }
+}
+
+impl ClientMaterials {
+    /// Reads `dssm-ca.crt`, `dssm-cert.crt` and `dssm-key.key` from a mounted directory, now:
+    /// a client that reconnects after kubelet's swap sees the new files.
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self, TlsSetupError> {
+        let read = |name: &str| {
+            std::fs::read(dir.join(name))
+                .map_err(|e| TlsSetupError::Materials(format!("{}: {e}", dir.join(name).display())))
+        };
+        let key_path = dir.join(LEAF_KEY);
+        Ok(ClientMaterials {
+            ca_cert: read(CA_CERT)?,
+            leaf_cert: read(LEAF_CERT)?,
+            leaf_key: PrivateKey::from_pem(&read(LEAF_KEY)?, &key_path.display().to_string())
+                .map_err(|e| TlsSetupError::Materials(e.to_string()))?,
+        })
+    }
+}
+
+/// How the served certificate was verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyPath {
+    /// rustls WebPKI: chain, validity, EKU serverAuth, and the name.
+    Webpki,
+    /// A v1 or SAN-less certificate (the seeds'): chain and validity via x509-parser, no name check.
+    LegacyNoNameCheck,
+}
+
+fn verify_path(served: &Certificate) -> VerifyPath {
+    if served.version == 3 && !served.dns_names.is_empty() {
+        VerifyPath::Webpki
+    } else {
+        VerifyPath::LegacyNoNameCheck
+    }
+}
+
+fn parse_served(cert: &CertificateDer<'_>) -> Result<Certificate, rustls::Error> {
+    pki::inspect::parse_certificate_der(cert.as_ref(), "served certificate")
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
+}
+
+/// Every certificate of a PEM bundle, in order; `what` names the file or Secret key.
+pub fn parse_bundle(pem: &[u8], what: &str) -> Result<Vec<Certificate>, TlsSetupError> {
+    // The first block gets parse_certificate's precise messages (no PEM, damaged, wrong label).
+    pki::parse_certificate(pem, what).map_err(|e| TlsSetupError::Materials(e.to_string()))?;
+    x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter_map(|block| match block {
+            Ok(p) if p.label == "CERTIFICATE" => Some(Ok(p.contents)),
+            Ok(_) => None,
+            Err(_) => Some(Err(TlsSetupError::Materials(format!(
+                "{what}: a PEM block is damaged"
+            )))),
+        })
+        .enumerate()
+        .map(|(i, der)| {
+            pki::inspect::parse_certificate_der(&der?, &format!("{what} (certificate {})", i + 1))
+                .map_err(|e| TlsSetupError::Materials(e.to_string()))
+        })
+        .collect()
+}
+
+pub(crate) struct Verifier {
+    cas: Vec<Certificate>,
+    webpki: Arc<WebPkiServerVerifier>,
+    algorithms: WebPkiSupportedAlgorithms,
+    /// The last served certificate, for reports (probe uses one connection at a time).
+    pub(crate) seen: Mutex<Option<(VerifyPath, Certificate)>>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier")
+    }
+}
+
+impl Verifier {
+    /// Whether the handshake signature must be checked against the raw key: decided from the
+    /// certificate itself, so one config serves concurrent connections.
+    fn legacy(cert: &CertificateDer<'_>) -> Result<Option<Vec<u8>>, rustls::Error> {
+        let served = parse_served(cert)?;
+        Ok((verify_path(&served) == VerifyPath::LegacyNoNameCheck)
+            .then(|| served.spki_der().to_vec()))
+    }
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let served = parse_served(end_entity)?;
+        let path = verify_path(&served);
+        *self.seen.lock().expect("not poisoned") = Some((path, served.clone()));
+        match path {
+            VerifyPath::Webpki => {
+                self.webpki
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            }
+            VerifyPath::LegacyNoNameCheck => {
+                let t = now.as_secs() as i64;
+                if !self.cas.iter().any(|ca| served.is_signed_by(ca)) {
+                    Err(rustls::Error::InvalidCertificate(
+                        CertificateError::UnknownIssuer,
+                    ))
+                } else if t >= served.not_after {
+                    Err(rustls::Error::InvalidCertificate(CertificateError::Expired))
+                } else if t < served.not_before {
+                    Err(rustls::Error::InvalidCertificate(
+                        CertificateError::NotValidYet,
+                    ))
+                } else {
+                    Ok(ServerCertVerified::assertion())
+                }
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let Some(spki) = Self::legacy(cert)? else {
+            return rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms);
+        };
+        // TLS 1.2 names only the scheme; try each algorithm it maps to against the raw key.
+        let (_, parsed) =
+            <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<
+                x509_parser::error::X509Error,
+            >>::from_der(&spki)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let key = parsed.subject_public_key.data.as_ref();
+        for (scheme, algs) in self.algorithms.mapping {
+            if *scheme != dss.scheme {
+                continue;
+            }
+            for alg in *algs {
+                if alg.verify_signature(key, message, dss.signature()).is_ok() {
+                    return Ok(HandshakeSignatureValid::assertion());
+                }
+            }
+        }
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::BadSignature,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let Some(spki) = Self::legacy(cert)? else {
+            return rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms);
+        };
+        rustls::crypto::verify_tls13_signature_with_raw_key(
+            message,
+            &SubjectPublicKeyInfoDer::from(spki.as_slice()),
+            dss,
+            &self.algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Presents the deployed leaf whatever its version: `with_client_auth_cert` would refuse a v1.
+#[derive(Debug)]
+struct ClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A client configuration made from the deployed materials. `client_cert: false` leaves the
+/// certificate out (to prove the server demands one).
+#[derive(Clone)]
+pub struct TlsClient {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) leaf_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient").finish_non_exhaustive()
+    }
+}
+
+impl TlsClient {
+    pub fn new(m: &ClientMaterials, client_cert: bool) -> Result<Self, TlsSetupError> {
+        let provider = Arc::new(provider::default_provider());
+        let cas = parse_bundle(&m.ca_cert, CA_CERT)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in &cas {
+            // A v1 CA is accepted as a trust anchor too: webpki only needs its subject and key.
+            roots
+                .add(CertificateDer::from(ca.der().to_vec()))
+                .map_err(|e| TlsSetupError::Materials(format!("{CA_CERT}: {e}")))?;
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| TlsSetupError::Materials(e.to_string()))?;
+        let verifier = Arc::new(Verifier {
+            cas,
+            webpki,
+            algorithms: provider.signature_verification_algorithms,
+            seen: Mutex::new(None),
+        });
+        let leaf_der = pki::parse_certificate(&m.leaf_cert, LEAF_CERT)
+            .map_err(|e| TlsSetupError::Materials(e.to_string()))?
+            .der()
+            .to_vec();
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone());
+        let config = if client_cert {
+            let key = provider
+                .key_provider
+                .load_private_key(PrivateKeyDer::Pkcs8(m.leaf_key.to_pkcs8_der().into()))
+                .map_err(|e| TlsSetupError::Materials(format!("{LEAF_KEY}: {e}")))?;
+            let certified = CertifiedKey::new(vec![CertificateDer::from(leaf_der.clone())], key);
+            builder.with_client_cert_resolver(Arc::new(ClientCert(Arc::new(certified))))
+        } else {
+            builder.with_no_client_auth()
+        };
+        Ok(TlsClient {
+            config: Arc::new(config),
+            verifier,
+            leaf_der,
+        })
+    }
+
+    /// SHA-256 fingerprint (`AB:CD:…`) of the leaf this client presents.
+    pub fn leaf_fingerprint(&self) -> String {
+        fingerprint(&self.leaf_der)
+    }
+}
+
+/// SHA-256 over DER, upper-case hex with colons, as `openssl x509 -fingerprint -sha256`.
+pub fn fingerprint(der: &[u8]) -> String {
+    pki::inspect::hex_upper(&openssl::sha::sha256(der), ":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{issue::default_ca_subject, KeyAlgorithm};
+
+    fn ca() -> Vec<u8> {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        pki::issue_ca(
+            &default_ca_subject(),
+            30,
+            &key,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+        .into_bytes()
+    }
+
+    #[test]
+    fn every_ca_of_a_bundle_is_read_in_order_and_damage_is_named() {
+        let (old, new) = (ca(), ca());
+        let bundle = [old.clone(), new.clone()].concat();
+        let cas = parse_bundle(&bundle, CA_CERT).unwrap();
+        assert_eq!(cas.len(), 2);
+        assert_eq!(
+            cas[0].der(),
+            pki::parse_certificate(&old, "old").unwrap().der()
+        );
+        assert_eq!(
+            cas[1].der(),
+            pki::parse_certificate(&new, "new").unwrap().der()
+        );
+
+        let mut damaged = bundle.clone();
+        let cut = old.len() + new.len() / 2;
+        damaged.truncate(cut);
+        let err = parse_bundle(&damaged, CA_CERT).unwrap_err().to_string();
+        assert!(err.contains(CA_CERT), "{err}");
+        let err = parse_bundle(b"not a certificate", CA_CERT)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(CA_CERT), "{err}");
+    }
+}

@@ -1,0 +1,52 @@
+//! Rotations on real redis-server/redis-sentinel processes under client load: 1 primary, 2
+//! replicas, 3 sentinels, TLS only, each running from a Secret volume laid out as kubelet lays it
+//! out and updated by kubelet's atomic `..data` swap; two TMM-like mutual-TLS clients writing
+//! ~100 ops/s each through the sentinels, with one retry. Judged on failed operations after the
+//! retry, acknowledged writes lost (read back at the end), the longest write gap, and the fewest
+//! DBs and sentinels answering a readiness PING with their own mounted files.
+//!
+//! `cargo bench --bench rotation_load` prints the same figures as one table.
+
+mod support;
+
+use std::time::Duration;
+
+use support::load::{scenarios, LoadConfig};
+
+#[test]
+fn leaf_renewal_under_load_fails_no_operation_and_loses_no_write() {
+    let f = scenarios::leaf_renewal(LoadConfig::default());
+    eprintln!("leaf renewal: {f:?}");
+    f.assert_unnoticed("leaf renewal");
+}
+
+#[test]
+fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_over_under_load() {
+    let f = scenarios::leaf_renewal_mounted(LoadConfig::default(), true);
+    eprintln!("leaf renewal, subPath: {f:?}");
+    f.assert_unnoticed("leaf renewal with subPath mounts");
+}
+
+#[test]
+fn three_phase_ca_rotation_from_seed_materials_under_load_fails_no_operation_and_loses_no_write() {
+    let f = scenarios::ca_rotation(LoadConfig::default());
+    eprintln!("CA rotation: {f:?}");
+    f.assert_unnoticed("CA rotation");
+}
+
+#[test]
+fn paused_switchover_moves_the_primary_under_load_without_losing_a_write() {
+    let (f, moved) = scenarios::paused_switchover(LoadConfig::default());
+    eprintln!("paused switchover: {f:?} {moved:?}");
+    assert_ne!(moved.old_primary, moved.new_primary);
+    assert!(moved.paused_for < Duration::from_secs(10), "{moved:?}");
+    f.assert_unnoticed("paused switchover");
+}
+
+#[test]
+fn everything_restarted_at_once_runs_and_is_measured() {
+    // For contrast only (the figures are the benchmark's): it must run to the end.
+    let f = scenarios::everything_at_once(LoadConfig::default());
+    eprintln!("everything at once: {f:?}");
+    assert!(f.ops > 0 && f.samples > 0, "{f:?}");
+}

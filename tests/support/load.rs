@@ -1,0 +1,684 @@
+//! The proof harness for rotations under load: dSSM processes running from Secret volumes laid out
+//! as kubelet lays them out (non-subPath), kubelet's atomic swap, TMM-like mutual-TLS clients that
+//! find the primary through the sentinels and write continuously, a readiness sampler, and the
+//! judge's figures.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dssm_certs::pki::{self, issue::Subject, KeyAlgorithm, PrivateKey};
+use dssm_certs::redis::reload::Proof;
+use dssm_certs::redis::rollout::{self, Pods, RolloutContext};
+use dssm_certs::redis::sentinel::primary_addr;
+use dssm_certs::redis::{ClientMaterials, Connection, TlsClient, Value};
+
+use super::redis::{Topology, MASTER};
+
+pub const FILES: [&str; 4] = [
+    "dssm-ca.crt",
+    "dssm-cert.crt",
+    "dssm-key.key",
+    "dhparam2048.pem",
+];
+pub const SERVER_NAME: &str = "f5-dssm-sentinel";
+
+/// A Secret volume mounted without `subPath`, as kubelet's AtomicWriter lays it out: the files in
+/// a timestamped directory, `..data` a symlink to it, each key a symlink through `..data`.
+pub struct KubeletMount {
+    pub dir: PathBuf,
+}
+
+fn timestamped_name() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!(
+        "..{}_{:09}.{}",
+        t.as_secs(),
+        t.subsec_nanos(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl KubeletMount {
+    /// Creates the volume at `dir` with the files of `from` (a plain directory).
+    pub fn create(dir: &Path, from: &Path) -> KubeletMount {
+        std::fs::create_dir_all(dir).unwrap();
+        let m = KubeletMount {
+            dir: dir.to_path_buf(),
+        };
+        m.swap(from);
+        for f in FILES {
+            std::os::unix::fs::symlink(Path::new("..data").join(f), dir.join(f)).unwrap();
+        }
+        m
+    }
+
+    /// Kubelet's update: the new files in a new timestamped directory, a temporary symlink to it
+    /// renamed over `..data` (one atomic rename), the old directory removed. A reader sees all
+    /// old files or all new ones, never a mix.
+    pub fn swap(&self, from: &Path) {
+        let name = timestamped_name();
+        let new = self.dir.join(&name);
+        std::fs::create_dir(&new).unwrap();
+        for f in FILES {
+            std::fs::copy(from.join(f), new.join(f)).unwrap();
+        }
+        let old = std::fs::read_link(self.dir.join("..data")).ok();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&name, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        if let Some(old) = old {
+            std::fs::remove_dir_all(self.dir.join(old)).unwrap();
+        }
+    }
+}
+
+/// A plain directory with the four files, as the Secrets carry them.
+pub fn write_materials(dir: &Path, ca_pem: &[u8], cert_pem: &[u8], key: &PrivateKey) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("dssm-ca.crt"), ca_pem).unwrap();
+    std::fs::write(dir.join("dssm-cert.crt"), cert_pem).unwrap();
+    std::fs::write(dir.join("dssm-key.key"), key.to_pkcs8_pem()).unwrap();
+    std::fs::write(
+        dir.join("dhparam2048.pem"),
+        pki::DhParams::ffdhe2048().pem(),
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
+
+/// A CA: its certificate PEM and key.
+pub struct Ca {
+    pub cert: Vec<u8>,
+    pub key: PrivateKey,
+}
+
+impl Ca {
+    pub fn new(subject: &str, alg: KeyAlgorithm) -> Ca {
+        let key = PrivateKey::generate(alg).unwrap();
+        let subject = Subject::parse(subject).unwrap();
+        let cert = pki::issue_ca(&subject, 3650, &key, time::OffsetDateTime::now_utc())
+            .unwrap()
+            .into_bytes();
+        Ca { cert, key }
+    }
+
+    /// Reads a CA made elsewhere (e.g. by the seeds' openssl commands).
+    pub fn load(dir: &Path) -> Ca {
+        Ca {
+            cert: std::fs::read(dir.join("dssm-ca.crt")).unwrap(),
+            key: PrivateKey::from_pem(&std::fs::read(dir.join("dssm-ca.key")).unwrap(), "ca key")
+                .unwrap(),
+        }
+    }
+
+    /// A leaf signed by this CA, with our SANs (`f5-dssm-sentinel`, `f5-dssm-db`): (cert, key).
+    pub fn leaf(&self, days: u32) -> (Vec<u8>, PrivateKey) {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let subject = Subject::parse("O=Redis Test, CN=Server").unwrap();
+        let dns = [SERVER_NAME.to_string(), "f5-dssm-db".to_string()];
+        let req = pki::LeafRequest {
+            subject: &subject,
+            days,
+            dns_names: &dns,
+        };
+        let signer = pki::CaSigner {
+            cert_pem: &self.cert,
+            key: &self.key,
+            cert_name: "ca",
+            key_name: "ca key",
+        };
+        let cert = pki::issue_leaf(&req, &key, &signer, time::OffsetDateTime::now_utc()).unwrap();
+        (cert.pem.into_bytes(), key)
+    }
+}
+
+/// A leaf renewal under one CA (ECDSA P-256): the old and the new materials in `dir`.
+pub fn renewal_materials(dir: &Path) -> (PathBuf, PathBuf) {
+    let ca = Ca::new(
+        "O=Redis Test, CN=Certificate Authority",
+        KeyAlgorithm::EcdsaP256,
+    );
+    let (c, k) = ca.leaf(365);
+    let old = write_materials(&dir.join("old"), &ca.cert, &c, &k);
+    let (c, k) = ca.leaf(300);
+    let new = write_materials(&dir.join("new"), &ca.cert, &c, &k);
+    (old, new)
+}
+
+pub fn tls_client(dir: &Path) -> TlsClient {
+    TlsClient::new(&ClientMaterials::from_dir(dir).unwrap(), true).unwrap()
+}
+
+pub fn fingerprint_of(dir: &Path) -> String {
+    let pem = std::fs::read(dir.join("dssm-cert.crt")).unwrap();
+    pki::parse_certificate(&pem, "leaf")
+        .unwrap()
+        .sha256_fingerprint
+}
+
+/// One process as the sampler sees it: a readiness probe runs with the pod's own mounted files.
+#[derive(Clone)]
+struct Target {
+    is_db: bool,
+    endpoint: String,
+    mount: PathBuf,
+}
+
+/// The judge's figures for one run.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub ops: u64,
+    pub acked: u64,
+    /// Operations that failed even after one retry.
+    pub failed_after_retry: u64,
+    /// Operations that needed their retry.
+    pub retried: u64,
+    /// Acknowledged writes missing when read back at the end.
+    pub lost: u64,
+    pub longest_gap: Duration,
+    pub min_dbs_up: usize,
+    pub min_sentinels_up: usize,
+    pub samples: usize,
+}
+
+impl Figures {
+    /// The promise of a rotation nobody notices.
+    pub fn assert_unnoticed(&self, what: &str) {
+        assert!(
+            self.acked > 0 && self.samples > 0,
+            "{what}: no load: {self:?}"
+        );
+        assert_eq!(self.failed_after_retry, 0, "{what}: {self:?}");
+        assert_eq!(self.lost, 0, "{what}: {self:?}");
+        assert!(self.min_dbs_up >= 2, "{what}: {self:?}");
+        assert!(self.min_sentinels_up >= 2, "{what}: {self:?}");
+    }
+}
+
+#[derive(Default)]
+struct ClientStats {
+    acked: Vec<String>,
+    ops: u64,
+    failed_after_retry: u64,
+    retried: u64,
+    longest_gap: Duration,
+}
+
+#[derive(Clone, Copy)]
+pub struct LoadConfig {
+    pub clients: usize,
+    /// Pause between a client's operations (10 ms ≈ 100 ops/s).
+    pub interval: Duration,
+    /// Each client stops after this many operations, or when stopped.
+    pub max_ops: u64,
+    pub op_timeout: Duration,
+    pub sample_every: Duration,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            clients: 2,
+            interval: Duration::from_millis(10),
+            max_ops: 9_000,
+            op_timeout: Duration::from_secs(3),
+            sample_every: Duration::from_millis(150),
+        }
+    }
+}
+
+/// TMM-like clients writing through the sentinels, and a readiness sampler, until `finish`.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    rolls: Vec<Arc<AtomicU64>>,
+    pub client_mounts: Vec<KubeletMount>,
+    clients: Vec<JoinHandle<ClientStats>>,
+    sampler: JoinHandle<(usize, usize, usize)>,
+    sentinels: Vec<String>,
+}
+
+fn connect_primary(
+    mount: &Path,
+    sentinels: &[String],
+    first: usize,
+    deadline: Instant,
+) -> Option<Connection> {
+    // Reconnecting re-reads the mount: a rolled TMM pod starts with the current files.
+    let tls = TlsClient::new(&ClientMaterials::from_dir(mount).ok()?, true).ok()?;
+    let primary = (0..sentinels.len())
+        .map(|i| &sentinels[(first + i) % sentinels.len()])
+        .find_map(|s| {
+            let mut c = Connection::connect(&tls, s, SERVER_NAME, deadline).ok()?;
+            primary_addr(&mut c, MASTER, deadline).ok().flatten()
+        })?;
+    Connection::connect(&tls, &primary, SERVER_NAME, deadline).ok()
+}
+
+fn write_once(
+    conn: &mut Option<Connection>,
+    mount: &Path,
+    sentinels: &[String],
+    first: usize,
+    key: &str,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    if conn.is_none() {
+        *conn = connect_primary(mount, sentinels, first, deadline);
+    }
+    let Some(c) = conn.as_mut() else {
+        return false;
+    };
+    let ok =
+        matches!(c.command(&["SET", key, "1"], deadline), Ok(Value::Simple(ref s)) if s == "OK");
+    if !ok {
+        *conn = None;
+    }
+    ok
+}
+
+fn up(t: &Target) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    ClientMaterials::from_dir(&t.mount)
+        .ok()
+        .and_then(|m| TlsClient::new(&m, true).ok())
+        .is_some_and(|tls| Connection::connect(&tls, &t.endpoint, SERVER_NAME, deadline).is_ok())
+}
+
+impl Load {
+    /// Starts `cfg.clients` clients, each with its own kubelet-like mount of `client_files`.
+    pub fn start(t: &Topology, client_files: &Path, cfg: LoadConfig) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sentinels: Vec<String> = t
+            .sentinels()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let prefix = format!("tmm:{}", timestamped_name());
+        let mut rolls = Vec::new();
+        let mut client_mounts = Vec::new();
+        let mut clients = Vec::new();
+        for i in 0..cfg.clients {
+            let mount = KubeletMount::create(&t.root.path().join(format!("tmm-{i}")), client_files);
+            let roll = Arc::new(AtomicU64::new(0));
+            let (stop, roll2, sentinels, dir) = (
+                stop.clone(),
+                roll.clone(),
+                sentinels.clone(),
+                mount.dir.clone(),
+            );
+            let prefix = prefix.clone();
+            clients.push(std::thread::spawn(move || {
+                let mut s = ClientStats::default();
+                let mut conn = None;
+                let mut seen_roll = 0;
+                let mut last_ack = Instant::now();
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) && s.ops < cfg.max_ops {
+                    if roll2.load(Ordering::Relaxed) != seen_roll {
+                        seen_roll = roll2.load(Ordering::Relaxed);
+                        conn = None; // the pod was replaced: a new process, a new connection
+                    }
+                    let key = format!("{prefix}:{i}:{}", s.ops);
+                    s.ops += 1;
+                    let mut ok = write_once(&mut conn, &dir, &sentinels, i, &key, cfg.op_timeout);
+                    if !ok {
+                        s.retried += 1;
+                        ok = write_once(&mut conn, &dir, &sentinels, i + 1, &key, cfg.op_timeout);
+                    }
+                    if ok {
+                        s.longest_gap = s.longest_gap.max(last_ack.elapsed());
+                        last_ack = Instant::now();
+                        s.acked.push(key);
+                    } else {
+                        s.failed_after_retry += 1;
+                    }
+                    // A steady rate: a slow operation is not followed by a full pause.
+                    next += cfg.interval;
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                s
+            }));
+            rolls.push(roll);
+            client_mounts.push(mount);
+        }
+        let targets: Vec<Target> = t
+            .procs
+            .iter()
+            .map(|p| Target {
+                is_db: p.role == super::redis::Role::Db,
+                endpoint: format!("127.0.0.1:{}", p.port),
+                mount: p.mount.clone(),
+            })
+            .collect();
+        let stop2 = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let (mut min_dbs, mut min_sentinels, mut samples) = (usize::MAX, usize::MAX, 0);
+            while !stop2.load(Ordering::Relaxed) {
+                let next = Instant::now() + cfg.sample_every;
+                let ups: Vec<(bool, bool)> = targets.iter().map(|t| (t.is_db, up(t))).collect();
+                let count = |db: bool| ups.iter().filter(|(d, u)| *d == db && *u).count();
+                min_dbs = min_dbs.min(count(true));
+                min_sentinels = min_sentinels.min(count(false));
+                samples += 1;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            (min_dbs, min_sentinels, samples)
+        });
+        Load {
+            stop,
+            rolls,
+            client_mounts,
+            clients,
+            sampler,
+            sentinels,
+        }
+    }
+
+    /// Rolls the TMM clients one at a time onto `files`: kubelet gives the new pod the new files,
+    /// the new process connects with them. `gap` between two pods, like a rolling update's.
+    pub fn roll_clients(&self, files: &Path, gap: Duration) {
+        for (mount, roll) in self.client_mounts.iter().zip(&self.rolls) {
+            mount.swap(files);
+            roll.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(gap);
+        }
+    }
+
+    /// Stops the clients and the sampler, reads every acknowledged key back from the primary
+    /// (found through the sentinels, as a client holding `reader` files), and judges.
+    pub fn finish(self, reader: &Path) -> Figures {
+        self.stop.store(true, Ordering::Relaxed);
+        let stats: Vec<ClientStats> = self
+            .clients
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let (min_dbs_up, min_sentinels_up, samples) = self.sampler.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut conn = connect_primary(reader, &self.sentinels, 0, deadline)
+            .expect("a primary to read the counters back from");
+        let acked: Vec<&String> = stats.iter().flat_map(|s| &s.acked).collect();
+        let mut present = 0u64;
+        for chunk in acked.chunks(500) {
+            let mut args = vec!["EXISTS"];
+            args.extend(chunk.iter().map(|k| k.as_str()));
+            match conn.call(&args, deadline).unwrap() {
+                Value::Int(n) => present += n as u64,
+                other => panic!("EXISTS: {other:?}"),
+            }
+        }
+        Figures {
+            ops: stats.iter().map(|s| s.ops).sum(),
+            acked: acked.len() as u64,
+            failed_after_retry: stats.iter().map(|s| s.failed_after_retry).sum(),
+            retried: stats.iter().map(|s| s.retried).sum(),
+            lost: acked.len() as u64 - present,
+            longest_gap: stats
+                .iter()
+                .map(|s| s.longest_gap)
+                .max()
+                .unwrap_or_default(),
+            min_dbs_up,
+            min_sentinels_up,
+            samples,
+        }
+    }
+}
+
+/// The test topology as the rollout executor's pods: restarts are process restarts.
+pub struct TestPods<'a>(pub &'a mut Topology);
+
+impl Pods for TestPods<'_> {
+    fn endpoint(&self, pod: &str) -> String {
+        format!("127.0.0.1:{}", self.0.get(pod).port)
+    }
+    fn restart(&mut self, pod: &str, _deadline: Instant) -> Result<(), String> {
+        self.0.restart(pod);
+        Ok(())
+    }
+}
+
+/// The topology's pods as the rollout plan sees them (`sub_path`: whether kubelet updates them).
+pub fn observed_pods(t: &Topology, sub_path: bool) -> Vec<rollout::Pod> {
+    let primary = t.agreed_primary();
+    t.procs
+        .iter()
+        .map(|p| rollout::Pod {
+            name: p.name.clone(),
+            kind: match p.role {
+                super::redis::Role::Db => rollout::PodKind::Db,
+                super::redis::Role::Sentinel => rollout::PodKind::Sentinel,
+            },
+            primary: p.role == super::redis::Role::Db && Some(p.port) == primary,
+            sub_path,
+        })
+        .collect()
+}
+
+/// One phase through every dSSM process: kubelet swaps each pod's files, then the Redis-aware
+/// rollout (DB reloads, sentinels one at a time behind their quorum gate) proves `proof`.
+pub fn roll_dssm(t: &mut Topology, files: &Path, tool: &TlsClient, proof: Proof<'_>) {
+    roll_dssm_mounted(t, files, tool, proof, false)
+}
+
+/// `roll_dssm`, with `sub_path`: whether the pods mount their Secrets with `subPath`, so that
+/// only a restart brings the new files (swapped here before the restart, which is what the
+/// restarted container sees).
+pub fn roll_dssm_mounted(
+    t: &mut Topology,
+    files: &Path,
+    tool: &TlsClient,
+    proof: Proof<'_>,
+    sub_path: bool,
+) {
+    for p in &t.procs {
+        KubeletMount {
+            dir: p.mount.clone(),
+        }
+        .swap(files);
+    }
+    let steps = rollout::plan(&observed_pods(t, sub_path)).unwrap();
+    let cx = RolloutContext {
+        tls: tool,
+        server_name: SERVER_NAME,
+        master: MASTER,
+        proof,
+        step_timeout: Duration::from_secs(30),
+    };
+    rollout::execute(&steps, &mut TestPods(t), &cx, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The scenarios the tests assert on and the benchmark prints. Each starts its own topology.
+pub mod scenarios {
+    use super::*;
+
+    /// Lets the clients settle before and after the change, so the figures cover steady load.
+    const SETTLE: Duration = Duration::from_millis(1500);
+    const ROLL_GAP: Duration = Duration::from_millis(500);
+
+    fn start(files: &Path, cfg: LoadConfig) -> (Topology, Load) {
+        let t = Topology::start_with(|_, dir| {
+            KubeletMount::create(dir, files);
+        });
+        let load = Load::start(&t, files, cfg);
+        std::thread::sleep(SETTLE);
+        (t, load)
+    }
+
+    /// (a) A new leaf under the same CA: kubelet swaps every pod's files, each DB reloads in
+    /// place, sentinels restart one at a time behind their quorum gate, TMM rolls.
+    pub fn leaf_renewal(cfg: LoadConfig) -> Figures {
+        leaf_renewal_mounted(cfg, false)
+    }
+
+    /// (a) with `sub_path` mounts: DBs cannot reload, so replicas restart one at a time, caught
+    /// up before the next, and the primary restarts last after a paused switchover.
+    pub fn leaf_renewal_mounted(cfg: LoadConfig, sub_path: bool) -> Figures {
+        let tmp = super::super::tempdir();
+        let (old, new) = renewal_materials(tmp.path());
+        let (mut t, load) = start(&old, cfg);
+        let tool = tls_client(&new);
+        let proof = Proof {
+            serves: Some(fingerprint_of(&new)),
+            accepts: vec![&tool],
+            refuses: vec![],
+        };
+        roll_dssm_mounted(&mut t, &new, &tool, proof, sub_path);
+        load.roll_clients(&new, ROLL_GAP);
+        std::thread::sleep(SETTLE);
+        load.finish(&new)
+    }
+
+    /// The materials of a CA rotation from a seed-made cluster (openssl CLI: v1 leaf without
+    /// AKI, RSA CA) to a new CA with `new_subject`: seed, trust, switch, drop, and `probe` (a
+    /// throwaway leaf of the new CA with the bundle, to prove trust in the new CA in phase a).
+    pub struct CaRotation {
+        pub tmp: tempfile::TempDir,
+        pub seed: PathBuf,
+        pub trust: PathBuf,
+        pub switch: PathBuf,
+        pub drop: PathBuf,
+        pub probe: PathBuf,
+    }
+
+    impl CaRotation {
+        pub fn new(new_subject: &str, old_first: bool) -> CaRotation {
+            let tmp = super::super::tempdir();
+            let seed = tmp.path().join("seed");
+            std::fs::create_dir(&seed).unwrap();
+            super::super::seed_materials(&seed, false);
+            Self::from_seed(tmp, seed, new_subject, old_first)
+        }
+
+        /// The same from existing seed materials in `seed`.
+        pub fn from_seed(
+            tmp: tempfile::TempDir,
+            seed: PathBuf,
+            new_subject: &str,
+            old_first: bool,
+        ) -> CaRotation {
+            let old = Ca::load(&seed);
+            // Same key type as the seed's CA: OpenSSL would otherwise tell them apart by it.
+            let new = Ca::new(new_subject, KeyAlgorithm::Rsa2048);
+            let bundle = if old_first {
+                [old.cert.clone(), new.cert.clone()].concat()
+            } else {
+                [new.cert.clone(), old.cert.clone()].concat()
+            };
+            let seed_leaf = std::fs::read(seed.join("dssm-cert.crt")).unwrap();
+            let seed_key = PrivateKey::from_pem(
+                &std::fs::read(seed.join("dssm-key.key")).unwrap(),
+                "seed key",
+            )
+            .unwrap();
+            let trust = write_materials(&tmp.path().join("trust"), &bundle, &seed_leaf, &seed_key);
+            let (c, k) = new.leaf(365);
+            let switch = write_materials(&tmp.path().join("switch"), &bundle, &c, &k);
+            let drop = write_materials(&tmp.path().join("drop"), &new.cert, &c, &k);
+            let (pc, pk) = new.leaf(1);
+            let probe = write_materials(&tmp.path().join("probe"), &bundle, &pc, &pk);
+            CaRotation {
+                tmp,
+                seed,
+                trust,
+                switch,
+                drop,
+                probe,
+            }
+        }
+    }
+
+    /// (b) The three-phase CA rotation, each phase rolled through every process (DBs reload,
+    /// sentinels restart one at a time, TMM rolls) and proven by new handshakes before the next.
+    pub fn ca_rotation(cfg: LoadConfig) -> Figures {
+        let m = CaRotation::new("O=Redis Test, CN=Certificate Authority", true);
+        let (mut t, load) = start(&m.seed, cfg);
+        let (trust, switch, drop) = (
+            tls_client(&m.trust),
+            tls_client(&m.switch),
+            tls_client(&m.drop),
+        );
+        let new_ca_leaf = tls_client(&m.probe);
+        // (a) trust: the old leaf still served; a leaf of the new CA already accepted.
+        let proof = Proof {
+            serves: Some(fingerprint_of(&m.seed)),
+            accepts: vec![&trust, &new_ca_leaf],
+            refuses: vec![],
+        };
+        roll_dssm(&mut t, &m.trust, &trust, proof);
+        load.roll_clients(&m.trust, ROLL_GAP);
+        // (b) switch: the new leaf served; TMM pods not yet rolled (old leaf) still accepted.
+        let proof = Proof {
+            serves: Some(fingerprint_of(&m.switch)),
+            accepts: vec![&switch, &trust],
+            refuses: vec![],
+        };
+        roll_dssm(&mut t, &m.switch, &switch, proof);
+        load.roll_clients(&m.switch, ROLL_GAP);
+        // (c) drop: the old CA's leaf refused everywhere.
+        let proof = Proof {
+            serves: Some(fingerprint_of(&m.drop)),
+            accepts: vec![&drop],
+            refuses: vec![&trust],
+        };
+        roll_dssm(&mut t, &m.drop, &drop, proof);
+        load.roll_clients(&m.drop, ROLL_GAP);
+        std::thread::sleep(SETTLE);
+        load.finish(&m.drop)
+    }
+
+    /// (c) For contrast, the seeds' way: new CA and leaf everywhere at once, every dSSM process
+    /// restarted at once, every TMM pod at once.
+    pub fn everything_at_once(cfg: LoadConfig) -> Figures {
+        let m = CaRotation::new("O=Redis Test, CN=Certificate Authority", true);
+        let (mut t, load) = start(&m.seed, cfg);
+        for p in &t.procs {
+            KubeletMount {
+                dir: p.mount.clone(),
+            }
+            .swap(&m.drop);
+        }
+        load.roll_clients(&m.drop, Duration::ZERO);
+        t.restart_all();
+        t.wait_healthy(Duration::from_secs(60));
+        std::thread::sleep(SETTLE);
+        load.finish(&m.drop)
+    }
+
+    /// The primary moved to a replica by a paused switchover while the clients write.
+    pub fn paused_switchover(
+        cfg: LoadConfig,
+    ) -> (Figures, dssm_certs::redis::switchover::Switchover) {
+        let tmp = super::super::tempdir();
+        let ca = Ca::new(
+            "O=Redis Test, CN=Certificate Authority",
+            KeyAlgorithm::EcdsaP256,
+        );
+        let (c, k) = ca.leaf(365);
+        let files = write_materials(&tmp.path().join("m"), &ca.cert, &c, &k);
+        let (t, load) = start(&files, cfg);
+        let sentinels: Vec<String> = t
+            .sentinels()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let moved = dssm_certs::redis::switchover::paused_switchover(
+            &tls_client(&files),
+            SERVER_NAME,
+            &sentinels,
+            MASTER,
+            Instant::now() + Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        t.wait_healthy(Duration::from_secs(60));
+        std::thread::sleep(SETTLE);
+        (load.finish(&files), moved)
+    }
+}
