@@ -337,6 +337,12 @@ async fn pass_once(
                 "dssm-certs.f5.com/action".to_string(),
                 action_name(plan.action).to_string(),
             ),
+            // Saved with the materials: a run that resumes after every copy was written can no
+            // longer see the old CA in the copies, and must not forget that it changed.
+            (
+                PENDING_CA_CHANGED.to_string(),
+                copies_hold_another_ca(&obs, &bundle.ca_cert).to_string(),
+            ),
         ]);
         let s = cluster
             .write_secret(
@@ -419,13 +425,11 @@ async fn pass_once(
     // that wrote them may have died before marking it.
     if !outcome.written.is_empty() || plan.action == Action::Resume {
         // Did any copy hold another CA? Then old and new pods cannot talk: no rolling restart.
-        let ca_changed = obs.raw.iter().any(|((_, name), s)| {
-            name == contract::CERTS_SECRET
-                && s.data
-                    .as_ref()
-                    .and_then(|d| d.get(contract::CA_CERT))
-                    .is_some_and(|c| c.0 != bundle.ca_cert)
-        });
+        // A resumed rotation also reads what the interrupted run saved.
+        let saved_ca_change = plan.action == Action::Resume
+            && matches!(&obs.store, SecretObs::Present { annotations: a, .. }
+                if a.get(PENDING_CA_CHANGED).map(String::as_str) == Some("true"));
+        let ca_changed = copies_hold_another_ca(&obs, &bundle.ca_cert) || saved_ca_change;
         if ca_changed {
             cluster
                 .annotate_deployment(crate::restart::CA_CHANGED_ANNOTATION, Some("true"))
@@ -515,6 +519,20 @@ async fn pass_once(
             .await;
     }
     Ok(outcome)
+}
+
+/// On the CA key Secret while a rotation is pending: whether it changes the CA.
+const PENDING_CA_CHANGED: &str = "dssm-certs.f5.com/ca-changed";
+
+/// Whether any deployed copy holds a CA other than `ca_cert`.
+fn copies_hold_another_ca(obs: &Observation, ca_cert: &[u8]) -> bool {
+    obs.raw.iter().any(|((_, name), s)| {
+        name == contract::CERTS_SECRET
+            && s.data
+                .as_ref()
+                .and_then(|d| d.get(contract::CA_CERT))
+                .is_some_and(|c| c.0 != ca_cert)
+    })
 }
 
 fn action_name(a: Action) -> &'static str {

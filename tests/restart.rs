@@ -1015,3 +1015,45 @@ fn a_410_gone_during_the_wait_for_tmm_available_relists_and_the_restart_complete
     assert!(out.contains("3 available replicas"), "{out}");
     relisted_after_the_first_watch(&env, "/namespaces/spk-ingress/deployments");
 }
+
+/// The restart-safety issue: a CA rotation that died after writing every copy but before marking
+/// the Deployment was resumed as if the CA had not changed (the copies already hold the new CA),
+/// so a rolling restart was allowed through a CA change. The pending rotation remembers it.
+#[test]
+fn a_resumed_ca_rotation_remembers_that_the_ca_changed() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    // Every PATCH of the Deployment fails: the copies are written, the marks are not.
+    env.server
+        .add_fault(Fault::status("PATCH", "/deployments/f5-tmm", 1, 500).repeat(20));
+    let (code, out, err) = env.run(&[
+        "rotate",
+        "--ca",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--no-restart",
+    ]);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        out.contains("wrote secret spk-ingress/dssm-keys-secret"),
+        "{out}"
+    );
+    env.server.with_state(|s| s.faults.clear());
+    let (_, ann) = tmm_replicas(&env);
+    assert!(
+        ann.get("dssm-certs.f5.com/ca-changed").is_none(),
+        "not marked yet: {ann}"
+    );
+
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: resume"), "{out}");
+    let (_, ann) = tmm_replicas(&env);
+    assert_eq!(ann["dssm-certs.f5.com/ca-changed"], "true", "{ann}");
+    let (code, _, err) = env.run(&["restart", "--strategy", "rolling"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("--strategy rolling is refused: the CA changed"),
+        "{err}"
+    );
+}
