@@ -83,6 +83,14 @@ fn the_cronjobs_never_overlap_and_run_locked_down() {
             .as_ref()
             .unwrap();
         assert_eq!(pod.service_account_name.as_deref(), Some("dssm-certs"));
+        // No automatic repeats of a failed rotation (another outage); time to roll back on
+        // SIGTERM.
+        assert_eq!(
+            spec.job_template.spec.as_ref().unwrap().backoff_limit,
+            Some(0),
+            "{name}"
+        );
+        assert!(pod.termination_grace_period_seconds >= Some(60), "{name}");
         let psc = pod.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(

@@ -78,6 +78,8 @@ metadata:
 spec:
   serviceAccountName: dssm-certs
   restartPolicy: Never
+  # On SIGTERM the holder finishes or rolls back its step (TMM back to its count).
+  terminationGracePeriodSeconds: 120
   {{- with $ctx.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
