@@ -267,6 +267,30 @@ impl Report {
 }
 
 /// One namespace's copy, from its Secrets (and the CA key Secret in the dSSM namespace).
+/// The report over what the cluster holds. DH_check and the signature checks take CPU time
+/// (seconds for large DH moduli), so they run on the blocking pool, off the async runtime.
+pub async fn inspect_observation(
+    obs: &crate::cluster::Observation,
+    dssm_ns: &str,
+    now: i64,
+    t: Thresholds,
+) -> Report {
+    let sources: Vec<Source> = obs
+        .copies
+        .iter()
+        .map(|c| {
+            let store = (c.namespace == dssm_ns).then_some(&obs.store);
+            source_from_secrets(&c.namespace, &c.certs, &c.keys, store)
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let copies = sources.iter().map(|s| inspect(s, now, t)).collect();
+        Report::new(copies, now, t).with_sync(&sources)
+    })
+    .await
+    .expect("the inspection panicked")
+}
+
 pub fn source_from_secrets(
     ns: &str,
     certs: &crate::plan::SecretObs,
