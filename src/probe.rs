@@ -6,6 +6,12 @@
 //! the chain and validity are checked against the deployed CA with x509-parser and the handshake
 //! signatures against its raw public key. Redis itself never checks host names. The report says
 //! which path was used.
+//!
+//! Why not one path for both: WebPKI cannot verify a v1 certificate at all, and verifying v3
+//! leaves with the x509-parser path would drop WebPKI's name, EKU and path checks. So the choice
+//! is made in one place (`VerifyPath::for_leaf`): any certificate carrying a subjectAltName
+//! (DNS or IP) goes through WebPKI and must match the name; only a certificate without one (v1,
+//! or a v3 made without SAN) takes the legacy path.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -54,6 +60,102 @@ pub enum VerifyPath {
     Webpki,
     /// A v1 or SAN-less certificate (the seeds'): chain and validity via x509-parser, no name check.
     LegacyNoNameCheck,
+}
+
+impl VerifyPath {
+    /// The one place that decides: a subjectAltName means WebPKI and a name check.
+    fn for_leaf(leaf: &Certificate) -> Self {
+        if leaf.version == 3 && leaf.has_subject_alt_name {
+            VerifyPath::Webpki
+        } else {
+            VerifyPath::LegacyNoNameCheck
+        }
+    }
+}
+
+/// The name a certificate is checked against when none is given: the endpoint's host, without
+/// port and IPv6 brackets. `probe` and the restart's verification both use this.
+pub fn default_server_name(endpoint: &str) -> String {
+    let host = match endpoint.rsplit_once(':') {
+        // `[::1]:26379`, `host:26379`; a bare IPv6 address has more colons and no brackets.
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => {
+            if h.contains(':') && !h.starts_with('[') {
+                endpoint
+            } else {
+                h
+            }
+        }
+        _ => endpoint,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// The Sentinel Service of the dSSM namespace, on its TLS port.
+pub fn sentinel_endpoint(dssm_ns: &str) -> String {
+    format!(
+        "{}.{dssm_ns}:{}",
+        crate::contract::SENTINEL_SERVICE,
+        crate::contract::SENTINEL_PORT
+    )
+}
+
+/// Probes `endpoints` in turn, all within `deadline` (name resolution and every handshake
+/// included: neither a black-holed address nor a slow DNS can hold the command). Endpoints not
+/// answered by then are reported as such.
+pub fn ping_all(
+    prober: Prober,
+    endpoints: &[String],
+    server_name: Option<&str>,
+    timeout: Duration,
+    deadline: Duration,
+) -> Vec<ProbeReport> {
+    let until = std::time::Instant::now() + deadline;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let work: Vec<(String, String)> = endpoints
+        .iter()
+        .map(|e| {
+            let name = server_name.map_or_else(|| default_server_name(e), str::to_string);
+            (e.clone(), name)
+        })
+        .collect();
+    // Detached: a blocking resolver call cannot be interrupted; the process exits without it.
+    std::thread::spawn(move || {
+        for (endpoint, name) in work {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let report = prober.ping(
+                &endpoint,
+                &name,
+                timeout.min(left).max(Duration::from_millis(1)),
+            );
+            if tx.send(report).is_err() {
+                return;
+            }
+        }
+    });
+    let mut reports = Vec::new();
+    for endpoint in endpoints {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(r) => reports.push(r),
+            Err(_) => reports.push(ProbeReport {
+                endpoint: endpoint.clone(),
+                server_name: server_name
+                    .map_or_else(|| default_server_name(endpoint), str::to_string),
+                status: Status::Critical,
+                message: format!(
+                    "{endpoint}: no answer within the probe deadline of {}s (--deadline)",
+                    deadline.as_secs()
+                ),
+                tls_version: None,
+                verify_path: None,
+                served: None,
+                reply: None,
+            }),
+        }
+    }
+    reports
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -116,11 +218,7 @@ impl ServerCertVerifier for Verifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let served = pki::inspect::parse_certificate_der(end_entity.as_ref(), "served certificate")
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let path = if served.version == 3 && !served.dns_names.is_empty() {
-            VerifyPath::Webpki
-        } else {
-            VerifyPath::LegacyNoNameCheck
-        };
+        let path = VerifyPath::for_leaf(&served);
         *self.seen.lock().expect("not poisoned") = Some((path, served.clone()));
         match path {
             VerifyPath::Webpki => {
@@ -254,9 +352,11 @@ impl Prober {
             .dangerous()
             .with_custom_certificate_verifier(verifier.clone());
         let config = if client_cert {
+            // Moved, not copied, into rustls: the DER exists once outside the signer.
+            let der = std::mem::take(&mut *m.leaf_key.to_pkcs8_der());
             let key = provider
                 .key_provider
-                .load_private_key(PrivateKeyDer::Pkcs8(m.leaf_key.to_pkcs8_der().into()))
+                .load_private_key(PrivateKeyDer::Pkcs8(der.into()))
                 .map_err(|e| {
                     ProbeError::Materials(format!("{}: {e}", crate::contract::LEAF_KEY))
                 })?;
@@ -381,6 +481,27 @@ impl Prober {
                 Status::Critical,
                 format!("{endpoint}: expected +PONG, got {text:?}"),
             ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_server_name;
+
+    #[test]
+    fn the_default_server_name_is_the_host_of_the_endpoint() {
+        for (endpoint, name) in [
+            (
+                "f5-dssm-sentinel.spk-utilities:26379",
+                "f5-dssm-sentinel.spk-utilities",
+            ),
+            ("127.0.0.1:26379", "127.0.0.1"),
+            ("[::1]:26379", "::1"),
+            ("::1", "::1"),
+            ("redis", "redis"),
+        ] {
+            assert_eq!(default_server_name(endpoint), name, "{endpoint}");
         }
     }
 }
