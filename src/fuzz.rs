@@ -25,6 +25,9 @@ pub fn text_inputs(data: &[u8]) {
         let _ = crate::pki::Subject::parse(s);
         let _ = crate::cli::parse_duration(s);
         let _ = crate::manifest::validate_namespace(s);
+        let _ = crate::restart::parse_selector(s);
+        let _ = crate::probe::default_server_name(s);
+        let _ = crate::agent::MaintenanceWindow::parse(s);
     }
 }
 

@@ -255,13 +255,36 @@ pub struct Cluster {
 }
 
 /// What one observation found, with the raw Secrets for writing back.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Observation {
     /// dSSM namespace first, then TMM's when it differs.
     pub copies: Vec<CopyObs>,
     pub store: SecretObs,
     pub raw: BTreeMap<(String, String), Secret>,
     pub deployment: Option<Deployment>,
+}
+
+/// The raw Secrets hold private keys: `Debug` names them and their keys, never their data.
+impl std::fmt::Debug for Observation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let raw: Vec<String> = self
+            .raw
+            .iter()
+            .map(|((ns, name), s)| {
+                let keys: Vec<&String> = s.data.iter().flat_map(|d| d.keys()).collect();
+                format!("{ns}/{name} {keys:?}")
+            })
+            .collect();
+        f.debug_struct("Observation")
+            .field("copies", &self.copies)
+            .field("store", &self.store)
+            .field("raw", &raw)
+            .field(
+                "deployment",
+                &self.deployment.as_ref().map(|d| d.metadata.name.clone()),
+            )
+            .finish()
+    }
 }
 
 fn owner_of(s: &Secret) -> Owner {
@@ -511,5 +534,49 @@ impl Cluster {
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(reason, error = %e, "could not publish an Event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_an_observation_never_shows_secret_data() {
+        let key = b"-----BEGIN PRIVATE KEY-----\nTOPSECRETKEYBYTES\n".to_vec();
+        let mut secret = Secret::default();
+        secret.metadata.name = Some(contract::KEYS_SECRET.into());
+        secret.data = Some(
+            [(contract::LEAF_KEY.to_string(), ByteString(key.clone()))]
+                .into_iter()
+                .collect(),
+        );
+        let obs = Observation {
+            copies: vec![CopyObs {
+                namespace: "spk-utilities".into(),
+                certs: SecretObs::Missing,
+                keys: secret_obs(Some(&secret)),
+            }],
+            store: SecretObs::Missing,
+            raw: [(
+                (
+                    "spk-utilities".to_string(),
+                    contract::KEYS_SECRET.to_string(),
+                ),
+                secret,
+            )]
+            .into_iter()
+            .collect(),
+            deployment: None,
+        };
+        let shown = format!("{obs:?}");
+        let as_numbers = format!("{:?}", &key[..8]);
+        let as_numbers = as_numbers.trim_matches(['[', ']']);
+        assert!(!shown.contains("TOPSECRET"), "{shown}");
+        assert!(!shown.contains(as_numbers), "{shown}");
+        assert!(
+            shown.contains(contract::LEAF_KEY),
+            "the key name is shown: {shown}"
+        );
     }
 }
