@@ -487,7 +487,18 @@ impl Prober {
 
 #[cfg(test)]
 mod tests {
-    use super::default_server_name;
+    use super::{default_server_name, VerifyPath};
+
+    #[test]
+    fn a_leaf_with_only_ip_addresses_in_its_san_is_verified_by_webpki_with_its_name() {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let leaf = crate::pki::parse_certificate(pem.as_bytes(), "leaf").unwrap();
+        assert!(leaf.dns_names.is_empty());
+        assert_eq!(VerifyPath::for_leaf(&leaf), VerifyPath::Webpki);
+    }
 
     #[test]
     fn the_default_server_name_is_the_host_of_the_endpoint() {

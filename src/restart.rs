@@ -324,7 +324,7 @@ impl Cluster {
             Ok(Err(e)) => Err(ClusterError::Unreachable {
                 verb: "watch",
                 what,
-                detail: e.to_string(),
+                detail: crate::cluster::describe(&e),
                 attempts: 1,
             }
             .into()),

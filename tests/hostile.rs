@@ -169,6 +169,19 @@ fn encrypted_private_keys_are_refused_and_never_prompt_on_a_tty() {
         );
         assert!(took < Duration::from_secs(15), "{form}: {took:?}");
 
+        // DH parameters with an encrypted PEM header reach OpenSSL's DH reader, which has no
+        // callback parameter: refused before it sees them.
+        let dh = std::fs::read_to_string(out.join("dhparam2048.pem")).unwrap();
+        let dh = dh.replacen(
+            "-----\n",
+            "-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n",
+            1,
+        );
+        std::fs::write(dir.join("dhparam2048.pem"), dh).unwrap();
+        let (_, text, _) = on_a_tty(&["check", "--dir", d]);
+        assert!(!text.contains("pass phrase"), "{form}: prompted:\n{text}");
+        assert!(text.contains("is not DH parameters"), "{form}: {text}");
+
         // probe reads the same key before connecting anywhere.
         let (code, text, _) = on_a_tty(&["probe", "--dir", d, "--endpoint", "127.0.0.1:1"]);
         assert_eq!(code, 3, "{form} probe: {text}");

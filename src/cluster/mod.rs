@@ -174,7 +174,7 @@ fn status_message(s: &kube::core::Status) -> String {
 
 /// A transport or client error in one short line: the innermost cause (e.g. "Connection refused
 /// (os error 111)"), not kube-rs's nested chain.
-fn describe(e: &kube::Error) -> String {
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
     let text = root_cause(e);
     let text = if text.is_empty() || text == "deadline has elapsed" {
         "timed out".to_string()
@@ -532,7 +532,8 @@ impl Cluster {
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(reason, error = %e, "could not publish an Event");
+            let error = describe(&e);
+            tracing::warn!(reason, error, "could not publish an Event");
         }
     }
 }

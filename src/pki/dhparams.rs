@@ -35,6 +35,8 @@ pub enum DhError {
     Unreadable { what: String },
     #[error("{what}: X9.42 DH parameters (`BEGIN X9.42 DH PARAMETERS`) are refused: Redis cannot load them and would not start. Use PKCS#3 parameters (`BEGIN DH PARAMETERS`), as `openssl dhparam 2048` writes")]
     X942 { what: String },
+    #[error("{what}: an encrypted PEM block (`Proc-Type: 4,ENCRYPTED`) is not DH parameters")]
+    Encrypted { what: String },
     #[error("{what}: the DH modulus has {bits} bits; at least {MIN_BITS} are required")]
     TooSmall { what: String, bits: u32 },
     #[error("{what}: the DH modulus has {bits} bits; at most {MAX_BITS} are accepted")]
@@ -82,6 +84,10 @@ impl DhParams {
                 what: what(),
                 bytes: pem.len(),
             });
+        }
+        // An encrypted PEM header would make OpenSSL ask for a passphrase on the terminal.
+        if super::keys::refuse_encrypted(pem).is_err() {
+            return Err(DhError::Encrypted { what: what() });
         }
         // OpenSSL's PEM_read_bio_DHparams takes X9.42 too; Redis does not. Judge by the first
         // PEM label, and hand OpenSSL only PKCS#3.
@@ -301,6 +307,21 @@ mod tests {
         pem.resize(1 << 20, b'\n');
         let err = DhParams::validate(&pem, "big.pem").unwrap_err();
         assert!(matches!(err, DhError::TooLong { .. }), "{err}");
+    }
+
+    /// With an encrypted header, OpenSSL's DH reader (no callback) would prompt on a terminal.
+    fn encrypted_dh_pem() -> String {
+        FFDHE2048_PEM.replacen(
+            "-----\n",
+            "-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n",
+            1,
+        )
+    }
+
+    #[test]
+    fn dh_parameters_with_an_encrypted_pem_header_are_refused_before_openssl_reads_them() {
+        let err = DhParams::validate(encrypted_dh_pem().as_bytes(), "enc.pem").unwrap_err();
+        assert!(matches!(err, DhError::Encrypted { .. }), "{err}");
     }
 
     #[test]
