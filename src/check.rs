@@ -670,7 +670,7 @@ pub fn render_table(report: &Report) -> String {
                 c.file.to_string(),
                 c.not_after.replace('T', " ").replace('Z', " UTC"),
                 format_residual(c.residual_seconds),
-                issuer,
+                printable(&issuer),
                 c.status.to_string(),
             ]);
         }
@@ -680,18 +680,22 @@ pub fn render_table(report: &Report) -> String {
             out.push_str(&format!(
                 "{}: subject \"{}\", serial {}, {}, {}, X.509 v{}; {}\n",
                 c.file,
-                c.subject,
+                printable(&c.subject),
                 c.serial,
                 key_label(c),
                 c.signature_algorithm,
                 c.version,
-                c.message
+                printable(&c.message)
             ));
         }
         out.push('\n');
         let mut rows = vec![["CHECK".to_string(), "STATUS".into(), "DETAIL".into()]];
         for c in &copy.checks {
-            rows.push([c.name.to_string(), c.status.to_string(), c.message.clone()]);
+            rows.push([
+                c.name.to_string(),
+                c.status.to_string(),
+                printable(&c.message),
+            ]);
         }
         out.push_str(&columns(&rows));
         out.push('\n');
@@ -703,7 +707,11 @@ pub fn render_table(report: &Report) -> String {
             "DETAIL".into(),
         ]];
         for c in &report.checks {
-            rows.push([c.name.to_string(), c.status.to_string(), c.message.clone()]);
+            rows.push([
+                c.name.to_string(),
+                c.status.to_string(),
+                printable(&c.message),
+            ]);
         }
         out.push_str(&columns(&rows));
         out.push('\n');
@@ -718,6 +726,20 @@ fn key_label(c: &CertReport) -> String {
     } else {
         c.key_type.clone()
     }
+}
+
+/// Text from a certificate as a terminal may show it: control characters (escape sequences,
+/// newlines that would fake a row) escaped, so a crafted subject cannot rewrite the table.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn common_name(dn: &str) -> String {

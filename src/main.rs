@@ -291,11 +291,16 @@ fn probe(a: dssm_certs::cli::ProbeArgs) -> Result<i32, Box<dyn std::error::Error
         ),
         OutputFormat::Table => {
             for r in &reports {
-                println!("{}  {}  {}", r.endpoint, r.status, r.message);
+                println!(
+                    "{}  {}  {}",
+                    r.endpoint,
+                    r.status,
+                    check::printable(&r.message)
+                );
                 if let Some(s) = &r.served {
                     println!(
                         "  served: subject \"{}\", serial {}, notAfter {}, X.509 v{}, {} the deployed leaf",
-                        s.subject,
+                        check::printable(&s.subject),
                         s.serial,
                         s.not_after,
                         s.version,

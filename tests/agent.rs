@@ -412,13 +412,7 @@ fn a_hostile_certificate_subject_cannot_forge_metrics_series() {
     let env = TestEnv::spk();
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     // A self-signed CA whose subject is the attack, deployed as the TMM copy's dssm-ca.crt.
-    let mut params = rcgen::CertificateParams::default();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, HOSTILE_CN);
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let hostile = params.self_signed(&key).unwrap().pem();
+    let hostile = self_signed_ca_pem(HOSTILE_CN);
     let [_, leaf, _, dh] = env.copy("spk-ingress").unwrap();
     env.put_secret(
         "spk-ingress",

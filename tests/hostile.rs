@@ -390,3 +390,27 @@ fn probe_ends_at_its_deadline_when_endpoints_never_answer() {
     assert!(stdout.contains("--deadline"), "{stdout}");
     drop(holes);
 }
+
+#[test]
+fn a_crafted_certificate_subject_cannot_rewrite_the_check_table_on_a_terminal() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &[]);
+    // Clear the screen, home the cursor, and print a reassuring last line.
+    let cn = "x\u{1b}[2J\u{1b}[H\noverall: OK";
+    std::fs::write(out.join("dssm-ca.crt"), self_signed_ca_pem(cn)).unwrap();
+    let (code, stdout, _) = run(&["check", "--dir", out.to_str().unwrap()]);
+    assert_eq!(code, 2, "the leaf no longer chains: {stdout}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "raw escape sequence: {stdout:?}"
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("overall:")).count(),
+        1,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r"x\u{1b}[2J\u{1b}[H\noverall: OK"),
+        "{stdout}"
+    );
+}
