@@ -351,11 +351,14 @@ fn idle_connections_and_a_slow_header_client_do_not_starve_healthz() {
         .collect();
     // The requirement: the liveness probe still answers within 1 s (kubelet's default
     // timeoutSeconds). Measured as an upper bound over several probes.
+    let mut worst = Duration::ZERO;
     for _ in 0..5 {
         let (r, took) = timed_get(&agent.addr, "/healthz");
         assert_eq!(r.map(|(c, _)| c), Some(200), "/healthz after {took:?}");
         assert!(took < Duration::from_secs(1), "/healthz took {took:?}");
+        worst = worst.max(took);
     }
+    eprintln!("/healthz with 200 idle connections and a slow client: slowest of 5 {worst:?}");
     let still_open = idle.iter().filter(|s| !closed_by_server(s)).count();
     assert!(
         still_open <= dssm_certs::agent::MAX_CONNECTIONS,
