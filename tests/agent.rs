@@ -331,6 +331,10 @@ fn idle_connections_and_a_slow_header_client_do_not_starve_healthz() {
     let env = TestEnv::spk();
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     let agent = start_in(&env, &["--interval", "1h"], with_fd_limit(128));
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(&agent.addr).unwrap())
+        .collect();
+    // Opened after them, so that it is not the oldest: the header timeout must end it.
     // A slow-header client: one byte every 200 ms, never finishing its headers.
     let mut slow = std::net::TcpStream::connect(&agent.addr).unwrap();
     let slow_started = Instant::now();
@@ -346,9 +350,6 @@ fn idle_connections_and_a_slow_header_client_do_not_starve_healthz() {
             }
         })
     };
-    let idle: Vec<std::net::TcpStream> = (0..200)
-        .map(|_| std::net::TcpStream::connect(&agent.addr).unwrap())
-        .collect();
     // The requirement: the liveness probe still answers within 1 s (kubelet's default
     // timeoutSeconds). Measured as an upper bound over several probes.
     let mut worst = Duration::ZERO;
@@ -373,6 +374,10 @@ fn idle_connections_and_a_slow_header_client_do_not_starve_healthz() {
     assert!(
         lasted < dssm_certs::agent::HEADER_READ_TIMEOUT * 2,
         "the slow-header connection lasted {lasted:?}"
+    );
+    assert!(
+        lasted >= dssm_certs::agent::HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed after {lasted:?}: not by the header timeout"
     );
     drop(slow_writer);
 }
