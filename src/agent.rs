@@ -166,12 +166,10 @@ pub async fn run(
     // A watch per Secret we care about; any event triggers an inspection.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bool>(16);
     let mut watches = Vec::new();
+    // Not the CA key Secret: the agent's own account may not read it, and every write of it
+    // is followed by writes of the copies, which the watches see.
     for ns in cluster.namespaces() {
-        let mut names = vec![contract::CERTS_SECRET, contract::KEYS_SECRET];
-        if ns == cluster.dssm_ns {
-            names.push(contract::CA_KEY_SECRET);
-        }
-        for name in names {
+        for name in [contract::CERTS_SECRET, contract::KEYS_SECRET] {
             let api: Api<Secret> = Api::namespaced(cluster.client.clone(), &ns);
             let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
             let tx = tx.clone();
@@ -265,7 +263,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
 async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
     let started = Instant::now();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let obs = match cluster.observe().await {
+    let obs = match cluster.observe_without_ca_key().await {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "inspection failed");

@@ -279,7 +279,8 @@ pub async fn inspect_observation(
         .copies
         .iter()
         .map(|c| {
-            let store = (c.namespace == dssm_ns).then_some(&obs.store);
+            // An unreadable store (the agent may not read the CA key) is left out, not "absent".
+            let store = (c.namespace == dssm_ns && obs.store_readable).then_some(&obs.store);
             source_from_secrets(&c.namespace, &c.certs, &c.keys, store)
         })
         .collect();
@@ -544,6 +545,16 @@ pub fn inspect(source: &Source, now: i64, t: Thresholds) -> CopyReport {
                     format!(
                         "{leaf_loc} outlives its CA by {}s: the effective expiry is the CA's, {}",
                         leaf.not_after - ca.not_after,
+                        format_time(ca.not_after)
+                    ),
+                );
+            } else if leaf.not_after == ca.not_after {
+                // dssm-certs cuts a leaf that would outlive its CA to the CA's end.
+                push(
+                    "validity-nesting",
+                    Status::Ok,
+                    format!(
+                        "{leaf_loc}: leaf valid until the CA's end, {} (its lifetime was cut to {ca_loc}'s)",
                         format_time(ca.not_after)
                     ),
                 );

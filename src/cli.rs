@@ -136,6 +136,11 @@ pub struct ClusterArgs {
     /// run makes the next one wait.
     #[arg(long, default_value = "120s", value_parser = parse_duration, env = "DSSM_CERTS_LEASE_DURATION")]
     pub lease_duration: i64,
+    /// How far apart the clocks of two machines running dssm-certs may be. A Lease whose last
+    /// renewal is older than its duration plus this is taken at once; a younger one is watched
+    /// for a whole lease duration on our own clock first (client-go's rule).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "DSSM_CERTS_MAX_CLOCK_SKEW")]
+    pub max_clock_skew: i64,
 }
 
 impl ClusterArgs {
@@ -147,6 +152,7 @@ impl ClusterArgs {
             dssm_selector: self.dssm_selector.clone(),
             timeout: std::time::Duration::from_secs(self.api_timeout.max(1) as u64),
             lease_seconds: i32::try_from(self.lease_duration.max(1)).unwrap_or(i32::MAX),
+            max_clock_skew: self.max_clock_skew,
         }
     }
 }
@@ -154,11 +160,12 @@ impl ClusterArgs {
 /// What new materials look like: the same flags for `generate` and the cluster commands.
 #[derive(Debug, Clone, Args)]
 pub struct MaterialArgs {
-    /// Lifetime of the leaf certificate.
-    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_DAYS")]
+    /// Lifetime of the leaf certificate, in days (1 to 36500).
+    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, value_parser = parse_days, env = "DSSM_CERTS_DAYS")]
     pub days: u32,
-    /// Lifetime of a new CA certificate.
-    #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, env = "DSSM_CERTS_CA_DAYS")]
+    /// Lifetime of a new CA certificate (10 years; `--ca-days 365` is the seeds'). A leaf never
+    /// outlives its CA: its notAfter is cut to the CA's.
+    #[arg(long, default_value_t = crate::contract::DEFAULT_CA_DAYS, value_parser = parse_days, env = "DSSM_CERTS_CA_DAYS")]
     pub ca_days: u32,
     #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa4096, env = "DSSM_CERTS_KEY_ALGORITHM")]
     pub key_algorithm: KeyAlgorithm,
@@ -166,12 +173,14 @@ pub struct MaterialArgs {
     pub ca_subject: Subject,
     #[arg(long, default_value = "O=Redis Test, CN=Server", value_parser = parse_subject, env = "DSSM_CERTS_SUBJECT")]
     pub subject: Subject,
-    /// subjectAltName DNS names of the leaf, instead of the dSSM Service names (repeatable).
+    /// subjectAltNames of the leaf (DNS names, or IP addresses), instead of the dSSM Service
+    /// names (repeatable).
     #[arg(
         long = "dns",
         value_name = "NAME",
         env = "DSSM_CERTS_DNS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = parse_dns
     )]
     pub dns: Vec<String>,
 }
@@ -189,9 +198,13 @@ pub struct IssueArgs {
         env = "DSSM_CERTS_DHPARAM"
     )]
     pub dhparam: Option<DhSource>,
-    /// Renew this long before expiry instead of when 1/3 of the lifetime is left.
+    /// Renew the leaf this long before expiry instead of when 1/3 of its lifetime is left.
     #[arg(long, value_parser = parse_duration, env = "DSSM_CERTS_RENEW_BEFORE")]
     pub renew_before: Option<i64>,
+    /// Rotate the CA this long before its expiry instead of when 1/3 of its lifetime is left.
+    /// A due leaf under a CA that is not due is renewed under the same CA.
+    #[arg(long, value_parser = parse_duration, env = "DSSM_CERTS_CA_RENEW_BEFORE")]
+    pub ca_renew_before: Option<i64>,
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +239,30 @@ pub struct RotateArgs {
     #[command(flatten)]
     pub restart: RestartFlags,
 }
+
+fn parse_dns(s: &str) -> Result<String, String> {
+    crate::pki::parse_san(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A lifetime in days: at least 1, at most `MAX_DAYS` (100 years: X.509 times end in 9999, and
+/// nothing needs longer).
+fn parse_days(s: &str) -> Result<u32, String> {
+    let days: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of days"))?;
+    match days {
+        0 => Err("a lifetime of 0 days would be expired at once: give at least 1".into()),
+        d if d > u64::from(MAX_DAYS) => Err(format!(
+            "{d} days is more than the maximum of {MAX_DAYS} (100 years)"
+        )),
+        d => Ok(d as u32),
+    }
+}
+
+pub const MAX_DAYS: u32 = 36_500;
 
 fn parse_subject(s: &str) -> Result<Subject, String> {
     Subject::parse(s).map_err(|e| e.to_string())

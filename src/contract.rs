@@ -30,6 +30,9 @@ pub const TMM_CERT_PATH: &str = "/etc/ssl/certs/dssm-cert.crt";
 pub const TMM_KEY_PATH: &str = "/etc/ssl/private/dssm-key.key";
 
 pub const DEFAULT_DAYS: u32 = 365;
+/// A new CA lasts 10 years (kubeadm's choice): leaves are renewed under it many times, so CA
+/// rotations stay rare. `--ca-days 365` reproduces the seeds.
+pub const DEFAULT_CA_DAYS: u32 = 3650;
 
 /// The subjectAltNames of the leaf: the dSSM Services, short and qualified, and the DB
 /// StatefulSet's pods. Redis never checks host names, but our probe (rustls) does.

@@ -97,6 +97,13 @@ pub enum GenerateError {
     WouldOverwrite { dir: PathBuf, files: String },
     #[error("{path} exists and is not a directory")]
     NotADirectory { path: PathBuf },
+    #[error("--out {dir}: cannot write there ({source}); nothing was generated")]
+    NotWritable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("interrupted by a signal: nothing was written to {dir}")]
+    Interrupted { dir: PathBuf },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -113,6 +120,8 @@ pub struct Materials {
     pub leaf_cert: Vec<u8>,
     pub leaf_key: SecretBytes,
     pub dhparams: DhParams,
+    /// Set when the leaf's lifetime was cut to its CA's end (see `LeafValidity::note`).
+    pub leaf_note: Option<String>,
 }
 
 /// One output file: its name, its bytes and its mode.
@@ -186,14 +195,6 @@ pub fn make_materials(
             opts.days,
             now,
         )?;
-    } else if opts.days > opts.ca_days {
-        return Err(IssueError::LeafOutlivesCa {
-            ca_cert: "the new CA".into(),
-            ca_not_after: format!("in {} days (--ca-days)", opts.ca_days),
-            leaf_not_after: format!("in {} days (--days)", opts.days),
-            max_days: i64::from(opts.ca_days),
-        }
-        .into());
     }
     let fixed_dh = match &opts.dhparam {
         DhSource::Generate => None,
@@ -230,7 +231,7 @@ pub fn make_materials(
                 }
                 (None, None) => unreachable!("a CA key is made when none is given"),
             };
-            let leaf_cert = pki::issue_leaf(
+            let leaf = pki::issue_leaf(
                 &LeafRequest {
                     subject: &opts.subject,
                     days: opts.days,
@@ -253,7 +254,7 @@ pub fn make_materials(
                 },
                 now,
             )?;
-            Ok((ca_cert, ca_key_pem, leaf_cert, leaf_key))
+            Ok((ca_cert, ca_key_pem, leaf, leaf_key))
         })();
         if pki_result.is_err() {
             // No point finishing a minute of DH search for materials we will not write.
@@ -263,11 +264,12 @@ pub fn make_materials(
             Some(handle) => handle.join().expect("the DH search thread panicked"),
             None => Ok(fixed_dh.clone().expect("fixed DH params")),
         };
-        let (ca_cert, ca_key, leaf_cert, leaf_key) = pki_result?;
+        let (ca_cert, ca_key, leaf, leaf_key) = pki_result?;
         Ok(Materials {
             ca_cert,
             ca_key,
-            leaf_cert: leaf_cert.into_bytes(),
+            leaf_note: leaf.validity.note(),
+            leaf_cert: leaf.pem.into_bytes(),
             leaf_key: SecretBytes::new(leaf_key.to_pkcs8_pem()),
             dhparams: dhparams?,
         })
@@ -355,12 +357,48 @@ pub fn refuse_overwrite(dir: &Path, force: bool) -> Result<(), GenerateError> {
     }
 }
 
+/// Finds an `--out` we cannot write before any slow work: the folder itself, or the nearest
+/// existing parent it would be created in, must take a new file.
+pub fn check_writable(dir: &Path) -> Result<(), GenerateError> {
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => {
+                at = Path::new(".");
+                break;
+            }
+        }
+    }
+    let probe = at.join(format!(".dssm-certs-probe-{}", std::process::id()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)
+        .and_then(|_| fs::remove_file(&probe))
+        .map_err(|source| GenerateError::NotWritable {
+            dir: dir.to_path_buf(),
+            source,
+        })
+}
+
 /// Writes all files or none: each goes to a temporary file with its final mode first (a key is
 /// never readable by others, not even for a moment), then all are moved into place. Without
-/// `force` a file that appeared meanwhile is not replaced and what was placed is taken back.
-pub fn write_files(dir: &Path, files: &[OutputFile], force: bool) -> Result<(), GenerateError> {
+/// `force` a file that appeared meanwhile is not replaced and what was placed is taken back; with
+/// `force` the files replaced are kept aside (hard links) until every new one is in place, and
+/// put back if one fails. `stop` (SIGTERM/SIGINT) is honoured until the first file is placed; the
+/// temporaries never outlive the call.
+pub fn write_files(
+    dir: &Path,
+    files: &[OutputFile],
+    force: bool,
+    stop: &AtomicBool,
+) -> Result<(), GenerateError> {
     refuse_overwrite(dir, force)?;
-    if !dir.exists() {
+    check_writable(dir)?;
+    let created_dir = !dir.exists();
+    if created_dir {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -370,13 +408,22 @@ pub fn write_files(dir: &Path, files: &[OutputFile], force: bool) -> Result<(), 
                 source,
             })?;
     }
-    let tmp_name = |name: &str| dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let cleanup = |upto: usize| {
-        for f in &files[..upto] {
+    let pid = std::process::id();
+    let tmp_name = |name: &str| dir.join(format!(".{name}.tmp-{pid}"));
+    let old_name = |name: &str| dir.join(format!(".{name}.old-{pid}"));
+    let remove_temps = || {
+        for f in files {
             let _ = fs::remove_file(tmp_name(f.name));
         }
     };
-    for (i, f) in files.iter().enumerate() {
+    let give_up = |e: GenerateError| {
+        remove_temps();
+        if created_dir {
+            let _ = fs::remove_dir(dir);
+        }
+        Err(e)
+    };
+    for f in files {
         let path = tmp_name(f.name);
         let result = (|| {
             let _ = fs::remove_file(&path);
@@ -389,8 +436,33 @@ pub fn write_files(dir: &Path, files: &[OutputFile], force: bool) -> Result<(), 
             out.sync_all()
         })();
         if let Err(source) = result {
-            cleanup(i + 1);
-            return Err(GenerateError::Write { path, source });
+            return give_up(GenerateError::Write {
+                path: dir.join(f.name),
+                source,
+            });
+        }
+    }
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        return give_up(GenerateError::Interrupted {
+            dir: dir.to_path_buf(),
+        });
+    }
+    // Past this point a signal waits: placing seven files takes microseconds.
+    let mut kept = Vec::new();
+    if force {
+        for f in files {
+            let dest = dir.join(f.name);
+            if dest.symlink_metadata().is_ok() {
+                let old = old_name(f.name);
+                let _ = fs::remove_file(&old);
+                if let Err(source) = fs::hard_link(&dest, &old) {
+                    for (_, o) in &kept {
+                        let _ = fs::remove_file(o);
+                    }
+                    return give_up(GenerateError::Write { path: dest, source });
+                }
+                kept.push((dest, old));
+            }
         }
     }
     let mut placed = Vec::new();
@@ -403,15 +475,18 @@ pub fn write_files(dir: &Path, files: &[OutputFile], force: bool) -> Result<(), 
             fs::hard_link(&tmp, &dest).and_then(|()| fs::remove_file(&tmp))
         };
         if let Err(source) = result {
-            if !force {
-                for p in &placed {
-                    let _ = fs::remove_file(p);
-                }
+            for p in &placed {
+                let _ = fs::remove_file(p);
             }
-            cleanup(files.len());
-            return Err(GenerateError::Write { path: dest, source });
+            for (dest, old) in &kept {
+                let _ = fs::rename(old, dest);
+            }
+            return give_up(GenerateError::Write { path: dest, source });
         }
         placed.push(dest);
+    }
+    for (_, old) in &kept {
+        let _ = fs::remove_file(old);
     }
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();

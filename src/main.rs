@@ -1,7 +1,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use dssm_certs::cli::{Cli, Command, LogFormat, OutputFormat};
@@ -40,6 +40,36 @@ fn main() -> ExitCode {
             exit::FAILED
         }
     })
+}
+
+/// Sets `flag` on SIGTERM or SIGINT, from a thread of its own (generate is synchronous).
+fn stop_on_signal(flag: Arc<AtomicBool>) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            let _ = ready_tx.send(());
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            flag.store(true, Ordering::SeqCst);
+        });
+    });
+    // The handlers are installed before any temporary file can exist.
+    let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(2));
 }
 
 /// `--log-format json` (or its variable) asked for, even on a command line clap refused.
@@ -94,6 +124,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Generate(a) => {
             generate::refuse_overwrite(&a.out, a.force)?;
+            generate::check_writable(&a.out)?;
             let dns_names = if a.material.dns.is_empty() {
                 contract::default_dns_names(a.dssm_namespace.as_deref().or(a.namespace.as_deref()))
             } else {
@@ -115,17 +146,34 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
                 threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             };
             let started = std::time::Instant::now();
-            let cancel = AtomicBool::new(false);
+            // SIGTERM/SIGINT stop the DH search and any write not yet begun; no temporary file
+            // is left behind (the default action would kill us mid-write).
+            let cancel = Arc::new(AtomicBool::new(false));
+            stop_on_signal(cancel.clone());
+            let interrupted = || {
+                cancel
+                    .load(Ordering::SeqCst)
+                    .then(|| generate::GenerateError::Interrupted { dir: a.out.clone() })
+            };
             let materials =
-                generate::make_materials(&opts, time::OffsetDateTime::now_utc(), &cancel)?;
+                match generate::make_materials(&opts, time::OffsetDateTime::now_utc(), &cancel) {
+                    Err(e) => return Err(interrupted().map_or(e, Into::into).into()),
+                    Ok(m) => m,
+                };
+            if let Some(e) = interrupted() {
+                return Err(e.into());
+            }
             let files = generate::output_files(&materials, a.namespace.as_deref());
-            generate::write_files(&a.out, &files, a.force)?;
+            generate::write_files(&a.out, &files, a.force, &cancel)?;
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "generated"
             );
             for f in &files {
                 println!("{}", a.out.join(f.name).display());
+            }
+            if let Some(note) = &materials.leaf_note {
+                notice(&format!("note: {note}"));
             }
             Ok(exit::OK)
         }
@@ -190,6 +238,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             (!a.no_restart).then(|| a.restart.options()),
             Policy {
                 renew_before: a.issue.renew_before,
+                ca_renew_before: a.issue.ca_renew_before,
                 leaf_days: a.issue.material.days,
                 force_leaf: false,
                 force_ca: false,
@@ -202,6 +251,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             (!a.no_restart).then(|| a.restart.options()),
             Policy {
                 renew_before: a.issue.renew_before,
+                ca_renew_before: a.issue.ca_renew_before,
                 leaf_days: a.issue.material.days,
                 force_leaf: true,
                 force_ca: a.ca,
@@ -385,6 +435,12 @@ async fn stop<T, E>(cluster: &Cluster) -> Result<T, E>
 where
     E: From<dssm_certs::restart::RestartError> + From<ClusterError>,
 {
+    if !cluster.holds_lease().await {
+        notice(
+            "signal received: this process does not hold the lease, so it leaves TMM to the holder",
+        );
+        return Err(dssm_certs::restart::RestartError::Interrupted { replicas: -1 }.into());
+    }
     notice("signal received: restoring TMM before exiting");
     let replicas = cluster.restore_tmm().await?.unwrap_or(-1);
     Err(dssm_certs::restart::RestartError::Interrupted { replicas }.into())
@@ -397,12 +453,15 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
         let lease = cluster.acquire_lease().await?;
         let mut out = std::io::stdout();
         let opts = a.restart.options();
-        let r = until_sigterm(&cluster, async {
-            cluster
-                .restart(&opts, &mut out)
-                .await
-                .map_err(ReconcileError::from)
-        })
+        let r = until_sigterm(
+            &cluster,
+            lease.guard(async {
+                cluster
+                    .restart(&opts, &mut out)
+                    .await
+                    .map_err(ReconcileError::from)
+            }),
+        )
         .await;
         lease.release().await;
         r
@@ -442,6 +501,7 @@ fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>
                 Some(a.restart.options()),
                 Policy {
                     renew_before: a.issue.renew_before,
+                    ca_renew_before: a.issue.ca_renew_before,
                     leaf_days: a.issue.material.days,
                     force_leaf: false,
                     force_ca: false,
@@ -458,8 +518,10 @@ fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>
         };
         // On SIGTERM the agent stops; a reconcile in flight is dropped, and TMM restored.
         agent::run(cluster.clone(), opts, stop).await?;
-        if let Ok(Some(n)) = cluster.restore_tmm().await {
-            notice(&format!("restored TMM to {n} replicas before exiting"));
+        if cluster.holds_lease().await {
+            if let Ok(Some(n)) = cluster.restore_tmm().await {
+                notice(&format!("restored TMM to {n} replicas before exiting"));
+            }
         }
         Ok::<_, Box<dyn std::error::Error>>(exit::OK)
     })

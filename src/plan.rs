@@ -184,9 +184,11 @@ pub struct Plan {
 /// Flags that steer the planner.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Policy {
-    /// Renew this long before notAfter instead of at 1/3 of the lifetime left.
+    /// Renew the leaf this long before notAfter instead of at 1/3 of its lifetime left.
     pub renew_before: Option<i64>,
-    /// Lifetime of a new leaf, to refuse a leaf outliving its CA.
+    /// Rotate the CA this long before its notAfter instead of at 1/3 of its lifetime left.
+    pub ca_renew_before: Option<i64>,
+    /// Lifetime of a new leaf (cut to its CA's end), to know when a renewed leaf would be due.
     pub leaf_days: u32,
     /// `rotate`: renew now.
     pub force_leaf: bool,
@@ -427,34 +429,35 @@ pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) ->
     let store_signs_winner =
         store_ca.is_some_and(|ca| win_leaf.is_signed_by(ca) && ca.der() == win_ca.der());
 
-    // 4. Due, or asked for?
-    let ca_due = now >= renewal_time(win_ca, policy.renew_before);
-    let leaf_due = now >= renewal_time(win_leaf, policy.renew_before);
-    let new_leaf_end = now + i64::from(policy.leaf_days.max(1)) * 86_400;
+    // 4. Due, or asked for? The CA is rotated only for its own reasons (cert-manager-like
+    // small policies, each with its reason); a due leaf is otherwise renewed under the same CA.
+    let renew = leaf_due(win_leaf, now, policy) || policy.force_leaf;
     let mut rotate_reasons = Vec::new();
     if policy.force_ca {
         rotate_reasons.push("CA rotation requested (rotate --ca)".to_string());
     }
-    if ca_due {
-        rotate_reasons.push(format!(
-            "the CA expires at {}: less than {} left",
-            pki::format_time(win_ca.not_after),
-            renew_window(win_ca, policy)
-        ));
+    if let Some(r) = ca_due(win_ca, now, policy) {
+        rotate_reasons.push(r);
+        if renew {
+            rotate_reasons.push(
+                "the leaf is due as well: it is renewed under the new CA, since a leaf renewed \
+                 under the old one would be cut to the old CA's end"
+                    .to_string(),
+            );
+        }
     }
-    if (leaf_due || policy.force_leaf) && !store_signs_winner {
+    if renew && !store_signs_winner {
         rotate_reasons.push(format!(
             "the leaf is due but no CA key for {:?} is stored in {}: a new CA is needed",
             win_ca.subject,
             contract::CA_KEY_SECRET
         ));
     }
-    if (leaf_due || policy.force_leaf) && store_signs_winner && new_leaf_end > win_ca.not_after {
-        rotate_reasons.push(format!(
-            "a new leaf of {} days would outlive the CA (expires {})",
-            policy.leaf_days,
-            pki::format_time(win_ca.not_after)
-        ));
+    // Only a leaf that is due on its own: `rotate` asked for a leaf under this CA.
+    if leaf_due(win_leaf, now, policy) && store_signs_winner && rotate_reasons.is_empty() {
+        if let Some(r) = ca_due_before_renewed_leaf(win_ca, now, policy) {
+            rotate_reasons.push(r);
+        }
     }
     let keep_dh = Some(win_bundle.dhparams.clone());
     if !rotate_reasons.is_empty() {
@@ -462,22 +465,41 @@ pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) ->
         p.reusable_dhparams = keep_dh;
         return finish(p);
     }
-    if leaf_due || policy.force_leaf {
-        let reason = if policy.force_leaf && !leaf_due {
+    if renew {
+        let reason = if !leaf_due(win_leaf, now, policy) {
             "renewal requested (rotate)".to_string()
         } else {
             format!(
                 "the leaf expires at {}: less than {} left",
                 pki::format_time(win_leaf.not_after),
-                renew_window(win_leaf, policy)
+                renew_window(win_leaf, policy.renew_before, "--renew-before")
             )
         };
-        let mut p = base(Action::RenewLeaf, vec![reason]);
+        let mut reasons = vec![
+            reason,
+            "the CA is not due: the leaf is renewed under it".into(),
+        ];
+        reasons.extend(next_leaf(win_ca, now, policy).note());
+        let mut p = base(Action::RenewLeaf, reasons);
         p.reuse_store_ca = true;
         p.reusable_dhparams = keep_dh;
         return finish(p);
     }
-    // 5. Valid and not due, but the copies differ.
+    // 5. Valid and not due, but the copies differ. Repair copies only materials that chain to
+    // the stored CA: a copy of another CA (applied by hand, or by an attacker with write access
+    // to the TMM namespace) is never spread into the dSSM namespace.
+    if !in_sync && store_ca.is_some() && !store_signs_winner {
+        let mut reasons = vec![format!(
+            "the copies differ and none chains to the CA stored in {}: new materials under that \
+             CA, never a copy of a foreign CA",
+            contract::CA_KEY_SECRET
+        )];
+        reasons.extend(invalid.iter().cloned());
+        let mut p = base(Action::ReplaceInvalid, reasons);
+        p.reuse_store_ca = store_ca.is_some_and(|ca| ca_usable(ca, now, policy));
+        p.reusable_dhparams = keep_dh;
+        return finish(p);
+    }
     if !in_sync {
         let mut reasons = vec![format!("the copies differ: {win_ns}'s valid copy wins")];
         reasons.extend(invalid.iter().cloned());
@@ -496,7 +518,7 @@ pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) ->
         "valid; the leaf is due for renewal at {}",
         pki::format_time(
             renewal_time(win_leaf, policy.renew_before)
-                .min(renewal_time(win_ca, policy.renew_before))
+                .min(renewal_time(win_ca, policy.ca_renew_before))
         )
     );
     finish(if hand_made {
@@ -511,9 +533,9 @@ pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) ->
     })
 }
 
-fn renew_window(c: &Certificate, policy: Policy) -> String {
-    match policy.renew_before {
-        Some(s) => format!("{}d (--renew-before)", s / 86_400),
+fn renew_window(c: &Certificate, renew_before: Option<i64>, flag: &str) -> String {
+    match renew_before {
+        Some(s) => format!("{}d ({flag})", s / 86_400),
         None => format!(
             "1/3 of its lifetime ({}d)",
             (c.not_after - c.not_before) / 3 / 86_400
@@ -521,10 +543,66 @@ fn renew_window(c: &Certificate, policy: Policy) -> String {
     }
 }
 
+fn leaf_due(leaf: &Certificate, now: i64, policy: Policy) -> bool {
+    now >= renewal_time(leaf, policy.renew_before)
+}
+
+/// Policy: the CA is due by its own renew-before.
+fn ca_due(ca: &Certificate, now: i64, policy: Policy) -> Option<String> {
+    (now >= renewal_time(ca, policy.ca_renew_before)).then(|| {
+        format!(
+            "the CA expires at {}: less than {} left",
+            pki::format_time(ca.not_after),
+            renew_window(ca, policy.ca_renew_before, "--ca-renew-before")
+        )
+    })
+}
+
+/// The leaf a renewal under `ca` would get now: `leaf_days`, cut to the CA's end.
+fn next_leaf(ca: &Certificate, now: i64, policy: Policy) -> pki::LeafValidity {
+    let now = time::OffsetDateTime::from_unix_timestamp(now).expect("a sane clock");
+    pki::LeafValidity::new(ca.not_before, ca.not_after, policy.leaf_days.max(1), now)
+        .expect("at least one day")
+}
+
+/// When a leaf of `v` would be due.
+fn leaf_renewal_time(v: &pki::LeafValidity, renew_before: Option<i64>) -> i64 {
+    v.not_after - renew_before.unwrap_or((v.not_after - v.not_before) / 3)
+}
+
+/// Policy: a leaf renewed under `ca` now would be due before (or when) the CA is: renewing it
+/// would only lead to a CA rotation soon after (an adopted seed-made cluster, CA = leaf = 365
+/// days, would renew a leaf that is due at once). Rotate the CA instead.
+fn ca_due_before_renewed_leaf(ca: &Certificate, now: i64, policy: Policy) -> Option<String> {
+    let next = next_leaf(ca, now, policy);
+    let leaf_at = leaf_renewal_time(&next, policy.renew_before);
+    let ca_at = renewal_time(ca, policy.ca_renew_before);
+    if leaf_at <= now && next.cut_to_ca() {
+        // (A leaf due at birth even uncut, `--renew-before` ≥ `--days`, is not the CA's doing.)
+        Some(format!(
+            "a leaf renewed under this CA would be cut to the CA's end, {}, and be due at once: \
+             the CA is rotated instead",
+            pki::format_time(ca.not_after)
+        ))
+    } else if ca_at <= leaf_at {
+        Some(format!(
+            "the CA is due at {}, before a leaf renewed under it would be ({}): the CA is rotated \
+             now instead of renewing twice",
+            pki::format_time(ca_at),
+            pki::format_time(leaf_at)
+        ))
+    } else {
+        None
+    }
+}
+
+/// A stored CA can sign the leaf of a Publish or ReplaceInvalid: valid, not due, and not due
+/// before the new leaf would be.
 fn ca_usable(ca: &Certificate, now: i64, policy: Policy) -> bool {
-    now < renewal_time(ca, policy.renew_before)
-        && now + i64::from(policy.leaf_days.max(1)) * 86_400 <= ca.not_after
-        && now >= ca.not_before
+    now >= ca.not_before
+        && now < ca.not_after
+        && ca_due(ca, now, policy).is_none()
+        && ca_due_before_renewed_leaf(ca, now, policy).is_none()
 }
 
 #[cfg(test)]
@@ -542,9 +620,15 @@ mod tests {
 
     /// Materials issued `ago_days` before now, with these lifetimes.
     fn made(ago_days: i64, ca_days: u32, days: u32) -> Made {
-        let at = OffsetDateTime::now_utc() - Duration::days(ago_days);
+        made_at(ago_days, ca_days, ago_days, days)
+    }
+
+    /// A CA issued `ca_ago` days ago and a leaf issued under it `leaf_ago` days ago.
+    fn made_at(ca_ago: i64, ca_days: u32, leaf_ago: i64, days: u32) -> Made {
+        let ca_at = OffsetDateTime::now_utc() - Duration::days(ca_ago);
+        let at = OffsetDateTime::now_utc() - Duration::days(leaf_ago);
         let ca_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let ca = issue_ca(&Subject::parse("CN=CA").unwrap(), ca_days, &ca_key, at).unwrap();
+        let ca = issue_ca(&Subject::parse("CN=CA").unwrap(), ca_days, &ca_key, ca_at).unwrap();
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let leaf = issue_leaf(
             &LeafRequest {
@@ -565,7 +649,7 @@ mod tests {
         Made {
             bundle: Bundle {
                 ca_cert: ca.into_bytes(),
-                leaf_cert: leaf.into_bytes(),
+                leaf_cert: leaf.pem.into_bytes(),
                 leaf_key: key.to_pkcs8_pem(),
                 dhparams: crate::pki::dhparams::FFDHE2048_PEM.as_bytes().to_vec(),
             },
@@ -627,6 +711,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             renew_before: None,
+            ca_renew_before: None,
             leaf_days: 365,
             force_leaf: false,
             force_ca: false,
@@ -814,6 +899,118 @@ mod tests {
         }
     }
 
+    /// The lifetimes issue: a renewal is a CA rotation only when the CA itself is due.
+    #[test]
+    fn a_due_leaf_is_renewed_under_its_ca_unless_the_ca_is_due_or_would_be_first() {
+        // (name, materials, policy, action, a reason must contain)
+        type Case<'a> = (&'a str, Made, Policy, Action, &'a str);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "leaf due, CA not due: leaf under the same CA",
+                made_at(300, 3650, 300, 365),
+                policy(),
+                Action::RenewLeaf,
+                "the CA is not due: the leaf is renewed under it",
+            ),
+            (
+                "leaf due, CA due: CA rotation",
+                made(700, 1000, 990),
+                policy(),
+                Action::RotateCa,
+                "the leaf is due as well",
+            ),
+            (
+                "leaf not due, CA due: CA rotation",
+                made_at(700, 1000, 10, 365),
+                policy(),
+                Action::RotateCa,
+                "the CA expires at",
+            ),
+            (
+                "the cut leaf would be born due: CA rotation",
+                made_at(100, 120, 100, 110),
+                Policy {
+                    renew_before: Some(30 * DAY),
+                    ca_renew_before: Some(10 * DAY),
+                    ..policy()
+                },
+                Action::RotateCa,
+                "be due at once",
+            ),
+            (
+                "CA due before a renewed leaf would be: CA rotation now, not twice",
+                made_at(2263, 3650, 300, 365),
+                policy(),
+                Action::RotateCa,
+                "before a leaf renewed under it would be",
+            ),
+            (
+                "seed-made 365/365 at 2/3 of its life: CA rotation, saying why",
+                made(244, 365, 365),
+                policy(),
+                Action::RotateCa,
+                "renewed under the new CA, since a leaf renewed under the old one would be cut",
+            ),
+            (
+                "leaf due under a CA that ends before --days: renewed, cut, and said so",
+                made_at(300, 600, 300, 365),
+                Policy {
+                    ca_renew_before: Some(30 * DAY),
+                    ..policy()
+                },
+                Action::RenewLeaf,
+                "leaf valid until the CA's end",
+            ),
+            (
+                "with default policies a cut renewal would be due before its CA: CA rotation",
+                made_at(300, 600, 300, 365),
+                policy(),
+                Action::RotateCa,
+                "before a leaf renewed under it would be",
+            ),
+            (
+                "rotate under a fresh 365-day CA: a leaf under the same CA, cut",
+                made(1, 365, 365),
+                Policy {
+                    force_leaf: true,
+                    ..policy()
+                },
+                Action::RenewLeaf,
+                "short of --days 365",
+            ),
+            (
+                "--ca-renew-before makes only the CA due",
+                made(1, 3650, 365),
+                Policy {
+                    ca_renew_before: Some(3650 * DAY),
+                    ..policy()
+                },
+                Action::RotateCa,
+                "(--ca-renew-before)",
+            ),
+            (
+                "--renew-before does not make the CA due",
+                made_at(1, 3650, 1, 365),
+                Policy {
+                    renew_before: Some(400 * DAY),
+                    ..policy()
+                },
+                Action::RenewLeaf,
+                "(--renew-before)",
+            ),
+        ];
+        for (name, m, pol, want, because) in cases {
+            let copies = vec![copy("d", Some(&m.bundle), Owner::Us)];
+            let p = plan(&copies, &store(&m, None), now(), pol);
+            assert_eq!(p.action, want, "{name}: {:?}", p.reasons);
+            assert!(
+                p.reasons.iter().any(|r| r.contains(because)),
+                "{name}: no reason says {because:?}: {:?}",
+                p.reasons
+            );
+        }
+    }
+
     #[test]
     fn repair_prefers_the_copy_that_chains_to_the_stored_ca_and_never_an_invalid_one() {
         let a = made(1, 1000, 365);
@@ -840,15 +1037,76 @@ mod tests {
         broken.leaf_key = a.bundle.leaf_key.clone();
         let copies = vec![
             copy("dssm", Some(&broken), Owner::Us),
-            copy("tmm", Some(&a.bundle), Owner::Us),
+            copy("tmm", Some(&b.bundle), Owner::Us),
         ];
         let p = plan(&copies, &store(&b, None), now(), policy());
+        assert_eq!(p.action, Action::Repair);
         assert_eq!(p.source_namespace.as_deref(), Some("tmm"));
         assert!(
             p.invalid.iter().any(|e| e.contains("does not match")),
             "{:?}",
             p.invalid
         );
+    }
+
+    /// The hostile-input issue: with the dSSM copy broken, a TMM-namespace copy signed by
+    /// another CA was copied into the dSSM namespace.
+    #[test]
+    fn drift_repair_never_copies_materials_of_a_foreign_ca() {
+        let ours = made(1, 1000, 365);
+        let foreign = made(1, 1000, 365);
+        let mut broken = ours.bundle.clone();
+        broken.leaf_key = foreign.bundle.leaf_key.clone();
+        let copies = vec![
+            copy("dssm", Some(&broken), Owner::Us),
+            copy("tmm", Some(&foreign.bundle), Owner::Us),
+        ];
+        let p = plan(&copies, &store(&ours, None), now(), policy());
+        assert_eq!(p.action, Action::ReplaceInvalid, "{:?}", p.reasons);
+        assert!(p.source.is_none() && p.source_namespace.is_none());
+        assert!(p.reuse_store_ca, "new materials under the stored CA");
+        assert!(
+            p.reasons
+                .iter()
+                .any(|r| r.contains("never a copy of a foreign CA")),
+            "{:?}",
+            p.reasons
+        );
+        // Both valid, one foreign: the same.
+        let copies = vec![
+            copy("dssm", Some(&foreign.bundle), Owner::Us),
+            copy("tmm", Some(&other_leaf_same_ca(&ours)), Owner::Us),
+        ];
+        let p = plan(&copies, &store(&ours, None), now(), policy());
+        assert_eq!(p.action, Action::Repair, "the copy under our CA wins");
+        assert_eq!(p.source_namespace.as_deref(), Some("tmm"));
+    }
+
+    /// A second leaf under `m`'s CA.
+    fn other_leaf_same_ca(m: &Made) -> Bundle {
+        let ca_key = PrivateKey::from_pem(&m.ca_key, "ca key").unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let leaf = issue_leaf(
+            &LeafRequest {
+                subject: &Subject::parse("CN=Server").unwrap(),
+                days: 100,
+                dns_names: &[],
+            },
+            &key,
+            &CaSigner {
+                cert_pem: &m.bundle.ca_cert,
+                key: &ca_key,
+                cert_name: "ca",
+                key_name: "ca key",
+            },
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        Bundle {
+            leaf_cert: leaf.pem.into_bytes(),
+            leaf_key: key.to_pkcs8_pem(),
+            ..m.bundle.clone()
+        }
     }
 
     #[test]

@@ -109,16 +109,17 @@ pub async fn reconcile(
         }
     }
     let lease = cluster.acquire_lease().await?;
-    let result = async {
-        let outcome = write_passes(cluster, opts, out).await?;
-        if let Some(r) = &opts.restart {
-            if needs_restart(cluster).await? {
-                cluster.restart(r, out).await?;
+    let result = lease
+        .guard(async {
+            let outcome = write_passes(cluster, opts, out).await?;
+            if let Some(r) = &opts.restart {
+                if needs_restart(cluster).await? {
+                    cluster.restart(r, out).await?;
+                }
             }
-        }
-        Ok(outcome)
-    }
-    .await;
+            Ok(outcome)
+        })
+        .await;
     lease.release().await;
     result
 }
@@ -233,6 +234,22 @@ async fn pass_once(
         }
     }
 
+    // A rolling restart cannot carry a CA change until the phased CA rotation exists: old and
+    // new pods would refuse each other. Refuse here, before any write, not after them.
+    let rolling = opts
+        .restart
+        .as_ref()
+        .is_some_and(|r| r.strategy == crate::restart::Strategy::Rolling);
+    if rolling && plan.action == Action::RotateCa {
+        return Err(ReconcileError::Refused(format!(
+            "the plan is a CA rotation ({}), and --strategy rolling cannot restart through a CA \
+             change: pods holding the old and the new CA would refuse each other. Nothing was \
+             written. Run this once with --strategy scale-to-zero (it interrupts TMM traffic: use \
+             a maintenance window)",
+            plan.reasons.join("; ")
+        )));
+    }
+
     let revision = match (&plan.action, &store) {
         (Action::Resume, StoreState::Valid { revision, .. }) => *revision,
         _ => store_revision(&obs) + 1,
@@ -265,6 +282,7 @@ async fn pass_once(
     }
 
     // The bundle to publish, and the CA key that goes with it (new materials only).
+    let mut leaf_note = None;
     let (bundle, ca_key) = match plan.action {
         Action::Repair | Action::Resume => (
             plan.source
@@ -274,6 +292,10 @@ async fn pass_once(
         ),
         _ => {
             let m = new_materials(cluster, &obs, &store, &plan, opts).await?;
+            if let Some(note) = &m.leaf_note {
+                let _ = writeln!(out, "note: {note}");
+            }
+            leaf_note = m.leaf_note.clone();
             let bundle = Bundle {
                 ca_cert: m.ca_cert.clone(),
                 leaf_cert: m.leaf_cert.clone(),
@@ -473,9 +495,13 @@ async fn pass_once(
                 false,
                 reason,
                 format!(
-                    "{}: revision {revision}, leaf valid until {}; {}",
+                    "{}: revision {revision}, leaf valid until {}{}; {}",
                     action_name(plan.action),
                     pki::format_time(leaf.not_after),
+                    leaf_note
+                        .as_ref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default(),
                     plan.reasons.join("; ")
                 ),
             )

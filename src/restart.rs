@@ -57,7 +57,7 @@ pub enum RestartError {
     Cluster(#[from] ClusterError),
     #[error("timed out after {secs}s waiting for {what}")]
     Timeout { what: String, secs: u64 },
-    #[error("interrupted by a signal; TMM was restored to {replicas} replicas")]
+    #[error("interrupted by a signal; {}", if *replicas >= 0 { format!("TMM was restored to {replicas} replicas") } else { "TMM was not touched by this process".to_string() })]
     Interrupted { replicas: i32 },
     #[error("the pods restarted, but the mTLS probe failed: {0}")]
     Probe(String),

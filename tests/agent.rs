@@ -3,10 +3,10 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use support::redis::{free_port, wait_for};
+use support::redis::wait_for;
 use support::*;
 
 struct Agent {
@@ -21,29 +21,20 @@ impl Drop for Agent {
     }
 }
 
+/// As the manifests run it: the read-only `dssm-certs-agent` account, or the writer `dssm-certs`
+/// when it is given a maintenance window to reconcile in.
 fn start(env: &TestEnv, extra: &[&str]) -> Agent {
     start_in(env, extra, bin())
 }
 
-/// Starts the agent as `cmd` (the binary, or a wrapper that execs it).
-fn start_in(env: &TestEnv, extra: &[&str], mut cmd: std::process::Command) -> Agent {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = cmd
-        .env("KUBECONFIG", &env.kubeconfig)
-        .args([
-            "run",
-            "--listen",
-            &addr,
-            "--dssm-namespace",
-            &env.dssm_ns,
-            "--tmm-namespace",
-            &env.tmm_ns,
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+/// `start`, as `cmd`: the binary, or a wrapper that execs it.
+fn start_in(env: &TestEnv, extra: &[&str], cmd: std::process::Command) -> Agent {
+    let kubeconfig = if extra.contains(&"--maintenance-window") {
+        &env.kubeconfig
+    } else {
+        &env.agent_kubeconfig
+    };
+    let (child, addr) = support::agent::spawn_as(cmd, env, kubeconfig, extra);
     let agent = Agent { child, addr };
     wait_for("the agent to listen", Duration::from_secs(10), || {
         get(&agent.addr, "/healthz").filter(|(c, _)| *c == 200)

@@ -49,7 +49,7 @@ fn materials_at(dir: &Path, at: OffsetDateTime, ca_days: u32, days: u32) {
     .unwrap();
     std::fs::write(dir.join("dssm-ca.crt"), ca).unwrap();
     std::fs::write(dir.join("dssm-ca.key"), ca_key.to_pkcs8_pem()).unwrap();
-    std::fs::write(dir.join("dssm-cert.crt"), leaf).unwrap();
+    std::fs::write(dir.join("dssm-cert.crt"), leaf.pem).unwrap();
     std::fs::write(dir.join("dssm-key.key"), key.to_pkcs8_pem()).unwrap();
     std::fs::write(dir.join("dhparam2048.pem"), pki::dhparams::FFDHE2048_PEM).unwrap();
 }

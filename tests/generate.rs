@@ -50,33 +50,45 @@ fn defaults_match_the_seed_procedure_and_pass_openssl() {
             ],
         );
     }
-    // valid for (just under) a year, both of them
-    for cert in ["dssm-ca.crt", "dssm-cert.crt"] {
-        openssl(
-            &out,
-            &[
-                "x509",
-                "-in",
-                cert,
-                "-noout",
-                "-checkend",
-                &(364 * 86_400).to_string(),
-            ],
-        );
-        let r = std::process::Command::new("openssl")
-            .args([
-                "x509",
-                "-in",
-                cert,
-                "-noout",
-                "-checkend",
-                &(366 * 86_400).to_string(),
-            ])
-            .current_dir(&out)
-            .status()
-            .unwrap();
-        assert!(!r.success(), "{cert} should expire within 366 days");
-    }
+    // The leaf is valid for (just under) a year, the seeds'; the CA for 10 years (checked below).
+    let cert = "dssm-cert.crt";
+    openssl(
+        &out,
+        &[
+            "x509",
+            "-in",
+            cert,
+            "-noout",
+            "-checkend",
+            &(364 * 86_400).to_string(),
+        ],
+    );
+    let r = std::process::Command::new("openssl")
+        .args(["x509", "-in", cert, "-noout", "-checkend"])
+        .arg((366 * 86_400).to_string())
+        .current_dir(&out)
+        .status()
+        .unwrap();
+    assert!(!r.success(), "{cert} should expire within 366 days");
+    let ca_years = 3650 * 86_400;
+    openssl(
+        &out,
+        &[
+            "x509",
+            "-in",
+            "dssm-ca.crt",
+            "-noout",
+            "-checkend",
+            &(ca_years - 86_400).to_string(),
+        ],
+    );
+    let ca_ends = std::process::Command::new("openssl")
+        .args(["x509", "-in", "dssm-ca.crt", "-noout", "-checkend"])
+        .arg((ca_years + 86_400).to_string())
+        .current_dir(&out)
+        .status()
+        .unwrap();
+    assert!(!ca_ends.success(), "a new CA lasts 10 years, not more");
     let subject = |cert| openssl(&out, &["x509", "-in", cert, "-noout", "-subject"]);
     assert_eq!(
         subject("dssm-ca.crt").trim(),
@@ -329,7 +341,7 @@ fn flags_set_lifetimes_subjects_names_and_key_algorithm() {
             &(29 * 86_400).to_string(),
         ],
     );
-    let ca_end = openssl(&out, &["x509", "-in", "dssm-ca.crt", "-noout", "-enddate"]);
+    let ca_end = end_date(&out, "dssm-ca.crt");
     assert!(
         ca_end.contains(&(time::OffsetDateTime::now_utc().year() + 2).to_string()),
         "{ca_end}"
@@ -363,30 +375,22 @@ fn every_flag_can_come_from_the_environment() {
     );
 }
 
-#[test]
-fn a_leaf_that_would_outlive_its_ca_is_refused() {
-    let tmp = tempdir();
-    let (code, _, stderr) = run(&[
-        "generate",
-        "--out",
-        tmp.path().join("o").to_str().unwrap(),
-        "--dhparam",
-        "ffdhe2048",
-        "--days",
-        "400",
-        "--ca-days",
-        "365",
-    ]);
-    assert_eq!(code, 4);
-    assert!(stderr.contains("must never outlive its CA"), "{stderr}");
-    assert!(!tmp.path().join("o").exists(), "nothing written");
+fn end_date(dir: &std::path::Path, file: &str) -> String {
+    openssl(dir, &["x509", "-in", file, "-noout", "-enddate"])
+}
 
-    // With an existing CA: the message says when the CA expires.
-    let ca = generate(tmp.path(), &["--ca-days", "100", "--days", "50"]);
-    let (code, _, stderr) = run(&[
+/// The lifetimes issue: `generate --ca-cert` with the default days on a CA made with the
+/// seeds' 365 days was refused ("a leaf must never outlive it"), which made every renewal a CA
+/// rotation. The leaf is cut to the CA's end instead, and the output says so.
+#[test]
+fn a_renewal_under_a_365_day_ca_is_cut_to_the_cas_end_not_refused() {
+    let tmp = tempdir();
+    let ca = generate(&tmp.path().join("a"), &["--ca-days", "365"]);
+    let out = tmp.path().join("b");
+    let (code, stdout, stderr) = run(&[
         "generate",
         "--out",
-        tmp.path().join("leaf").to_str().unwrap(),
+        out.to_str().unwrap(),
         "--dhparam",
         "ffdhe2048",
         "--ca-cert",
@@ -394,17 +398,76 @@ fn a_leaf_that_would_outlive_its_ca_is_refused() {
         "--ca-key",
         ca.join("dssm-ca.key").to_str().unwrap(),
     ]);
-    assert_eq!(code, 4);
-    let ca_end = time::OffsetDateTime::now_utc() + time::Duration::days(100);
-    assert!(
-        stderr.contains(&format!("expires at {}-", ca_end.year())),
-        "{stderr}"
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    openssl(&out, &["verify", "-CAfile", "dssm-ca.crt", "dssm-cert.crt"]);
+    assert_eq!(
+        end_date(&out, "dssm-cert.crt"),
+        end_date(&out, "dssm-ca.crt"),
+        "the leaf ends exactly with its CA"
     );
     assert!(
-        stderr.contains("at most 99 days") || stderr.contains("at most 100 days"),
+        stderr.contains("note: leaf valid until the CA's end")
+            && stderr.contains("short of --days 365"),
         "{stderr}"
     );
-    assert!(!tmp.path().join("leaf").exists());
+}
+
+#[test]
+fn a_new_ca_shorter_than_days_cuts_the_leaf_and_says_by_how_much() {
+    let tmp = tempdir();
+    let out = tmp.path().join("o");
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--out",
+        out.to_str().unwrap(),
+        "--dhparam",
+        "ffdhe2048",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--days",
+        "400",
+        "--ca-days",
+        "365",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        end_date(&out, "dssm-cert.crt"),
+        end_date(&out, "dssm-ca.crt")
+    );
+    assert!(stderr.contains("35 days short of --days 400"), "{stderr}");
+    let (code, report, _) = run(&["check", "--dir", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("leaf valid until the CA's end"), "{report}");
+}
+
+#[test]
+fn by_default_a_new_ca_lasts_ten_years_and_a_renewal_under_it_is_not_cut() {
+    let tmp = tempdir();
+    let ca = generate(&tmp.path().join("a"), &[]);
+    let year = time::OffsetDateTime::now_utc().year();
+    assert!(
+        end_date(&ca, "dssm-ca.crt").contains(&(year + 10).to_string()),
+        "{}",
+        end_date(&ca, "dssm-ca.crt")
+    );
+    let out = tmp.path().join("b");
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--out",
+        out.to_str().unwrap(),
+        "--dhparam",
+        "ffdhe2048",
+        "--ca-cert",
+        ca.join("dssm-ca.crt").to_str().unwrap(),
+        "--ca-key",
+        ca.join("dssm-ca.key").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("note:"), "{stderr}");
+    assert!(
+        end_date(&out, "dssm-cert.crt").contains(&(year + 1).to_string()),
+        "365 days"
+    );
 }
 
 #[test]
@@ -479,11 +542,12 @@ fn a_ca_made_by_the_seed_commands_with_a_pkcs1_key_can_sign_our_leaf() {
     let text = openssl(&out, &["x509", "-in", "dssm-cert.crt", "-noout", "-text"]);
     assert!(text.contains("Issuer: O = Redis Test, CN = Certificate Authority"));
     assert!(text.contains("sha384WithRSAEncryption"));
-    // The seed's default (365 days) would outlive the seed CA made moments earlier.
+    // The seed's default (365 days) would outlive the seed CA made moments earlier: cut.
+    let x = tmp.path().join("x");
     let (code, _, stderr) = run(&[
         "generate",
         "--out",
-        tmp.path().join("x").to_str().unwrap(),
+        x.to_str().unwrap(),
         "--dhparam",
         "ffdhe2048",
         "--ca-cert",
@@ -491,8 +555,10 @@ fn a_ca_made_by_the_seed_commands_with_a_pkcs1_key_can_sign_our_leaf() {
         "--ca-key",
         seed.join("dssm-ca.key").to_str().unwrap(),
     ]);
-    assert_eq!(code, 4, "{stderr}");
-    assert!(stderr.contains("never outlive"), "{stderr}");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("leaf valid until the CA's end"), "{stderr}");
+    openssl(&x, &["verify", "-CAfile", "dssm-ca.crt", "dssm-cert.crt"]);
+    assert_eq!(end_date(&x, "dssm-cert.crt"), end_date(&x, "dssm-ca.crt"));
 }
 
 #[test]
@@ -795,4 +861,213 @@ fn openssl_s_server_and_s_client_complete_mutual_tls_with_the_one_leaf() {
             "the server verified the client's certificate: {server_text}"
         );
     }
+}
+
+/// Files in `dir`, hidden ones (our temporaries) included, sorted.
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
+/// The hostile-input issue: each bad value is refused before any work with a message naming
+/// the flag or file, and nothing is written. (`--days 3000000` used to panic.)
+#[test]
+fn bad_generate_input_is_refused_naming_the_flag_and_nothing_is_written() {
+    let tmp = tempdir();
+    let made = generate(&tmp.path().join("made"), &["--key-algorithm", "ecdsa-p256"]);
+    let leaf = made.join("dssm-cert.crt");
+    let leaf_key = made.join("dssm-key.key");
+    let file = made.join("dssm-ca.crt");
+    let under_a_file = format!("{}/sub", file.display());
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    // (extra args, --out, exit code, the message must contain)
+    let cases: Vec<(Vec<&str>, &str, i32, &str)> = vec![
+        (
+            vec!["--days", "3000000"],
+            o,
+            64,
+            "more than the maximum of 36500",
+        ),
+        (vec!["--days", "0"], o, 64, "--days"),
+        (
+            vec!["--days", "0"],
+            o,
+            64,
+            "0 days would be expired at once",
+        ),
+        (vec!["--ca-days", "0"], o, 64, "--ca-days"),
+        (vec!["--days=-3"], o, 64, "not a whole number of days"),
+        (vec!["--dns", ""], o, 64, "is empty"),
+        (
+            vec!["--dns", "a..b"],
+            o,
+            64,
+            "--dns \"a..b\" is not a valid subjectAltName",
+        ),
+        (vec!["--dns", "bad_name.svc"], o, 64, "only letters, digits"),
+        (vec!["--dns", "999.1.1.1"], o, 64, "not a valid one"),
+        (vec!["--dns", "fd00::zz"], o, 64, "not a valid one"),
+        (
+            vec![
+                "--ca-cert",
+                leaf.to_str().unwrap(),
+                "--ca-key",
+                leaf_key.to_str().unwrap(),
+            ],
+            o,
+            4,
+            "is not a CA certificate",
+        ),
+        (vec![], &under_a_file, 4, "cannot write there"),
+        (
+            vec![],
+            "/proc/1/dssm-certs-out",
+            4,
+            "--out /proc/1/dssm-certs-out: cannot write there",
+        ),
+    ];
+    for (extra, out_arg, want_code, want) in cases {
+        let mut args = vec!["generate", "--out", out_arg, "--dhparam", "ffdhe2048"];
+        args.extend(&extra);
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, want_code, "{extra:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(want),
+            "{extra:?}: want {want:?} in {stderr}"
+        );
+        assert!(!out.exists(), "{extra:?}: {:?} was written", listing(&out));
+        if out_arg == under_a_file {
+            assert!(stderr.contains(&under_a_file), "names --out: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn an_ip_address_given_to_dns_becomes_an_ip_subject_alt_name() {
+    let tmp = tempdir();
+    let out = generate(
+        tmp.path(),
+        &[
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--dns",
+            "f5-dssm-db",
+            "--dns",
+            "127.0.1.3",
+        ],
+    );
+    let text = openssl(
+        &out,
+        &[
+            "x509",
+            "-in",
+            "dssm-cert.crt",
+            "-noout",
+            "-ext",
+            "subjectAltName",
+        ],
+    );
+    assert!(
+        text.contains("DNS:f5-dssm-db") && text.contains("IP Address:127.0.1.3"),
+        "{text}"
+    );
+}
+
+/// A SIGTERM while the DH parameters are searched (the slow part) stops generate promptly with
+/// nothing written: no key file, no temporary.
+#[test]
+fn sigterm_during_generate_leaves_no_file_behind() {
+    let tmp = tempdir();
+    let out = tmp.path().join("out");
+    let mut child = bin()
+        .args([
+            "generate",
+            "--out",
+            out.to_str().unwrap(),
+            "--dhparam",
+            "generate",
+        ])
+        .args(["--key-algorithm", "ecdsa-p256"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The DH search takes 15 s or more here; the signal lands inside it.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(child.try_wait().unwrap().is_none(), "still searching");
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generate ignored SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out_text = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out_text.stderr);
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "handled, not killed: {status:?} {stderr}"
+    );
+    assert!(
+        stderr.contains("interrupted by a signal: nothing was written"),
+        "{stderr}"
+    );
+    assert_eq!(listing(&out), Vec::<String>::new());
+    assert_eq!(
+        listing(tmp.path()),
+        Vec::<String>::new(),
+        "no temporaries anywhere"
+    );
+}
+
+/// `--force` replaces all seven files or none: here one destination cannot be replaced (a
+/// directory sits where dhparam2048.pem goes), and every old file must stay as it was.
+#[test]
+fn force_replaces_every_file_or_none() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &["--key-algorithm", "ecdsa-p256"]);
+    std::fs::remove_file(out.join("dhparam2048.pem")).unwrap();
+    std::fs::create_dir(out.join("dhparam2048.pem")).unwrap();
+    let before: Vec<(String, Option<Vec<u8>>)> = listing(&out)
+        .into_iter()
+        .map(|n| (n.clone(), std::fs::read(out.join(&n)).ok()))
+        .collect();
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--out",
+        out.to_str().unwrap(),
+        "--dhparam",
+        "ffdhe2048",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--force",
+    ]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("dhparam2048.pem"),
+        "names the file: {stderr}"
+    );
+    let after: Vec<(String, Option<Vec<u8>>)> = listing(&out)
+        .into_iter()
+        .map(|n| (n.clone(), std::fs::read(out.join(&n)).ok()))
+        .collect();
+    assert_eq!(before, after, "nothing replaced, nothing left behind");
 }

@@ -7,25 +7,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use serde_json::Value;
-use support::apiserver::{attributes, rbac_from_manifests, render_overlay};
+use support::agent::{live_exposition, start_watching, unknown_metrics};
+use support::apiserver::{kustomize, render_overlay};
+use support::objects::{docs, round_trip};
+use support::rbac::{assert_rbac_is_exactly_used, exercise_every_command};
 use support::*;
-
-fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect()
-}
-
-fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) {
-    let typed: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v:#}"));
-    let back = serde_json::to_value(&typed).unwrap();
-    assert_eq!(
-        &back, v,
-        "{} {} lost or changed fields",
-        v["kind"], v["metadata"]["name"]
-    );
-}
 
 #[test]
 fn every_manifest_parses_into_its_type_and_round_trips() {
@@ -39,7 +25,6 @@ fn every_manifest_parses_into_its_type_and_round_trips() {
             "CronJob",
             "Deployment",
             "Service",
-            "PrometheusRule",
         ] {
             assert!(kinds.contains(&want), "{overlay} lacks a {want}");
         }
@@ -51,12 +36,28 @@ fn every_manifest_parses_into_its_type_and_round_trips() {
                 "CronJob" => round_trip::<CronJob>(d),
                 "Deployment" => round_trip::<Deployment>(d),
                 "Service" => round_trip::<Service>(d),
-                // A CRD: no k8s-openapi type; checked by the PromQL test below.
-                "PrometheusRule" => assert_eq!(d["apiVersion"], "monitoring.coreos.com/v1"),
-                other => panic!("unexpected kind {other} in {overlay}"),
+                other => panic!("unexpected kind {other} in {overlay}: it would need CRDs"),
             }
         }
     }
+    // The Prometheus Operator's objects are apart: a cluster without its CRDs applies the
+    // overlays cleanly.
+    let kinds: Vec<String> = docs(&render_prometheus_operator())
+        .iter()
+        .map(|d| {
+            assert_eq!(d["apiVersion"], "monitoring.coreos.com/v1");
+            assert!(d["metadata"].get("namespace").is_none(), "applied with -n");
+            d["kind"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(kinds, ["PrometheusRule", "ServiceMonitor"]);
+}
+
+/// `kubectl kustomize manifests/prometheus-operator` (no namespace: applied with -n).
+fn render_prometheus_operator() -> String {
+    kustomize(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/prometheus-operator"),
+    )
 }
 
 #[test]
@@ -117,6 +118,11 @@ fn the_cronjobs_never_overlap_and_run_locked_down() {
             )),
             "{env:?}"
         );
+        // Unattended runs never take the seeds' traffic-interrupting scale-to-zero.
+        assert!(
+            env.contains(&("DSSM_CERTS_STRATEGY".into(), Some("rolling".into()))),
+            "{name}: {env:?}"
+        );
         let args = c.args.clone().unwrap();
         match name.as_str() {
             "dssm-certs-reconcile" => assert_eq!(args[0], "reconcile"),
@@ -134,166 +140,57 @@ fn the_cronjobs_never_overlap_and_run_locked_down() {
 }
 
 /// Runs every cluster command under the shipped RBAC (which the test cluster enforces, so a
-/// missing permission fails the run), then checks that every permission was used.
+/// missing permission fails the run), then checks that every ServiceAccount used every
+/// permission it is granted.
 #[test]
 fn the_roles_grant_exactly_what_the_code_uses() {
     for (overlay, env) in [("spk", TestEnv::spk()), ("cnf", TestEnv::cnf())] {
-        // Pods take a second to be Ready, so the waits cannot be satisfied by their first list.
-        env.server
-            .with_state(|s| s.timing.pod_start = std::time::Duration::from_secs(1));
-        let steps: &[&[&str]] = &[
-            &["reconcile", "--dry-run"],
-            &[
-                "reconcile",
-                "--key-algorithm",
-                "ecdsa-p256",
-                "--dhparam",
-                "ffdhe2048",
-            ],
-            &["reconcile"],
-            &["check"],
-            &["rotate", "--key-algorithm", "ecdsa-p256"],
-            &["rotate", "--ca", "--key-algorithm", "ecdsa-p256"],
-            // TMM is still starting when its wait begins: the wait watches the Deployment.
-            &["restart", "--order", "dssm-first"],
-            &["restart", "--strategy", "rolling"],
-        ];
-        for step in steps {
-            let (code, out, err) = env.run(step);
-            assert_eq!(code, 0, "{overlay} {step:?}: {out}{err}");
-        }
-        // The agent: it lists and watches each Secret by name.
-        drop(run_agent_until_it_watched(&env));
-        let forbidden: Vec<_> = env
-            .server
-            .requests()
-            .into_iter()
-            .filter(|r| r.status == 403)
-            .collect();
-        assert!(
-            forbidden.is_empty(),
-            "{overlay}: the Roles are missing {forbidden:?}"
-        );
-
-        let used: Vec<_> = env
-            .server
-            .requests()
-            .iter()
-            .filter_map(attributes)
-            .collect();
-        let (_, rbac) = rbac_from_manifests(&render_overlay(overlay));
-        for (ns, rules) in &rbac {
-            for rule in rules {
-                for verb in &rule.verbs {
-                    for resource in &rule.resources {
-                        let names: Vec<Option<&String>> = if rule.resource_names.is_empty() {
-                            vec![None]
-                        } else {
-                            rule.resource_names.iter().map(Some).collect()
-                        };
-                        for name in names {
-                            let hit = used.iter().any(|(v, g, r, n, obj)| {
-                                v == verb
-                                    && rule.api_groups.contains(g)
-                                    && r == resource
-                                    && n == ns
-                                    && name.is_none_or(|want| obj.as_ref() == Some(want))
-                            });
-                            assert!(hit, "{overlay}: {ns} grants {verb} {resource} {name:?} but nothing used it");
-                        }
-                    }
-                }
-            }
-        }
+        exercise_every_command(overlay, &env);
+        assert_rbac_is_exactly_used(overlay, &env, &render_overlay(overlay));
     }
 }
 
-struct Killed(std::process::Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `run` and waits until it has listed and watched each of its Secrets.
-fn run_agent_until_it_watched(env: &TestEnv) -> (Killed, String) {
-    let addr = format!("127.0.0.1:{}", support::redis::free_port());
-    let child = bin()
-        .env("KUBECONFIG", &env.kubeconfig)
-        .args([
-            "run",
-            "--listen",
-            &addr,
-            "--interval",
-            "1s",
-            "--dssm-namespace",
-            &env.dssm_ns,
-            "--tmm-namespace",
-            &env.tmm_ns,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let agent = Killed(child);
-    support::redis::wait_for(
-        "the agent's watches",
-        std::time::Duration::from_secs(15),
-        || {
-            let reqs = env.server.requests();
-            let watched = |ns: &str, name: &str| {
-                reqs.iter().any(|r| {
-                    r.path == format!("/api/v1/namespaces/{ns}/secrets")
-                        && r.query.contains("watch=true")
-                        && r.query.contains(name)
+/// The regression of the least-privilege split: the agent's account cannot read the CA key, and
+/// the agent must still inspect, report and be ready (the 403 means "not available").
+#[test]
+fn the_agent_without_access_to_the_ca_key_still_reports_every_copy() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let agent = start_watching(&env, &env.agent_kubeconfig, &[]);
+    let metrics = support::redis::wait_for("ready", std::time::Duration::from_secs(10), || {
+        support::agent::http_get(&agent.addr, "/readyz")?;
+        support::agent::http_get(&agent.addr, "/metrics")
+    });
+    for ns in ["spk-utilities", "spk-ingress"] {
+        for key in ["dssm-ca.crt", "dssm-cert.crt"] {
+            let line = metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with("dssm_certificate_ready{")
+                        && l.contains(&format!("namespace=\"{ns}\""))
+                        && l.contains(&format!("key=\"{key}\""))
                 })
-            };
-            let mut wanted = vec![(env.dssm_ns.as_str(), "dssm-ca-key-secret")];
-            for ns in [env.dssm_ns.as_str(), env.tmm_ns.as_str()] {
-                wanted.push((ns, "dssm-certs-secret"));
-                wanted.push((ns, "dssm-keys-secret"));
-            }
-            wanted.iter().all(|(ns, n)| watched(ns, n)).then_some(())
-        },
-    );
-    (agent, addr)
-}
-
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.contains(" 200 ").then(|| {
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default()
-    })
-}
-
-fn metric_names(e: &promql_parser::parser::Expr, out: &mut Vec<String>) {
-    use promql_parser::parser::Expr;
-    match e {
-        Expr::VectorSelector(v) => out.extend(v.name.clone()),
-        Expr::MatrixSelector(m) => out.extend(m.vs.name.clone()),
-        Expr::Binary(b) => {
-            metric_names(&b.lhs, out);
-            metric_names(&b.rhs, out);
+                .unwrap_or_else(|| panic!("{ns} {key} not reported:\n{metrics}"));
+            assert!(line.ends_with(" 1"), "{line}");
         }
-        Expr::Aggregate(a) => metric_names(&a.expr, out),
-        Expr::Unary(u) => metric_names(&u.expr, out),
-        Expr::Paren(p) => metric_names(&p.expr, out),
-        Expr::Subquery(s) => metric_names(&s.expr, out),
-        Expr::Call(c) => c.args.args.iter().for_each(|a| metric_names(a, out)),
-        _ => {}
     }
+    assert!(metrics.contains("dssm_secrets_in_sync 1"), "{metrics}");
+    let agent_user = "system:serviceaccount:spk-utilities:dssm-certs-agent";
+    let reads: Vec<_> = env
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.user == agent_user && r.path.ends_with("/dssm-ca-key-secret"))
+        .collect();
+    assert!(
+        !reads.is_empty() && reads.iter().all(|r| r.status == 403),
+        "{reads:?}"
+    );
 }
 
 #[test]
 fn every_alert_parses_as_promql_and_names_only_metrics_the_agent_exports() {
-    let all = docs(&render_overlay("spk"));
+    let all = docs(&render_prometheus_operator());
     let rule = all.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
     let rules = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
     let alerts: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
@@ -309,46 +206,15 @@ fn every_alert_parses_as_promql_and_names_only_metrics_the_agent_exports() {
         ]
     );
 
-    // The live exposition of a running agent.
-    let env = TestEnv::spk();
-    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
-    let (_agent, addr) = run_agent_until_it_watched(&env);
-    let exposition = support::redis::wait_for(
-        "/metrics with certificates",
-        std::time::Duration::from_secs(10),
-        || {
-            http_get(&addr, "/metrics")
-                .filter(|m| m.contains("dssm_certificate_not_after_timestamp_seconds{"))
-        },
-    );
-    let exported: Vec<String> = exposition
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
-        .collect();
-
+    let exposition = live_exposition();
     for r in rules {
         let name = r["alert"].as_str().unwrap();
         let expr = r["expr"].as_str().unwrap();
-        let parsed =
-            promql_parser::parser::parse(expr).unwrap_or_else(|e| panic!("{name}: {expr}: {e}"));
-        let mut names = Vec::new();
-        metric_names(&parsed, &mut names);
-        assert!(!names.is_empty(), "{name} uses no metric");
-        for n in names {
-            // `up` is written by Prometheus for every scrape target, not by the agent.
-            if n == "up" {
-                continue;
-            }
-            // Counters are exposed with their _total suffix; rotation failures appear only
-            // after the first rotation, so their HELP/TYPE line is what the agent declares.
-            let declared =
-                exposition.contains(&format!("# TYPE {} ", n.trim_end_matches("_total")));
-            assert!(
-                exported.contains(&n) || declared,
-                "{name} uses {n}, which the agent does not export:\n{exposition}"
-            );
-        }
+        let unknown = unknown_metrics(expr, &exposition).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            unknown.is_empty(),
+            "{name} uses {unknown:?}, which the agent does not export:\n{exposition}"
+        );
         for k in ["summary", "description"] {
             assert!(
                 r["annotations"][k].as_str().is_some_and(|t| t.len() > 20),
@@ -379,6 +245,11 @@ fn the_agent_deployment_is_probed_on_its_metrics_port() {
     .unwrap();
     assert_eq!(d.spec.replicas, Some(1));
     let pod = d.spec.template.spec.unwrap();
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some("dssm-certs-agent"),
+        "the agent runs as its own read-only account"
+    );
     let c = &pod.containers[0];
     assert_eq!(c.args.as_ref().unwrap()[0], "run");
     assert_eq!(

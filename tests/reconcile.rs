@@ -291,6 +291,60 @@ fn rotate_renews_now_and_rotate_ca_replaces_the_ca() {
     assert_ne!(third[0], first[0]);
 }
 
+fn not_after(pem: &[u8]) -> i64 {
+    dssm_certs::pki::parse_certificate(pem, "test")
+        .unwrap()
+        .not_after
+}
+
+/// The lifetimes issue: with the seeds' CA lifetime (365 days) and the default `--days 365`,
+/// plain `rotate` replaced the CA, because a new 365-day leaf would outlive it. It renews the
+/// leaf under the same CA, cut to the CA's end, and says so in its output and Event.
+#[test]
+fn rotate_with_default_days_under_a_365_day_ca_keeps_the_ca_and_cuts_the_leaf() {
+    let env = TestEnv::spk();
+    let alg = ["--key-algorithm", "ecdsa-p256"];
+    assert_eq!(env.reconcile(&["--ca-days", "365"]).0, 0);
+    let first = env.copy("spk-utilities").unwrap();
+    let (code, out, err) = env.run(&[&["rotate"][..], &alg].concat());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: renew-leaf")
+            && out.contains("the CA is not due")
+            && out.contains("note: leaf valid until the CA's end"),
+        "{out}"
+    );
+    let second = assert_all_copies_identical_and_valid(&env);
+    assert_eq!(second[0], first[0], "same CA");
+    assert_ne!(second[1], first[1], "new leaf");
+    assert_eq!(
+        not_after(&second[1]),
+        not_after(&second[0]),
+        "cut to the CA"
+    );
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Renewed"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("leaf valid until the CA's end"))),
+        "{events:?}"
+    );
+
+    let (code, out, err) = env.run(&[&["rotate", "--ca"][..], &alg].concat());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: rotate-ca") && out.contains("rotate --ca"),
+        "{out}"
+    );
+    let third = assert_all_copies_identical_and_valid(&env);
+    assert_ne!(third[0], first[0], "a new CA");
+    assert!(
+        not_after(&third[0]) - not_after(&third[1]) > 8 * 365 * 86_400,
+        "a new CA lasts 10 years and its 365-day leaf is not cut"
+    );
+}
+
 #[test]
 fn a_drifted_copy_is_repaired_from_the_copy_that_chains_to_the_stored_ca() {
     let env = TestEnv::spk();
@@ -349,6 +403,46 @@ fn invalid_materials_are_never_copied_over_valid_ones() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("plan: repair"), "{out}");
     assert_eq!(assert_all_copies_identical_and_valid(&env), good);
+}
+
+/// The hostile-input issue: with the dSSM copy broken, a TMM-namespace copy of another CA was
+/// copied into the dSSM namespace. It is replaced by materials under the stored CA instead.
+#[test]
+fn a_foreign_ca_in_the_tmm_namespace_is_never_copied_into_the_dssm_namespace() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    let ours = env.copy("spk-utilities").unwrap();
+    let foreign = generate(env.dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let r = |f: &str| read(&foreign.join(f));
+    env.put_secret(
+        "spk-ingress",
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", &r("dssm-ca.crt")),
+            ("dssm-cert.crt", &r("dssm-cert.crt")),
+            ("dhparam2048.pem", &r("dhparam2048.pem")),
+        ],
+    );
+    env.put_secret(
+        "spk-ingress",
+        "dssm-keys-secret",
+        &[("dssm-key.key", &r("dssm-key.key"))],
+    );
+    env.put_secret(
+        "spk-utilities",
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", b"garbage"),
+            ("dssm-cert.crt", b"x"),
+            ("dhparam2048.pem", b"y"),
+        ],
+    );
+    let (code, out, err) = env.reconcile(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("never a copy of a foreign CA"), "{out}");
+    let after = assert_all_copies_identical_and_valid(&env);
+    assert_eq!(ca_of(&after), ca_of(&ours), "still our stored CA");
+    assert_ne!(ca_of(&after), r("dssm-ca.crt").as_slice());
 }
 
 #[test]

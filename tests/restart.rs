@@ -521,6 +521,50 @@ fn a_rolling_restart_replaces_every_pod_without_scaling_tmm_down() {
     assert_eq!(tmm_replicas(&env).0, 3);
 }
 
+/// With `--strategy rolling` (the shipped CronJob's default), a CA rotation used to write the
+/// new CA into every Secret and only then refuse the restart: after kubelet's swap, no dSSM pod
+/// accepted the old CA's clients. It is refused before the first write.
+#[test]
+fn a_ca_rotation_with_the_rolling_strategy_is_refused_before_any_write() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let before = env.copy("spk-utilities").unwrap();
+    env.server.clear_requests();
+    let (code, out, err) = env.run(&[
+        "rotate",
+        "--ca",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--strategy",
+        "rolling",
+    ]);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("--strategy rolling cannot restart through a CA change")
+            && err.contains("Nothing was written")
+            && err.contains("rotate --ca"),
+        "{err}"
+    );
+    assert!(
+        env.writes()
+            .iter()
+            .all(|w| w.path.contains("/leases") || w.path.contains("/events")),
+        "{:?}",
+        env.writes()
+    );
+    assert_eq!(env.copy("spk-utilities").unwrap(), before);
+    // A leaf renewal rolls.
+    let (code, out, err) = env.run(&[
+        "rotate",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--strategy",
+        "rolling",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 #[test]
 fn rolling_is_refused_when_the_ca_changed() {
     let env = TestEnv::spk();

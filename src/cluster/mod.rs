@@ -66,6 +66,8 @@ pub enum ClusterError {
     NotOurs { what: String, owner: String },
     #[error("{0}")]
     Locked(String),
+    #[error("{0} could not be renewed within its renew deadline (or was taken over): stopped before it could expire for another dssm-certs. The next run (or the agent) finishes or rolls back what this one started")]
+    LeaseLost(String),
     #[error("deployment {namespace}/{name} not found: TMM must exist before its materials are replaced (check --tmm-namespace / --tmm-deployment)")]
     NoDeployment { namespace: String, name: String },
 }
@@ -239,8 +241,10 @@ pub struct Target {
     pub dssm_selector: String,
     /// Per-request timeout.
     pub timeout: Duration,
-    /// Lease duration (renewed every third of it while held).
+    /// Lease duration (client-go's timings derive from it; see `lease::Timing`).
     pub lease_seconds: i32,
+    /// How far apart two machines' clocks may be (`--max-clock-skew`).
+    pub max_clock_skew: i64,
 }
 
 pub struct Cluster {
@@ -251,6 +255,7 @@ pub struct Cluster {
     pub dssm_selector: String,
     pub identity: String,
     pub lease_seconds: i32,
+    pub max_clock_skew: i64,
     recorder: Recorder,
 }
 
@@ -262,6 +267,9 @@ pub struct Observation {
     pub store: SecretObs,
     pub raw: BTreeMap<(String, String), Secret>,
     pub deployment: Option<Deployment>,
+    /// False when the CA key Secret could not be read (403, the agent's read-only account):
+    /// `store` is then `Missing` and means "not available", not "absent".
+    pub store_readable: bool,
 }
 
 /// The raw Secrets hold private keys: `Debug` names them and their keys, never their data.
@@ -359,6 +367,7 @@ impl Cluster {
             dssm_selector: t.dssm_selector.clone(),
             identity,
             lease_seconds: t.lease_seconds.max(1),
+            max_clock_skew: t.max_clock_skew.max(0),
             recorder,
         })
     }
@@ -389,6 +398,19 @@ impl Cluster {
     /// Reads every Secret of both copies, the CA key Secret and the TMM Deployment: 2 reads per
     /// namespace plus 2.
     pub async fn observe(&self) -> Result<Observation, ClusterError> {
+        self.observe_inner(false).await
+    }
+
+    /// `observe` for the agent, whose own ServiceAccount may not read the CA key Secret: a 403
+    /// on that one Secret leaves the store out (`store_readable: false`) instead of failing.
+    pub async fn observe_without_ca_key(&self) -> Result<Observation, ClusterError> {
+        self.observe_inner(true).await
+    }
+
+    async fn observe_inner(
+        &self,
+        ca_key_may_be_forbidden: bool,
+    ) -> Result<Observation, ClusterError> {
         let mut raw = BTreeMap::new();
         let mut copies = Vec::new();
         for ns in self.namespaces() {
@@ -408,9 +430,13 @@ impl Cluster {
                 }
             }
         }
-        let store = self
+        let (store, store_readable) = match self
             .get_secret(&self.dssm_ns, contract::CA_KEY_SECRET)
-            .await?;
+            .await
+        {
+            Err(ClusterError::Forbidden { .. }) if ca_key_may_be_forbidden => (None, false),
+            r => (r?, true),
+        };
         let store_obs = secret_obs(store.as_ref());
         if let Some(s) = store {
             raw.insert(
@@ -424,6 +450,7 @@ impl Cluster {
             store: store_obs,
             raw,
             deployment,
+            store_readable,
         })
     }
 
@@ -569,6 +596,7 @@ mod tests {
             .into_iter()
             .collect(),
             deployment: None,
+            store_readable: true,
         };
         let shown = format!("{obs:?}");
         let as_numbers = format!("{:?}", &key[..8]);

@@ -16,8 +16,8 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::minutes(5);
 pub enum IssueError {
     #[error("subject {subject:?}: {reason} (expected e.g. \"O=Redis Test, CN=Server\" or \"/O=Redis Test/CN=Server\")")]
     Subject { subject: String, reason: String },
-    #[error("DNS name {name:?} is not a valid subjectAltName")]
-    DnsName { name: String },
+    #[error("--dns {name:?} is not a valid subjectAltName: {reason}")]
+    DnsName { name: String, reason: String },
     #[error("--days must be at least 1 (got {days})")]
     Days { days: u32 },
     #[error(transparent)]
@@ -32,13 +32,8 @@ pub enum IssueError {
         not_before: String,
         not_after: String,
     },
-    #[error("the leaf would expire at {leaf_not_after} but its CA {ca_cert} expires at {ca_not_after}: a leaf must never outlive its CA. Issue the leaf for at most {max_days} days, or rotate the CA")]
-    LeafOutlivesCa {
-        ca_cert: String,
-        ca_not_after: String,
-        leaf_not_after: String,
-        max_days: i64,
-    },
+    #[error("{ca_cert} is not a CA certificate (subject {subject:?}: basicConstraints CA:FALSE or missing): a leaf signed with it would not verify. Give the CA's certificate, not a leaf")]
+    NotACa { ca_cert: String, subject: String },
     #[error("rcgen could not sign the {what}: {detail}")]
     Sign { what: &'static str, detail: String },
 }
@@ -97,6 +92,51 @@ impl Subject {
         }
         dn
     }
+}
+
+/// One subjectAltName: an IP address (v4 or v6), else a DNS name (RFC 1123 labels, a leading
+/// `*.` wildcard allowed). Something that looks like an address but is not one is refused rather
+/// than written as a DNS name no client would ever match.
+pub fn parse_san(name: &str) -> Result<SanType, IssueError> {
+    let bad = |reason: &str| IssueError::DnsName {
+        name: name.to_string(),
+        reason: reason.to_string(),
+    };
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    if name.contains(':')
+        || (!name.is_empty() && name.chars().all(|c| c.is_ascii_digit() || c == '.'))
+    {
+        return Err(bad("it looks like an IP address but is not a valid one"));
+    }
+    if name.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if name.len() > 253 {
+        return Err(bad("longer than 253 characters"));
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    for label in host.split('.') {
+        if label.is_empty() {
+            return Err(bad("it has an empty label (two dots, or a dot at an end)"));
+        }
+        if label.len() > 63 {
+            return Err(bad("a label is longer than 63 characters"));
+        }
+        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(bad(
+                "only letters, digits, '-' and '.' are allowed (and a leading '*.')",
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(bad("a label starts or ends with '-'"));
+        }
+    }
+    name.to_string()
+        .try_into()
+        .map(SanType::DnsName)
+        .map_err(|_| bad("not an IA5 string"))
 }
 
 /// What the seeds make: `O=Redis Test, CN=Certificate Authority`.
@@ -170,14 +210,75 @@ pub struct CaSigner<'a> {
     pub key_name: &'a str,
 }
 
+/// The validity a new leaf gets: the asked-for days, cut to its CA's notAfter when it would
+/// outlive the CA (a leaf never outlives its CA, and refusing instead would turn every renewal
+/// under a CA of the same lifetime into a CA rotation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafValidity {
+    pub not_before: i64,
+    pub not_after: i64,
+    /// What `days` asked for; later than `not_after` when the leaf was cut.
+    pub requested_not_after: i64,
+    pub requested_days: u32,
+}
+
+impl LeafValidity {
+    /// From the CA's validity, the asked-for days and the clock (unix seconds).
+    pub fn new(
+        ca_not_before: i64,
+        ca_not_after: i64,
+        days: u32,
+        now: OffsetDateTime,
+    ) -> Result<Self, IssueError> {
+        let (not_before, requested) = validity(now, days)?;
+        let requested = requested.unix_timestamp();
+        Ok(LeafValidity {
+            // Never before the CA itself: the chain's validity nests.
+            not_before: not_before.unix_timestamp().max(ca_not_before),
+            not_after: requested.min(ca_not_after),
+            requested_not_after: requested,
+            requested_days: days,
+        })
+    }
+
+    pub fn cut_to_ca(&self) -> bool {
+        self.not_after < self.requested_not_after
+    }
+
+    /// The note the output, the Event and the plan carry when the leaf was cut.
+    pub fn note(&self) -> Option<String> {
+        self.cut_to_ca().then(|| {
+            let short = self.requested_not_after - self.not_after;
+            let days = short / 86_400;
+            let short = if days > 0 {
+                format!("{days} days")
+            } else {
+                format!("{}s", short)
+            };
+            format!(
+                "leaf valid until the CA's end, {}, {short} short of --days {}",
+                super::format_time(self.not_after),
+                self.requested_days
+            )
+        })
+    }
+}
+
 /// Everything that would make signing a leaf with `ca` wrong, checked before any work: the CA
-/// key matches the CA certificate, the CA is valid now, and a leaf of `days` would not outlive it.
+/// certificate is a CA, its key matches it, and it is valid now. Returns the CA and the validity
+/// the leaf will get (cut to the CA's end if `days` would outlive it).
 pub fn check_ca_can_sign(
     ca: &CaSigner<'_>,
     days: u32,
     now: OffsetDateTime,
-) -> Result<Certificate, IssueError> {
+) -> Result<(Certificate, LeafValidity), IssueError> {
     let ca_cert: Certificate = parse_certificate(ca.cert_pem, ca.cert_name)?;
+    if !ca_cert.is_ca {
+        return Err(IssueError::NotACa {
+            ca_cert: ca.cert_name.to_string(),
+            subject: ca_cert.subject.clone(),
+        });
+    }
     if ca_cert.spki_der() != ca.key.public_key_der().as_slice() {
         return Err(IssueError::CaKeyMismatch {
             ca_cert: ca.cert_name.to_string(),
@@ -192,43 +293,38 @@ pub fn check_ca_can_sign(
             not_after: super::format_time(ca_cert.not_after),
         });
     }
-    let (_, not_after) = validity(now, days)?;
-    if not_after.unix_timestamp() > ca_cert.not_after {
-        return Err(IssueError::LeafOutlivesCa {
-            ca_cert: ca.cert_name.to_string(),
-            ca_not_after: super::format_time(ca_cert.not_after),
-            leaf_not_after: super::format_time(not_after.unix_timestamp()),
-            max_days: (ca_cert.not_after - unix_now) / 86_400,
-        });
-    }
-    Ok(ca_cert)
+    let validity = LeafValidity::new(ca_cert.not_before, ca_cert.not_after, days, now)?;
+    Ok((ca_cert, validity))
+}
+
+/// A leaf as issued: its PEM and the validity it got.
+#[derive(Debug, Clone)]
+pub struct IssuedLeaf {
+    pub pem: String,
+    pub validity: LeafValidity,
 }
 
 /// The leaf: X.509 v3 with subjectAltName, EKU serverAuth + clientAuth (dSSM serves it and TMM
-/// presents it), SKI and AKI, signed by `ca`. Refuses a leaf that would outlive its CA.
+/// presents it), SKI and AKI, signed by `ca`. Its notAfter is cut to the CA's when `days` would
+/// outlive it.
 pub fn issue_leaf(
     request: &LeafRequest<'_>,
     key: &PrivateKey,
     ca: &CaSigner<'_>,
     now: OffsetDateTime,
-) -> Result<String, IssueError> {
-    check_ca_can_sign(ca, request.days, now)?;
-    let (not_before, not_after) = validity(now, request.days)?;
+) -> Result<IssuedLeaf, IssueError> {
+    let (_, validity) = check_ca_can_sign(ca, request.days, now)?;
+    let at = |t: i64| OffsetDateTime::from_unix_timestamp(t).expect("within the CA's validity");
 
     let mut params = CertificateParams::default();
-    params.not_before = not_before;
-    params.not_after = not_after;
+    params.not_before = at(validity.not_before);
+    params.not_after = at(validity.not_after);
     params.serial_number = Some(random_serial());
     params.distinguished_name = request.subject.to_dn();
     params.subject_alt_names = request
         .dns_names
         .iter()
-        .map(|name| {
-            name.clone()
-                .try_into()
-                .map(SanType::DnsName)
-                .map_err(|_| IssueError::DnsName { name: name.clone() })
-        })
+        .map(|name| parse_san(name))
         .collect::<Result<_, _>>()?;
     // ExplicitNoCa writes basicConstraints CA:FALSE and, with it, the subject key identifier.
     params.is_ca = IsCa::ExplicitNoCa;
@@ -263,7 +359,10 @@ pub fn issue_leaf(
             what: "leaf certificate",
             detail: e.to_string(),
         })?;
-    Ok(cert.pem())
+    Ok(IssuedLeaf {
+        pem: cert.pem(),
+        validity,
+    })
 }
 
 #[cfg(test)]
@@ -334,6 +433,44 @@ mod tests {
         assert_eq!(a.len(), 16);
         assert!(a[0] & 0x80 == 0 && a[0] != 0);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn subject_alt_names_are_dns_names_or_ip_addresses_and_nothing_else() {
+        let ok = [
+            "f5-dssm-sentinel",
+            "f5-dssm-db.spk-utilities.svc.cluster.local",
+            "*.f5-dssm-db.ns.svc.cluster.local",
+            "a1.example",
+        ];
+        for name in ok {
+            assert!(matches!(parse_san(name), Ok(SanType::DnsName(_))), "{name}");
+        }
+        for ip in ["127.0.0.1", "::1", "fd00::5"] {
+            assert!(matches!(parse_san(ip), Ok(SanType::IpAddress(_))), "{ip}");
+        }
+        let bad = [
+            ("", "empty"),
+            ("999.1.1.1", "IP address"),
+            ("10.0.0", "IP address"),
+            ("fd00::zz", "IP address"),
+            ("a..b", "empty label"),
+            ("a.", "empty label"),
+            ("-a.b", "starts or ends"),
+            ("a_b.c", "only letters"),
+            ("a b", "only letters"),
+            ("*", "only letters"),
+            ("a.*.b", "only letters"),
+        ];
+        for (name, why) in bad {
+            let err = parse_san(name).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("--dns {name:?}")) && err.contains(why),
+                "{name}: {err}"
+            );
+        }
+        assert!(parse_san(&"a".repeat(64)).is_err());
+        assert!(parse_san(&["a"; 130].join(".")).is_err());
     }
 
     #[test]

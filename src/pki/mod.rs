@@ -9,7 +9,8 @@ pub mod keys;
 pub use dhparams::{DhError, DhParams};
 pub use inspect::{parse_certificate, Certificate, InspectError};
 pub use issue::{
-    check_ca_can_sign, issue_ca, issue_leaf, CaSigner, IssueError, LeafRequest, Subject,
+    check_ca_can_sign, issue_ca, issue_leaf, parse_san, CaSigner, IssueError, IssuedLeaf,
+    LeafRequest, LeafValidity, Subject,
 };
 pub use keys::{KeyAlgorithm, KeyError, PrivateKey, SecretBytes};
 

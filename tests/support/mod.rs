@@ -2,7 +2,10 @@
 //! seeds' exact commands.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod apiserver;
+pub mod objects;
+pub mod rbac;
 pub mod redis;
 
 use std::path::{Path, PathBuf};
@@ -118,13 +121,16 @@ pub struct TestEnv {
     pub server: apiserver::ApiServer,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
+    /// The same cluster as the agent's own read-only ServiceAccount.
+    pub agent_kubeconfig: PathBuf,
     pub dssm_ns: String,
     pub tmm_ns: String,
 }
 
 impl TestEnv {
     /// SPK: dSSM in spk-utilities, TMM (3 replicas) in spk-ingress. The binary runs as the
-    /// ServiceAccount, under exactly the RBAC of `manifests/overlays/spk`.
+    /// ServiceAccount `dssm-certs` (`agent_kubeconfig`: as `dssm-certs-agent`), under exactly the
+    /// RBAC of `manifests/overlays/spk`.
     pub fn spk() -> Self {
         Self::with_rbac("spk-utilities", "spk-ingress", "spk")
     }
@@ -136,9 +142,15 @@ impl TestEnv {
 
     pub fn with_rbac(dssm_ns: &str, tmm_ns: &str, overlay: &str) -> Self {
         let env = Self::new(dssm_ns, tmm_ns, apiserver::SA_TOKEN);
-        let (user, rules) = apiserver::rbac_from_manifests(&apiserver::render_overlay(overlay));
-        assert_eq!(user, format!("system:serviceaccount:{dssm_ns}:dssm-certs"));
-        env.server.with_state(|s| s.rbac = Some(rules));
+        let rbac = apiserver::rbac_from_manifests(&apiserver::render_overlay(overlay));
+        for sa in ["dssm-certs", "dssm-certs-agent"] {
+            let user = format!("system:serviceaccount:{dssm_ns}:{sa}");
+            assert!(
+                rbac.contains_key(&user),
+                "{overlay} binds no Role to {user}"
+            );
+        }
+        env.server.with_state(|s| s.rbac = Some(rbac));
         env
     }
 
@@ -149,10 +161,18 @@ impl TestEnv {
         let dir = tempdir();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, server.kubeconfig(token, dssm_ns)).unwrap();
+        let agent_kubeconfig = dir.path().join("agent-kubeconfig");
+        let agent_token = if token == apiserver::SA_TOKEN {
+            apiserver::AGENT_TOKEN
+        } else {
+            token
+        };
+        std::fs::write(&agent_kubeconfig, server.kubeconfig(agent_token, dssm_ns)).unwrap();
         TestEnv {
             server,
             dir,
             kubeconfig,
+            agent_kubeconfig,
             dssm_ns: dssm_ns.into(),
             tmm_ns: tmm_ns.into(),
         }

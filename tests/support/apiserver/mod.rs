@@ -29,6 +29,8 @@ use logic::*;
 
 pub const ADMIN_TOKEN: &str = "admin-token";
 pub const SA_TOKEN: &str = "dssm-certs-sa-token";
+/// The agent's own read-only ServiceAccount (`dssm-certs-agent`, next to `dssm-certs`).
+pub const AGENT_TOKEN: &str = "dssm-certs-agent-sa-token";
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -239,8 +241,8 @@ pub struct State {
     history: Vec<Change>,
     pub requests: Vec<Recorded>,
     pub faults: Vec<Fault>,
-    /// RBAC for the service account: namespace -> rules. None: not enforced.
-    pub rbac: Option<HashMap<String, Vec<Rule>>>,
+    /// RBAC for the service accounts: user -> namespace -> rules. None: not enforced.
+    pub rbac: Option<HashMap<String, HashMap<String, Vec<Rule>>>>,
     pub sa_user: String,
     pub timing: Timing,
     /// Pods that never finish terminating / never become Ready (by name prefix).
@@ -498,7 +500,15 @@ impl ApiServer {
                                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                                 let svc = hyper::service::service_fn(move |req| {
                                     let shared = shared.clone();
-                                    async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                                    // Served in a task of its own: like a real API server, a
+                                    // request whose client gave up (a timeout) still completes,
+                                    // so its write can be stored while the answer is lost.
+                                    async move {
+                                        let served = tokio::spawn(handle(shared, req)).await;
+                                        Ok::<_, Infallible>(served.unwrap_or_else(|_| {
+                                            Response::builder().status(500).body(Body::default()).unwrap()
+                                        }))
+                                    }
                                 });
                                 let _ = hyper::server::conn::http1::Builder::new()
                                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
@@ -1044,6 +1054,7 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
         match token.as_str() {
             ADMIN_TOKEN => Some("kubernetes-admin".to_string()),
             SA_TOKEN => Some(s.sa_user.clone()),
+            AGENT_TOKEN => Some(format!("{}-agent", s.sa_user)),
             _ => None,
         }
     };
@@ -1299,13 +1310,17 @@ async fn route(
     // RBAC for the service account.
     {
         let s = shared.state.lock().unwrap();
-        if let (Some(rbac), true) = (&s.rbac, user == s.sa_user) {
+        if let (Some(rbac), true) = (&s.rbac, user.starts_with("system:serviceaccount:")) {
             let field_name = field_sel
                 .iter()
                 .find(|(k, eq, _)| k == "metadata.name" && *eq)
                 .map(|(_, _, v)| v.as_str());
             let ns = p.ns.clone().unwrap_or_default();
-            let rules = rbac.get(&ns).map(Vec::as_slice).unwrap_or(&[]);
+            let rules = rbac
+                .get(user)
+                .and_then(|by_ns| by_ns.get(&ns))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             if !authorized(rules, verb, &p, field_name) {
                 let resource = match &p.sub {
                     Some(sub) => format!("{}/{sub}", p.res.plural),
@@ -1811,9 +1826,9 @@ pub fn attributes(rec: &Recorded) -> Option<(String, String, String, String, Opt
     ))
 }
 
-/// The Roles and RoleBindings of a rendered kustomize overlay, as the RBAC the test cluster
-/// enforces for the ServiceAccount `dssm-certs`: namespace -> rules.
-pub fn rbac_from_manifests(yaml: &str) -> (String, HashMap<String, Vec<Rule>>) {
+/// The Roles and RoleBindings of rendered manifests (kustomize or the Helm chart), as the RBAC
+/// the test cluster enforces for each ServiceAccount: user -> namespace -> rules.
+pub fn rbac_from_manifests(yaml: &str) -> HashMap<String, HashMap<String, Vec<Rule>>> {
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
     let mut roles: HashMap<(String, String), Role> = HashMap::new();
     let mut bindings = Vec::new();
@@ -1834,40 +1849,50 @@ pub fn rbac_from_manifests(yaml: &str) -> (String, HashMap<String, Vec<Rule>>) {
             _ => {}
         }
     }
-    let mut sa_user = String::new();
-    let mut out: HashMap<String, Vec<Rule>> = HashMap::new();
+    let mut out: HashMap<String, HashMap<String, Vec<Rule>>> = HashMap::new();
     for b in bindings {
         let ns = b.metadata.namespace.clone().unwrap();
         for s in b.subjects.unwrap_or_default() {
-            if s.kind == "ServiceAccount" && s.name == "dssm-certs" {
-                sa_user = format!(
-                    "system:serviceaccount:{}:{}",
-                    s.namespace.clone().unwrap_or(ns.clone()),
-                    s.name
-                );
-                let role = &roles[&(ns.clone(), b.role_ref.name.clone())];
-                for r in role.rules.clone().unwrap_or_default() {
-                    out.entry(ns.clone()).or_default().push(Rule {
+            if s.kind != "ServiceAccount" {
+                continue;
+            }
+            let user = format!(
+                "system:serviceaccount:{}:{}",
+                s.namespace.clone().unwrap_or(ns.clone()),
+                s.name
+            );
+            let role = &roles[&(ns.clone(), b.role_ref.name.clone())];
+            for r in role.rules.clone().unwrap_or_default() {
+                out.entry(user.clone())
+                    .or_default()
+                    .entry(ns.clone())
+                    .or_default()
+                    .push(Rule {
                         api_groups: r.api_groups.unwrap_or_default(),
                         resources: r.resources.unwrap_or_default(),
                         verbs: r.verbs,
                         resource_names: r.resource_names.unwrap_or_default(),
                     });
-                }
             }
         }
     }
-    (sa_user, out)
+    out
 }
 
 /// `kubectl kustomize manifests/overlays/<overlay>`.
 pub fn render_overlay(overlay: &str) -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("manifests/overlays")
-        .join(overlay);
+    kustomize(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("manifests/overlays")
+            .join(overlay),
+    )
+}
+
+/// `kubectl kustomize <dir>`.
+pub fn kustomize(dir: &std::path::Path) -> String {
     let out = std::process::Command::new("kubectl")
         .arg("kustomize")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .expect("kubectl (1.32, with kustomize)");
     assert!(

@@ -1,0 +1,544 @@
+//! The Helm chart (charts/dssm-certs), rendered and linted with Helm's own library through the
+//! helm-python-sdk package (scripts/setup installs it in .venv): no helm binary, no cluster.
+//! A missing .venv fails these tests; it never skips them.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use serde_json::{json, Value};
+use support::apiserver::{kustomize, rbac_from_manifests, render_overlay, SA_TOKEN};
+use support::objects::{docs, round_trip};
+use support::rbac::{assert_rbac_is_exactly_used, exercise_every_command};
+use support::TestEnv;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart_dir() -> PathBuf {
+    repo().join("charts/dssm-certs")
+}
+
+/// `tests/helm_chart.py CMD CHART VALUES [NAME NAMESPACE]` in the project's venv: stdout, or
+/// Helm's message when it refuses.
+fn helm(cmd: &str, values: &Value, release: &[&str]) -> Result<String, String> {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup (it creates .venv with helm-python-sdk)",
+        python.display()
+    );
+    let out = Command::new(&python)
+        .arg(repo().join("tests/helm_chart.py"))
+        .arg(cmd)
+        .arg(chart_dir())
+        .arg(values.to_string())
+        .args(release)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stderr.contains("ModuleNotFoundError"),
+        "helm-python-sdk is not installed: run scripts/setup\n{stderr}"
+    );
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(stderr)
+    }
+}
+
+/// An example value file of the chart (charts/dssm-certs/examples/NAME.yaml), with `extra`
+/// merged over it.
+fn example(name: &str, extra: Value) -> Value {
+    let path = chart_dir().join(format!("examples/{name}.yaml"));
+    let mut v: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    merge(&mut v, extra);
+    v
+}
+
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// Every rendered template, as `helm template` prints them: path -> text.
+fn render_files(values: &Value, namespace: &str) -> serde_json::Map<String, Value> {
+    let out = helm("render", values, &["dssm-certs", namespace]).unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The rendered objects (NOTES.txt and empty documents left out).
+fn render(values: &Value, namespace: &str) -> Vec<Value> {
+    render_files(values, namespace)
+        .into_iter()
+        .filter(|(path, _)| !path.ends_with("NOTES.txt"))
+        .flat_map(|(_, text)| docs(text.as_str().unwrap()))
+        .collect()
+}
+
+fn to_yaml(objects: &[Value]) -> String {
+    objects
+        .iter()
+        .map(|o| serde_yaml::to_string(o).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn all_on() -> Value {
+    json!({
+        "serviceMonitor": {"enabled": true},
+        "podMonitor": {"enabled": true},
+        "prometheusRule": {"enabled": true},
+        "dashboard": {"enabled": true},
+    })
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in {}", to_yaml(objects)))
+}
+
+#[test]
+fn the_spk_and_cnf_value_sets_render_objects_that_parse_into_their_types() {
+    for (set, dssm, tmm) in [
+        ("spk", "spk-utilities", "spk-ingress"),
+        ("cnf", "cnf-gateway", "cnf-gateway"),
+    ] {
+        let objects = render(&example(set, all_on()), dssm);
+        for o in &objects {
+            let kind = o["kind"].as_str().unwrap();
+            let ns = o["metadata"]["namespace"].as_str();
+            let name = o["metadata"]["name"].as_str().unwrap();
+            let tmm_side = name.ends_with("-tmm");
+            assert_eq!(
+                ns,
+                Some(if tmm_side { tmm } else { dssm }),
+                "{set}: {kind} {name}: every object names its namespace"
+            );
+            match kind {
+                "ServiceAccount" => round_trip::<ServiceAccount>(o),
+                "Role" => round_trip::<Role>(o),
+                "RoleBinding" => round_trip::<RoleBinding>(o),
+                "CronJob" => round_trip::<CronJob>(o),
+                "Deployment" => round_trip::<Deployment>(o),
+                "Service" => round_trip::<Service>(o),
+                "ConfigMap" => round_trip::<ConfigMap>(o),
+                "PrometheusRule" | "ServiceMonitor" | "PodMonitor" => {
+                    assert_eq!(o["apiVersion"], "monitoring.coreos.com/v1", "{name}")
+                }
+                other => panic!("{set}: unexpected kind {other}"),
+            }
+        }
+        let mut kinds: Vec<&str> = objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        assert_eq!(
+            kinds,
+            [
+                "ConfigMap",
+                "CronJob",
+                "Deployment",
+                "PodMonitor",
+                "PrometheusRule",
+                "Role",
+                "RoleBinding",
+                "Service",
+                "ServiceAccount",
+                "ServiceMonitor"
+            ],
+            "{set}"
+        );
+        // The TMM namespace gets one Role per ServiceAccount.
+        for role in ["dssm-certs-tmm", "dssm-certs-agent-tmm"] {
+            assert_eq!(find(&objects, "Role", role)["metadata"]["namespace"], tmm);
+        }
+    }
+}
+
+#[test]
+fn the_prometheus_operator_objects_and_the_dashboard_are_off_by_default() {
+    let objects = render(&example("spk", json!({})), "spk-utilities");
+    for o in &objects {
+        assert!(
+            ![
+                "PrometheusRule",
+                "ServiceMonitor",
+                "PodMonitor",
+                "ConfigMap"
+            ]
+            .contains(&o["kind"].as_str().unwrap()),
+            "{o:#}"
+        );
+    }
+    let on = render(&example("spk", all_on()), "spk-utilities");
+    let pm = find(&on, "PodMonitor", "dssm-certs-agent");
+    assert_eq!(
+        pm["spec"]["podMetricsEndpoints"][0]["relabelings"][0],
+        json!({"action": "replace", "targetLabel": "job", "replacement": "dssm-certs-agent"}),
+        "the job label DssmCertAgentDown expects"
+    );
+    let sm = find(&on, "ServiceMonitor", "dssm-certs-agent");
+    let svc = find(&on, "Service", "dssm-certs-agent");
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"],
+        svc["spec"]["selector"]
+    );
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["port"],
+        svc["spec"]["ports"][0]["name"]
+    );
+    let cm = find(&on, "ConfigMap", "dssm-certs-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped = std::fs::read_to_string(chart_dir().join("dashboards/dssm-certs.json")).unwrap();
+    assert_eq!(
+        cm["data"]["dssm-certs.json"].as_str().unwrap(),
+        shipped.trim_end()
+    );
+}
+
+#[test]
+fn the_chart_passes_strict_lint() {
+    for values in [
+        json!({}),
+        example("spk", all_on()),
+        example("cnf", all_on()),
+    ] {
+        let out = helm("lint", &values, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let report: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["errors"], json!([]), "{values}: {report:#}");
+        // Severity 2 is a warning (strict makes it fatal), 3 an error; 1 is information.
+        let serious: Vec<&Value> = report["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["severity"].as_i64().unwrap() >= 2)
+            .collect();
+        assert!(serious.is_empty(), "{values}: {serious:#?}");
+        assert_eq!(report["total_charts_linted"], 1);
+    }
+}
+
+/// The RBAC check of tests/manifests.rs, on the chart's Roles: every command runs under them in
+/// the test cluster, and every permission they grant is used.
+#[test]
+fn the_chart_roles_grant_exactly_what_the_code_uses() {
+    for (set, dssm, tmm) in [
+        ("spk", "spk-utilities", "spk-ingress"),
+        ("cnf", "cnf-gateway", "cnf-gateway"),
+    ] {
+        let rendered = to_yaml(&render(&example(set, json!({})), dssm));
+        let env = TestEnv::new(dssm, tmm, SA_TOKEN);
+        env.server
+            .with_state(|s| s.rbac = Some(rbac_from_manifests(&rendered)));
+        exercise_every_command(&format!("chart {set}"), &env);
+        assert_rbac_is_exactly_used(&format!("chart {set}"), &env, &rendered);
+    }
+}
+
+#[test]
+fn bad_values_are_refused_by_the_schema_with_a_message_naming_them() {
+    let target = |ns: &str, kind: &str| json!({"tmm": {"targets": [{"namespace": ns, "kind": kind, "name": "f5-tmm"}]}});
+    let cases = [
+        (json!({"restartStrategy": "fast"}), "/restartStrategy"),
+        (
+            json!({"restartStrategy": "scale_to_zero"}),
+            "'rolling', 'scale-to-zero'",
+        ),
+        (
+            target("Spk_Ingress", "Deployment"),
+            "/tmm/targets/0/namespace",
+        ),
+        (target("spk-ingress", "StatefulSet"), "/tmm/targets/0/kind"),
+        (json!({"tmm": {"targets": []}}), "/tmm/targets"),
+        (json!({"dssmNamespace": "-utilities"}), "/dssmNamespace"),
+        (json!({"image": {"repository": ""}}), "/image/repository"),
+        (json!({"image": null}), "image"),
+        (json!({"image": {"digest": "latest"}}), "/image/digest"),
+        (json!({"schedule": "weekly"}), "/schedule"),
+        (
+            json!({"agent": {"maintenanceWindow": "sundays"}}),
+            "/agent/maintenanceWindow",
+        ),
+        (
+            json!({"podSecurityContext": {"runAsNonRoot": false}}),
+            "/podSecurityContext/runAsNonRoot",
+        ),
+    ];
+    for (bad, names) in cases {
+        let values = example("spk", bad.clone());
+        let err = helm("validate", &values, &[]).expect_err(&bad.to_string());
+        assert!(
+            err.contains(names),
+            "{bad}: the message must name {names}: {err}"
+        );
+        // Installing with them is refused the same way.
+        let err =
+            helm("render", &values, &["dssm-certs", "spk-utilities"]).expect_err(&bad.to_string());
+        assert!(err.contains(names), "{bad}: {err}");
+    }
+    for good in ["spk", "cnf"] {
+        helm("validate", &example(good, all_on()), &[]).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+}
+
+fn container_env(o: &Value) -> Vec<(String, Value)> {
+    let spec = if o["kind"] == "CronJob" {
+        &o["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    } else {
+        &o["spec"]["template"]["spec"]
+    };
+    spec["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].clone()))
+        .collect()
+}
+
+fn workloads(objects: &[Value]) -> Vec<&Value> {
+    objects
+        .iter()
+        .filter(|o| o["kind"] == "CronJob" || o["kind"] == "Deployment")
+        .collect()
+}
+
+#[test]
+fn scale_to_zero_must_be_asked_for_and_says_it_interrupts_traffic() {
+    let rolling = render_files(&example("spk", json!({})), "spk-utilities");
+    let objects = render(&example("spk", json!({})), "spk-utilities");
+    assert_eq!(workloads(&objects).len(), 3);
+    for w in workloads(&objects) {
+        assert!(
+            container_env(w).contains(&("DSSM_CERTS_STRATEGY".into(), json!("rolling"))),
+            "{}",
+            w["metadata"]["name"]
+        );
+    }
+    let notes = |files: &serde_json::Map<String, Value>| {
+        files["dssm-certs/templates/NOTES.txt"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(!notes(&rolling).contains("INTERRUPTS TRAFFIC"));
+
+    let asked = json!({"restartStrategy": "scale-to-zero"});
+    let files = render_files(&example("spk", asked.clone()), "spk-utilities");
+    assert!(
+        notes(&files).contains("INTERRUPTS TRAFFIC"),
+        "{}",
+        notes(&files)
+    );
+    for w in workloads(&render(&example("spk", asked), "spk-utilities")) {
+        assert!(container_env(w).contains(&("DSSM_CERTS_STRATEGY".into(), json!("scale-to-zero"))));
+    }
+}
+
+#[test]
+fn the_agent_is_read_only_unless_given_a_maintenance_window() {
+    let sa = |values: Value| {
+        let objects = render(&example("cnf", values), "cnf-gateway");
+        let d = find(&objects, "Deployment", "dssm-certs-agent").clone();
+        (
+            d["spec"]["template"]["spec"]["serviceAccountName"].clone(),
+            container_env(&d),
+        )
+    };
+    let (account, env) = sa(json!({}));
+    assert_eq!(account, "dssm-certs-agent");
+    assert!(!env
+        .iter()
+        .any(|(n, _)| n == "DSSM_CERTS_MAINTENANCE_WINDOW"));
+    let (account, env) = sa(json!({"agent": {"maintenanceWindow": "0 3 * * SUN 2h"}}));
+    assert_eq!(
+        account, "dssm-certs",
+        "the window writes: the writer account"
+    );
+    assert!(env.contains(&(
+        "DSSM_CERTS_MAINTENANCE_WINDOW".into(),
+        json!("0 3 * * SUN 2h")
+    )));
+}
+
+#[test]
+fn a_digest_pins_the_image_and_wins_over_the_tag() {
+    let image = |values: Value| -> Vec<String> {
+        render(&example("spk", values), "spk-utilities")
+            .iter()
+            .filter(|o| o["kind"] == "CronJob" || o["kind"] == "Deployment")
+            .map(|o| {
+                let spec = if o["kind"] == "CronJob" {
+                    &o["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+                } else {
+                    &o["spec"]["template"]["spec"]
+                };
+                spec["containers"][0]["image"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    assert!(image(json!({}))
+        .iter()
+        .all(|i| i == "registry.example.com/dssm-certs:0.1.0"));
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let pinned = image(json!({"image": {"tag": "9.9.9", "digest": digest}}));
+    assert!(
+        pinned
+            .iter()
+            .all(|i| *i == format!("registry.example.com/dssm-certs@{digest}")),
+        "{pinned:?}"
+    );
+}
+
+#[test]
+fn the_first_target_must_be_a_deployment_and_extra_namespaces_get_their_roles() {
+    let two = json!({"tmm": {"targets": [
+        {"namespace": "spk-ingress", "kind": "Deployment", "name": "f5-tmm"},
+        {"namespace": "spk-egress", "kind": "DaemonSet", "name": "f5-tmm-ds"},
+    ]}});
+    let objects = render(&example("spk", two), "spk-utilities");
+    let role = find(
+        &objects
+            .iter()
+            .filter(|o| o["metadata"]["namespace"] == "spk-egress")
+            .cloned()
+            .collect::<Vec<_>>(),
+        "Role",
+        "dssm-certs-tmm",
+    )
+    .clone();
+    let rules = role["rules"].as_array().unwrap();
+    assert!(rules
+        .iter()
+        .any(|r| r["resources"] == json!(["daemonsets"])
+            && r["resourceNames"] == json!(["f5-tmm-ds"])));
+    assert!(!rules
+        .iter()
+        .any(|r| r["resources"] == json!(["deployments"])));
+    for w in workloads(&objects) {
+        assert!(
+            container_env(w).contains(&("DSSM_CERTS_TMM_NAMESPACE".into(), json!("spk-ingress")))
+        );
+    }
+
+    let ds_first = json!({"tmm": {"targets": [{"namespace": "spk-ingress", "kind": "DaemonSet", "name": "f5-tmm"}]}});
+    let err = helm(
+        "render",
+        &example("spk", ds_first),
+        &["dssm-certs", "spk-utilities"],
+    )
+    .unwrap_err();
+    assert!(err.contains("tmm.targets[0] is a DaemonSet"), "{err}");
+}
+
+/// Labels only Helm adds (its bookkeeping); everything else must be identical.
+const HELM_LABELS: [&str; 4] = [
+    "helm.sh/chart",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/version",
+];
+
+fn normalised(mut o: Value) -> Value {
+    if let Some(labels) = o["metadata"]["labels"].as_object_mut() {
+        for l in HELM_LABELS {
+            labels.remove(l);
+        }
+    }
+    o
+}
+
+fn keyed(objects: Vec<Value>) -> std::collections::BTreeMap<String, Value> {
+    objects
+        .into_iter()
+        .map(|o| {
+            let key = format!(
+                "{} {}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["namespace"].as_str().unwrap_or(""),
+                o["metadata"]["name"].as_str().unwrap()
+            );
+            (key, normalised(o))
+        })
+        .collect()
+}
+
+/// `kubectl kustomize manifests/prometheus-operator`, applied to `namespace` as `-n` would.
+fn kustomize_prometheus_operator(namespace: &str) -> Vec<Value> {
+    docs(&kustomize(&repo().join("manifests/prometheus-operator")))
+        .into_iter()
+        .map(|mut o| {
+            o["metadata"]["namespace"] = json!(namespace);
+            o
+        })
+        .collect()
+}
+
+/// Same settings, same objects: every object the kustomize overlay (plus
+/// manifests/prometheus-operator) ships is rendered by the chart identically, Helm's own
+/// labels (HELM_LABELS) aside. The chart ships more only behind its toggles (PodMonitor,
+/// dashboard).
+#[test]
+fn the_kustomize_overlays_and_the_chart_render_the_same_objects() {
+    for (set, dssm) in [("spk", "spk-utilities"), ("cnf", "cnf-gateway")] {
+        let mut kustomized = docs(&render_overlay(set));
+        kustomized.extend(kustomize_prometheus_operator(dssm));
+        let kustomized = keyed(kustomized);
+        let values = example(
+            set,
+            json!({"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true}}),
+        );
+        let charted = keyed(render(&values, dssm));
+        assert_eq!(
+            kustomized.keys().collect::<Vec<_>>(),
+            charted.keys().collect::<Vec<_>>(),
+            "{set}: the same objects"
+        );
+        for (key, k) in &kustomized {
+            assert_eq!(
+                serde_json::to_string_pretty(k).unwrap(),
+                serde_json::to_string_pretty(&charted[key]).unwrap(),
+                "{set}: {key} differs between kustomize (left) and the chart (right)"
+            );
+        }
+    }
+}
+
+/// One source for the alert rules: the plain rules file is what the chart's PrometheusRule and
+/// the kustomize one carry.
+#[test]
+fn the_prometheus_rules_are_the_plain_rules_file_everywhere() {
+    let plain: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("files/rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert!(plain["groups"][0]["rules"].as_array().unwrap().len() >= 6);
+    let charted = render(&example("spk", all_on()), "spk-utilities");
+    assert_eq!(
+        find(&charted, "PrometheusRule", "dssm-certs")["spec"]["groups"],
+        plain["groups"]
+    );
+    let kustomized = kustomize_prometheus_operator("spk-utilities");
+    assert_eq!(
+        find(&kustomized, "PrometheusRule", "dssm-certs")["spec"]["groups"],
+        plain["groups"],
+        "manifests/prometheus-operator/prometheusrule.yaml is stale: run scripts/sync-rules"
+    );
+}

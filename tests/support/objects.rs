@@ -1,0 +1,23 @@
+//! Rendered manifests as JSON values, and the check that each one is a faithful Kubernetes object.
+
+use serde_json::Value;
+
+/// Every document of a multi-document YAML stream (empty documents left out).
+pub fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// Parses `v` into its k8s-openapi type and back: nothing may be lost or changed (an unknown or
+/// misspelt field would be).
+pub fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) {
+    let typed: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v:#}"));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(
+        &back, v,
+        "{} {} lost or changed fields",
+        v["kind"], v["metadata"]["name"]
+    );
+}
