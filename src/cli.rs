@@ -94,11 +94,16 @@ pub struct RestartFlags {
     /// Name the served certificate is checked against (default: the endpoint's host).
     #[arg(long, env = "DSSM_CERTS_PROBE_SERVER_NAME")]
     pub probe_server_name: Option<String>,
+    /// Restart even when the pre-flight check finds a dSSM pod not Ready or TMM mid-rollout
+    /// (recorded in a `PreflightOverridden` Event).
+    #[arg(long, env = "DSSM_CERTS_FORCE_RESTART")]
+    pub force: bool,
 }
 
 impl RestartFlags {
     pub fn options(&self) -> crate::restart::Options {
         crate::restart::Options {
+            force: self.force,
             order: self.order,
             strategy: self.strategy,
             wait_timeout: std::time::Duration::from_secs(self.wait_timeout.max(1) as u64),

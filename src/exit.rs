@@ -13,5 +13,8 @@ pub const UNKNOWN: i32 = 3;
 pub const FAILED: i32 = 4;
 /// Another dssm-certs holds the Lease: nothing was done, try again later.
 pub const LOCKED: i32 = 5;
+/// The pre-flight check refused a restart (a dSSM pod not Ready, TMM mid-rollout): nothing was
+/// touched; an Event names the blocking object. `--force` overrides.
+pub const PREFLIGHT: i32 = 6;
 /// The command line itself is wrong (unknown flag, bad value).
 pub const USAGE: i32 = 64;

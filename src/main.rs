@@ -409,6 +409,13 @@ fn cluster_run(
             fatal(&m);
             Ok(exit::LOCKED)
         }
+        Err(
+            e @ (ReconcileError::Preflight(_)
+            | ReconcileError::Restart(dssm_certs::restart::RestartError::Preflight(_))),
+        ) => {
+            eprintln!("error: {e}");
+            Ok(exit::PREFLIGHT)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -450,16 +457,20 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
     let rt = runtime()?;
     let result: Result<(), ReconcileError> = rt.block_on(async {
         let cluster = Cluster::connect(&a.cluster.target()).await?;
-        let lease = cluster.acquire_lease().await?;
+        // `restart` is run to end a restart that may be holding TMM down: wait out a holder
+        // that looks alive rather than giving up at once.
+        let lease = cluster.acquire_lease_waiting(true).await?;
         let mut out = std::io::stdout();
         let opts = a.restart.options();
         let r = until_sigterm(
             &cluster,
             lease.guard(async {
-                cluster
-                    .restart(&opts, &mut out)
-                    .await
-                    .map_err(ReconcileError::from)
+                cluster.restart(&opts, &mut out).await.map_err(|e| match e {
+                    dssm_certs::restart::RestartError::Preflight(why) => {
+                        ReconcileError::Preflight(why)
+                    }
+                    e => e.into(),
+                })
             }),
         )
         .await;
@@ -471,6 +482,13 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
         Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
             fatal(&m);
             Ok(exit::LOCKED)
+        }
+        Err(
+            e @ (ReconcileError::Preflight(_)
+            | ReconcileError::Restart(dssm_certs::restart::RestartError::Preflight(_))),
+        ) => {
+            eprintln!("error: {e}");
+            Ok(exit::PREFLIGHT)
         }
         Err(e) => Err(e.into()),
     }
@@ -516,15 +534,38 @@ fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        // On SIGTERM the agent stops; a reconcile in flight is dropped, and TMM restored.
+        // A restart whose holder died is an orphan: TMM goes back to its count first. In the
+        // background: waiting out a dead holder's Lease must not delay /metrics.
+        let at_start = cluster.clone();
+        tokio::spawn(async move { recover_orphan(&at_start, "at start", None).await });
+        // On SIGTERM the agent stops; a reconcile in flight is dropped, and TMM restored by
+        // whoever holds the Lease (us, or nobody any more: then we take it).
         agent::run(cluster.clone(), opts, stop).await?;
         if cluster.holds_lease().await {
             if let Ok(Some(n)) = cluster.restore_tmm().await {
                 notice(&format!("restored TMM to {n} replicas before exiting"));
             }
+        } else {
+            // Bounded: the shutdown must fit the pod's grace period.
+            let limit = std::time::Duration::from_secs(10);
+            recover_orphan(&cluster, "before exiting", Some(limit)).await;
         }
         Ok::<_, Box<dyn std::error::Error>>(exit::OK)
     })
+}
+
+/// Restores TMM from a restart record whose holder is gone; says what it did.
+async fn recover_orphan(cluster: &Cluster, when: &str, limit: Option<std::time::Duration>) {
+    let limit = limit.unwrap_or(std::time::Duration::MAX);
+    match tokio::time::timeout(limit, cluster.recover_orphan()).await {
+        Ok(Ok(Some(n))) => eprintln!("restored TMM to {n} replicas {when} (an orphaned restart)"),
+        Ok(Ok(None)) => {}
+        Ok(Err(ClusterError::Locked(m))) => {
+            tracing::info!(%m, "a restart is in progress elsewhere")
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not recover an orphaned restart"),
+        Err(_) => tracing::warn!("recovering an orphaned restart took too long; the next run will"),
+    }
 }
 
 fn reconcile_options(

@@ -27,6 +27,8 @@ pub enum ReconcileError {
     Restart(#[from] crate::restart::RestartError),
     #[error("{0}")]
     Refused(String),
+    #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
+    Preflight(String),
     /// Internal: the pass must write, so it needs the Lease first.
     #[error("the pass needs the lease")]
     NeedsLease,
@@ -91,6 +93,7 @@ pub async fn reconcile(
     out: &mut (dyn Write + Send),
 ) -> Result<Outcome, ReconcileError> {
     let mut first = Vec::new();
+    let mut restart_pending = false;
     match pass_once(cluster, opts, &mut first, false).await {
         Err(ReconcileError::NeedsLease) => {}
         Ok(outcome) if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending => {
@@ -102,13 +105,15 @@ pub async fn reconcile(
                 "a restart is pending on deployment {}/{}",
                 cluster.tmm_ns, cluster.tmm_deployment
             );
+            restart_pending = true;
         }
         other => {
             let _ = out.write_all(&first);
             return other;
         }
     }
-    let lease = cluster.acquire_lease().await?;
+    // A pending restart may mean TMM is down under a dead holder: wait out its Lease.
+    let lease = cluster.acquire_lease_waiting(restart_pending).await?;
     let result = lease
         .guard(async {
             let outcome = write_passes(cluster, opts, out).await?;
@@ -248,6 +253,18 @@ async fn pass_once(
              a maintenance window)",
             plan.reasons.join("; ")
         )));
+    }
+
+    // New files reach the pods through kubelet whatever we do next: a restart that the
+    // pre-flight would refuse must be refused before the Secrets are written, not after.
+    if let (Some(r), false) = (&opts.restart, opts.dry_run) {
+        cluster
+            .preflight(r.force, r.wait_timeout)
+            .await
+            .map_err(|e| match e {
+                crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
+                other => other.into(),
+            })?;
     }
 
     let revision = match (&plan.action, &store) {

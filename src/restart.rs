@@ -41,6 +41,8 @@ pub const CA_CHANGED_ANNOTATION: &str = "dssm-certs.f5.com/ca-changed";
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Restart even when the pre-flight finds the cluster unhealthy (recorded in an Event).
+    pub force: bool,
     pub order: Order,
     pub strategy: Strategy,
     /// Bound of every wait.
@@ -61,6 +63,8 @@ pub enum RestartError {
     Interrupted { replicas: i32 },
     #[error("the pods restarted, but the mTLS probe failed: {0}")]
     Probe(String),
+    #[error("pre-flight refused the restart, nothing was touched: {0}. Fix that first, or pass --force to restart anyway (recorded in an Event)")]
+    Preflight(String),
     #[error("--strategy rolling is refused: the CA changed (annotation {CA_CHANGED_ANNOTATION} on deployment {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero")]
     RollingAfterCaChange(String),
 }
@@ -74,6 +78,58 @@ fn pod_ready(p: &Pod) -> bool {
 
 fn terminating(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_some()
+}
+
+/// A pod that ended (phase Failed or Succeeded, e.g. evicted) stays listed but is not live: its
+/// controller replaces it.
+fn ended(p: &Pod) -> bool {
+    matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Failed" | "Succeeded")
+    )
+}
+
+/// Why TMM's rollout is not complete, if it is not: the Deployment controller has not seen the
+/// latest spec, or fewer replicas are updated or available than asked for (what `kubectl rollout
+/// status` checks).
+pub fn rollout_incomplete(d: &Deployment) -> Option<String> {
+    let want = d.spec.replicas.unwrap_or(1);
+    let status = d.status.clone().unwrap_or_default();
+    let name = format!(
+        "deployment {}/{}",
+        d.namespace().unwrap_or_default(),
+        d.name_any()
+    );
+    if let (Some(generation), Some(observed)) = (d.metadata.generation, status.observed_generation)
+    {
+        if observed < generation {
+            return Some(format!(
+                "{name}: its controller has not observed generation {generation} yet (at {observed})"
+            ));
+        }
+    }
+    let updated = status.updated_replicas.unwrap_or(want);
+    let available = status.available_replicas.unwrap_or(0);
+    if updated < want || available < want {
+        return Some(format!(
+            "{name}: rollout in progress ({updated} of {want} updated, {available} available)"
+        ));
+    }
+    None
+}
+
+/// Why the dSSM pods are not all serving, if they are not: a live pod not Ready, or none at all.
+pub fn dssm_not_ready(pods: &[Pod], namespace: &str, selector: &str) -> Option<String> {
+    let live: Vec<&Pod> = pods.iter().filter(|p| !ended(p)).collect();
+    if live.is_empty() {
+        return Some(format!("no dSSM pod matches {selector:?} in {namespace}"));
+    }
+    let not_ready: Vec<String> = live
+        .iter()
+        .filter(|p| terminating(p) || !pod_ready(p))
+        .map(|p| format!("pod {namespace}/{}", p.name_any()))
+        .collect();
+    (!not_ready.is_empty()).then(|| format!("{} not Ready", not_ready.join(", ")))
 }
 
 /// Lists pods matching `selector`, then watches them until `done` holds for the current set.
@@ -264,6 +320,62 @@ impl Cluster {
         Api::namespaced(self.client.clone(), &self.tmm_ns)
     }
 
+    /// Pre-flight (DESIGN §5), before any disruptive step and before new materials are written:
+    /// every dSSM pod Ready and TMM's rollout complete, waited for (watching) up to `timeout`,
+    /// since a rollout that is finishing is not a reason to refuse. Still not so: a Warning Event
+    /// `RestartRefused` on the Deployment names the blocking object and nothing is touched.
+    /// `force` restarts anyway and says so in an Event.
+    pub async fn preflight(&self, force: bool, timeout: Duration) -> Result<(), RestartError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let (ns, sel) = (self.dssm_ns.clone(), self.dssm_selector.clone());
+        let what = format!("pods ({sel}) in {ns}");
+        let mut blocking = Vec::new();
+        let verdict = |now: &BTreeMap<String, Pod>| {
+            dssm_not_ready(&now.values().cloned().collect::<Vec<_>>(), &ns, &sel)
+        };
+        match wait_pods(&pods, &sel, &what, timeout, |now| verdict(now).is_none()).await {
+            Ok(_) => {}
+            Err(RestartError::Timeout { .. }) => {
+                let lp = ListParams::default().labels(&sel);
+                let list = call("list", &what, || pods.list(&lp)).await?;
+                let now = list.items.into_iter().map(|p| (p.name_any(), p)).collect();
+                blocking.extend(verdict(&now));
+            }
+            Err(e) => return Err(e),
+        }
+        let api = self.deployments();
+        let rolled_out = kube::runtime::wait::await_condition(
+            api.clone(),
+            &self.tmm_deployment,
+            |d: Option<&Deployment>| d.is_some_and(|d| rollout_incomplete(d).is_none()),
+        );
+        if !matches!(tokio::time::timeout(timeout, rolled_out).await, Ok(Ok(_))) {
+            let Some(d) = self.get_deployment().await? else {
+                return Err(ClusterError::NoDeployment {
+                    namespace: self.tmm_ns.clone(),
+                    name: self.tmm_deployment.clone(),
+                }
+                .into());
+            };
+            blocking.extend(rollout_incomplete(&d));
+        }
+        if blocking.is_empty() {
+            return Ok(());
+        }
+        let why = blocking.join("; ");
+        let Some(d) = self.get_deployment().await? else {
+            return Err(RestartError::Preflight(why));
+        };
+        if force {
+            let note = format!("--force: restarting although {why}");
+            self.event_on(&d, true, "PreflightOverridden", note).await;
+            return Ok(());
+        }
+        self.event_on(&d, true, "RestartRefused", format!("pre-flight: {why}"))
+            .await;
+        Err(RestartError::Preflight(why))
+    }
+
     async fn scale_tmm(&self, replicas: i32) -> Result<(), ClusterError> {
         let api = self.deployments();
         let patch = serde_json::json!({"spec": {"replicas": replicas}});
@@ -280,7 +392,25 @@ impl Cluster {
         Ok(())
     }
 
-    /// Restores TMM to the recorded count and removes the record. Safe to call any time.
+    /// A restart record (TMM's recorded count on the Deployment) whose Lease is free or expired
+    /// is an orphan: its holder died mid-restart. Take the Lease, restore TMM first, give the
+    /// Lease back. A live holder's record is left to it (`Locked`). The restart itself is
+    /// finished by the next `reconcile`/`restart`, which finds the `restart-needed` mark.
+    pub async fn recover_orphan(&self) -> Result<Option<i32>, ClusterError> {
+        let Some(d) = self.get_deployment().await? else {
+            return Ok(None);
+        };
+        if !d.annotations().contains_key(REPLICAS_ANNOTATION) {
+            return Ok(None);
+        }
+        let lease = self.acquire_lease_waiting(true).await?;
+        let restored = lease.guard(self.restore_tmm()).await;
+        lease.release().await;
+        restored
+    }
+
+    /// Restores TMM to the recorded count and removes the record. Only the Lease holder may call
+    /// it.
     pub async fn restore_tmm(&self) -> Result<Option<i32>, ClusterError> {
         let Some(d) = self.get_deployment().await? else {
             return Ok(None);
@@ -400,6 +530,10 @@ impl Cluster {
             }
             .into());
         };
+        // A recorded restart is resumed whatever the cluster looks like (TMM is at zero).
+        if !d.annotations().contains_key(REPLICAS_ANNOTATION) {
+            self.preflight(opts.force, opts.wait_timeout).await?;
+        }
         if opts.strategy == Strategy::Rolling {
             if d.annotations()
                 .get(CA_CHANGED_ANNOTATION)
@@ -478,7 +612,9 @@ impl Cluster {
             tmm_sel,
             &format!("the TMM pods in {} to terminate", self.tmm_ns),
             t,
-            |p| p.is_empty(),
+            // A Failed or Succeeded (evicted) pod stays listed but runs nothing: it does not
+            // hold the scale-down up until the timeout.
+            |p| p.values().all(ended),
         )
         .await?;
         let _ = writeln!(out, "no TMM pod left in {}", self.tmm_ns);

@@ -3,10 +3,10 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::process::Child;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use support::redis::wait_for;
+use support::redis::{free_port, wait_for};
 use support::*;
 
 struct Agent {
@@ -149,7 +149,7 @@ fn readyz_waits_for_the_first_inspection_and_drops_when_the_api_server_goes_away
     let mut env = TestEnv::spk();
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     // The first reads are slow: /readyz must say "not ready" meanwhile.
-    env.server.add_fault(support::apiserver::Fault::delay(
+    env.server.add_fault(dssm_testcluster::Fault::delay(
         "GET",
         "/secrets/dssm-certs-secret",
         1,
@@ -270,20 +270,65 @@ fn outside_the_maintenance_window_or_without_one_nothing_is_written() {
 fn sigterm_stops_the_agent_cleanly() {
     let env = TestEnv::spk();
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
-    let mut agent = start(&env, &["--interval", "1h"]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = bin()
+        .env("KUBECONFIG", &env.kubeconfig)
+        .args(["run", "--listen", &addr, "--interval", "1h"])
+        .args([
+            "--dssm-namespace",
+            &env.dssm_ns,
+            "--tmm-namespace",
+            &env.tmm_ns,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for("ready", Duration::from_secs(10), || {
-        (get(&agent.addr, "/readyz")?.0 == 200).then_some(())
+        (get(&addr, "/readyz")?.0 == 200).then_some(())
     });
-    unsafe { kill(agent.child.id() as i32, 15) };
+    // A scale-to-zero restart left in flight: TMM at 0 with its count recorded. Only the
+    // agent's SIGTERM path restores it (nothing else runs for an hour).
+    let mut d = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    d["spec"]["replicas"] = serde_json::json!(0);
+    d["metadata"]["annotations"]["dssm-certs.f5.com/tmm-replicas"] = serde_json::json!("3");
+    env.server.put("apps", "deployments", "spk-ingress", d);
+    let sent = Instant::now();
+    unsafe { kill(child.id() as i32, 15) };
     let status = wait_for("the agent to exit", Duration::from_secs(10), || {
-        agent.child.try_wait().ok().flatten()
+        child.try_wait().ok().flatten()
     });
-    assert!(status.success(), "{status:?}");
+    // A process without a handler dies of the signal (no exit code); ours exits 0, promptly,
+    // after doing its shutdown work.
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        err.contains("restored TMM to 3 replicas before exiting (an orphaned restart)"),
+        "{err}"
+    );
     let d = env
         .server
         .get("apps", "deployments", "spk-ingress", "f5-tmm")
         .unwrap();
     assert_eq!(d["spec"]["replicas"], 3);
+    assert!(d["metadata"]["annotations"]
+        .get("dssm-certs.f5.com/tmm-replicas")
+        .is_none());
+    assert!(get(&addr, "/healthz").is_none(), "no longer serving");
 }
 
 /// The agent under a pod-like file descriptor limit: without a connection limit, 200 idle

@@ -258,3 +258,124 @@ fn sigterm_in_a_process_without_the_lease_never_touches_tmm() {
         env.writes()
     );
 }
+
+/// Runs `rotate` as `identity` and kills it (-9) once TMM is at zero with its count recorded:
+/// a holder dead mid-restart, its Lease left behind.
+fn kill_holder_with_tmm_at_zero(env: &TestEnv, identity: &str) {
+    env.server.with_state(|s| {
+        s.timing.pod_grace = Duration::from_millis(1500);
+    });
+    let args = [
+        "rotate",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--lease-duration",
+        "3s",
+        "--max-clock-skew",
+        "1s",
+    ];
+    let mut child = command(env, identity, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    env.server
+        .wait_until("TMM at zero", Duration::from_secs(60), |s| {
+            s.get(
+                support::apiserver::resource("apps", "deployments"),
+                "spk-ingress",
+                "f5-tmm",
+            )
+            .is_some_and(|d| {
+                d["spec"]["replicas"] == 0
+                    && d["metadata"]["annotations"]["dssm-certs.f5.com/tmm-replicas"] == "3"
+            })
+        });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    env.server.with_state(|s| {
+        s.timing.pod_grace = Duration::from_millis(300);
+    });
+    assert_eq!(
+        lease(env)["spec"]["holderIdentity"],
+        identity,
+        "left behind"
+    );
+}
+
+fn tmm_restored(env: &TestEnv) -> bool {
+    let d = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    d["spec"]["replicas"] == 3
+        && d["metadata"]["annotations"]
+            .get("dssm-certs.f5.com/tmm-replicas")
+            .is_none()
+}
+
+/// The restart-safety issue: a holder killed while TMM is at 0 left its Lease, and only a run
+/// with the same POD_NAME ever resumed. A run with another identity takes the Lease once it has
+/// expired, restores TMM first and finishes the restart.
+#[test]
+fn a_dead_holders_restart_is_finished_by_another_process() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    kill_holder_with_tmm_at_zero(&env, "job-pod-a");
+    let args = [
+        &RECONCILE[..],
+        &["--lease-duration", "3s", "--max-clock-skew", "1s"],
+    ]
+    .concat();
+    let (code, out, err) = output(&mut command(&env, "job-pod-b", &args));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(tmm_restored(&env), "{out}");
+    let d = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    assert!(
+        d["metadata"]["annotations"]
+            .get("dssm-certs.f5.com/restart-needed")
+            .is_none(),
+        "the restart was finished: {d}"
+    );
+}
+
+/// The agent finds an orphaned restart at start (its holder died with TMM at 0) and restores
+/// TMM once the Lease has expired, without a maintenance window and before anything else.
+#[test]
+fn the_agent_restores_tmm_from_an_orphaned_restart_at_start() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    kill_holder_with_tmm_at_zero(&env, "job-pod-a");
+    let (child, _addr) = support::agent::spawn(
+        &env,
+        &env.kubeconfig,
+        &[
+            "--interval",
+            "1h",
+            "--lease-duration",
+            "3s",
+            "--max-clock-skew",
+            "1s",
+        ],
+    );
+    let mut child = scopeguard(child);
+    support::redis::wait_for("TMM restored", Duration::from_secs(30), || {
+        tmm_restored(&env).then_some(())
+    });
+    let _ = child.0.kill();
+}
+
+/// Kills the child when dropped (a failed assertion must not leave an agent running).
+struct Guard(std::process::Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+fn scopeguard(c: std::process::Child) -> Guard {
+    Guard(c)
+}

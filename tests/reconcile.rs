@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::apiserver::Fault;
+use dssm_testcluster::Fault;
 use support::*;
 
 fn ca_of(copy: &[Vec<u8>; 4]) -> &[u8] {
@@ -634,7 +634,7 @@ fn a_missing_tmm_deployment_or_namespace_is_found_before_anything_is_written() {
     let admin = TestEnv::new(
         "spk-utilities",
         "spk-ingress",
-        support::apiserver::ADMIN_TOKEN,
+        dssm_testcluster::ADMIN_TOKEN,
     );
     let mut cmd = bin();
     cmd.env("KUBECONFIG", &admin.kubeconfig).args([
@@ -746,9 +746,23 @@ fn a_secret_missing_a_key_is_invalid_and_named() {
 fn two_rotations_started_at_once_one_runs_the_other_exits_5() {
     let env = TestEnv::spk();
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
-    let spawn = || {
+    let revision = || {
+        env.secret("spk-ingress", "dssm-certs-secret").unwrap()["metadata"]["annotations"]
+            ["dssm-certs.f5.com/revision"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = revision();
+    // The first Secret write of whoever wins the Lease is held 3 s, so the two runs overlap
+    // for sure: the other one must find the Lease held.
+    env.server
+        .add_fault(Fault::delay("PUT", "/secrets/", 1, Duration::from_secs(3)));
+    let spawn = |pod: &str| {
         bin()
             .env("KUBECONFIG", &env.kubeconfig)
+            .env("POD_NAME", pod)
             .args([
                 "rotate",
                 "--key-algorithm",
@@ -761,20 +775,21 @@ fn two_rotations_started_at_once_one_runs_the_other_exits_5() {
             .output()
     };
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(spawn);
-        let b = s.spawn(spawn);
+        let a = s.spawn(|| spawn("rotate-a"));
+        let b = s.spawn(|| spawn("rotate-b"));
         (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
     });
     let mut codes = [a.status.code().unwrap(), b.status.code().unwrap()];
     codes.sort();
-    // Either one ran while the other found the Lease held (0 and 5), or they did not overlap
-    // at all (0 and 0): never two writers at once, never a failure.
-    assert!(
-        codes == [0, 5] || codes == [0, 0],
-        "{codes:?}: {} {}",
+    // Exactly one ran while the other found the Lease held: never both, never neither.
+    assert_eq!(
+        codes,
+        [0, 5],
+        "{} {}",
         String::from_utf8_lossy(&a.stderr),
         String::from_utf8_lossy(&b.stderr)
     );
+    assert_eq!(revision(), before + 1, "exactly one rotation was written");
     assert_all_copies_identical_and_valid(&env);
     let lease = env
         .server

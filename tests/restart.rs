@@ -6,8 +6,8 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
-use support::apiserver::{resource, Fault};
+use dssm_testcluster::{resource, Fault, WatchFault};
+use serde_json::{json, Value};
 use support::*;
 
 fn tmm_replicas(env: &TestEnv) -> (i64, Value) {
@@ -110,17 +110,7 @@ fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
         .filter(|w| !w.path.contains("/events") && !w.path.contains("/leases"))
         .map(|w| format!("{} {}", w.method, w.path))
         .collect();
-    assert_eq!(
-        writes,
-        [
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
-            "DELETE /api/v1/namespaces/spk-utilities/pods",
-            "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
-        ]
-    );
+    assert_eq!(writes, RESTART_WRITES);
     // Waits watch, they do not poll: a handful of lists, the rest are watches.
     let reqs = env.server.requests();
     let pod_lists = reqs
@@ -133,6 +123,44 @@ fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
         events.iter().any(|e| e["reason"] == "Restarted"),
         "{events:?}"
     );
+}
+
+/// The first watch request whose path contains `path` was followed by a fresh list of it: the
+/// wait went through its re-list branch.
+fn relisted_after_the_first_watch(env: &TestEnv, path: &str) {
+    let reqs = env.server.requests();
+    let is = |r: &&dssm_testcluster::Recorded, watch: bool| {
+        r.method == "GET" && r.path.ends_with(path) && r.query.contains("watch") == watch
+    };
+    let first_watch = reqs
+        .iter()
+        .position(|r| is(&r, true))
+        .unwrap_or_else(|| panic!("no watch of {path}"));
+    assert!(
+        reqs[first_watch + 1..].iter().any(|r| is(&r, false)),
+        "no list of {path} after its watch was answered 410 Gone"
+    );
+}
+
+#[test]
+fn a_410_gone_during_the_pod_waits_relists_and_the_restart_completes() {
+    let env = TestEnv::spk();
+    wait_installed(&env);
+    env.server.clear_requests();
+    // The wait for TMM pods gone sees one event, then 410 Gone (its resourceVersion expired);
+    // the wait for dSSM pods back is answered 410 Gone at once.
+    env.server.add_watch_fault(
+        WatchFault::end_after_events("/namespaces/spk-ingress/pods", 1).with_error(410),
+    );
+    env.server
+        .add_watch_fault(WatchFault::gone("/namespaces/spk-utilities/pods"));
+    let (code, out, err) = env.run(&["restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no TMM pod left"), "{out}");
+    assert!(out.contains("dSSM pods in spk-utilities are back"), "{out}");
+    assert_eq!(tmm_replicas(&env).0, 3);
+    relisted_after_the_first_watch(&env, "/namespaces/spk-ingress/pods");
+    relisted_after_the_first_watch(&env, "/namespaces/spk-utilities/pods");
 }
 
 #[test]
@@ -296,6 +324,8 @@ extern "C" {
 #[test]
 fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
     let mut n = 1;
+    // The write each run was killed after: method and path of the nth write.
+    let mut points: Vec<String> = Vec::new();
     loop {
         let env = TestEnv::spk();
         wait_installed(&env);
@@ -318,16 +348,17 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let writes = |s: &support::apiserver::State| {
+        let writes = |s: &dssm_testcluster::State| -> Vec<String> {
             s.requests
                 .iter()
                 .filter(|r| r.is_write() && !r.path.contains("/events"))
-                .count()
+                .map(|r| format!("{} {}", r.method, r.path))
+                .collect()
         };
         let mut finished = false;
         let start = std::time::Instant::now();
         loop {
-            if env.server.with_state(|s| writes(s)) >= n {
+            if env.server.with_state(|s| writes(s)).len() >= n {
                 break;
             }
             if let Ok(Some(_)) = child.try_wait() {
@@ -342,6 +373,7 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
         if finished {
             break; // n is past the last write: every crash point was covered
         }
+        points.push(env.server.with_state(|s| writes(s))[n - 1].clone());
         let store_ca = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["data"]
             ["dssm-ca.crt"]
             .clone();
@@ -396,11 +428,36 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
         pods_newer_than_the_secrets(&env);
         n += 1;
     }
-    assert!(
-        n > 10,
-        "only {n} crash points: the rotation writes more than that"
+    let lease = "PUT /apis/coordination.k8s.io/v1/namespaces/spk-utilities/leases/dssm-certs";
+    assert_eq!(
+        points,
+        [&[lease], ROTATE_CA_WRITES, RESTART_WRITES, &[lease]].concat(),
+        "the rotation's writes changed: review the crash points"
     );
 }
+
+/// The writes of the seed procedure's restart (scale-to-zero), in order.
+const RESTART_WRITES: &[&str] = &[
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm/scale",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    "DELETE /api/v1/namespaces/spk-utilities/pods",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+];
+
+/// The writes of `rotate --ca` before its restart, in order (between taking and giving back the
+/// Lease): the crash matrix kills the rotation right after each of these and of the restart's.
+const ROTATE_CA_WRITES: &[&str] = &[
+    "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-ca-key-secret",
+    "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-certs-secret",
+    "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-keys-secret",
+    "PUT /api/v1/namespaces/spk-ingress/secrets/dssm-certs-secret",
+    "PUT /api/v1/namespaces/spk-ingress/secrets/dssm-keys-secret",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-ca-key-secret",
+];
 
 /// Step 8 against real Redis: the materials the cluster holds after a reconcile, mounted into a
 /// real TLS-only dSSM topology; the restart ends with an mTLS PING to its sentinel.
@@ -657,4 +714,141 @@ fn the_lease_is_renewed_while_a_long_restart_waits() {
 
 fn wait_for_value<T>(mut f: impl FnMut() -> Option<T>) -> T {
     support::redis::wait_for("the lease", Duration::from_secs(20), &mut f)
+}
+
+/// Marks one pod not Ready for good, as a failing readiness probe does.
+fn make_not_ready(env: &TestEnv, ns: &str, pod: &str) {
+    env.server
+        .with_state(|s| s.never_ready.push(pod.to_string()));
+    let mut p = env.server.get("", "pods", ns, pod).unwrap();
+    p["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    env.server.put("", "pods", ns, p);
+}
+
+/// The restart-safety issue: a rotation started while a dSSM pod was already not Ready (or TMM
+/// mid-rollout), turning one sick pod into an outage. The pre-flight waits (here 2 s), then
+/// refuses before the first write, with exit 6 and an Event naming the pod.
+#[test]
+fn a_dssm_pod_not_ready_refuses_the_rotation_before_any_write() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let before = env.copy("spk-utilities").unwrap();
+    make_not_ready(&env, "spk-utilities", "f5-dssm-db-1");
+    env.server.clear_requests();
+    let rotate = [
+        "rotate",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--wait-timeout",
+        "2s",
+    ];
+    let (code, out, err) = env.run(&rotate);
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(
+        err.contains("pre-flight refused")
+            && err.contains("pod spk-utilities/f5-dssm-db-1 not Ready"),
+        "{err}"
+    );
+    let writes: Vec<_> = env
+        .writes()
+        .into_iter()
+        .filter(|w| !w.path.contains("/leases") && !w.path.contains("/events"))
+        .collect();
+    assert!(writes.is_empty(), "nothing touched: {writes:?}");
+    assert_eq!(env.copy("spk-utilities").unwrap(), before);
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events.iter().any(|e| e["reason"] == "RestartRefused"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("f5-dssm-db-1"))),
+        "{events:?}"
+    );
+    // `restart` alone is refused the same way.
+    let (code, _, err) = env.run(&["restart", "--wait-timeout", "2s"]);
+    assert_eq!(code, 6, "{err}");
+}
+
+#[test]
+fn tmm_mid_rollout_refuses_the_restart() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let tmm_pod = env
+        .server
+        .list("", "pods", "spk-ingress")
+        .first()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .unwrap();
+    make_not_ready(&env, "spk-ingress", &tmm_pod);
+    let (code, _, err) = env.run(&["restart", "--wait-timeout", "2s"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(
+        err.contains(
+            "deployment spk-ingress/f5-tmm: rollout in progress (3 of 3 updated, 2 available)"
+        ),
+        "{err}"
+    );
+    let (replicas, _) = tmm_replicas(&env);
+    assert_eq!(replicas, 3, "untouched");
+
+    // --force goes ahead (the sick pod is replaced) and says so in an Event.
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "20s", "--force"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+    assert!(
+        events.iter().any(|e| e["reason"] == "PreflightOverridden"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("--force") && n.contains("2 available"))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn rollout_and_readiness_verdicts() {
+    use dssm_certs::restart::{dssm_not_ready, rollout_incomplete};
+    let d = |gen: i64,
+             observed: i64,
+             updated: i32,
+             available: i32|
+     -> k8s_openapi::api::apps::v1::Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "f5-tmm", "namespace": "t", "generation": gen},
+            "spec": {"replicas": 3, "selector": {}, "template": {}},
+            "status": {"observedGeneration": observed, "updatedReplicas": updated, "availableReplicas": available},
+        }))
+        .unwrap()
+    };
+    assert_eq!(rollout_incomplete(&d(2, 2, 3, 3)), None);
+    assert!(rollout_incomplete(&d(3, 2, 3, 3))
+        .unwrap()
+        .contains("not observed generation 3"));
+    assert!(rollout_incomplete(&d(2, 2, 2, 3))
+        .unwrap()
+        .contains("2 of 3 updated"));
+    assert!(rollout_incomplete(&d(2, 2, 3, 2))
+        .unwrap()
+        .contains("2 available"));
+    let pod = |name: &str, phase: &str, ready: &str| -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]},
+        }))
+        .unwrap()
+    };
+    let ok = pod("db-0", "Running", "True");
+    assert_eq!(dssm_not_ready(std::slice::from_ref(&ok), "n", "s"), None);
+    // An evicted (Failed) pod stays listed but is not live: it does not block.
+    assert_eq!(
+        dssm_not_ready(&[ok.clone(), pod("db-9", "Failed", "False")], "n", "s"),
+        None
+    );
+    assert!(
+        dssm_not_ready(&[ok, pod("db-1", "Running", "False")], "n", "s")
+            .unwrap()
+            .contains("pod n/db-1 not Ready")
+    );
+    assert!(dssm_not_ready(&[], "n", "s")
+        .unwrap()
+        .contains("no dSSM pod"));
 }

@@ -5,8 +5,8 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use dssm_testcluster::*;
 use serde_json::json;
-use support::apiserver::*;
 
 struct Kubectl {
     _dir: tempfile::TempDir,
@@ -19,6 +19,43 @@ impl Kubectl {
         let config = dir.path().join("kubeconfig");
         std::fs::write(&config, server.kubeconfig(token, "spk-utilities")).unwrap();
         Kubectl { _dir: dir, config }
+    }
+
+    /// `kubectl <verb> --validate=false [extra] -f` of `yaml`, written to a file first.
+    fn with_yaml(&self, verb: &str, extra: &[&str], yaml: &str) -> (i32, String, String) {
+        let file = self._dir.path().join("manifest.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let mut args = vec![verb, "--validate=false"];
+        args.extend_from_slice(extra);
+        args.extend(["-f", file.to_str().unwrap()]);
+        self.run(&args)
+    }
+
+    /// `kubectl rollout status <what> -n spk-ingress` in a thread: its result, and a channel
+    /// that says when it returned.
+    fn rollout_status(
+        server: &ApiServer,
+        what: &str,
+    ) -> (
+        std::thread::JoinHandle<(i32, String, String)>,
+        std::sync::mpsc::Receiver<()>,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let k = Kubectl::new(server, ADMIN_TOKEN);
+        let what = what.to_string();
+        let waiter = std::thread::spawn(move || {
+            let r = k.run(&[
+                "rollout",
+                "status",
+                &what,
+                "-n",
+                "spk-ingress",
+                "--timeout=30s",
+            ]);
+            let _ = tx.send(());
+            r
+        });
+        (waiter, rx)
     }
 
     fn run(&self, args: &[&str]) -> (i32, String, String) {
@@ -247,4 +284,656 @@ fn errors_are_status_objects_with_the_real_reasons() {
         err.contains("InternalError") || err.contains("Internal error occurred"),
         "{err}"
     );
+}
+
+/// `kubectl get --raw` of a watch: the events the stream carried until it ended, one per line.
+fn raw_watch(k: &Kubectl, path: &str) -> Vec<serde_json::Value> {
+    let (code, out, err) = k.run(&["get", "--raw", path, "--request-timeout=20s"]);
+    assert_eq!(code, 0, "{path}: {err}");
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+fn spk_server() -> ApiServer {
+    ApiServer::start(
+        &["spk-utilities", "spk-ingress"],
+        "system:serviceaccount:spk-utilities:dssm-certs",
+    )
+}
+
+/// Secrets s0..s{n-1} in spk-utilities, one change each; returns the first.
+fn put_secrets(server: &ApiServer, n: usize) -> serde_json::Value {
+    let put = |i: usize| {
+        server.put(
+            "",
+            "secrets",
+            "spk-utilities",
+            json!({"metadata": {"name": format!("s{i}")}, "data": {}}),
+        )
+    };
+    let first = put(0);
+    (1..n).for_each(|i| {
+        put(i);
+    });
+    first
+}
+
+fn rv_of(v: &serde_json::Value) -> u64 {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_watch_from_an_expired_resource_version_is_answered_410_gone() {
+    let server = spk_server();
+    server.with_state(|s| s.history_window = 5);
+    let first = put_secrets(&server, 10);
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let base = "/api/v1/namespaces/spk-utilities/secrets?watch=true";
+    // Ten events ago is outside a window of five: one ERROR event, then the stream ends.
+    let events = raw_watch(&k, &format!("{base}&resourceVersion={}", rv_of(&first)));
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "ERROR");
+    let status = &events[0]["object"];
+    assert_eq!(
+        (&status["kind"], &status["code"], &status["reason"]),
+        (&json!("Status"), &json!(410), &json!("Expired")),
+        "{status}"
+    );
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("too old resource version: {} (", rv_of(&first))),
+        "{status}"
+    );
+    // Inside the window the watch resumes: the events after that version, then the timeout.
+    let recent = server.get("", "secrets", "spk-utilities", "s7").unwrap();
+    let events = raw_watch(
+        &k,
+        &format!("{base}&resourceVersion={}&timeoutSeconds=1", rv_of(&recent)),
+    );
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["object"]["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["s8", "s9"], "{events:?}");
+    // After a compaction every version handed out so far is gone.
+    server.expire_watches();
+    let events = raw_watch(&k, &format!("{base}&resourceVersion={}", rv_of(&recent)));
+    assert_eq!(events[0]["object"]["code"], 410, "{events:?}");
+}
+
+#[test]
+fn watch_faults_end_or_break_streams_mid_way() {
+    let server = spk_server();
+    put_secrets(&server, 4);
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let path = "/api/v1/namespaces/spk-utilities/secrets?watch=true";
+    // Each fault counts the matching watches from when it is added: the next one gets it.
+    server.add_watch_fault(WatchFault::end_after_events("/secrets", 2));
+    let events = raw_watch(&k, path);
+    assert_eq!(events.len(), 2, "ended after two events: {events:?}");
+    assert!(events.iter().all(|e| e["type"] == "ADDED"));
+    server.add_watch_fault(WatchFault::end_after_events("/secrets", 3).with_error(500));
+    let events = raw_watch(&k, path);
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(events[3]["type"], "ERROR");
+    assert_eq!(events[3]["object"]["reason"], "InternalError");
+    // After T: a stream with nothing to say ends on time, not at its timeoutSeconds.
+    server.add_watch_fault(WatchFault::end_after(
+        "/secrets",
+        Duration::from_millis(300),
+    ));
+    let rv = server.with_state(|s| s.resource_version());
+    let start = std::time::Instant::now();
+    let events = raw_watch(
+        &k,
+        &format!("{path}&resourceVersion={rv}&timeoutSeconds=30"),
+    );
+    assert!(events.is_empty(), "{events:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    // `gone` answers 410 whatever the version asked for.
+    server.add_watch_fault(WatchFault::gone("/secrets"));
+    let events = raw_watch(&k, &format!("{path}&resourceVersion={rv}"));
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["object"]["reason"], "Expired");
+    // The next watch is served normally again.
+    let events = raw_watch(&k, &format!("{path}&timeoutSeconds=1"));
+    assert_eq!(events.len(), 4, "{events:?}");
+}
+
+fn pods(server: &ApiServer, ns: &str, prefix: &str) -> Vec<serde_json::Value> {
+    server
+        .list("", "pods", ns)
+        .into_iter()
+        .filter(|p| p["metadata"]["name"].as_str().unwrap().starts_with(prefix))
+        .collect()
+}
+
+fn ready(p: &serde_json::Value) -> bool {
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+fn deleting(p: &serde_json::Value) -> bool {
+    !p["metadata"]["deletionTimestamp"].is_null()
+}
+
+#[test]
+fn failed_pods_stay_listed_are_not_counted_and_are_replaced() {
+    let server = spk_server();
+    server.install_dssm("spk-utilities", "spk-ingress", 3);
+    server.wait_until("TMM ready", Duration::from_secs(10), |s| {
+        s.get(resource("apps", "deployments"), "spk-ingress", "f5-tmm")
+            .is_some_and(|d| d["status"]["availableReplicas"] == 3)
+    });
+    let victim = pods(&server, "spk-ingress", "f5-tmm")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    server.fail_pod("spk-ingress", &victim, "Evicted");
+    server.wait_until("a replacement Ready", Duration::from_secs(10), |s| {
+        s.get(resource("apps", "deployments"), "spk-ingress", "f5-tmm")
+            .is_some_and(|d| d["status"]["readyReplicas"] == 3 && d["status"]["replicas"] == 3)
+            && s.list(resource("", "pods"), Some("spk-ingress")).len() == 4
+    });
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let (code, out, err) = k.run(&[
+        "get",
+        "pod",
+        &victim,
+        "-n",
+        "spk-ingress",
+        "-o",
+        "jsonpath={.status.phase}/{.status.reason}",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "Failed/Evicted"), "{err}");
+    // A StatefulSet deletes its failed pod and makes it again under the same name.
+    let uid = server
+        .get("", "pods", "spk-utilities", "f5-dssm-db-1")
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    server.fail_pod("spk-utilities", "f5-dssm-db-1", "Evicted");
+    server.wait_until("db-1 recreated", Duration::from_secs(10), |s| {
+        s.get(resource("", "pods"), "spk-utilities", "f5-dssm-db-1")
+            .is_some_and(|p| p["metadata"]["uid"] != uid && ready(p))
+    });
+}
+
+/// Polls the pods of `prefix` until `done`, checking `invariant` on every observation.
+fn observe(
+    server: &ApiServer,
+    ns: &str,
+    prefix: &str,
+    what: &str,
+    invariant: impl Fn(&[serde_json::Value]) -> Result<(), String>,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) {
+    let start = std::time::Instant::now();
+    loop {
+        let now = pods(server, ns, prefix);
+        if let Err(e) = invariant(&now) {
+            panic!("{what}: {e}");
+        }
+        if done(&now) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+fn sts(name: &str, replicas: i64, policy: Option<&str>) -> serde_json::Value {
+    let mut o = json!({"metadata": {"name": name},
+        "spec": {"replicas": replicas, "serviceName": name, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+    if let Some(p) = policy {
+        o["spec"]["podManagementPolicy"] = json!(p);
+    }
+    o
+}
+
+#[test]
+fn ordered_ready_statefulsets_go_one_pod_at_a_time_and_parallel_ones_do_not() {
+    let server = spk_server();
+    let ns = "spk-utilities";
+    server.put("apps", "statefulsets", ns, sts("ord", 3, None));
+    // Pod i exists only once 0..i are Ready.
+    let ordered = |now: &[serde_json::Value]| {
+        for p in now {
+            let name = p["metadata"]["name"].as_str().unwrap();
+            let i: usize = name.rsplit('-').next().unwrap().parse().unwrap();
+            for j in 0..i {
+                let lower = now
+                    .iter()
+                    .find(|q| q["metadata"]["name"] == format!("ord-{j}"));
+                if !lower.is_some_and(|q| ready(q) && !deleting(q)) {
+                    return Err(format!("{name} exists while ord-{j} is not Ready"));
+                }
+            }
+        }
+        Ok(())
+    };
+    observe(
+        &server,
+        ns,
+        "ord-",
+        "OrderedReady scale-up",
+        ordered,
+        |now| now.len() == 3 && now.iter().all(ready),
+    );
+    // Scale down from the highest ordinal, one at a time, through kubectl's scale subresource.
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let (code, _, err) = k.run(&["scale", "sts/ord", "--replicas=1", "-n", ns]);
+    assert_eq!(code, 0, "{err}");
+    observe(
+        &server,
+        ns,
+        "ord-",
+        "OrderedReady scale-down",
+        |now| {
+            let has = |n: &str| now.iter().any(|p| p["metadata"]["name"] == n);
+            if now
+                .iter()
+                .any(|p| p["metadata"]["name"] == "ord-1" && deleting(p))
+                && has("ord-2")
+            {
+                return Err("ord-1 deleted while ord-2 still exists".into());
+            }
+            Ok(())
+        },
+        |now| now.len() == 1,
+    );
+    // A deleted pod comes back under the same name.
+    let (code, _, err) = k.run(&["delete", "pod", "ord-0", "-n", ns, "--wait=false"]);
+    assert_eq!(code, 0, "{err}");
+    server.wait_until("ord-0 back", Duration::from_secs(10), |s| {
+        s.get(resource("", "pods"), ns, "ord-0")
+            .is_some_and(|p| ready(p) && !deleting(p))
+    });
+
+    // Parallel: every pod is made at once, before any is Ready.
+    server.put("apps", "statefulsets", ns, sts("par", 3, Some("Parallel")));
+    observe(
+        &server,
+        ns,
+        "par-",
+        "Parallel scale-up",
+        |now| match now.len() {
+            0 | 3 => Ok(()),
+            n => Err(format!("{n} pods: not made at once")),
+        },
+        |now| now.len() == 3,
+    );
+    assert!(pods(&server, ns, "par-").iter().all(|p| !ready(p)));
+    server.wait_until("par status", Duration::from_secs(10), |s| {
+        s.get(resource("apps", "statefulsets"), ns, "par")
+            .is_some_and(|o| {
+                o["status"]["readyReplicas"] == 3
+                    && o["status"]["availableReplicas"] == 3
+                    && o["status"]["updatedReplicas"] == 3
+                    && o["status"]["observedGeneration"] == o["metadata"]["generation"]
+            })
+    });
+}
+
+#[test]
+fn kubectl_rollout_restart_rolls_a_deployment_within_max_surge_and_max_unavailable() {
+    let server = spk_server();
+    let ns = "spk-ingress";
+    server.install_dssm("spk-utilities", ns, 3);
+    // minReadySeconds: available lags Ready by a second.
+    let mut d = server.get("apps", "deployments", ns, "f5-tmm").unwrap();
+    d["spec"]["minReadySeconds"] = json!(1);
+    server.put("apps", "deployments", ns, d);
+    server.wait_until("available", Duration::from_secs(10), |s| {
+        s.get(resource("apps", "deployments"), ns, "f5-tmm")
+            .is_some_and(|d| d["status"]["availableReplicas"] == 3)
+    });
+    let gen = server.get("apps", "deployments", ns, "f5-tmm").unwrap()["metadata"]["generation"]
+        .as_i64()
+        .unwrap();
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let (code, out, err) = k.run(&["rollout", "restart", "deployment/f5-tmm", "-n", ns]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("deployment.apps/f5-tmm restarted"), "{out}");
+    let d = server.get("apps", "deployments", ns, "f5-tmm").unwrap();
+    assert_eq!(
+        d["metadata"]["generation"],
+        gen + 1,
+        "a template change bumps it"
+    );
+    assert!(
+        d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"]
+            .is_string()
+    );
+    // The default 25%/25% of 3: surge 1, unavailable 0. At most 4 live pods, never fewer
+    // than 3 Ready, and `rollout status` follows the status fields to the end.
+    let (waiter, rx) = Kubectl::rollout_status(&server, "deployment/f5-tmm");
+    let live = |now: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        now.iter().filter(|p| !deleting(p)).cloned().collect()
+    };
+    observe(
+        &server,
+        ns,
+        "f5-tmm",
+        "rolling update 1/0",
+        |now| {
+            let live = live(now);
+            let ready = now.iter().filter(|p| ready(p) && !deleting(p)).count();
+            if live.len() > 4 || ready < 3 {
+                return Err(format!("{} live, {ready} Ready", live.len()));
+            }
+            Ok(())
+        },
+        |_| rx.try_recv().is_ok(),
+    );
+    let (code, out, err) = waiter.join().unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let d = server.get("apps", "deployments", ns, "f5-tmm").unwrap();
+    let st = &d["status"];
+    assert_eq!(st["observedGeneration"], d["metadata"]["generation"]);
+    assert_eq!(
+        (
+            &st["replicas"],
+            &st["updatedReplicas"],
+            &st["readyReplicas"],
+            &st["availableReplicas"]
+        ),
+        (&json!(3), &json!(3), &json!(3), &json!(3))
+    );
+
+    // maxSurge 0 / maxUnavailable 1: never more than 3 live, never fewer than 2 Ready.
+    let mut d = d;
+    d["spec"]["strategy"] =
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}});
+    server.put("apps", "deployments", ns, d);
+    let (code, _, err) = k.run(&["rollout", "restart", "deployment/f5-tmm", "-n", ns]);
+    assert_eq!(code, 0, "{err}");
+    let gen =
+        server.get("apps", "deployments", ns, "f5-tmm").unwrap()["metadata"]["generation"].clone();
+    observe(
+        &server,
+        ns,
+        "f5-tmm",
+        "rolling update 0/1",
+        |now| {
+            let live = live(now);
+            let ready = now.iter().filter(|p| ready(p) && !deleting(p)).count();
+            if live.len() > 3 || ready < 2 {
+                return Err(format!("{} live, {ready} Ready", live.len()));
+            }
+            Ok(())
+        },
+        |_| {
+            server
+                .get("apps", "deployments", ns, "f5-tmm")
+                .is_some_and(|d| {
+                    let st = &d["status"];
+                    st["observedGeneration"] == gen
+                        && st["updatedReplicas"] == 3
+                        && st["availableReplicas"] == 3
+                        && st["replicas"] == 3
+                })
+        },
+    );
+}
+
+#[test]
+fn a_daemonset_runs_one_pod_per_node_and_rolls_one_node_at_a_time() {
+    let server = spk_server();
+    let ns = "spk-ingress";
+    server.with_state(|s| s.nodes = vec!["n1".into(), "n2".into(), "n3".into(), "n4".into()]);
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let (code, out, err) = k.with_yaml(
+        "apply",
+        &[],
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: f5-tmm\n  namespace: spk-ingress\nspec:\n  selector:\n    matchLabels: {app: f5-tmm}\n  template:\n    metadata:\n      labels: {app: f5-tmm}\n    spec:\n      containers: [{name: tmm, image: tmm}]\n",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    server.wait_until("4 daemon pods ready", Duration::from_secs(10), |s| {
+        s.get(resource("apps", "daemonsets"), ns, "f5-tmm")
+            .is_some_and(|d| d["status"]["numberAvailable"] == 4)
+    });
+    let mut nodes: Vec<String> = pods(&server, ns, "f5-tmm")
+        .iter()
+        .map(|p| p["spec"]["nodeName"].as_str().unwrap().to_string())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2", "n3", "n4"]);
+    let (code, out, err) = k.run(&["get", "ds", "-n", ns, "-o", "name"]);
+    assert_eq!((code, out.trim()), (0, "daemonset.apps/f5-tmm"), "{err}");
+
+    let (code, _, err) = k.run(&["rollout", "restart", "ds/f5-tmm", "-n", ns]);
+    assert_eq!(code, 0, "{err}");
+    let (waiter, rx) = Kubectl::rollout_status(&server, "ds/f5-tmm");
+    // maxUnavailable 1: at every instant at most one node lacks a Ready pod.
+    observe(
+        &server,
+        ns,
+        "f5-tmm",
+        "daemon rolling update",
+        |now| {
+            let covered = ["n1", "n2", "n3", "n4"]
+                .iter()
+                .filter(|n| {
+                    now.iter()
+                        .any(|p| p["spec"]["nodeName"] == **n && ready(p) && !deleting(p))
+                })
+                .count();
+            if covered < 3 {
+                return Err(format!("only {covered} of 4 nodes have a Ready pod"));
+            }
+            Ok(())
+        },
+        |_| rx.try_recv().is_ok(),
+    );
+    let (code, out, err) = waiter.join().unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let d = server.get("apps", "daemonsets", ns, "f5-tmm").unwrap();
+    let st = &d["status"];
+    assert_eq!(st["observedGeneration"], d["metadata"]["generation"]);
+    assert_eq!(d["metadata"]["generation"], 2);
+    for f in [
+        "desiredNumberScheduled",
+        "numberReady",
+        "updatedNumberScheduled",
+        "numberAvailable",
+    ] {
+        assert_eq!(st[f], 4, "{f}: {st}");
+    }
+}
+
+#[test]
+fn evictions_respect_pod_disruption_budgets() {
+    let server = spk_server();
+    let ns = "spk-ingress";
+    server.install_dssm("spk-utilities", ns, 3);
+    server.wait_until("TMM ready", Duration::from_secs(10), |s| {
+        s.get(resource("apps", "deployments"), ns, "f5-tmm")
+            .is_some_and(|d| d["status"]["availableReplicas"] == 3)
+    });
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let pdb = |spec: &str| {
+        format!("apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: f5-tmm\n  namespace: spk-ingress\nspec:\n  {spec}\n  selector:\n    matchLabels: {{app: f5-tmm}}\n")
+    };
+    let (code, out, err) = k.with_yaml("apply", &["--server-side"], &pdb("minAvailable: 3"));
+    assert_eq!(code, 0, "{out}{err}");
+    server.wait_until("the budget's status", Duration::from_secs(10), |s| {
+        s.get(resource("policy", "poddisruptionbudgets"), ns, "f5-tmm")
+            .is_some_and(|p| p["status"]["currentHealthy"] == 3)
+    });
+    let (code, out, err) = k.run(&[
+        "get",
+        "pdb",
+        "f5-tmm",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.status.desiredHealthy}/{.status.currentHealthy}/{.status.disruptionsAllowed}/{.status.expectedPods}",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "3/3/0/3"), "{err}");
+
+    let victims: Vec<String> = pods(&server, ns, "f5-tmm")
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let dir = support::tempdir();
+    let evict = |name: &str| {
+        let body = dir.path().join(format!("{name}.json"));
+        std::fs::write(
+            &body,
+            json!({"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": name, "namespace": "spk-ingress"}})
+            .to_string(),
+        )
+        .unwrap();
+        k.run(&[
+            "create",
+            "--raw",
+            &format!("/api/v1/namespaces/spk-ingress/pods/{name}/eviction"),
+            "-f",
+            body.to_str().unwrap(),
+        ])
+    };
+    // No disruption allowed: 429 with the API server's message, and the pod stays.
+    let (code, out, err) = evict(&victims[0]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("Cannot evict pod as it would violate the pod's disruption budget."),
+        "{err}"
+    );
+    let rec = server.requests();
+    let last = rec
+        .iter()
+        .rev()
+        .find(|r| r.path.ends_with("/eviction"))
+        .unwrap();
+    assert_eq!(last.status, 429);
+    assert!(!deleting(&server.get("", "pods", ns, &victims[0]).unwrap()));
+
+    // maxUnavailable 1: one eviction passes and deletes gracefully; the next is refused
+    // until the replacement is Ready.
+    let (code, out, err) = k.with_yaml("replace", &[], &pdb("maxUnavailable: 1"));
+    assert_eq!(code, 0, "{out}{err}");
+    server.wait_until("one disruption allowed", Duration::from_secs(10), |s| {
+        s.get(resource("policy", "poddisruptionbudgets"), ns, "f5-tmm")
+            .is_some_and(|p| {
+                p["status"]["disruptionsAllowed"] == 1
+                    && p["status"]["observedGeneration"] == p["metadata"]["generation"]
+            })
+    });
+    // Replacements take 3 s to be Ready, so the budget stays spent meanwhile.
+    server.with_state(|s| s.timing.pod_start = Duration::from_secs(3));
+    let (code, out, err) = evict(&victims[0]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(deleting(&server.get("", "pods", ns, &victims[0]).unwrap()));
+    let (code, _, err) = evict(&victims[1]);
+    assert_ne!(code, 0);
+    assert!(err.contains("disruption budget"), "{err}");
+    server.wait_until("the budget recovers", Duration::from_secs(20), |s| {
+        s.get(resource("policy", "poddisruptionbudgets"), ns, "f5-tmm")
+            .is_some_and(|p| p["status"]["disruptionsAllowed"] == 1)
+    });
+    let (code, out, err) = evict(&victims[1]);
+    assert_eq!(code, 0, "{out}{err}");
+    // A failed pod is no disruption: evicted whatever the budget says.
+    server.wait_until("the budget is spent", Duration::from_secs(10), |s| {
+        s.get(resource("policy", "poddisruptionbudgets"), ns, "f5-tmm")
+            .is_some_and(|p| p["status"]["disruptionsAllowed"] == 0)
+    });
+    server.fail_pod(ns, &victims[2], "Evicted");
+    let (code, out, err) = evict(&victims[2]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn rbac_covers_evictions_budgets_and_daemonsets_by_subresource() {
+    let sa = "system:serviceaccount:spk-utilities:dssm-certs";
+    let server = spk_server();
+    server.install_dssm("spk-utilities", "spk-ingress", 1);
+    server.wait_until("a TMM pod", Duration::from_secs(10), |s| {
+        s.list(resource("", "pods"), Some("spk-ingress")).len() == 1
+    });
+    let rule = |group: &str, res: &str, verbs: &[&str]| Rule {
+        api_groups: vec![group.into()],
+        resources: vec![res.into()],
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        resource_names: vec![],
+    };
+    server.with_state(|s| {
+        s.rbac = Some(
+            [(
+                s.sa_user.clone(),
+                [(
+                    "spk-ingress".to_string(),
+                    vec![
+                        rule("", "pods", &["get", "list", "create"]),
+                        rule("policy", "poddisruptionbudgets", &["list"]),
+                        rule("apps", "daemonsets", &["get"]),
+                    ],
+                )]
+                .into(),
+            )]
+            .into(),
+        )
+    });
+    assert!(sa.ends_with("dssm-certs"));
+    let k = Kubectl::new(&server, SA_TOKEN);
+    let pod = pods(&server, "spk-ingress", "f5-tmm")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = support::tempdir();
+    let body = dir.path().join("e.json");
+    std::fs::write(
+        &body,
+        json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod}})
+            .to_string(),
+    )
+    .unwrap();
+    let path = format!("/api/v1/namespaces/spk-ingress/pods/{pod}/eviction");
+    // `create` on pods is not `create` on pods/eviction.
+    let (code, _, err) = k.run(&["create", "--raw", &path, "-f", body.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot create resource \"pods/eviction\""),
+        "{err}"
+    );
+    let (code, _, err) = k.run(&["get", "pdb", "-n", "spk-ingress"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = k.run(&["get", "ds", "-n", "spk-ingress"]);
+    assert!(
+        code != 0 && err.contains("cannot list resource \"daemonsets\""),
+        "{err}"
+    );
+    server.with_state(|s| {
+        let user = s.sa_user.clone();
+        s.rbac
+            .as_mut()
+            .unwrap()
+            .get_mut(&user)
+            .and_then(|by_ns| by_ns.get_mut("spk-ingress"))
+            .unwrap()
+            .push(rule("", "pods/eviction", &["create"]))
+    });
+    let (code, out, err) = k.run(&["create", "--raw", &path, "-f", body.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
 }

@@ -114,8 +114,7 @@ impl Cluster {
 
     fn locked(&self, what: &str, holder: &str) -> ClusterError {
         ClusterError::Locked(format!(
-            "{what} is held by {holder:?} (it renews it every {}s): another dssm-certs is working on these Secrets; nothing was written",
-            Timing::new(self.lease_seconds, self.max_clock_skew).retry_period.as_secs()
+            "{what} is held by {holder:?} and renewed: another dssm-certs is working on these Secrets; nothing was written"
         ))
     }
 
@@ -133,6 +132,14 @@ impl Cluster {
 
     /// Takes the Lease, or says who holds it.
     pub async fn acquire_lease(&self) -> Result<Held, ClusterError> {
+        self.acquire_lease_waiting(false).await
+    }
+
+    /// Takes the Lease; when `patient`, a holder that looks alive is watched for one lease
+    /// duration too instead of being believed at once. Used when a restart record says TMM may be
+    /// down: a holder that died mid-restart must not make every later run exit "held" until its
+    /// retries run out, with nobody restoring TMM.
+    pub async fn acquire_lease_waiting(&self, patient: bool) -> Result<Held, ClusterError> {
         let (api, what) = self.lease_api();
         let timing = Timing::new(self.lease_seconds, self.max_clock_skew);
         // (resourceVersion, when we first saw it): client-go's observedRecord/observedTime.
@@ -166,7 +173,7 @@ impl Cluster {
                 .age
                 .is_some_and(|age| age + timing.max_skew < timing.duration);
             let changed = observed.as_ref().is_some_and(|(seen_rv, _)| *seen_rv != rv);
-            if clearly_alive || changed {
+            if (clearly_alive && !patient) || changed {
                 return Err(self.locked(&what, &s.holder));
             }
             if observed.is_none() {

@@ -3,9 +3,10 @@
 #![allow(dead_code)]
 
 pub mod agent;
-pub mod apiserver;
 pub mod objects;
 pub mod rbac;
+/// The test cluster, a crate of its own in the workspace (testcluster/).
+pub use dssm_testcluster as apiserver;
 pub mod redis;
 
 use std::path::{Path, PathBuf};
@@ -158,6 +159,22 @@ impl TestEnv {
         let sa = format!("system:serviceaccount:{dssm_ns}:dssm-certs");
         let server = apiserver::ApiServer::start(&[dssm_ns, tmm_ns], &sa);
         server.install_dssm(dssm_ns, tmm_ns, 3);
+        // A healthy cluster to start from, as the pre-flight check requires: 3 TMM pods and
+        // 3 + 3 dSSM pods Running and Ready.
+        server.wait_until(
+            "the installed pods Ready",
+            std::time::Duration::from_secs(30),
+            |s| {
+                let pods = s.list(apiserver::resource("", "pods"), None);
+                pods.len() == 9
+                    && pods.iter().all(|p| {
+                        p["status"]["conditions"].as_array().is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        })
+                    })
+            },
+        );
         let dir = tempdir();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, server.kubeconfig(token, dssm_ns)).unwrap();
