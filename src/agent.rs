@@ -3,7 +3,7 @@
 //! emits Events when a state changes (and at most once a day while it persists), and reconciles
 //! only inside the maintenance window, if one is given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +26,16 @@ use crate::reconcile;
 
 /// Events for a state that persists are repeated at most this often.
 pub const EVENT_REPEAT: Duration = Duration::from_secs(24 * 3600);
+
+/// HTTP limits, so that no client can starve the liveness probe. Open connections beyond this
+/// close the oldest one (a scrape or probe takes milliseconds; an old one is idle or hostile).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this (also the keep-alive idle time).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer, whatever it does (a client that never reads its response).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Request line and headers together; our endpoints take no body.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -91,6 +101,22 @@ async fn serve(
     shared: Arc<Shared>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    use hyper::body::Body;
+    let text = |code: u16, body: &str| {
+        Ok(Response::builder()
+            .status(code)
+            .header("content-type", "text/plain")
+            .header("connection", "close")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("valid response"))
+    };
+    if !matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD) {
+        return text(405, "only GET and HEAD\n");
+    }
+    // A body is never read: refuse it rather than let it occupy the connection.
+    if req.body().size_hint().upper() != Some(0) {
+        return text(413, "requests take no body\n");
+    }
     let (code, ctype, body) = match req.uri().path() {
         "/metrics" => (
             200,
@@ -135,23 +161,7 @@ pub async fn run(
         .await
         .map_err(|e| AgentError::Listen(opts.listen, e))?;
     tracing::info!(listen = %opts.listen, "serving /metrics, /healthz, /readyz");
-    let http = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| serve(shared.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        })
-    };
+    let http = tokio::spawn(accept_loop(listener, shared.clone()));
 
     // A watch per Secret we care about; any event triggers an inspection.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bool>(16);
@@ -202,6 +212,54 @@ pub async fn run(
     Ok(())
 }
 
+/// Open connections, oldest first, each with the signal that closes it.
+type OpenConnections = Arc<Mutex<VecDeque<(u64, Arc<tokio::sync::Notify>)>>>;
+
+/// Serves each connection under the limits above; at `MAX_CONNECTIONS` the oldest is closed.
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let open: OpenConnections = Arc::default();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(32);
+    let builder = Arc::new(builder);
+    for id in 0u64.. {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors, typically: pause instead of spinning.
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let close = Arc::new(tokio::sync::Notify::new());
+        {
+            let mut open = open.lock().expect("not poisoned");
+            if open.len() >= MAX_CONNECTIONS {
+                if let Some((_, oldest)) = open.pop_front() {
+                    oldest.notify_one();
+                }
+            }
+            open.push_back((id, close.clone()));
+        }
+        let (shared, open, builder) = (shared.clone(), open.clone(), builder.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| serve(shared.clone(), req));
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, conn) => {}
+                _ = close.notified() => {}
+            }
+            open.lock()
+                .expect("not poisoned")
+                .retain(|(other, _)| *other != id);
+        });
+    }
+}
+
 async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
     let started = Instant::now();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -213,23 +271,7 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
             return;
         }
     };
-    let sources: Vec<check::Source> = obs
-        .copies
-        .iter()
-        .map(|c| {
-            check::source_from_secrets(
-                &c.namespace,
-                &c.certs,
-                &c.keys,
-                (c.namespace == cluster.dssm_ns && obs.store_readable).then_some(&obs.store),
-            )
-        })
-        .collect();
-    let copies = sources
-        .iter()
-        .map(|s| check::inspect(s, now, opts.thresholds))
-        .collect();
-    let report = Report::new(copies, now, opts.thresholds).with_sync(&sources);
+    let report = check::inspect_observation(&obs, &cluster.dssm_ns, now, opts.thresholds).await;
     shared.metrics.record(&report);
     shared.ready.store(true, Ordering::SeqCst);
     events(cluster, &obs, &report, shared).await;

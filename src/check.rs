@@ -267,6 +267,31 @@ impl Report {
 }
 
 /// One namespace's copy, from its Secrets (and the CA key Secret in the dSSM namespace).
+/// The report over what the cluster holds. DH_check and the signature checks take CPU time
+/// (seconds for large DH moduli), so they run on the blocking pool, off the async runtime.
+pub async fn inspect_observation(
+    obs: &crate::cluster::Observation,
+    dssm_ns: &str,
+    now: i64,
+    t: Thresholds,
+) -> Report {
+    let sources: Vec<Source> = obs
+        .copies
+        .iter()
+        .map(|c| {
+            // An unreadable store (the agent may not read the CA key) is left out, not "absent".
+            let store = (c.namespace == dssm_ns && obs.store_readable).then_some(&obs.store);
+            source_from_secrets(&c.namespace, &c.certs, &c.keys, store)
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let copies = sources.iter().map(|s| inspect(s, now, t)).collect();
+        Report::new(copies, now, t).with_sync(&sources)
+    })
+    .await
+    .expect("the inspection panicked")
+}
+
 pub fn source_from_secrets(
     ns: &str,
     certs: &crate::plan::SecretObs,
@@ -656,7 +681,7 @@ pub fn render_table(report: &Report) -> String {
                 c.file.to_string(),
                 c.not_after.replace('T', " ").replace('Z', " UTC"),
                 format_residual(c.residual_seconds),
-                issuer,
+                printable(&issuer),
                 c.status.to_string(),
             ]);
         }
@@ -666,18 +691,22 @@ pub fn render_table(report: &Report) -> String {
             out.push_str(&format!(
                 "{}: subject \"{}\", serial {}, {}, {}, X.509 v{}; {}\n",
                 c.file,
-                c.subject,
+                printable(&c.subject),
                 c.serial,
                 key_label(c),
                 c.signature_algorithm,
                 c.version,
-                c.message
+                printable(&c.message)
             ));
         }
         out.push('\n');
         let mut rows = vec![["CHECK".to_string(), "STATUS".into(), "DETAIL".into()]];
         for c in &copy.checks {
-            rows.push([c.name.to_string(), c.status.to_string(), c.message.clone()]);
+            rows.push([
+                c.name.to_string(),
+                c.status.to_string(),
+                printable(&c.message),
+            ]);
         }
         out.push_str(&columns(&rows));
         out.push('\n');
@@ -689,7 +718,11 @@ pub fn render_table(report: &Report) -> String {
             "DETAIL".into(),
         ]];
         for c in &report.checks {
-            rows.push([c.name.to_string(), c.status.to_string(), c.message.clone()]);
+            rows.push([
+                c.name.to_string(),
+                c.status.to_string(),
+                printable(&c.message),
+            ]);
         }
         out.push_str(&columns(&rows));
         out.push('\n');
@@ -704,6 +737,20 @@ fn key_label(c: &CertReport) -> String {
     } else {
         c.key_type.clone()
     }
+}
+
+/// Text from a certificate as a terminal may show it: control characters (escape sequences,
+/// newlines that would fake a row) escaped, so a crafted subject cannot rewrite the table.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn common_name(dn: &str) -> String {

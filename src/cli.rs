@@ -132,7 +132,7 @@ pub struct ClusterArgs {
     pub tmm_namespace: Option<String>,
     #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT")]
     pub tmm_deployment: String,
-    #[arg(long, default_value = crate::contract::DSSM_SELECTOR, env = "DSSM_CERTS_DSSM_SELECTOR")]
+    #[arg(long, default_value = crate::contract::DSSM_SELECTOR, env = "DSSM_CERTS_DSSM_SELECTOR", value_parser = crate::restart::parse_selector)]
     pub dssm_selector: String,
     /// Timeout of each API request.
     #[arg(long, default_value = "30s", value_parser = parse_duration, env = "DSSM_CERTS_API_TIMEOUT")]
@@ -371,6 +371,9 @@ pub struct ProbeArgs {
     /// Connect and reply timeout per endpoint.
     #[arg(long, default_value = "5s", value_parser = parse_duration, env = "DSSM_CERTS_TIMEOUT")]
     pub timeout: i64,
+    /// The whole probe, every endpoint and name lookup included, ends by then.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "DSSM_CERTS_DEADLINE")]
+    pub deadline: i64,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
     pub output: OutputFormat,
 }

@@ -1,6 +1,7 @@
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use dssm_certs::cli::{Cli, Command, LogFormat, OutputFormat};
@@ -9,23 +10,33 @@ use dssm_certs::plan::Policy;
 use dssm_certs::reconcile::{self, ReconcileError};
 use dssm_certs::{check, contract, exit, generate, pki, probe, values};
 
+/// The log format, once known: every line on stderr follows it, the fatal one included.
+static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return code(if e.use_stderr() {
-                exit::USAGE
+        Err(e) if e.use_stderr() => {
+            if json_requested() {
+                LOG_FORMAT.get_or_init(|| LogFormat::Json);
+                init_tracing(LogFormat::Json);
+                fatal(&e.render().to_string());
             } else {
-                exit::OK
-            });
+                let _ = e.print();
+            }
+            return code(exit::USAGE);
+        }
+        Err(e) => {
+            let _ = e.print(); // --help, --version
+            return code(exit::OK);
         }
     };
+    LOG_FORMAT.get_or_init(|| cli.log_format);
     init_tracing(cli.log_format);
     code(match run(cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            fatal(&e.to_string());
             exit::FAILED
         }
     })
@@ -61,6 +72,31 @@ fn stop_on_signal(flag: Arc<AtomicBool>) {
     let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(2));
 }
 
+/// `--log-format json` (or its variable) asked for, even on a command line clap refused.
+fn json_requested() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json")
+        || std::env::var("DSSM_CERTS_LOG_FORMAT").is_ok_and(|v| v == "json")
+}
+
+/// The last line before a non-zero exit: `error: ...`, or an ERROR record in JSON.
+fn fatal(message: &str) {
+    match LOG_FORMAT.get() {
+        Some(LogFormat::Json) => tracing::error!("{}", message.trim_end()),
+        _ => eprintln!("error: {}", message.trim_end()),
+    }
+}
+
+/// A line for the operator that is not an error (a signal, TMM restored).
+fn notice(message: &str) {
+    match LOG_FORMAT.get() {
+        Some(LogFormat::Json) => tracing::warn!("{message}"),
+        _ => eprintln!("{message}"),
+    }
+}
+
 fn code(c: i32) -> ExitCode {
     ExitCode::from(u8::try_from(c).unwrap_or(1))
 }
@@ -71,8 +107,12 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new("warn,kube_client::client::builder=off")
         });
+    // Colour only for a person at a terminal, and never when NO_COLOR is set (no-color.org).
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -133,7 +173,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
                 println!("{}", a.out.join(f.name).display());
             }
             if let Some(note) = &materials.leaf_note {
-                eprintln!("note: {note}");
+                notice(&format!("note: {note}"));
             }
             Ok(exit::OK)
         }
@@ -165,7 +205,19 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
                 None => match runtime()?.block_on(cluster_check(&a.cluster, now, thresholds)) {
                     Ok(r) => r,
                     Err(e) => {
-                        eprintln!("error: {e}");
+                        // Monitoring reads stdout: JSON stays JSON, with the error in it.
+                        if a.output == OutputFormat::Json {
+                            println!(
+                                "{}",
+                                serde_json::to_string_pretty(&serde_json::json!({
+                                    "schema": check::SCHEMA,
+                                    "status": check::Status::Unknown,
+                                    "exit_code": exit::UNKNOWN,
+                                    "error": e.to_string(),
+                                }))?
+                            );
+                        }
+                        fatal(&e.to_string());
                         return Ok(exit::UNKNOWN);
                     }
                 },
@@ -244,17 +296,13 @@ fn probe(a: dssm_certs::cli::ProbeArgs) -> Result<i32, Box<dyn std::error::Error
     })() {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("error: {e}");
+            fatal(&e.to_string());
             return Ok(exit::UNKNOWN);
         }
     };
     let sentinel = match (a.endpoint, a.dssm_namespace.or_else(own_namespace)) {
         (Some(e), _) => e,
-        (None, Some(ns)) => format!(
-            "{}.{ns}:{}",
-            contract::SENTINEL_SERVICE,
-            contract::SENTINEL_PORT
-        ),
+        (None, Some(ns)) => probe::sentinel_endpoint(&ns),
         (None, None) => {
             return Err("--endpoint or --dssm-namespace is required outside a pod".into())
         }
@@ -262,24 +310,20 @@ fn probe(a: dssm_certs::cli::ProbeArgs) -> Result<i32, Box<dyn std::error::Error
     let prober = match probe::Prober::new(&materials, true) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            fatal(&e.to_string());
             return Ok(exit::UNKNOWN);
         }
     };
     let timeout = std::time::Duration::from_secs(a.timeout.max(1) as u64);
-    let reports: Vec<probe::ProbeReport> = std::iter::once(sentinel)
-        .chain(a.db_endpoints)
-        .map(|endpoint| {
-            let host = endpoint
-                .rsplit_once(':')
-                .map_or(endpoint.as_str(), |(h, _)| h);
-            let name = a
-                .server_name
-                .clone()
-                .unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
-            prober.ping(&endpoint, &name, timeout)
-        })
-        .collect();
+    let deadline = std::time::Duration::from_secs(a.deadline.max(1) as u64);
+    let endpoints: Vec<String> = std::iter::once(sentinel).chain(a.db_endpoints).collect();
+    let reports = probe::ping_all(
+        prober,
+        &endpoints,
+        a.server_name.as_deref(),
+        timeout,
+        deadline,
+    );
     let worst = reports
         .iter()
         .map(|r| r.status)
@@ -297,11 +341,16 @@ fn probe(a: dssm_certs::cli::ProbeArgs) -> Result<i32, Box<dyn std::error::Error
         ),
         OutputFormat::Table => {
             for r in &reports {
-                println!("{}  {}  {}", r.endpoint, r.status, r.message);
+                println!(
+                    "{}  {}  {}",
+                    r.endpoint,
+                    r.status,
+                    check::printable(&r.message)
+                );
                 if let Some(s) = &r.served {
                     println!(
                         "  served: subject \"{}\", serial {}, notAfter {}, X.509 v{}, {} the deployed leaf",
-                        s.subject,
+                        check::printable(&s.subject),
                         s.serial,
                         s.not_after,
                         s.version,
@@ -335,19 +384,7 @@ async fn cluster_check(
 ) -> Result<check::Report, ClusterError> {
     let cluster = Cluster::connect(&args.target()).await?;
     let obs = cluster.observe().await?;
-    let sources: Vec<check::Source> = obs
-        .copies
-        .iter()
-        .map(|c| {
-            let store = (c.namespace == cluster.dssm_ns).then_some(&obs.store);
-            check::source_from_secrets(&c.namespace, &c.certs, &c.keys, store)
-        })
-        .collect();
-    let copies = sources
-        .iter()
-        .map(|s| check::inspect(s, now, thresholds))
-        .collect();
-    Ok(check::Report::new(copies, now, thresholds).with_sync(&sources))
+    Ok(check::inspect_observation(&obs, &cluster.dssm_ns, now, thresholds).await)
 }
 
 fn cluster_run(
@@ -369,7 +406,7 @@ fn cluster_run(
     match result {
         Ok(_) => Ok(exit::OK),
         Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
-            eprintln!("error: {m}");
+            fatal(&m);
             Ok(exit::LOCKED)
         }
         Err(
@@ -406,12 +443,12 @@ where
     E: From<dssm_certs::restart::RestartError> + From<ClusterError>,
 {
     if !cluster.holds_lease().await {
-        eprintln!(
-            "signal received: this process does not hold the lease, so it leaves TMM to the holder"
+        notice(
+            "signal received: this process does not hold the lease, so it leaves TMM to the holder",
         );
         return Err(dssm_certs::restart::RestartError::Interrupted { replicas: -1 }.into());
     }
-    eprintln!("signal received: restoring TMM before exiting");
+    notice("signal received: restoring TMM before exiting");
     let replicas = cluster.restore_tmm().await?.unwrap_or(-1);
     Err(dssm_certs::restart::RestartError::Interrupted { replicas }.into())
 }
@@ -443,7 +480,7 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
     match result {
         Ok(()) => Ok(exit::OK),
         Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
-            eprintln!("error: {m}");
+            fatal(&m);
             Ok(exit::LOCKED)
         }
         Err(
@@ -506,7 +543,7 @@ fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>
         agent::run(cluster.clone(), opts, stop).await?;
         if cluster.holds_lease().await {
             if let Ok(Some(n)) = cluster.restore_tmm().await {
-                eprintln!("restored TMM to {n} replicas before exiting");
+                notice(&format!("restored TMM to {n} replicas before exiting"));
             }
         } else {
             // Bounded: the shutdown must fit the pod's grace period.

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -11,12 +11,51 @@ use prometheus_client::registry::Registry;
 
 use crate::check::{CopyReport, Report, Status};
 
+/// A label value escaped per the exposition format. prometheus-client 0.23 writes label values
+/// verbatim, so a certificate subject holding `"` or a newline would forge series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LabelText(pub String);
+
+impl From<&str> for LabelText {
+    fn from(s: &str) -> Self {
+        LabelText(s.to_string())
+    }
+}
+
+impl From<String> for LabelText {
+    fn from(s: String) -> Self {
+        LabelText(s)
+    }
+}
+
+impl EncodeLabelValue for LabelText {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(&escape_label_value(&self.0))
+    }
+}
+
+/// `\` → `\\`, `"` → `\"`, newline → `\n`: the only escapes of the Prometheus text format and
+/// OpenMetrics; every other character is a plain character there.
+pub fn escape_label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
-    pub namespace: String,
-    pub secret: String,
-    pub key: String,
-    pub subject: String,
+    pub namespace: LabelText,
+    pub secret: LabelText,
+    pub key: LabelText,
+    pub subject: LabelText,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,7 +68,8 @@ pub struct Metrics {
     pub not_after: Family<CertLabels, Gauge<i64>>,
     pub not_before: Family<CertLabels, Gauge<i64>>,
     pub ready: Family<CertLabels, Gauge<i64>>,
-    pub in_sync: Gauge<i64>,
+    /// No series until the first successful read: "unknown" must not look like "out of sync".
+    pub in_sync: Family<Vec<(String, String)>, Gauge<i64>>,
     pub rotations: Family<ResultLabels, Counter>,
     pub last_rotation: Gauge<i64>,
     pub reconcile_duration: Histogram,
@@ -51,7 +91,7 @@ impl Metrics {
             not_after: Family::default(),
             not_before: Family::default(),
             ready: Family::default(),
-            in_sync: Gauge::default(),
+            in_sync: Family::default(),
             rotations: Family::default(),
             last_rotation: Gauge::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
@@ -123,23 +163,38 @@ impl Metrics {
             let sound = copy_sound(copy);
             for c in &copy.certificates {
                 let labels = CertLabels {
-                    namespace: ns.clone(),
+                    namespace: ns.as_str().into(),
                     secret: crate::contract::CERTS_SECRET.into(),
                     key: c.file.into(),
-                    subject: c.subject.clone(),
+                    subject: c.subject.as_str().into(),
                 };
-                self.not_after.get_or_create(&labels).set(c.not_after_unix);
-                self.not_before
-                    .get_or_create(&labels)
-                    .set(c.not_before_unix);
                 let in_validity =
                     c.residual_seconds > 0 && !c.message.starts_with("not valid before");
-                self.ready
-                    .get_or_create(&labels)
-                    .set(i64::from(in_validity && sound));
+                self.set_certificate(
+                    &labels,
+                    c.not_after_unix,
+                    c.not_before_unix,
+                    in_validity && sound,
+                );
             }
         }
-        self.in_sync.set(i64::from(report.in_sync.unwrap_or(false)));
+        self.in_sync.clear();
+        if let Some(in_sync) = report.in_sync {
+            self.in_sync.get_or_create(&vec![]).set(i64::from(in_sync));
+        }
+    }
+
+    /// The three series of one certificate.
+    pub fn set_certificate(
+        &self,
+        labels: &CertLabels,
+        not_after: i64,
+        not_before: i64,
+        ready: bool,
+    ) {
+        self.not_after.get_or_create(labels).set(not_after);
+        self.not_before.get_or_create(labels).set(not_before);
+        self.ready.get_or_create(labels).set(i64::from(ready));
     }
 
     /// Process metrics, read from /proc at scrape time.

@@ -15,6 +15,91 @@ use crate::pki;
 use crate::redis::tls::TlsClient;
 pub use crate::redis::tls::{ClientMaterials, TlsSetupError as ProbeError, VerifyPath};
 
+/// The name a certificate is checked against when none is given: the endpoint's host, without
+/// port and IPv6 brackets. `probe` and the restart's verification both use this.
+pub fn default_server_name(endpoint: &str) -> String {
+    let host = match endpoint.rsplit_once(':') {
+        // `[::1]:26379`, `host:26379`; a bare IPv6 address has more colons and no brackets.
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => {
+            if h.contains(':') && !h.starts_with('[') {
+                endpoint
+            } else {
+                h
+            }
+        }
+        _ => endpoint,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// The Sentinel Service of the dSSM namespace, on its TLS port.
+pub fn sentinel_endpoint(dssm_ns: &str) -> String {
+    format!(
+        "{}.{dssm_ns}:{}",
+        crate::contract::SENTINEL_SERVICE,
+        crate::contract::SENTINEL_PORT
+    )
+}
+
+/// Probes `endpoints` in turn, all within `deadline` (name resolution and every handshake
+/// included: neither a black-holed address nor a slow DNS can hold the command). Endpoints not
+/// answered by then are reported as such.
+pub fn ping_all(
+    prober: Prober,
+    endpoints: &[String],
+    server_name: Option<&str>,
+    timeout: Duration,
+    deadline: Duration,
+) -> Vec<ProbeReport> {
+    let until = std::time::Instant::now() + deadline;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let work: Vec<(String, String)> = endpoints
+        .iter()
+        .map(|e| {
+            let name = server_name.map_or_else(|| default_server_name(e), str::to_string);
+            (e.clone(), name)
+        })
+        .collect();
+    // Detached: a blocking resolver call cannot be interrupted; the process exits without it.
+    std::thread::spawn(move || {
+        for (endpoint, name) in work {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let report = prober.ping(
+                &endpoint,
+                &name,
+                timeout.min(left).max(Duration::from_millis(1)),
+            );
+            if tx.send(report).is_err() {
+                return;
+            }
+        }
+    });
+    let mut reports = Vec::new();
+    for endpoint in endpoints {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(r) => reports.push(r),
+            Err(_) => reports.push(ProbeReport {
+                endpoint: endpoint.clone(),
+                server_name: server_name
+                    .map_or_else(|| default_server_name(endpoint), str::to_string),
+                status: Status::Critical,
+                message: format!(
+                    "{endpoint}: no answer within the probe deadline of {}s (--deadline)",
+                    deadline.as_secs()
+                ),
+                tls_version: None,
+                verify_path: None,
+                served: None,
+                reply: None,
+            }),
+        }
+    }
+    reports
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ServedCertificate {
     pub subject: String,
@@ -158,6 +243,38 @@ impl Prober {
                 Status::Critical,
                 format!("{endpoint}: expected +PONG, got {text:?}"),
             ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{default_server_name, VerifyPath};
+
+    #[test]
+    fn a_leaf_with_only_ip_addresses_in_its_san_is_verified_by_webpki_with_its_name() {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let leaf = crate::pki::parse_certificate(pem.as_bytes(), "leaf").unwrap();
+        assert!(leaf.dns_names.is_empty());
+        assert_eq!(crate::redis::tls::verify_path(&leaf), VerifyPath::Webpki);
+    }
+
+    #[test]
+    fn the_default_server_name_is_the_host_of_the_endpoint() {
+        for (endpoint, name) in [
+            (
+                "f5-dssm-sentinel.spk-utilities:26379",
+                "f5-dssm-sentinel.spk-utilities",
+            ),
+            ("127.0.0.1:26379", "127.0.0.1"),
+            ("[::1]:26379", "::1"),
+            ("::1", "::1"),
+            ("redis", "redis"),
+        ] {
+            assert_eq!(default_server_name(endpoint), name, "{endpoint}");
         }
     }
 }

@@ -169,8 +169,18 @@ async fn pass_once(
     let now = time::OffsetDateTime::now_utc();
     let unix = now.unix_timestamp();
     let obs = cluster.observe().await?;
-    let store = plan::evaluate_store(&obs.store, &cluster.dssm_ns, unix);
-    let plan = plan::plan(&obs.copies, &store, unix, opts.policy);
+    // Planning runs DH_check and signature checks: off the async runtime.
+    let (store, plan) = {
+        let (store, copies) = (obs.store.clone(), obs.copies.clone());
+        let (ns, policy) = (cluster.dssm_ns.clone(), opts.policy);
+        tokio::task::spawn_blocking(move || {
+            let store = plan::evaluate_store(&store, &ns, unix);
+            let plan = plan::plan(&copies, &store, unix, policy);
+            (store, plan)
+        })
+        .await
+        .expect("planning panicked")
+    };
     let _ = writeln!(
         out,
         "plan: {}",
@@ -615,8 +625,17 @@ async fn report_events(cluster: &Cluster, obs: &Observation, plan: &Plan, now: i
     else {
         return;
     };
-    for c in &obs.copies {
-        if let plan::CopyState::Valid { ca, leaf, .. } = plan::evaluate_copy(c, now) {
+    let copies = obs.copies.clone();
+    let states = tokio::task::spawn_blocking(move || {
+        copies
+            .iter()
+            .map(|c| (c.namespace.clone(), plan::evaluate_copy(c, now)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("evaluating the copies panicked");
+    for (namespace, state) in states {
+        if let plan::CopyState::Valid { ca, leaf, .. } = state {
             for (what, cert) in [("CA", &ca), ("leaf", &leaf)] {
                 if cert.not_after - now < t.warn {
                     cluster
@@ -625,8 +644,7 @@ async fn report_events(cluster: &Cluster, obs: &Observation, plan: &Plan, now: i
                             true,
                             "CertificateExpiringSoon",
                             format!(
-                                "{}: the {what} certificate expires at {}",
-                                c.namespace,
+                                "{namespace}: the {what} certificate expires at {}",
                                 pki::format_time(cert.not_after)
                             ),
                         )

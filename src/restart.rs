@@ -233,6 +233,124 @@ pub fn selects(
     by_labels && by_expressions
 }
 
+/// Validates a label selector as the API server's `labels.Parse` would, and refuses the empty
+/// one: `--dssm-selector ''` would select every pod of the namespace, and the dSSM restart
+/// deletes what it selects. Returns the selector trimmed.
+pub fn parse_selector(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("an empty selector selects every pod of the namespace; give one that selects only the dSSM pods, e.g. 'app in (f5-dssm-db, f5-dssm-sentinel)'".into());
+    }
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        if !(0..=1).contains(&depth) {
+            return Err(format!("unbalanced parentheses in {s:?}"));
+        }
+    }
+    if depth != 0 {
+        return Err(format!("unbalanced parentheses in {s:?}"));
+    }
+    parts.push(&s[start..]);
+    for part in parts {
+        parse_requirement(part.trim()).map_err(|e| format!("{part:?}: {e}"))?;
+    }
+    Ok(s.to_string())
+}
+
+fn parse_requirement(p: &str) -> Result<(), String> {
+    if p.is_empty() {
+        return Err("an empty requirement (a stray comma?)".into());
+    }
+    if let Some(key) = p.strip_prefix('!') {
+        return label_key(key.trim());
+    }
+    for op in ["!=", "==", "="] {
+        if let Some((k, v)) = p.split_once(op) {
+            label_key(k.trim())?;
+            return label_value(v.trim());
+        }
+    }
+    let key_end = p.find(|c: char| c.is_whitespace()).unwrap_or(p.len());
+    let (key, rest) = (&p[..key_end], p[key_end..].trim_start());
+    label_key(key)?;
+    if rest.is_empty() {
+        return Ok(()); // `key`: the label exists
+    }
+    let set = rest
+        .strip_prefix("notin")
+        .or_else(|| rest.strip_prefix("in"))
+        .map(str::trim_start)
+        .and_then(|r| r.strip_prefix('('))
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or("expected `=`, `==`, `!=`, `in (...)` or `notin (...)` after the key")?;
+    let values: Vec<&str> = set.split(',').map(str::trim).collect();
+    if values.iter().all(|v| v.is_empty()) {
+        return Err("`in` and `notin` need at least one value".into());
+    }
+    values.into_iter().try_for_each(label_value)
+}
+
+/// `[prefix/]name`: prefix a DNS subdomain, name a label name.
+fn label_key(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if let Some(p) = prefix {
+        let ok = !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !ok {
+            return Err(format!(
+                "{p:?} is not a valid label key prefix (a DNS subdomain)"
+            ));
+        }
+    }
+    if name.is_empty() {
+        return Err("a label key is missing".into());
+    }
+    label_name(name).map_err(|e| format!("label key {k:?}: {e}"))
+}
+
+fn label_value(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    label_name(v).map_err(|e| format!("label value {v:?}: {e}"))
+}
+
+/// At most 63 characters, alphanumeric at both ends, `-`, `_` or `.` inside.
+fn label_name(n: &str) -> Result<(), String> {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    if n.len() > 63 {
+        return Err("longer than 63 characters".into());
+    }
+    if !n.starts_with(alnum) || !n.ends_with(alnum) {
+        return Err("must start and end with a letter or digit".into());
+    }
+    if !n.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.')) {
+        return Err("only letters, digits, '-', '_' and '.' are allowed".into());
+    }
+    Ok(())
+}
+
 fn selector_of(d: &Deployment) -> String {
     d.spec
         .selector
@@ -656,19 +774,14 @@ impl Cluster {
     ) -> Result<(), RestartError> {
         use crate::check::Status;
         use crate::contract;
-        let endpoint = opts.probe_endpoint.clone().unwrap_or_else(|| {
-            format!(
-                "{}.{}:{}",
-                contract::SENTINEL_SERVICE,
-                self.dssm_ns,
-                contract::SENTINEL_PORT
-            )
-        });
-        let name = opts.probe_server_name.clone().unwrap_or_else(|| {
-            endpoint
-                .rsplit_once(':')
-                .map_or(endpoint.clone(), |(h, _)| h.to_string())
-        });
+        let endpoint = opts
+            .probe_endpoint
+            .clone()
+            .unwrap_or_else(|| crate::probe::sentinel_endpoint(&self.dssm_ns));
+        let name = opts
+            .probe_server_name
+            .clone()
+            .unwrap_or_else(|| crate::probe::default_server_name(&endpoint));
         let certs = self
             .get_secret(&self.tmm_ns, contract::CERTS_SECRET)
             .await?;
@@ -818,5 +931,44 @@ impl Cluster {
         self.finish_restart("rolling restart of TMM and dSSM, no interruption")
             .await?;
         self.verify_with_probe(opts, out).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_selector;
+
+    #[test]
+    fn selectors_are_validated_like_the_api_server_and_the_empty_one_is_refused() {
+        for good in [
+            crate::contract::DSSM_SELECTOR,
+            "app=f5-dssm-db",
+            "app==x,tier!=cache",
+            "app in (a,b),!legacy,release",
+            "app.kubernetes.io/name notin (x)",
+            "app=",
+        ] {
+            assert!(
+                parse_selector(good).is_ok(),
+                "{good}: {:?}",
+                parse_selector(good)
+            );
+        }
+        for bad in [
+            "",
+            "   ",
+            "app in ()",
+            "app in (a",
+            "app in a,b",
+            "app=x,",
+            ",app=x",
+            "app=-x",
+            "a b=c",
+            "app=x y",
+            "Bad_Prefix/app=x",
+            "app in (f5-dssm-db, f5-dssm-sentinel))",
+        ] {
+            assert!(parse_selector(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

@@ -24,12 +24,17 @@ impl Drop for Agent {
 /// As the manifests run it: the read-only `dssm-certs-agent` account, or the writer `dssm-certs`
 /// when it is given a maintenance window to reconcile in.
 fn start(env: &TestEnv, extra: &[&str]) -> Agent {
+    start_in(env, extra, bin())
+}
+
+/// `start`, as `cmd`: the binary, or a wrapper that execs it.
+fn start_in(env: &TestEnv, extra: &[&str], cmd: std::process::Command) -> Agent {
     let kubeconfig = if extra.contains(&"--maintenance-window") {
         &env.kubeconfig
     } else {
         &env.agent_kubeconfig
     };
-    let (child, addr) = support::agent::spawn(env, kubeconfig, extra);
+    let (child, addr) = support::agent::spawn_as(cmd, env, kubeconfig, extra);
     let agent = Agent { child, addr };
     wait_for("the agent to listen", Duration::from_secs(10), || {
         get(&agent.addr, "/healthz").filter(|(c, _)| *c == 200)
@@ -325,6 +330,208 @@ fn sigterm_stops_the_agent_cleanly() {
         .get("dssm-certs.f5.com/tmm-replicas")
         .is_none());
     assert!(get(&addr, "/healthz").is_none(), "no longer serving");
+}
+
+/// The agent under a pod-like file descriptor limit: without a connection limit, 200 idle
+/// connections use up every descriptor and the liveness probe cannot even be accepted.
+fn with_fd_limit(n: u32) -> std::process::Command {
+    let mut c = std::process::Command::new("prlimit");
+    c.arg(format!("--nofile={n}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_dssm-certs"))
+        .env_remove("DSSM_CERTS_LOG");
+    c
+}
+
+/// GET `path` on a fresh connection; the time until the whole response arrived.
+fn timed_get(addr: &str, path: &str) -> (Option<(u16, String)>, Duration) {
+    let t = Instant::now();
+    let r = get(addr, path);
+    (r, t.elapsed())
+}
+
+/// Whether the server has closed `s` (EOF or reset), without waiting for data.
+fn closed_by_server(s: &std::net::TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 64];
+    let closed = match (&mut &*s).read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    s.set_nonblocking(false).unwrap();
+    closed
+}
+
+#[test]
+fn idle_connections_and_a_slow_header_client_do_not_starve_healthz() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let agent = start_in(&env, &["--interval", "1h"], with_fd_limit(128));
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(&agent.addr).unwrap())
+        .collect();
+    // Opened after them, so that it is not the oldest: the header timeout must end it.
+    // A slow-header client: one byte every 200 ms, never finishing its headers.
+    let mut slow = std::net::TcpStream::connect(&agent.addr).unwrap();
+    let slow_started = Instant::now();
+    let slow_writer = {
+        let mut s = slow.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+            for _ in 0..100 {
+                if s.write_all(b"X").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    // The requirement: the liveness probe still answers within 1 s (kubelet's default
+    // timeoutSeconds). Measured as an upper bound over several probes.
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let (r, took) = timed_get(&agent.addr, "/healthz");
+        assert_eq!(r.map(|(c, _)| c), Some(200), "/healthz after {took:?}");
+        assert!(took < Duration::from_secs(1), "/healthz took {took:?}");
+        worst = worst.max(took);
+    }
+    eprintln!("/healthz with 200 idle connections and a slow client: slowest of 5 {worst:?}");
+    let still_open = idle.iter().filter(|s| !closed_by_server(s)).count();
+    assert!(
+        still_open <= dssm_certs::agent::MAX_CONNECTIONS,
+        "{still_open} idle connections kept open"
+    );
+    // The slow client is cut off by the header read timeout, not served forever.
+    slow.set_read_timeout(Some(dssm_certs::agent::HEADER_READ_TIMEOUT * 3))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    let lasted = slow_started.elapsed();
+    assert!(
+        lasted < dssm_certs::agent::HEADER_READ_TIMEOUT * 2,
+        "the slow-header connection lasted {lasted:?}"
+    );
+    assert!(
+        lasted >= dssm_certs::agent::HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed after {lasted:?}: not by the header timeout"
+    );
+    drop(slow_writer);
+}
+
+#[test]
+fn oversized_headers_and_request_bodies_are_refused() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let agent = start(&env, &["--interval", "1h"]);
+    let exchange = |request: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(&agent.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(request);
+        let mut text = Vec::new();
+        let _ = s.read_to_end(&mut text);
+        String::from_utf8_lossy(&text).into_owned()
+    };
+    let big_header = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let answer = exchange(big_header.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    let post = "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n";
+    assert!(exchange(post.as_bytes()).starts_with("HTTP/1.1 405"));
+    let body = "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n";
+    assert!(exchange(body.as_bytes()).starts_with("HTTP/1.1 413"));
+    assert_eq!(
+        get(&agent.addr, "/healthz").unwrap().0,
+        200,
+        "still serving"
+    );
+}
+
+/// A CN made to close the label, end the line and add a forged `not_after` series.
+const HOSTILE_CN: &str = "evil\\\"} 1\ndssm_certificate_not_after_timestamp_seconds{namespace=\"spk-ingress\",secret=\"dssm-certs-secret\",key=\"dssm-cert.crt\",subject=\"forged\"} 1\n# EOF\n";
+
+#[test]
+fn a_hostile_certificate_subject_cannot_forge_metrics_series() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    // A self-signed CA whose subject is the attack, deployed as the TMM copy's dssm-ca.crt.
+    let hostile = self_signed_ca_pem(HOSTILE_CN);
+    let [_, leaf, _, dh] = env.copy("spk-ingress").unwrap();
+    env.put_secret(
+        "spk-ingress",
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", hostile.as_bytes()),
+            ("dssm-cert.crt", &leaf),
+            ("dhparam2048.pem", &dh),
+        ],
+    );
+    let agent = start(&env, &["--interval", "1h"]);
+    let text = wait_for("/readyz", Duration::from_secs(10), || {
+        let (code, _) = get(&agent.addr, "/readyz")?;
+        (code == 200).then(|| get(&agent.addr, "/metrics").unwrap().1)
+    });
+    let samples = dssm_certs::fuzz::parse_exposition(&text)
+        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"));
+    let not_after: Vec<_> = samples
+        .iter()
+        .filter(|s| s.name == "dssm_certificate_not_after_timestamp_seconds")
+        .collect();
+    assert_eq!(not_after.len(), 4, "2 namespaces x 2 certificates:\n{text}");
+    let label = |s: &dssm_certs::fuzz::Sample, k: &str| {
+        s.labels
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        not_after.iter().all(|s| label(s, "subject") != "forged"),
+        "a forged series:\n{text}"
+    );
+    let theirs = not_after
+        .iter()
+        .find(|s| label(s, "namespace") == "spk-ingress" && label(s, "key") == "dssm-ca.crt")
+        .expect("the hostile certificate's series");
+    let cert = dssm_certs::pki::parse_certificate(hostile.as_bytes(), "x").unwrap();
+    assert!(cert.subject.contains(HOSTILE_CN), "{}", cert.subject);
+    assert_eq!(
+        label(theirs, "subject"),
+        cert.subject,
+        "read back unchanged"
+    );
+    assert_eq!(theirs.value as i64, cert.not_after);
+}
+
+#[test]
+fn secrets_in_sync_is_absent_until_the_first_successful_read() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    // Every read of the Secrets fails for a while: the agent cannot tell whether they are in sync.
+    env.server.add_fault(support::apiserver::Fault::delay(
+        "GET",
+        "/secrets/dssm-certs-secret",
+        1,
+        Duration::from_secs(3),
+    ));
+    let agent = start(&env, &["--interval", "1s"]);
+    let before = get(&agent.addr, "/metrics").unwrap().1;
+    assert_eq!(get(&agent.addr, "/readyz").unwrap().0, 503, "{before}");
+    let samples = dssm_certs::fuzz::parse_exposition(&before).unwrap();
+    assert!(
+        !samples.iter().any(|s| s.name == "dssm_secrets_in_sync"),
+        "reported before anything was read:\n{before}"
+    );
+    let after = wait_for("ready", Duration::from_secs(15), || {
+        (get(&agent.addr, "/readyz")?.0 == 200).then(|| get(&agent.addr, "/metrics").unwrap().1)
+    });
+    assert_eq!(
+        series(&after, "dssm_secrets_in_sync", &[]),
+        [1.0],
+        "{after}"
+    );
 }
 
 extern "C" {

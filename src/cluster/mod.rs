@@ -24,7 +24,7 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot set up the Kubernetes client: {0}")]
+    #[error("{0}")]
     Config(String),
     #[error("cannot {verb} {what}: forbidden: {message}")]
     Forbidden {
@@ -99,7 +99,8 @@ where
         match f().await {
             Ok(v) => return Ok(v),
             Err(e) if transient(&e) && attempt < ATTEMPTS => {
-                tracing::warn!(verb, what, attempt, error = %e, "transient API error, retrying");
+                let error = describe(&e);
+                tracing::warn!(verb, what, attempt, error, "transient API error, retrying");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
                 attempt += 1;
@@ -111,37 +112,124 @@ where
                         403 => ClusterError::Forbidden {
                             verb,
                             what,
-                            message: s.message,
+                            message: status_message(&s),
                         },
                         404 => ClusterError::NotFound {
                             verb,
                             what,
-                            message: s.message,
+                            message: status_message(&s),
                         },
                         409 => ClusterError::Conflict {
                             verb,
                             what,
-                            message: s.message,
+                            message: status_message(&s),
                         },
                         code => ClusterError::Api {
                             verb,
                             what,
                             code,
-                            reason: s.reason,
-                            message: s.message,
+                            reason: one_line(&s.reason, 80),
+                            message: status_message(&s),
                             attempts: attempt,
                         },
                     },
                     other => ClusterError::Unreachable {
                         verb,
                         what,
-                        detail: other.to_string(),
+                        detail: describe(&other),
                         attempts: attempt,
                     },
                 });
             }
         }
     }
+}
+
+/// At most `max` characters of `s`, on one line: error text from the far side is not ours to
+/// print whole (a proxy's HTML page, a multi-line dump).
+fn one_line(s: &str, max: usize) -> String {
+    let flat: String = s
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    match flat.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
+    }
+}
+
+/// The Status message of an API error; a body that was not a Kubernetes Status (kube-rs puts it
+/// in the message whole) is only described.
+fn status_message(s: &kube::core::Status) -> String {
+    if s.reason == "Failed to parse error data" {
+        format!(
+            "the answer was not a Kubernetes Status (HTTP {}; a proxy in between?)",
+            s.code
+        )
+    } else {
+        one_line(&s.message, 300)
+    }
+}
+
+/// A transport or client error in one short line: the innermost cause (e.g. "Connection refused
+/// (os error 111)"), not kube-rs's nested chain.
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
+    let text = root_cause(e);
+    let text = if text.is_empty() || text == "deadline has elapsed" {
+        "timed out".to_string()
+    } else {
+        text
+    };
+    one_line(&text, 200)
+}
+
+/// One line saying where a Kubernetes configuration was looked for and why each place failed.
+fn no_config(e: &kube::config::InferConfigError) -> String {
+    let kubeconfig = match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+        Some(v) => {
+            let v = v.to_string_lossy().into_owned();
+            let missing: Vec<&str> = v
+                .split(':')
+                .filter(|p| !p.is_empty() && !std::path::Path::new(p).exists())
+                .collect();
+            if missing.is_empty() {
+                format!(
+                    "KUBECONFIG={v} is not a usable kubeconfig ({})",
+                    describe_config(e)
+                )
+            } else {
+                format!("KUBECONFIG={v}: {} does not exist", missing.join(", "))
+            }
+        }
+        None => match std::env::var_os("HOME").map(std::path::PathBuf::from) {
+            Some(home) if home.join(".kube/config").exists() => format!(
+                "KUBECONFIG is not set, and ~/.kube/config is not a usable kubeconfig ({})",
+                describe_config(e)
+            ),
+            _ => "KUBECONFIG is not set, ~/.kube/config does not exist".to_string(),
+        },
+    };
+    let in_cluster = if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+        "not in a pod (KUBERNETES_SERVICE_HOST is not set)"
+    } else {
+        "the in-cluster service account token or CA is unreadable"
+    };
+    format!("no Kubernetes configuration found: {kubeconfig}, and {in_cluster}")
+}
+
+fn describe_config(e: &kube::config::InferConfigError) -> String {
+    one_line(&root_cause(e), 160)
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut root = e;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    root.to_string()
 }
 
 /// Where dssm-certs works: the flags of DESIGN §3.
@@ -172,7 +260,7 @@ pub struct Cluster {
 }
 
 /// What one observation found, with the raw Secrets for writing back.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Observation {
     /// dSSM namespace first, then TMM's when it differs.
     pub copies: Vec<CopyObs>,
@@ -182,6 +270,29 @@ pub struct Observation {
     /// False when the CA key Secret could not be read (403, the agent's read-only account):
     /// `store` is then `Missing` and means "not available", not "absent".
     pub store_readable: bool,
+}
+
+/// The raw Secrets hold private keys: `Debug` names them and their keys, never their data.
+impl std::fmt::Debug for Observation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let raw: Vec<String> = self
+            .raw
+            .iter()
+            .map(|((ns, name), s)| {
+                let keys: Vec<&String> = s.data.iter().flat_map(|d| d.keys()).collect();
+                format!("{ns}/{name} {keys:?}")
+            })
+            .collect();
+        f.debug_struct("Observation")
+            .field("copies", &self.copies)
+            .field("store", &self.store)
+            .field("raw", &raw)
+            .field(
+                "deployment",
+                &self.deployment.as_ref().map(|d| d.metadata.name.clone()),
+            )
+            .finish()
+    }
 }
 
 fn owner_of(s: &Secret) -> Owner {
@@ -218,7 +329,7 @@ impl Cluster {
     pub async fn connect(t: &Target) -> Result<Self, ClusterError> {
         let mut config = kube::Config::infer()
             .await
-            .map_err(|e| ClusterError::Config(e.to_string()))?;
+            .map_err(|e| ClusterError::Config(no_config(&e)))?;
         config.read_timeout = Some(t.timeout);
         config.write_timeout = Some(t.timeout);
         config.connect_timeout = Some(t.timeout);
@@ -230,7 +341,12 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
         let tmm_ns = t.tmm_namespace.clone().unwrap_or_else(|| dssm_ns.clone());
-        let client = Client::try_from(config).map_err(|e| ClusterError::Config(e.to_string()))?;
+        let client = Client::try_from(config).map_err(|e| {
+            ClusterError::Config(format!(
+                "cannot set up the Kubernetes client: {}",
+                describe(&e)
+            ))
+        })?;
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .unwrap_or_else(|_| "dssm-certs".into());
@@ -443,7 +559,53 @@ impl Cluster {
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(reason, error = %e, "could not publish an Event");
+            let error = describe(&e);
+            tracing::warn!(reason, error, "could not publish an Event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_an_observation_never_shows_secret_data() {
+        let key = b"-----BEGIN PRIVATE KEY-----\nTOPSECRETKEYBYTES\n".to_vec();
+        let mut secret = Secret::default();
+        secret.metadata.name = Some(contract::KEYS_SECRET.into());
+        secret.data = Some(
+            [(contract::LEAF_KEY.to_string(), ByteString(key.clone()))]
+                .into_iter()
+                .collect(),
+        );
+        let obs = Observation {
+            copies: vec![CopyObs {
+                namespace: "spk-utilities".into(),
+                certs: SecretObs::Missing,
+                keys: secret_obs(Some(&secret)),
+            }],
+            store: SecretObs::Missing,
+            raw: [(
+                (
+                    "spk-utilities".to_string(),
+                    contract::KEYS_SECRET.to_string(),
+                ),
+                secret,
+            )]
+            .into_iter()
+            .collect(),
+            deployment: None,
+            store_readable: true,
+        };
+        let shown = format!("{obs:?}");
+        let as_numbers = format!("{:?}", &key[..8]);
+        let as_numbers = as_numbers.trim_matches(['[', ']']);
+        assert!(!shown.contains("TOPSECRET"), "{shown}");
+        assert!(!shown.contains(as_numbers), "{shown}");
+        assert!(
+            shown.contains(contract::LEAF_KEY),
+            "the key name is shown: {shown}"
+        );
     }
 }

@@ -11,6 +11,11 @@ use openssl::pkey::Params;
 
 /// The smallest modulus we accept, and the size the seeds generate.
 pub const MIN_BITS: u32 = 2048;
+/// The largest modulus we accept: DH_check's primality tests grow steeply with the size, and a
+/// huge modulus in a Secret must not stall every inspection.
+pub const MAX_BITS: u32 = 8192;
+/// An 8192-bit PKCS#3 PEM is about 1.5 KB; anything much larger is not DH parameters.
+const MAX_PEM_BYTES: usize = 16 * 1024;
 
 /// RFC 7919 ffdhe2048, byte-identical to
 /// `openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048`.
@@ -28,8 +33,16 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 pub enum DhError {
     #[error("{what}: not PEM DH parameters (expected `-----BEGIN DH PARAMETERS-----`)")]
     Unreadable { what: String },
+    #[error("{what}: X9.42 DH parameters (`BEGIN X9.42 DH PARAMETERS`) are refused: Redis cannot load them and would not start. Use PKCS#3 parameters (`BEGIN DH PARAMETERS`), as `openssl dhparam 2048` writes")]
+    X942 { what: String },
+    #[error("{what}: an encrypted PEM block (`Proc-Type: 4,ENCRYPTED`) is not DH parameters")]
+    Encrypted { what: String },
     #[error("{what}: the DH modulus has {bits} bits; at least {MIN_BITS} are required")]
     TooSmall { what: String, bits: u32 },
+    #[error("{what}: the DH modulus has {bits} bits; at most {MAX_BITS} are accepted")]
+    TooLarge { what: String, bits: u32 },
+    #[error("{what}: {bytes} bytes is too large for DH parameters (at most {MAX_PEM_BYTES})")]
+    TooLong { what: String, bytes: usize },
     #[error("{what}: DH_check rejects the parameters: {problems}")]
     Invalid { what: String, problems: String },
     #[error("DH parameter generation failed: {0}")]
@@ -61,19 +74,37 @@ impl DhParams {
         Self::validate(FFDHE2048_PEM.as_bytes(), "ffdhe2048").expect("RFC 7919 group is valid")
     }
 
-    /// Reads and checks PEM parameters: at least 2048 bits, a safe prime, a suitable generator.
-    /// The PEM is kept byte for byte.
+    /// Reads and checks PEM parameters: PKCS#3 only, 2048 to 8192 bits, a safe prime, a
+    /// suitable generator. The PEM is kept byte for byte. DH_check takes from milliseconds to
+    /// seconds: async callers run this with `spawn_blocking`.
     pub fn validate(pem: &[u8], what: &str) -> Result<Self, DhError> {
-        let dh = Dh::params_from_pem(pem).map_err(|_| DhError::Unreadable {
-            what: what.to_string(),
-        })?;
-        let bits = dh.prime_p().num_bits() as u32;
-        if bits < MIN_BITS {
-            return Err(DhError::TooSmall {
-                what: what.to_string(),
-                bits,
+        let what = || what.to_string();
+        if pem.len() > MAX_PEM_BYTES {
+            return Err(DhError::TooLong {
+                what: what(),
+                bytes: pem.len(),
             });
         }
+        // An encrypted PEM header would make OpenSSL ask for a passphrase on the terminal.
+        if super::keys::refuse_encrypted(pem).is_err() {
+            return Err(DhError::Encrypted { what: what() });
+        }
+        // OpenSSL's PEM_read_bio_DHparams takes X9.42 too; Redis does not. Judge by the first
+        // PEM label, and hand OpenSSL only PKCS#3.
+        match first_pem_label(pem) {
+            Some(b"DH PARAMETERS") => {}
+            Some(b"X9.42 DH PARAMETERS") => return Err(DhError::X942 { what: what() }),
+            _ => return Err(DhError::Unreadable { what: what() }),
+        }
+        let dh = Dh::params_from_pem(pem).map_err(|_| DhError::Unreadable { what: what() })?;
+        let bits = dh.prime_p().num_bits() as u32;
+        if bits < MIN_BITS {
+            return Err(DhError::TooSmall { what: what(), bits });
+        }
+        if bits > MAX_BITS {
+            return Err(DhError::TooLarge { what: what(), bits });
+        }
+        let what = what();
         let problems = dh_check(&dh);
         if !problems.is_empty() {
             return Err(DhError::Invalid {
@@ -117,6 +148,15 @@ impl DhParams {
         })?;
         Self::validate(&winner, "generated DH parameters")
     }
+}
+
+/// The label of the first `-----BEGIN <label>-----` line.
+fn first_pem_label(pem: &[u8]) -> Option<&[u8]> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    let start = pem.windows(BEGIN.len()).position(|w| w == BEGIN)? + BEGIN.len();
+    let rest = &pem[start..];
+    let end = rest.windows(5).position(|w| w == b"-----")?;
+    Some(&rest[..end])
 }
 
 fn dh_check(dh: &Dh<Params>) -> Vec<&'static str> {
@@ -246,5 +286,48 @@ mod tests {
         let err = DhParams::validate(&pem, "bad.pem").unwrap_err();
         assert!(matches!(err, DhError::Invalid { .. }), "{err}");
         assert!(err.to_string().contains("not prime"), "{err}");
+    }
+
+    #[test]
+    fn a_modulus_over_8192_bits_is_refused_before_dh_check() {
+        use openssl::bn::{BigNum, MsbOption};
+        // 9000 random bits, odd: DH_check would spend its time proving it composite.
+        let mut p = BigNum::new().unwrap();
+        p.rand(9000, MsbOption::ONE, true).unwrap();
+        let huge = Dh::from_pqg(p, None, BigNum::from_u32(2).unwrap()).unwrap();
+        let pem = huge.params_to_pem().unwrap();
+        let err = DhParams::validate(&pem, "huge.pem").unwrap_err();
+        assert!(matches!(err, DhError::TooLarge { bits: 9000, .. }), "{err}");
+        assert!(err.to_string().contains("huge.pem") && err.to_string().contains("8192"));
+    }
+
+    #[test]
+    fn input_far_larger_than_any_dh_parameters_is_refused_unparsed() {
+        let mut pem = FFDHE2048_PEM.as_bytes().to_vec();
+        pem.resize(1 << 20, b'\n');
+        let err = DhParams::validate(&pem, "big.pem").unwrap_err();
+        assert!(matches!(err, DhError::TooLong { .. }), "{err}");
+    }
+
+    /// With an encrypted header, OpenSSL's DH reader (no callback) would prompt on a terminal.
+    fn encrypted_dh_pem() -> String {
+        FFDHE2048_PEM.replacen(
+            "-----\n",
+            "-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n",
+            1,
+        )
+    }
+
+    #[test]
+    fn dh_parameters_with_an_encrypted_pem_header_are_refused_before_openssl_reads_them() {
+        let err = DhParams::validate(encrypted_dh_pem().as_bytes(), "enc.pem").unwrap_err();
+        assert!(matches!(err, DhError::Encrypted { .. }), "{err}");
+    }
+
+    #[test]
+    fn x942_is_judged_by_its_pem_label() {
+        let pem = FFDHE2048_PEM.replace("DH PARAMETERS", "X9.42 DH PARAMETERS");
+        let err = DhParams::validate(pem.as_bytes(), "x.pem").unwrap_err();
+        assert!(matches!(err, DhError::X942 { .. }), "{err}");
     }
 }

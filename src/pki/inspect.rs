@@ -35,6 +35,9 @@ pub struct Certificate {
     pub version: u32,
     pub is_ca: bool,
     pub dns_names: Vec<String>,
+    /// A subjectAltName extension of any kind (DNS, IP, ...) is present.
+    #[serde(skip)]
+    pub has_subject_alt_name: bool,
     pub server_auth: Option<bool>,
     pub client_auth: Option<bool>,
     /// SHA-256 over the DER, upper-case hex with colons (`openssl x509 -fingerprint -sha256`).
@@ -140,6 +143,7 @@ pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, Insp
     let spki = x509.public_key().raw.to_vec();
     let (key_type, key_bits) = describe_public_key(x509.public_key());
     let mut dns_names = Vec::new();
+    let has_subject_alt_name = matches!(x509.subject_alternative_name(), Ok(Some(_)) | Err(_));
     if let Ok(Some(san)) = x509.subject_alternative_name() {
         for name in &san.value.general_names {
             if let GeneralName::DNSName(n) = name {
@@ -171,6 +175,7 @@ pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, Insp
         version: x509.version().0 + 1,
         is_ca,
         dns_names,
+        has_subject_alt_name,
         server_auth,
         client_auth,
         sha256_fingerprint: hex_upper(&openssl::sha::sha256(der), ":"),

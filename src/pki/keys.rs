@@ -10,6 +10,7 @@ use openssl::pkey::{Id, PKey, Private};
 use openssl::rsa::Rsa;
 use rcgen::{KeyPair, SignatureAlgorithm};
 use rustls_pki_types::PrivatePkcs8KeyDer;
+use zeroize::Zeroizing;
 
 /// The key algorithms `--key-algorithm` offers. RSA 4096 is the seeds' `openssl genrsa 4096`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
@@ -67,6 +68,27 @@ pub enum KeyError {
     },
     #[error("{what}: the key cannot be used for signing: {detail}")]
     Signer { what: String, detail: String },
+    #[error("{what}: the private key is encrypted ({form}); Redis and TMM read it without a passphrase, so dssm-certs needs it unencrypted (decrypt it with `openssl pkey -in KEY -out KEY.plain`)")]
+    Encrypted { what: String, form: &'static str },
+}
+
+/// Refuses encrypted PEM (PKCS#8 `ENCRYPTED PRIVATE KEY`, or a PKCS#1/SEC1 block with
+/// `Proc-Type: 4,ENCRYPTED`): such input would otherwise reach OpenSSL's passphrase prompt.
+pub(crate) fn refuse_encrypted(pem: &[u8]) -> Result<(), &'static str> {
+    let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    if has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        Err("PKCS#8 `BEGIN ENCRYPTED PRIVATE KEY`")
+    } else if has(b"Proc-Type: 4,ENCRYPTED") || has(b"DEK-Info:") {
+        Err("PEM header `Proc-Type: 4,ENCRYPTED`")
+    } else {
+        Ok(())
+    }
+}
+
+/// OpenSSL asks for a passphrase on the terminal when no callback is given. This one supplies an
+/// empty passphrase instead, so nothing can ever prompt, whatever the input.
+pub(crate) fn no_passphrase(_buf: &mut [u8]) -> Result<usize, openssl::error::ErrorStack> {
+    Ok(0)
 }
 
 /// A private key. Holds PKCS#8 DER; `Debug` never shows it.
@@ -112,10 +134,16 @@ impl PrivateKey {
 
     /// Reads a PEM private key. `what` names the file or Secret key in error messages.
     pub fn from_pem(pem: &[u8], what: &str) -> Result<Self, KeyError> {
+        refuse_encrypted(pem).map_err(|form| KeyError::Encrypted {
+            what: what.to_string(),
+            form,
+        })?;
         // openssl reads PKCS#8, PKCS#1 and SEC1; its error text never contains key bytes, and we
         // drop it anyway.
-        let pkey = PKey::private_key_from_pem(pem).map_err(|_| KeyError::Unreadable {
-            what: what.to_string(),
+        let pkey = PKey::private_key_from_pem_callback(pem, no_passphrase).map_err(|_| {
+            KeyError::Unreadable {
+                what: what.to_string(),
+            }
         })?;
         Self::from_pkey(pkey, what)
     }
@@ -178,11 +206,13 @@ impl PrivateKey {
             .expect("a key we hold always serializes")
     }
 
-    /// PKCS#8 DER. Handle as secret.
-    pub fn to_pkcs8_der(&self) -> Vec<u8> {
-        self.pkey
-            .private_key_to_pkcs8()
-            .expect("a key we hold always serializes")
+    /// PKCS#8 DER, wiped from memory when dropped.
+    pub fn to_pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(
+            self.pkey
+                .private_key_to_pkcs8()
+                .expect("a key we hold always serializes"),
+        )
     }
 
     /// DER SubjectPublicKeyInfo of the public half, to compare with a certificate's.
@@ -207,8 +237,8 @@ impl PrivateKey {
     }
 }
 
-/// Bytes of private key material (PEM). `Debug` never shows them.
-#[derive(Clone, PartialEq, Eq)]
+/// Bytes of private key material (PEM). `Debug` never shows them; they are wiped when dropped.
+#[derive(Clone, PartialEq, Eq, zeroize::ZeroizeOnDrop)]
 pub struct SecretBytes(Vec<u8>);
 
 impl SecretBytes {

@@ -73,8 +73,9 @@ pub enum VerifyPath {
     LegacyNoNameCheck,
 }
 
-fn verify_path(served: &Certificate) -> VerifyPath {
-    if served.version == 3 && !served.dns_names.is_empty() {
+pub(crate) fn verify_path(served: &Certificate) -> VerifyPath {
+    // The one place that decides: a subjectAltName (DNS or IP) means WebPKI and a name check.
+    if served.version == 3 && served.has_subject_alt_name {
         VerifyPath::Webpki
     } else {
         VerifyPath::LegacyNoNameCheck
@@ -278,7 +279,10 @@ impl TlsClient {
         let config = if client_cert {
             let key = provider
                 .key_provider
-                .load_private_key(PrivateKeyDer::Pkcs8(m.leaf_key.to_pkcs8_der().into()))
+                // Moved, not copied, into rustls: the DER exists once outside the signer.
+                .load_private_key(PrivateKeyDer::Pkcs8(
+                    std::mem::take(&mut *m.leaf_key.to_pkcs8_der()).into(),
+                ))
                 .map_err(|e| TlsSetupError::Materials(format!("{LEAF_KEY}: {e}")))?;
             let certified = CertifiedKey::new(vec![CertificateDer::from(leaf_der.clone())], key);
             builder.with_client_cert_resolver(Arc::new(ClientCert(Arc::new(certified))))

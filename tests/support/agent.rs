@@ -21,8 +21,18 @@ impl Drop for RunningAgent {
 /// `dssm-certs run` against the test cluster as `kubeconfig`'s account, on a free loopback port:
 /// (the process, its address).
 pub fn spawn(env: &TestEnv, kubeconfig: &Path, extra: &[&str]) -> (std::process::Child, String) {
+    spawn_as(bin(), env, kubeconfig, extra)
+}
+
+/// `spawn`, with `cmd` being the binary or a wrapper that execs it (e.g. `prlimit`).
+pub fn spawn_as(
+    mut cmd: std::process::Command,
+    env: &TestEnv,
+    kubeconfig: &Path,
+    extra: &[&str],
+) -> (std::process::Child, String) {
     let addr = format!("127.0.0.1:{}", super::redis::free_port());
-    let child = bin()
+    let child = cmd
         .env("KUBECONFIG", kubeconfig)
         .args(["run", "--listen", &addr])
         .args([

@@ -266,3 +266,14 @@ impl TestEnv {
             .collect()
     }
 }
+
+/// A self-signed CA certificate (PEM) whose subject is `CN=<cn>`, whatever `cn` holds.
+pub fn self_signed_ca_pem(cn: &str) -> String {
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    params.self_signed(&key).unwrap().pem()
+}

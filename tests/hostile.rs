@@ -1,0 +1,416 @@
+//! Hostile or careless input (issue 15): refused before any work, with a message naming the
+//! file, Secret key or flag, and never a hang. Each test is a row of the README's "Bad input
+//! (hostile)" table.
+
+mod support;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// X9.42 DH parameters, as `openssl genpkey -genparam -algorithm DHX` writes them (~1 s).
+fn x942_params(dir: &Path) -> std::path::PathBuf {
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-genparam",
+            "-algorithm",
+            "DHX",
+            "-pkeyopt",
+            "dh_paramgen_prime_len:2048",
+            "-out",
+            "x942.pem",
+        ],
+    );
+    dir.join("x942.pem")
+}
+
+#[test]
+fn x942_dh_parameters_are_refused_because_redis_cannot_start_with_them() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &[]);
+    let x942 = x942_params(tmp.path());
+    assert!(String::from_utf8_lossy(&read(&x942)).starts_with("-----BEGIN X9.42 DH PARAMETERS"));
+
+    // The reason: a real redis-server refuses to start with them.
+    let port = support::redis::free_port().to_string();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", "0", "--bind", "127.0.0.1", "--tls-port", &port])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--tls-cert-file")
+        .arg(out.join("dssm-cert.crt"))
+        .arg("--tls-key-file")
+        .arg(out.join("dssm-key.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(out.join("dssm-ca.crt"))
+        .arg("--tls-dh-params-file")
+        .arg(&x942)
+        .current_dir(tmp.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redis-server");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = redis.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = redis.kill();
+            panic!("redis-server started with X9.42 DH parameters");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut log = String::new();
+    redis
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("failed to read DH params"), "{log}");
+
+    // check: critical, naming the file and the format.
+    std::fs::copy(&x942, out.join("dhparam2048.pem")).unwrap();
+    let (code, stdout, _) = run(&["check", "--dir", out.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stdout}");
+    assert!(
+        stdout.contains("dhparam2048.pem") && stdout.contains("X9.42"),
+        "{stdout}"
+    );
+
+    // generate --dhparam FILE: refused before anything is written.
+    let dest = tmp.path().join("refused");
+    let (code, stdout, stderr) = run(&[
+        "generate",
+        "--out",
+        dest.to_str().unwrap(),
+        "--dhparam",
+        x942.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 4, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("x942.pem") && stderr.contains("X9.42"),
+        "{stderr}"
+    );
+    assert!(!dest.join("dssm-key.key").exists());
+}
+
+/// Runs the binary on a pseudo-terminal (util-linux `script`), where OpenSSL's default
+/// passphrase callback would prompt and wait for ever. Returns (exit code, all output, time).
+fn on_a_tty(args: &[&str]) -> (i32, String, Duration) {
+    let mut line = String::from("exec");
+    for a in std::iter::once(env!("CARGO_BIN_EXE_dssm-certs")).chain(args.iter().copied()) {
+        line.push_str(&format!(" '{}'", a.replace('\'', r"'\''")));
+    }
+    let started = Instant::now();
+    let mut child = Command::new("timeout")
+        .args(["20", "script", "-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped()) // held open: script keeps the terminal while we wait
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script");
+    let mut text = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    let status = child.wait().unwrap();
+    (status.code().unwrap_or(-1), text, started.elapsed())
+}
+
+#[test]
+fn encrypted_private_keys_are_refused_and_never_prompt_on_a_tty() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &[]);
+    let forms = [
+        (
+            "pkcs8",
+            "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -aes256 -pass pass:secret -out k.pem",
+            "ENCRYPTED PRIVATE KEY",
+        ),
+        (
+            "pkcs1",
+            "openssl genrsa -traditional -aes256 -passout pass:secret -out k.pem 2048 2>/dev/null",
+            "Proc-Type: 4,ENCRYPTED",
+        ),
+    ];
+    for (form, script, marker) in forms {
+        let dir = tmp.path().join(form);
+        std::fs::create_dir(&dir).unwrap();
+        sh(&dir, script);
+        let key = read(&dir.join("k.pem"));
+        assert!(String::from_utf8_lossy(&key).contains(marker), "{form}");
+        for f in [
+            "dssm-ca.crt",
+            "dssm-cert.crt",
+            "dhparam2048.pem",
+            "dssm-ca.key",
+        ] {
+            std::fs::copy(out.join(f), dir.join(f)).unwrap();
+        }
+        std::fs::write(dir.join("dssm-key.key"), &key).unwrap();
+        let key_path = dir.join("dssm-key.key");
+        let d = dir.to_str().unwrap();
+
+        let (code, text, took) = on_a_tty(&["check", "--dir", d]);
+        assert_eq!(code, 3, "{form} check: {text}");
+        assert!(!text.contains("pass phrase"), "{form}: prompted:\n{text}");
+        assert!(
+            text.contains(key_path.to_str().unwrap()) && text.contains("encrypted"),
+            "{form}: {text}"
+        );
+        assert!(took < Duration::from_secs(15), "{form}: {took:?}");
+
+        // DH parameters with an encrypted PEM header reach OpenSSL's DH reader, which has no
+        // callback parameter: refused before it sees them.
+        let dh = std::fs::read_to_string(out.join("dhparam2048.pem")).unwrap();
+        let dh = dh.replacen(
+            "-----\n",
+            "-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n",
+            1,
+        );
+        std::fs::write(dir.join("dhparam2048.pem"), dh).unwrap();
+        let (_, text, _) = on_a_tty(&["check", "--dir", d]);
+        assert!(!text.contains("pass phrase"), "{form}: prompted:\n{text}");
+        assert!(text.contains("is not DH parameters"), "{form}: {text}");
+
+        // probe reads the same key before connecting anywhere.
+        let (code, text, _) = on_a_tty(&["probe", "--dir", d, "--endpoint", "127.0.0.1:1"]);
+        assert_eq!(code, 3, "{form} probe: {text}");
+        assert!(
+            !text.contains("pass phrase") && text.contains("encrypted"),
+            "{text}"
+        );
+    }
+}
+
+/// The binary with no Kubernetes configuration anywhere: no KUBECONFIG, an empty HOME, not in
+/// a pod.
+fn without_kubeconfig(home: &Path) -> Command {
+    let mut c = bin();
+    c.env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("HOME", home);
+    c
+}
+
+#[test]
+fn a_missing_kubeconfig_is_one_line_naming_every_place_looked_at() {
+    let home = tempdir();
+    let args = ["check", "--dssm-namespace", "spk-utilities"];
+    let (code, stdout, stderr) = output(without_kubeconfig(home.path()).args(args));
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for named in ["KUBECONFIG", "~/.kube/config", "KUBERNETES_SERVICE_HOST"] {
+        assert!(stderr.contains(named), "{named} not named: {stderr}");
+    }
+    let missing = home.path().join("nowhere.yaml");
+    let (code, _, stderr) = output(
+        without_kubeconfig(home.path())
+            .env("KUBECONFIG", &missing)
+            .args(args),
+    );
+    assert_eq!(code, 3);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("KUBECONFIG={}", missing.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_json_prints_a_json_error_object_when_the_api_fails() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    env.server.add_fault(support::apiserver::Fault::status(
+        "GET",
+        "/secrets/dssm-certs-secret",
+        1,
+        403,
+    ));
+    let (code, stdout, stderr) = env.run(&["check", "-o", "json"]);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"));
+    assert_eq!(v["status"], "unknown");
+    assert_eq!(v["exit_code"], 3);
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("secret spk-utilities/dssm-certs-secret") && error.contains("forbidden"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_unreachable_api_server_is_one_short_line_not_a_kube_error_dump() {
+    let mut env = TestEnv::spk();
+    env.server.stop();
+    let (code, _, stderr) = env.run(&["check", "--api-timeout", "2s"]);
+    assert_eq!(code, 3, "{stderr}");
+    let fatal = stderr.lines().last().unwrap_or_default();
+    assert!(
+        fatal.starts_with("error: cannot get secret spk-utilities/dssm-certs-secret: the API server is unreachable"),
+        "{stderr}"
+    );
+    for dump in ["ServiceError", "client error", "hyper", "Os {"] {
+        assert!(!fatal.contains(dump), "{dump} in {fatal}");
+    }
+    assert!(fatal.len() < 300, "{fatal}");
+}
+
+#[test]
+fn log_format_json_applies_to_every_line_the_fatal_one_included() {
+    let home = tempdir();
+    let cases: [&[&str]; 2] = [
+        // A fatal error after start-up: no cluster to talk to.
+        &["--log-format", "json", "check", "--dssm-namespace", "x"],
+        // A command line clap refuses.
+        &["--log-format", "json", "check", "--no-such-flag"],
+    ];
+    for args in cases {
+        let (code, _, stderr) = output(without_kubeconfig(home.path()).args(args));
+        assert_ne!(code, 0, "{args:?}");
+        assert!(!stderr.trim().is_empty(), "{args:?}");
+        for line in stderr.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {line:?}"));
+            assert!(v["level"].is_string(), "{line}");
+        }
+        let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+        assert_eq!(last["level"], "ERROR", "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    // A transient error makes `check` log a retry warning.
+    let fault = || {
+        env.server.add_fault(support::apiserver::Fault::status(
+            "GET",
+            "/secrets/dssm-certs-secret",
+            1,
+            503,
+        ))
+    };
+    fault();
+    let (code, _, stderr) = env.run(&["check"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("retrying"),
+        "no warning to look at: {stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "colour on a pipe: {stderr:?}");
+
+    let on_tty = |no_color: bool| {
+        fault();
+        let kubeconfig = env.kubeconfig.to_str().unwrap().to_string();
+        let mut line = format!("KUBECONFIG='{kubeconfig}' ");
+        if no_color {
+            line.push_str("NO_COLOR=1 ");
+        }
+        line.push_str(&format!(
+            "'{}' check --dssm-namespace {} --tmm-namespace {}",
+            env!("CARGO_BIN_EXE_dssm-certs"),
+            env.dssm_ns,
+            env.tmm_ns
+        ));
+        let out = Command::new("timeout")
+            .args(["30", "script", "-qec", &format!("env {line}"), "/dev/null"])
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::piped())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_tty(false);
+    assert!(
+        coloured.contains("retrying") && coloured.contains('\u{1b}'),
+        "{coloured:?}"
+    );
+    let plain = on_tty(true);
+    assert!(
+        plain.contains("retrying") && !plain.contains('\u{1b}'),
+        "{plain:?}"
+    );
+}
+
+#[test]
+fn empty_and_malformed_dssm_selectors_are_refused_before_any_request() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    for selector in ["", "app in (f5-dssm-db", "app=x,", "app in ()"] {
+        env.server.clear_requests();
+        let (code, _, stderr) = env.run(&["restart", "--dssm-selector", selector]);
+        assert_eq!(code, 64, "{selector:?}: {stderr}");
+        assert!(stderr.contains("--dssm-selector"), "{selector:?}: {stderr}");
+        assert!(
+            env.server.requests().is_empty(),
+            "{selector:?}: requests were made"
+        );
+    }
+}
+
+#[test]
+fn probe_ends_at_its_deadline_when_endpoints_never_answer() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &[]);
+    // Three endpoints that accept and then say nothing, as a black-holed pod would.
+    let holes: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addr = |i: usize| holes[i].local_addr().unwrap().to_string();
+    let started = Instant::now();
+    let (code, stdout, stderr) = run(&[
+        "probe",
+        "--dir",
+        out.to_str().unwrap(),
+        "--endpoint",
+        &addr(0),
+        "--db-endpoint",
+        &format!("{},{}", addr(1), addr(2)),
+        "--timeout",
+        "20s",
+        "--deadline",
+        "2s",
+    ]);
+    let took = started.elapsed();
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(took < Duration::from_secs(8), "probe took {took:?}");
+    assert!(stdout.contains("--deadline"), "{stdout}");
+    drop(holes);
+}
+
+#[test]
+fn a_crafted_certificate_subject_cannot_rewrite_the_check_table_on_a_terminal() {
+    let tmp = tempdir();
+    let out = generate(tmp.path(), &[]);
+    // Clear the screen, home the cursor, and print a reassuring last line.
+    let cn = "x\u{1b}[2J\u{1b}[H\noverall: OK";
+    std::fs::write(out.join("dssm-ca.crt"), self_signed_ca_pem(cn)).unwrap();
+    let (code, stdout, _) = run(&["check", "--dir", out.to_str().unwrap()]);
+    assert_eq!(code, 2, "the leaf no longer chains: {stdout}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "raw escape sequence: {stdout:?}"
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("overall:")).count(),
+        1,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r"x\u{1b}[2J\u{1b}[H\noverall: OK"),
+        "{stdout}"
+    );
+}
