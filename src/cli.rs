@@ -253,7 +253,7 @@ fn parse_dns(s: &str) -> Result<String, String> {
 
 /// A lifetime in days: at least 1, at most `MAX_DAYS` (100 years: X.509 times end in 9999, and
 /// nothing needs longer).
-fn parse_days(s: &str) -> Result<u32, String> {
+pub fn parse_days(s: &str) -> Result<u32, String> {
     let days: u64 = s
         .trim()
         .parse()

@@ -28,6 +28,8 @@ pub fn text_inputs(data: &[u8]) {
         let _ = crate::restart::parse_selector(s);
         let _ = crate::probe::default_server_name(s);
         let _ = crate::agent::MaintenanceWindow::parse(s);
+        let _ = crate::pki::parse_san(s);
+        let _ = crate::cli::parse_days(s);
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::contract;
-use crate::pki::{self, Certificate, DhParams, PrivateKey};
+use crate::pki::{self, Certificate, DhParams, PrivateKey, SecretBytes};
 
 /// Who manages a Secret, from its `app.kubernetes.io/managed-by` label and ownerReferences.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -72,7 +72,8 @@ pub struct CopyObs {
 pub struct Bundle {
     pub ca_cert: Vec<u8>,
     pub leaf_cert: Vec<u8>,
-    pub leaf_key: Vec<u8>,
+    /// Wiped when dropped.
+    pub leaf_key: SecretBytes,
     pub dhparams: Vec<u8>,
 }
 
@@ -216,7 +217,7 @@ pub fn evaluate_copy(c: &CopyObs, now: i64) -> CopyState {
             ca_cert: need(&c.certs, contract::CERTS_SECRET, contract::CA_CERT)?,
             leaf_cert: need(&c.certs, contract::CERTS_SECRET, contract::LEAF_CERT)?,
             dhparams: need(&c.certs, contract::CERTS_SECRET, contract::DH_PARAMS)?,
-            leaf_key: need(&c.keys, contract::KEYS_SECRET, contract::LEAF_KEY)?,
+            leaf_key: SecretBytes::new(need(&c.keys, contract::KEYS_SECRET, contract::LEAF_KEY)?),
         })
     })();
     let bundle = match bundle {
@@ -249,8 +250,8 @@ pub fn validate_bundle(
         pki::parse_certificate(&b.ca_cert, &at(contract::CA_CERT)).map_err(|e| e.to_string())?;
     let leaf = pki::parse_certificate(&b.leaf_cert, &at(contract::LEAF_CERT))
         .map_err(|e| e.to_string())?;
-    let key =
-        PrivateKey::from_pem(&b.leaf_key, &at(contract::LEAF_KEY)).map_err(|e| e.to_string())?;
+    let key = PrivateKey::from_pem(b.leaf_key.expose(), &at(contract::LEAF_KEY))
+        .map_err(|e| e.to_string())?;
     DhParams::validate(&b.dhparams, &at(contract::DH_PARAMS)).map_err(|e| e.to_string())?;
     if !leaf.matches_key(&key) {
         return Err(format!(
@@ -327,7 +328,7 @@ pub fn evaluate_store(s: &SecretObs, ns: &str, now: i64) -> StoreState {
             Some(Bundle {
                 ca_cert: cert.clone(),
                 leaf_cert: data.get(store_keys::PENDING_CERT)?.clone(),
-                leaf_key: data.get(store_keys::PENDING_KEY)?.clone(),
+                leaf_key: SecretBytes::new(data.get(store_keys::PENDING_KEY)?.clone()),
                 dhparams: data.get(store_keys::PENDING_DH)?.clone(),
             })
         })
@@ -650,7 +651,7 @@ mod tests {
             bundle: Bundle {
                 ca_cert: ca.into_bytes(),
                 leaf_cert: leaf.pem.into_bytes(),
-                leaf_key: key.to_pkcs8_pem(),
+                leaf_key: SecretBytes::new(key.to_pkcs8_pem()),
                 dhparams: crate::pki::dhparams::FFDHE2048_PEM.as_bytes().to_vec(),
             },
             ca_key: ca_key.to_pkcs8_pem(),
@@ -680,7 +681,7 @@ mod tests {
                 (contract::LEAF_CERT, &b.leaf_cert),
                 (contract::DH_PARAMS, &b.dhparams),
             ]),
-            keys: s(&[(contract::LEAF_KEY, &b.leaf_key)]),
+            keys: s(&[(contract::LEAF_KEY, &b.leaf_key.expose().to_vec())]),
         }
     }
 
@@ -692,7 +693,7 @@ mod tests {
         let mut ann = BTreeMap::from([(annotations::REVISION.to_string(), "4".to_string())]);
         if let Some(p) = pending {
             data.insert(store_keys::PENDING_CERT.into(), p.leaf_cert.clone());
-            data.insert(store_keys::PENDING_KEY.into(), p.leaf_key.clone());
+            data.insert(store_keys::PENDING_KEY.into(), p.leaf_key.expose().to_vec());
             data.insert(store_keys::PENDING_DH.into(), p.dhparams.clone());
             ann.insert(annotations::STATE.into(), "pending".into());
         }
@@ -1104,7 +1105,7 @@ mod tests {
         .unwrap();
         Bundle {
             leaf_cert: leaf.pem.into_bytes(),
-            leaf_key: key.to_pkcs8_pem(),
+            leaf_key: SecretBytes::new(key.to_pkcs8_pem()),
             ..m.bundle.clone()
         }
     }

@@ -316,7 +316,7 @@ async fn pass_once(
             let bundle = Bundle {
                 ca_cert: m.ca_cert.clone(),
                 leaf_cert: m.leaf_cert.clone(),
-                leaf_key: m.leaf_key.expose().to_vec(),
+                leaf_key: m.leaf_key.clone(),
                 dhparams: m.dhparams.pem().to_vec(),
             };
             (bundle, Some(m.ca_key))
@@ -338,7 +338,10 @@ async fn pass_once(
             store_keys::PENDING_CERT.to_string(),
             bundle.leaf_cert.clone(),
         );
-        data.insert(store_keys::PENDING_KEY.to_string(), bundle.leaf_key.clone());
+        data.insert(
+            store_keys::PENDING_KEY.to_string(),
+            bundle.leaf_key.expose().to_vec(),
+        );
         data.insert(store_keys::PENDING_DH.to_string(), bundle.dhparams.clone());
         let ann = BTreeMap::from([
             (annotations::REVISION.to_string(), revision.to_string()),
@@ -395,7 +398,10 @@ async fn pass_once(
         (contract::LEAF_CERT.to_string(), bundle.leaf_cert.clone()),
         (contract::DH_PARAMS.to_string(), bundle.dhparams.clone()),
     ]);
-    let keys_data = BTreeMap::from([(contract::LEAF_KEY.to_string(), bundle.leaf_key.clone())]);
+    let keys_data = BTreeMap::from([(
+        contract::LEAF_KEY.to_string(),
+        bundle.leaf_key.expose().to_vec(),
+    )]);
     let mut written_secrets = Vec::new();
     for ns in cluster.namespaces() {
         for (name, data) in [

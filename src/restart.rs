@@ -351,18 +351,25 @@ fn label_name(n: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn selector_of(d: &Deployment) -> String {
-    d.spec
-        .selector
+/// A workload's LabelSelector as the `labelSelector` query string: matchLabels and
+/// matchExpressions (ignoring the expressions would select pods of other workloads).
+pub fn selector_of(d: &Deployment) -> String {
+    let sel = &d.spec.selector;
+    let labels = sel
         .match_labels
-        .as_ref()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"));
+    let expressions = sel.match_expressions.iter().flatten().map(|e| {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "DoesNotExist" => format!("!{}", e.key),
+            _ => e.key.clone(), // Exists
+        }
+    });
+    labels.chain(expressions).collect::<Vec<_>>().join(",")
 }
 
 impl Cluster {

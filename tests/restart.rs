@@ -1057,3 +1057,24 @@ fn a_resumed_ca_rotation_remembers_that_the_ca_changed() {
         "{err}"
     );
 }
+
+/// The restart-safety issue: `selector_of` ignored matchExpressions, so the TMM pod waits could
+/// select pods of other workloads.
+#[test]
+fn a_deployment_selector_keeps_its_match_expressions() {
+    let d: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "f5-tmm"},
+        "spec": {"selector": {"matchLabels": {"app": "f5-tmm"}, "matchExpressions": [
+            {"key": "tier", "operator": "In", "values": ["a", "b"]},
+            {"key": "canary", "operator": "DoesNotExist"},
+            {"key": "zone", "operator": "NotIn", "values": ["x"]},
+            {"key": "owner", "operator": "Exists"}]},
+                 "template": {}},
+    }))
+    .unwrap();
+    assert_eq!(
+        dssm_certs::restart::selector_of(&d),
+        "app=f5-tmm,tier in (a,b),!canary,zone notin (x),owner"
+    );
+    assert!(dssm_certs::restart::parse_selector(&dssm_certs::restart::selector_of(&d)).is_ok());
+}

@@ -273,6 +273,34 @@ pub struct Observation {
 }
 
 /// The raw Secrets hold private keys: `Debug` names them and their keys, never their data.
+/// What was read holds the leaf key (and the CA key): wiped when the observation goes.
+impl Drop for Observation {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+impl Observation {
+    /// Overwrites every Secret value read with zeros (`zeroize`: not optimised away).
+    fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        for secret in self.raw.values_mut() {
+            for value in secret.data.iter_mut().flat_map(|d| d.values_mut()) {
+                value.0.zeroize();
+            }
+        }
+        let copies = self
+            .copies
+            .iter_mut()
+            .flat_map(|c| [&mut c.certs, &mut c.keys]);
+        for obs in copies.chain([&mut self.store]) {
+            if let SecretObs::Present { data, .. } = obs {
+                data.values_mut().for_each(Zeroize::zeroize);
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for Observation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let raw: Vec<String> = self
@@ -607,5 +635,15 @@ mod tests {
             shown.contains(contract::LEAF_KEY),
             "the key name is shown: {shown}"
         );
+
+        // Dropping an observation wipes what it read (the drop runs `wipe`).
+        let mut obs = obs;
+        obs.wipe();
+        let raw = obs.raw.values().next().unwrap().data.as_ref().unwrap();
+        assert!(raw[contract::LEAF_KEY].0.iter().all(|b| *b == 0));
+        let SecretObs::Present { data, .. } = &obs.copies[0].keys else {
+            panic!("present")
+        };
+        assert!(data[contract::LEAF_KEY].iter().all(|b| *b == 0));
     }
 }
