@@ -1078,3 +1078,62 @@ fn a_deployment_selector_keeps_its_match_expressions() {
     );
     assert!(dssm_certs::restart::parse_selector(&dssm_certs::restart::selector_of(&d)).is_ok());
 }
+
+/// The restart-safety issue: SIGTERM at each step of a scale-to-zero restart. After every write
+/// of the procedure in turn, the same process gets SIGTERM: it rolls back (TMM to its recorded
+/// count, the record removed) before it exits, and nothing else runs to help it.
+#[test]
+fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
+    let mut n = 1;
+    loop {
+        let env = TestEnv::spk();
+        wait_installed(&env);
+        env.server.clear_requests();
+        let child = bin()
+            .env("KUBECONFIG", &env.kubeconfig)
+            .args(["restart", "--dssm-namespace", "spk-utilities"])
+            .args(["--tmm-namespace", "spk-ingress"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let steps = |s: &dssm_testcluster::State| {
+            s.requests
+                .iter()
+                .filter(|r| {
+                    r.is_write() && !r.path.contains("/events") && !r.path.contains("/leases")
+                })
+                .count()
+        };
+        let start = std::time::Instant::now();
+        let mut child = child;
+        let finished = loop {
+            if env.server.with_state(|s| steps(s)) >= n {
+                break false;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break true;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "restart hung");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if finished {
+            assert!(n > RESTART_WRITES.len(), "stopped early at step {n}");
+            break;
+        }
+        unsafe { libc_kill(child.id() as i32, 15) };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code().is_some(),
+            "step {n}: handled, not killed: {err}"
+        );
+        let (replicas, ann) = tmm_replicas(&env);
+        assert_eq!(replicas, 3, "step {n}: {err}");
+        assert!(
+            ann.get("dssm-certs.f5.com/tmm-replicas").is_none(),
+            "step {n}: the record is gone: {ann}"
+        );
+        n += 1;
+    }
+}
