@@ -186,7 +186,12 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     loop {
-        inspect(&cluster, &opts, &shared).await;
+        // SIGTERM also ends an inspection in flight: a reconcile inside the maintenance window
+        // may be restarting TMM for minutes. The caller then restores TMM (it holds the Lease).
+        tokio::select! {
+            _ = &mut shutdown => break,
+            () = inspect(&cluster, &opts, &shared) => {}
+        }
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(opts.interval) => {}

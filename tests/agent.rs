@@ -537,3 +537,55 @@ fn secrets_in_sync_is_absent_until_the_first_successful_read() {
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
+
+/// The restart-safety issue: the agent ignored SIGTERM while a reconcile in its maintenance
+/// window was restarting TMM, so a node drain killed it after the grace period with TMM at 0. It
+/// stops the restart and restores TMM before it exits.
+#[test]
+fn sigterm_during_a_restart_in_the_window_restores_tmm_promptly() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    // TMM pods that take long to go: the restart sits at zero replicas.
+    env.server
+        .with_state(|s| s.stuck_terminating.push("f5-tmm".into()));
+    let mut agent = start(
+        &env,
+        &[
+            "--interval",
+            "1h",
+            "--maintenance-window",
+            "* * * * * 1h",
+            "--renew-before",
+            "400d",
+            "--days",
+            "730",
+            "--key-algorithm",
+            "ecdsa-p256",
+        ],
+    );
+    wait_for("TMM at zero", Duration::from_secs(30), || {
+        let d = env
+            .server
+            .get("apps", "deployments", "spk-ingress", "f5-tmm")?;
+        (d["spec"]["replicas"] == 0).then_some(())
+    });
+    let sent = Instant::now();
+    unsafe { kill(agent.child.id() as i32, 15) };
+    let status = wait_for("the agent to exit", Duration::from_secs(20), || {
+        agent.child.try_wait().ok().flatten()
+    });
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        sent.elapsed()
+    );
+    let d = env
+        .server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    assert_eq!(d["spec"]["replicas"], 3, "{d}");
+    assert!(d["metadata"]["annotations"]
+        .get("dssm-certs.f5.com/tmm-replicas")
+        .is_none());
+}
