@@ -557,7 +557,7 @@ fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>
 /// Restores TMM from a restart record whose holder is gone; says what it did.
 async fn recover_orphan(cluster: &Cluster, when: &str, limit: Option<std::time::Duration>) {
     let limit = limit.unwrap_or(std::time::Duration::MAX);
-    match tokio::time::timeout(limit, cluster.recover_orphan()).await {
+    match tokio::time::timeout(limit, cluster.recover_orphan(true)).await {
         Ok(Ok(Some(n))) => eprintln!("restored TMM to {n} replicas {when} (an orphaned restart)"),
         Ok(Ok(None)) => {}
         Ok(Err(ClusterError::Locked(m))) => {

@@ -521,14 +521,14 @@ impl Cluster {
     /// is an orphan: its holder died mid-restart. Take the Lease, restore TMM first, give the
     /// Lease back. A live holder's record is left to it (`Locked`). The restart itself is
     /// finished by the next `reconcile`/`restart`, which finds the `restart-needed` mark.
-    pub async fn recover_orphan(&self) -> Result<Option<i32>, ClusterError> {
+    pub async fn recover_orphan(&self, patient: bool) -> Result<Option<i32>, ClusterError> {
         let Some(d) = self.get_deployment().await? else {
             return Ok(None);
         };
         if !d.annotations().contains_key(REPLICAS_ANNOTATION) {
             return Ok(None);
         }
-        let lease = self.acquire_lease_waiting(true).await?;
+        let lease = self.acquire_lease_waiting(patient).await?;
         let restored = lease.guard(self.restore_tmm()).await;
         lease.release().await;
         restored

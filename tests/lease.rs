@@ -376,3 +376,17 @@ impl Drop for Guard {
 fn scopeguard(c: std::process::Child) -> Guard {
     Guard(c)
 }
+
+/// And on its timer: an agent already running when the holder dies restores TMM once the
+/// holder's Lease (3 s, as the holder wrote it) has expired.
+#[test]
+fn the_agent_restores_tmm_from_a_restart_orphaned_while_it_runs() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let (child, _addr) = support::agent::spawn(&env, &env.kubeconfig, &["--interval", "1s"]);
+    let _agent = scopeguard(child);
+    kill_holder_with_tmm_at_zero(&env, "job-pod-a");
+    support::redis::wait_for("TMM restored", Duration::from_secs(30), || {
+        tmm_restored(&env).then_some(())
+    });
+}

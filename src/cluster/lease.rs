@@ -158,6 +158,14 @@ impl Cluster {
                 .clone()
                 .unwrap_or_default();
             let free = s.holder.is_empty() || s.holder == self.identity;
+            // Judged by the duration the holder wrote into the Lease, as client-go does.
+            let theirs = s
+                .lease
+                .spec
+                .as_ref()
+                .and_then(|l| l.lease_duration_seconds)
+                .unwrap_or(self.lease_seconds);
+            let timing = Timing::new(theirs, self.max_clock_skew);
             let long_dead = s
                 .age
                 .is_none_or(|age| age > timing.duration + timing.max_skew);
