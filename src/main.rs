@@ -403,8 +403,14 @@ fn cluster_run(
         let work = reconcile::reconcile(cluster, &opts, &mut out);
         until_sigterm(cluster, work).await
     });
+    exit_for(result.map(|_| ()))
+}
+
+/// The exit code of a cluster command: 5 when another holds the Lease, 6 when the pre-flight
+/// refused; other errors go to `main`'s one mapping.
+fn exit_for(result: Result<(), ReconcileError>) -> Result<i32, Box<dyn std::error::Error>> {
     match result {
-        Ok(_) => Ok(exit::OK),
+        Ok(()) => Ok(exit::OK),
         Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
             fatal(&m);
             Ok(exit::LOCKED)
@@ -413,7 +419,7 @@ fn cluster_run(
             e @ (ReconcileError::Preflight(_)
             | ReconcileError::Restart(dssm_certs::restart::RestartError::Preflight(_))),
         ) => {
-            eprintln!("error: {e}");
+            fatal(&e.to_string());
             Ok(exit::PREFLIGHT)
         }
         Err(e) => Err(e.into()),
@@ -477,21 +483,7 @@ fn restart(a: &dssm_certs::cli::RestartArgs) -> Result<i32, Box<dyn std::error::
         lease.release().await;
         r
     });
-    match result {
-        Ok(()) => Ok(exit::OK),
-        Err(ReconcileError::Cluster(ClusterError::Locked(m))) => {
-            fatal(&m);
-            Ok(exit::LOCKED)
-        }
-        Err(
-            e @ (ReconcileError::Preflight(_)
-            | ReconcileError::Restart(dssm_certs::restart::RestartError::Preflight(_))),
-        ) => {
-            eprintln!("error: {e}");
-            Ok(exit::PREFLIGHT)
-        }
-        Err(e) => Err(e.into()),
-    }
+    exit_for(result.map(|_| ()))
 }
 
 fn agent(a: &dssm_certs::cli::RunArgs) -> Result<i32, Box<dyn std::error::Error>> {
