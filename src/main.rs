@@ -185,21 +185,7 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let report = match &a.dir {
                 Some(dir) => {
-                    let copy = if dir.is_dir() {
-                        check::inspect(&check::read_dir_source(dir), now, thresholds)
-                    } else {
-                        check::CopyReport {
-                            source: format!("dir:{}", dir.display()),
-                            status: check::Status::Unknown,
-                            certificates: vec![],
-                            checks: vec![check::CheckResult {
-                                name: "read",
-                                status: check::Status::Unknown,
-                                message: format!("{}: not a directory", dir.display()),
-                            }],
-                            dhparams: None,
-                        }
-                    };
+                    let copy = check::inspect_dir(dir, now, thresholds);
                     check::Report::new(vec![copy], now, thresholds)
                 }
                 None => match runtime()?.block_on(cluster_check(&a.cluster, now, thresholds)) {

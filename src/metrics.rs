@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::check::{CopyReport, Report, Status};
+use crate::check::Report;
 
 /// A label value escaped per the exposition format. prometheus-client 0.23 writes label values
 /// verbatim, so a certificate subject holding `"` or a newline would forge series.
@@ -56,6 +56,9 @@ pub struct CertLabels {
     pub secret: LabelText,
     pub key: LabelText,
     pub subject: LabelText,
+    /// Tells apart the CAs of a bundle (old + new during a CA rotation, possibly of the same
+    /// subject): one series per certificate.
+    pub serial: LabelText,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,7 +113,7 @@ impl Metrics {
             "The notBefore of each deployed certificate, unix seconds",
             m.not_before.clone(),
         );
-        registry.register("dssm_certificate_ready", "1 when the certificate is in its validity period, chains to the deployed CA and matches its key", m.ready.clone());
+        registry.register("dssm_certificate_ready", "1 when the certificate is in its validity period and its copy is usable: the leaf chains to a CA of the bundle and matches its key", m.ready.clone());
         registry.register(
             "dssm_secrets_in_sync",
             "1 when the copies in the dSSM and TMM namespaces are identical",
@@ -160,13 +163,13 @@ impl Metrics {
                 .strip_prefix("namespace/")
                 .unwrap_or(&copy.source)
                 .to_string();
-            let sound = copy_sound(copy);
             for c in &copy.certificates {
                 let labels = CertLabels {
                     namespace: ns.as_str().into(),
                     secret: crate::contract::CERTS_SECRET.into(),
                     key: c.file.into(),
                     subject: c.subject.as_str().into(),
+                    serial: c.serial.as_str().into(),
                 };
                 let in_validity =
                     c.residual_seconds > 0 && !c.message.starts_with("not valid before");
@@ -174,7 +177,7 @@ impl Metrics {
                     &labels,
                     c.not_after_unix,
                     c.not_before_unix,
-                    in_validity && sound,
+                    in_validity && copy.usable,
                 );
             }
         }
@@ -226,12 +229,4 @@ impl Metrics {
             .expect("writing to a String");
         out
     }
-}
-
-/// Chain and key checks of a copy passed (expiry is judged per certificate).
-fn copy_sound(copy: &CopyReport) -> bool {
-    copy.checks
-        .iter()
-        .filter(|c| matches!(c.name, "chain" | "leaf-key" | "read" | "parse" | "ca"))
-        .all(|c| c.status == Status::Ok)
 }
