@@ -128,6 +128,16 @@ impl Finding {
             && !matches!(self.check, Check::Expiry | Check::CopiesInSync)
             && self.file != Some(CA_KEY)
     }
+
+    /// The message, led by the object it names unless it already says it.
+    pub fn describe(&self) -> String {
+        let object = self.object.to_string();
+        if self.message.contains(&object) {
+            self.message.clone()
+        } else {
+            format!("{object} {}", self.message)
+        }
+    }
 }
 
 /// One certificate of a copy and its validity verdict.

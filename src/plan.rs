@@ -143,7 +143,7 @@ pub fn validate_bundle(
 ) -> Result<(Certificate, Certificate), String> {
     // Thresholds only grade residual time, which never makes a copy unusable.
     let found = checks::judge_copy(&b.source(ns), now, Thresholds::default());
-    let broken: Vec<&str> = found.breaking().map(|f| f.message.as_str()).collect();
+    let broken: Vec<String> = found.breaking().map(|f| f.describe()).collect();
     match (found.issuing_ca(), found.leaf()) {
         (Some(ca), Some(leaf)) if broken.is_empty() => Ok((ca.clone(), leaf.clone())),
         _ => Err(broken.join("; ")),
