@@ -8,6 +8,7 @@ pub mod check;
 pub mod checks;
 pub mod cli;
 pub mod cluster;
+pub mod commands;
 pub mod contract;
 pub mod exit;
 pub mod fuzz;
