@@ -230,3 +230,94 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materials::Bundle;
+    use crate::pki::{self, CaSigner, KeyAlgorithm, LeafRequest, PrivateKey, SecretBytes, Subject};
+    use time::OffsetDateTime;
+
+    /// A CA of `subject` and a leaf it signs: (CA PEM, leaf PEM, leaf key).
+    fn ca_and_leaf(subject: &str) -> (String, String, PrivateKey) {
+        let now = OffsetDateTime::now_utc();
+        let ca_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let ca = pki::issue_ca(&Subject::parse(subject).unwrap(), 3650, &ca_key, now).unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let request = LeafRequest {
+            subject: &Subject::parse("CN=Server").unwrap(),
+            days: 365,
+            dns_names: &[],
+        };
+        let signer = CaSigner {
+            cert_pem: ca.as_bytes(),
+            key: &ca_key,
+            cert_name: "ca",
+            key_name: "ca key",
+        };
+        let leaf = pki::issue_leaf(&request, &key, &signer, now).unwrap();
+        (ca, leaf.pem, key)
+    }
+
+    fn series(text: &str, name: &str) -> Vec<crate::fuzz::Sample> {
+        let samples = crate::fuzz::parse_exposition(text).unwrap();
+        samples.into_iter().filter(|s| s.name == name).collect()
+    }
+
+    /// Issue 13: during a CA rotation the bundle holds two CAs of the same subject. Each has its
+    /// own series (told apart by serial), and both are ready while the leaf chains to one.
+    #[test]
+    fn every_ca_of_a_bundle_has_its_own_series_and_is_ready_in_every_phase() {
+        let (old, old_leaf, old_key) = ca_and_leaf("CN=Certificate Authority");
+        let (new, new_leaf, new_key) = ca_and_leaf("CN=Certificate Authority");
+        let bundle = |ca: String, leaf: &str, key: &PrivateKey| Bundle {
+            ca_cert: ca.into_bytes(),
+            leaf_cert: leaf.as_bytes().to_vec(),
+            leaf_key: SecretBytes::new(key.to_pkcs8_pem()),
+            dhparams: pki::dhparams::FFDHE2048_PEM.as_bytes().to_vec(),
+        };
+        let phases = [
+            ("trust", bundle(old.clone() + &new, &old_leaf, &old_key), 2),
+            ("switch", bundle(old.clone() + &new, &new_leaf, &new_key), 2),
+            ("drop", bundle(new.clone(), &new_leaf, &new_key), 1),
+            // The negative control: the old leaf behind the new CA alone does not chain.
+            ("broken", bundle(new.clone(), &old_leaf, &old_key), 1),
+        ];
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        for (phase, b, cas) in phases {
+            let report = crate::check::Report::new(
+                vec![crate::check::inspect(
+                    &b.source("spk-ingress"),
+                    now,
+                    Default::default(),
+                )],
+                now,
+                Default::default(),
+            );
+            let m = Metrics::new();
+            m.record(&report);
+            let text = m.encode();
+            let ready = series(&text, "dssm_certificate_ready");
+            let ca_series: Vec<_> = ready
+                .iter()
+                .filter(|s| s.labels.contains(&("key".into(), "dssm-ca.crt".into())))
+                .collect();
+            assert_eq!(ca_series.len(), cas, "{phase}:\n{text}");
+            let serials: std::collections::BTreeSet<_> = ca_series
+                .iter()
+                .map(|s| {
+                    s.labels
+                        .iter()
+                        .find(|(k, _)| k == "serial")
+                        .unwrap()
+                        .1
+                        .clone()
+                })
+                .collect();
+            assert_eq!(serials.len(), cas, "{phase}: one serial per CA");
+            let want = if phase == "broken" { 0.0 } else { 1.0 };
+            assert!(ready.iter().all(|s| s.value == want), "{phase}:\n{text}");
+            assert_eq!(ready.len(), cas + 1, "{phase}: the CAs and the leaf");
+        }
+    }
+}
