@@ -469,6 +469,11 @@ fn openssl_issuer(cas: &[Certificate], leaf: &Certificate, now: i64) -> Option<u
         .or(named.last().copied())
 }
 
+/// The CA of `cas` that OpenSSL takes for `leaf` and that signs it (0-based), if any.
+pub fn chain_issuer(cas: &[Certificate], leaf: &Certificate, now: i64) -> Option<usize> {
+    openssl_issuer(cas, leaf, now).filter(|&i| leaf.is_signed_by(&cas[i]))
+}
+
 /// Chain and validity nesting; returns the index (in the copy's certificates) of the issuing CA.
 fn judge_chain(
     j: &mut Judge<'_>,
@@ -483,8 +488,7 @@ fn judge_chain(
         1 => ca_loc.to_string(),
         n => format!("{ca_loc} (CA {} of {n})", i + 1),
     };
-    let picked = openssl_issuer(cas, leaf, now).filter(|&i| leaf.is_signed_by(&cas[i]));
-    let Some(i) = picked else {
+    let Some(i) = chain_issuer(cas, leaf, now) else {
         let signer = cas.iter().position(|ca| leaf.is_signed_by(ca));
         let msg = match signer {
             Some(s) => format!(

@@ -93,7 +93,7 @@ pub fn parse_bundle(pem: &[u8], what: &str) -> Result<Vec<Certificate>, TlsSetup
 }
 
 pub(crate) struct Verifier {
-    cas: Vec<Certificate>,
+    pub(crate) cas: Vec<Certificate>,
     webpki: Arc<WebPkiServerVerifier>,
     algorithms: WebPkiSupportedAlgorithms,
     /// The last served certificate, for reports (probe uses one connection at a time).
