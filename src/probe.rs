@@ -165,7 +165,7 @@ impl Prober {
                 not_after: pki::format_time(served.not_after),
                 version: served.version,
                 matches_deployed_leaf: served.der() == self.tls.leaf_der.as_slice(),
-                ca_index: checks::chain_issuer(&cas, &served, unix_now()).map(|i| i + 1),
+                ca_index: checks::chain_issuer(cas, &served, unix_now()).map(|i| i + 1),
                 bundle_cas: cas.len(),
             });
         }
