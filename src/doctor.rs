@@ -290,8 +290,18 @@ enum Named {
     Tmm,
 }
 
-/// (where, verbs, group, resource, subresource, which object): what the code calls.
-const NEEDED: &[(Scope, &[&str], &str, &str, Option<&str>, Named)] = &[
+/// (where, verbs, group, resource, subresource, which object).
+type Need = (
+    Scope,
+    &'static [&'static str],
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Named,
+);
+
+/// What the code calls.
+const NEEDED: &[Need] = &[
     (
         Scope::Copies,
         &["get", "update"],
