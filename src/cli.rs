@@ -98,6 +98,13 @@ pub struct RestartFlags {
     /// (recorded in a `PreflightOverridden` Event).
     #[arg(long, env = "DSSM_CERTS_FORCE_RESTART")]
     pub force: bool,
+    /// `POD=HOST:PORT` (repeatable): where the rolling restart reaches that dSSM pod's Redis
+    /// instead of its pod IP and container port (a port-forward, a test).
+    #[arg(long = "redis-endpoint", value_name = "POD=HOST:PORT", value_parser = crate::rolling::parse_redis_endpoint, env = "DSSM_CERTS_REDIS_ENDPOINT", value_delimiter = ',')]
+    pub redis_endpoints: Vec<(String, String)>,
+    /// The name Sentinel monitors the dSSM primary under.
+    #[arg(long, default_value = crate::redis::DEFAULT_MASTER_NAME, env = "DSSM_CERTS_REDIS_MASTER_NAME")]
+    pub redis_master_name: String,
 }
 
 impl RestartFlags {
@@ -109,6 +116,10 @@ impl RestartFlags {
             wait_timeout: std::time::Duration::from_secs(self.wait_timeout.max(1) as u64),
             probe_endpoint: self.probe_endpoint.clone(),
             probe_server_name: self.probe_server_name.clone(),
+            redis: crate::rolling::RedisAccess {
+                endpoints: self.redis_endpoints.iter().cloned().collect(),
+                master: self.redis_master_name.clone(),
+            },
         }
     }
 }
