@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod dssm_pods;
 pub mod load;
 pub mod objects;
 pub mod rbac;

@@ -1,0 +1,94 @@
+//! Rotations through Kubernetes, proven on real processes under load: the test cluster's dSSM
+//! pods are redis-server/redis-sentinel processes (1 primary, 2 replicas, 3 sentinels, TLS only,
+//! kubelet-like mounts updated by the atomic `..data` swap), TMM pods are TMM-like mutual-TLS
+//! clients writing through the sentinels (`support::dssm_pods`), and the real `dssm-certs`
+//! binary rotates. Judged as `Figures::assert_unnoticed`: 0 failed operations after one retry,
+//! 0 acknowledged writes lost, ≥ 2 DBs and ≥ 2 sentinels up at every sample, and no moment
+//! without a Ready TMM pod.
+
+mod support;
+
+use std::time::Duration;
+
+use support::dssm_pods::{Bed, BedFigures};
+use support::load::{Figures, LoadConfig};
+use support::TestEnv;
+
+/// Lets the clients settle before and after the change, so the figures cover steady load.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+/// Runs the binary against the bed: `--redis-endpoint` maps every dSSM pod to its process, the
+/// probe goes to a sentinel.
+fn run(env: &TestEnv, bed: &Bed, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = support::bin();
+    cmd.env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .env("DSSM_CERTS_REDIS_ENDPOINT", &bed.redis_endpoints)
+        .args(args)
+        .args([
+            "--dssm-namespace",
+            &env.dssm_ns,
+            "--tmm-namespace",
+            &env.tmm_ns,
+            "--probe-endpoint",
+            &bed.sentinel,
+            "--probe-server-name",
+            "f5-dssm-sentinel",
+            "--wait-timeout",
+            "60s",
+        ]);
+    support::output(&mut cmd)
+}
+
+/// Stops the load and the stand-in kubelet; reads the counters back as a client holding the
+/// dSSM copy of the Secrets now.
+fn finish(bed: Bed, load: support::load::Load) -> (Figures, BedFigures) {
+    std::thread::sleep(SETTLE);
+    let reader = bed.root.join("reader");
+    let (topology, b) = bed.finish();
+    let files = topology.get("db-0").mount.clone();
+    std::fs::create_dir_all(&reader).unwrap();
+    for f in support::load::FILES {
+        std::fs::copy(files.join(f), reader.join(f)).unwrap();
+    }
+    let mut f = load.finish(&reader);
+    f.no_ready_tmm = b.no_ready_tmm;
+    drop(topology);
+    (f, b)
+}
+
+/// Managed materials (with the CA key in its Secret), published before the processes start.
+fn published() -> TestEnv {
+    let env = TestEnv::spk();
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    env
+}
+
+#[test]
+fn rotate_renews_the_leaf_through_the_cluster_under_load_and_nobody_notices() {
+    let env = published();
+    let before = env.copy(&env.dssm_ns).unwrap();
+    let (bed, load) = Bed::start(&env, LoadConfig::default());
+    std::thread::sleep(SETTLE);
+    let (code, out, err) = run(
+        &env,
+        &bed,
+        &[
+            "rotate",
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--strategy",
+            "rolling",
+        ],
+    );
+    let (f, b) = finish(bed, load);
+    eprintln!("leaf renewal through the cluster: {f:?} {b:?}\n{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    let after = env.copy(&env.dssm_ns).unwrap();
+    assert_eq!(after[0], before[0], "a leaf renewal keeps the CA");
+    assert_ne!(after[1], before[1], "a new leaf");
+    assert!(out.contains("reload TLS files in place"), "{out}");
+    assert!(b.started >= 3, "the three sentinels restarted: {b:?}");
+    f.assert_unnoticed("leaf renewal through the cluster");
+}
