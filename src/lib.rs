@@ -20,4 +20,5 @@ pub mod reconcile;
 pub mod redis;
 pub mod restart;
 pub mod rolling;
+pub mod rotation;
 pub mod values;

@@ -92,3 +92,84 @@ fn rotate_renews_the_leaf_through_the_cluster_under_load_and_nobody_notices() {
     assert!(b.started >= 3, "the three sentinels restarted: {b:?}");
     f.assert_unnoticed("leaf renewal through the cluster");
 }
+
+/// The seeds' materials (openssl CLI: RSA CA, v1 leaf without AKI), put by hand in both
+/// namespaces, as a seed-made cluster has them.
+fn seeded() -> TestEnv {
+    let env = TestEnv::spk();
+    let seed = env.dir.path().join("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    support::seed_materials(&seed, false);
+    let read = |f: &str| support::read(&seed.join(f));
+    let (ca, cert, key, dh) = (
+        read("dssm-ca.crt"),
+        read("dssm-cert.crt"),
+        read("dssm-key.key"),
+        read("dhparam2048.pem"),
+    );
+    for ns in [env.dssm_ns.clone(), env.tmm_ns.clone()] {
+        env.put_secret(
+            &ns,
+            "dssm-certs-secret",
+            &[
+                ("dssm-ca.crt", &ca),
+                ("dssm-cert.crt", &cert),
+                ("dhparam2048.pem", &dh),
+            ],
+        );
+        env.put_secret(&ns, "dssm-keys-secret", &[("dssm-key.key", &key)]);
+    }
+    env
+}
+
+#[test]
+fn rotate_ca_from_seed_materials_goes_through_three_phases_under_load_and_nobody_notices() {
+    let env = seeded();
+    let before = env.copy(&env.dssm_ns).unwrap();
+    let (bed, load) = Bed::start(&env, LoadConfig::default());
+    std::thread::sleep(SETTLE);
+    let (code, out, err) = run(
+        &env,
+        &bed,
+        &[
+            "rotate",
+            "--ca",
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--strategy",
+            "rolling",
+        ],
+    );
+    let (f, b) = finish(bed, load);
+    eprintln!("CA rotation through the cluster: {f:?} {b:?}\n{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    let phases: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("CA rotation phase "))
+        .map(|l| l.split_whitespace().nth(3).unwrap())
+        .collect();
+    assert_eq!(phases, ["trust", "switch", "drop"], "{out}");
+    assert!(out.contains("CA rotation complete"), "{out}");
+    let after = env.copy(&env.dssm_ns).unwrap();
+    assert_ne!(after[0], before[0], "a new CA");
+    assert_eq!(
+        after,
+        env.copy(&env.tmm_ns).unwrap(),
+        "both namespaces hold the same materials"
+    );
+    let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
+    assert!(
+        store["metadata"]["annotations"]["dssm-certs.f5.com/rotation"].is_null(),
+        "the record is gone once complete: {store}"
+    );
+    assert_eq!(
+        store["data"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["dssm-ca.crt", "dssm-ca.key"],
+        "nothing of the old materials is kept"
+    );
+    f.assert_unnoticed("CA rotation through the cluster");
+}
