@@ -295,6 +295,12 @@ async fn pass_once(
                 crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
                 other => other.into(),
             })?;
+        if rolling {
+            cluster
+                .check_dssm_rollout(&r.redis)
+                .await
+                .map_err(|e| ReconcileError::Preflight(e.to_string()))?;
+        }
     }
 
     let revision = match (&plan.action, &store) {

@@ -229,18 +229,16 @@ async fn dssm_client(cluster: &Cluster) -> Result<(ClientMaterials, String), Res
     ))
 }
 
+/// Everything a dSSM rollout needs, read before anything is touched.
+struct Prepared {
+    pods: ClusterPods,
+    live: Vec<Pod>,
+    materials: ClientMaterials,
+    fingerprint: String,
+}
+
 impl Cluster {
-    /// Rolls the dSSM pods the Redis-aware way: DBs reload in place (restarted where `subPath`
-    /// hides kubelet's update: replicas first, the primary last after a paused switchover),
-    /// sentinels one at a time behind CKQUORUM. Nothing is evicted unless every pod was
-    /// observed, its Redis reached and exactly one primary found.
-    pub async fn roll_dssm(
-        &self,
-        access: &RedisAccess,
-        extra: PhaseProof,
-        step_timeout: Duration,
-        out: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), RestartError> {
+    async fn prepare_dssm(&self, access: &RedisAccess) -> Result<Prepared, RestartError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
         let sel = self.dssm_selector.clone();
         let lp = ListParams::default().labels(&sel);
@@ -271,16 +269,56 @@ impl Cluster {
             uids.insert(p.name_any(), p.uid().unwrap_or_default());
         }
         let (materials, fingerprint) = dssm_client(self).await?;
+        Ok(Prepared {
+            pods: ClusterPods {
+                api,
+                namespace: self.dssm_ns.clone(),
+                selector: sel,
+                overrides: access.endpoints.clone(),
+                endpoints,
+                uids,
+                runtime: tokio::runtime::Handle::current(),
+            },
+            live,
+            materials,
+            fingerprint,
+        })
+    }
+
+    /// The rolling restart's own pre-flight, before anything is written: every dSSM pod's Redis
+    /// answers with the deployed materials, exactly one DB is primary, and the plan is safe.
+    pub async fn check_dssm_rollout(&self, access: &RedisAccess) -> Result<(), RestartError> {
+        let p = self.prepare_dssm(access).await?;
+        let ns = self.dssm_ns.clone();
+        tokio::task::spawn_blocking(move || {
+            let tool = TlsClient::new(&p.materials, true).map_err(|e| e.to_string())?;
+            let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)?;
+            rollout::plan(&observed).map_err(|e| e.to_string())
+        })
+        .await
+        .expect("the dSSM rollout check panicked")
+        .map(drop)
+        .map_err(RestartError::Rollout)
+    }
+
+    /// Rolls the dSSM pods the Redis-aware way: DBs reload in place (restarted where `subPath`
+    /// hides kubelet's update: replicas first, the primary last after a paused switchover),
+    /// sentinels one at a time behind CKQUORUM. Nothing is evicted unless every pod was
+    /// observed, its Redis reached and exactly one primary found.
+    pub async fn roll_dssm(
+        &self,
+        access: &RedisAccess,
+        extra: PhaseProof,
+        step_timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let Prepared {
+            mut pods,
+            live,
+            materials,
+            fingerprint,
+        } = self.prepare_dssm(access).await?;
         let server_name = contract::SENTINEL_SERVICE.to_string();
-        let mut pods = ClusterPods {
-            api,
-            namespace: self.dssm_ns.clone(),
-            selector: sel,
-            overrides: access.endpoints.clone(),
-            endpoints,
-            uids,
-            runtime: tokio::runtime::Handle::current(),
-        };
         let master = access.master.clone();
         let ns = self.dssm_ns.clone();
         // The Redis side blocks (its own deadlines): on a blocking thread, with the API calls
