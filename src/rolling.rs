@@ -321,27 +321,24 @@ impl Cluster {
         let server_name = contract::SENTINEL_SERVICE.to_string();
         let master = access.master.clone();
         let ns = self.dssm_ns.clone();
+        let _ = writeln!(out, "dSSM pods in {} roll one at a time:", self.dssm_ns);
         // The Redis side blocks (its own deadlines): on a blocking thread, with the API calls
-        // of the restarts sent back to this runtime.
-        let (log, result) = tokio::task::spawn_blocking(move || {
-            let mut log = Vec::new();
+        // of the restarts sent back to this runtime, and its progress lines sent back to `out`
+        // as they happen.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let work = tokio::task::spawn_blocking(move || {
             let tool = TlsClient::new(&materials, true).map_err(|e| e.to_string())?;
-            let accepts: Vec<TlsClient> = extra
-                .accepts
-                .iter()
-                .map(|m| TlsClient::new(m, true))
-                .collect::<Result<_, _>>()
-                .map_err(|e| e.to_string())?;
-            let refuses: Vec<TlsClient> = extra
-                .refuses
-                .iter()
-                .map(|m| TlsClient::new(m, true))
-                .collect::<Result<_, _>>()
-                .map_err(|e| e.to_string())?;
+            let clients = |ms: &[ClientMaterials]| {
+                ms.iter()
+                    .map(|m| TlsClient::new(m, true))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+            };
+            let (accepts, refuses) = (clients(&extra.accepts)?, clients(&extra.refuses)?);
             let observed = observe(&live, &pods, &tool, &server_name, &ns)?;
             let steps = rollout::plan(&observed).map_err(|e| e.to_string())?;
             for s in &steps {
-                log.push(format!("  plan: {s}"));
+                let _ = tx.send(format!("  plan: {s}"));
             }
             let mut proof = Proof {
                 serves: Some(fingerprint),
@@ -356,21 +353,17 @@ impl Cluster {
                 proof,
                 step_timeout,
             };
-            let mut done_log = Vec::new();
-            let r = rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
-                done_log.push(format!("  done: {s} ({:.1} s)", took.as_secs_f64()))
-            });
-            log.extend(done_log);
-            Ok::<_, String>((log, r.map_err(|e| e.to_string())))
-        })
-        .await
-        .expect("the dSSM rollout panicked")
-        .map_err(RestartError::Rollout)?;
-        let _ = writeln!(out, "dSSM pods in {} rolled one at a time:", self.dssm_ns);
-        for l in log {
-            let _ = writeln!(out, "{l}");
+            rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
+                let _ = tx.send(format!("  done: {s} ({:.1} s)", took.as_secs_f64()));
+            })
+            .map_err(|e| e.to_string())
+        });
+        while let Some(line) = rx.recv().await {
+            let _ = writeln!(out, "{line}");
         }
-        result.map_err(RestartError::Rollout)
+        work.await
+            .expect("the dSSM rollout panicked")
+            .map_err(RestartError::Rollout)
     }
 }
 

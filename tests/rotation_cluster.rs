@@ -173,3 +173,153 @@ fn rotate_ca_from_seed_materials_goes_through_three_phases_under_load_and_nobody
     );
     f.assert_unnoticed("CA rotation through the cluster");
 }
+
+/// Runs the binary, and kills it (-9) at the first line containing `marker` printed while the
+/// rotation is in phase `phase`. Returns whether it was killed, and what it printed.
+fn run_killed_at(
+    env: &TestEnv,
+    bed: &Bed,
+    args: &[&str],
+    kill_at: Option<(&str, &str)>,
+) -> (Option<i32>, bool, String) {
+    use std::io::BufRead;
+    let mut cmd = support::bin();
+    cmd.env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .env("DSSM_CERTS_REDIS_ENDPOINT", &bed.redis_endpoints)
+        .args(args)
+        .args([
+            "--dssm-namespace",
+            &env.dssm_ns,
+            "--tmm-namespace",
+            &env.tmm_ns,
+            "--probe-endpoint",
+            &bed.sentinel,
+            "--wait-timeout",
+            "60s",
+            // A killed run holds the Lease: keep the wait for it short.
+            "--lease-duration",
+            "4s",
+            "--max-clock-skew",
+            "1s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut printed, mut phase, mut killed) = (String::new(), String::new(), false);
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(rest) = line.strip_prefix("CA rotation, phase ") {
+            // "CA rotation, phase 2 of 3 (switch): ..."
+            phase = rest
+                .split(['(', ')'])
+                .nth(1)
+                .unwrap_or_default()
+                .to_string();
+        }
+        if let Some((p, marker)) = kill_at {
+            if !killed && phase == p && line.contains(marker) {
+                child.kill().unwrap(); // SIGKILL
+                killed = true;
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    printed.push_str(&err);
+    (status.code(), killed, printed)
+}
+
+/// Re-runs (as the next CronJob run would) while the killed run's Lease holds (exit 5).
+fn rerun_until_unlocked(
+    env: &TestEnv,
+    bed: &Bed,
+    args: &[&str],
+    kill_at: Option<(&str, &str)>,
+) -> (Option<i32>, bool, String) {
+    let start = std::time::Instant::now();
+    loop {
+        let r = run_killed_at(env, bed, args, kill_at);
+        if r.0 != Some(5) {
+            return r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", r.2);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
+    let env = seeded();
+    let (bed, load) = Bed::start(&env, LoadConfig::default());
+    std::thread::sleep(SETTLE);
+    let rotate = [
+        "rotate",
+        "--ca",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--strategy",
+        "rolling",
+    ];
+    let reconcile = [
+        "reconcile",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--strategy",
+        "rolling",
+    ];
+    // One kill point per phase: mid-way through the dSSM pods, between the copies and the
+    // rollout of TMM, mid-way through the DB reloads.
+    let kills = [
+        ("trust", "done: f5-dssm-sentinel-0: restart"),
+        ("switch", "rolling restart of deployment"),
+        ("drop", "done: f5-dssm-db-2: reload"),
+    ];
+    let mut killed_in = Vec::new();
+    let mut resumed_at = Vec::new();
+    let mut log = String::new();
+    for (i, kill) in kills.iter().enumerate() {
+        // `rotate --ca` again, then `reconcile`: any run that finds the record resumes it.
+        let args: &[&str] = if i < 2 { &rotate } else { &reconcile };
+        let (code, killed, out) = rerun_until_unlocked(&env, &bed, args, Some(*kill));
+        log.push_str(&out);
+        assert!(killed, "never reached {kill:?} (exit {code:?}):\n{out}");
+        killed_in.push(kill.0);
+        if let Some(l) = out
+            .lines()
+            .find(|l| l.starts_with("a CA rotation is in progress"))
+        {
+            resumed_at.push(l.to_string());
+        }
+    }
+    let (code, killed, out) = rerun_until_unlocked(&env, &bed, &reconcile, None);
+    log.push_str(&out);
+    assert!(!killed);
+    if let Some(l) = out
+        .lines()
+        .find(|l| l.starts_with("a CA rotation is in progress"))
+    {
+        resumed_at.push(l.to_string());
+    }
+    let (f, b) = finish(bed, load);
+    eprintln!("CA rotation killed in every phase: {f:?} {b:?}\n{log}");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(killed_in, ["trust", "switch", "drop"]);
+    assert_eq!(
+        resumed_at,
+        [
+            "a CA rotation is in progress: phase 1 of 3 (trust); resuming it",
+            "a CA rotation is in progress: phase 2 of 3 (switch); resuming it",
+            "a CA rotation is in progress: phase 3 of 3 (drop); resuming it",
+        ],
+        "each re-run resumed where the killed one was"
+    );
+    assert!(out.contains("CA rotation complete"), "{out}");
+    let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
+    assert!(store["metadata"]["annotations"]["dssm-certs.f5.com/rotation"].is_null());
+    f.assert_unnoticed("CA rotation killed in each phase");
+}
