@@ -17,9 +17,9 @@ use support::TestEnv;
 /// Lets the clients settle before and after the change, so the figures cover steady load.
 const SETTLE: Duration = Duration::from_millis(1500);
 
-/// Runs the binary against the bed: `--redis-endpoint` maps every dSSM pod to its process, the
-/// probe goes to a sentinel.
-fn run(env: &TestEnv, bed: &Bed, args: &[&str]) -> (i32, String, String) {
+/// The binary against the bed: `--redis-endpoint` maps every dSSM pod to its process, the
+/// probe goes to a sentinel, and a killed run's Lease is waited out quickly.
+fn command(env: &TestEnv, bed: &Bed, args: &[&str]) -> std::process::Command {
     let mut cmd = support::bin();
     cmd.env("KUBECONFIG", &env.kubeconfig)
         .env("HOME", env.dir.path())
@@ -36,8 +36,16 @@ fn run(env: &TestEnv, bed: &Bed, args: &[&str]) -> (i32, String, String) {
             "f5-dssm-sentinel",
             "--wait-timeout",
             "60s",
+            "--lease-duration",
+            "4s",
+            "--max-clock-skew",
+            "1s",
         ]);
-    support::output(&mut cmd)
+    cmd
+}
+
+fn run(env: &TestEnv, bed: &Bed, args: &[&str]) -> (i32, String, String) {
+    support::output(&mut command(env, bed, args))
 }
 
 /// Stops the load and the stand-in kubelet; reads the counters back as a client holding the
@@ -183,27 +191,8 @@ fn run_killed_at(
     kill_at: Option<(&str, &str)>,
 ) -> (Option<i32>, bool, String) {
     use std::io::BufRead;
-    let mut cmd = support::bin();
-    cmd.env("KUBECONFIG", &env.kubeconfig)
-        .env("HOME", env.dir.path())
-        .env("DSSM_CERTS_REDIS_ENDPOINT", &bed.redis_endpoints)
-        .args(args)
-        .args([
-            "--dssm-namespace",
-            &env.dssm_ns,
-            "--tmm-namespace",
-            &env.tmm_ns,
-            "--probe-endpoint",
-            &bed.sentinel,
-            "--wait-timeout",
-            "60s",
-            // A killed run holds the Lease: keep the wait for it short.
-            "--lease-duration",
-            "4s",
-            "--max-clock-skew",
-            "1s",
-        ])
-        .stdout(std::process::Stdio::piped())
+    let mut cmd = command(env, bed, args);
+    cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
