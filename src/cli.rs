@@ -12,7 +12,7 @@ use crate::pki::{KeyAlgorithm, Subject};
     name = "dssm-certs",
     version,
     about = "Certificate lifecycle for F5 dSSM (Redis DB + Sentinel) and its TMM clients",
-    after_help = "Exit codes: 0 ok, 1 warning, 2 critical, 3 cannot tell, 4 failed, 64 usage."
+    after_help = "Exit codes: 0 ok, 1 warning, 2 critical, 3 cannot tell, 4 failed, 5 locked (another dssm-certs holds the lease), 6 pre-flight refused, 64 usage."
 )]
 pub struct Cli {
     /// Log format on stderr.

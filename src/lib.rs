@@ -7,6 +7,7 @@ pub mod agent;
 pub mod check;
 pub mod cli;
 pub mod cluster;
+pub mod commands;
 pub mod contract;
 pub mod exit;
 pub mod fuzz;
