@@ -448,7 +448,7 @@ async fn pass_once(
     }
 
     // 2. The dSSM copies, then 3. the TMM copies.
-    let written_secrets = write_copies(cluster, &obs, &bundle, revision, out).await?;
+    let written_secrets = write_copies(cluster, &obs, &bundle, revision, None, out).await?;
     for s in &written_secrets {
         outcome.written.push(format!(
             "secret {}/{}",
@@ -566,11 +566,12 @@ pub(crate) async fn write_copies(
     obs: &Observation,
     bundle: &Bundle,
     revision: u64,
+    phase: Option<crate::rotation::Phase>,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<Secret>, ReconcileError> {
     let leaf = pki::parse_certificate(&bundle.leaf_cert, contract::LEAF_CERT)
         .map_err(|e| ReconcileError::Refused(e.to_string()))?;
-    let copy_ann = BTreeMap::from([
+    let mut copy_ann = BTreeMap::from([
         (annotations::REVISION.to_string(), revision.to_string()),
         (annotations::CA_SHA256.to_string(), sha256(&bundle.ca_cert)),
         (
@@ -582,6 +583,13 @@ pub(crate) async fn write_copies(
             pki::format_time(leaf.not_after),
         ),
     ]);
+    if let Some(p) = phase {
+        copy_ann.insert(
+            crate::rotation::PHASE_ANNOTATION.to_string(),
+            p.name().to_string(),
+        );
+    }
+    let phase_name = phase.map(|p| p.name());
     let certs_data = BTreeMap::from([
         (contract::CA_CERT.to_string(), bundle.ca_cert.clone()),
         (contract::LEAF_CERT.to_string(), bundle.leaf_cert.clone()),
@@ -612,6 +620,12 @@ pub(crate) async fn write_copies(
                         .and_then(|l| l.get(annotations::MANAGED_BY))
                         .map(String::as_str)
                         == Some(annotations::MANAGER)
+                    && s.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(crate::rotation::PHASE_ANNOTATION))
+                        .map(String::as_str)
+                        == phase_name
             });
             if same {
                 continue;

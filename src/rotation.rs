@@ -30,6 +30,21 @@ use crate::redis::ClientMaterials;
 /// On the CA key Secret while a rotation runs: its `Record` as JSON.
 pub const ROTATION_ANNOTATION: &str = "dssm-certs.f5.com/rotation";
 
+/// On every copy of the Secrets while a CA rotation runs: its phase, for readers that may not
+/// read the CA key Secret (`check`, the agent's metric).
+pub const PHASE_ANNOTATION: &str = "dssm-certs.f5.com/rotation-phase";
+
+/// The phase the dSSM copy of the certs Secret announces, if a rotation runs.
+pub fn phase_on_copies(obs: &crate::cluster::Observation, dssm_ns: &str) -> Option<Phase> {
+    let copy = obs.copies.iter().find(|c| c.namespace == dssm_ns)?;
+    match &copy.certs {
+        SecretObs::Present { annotations, .. } => Phase::ALL
+            .into_iter()
+            .find(|p| annotations.get(PHASE_ANNOTATION).map(String::as_str) == Some(p.name())),
+        SecretObs::Missing => None,
+    }
+}
+
 /// Saved in the CA key Secret while a CA rotation runs: the materials it replaces.
 pub mod saved_keys {
     pub const PREVIOUS_CA_CERT: &str = "previous-dssm-ca.crt";
@@ -311,7 +326,7 @@ pub async fn drive(
             phase.describe()
         );
         let bundle = saved.bundle(phase);
-        write_copies(cluster, &obs, &bundle, record.revision, out).await?;
+        write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
         let Some(r) = restart else {
             cluster
                 .annotate_deployment(
@@ -374,6 +389,8 @@ pub async fn drive(
                 save_record(cluster, &obs, &record).await?;
             }
             None => {
+                // The copies stop announcing a phase (metadata only: the files stay as they are).
+                write_copies(cluster, &obs, &bundle, record.revision, None, out).await?;
                 finish(cluster, &obs, ann, record.revision).await?;
                 cluster
                     .clear_deployment_annotations(&[annotations::RESTART_NEEDED])
@@ -462,6 +479,29 @@ mod tests {
         assert_eq!(Record::parse(&json), Ok(r));
         let e = Record::parse("{\"kind\":\"ca\",\"phase\":\"sideways\"}").unwrap_err();
         assert!(e.contains(ROTATION_ANNOTATION), "{e}");
+    }
+
+    #[test]
+    fn the_phase_metric_is_0_outside_a_rotation_and_1_2_3_inside() {
+        let m = crate::metrics::Metrics::new();
+        let mut report = crate::check::Report::new(vec![], 0, crate::check::Thresholds::default());
+        m.record(&report);
+        assert!(
+            m.encode().contains("\ndssm_rotation_phase 0\n"),
+            "{}",
+            m.encode()
+        );
+        report.rotation_phase = Some(Phase::Switch);
+        m.record(&report);
+        assert!(
+            m.encode().contains("\ndssm_rotation_phase 2\n"),
+            "{}",
+            m.encode()
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["rotation_phase"], "switch");
+        assert!(crate::check::render_table(&report)
+            .starts_with("CA rotation in progress: phase 2 of 3 (switch: "));
     }
 
     #[test]

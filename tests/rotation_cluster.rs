@@ -270,6 +270,7 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     ];
     let mut killed_in = Vec::new();
     let mut resumed_at = Vec::new();
+    let mut shown = Vec::new();
     let mut log = String::new();
     for (i, kill) in kills.iter().enumerate() {
         // `rotate --ca` again, then `reconcile`: any run that finds the record resumes it.
@@ -278,6 +279,16 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
         log.push_str(&out);
         assert!(killed, "never reached {kill:?} (exit {code:?}):\n{out}");
         killed_in.push(kill.0);
+        // What `check` (and the agent's dssm_rotation_phase) shows while the rotation waits.
+        let (_, json, err) = env.run(&["check", "-o", "json"]);
+        let report: serde_json::Value =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}{err}"));
+        shown.push(
+            report["rotation_phase"]
+                .as_str()
+                .unwrap_or("none")
+                .to_string(),
+        );
         if let Some(l) = out
             .lines()
             .find(|l| l.starts_with("a CA rotation is in progress"))
@@ -298,6 +309,12 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     eprintln!("CA rotation killed in every phase: {f:?} {b:?}\n{log}");
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(killed_in, ["trust", "switch", "drop"]);
+    assert_eq!(shown, ["trust", "switch", "drop"], "check shows the phase");
+    let (_, json, _) = env.run(&["check", "-o", "json"]);
+    assert!(
+        !json.contains("rotation_phase"),
+        "no phase once complete: {json}"
+    );
     assert_eq!(
         resumed_at,
         [
