@@ -18,7 +18,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::apiserver::{resource, State, StateHandle};
-use super::load::{KubeletMount, Load, LoadConfig, FILES};
+use super::load::{Figures, KubeletMount, Load, LoadConfig, FILES};
 use super::redis::Topology;
 use super::TestEnv;
 
@@ -296,4 +296,160 @@ fn mark_ready(handle: &StateHandle, ns: &str, name: &str, id: &str) {
         s.ready_at.insert(id.to_string(), Instant::now());
         s.put(pods, ns, p);
     });
+}
+
+/// Lets the clients settle before and after the change, so the figures cover steady load.
+pub const SETTLE: Duration = Duration::from_millis(1500);
+
+/// The binary against the bed: `--redis-endpoint` maps every dSSM pod to its process, the
+/// probe goes to a sentinel, and a killed run's Lease is waited out quickly.
+pub fn command(env: &TestEnv, bed: &Bed, args: &[&str]) -> std::process::Command {
+    let mut cmd = super::bin();
+    cmd.env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .env("DSSM_CERTS_REDIS_ENDPOINT", &bed.redis_endpoints)
+        .args(args)
+        .args([
+            "--dssm-namespace",
+            &env.dssm_ns,
+            "--tmm-namespace",
+            &env.tmm_ns,
+            "--probe-endpoint",
+            &bed.sentinel,
+            "--probe-server-name",
+            "f5-dssm-sentinel",
+            "--wait-timeout",
+            "60s",
+            "--lease-duration",
+            "4s",
+            "--max-clock-skew",
+            "1s",
+        ]);
+    cmd
+}
+
+pub fn run(env: &TestEnv, bed: &Bed, args: &[&str]) -> (i32, String, String) {
+    super::output(&mut command(env, bed, args))
+}
+
+/// Stops the load and the stand-in kubelet; reads the counters back as a client holding the
+/// dSSM copy of the Secrets now.
+pub fn finish(bed: Bed, load: Load) -> (Figures, BedFigures) {
+    std::thread::sleep(SETTLE);
+    let reader = bed.root.join("reader");
+    let (topology, b) = bed.finish();
+    let files = topology.get("db-0").mount.clone();
+    std::fs::create_dir_all(&reader).unwrap();
+    for f in FILES {
+        std::fs::copy(files.join(f), reader.join(f)).unwrap();
+    }
+    let mut f = load.finish(&reader);
+    f.no_ready_tmm = b.no_ready_tmm;
+    drop(topology);
+    (f, b)
+}
+
+/// Managed materials (with the CA key in its Secret), published before the processes start.
+pub fn published() -> TestEnv {
+    let env = TestEnv::spk();
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    env
+}
+
+/// The seeds' materials (openssl CLI: RSA CA, v1 leaf without AKI), put by hand in both
+/// namespaces, as a seed-made cluster has them.
+pub fn seeded() -> TestEnv {
+    let env = TestEnv::spk();
+    let seed = env.dir.path().join("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    super::seed_materials(&seed, false);
+    let read = |f: &str| super::read(&seed.join(f));
+    let (ca, cert, key, dh) = (
+        read("dssm-ca.crt"),
+        read("dssm-cert.crt"),
+        read("dssm-key.key"),
+        read("dhparam2048.pem"),
+    );
+    for ns in [env.dssm_ns.clone(), env.tmm_ns.clone()] {
+        env.put_secret(
+            &ns,
+            "dssm-certs-secret",
+            &[
+                ("dssm-ca.crt", &ca),
+                ("dssm-cert.crt", &cert),
+                ("dhparam2048.pem", &dh),
+            ],
+        );
+        env.put_secret(&ns, "dssm-keys-secret", &[("dssm-key.key", &key)]);
+    }
+    env
+}
+
+/// What one rotation through the cluster showed.
+pub struct Run {
+    pub env: TestEnv,
+    pub figures: Figures,
+    pub bed: BedFigures,
+    pub code: i32,
+    pub out: String,
+}
+
+/// `args` run once under load against a bed started on `env`'s Secrets.
+pub fn rotate_under_load(env: TestEnv, args: &[&str]) -> Run {
+    let (bed, load) = Bed::start(&env, LoadConfig::default());
+    std::thread::sleep(SETTLE);
+    let (code, out, err) = run(&env, &bed, args);
+    let (figures, b) = finish(bed, load);
+    Run {
+        env,
+        figures,
+        bed: b,
+        code,
+        out: out + &err,
+    }
+}
+
+/// The scenarios the tests assert on and the benchmark prints, each through the real binary.
+pub mod scenarios {
+    use super::*;
+
+    /// (a) `rotate`: a new leaf under the same CA, rolling.
+    pub fn leaf_renewal() -> Run {
+        let args = [
+            "rotate",
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--strategy",
+            "rolling",
+        ];
+        rotate_under_load(published(), &args)
+    }
+
+    /// (b) `rotate --ca` from seed-made materials, rolling: three phases.
+    pub fn ca_rotation() -> Run {
+        let args = [
+            "rotate",
+            "--ca",
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--strategy",
+            "rolling",
+        ];
+        rotate_under_load(seeded(), &args)
+    }
+
+    /// (c) `rotate --ca` from seed-made materials the seeds' way: TMM to zero, every dSSM pod
+    /// at once.
+    pub fn scale_to_zero() -> Run {
+        let args = [
+            "rotate",
+            "--ca",
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--strategy",
+            "scale-to-zero",
+        ];
+        rotate_under_load(seeded(), &args)
+    }
 }
