@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::dssm_pods::{command, finish, scenarios, seeded, Bed, SETTLE};
+use support::dssm_pods::{command, finish, rotate_args, scenarios, seeded, Bed, SETTLE};
 use support::load::LoadConfig;
 use support::TestEnv;
 
@@ -144,14 +144,7 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     let env = seeded();
     let (bed, load) = Bed::start(&env, LoadConfig::default());
     std::thread::sleep(SETTLE);
-    let rotate = [
-        "rotate",
-        "--ca",
-        "--key-algorithm",
-        "ecdsa-p256",
-        "--strategy",
-        "rolling",
-    ];
+    let rotate = rotate_args(true, "rolling");
     let reconcile = [
         "reconcile",
         "--key-algorithm",

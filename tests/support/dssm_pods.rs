@@ -410,46 +410,38 @@ pub fn rotate_under_load(env: TestEnv, args: &[&str]) -> Run {
     }
 }
 
+/// `rotate` (with `--ca` if `ca`) with fast keys and `strategy`.
+pub fn rotate_args(ca: bool, strategy: &str) -> Vec<&str> {
+    let mut args = vec![
+        "rotate",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--strategy",
+        strategy,
+    ];
+    if ca {
+        args.insert(1, "--ca");
+    }
+    args
+}
+
 /// The scenarios the tests assert on and the benchmark prints, each through the real binary.
 pub mod scenarios {
     use super::*;
 
     /// (a) `rotate`: a new leaf under the same CA, rolling.
     pub fn leaf_renewal() -> Run {
-        let args = [
-            "rotate",
-            "--key-algorithm",
-            "ecdsa-p256",
-            "--strategy",
-            "rolling",
-        ];
-        rotate_under_load(published(), &args)
+        rotate_under_load(published(), &rotate_args(false, "rolling"))
     }
 
     /// (b) `rotate --ca` from seed-made materials, rolling: three phases.
     pub fn ca_rotation() -> Run {
-        let args = [
-            "rotate",
-            "--ca",
-            "--key-algorithm",
-            "ecdsa-p256",
-            "--strategy",
-            "rolling",
-        ];
-        rotate_under_load(seeded(), &args)
+        rotate_under_load(seeded(), &rotate_args(true, "rolling"))
     }
 
     /// (c) `rotate --ca` from seed-made materials the seeds' way: TMM to zero, every dSSM pod
     /// at once.
     pub fn scale_to_zero() -> Run {
-        let args = [
-            "rotate",
-            "--ca",
-            "--key-algorithm",
-            "ecdsa-p256",
-            "--strategy",
-            "scale-to-zero",
-        ];
-        rotate_under_load(seeded(), &args)
+        rotate_under_load(seeded(), &rotate_args(true, "scale-to-zero"))
     }
 }
