@@ -81,9 +81,10 @@ pub struct RestartFlags {
     /// is complete).
     #[arg(long, value_enum, default_value_t = crate::restart::Order::TmmFirst, env = "DSSM_CERTS_ORDER")]
     pub order: crate::restart::Order,
-    /// `scale-to-zero` (default; required when the CA changed) or `rolling` (no interruption;
-    /// refused when the CA changed).
-    #[arg(long, value_enum, default_value_t = crate::restart::Strategy::ScaleToZero, env = "DSSM_CERTS_STRATEGY")]
+    /// `rolling` (default: no interruption; a new CA goes out in three phases) or
+    /// `scale-to-zero` (the seeds' procedure: TMM to zero, every dSSM pod at once; it interrupts
+    /// traffic).
+    #[arg(long, value_enum, default_value_t = crate::restart::Strategy::Rolling, env = "DSSM_CERTS_STRATEGY")]
     pub strategy: crate::restart::Strategy,
     /// Bound of every wait (pods terminating, pods Ready, TMM available).
     #[arg(long, default_value = "300s", value_parser = parse_duration, env = "DSSM_CERTS_WAIT_TIMEOUT")]

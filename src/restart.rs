@@ -29,10 +29,11 @@ pub enum Order {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Strategy {
-    /// TMM to zero, then back: required when the CA changed (old and new sides refuse each other).
+    /// The seeds' procedure: TMM to zero and back, every dSSM pod at once. It interrupts
+    /// traffic (opt-in, for a maintenance window).
     ScaleToZero,
-    /// No traffic interruption: a rolling restart of TMM and the dSSM pods one at a time.
-    /// Allowed only when the CA did not change, so old and new leaves are both trusted.
+    /// No interruption (the default): dSSM the Redis-aware way, one pod at a time, then TMM by a
+    /// rolling restart; a new CA goes out in three phases (`rotation`).
     Rolling,
 }
 
@@ -728,6 +729,11 @@ impl Cluster {
     ) -> Result<(), RestartError> {
         let t = opts.wait_timeout;
         let tmm_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.tmm_ns);
+        let _ = writeln!(
+            out,
+            "strategy scale-to-zero (the seeds' procedure): TMM goes to 0 replicas and every dSSM \
+             pod restarts at once; this interrupts traffic"
+        );
         // 2. Scale TMM to zero, 3. wait until no TMM pod is left.
         self.scale_tmm(0).await?;
         let _ = writeln!(

@@ -14,6 +14,23 @@ use support::dssm_pods::{command, finish, rotate_args, scenarios, seeded, Bed, S
 use support::load::LoadConfig;
 use support::TestEnv;
 
+/// `rotate` without --strategy (the leaf renewal scenario runs so) rolls; scale-to-zero is the
+/// opt-in, and says it interrupts traffic (the contrast scenario asserts that line).
+#[test]
+fn rolling_is_the_default_strategy() {
+    let (code, help, _) = support::output(
+        support::bin()
+            .env_remove("DSSM_CERTS_STRATEGY")
+            .args(["rotate", "--help"]),
+    );
+    assert_eq!(code, 0);
+    assert!(
+        help.contains("[default: rolling]") && help.contains("it interrupts"),
+        "{help}"
+    );
+}
+
+/// Run with the default strategy: rolling.
 #[test]
 fn rotate_renews_the_leaf_through_the_cluster_under_load_and_nobody_notices() {
     let r = scenarios::leaf_renewal();
@@ -76,6 +93,7 @@ fn rotate_ca_with_scale_to_zero_runs_and_is_measured() {
         out.contains("scaled deployment spk-ingress/f5-tmm to 0"),
         "{out}"
     );
+    assert!(out.contains("this interrupts traffic"), "{out}");
     assert!(f.no_ready_tmm > Duration::ZERO, "{f:?}");
     assert!(f.ops > 0 && f.samples > 0, "{f:?}");
 }
@@ -144,7 +162,7 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     let env = seeded();
     let (bed, load) = Bed::start(&env, LoadConfig::default());
     std::thread::sleep(SETTLE);
-    let rotate = rotate_args(true, "rolling");
+    let rotate = rotate_args(true, Some("rolling"));
     let reconcile = [
         "reconcile",
         "--key-algorithm",

@@ -305,6 +305,8 @@ pub const SETTLE: Duration = Duration::from_millis(1500);
 /// probe goes to a sentinel, and a killed run's Lease is waited out quickly.
 pub fn command(env: &TestEnv, bed: &Bed, args: &[&str]) -> std::process::Command {
     let mut cmd = super::bin();
+    // The processes run: the binary's own default strategy applies.
+    cmd.env_remove("DSSM_CERTS_STRATEGY");
     cmd.env("KUBECONFIG", &env.kubeconfig)
         .env("HOME", env.dir.path())
         .env("DSSM_CERTS_REDIS_ENDPOINT", &bed.redis_endpoints)
@@ -410,17 +412,14 @@ pub fn rotate_under_load(env: TestEnv, args: &[&str]) -> Run {
     }
 }
 
-/// `rotate` (with `--ca` if `ca`) with fast keys and `strategy`.
-pub fn rotate_args(ca: bool, strategy: &str) -> Vec<&str> {
-    let mut args = vec![
-        "rotate",
-        "--key-algorithm",
-        "ecdsa-p256",
-        "--strategy",
-        strategy,
-    ];
+/// `rotate` (with `--ca` if `ca`) with fast keys and `strategy` (None: the default).
+pub fn rotate_args(ca: bool, strategy: Option<&str>) -> Vec<&str> {
+    let mut args = vec!["rotate", "--key-algorithm", "ecdsa-p256"];
     if ca {
         args.insert(1, "--ca");
+    }
+    if let Some(s) = strategy {
+        args.extend(["--strategy", s]);
     }
     args
 }
@@ -429,19 +428,19 @@ pub fn rotate_args(ca: bool, strategy: &str) -> Vec<&str> {
 pub mod scenarios {
     use super::*;
 
-    /// (a) `rotate`: a new leaf under the same CA, rolling.
+    /// (a) `rotate`: a new leaf under the same CA, with the default strategy (rolling).
     pub fn leaf_renewal() -> Run {
-        rotate_under_load(published(), &rotate_args(false, "rolling"))
+        rotate_under_load(published(), &rotate_args(false, None))
     }
 
     /// (b) `rotate --ca` from seed-made materials, rolling: three phases.
     pub fn ca_rotation() -> Run {
-        rotate_under_load(seeded(), &rotate_args(true, "rolling"))
+        rotate_under_load(seeded(), &rotate_args(true, Some("rolling")))
     }
 
     /// (c) `rotate --ca` from seed-made materials the seeds' way: TMM to zero, every dSSM pod
     /// at once.
     pub fn scale_to_zero() -> Run {
-        rotate_under_load(seeded(), &rotate_args(true, "scale-to-zero"))
+        rotate_under_load(seeded(), &rotate_args(true, Some("scale-to-zero")))
     }
 }
