@@ -19,4 +19,5 @@ pub mod probe;
 pub mod reconcile;
 pub mod redis;
 pub mod restart;
+pub mod targets;
 pub mod values;

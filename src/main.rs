@@ -264,7 +264,13 @@ fn run(cli: Cli) -> Result<i32, Box<dyn std::error::Error>> {
                     "--dssm-namespace is required outside a pod (no service account namespace file)",
                 )?,
             };
-            print!("{}", values::tmm_values(&ns));
+            let targets = dssm_certs::targets::resolve(
+                &a.tmm.tmm,
+                a.tmm.tmm_namespace.as_deref(),
+                &a.tmm.tmm_deployment,
+                &ns,
+            );
+            print!("{}", values::tmm_values_for(&ns, &targets));
             Ok(exit::OK)
         }
     }
