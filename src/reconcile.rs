@@ -199,6 +199,12 @@ async fn pass_once(
         revision: None,
         restart_pending,
     };
+    // A missing TMM target (or its namespace) is refused before any write, the Lease's too.
+    if plan.action.writes() {
+        if let Some(t) = obs.missing_target() {
+            return Err(ClusterError::NoWorkload(t.clone()).into());
+        }
+    }
     if plan.action.writes() && !opts.dry_run && !lease_held {
         return Err(ReconcileError::NeedsLease);
     }
@@ -210,9 +216,6 @@ async fn pass_once(
     }
 
     // Everything that can refuse the pass is checked before the first write.
-    if let Some(t) = obs.missing_target() {
-        return Err(ClusterError::NoWorkload(t.clone()).into());
-    }
     let targets = targets(cluster);
     for (ns, name) in &targets {
         if let Some(s) = obs.raw.get(&(ns.clone(), name.to_string())) {

@@ -14,7 +14,7 @@ use kube::{Api, ResourceExt};
 
 use crate::cluster::{call, Cluster, ClusterError};
 use crate::plan::annotations;
-use crate::targets::{TmmTarget, Workload, RESTARTED_ANNOTATION};
+use crate::targets::{Kind, TmmTarget, Workload, RESTARTED_ANNOTATION, STOP_NODE_SELECTOR};
 
 /// Where the replica count lives while a TMM target is stopped (on the target itself).
 pub use crate::targets::REPLICAS_ANNOTATION;
@@ -36,6 +36,9 @@ pub enum Strategy {
     /// Allowed only when the CA did not change, so old and new leaves are both trusted.
     Rolling,
 }
+
+/// The `tmm-restarted` token of a restart no write asked for (the `restart` command).
+const MANUAL: &str = "manual";
 
 /// Set on the Deployment by a write that changed the CA, until the restart is done.
 pub const CA_CHANGED_ANNOTATION: &str = "dssm-certs.f5.com/ca-changed";
@@ -572,25 +575,25 @@ impl Cluster {
         Ok(out)
     }
 
-    /// The targets this restart still has to restart. Every target carries the
-    /// `restart-needed` mark of the restart (a manual `restart` marks them all first), and a
-    /// done target carries the same value in `tmm-restarted`: a resumed restart skips it. A
-    /// recorded (stopped) target is never done.
+    /// The targets this restart still has to restart, each with the token that marks it done
+    /// (`tmm-restarted`, so a resumed restart skips it). After a write, the targets to restart
+    /// carry the `restart-needed` revision as their token; when none does (a manual `restart`,
+    /// fresh or resumed) every target is to restart, with the token `manual`. A recorded
+    /// (stopped) target is never done.
     async fn tmm_pending(&self) -> Result<Vec<(TmmTarget, Workload, String)>, ClusterError> {
-        let mut all = self.tmm_workloads().await?;
-        let marked = |w: &Workload| {
-            w.recorded().is_some() || w.annotations().contains_key(annotations::RESTART_NEEDED)
-        };
-        if !all.iter().any(|(_, w)| marked(w)) {
-            self.annotate_targets(&[(annotations::RESTART_NEEDED, Some("manual"))])
-                .await?;
-            all = self.tmm_workloads().await?;
-        }
+        let all = self.tmm_workloads().await?;
+        let manual = !all
+            .iter()
+            .any(|(_, w)| w.annotations().contains_key(annotations::RESTART_NEEDED));
         Ok(all
             .into_iter()
             .filter_map(|(t, w)| {
                 let a = w.annotations();
-                let token = a.get(annotations::RESTART_NEEDED)?.clone();
+                let token = match a.get(annotations::RESTART_NEEDED) {
+                    Some(revision) => revision.clone(),
+                    None if manual || w.recorded().is_some() => MANUAL.to_string(),
+                    None => return None,
+                };
                 let done = a.get(RESTARTED_ANNOTATION) == Some(&token);
                 (w.recorded().is_some() || !done).then_some((t, w, token))
             })
@@ -735,7 +738,10 @@ impl Cluster {
         for (target, w, token) in pending {
             let replicas = match w.recorded() {
                 Some(n) => {
-                    let _ = writeln!(out, "resuming an interrupted restart: {target} had {n}");
+                    let _ = writeln!(
+                        out,
+                        "resuming an interrupted restart: TMM had {n} replicas ({target})"
+                    );
                     n
                 }
                 None => {
@@ -746,7 +752,13 @@ impl Cluster {
                 }
             };
             self.stop_target(&target).await?;
-            let _ = writeln!(out, "stopped {target} (was {replicas})");
+            let _ = match target.kind {
+                Kind::Deployment => writeln!(out, "scaled {target} to 0 (was {replicas})"),
+                Kind::DaemonSet => writeln!(
+                    out,
+                    "stopped {target} (was {replicas}): nodeSelector {STOP_NODE_SELECTOR}=true"
+                ),
+            };
             stopped.push((target, selector_query(w.selector()), replicas, token));
         }
         // 3. Wait until no pod of any stopped target is left.
@@ -755,14 +767,17 @@ impl Cluster {
             wait_pods(
                 &pods,
                 sel,
-                &format!("the pods of {target} to terminate"),
+                &format!(
+                    "the TMM pods in {} to terminate ({target})",
+                    target.namespace
+                ),
                 t,
                 // A Failed or Succeeded (evicted) pod stays listed but runs nothing: it does not
                 // hold the scale-down up until the timeout.
                 |p| p.values().all(ended),
             )
             .await?;
-            let _ = writeln!(out, "no pod of {target} left");
+            let _ = writeln!(out, "no TMM pod left in {} ({target})", target.namespace);
         }
         if opts.order == Order::DssmFirst {
             self.restart_dssm(t, out).await?;
@@ -778,7 +793,10 @@ impl Cluster {
                 ],
             )
             .await?;
-            let _ = writeln!(out, "started {target} again ({replicas})");
+            let _ = match target.kind {
+                Kind::Deployment => writeln!(out, "scaled {target} back to {replicas}"),
+                Kind::DaemonSet => writeln!(out, "started {target} again ({replicas} nodes)"),
+            };
         }
         // 5.–6. Delete the dSSM pods and wait for them.
         if opts.order == Order::TmmFirst {
@@ -787,7 +805,7 @@ impl Cluster {
         // 7. TMM available again.
         for (target, _, replicas, _) in &stopped {
             self.wait_tmm_available(target, *replicas, t).await?;
-            let _ = writeln!(out, "{target} has {replicas} available pods");
+            let _ = writeln!(out, "{target} has {replicas} available replicas");
         }
         let counts: Vec<String> = stopped
             .iter()

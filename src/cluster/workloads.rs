@@ -2,8 +2,6 @@
 //! stop and start for a scale-to-zero restart, rollout restart, and watch until a condition
 //! holds. Every call names the target it touches.
 
-use std::future::Future;
-
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::api::{Patch, PatchParams};
@@ -153,21 +151,19 @@ impl Cluster {
     /// Resolves once `cond` holds for the workload of `t`. kube-runtime's watcher re-lists on
     /// 410 Gone and backs off on errors, so a broken stream never ends the wait early (the
     /// caller's deadline does).
-    pub fn watch_target<'a>(
-        &'a self,
-        t: &'a TmmTarget,
-        cond: impl Fn(&Workload) -> bool + Send + Sync + 'a,
-    ) -> impl Future<Output = ()> + Send + 'a {
-        async move {
-            match t.kind {
-                Kind::Deployment => {
-                    let api = self.deployments_in(&t.namespace);
-                    watch_until(api, t, |d| cond(&Workload::Deployment(Box::new(d.clone())))).await
-                }
-                Kind::DaemonSet => {
-                    let api = self.daemonsets_in(&t.namespace);
-                    watch_until(api, t, |d| cond(&Workload::DaemonSet(Box::new(d.clone())))).await
-                }
+    pub async fn watch_target(
+        &self,
+        t: &TmmTarget,
+        cond: impl Fn(&Workload) -> bool + Send + Sync,
+    ) {
+        match t.kind {
+            Kind::Deployment => {
+                let api = self.deployments_in(&t.namespace);
+                watch_until(api, t, |d| cond(&Workload::Deployment(Box::new(d.clone())))).await
+            }
+            Kind::DaemonSet => {
+                let api = self.daemonsets_in(&t.namespace);
+                watch_until(api, t, |d| cond(&Workload::DaemonSet(Box::new(d.clone())))).await
             }
         }
     }

@@ -35,12 +35,8 @@ pub fn spawn_as(
     let child = cmd
         .env("KUBECONFIG", kubeconfig)
         .args(["run", "--listen", &addr])
-        .args([
-            "--dssm-namespace",
-            &env.dssm_ns,
-            "--tmm-namespace",
-            &env.tmm_ns,
-        ])
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args())
         .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -67,7 +63,7 @@ pub fn start_watching(env: &TestEnv, kubeconfig: &Path, extra: &[&str]) -> Runni
                     && r.query.contains(name)
             })
         };
-        [env.dssm_ns.as_str(), env.tmm_ns.as_str()]
+        env.copy_namespaces()
             .iter()
             .all(|ns| watched(ns, "dssm-certs-secret") && watched(ns, "dssm-keys-secret"))
             .then_some(())
