@@ -278,6 +278,7 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
     };
     let report = check::inspect_observation(&obs, &cluster.dssm_ns, now, opts.thresholds).await;
     shared.metrics.record(&report);
+    shared.metrics.record_targets(&obs.workloads);
     shared.ready.store(true, Ordering::SeqCst);
     events(cluster, &obs, &report, shared).await;
 

@@ -761,8 +761,9 @@ impl Cluster {
             };
             stopped.push((target, selector_query(w.selector()), replicas, token));
         }
-        // 3. Wait until no pod of any stopped target is left.
-        for (target, sel, _, _) in &stopped {
+        // 3. Wait until no pod of any stopped target is left (all targets at once: they
+        // terminate in parallel).
+        let waits = stopped.iter().map(|(target, sel, _, _)| async move {
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
             wait_pods(
                 &pods,
@@ -776,7 +777,10 @@ impl Cluster {
                 // hold the scale-down up until the timeout.
                 |p| p.values().all(ended),
             )
-            .await?;
+            .await
+        });
+        futures::future::try_join_all(waits).await?;
+        for (target, _, _, _) in &stopped {
             let _ = writeln!(out, "no TMM pod left in {} ({target})", target.namespace);
         }
         if opts.order == Order::DssmFirst {

@@ -251,6 +251,11 @@ fn the_chart_roles_grant_exactly_what_the_code_uses() {
         exercise_every_command(&format!("chart {set}"), &env);
         assert_rbac_is_exactly_used(&format!("chart {set}"), &env, &rendered);
     }
+    // Several TMM instances (two Deployments, one DaemonSet): a Role per namespace.
+    let rendered = to_yaml(&render(&example("spk-multi", json!({})), "spk-utilities"));
+    let env = TestEnv::spk_multi(&rendered);
+    exercise_every_command("chart spk-multi", &env);
+    assert_rbac_is_exactly_used("chart spk-multi", &env, &rendered);
 }
 
 #[test]

@@ -551,3 +551,56 @@ fn each_target_namespace_grants_exactly_what_its_target_uses() {
     exercise_every_command("spk-multi", &env);
     assert_rbac_is_exactly_used("spk-multi", &env, &kustomized);
 }
+
+/// The agent (its own read-only account, under the multi-instance RBAC) reports every copy by
+/// namespace and every TMM target by namespace and target: ready, and waiting for a restart
+/// after materials were written without one.
+#[test]
+fn the_agent_reports_every_copy_and_every_target() {
+    use support::agent::{http_get, start_watching};
+    let env = TestEnv::spk_multi(&apiserver::render_overlay("spk-multi"));
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let agent = start_watching(&env, &env.agent_kubeconfig, &[]);
+    let value = |m: &str, name: &str, labels: &[String]| -> Option<f64> {
+        m.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    let metrics = support::redis::wait_for("the target series", Duration::from_secs(15), || {
+        http_get(&agent.addr, "/metrics").filter(|m| m.contains("dssm_tmm_target_ready{"))
+    });
+    for (ns, target) in [
+        (INGRESS_A, "deployment/f5-tmm"),
+        (INGRESS_B, "deployment/f5-tmm"),
+        (BNK, "daemonset/tmm"),
+    ] {
+        let labels = [
+            format!("namespace=\"{ns}\""),
+            format!("target=\"{target}\""),
+        ];
+        assert_eq!(
+            value(&metrics, "dssm_tmm_target_ready", &labels),
+            Some(1.0),
+            "{ns} {target}:\n{metrics}"
+        );
+        assert_eq!(
+            value(&metrics, "dssm_tmm_restart_pending", &labels),
+            Some(1.0),
+            "{ns} {target}: written with --no-restart\n{metrics}"
+        );
+    }
+    for ns in env.copy_namespaces() {
+        let labels = [
+            format!("namespace=\"{ns}\""),
+            "key=\"dssm-cert.crt\"".to_string(),
+        ];
+        assert_eq!(
+            value(&metrics, "dssm_certificate_ready", &labels),
+            Some(1.0),
+            "{ns}:\n{metrics}"
+        );
+    }
+    drop(agent);
+}

@@ -52,12 +52,14 @@ pub fn start_watching(env: &TestEnv, kubeconfig: &Path, extra: &[&str]) -> Runni
     if !args.contains(&"--interval") {
         args.extend(["--interval", "1s"]);
     }
+    // Only this agent's watches count, not those of an agent started before it.
+    let earlier = env.server.requests().len();
     let (child, addr) = spawn(env, kubeconfig, &args);
     let agent = RunningAgent { child, addr };
     super::redis::wait_for("the agent's watches", Duration::from_secs(15), || {
         let reqs = env.server.requests();
         let watched = |ns: &str, name: &str| {
-            reqs.iter().any(|r| {
+            reqs.iter().skip(earlier).any(|r| {
                 r.path == format!("/api/v1/namespaces/{ns}/secrets")
                     && r.query.contains("watch=true")
                     && r.query.contains(name)

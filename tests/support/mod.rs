@@ -206,7 +206,12 @@ impl TestEnv {
         server.put("apps", "deployments", b, copy);
         let nodes = server.with_state(|s| s.nodes.len());
         wait_all_ready(&server, 12 + nodes);
-        server.with_state(|s| s.rbac = Some(apiserver::rbac_from_manifests(rendered)));
+        server.with_state(|s| {
+            s.rbac = Some(apiserver::rbac_from_manifests(rendered));
+            // Pods take a second to terminate: a wait for one target's pods cannot be satisfied
+            // by its first list while another target's are being waited for.
+            s.timing.pod_grace = std::time::Duration::from_secs(1);
+        });
         let mut env = Self::on(server, dssm_ns, a, apiserver::SA_TOKEN);
         env.tmm_targets = vec![
             format!("{a}/deployment/f5-tmm"),
