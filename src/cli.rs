@@ -12,7 +12,7 @@ use crate::pki::{KeyAlgorithm, Subject};
     name = "dssm-certs",
     version,
     about = "Certificate lifecycle for F5 dSSM (Redis DB + Sentinel) and its TMM clients",
-    after_help = "Exit codes: 0 ok, 1 warning, 2 critical, 3 cannot tell, 4 failed, 64 usage."
+    after_help = "Exit codes: 0 ok, 1 warning, 2 critical, 3 cannot tell, 4 failed, 5 locked (another dssm-certs holds the lease), 6 pre-flight refused, 64 usage."
 )]
 pub struct Cli {
     /// Log format on stderr.
@@ -35,6 +35,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Inspect deployed materials: expiry, residual time, chain, key match, DH params.
     Check(CheckArgs),
+    /// Before a rotation: what in the cluster would make it unsafe or slow (read-only).
+    Doctor(DoctorArgs),
     /// Print the TMM Helm values that point TMM at dSSM with these materials.
     Values(ValuesArgs),
     /// Mutual-TLS handshake and PING to Sentinel (and DBs) with the deployed materials.
@@ -358,6 +360,23 @@ pub struct CheckArgs {
     #[arg(long, default_value = "28d", value_parser = parse_duration, env = "DSSM_CERTS_WARN")]
     pub warn: i64,
     /// Critical when less than this is left.
+    #[arg(long, default_value = "14d", value_parser = parse_duration, env = "DSSM_CERTS_CRITICAL")]
+    pub critical: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
+    pub output: OutputFormat,
+    /// Whose permissions to check, as NAMESPACE/NAME of a ServiceAccount (impersonated: you must
+    /// be allowed to impersonate it), or `self` for the identity running doctor. Default: the
+    /// `dssm-certs` ServiceAccount in the dSSM namespace.
+    #[arg(long, env = "DSSM_CERTS_DOCTOR_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    #[arg(long, default_value = "28d", value_parser = parse_duration, env = "DSSM_CERTS_WARN")]
+    pub warn: i64,
     #[arg(long, default_value = "14d", value_parser = parse_duration, env = "DSSM_CERTS_CRITICAL")]
     pub critical: i64,
 }

@@ -13,7 +13,7 @@ use kube::api::{EvictParams, ListParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
 
 use crate::cluster::{call, Cluster, ClusterError};
-use crate::plan::annotations;
+use crate::materials::annotations;
 use crate::targets::{Kind, TmmTarget, Workload, RESTARTED_ANNOTATION, STOP_NODE_SELECTOR};
 
 /// Where the replica count lives while a TMM target is stopped (on the target itself).

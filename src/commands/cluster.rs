@@ -1,0 +1,145 @@
+//! `reconcile`, `rotate` and `restart`: the commands that change the cluster. Each holds the
+//! Lease while it writes, and on SIGTERM/SIGINT gives TMM back its replicas before exiting.
+
+use super::{log, runtime, CommandError};
+use crate::check::Thresholds;
+use crate::cli::{IssueArgs, ReconcileArgs, RestartArgs, RotateArgs};
+use crate::cluster::{Cluster, ClusterError};
+use crate::plan::Policy;
+use crate::reconcile::{self, ReconcileError};
+use crate::restart::RestartError;
+use crate::{contract, exit, generate};
+
+pub fn reconcile(a: &ReconcileArgs) -> Result<i32, CommandError> {
+    let policy = policy(&a.issue, false, false);
+    let restart = (!a.no_restart).then(|| a.restart.options());
+    write(&a.cluster, &a.issue, a.dry_run, restart, policy)
+}
+
+pub fn rotate(a: &RotateArgs) -> Result<i32, CommandError> {
+    let policy = policy(&a.issue, true, a.ca);
+    let restart = (!a.no_restart).then(|| a.restart.options());
+    write(&a.cluster, &a.issue, a.dry_run, restart, policy)
+}
+
+pub fn restart(a: &RestartArgs) -> Result<i32, CommandError> {
+    runtime()?.block_on(async {
+        let cluster = Cluster::connect(&a.cluster.target()).await?;
+        // `restart` is run to end a restart that may be holding TMM down: wait out a holder
+        // that looks alive rather than giving up at once.
+        let lease = cluster.acquire_lease_waiting(true).await?;
+        let mut out = std::io::stdout();
+        let opts = a.restart.options();
+        let r = until_sigterm(
+            &cluster,
+            lease.guard(async {
+                cluster.restart(&opts, &mut out).await.map_err(|e| match e {
+                    RestartError::Preflight(why) => ReconcileError::Preflight(why),
+                    e => e.into(),
+                })
+            }),
+        )
+        .await;
+        lease.release().await;
+        r
+    })?;
+    Ok(exit::OK)
+}
+
+/// The renewal policy the flags ask for; `rotate` forces the leaf (and with `--ca`, the CA).
+pub fn policy(issue: &IssueArgs, force_leaf: bool, force_ca: bool) -> Policy {
+    Policy {
+        renew_before: issue.renew_before,
+        ca_renew_before: issue.ca_renew_before,
+        leaf_days: issue.material.days,
+        force_leaf,
+        force_ca,
+    }
+}
+
+fn write(
+    args: &crate::cli::ClusterArgs,
+    issue: &IssueArgs,
+    dry_run: bool,
+    restart: Option<crate::restart::Options>,
+    policy: Policy,
+) -> Result<i32, CommandError> {
+    runtime()?.block_on(async {
+        let cluster = Cluster::connect(&args.target()).await?;
+        let opts = options(&cluster, issue, dry_run, restart, policy, None);
+        let mut out = std::io::stdout();
+        let work = reconcile::reconcile(&cluster, &opts, &mut out);
+        until_sigterm(&cluster, work).await
+    })?;
+    Ok(exit::OK)
+}
+
+/// What a reconcile needs besides the cluster, from the flags. `thresholds` are the agent's
+/// `--warn`/`--critical` (for its expiry Events); the one-shot commands use the defaults.
+pub fn options(
+    cluster: &Cluster,
+    issue: &IssueArgs,
+    dry_run: bool,
+    restart: Option<crate::restart::Options>,
+    policy: Policy,
+    thresholds: Option<Thresholds>,
+) -> reconcile::Options {
+    let m = &issue.material;
+    let dns_names = if m.dns.is_empty() {
+        contract::default_dns_names(Some(&cluster.dssm_ns))
+    } else {
+        m.dns.clone()
+    };
+    reconcile::Options {
+        dry_run,
+        policy,
+        dhparam: issue.dhparam.clone(),
+        generate: generate::GenerateOptions {
+            days: m.days,
+            ca_days: m.ca_days,
+            key_algorithm: m.key_algorithm,
+            ca_subject: m.ca_subject.clone(),
+            subject: m.subject.clone(),
+            dns_names,
+            existing_ca: None,
+            dhparam: generate::DhSource::Generate,
+            namespace: None,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        },
+        thresholds: thresholds.unwrap_or_default(),
+        restart,
+    }
+}
+
+/// Runs `work`; on SIGTERM or SIGINT drops it and restores TMM before returning, so that TMM is
+/// never left at zero by a stopped Job.
+async fn until_sigterm<T, E>(
+    cluster: &Cluster,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E>
+where
+    E: From<RestartError> + From<ClusterError>,
+{
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        r = work => r,
+        _ = term.recv() => stop(cluster).await,
+        _ = tokio::signal::ctrl_c() => stop(cluster).await,
+    }
+}
+
+async fn stop<T, E>(cluster: &Cluster) -> Result<T, E>
+where
+    E: From<RestartError> + From<ClusterError>,
+{
+    if !cluster.holds_lease().await {
+        log::notice(
+            "signal received: this process does not hold the lease, so it leaves TMM to the holder",
+        );
+        return Err(RestartError::Interrupted { replicas: -1 }.into());
+    }
+    log::notice("signal received: restoring TMM before exiting");
+    let replicas = cluster.restore_tmm().await?.unwrap_or(-1);
+    Err(RestartError::Interrupted { replicas }.into())
+}
