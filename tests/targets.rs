@@ -227,6 +227,20 @@ fn reconcile_publishes_identical_copies_into_every_tmm_namespace_and_restarts_ev
         );
     }
     assert_eq!(r["in_sync"], true, "{r:#}");
+    let targets: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == "tmm-target" && c["status"] == "ok")
+        .map(|c| c["message"].as_str().unwrap())
+        .collect();
+    for t in [
+        "deployment spk-ingress-a/f5-tmm: rolled out",
+        "deployment spk-ingress-b/f5-tmm: rolled out",
+        "daemonset bnk-tmm/tmm: rolled out",
+    ] {
+        assert!(targets.iter().any(|m| m.starts_with(t)), "{t}: {r:#}");
+    }
 }
 
 /// Drift in one TMM namespace is repaired from the stored materials, and only that namespace's
@@ -412,6 +426,11 @@ fn a_missing_target_namespace_or_workload_is_a_clear_error_before_any_write() {
         let writes = env.writes();
         assert!(writes.is_empty(), "{bad}: {writes:?}");
         assert!(env.secret(DSSM, "dssm-certs-secret").is_none());
+        // `check` names it, critical.
+        // (Nothing is published yet either: critical or cannot tell, never ok.)
+        let (code, out, err) = env.run_with(&["check"], &targets);
+        assert!(code >= 2, "{bad}: {out}{err}");
+        assert!(out.contains(says), "{bad}: {out}");
     }
 }
 
@@ -603,4 +622,63 @@ fn the_agent_reports_every_copy_and_every_target() {
         );
     }
     drop(agent);
+}
+
+/// `doctor` reviews the access every target needs (its kind's verbs, in its namespace) and
+/// finds the multi-instance Roles grant all of it; a missing target is named.
+#[test]
+fn doctor_reviews_each_targets_access_and_names_a_missing_target() {
+    let env = TestEnv::spk_multi(&apiserver::render_overlay("spk-multi"));
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let admin = env.dir.path().join("admin-kubeconfig");
+    std::fs::write(
+        &admin,
+        env.server.kubeconfig(apiserver::ADMIN_TOKEN, &env.dssm_ns),
+    )
+    .unwrap();
+    let doctor = |targets: &[String]| {
+        let mut cmd = bin();
+        cmd.env("KUBECONFIG", &admin)
+            .env("HOME", env.dir.path())
+            .args(["doctor", "-o", "json", "--dssm-namespace", &env.dssm_ns]);
+        for t in targets {
+            cmd.args(["--tmm", t]);
+        }
+        let (_, out, err) = output(&mut cmd);
+        let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        r["findings"].as_array().unwrap().clone()
+    };
+    let findings = doctor(&env.tmm_targets);
+    let bad: Vec<&Value> = findings
+        .iter()
+        .filter(|f| f["check"] == "rbac" || f["check"] == "target")
+        .collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+    for ns in env.copy_namespaces() {
+        assert!(
+            findings
+                .iter()
+                .any(|f| f["check"] == "expiry" && f["object"] == format!("namespace/{ns}")),
+            "{ns}: {findings:#?}"
+        );
+    }
+
+    let mut more = env.tmm_targets.clone();
+    more.push("spk-ingress-b/daemonset/f5-tmm".into());
+    let findings = doctor(&more);
+    assert!(
+        findings.iter().any(|f| f["check"] == "target"
+            && f["status"] == "critical"
+            && f["object"] == "spk-ingress-b/daemonset/f5-tmm"),
+        "{findings:#?}"
+    );
+    // The Roles do not cover the new target's daemonsets in spk-ingress-b: named as such.
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["check"] == "rbac"
+                && f["message"].as_str().unwrap_or("").contains("daemonsets")),
+        "{findings:#?}"
+    );
 }
