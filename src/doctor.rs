@@ -271,91 +271,182 @@ impl std::fmt::Display for Access {
     }
 }
 
-/// Everything `reconcile`/`rotate` (with a restart) calls, by namespace: the Roles shipped in
-/// manifests/ and the chart grant exactly these (tests/doctor.rs checks it against them).
-pub fn required_access(dssm_ns: &str, targets: &[crate::targets::TmmTarget]) -> Vec<Access> {
-    let a = |ns: &str, verb, group, resource, sub, name: Option<&str>| Access {
-        namespace: ns.to_string(),
-        verb,
-        group,
-        resource,
-        subresource: sub,
-        name: name.map(str::to_string),
-    };
-    let mut v = Vec::new();
-    let namespaces: Vec<String> = std::iter::once(dssm_ns.to_string())
-        .chain(crate::targets::namespaces(targets))
-        .collect();
-    for ns in namespaces.iter().map(String::as_str) {
-        for secret in [contract::CERTS_SECRET, contract::KEYS_SECRET] {
-            for verb in ["get", "update"] {
-                v.push(a(ns, verb, "", "secrets", None, Some(secret)));
-            }
-        }
-        v.push(a(ns, "create", "", "secrets", None, None));
-        v.push(a(ns, "create", "events.k8s.io", "events", None, None));
-        v.push(a(ns, "list", "", "pods", None, None));
-        v.push(a(ns, "watch", "", "pods", None, None));
-    }
-    for verb in ["get", "update"] {
-        v.push(a(
-            dssm_ns,
-            verb,
-            "",
-            "secrets",
-            None,
-            Some(contract::CA_KEY_SECRET),
-        ));
-        v.push(a(
-            dssm_ns,
-            verb,
-            "coordination.k8s.io",
-            "leases",
-            None,
-            Some(crate::cluster::lease::LEASE_NAME),
-        ));
-    }
-    v.push(a(
-        dssm_ns,
-        "create",
+/// Where a permission is needed: in every namespace holding copies, in the dSSM namespace, or
+/// in TMM's.
+#[derive(Clone, Copy, PartialEq)]
+enum Scope {
+    Copies,
+    Dssm,
+    Tmm,
+}
+
+/// Named object of a permission: the Secrets (each), the CA key, the Lease, the TMM Deployment.
+#[derive(Clone, Copy, PartialEq)]
+enum Named {
+    Any,
+    CopySecrets,
+    CaKey,
+    Lease,
+    Tmm,
+}
+
+/// (where, verbs, group, resource, subresource, which object).
+type Need = (
+    Scope,
+    &'static [&'static str],
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Named,
+);
+
+/// What the code calls.
+const NEEDED: &[Need] = &[
+    (
+        Scope::Copies,
+        &["get", "update"],
+        "",
+        "secrets",
+        None,
+        Named::CopySecrets,
+    ),
+    (Scope::Copies, &["create"], "", "secrets", None, Named::Any),
+    (
+        Scope::Copies,
+        &["create"],
+        "events.k8s.io",
+        "events",
+        None,
+        Named::Any,
+    ),
+    (
+        Scope::Copies,
+        &["list", "watch"],
+        "",
+        "pods",
+        None,
+        Named::Any,
+    ),
+    (
+        Scope::Dssm,
+        &["get", "update"],
+        "",
+        "secrets",
+        None,
+        Named::CaKey,
+    ),
+    (
+        Scope::Dssm,
+        &["get", "update"],
         "coordination.k8s.io",
         "leases",
         None,
+        Named::Lease,
+    ),
+    (
+        Scope::Dssm,
+        &["create"],
+        "coordination.k8s.io",
+        "leases",
         None,
-    ));
-    v.push(a(dssm_ns, "create", "", "pods", Some("eviction"), None));
-    v.push(a(
-        dssm_ns,
-        "list",
+        Named::Any,
+    ),
+    (
+        Scope::Dssm,
+        &["create"],
+        "",
+        "pods",
+        Some("eviction"),
+        Named::Any,
+    ),
+    (
+        Scope::Dssm,
+        &["list"],
         "policy",
         "poddisruptionbudgets",
         None,
+        Named::Any,
+    ),
+    (
+        Scope::Tmm,
+        &["get", "patch", "watch"],
+        "apps",
+        "deployments",
         None,
-    ));
-    for t in targets {
-        let ns = t.namespace.as_str();
-        let name = Some(t.name.as_str());
-        let resource = match t.kind {
-            crate::targets::Kind::Deployment => "deployments",
-            crate::targets::Kind::DaemonSet => "daemonsets",
+        Named::Tmm,
+    ),
+    (
+        Scope::Tmm,
+        &["patch"],
+        "apps",
+        "deployments",
+        Some("scale"),
+        Named::Tmm,
+    ),
+];
+
+/// Everything `reconcile`/`rotate` (with a restart) calls: the Roles shipped in manifests/ and
+/// the chart grant exactly these (tests/doctor.rs checks a published install has them all).
+/// The TMM rows of `NEEDED` name a Deployment; a DaemonSet target needs the same verbs on
+/// `daemonsets`, and no scale subresource (it is stopped by a patch of its template).
+pub fn required_access(dssm_ns: &str, targets: &[crate::targets::TmmTarget]) -> Vec<Access> {
+    use crate::targets::Kind;
+    let mut copies = vec![dssm_ns.to_string()];
+    copies.extend(crate::targets::namespaces(targets));
+    let mut v: Vec<Access> = Vec::new();
+    for &(scope, verbs, group, resource, subresource, named) in NEEDED {
+        // (namespace, resource, name) of each object the row is about.
+        let objects: Vec<(&str, &'static str, Option<&str>)> = match (scope, named) {
+            (Scope::Tmm, _) => targets
+                .iter()
+                .filter_map(|t| match t.kind {
+                    Kind::Deployment => {
+                        Some((t.namespace.as_str(), resource, Some(t.name.as_str())))
+                    }
+                    Kind::DaemonSet if subresource.is_none() => {
+                        Some((t.namespace.as_str(), "daemonsets", Some(t.name.as_str())))
+                    }
+                    Kind::DaemonSet => None,
+                })
+                .collect(),
+            (scope, named) => {
+                let namespaces: Vec<&str> = match scope {
+                    Scope::Dssm => vec![dssm_ns],
+                    _ => copies.iter().map(String::as_str).collect(),
+                };
+                let names: Vec<Option<&str>> = match named {
+                    Named::CopySecrets => {
+                        vec![Some(contract::CERTS_SECRET), Some(contract::KEYS_SECRET)]
+                    }
+                    Named::CaKey => vec![Some(contract::CA_KEY_SECRET)],
+                    Named::Lease => vec![Some(crate::cluster::lease::LEASE_NAME)],
+                    Named::Any | Named::Tmm => vec![None],
+                };
+                namespaces
+                    .iter()
+                    .flat_map(|ns| names.iter().map(move |n| (*ns, resource, *n)))
+                    .collect()
+            }
         };
-        for verb in ["get", "patch", "watch"] {
-            v.push(a(ns, verb, "apps", resource, None, name));
-        }
-        // A DaemonSet is stopped by a patch of its template: it has no scale subresource.
-        if t.kind == crate::targets::Kind::Deployment {
-            v.push(a(ns, "patch", "apps", resource, Some("scale"), name));
+        for (namespace, resource, name) in objects {
+            for &verb in verbs {
+                {
+                    let a = Access {
+                        namespace: namespace.to_string(),
+                        verb,
+                        group,
+                        resource,
+                        subresource,
+                        name: name.map(str::to_string),
+                    };
+                    // One namespace for both (CNF): each permission once.
+                    if !v.contains(&a) {
+                        v.push(a);
+                    }
+                }
+            }
         }
     }
-    // One namespace for several: each permission once.
-    let mut seen = Vec::new();
-    v.retain(|x| {
-        let new = !seen.contains(x);
-        if new {
-            seen.push(x.clone());
-        }
-        new
-    });
     v
 }
 
@@ -453,4 +544,72 @@ pub fn render_table(r: &Report) -> String {
         if r.findings.len() == 1 { "" } else { "s" }
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_list_names_each_permission_once_in_one_or_two_namespaces() {
+        use crate::targets::TmmTarget;
+        let spk = required_access(
+            "spk-utilities",
+            &[TmmTarget::deployment("spk-ingress", "f5-tmm")],
+        );
+        assert_eq!(spk.len(), 27);
+        let cnf = required_access(
+            "cnf-gateway",
+            &[TmmTarget::deployment("cnf-gateway", "f5-tmm")],
+        );
+        assert_eq!(
+            cnf.len(),
+            19,
+            "the copies' permissions once when TMM shares dSSM's namespace"
+        );
+        let shown: Vec<String> = spk.iter().map(ToString::to_string).collect();
+        for expected in [
+            "create pods/eviction in spk-utilities",
+            "patch deployments/scale.apps f5-tmm in spk-ingress",
+            "update secrets dssm-ca-key-secret in spk-utilities",
+            "get leases.coordination.k8s.io dssm-certs in spk-utilities",
+        ] {
+            assert!(
+                shown.iter().any(|s| s == expected),
+                "{expected}: {shown:#?}"
+            );
+        }
+        assert!(!shown
+            .iter()
+            .any(|s| s.contains("dssm-ca-key-secret in spk-ingress")));
+    }
+
+    #[test]
+    fn each_target_needs_its_kinds_verbs_in_its_own_namespace() {
+        use crate::targets::TmmTarget;
+        let targets = [
+            TmmTarget::deployment("spk-ingress-a", "f5-tmm"),
+            TmmTarget::parse("bnk-tmm/daemonset/tmm").unwrap(),
+        ];
+        let shown: Vec<String> = required_access("spk-utilities", &targets)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for expected in [
+            "patch deployments/scale.apps f5-tmm in spk-ingress-a",
+            "patch daemonsets.apps tmm in bnk-tmm",
+            "watch daemonsets.apps tmm in bnk-tmm",
+            "update secrets dssm-certs-secret in bnk-tmm",
+            "list pods in bnk-tmm",
+        ] {
+            assert!(
+                shown.iter().any(|s| s == expected),
+                "{expected}: {shown:#?}"
+            );
+        }
+        // A DaemonSet has no scale subresource, and nothing of a Deployment is asked there.
+        assert!(!shown
+            .iter()
+            .any(|s| s.contains("in bnk-tmm") && s.contains("deployments")));
+    }
 }

@@ -23,5 +23,7 @@ pub mod probe;
 pub mod reconcile;
 pub mod redis;
 pub mod restart;
+pub mod rolling;
+pub mod rotation;
 pub mod targets;
 pub mod values;
