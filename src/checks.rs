@@ -680,32 +680,34 @@ mod tests {
         Ca { pem, key }
     }
 
+    /// A leaf of `signer` issued `days_ago`, for 30 days: (PEM, key).
+    fn leaf(signer: &Ca, days_ago: i64) -> (String, PrivateKey) {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let request = LeafRequest {
+            subject: &Subject::parse("CN=Server").unwrap(),
+            days: 30,
+            dns_names: &[],
+        };
+        let ca = CaSigner {
+            cert_pem: signer.pem.as_bytes(),
+            key: &signer.key,
+            cert_name: "ca",
+            key_name: "ca key",
+        };
+        let at = OffsetDateTime::now_utc() - Duration::days(days_ago);
+        (issue_leaf(&request, &key, &ca, at).unwrap().pem, key)
+    }
+
     /// `cas` as the bundle, with a fresh leaf of `signer`.
     fn bundle(cas: &[&Ca], signer: &Ca) -> Bundle {
-        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let leaf = issue_leaf(
-            &LeafRequest {
-                subject: &Subject::parse("CN=Server").unwrap(),
-                days: 30,
-                dns_names: &[],
-            },
-            &key,
-            &CaSigner {
-                cert_pem: signer.pem.as_bytes(),
-                key: &signer.key,
-                cert_name: "ca",
-                key_name: "ca key",
-            },
-            OffsetDateTime::now_utc() - Duration::days(1),
-        )
-        .unwrap();
+        let (pem, key) = leaf(signer, 1);
         Bundle {
             ca_cert: cas
                 .iter()
                 .map(|c| c.pem.as_str())
                 .collect::<String>()
                 .into_bytes(),
-            leaf_cert: leaf.pem.into_bytes(),
+            leaf_cert: pem.into_bytes(),
             leaf_key: SecretBytes::new(key.to_pkcs8_pem()),
             dhparams: FFDHE2048_PEM.as_bytes().to_vec(),
         }
@@ -750,26 +752,7 @@ mod tests {
         // The leaf of the expired CA: issued while it was valid, it is not usable now.
         let mut b = bundle(&[&new], &new);
         b.ca_cert = [expired.pem.as_bytes(), new.pem.as_bytes()].concat();
-        let leaf = {
-            let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-            let l = issue_leaf(
-                &LeafRequest {
-                    subject: &Subject::parse("CN=Server").unwrap(),
-                    days: 30,
-                    dns_names: &[],
-                },
-                &key,
-                &CaSigner {
-                    cert_pem: expired.pem.as_bytes(),
-                    key: &expired.key,
-                    cert_name: "ca",
-                    key_name: "ca key",
-                },
-                OffsetDateTime::now_utc() - Duration::days(380),
-            )
-            .unwrap();
-            (l.pem, key)
-        };
+        let leaf = leaf(&expired, 380);
         b.leaf_cert = leaf.0.into_bytes();
         b.leaf_key = SecretBytes::new(leaf.1.to_pkcs8_pem());
         let f = judge_copy(&b.source("ns"), now(), Thresholds::default());
