@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cluster;
 pub mod commands;
 pub mod contract;
+pub mod doctor;
 pub mod exit;
 pub mod fuzz;
 pub mod generate;

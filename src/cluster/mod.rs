@@ -2,6 +2,7 @@
 //! CA key Secret, the TMM Deployment, the Lease and Events. Every call names the object it
 //! touches in its errors and retries what is transient (429, 5xx, transport) with backoff.
 
+pub mod doctor;
 pub mod lease;
 
 use std::collections::BTreeMap;
