@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::check::Status;
 use crate::contract;
-use crate::plan::Owner;
+use crate::materials::Owner;
 use crate::restart::selects;
 
 pub const SCHEMA: &str = "dssm-certs.doctor/v1";
@@ -394,7 +394,7 @@ pub fn secret_owner(namespace: &str, name: &str, owner: &Owner) -> Option<Findin
             message: format!(
                 "has no app.kubernetes.io/managed-by={} label (made by hand): the next reconcile \
                  adopts it",
-                crate::plan::annotations::MANAGER
+                crate::materials::annotations::MANAGER
             ),
         }),
         Owner::Other(by) => Some(Finding {
