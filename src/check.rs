@@ -90,6 +90,9 @@ pub struct Report {
     /// Checks across copies (cluster only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckResult>,
+    /// The phase of a CA rotation in progress (cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_phase: Option<crate::rotation::Phase>,
 }
 
 impl Report {
@@ -109,6 +112,7 @@ impl Report {
             copies,
             in_sync: None,
             checks: Vec::new(),
+            rotation_phase: None,
         }
     }
 
@@ -147,9 +151,12 @@ pub async fn inspect_observation(
             c.source(store)
         })
         .collect();
+    let rotation_phase = crate::rotation::phase_on_copies(obs, dssm_ns);
     tokio::task::spawn_blocking(move || {
         let copies = sources.iter().map(|s| inspect(s, now, t)).collect();
-        Report::new(copies, now, t).with_sync(&sources)
+        let mut report = Report::new(copies, now, t).with_sync(&sources);
+        report.rotation_phase = rotation_phase;
+        report
     })
     .await
     .expect("the inspection panicked")
@@ -225,6 +232,14 @@ pub fn inspect(source: &Source, now: i64, t: Thresholds) -> CopyReport {
 /// The human table, in the spirit of `kubeadm certs check-expiration`.
 pub fn render_table(report: &Report) -> String {
     let mut out = String::new();
+    if let Some(p) = report.rotation_phase {
+        out.push_str(&format!(
+            "CA rotation in progress: phase {} of 3 ({}: {})\n\n",
+            p.number(),
+            p.name(),
+            p.describe()
+        ));
+    }
     for copy in &report.copies {
         out.push_str(&format!("{} — {}\n\n", copy.source, copy.status));
         let mut rows = vec![[

@@ -23,4 +23,6 @@ pub mod probe;
 pub mod reconcile;
 pub mod redis;
 pub mod restart;
+pub mod rolling;
+pub mod rotation;
 pub mod values;

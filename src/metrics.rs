@@ -75,6 +75,8 @@ pub struct Metrics {
     pub in_sync: Family<Vec<(String, String)>, Gauge<i64>>,
     pub rotations: Family<ResultLabels, Counter>,
     pub last_rotation: Gauge<i64>,
+    /// 0 when no CA rotation runs, else its phase: 1 trust, 2 switch, 3 drop.
+    pub rotation_phase: Gauge<i64>,
     pub reconcile_duration: Histogram,
     pub resident_memory: Gauge<i64>,
     pub cpu_seconds: Gauge<f64, AtomicU64>,
@@ -97,12 +99,18 @@ impl Metrics {
             in_sync: Family::default(),
             rotations: Family::default(),
             last_rotation: Gauge::default(),
+            rotation_phase: Gauge::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             resident_memory: Gauge::default(),
             cpu_seconds: Gauge::default(),
             start_time: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "dssm_rotation_phase",
+            "The phase of the CA rotation in progress: 0 none, 1 trust (both CAs), 2 switch (new leaf), 3 drop (new CA only)",
+            m.rotation_phase.clone(),
+        );
         registry.register(
             "dssm_certificate_not_after_timestamp_seconds",
             "The notAfter of each deployed certificate, unix seconds",
@@ -181,6 +189,8 @@ impl Metrics {
                 );
             }
         }
+        self.rotation_phase
+            .set(report.rotation_phase.map_or(0, |p| p.number()));
         self.in_sync.clear();
         if let Some(in_sync) = report.in_sync {
             self.in_sync.get_or_create(&vec![]).set(i64::from(in_sync));
