@@ -658,3 +658,111 @@ pub fn judge_drift(sources: &[Source]) -> Finding {
         message,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materials::Bundle;
+    use crate::pki::{dhparams::FFDHE2048_PEM, Subject};
+    use crate::pki::{issue_ca, issue_leaf, CaSigner, KeyAlgorithm, LeafRequest, SecretBytes};
+    use time::{Duration, OffsetDateTime};
+
+    struct Ca {
+        pem: String,
+        key: PrivateKey,
+    }
+
+    fn ca(days_ago: i64, days: u32) -> Ca {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let at = OffsetDateTime::now_utc() - Duration::days(days_ago);
+        let subject = Subject::parse("CN=Certificate Authority").unwrap();
+        let pem = issue_ca(&subject, days, &key, at).unwrap();
+        Ca { pem, key }
+    }
+
+    /// A leaf of `signer` issued `days_ago`, for 30 days: (PEM, key).
+    fn leaf(signer: &Ca, days_ago: i64) -> (String, PrivateKey) {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let request = LeafRequest {
+            subject: &Subject::parse("CN=Server").unwrap(),
+            days: 30,
+            dns_names: &[],
+        };
+        let ca = CaSigner {
+            cert_pem: signer.pem.as_bytes(),
+            key: &signer.key,
+            cert_name: "ca",
+            key_name: "ca key",
+        };
+        let at = OffsetDateTime::now_utc() - Duration::days(days_ago);
+        (issue_leaf(&request, &key, &ca, at).unwrap().pem, key)
+    }
+
+    /// `cas` as the bundle, with a fresh leaf of `signer`.
+    fn bundle(cas: &[&Ca], signer: &Ca) -> Bundle {
+        let (pem, key) = leaf(signer, 1);
+        Bundle {
+            ca_cert: cas
+                .iter()
+                .map(|c| c.pem.as_str())
+                .collect::<String>()
+                .into_bytes(),
+            leaf_cert: pem.into_bytes(),
+            leaf_key: SecretBytes::new(key.to_pkcs8_pem()),
+            dhparams: FFDHE2048_PEM.as_bytes().to_vec(),
+        }
+    }
+
+    fn now() -> i64 {
+        OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    /// Drift compares whole bundles: copies that share the old CA but not the new one differ,
+    /// and differ in the CA bundle (critical: they may refuse each other's next leaf).
+    #[test]
+    fn copies_whose_bundles_differ_only_in_their_second_ca_are_out_of_sync() {
+        let (old, new, other) = (ca(10, 3650), ca(1, 3650), ca(1, 3650));
+        let a = bundle(&[&old, &new], &old);
+        let mut b = bundle(&[&old, &other], &old);
+        b.leaf_cert = a.leaf_cert.clone();
+        b.leaf_key = a.leaf_key.clone();
+        let f = judge_drift(&[a.source("spk-utilities"), b.source("spk-ingress")]);
+        assert_eq!(f.status, Status::Critical, "{f:?}");
+        assert!(f.message.ends_with("differ in dssm-ca.crt"), "{f:?}");
+        let f = judge_drift(&[a.source("spk-utilities"), a.source("spk-ingress")]);
+        assert_eq!(f.status, Status::Ok, "{f:?}");
+    }
+
+    /// After the switch, an old CA that expired before the drop signs nothing: a warning on its
+    /// row, the copy still usable. The CA that signs the leaf expired is a broken copy.
+    #[test]
+    fn only_the_ca_that_signs_the_leaf_must_be_in_its_validity() {
+        let (expired, new) = (ca(400, 365), ca(1, 3650));
+        let f = judge_copy(
+            &bundle(&[&expired, &new], &new).source("ns"),
+            now(),
+            Thresholds::default(),
+        );
+        assert!(f.usable(), "{:?}", f.breaking().collect::<Vec<_>>());
+        assert_eq!(f.issuer, Some(1));
+        assert_eq!(f.certificates[0].validity.status, Status::Warning);
+        assert!(f.certificates[0].validity.message.contains("drop it"));
+        assert_eq!(f.certificates[0].name(), "dssm-ca.crt #1");
+
+        // The leaf of the expired CA: issued while it was valid, it is not usable now.
+        let mut b = bundle(&[&new], &new);
+        b.ca_cert = [expired.pem.as_bytes(), new.pem.as_bytes()].concat();
+        let leaf = leaf(&expired, 380);
+        b.leaf_cert = leaf.0.into_bytes();
+        b.leaf_key = SecretBytes::new(leaf.1.to_pkcs8_pem());
+        let f = judge_copy(&b.source("ns"), now(), Thresholds::default());
+        assert!(!f.usable());
+        let broken: Vec<String> = f.breaking().map(Finding::describe).collect();
+        assert!(
+            broken
+                .iter()
+                .any(|m| m.contains("ns/dssm-certs-secret[dssm-ca.crt] expired at")),
+            "{broken:?}"
+        );
+    }
+}
