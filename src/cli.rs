@@ -35,6 +35,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Inspect deployed materials: expiry, residual time, chain, key match, DH params.
     Check(CheckArgs),
+    /// Before a rotation: what in the cluster would make it unsafe or slow (read-only).
+    Doctor(DoctorArgs),
     /// Print the TMM Helm values that point TMM at dSSM with these materials.
     Values(ValuesArgs),
     /// Mutual-TLS handshake and PING to Sentinel (and DBs) with the deployed materials.
@@ -349,6 +351,23 @@ pub struct CheckArgs {
     #[arg(long, default_value = "28d", value_parser = parse_duration, env = "DSSM_CERTS_WARN")]
     pub warn: i64,
     /// Critical when less than this is left.
+    #[arg(long, default_value = "14d", value_parser = parse_duration, env = "DSSM_CERTS_CRITICAL")]
+    pub critical: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
+    pub output: OutputFormat,
+    /// Whose permissions to check, as NAMESPACE/NAME of a ServiceAccount (impersonated: you must
+    /// be allowed to impersonate it), or `self` for the identity running doctor. Default: the
+    /// `dssm-certs` ServiceAccount in the dSSM namespace.
+    #[arg(long, env = "DSSM_CERTS_DOCTOR_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    #[arg(long, default_value = "28d", value_parser = parse_duration, env = "DSSM_CERTS_WARN")]
+    pub warn: i64,
     #[arg(long, default_value = "14d", value_parser = parse_duration, env = "DSSM_CERTS_CRITICAL")]
     pub critical: i64,
 }

@@ -1,18 +1,21 @@
 //! dssm-certs: the certificate lifecycle of F5 dSSM (Redis DB + Sentinel) and its TMM clients.
 //!
-//! The pure core (`pki`, `check`'s report) is separate from the shell that reads and writes
+//! The pure core (`materials`, `pki`, `checks`, `plan`) is separate from the shell that reads and writes
 //! files and talks to the cluster.
 
 pub mod agent;
 pub mod check;
+pub mod checks;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
 pub mod contract;
+pub mod doctor;
 pub mod exit;
 pub mod fuzz;
 pub mod generate;
 pub mod manifest;
+pub mod materials;
 pub mod metrics;
 pub mod pki;
 pub mod plan;

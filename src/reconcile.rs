@@ -12,10 +12,9 @@ use crate::check::Thresholds;
 use crate::cluster::{Cluster, ClusterError, Observation};
 use crate::contract;
 use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
+use crate::materials::{annotations, store_keys, Bundle, SecretObs};
 use crate::pki::{self, SecretBytes};
-use crate::plan::{
-    self, annotations, store_keys, Action, Bundle, Plan, Policy, SecretObs, StoreState,
-};
+use crate::plan::{self, Action, Plan, Policy, StoreState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -250,7 +249,7 @@ async fn pass_once(
     for (ns, name) in &targets {
         if let Some(s) = obs.raw.get(&(ns.clone(), name.to_string())) {
             if let SecretObs::Present {
-                owner: plan::Owner::Other(owner),
+                owner: crate::materials::Owner::Other(owner),
                 ..
             } = crate::cluster::secret_obs(Some(s))
             {

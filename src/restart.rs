@@ -13,7 +13,7 @@ use kube::api::{EvictParams, ListParams, Patch, PatchParams, WatchEvent, WatchPa
 use kube::{Api, ResourceExt};
 
 use crate::cluster::{call, Cluster, ClusterError};
-use crate::plan::annotations;
+use crate::materials::annotations;
 
 /// Where the replica count lives while TMM is scaled down.
 pub const REPLICAS_ANNOTATION: &str = "dssm-certs.f5.com/tmm-replicas";

@@ -2,6 +2,7 @@
 //! CA key Secret, the TMM Deployment, the Lease and Events. Every call names the object it
 //! touches in its errors and retries what is transient (429, 5xx, transport) with backoff.
 
+pub mod doctor;
 pub mod lease;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::contract;
-use crate::plan::{annotations, CopyObs, Owner, SecretObs};
+use crate::materials::{annotations, CopyObs, Owner, SecretObs};
 
 /// Attempts for a call that fails transiently, and the first backoff (doubled each time).
 pub const ATTEMPTS: u32 = 5;

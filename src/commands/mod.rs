@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod check;
 pub mod cluster;
+pub mod doctor;
 pub mod generate;
 pub mod log;
 pub mod probe;
@@ -88,6 +89,7 @@ pub fn run(cli: Cli) -> Result<i32, CommandError> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Check(a) => check::run(a),
+        Command::Doctor(a) => doctor::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Restart(a) => cluster::restart(&a),
         Command::Run(a) => agent::run(&a),

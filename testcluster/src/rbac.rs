@@ -120,3 +120,122 @@ pub fn rbac_from_manifests(yaml: &str) -> HashMap<String, HashMap<String, Vec<Ru
     }
     out
 }
+
+/// `POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews`, as the API server answers it:
+/// the request's resourceAttributes judged by the same authorizer, for the caller. Every
+/// authenticated user may create one (the `system:basic-user` ClusterRole), so no RBAC gates it.
+pub(crate) fn self_subject_access_review(
+    rbac: Option<&HashMap<String, HashMap<String, Vec<Rule>>>>,
+    user: &str,
+    body: &[u8],
+    content_type: &str,
+) -> Result<Value, String> {
+    let mut review: Value = if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+        review_from_protobuf(body)?
+    } else {
+        serde_json::from_slice(body).map_err(|e| format!("invalid SelfSubjectAccessReview: {e}"))?
+    };
+    let attrs = review["spec"]["resourceAttributes"].clone();
+    let field = |k: &str| attrs[k].as_str().unwrap_or("").to_string();
+    let (verb, group, plural) = (field("verb"), field("group"), field("resource"));
+    let allowed = match rbac {
+        // Only the ServiceAccounts are bound by the rendered Roles; the admin may do anything.
+        Some(rbac) if user.starts_with("system:serviceaccount:") => {
+            let ns = field("namespace");
+            let rules = rbac
+                .get(user)
+                .and_then(|by_ns| by_ns.get(&ns))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            crate::store::RESOURCES
+                .iter()
+                .find(|r| r.group == group && r.plural == plural)
+                .is_some_and(|res| {
+                    let p = Parsed {
+                        res,
+                        ns: (!ns.is_empty()).then_some(ns.clone()),
+                        name: Some(field("name")).filter(|n| !n.is_empty()),
+                        sub: Some(field("subresource")).filter(|s| !s.is_empty()),
+                    };
+                    authorized(rules, &verb, &p, None)
+                })
+        }
+        _ => true,
+    };
+    review["status"] = if allowed {
+        serde_json::json!({"allowed": true, "reason": "RBAC: allowed"})
+    } else {
+        serde_json::json!({"allowed": false})
+    };
+    review["metadata"] = serde_json::json!({"creationTimestamp": null});
+    Ok(review)
+}
+
+/// kubectl's typed clients send built-in kinds as protobuf: the `k8s\0` envelope around a
+/// runtime.Unknown whose `raw` is the SelfSubjectAccessReview (generated.proto field numbers:
+/// spec=2, resourceAttributes=1, then namespace..name = 1..7).
+fn review_from_protobuf(body: &[u8]) -> Result<Value, String> {
+    let bad = || "invalid SelfSubjectAccessReview (protobuf)".to_string();
+    let unknown = body.strip_prefix(b"k8s\0").ok_or_else(bad)?;
+    let raw = field(unknown, 2).ok_or_else(bad)?;
+    let spec = field(raw, 2).ok_or_else(bad)?;
+    let attrs = field(spec, 1).unwrap_or_default();
+    let text = |n: u64| {
+        field(attrs, n)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
+    let keys = [
+        "namespace",
+        "verb",
+        "group",
+        "version",
+        "resource",
+        "subresource",
+        "name",
+    ];
+    let attributes: serde_json::Map<String, Value> = keys
+        .iter()
+        .zip(1..)
+        .map(|(k, n)| (k.to_string(), Value::String(text(n))))
+        .collect();
+    Ok(serde_json::json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attributes},
+    }))
+}
+
+/// The first length-delimited field `number` of a protobuf message.
+fn field(mut msg: &[u8], number: u64) -> Option<&[u8]> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    while !msg.is_empty() {
+        let key = varint(&mut msg)?;
+        match key & 7 {
+            0 => {
+                varint(&mut msg)?;
+            }
+            2 => {
+                let len = usize::try_from(varint(&mut msg)?).ok()?;
+                let (value, rest) = (msg.get(..len)?, msg.get(len..)?);
+                if key >> 3 == number {
+                    return Some(value);
+                }
+                msg = rest;
+            }
+            _ => return None,
+        }
+    }
+    None
+}

@@ -184,6 +184,11 @@ pub(crate) async fn handle(
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let impersonate = req
+        .headers()
+        .get("impersonate-user")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
     let user_agent = req
         .headers()
         .get("user-agent")
@@ -206,6 +211,39 @@ pub(crate) async fn handle(
             _ => None,
         }
     };
+    // Impersonation (k8s.io/apiserver endpoints/filters/impersonation.go): the caller needs
+    // `impersonate` on the user (here only the admin has it); the request then runs as them.
+    let (user, refused) = match (user, impersonate) {
+        (Some(u), Some(as_user)) if u == "kubernetes-admin" => (Some(as_user), None),
+        (Some(u), Some(as_user)) => {
+            let (resource, name, scope) = match as_user.strip_prefix("system:serviceaccount:") {
+                Some(sa) => {
+                    let (ns, n) = sa.split_once(':').unwrap_or((sa, ""));
+                    (
+                        "serviceaccounts",
+                        n.to_string(),
+                        format!(" in the namespace \"{ns}\""),
+                    )
+                }
+                None => (
+                    "users",
+                    as_user.clone(),
+                    " at the cluster scope".to_string(),
+                ),
+            };
+            let msg = format!("{resource} \"{name}\" is forbidden: User \"{u}\" cannot impersonate resource \"{resource}\" in API group \"\"{scope}");
+            (
+                Some(u),
+                Some(status_error(
+                    403,
+                    "Forbidden",
+                    &msg,
+                    Some((&name, "", resource)),
+                )),
+            )
+        }
+        (u, _) => (u, None),
+    };
     // Faults are matched before anything else, as a proxy or an overloaded server would.
     let fault = faults::request_fault(&mut shared.state.lock().unwrap(), &method, &path);
     // A delay fault holds the request, then serves it; a status fault answers instead.
@@ -218,7 +256,7 @@ pub(crate) async fn handle(
         }
         None => None,
     };
-    let resp = match injected {
+    let resp = match injected.or(refused) {
         Some(r) => r,
         None => {
             route(
@@ -414,6 +452,18 @@ async fn route(
         if let Some(d) = discovery(path) {
             return json_response(200, &d);
         }
+    }
+    if method == "POST" && path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" {
+        let s = shared.state.lock().unwrap();
+        return match crate::rbac::self_subject_access_review(
+            s.rbac.as_ref(),
+            user,
+            body,
+            content_type,
+        ) {
+            Ok(review) => json_response(201, &review),
+            Err(e) => status_error(400, "BadRequest", &e, None),
+        };
     }
     let q = query_map(query);
     let Some(p) = parse_path(path) else {
