@@ -27,6 +27,26 @@ fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_
     f.assert_unnoticed("leaf renewal with subPath mounts");
 }
 
+/// A DB whose files never change in place (kubelet does not update its mount, and the pod spec
+/// did not say `subPath`): the reload gives up at its deadline and the DB is restarted instead,
+/// the primary after a paused switchover, under load, unnoticed.
+#[test]
+fn a_db_whose_files_never_change_in_place_is_restarted_instead_and_nobody_notices() {
+    let (f, restarted) = scenarios::leaf_renewal_unswapped(
+        LoadConfig::default(),
+        &["db-0", "db-2"],
+        // Also the bound of the gates after a restart (every sentinel seeing the replica).
+        Duration::from_secs(15),
+    );
+    eprintln!("reload fallback: {f:?} restarted {restarted:?}");
+    assert_eq!(
+        restarted[..2],
+        ["db-2", "db-0"],
+        "db-0 (the primary) is reloaded last, so restarted last"
+    );
+    f.assert_unnoticed("reload fallback to a restart");
+}
+
 #[test]
 fn three_phase_ca_rotation_from_seed_materials_under_load_fails_no_operation_and_loses_no_write() {
     let f = scenarios::ca_rotation(LoadConfig::default());

@@ -215,6 +215,10 @@ pub fn execute(
     cx: &RolloutContext<'_>,
     mut done: impl FnMut(&Step, Duration),
 ) -> Result<(), RolloutError> {
+    let dbs = steps
+        .iter()
+        .filter(|s| matches!(s, Step::ReloadDb { .. } | Step::DbCaughtUp { .. }))
+        .count();
     for step in steps {
         // Asked again at every step: a restarted pod may come back at another address.
         let sentinels: Vec<String> = steps
@@ -226,11 +230,50 @@ pub fn execute(
             .collect();
         let start = Instant::now();
         let deadline = start + cx.step_timeout;
-        run_step(step, pods, cx, &sentinels, deadline).map_err(|error| RolloutError {
+        let result = match run_step(step, pods, cx, &sentinels, deadline) {
+            // The files never changed under the DB (a mount kubelet does not update, not
+            // detected as `subPath`): a restart brings them, the safe way.
+            Err(e) if matches!(step, Step::ReloadDb { .. }) && e.starts_with(NOT_SWAPPED) => {
+                restart_db_instead(step.pod(), dbs, pods, cx, &sentinels, &e)
+            }
+            other => other,
+        };
+        result.map_err(|error| RolloutError {
             step: step.to_string(),
             error,
         })?;
         done(step, start.elapsed());
+    }
+    Ok(())
+}
+
+/// How a reload that never saw new files reports itself (see `RedisError::NotSwapped`).
+const NOT_SWAPPED: &str = "not swapped: ";
+
+/// The fallback of a reload: a replica restarts; the primary first hands its role over by a
+/// paused switchover. Each with a deadline of its own; only with three DBs (two stay up).
+fn restart_db_instead(
+    pod: &str,
+    dbs: usize,
+    pods: &mut dyn Pods,
+    cx: &RolloutContext<'_>,
+    sentinels: &[String],
+    why: &str,
+) -> Result<(), String> {
+    if dbs < 3 {
+        return Err(format!(
+            "{why}; a restart instead would leave fewer than 2 of the {dbs} DBs up"
+        ));
+    }
+    let from = pod.to_string();
+    for step in [
+        Step::Switchover { from: from.clone() },
+        Step::RestartDb { pod: from.clone() },
+        Step::DbCaughtUp { pod: from.clone() },
+    ] {
+        let deadline = Instant::now() + cx.step_timeout;
+        run_step(&step, pods, cx, sentinels, deadline)
+            .map_err(|e| format!("{why}; restarting it instead: {step}: {e}"))?;
     }
     Ok(())
 }
@@ -257,7 +300,10 @@ fn run_step(
     match step {
         Step::ReloadDb { .. } => reload_tls(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
             .map(drop)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| match e {
+                RedisError::NotSwapped { .. } => format!("{NOT_SWAPPED}{e}"),
+                e => e.to_string(),
+            }),
         Step::Switchover { .. } => {
             match agreed_primary(cx.tls, cx.server_name, sentinels, cx.master, deadline) {
                 // Already moved (a failover since the plan was made): nothing to do.

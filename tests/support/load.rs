@@ -506,6 +506,29 @@ pub fn roll_dssm_mounted(
     rollout::execute(&steps, &mut TestPods(t), &cx, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Pods whose files kubelet never updates in place, though a restarted container sees the new
+/// ones (a mount not detected as `subPath`): `restart` swaps the mount, then restarts.
+pub struct SwapOnRestart<'a> {
+    pub topology: &'a mut Topology,
+    pub files: PathBuf,
+    pub restarted: Vec<String>,
+}
+
+impl Pods for SwapOnRestart<'_> {
+    fn endpoint(&self, pod: &str) -> String {
+        format!("127.0.0.1:{}", self.topology.get(pod).port)
+    }
+    fn restart(&mut self, pod: &str, _deadline: Instant) -> Result<(), String> {
+        KubeletMount {
+            dir: self.topology.get(pod).mount.clone(),
+        }
+        .swap(&self.files);
+        self.topology.restart(pod);
+        self.restarted.push(pod.to_string());
+        Ok(())
+    }
+}
+
 /// The scenarios the tests assert on and the benchmark prints. Each starts its own topology.
 pub mod scenarios {
     use super::*;
@@ -545,6 +568,52 @@ pub mod scenarios {
         load.roll_clients(&new, ROLL_GAP);
         std::thread::sleep(SETTLE);
         load.finish(&new)
+    }
+
+    /// (a) where kubelet never updates `unswapped`'s files in place and nothing says so (no
+    /// `subPath` in the plan): their reload gives up after `reload_for`, and they restart
+    /// instead (the primary after a paused switchover). Returns the pods restarted.
+    pub fn leaf_renewal_unswapped(
+        cfg: LoadConfig,
+        unswapped: &[&str],
+        reload_for: Duration,
+    ) -> (Figures, Vec<String>) {
+        let tmp = super::super::tempdir();
+        let (old, new) = renewal_materials(tmp.path());
+        let (mut t, load) = start(&old, cfg);
+        let tool = tls_client(&new);
+        for p in t
+            .procs
+            .iter()
+            .filter(|p| !unswapped.contains(&p.name.as_str()))
+        {
+            KubeletMount {
+                dir: p.mount.clone(),
+            }
+            .swap(&new);
+        }
+        let steps = rollout::plan(&observed_pods(&t, false)).unwrap();
+        let cx = RolloutContext {
+            tls: &tool,
+            server_name: SERVER_NAME,
+            master: MASTER,
+            proof: Proof {
+                serves: Some(fingerprint_of(&new)),
+                accepts: vec![&tool],
+                refuses: vec![],
+            },
+            step_timeout: reload_for,
+        };
+        let mut pods = SwapOnRestart {
+            topology: &mut t,
+            files: new.clone(),
+            restarted: Vec::new(),
+        };
+        rollout::execute(&steps, &mut pods, &cx, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let restarted = pods.restarted;
+        load.roll_clients(&new, ROLL_GAP);
+        std::thread::sleep(SETTLE);
+        (load.finish(&new), restarted)
     }
 
     /// The materials of a CA rotation from a seed-made cluster (openssl CLI: v1 leaf without
