@@ -4,6 +4,10 @@
 //!
 //!   cargo bench --bench rotation_load
 //!
+//! First through Kubernetes: the real binary against the test cluster, whose dSSM pods are the
+//! processes and whose TMM pods are the clients (tests/support/dssm_pods.rs): (a) `rotate`,
+//! (b) `rotate --ca` from seed-made materials, both `--strategy rolling`, and (c) `rotate --ca
+//! --strategy scale-to-zero`, the seeds' procedure. Then the Redis side driven directly:
 //! (a) leaf renewal under the same CA, (b) three-phase CA rotation from seed-made materials,
 //! both rolled the Redis-aware way (DB hot reload, sentinels one at a time behind CKQUORUM),
 //! and (a) again with subPath mounts (replicas restarted one at a time, primary switched over);
@@ -18,20 +22,28 @@ use support::load::{scenarios, Figures, LoadConfig};
 
 fn row(name: &str, f: &Figures) {
     println!(
-        "{name:<48} {:>6} {:>6} {:>8} {:>6} {:>9.2} {:>5} {:>10}",
+        "{name:<48} {:>6} {:>6} {:>8} {:>6} {:>9.2} {:>5} {:>10} {:>9.2}",
         f.ops,
         f.acked,
         f.failed_after_retry,
         f.lost,
         f.longest_gap.as_secs_f64(),
         f.min_dbs_up,
-        f.min_sentinels_up
+        f.min_sentinels_up,
+        f.no_ready_tmm.as_secs_f64()
     );
 }
 
 fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
+    }
+    use support::dssm_pods::scenarios as through_cluster;
+    let cluster_a = through_cluster::leaf_renewal();
+    let cluster_b = through_cluster::ca_rotation();
+    let cluster_c = through_cluster::scale_to_zero();
+    for (name, r) in [("a", &cluster_a), ("b", &cluster_b), ("c", &cluster_c)] {
+        assert_eq!(r.code, 0, "({name}): {}", r.out);
     }
     let cfg = LoadConfig::default();
     let a = scenarios::leaf_renewal(cfg);
@@ -40,8 +52,20 @@ fn main() {
     let c = scenarios::everything_at_once(cfg);
     let (s, moved) = scenarios::paused_switchover(cfg);
     println!(
-        "{:<48} {:>6} {:>6} {:>8} {:>6} {:>9} {:>5} {:>10}",
-        "scenario", "ops", "acked", "failed*", "lost", "gap (s)", "DBs", "sentinels"
+        "{:<48} {:>6} {:>6} {:>8} {:>6} {:>9} {:>5} {:>10} {:>9}",
+        "scenario", "ops", "acked", "failed*", "lost", "gap (s)", "DBs", "sentinels", "no TMM (s)"
+    );
+    row(
+        "(a) rotate, rolling, through the cluster",
+        &cluster_a.figures,
+    );
+    row(
+        "(b) rotate --ca, rolling, through the cluster",
+        &cluster_b.figures,
+    );
+    row(
+        "(c) rotate --ca, scale-to-zero, through cluster",
+        &cluster_c.figures,
     );
     row("(a) leaf renewal, rolling (reload + 1-by-1)", &a);
     row("(a) same, subPath mounts (restarts+switchover)", &a_sub);
@@ -50,7 +74,7 @@ fn main() {
     row("paused switchover of the primary", &s);
     println!(
         "* failed after one retry; DBs/sentinels: fewest answering a readiness PING (sampled every \
-         150 ms); switchover paused writes {:.2} s (replicas caught up after {} ms)",
+         150 ms); no TMM: seconds without a Ready TMM pod (cluster rows only); switchover paused writes {:.2} s (replicas caught up after {} ms)",
         moved.paused_for.as_secs_f64(),
         moved.caught_up_after.as_millis()
     );

@@ -83,9 +83,10 @@ pub struct RestartFlags {
     /// is complete).
     #[arg(long, value_enum, default_value_t = crate::restart::Order::TmmFirst, env = "DSSM_CERTS_ORDER")]
     pub order: crate::restart::Order,
-    /// `scale-to-zero` (default; required when the CA changed) or `rolling` (no interruption;
-    /// refused when the CA changed).
-    #[arg(long, value_enum, default_value_t = crate::restart::Strategy::ScaleToZero, env = "DSSM_CERTS_STRATEGY")]
+    /// `rolling` (default: no interruption; a new CA goes out in three phases) or
+    /// `scale-to-zero` (the seeds' procedure: TMM to zero, every dSSM pod at once; it interrupts
+    /// traffic).
+    #[arg(long, value_enum, default_value_t = crate::restart::Strategy::Rolling, env = "DSSM_CERTS_STRATEGY")]
     pub strategy: crate::restart::Strategy,
     /// Bound of every wait (pods terminating, pods Ready, TMM available).
     #[arg(long, default_value = "300s", value_parser = parse_duration, env = "DSSM_CERTS_WAIT_TIMEOUT")]
@@ -100,6 +101,13 @@ pub struct RestartFlags {
     /// (recorded in a `PreflightOverridden` Event).
     #[arg(long, env = "DSSM_CERTS_FORCE_RESTART")]
     pub force: bool,
+    /// `POD=HOST:PORT` (repeatable): where the rolling restart reaches that dSSM pod's Redis
+    /// instead of its pod IP and container port (a port-forward, a test).
+    #[arg(long = "redis-endpoint", value_name = "POD=HOST:PORT", value_parser = crate::rolling::parse_redis_endpoint, env = "DSSM_CERTS_REDIS_ENDPOINT", value_delimiter = ',')]
+    pub redis_endpoints: Vec<(String, String)>,
+    /// The name Sentinel monitors the dSSM primary under.
+    #[arg(long, default_value = crate::redis::DEFAULT_MASTER_NAME, env = "DSSM_CERTS_REDIS_MASTER_NAME")]
+    pub redis_master_name: String,
 }
 
 impl RestartFlags {
@@ -111,6 +119,10 @@ impl RestartFlags {
             wait_timeout: std::time::Duration::from_secs(self.wait_timeout.max(1) as u64),
             probe_endpoint: self.probe_endpoint.clone(),
             probe_server_name: self.probe_server_name.clone(),
+            redis: crate::rolling::RedisAccess {
+                endpoints: self.redis_endpoints.iter().cloned().collect(),
+                master: self.redis_master_name.clone(),
+            },
         }
     }
 }

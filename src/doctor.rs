@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::check::Status;
 use crate::contract;
-use crate::plan::Owner;
+use crate::materials::Owner;
 use crate::restart::selects;
 
 pub const SCHEMA: &str = "dssm-certs.doctor/v1";
@@ -271,91 +271,156 @@ impl std::fmt::Display for Access {
     }
 }
 
-/// Everything `reconcile`/`rotate` (with a restart) calls, by namespace: the Roles shipped in
-/// manifests/ and the chart grant exactly these (tests/doctor.rs checks it against them).
-pub fn required_access(dssm_ns: &str, tmm_ns: &str, tmm_deployment: &str) -> Vec<Access> {
-    let a = |ns: &str, verb, group, resource, sub, name: Option<&str>| Access {
-        namespace: ns.to_string(),
-        verb,
-        group,
-        resource,
-        subresource: sub,
-        name: name.map(str::to_string),
-    };
-    let mut v = Vec::new();
-    for ns in [dssm_ns, tmm_ns] {
-        for secret in [contract::CERTS_SECRET, contract::KEYS_SECRET] {
-            for verb in ["get", "update"] {
-                v.push(a(ns, verb, "", "secrets", None, Some(secret)));
-            }
-        }
-        v.push(a(ns, "create", "", "secrets", None, None));
-        v.push(a(ns, "create", "events.k8s.io", "events", None, None));
-        v.push(a(ns, "list", "", "pods", None, None));
-        v.push(a(ns, "watch", "", "pods", None, None));
-    }
-    for verb in ["get", "update"] {
-        v.push(a(
-            dssm_ns,
-            verb,
-            "",
-            "secrets",
-            None,
-            Some(contract::CA_KEY_SECRET),
-        ));
-        v.push(a(
-            dssm_ns,
-            verb,
-            "coordination.k8s.io",
-            "leases",
-            None,
-            Some(crate::cluster::lease::LEASE_NAME),
-        ));
-    }
-    v.push(a(
-        dssm_ns,
-        "create",
+/// Where a permission is needed: in every namespace holding copies, in the dSSM namespace, or
+/// in TMM's.
+#[derive(Clone, Copy, PartialEq)]
+enum Scope {
+    Copies,
+    Dssm,
+    Tmm,
+}
+
+/// Named object of a permission: the Secrets (each), the CA key, the Lease, the TMM Deployment.
+#[derive(Clone, Copy, PartialEq)]
+enum Named {
+    Any,
+    CopySecrets,
+    CaKey,
+    Lease,
+    Tmm,
+}
+
+/// (where, verbs, group, resource, subresource, which object).
+type Need = (
+    Scope,
+    &'static [&'static str],
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Named,
+);
+
+/// What the code calls.
+const NEEDED: &[Need] = &[
+    (
+        Scope::Copies,
+        &["get", "update"],
+        "",
+        "secrets",
+        None,
+        Named::CopySecrets,
+    ),
+    (Scope::Copies, &["create"], "", "secrets", None, Named::Any),
+    (
+        Scope::Copies,
+        &["create"],
+        "events.k8s.io",
+        "events",
+        None,
+        Named::Any,
+    ),
+    (
+        Scope::Copies,
+        &["list", "watch"],
+        "",
+        "pods",
+        None,
+        Named::Any,
+    ),
+    (
+        Scope::Dssm,
+        &["get", "update"],
+        "",
+        "secrets",
+        None,
+        Named::CaKey,
+    ),
+    (
+        Scope::Dssm,
+        &["get", "update"],
         "coordination.k8s.io",
         "leases",
         None,
+        Named::Lease,
+    ),
+    (
+        Scope::Dssm,
+        &["create"],
+        "coordination.k8s.io",
+        "leases",
         None,
-    ));
-    v.push(a(dssm_ns, "create", "", "pods", Some("eviction"), None));
-    v.push(a(
-        dssm_ns,
-        "list",
+        Named::Any,
+    ),
+    (
+        Scope::Dssm,
+        &["create"],
+        "",
+        "pods",
+        Some("eviction"),
+        Named::Any,
+    ),
+    (
+        Scope::Dssm,
+        &["list"],
         "policy",
         "poddisruptionbudgets",
         None,
+        Named::Any,
+    ),
+    (
+        Scope::Tmm,
+        &["get", "patch", "watch"],
+        "apps",
+        "deployments",
         None,
-    ));
-    for verb in ["get", "patch", "watch"] {
-        v.push(a(
-            tmm_ns,
-            verb,
-            "apps",
-            "deployments",
-            None,
-            Some(tmm_deployment),
-        ));
-    }
-    v.push(a(
-        tmm_ns,
-        "patch",
+        Named::Tmm,
+    ),
+    (
+        Scope::Tmm,
+        &["patch"],
         "apps",
         "deployments",
         Some("scale"),
-        Some(tmm_deployment),
-    ));
-    // One namespace for both: each permission once.
-    let mut seen = Vec::new();
-    v.retain(|x| {
-        let new = !seen.contains(x);
-        if new {
-            seen.push(x.clone());
+        Named::Tmm,
+    ),
+];
+
+/// Everything `reconcile`/`rotate` (with a restart) calls: the Roles shipped in manifests/ and
+/// the chart grant exactly these (tests/doctor.rs checks a published install has them all).
+pub fn required_access(dssm_ns: &str, tmm_ns: &str, tmm_deployment: &str) -> Vec<Access> {
+    let mut v: Vec<Access> = Vec::new();
+    for &(scope, verbs, group, resource, subresource, named) in NEEDED {
+        let namespaces = match scope {
+            Scope::Copies => vec![dssm_ns, tmm_ns],
+            Scope::Dssm => vec![dssm_ns],
+            Scope::Tmm => vec![tmm_ns],
+        };
+        let names: Vec<Option<&str>> = match named {
+            Named::Any => vec![None],
+            Named::CopySecrets => vec![Some(contract::CERTS_SECRET), Some(contract::KEYS_SECRET)],
+            Named::CaKey => vec![Some(contract::CA_KEY_SECRET)],
+            Named::Lease => vec![Some(crate::cluster::lease::LEASE_NAME)],
+            Named::Tmm => vec![Some(tmm_deployment)],
+        };
+        for namespace in namespaces {
+            for &verb in verbs {
+                for name in &names {
+                    let a = Access {
+                        namespace: namespace.to_string(),
+                        verb,
+                        group,
+                        resource,
+                        subresource,
+                        name: name.map(str::to_string),
+                    };
+                    // One namespace for both (CNF): each permission once.
+                    if !v.contains(&a) {
+                        v.push(a);
+                    }
+                }
+            }
         }
-        new
-    });
+    }
     v
 }
 
@@ -394,7 +459,7 @@ pub fn secret_owner(namespace: &str, name: &str, owner: &Owner) -> Option<Findin
             message: format!(
                 "has no app.kubernetes.io/managed-by={} label (made by hand): the next reconcile \
                  adopts it",
-                crate::plan::annotations::MANAGER
+                crate::materials::annotations::MANAGER
             ),
         }),
         Owner::Other(by) => Some(Finding {
@@ -453,4 +518,36 @@ pub fn render_table(r: &Report) -> String {
         if r.findings.len() == 1 { "" } else { "s" }
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_list_names_each_permission_once_in_one_or_two_namespaces() {
+        let spk = required_access("spk-utilities", "spk-ingress", "f5-tmm");
+        assert_eq!(spk.len(), 27);
+        let cnf = required_access("cnf-gateway", "cnf-gateway", "f5-tmm");
+        assert_eq!(
+            cnf.len(),
+            19,
+            "the copies' permissions once when TMM shares dSSM's namespace"
+        );
+        let shown: Vec<String> = spk.iter().map(ToString::to_string).collect();
+        for expected in [
+            "create pods/eviction in spk-utilities",
+            "patch deployments/scale.apps f5-tmm in spk-ingress",
+            "update secrets dssm-ca-key-secret in spk-utilities",
+            "get leases.coordination.k8s.io dssm-certs in spk-utilities",
+        ] {
+            assert!(
+                shown.iter().any(|s| s == expected),
+                "{expected}: {shown:#?}"
+            );
+        }
+        assert!(!shown
+            .iter()
+            .any(|s| s.contains("dssm-ca-key-secret in spk-ingress")));
+    }
 }

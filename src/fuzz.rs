@@ -2,7 +2,8 @@
 //! CI on stable replays exactly what the fuzzers run.
 #![doc(hidden)]
 
-use crate::check::{inspect, Found, Source, Thresholds};
+use crate::check::{inspect, Thresholds};
+use crate::materials::{Entry, Found, Place, Source};
 
 pub fn certificate_pem(data: &[u8]) {
     if let Ok(c) = crate::pki::parse_certificate(data, "fuzz") {
@@ -50,7 +51,13 @@ pub fn check_inspect(data: &[u8]) {
                 Some(b) => Found::Bytes(b.to_vec()),
                 None => Found::Missing,
             };
-            (n, n.to_string(), found)
+            Entry {
+                file: n,
+                place: Place::File {
+                    path: n.to_string(),
+                },
+                found,
+            }
         })
         .collect();
     let source = Source {
@@ -82,6 +89,7 @@ pub fn exposition(data: &[u8]) {
             secret: crate::contract::CERTS_SECRET.into(),
             key: crate::contract::CA_CERT.into(),
             subject: subject.as_str().into(),
+            serial: format!("{i:02X}").into(),
         };
         metrics.set_certificate(&labels, 1_700_000_000 + i as i64, 1_600_000_000, true);
         wanted.insert(vec![
@@ -92,6 +100,7 @@ pub fn exposition(data: &[u8]) {
             ),
             ("key".to_string(), crate::contract::CA_CERT.to_string()),
             ("subject".to_string(), subject.clone()),
+            ("serial".to_string(), format!("{i:02X}")),
         ]);
     }
     let text = metrics.encode();

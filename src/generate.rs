@@ -160,42 +160,44 @@ fn read(path: &Path) -> Result<Vec<u8>, GenerateError> {
     })
 }
 
-/// Makes the materials. DH parameters are searched on other threads while the keys are made.
-pub fn make_materials(
+/// A CA given on the command line, parsed and checked, with the names its files go by.
+struct GivenCa {
+    cert: Vec<u8>,
+    key_pem: SecretBytes,
+    key: PrivateKey,
+    cert_name: String,
+    key_name: String,
+}
+
+/// Everything that can be refused, refused before the slow work starts: the given CA (can it
+/// sign a leaf of `--days`?) and fixed DH parameters.
+fn refuse_bad_inputs(
     opts: &GenerateOptions,
     now: OffsetDateTime,
-    cancel: &AtomicBool,
-) -> Result<Materials, GenerateError> {
-    // Everything that can be refused is refused before the slow work starts.
-    let existing = match &opts.existing_ca {
+) -> Result<(Option<GivenCa>, Option<DhParams>), GenerateError> {
+    let given = match &opts.existing_ca {
         Some(ca) => {
-            let key = PrivateKey::from_pem(ca.key.expose(), &ca.key_name)?;
-            Some((ca.cert.clone(), ca.key.clone(), key))
+            let given = GivenCa {
+                key: PrivateKey::from_pem(ca.key.expose(), &ca.key_name)?,
+                cert: ca.cert.clone(),
+                key_pem: ca.key.clone(),
+                cert_name: ca.cert_name.clone(),
+                key_name: ca.key_name.clone(),
+            };
+            pki::check_ca_can_sign(
+                &CaSigner {
+                    cert_pem: &given.cert,
+                    key: &given.key,
+                    cert_name: &given.cert_name,
+                    key_name: &given.key_name,
+                },
+                opts.days,
+                now,
+            )?;
+            Some(given)
         }
         None => None,
     };
-    let cert_name = opts
-        .existing_ca
-        .as_ref()
-        .map(|c| c.cert_name.clone())
-        .unwrap_or_default();
-    let key_name = opts
-        .existing_ca
-        .as_ref()
-        .map(|c| c.key_name.clone())
-        .unwrap_or_default();
-    if let Some((cert, _, key)) = &existing {
-        pki::check_ca_can_sign(
-            &CaSigner {
-                cert_pem: cert,
-                key,
-                cert_name: &cert_name,
-                key_name: &key_name,
-            },
-            opts.days,
-            now,
-        )?;
-    }
     let fixed_dh = match &opts.dhparam {
         DhSource::Generate => None,
         DhSource::Ffdhe2048 => Some(DhParams::ffdhe2048()),
@@ -205,57 +207,69 @@ pub fn make_materials(
             &path.display().to_string(),
         )?),
     };
+    Ok((given, fixed_dh))
+}
 
+/// The CA (given, or new) and the leaf it signs; the two new keys are made side by side (RSA
+/// 4096 takes seconds).
+fn issue_pki(
+    opts: &GenerateOptions,
+    given: Option<GivenCa>,
+    now: OffsetDateTime,
+) -> Result<(Vec<u8>, SecretBytes, pki::IssuedLeaf, PrivateKey), GenerateError> {
+    let (ca_key, leaf_key) = std::thread::scope(|keys| {
+        let ca_key = given
+            .is_none()
+            .then(|| keys.spawn(|| PrivateKey::generate(opts.key_algorithm)));
+        let leaf_key = PrivateKey::generate(opts.key_algorithm);
+        let ca_key = ca_key.map(|h| h.join().expect("key generation panicked"));
+        (ca_key, leaf_key)
+    });
+    let leaf_key = leaf_key?;
+    let ca = match (given, ca_key) {
+        (Some(given), _) => given,
+        (None, Some(key)) => {
+            let key = key?;
+            GivenCa {
+                cert: pki::issue_ca(&opts.ca_subject, opts.ca_days, &key, now)?.into_bytes(),
+                key_pem: SecretBytes::new(key.to_pkcs8_pem()),
+                key,
+                cert_name: contract::CA_CERT.into(),
+                key_name: contract::CA_KEY.into(),
+            }
+        }
+        (None, None) => unreachable!("a CA key is made when none is given"),
+    };
+    let leaf = pki::issue_leaf(
+        &LeafRequest {
+            subject: &opts.subject,
+            days: opts.days,
+            dns_names: &opts.dns_names,
+        },
+        &leaf_key,
+        &CaSigner {
+            cert_pem: &ca.cert,
+            key: &ca.key,
+            cert_name: &ca.cert_name,
+            key_name: &ca.key_name,
+        },
+        now,
+    )?;
+    Ok((ca.cert, ca.key_pem, leaf, leaf_key))
+}
+
+/// Makes the materials. DH parameters are searched on other threads while the keys are made.
+pub fn make_materials(
+    opts: &GenerateOptions,
+    now: OffsetDateTime,
+    cancel: &AtomicBool,
+) -> Result<Materials, GenerateError> {
+    let (given, fixed_dh) = refuse_bad_inputs(opts, now)?;
     std::thread::scope(|scope| {
         let dh_search = fixed_dh.is_none().then(|| {
             scope.spawn(|| DhParams::generate(pki::dhparams::MIN_BITS, opts.threads, cancel))
         });
-
-        let pki_result = (|| -> Result<_, GenerateError> {
-            // The two keys are independent: make them side by side (RSA 4096 takes seconds).
-            let (ca_key, leaf_key) = std::thread::scope(|keys| {
-                let ca_key = existing
-                    .is_none()
-                    .then(|| keys.spawn(|| PrivateKey::generate(opts.key_algorithm)));
-                let leaf_key = PrivateKey::generate(opts.key_algorithm);
-                let ca_key = ca_key.map(|h| h.join().expect("key generation panicked"));
-                (ca_key, leaf_key)
-            });
-            let leaf_key = leaf_key?;
-            let (ca_cert, ca_key_pem, ca_key) = match (existing, ca_key) {
-                (Some(found), _) => found,
-                (None, Some(key)) => {
-                    let key = key?;
-                    let cert = pki::issue_ca(&opts.ca_subject, opts.ca_days, &key, now)?;
-                    (cert.into_bytes(), SecretBytes::new(key.to_pkcs8_pem()), key)
-                }
-                (None, None) => unreachable!("a CA key is made when none is given"),
-            };
-            let leaf = pki::issue_leaf(
-                &LeafRequest {
-                    subject: &opts.subject,
-                    days: opts.days,
-                    dns_names: &opts.dns_names,
-                },
-                &leaf_key,
-                &CaSigner {
-                    cert_pem: &ca_cert,
-                    key: &ca_key,
-                    cert_name: if cert_name.is_empty() {
-                        contract::CA_CERT
-                    } else {
-                        &cert_name
-                    },
-                    key_name: if key_name.is_empty() {
-                        contract::CA_KEY
-                    } else {
-                        &key_name
-                    },
-                },
-                now,
-            )?;
-            Ok((ca_cert, ca_key_pem, leaf, leaf_key))
-        })();
+        let pki_result = issue_pki(opts, given, now);
         if pki_result.is_err() {
             // No point finishing a minute of DH search for materials we will not write.
             cancel.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -397,93 +411,27 @@ pub fn write_files(
 ) -> Result<(), GenerateError> {
     refuse_overwrite(dir, force)?;
     check_writable(dir)?;
-    let created_dir = !dir.exists();
-    if created_dir {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| GenerateError::Write {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-    }
-    let pid = std::process::id();
-    let tmp_name = |name: &str| dir.join(format!(".{name}.tmp-{pid}"));
-    let old_name = |name: &str| dir.join(format!(".{name}.old-{pid}"));
-    let remove_temps = || {
-        for f in files {
-            let _ = fs::remove_file(tmp_name(f.name));
-        }
-    };
-    let give_up = |e: GenerateError| {
-        remove_temps();
-        if created_dir {
-            let _ = fs::remove_dir(dir);
-        }
-        Err(e)
-    };
-    for f in files {
-        let path = tmp_name(f.name);
-        let result = (|| {
-            let _ = fs::remove_file(&path);
-            let mut out = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(f.mode)
-                .open(&path)?;
-            out.write_all(&f.bytes)?;
-            out.sync_all()
-        })();
-        if let Err(source) = result {
-            return give_up(GenerateError::Write {
-                path: dir.join(f.name),
-                source,
-            });
-        }
+    let staging = Staging::create(dir)?;
+    if let Err(e) = staging.write_temps(files) {
+        return staging.give_up(files, e);
     }
     if stop.load(std::sync::atomic::Ordering::SeqCst) {
-        return give_up(GenerateError::Interrupted {
+        let e = GenerateError::Interrupted {
             dir: dir.to_path_buf(),
-        });
+        };
+        return staging.give_up(files, e);
     }
     // Past this point a signal waits: placing seven files takes microseconds.
-    let mut kept = Vec::new();
-    if force {
-        for f in files {
-            let dest = dir.join(f.name);
-            if dest.symlink_metadata().is_ok() {
-                let old = old_name(f.name);
-                let _ = fs::remove_file(&old);
-                if let Err(source) = fs::hard_link(&dest, &old) {
-                    for (_, o) in &kept {
-                        let _ = fs::remove_file(o);
-                    }
-                    return give_up(GenerateError::Write { path: dest, source });
-                }
-                kept.push((dest, old));
-            }
+    let kept = if force {
+        match staging.keep_old(files) {
+            Ok(kept) => kept,
+            Err(e) => return staging.give_up(files, e),
         }
-    }
-    let mut placed = Vec::new();
-    for f in files {
-        let (tmp, dest) = (tmp_name(f.name), dir.join(f.name));
-        let result = if force {
-            fs::rename(&tmp, &dest)
-        } else {
-            // link(2) fails when the destination exists: no race can make us overwrite.
-            fs::hard_link(&tmp, &dest).and_then(|()| fs::remove_file(&tmp))
-        };
-        if let Err(source) = result {
-            for p in &placed {
-                let _ = fs::remove_file(p);
-            }
-            for (dest, old) in &kept {
-                let _ = fs::rename(old, dest);
-            }
-            return give_up(GenerateError::Write { path: dest, source });
-        }
-        placed.push(dest);
+    } else {
+        vec![]
+    };
+    if let Err(e) = staging.place(files, force, &kept) {
+        return staging.give_up(files, e);
     }
     for (_, old) in &kept {
         let _ = fs::remove_file(old);
@@ -492,4 +440,126 @@ pub fn write_files(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The output folder while files are written: temporaries beside their final names, so that
+/// everything is placed, or nothing.
+struct Staging<'a> {
+    dir: &'a Path,
+    created_dir: bool,
+    pid: u32,
+}
+
+impl<'a> Staging<'a> {
+    fn create(dir: &'a Path) -> Result<Self, GenerateError> {
+        let created_dir = !dir.exists();
+        if created_dir {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| GenerateError::Write {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+        }
+        Ok(Staging {
+            dir,
+            created_dir,
+            pid: std::process::id(),
+        })
+    }
+
+    fn tmp(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.tmp-{}", self.pid))
+    }
+
+    fn old(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.old-{}", self.pid))
+    }
+
+    /// Each file written and synced under its temporary name, created with its mode.
+    fn write_temps(&self, files: &[OutputFile]) -> Result<(), GenerateError> {
+        for f in files {
+            let path = self.tmp(f.name);
+            let _ = fs::remove_file(&path);
+            let result = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(f.mode)
+                .open(&path)
+                .and_then(|mut out| {
+                    out.write_all(&f.bytes)?;
+                    out.sync_all()
+                });
+            result.map_err(|source| GenerateError::Write {
+                path: self.dir.join(f.name),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `--force`: a hard link to each file it replaces, to put back if placing fails.
+    fn keep_old(&self, files: &[OutputFile]) -> Result<Vec<(PathBuf, PathBuf)>, GenerateError> {
+        let mut kept = Vec::new();
+        for f in files {
+            let dest = self.dir.join(f.name);
+            if dest.symlink_metadata().is_err() {
+                continue;
+            }
+            let old = self.old(f.name);
+            let _ = fs::remove_file(&old);
+            if let Err(source) = fs::hard_link(&dest, &old) {
+                for (_, o) in &kept {
+                    let _ = fs::remove_file(o);
+                }
+                return Err(GenerateError::Write { path: dest, source });
+            }
+            kept.push((dest, old));
+        }
+        Ok(kept)
+    }
+
+    /// Every temporary to its final name; on a failure, what was placed is removed and what
+    /// was replaced is put back.
+    fn place(
+        &self,
+        files: &[OutputFile],
+        force: bool,
+        kept: &[(PathBuf, PathBuf)],
+    ) -> Result<(), GenerateError> {
+        let mut placed = Vec::new();
+        for f in files {
+            let (tmp, dest) = (self.tmp(f.name), self.dir.join(f.name));
+            let result = if force {
+                fs::rename(&tmp, &dest)
+            } else {
+                // link(2) fails when the destination exists: no race can make us overwrite.
+                fs::hard_link(&tmp, &dest).and_then(|()| fs::remove_file(&tmp))
+            };
+            if let Err(source) = result {
+                for p in &placed {
+                    let _ = fs::remove_file(p);
+                }
+                for (dest, old) in kept {
+                    let _ = fs::rename(old, dest);
+                }
+                return Err(GenerateError::Write { path: dest, source });
+            }
+            placed.push(dest);
+        }
+        Ok(())
+    }
+
+    /// Nothing left behind: the temporaries, and the folder if we made it.
+    fn give_up(&self, files: &[OutputFile], e: GenerateError) -> Result<(), GenerateError> {
+        for f in files {
+            let _ = fs::remove_file(self.tmp(f.name));
+        }
+        if self.created_dir {
+            let _ = fs::remove_dir(self.dir);
+        }
+        Err(e)
+    }
 }

@@ -1,10 +1,11 @@
 //! dssm-certs: the certificate lifecycle of F5 dSSM (Redis DB + Sentinel) and its TMM clients.
 //!
-//! The pure core (`pki`, `check`'s report) is separate from the shell that reads and writes
+//! The pure core (`materials`, `pki`, `checks`, `plan`) is separate from the shell that reads and writes
 //! files and talks to the cluster.
 
 pub mod agent;
 pub mod check;
+pub mod checks;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
@@ -14,6 +15,7 @@ pub mod exit;
 pub mod fuzz;
 pub mod generate;
 pub mod manifest;
+pub mod materials;
 pub mod metrics;
 pub mod pki;
 pub mod plan;
@@ -21,4 +23,6 @@ pub mod probe;
 pub mod reconcile;
 pub mod redis;
 pub mod restart;
+pub mod rolling;
+pub mod rotation;
 pub mod values;

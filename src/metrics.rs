@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::check::{CopyReport, Report, Status};
+use crate::check::Report;
 
 /// A label value escaped per the exposition format. prometheus-client 0.23 writes label values
 /// verbatim, so a certificate subject holding `"` or a newline would forge series.
@@ -56,6 +56,9 @@ pub struct CertLabels {
     pub secret: LabelText,
     pub key: LabelText,
     pub subject: LabelText,
+    /// Tells apart the CAs of a bundle (old + new during a CA rotation, possibly of the same
+    /// subject): one series per certificate.
+    pub serial: LabelText,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +75,8 @@ pub struct Metrics {
     pub in_sync: Family<Vec<(String, String)>, Gauge<i64>>,
     pub rotations: Family<ResultLabels, Counter>,
     pub last_rotation: Gauge<i64>,
+    /// 0 when no CA rotation runs, else its phase: 1 trust, 2 switch, 3 drop.
+    pub rotation_phase: Gauge<i64>,
     pub reconcile_duration: Histogram,
     pub resident_memory: Gauge<i64>,
     pub cpu_seconds: Gauge<f64, AtomicU64>,
@@ -94,12 +99,18 @@ impl Metrics {
             in_sync: Family::default(),
             rotations: Family::default(),
             last_rotation: Gauge::default(),
+            rotation_phase: Gauge::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             resident_memory: Gauge::default(),
             cpu_seconds: Gauge::default(),
             start_time: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "dssm_rotation_phase",
+            "The phase of the CA rotation in progress: 0 none, 1 trust (both CAs), 2 switch (new leaf), 3 drop (new CA only)",
+            m.rotation_phase.clone(),
+        );
         registry.register(
             "dssm_certificate_not_after_timestamp_seconds",
             "The notAfter of each deployed certificate, unix seconds",
@@ -110,7 +121,7 @@ impl Metrics {
             "The notBefore of each deployed certificate, unix seconds",
             m.not_before.clone(),
         );
-        registry.register("dssm_certificate_ready", "1 when the certificate is in its validity period, chains to the deployed CA and matches its key", m.ready.clone());
+        registry.register("dssm_certificate_ready", "1 when the certificate is in its validity period and its copy is usable: the leaf chains to a CA of the bundle and matches its key", m.ready.clone());
         registry.register(
             "dssm_secrets_in_sync",
             "1 when the copies in the dSSM and TMM namespaces are identical",
@@ -160,13 +171,13 @@ impl Metrics {
                 .strip_prefix("namespace/")
                 .unwrap_or(&copy.source)
                 .to_string();
-            let sound = copy_sound(copy);
             for c in &copy.certificates {
                 let labels = CertLabels {
                     namespace: ns.as_str().into(),
                     secret: crate::contract::CERTS_SECRET.into(),
                     key: c.file.into(),
                     subject: c.subject.as_str().into(),
+                    serial: c.serial.as_str().into(),
                 };
                 let in_validity =
                     c.residual_seconds > 0 && !c.message.starts_with("not valid before");
@@ -174,10 +185,12 @@ impl Metrics {
                     &labels,
                     c.not_after_unix,
                     c.not_before_unix,
-                    in_validity && sound,
+                    in_validity && copy.usable,
                 );
             }
         }
+        self.rotation_phase
+            .set(report.rotation_phase.map_or(0, |p| p.number()));
         self.in_sync.clear();
         if let Some(in_sync) = report.in_sync {
             self.in_sync.get_or_create(&vec![]).set(i64::from(in_sync));
@@ -228,10 +241,93 @@ impl Metrics {
     }
 }
 
-/// Chain and key checks of a copy passed (expiry is judged per certificate).
-fn copy_sound(copy: &CopyReport) -> bool {
-    copy.checks
-        .iter()
-        .filter(|c| matches!(c.name, "chain" | "leaf-key" | "read" | "parse" | "ca"))
-        .all(|c| c.status == Status::Ok)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materials::Bundle;
+    use crate::pki::{self, CaSigner, KeyAlgorithm, LeafRequest, PrivateKey, SecretBytes, Subject};
+    use time::OffsetDateTime;
+
+    /// A CA of `subject` and a leaf it signs: (CA PEM, leaf PEM, leaf key).
+    fn ca_and_leaf(subject: &str) -> (String, String, PrivateKey) {
+        let now = OffsetDateTime::now_utc();
+        let ca_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let ca = pki::issue_ca(&Subject::parse(subject).unwrap(), 3650, &ca_key, now).unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let request = LeafRequest {
+            subject: &Subject::parse("CN=Server").unwrap(),
+            days: 365,
+            dns_names: &[],
+        };
+        let signer = CaSigner {
+            cert_pem: ca.as_bytes(),
+            key: &ca_key,
+            cert_name: "ca",
+            key_name: "ca key",
+        };
+        let leaf = pki::issue_leaf(&request, &key, &signer, now).unwrap();
+        (ca, leaf.pem, key)
+    }
+
+    fn series(text: &str, name: &str) -> Vec<crate::fuzz::Sample> {
+        let samples = crate::fuzz::parse_exposition(text).unwrap();
+        samples.into_iter().filter(|s| s.name == name).collect()
+    }
+
+    /// Issue 13: during a CA rotation the bundle holds two CAs of the same subject. Each has its
+    /// own series (told apart by serial), and both are ready while the leaf chains to one.
+    #[test]
+    fn every_ca_of_a_bundle_has_its_own_series_and_is_ready_in_every_phase() {
+        let (old, old_leaf, old_key) = ca_and_leaf("CN=Certificate Authority");
+        let (new, new_leaf, new_key) = ca_and_leaf("CN=Certificate Authority");
+        let bundle = |ca: String, leaf: &str, key: &PrivateKey| Bundle {
+            ca_cert: ca.into_bytes(),
+            leaf_cert: leaf.as_bytes().to_vec(),
+            leaf_key: SecretBytes::new(key.to_pkcs8_pem()),
+            dhparams: pki::dhparams::FFDHE2048_PEM.as_bytes().to_vec(),
+        };
+        let phases = [
+            ("trust", bundle(old.clone() + &new, &old_leaf, &old_key), 2),
+            ("switch", bundle(old.clone() + &new, &new_leaf, &new_key), 2),
+            ("drop", bundle(new.clone(), &new_leaf, &new_key), 1),
+            // The negative control: the old leaf behind the new CA alone does not chain.
+            ("broken", bundle(new.clone(), &old_leaf, &old_key), 1),
+        ];
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        for (phase, b, cas) in phases {
+            let report = crate::check::Report::new(
+                vec![crate::check::inspect(
+                    &b.source("spk-ingress"),
+                    now,
+                    Default::default(),
+                )],
+                now,
+                Default::default(),
+            );
+            let m = Metrics::new();
+            m.record(&report);
+            let text = m.encode();
+            let ready = series(&text, "dssm_certificate_ready");
+            let ca_series: Vec<_> = ready
+                .iter()
+                .filter(|s| s.labels.contains(&("key".into(), "dssm-ca.crt".into())))
+                .collect();
+            assert_eq!(ca_series.len(), cas, "{phase}:\n{text}");
+            let serials: std::collections::BTreeSet<_> = ca_series
+                .iter()
+                .map(|s| {
+                    s.labels
+                        .iter()
+                        .find(|(k, _)| k == "serial")
+                        .unwrap()
+                        .1
+                        .clone()
+                })
+                .collect();
+            assert_eq!(serials.len(), cas, "{phase}: one serial per CA");
+            let want = if phase == "broken" { 0.0 } else { 1.0 };
+            assert!(ready.iter().all(|s| s.value == want), "{phase}:\n{text}");
+            assert_eq!(ready.len(), cas + 1, "{phase}: the CAs and the leaf");
+        }
+    }
 }

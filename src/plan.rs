@@ -1,108 +1,12 @@
 //! The planner: from what was observed in the cluster and the clock, exactly one action with its
 //! reasons. Pure: no I/O, table-tested.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 
+use crate::checks::{self, Thresholds};
 use crate::contract;
-use crate::pki::{self, Certificate, DhParams, PrivateKey, SecretBytes};
-
-/// Who manages a Secret, from its `app.kubernetes.io/managed-by` label and ownerReferences.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Owner {
-    /// Labelled by us.
-    Us,
-    /// Made by hand (the seeds' procedure): we may adopt and later replace it.
-    Nobody,
-    /// Another manager (Helm, cert-manager, an owner reference): we never write it.
-    Other(String),
-}
-
-/// One observed Secret.
-#[derive(Clone, PartialEq, Eq)]
-pub enum SecretObs {
-    Missing,
-    Present {
-        data: BTreeMap<String, Vec<u8>>,
-        owner: Owner,
-        annotations: BTreeMap<String, String>,
-    },
-}
-
-impl std::fmt::Debug for SecretObs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SecretObs::Missing => f.write_str("Missing"),
-            SecretObs::Present { data, owner, .. } => f
-                .debug_struct("Present")
-                .field("keys", &data.keys().collect::<Vec<_>>())
-                .field("owner", owner)
-                .finish(),
-        }
-    }
-}
-
-impl SecretObs {
-    pub fn owner(&self) -> Option<&Owner> {
-        match self {
-            SecretObs::Missing => None,
-            SecretObs::Present { owner, .. } => Some(owner),
-        }
-    }
-    fn get(&self, key: &str) -> Option<&[u8]> {
-        match self {
-            SecretObs::Missing => None,
-            SecretObs::Present { data, .. } => data.get(key).map(Vec::as_slice),
-        }
-    }
-}
-
-/// The two Secrets of one namespace.
-#[derive(Debug, Clone)]
-pub struct CopyObs {
-    pub namespace: String,
-    pub certs: SecretObs,
-    pub keys: SecretObs,
-}
-
-/// The materials TMM and dSSM mount: what every copy must hold, byte for byte.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Bundle {
-    pub ca_cert: Vec<u8>,
-    pub leaf_cert: Vec<u8>,
-    /// Wiped when dropped.
-    pub leaf_key: SecretBytes,
-    pub dhparams: Vec<u8>,
-}
-
-impl std::fmt::Debug for Bundle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bundle").finish_non_exhaustive()
-    }
-}
-
-/// Keys of the CA key Secret (dSSM namespace only, never mounted by pods).
-pub mod store_keys {
-    pub const CA_CERT: &str = "dssm-ca.crt";
-    pub const CA_KEY: &str = "dssm-ca.key";
-    pub const PENDING_CERT: &str = "pending-dssm-cert.crt";
-    pub const PENDING_KEY: &str = "pending-dssm-key.key";
-    pub const PENDING_DH: &str = "pending-dhparam2048.pem";
-}
-
-/// Annotations dssm-certs writes.
-pub mod annotations {
-    pub const REVISION: &str = "dssm-certs.f5.com/revision";
-    pub const STATE: &str = "dssm-certs.f5.com/state";
-    pub const CA_SHA256: &str = "dssm-certs.f5.com/ca-sha256";
-    pub const CERT_SHA256: &str = "dssm-certs.f5.com/cert-sha256";
-    pub const NOT_AFTER: &str = "dssm-certs.f5.com/not-after";
-    pub const RESTART_NEEDED: &str = "dssm-certs.f5.com/restart-needed";
-    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-    pub const MANAGER: &str = "dssm-certs";
-}
+use crate::materials::{annotations, store_keys, Bundle, CopyObs, Owner, SecretObs};
+use crate::pki::{self, Certificate, PrivateKey, SecretBytes};
 
 /// What one copy amounts to.
 #[derive(Debug, Clone)]
@@ -230,60 +134,20 @@ pub fn evaluate_copy(c: &CopyObs, now: i64) -> CopyState {
     }
 }
 
-/// A bundle TLS can work with right now, or why not.
+/// A bundle TLS can work with right now, or why not: the checks' verdicts (the same `check`
+/// reports), with the CA of the bundle that signs the leaf and the leaf.
 pub fn validate_bundle(
     b: &Bundle,
     ns: &str,
     now: i64,
 ) -> Result<(Certificate, Certificate), String> {
-    let at = |key: &str| {
-        format!(
-            "{ns}/{}[{key}]",
-            if key == contract::LEAF_KEY {
-                contract::KEYS_SECRET
-            } else {
-                contract::CERTS_SECRET
-            }
-        )
-    };
-    let ca =
-        pki::parse_certificate(&b.ca_cert, &at(contract::CA_CERT)).map_err(|e| e.to_string())?;
-    let leaf = pki::parse_certificate(&b.leaf_cert, &at(contract::LEAF_CERT))
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKey::from_pem(b.leaf_key.expose(), &at(contract::LEAF_KEY))
-        .map_err(|e| e.to_string())?;
-    DhParams::validate(&b.dhparams, &at(contract::DH_PARAMS)).map_err(|e| e.to_string())?;
-    if !leaf.matches_key(&key) {
-        return Err(format!(
-            "{} does not match {}",
-            at(contract::LEAF_KEY),
-            at(contract::LEAF_CERT)
-        ));
+    // Thresholds only grade residual time, which never makes a copy unusable.
+    let found = checks::judge_copy(&b.source(ns), now, Thresholds::default());
+    let broken: Vec<String> = found.breaking().map(|f| f.describe()).collect();
+    match (found.issuing_ca(), found.leaf()) {
+        (Some(ca), Some(leaf)) if broken.is_empty() => Ok((ca.clone(), leaf.clone())),
+        _ => Err(broken.join("; ")),
     }
-    if !leaf.is_signed_by(&ca) {
-        return Err(format!(
-            "{} is not signed by {}",
-            at(contract::LEAF_CERT),
-            at(contract::CA_CERT)
-        ));
-    }
-    for (c, key) in [(&ca, contract::CA_CERT), (&leaf, contract::LEAF_CERT)] {
-        if now >= c.not_after {
-            return Err(format!(
-                "{} expired at {}",
-                at(key),
-                pki::format_time(c.not_after)
-            ));
-        }
-        if now < c.not_before {
-            return Err(format!(
-                "{} is not valid before {}",
-                at(key),
-                pki::format_time(c.not_before)
-            ));
-        }
-    }
-    Ok((ca, leaf))
 }
 
 /// Reads the CA key Secret.
@@ -610,6 +474,7 @@ fn ca_usable(ca: &Certificate, now: i64, policy: Policy) -> bool {
 mod tests {
     use super::*;
     use crate::pki::{issue_ca, issue_leaf, CaSigner, KeyAlgorithm, LeafRequest, Subject};
+    use std::collections::BTreeMap;
     use time::{Duration, OffsetDateTime};
 
     struct Made {

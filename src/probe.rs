@@ -10,7 +10,7 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 
-use crate::check::Status;
+use crate::checks::{self, Status};
 use crate::pki;
 use crate::redis::tls::TlsClient;
 pub use crate::redis::tls::{ClientMaterials, TlsSetupError as ProbeError, VerifyPath};
@@ -107,6 +107,10 @@ pub struct ServedCertificate {
     pub not_after: String,
     pub version: u32,
     pub matches_deployed_leaf: bool,
+    /// The CA of the deployed bundle it chains to, as OpenSSL (Redis) picks it: 1-based, and
+    /// out of how many (during a CA rotation, which CA the server's leaf is under).
+    pub ca_index: Option<usize>,
+    pub bundle_cas: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -119,6 +123,10 @@ pub struct ProbeReport {
     pub verify_path: Option<VerifyPath>,
     pub served: Option<ServedCertificate>,
     pub reply: Option<String>,
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// A connection set up with the deployed materials. `client_cert: false` leaves the certificate
@@ -149,6 +157,7 @@ impl Prober {
         };
         let result = self.exchange(endpoint, server_name, timeout, &mut report);
         if let Some((path, served)) = self.tls.verifier.seen.lock().expect("not poisoned").clone() {
+            let cas = &self.tls.verifier.cas;
             report.verify_path = Some(path);
             report.served = Some(ServedCertificate {
                 subject: served.subject.clone(),
@@ -156,6 +165,8 @@ impl Prober {
                 not_after: pki::format_time(served.not_after),
                 version: served.version,
                 matches_deployed_leaf: served.der() == self.tls.leaf_der.as_slice(),
+                ca_index: checks::chain_issuer(cas, &served, unix_now()).map(|i| i + 1),
+                bundle_cas: cas.len(),
             });
         }
         match result {

@@ -12,10 +12,9 @@ use crate::check::Thresholds;
 use crate::cluster::{Cluster, ClusterError, Observation};
 use crate::contract;
 use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
+use crate::materials::{annotations, store_keys, Bundle, SecretObs};
 use crate::pki::{self, SecretBytes};
-use crate::plan::{
-    self, annotations, store_keys, Action, Bundle, Plan, Policy, SecretObs, StoreState,
-};
+use crate::plan::{self, Action, Plan, Policy, StoreState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -117,7 +116,17 @@ pub async fn reconcile(
     let result = lease
         .guard(async {
             let outcome = write_passes(cluster, opts, out).await?;
-            if let Some(r) = &opts.restart {
+            let store = cluster
+                .get_secret(&cluster.dssm_ns, contract::CA_KEY_SECRET)
+                .await?;
+            let recorded = store.is_some_and(|s| {
+                s.metadata
+                    .annotations
+                    .is_some_and(|a| a.contains_key(crate::rotation::ROTATION_ANNOTATION))
+            });
+            if recorded {
+                crate::rotation::drive(cluster, opts.restart.as_ref(), out).await?;
+            } else if let Some(r) = &opts.restart {
                 if needs_restart(cluster).await? {
                     cluster.restart(r, out).await?;
                 }
@@ -204,6 +213,20 @@ async fn pass_once(
         revision: None,
         restart_pending,
     };
+    // A recorded CA rotation is resumed at its phase (`rotation::drive`), whatever the plan.
+    if let Some(record) = crate::rotation::record_of(&obs.store) {
+        let record = record.map_err(ReconcileError::Refused)?;
+        let _ = writeln!(
+            out,
+            "a CA rotation is in progress: phase {} of 3 ({}); resuming it",
+            record.phase.number(),
+            record.phase.name()
+        );
+        if !opts.dry_run && !lease_held {
+            return Err(ReconcileError::NeedsLease);
+        }
+        return Ok(outcome);
+    }
     if plan.action.writes() && !opts.dry_run && !lease_held {
         return Err(ReconcileError::NeedsLease);
     }
@@ -226,7 +249,7 @@ async fn pass_once(
     for (ns, name) in &targets {
         if let Some(s) = obs.raw.get(&(ns.clone(), name.to_string())) {
             if let SecretObs::Present {
-                owner: plan::Owner::Other(owner),
+                owner: crate::materials::Owner::Other(owner),
                 ..
             } = crate::cluster::secret_obs(Some(s))
             {
@@ -239,21 +262,27 @@ async fn pass_once(
         }
     }
 
-    // A rolling restart cannot carry a CA change until the phased CA rotation exists: old and
-    // new pods would refuse each other. Refuse here, before any write, not after them.
+    // With the rolling strategy a new CA goes out in three phases (`rotation`): old and new
+    // pods must always trust each other. The phases start from the deployed (dSSM) copy.
     let rolling = opts
         .restart
         .as_ref()
         .is_some_and(|r| r.strategy == crate::restart::Strategy::Rolling);
-    if rolling && plan.action == Action::RotateCa {
-        return Err(ReconcileError::Refused(format!(
-            "the plan is a CA rotation ({}), and --strategy rolling cannot restart through a CA \
-             change: pods holding the old and the new CA would refuse each other. Nothing was \
-             written. Run this once with --strategy scale-to-zero (it interrupts TMM traffic: use \
-             a maintenance window)",
-            plan.reasons.join("; ")
-        )));
-    }
+    let phased_from = if rolling && plan.action == Action::RotateCa {
+        let dssm_copy = obs.copies.iter().find(|c| c.namespace == cluster.dssm_ns);
+        match dssm_copy.map(|c| plan::evaluate_copy(c, unix)) {
+            Some(plan::CopyState::Valid { bundle, .. }) => Some(bundle),
+            _ => {
+                return Err(ReconcileError::Refused(format!(
+                    "the plan is a CA rotation ({}), and --strategy rolling rolls a new CA out in                      phases starting from the deployed copy in {}, which is not valid. Nothing was                      written. Run this once with --strategy scale-to-zero (it interrupts TMM                      traffic: use a maintenance window)",
+                    plan.reasons.join("; "),
+                    cluster.dssm_ns
+                )))
+            }
+        }
+    } else {
+        None
+    };
 
     // New files reach the pods through kubelet whatever we do next: a restart that the
     // pre-flight would refuse must be refused before the Secrets are written, not after.
@@ -265,6 +294,12 @@ async fn pass_once(
                 crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
                 other => other.into(),
             })?;
+        if rolling {
+            cluster
+                .check_dssm_rollout(&r.redis)
+                .await
+                .map_err(|e| ReconcileError::Preflight(e.to_string()))?;
+        }
     }
 
     let revision = match (&plan.action, &store) {
@@ -343,7 +378,16 @@ async fn pass_once(
             bundle.leaf_key.expose().to_vec(),
         );
         data.insert(store_keys::PENDING_DH.to_string(), bundle.dhparams.clone());
-        let ann = BTreeMap::from([
+        if let Some(old) = &phased_from {
+            use crate::rotation::saved_keys;
+            data.insert(saved_keys::PREVIOUS_CA_CERT.into(), old.ca_cert.clone());
+            data.insert(saved_keys::PREVIOUS_CERT.into(), old.leaf_cert.clone());
+            data.insert(
+                saved_keys::PREVIOUS_KEY.into(),
+                old.leaf_key.expose().to_vec(),
+            );
+        }
+        let mut ann = BTreeMap::from([
             (annotations::REVISION.to_string(), revision.to_string()),
             (annotations::STATE.to_string(), "pending".to_string()),
             (
@@ -357,6 +401,18 @@ async fn pass_once(
                 copies_hold_another_ca(&obs, &bundle.ca_cert).to_string(),
             ),
         ]);
+        if phased_from.is_some() {
+            let record = crate::rotation::Record {
+                kind: crate::rotation::Kind::Ca,
+                phase: crate::rotation::Phase::Trust,
+                revision,
+                rolled: Vec::new(),
+            };
+            ann.insert(
+                crate::rotation::ROTATION_ANNOTATION.to_string(),
+                record.to_json(),
+            );
+        }
         let s = cluster
             .write_secret(
                 &cluster.dssm_ns,
@@ -378,62 +434,26 @@ async fn pass_once(
             contract::CA_KEY_SECRET
         );
         saved_store = Some(s);
+        if phased_from.is_some() {
+            // The copies are written phase by phase by `rotation::drive`.
+            let _ = writeln!(
+                out,
+                "recorded a CA rotation in three phases (trust, switch, drop) on secret {}/{}",
+                cluster.dssm_ns,
+                contract::CA_KEY_SECRET
+            );
+            return Ok(outcome);
+        }
     }
 
-    // 2. The dSSM copies, then 3. the TMM copies. A copy that already holds the bundle is kept.
-    let copy_ann = BTreeMap::from([
-        (annotations::REVISION.to_string(), revision.to_string()),
-        (annotations::CA_SHA256.to_string(), sha256(&bundle.ca_cert)),
-        (
-            annotations::CERT_SHA256.to_string(),
-            sha256(&bundle.leaf_cert),
-        ),
-        (
-            annotations::NOT_AFTER.to_string(),
-            pki::format_time(leaf.not_after),
-        ),
-    ]);
-    let certs_data = BTreeMap::from([
-        (contract::CA_CERT.to_string(), bundle.ca_cert.clone()),
-        (contract::LEAF_CERT.to_string(), bundle.leaf_cert.clone()),
-        (contract::DH_PARAMS.to_string(), bundle.dhparams.clone()),
-    ]);
-    let keys_data = BTreeMap::from([(
-        contract::LEAF_KEY.to_string(),
-        bundle.leaf_key.expose().to_vec(),
-    )]);
-    let mut written_secrets = Vec::new();
-    for ns in cluster.namespaces() {
-        for (name, data) in [
-            (contract::CERTS_SECRET, &certs_data),
-            (contract::KEYS_SECRET, &keys_data),
-        ] {
-            let existing = obs.raw.get(&(ns.clone(), name.to_string()));
-            let same = existing.is_some_and(|s| {
-                crate::cluster::secret_obs(Some(s)) != SecretObs::Missing
-                    && s.data.as_ref().is_some_and(|d| {
-                        d.len() == data.len()
-                            && data
-                                .iter()
-                                .all(|(k, v)| d.get(k).is_some_and(|x| &x.0 == v))
-                    })
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(annotations::MANAGED_BY))
-                        .map(String::as_str)
-                        == Some(annotations::MANAGER)
-            });
-            if same {
-                continue;
-            }
-            let s = cluster
-                .write_secret(&ns, name, data.clone(), copy_ann.clone(), existing)
-                .await?;
-            outcome.written.push(format!("secret {ns}/{name}"));
-            let _ = writeln!(out, "wrote secret {ns}/{name} (revision {revision})");
-            written_secrets.push(s);
-        }
+    // 2. The dSSM copies, then 3. the TMM copies.
+    let written_secrets = write_copies(cluster, &obs, &bundle, revision, None, out).await?;
+    for s in &written_secrets {
+        outcome.written.push(format!(
+            "secret {}/{}",
+            s.metadata.namespace.as_deref().unwrap_or_default(),
+            s.metadata.name.as_deref().unwrap_or_default()
+        ));
     }
 
     // 4. TMM and dSSM must restart to use new files: say so on the Deployment.
@@ -535,6 +555,88 @@ async fn pass_once(
             .await;
     }
     Ok(outcome)
+}
+
+/// Writes `bundle` into the dSSM namespace's two Secrets, then the TMM namespace's (DESIGN §5
+/// write order). A copy that already holds the bundle, managed by us, is kept. Returns what was
+/// written.
+pub(crate) async fn write_copies(
+    cluster: &Cluster,
+    obs: &Observation,
+    bundle: &Bundle,
+    revision: u64,
+    phase: Option<crate::rotation::Phase>,
+    out: &mut (dyn Write + Send),
+) -> Result<Vec<Secret>, ReconcileError> {
+    let leaf = pki::parse_certificate(&bundle.leaf_cert, contract::LEAF_CERT)
+        .map_err(|e| ReconcileError::Refused(e.to_string()))?;
+    let mut copy_ann = BTreeMap::from([
+        (annotations::REVISION.to_string(), revision.to_string()),
+        (annotations::CA_SHA256.to_string(), sha256(&bundle.ca_cert)),
+        (
+            annotations::CERT_SHA256.to_string(),
+            sha256(&bundle.leaf_cert),
+        ),
+        (
+            annotations::NOT_AFTER.to_string(),
+            pki::format_time(leaf.not_after),
+        ),
+    ]);
+    if let Some(p) = phase {
+        copy_ann.insert(
+            crate::rotation::PHASE_ANNOTATION.to_string(),
+            p.name().to_string(),
+        );
+    }
+    let phase_name = phase.map(|p| p.name());
+    let certs_data = BTreeMap::from([
+        (contract::CA_CERT.to_string(), bundle.ca_cert.clone()),
+        (contract::LEAF_CERT.to_string(), bundle.leaf_cert.clone()),
+        (contract::DH_PARAMS.to_string(), bundle.dhparams.clone()),
+    ]);
+    let keys_data = BTreeMap::from([(
+        contract::LEAF_KEY.to_string(),
+        bundle.leaf_key.expose().to_vec(),
+    )]);
+    let mut written = Vec::new();
+    for ns in cluster.namespaces() {
+        for (name, data) in [
+            (contract::CERTS_SECRET, &certs_data),
+            (contract::KEYS_SECRET, &keys_data),
+        ] {
+            let existing = obs.raw.get(&(ns.clone(), name.to_string()));
+            let same = existing.is_some_and(|s| {
+                crate::cluster::secret_obs(Some(s)) != SecretObs::Missing
+                    && s.data.as_ref().is_some_and(|d| {
+                        d.len() == data.len()
+                            && data
+                                .iter()
+                                .all(|(k, v)| d.get(k).is_some_and(|x| &x.0 == v))
+                    })
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(annotations::MANAGED_BY))
+                        .map(String::as_str)
+                        == Some(annotations::MANAGER)
+                    && s.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(crate::rotation::PHASE_ANNOTATION))
+                        .map(String::as_str)
+                        == phase_name
+            });
+            if same {
+                continue;
+            }
+            let s = cluster
+                .write_secret(&ns, name, data.clone(), copy_ann.clone(), existing)
+                .await?;
+            let _ = writeln!(out, "wrote secret {ns}/{name} (revision {revision})");
+            written.push(s);
+        }
+    }
+    Ok(written)
 }
 
 /// On the CA key Secret while a rotation is pending: whether it changes the CA.

@@ -13,7 +13,7 @@ use kube::api::{EvictParams, ListParams, Patch, PatchParams, WatchEvent, WatchPa
 use kube::{Api, ResourceExt};
 
 use crate::cluster::{call, Cluster, ClusterError};
-use crate::plan::annotations;
+use crate::materials::annotations;
 
 /// Where the replica count lives while TMM is scaled down.
 pub const REPLICAS_ANNOTATION: &str = "dssm-certs.f5.com/tmm-replicas";
@@ -29,10 +29,11 @@ pub enum Order {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Strategy {
-    /// TMM to zero, then back: required when the CA changed (old and new sides refuse each other).
+    /// The seeds' procedure: TMM to zero and back, every dSSM pod at once. It interrupts
+    /// traffic (opt-in, for a maintenance window).
     ScaleToZero,
-    /// No traffic interruption: a rolling restart of TMM and the dSSM pods one at a time.
-    /// Allowed only when the CA did not change, so old and new leaves are both trusted.
+    /// No interruption (the default): dSSM the Redis-aware way, one pod at a time, then TMM by a
+    /// rolling restart; a new CA goes out in three phases (`rotation`).
     Rolling,
 }
 
@@ -51,6 +52,8 @@ pub struct Options {
     pub probe_endpoint: Option<String>,
     /// The name the served certificate is checked against (default: the endpoint's host).
     pub probe_server_name: Option<String>,
+    /// Where the rolling restart reaches each dSSM pod's Redis.
+    pub redis: crate::rolling::RedisAccess,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,26 +68,28 @@ pub enum RestartError {
     EvictionBlocked { pod: String, message: String },
     #[error("the pods restarted, but the mTLS probe failed: {0}")]
     Probe(String),
+    #[error("rolling restart of dSSM: {0}")]
+    Rollout(String),
     #[error("pre-flight refused the restart, nothing was touched: {0}. Fix that first, or pass --force to restart anyway (recorded in an Event)")]
     Preflight(String),
     #[error("--strategy rolling is refused: the CA changed (annotation {CA_CHANGED_ANNOTATION} on deployment {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero")]
     RollingAfterCaChange(String),
 }
 
-fn pod_ready(p: &Pod) -> bool {
+pub(crate) fn pod_ready(p: &Pod) -> bool {
     p.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn terminating(p: &Pod) -> bool {
+pub(crate) fn terminating(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_some()
 }
 
 /// A pod that ended (phase Failed or Succeeded, e.g. evicted) stays listed but is not live: its
 /// controller replaces it.
-fn ended(p: &Pod) -> bool {
+pub(crate) fn ended(p: &Pod) -> bool {
     matches!(
         p.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Failed" | "Succeeded")
@@ -372,6 +377,39 @@ pub fn selector_of(d: &Deployment) -> String {
     labels.chain(expressions).collect::<Vec<_>>().join(",")
 }
 
+/// Removes a dSSM pod through the Eviction API, so PodDisruptionBudgets are respected: a 429 (no
+/// disruption allowed now) is retried until `deadline`, as `kubectl drain` does. A pod already
+/// gone is fine.
+pub(crate) async fn evict_pod(
+    pods: &Api<Pod>,
+    ns: &str,
+    name: &str,
+    deadline: tokio::time::Instant,
+) -> Result<(), RestartError> {
+    let what = format!("pod {ns}/{name} (eviction)");
+    let ep = EvictParams::default();
+    loop {
+        match call("create", &what, || pods.evict(name, &ep)).await {
+            Ok(_) | Err(ClusterError::NotFound { .. }) => return Ok(()),
+            Err(ClusterError::Api {
+                code: 429, message, ..
+            }) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(pod = %name, %message, "eviction not allowed yet; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(ClusterError::Api {
+                code: 429, message, ..
+            }) => {
+                return Err(RestartError::EvictionBlocked {
+                    pod: format!("{ns}/{name}"),
+                    message,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Cluster {
     fn deployments(&self) -> Api<Deployment> {
         Api::namespaced(self.client.clone(), &self.tmm_ns)
@@ -468,37 +506,13 @@ impl Cluster {
             .collect())
     }
 
-    /// Removes a dSSM pod through the Eviction API, so PodDisruptionBudgets are respected: a
-    /// 429 (no disruption allowed now) is retried until `deadline`, as `kubectl drain` does. A pod
-    /// already gone is fine.
     async fn evict(
         &self,
         pods: &Api<Pod>,
         name: &str,
         deadline: tokio::time::Instant,
     ) -> Result<(), RestartError> {
-        let what = format!("pod {}/{name} (eviction)", self.dssm_ns);
-        let ep = EvictParams::default();
-        loop {
-            match call("create", &what, || pods.evict(name, &ep)).await {
-                Ok(_) | Err(ClusterError::NotFound { .. }) => return Ok(()),
-                Err(ClusterError::Api {
-                    code: 429, message, ..
-                }) if tokio::time::Instant::now() < deadline => {
-                    tracing::info!(pod = %name, %message, "eviction not allowed yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-                Err(ClusterError::Api {
-                    code: 429, message, ..
-                }) => {
-                    return Err(RestartError::EvictionBlocked {
-                        pod: format!("{}/{name}", self.dssm_ns),
-                        message,
-                    })
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        evict_pod(pods, &self.dssm_ns, name, deadline).await
     }
 
     async fn scale_tmm(&self, replicas: i32) -> Result<(), ClusterError> {
@@ -722,6 +736,11 @@ impl Cluster {
     ) -> Result<(), RestartError> {
         let t = opts.wait_timeout;
         let tmm_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.tmm_ns);
+        let _ = writeln!(
+            out,
+            "strategy scale-to-zero (the seeds' procedure): TMM goes to 0 replicas and every dSSM \
+             pod restarts at once; this interrupts traffic"
+        );
         // 2. Scale TMM to zero, 3. wait until no TMM pod is left.
         self.scale_tmm(0).await?;
         let _ = writeln!(
@@ -845,16 +864,36 @@ impl Cluster {
         }
     }
 
-    /// No interruption: TMM rolls (one new pod Ready before an old one goes), then the dSSM pods
-    /// are recreated one at a time — sentinels, then DB replicas, the first DB (the initial
-    /// primary) last — each waited for before the next.
+    /// No interruption: the dSSM pods the Redis-aware way (`rolling::roll_dssm`: nothing is
+    /// evicted unless every pod's Redis answers), then TMM by a rolling restart.
     async fn rolling(
         &self,
         opts: &Options,
         d: &Deployment,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let t = opts.wait_timeout;
+        self.roll_dssm(
+            &opts.redis,
+            crate::rolling::PhaseProof::default(),
+            opts.wait_timeout,
+            out,
+        )
+        .await?;
+        self.roll_tmm(d, opts.wait_timeout, out).await?;
+        self.finish_restart("rolling restart of dSSM and TMM, no interruption")
+            .await?;
+        self.verify_with_probe(opts, out).await
+    }
+
+    /// TMM's rolling restart, as `kubectl rollout restart` does it: a pod-template annotation,
+    /// then the rollout waited for (observed generation, updated and available replicas), one
+    /// new pod Ready before an old one goes.
+    pub async fn roll_tmm(
+        &self,
+        d: &Deployment,
+        t: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
         let api = self.deployments();
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}});
@@ -906,45 +945,7 @@ impl Cluster {
             }
         }
         let _ = writeln!(out, "{what} rolled out");
-
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
-        let sel = self.dssm_selector.clone();
-        let lp = ListParams::default().labels(&sel);
-        let list = call("list", &format!("pods {} ({sel})", self.dssm_ns), || {
-            pods.list(&lp)
-        })
-        .await?;
-        let mut order: Vec<(String, String)> = list
-            .items
-            .iter()
-            .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
-            .collect();
-        let rank = |n: &str| {
-            let sentinel = n.contains("sentinel");
-            let ordinal: i64 = n
-                .rsplit('-')
-                .next()
-                .and_then(|o| o.parse().ok())
-                .unwrap_or(0);
-            (if sentinel { 0 } else { 1 }, -ordinal)
-        };
-        order.sort_by_key(|(n, _)| rank(n));
-        for (name, uid) in order {
-            self.evict(&pods, &name, tokio::time::Instant::now() + t)
-                .await?;
-            let wait_what = format!("pod {}/{name} to come back Running and Ready", self.dssm_ns);
-            let n2 = name.clone();
-            wait_pods(&pods, &sel, &wait_what, t, move |now| {
-                now.get(&n2).is_some_and(|p| {
-                    p.uid().as_deref() != Some(uid.as_str()) && !terminating(p) && pod_ready(p)
-                })
-            })
-            .await?;
-            let _ = writeln!(out, "pod {}/{name} recreated and Ready", self.dssm_ns);
-        }
-        self.finish_restart("rolling restart of TMM and dSSM, no interruption")
-            .await?;
-        self.verify_with_probe(opts, out).await
+        Ok(())
     }
 }
 

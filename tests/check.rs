@@ -474,3 +474,390 @@ fn each_kind_of_bad_input_gets_one_clear_line_naming_the_file() {
         );
     }
 }
+
+/// The copy in `dir` as the planner reads it: the two Secrets of one namespace, ours.
+fn copy_obs(dir: &Path) -> dssm_certs::materials::CopyObs {
+    use dssm_certs::materials::{self as m, Owner, SecretObs};
+    let secret = |files: &[&str]| SecretObs::Present {
+        data: files
+            .iter()
+            .filter_map(|f| Some((f.to_string(), std::fs::read(dir.join(f)).ok()?)))
+            .collect(),
+        owner: Owner::Us,
+        annotations: Default::default(),
+    };
+    m::CopyObs {
+        namespace: "spk-utilities".into(),
+        certs: secret(&[m::CA_CERT, m::LEAF_CERT, m::DH_PARAMS]),
+        keys: secret(&[m::LEAF_KEY]),
+    }
+}
+
+/// What Redis (OpenSSL) makes of the chain: `openssl verify -CAfile dssm-ca.crt dssm-cert.crt`.
+fn openssl_verifies(dir: &Path) -> bool {
+    std::process::Command::new("openssl")
+        .args(["verify", "-CAfile", "dssm-ca.crt", "dssm-cert.crt"])
+        .current_dir(dir)
+        .output()
+        .expect("openssl CLI")
+        .status
+        .success()
+}
+
+/// `generate`'s five files, copied to `dir`, then `file` replaced by `contents`.
+fn variant(good: &Path, dir: &Path, file: &str, contents: &[u8]) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in dssm_certs::materials::FILES {
+        std::fs::copy(good.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join(file), contents).unwrap();
+    dir.to_path_buf()
+}
+
+/// Issue 11: `check` and `plan` judged a copy with different rules (EKU, CA flag), so `check`
+/// could call OK what `reconcile` repairs, and the reverse. Every case of the check, plan and
+/// hostile-input tests, and every phase of a CA rotation, through both: they agree, and where
+/// the chain is the point, openssl agrees too.
+#[test]
+fn check_and_plan_agree_on_every_case() {
+    use dssm_certs::check::{self, Status};
+    use dssm_certs::plan::{self, Action, CopyState, StoreState};
+    use support::load::scenarios::CaRotation;
+
+    let tmp = tempdir();
+    let t = tmp.path();
+    let good = generate(&t.join("good"), &["--key-algorithm", "ecdsa-p256"]);
+    let other = generate(&t.join("other"), &["--key-algorithm", "ecdsa-p256"]);
+    let days = |n: &str| {
+        generate(
+            &t.join(format!("d{n}")),
+            &["--key-algorithm", "ecdsa-p256", "--days", n],
+        )
+    };
+    let (warn, crit) = (days("20"), days("10"));
+    let at = |name: &str, shift: Duration, ca: u32, leaf: u32| {
+        materials_at(&t.join(name), OffsetDateTime::now_utc() + shift, ca, leaf);
+        t.join(name)
+    };
+    let expired = at("expired", -Duration::days(400), 365, 365);
+    let future = at("future", Duration::days(2), 365, 300);
+    let seed = t.join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    seed_materials(&seed, false);
+    let seed_pkcs1 = t.join("seed-pkcs1");
+    std::fs::create_dir(&seed_pkcs1).unwrap();
+    seed_materials(&seed_pkcs1, true);
+    let v = |name: &str, file: &str, contents: &[u8]| variant(&good, &t.join(name), file, contents);
+    let cert = String::from_utf8(read(&good.join("dssm-cert.crt"))).unwrap();
+    let server_only = v("server-only", "dssm-cert.crt", cert.as_bytes());
+    sh(
+        &server_only,
+        "printf 'extendedKeyUsage=serverAuth\\n' > ext.cnf
+         openssl req -new -key dssm-key.key -subj '/CN=Server' |
+           openssl x509 -req -CA dssm-ca.crt -CAkey dssm-ca.key -days 100 -extfile ext.cnf -out dssm-cert.crt 2>/dev/null",
+    );
+    let not_ca = v("not-ca", "dssm-cert.crt", cert.as_bytes());
+    sh(
+        &not_ca,
+        "openssl req -x509 -new -key dssm-ca.key -subj '/CN=Not A CA' -days 100 \
+             -addext basicConstraints=critical,CA:FALSE -out dssm-ca.crt
+         openssl req -new -key dssm-key.key -subj '/CN=Server' |
+           openssl x509 -req -CA dssm-ca.crt -CAkey dssm-ca.key -days 50 -out dssm-cert.crt 2>/dev/null",
+    );
+    let dh1024 = v("dh1024", "dhparam2048.pem", b"");
+    openssl(
+        &dh1024,
+        &["dhparam", "-out", "dhparam2048.pem", "-2", "1024"],
+    );
+    let x942 = v("x942", "dhparam2048.pem", b"");
+    sh(
+        &x942,
+        "openssl genpkey -genparam -algorithm DHX -pkeyopt dh_paramgen_prime_len:2048 -out dhparam2048.pem",
+    );
+    let encrypted = v("encrypted", "dssm-key.key", b"");
+    sh(
+        &encrypted,
+        "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -aes256 -pass pass:secret -out dssm-key.key",
+    );
+    let truncated = cert[..cert.len() / 2].to_string() + "\n-----END CERTIFICATE-----\n";
+    // The seed's CA and a new one of the same subject: the three phases, both orders.
+    let rotation = |old_first: bool| {
+        let dir = t.join(format!("rotation-{old_first}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in dssm_certs::materials::FILES {
+            std::fs::copy(seed.join(f), dir.join(f)).unwrap();
+        }
+        CaRotation::from_seed(
+            tempdir(),
+            dir,
+            "O=Redis Test, CN=Certificate Authority",
+            old_first,
+        )
+    };
+    let (old_first, new_first) = (rotation(true), rotation(false));
+
+    // (case, directory, check's status, usable, what openssl verify says where it matters)
+    let cases: Vec<(&str, std::path::PathBuf, Status, bool, Option<bool>)> = vec![
+        ("fresh", good.clone(), Status::Ok, true, Some(true)),
+        ("seed-made", seed.clone(), Status::Ok, true, Some(true)),
+        (
+            "seed-made, PKCS#1 keys",
+            seed_pkcs1.clone(),
+            Status::Ok,
+            true,
+            Some(true),
+        ),
+        ("20 days left", warn, Status::Warning, true, Some(true)),
+        (
+            "10 days left: due, not broken",
+            crit,
+            Status::Critical,
+            true,
+            Some(true),
+        ),
+        ("expired", expired, Status::Critical, false, Some(false)),
+        (
+            "not yet valid",
+            future,
+            Status::Critical,
+            false,
+            Some(false),
+        ),
+        (
+            "leaf of another CA",
+            v(
+                "foreign",
+                "dssm-cert.crt",
+                &read(&other.join("dssm-cert.crt")),
+            ),
+            Status::Critical,
+            false,
+            Some(false),
+        ),
+        (
+            "leaf key of another leaf",
+            v("key", "dssm-key.key", &read(&other.join("dssm-key.key"))),
+            Status::Critical,
+            false,
+            None,
+        ),
+        (
+            "CA key of another CA (not mounted)",
+            v("ca-key", "dssm-ca.key", &read(&other.join("dssm-ca.key"))),
+            Status::Critical,
+            true,
+            Some(true),
+        ),
+        (
+            "leaf not PEM",
+            v("not-pem", "dssm-cert.crt", b"hello, not PEM"),
+            Status::Unknown,
+            false,
+            None,
+        ),
+        (
+            "leaf is a key",
+            v("label", "dssm-cert.crt", &read(&good.join("dssm-key.key"))),
+            Status::Unknown,
+            false,
+            None,
+        ),
+        (
+            "CA truncated",
+            v("truncated", "dssm-ca.crt", truncated.as_bytes()),
+            Status::Unknown,
+            false,
+            None,
+        ),
+        (
+            "leaf key empty",
+            v("empty-key", "dssm-key.key", b""),
+            Status::Unknown,
+            false,
+            None,
+        ),
+        (
+            "leaf key encrypted",
+            encrypted,
+            Status::Unknown,
+            false,
+            None,
+        ),
+        (
+            "leaf missing",
+            {
+                let d = v("missing", "dssm-cert.crt", b"");
+                std::fs::remove_file(d.join("dssm-cert.crt")).unwrap();
+                d
+            },
+            Status::Unknown,
+            false,
+            None,
+        ),
+        (
+            "server-only leaf",
+            server_only,
+            Status::Critical,
+            false,
+            Some(true),
+        ),
+        ("CA without CA:TRUE", not_ca, Status::Critical, false, None),
+        ("DH 1024 bits", dh1024, Status::Critical, false, None),
+        ("DH X9.42", x942, Status::Critical, false, None),
+        (
+            "rotation trust, old CA first",
+            old_first.trust.clone(),
+            Status::Ok,
+            true,
+            Some(true),
+        ),
+        (
+            "rotation switch, old CA first",
+            old_first.switch.clone(),
+            Status::Ok,
+            true,
+            Some(true),
+        ),
+        (
+            "rotation drop",
+            old_first.drop.clone(),
+            Status::Ok,
+            true,
+            Some(true),
+        ),
+        (
+            "rotation switch, new CA first (the new leaf has an AKI)",
+            new_first.switch.clone(),
+            Status::Ok,
+            true,
+            Some(true),
+        ),
+        (
+            "rotation trust, new CA first: the v1 leaf names the wrong CA",
+            new_first.trust.clone(),
+            Status::Critical,
+            false,
+            Some(false),
+        ),
+    ];
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let policy = plan::Policy {
+        leaf_days: 365,
+        ..Default::default()
+    };
+    for (name, dir, status, usable, verifies) in cases {
+        let report = check::inspect(
+            &dssm_certs::materials::read_dir(&dir),
+            now,
+            check::Thresholds::default(),
+        );
+        let state = plan::evaluate_copy(&copy_obs(&dir), now);
+        let summary = format!("{name}: {report:#?}\nplan: {state:?}");
+        assert_eq!(
+            (report.status, report.usable),
+            (status, usable),
+            "{summary}"
+        );
+        match &state {
+            CopyState::Valid { .. } => assert!(report.usable, "{summary}"),
+            CopyState::Invalid(why) => {
+                assert!(
+                    !report.usable && report.status >= Status::Unknown,
+                    "{summary}"
+                );
+                assert!(
+                    why.contains("spk-utilities/dssm-"),
+                    "names the Secret: {summary}"
+                );
+            }
+            CopyState::Missing => panic!("{summary}"),
+        }
+        // The whole planner: a usable copy is never repaired or replaced as invalid.
+        let p = plan::plan(&[copy_obs(&dir)], &StoreState::Missing, now, policy);
+        let replaced = matches!(p.action, Action::ReplaceInvalid | Action::Repair);
+        assert_eq!(replaced, !usable, "{name}: {:?} {:?}", p.action, p.reasons);
+        if let Some(want) = verifies {
+            assert_eq!(openssl_verifies(&dir), want, "{name}: openssl verify");
+            let chain = report.checks.iter().find(|c| c.name == "chain").unwrap();
+            let cert_in_time = report
+                .certificates
+                .iter()
+                .all(|c| c.residual_seconds > 0 && !c.message.starts_with("not valid before"));
+            assert_eq!(
+                chain.status == Status::Ok && cert_in_time,
+                want,
+                "{name}: {chain:?}"
+            );
+        }
+    }
+}
+
+/// Issue 13: every CA of the bundle is reported (one line each), the leaf chains to either,
+/// and the CA key matches one of them.
+#[test]
+fn every_ca_of_a_bundle_has_its_line_and_the_leaf_may_chain_to_either() {
+    use support::load::scenarios::CaRotation;
+    let r = CaRotation::new("O=Redis Test, CN=Certificate Authority", true);
+    for (phase, dir, signer) in [("trust", &r.trust, 1), ("switch", &r.switch, 2)] {
+        let (code, json) = check_json(dir, &[]);
+        assert_eq!(code, 0, "{phase}: {json:#}");
+        let cas: Vec<_> = json["copies"][0]["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["file"] == "dssm-ca.crt")
+            .collect();
+        assert_eq!(cas.len(), 2, "{phase}");
+        assert_eq!(
+            (cas[0]["index"].as_u64(), cas[1]["index"].as_u64()),
+            (Some(1), Some(2))
+        );
+        assert_ne!(cas[0]["serial"], cas[1]["serial"]);
+        let chain = check_named(&json, "chain");
+        assert!(
+            chain[0]["message"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("(CA {signer} of 2)")),
+            "{phase}: {chain:?}"
+        );
+        let (_, table, _) = run(&["check", "--dir", dir.to_str().unwrap()]);
+        for line in ["dssm-ca.crt #1: subject", "dssm-ca.crt #2: subject"] {
+            assert_eq!(table.matches(line).count(), 1, "{phase}: {line}\n{table}");
+        }
+    }
+    let (code, json) = check_json(&r.drop, &[]);
+    assert_eq!(code, 0, "{json:#}");
+    let certs = json["copies"][0]["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 2, "one CA, one leaf");
+    assert!(
+        certs.iter().all(|c| c.get("index").is_none()),
+        "no index for a single CA"
+    );
+}
+
+/// A seed-made leaf has no authority key identifier: with the new CA of the same subject first
+/// in the bundle, OpenSSL (Redis) takes the new CA for it and refuses the chain. `check` says
+/// so, naming the order as the fix, and `reconcile` would not call that copy usable.
+#[test]
+fn a_v1_leaf_behind_a_same_subject_new_ca_is_a_broken_chain_as_openssl_sees_it() {
+    use support::load::scenarios::CaRotation;
+    let r = CaRotation::new("O=Redis Test, CN=Certificate Authority", false);
+    assert!(!openssl_verifies(&r.trust), "openssl refuses the chain");
+    let (code, json) = check_json(&r.trust, &[]);
+    assert_eq!(code, 2, "{json:#}");
+    let chain = check_named(&json, "chain");
+    let msg = chain[0]["message"].as_str().unwrap();
+    assert_eq!(chain[0]["status"], "critical");
+    assert!(
+        msg.contains("is signed by")
+            && msg.contains("(CA 2 of 2)")
+            && msg.contains("must come first"),
+        "{msg}"
+    );
+    assert_eq!(json["copies"][0]["usable"], false);
+    // The same bundle, old CA first: both agree it works.
+    assert!(openssl_verifies(
+        &CaRotation::new("O=Redis Test, CN=Certificate Authority", true).trust
+    ));
+}

@@ -448,3 +448,26 @@ fn reload_tls_retries_until_kubelet_swaps_the_files_and_reports_when_they_never_
         dssm_certs::redis::Value::Simple("PONG".into())
     );
 }
+
+/// Issue 13: during a CA rotation `probe` says which CA of the deployed bundle the served leaf
+/// is under (as OpenSSL picks it): the old one in phase a, the new one from phase b.
+#[test]
+fn probe_names_the_ca_of_the_bundle_the_served_leaf_is_under() {
+    use support::load::scenarios::CaRotation;
+    let m = CaRotation::new("O=Redis Test, CN=Certificate Authority", true);
+    for (phase, dir, ca_index, cas) in [
+        ("trust", &m.trust, 1, 2),
+        ("switch", &m.switch, 2, 2),
+        ("drop", &m.drop, 1, 1),
+    ] {
+        let db = start_db(&m.tmp.path().join(format!("db-{phase}")), dir);
+        let (code, report) = probe_bin(dir, db.port, db.port);
+        assert_eq!(code, 0, "{phase}: {report:#}");
+        let served = &report["endpoints"][0]["served"];
+        assert_eq!(
+            (served["ca_index"].as_u64(), served["bundle_cas"].as_u64()),
+            (Some(ca_index), Some(cas)),
+            "{phase}: {report:#}"
+        );
+    }
+}

@@ -17,7 +17,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::contract;
-use crate::plan::{annotations, CopyObs, Owner, SecretObs};
+use crate::materials::{annotations, CopyObs, Owner, SecretObs};
 
 /// Attempts for a call that fails transiently, and the first backoff (doubled each time).
 pub const ATTEMPTS: u32 = 5;

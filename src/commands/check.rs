@@ -1,7 +1,7 @@
 //! `check`: a folder or the cluster's copies, judged; the exit code is the verdict.
 
 use super::{runtime, CommandError};
-use crate::check::{self, CheckResult, CopyReport, Report, Status, Thresholds};
+use crate::check::{self, Report, Status, Thresholds};
 use crate::cli::{CheckArgs, ClusterArgs, OutputFormat};
 use crate::cluster::{Cluster, ClusterError};
 use crate::exit;
@@ -13,16 +13,11 @@ pub fn run(a: CheckArgs) -> Result<i32, CommandError> {
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let report = match &a.dir {
-        Some(dir) if dir.is_dir() => Report::new(
-            vec![check::inspect(
-                &check::read_dir_source(dir),
-                now,
-                thresholds,
-            )],
+        Some(dir) => Report::new(
+            vec![check::inspect_dir(dir, now, thresholds)],
             now,
             thresholds,
         ),
-        Some(dir) => Report::new(vec![not_a_directory(dir)], now, thresholds),
         None => match runtime()?.block_on(cluster_report(&a.cluster, now, thresholds)) {
             Ok(r) => r,
             Err(e) => {
@@ -47,20 +42,6 @@ pub fn run(a: CheckArgs) -> Result<i32, CommandError> {
         OutputFormat::Table => print!("{}", check::render_table(&report)),
     }
     Ok(report.exit_code)
-}
-
-fn not_a_directory(dir: &std::path::Path) -> CopyReport {
-    CopyReport {
-        source: format!("dir:{}", dir.display()),
-        status: Status::Unknown,
-        certificates: vec![],
-        checks: vec![CheckResult {
-            name: "read",
-            status: Status::Unknown,
-            message: format!("{}: not a directory", dir.display()),
-        }],
-        dhparams: None,
-    }
 }
 
 async fn cluster_report(

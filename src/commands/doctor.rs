@@ -6,7 +6,7 @@ use crate::check::{self, Status, Thresholds};
 use crate::cli::{DoctorArgs, OutputFormat};
 use crate::cluster::{doctor as read, Cluster, ClusterError, Observation};
 use crate::doctor::{self, Finding, Report, Role};
-use crate::plan::SecretObs;
+use crate::materials::SecretObs;
 
 pub fn run(a: DoctorArgs) -> Result<i32, CommandError> {
     let thresholds = Thresholds {

@@ -75,7 +75,7 @@ fn print_table_row(r: &ProbeReport) {
     );
     if let Some(s) = &r.served {
         println!(
-            "  served: subject \"{}\", serial {}, notAfter {}, X.509 v{}, {} the deployed leaf",
+            "  served: subject \"{}\", serial {}, notAfter {}, X.509 v{}, {} the deployed leaf, {}",
             check::printable(&s.subject),
             s.serial,
             s.not_after,
@@ -84,6 +84,13 @@ fn print_table_row(r: &ProbeReport) {
                 "matches"
             } else {
                 "differs from"
+            },
+            match s.ca_index {
+                Some(i) => format!(
+                    "under CA {i} of the {} in the deployed bundle",
+                    s.bundle_cas
+                ),
+                None => "under no CA of the deployed bundle".to_string(),
             }
         );
     }

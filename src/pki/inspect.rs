@@ -52,6 +52,11 @@ pub struct Certificate {
     subject_der: Vec<u8>,
     #[serde(skip)]
     issuer_der: Vec<u8>,
+    /// keyIdentifier of the authorityKeyIdentifier (none in the seeds' v1 leaves).
+    #[serde(skip)]
+    authority_key_id: Option<Vec<u8>>,
+    #[serde(skip)]
+    subject_key_id: Option<Vec<u8>>,
 }
 
 impl Certificate {
@@ -76,6 +81,23 @@ impl Certificate {
             return false;
         };
         me.verify_signature(Some(them.public_key())).is_ok()
+    }
+
+    /// Whether OpenSSL would take `ca` as a candidate issuer of this certificate before checking
+    /// any signature (`X509_check_issued`): the names chain and, when this certificate has an
+    /// authority key identifier and `ca` a subject key identifier, they are equal. A leaf
+    /// without one (the seeds' v1 leaves) matches every CA of its issuer's name.
+    pub fn names_issuer(&self, ca: &Certificate) -> bool {
+        self.issuer_der == ca.subject_der
+            && match (&self.authority_key_id, &ca.subject_key_id) {
+                (Some(aki), Some(ski)) => aki == ski,
+                _ => true,
+            }
+    }
+
+    /// Whether this certificate carries an authority key identifier.
+    pub fn has_authority_key_id(&self) -> bool {
+        self.authority_key_id.is_some()
     }
 
     pub fn is_self_signed(&self) -> bool {
@@ -115,6 +137,25 @@ pub fn parse_certificate(pem: &[u8], what: &str) -> Result<Certificate, InspectE
     let mut cert = parse_certificate_der(&first.contents, what)?;
     cert.extra_certificates = extra;
     Ok(cert)
+}
+
+/// Every certificate of a PEM bundle, in order (a CA file may hold the old and the new CA);
+/// `what` names the file or Secret key. Blocks of other labels are skipped; one damaged block
+/// fails the bundle.
+pub fn parse_certificates(pem: &[u8], what: &str) -> Result<Vec<Certificate>, InspectError> {
+    // The first block gets parse_certificate's precise messages (no PEM, damaged, wrong label).
+    parse_certificate(pem, what)?;
+    Pem::iter_from_buffer(pem)
+        .filter_map(|block| match block {
+            Ok(p) if p.label == "CERTIFICATE" => Some(Ok(p.contents)),
+            Ok(_) => None,
+            Err(_) => Some(Err(InspectError::DamagedPem {
+                what: what.to_string(),
+            })),
+        })
+        .enumerate()
+        .map(|(i, der)| parse_certificate_der(&der?, &format!("{what} (certificate {})", i + 1)))
+        .collect()
 }
 
 /// Parses one DER certificate; `what` names it in errors.
@@ -163,6 +204,17 @@ pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, Insp
         // A v1 certificate has no extensions; OpenSSL treats a self-signed v1 as a CA.
         _ => x509.version() == X509Version::V1 && x509.subject().as_raw() == x509.issuer().as_raw(),
     };
+    let mut authority_key_id = None;
+    let mut subject_key_id = None;
+    for ext in x509.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                authority_key_id = aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            ParsedExtension::SubjectKeyIdentifier(ski) => subject_key_id = Some(ski.0.to_vec()),
+            _ => {}
+        }
+    }
     Ok(Certificate {
         subject: x509.subject().to_string(),
         issuer: x509.issuer().to_string(),
@@ -184,6 +236,8 @@ pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, Insp
         spki,
         subject_der: x509.subject().as_raw().to_vec(),
         issuer_der: x509.issuer().as_raw().to_vec(),
+        authority_key_id,
+        subject_key_id,
     })
 }
 

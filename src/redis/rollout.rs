@@ -215,14 +215,15 @@ pub fn execute(
     cx: &RolloutContext<'_>,
     mut done: impl FnMut(&Step, Duration),
 ) -> Result<(), RolloutError> {
-    let sentinels: Vec<String> = steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::RestartSentinel { pod } => Some(pods.endpoint(pod)),
-            _ => None,
-        })
-        .collect();
     for step in steps {
+        // Asked again at every step: a restarted pod may come back at another address.
+        let sentinels: Vec<String> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::RestartSentinel { pod } => Some(pods.endpoint(pod)),
+                _ => None,
+            })
+            .collect();
         let start = Instant::now();
         let deadline = start + cx.step_timeout;
         run_step(step, pods, cx, &sentinels, deadline).map_err(|error| RolloutError {

@@ -89,26 +89,11 @@ fn parse_served(cert: &CertificateDer<'_>) -> Result<Certificate, rustls::Error>
 
 /// Every certificate of a PEM bundle, in order; `what` names the file or Secret key.
 pub fn parse_bundle(pem: &[u8], what: &str) -> Result<Vec<Certificate>, TlsSetupError> {
-    // The first block gets parse_certificate's precise messages (no PEM, damaged, wrong label).
-    pki::parse_certificate(pem, what).map_err(|e| TlsSetupError::Materials(e.to_string()))?;
-    x509_parser::pem::Pem::iter_from_buffer(pem)
-        .filter_map(|block| match block {
-            Ok(p) if p.label == "CERTIFICATE" => Some(Ok(p.contents)),
-            Ok(_) => None,
-            Err(_) => Some(Err(TlsSetupError::Materials(format!(
-                "{what}: a PEM block is damaged"
-            )))),
-        })
-        .enumerate()
-        .map(|(i, der)| {
-            pki::inspect::parse_certificate_der(&der?, &format!("{what} (certificate {})", i + 1))
-                .map_err(|e| TlsSetupError::Materials(e.to_string()))
-        })
-        .collect()
+    pki::inspect::parse_certificates(pem, what).map_err(|e| TlsSetupError::Materials(e.to_string()))
 }
 
 pub(crate) struct Verifier {
-    cas: Vec<Certificate>,
+    pub(crate) cas: Vec<Certificate>,
     webpki: Arc<WebPkiServerVerifier>,
     algorithms: WebPkiSupportedAlgorithms,
     /// The last served certificate, for reports (probe uses one connection at a time).

@@ -75,6 +75,21 @@ impl Drop for ApiServer {
     }
 }
 
+/// See `ApiServer::handle`.
+#[derive(Clone)]
+pub struct StateHandle {
+    state: Arc<Mutex<State>>,
+    notify: Arc<Notify>,
+}
+
+impl StateHandle {
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let out = f(&mut self.state.lock().unwrap());
+        self.notify.notify_waiters();
+        out
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) state: Arc<Mutex<State>>,
     pub(crate) notify: Arc<Notify>,
@@ -176,6 +191,15 @@ impl ApiServer {
             notify,
             shutdown: Some(tx),
             thread: Some(thread),
+        }
+    }
+
+    /// A handle on the state for another thread (a test's stand-in kubelet): it changes
+    /// objects and wakes the watches as `with_state` does.
+    pub fn handle(&self) -> StateHandle {
+        StateHandle {
+            state: self.state.clone(),
+            notify: self.notify.clone(),
         }
     }
 

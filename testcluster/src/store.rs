@@ -363,7 +363,7 @@ pub(crate) fn res_key(r: &Resource) -> String {
     format!("{}/{}", r.group, r.plural)
 }
 
-pub(crate) fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap()

@@ -187,6 +187,8 @@ pub struct Figures {
     pub min_dbs_up: usize,
     pub min_sentinels_up: usize,
     pub samples: usize,
+    /// Time with no Ready TMM pod, as the cluster saw it (runs through the test cluster only).
+    pub no_ready_tmm: Duration,
 }
 
 impl Figures {
@@ -200,6 +202,7 @@ impl Figures {
         assert_eq!(self.lost, 0, "{what}: {self:?}");
         assert!(self.min_dbs_up >= 2, "{what}: {self:?}");
         assert!(self.min_sentinels_up >= 2, "{what}: {self:?}");
+        assert_eq!(self.no_ready_tmm, Duration::ZERO, "{what}: {self:?}");
     }
 }
 
@@ -382,6 +385,12 @@ impl Load {
         }
     }
 
+    /// Each client's "pod replaced" counter: bumping one makes that client reconnect, reading
+    /// its mount again, as a new TMM process would.
+    pub fn roll_handles(&self) -> Vec<Arc<AtomicU64>> {
+        self.rolls.clone()
+    }
+
     /// Rolls the TMM clients one at a time onto `files`: kubelet gives the new pod the new files,
     /// the new process connects with them. `gap` between two pods, like a rolling update's.
     pub fn roll_clients(&self, files: &Path, gap: Duration) {
@@ -429,6 +438,7 @@ impl Load {
             min_dbs_up,
             min_sentinels_up,
             samples,
+            no_ready_tmm: Duration::ZERO,
         }
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod dssm_pods;
 pub mod load;
 pub mod objects;
 pub mod rbac;
@@ -16,6 +17,10 @@ use std::process::{Command, Output};
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dssm-certs"));
     c.env_remove("DSSM_CERTS_LOG");
+    // The test cluster's pods run no Redis unless a test starts `dssm_pods::Bed` (whose runs
+    // pass --strategy): the seeds' procedure needs none. The default itself is pinned in
+    // tests/rotation_cluster.rs.
+    c.env("DSSM_CERTS_STRATEGY", "scale-to-zero");
     c
 }
 

@@ -227,9 +227,10 @@ impl Topology {
                     &["SENTINEL", "get-master-addr-by-name", MASTER],
                 )
             })
+            .filter(|a: &String| !a.trim().is_empty()) // a sentinel down (being restarted)
             .collect();
         let first = answers.first()?.clone();
-        if answers.iter().all(|a| *a == first) {
+        if answers.len() >= 2 && answers.iter().all(|a| *a == first) {
             first.lines().nth(1).and_then(|p| p.trim().parse().ok())
         } else {
             None
@@ -287,6 +288,26 @@ impl Topology {
         follow(&p, self.agreed_primary().unwrap_or(self.primary_port));
         self.spawn(&mut p);
         self.procs[idx] = p;
+    }
+
+    /// Stops `name`'s process (its pod is being deleted); `start_proc` runs it again.
+    pub fn stop_proc(&mut self, name: &str) {
+        let idx = self.procs.iter().position(|p| p.name == name).unwrap();
+        self.procs[idx].stop();
+    }
+
+    /// Whether `name`'s process was started and not stopped since.
+    pub fn running(&self, name: &str) -> bool {
+        self.get(name).child.is_some()
+    }
+
+    /// Starts a stopped `name` on its mount's current files (a DB as a replica of whoever is
+    /// primary now) and waits until it answers PING.
+    pub fn start_proc(&mut self, name: &str) {
+        let primary = self.agreed_primary().unwrap_or(self.primary_port);
+        let idx = self.procs.iter().position(|p| p.name == name).unwrap();
+        follow(&self.procs[idx], primary);
+        spawn(&mut self.procs[idx]);
     }
 
     /// Stops every process, then starts them all again on their mounts' current files: what

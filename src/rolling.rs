@@ -1,0 +1,480 @@
+//! The rolling restart nobody notices, for dSSM: the pods observed through the API (DB or
+//! sentinel, `subPath` mounts of the Secrets, where Redis listens) and through Redis itself
+//! (which DB is primary), `redis::rollout`'s plan, and its execution with pods leaving through
+//! the Eviction API and coming back Ready, one at a time, behind the Redis gates.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+
+use crate::cluster::{call, Cluster};
+use crate::contract;
+use crate::redis::reload::Proof;
+use crate::redis::rollout::{self, PodKind, Pods, RolloutContext, Step};
+use crate::redis::{info_replication, ClientMaterials, Connection, Role, TlsClient};
+use crate::restart::{evict_pod, pod_ready, terminating, wait_pods, RestartError};
+
+/// Redis's port when a DB container declares none.
+pub const DB_PORT: u16 = 6379;
+
+/// `--redis-endpoint POD=HOST:PORT`: where the tool reaches one dSSM pod's Redis instead of its
+/// pod IP and container port (a port-forward, a test's loopback port).
+pub fn parse_redis_endpoint(s: &str) -> Result<(String, String), String> {
+    let (pod, endpoint) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: expected POD=HOST:PORT, e.g. f5-dssm-db-0=127.0.0.1:6379")
+    })?;
+    let pod = pod.trim();
+    if pod.is_empty() {
+        return Err(format!("{s:?}: the pod name is missing"));
+    }
+    let (host, port) = endpoint
+        .trim()
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: {endpoint:?} has no :PORT"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?}: the host is missing"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((pod.to_string(), endpoint.trim().to_string())),
+        _ => Err(format!("{s:?}: {port:?} is not a port (1-65535)")),
+    }
+}
+
+/// A sentinel by its `app` label (or, without one, its name); every other dSSM pod is a DB.
+pub fn pod_kind(p: &Pod) -> PodKind {
+    let app = p
+        .labels()
+        .get("app")
+        .cloned()
+        .unwrap_or_else(|| p.name_any());
+    if app.contains("sentinel") {
+        PodKind::Sentinel
+    } else {
+        PodKind::Db
+    }
+}
+
+/// Whether a container mounts one of the dSSM Secrets with `subPath`: kubelet never updates
+/// such a file, so only a restart brings the new materials.
+pub fn mounts_secrets_with_sub_path(p: &Pod) -> bool {
+    let Some(spec) = &p.spec else { return false };
+    let secret_volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| {
+            let direct = v.secret.as_ref().and_then(|s| s.secret_name.as_deref());
+            let projected = v.projected.as_ref().and_then(|pr| pr.sources.as_ref());
+            let is_ours = |n: &str| n == contract::CERTS_SECRET || n == contract::KEYS_SECRET;
+            direct.is_some_and(is_ours)
+                || projected.into_iter().flatten().any(|src| {
+                    src.secret
+                        .as_ref()
+                        .is_some_and(|s| is_ours(s.name.as_str()))
+                })
+        })
+        .map(|v| v.name.as_str())
+        .collect();
+    spec.containers.iter().any(|c| {
+        c.volume_mounts.iter().flatten().any(|m| {
+            secret_volumes.contains(&m.name.as_str())
+                && m.sub_path.as_deref().is_some_and(|s| !s.is_empty())
+        })
+    })
+}
+
+/// Where the tool reaches a pod's Redis: the override, else its pod IP and the first container
+/// port (6379 for a DB, 26379 for a sentinel when none is declared).
+pub fn pod_endpoint(p: &Pod, overrides: &BTreeMap<String, String>) -> Result<String, String> {
+    let name = p.name_any();
+    if let Some(e) = overrides.get(&name) {
+        return Ok(e.clone());
+    }
+    let ip = p
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .ok_or_else(|| {
+            format!(
+                "pod {}/{name} has no pod IP yet; pass --redis-endpoint {name}=HOST:PORT to reach it another way",
+                p.namespace().unwrap_or_default()
+            )
+        })?;
+    let port = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.ports.as_ref())
+        .and_then(|ports| ports.first())
+        .map(|port| port.container_port as u16)
+        .unwrap_or(match pod_kind(p) {
+            PodKind::Db => DB_PORT,
+            PodKind::Sentinel => contract::SENTINEL_PORT,
+        });
+    Ok(if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    })
+}
+
+/// How the tool talks to dSSM during a rolling restart.
+#[derive(Debug, Clone)]
+pub struct RedisAccess {
+    /// Pod name → `host:port` overrides (`--redis-endpoint`).
+    pub endpoints: BTreeMap<String, String>,
+    /// The name Sentinel monitors the primary under.
+    pub master: String,
+}
+
+impl Default for RedisAccess {
+    fn default() -> Self {
+        RedisAccess {
+            endpoints: BTreeMap::new(),
+            master: crate::redis::DEFAULT_MASTER_NAME.to_string(),
+        }
+    }
+}
+
+/// What new handshakes must show once every dSSM process runs a phase's materials, beyond
+/// serving the leaf of the dSSM copy and accepting it as a client.
+#[derive(Default)]
+pub struct PhaseProof {
+    /// Client materials every process must accept (e.g. a leaf of the new CA in phase trust).
+    pub accepts: Vec<ClientMaterials>,
+    /// Client materials every process must refuse (the old CA's leaf once it is dropped).
+    pub refuses: Vec<ClientMaterials>,
+}
+
+/// The dSSM pods as the eviction side of the rollout sees them.
+struct ClusterPods {
+    api: Api<Pod>,
+    namespace: String,
+    selector: String,
+    overrides: BTreeMap<String, String>,
+    endpoints: BTreeMap<String, String>,
+    uids: BTreeMap<String, String>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Pods for ClusterPods {
+    fn endpoint(&self, pod: &str) -> String {
+        self.endpoints.get(pod).cloned().unwrap_or_default()
+    }
+
+    /// Evicts the pod (PDBs respected) and returns once its controller's replacement (same
+    /// name, new uid) is Ready, at its new address.
+    fn restart(&mut self, pod: &str, deadline: Instant) -> Result<(), String> {
+        let old_uid = self.uids.get(pod).cloned().unwrap_or_default();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tokio_deadline = tokio::time::Instant::now() + left;
+        let what = format!(
+            "pod {}/{pod} to come back Running and Ready",
+            self.namespace
+        );
+        let (api, ns, sel) = (&self.api, &self.namespace, &self.selector);
+        let name = pod.to_string();
+        let back = self.runtime.block_on(async {
+            evict_pod(api, ns, &name, tokio_deadline).await?;
+            let now = wait_pods(api, sel, &what, left.max(Duration::from_secs(1)), |now| {
+                now.get(&name).is_some_and(|p| {
+                    p.uid().as_deref() != Some(old_uid.as_str()) && !terminating(p) && pod_ready(p)
+                })
+            })
+            .await?;
+            Ok::<_, RestartError>(now.get(&name).cloned())
+        });
+        let p = back.map_err(|e| e.to_string())?.ok_or("vanished")?;
+        self.uids
+            .insert(pod.to_string(), p.uid().unwrap_or_default());
+        self.endpoints
+            .insert(pod.to_string(), pod_endpoint(&p, &self.overrides)?);
+        Ok(())
+    }
+}
+
+/// The dSSM copy of the materials, as the tool's client for this phase.
+async fn dssm_client(cluster: &Cluster) -> Result<(ClientMaterials, String), RestartError> {
+    let ns = &cluster.dssm_ns;
+    let certs = cluster.get_secret(ns, contract::CERTS_SECRET).await?;
+    let keys = cluster.get_secret(ns, contract::KEYS_SECRET).await?;
+    let get = |s: &Option<k8s_openapi::api::core::v1::Secret>, secret: &str, k: &str| {
+        s.as_ref()
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(k))
+            .map(|b| b.0.clone())
+            .ok_or_else(|| RestartError::Rollout(format!("secret {ns}/{secret} has no key {k}")))
+    };
+    let ca_cert = get(&certs, contract::CERTS_SECRET, contract::CA_CERT)?;
+    let leaf_cert = get(&certs, contract::CERTS_SECRET, contract::LEAF_CERT)?;
+    let key = get(&keys, contract::KEYS_SECRET, contract::LEAF_KEY)?;
+    let at = format!("{ns}/{}[{}]", contract::KEYS_SECRET, contract::LEAF_KEY);
+    let leaf_key = crate::pki::PrivateKey::from_pem(&key, &at)
+        .map_err(|e| RestartError::Rollout(e.to_string()))?;
+    let leaf = crate::pki::parse_certificate(
+        &leaf_cert,
+        &format!("{ns}/{}[{}]", contract::CERTS_SECRET, contract::LEAF_CERT),
+    )
+    .map_err(|e| RestartError::Rollout(e.to_string()))?;
+    Ok((
+        ClientMaterials {
+            ca_cert,
+            leaf_cert,
+            leaf_key,
+        },
+        leaf.sha256_fingerprint,
+    ))
+}
+
+/// Everything a dSSM rollout needs, read before anything is touched.
+struct Prepared {
+    pods: ClusterPods,
+    live: Vec<Pod>,
+    materials: ClientMaterials,
+    fingerprint: String,
+}
+
+impl Cluster {
+    async fn prepare_dssm(&self, access: &RedisAccess) -> Result<Prepared, RestartError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let sel = self.dssm_selector.clone();
+        let lp = ListParams::default().labels(&sel);
+        let list = call("list", &format!("pods {} ({sel})", self.dssm_ns), || {
+            api.list(&lp)
+        })
+        .await?;
+        let live: Vec<Pod> = list
+            .items
+            .into_iter()
+            .filter(|p| !terminating(p) && !crate::restart::ended(p))
+            .collect();
+        let names: Vec<String> = live.iter().map(|p| p.name_any()).collect();
+        if let Some(stray) = access.endpoints.keys().find(|k| !names.contains(k)) {
+            return Err(RestartError::Rollout(format!(
+                "--redis-endpoint names pod {stray}, which is not a dSSM pod in {} ({sel}); pods: {}",
+                self.dssm_ns,
+                names.join(", ")
+            )));
+        }
+        let mut endpoints = BTreeMap::new();
+        let mut uids = BTreeMap::new();
+        for p in &live {
+            endpoints.insert(
+                p.name_any(),
+                pod_endpoint(p, &access.endpoints).map_err(RestartError::Rollout)?,
+            );
+            uids.insert(p.name_any(), p.uid().unwrap_or_default());
+        }
+        let (materials, fingerprint) = dssm_client(self).await?;
+        Ok(Prepared {
+            pods: ClusterPods {
+                api,
+                namespace: self.dssm_ns.clone(),
+                selector: sel,
+                overrides: access.endpoints.clone(),
+                endpoints,
+                uids,
+                runtime: tokio::runtime::Handle::current(),
+            },
+            live,
+            materials,
+            fingerprint,
+        })
+    }
+
+    /// The rolling restart's own pre-flight, before anything is written: every dSSM pod's Redis
+    /// answers with the deployed materials, exactly one DB is primary, and the plan is safe.
+    pub async fn check_dssm_rollout(&self, access: &RedisAccess) -> Result<(), RestartError> {
+        let p = self.prepare_dssm(access).await?;
+        let ns = self.dssm_ns.clone();
+        tokio::task::spawn_blocking(move || {
+            let tool = TlsClient::new(&p.materials, true).map_err(|e| e.to_string())?;
+            let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)?;
+            rollout::plan(&observed).map_err(|e| e.to_string())
+        })
+        .await
+        .expect("the dSSM rollout check panicked")
+        .map(drop)
+        .map_err(RestartError::Rollout)
+    }
+
+    /// Rolls the dSSM pods the Redis-aware way: DBs reload in place (restarted where `subPath`
+    /// hides kubelet's update: replicas first, the primary last after a paused switchover),
+    /// sentinels one at a time behind CKQUORUM. Nothing is evicted unless every pod was
+    /// observed, its Redis reached and exactly one primary found.
+    pub async fn roll_dssm(
+        &self,
+        access: &RedisAccess,
+        extra: PhaseProof,
+        step_timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let Prepared {
+            mut pods,
+            live,
+            materials,
+            fingerprint,
+        } = self.prepare_dssm(access).await?;
+        let server_name = contract::SENTINEL_SERVICE.to_string();
+        let master = access.master.clone();
+        let ns = self.dssm_ns.clone();
+        let _ = writeln!(out, "dSSM pods in {} roll one at a time:", self.dssm_ns);
+        // The Redis side blocks (its own deadlines): on a blocking thread, with the API calls
+        // of the restarts sent back to this runtime, and its progress lines sent back to `out`
+        // as they happen.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let work = tokio::task::spawn_blocking(move || {
+            let tool = TlsClient::new(&materials, true).map_err(|e| e.to_string())?;
+            let clients = |ms: &[ClientMaterials]| {
+                ms.iter()
+                    .map(|m| TlsClient::new(m, true))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+            };
+            let (accepts, refuses) = (clients(&extra.accepts)?, clients(&extra.refuses)?);
+            let observed = observe(&live, &pods, &tool, &server_name, &ns)?;
+            let steps = rollout::plan(&observed).map_err(|e| e.to_string())?;
+            for s in &steps {
+                let _ = tx.send(format!("  plan: {s}"));
+            }
+            let mut proof = Proof {
+                serves: Some(fingerprint),
+                accepts: vec![&tool],
+                refuses: refuses.iter().collect(),
+            };
+            proof.accepts.extend(accepts.iter());
+            let cx = RolloutContext {
+                tls: &tool,
+                server_name: &server_name,
+                master: &master,
+                proof,
+                step_timeout,
+            };
+            rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
+                let _ = tx.send(format!("  done: {s} ({:.1} s)", took.as_secs_f64()));
+            })
+            .map_err(|e| e.to_string())
+        });
+        while let Some(line) = rx.recv().await {
+            let _ = writeln!(out, "{line}");
+        }
+        work.await
+            .expect("the dSSM rollout panicked")
+            .map_err(RestartError::Rollout)
+    }
+}
+
+/// The live dSSM pods as the rollout plan sees them; the primary is whichever DB says so.
+fn observe(
+    live: &[Pod],
+    pods: &ClusterPods,
+    tool: &TlsClient,
+    server_name: &str,
+    ns: &str,
+) -> Result<Vec<rollout::Pod>, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    live.iter()
+        .map(|p| {
+            let name = p.name_any();
+            let kind = pod_kind(p);
+            let primary = match kind {
+                PodKind::Sentinel => false,
+                PodKind::Db => {
+                    let endpoint = pods.endpoint(&name);
+                    let mut c = Connection::connect(tool, &endpoint, server_name, deadline)
+                        .map_err(|e| format!("pod {ns}/{name}: cannot reach its Redis: {e}"))?;
+                    info_replication(&mut c, deadline)
+                        .map_err(|e| format!("pod {ns}/{name}: {e}"))?
+                        .role
+                        == Role::Primary
+                }
+            };
+            Ok(rollout::Pod {
+                name,
+                kind,
+                primary,
+                sub_path: mounts_secrets_with_sub_path(p),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn redis_endpoint_overrides_are_validated_naming_the_flag_value() {
+        assert_eq!(
+            parse_redis_endpoint("f5-dssm-db-0=127.0.0.1:6390"),
+            Ok(("f5-dssm-db-0".into(), "127.0.0.1:6390".into()))
+        );
+        assert!(parse_redis_endpoint("x=[::1]:1").is_ok());
+        for (bad, says) in [
+            ("f5-dssm-db-0", "expected POD=HOST:PORT"),
+            ("=127.0.0.1:1", "pod name is missing"),
+            ("a=127.0.0.1", "has no :PORT"),
+            ("a=:6379", "host is missing"),
+            ("a=h:0", "is not a port"),
+            ("a=h:65536", "is not a port"),
+        ] {
+            let e = parse_redis_endpoint(bad).unwrap_err();
+            assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn kind_sub_path_and_endpoint_come_from_the_pod_spec() {
+        let db = pod(json!({
+            "metadata": {"name": "f5-dssm-db-1", "namespace": "u", "labels": {"app": "f5-dssm-db"}},
+            "spec": {
+                "containers": [{"name": "redis", "ports": [{"containerPort": 6390}],
+                    "volumeMounts": [{"name": "certs", "mountPath": "/etc/ssl/certs/dssm-cert.crt", "subPath": "dssm-cert.crt"}]}],
+                "volumes": [{"name": "certs", "secret": {"secretName": "dssm-certs-secret"}}]},
+            "status": {"podIP": "10.0.0.7"}
+        }));
+        assert_eq!(pod_kind(&db), PodKind::Db);
+        assert!(mounts_secrets_with_sub_path(&db));
+        assert_eq!(
+            pod_endpoint(&db, &BTreeMap::new()).unwrap(),
+            "10.0.0.7:6390"
+        );
+        let over = BTreeMap::from([("f5-dssm-db-1".to_string(), "127.0.0.1:7000".to_string())]);
+        assert_eq!(pod_endpoint(&db, &over).unwrap(), "127.0.0.1:7000");
+
+        // A subPath of another volume does not count; a sentinel without ports gets 26379.
+        let sentinel = pod(json!({
+            "metadata": {"name": "f5-dssm-sentinel-0", "namespace": "u", "labels": {"app": "f5-dssm-sentinel"}},
+            "spec": {
+                "containers": [{"name": "s", "volumeMounts": [
+                    {"name": "conf", "mountPath": "/etc/x", "subPath": "x"},
+                    {"name": "certs", "mountPath": "/etc/ssl/certs"}]}],
+                "volumes": [{"name": "conf", "configMap": {"name": "c"}},
+                    {"name": "certs", "projected": {"sources": [{"secret": {"name": "dssm-keys-secret"}}]}}]},
+            "status": {"podIP": "fd00::5"}
+        }));
+        assert_eq!(pod_kind(&sentinel), PodKind::Sentinel);
+        assert!(!mounts_secrets_with_sub_path(&sentinel));
+        assert_eq!(
+            pod_endpoint(&sentinel, &BTreeMap::new()).unwrap(),
+            "[fd00::5]:26379"
+        );
+
+        let pending = pod(
+            json!({"metadata": {"name": "f5-dssm-db-2", "namespace": "u"}, "spec": {"containers": []}}),
+        );
+        let e = pod_endpoint(&pending, &BTreeMap::new()).unwrap_err();
+        assert!(
+            e.contains("u/f5-dssm-db-2") && e.contains("--redis-endpoint f5-dssm-db-2="),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,561 @@
+//! The CA rotation nobody notices: three phases, each written to every copy, rolled through
+//! every consumer and proven by new mutual-TLS handshakes before the next starts, so that no
+//! process is ever more than one phase away from another:
+//!
+//! - **trust**: `dssm-ca.crt` = old CA + new CA (old first), the leaf unchanged;
+//! - **switch**: the new leaf and key, signed by the new CA, the bundle unchanged;
+//! - **drop**: `dssm-ca.crt` = the new CA only.
+//!
+//! The old CA goes first: with two CAs of the same subject, OpenSSL picks the first by name when
+//! the leaf has no authority key identifier (seed-made v1 leaves have none), so the old leaves
+//! in use keep verifying; new leaves carry an AKI. Cross-signing the new CA with the old was not
+//! needed (tests/rotation_load.rs decides the bundle order with Redis and openssl).
+//!
+//! The record of where a rotation stands is a small JSON annotation on the CA key Secret, with
+//! the materials of every phase saved next to it: any run (rotate, reconcile, the agent) that
+//! finds it resumes at that phase, from the saved materials.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Cluster;
+use crate::contract;
+use crate::pki::{self, PrivateKey, SecretBytes};
+use crate::plan::{annotations, store_keys, Bundle, SecretObs};
+use crate::reconcile::{write_copies, ReconcileError};
+use crate::redis::ClientMaterials;
+
+/// On the CA key Secret while a rotation runs: its `Record` as JSON.
+pub const ROTATION_ANNOTATION: &str = "dssm-certs.f5.com/rotation";
+
+/// On every copy of the Secrets while a CA rotation runs: its phase, for readers that may not
+/// read the CA key Secret (`check`, the agent's metric).
+pub const PHASE_ANNOTATION: &str = "dssm-certs.f5.com/rotation-phase";
+
+/// The phase the dSSM copy of the certs Secret announces, if a rotation runs.
+pub fn phase_on_copies(obs: &crate::cluster::Observation, dssm_ns: &str) -> Option<Phase> {
+    let copy = obs.copies.iter().find(|c| c.namespace == dssm_ns)?;
+    match &copy.certs {
+        SecretObs::Present { annotations, .. } => Phase::ALL
+            .into_iter()
+            .find(|p| annotations.get(PHASE_ANNOTATION).map(String::as_str) == Some(p.name())),
+        SecretObs::Missing => None,
+    }
+}
+
+/// Saved in the CA key Secret while a CA rotation runs: the materials it replaces.
+pub mod saved_keys {
+    pub const PREVIOUS_CA_CERT: &str = "previous-dssm-ca.crt";
+    pub const PREVIOUS_CERT: &str = "previous-dssm-cert.crt";
+    pub const PREVIOUS_KEY: &str = "previous-dssm-key.key";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Trust,
+    Switch,
+    Drop,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 3] = [Phase::Trust, Phase::Switch, Phase::Drop];
+
+    pub fn next(self) -> Option<Phase> {
+        match self {
+            Phase::Trust => Some(Phase::Switch),
+            Phase::Switch => Some(Phase::Drop),
+            Phase::Drop => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Trust => "trust",
+            Phase::Switch => "switch",
+            Phase::Drop => "drop",
+        }
+    }
+
+    /// 1, 2, 3: the value of the `dssm_rotation_phase` metric (0 when no rotation runs).
+    pub fn number(self) -> i64 {
+        self as i64 + 1
+    }
+
+    /// The Event emitted once every consumer runs the phase.
+    pub fn event_reason(self) -> &'static str {
+        match self {
+            Phase::Trust => "CARotationTrusted",
+            Phase::Switch => "CARotationSwitched",
+            Phase::Drop => "CARotationDropped",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Phase::Trust => "dssm-ca.crt = old CA + new CA, leaf unchanged",
+            Phase::Switch => "new leaf signed by the new CA, both CAs trusted",
+            Phase::Drop => "dssm-ca.crt = new CA only",
+        }
+    }
+}
+
+/// What rotates (one kind today; a record names it so that others can join).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Ca,
+}
+
+/// Where a rotation stands, persisted on the CA key Secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub kind: Kind,
+    pub phase: Phase,
+    /// The revision the copies carry during the whole rotation.
+    pub revision: u64,
+    /// Workloads ("namespace/kind/name") already rolled through `phase`, so a resumed run
+    /// need not roll them again.
+    #[serde(default)]
+    pub rolled: Vec<String>,
+}
+
+impl Record {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a record serializes")
+    }
+
+    pub fn parse(s: &str) -> Result<Record, String> {
+        serde_json::from_str(s).map_err(|e| format!("annotation {ROTATION_ANNOTATION}: {e}"))
+    }
+}
+
+/// The record on the CA key Secret, if a rotation runs.
+pub fn record_of(store: &SecretObs) -> Option<Result<Record, String>> {
+    match store {
+        SecretObs::Present { annotations, .. } => annotations
+            .get(ROTATION_ANNOTATION)
+            .map(|s| Record::parse(s)),
+        SecretObs::Missing => None,
+    }
+}
+
+/// The materials of both sides of a CA rotation, as saved in the CA key Secret.
+pub struct Saved {
+    pub old_ca: Vec<u8>,
+    pub old_leaf: Vec<u8>,
+    pub old_key: SecretBytes,
+    pub new_ca: Vec<u8>,
+    pub new_ca_key: SecretBytes,
+    pub new_leaf: Vec<u8>,
+    pub new_key: SecretBytes,
+    pub dhparams: Vec<u8>,
+}
+
+impl std::fmt::Debug for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saved").finish_non_exhaustive()
+    }
+}
+
+impl Saved {
+    /// Reads them from the CA key Secret's data; names the missing key.
+    pub fn read(data: &BTreeMap<String, Vec<u8>>, ns: &str) -> Result<Saved, String> {
+        let get = |k: &str| {
+            data.get(k).cloned().ok_or_else(|| {
+                format!(
+                    "{ns}/{}: a CA rotation is recorded but the key {k} is missing",
+                    contract::CA_KEY_SECRET
+                )
+            })
+        };
+        Ok(Saved {
+            old_ca: get(saved_keys::PREVIOUS_CA_CERT)?,
+            old_leaf: get(saved_keys::PREVIOUS_CERT)?,
+            old_key: SecretBytes::new(get(saved_keys::PREVIOUS_KEY)?),
+            new_ca: get(store_keys::CA_CERT)?,
+            new_ca_key: SecretBytes::new(get(store_keys::CA_KEY)?),
+            new_leaf: get(store_keys::PENDING_CERT)?,
+            new_key: SecretBytes::new(get(store_keys::PENDING_KEY)?),
+            dhparams: get(store_keys::PENDING_DH)?,
+        })
+    }
+
+    /// Old CA first, then the new one.
+    pub fn both_cas(&self) -> Vec<u8> {
+        let mut b = self.old_ca.clone();
+        if !b.ends_with(b"\n") {
+            b.push(b'\n');
+        }
+        b.extend_from_slice(&self.new_ca);
+        b
+    }
+
+    /// What every copy holds during `phase`.
+    pub fn bundle(&self, phase: Phase) -> Bundle {
+        let (ca_cert, leaf_cert, leaf_key) = match phase {
+            Phase::Trust => (self.both_cas(), &self.old_leaf, &self.old_key),
+            Phase::Switch => (self.both_cas(), &self.new_leaf, &self.new_key),
+            Phase::Drop => (self.new_ca.clone(), &self.new_leaf, &self.new_key),
+        };
+        Bundle {
+            ca_cert,
+            leaf_cert: leaf_cert.clone(),
+            leaf_key: SecretBytes::new(leaf_key.expose().to_vec()),
+            dhparams: self.dhparams.clone(),
+        }
+    }
+}
+
+fn materials(
+    ca: Vec<u8>,
+    leaf: &[u8],
+    key: &SecretBytes,
+    what: &str,
+) -> Result<ClientMaterials, String> {
+    Ok(ClientMaterials {
+        ca_cert: ca,
+        leaf_cert: leaf.to_vec(),
+        leaf_key: PrivateKey::from_pem(key.expose(), what).map_err(|e| e.to_string())?,
+    })
+}
+
+/// What new handshakes must show once every dSSM process runs `phase`, beyond serving and
+/// accepting the dSSM copy: in trust, a leaf of the new CA is already accepted (so TMM pods
+/// that switch first are served); in switch, the old leaf is still accepted (TMM pods not yet
+/// rolled); in drop, the old leaf is refused.
+pub fn phase_proof(
+    saved: &Saved,
+    phase: Phase,
+    ns: &str,
+) -> Result<crate::rolling::PhaseProof, String> {
+    let old = |ca: Vec<u8>| {
+        materials(
+            ca,
+            &saved.old_leaf,
+            &saved.old_key,
+            &format!(
+                "{ns}/{}[{}]",
+                contract::CA_KEY_SECRET,
+                saved_keys::PREVIOUS_KEY
+            ),
+        )
+    };
+    Ok(match phase {
+        Phase::Trust => crate::rolling::PhaseProof {
+            accepts: vec![probe_leaf_of_new_ca(saved, ns)?],
+            refuses: vec![],
+        },
+        Phase::Switch => crate::rolling::PhaseProof {
+            accepts: vec![old(saved.both_cas())?],
+            refuses: vec![],
+        },
+        Phase::Drop => crate::rolling::PhaseProof {
+            accepts: vec![],
+            refuses: vec![old(saved.both_cas())?],
+        },
+    })
+}
+
+/// A throwaway one-day leaf of the new CA (never written anywhere): proves that the processes
+/// trust the new CA before any of them serves a leaf of it.
+fn probe_leaf_of_new_ca(saved: &Saved, ns: &str) -> Result<ClientMaterials, String> {
+    let at = |k: &str| format!("{ns}/{}[{k}]", contract::CA_KEY_SECRET);
+    let ca_key = PrivateKey::from_pem(saved.new_ca_key.expose(), &at(store_keys::CA_KEY))
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKey::generate(pki::KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+    let subject =
+        pki::issue::Subject::parse("O=dssm-certs, CN=rotation probe").map_err(|e| e.to_string())?;
+    let dns = [contract::SENTINEL_SERVICE.to_string()];
+    let req = pki::LeafRequest {
+        subject: &subject,
+        days: 1,
+        dns_names: &dns,
+    };
+    let (cert_name, key_name) = (at(store_keys::CA_CERT), at(store_keys::CA_KEY));
+    let signer = pki::CaSigner {
+        cert_pem: &saved.new_ca,
+        key: &ca_key,
+        cert_name: &cert_name,
+        key_name: &key_name,
+    };
+    let leaf = pki::issue_leaf(&req, &key, &signer, time::OffsetDateTime::now_utc())
+        .map_err(|e| e.to_string())?;
+    Ok(ClientMaterials {
+        ca_cert: saved.both_cas(),
+        leaf_cert: leaf.pem.into_bytes(),
+        leaf_key: key,
+    })
+}
+
+/// Resumes the recorded CA rotation, phase after phase, until it is complete. Each phase: its
+/// materials into every copy (dSSM namespace first), then every consumer rolled (dSSM the
+/// Redis-aware way, then TMM), proven by new handshakes, then the next phase recorded. Without
+/// restart options (`--no-restart`) it writes the current phase and stops: nothing moves on
+/// until that phase has been rolled.
+pub async fn drive(
+    cluster: &Cluster,
+    restart: Option<&crate::restart::Options>,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    loop {
+        let obs = cluster.observe().await?;
+        let SecretObs::Present {
+            data,
+            annotations: ann,
+            ..
+        } = &obs.store
+        else {
+            return Ok(());
+        };
+        let Some(record) = record_of(&obs.store) else {
+            return Ok(());
+        };
+        let mut record = record.map_err(ReconcileError::Refused)?;
+        let ns = cluster.dssm_ns.clone();
+        let saved = Saved::read(data, &ns).map_err(ReconcileError::Refused)?;
+        let phase = record.phase;
+        let _ = writeln!(
+            out,
+            "CA rotation, phase {} of 3 ({}): {}",
+            phase.number(),
+            phase.name(),
+            phase.describe()
+        );
+        let bundle = saved.bundle(phase);
+        write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
+        let Some(r) = restart else {
+            cluster
+                .annotate_deployment(
+                    annotations::RESTART_NEEDED,
+                    Some(&record.revision.to_string()),
+                )
+                .await?;
+            let _ = writeln!(
+                out,
+                "phase {} written; it moves on once a run with a restart has rolled it",
+                phase.name()
+            );
+            return Ok(());
+        };
+        let proof = phase_proof(&saved, phase, &ns).map_err(ReconcileError::Refused)?;
+        let dssm = format!("{ns}/statefulsets/dSSM");
+        if !record.rolled.contains(&dssm) {
+            cluster
+                .roll_dssm(&r.redis, proof, r.wait_timeout, out)
+                .await
+                .map_err(ReconcileError::Restart)?;
+            record.rolled.push(dssm);
+            save_record(cluster, &obs, &record).await?;
+        }
+        let tmm = format!("{}/deployment/{}", cluster.tmm_ns, cluster.tmm_deployment);
+        if !record.rolled.contains(&tmm) {
+            let Some(d) = cluster.get_deployment().await? else {
+                return Err(crate::cluster::ClusterError::NoDeployment {
+                    namespace: cluster.tmm_ns.clone(),
+                    name: cluster.tmm_deployment.clone(),
+                }
+                .into());
+            };
+            cluster
+                .roll_tmm(&d, r.wait_timeout, out)
+                .await
+                .map_err(ReconcileError::Restart)?;
+            record.rolled.push(tmm);
+        }
+        let note = format!(
+            "CA rotation phase {} ({}) rolled through every dSSM pod and TMM, proven by new mutual-TLS handshakes",
+            phase.name(),
+            phase.describe()
+        );
+        let _ = writeln!(out, "{note}");
+        if let Some(certs) = obs
+            .raw
+            .get(&(ns.clone(), contract::CERTS_SECRET.to_string()))
+        {
+            // One reason per phase: the recorder folds repeats of a reason into a series.
+            cluster
+                .event(certs, false, phase.event_reason(), note)
+                .await;
+        }
+        let obs = cluster.observe().await?;
+        match phase.next() {
+            Some(next) => {
+                record.phase = next;
+                record.rolled.clear();
+                save_record(cluster, &obs, &record).await?;
+            }
+            None => {
+                // The copies stop announcing a phase (metadata only: the files stay as they are).
+                write_copies(cluster, &obs, &bundle, record.revision, None, out).await?;
+                finish(cluster, &obs, ann, record.revision).await?;
+                cluster
+                    .clear_deployment_annotations(&[annotations::RESTART_NEEDED])
+                    .await?;
+                let _ = writeln!(
+                    out,
+                    "CA rotation complete: every process runs the new CA only"
+                );
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn save_record(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    record: &Record,
+) -> Result<(), ReconcileError> {
+    let key = (cluster.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string());
+    let Some(store) = obs.raw.get(&key) else {
+        return Err(ReconcileError::Refused(format!(
+            "secret {}/{} vanished during a CA rotation",
+            key.0, key.1
+        )));
+    };
+    let data = secret_data(store);
+    let mut ann = store.metadata.annotations.clone().unwrap_or_default();
+    ann.retain(|k, _| k.starts_with("dssm-certs.f5.com/"));
+    ann.insert(ROTATION_ANNOTATION.to_string(), record.to_json());
+    cluster
+        .write_secret(&key.0, &key.1, data, ann, Some(store))
+        .await?;
+    Ok(())
+}
+
+fn secret_data(s: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<String, Vec<u8>> {
+    s.data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect()
+}
+
+/// The rotation is over: the store keeps the new CA and its key only, the record goes.
+async fn finish(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    _before: &BTreeMap<String, String>,
+    revision: u64,
+) -> Result<(), ReconcileError> {
+    let key = (cluster.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string());
+    let Some(store) = obs.raw.get(&key) else {
+        return Ok(());
+    };
+    let mut data = secret_data(store);
+    data.retain(|k, _| k == store_keys::CA_CERT || k == store_keys::CA_KEY);
+    let ann = BTreeMap::from([
+        (annotations::REVISION.to_string(), revision.to_string()),
+        (annotations::STATE.to_string(), "complete".to_string()),
+    ]);
+    cluster
+        .write_secret(&key.0, &key.1, data, ann, Some(store))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_round_trips_and_names_its_annotation_when_unreadable() {
+        let r = Record {
+            kind: Kind::Ca,
+            phase: Phase::Switch,
+            revision: 7,
+            rolled: vec!["spk-utilities/statefulsets/dSSM".into()],
+        };
+        let json = r.to_json();
+        assert_eq!(
+            json,
+            r#"{"kind":"ca","phase":"switch","revision":7,"rolled":["spk-utilities/statefulsets/dSSM"]}"#
+        );
+        assert_eq!(Record::parse(&json), Ok(r));
+        let e = Record::parse("{\"kind\":\"ca\",\"phase\":\"sideways\"}").unwrap_err();
+        assert!(e.contains(ROTATION_ANNOTATION), "{e}");
+    }
+
+    #[test]
+    fn the_phase_metric_is_0_outside_a_rotation_and_1_2_3_inside() {
+        let m = crate::metrics::Metrics::new();
+        let mut report = crate::check::Report::new(vec![], 0, crate::check::Thresholds::default());
+        m.record(&report);
+        assert!(
+            m.encode().contains("\ndssm_rotation_phase 0\n"),
+            "{}",
+            m.encode()
+        );
+        report.rotation_phase = Some(Phase::Switch);
+        m.record(&report);
+        assert!(
+            m.encode().contains("\ndssm_rotation_phase 2\n"),
+            "{}",
+            m.encode()
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["rotation_phase"], "switch");
+        assert!(crate::check::render_table(&report)
+            .starts_with("CA rotation in progress: phase 2 of 3 (switch: "));
+    }
+
+    #[test]
+    fn phases_are_trust_switch_drop_and_no_two_consecutive_ones_disagree_on_trust() {
+        let saved = Saved {
+            old_ca: b"OLD-CA\n".to_vec(),
+            old_leaf: b"OLD-LEAF".to_vec(),
+            old_key: SecretBytes::new(b"OLD-KEY".to_vec()),
+            new_ca: b"NEW-CA\n".to_vec(),
+            new_ca_key: SecretBytes::new(b"NEW-CA-KEY".to_vec()),
+            new_leaf: b"NEW-LEAF".to_vec(),
+            new_key: SecretBytes::new(b"NEW-KEY".to_vec()),
+            dhparams: b"DH".to_vec(),
+        };
+        let phases: Vec<Phase> = std::iter::successors(Some(Phase::Trust), |p| p.next()).collect();
+        assert_eq!(phases, Phase::ALL);
+        assert_eq!(
+            Phase::ALL.map(Phase::number),
+            [1, 2, 3],
+            "the metric's values"
+        );
+        let b: Vec<Bundle> = Phase::ALL.iter().map(|p| saved.bundle(*p)).collect();
+        assert_eq!(b[0].ca_cert, b"OLD-CA\nNEW-CA\n", "old CA first");
+        assert_eq!(b[0].leaf_cert, b"OLD-LEAF");
+        assert_eq!(b[1].ca_cert, b[0].ca_cert);
+        assert_eq!(b[1].leaf_cert, b"NEW-LEAF");
+        assert_eq!(b[1].leaf_key.expose(), b"NEW-KEY");
+        assert_eq!(b[2].ca_cert, b"NEW-CA\n");
+        assert_eq!(b[2].leaf_cert, b"NEW-LEAF");
+        // Each step changes one thing: processes one phase apart still trust each other's leaf.
+        let trusted_by = |bundle: &Bundle, leaf: &[u8]| {
+            let ca = if leaf.starts_with(b"OLD") {
+                "OLD-CA"
+            } else {
+                "NEW-CA"
+            };
+            String::from_utf8_lossy(&bundle.ca_cert).contains(ca)
+        };
+        let before = Bundle {
+            ca_cert: saved.old_ca.clone(),
+            leaf_cert: saved.old_leaf.clone(),
+            leaf_key: SecretBytes::new(vec![]),
+            dhparams: vec![],
+        };
+        let all = [&[before][..], &b[..]].concat();
+        for w in all.windows(2) {
+            for (x, y) in [(&w[0], &w[1]), (&w[1], &w[0])] {
+                assert!(
+                    trusted_by(x, &y.leaf_cert),
+                    "adjacent phases trust each other"
+                );
+            }
+        }
+        // Two phases apart they do not: that is why each phase is rolled before the next.
+        assert!(!trusted_by(&all[0], &all[3].leaf_cert));
+    }
+}
