@@ -696,13 +696,6 @@ impl Cluster {
             }
             None => {
                 let n = d.spec.replicas.unwrap_or(1);
-                // Asked for explicitly (rolling is the default): say what it costs.
-                let _ = writeln!(
-                    out,
-                    "scale-to-zero restart (the seeds' procedure): TMM traffic is interrupted \
-                     until {}/{} is back at {n} replicas",
-                    self.tmm_ns, self.tmm_deployment
-                );
                 self.annotate_deployment(REPLICAS_ANNOTATION, Some(&n.to_string()))
                     .await?;
                 n

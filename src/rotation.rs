@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::Cluster;
 use crate::contract;
 use crate::pki::{self, PrivateKey, SecretBytes};
-use crate::plan::{annotations, store_keys, Bundle, SecretObs};
+use crate::materials::{annotations, store_keys, Bundle, SecretObs};
 use crate::reconcile::{write_copies, ReconcileError};
 use crate::redis::ClientMaterials;
 

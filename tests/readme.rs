@@ -957,7 +957,7 @@ fn readme_safe_first_rotation() {
                 assert_eq!(code, 0, "{all}");
                 assert!(out.contains("plan: rotate-ca"), "{all}");
                 assert!(
-                    out.contains("TMM traffic is interrupted"),
+                    out.contains("this interrupts traffic"),
                     "scale-to-zero says so: {all}"
                 );
             }
