@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::Cluster;
 use crate::contract;
-use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::materials::{annotations, store_keys, Bundle, SecretObs};
+use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, ReconcileError};
 use crate::redis::ClientMaterials;
 

@@ -16,6 +16,8 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 use support::apiserver::{self, ApiServer};
+use support::dssm_pods;
+use support::load::LoadConfig;
 use support::objects::{docs, merge};
 use support::*;
 
@@ -182,22 +184,26 @@ fn every_command_of_the_section_is_run_here_or_listed_with_its_reason() {
 
 /// A test cluster, the admin kubeconfig, and a PATH where `dssm-certs` is the built binary.
 struct Cluster {
-    server: ApiServer,
+    /// The test cluster (its kubeconfigs are not used: the README runs as the admin).
+    env: TestEnv,
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
     /// Helm releases: (name, namespace) -> the objects of the last render, by namespace.
     releases: HashMap<(String, String), BTreeMap<String, Vec<Value>>>,
-    /// Secrets that must outlive an uninstall.
+    /// What each command printed, for failure messages.
     transcript: Vec<String>,
+    /// Added to a Job's environment: where its pod would reach the dSSM pods by their IPs, the
+    /// test cluster's dSSM pods are processes on loopback ports (`dssm_pods::Bed`).
+    job_env: Vec<(String, String)>,
 }
 
 impl Cluster {
-    fn new(server: ApiServer) -> Self {
+    fn new(env: TestEnv) -> Self {
         let dir = tempdir();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(
             &kubeconfig,
-            server.kubeconfig(apiserver::ADMIN_TOKEN, "default"),
+            env.server.kubeconfig(apiserver::ADMIN_TOKEN, "default"),
         )
         .unwrap();
         let bin = dir.path().join("bin");
@@ -205,20 +211,30 @@ impl Cluster {
         std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_dssm-certs"), bin.join("dssm-certs"))
             .unwrap();
         Cluster {
-            server,
+            env,
             dir,
             kubeconfig,
             releases: HashMap::new(),
             transcript: Vec::new(),
+            job_env: Vec::new(),
         }
     }
 
     /// A cluster with the SPK and CNF namespaces and nothing else.
     fn empty() -> Self {
-        Self::new(ApiServer::start(
+        let server = ApiServer::start(
             &["spk-utilities", "spk-ingress", "cnf-gateway"],
             "system:serviceaccount:spk-utilities:dssm-certs",
-        ))
+        );
+        let dir = tempdir();
+        Self::new(TestEnv {
+            kubeconfig: dir.path().join("unused"),
+            agent_kubeconfig: dir.path().join("unused"),
+            server,
+            dir,
+            dssm_ns: "spk-utilities".into(),
+            tmm_ns: "spk-ingress".into(),
+        })
     }
 
     /// Runs one README line; returns (exit code, stdout, stderr).
@@ -407,7 +423,7 @@ impl Cluster {
             .find(|r| r.group == group && r.kind == o["kind"].as_str().unwrap())
             .unwrap_or_else(|| panic!("the test cluster does not store {}", o["kind"]));
         let ns = o["metadata"]["namespace"].as_str().unwrap_or(default_ns);
-        self.server.get(
+        self.env.server.get(
             res.group,
             res.plural,
             ns,
@@ -444,7 +460,11 @@ impl Cluster {
         let mut yaml = String::new();
         for plural in ["roles", "rolebindings"] {
             for ns in self.namespaces() {
-                for o in self.server.list("rbac.authorization.k8s.io", plural, &ns) {
+                for o in self
+                    .env
+                    .server
+                    .list("rbac.authorization.k8s.io", plural, &ns)
+                {
                     yaml.push_str(&serde_yaml::to_string(&o).unwrap());
                     yaml.push_str("---\n");
                 }
@@ -454,7 +474,8 @@ impl Cluster {
     }
 
     fn namespaces(&self) -> Vec<String> {
-        self.server
+        self.env
+            .server
             .list("", "namespaces", "")
             .iter()
             .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())
@@ -467,6 +488,7 @@ impl Cluster {
     /// does (`Complete` or `Failed`).
     fn run_job(&self, ns: &str, name: &str) -> (i32, String, String) {
         let job = self
+            .env
             .server
             .get("batch", "jobs", ns, name)
             .unwrap_or_else(|| panic!("job {ns}/{name} was not created"));
@@ -474,6 +496,7 @@ impl Cluster {
         let owner = &job["metadata"]["ownerReferences"][0];
         assert_eq!(owner["kind"], "CronJob", "{job:#}");
         let cronjob = self
+            .env
             .server
             .get("batch", "cronjobs", ns, owner["name"].as_str().unwrap())
             .unwrap();
@@ -495,7 +518,7 @@ impl Cluster {
         let sa = pod["serviceAccountName"].as_str().unwrap();
         let user = format!("system:serviceaccount:{ns}:{sa}");
         assert_eq!(
-            self.server.with_state(|s| s.sa_user.clone()),
+            self.env.server.with_state(|s| s.sa_user.clone()),
             user,
             "the test cluster's ServiceAccount token is not the Job's"
         );
@@ -504,11 +527,15 @@ impl Cluster {
             rbac.contains_key(&user),
             "no RoleBinding grants {user} anything"
         );
-        self.server.with_state(|s| s.rbac = Some(rbac));
+        self.env.server.with_state(|s| s.rbac = Some(rbac));
         let c = &pod["containers"][0];
         let pod_name = format!("{name}-x7k2p");
         let kubeconfig = self.dir.path().join(format!("{name}.kubeconfig"));
-        std::fs::write(&kubeconfig, self.server.kubeconfig(apiserver::SA_TOKEN, ns)).unwrap();
+        std::fs::write(
+            &kubeconfig,
+            self.env.server.kubeconfig(apiserver::SA_TOKEN, ns),
+        )
+        .unwrap();
         let mut cmd = bin();
         cmd.env_clear()
             .env("KUBECONFIG", &kubeconfig)
@@ -521,6 +548,9 @@ impl Cluster {
                 None => e["value"].as_str().unwrap_or("").to_string(),
             };
             cmd.env(e["name"].as_str().unwrap(), value);
+        }
+        for (k, v) in &self.job_env {
+            cmd.env(k, v);
         }
         assert!(
             c["command"].is_null(),
@@ -538,7 +568,7 @@ impl Cluster {
         let mut job = job;
         job["status"] = json!({field: 1, "conditions": [{"type": cond, "status": "True",
             "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
-        self.server.put("batch", "jobs", ns, job);
+        self.env.server.put("batch", "jobs", ns, job);
         out
     }
 }
@@ -560,7 +590,7 @@ fn readme_install_with_helm_upgrade_and_uninstall() {
     let mut c = Cluster::empty();
     // The Secrets exist before (dSSM and TMM use them): uninstall must leave them.
     for ns in ["spk-utilities", "spk-ingress", "cnf-gateway"] {
-        c.server.put(
+        c.env.server.put(
             "",
             "secrets",
             ns,
@@ -582,6 +612,7 @@ fn readme_install_with_helm_upgrade_and_uninstall() {
                     c.assert_all_stored(objects, obj_ns);
                 }
                 let cronjob = c
+                    .env
                     .server
                     .get("batch", "cronjobs", &ns, "dssm-certs-rotate")
                     .unwrap();
@@ -626,24 +657,27 @@ fn readme_install_with_helm_upgrade_and_uninstall() {
                 uninstalled = true;
                 for plural in ["cronjobs", "jobs"] {
                     assert!(
-                        c.server.list("batch", plural, &ns).is_empty(),
+                        c.env.server.list("batch", plural, &ns).is_empty(),
                         "{plural} left"
                     );
                 }
                 for tmm in ["spk-ingress", &ns] {
                     assert!(c
+                        .env
                         .server
                         .list("rbac.authorization.k8s.io", "roles", tmm)
                         .is_empty());
                     assert!(c
+                        .env
                         .server
                         .list("rbac.authorization.k8s.io", "rolebindings", tmm)
                         .is_empty());
                 }
-                assert!(c.server.list("", "serviceaccounts", &ns).is_empty());
+                assert!(c.env.server.list("", "serviceaccounts", &ns).is_empty());
                 for ns in ["spk-utilities", "spk-ingress"] {
                     assert!(
-                        c.server
+                        c.env
+                            .server
                             .get("", "secrets", ns, "dssm-certs-secret")
                             .is_some(),
                         "the Secrets stay"
@@ -656,6 +690,7 @@ fn readme_install_with_helm_upgrade_and_uninstall() {
     assert!(uninstalled, "the README says how to uninstall");
     // The CNF install came after: its release is in place.
     assert!(c
+        .env
         .server
         .get("batch", "cronjobs", "cnf-gateway", "dssm-certs-reconcile")
         .is_some());
@@ -796,7 +831,11 @@ fn readme_install_by_hand_with_namespace_free_manifests() {
         } else {
             "apps"
         };
-        let o = c.server.get(group, plural, "spk-utilities", name).unwrap();
+        let o = c
+            .env
+            .server
+            .get(group, plural, "spk-utilities", name)
+            .unwrap();
         let spec = if plural == "cronjobs" {
             &o["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         } else {
@@ -887,11 +926,14 @@ fn readme_prometheus_operator_objects_need_their_crds() {
         assert_ne!(code, 0, "{out}");
         assert!(err.contains("ensure CRDs are installed first"), "{err}");
     }
-    c.server.with_state(|s| s.prometheus_operator_crds = true);
+    c.env
+        .server
+        .with_state(|s| s.prometheus_operator_crds = true);
     for line in &lines {
         c.must(line);
     }
     assert!(c
+        .env
         .server
         .get(
             "monitoring.coreos.com",
@@ -901,6 +943,7 @@ fn readme_prometheus_operator_objects_need_their_crds() {
         )
         .is_some());
     assert!(!c
+        .env
         .server
         .list("monitoring.coreos.com", "servicemonitors", "spk-utilities")
         .is_empty());
@@ -908,37 +951,27 @@ fn readme_prometheus_operator_objects_need_their_crds() {
 
 #[test]
 fn readme_safe_first_rotation() {
-    // A cluster as the seeds leave it: dSSM and TMM running, Secrets made by hand, and
-    // dssm-certs installed by the SPK overlay (section 2b).
-    let env = TestEnv::new("spk-utilities", "spk-ingress", apiserver::ADMIN_TOKEN);
-    let seed = env.dir.path().join("seed");
-    std::fs::create_dir_all(&seed).unwrap();
-    seed_materials(&seed, false);
-    let r = |f: &str| read(&seed.join(f));
-    for ns in ["spk-utilities", "spk-ingress"] {
-        env.put_secret(
-            ns,
-            "dssm-certs-secret",
-            &[
-                ("dssm-ca.crt", &r("dssm-ca.crt")),
-                ("dssm-cert.crt", &r("dssm-cert.crt")),
-                ("dhparam2048.pem", &r("dhparam2048.pem")),
-            ],
-        );
-        env.put_secret(
-            ns,
-            "dssm-keys-secret",
-            &[("dssm-key.key", &r("dssm-key.key"))],
-        );
-    }
-    let TestEnv {
-        server, dir: _keep, ..
-    } = env;
-    let mut c = Cluster::new(server);
+    // A cluster as the seeds leave it: Secrets made by hand in both namespaces, dSSM pods that
+    // are real Redis processes (TLS only, kubelet-like mounts) under client load, and dssm-certs
+    // installed by the SPK overlay (section 2b).
+    let env = dssm_pods::seeded();
+    let (bed, load) = dssm_pods::Bed::start(&env, LoadConfig::default());
+    let mut c = Cluster::new(env);
+    c.job_env = vec![
+        (
+            "DSSM_CERTS_REDIS_ENDPOINT".into(),
+            bed.redis_endpoints.clone(),
+        ),
+        ("DSSM_CERTS_PROBE_ENDPOINT".into(), bed.sentinel.clone()),
+        (
+            "DSSM_CERTS_PROBE_SERVER_NAME".into(),
+            "f5-dssm-sentinel".into(),
+        ),
+    ];
     c.must("kubectl apply -k manifests/overlays/spk");
     let mut ran_job = false;
     for line in commands_under("first rotation") {
-        c.server.clear_requests();
+        c.env.server.clear_requests();
         let (code, out, err) = c.run(&line);
         let all = format!("{out}{err}\n{}", c.transcript.join("\n"));
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -949,16 +982,8 @@ fn readme_safe_first_rotation() {
                 assert_eq!(code, 0, "{all}");
                 assert!(out.contains("plan: "), "{all}");
                 assert!(
-                    c.server.requests().iter().all(|r| !r.is_write()),
+                    c.env.server.requests().iter().all(|r| !r.is_write()),
                     "--dry-run wrote"
-                );
-            }
-            ("dssm-certs", "rotate") => {
-                assert_eq!(code, 0, "{all}");
-                assert!(out.contains("plan: rotate-ca"), "{all}");
-                assert!(
-                    out.contains("this interrupts traffic"),
-                    "scale-to-zero says so: {all}"
                 );
             }
             ("kubectl", "create") => {
@@ -966,13 +991,12 @@ fn readme_safe_first_rotation() {
                 let name = w[w.iter().position(|x| x.starts_with("--from=")).unwrap() + 1];
                 let (jc, jout, jerr) = c.run_job("spk-utilities", name);
                 assert_eq!(jc, 0, "job {name}: {jout}{jerr}");
-                // The CronJob's strategy: rolling, no scale to zero.
+                // The CronJob's strategy: rolling, no scale to zero. Seed-made Secrets have no
+                // CA key in the cluster, so this first rotation replaces the CA.
+                assert!(jout.contains("plan: rotate-ca"), "{jout}{jerr}");
                 assert!(
-                    jout.contains("renew-leaf") && jout.contains("rolling restart"),
-                    "{jout}{jerr}"
-                );
-                assert!(
-                    !c.server
+                    !c.env
+                        .server
                         .requests()
                         .iter()
                         .any(|r| r.path.ends_with("/scale")),
@@ -986,4 +1010,6 @@ fn readme_safe_first_rotation() {
         }
     }
     assert!(ran_job, "the README runs the on-demand rotation Job");
+    let (figures, _) = dssm_pods::finish(bed, load);
+    figures.assert_unnoticed("the README's first rotation (the on-demand Job)");
 }
