@@ -926,6 +926,27 @@ fn readme_prometheus_operator_objects_need_their_crds() {
         assert_ne!(code, 0, "{out}");
         assert!(err.contains("ensure CRDs are installed first"), "{err}");
     }
+    // Discovery says the same, as `kubectl api-resources` shows it (short names as the
+    // registries and the CRDs declare them).
+    let listed = |c: &Cluster| c.kubectl("api-resources --no-headers").1;
+    let before = listed(&c);
+    for (name, short) in [
+        ("cronjobs", "cj"),
+        ("serviceaccounts", "sa"),
+        ("services", "svc"),
+        ("configmaps", "cm"),
+    ] {
+        assert!(
+            before
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains(&format!(" {short} "))),
+            "{before}"
+        );
+    }
+    for l in ["rolebindings", "roles", "jobs"] {
+        assert!(before.lines().any(|x| x.starts_with(l)), "{before}");
+    }
+    assert!(!before.contains("monitoring.coreos.com"), "{before}");
     c.env
         .server
         .with_state(|s| s.prometheus_operator_crds = true);
@@ -947,6 +968,15 @@ fn readme_prometheus_operator_objects_need_their_crds() {
         .server
         .list("monitoring.coreos.com", "servicemonitors", "spk-utilities")
         .is_empty());
+    let after = listed(&c);
+    for kind in ["servicemonitors", "podmonitors", "prometheusrules"] {
+        assert!(
+            after
+                .lines()
+                .any(|l| l.starts_with(kind) && l.contains("monitoring.coreos.com/v1")),
+            "{after}"
+        );
+    }
 }
 
 #[test]
