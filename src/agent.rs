@@ -278,19 +278,14 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
     };
     let report = check::inspect_observation(&obs, &cluster.dssm_ns, now, opts.thresholds).await;
     shared.metrics.record(&report);
+    shared.metrics.record_targets(&obs.workloads);
     shared.ready.store(true, Ordering::SeqCst);
     events(cluster, &obs, &report, shared).await;
 
     // On the timer too: a restart record whose holder is gone is an orphan; TMM goes back to
     // its count. (A live holder's record is left to it; the read-only account cannot act and
     // says so at debug level.)
-    let recorded = obs.deployment.as_ref().is_some_and(|d| {
-        d.metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(crate::restart::REPLICAS_ANNOTATION))
-    });
-    if recorded {
+    if obs.restart_recorded() {
         match cluster.recover_orphan(false).await {
             Ok(Some(n)) => tracing::warn!(replicas = n, "restored TMM from an orphaned restart"),
             Ok(None) => {}

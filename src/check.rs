@@ -133,6 +133,52 @@ impl Report {
     }
 }
 
+impl Report {
+    /// Adds one `tmm-target` check per TMM target (cluster): a missing one is critical (a
+    /// rotation would refuse before writing); one stopped by an interrupted restart is a
+    /// warning (TMM is down until the next run restores it); else ok, saying whether new
+    /// materials wait for its restart.
+    pub fn with_targets(
+        mut self,
+        workloads: &[(crate::targets::TmmTarget, Option<crate::targets::Workload>)],
+    ) -> Self {
+        for (t, w) in workloads {
+            let (status, message) = match w {
+                None => (
+                    Status::Critical,
+                    format!("{t} not found (or its namespace does not exist): a rotation would refuse before writing"),
+                ),
+                Some(w) => match (w.recorded(), w.annotations().get(crate::materials::annotations::RESTART_NEEDED)) {
+                    (Some(n), _) => (
+                        Status::Warning,
+                        format!("{t} is stopped by an interrupted restart (recorded {n}): the next reconcile or restart brings it back"),
+                    ),
+                    (None, Some(revision)) => (
+                        Status::Ok,
+                        format!("{t}: new materials (revision {revision}) wait for its restart"),
+                    ),
+                    (None, None) => (
+                        Status::Ok,
+                        match w.rollout_incomplete(t) {
+                            Some(why) => why,
+                            None => format!("{t}: rolled out, {} available", w.available()),
+                        },
+                    ),
+                },
+            };
+            self.status = self.status.max(status);
+            self.exit_code = self.status.exit_code();
+            self.checks.push(CheckResult {
+                name: "tmm-target",
+                status,
+                message,
+                object: None,
+            });
+        }
+        self
+    }
+}
+
 /// One namespace's copy, from its Secrets (and the CA key Secret in the dSSM namespace).
 /// The report over what the cluster holds. DH_check and the signature checks take CPU time
 /// (seconds for large DH moduli), so they run on the blocking pool, off the async runtime.

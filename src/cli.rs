@@ -141,11 +141,8 @@ pub struct ClusterArgs {
     /// Namespace of the dSSM pods and of the CA key Secret (default: the pod's or kubeconfig's).
     #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
     pub dssm_namespace: Option<String>,
-    /// Namespace of TMM (default: the dSSM namespace, as in CNF).
-    #[arg(long, env = "DSSM_CERTS_TMM_NAMESPACE", value_parser = parse_namespace)]
-    pub tmm_namespace: Option<String>,
-    #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT")]
-    pub tmm_deployment: String,
+    #[command(flatten)]
+    pub tmm: TmmArgs,
     #[arg(long, default_value = crate::contract::DSSM_SELECTOR, env = "DSSM_CERTS_DSSM_SELECTOR", value_parser = crate::restart::parse_selector)]
     pub dssm_selector: String,
     /// Timeout of each API request.
@@ -166,14 +163,38 @@ impl ClusterArgs {
     pub fn target(&self) -> crate::cluster::Target {
         crate::cluster::Target {
             dssm_namespace: self.dssm_namespace.clone(),
-            tmm_namespace: self.tmm_namespace.clone(),
-            tmm_deployment: self.tmm_deployment.clone(),
+            tmm: self.tmm.tmm.clone(),
+            tmm_namespace: self.tmm.tmm_namespace.clone(),
+            tmm_deployment: self.tmm.tmm_deployment.clone(),
             dssm_selector: self.dssm_selector.clone(),
             timeout: std::time::Duration::from_secs(self.api_timeout.max(1) as u64),
             lease_seconds: i32::try_from(self.lease_duration.max(1)).unwrap_or(i32::MAX),
             max_clock_skew: self.max_clock_skew,
         }
     }
+}
+
+/// The TMM workloads that talk to dSSM: `--tmm` (repeatable), or the one-Deployment shorthand.
+#[derive(Debug, Clone, Args)]
+pub struct TmmArgs {
+    /// A TMM workload, NAMESPACE/KIND/NAME (kind `deployment` or `daemonset`; NAMESPACE/NAME is
+    /// a Deployment). Repeatable; the env form is comma-separated. Each gets the Secrets in its
+    /// namespace and is restarted with dSSM.
+    #[arg(
+        long = "tmm",
+        value_name = "NAMESPACE/KIND/NAME",
+        env = "DSSM_CERTS_TMM",
+        value_delimiter = ',',
+        value_parser = crate::targets::TmmTarget::parse,
+        conflicts_with_all = ["tmm_namespace", "tmm_deployment"]
+    )]
+    pub tmm: Vec<crate::targets::TmmTarget>,
+    /// Namespace of TMM (default: the dSSM namespace, as in CNF): shorthand for one target
+    /// with --tmm-deployment.
+    #[arg(long, env = "DSSM_CERTS_TMM_NAMESPACE", value_parser = parse_namespace)]
+    pub tmm_namespace: Option<String>,
+    #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT")]
+    pub tmm_deployment: String,
 }
 
 /// What new materials look like: the same flags for `generate` and the cluster commands.
@@ -377,6 +398,9 @@ pub struct ValuesArgs {
     /// Namespace of the dSSM pods (default: this pod's namespace).
     #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
     pub dssm_namespace: Option<String>,
+    /// The TMM targets: one snippet per TMM namespace.
+    #[command(flatten)]
+    pub tmm: TmmArgs,
 }
 
 #[derive(Debug, Args)]

@@ -387,24 +387,50 @@ const NEEDED: &[Need] = &[
 
 /// Everything `reconcile`/`rotate` (with a restart) calls: the Roles shipped in manifests/ and
 /// the chart grant exactly these (tests/doctor.rs checks a published install has them all).
-pub fn required_access(dssm_ns: &str, tmm_ns: &str, tmm_deployment: &str) -> Vec<Access> {
+/// The TMM rows of `NEEDED` name a Deployment; a DaemonSet target needs the same verbs on
+/// `daemonsets`, and no scale subresource (it is stopped by a patch of its template).
+pub fn required_access(dssm_ns: &str, targets: &[crate::targets::TmmTarget]) -> Vec<Access> {
+    use crate::targets::Kind;
+    let mut copies = vec![dssm_ns.to_string()];
+    copies.extend(crate::targets::namespaces(targets));
     let mut v: Vec<Access> = Vec::new();
     for &(scope, verbs, group, resource, subresource, named) in NEEDED {
-        let namespaces = match scope {
-            Scope::Copies => vec![dssm_ns, tmm_ns],
-            Scope::Dssm => vec![dssm_ns],
-            Scope::Tmm => vec![tmm_ns],
+        // (namespace, resource, name) of each object the row is about.
+        let objects: Vec<(&str, &'static str, Option<&str>)> = match (scope, named) {
+            (Scope::Tmm, _) => targets
+                .iter()
+                .filter_map(|t| match t.kind {
+                    Kind::Deployment => {
+                        Some((t.namespace.as_str(), resource, Some(t.name.as_str())))
+                    }
+                    Kind::DaemonSet if subresource.is_none() => {
+                        Some((t.namespace.as_str(), "daemonsets", Some(t.name.as_str())))
+                    }
+                    Kind::DaemonSet => None,
+                })
+                .collect(),
+            (scope, named) => {
+                let namespaces: Vec<&str> = match scope {
+                    Scope::Dssm => vec![dssm_ns],
+                    _ => copies.iter().map(String::as_str).collect(),
+                };
+                let names: Vec<Option<&str>> = match named {
+                    Named::CopySecrets => {
+                        vec![Some(contract::CERTS_SECRET), Some(contract::KEYS_SECRET)]
+                    }
+                    Named::CaKey => vec![Some(contract::CA_KEY_SECRET)],
+                    Named::Lease => vec![Some(crate::cluster::lease::LEASE_NAME)],
+                    Named::Any | Named::Tmm => vec![None],
+                };
+                namespaces
+                    .iter()
+                    .flat_map(|ns| names.iter().map(move |n| (*ns, resource, *n)))
+                    .collect()
+            }
         };
-        let names: Vec<Option<&str>> = match named {
-            Named::Any => vec![None],
-            Named::CopySecrets => vec![Some(contract::CERTS_SECRET), Some(contract::KEYS_SECRET)],
-            Named::CaKey => vec![Some(contract::CA_KEY_SECRET)],
-            Named::Lease => vec![Some(crate::cluster::lease::LEASE_NAME)],
-            Named::Tmm => vec![Some(tmm_deployment)],
-        };
-        for namespace in namespaces {
+        for (namespace, resource, name) in objects {
             for &verb in verbs {
-                for name in &names {
+                {
                     let a = Access {
                         namespace: namespace.to_string(),
                         verb,
@@ -526,9 +552,16 @@ mod tests {
 
     #[test]
     fn the_access_list_names_each_permission_once_in_one_or_two_namespaces() {
-        let spk = required_access("spk-utilities", "spk-ingress", "f5-tmm");
+        use crate::targets::TmmTarget;
+        let spk = required_access(
+            "spk-utilities",
+            &[TmmTarget::deployment("spk-ingress", "f5-tmm")],
+        );
         assert_eq!(spk.len(), 27);
-        let cnf = required_access("cnf-gateway", "cnf-gateway", "f5-tmm");
+        let cnf = required_access(
+            "cnf-gateway",
+            &[TmmTarget::deployment("cnf-gateway", "f5-tmm")],
+        );
         assert_eq!(
             cnf.len(),
             19,
@@ -549,5 +582,34 @@ mod tests {
         assert!(!shown
             .iter()
             .any(|s| s.contains("dssm-ca-key-secret in spk-ingress")));
+    }
+
+    #[test]
+    fn each_target_needs_its_kinds_verbs_in_its_own_namespace() {
+        use crate::targets::TmmTarget;
+        let targets = [
+            TmmTarget::deployment("spk-ingress-a", "f5-tmm"),
+            TmmTarget::parse("bnk-tmm/daemonset/tmm").unwrap(),
+        ];
+        let shown: Vec<String> = required_access("spk-utilities", &targets)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for expected in [
+            "patch deployments/scale.apps f5-tmm in spk-ingress-a",
+            "patch daemonsets.apps tmm in bnk-tmm",
+            "watch daemonsets.apps tmm in bnk-tmm",
+            "update secrets dssm-certs-secret in bnk-tmm",
+            "list pods in bnk-tmm",
+        ] {
+            assert!(
+                shown.iter().any(|s| s == expected),
+                "{expected}: {shown:#?}"
+            );
+        }
+        // A DaemonSet has no scale subresource, and nothing of a Deployment is asked there.
+        assert!(!shown
+            .iter()
+            .any(|s| s.contains("in bnk-tmm") && s.contains("deployments")));
     }
 }

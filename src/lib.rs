@@ -25,4 +25,5 @@ pub mod redis;
 pub mod restart;
 pub mod rolling;
 pub mod rotation;
+pub mod targets;
 pub mod values;

@@ -61,6 +61,13 @@ pub struct CertLabels {
     pub serial: LabelText,
 }
 
+/// One TMM target: its namespace and `kind/name` (e.g. `deployment/f5-tmm`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub namespace: LabelText,
+    pub target: LabelText,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
@@ -73,6 +80,11 @@ pub struct Metrics {
     pub ready: Family<CertLabels, Gauge<i64>>,
     /// No series until the first successful read: "unknown" must not look like "out of sync".
     pub in_sync: Family<Vec<(String, String)>, Gauge<i64>>,
+    /// Per TMM target: 1 while it waits for a restart to pick up new materials (or is
+    /// stopped by one), 0 when it runs what is deployed.
+    pub tmm_restart_pending: Family<TargetLabels, Gauge<i64>>,
+    /// Per TMM target: 1 when the workload exists and its rollout is complete.
+    pub tmm_target_ready: Family<TargetLabels, Gauge<i64>>,
     pub rotations: Family<ResultLabels, Counter>,
     pub last_rotation: Gauge<i64>,
     /// 0 when no CA rotation runs, else its phase: 1 trust, 2 switch, 3 drop.
@@ -97,6 +109,8 @@ impl Metrics {
             not_before: Family::default(),
             ready: Family::default(),
             in_sync: Family::default(),
+            tmm_restart_pending: Family::default(),
+            tmm_target_ready: Family::default(),
             rotations: Family::default(),
             last_rotation: Gauge::default(),
             rotation_phase: Gauge::default(),
@@ -126,6 +140,16 @@ impl Metrics {
             "dssm_secrets_in_sync",
             "1 when the copies in the dSSM and TMM namespaces are identical",
             m.in_sync.clone(),
+        );
+        registry.register(
+            "dssm_tmm_restart_pending",
+            "1 while the TMM target waits for a restart to pick up new materials (or is stopped by one)",
+            m.tmm_restart_pending.clone(),
+        );
+        registry.register(
+            "dssm_tmm_target_ready",
+            "1 when the TMM target exists and its rollout is complete",
+            m.tmm_target_ready.clone(),
         );
         registry.register(
             "dssm_rotation",
@@ -194,6 +218,35 @@ impl Metrics {
         self.in_sync.clear();
         if let Some(in_sync) = report.in_sync {
             self.in_sync.get_or_create(&vec![]).set(i64::from(in_sync));
+        }
+    }
+
+    /// Replaces the per-target series with what an observation found.
+    pub fn record_targets(
+        &self,
+        workloads: &[(crate::targets::TmmTarget, Option<crate::targets::Workload>)],
+    ) {
+        self.tmm_restart_pending.clear();
+        self.tmm_target_ready.clear();
+        for (t, w) in workloads {
+            let labels = TargetLabels {
+                namespace: t.namespace.as_str().into(),
+                target: format!("{}/{}", t.kind.as_str(), t.name).into(),
+            };
+            let pending = w.as_ref().is_some_and(|w| {
+                w.recorded().is_some()
+                    || w.annotations()
+                        .contains_key(crate::materials::annotations::RESTART_NEEDED)
+            });
+            let ready = w
+                .as_ref()
+                .is_some_and(|w| w.rollout_incomplete(t).is_none());
+            self.tmm_restart_pending
+                .get_or_create(&labels)
+                .set(i64::from(pending));
+            self.tmm_target_ready
+                .get_or_create(&labels)
+                .set(i64::from(ready));
         }
     }
 

@@ -99,11 +99,7 @@ pub async fn reconcile(
             // Materials were written by an earlier run that did not restart: do it now, under
             // the Lease.
             let _ = out.write_all(&first);
-            let _ = writeln!(
-                out,
-                "a restart is pending on deployment {}/{}",
-                cluster.tmm_ns, cluster.tmm_deployment
-            );
+            let _ = writeln!(out, "a restart is pending on the TMM targets");
             restart_pending = true;
         }
         other => {
@@ -138,13 +134,17 @@ pub async fn reconcile(
     result
 }
 
-/// New materials are waiting for pods to pick them up, or a restart was interrupted.
+/// New materials are waiting for pods to pick them up, or a restart was interrupted, on any
+/// TMM target.
 async fn needs_restart(cluster: &Cluster) -> Result<bool, ClusterError> {
-    Ok(cluster.get_deployment().await?.is_some_and(|d| {
-        let a = d.metadata.annotations.unwrap_or_default();
-        a.contains_key(annotations::RESTART_NEEDED)
-            || a.contains_key(crate::restart::REPLICAS_ANNOTATION)
-    }))
+    for t in &cluster.targets {
+        if cluster.get_workload(t).await?.is_some_and(|w| {
+            w.recorded().is_some() || w.annotations().contains_key(annotations::RESTART_NEEDED)
+        }) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 async fn write_passes(
@@ -201,18 +201,19 @@ async fn pass_once(
     for r in &plan.reasons {
         let _ = writeln!(out, "  - {r}");
     }
-    let restart_pending = obs.deployment.as_ref().is_some_and(|d| {
-        d.metadata.annotations.as_ref().is_some_and(|a| {
-            a.contains_key(annotations::RESTART_NEEDED)
-                || a.contains_key(crate::restart::REPLICAS_ANNOTATION)
-        })
-    });
+    let restart_pending = obs.restart_pending();
     let mut outcome = Outcome {
         plan: plan.clone(),
         written: Vec::new(),
         revision: None,
         restart_pending,
     };
+    // A missing TMM target (or its namespace) is refused before any write, the Lease's too.
+    if plan.action.writes() || crate::rotation::record_of(&obs.store).is_some() {
+        if let Some(t) = obs.missing_target() {
+            return Err(ClusterError::NoWorkload(t.clone()).into());
+        }
+    }
     // A recorded CA rotation is resumed at its phase (`rotation::drive`), whatever the plan.
     if let Some(record) = crate::rotation::record_of(&obs.store) {
         let record = record.map_err(ReconcileError::Refused)?;
@@ -238,13 +239,6 @@ async fn pass_once(
     }
 
     // Everything that can refuse the pass is checked before the first write.
-    if obs.deployment.is_none() {
-        return Err(ClusterError::NoDeployment {
-            namespace: cluster.tmm_ns.clone(),
-            name: cluster.tmm_deployment.clone(),
-        }
-        .into());
-    }
     let targets = targets(cluster);
     for (ns, name) in &targets {
         if let Some(s) = obs.raw.get(&(ns.clone(), name.to_string())) {
@@ -323,13 +317,13 @@ async fn pass_once(
         {
             let _ = writeln!(out, "  secret {ns}/{name}");
         }
-        let _ = writeln!(
-            out,
-            "  deployment {}/{}: annotation {}={revision}",
-            cluster.tmm_ns,
-            cluster.tmm_deployment,
-            annotations::RESTART_NEEDED
-        );
+        for t in &cluster.targets {
+            let _ = writeln!(
+                out,
+                "  {t}: annotation {}={revision}",
+                annotations::RESTART_NEEDED
+            );
+        }
         return Ok(outcome);
     }
 
@@ -466,21 +460,19 @@ async fn pass_once(
             && matches!(&obs.store, SecretObs::Present { annotations: a, .. }
                 if a.get(PENDING_CA_CHANGED).map(String::as_str) == Some("true"));
         let ca_changed = copies_hold_another_ca(&obs, &bundle.ca_cert) || saved_ca_change;
+        let revision_text = revision.to_string();
+        let mut marks = vec![(annotations::RESTART_NEEDED, Some(revision_text.as_str()))];
         if ca_changed {
-            cluster
-                .annotate_deployment(crate::restart::CA_CHANGED_ANNOTATION, Some("true"))
-                .await?;
+            marks.push((crate::restart::CA_CHANGED_ANNOTATION, Some("true")));
         }
-        cluster
-            .annotate_deployment(annotations::RESTART_NEEDED, Some(&revision.to_string()))
-            .await?;
-        let _ = writeln!(
-            out,
-            "marked deployment {}/{}: {}={revision}",
-            cluster.tmm_ns,
-            cluster.tmm_deployment,
-            annotations::RESTART_NEEDED
-        );
+        for t in marked_targets(cluster, &plan, &outcome.written) {
+            cluster.annotate_target(t, &marks).await?;
+            let _ = writeln!(
+                out,
+                "marked {t}: {}={revision}",
+                annotations::RESTART_NEEDED
+            );
+        }
     }
 
     // 5. The rotation is complete: the store keeps the CA, the pending copy goes.
@@ -674,6 +666,27 @@ fn reason_for(a: Action) -> &'static str {
         Action::Repair => "Repaired",
         _ => "Reconciled",
     }
+}
+
+/// The TMM targets a write concerns: all of them when new materials were made, a rotation
+/// resumed or the dSSM copies changed (dSSM restarts, and every TMM must follow); else only
+/// those whose namespace got a copy (a target added later, drift in one namespace).
+fn marked_targets<'a>(
+    cluster: &'a Cluster,
+    plan: &Plan,
+    written: &[String],
+) -> Vec<&'a crate::targets::TmmTarget> {
+    let in_ns = |ns: &str| {
+        written
+            .iter()
+            .any(|w| w.starts_with(&format!("secret {ns}/")))
+    };
+    let all = plan.action != Action::Repair || in_ns(&cluster.dssm_ns);
+    cluster
+        .targets
+        .iter()
+        .filter(|t| all || in_ns(&t.namespace))
+        .collect()
 }
 
 /// Every Secret a write may touch, in write order.

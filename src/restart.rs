@@ -9,14 +9,15 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{EvictParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::api::{EvictParams, ListParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
 
 use crate::cluster::{call, Cluster, ClusterError};
 use crate::materials::annotations;
+use crate::targets::{Kind, TmmTarget, Workload, RESTARTED_ANNOTATION, STOP_NODE_SELECTOR};
 
-/// Where the replica count lives while TMM is scaled down.
-pub const REPLICAS_ANNOTATION: &str = "dssm-certs.f5.com/tmm-replicas";
+/// Where the replica count lives while a TMM target is stopped (on the target itself).
+pub use crate::targets::REPLICAS_ANNOTATION;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Order {
@@ -36,6 +37,9 @@ pub enum Strategy {
     /// rolling restart; a new CA goes out in three phases (`rotation`).
     Rolling,
 }
+
+/// The `tmm-restarted` token of a restart no write asked for (the `restart` command).
+const MANUAL: &str = "manual";
 
 /// Set on the Deployment by a write that changed the CA, until the restart is done.
 pub const CA_CHANGED_ANNOTATION: &str = "dssm-certs.f5.com/ca-changed";
@@ -72,7 +76,7 @@ pub enum RestartError {
     Rollout(String),
     #[error("pre-flight refused the restart, nothing was touched: {0}. Fix that first, or pass --force to restart anyway (recorded in an Event)")]
     Preflight(String),
-    #[error("--strategy rolling is refused: the CA changed (annotation {CA_CHANGED_ANNOTATION} on deployment {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero")]
+    #[error("--strategy rolling is refused: the CA changed (annotation {CA_CHANGED_ANNOTATION} on {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero")]
     RollingAfterCaChange(String),
 }
 
@@ -188,29 +192,6 @@ pub async fn wait_pods(
                 secs: timeout.as_secs(),
             })
         })
-}
-
-/// Resolves once `cond` holds for the Deployment `name`. kube-runtime's watcher re-lists on
-/// 410 Gone and backs off on errors, so an API server restart or a broken stream never ends the
-/// wait early (its caller's deadline does).
-async fn watch_deployment(
-    api: Api<Deployment>,
-    name: &str,
-    cond: impl Fn(Option<&Deployment>) -> bool,
-) {
-    use kube::runtime::{watcher, WatchStreamExt};
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let stream = watcher(api, config).default_backoff().applied_objects();
-    futures::pin_mut!(stream);
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(d) if cond(Some(&d)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::debug!(deployment = %name, error = %e, "watch interrupted; resuming")
-            }
-        }
-    }
 }
 
 /// Whether a LabelSelector (matchLabels and matchExpressions, as apimachinery's
@@ -359,7 +340,13 @@ fn label_name(n: &str) -> Result<(), String> {
 /// A workload's LabelSelector as the `labelSelector` query string: matchLabels and
 /// matchExpressions (ignoring the expressions would select pods of other workloads).
 pub fn selector_of(d: &Deployment) -> String {
-    let sel = &d.spec.selector;
+    selector_query(&d.spec.selector)
+}
+
+/// A LabelSelector as the `labelSelector` query string.
+pub fn selector_query(
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> String {
     let labels = sel
         .match_labels
         .iter()
@@ -411,10 +398,6 @@ pub(crate) async fn evict_pod(
 }
 
 impl Cluster {
-    fn deployments(&self) -> Api<Deployment> {
-        Api::namespaced(self.client.clone(), &self.tmm_ns)
-    }
-
     /// Pre-flight (DESIGN §5), before any disruptive step and before new materials are written:
     /// every dSSM pod Ready and TMM's rollout complete, waited for (watching) up to `timeout`,
     /// since a rollout that is finishing is not a reason to refuse. Still not so: a Warning Event
@@ -439,34 +422,18 @@ impl Cluster {
             Err(e) => return Err(e),
         }
         blocking.extend(self.blocking_pdbs().await?);
-        let rolled_out = watch_deployment(
-            self.deployments(),
-            &self.tmm_deployment,
-            |d: Option<&Deployment>| d.is_some_and(|d| rollout_incomplete(d).is_none()),
-        );
-        if tokio::time::timeout(timeout, rolled_out).await.is_err() {
-            let Some(d) = self.get_deployment().await? else {
-                return Err(ClusterError::NoDeployment {
-                    namespace: self.tmm_ns.clone(),
-                    name: self.tmm_deployment.clone(),
-                }
-                .into());
-            };
-            blocking.extend(rollout_incomplete(&d));
-        }
+        blocking.extend(self.tmm_rollouts_incomplete(timeout).await?);
         if blocking.is_empty() {
             return Ok(());
         }
         let why = blocking.join("; ");
-        let Some(d) = self.get_deployment().await? else {
-            return Err(RestartError::Preflight(why));
-        };
         if force {
             let note = format!("--force: restarting although {why}");
-            self.event_on(&d, true, "PreflightOverridden", note).await;
+            self.event_on_targets(true, "PreflightOverridden", &note)
+                .await;
             return Ok(());
         }
-        self.event_on(&d, true, "RestartRefused", format!("pre-flight: {why}"))
+        self.event_on_targets(true, "RestartRefused", &format!("pre-flight: {why}"))
             .await;
         Err(RestartError::Preflight(why))
     }
@@ -515,31 +482,36 @@ impl Cluster {
         evict_pod(pods, &self.dssm_ns, name, deadline).await
     }
 
-    async fn scale_tmm(&self, replicas: i32) -> Result<(), ClusterError> {
-        let api = self.deployments();
-        let patch = serde_json::json!({"spec": {"replicas": replicas}});
-        let patch = Patch::Merge(&patch);
-        let pp = PatchParams {
-            field_manager: Some("dssm-certs".into()),
-            ..Default::default()
-        };
-        let what = format!("deployment {}/{} (scale)", self.tmm_ns, self.tmm_deployment);
-        call("patch", &what, || {
-            api.patch_scale(&self.tmm_deployment, &pp, &patch)
-        })
-        .await?;
-        Ok(())
+    /// Every target's rollout complete, each waited for (watching) up to `timeout`; what is
+    /// still incomplete then is returned. A missing target is an error naming it.
+    async fn tmm_rollouts_incomplete(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<String>, ClusterError> {
+        let mut blocking = Vec::new();
+        for t in &self.targets {
+            let done = self.watch_target(t, move |w| w.rollout_incomplete(t).is_none());
+            if tokio::time::timeout(timeout, done).await.is_err() {
+                blocking.extend(self.require_workload(t).await?.rollout_incomplete(t));
+            }
+        }
+        Ok(blocking)
     }
 
-    /// A restart record (TMM's recorded count on the Deployment) whose Lease is free or expired
-    /// is an orphan: its holder died mid-restart. Take the Lease, restore TMM first, give the
-    /// Lease back. A live holder's record is left to it (`Locked`). The restart itself is
-    /// finished by the next `reconcile`/`restart`, which finds the `restart-needed` mark.
+    /// A restart record (a recorded count on any TMM target) whose Lease is free or expired
+    /// is an orphan: its holder died mid-restart. Take the Lease, restore every recorded target
+    /// first, give the Lease back. A live holder's record is left to it (`Locked`). The restart
+    /// itself is finished by the next `reconcile`/`restart`, which finds the `restart-needed`
+    /// marks.
     pub async fn recover_orphan(&self, patient: bool) -> Result<Option<i32>, ClusterError> {
-        let Some(d) = self.get_deployment().await? else {
-            return Ok(None);
-        };
-        if !d.annotations().contains_key(REPLICAS_ANNOTATION) {
+        let mut recorded = false;
+        for t in &self.targets {
+            recorded |= self
+                .get_workload(t)
+                .await?
+                .is_some_and(|w| w.recorded().is_some());
+        }
+        if !recorded {
             return Ok(None);
         }
         let lease = self.acquire_lease_waiting(patient).await?;
@@ -548,52 +520,135 @@ impl Cluster {
         restored
     }
 
-    /// Restores TMM to the recorded count and removes the record. Only the Lease holder may call
-    /// it.
+    /// Restores every recorded TMM target (a Deployment to its count, a DaemonSet without the
+    /// stop nodeSelector) and removes its record. Returns the pods restored in all, None when
+    /// no target had a record. Only the Lease holder may call it. Every target is tried; the
+    /// first error is returned after.
     pub async fn restore_tmm(&self) -> Result<Option<i32>, ClusterError> {
-        let Some(d) = self.get_deployment().await? else {
-            return Ok(None);
-        };
-        let Some(n) = d
-            .annotations()
-            .get(REPLICAS_ANNOTATION)
-            .and_then(|v| v.parse::<i32>().ok())
-        else {
-            return Ok(None);
-        };
-        if d.spec.replicas != Some(n) {
-            self.scale_tmm(n).await?;
+        let mut restored = None;
+        let mut first_error = None;
+        for t in &self.targets {
+            match self.restore_target(t).await {
+                Ok(Some(n)) => restored = Some(restored.unwrap_or(0) + n),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(target_workload = %t, error = %e, "could not restore");
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        self.annotate_deployment(REPLICAS_ANNOTATION, None).await?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(restored),
+        }
+    }
+
+    async fn restore_target(&self, t: &TmmTarget) -> Result<Option<i32>, ClusterError> {
+        let Some(w) = self.get_workload(t).await? else {
+            return Ok(None);
+        };
+        let Some(n) = w.recorded() else {
+            return Ok(None);
+        };
+        if w.stopped() || matches!(w, Workload::DaemonSet(_)) {
+            self.start_target(t, n).await?;
+        }
+        self.annotate_target(t, &[(REPLICAS_ANNOTATION, None)])
+            .await?;
         Ok(Some(n))
     }
 
+    /// Waits until `t` is rolled out with at least `replicas` pods available.
     async fn wait_tmm_available(
         &self,
+        t: &TmmTarget,
         replicas: i32,
         timeout: Duration,
     ) -> Result<(), RestartError> {
-        let api = self.deployments();
-        let name = self.tmm_deployment.clone();
-        let cond = move |d: Option<&Deployment>| {
-            d.and_then(|d| d.status.as_ref())
-                .is_some_and(|s| s.available_replicas.unwrap_or(0) >= replicas)
-        };
-        let what = format!(
-            "deployment {}/{name} to have {replicas} available replicas",
-            self.tmm_ns
-        );
-        if tokio::time::timeout(timeout, watch_deployment(api, &name, cond))
+        let cond =
+            move |w: &Workload| w.rollout_incomplete(t).is_none() && w.available() >= replicas;
+        if tokio::time::timeout(timeout, self.watch_target(t, cond))
             .await
             .is_ok()
         {
             Ok(())
         } else {
             Err(RestartError::Timeout {
-                what,
+                what: format!("{t} to have {replicas} available pods"),
                 secs: timeout.as_secs(),
             })
         }
+    }
+
+    /// Every target with its workload; a missing one is an error naming it.
+    async fn tmm_workloads(&self) -> Result<Vec<(TmmTarget, Workload)>, ClusterError> {
+        let mut out = Vec::new();
+        for t in &self.targets {
+            out.push((t.clone(), self.require_workload(t).await?));
+        }
+        Ok(out)
+    }
+
+    /// The targets this restart still has to restart, each with the token that marks it done
+    /// (`tmm-restarted`, so a resumed restart skips it). After a write, the targets to restart
+    /// carry the `restart-needed` revision as their token; when none does (a manual `restart`,
+    /// fresh or resumed) every target is to restart, with the token `manual`. A recorded
+    /// (stopped) target is never done.
+    async fn tmm_pending(&self) -> Result<Vec<(TmmTarget, Workload, String)>, ClusterError> {
+        let all = self.tmm_workloads().await?;
+        let manual = !all
+            .iter()
+            .any(|(_, w)| w.annotations().contains_key(annotations::RESTART_NEEDED));
+        Ok(all
+            .into_iter()
+            .filter_map(|(t, w)| {
+                let a = w.annotations();
+                let token = match a.get(annotations::RESTART_NEEDED) {
+                    Some(revision) => revision.clone(),
+                    None if manual || w.recorded().is_some() => MANUAL.to_string(),
+                    None => return None,
+                };
+                let done = a.get(RESTARTED_ANNOTATION) == Some(&token);
+                (w.recorded().is_some() || !done).then_some((t, w, token))
+            })
+            .collect())
+    }
+
+    /// The TMM half of a rolling restart, one target at a time: `kubectl rollout restart`
+    /// (a pod-template annotation), then the rollout waited for as `kubectl rollout status`
+    /// does; each target done is marked, so a resumed restart skips it.
+    pub async fn roll_tmm(
+        &self,
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        for (t, _, token) in self.tmm_pending().await? {
+            self.roll_target(&t, timeout, out).await?;
+            self.annotate_target(&t, &[(RESTARTED_ANNOTATION, Some(&token))])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One target's rolling restart: `kubectl rollout restart`, then its rollout waited for.
+    pub async fn roll_target(
+        &self,
+        t: &TmmTarget,
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let replicas = self.require_workload(t).await?.replicas();
+        let generation = self.rollout_restart_target(t).await?;
+        let _ = writeln!(out, "rolling restart of {t} ({replicas} pods)");
+        let rolled = self.watch_target(t, move |w| w.rolled_out(generation, replicas));
+        if tokio::time::timeout(timeout, rolled).await.is_err() {
+            return Err(RestartError::Timeout {
+                what: format!("the rollout of {t}"),
+                secs: timeout.as_secs(),
+            });
+        }
+        let _ = writeln!(out, "{t} rolled out");
+        Ok(())
     }
 
     async fn restart_dssm(
@@ -645,77 +700,48 @@ impl Cluster {
         Ok(())
     }
 
-    /// The whole procedure. Resumes a previous interrupted run when the replica annotation is
-    /// there.
+    /// The whole procedure, for every TMM target. Resumes a previous interrupted run when a
+    /// target carries a replica record, skipping the targets it already finished.
     pub async fn restart(
         &self,
         opts: &Options,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let Some(d) = self.get_deployment().await? else {
-            return Err(ClusterError::NoDeployment {
-                namespace: self.tmm_ns.clone(),
-                name: self.tmm_deployment.clone(),
-            }
-            .into());
-        };
+        let workloads = self.tmm_workloads().await?;
+        let resuming = workloads.iter().any(|(_, w)| w.recorded().is_some());
         // A recorded restart is resumed whatever the cluster looks like (TMM is at zero).
-        if !d.annotations().contains_key(REPLICAS_ANNOTATION) {
+        if !resuming {
             self.preflight(opts.force, opts.wait_timeout).await?;
         }
         if opts.strategy == Strategy::Rolling {
-            if d.annotations()
-                .get(CA_CHANGED_ANNOTATION)
-                .map(String::as_str)
-                == Some("true")
-            {
-                return Err(RestartError::RollingAfterCaChange(format!(
-                    "{}/{}",
-                    self.tmm_ns, self.tmm_deployment
-                )));
+            let ca_changed = workloads.iter().find(|(_, w)| {
+                w.annotations()
+                    .get(CA_CHANGED_ANNOTATION)
+                    .map(String::as_str)
+                    == Some("true")
+            });
+            if let Some((t, _)) = ca_changed {
+                return Err(RestartError::RollingAfterCaChange(t.to_string()));
             }
-            if !d.annotations().contains_key(REPLICAS_ANNOTATION) {
-                let result = self.rolling(opts, &d, out).await;
+            if !resuming {
+                let result = self.rolling(opts, out).await;
                 if let Err(e) = &result {
-                    self.event_on(&d, true, "RestartFailed", e.to_string())
+                    self.event_on_targets(true, "RestartFailed", &e.to_string())
                         .await;
                 }
                 return result;
             }
             // An interrupted scale-to-zero restart is finished the way it started.
         }
-        // 1. Record the count, unless an interrupted run already did: then its count is the truth.
-        let replicas = match d
-            .annotations()
-            .get(REPLICAS_ANNOTATION)
-            .and_then(|v| v.parse::<i32>().ok())
-        {
-            Some(n) => {
-                let _ = writeln!(out, "resuming an interrupted restart: TMM had {n} replicas");
-                n
-            }
-            None => {
-                let n = d.spec.replicas.unwrap_or(1);
-                self.annotate_deployment(REPLICAS_ANNOTATION, Some(&n.to_string()))
-                    .await?;
-                n
-            }
-        };
-        let tmm_sel = selector_of(&d);
-        let result = self.restart_steps(opts, replicas, &tmm_sel, out).await;
+        let result = self.restart_steps(opts, out).await;
         if let Err(e) = &result {
             // TMM is never left at zero.
-            let _ = writeln!(
-                out,
-                "restart failed ({e}); restoring TMM to {replicas} replicas"
-            );
+            let _ = writeln!(out, "restart failed ({e}); restoring every TMM target");
             if let Err(r) = self.restore_tmm().await {
                 let _ = writeln!(out, "could not restore TMM: {r}");
             }
-            if let Some(d) = self.get_deployment().await.ok().flatten() {
-                self.event_on(&d, true, "RestartFailed", e.to_string())
-                    .await;
-            }
+            self.event_on_targets(true, "RestartFailed", &e.to_string())
+                .await;
         }
         result
     }
@@ -723,72 +749,116 @@ impl Cluster {
     async fn restart_steps(
         &self,
         opts: &Options,
-        replicas: i32,
-        tmm_sel: &str,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
         let t = opts.wait_timeout;
-        let tmm_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.tmm_ns);
+        let pending = self.tmm_pending().await?;
         let _ = writeln!(
             out,
             "strategy scale-to-zero (the seeds' procedure): TMM goes to 0 replicas and every dSSM \
              pod restarts at once; this interrupts traffic"
         );
-        // 2. Scale TMM to zero, 3. wait until no TMM pod is left.
-        self.scale_tmm(0).await?;
-        let _ = writeln!(
-            out,
-            "scaled deployment {}/{} to 0 (was {replicas})",
-            self.tmm_ns, self.tmm_deployment
-        );
-        wait_pods(
-            &tmm_pods,
-            tmm_sel,
-            &format!("the TMM pods in {} to terminate", self.tmm_ns),
-            t,
-            // A Failed or Succeeded (evicted) pod stays listed but runs nothing: it does not
-            // hold the scale-down up until the timeout.
-            |p| p.values().all(ended),
-        )
-        .await?;
-        let _ = writeln!(out, "no TMM pod left in {}", self.tmm_ns);
+        // 1. Record each target's count on itself (unless an interrupted run did: then its
+        // count is the truth), 2. stop it.
+        let mut stopped = Vec::new();
+        for (target, w, token) in pending {
+            let replicas = match w.recorded() {
+                Some(n) => {
+                    let _ = writeln!(
+                        out,
+                        "resuming an interrupted restart: TMM had {n} replicas ({target})"
+                    );
+                    n
+                }
+                None => {
+                    let n = w.replicas();
+                    self.annotate_target(&target, &[(REPLICAS_ANNOTATION, Some(&n.to_string()))])
+                        .await?;
+                    n
+                }
+            };
+            self.stop_target(&target).await?;
+            let _ = match target.kind {
+                Kind::Deployment => writeln!(out, "scaled {target} to 0 (was {replicas})"),
+                Kind::DaemonSet => writeln!(
+                    out,
+                    "stopped {target} (was {replicas}): nodeSelector {STOP_NODE_SELECTOR}=true"
+                ),
+            };
+            stopped.push((target, selector_query(w.selector()), replicas, token));
+        }
+        // 3. Wait until no pod of any stopped target is left (all targets at once: they
+        // terminate in parallel).
+        let waits = stopped.iter().map(|(target, sel, _, _)| async move {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+            wait_pods(
+                &pods,
+                sel,
+                &format!(
+                    "the TMM pods in {} to terminate ({target})",
+                    target.namespace
+                ),
+                t,
+                // A Failed or Succeeded (evicted) pod stays listed but runs nothing: it does not
+                // hold the scale-down up until the timeout.
+                |p| p.values().all(ended),
+            )
+            .await
+        });
+        futures::future::try_join_all(waits).await?;
+        for (target, _, _, _) in &stopped {
+            let _ = writeln!(out, "no TMM pod left in {} ({target})", target.namespace);
+        }
         if opts.order == Order::DssmFirst {
             self.restart_dssm(t, out).await?;
         }
-        // 4. Scale back to the recorded count, then forget it.
-        self.scale_tmm(replicas).await?;
-        self.annotate_deployment(REPLICAS_ANNOTATION, None).await?;
-        let _ = writeln!(
-            out,
-            "scaled deployment {}/{} back to {replicas}",
-            self.tmm_ns, self.tmm_deployment
-        );
+        // 4. Start each target again, then forget its count and mark it done.
+        for (target, _, replicas, token) in &stopped {
+            self.start_target(target, *replicas).await?;
+            self.annotate_target(
+                target,
+                &[
+                    (REPLICAS_ANNOTATION, None),
+                    (RESTARTED_ANNOTATION, Some(token.as_str())),
+                ],
+            )
+            .await?;
+            let _ = match target.kind {
+                Kind::Deployment => writeln!(out, "scaled {target} back to {replicas}"),
+                Kind::DaemonSet => writeln!(out, "started {target} again ({replicas} nodes)"),
+            };
+        }
         // 5.–6. Delete the dSSM pods and wait for them.
         if opts.order == Order::TmmFirst {
             self.restart_dssm(t, out).await?;
         }
         // 7. TMM available again.
-        self.wait_tmm_available(replicas, t).await?;
-        let _ = writeln!(
-            out,
-            "deployment {}/{} has {replicas} available replicas",
-            self.tmm_ns, self.tmm_deployment
-        );
+        for (target, _, replicas, _) in &stopped {
+            self.wait_tmm_available(target, *replicas, t).await?;
+            let _ = writeln!(out, "{target} has {replicas} available replicas");
+        }
+        let counts: Vec<String> = stopped
+            .iter()
+            .map(|(target, _, n, _)| format!("{target}: {n}"))
+            .collect();
         self.finish_restart(&format!(
-            "TMM and dSSM restarted ({replicas} TMM replicas restored)"
+            "TMM and dSSM restarted (restored {})",
+            counts.join(", ")
         ))
         .await?;
         // 8. Verify with the materials TMM now holds.
         self.verify_with_probe(opts, out).await
     }
 
+    /// The restart is done: every target loses its marks, and says so in an Event.
     async fn finish_restart(&self, note: &str) -> Result<(), ClusterError> {
-        self.clear_deployment_annotations(&[annotations::RESTART_NEEDED, CA_CHANGED_ANNOTATION])
-            .await?;
-        if let Some(d) = self.get_deployment().await? {
-            self.event_on(&d, false, "Restarted", note.to_string())
-                .await;
-        }
+        self.annotate_targets(&[
+            (annotations::RESTART_NEEDED, None),
+            (CA_CHANGED_ANNOTATION, None),
+            (RESTARTED_ANNOTATION, None),
+        ])
+        .await?;
+        self.event_on_targets(false, "Restarted", note).await;
         Ok(())
     }
 
@@ -808,10 +878,10 @@ impl Cluster {
             .probe_server_name
             .clone()
             .unwrap_or_else(|| crate::probe::default_server_name(&endpoint));
-        let certs = self
-            .get_secret(&self.tmm_ns, contract::CERTS_SECRET)
-            .await?;
-        let keys = self.get_secret(&self.tmm_ns, contract::KEYS_SECRET).await?;
+        // Every TMM namespace holds identical copies: the first target's stands for all.
+        let tmm_ns = &self.targets[0].namespace;
+        let certs = self.get_secret(tmm_ns, contract::CERTS_SECRET).await?;
+        let keys = self.get_secret(tmm_ns, contract::KEYS_SECRET).await?;
         let get = |s: &Option<k8s_openapi::api::core::v1::Secret>, k: &str| {
             s.as_ref()
                 .and_then(|s| s.data.as_ref())
@@ -862,7 +932,6 @@ impl Cluster {
     async fn rolling(
         &self,
         opts: &Options,
-        d: &Deployment,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
         self.roll_dssm(
@@ -872,73 +941,10 @@ impl Cluster {
             out,
         )
         .await?;
-        self.roll_tmm(d, opts.wait_timeout, out).await?;
+        self.roll_tmm(opts.wait_timeout, out).await?;
         self.finish_restart("rolling restart of dSSM and TMM, no interruption")
             .await?;
         self.verify_with_probe(opts, out).await
-    }
-
-    /// TMM's rolling restart, as `kubectl rollout restart` does it: a pod-template annotation,
-    /// then the rollout waited for (observed generation, updated and available replicas), one
-    /// new pod Ready before an old one goes.
-    pub async fn roll_tmm(
-        &self,
-        d: &Deployment,
-        t: Duration,
-        out: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), RestartError> {
-        let api = self.deployments();
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}});
-        let patch = Patch::Merge(&patch);
-        let pp = PatchParams {
-            field_manager: Some("dssm-certs".into()),
-            ..Default::default()
-        };
-        let what = format!("deployment {}/{}", self.tmm_ns, self.tmm_deployment);
-        let patched = call("patch", &what, || {
-            api.patch(&self.tmm_deployment, &pp, &patch)
-        })
-        .await?;
-        let generation = patched.metadata.generation.unwrap_or(0);
-        let replicas = d.spec.replicas.unwrap_or(1);
-        let _ = writeln!(out, "rolling restart of {what} ({replicas} replicas)");
-        let name = self.tmm_deployment.clone();
-        let rolled = move |d: Option<&Deployment>| {
-            d.is_some_and(|d| {
-                let s = d.status.clone().unwrap_or_default();
-                s.observed_generation.unwrap_or(0) >= generation
-                    && s.updated_replicas.unwrap_or(0) >= replicas
-                    && s.available_replicas.unwrap_or(0) >= replicas
-                    && s.replicas.unwrap_or(0) == replicas
-            })
-        };
-        let wait_what = format!("the rollout of {what}");
-        match tokio::time::timeout(
-            t,
-            kube::runtime::wait::await_condition(api.clone(), &name, rolled),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(ClusterError::Unreachable {
-                    verb: "watch",
-                    what: wait_what,
-                    detail: e.to_string(),
-                    attempts: 1,
-                }
-                .into())
-            }
-            Err(_) => {
-                return Err(RestartError::Timeout {
-                    what: wait_what,
-                    secs: t.as_secs(),
-                })
-            }
-        }
-        let _ = writeln!(out, "{what} rolled out");
-        Ok(())
     }
 }
 

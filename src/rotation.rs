@@ -329,10 +329,10 @@ pub async fn drive(
         write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
         let Some(r) = restart else {
             cluster
-                .annotate_deployment(
+                .annotate_targets(&[(
                     annotations::RESTART_NEEDED,
                     Some(&record.revision.to_string()),
-                )
+                )])
                 .await?;
             let _ = writeln!(
                 out,
@@ -349,22 +349,22 @@ pub async fn drive(
                 .await
                 .map_err(ReconcileError::Restart)?;
             record.rolled.push(dssm);
-            save_record(cluster, &obs, &record).await?;
+            save_record(cluster, &cluster.observe().await?, &record).await?;
         }
-        let tmm = format!("{}/deployment/{}", cluster.tmm_ns, cluster.tmm_deployment);
-        if !record.rolled.contains(&tmm) {
-            let Some(d) = cluster.get_deployment().await? else {
-                return Err(crate::cluster::ClusterError::NoDeployment {
-                    namespace: cluster.tmm_ns.clone(),
-                    name: cluster.tmm_deployment.clone(),
-                }
-                .into());
-            };
+        // Every TMM target through the phase, each recorded once rolled: a resumed phase
+        // skips the ones done (a target added midway is rolled in the phase it joins).
+        for t in &cluster.targets {
+            let tmm = format!("{}/{}/{}", t.namespace, t.kind.as_str(), t.name);
+            if record.rolled.contains(&tmm) {
+                continue;
+            }
             cluster
-                .roll_tmm(&d, r.wait_timeout, out)
+                .roll_target(t, r.wait_timeout, out)
                 .await
                 .map_err(ReconcileError::Restart)?;
             record.rolled.push(tmm);
+            // Saved from a fresh read: the record was written since `obs` (a 409 otherwise).
+            save_record(cluster, &cluster.observe().await?, &record).await?;
         }
         let note = format!(
             "CA rotation phase {} ({}) rolled through every dSSM pod and TMM, proven by new mutual-TLS handshakes",
@@ -393,7 +393,10 @@ pub async fn drive(
                 write_copies(cluster, &obs, &bundle, record.revision, None, out).await?;
                 finish(cluster, &obs, ann, record.revision).await?;
                 cluster
-                    .clear_deployment_annotations(&[annotations::RESTART_NEEDED])
+                    .annotate_targets(&[
+                        (annotations::RESTART_NEEDED, None),
+                        (crate::targets::RESTARTED_ANNOTATION, None),
+                    ])
                     .await?;
                 let _ = writeln!(
                     out,

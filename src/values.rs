@@ -1,6 +1,8 @@
-//! `values`: the TMM Helm values of the seeds' "Next step", for the configured dSSM namespace.
+//! `values`: the TMM Helm values of the seeds' "Next step", for the configured dSSM namespace:
+//! one YAML document per TMM namespace (every TMM instance points at the same dSSM).
 
 use crate::contract;
+use crate::targets::TmmTarget;
 
 pub fn tmm_values(dssm_namespace: &str) -> String {
     format!(
@@ -28,4 +30,25 @@ pub fn tmm_values(dssm_namespace: &str) -> String {
         key = contract::TMM_KEY_PATH,
         service = contract::SENTINEL_SERVICE,
     )
+}
+
+/// The snippet once per TMM namespace, as `---`-separated documents, each headed by a comment
+/// naming the namespace and its TMM workloads (the Helm release of that TMM instance).
+pub fn tmm_values_for(dssm_namespace: &str, targets: &[TmmTarget]) -> String {
+    crate::targets::namespaces(targets)
+        .iter()
+        .map(|ns| {
+            let workloads: Vec<String> = targets
+                .iter()
+                .filter(|t| &t.namespace == ns)
+                .map(|t| format!("{}/{}", t.kind.as_str(), t.name))
+                .collect();
+            format!(
+                "# TMM in namespace {ns} ({}): the values of its Helm release\n{}",
+                workloads.join(", "),
+                tmm_values(dssm_namespace)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
 }

@@ -240,6 +240,11 @@ fn the_chart_roles_grant_exactly_what_the_code_uses() {
         exercise_every_command(&format!("chart {set}"), &env);
         assert_rbac_is_exactly_used(&format!("chart {set}"), &env, &rendered);
     }
+    // Several TMM instances (two Deployments, one DaemonSet): a Role per namespace.
+    let rendered = to_yaml(&render(&example("spk-multi", json!({})), "spk-utilities"));
+    let env = TestEnv::spk_multi(&rendered);
+    exercise_every_command("chart spk-multi", &env);
+    assert_rbac_is_exactly_used("chart spk-multi", &env, &rendered);
 }
 
 #[test]
@@ -397,7 +402,7 @@ fn a_digest_pins_the_image_and_wins_over_the_tag() {
 }
 
 #[test]
-fn the_first_target_must_be_a_deployment_and_extra_namespaces_get_their_roles() {
+fn every_target_is_passed_and_each_namespace_gets_roles_for_its_own_workloads() {
     let two = json!({"tmm": {"targets": [
         {"namespace": "spk-ingress", "kind": "Deployment", "name": "f5-tmm"},
         {"namespace": "spk-egress", "kind": "DaemonSet", "name": "f5-tmm-ds"},
@@ -422,19 +427,25 @@ fn the_first_target_must_be_a_deployment_and_extra_namespaces_get_their_roles() 
         .iter()
         .any(|r| r["resources"] == json!(["deployments"])));
     for w in workloads(&objects) {
+        let env = container_env(w);
         assert!(
-            container_env(w).contains(&("DSSM_CERTS_TMM_NAMESPACE".into(), json!("spk-ingress")))
+            env.contains(&(
+                "DSSM_CERTS_TMM".into(),
+                json!("spk-ingress/deployment/f5-tmm,spk-egress/daemonset/f5-tmm-ds")
+            )),
+            "{env:?}"
         );
+        assert!(!env.iter().any(|(k, _)| k == "DSSM_CERTS_TMM_NAMESPACE"));
     }
 
-    let ds_first = json!({"tmm": {"targets": [{"namespace": "spk-ingress", "kind": "DaemonSet", "name": "f5-tmm"}]}});
-    let err = helm(
-        "render",
-        &example("spk", ds_first),
-        &["dssm-certs", "spk-utilities"],
-    )
-    .unwrap_err();
-    assert!(err.contains("tmm.targets[0] is a DaemonSet"), "{err}");
+    // A lone DaemonSet is passed in full too (the shorthand names a Deployment).
+    let ds = json!({"tmm": {"targets": [{"namespace": "spk-ingress", "kind": "DaemonSet", "name": "f5-tmm"}]}});
+    for w in workloads(&render(&example("spk", ds), "spk-utilities")) {
+        assert!(container_env(w).contains(&(
+            "DSSM_CERTS_TMM".into(),
+            json!("spk-ingress/daemonset/f5-tmm")
+        )));
+    }
 }
 
 /// Labels only Helm adds (its bookkeeping); everything else must be identical.
@@ -486,7 +497,11 @@ fn kustomize_prometheus_operator(namespace: &str) -> Vec<Value> {
 /// dashboard).
 #[test]
 fn the_kustomize_overlays_and_the_chart_render_the_same_objects() {
-    for (set, dssm) in [("spk", "spk-utilities"), ("cnf", "cnf-gateway")] {
+    for (set, dssm) in [
+        ("spk", "spk-utilities"),
+        ("cnf", "cnf-gateway"),
+        ("spk-multi", "spk-utilities"),
+    ] {
         let mut kustomized = docs(&render_overlay(set));
         kustomized.extend(kustomize_prometheus_operator(dssm));
         let kustomized = keyed(kustomized);

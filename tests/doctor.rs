@@ -406,7 +406,14 @@ fn the_test_cluster_answers_access_reviews_and_impersonation_as_kubectl_expects(
         output(&mut cmd)
     };
     let sa = "--as=system:serviceaccount:spk-utilities:dssm-certs";
-    let (code, out, err) = can_i(&["create", "pods", "--subresource=eviction", "-n", "spk-utilities", sa]);
+    let (code, out, err) = can_i(&[
+        "create",
+        "pods",
+        "--subresource=eviction",
+        "-n",
+        "spk-utilities",
+        sa,
+    ]);
     assert_eq!((code, out.trim()), (0, "yes"), "{err}");
     // `pods/eviction` is kubectl's resource/name form: a pod named "eviction", which the tool
     // may not create.
@@ -426,5 +433,8 @@ fn the_test_cluster_answers_access_reviews_and_impersonation_as_kubectl_expects(
         .arg("--as=system:serviceaccount:spk-utilities:dssm-certs-agent");
     let (code, _, err) = output(&mut cmd);
     assert_ne!(code, 0);
-    assert!(err.contains("cannot impersonate resource \"serviceaccounts\""), "{err}");
+    assert!(
+        err.contains("cannot impersonate resource \"serviceaccounts\""),
+        "{err}"
+    );
 }

@@ -461,7 +461,7 @@ const ROTATE_CA_WRITES: &[&str] = &[
     "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-keys-secret",
     "PUT /api/v1/namespaces/spk-ingress/secrets/dssm-certs-secret",
     "PUT /api/v1/namespaces/spk-ingress/secrets/dssm-keys-secret",
-    "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    // restart-needed and ca-changed, in one patch per TMM target.
     "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
     "PUT /api/v1/namespaces/spk-utilities/secrets/dssm-ca-key-secret",
 ];

@@ -67,7 +67,11 @@ impl Cluster {
                 Err(e) => o.unreadable.push(unreadable(what, e)),
             }
             let role = |kind: &str, name: &str| {
-                if ns == self.tmm_ns && kind == "Deployment" && name == self.tmm_deployment {
+                if self.targets.iter().any(|t| {
+                    t.namespace == ns
+                        && t.kind.as_str().eq_ignore_ascii_case(kind)
+                        && t.name == name
+                }) {
                     Role::Tmm
                 } else if ns == self.dssm_ns && kind == "StatefulSet" && dssm_owners.contains(name)
                 {

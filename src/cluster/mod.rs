@@ -4,15 +4,15 @@
 
 pub mod doctor;
 pub mod lease;
+pub mod workloads;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 
@@ -69,8 +69,8 @@ pub enum ClusterError {
     Locked(String),
     #[error("{0} could not be renewed within its renew deadline (or was taken over): stopped before it could expire for another dssm-certs. The next run (or the agent) finishes or rolls back what this one started")]
     LeaseLost(String),
-    #[error("deployment {namespace}/{name} not found: TMM must exist before its materials are replaced (check --tmm-namespace / --tmm-deployment)")]
-    NoDeployment { namespace: String, name: String },
+    #[error("{0} not found (or its namespace does not exist): every TMM target must exist before its materials are replaced; nothing was written (check --tmm, or --tmm-namespace / --tmm-deployment)")]
+    NoWorkload(crate::targets::TmmTarget),
 }
 
 impl ClusterError {
@@ -237,6 +237,8 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub dssm_namespace: Option<String>,
+    /// `--tmm` targets; when empty, the shorthand below names one Deployment.
+    pub tmm: Vec<crate::targets::TmmTarget>,
     pub tmm_namespace: Option<String>,
     pub tmm_deployment: String,
     pub dssm_selector: String,
@@ -251,8 +253,8 @@ pub struct Target {
 pub struct Cluster {
     pub client: Client,
     pub dssm_ns: String,
-    pub tmm_ns: String,
-    pub tmm_deployment: String,
+    /// Every TMM workload that talks to dSSM (at least one).
+    pub targets: Vec<crate::targets::TmmTarget>,
     pub dssm_selector: String,
     pub identity: String,
     pub lease_seconds: i32,
@@ -267,10 +269,37 @@ pub struct Observation {
     pub copies: Vec<CopyObs>,
     pub store: SecretObs,
     pub raw: BTreeMap<(String, String), Secret>,
-    pub deployment: Option<Deployment>,
+    /// Every TMM target and its workload (None: not found).
+    pub workloads: Vec<(crate::targets::TmmTarget, Option<crate::targets::Workload>)>,
     /// False when the CA key Secret could not be read (403, the agent's read-only account):
     /// `store` is then `Missing` and means "not available", not "absent".
     pub store_readable: bool,
+}
+
+impl Observation {
+    /// Some TMM target says new materials wait for a restart, or holds a restart record.
+    pub fn restart_pending(&self) -> bool {
+        self.workloads.iter().any(|(_, w)| {
+            w.as_ref().is_some_and(|w| {
+                w.recorded().is_some() || w.annotations().contains_key(annotations::RESTART_NEEDED)
+            })
+        })
+    }
+
+    /// Some TMM target holds a restart record (it is stopped, or being stopped).
+    pub fn restart_recorded(&self) -> bool {
+        self.workloads
+            .iter()
+            .any(|(_, w)| w.as_ref().is_some_and(|w| w.recorded().is_some()))
+    }
+
+    /// The first TMM target that does not exist.
+    pub fn missing_target(&self) -> Option<&crate::targets::TmmTarget> {
+        self.workloads
+            .iter()
+            .find(|(_, w)| w.is_none())
+            .map(|(t, _)| t)
+    }
 }
 
 /// The raw Secrets hold private keys: `Debug` names them and their keys, never their data.
@@ -317,8 +346,12 @@ impl std::fmt::Debug for Observation {
             .field("store", &self.store)
             .field("raw", &raw)
             .field(
-                "deployment",
-                &self.deployment.as_ref().map(|d| d.metadata.name.clone()),
+                "workloads",
+                &self
+                    .workloads
+                    .iter()
+                    .map(|(t, w)| (t.to_string(), w.is_some()))
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -369,7 +402,12 @@ impl Cluster {
             .dssm_namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
-        let tmm_ns = t.tmm_namespace.clone().unwrap_or_else(|| dssm_ns.clone());
+        let targets = crate::targets::resolve(
+            &t.tmm,
+            t.tmm_namespace.as_deref(),
+            &t.tmm_deployment,
+            &dssm_ns,
+        );
         let client = Client::try_from(config).map_err(|e| {
             ClusterError::Config(format!(
                 "cannot set up the Kubernetes client: {}",
@@ -391,8 +429,7 @@ impl Cluster {
         Ok(Cluster {
             client,
             dssm_ns,
-            tmm_ns,
-            tmm_deployment: t.tmm_deployment.clone(),
+            targets,
             dssm_selector: t.dssm_selector.clone(),
             identity,
             lease_seconds: t.lease_seconds.max(1),
@@ -401,13 +438,21 @@ impl Cluster {
         })
     }
 
-    /// The namespaces holding copies: dSSM's first, TMM's when it differs (SPK).
+    /// The namespaces holding copies: dSSM's first, then every TMM target's namespace that
+    /// differs (SPK: one per ingress instance), each once.
     pub fn namespaces(&self) -> Vec<String> {
         let mut v = vec![self.dssm_ns.clone()];
-        if self.tmm_ns != self.dssm_ns {
-            v.push(self.tmm_ns.clone());
+        for ns in crate::targets::namespaces(&self.targets) {
+            if !v.contains(&ns) {
+                v.push(ns);
+            }
         }
         v
+    }
+
+    /// The TMM namespaces, each once, in target order.
+    pub fn tmm_namespaces(&self) -> Vec<String> {
+        crate::targets::namespaces(&self.targets)
     }
 
     pub async fn get_secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, ClusterError> {
@@ -415,17 +460,8 @@ impl Cluster {
         call("get", &format!("secret {ns}/{name}"), || api.get_opt(name)).await
     }
 
-    pub async fn get_deployment(&self) -> Result<Option<Deployment>, ClusterError> {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.tmm_ns);
-        let name = &self.tmm_deployment;
-        call("get", &format!("deployment {}/{name}", self.tmm_ns), || {
-            api.get_opt(name)
-        })
-        .await
-    }
-
-    /// Reads every Secret of both copies, the CA key Secret and the TMM Deployment: 2 reads per
-    /// namespace plus 2.
+    /// Reads every Secret of every copy, the CA key Secret and every TMM workload: 2 reads per
+    /// namespace, 1 per target, plus 1.
     pub async fn observe(&self) -> Result<Observation, ClusterError> {
         self.observe_inner(false).await
     }
@@ -473,12 +509,15 @@ impl Cluster {
                 s,
             );
         }
-        let deployment = self.get_deployment().await?;
+        let mut workloads = Vec::new();
+        for t in &self.targets {
+            workloads.push((t.clone(), self.get_workload(t).await?));
+        }
         Ok(Observation {
             copies,
             store: store_obs,
             raw,
-            deployment,
+            workloads,
             store_readable,
         })
     }
@@ -522,45 +561,6 @@ impl Cluster {
         } else {
             call("create", &what, || api.create(&pp, &s)).await
         }
-    }
-
-    /// Sets (or with None removes) an annotation on the TMM Deployment.
-    pub async fn annotate_deployment(
-        &self,
-        key: &str,
-        value: Option<&str>,
-    ) -> Result<(), ClusterError> {
-        self.patch_deployment_annotations(&[(key, value)]).await
-    }
-
-    /// Removes annotations from the TMM Deployment in one patch.
-    pub async fn clear_deployment_annotations(&self, keys: &[&str]) -> Result<(), ClusterError> {
-        let changes: Vec<(&str, Option<&str>)> = keys.iter().map(|k| (*k, None)).collect();
-        self.patch_deployment_annotations(&changes).await
-    }
-
-    /// One merge patch of the Deployment's annotations (None removes).
-    async fn patch_deployment_annotations(
-        &self,
-        changes: &[(&str, Option<&str>)],
-    ) -> Result<(), ClusterError> {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.tmm_ns);
-        let ann: serde_json::Map<String, serde_json::Value> = changes
-            .iter()
-            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
-            .collect();
-        let patch = serde_json::json!({"metadata": {"annotations": ann}});
-        let what = format!("deployment {}/{}", self.tmm_ns, self.tmm_deployment);
-        let pp = PatchParams {
-            field_manager: Some("dssm-certs".into()),
-            ..Default::default()
-        };
-        let patch = Patch::Merge(&patch);
-        call("patch", &what, || {
-            api.patch(&self.tmm_deployment, &pp, &patch)
-        })
-        .await?;
-        Ok(())
     }
 
     /// Publishes an Event about `secret` (best effort: a failure is logged, never fatal).
@@ -624,7 +624,7 @@ mod tests {
             )]
             .into_iter()
             .collect(),
-            deployment: None,
+            workloads: Vec::new(),
             store_readable: true,
         };
         let shown = format!("{obs:?}");

@@ -51,5 +51,9 @@ async fn cluster_report(
 ) -> Result<Report, ClusterError> {
     let cluster = Cluster::connect(&args.target()).await?;
     let obs = cluster.observe().await?;
-    Ok(check::inspect_observation(&obs, &cluster.dssm_ns, now, thresholds).await)
+    Ok(
+        check::inspect_observation(&obs, &cluster.dssm_ns, now, thresholds)
+            .await
+            .with_targets(&obs.workloads),
+    )
 }

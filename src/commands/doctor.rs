@@ -28,15 +28,25 @@ async fn examine(a: &DoctorArgs, thresholds: Thresholds) -> Result<Report, Clust
     let seen = cluster.observe_for_doctor().await;
     let mut findings = read::findings(&seen);
     findings.extend(doctor::pods_not_ready(&cluster.dssm_ns, &seen.dssm_pods));
-    if !seen.workloads.iter().any(|w| w.role == Role::Tmm) && seen.unreadable.is_empty() {
-        findings.push(Finding {
-            check: "target",
-            status: Status::Critical,
-            object: format!("{}/deployment/{}", cluster.tmm_ns, cluster.tmm_deployment),
-            message: "not found: a rotation would refuse before writing (check --tmm-namespace \
-                      / --tmm-deployment)"
-                .into(),
-        });
+    if seen.unreadable.is_empty() {
+        for t in &cluster.targets {
+            let found = seen.workloads.iter().any(|w| {
+                w.role == Role::Tmm
+                    && w.meta.namespace.as_deref() == Some(t.namespace.as_str())
+                    && w.kind.eq_ignore_ascii_case(t.kind.as_str())
+                    && w.meta.name.as_deref() == Some(t.name.as_str())
+            });
+            if !found {
+                findings.push(Finding {
+                    check: "target",
+                    status: Status::Critical,
+                    object: format!("{}/{}/{}", t.namespace, t.kind.as_str(), t.name),
+                    message: "not found: a rotation would refuse before writing (check --tmm, \
+                              or --tmm-namespace / --tmm-deployment)"
+                        .into(),
+                });
+            }
+        }
     }
     findings.extend(access(&cluster, a.service_account.as_deref()).await);
     match cluster.observe().await {
@@ -54,8 +64,7 @@ async fn examine(a: &DoctorArgs, thresholds: Thresholds) -> Result<Report, Clust
 /// The permissions of the tool's ServiceAccount (or the caller's, with `self`), from
 /// SelfSubjectAccessReviews.
 async fn access(cluster: &Cluster, service_account: Option<&str>) -> Vec<Finding> {
-    let needed =
-        doctor::required_access(&cluster.dssm_ns, &cluster.tmm_ns, &cluster.tmm_deployment);
+    let needed = doctor::required_access(&cluster.dssm_ns, &cluster.targets);
     // In a pod, the identity running doctor is the tool's own ServiceAccount.
     let default_sa = own_namespace()
         .is_none()

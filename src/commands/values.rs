@@ -10,6 +10,12 @@ pub fn run(a: ValuesArgs) -> Result<i32, CommandError> {
             "--dssm-namespace is required outside a pod (no service account namespace file)".into(),
         )
     })?;
-    print!("{}", values::tmm_values(&ns));
+    let targets = crate::targets::resolve(
+        &a.tmm.tmm,
+        a.tmm.tmm_namespace.as_deref(),
+        &a.tmm.tmm_deployment,
+        &ns,
+    );
+    print!("{}", values::tmm_values_for(&ns, &targets));
     Ok(exit::OK)
 }

@@ -295,6 +295,23 @@ impl ApiServer {
         }));
     }
 
+    /// A TMM DaemonSet `name` in `ns` (BIG-IP Next's shape): one pod per node, labels
+    /// `app: <name>`, a nodeSelector on `kubernetes.io/os: linux` (every simulated node has it).
+    pub fn install_tmm_daemonset(&self, ns: &str, name: &str) {
+        self.put(
+            "apps",
+            "daemonsets",
+            ns,
+            json!({
+                "metadata": {"name": name, "labels": {"app": name}},
+                "spec": {"selector": {"matchLabels": {"app": name}},
+                         "template": {"metadata": {"labels": {"app": name}},
+                                      "spec": {"nodeSelector": {"kubernetes.io/os": "linux"},
+                                               "containers": [{"name": "tmm", "image": "tmm"}]}}},
+            }),
+        );
+    }
+
     /// Waits (polling the in-process state) until `f` holds.
     pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut(&State) -> bool) {
         let start = Instant::now();

@@ -35,12 +35,8 @@ pub fn spawn_as(
     let child = cmd
         .env("KUBECONFIG", kubeconfig)
         .args(["run", "--listen", &addr])
-        .args([
-            "--dssm-namespace",
-            &env.dssm_ns,
-            "--tmm-namespace",
-            &env.tmm_ns,
-        ])
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args())
         .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -56,18 +52,20 @@ pub fn start_watching(env: &TestEnv, kubeconfig: &Path, extra: &[&str]) -> Runni
     if !args.contains(&"--interval") {
         args.extend(["--interval", "1s"]);
     }
+    // Only this agent's watches count, not those of an agent started before it.
+    let earlier = env.server.requests().len();
     let (child, addr) = spawn(env, kubeconfig, &args);
     let agent = RunningAgent { child, addr };
     super::redis::wait_for("the agent's watches", Duration::from_secs(15), || {
         let reqs = env.server.requests();
         let watched = |ns: &str, name: &str| {
-            reqs.iter().any(|r| {
+            reqs.iter().skip(earlier).any(|r| {
                 r.path == format!("/api/v1/namespaces/{ns}/secrets")
                     && r.query.contains("watch=true")
                     && r.query.contains(name)
             })
         };
-        [env.dssm_ns.as_str(), env.tmm_ns.as_str()]
+        env.copy_namespaces()
             .iter()
             .all(|ns| watched(ns, "dssm-certs-secret") && watched(ns, "dssm-keys-secret"))
             .then_some(())

@@ -132,6 +132,8 @@ pub struct TestEnv {
     pub agent_kubeconfig: PathBuf,
     pub dssm_ns: String,
     pub tmm_ns: String,
+    /// `--tmm` targets (NAMESPACE/KIND/NAME); empty: `--tmm-namespace tmm_ns`, one Deployment.
+    pub tmm_targets: Vec<String>,
 }
 
 impl TestEnv {
@@ -167,20 +169,13 @@ impl TestEnv {
         server.install_dssm(dssm_ns, tmm_ns, 3);
         // A healthy cluster to start from, as the pre-flight check requires: 3 TMM pods and
         // 3 + 3 dSSM pods Running and Ready.
-        server.wait_until(
-            "the installed pods Ready",
-            std::time::Duration::from_secs(30),
-            |s| {
-                let pods = s.list(apiserver::resource("", "pods"), None);
-                pods.len() == 9
-                    && pods.iter().all(|p| {
-                        p["status"]["conditions"].as_array().is_some_and(|c| {
-                            c.iter()
-                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                        })
-                    })
-            },
-        );
+        wait_all_ready(&server, 9);
+        Self::on(server, dssm_ns, tmm_ns, token)
+    }
+
+    /// The environment of a started `server`: kubeconfigs for `token` (and the agent's own
+    /// account when `token` is the writer's).
+    fn on(server: apiserver::ApiServer, dssm_ns: &str, tmm_ns: &str, token: &str) -> Self {
         let dir = tempdir();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, server.kubeconfig(token, dssm_ns)).unwrap();
@@ -198,21 +193,75 @@ impl TestEnv {
             agent_kubeconfig,
             dssm_ns: dssm_ns.into(),
             tmm_ns: tmm_ns.into(),
+            tmm_targets: Vec::new(),
         }
     }
 
-    /// Runs `dssm-certs <args> --dssm-namespace .. --tmm-namespace ..` against the cluster.
+    /// Several TMM instances sharing one dSSM (spk-utilities): f5-tmm (3 replicas) in
+    /// spk-ingress-a and spk-ingress-b, the DaemonSet `tmm` (one pod per node) in bnk-tmm, under
+    /// the RBAC of `rendered` (e.g. `manifests/overlays/spk-multi`).
+    pub fn spk_multi(rendered: &str) -> Self {
+        let (dssm_ns, a, b, bnk) = ("spk-utilities", "spk-ingress-a", "spk-ingress-b", "bnk-tmm");
+        let sa = format!("system:serviceaccount:{dssm_ns}:dssm-certs");
+        let server = apiserver::ApiServer::start(&[dssm_ns, a, b, bnk], &sa);
+        server.install_dssm(dssm_ns, a, 3);
+        server.install_tmm_daemonset(bnk, "tmm");
+        let tmm = server.get("apps", "deployments", a, "f5-tmm").unwrap();
+        let copy = serde_json::json!({"metadata": {"name": "f5-tmm", "labels": tmm["metadata"]["labels"].clone()}, "spec": tmm["spec"].clone()});
+        server.put("apps", "deployments", b, copy);
+        let nodes = server.with_state(|s| s.nodes.len());
+        wait_all_ready(&server, 12 + nodes);
+        server.with_state(|s| {
+            s.rbac = Some(apiserver::rbac_from_manifests(rendered));
+            // Pods take a second to terminate: a wait for one target's pods cannot be satisfied
+            // by its first list while another target's are being waited for.
+            s.timing.pod_grace = std::time::Duration::from_secs(1);
+        });
+        let mut env = Self::on(server, dssm_ns, a, apiserver::SA_TOKEN);
+        env.tmm_targets = vec![
+            format!("{a}/deployment/f5-tmm"),
+            format!("{b}/deployment/f5-tmm"),
+            format!("{bnk}/daemonset/tmm"),
+        ];
+        env
+    }
+
+    /// The TMM flags of every command: `--tmm` per target, or the one-Deployment shorthand.
+    pub fn tmm_args(&self) -> Vec<String> {
+        if self.tmm_targets.is_empty() {
+            return vec!["--tmm-namespace".into(), self.tmm_ns.clone()];
+        }
+        self.tmm_targets
+            .iter()
+            .flat_map(|t| ["--tmm".to_string(), t.clone()])
+            .collect()
+    }
+
+    /// Every namespace holding a copy: dSSM's, then each TMM namespace once.
+    pub fn copy_namespaces(&self) -> Vec<String> {
+        let mut v = vec![self.dssm_ns.clone()];
+        let tmm = self
+            .tmm_targets
+            .iter()
+            .map(|t| t.split('/').next().unwrap().to_string())
+            .chain(self.tmm_targets.is_empty().then(|| self.tmm_ns.clone()));
+        for ns in tmm {
+            if !v.contains(&ns) {
+                v.push(ns);
+            }
+        }
+        v
+    }
+
+    /// Runs `dssm-certs <args> --dssm-namespace .. --tmm-namespace ..` (or `--tmm ..` per
+    /// target) against the cluster.
     pub fn run(&self, args: &[&str]) -> (i32, String, String) {
         let mut cmd = bin();
         cmd.env("KUBECONFIG", &self.kubeconfig)
             .env("HOME", self.dir.path())
             .args(args)
-            .args([
-                "--dssm-namespace",
-                &self.dssm_ns,
-                "--tmm-namespace",
-                &self.tmm_ns,
-            ]);
+            .args(["--dssm-namespace", &self.dssm_ns])
+            .args(self.tmm_args());
         output(&mut cmd)
     }
 
@@ -270,6 +319,24 @@ impl TestEnv {
             .filter(|r| r.is_write())
             .collect()
     }
+}
+
+/// Waits until `n` pods exist and every one is Ready.
+fn wait_all_ready(server: &apiserver::ApiServer, n: usize) {
+    server.wait_until(
+        "the installed pods Ready",
+        std::time::Duration::from_secs(30),
+        |s| {
+            let pods = s.list(apiserver::resource("", "pods"), None);
+            pods.len() == n
+                && pods.iter().all(|p| {
+                    p["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+                })
+        },
+    );
 }
 
 /// A self-signed CA certificate (PEM) whose subject is `CN=<cn>`, whatever `cn` holds.

@@ -53,7 +53,10 @@ pub fn exercise_every_command(what: &str, env: &TestEnv) {
                             .starts_with(&format!("/apis/events.k8s.io/v1/namespaces/{ns}/events/"))
                 })
             };
-            (patched(&env.dssm_ns) && patched(&env.tmm_ns)).then_some(())
+            env.copy_namespaces()
+                .iter()
+                .all(|ns| patched(ns))
+                .then_some(())
         },
     );
     drop(agent);

@@ -41,18 +41,13 @@ app.kubernetes.io/component: agent
 {{- toJson $out -}}
 {{- end -}}
 
-{{/* The first target: the one this version of dssm-certs restarts. */}}
-{{- define "dssm-certs.firstTarget" -}}
-{{- $first := first (include "dssm-certs.targets" . | fromJsonArray) -}}
-{{- if ne $first.kind "Deployment" -}}
-{{- fail (printf "tmm.targets[0] is a %s: this version of dssm-certs restarts one Deployment (--tmm-deployment); list the Deployment first" $first.kind) -}}
-{{- end -}}
-{{- toJson $first -}}
-{{- end -}}
-
-{{/* The environment every dssm-certs container gets (flags are read from DSSM_CERTS_*). */}}
+{{/* The environment every dssm-certs container gets (flags are read from DSSM_CERTS_*). One
+Deployment is passed as the --tmm-namespace/--tmm-deployment shorthand (what the kustomize
+overlays set); several targets, or a DaemonSet, as DSSM_CERTS_TMM (NAMESPACE/KIND/NAME,...). */}}
 {{- define "dssm-certs.env" -}}
-{{- $first := include "dssm-certs.firstTarget" . | fromJson -}}
+{{- $targets := include "dssm-certs.targets" . | fromJsonArray -}}
+{{- $first := first $targets -}}
+{{- $one := and (eq (len $targets) 1) (eq $first.kind "Deployment") -}}
 - name: DSSM_CERTS_DSSM_NAMESPACE
   valueFrom:
     fieldRef:
@@ -61,12 +56,23 @@ app.kubernetes.io/component: agent
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
+{{- if $one }}
 - name: DSSM_CERTS_TMM_DEPLOYMENT
   value: {{ $first.name | quote }}
+{{- end }}
 - name: DSSM_CERTS_STRATEGY
   value: {{ .Values.restartStrategy | quote }}
+{{- if $one }}
 - name: DSSM_CERTS_TMM_NAMESPACE
   value: {{ $first.namespace | quote }}
+{{- else }}
+{{- $list := list -}}
+{{- range $targets -}}
+{{- $list = append $list (printf "%s/%s/%s" .namespace (lower .kind) .name) -}}
+{{- end }}
+- name: DSSM_CERTS_TMM
+  value: {{ join "," $list | quote }}
+{{- end }}
 {{- end -}}
 
 {{- define "dssm-certs.jobPod" -}}

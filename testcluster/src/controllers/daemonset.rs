@@ -2,12 +2,40 @@
 //! each simulated node (`State::nodes`), failed daemon pods deleted and replaced, and a template
 //! change rolled node by node within `maxUnavailable` (default 1, maxSurge 0): an old pod is
 //! deleted only while fewer than maxUnavailable nodes lack an available pod, and the node gets
-//! its new pod at once. `OnDelete` leaves old pods alone.
+//! its new pod at once. `OnDelete` leaves old pods alone. A pod-template nodeSelector limits the
+//! nodes (each simulated node carries `kubernetes.io/hostname` and `kubernetes.io/os=linux`).
 
 use serde_json::{json, Value};
 
 use super::*;
 use crate::store::{resource, State};
+
+/// The labels a simulated node carries (the kubelet's well-known ones).
+pub fn node_labels(node: &str) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("kubernetes.io/hostname".into(), json!(node));
+    m.insert("kubernetes.io/os".into(), json!("linux"));
+    m
+}
+
+/// The nodes the DaemonSet should run on: those whose labels carry every pair of the pod
+/// template's nodeSelector (daemon_controller.go `NodeShouldRunDaemonPod` via the scheduler's
+/// node-selector predicate). A daemon pod on any other node is deleted, outside the rolling
+/// update's maxUnavailable budget, and desiredNumberScheduled counts only these nodes.
+fn eligible_nodes(s: &State, o: &Value) -> Vec<String> {
+    let selector = o["spec"]["template"]["spec"]["nodeSelector"].as_object();
+    s.nodes
+        .iter()
+        .filter(|n| {
+            let labels = node_labels(n);
+            selector
+                .into_iter()
+                .flatten()
+                .all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .cloned()
+        .collect()
+}
 
 fn node_of(p: &Value) -> String {
     p["spec"]["nodeName"].as_str().unwrap_or("").to_string()
@@ -23,7 +51,7 @@ pub(crate) fn sync(s: &mut State, o: &Value) {
         .unwrap_or(1)
         .to_string();
     let sel = selector_of(o);
-    let nodes = s.nodes.clone();
+    let nodes = eligible_nodes(s, o);
     let is_new = |p: &Value| p["metadata"]["labels"]["controller-revision-hash"] == json!(hash);
     let pods = pods_of(s, &ns, &sel);
     for p in &pods {

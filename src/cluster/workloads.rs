@@ -1,0 +1,207 @@
+//! The TMM workloads (Deployments and DaemonSets): read, annotate (restart marks and records),
+//! stop and start for a scale-to-zero restart, rollout restart, and watch until a condition
+//! holds. Every call names the target it touches.
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+
+use super::{call, Cluster, ClusterError};
+use crate::targets::{Kind, TmmTarget, Workload, STOP_NODE_SELECTOR};
+
+fn pp() -> PatchParams {
+    PatchParams {
+        field_manager: Some("dssm-certs".into()),
+        ..Default::default()
+    }
+}
+
+impl Cluster {
+    fn deployments_in(&self, ns: &str) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    fn daemonsets_in(&self, ns: &str) -> Api<DaemonSet> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    pub async fn get_workload(&self, t: &TmmTarget) -> Result<Option<Workload>, ClusterError> {
+        let what = t.to_string();
+        Ok(match t.kind {
+            Kind::Deployment => {
+                let api = self.deployments_in(&t.namespace);
+                call("get", &what, || api.get_opt(&t.name))
+                    .await?
+                    .map(|d| Workload::Deployment(Box::new(d)))
+            }
+            Kind::DaemonSet => {
+                let api = self.daemonsets_in(&t.namespace);
+                call("get", &what, || api.get_opt(&t.name))
+                    .await?
+                    .map(|d| Workload::DaemonSet(Box::new(d)))
+            }
+        })
+    }
+
+    /// The workload, or the error that names it when it (or its namespace) is missing.
+    pub async fn require_workload(&self, t: &TmmTarget) -> Result<Workload, ClusterError> {
+        self.get_workload(t)
+            .await?
+            .ok_or_else(|| ClusterError::NoWorkload(t.clone()))
+    }
+
+    /// One merge patch of `t`, named `what` in errors.
+    async fn patch_target(
+        &self,
+        t: &TmmTarget,
+        what: &str,
+        patch: &serde_json::Value,
+    ) -> Result<i64, ClusterError> {
+        let patch = Patch::Merge(patch);
+        let pp = pp();
+        Ok(match t.kind {
+            Kind::Deployment => {
+                let api = self.deployments_in(&t.namespace);
+                let d = call("patch", what, || api.patch(&t.name, &pp, &patch)).await?;
+                d.metadata.generation.unwrap_or(0)
+            }
+            Kind::DaemonSet => {
+                let api = self.daemonsets_in(&t.namespace);
+                let d = call("patch", what, || api.patch(&t.name, &pp, &patch)).await?;
+                d.metadata.generation.unwrap_or(0)
+            }
+        })
+    }
+
+    /// Sets (Some) or removes (None) annotations of one target in one patch.
+    pub async fn annotate_target(
+        &self,
+        t: &TmmTarget,
+        changes: &[(&str, Option<&str>)],
+    ) -> Result<(), ClusterError> {
+        let ann: serde_json::Map<String, serde_json::Value> = changes
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+            .collect();
+        let patch = serde_json::json!({"metadata": {"annotations": ann}});
+        self.patch_target(t, &t.to_string(), &patch).await?;
+        Ok(())
+    }
+
+    /// `annotate_target` on every target, in order.
+    pub async fn annotate_targets(
+        &self,
+        changes: &[(&str, Option<&str>)],
+    ) -> Result<(), ClusterError> {
+        for t in &self.targets {
+            self.annotate_target(t, changes).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops every pod of `t`: a Deployment is scaled to 0 (the scale subresource); a
+    /// DaemonSet, which cannot be scaled, gets a nodeSelector no node carries.
+    pub async fn stop_target(&self, t: &TmmTarget) -> Result<(), ClusterError> {
+        match t.kind {
+            Kind::Deployment => self.scale_deployment(t, 0).await,
+            Kind::DaemonSet => {
+                let patch = serde_json::json!({"spec": {"template": {"spec": {"nodeSelector": {STOP_NODE_SELECTOR: "true"}}}}});
+                self.patch_target(t, &format!("{t} (stop: nodeSelector)"), &patch)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Undoes `stop_target`: a Deployment back to `replicas`; a DaemonSet loses our
+    /// nodeSelector key (its own selector, if any, was never touched).
+    pub async fn start_target(&self, t: &TmmTarget, replicas: i32) -> Result<(), ClusterError> {
+        match t.kind {
+            Kind::Deployment => self.scale_deployment(t, replicas).await,
+            Kind::DaemonSet => {
+                let patch = serde_json::json!({"spec": {"template": {"spec": {"nodeSelector": {STOP_NODE_SELECTOR: null}}}}});
+                self.patch_target(t, &format!("{t} (start: nodeSelector)"), &patch)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn scale_deployment(&self, t: &TmmTarget, replicas: i32) -> Result<(), ClusterError> {
+        let api = self.deployments_in(&t.namespace);
+        let patch = serde_json::json!({"spec": {"replicas": replicas}});
+        let patch = Patch::Merge(&patch);
+        let pp = pp();
+        let what = format!("{t} (scale)");
+        call("patch", &what, || api.patch_scale(&t.name, &pp, &patch)).await?;
+        Ok(())
+    }
+
+    /// `kubectl rollout restart`: a pod-template annotation with the time. Returns the new
+    /// generation, to wait for.
+    pub async fn rollout_restart_target(&self, t: &TmmTarget) -> Result<i64, ClusterError> {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}});
+        self.patch_target(t, &format!("{t} (rollout restart)"), &patch)
+            .await
+    }
+
+    /// Resolves once `cond` holds for the workload of `t`. kube-runtime's watcher re-lists on
+    /// 410 Gone and backs off on errors, so a broken stream never ends the wait early (the
+    /// caller's deadline does).
+    pub async fn watch_target(
+        &self,
+        t: &TmmTarget,
+        cond: impl Fn(&Workload) -> bool + Send + Sync,
+    ) {
+        match t.kind {
+            Kind::Deployment => {
+                let api = self.deployments_in(&t.namespace);
+                watch_until(api, t, |d| cond(&Workload::Deployment(Box::new(d.clone())))).await
+            }
+            Kind::DaemonSet => {
+                let api = self.daemonsets_in(&t.namespace);
+                watch_until(api, t, |d| cond(&Workload::DaemonSet(Box::new(d.clone())))).await
+            }
+        }
+    }
+
+    /// Publishes an Event about a TMM workload (best effort).
+    pub async fn event_on_workload(&self, w: &Workload, warning: bool, reason: &str, note: String) {
+        match w {
+            Workload::Deployment(d) => self.event_on(d.as_ref(), warning, reason, note).await,
+            Workload::DaemonSet(d) => self.event_on(d.as_ref(), warning, reason, note).await,
+        }
+    }
+
+    /// An Event on every target that still exists (best effort).
+    pub async fn event_on_targets(&self, warning: bool, reason: &str, note: &str) {
+        for t in &self.targets {
+            if let Ok(Some(w)) = self.get_workload(t).await {
+                self.event_on_workload(&w, warning, reason, note.to_string())
+                    .await;
+            }
+        }
+    }
+}
+
+async fn watch_until<K>(api: Api<K>, t: &TmmTarget, cond: impl Fn(&K) -> bool)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    use kube::runtime::{watcher, WatchStreamExt};
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", t.name));
+    let stream = watcher(api, config).default_backoff().applied_objects();
+    futures::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(o) if cond(&o) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(target_workload = %t, error = %e, "watch interrupted; resuming")
+            }
+        }
+    }
+}
