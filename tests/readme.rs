@@ -234,6 +234,7 @@ impl Cluster {
             dir,
             dssm_ns: "spk-utilities".into(),
             tmm_ns: "spk-ingress".into(),
+            tmm_targets: Vec::new(),
         })
     }
 
