@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use serde_json::{json, Value};
 use support::apiserver::{kustomize, rbac_from_manifests, render_overlay, SA_TOKEN};
-use support::objects::{docs, round_trip};
+use support::objects::{docs, merge, round_trip};
 use support::rbac::{assert_rbac_is_exactly_used, exercise_every_command};
 use support::TestEnv;
 
@@ -61,17 +61,6 @@ fn example(name: &str, extra: Value) -> Value {
     let mut v: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     merge(&mut v, extra);
     v
-}
-
-fn merge(base: &mut Value, over: Value) {
-    match (base, over) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                merge(b.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (b, o) => *b = o,
-    }
 }
 
 /// Every rendered template, as `helm template` prints them: path -> text.

@@ -16,6 +16,7 @@ pub mod controllers;
 pub mod disruption;
 pub mod faults;
 pub mod logic;
+mod protobuf;
 pub mod rbac;
 pub mod routes;
 pub mod store;
@@ -32,7 +33,9 @@ use tokio::sync::Notify;
 pub use faults::{Fault, WatchFault};
 pub use rbac::{attributes, rbac_from_manifests, Rule};
 pub use routes::status_error;
-pub use store::{resource, Recorded, Resource, State, Timing, RESOURCES};
+pub use store::{
+    resource, Recorded, Resource, State, Timing, PROMETHEUS_OPERATOR_GROUP, RESOURCES,
+};
 
 pub const ADMIN_TOKEN: &str = "admin-token";
 pub const SA_TOKEN: &str = "dssm-certs-sa-token";

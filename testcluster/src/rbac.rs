@@ -207,35 +207,6 @@ fn review_from_protobuf(body: &[u8]) -> Result<Value, String> {
 }
 
 /// The first length-delimited field `number` of a protobuf message.
-fn field(mut msg: &[u8], number: u64) -> Option<&[u8]> {
-    fn varint(b: &mut &[u8]) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = b.split_first()?;
-            *b = rest;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
-    while !msg.is_empty() {
-        let key = varint(&mut msg)?;
-        match key & 7 {
-            0 => {
-                varint(&mut msg)?;
-            }
-            2 => {
-                let len = usize::try_from(varint(&mut msg)?).ok()?;
-                let (value, rest) = (msg.get(..len)?, msg.get(len..)?);
-                if key >> 3 == number {
-                    return Some(value);
-                }
-                msg = rest;
-            }
-            _ => return None,
-        }
-    }
-    None
+fn field(msg: &[u8], number: u64) -> Option<&[u8]> {
+    crate::protobuf::bytes_field(msg, number)
 }

@@ -16,7 +16,7 @@ use crate::controllers::mark_terminating;
 use crate::faults;
 use crate::logic::*;
 use crate::rbac::authorized;
-use crate::store::{now_rfc3339, Recorded, Resource, RESOURCES};
+use crate::store::{now_rfc3339, Recorded, Resource, PROMETHEUS_OPERATOR_GROUP, RESOURCES};
 use crate::{Shared, ADMIN_TOKEN, AGENT_TOKEN, SA_TOKEN};
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
@@ -288,7 +288,9 @@ pub(crate) async fn handle(
     resp
 }
 
-fn discovery(path: &str) -> Option<Value> {
+/// Discovery documents. The Prometheus Operator's group is listed only when its CRDs are
+/// installed (`prometheus_operator`), so kubectl maps its kinds only then.
+fn discovery(path: &str, prometheus_operator: bool) -> Option<Value> {
     let resources = |group: &str, version: &str| {
         let list: Vec<Value> = RESOURCES
             .iter()
@@ -302,6 +304,17 @@ fn discovery(path: &str) -> Option<Value> {
                     "events" => &["ev"],
                     "daemonsets" => &["ds"],
                     "poddisruptionbudgets" => &["pdb"],
+                    // pkg/registry/core/{serviceaccount,service,configmap}/storage and
+                    // pkg/registry/batch/cronjob/storage: ShortNames().
+                    "serviceaccounts" => &["sa"],
+                    "services" => &["svc"],
+                    "configmaps" => &["cm"],
+                    "cronjobs" => &["cj"],
+                    "customresourcedefinitions" => &["crd", "crds"],
+                    // The CRDs' spec.names.shortNames in prometheus-operator's bundle.
+                    "servicemonitors" => &["smon"],
+                    "podmonitors" => &["pmon"],
+                    "prometheusrules" => &["promrule"],
                     _ => &[],
                 };
                 let mut v = vec![json!({"name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced,
@@ -329,7 +342,19 @@ fn discovery(path: &str) -> Option<Value> {
             json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}),
         ),
         "/apis" => {
-            let groups: Vec<Value> = ["apps", "coordination.k8s.io", "events.k8s.io", "policy"]
+            let mut names = vec![
+                "apiextensions.k8s.io",
+                "apps",
+                "batch",
+                "coordination.k8s.io",
+                "events.k8s.io",
+                "policy",
+                "rbac.authorization.k8s.io",
+            ];
+            if prometheus_operator {
+                names.push(PROMETHEUS_OPERATOR_GROUP);
+            }
+            let groups: Vec<Value> = names
                 .iter()
                 .map(|g| json!({"name": g, "versions": [{"groupVersion": format!("{g}/v1"), "version": "v1"}],
                     "preferredVersion": {"groupVersion": format!("{g}/v1"), "version": "v1"}}))
@@ -341,11 +366,80 @@ fn discovery(path: &str) -> Option<Value> {
         "/apis/coordination.k8s.io/v1" => Some(resources("coordination.k8s.io", "v1")),
         "/apis/events.k8s.io/v1" => Some(resources("events.k8s.io", "v1")),
         "/apis/policy/v1" => Some(resources("policy", "v1")),
+        "/apis/batch/v1" => Some(resources("batch", "v1")),
+        "/apis/apiextensions.k8s.io/v1" => Some(resources("apiextensions.k8s.io", "v1")),
+        "/apis/rbac.authorization.k8s.io/v1" => Some(resources("rbac.authorization.k8s.io", "v1")),
+        "/apis/monitoring.coreos.com/v1" if prometheus_operator => {
+            Some(resources(PROMETHEUS_OPERATOR_GROUP, "v1"))
+        }
+        "/openapi/v3" => Some(openapi_v3_root(prometheus_operator)),
+        p if p.starts_with("/openapi/v3/") => {
+            let gv = &p["/openapi/v3/".len()..];
+            let known = openapi_v3_root(prometheus_operator)["paths"]
+                .get(gv)
+                .is_some();
+            known.then(|| openapi_v3_group_version(gv))
+        }
         "/version" => Some(
             json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0-dssm-test", "platform": "linux/amd64"}),
         ),
         _ => None,
     }
+}
+
+/// The group versions served, as the OpenAPI v3 discovery root names them (`api/v1`,
+/// `apis/apps/v1`), each with the document's URL.
+fn openapi_v3_root(prometheus_operator: bool) -> Value {
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES {
+        if r.group == PROMETHEUS_OPERATOR_GROUP && !prometheus_operator {
+            continue;
+        }
+        let gv = if r.group.is_empty() {
+            format!("api/{}", r.version)
+        } else {
+            format!("apis/{}/{}", r.group, r.version)
+        };
+        paths.insert(
+            gv.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash=0")}),
+        );
+    }
+    json!({ "paths": paths })
+}
+
+/// A group version's OpenAPI v3 document, reduced to what kubectl reads from it: for each kind,
+/// the PATCH operation (tagged with `x-kubernetes-group-version-kind`) and its `fieldValidation`
+/// query parameter. kubectl's QueryParamVerifierV3 (k8s.io/cli-runtime/pkg/resource/
+/// query_param_verifier_v3.go) finds it, so it leaves validation to the server
+/// (`fieldValidation=Strict`) instead of downloading schemas for client-side validation.
+fn openapi_v3_group_version(gv: &str) -> Value {
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES {
+        let (prefix, group) = if r.group.is_empty() {
+            (format!("api/{}", r.version), "")
+        } else {
+            (format!("apis/{}/{}", r.group, r.version), r.group)
+        };
+        if prefix != gv {
+            continue;
+        }
+        let ns = if r.namespaced {
+            "namespaces/{namespace}/"
+        } else {
+            ""
+        };
+        paths.insert(
+            format!("/{prefix}/{ns}{}/{{name}}", r.plural),
+            json!({"patch": {
+                "x-kubernetes-group-version-kind": {"group": group, "version": r.version, "kind": r.kind},
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+                "responses": {}
+            }}),
+        );
+    }
+    json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.32.0"},
+        "paths": paths, "components": {"schemas": {}}})
 }
 
 pub(crate) fn parse_body(body: &[u8], content_type: &str) -> Result<Value, String> {
@@ -448,8 +542,23 @@ async fn route(
     let Some(user) = user else {
         return status_error(401, "Unauthorized", "Unauthorized", None);
     };
+    let prometheus_operator = shared.state.lock().unwrap().prometheus_operator_crds;
+    // kubectl asks for OpenAPI v2 (protobuf only) when v3 does not know an object's kind and no
+    // CRD defines it; then it finds no schema, skips client-side validation, and fails at
+    // mapping the kind ("ensure CRDs are installed first"), as against a real API server. An
+    // empty body is a valid, empty openapi_v2.Document.
+    if method == "GET" && path == "/openapi/v2" {
+        return Response::builder()
+            .status(200)
+            .header(
+                "content-type",
+                "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+            )
+            .body(full(Bytes::new()))
+            .unwrap();
+    }
     if method == "GET" {
-        if let Some(d) = discovery(path) {
+        if let Some(d) = discovery(path, prometheus_operator) {
             return json_response(200, &d);
         }
     }
@@ -466,7 +575,9 @@ async fn route(
         };
     }
     let q = query_map(query);
-    let Some(p) = parse_path(path) else {
+    let Some(p) = parse_path(path)
+        .filter(|p| prometheus_operator || p.res.group != PROMETHEUS_OPERATOR_GROUP)
+    else {
         return status_error(
             404,
             "NotFound",
@@ -581,7 +692,15 @@ async fn route(
             )
         }
         ("create", None) => {
-            let mut obj = match parse_body(body, content_type) {
+            let protobuf = content_type.starts_with("application/vnd.kubernetes.protobuf");
+            let parsed = match protobuf
+                .then(|| crate::protobuf::object(body, r.kind, &r.api_version()))
+                .flatten()
+            {
+                Some(decoded) => decoded,
+                None => parse_body(body, content_type),
+            };
+            let mut obj = match parsed {
                 Ok(v) if v.is_object() => v,
                 Ok(_) => {
                     return status_error(

@@ -111,8 +111,102 @@ pub const RESOURCES: &[Resource] = &[
         kind: "Event",
         namespaced: true,
         verbs: ALL_VERBS,
+    }, // What the install manifests hold (README "Install and operate"), stored without controllers.
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "serviceaccounts",
+        kind: "ServiceAccount",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "services",
+        kind: "Service",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        kind: "ConfigMap",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    Resource {
+        group: "batch",
+        version: "v1",
+        plural: "cronjobs",
+        kind: "CronJob",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    Resource {
+        group: "batch",
+        version: "v1",
+        plural: "jobs",
+        kind: "Job",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "roles",
+        kind: "Role",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "rolebindings",
+        kind: "RoleBinding",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    // Stored only: what makes a group a CRD's is the flag below, not these objects.
+    Resource {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        plural: "customresourcedefinitions",
+        kind: "CustomResourceDefinition",
+        namespaced: false,
+        verbs: ALL_VERBS,
+    },
+    // The Prometheus Operator's kinds: served only once their CRDs are installed
+    // (`State::prometheus_operator_crds`), as on a real cluster.
+    Resource {
+        group: "monitoring.coreos.com",
+        version: "v1",
+        plural: "servicemonitors",
+        kind: "ServiceMonitor",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    Resource {
+        group: "monitoring.coreos.com",
+        version: "v1",
+        plural: "podmonitors",
+        kind: "PodMonitor",
+        namespaced: true,
+        verbs: ALL_VERBS,
+    },
+    Resource {
+        group: "monitoring.coreos.com",
+        version: "v1",
+        plural: "prometheusrules",
+        kind: "PrometheusRule",
+        namespaced: true,
+        verbs: ALL_VERBS,
     },
 ];
+
+/// The API group of the Prometheus Operator's CRDs.
+pub const PROMETHEUS_OPERATOR_GROUP: &str = "monitoring.coreos.com";
 
 impl Resource {
     pub fn api_version(&self) -> String {
@@ -200,6 +294,9 @@ pub struct State {
     pub rbac: Option<HashMap<String, HashMap<String, Vec<Rule>>>>,
     pub sa_user: String,
     pub timing: Timing,
+    /// Whether the Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule) are
+    /// installed; without them their group is neither discovered nor served.
+    pub prometheus_operator_crds: bool,
     /// The simulated nodes: a DaemonSet runs one pod on each.
     pub nodes: Vec<String>,
     /// Pods that never finish terminating / never become Ready (by name prefix).
@@ -289,6 +386,7 @@ impl State {
             rbac: None,
             sa_user: sa_user.into(),
             timing: Timing::default(),
+            prometheus_operator_crds: false,
             nodes: vec!["node-1".into(), "node-2".into(), "node-3".into()],
             stuck_terminating: Vec::new(),
             never_ready: Vec::new(),
@@ -378,7 +476,9 @@ impl State {
         }
         obj["apiVersion"] = json!(r.api_version());
         obj["kind"] = json!(r.kind);
-        defaults(r.kind, &mut obj["spec"]);
+        if let Some(spec) = obj.get_mut("spec") {
+            defaults(r.kind, spec);
+        }
         // metadata.generation moves on spec changes only, for the kinds whose strategies set it
         // (pkg/registry/apps/deployment/strategy.go PrepareForUpdate, same for StatefulSet,
         // DaemonSet and pkg/registry/policy/poddisruptionbudget/strategy.go).

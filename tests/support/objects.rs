@@ -21,3 +21,15 @@ pub fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) 
         v["kind"], v["metadata"]["name"]
     );
 }
+
+/// Merges `over` into `base` as Helm merges value files: objects key by key, anything else replaced.
+pub fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
