@@ -832,9 +832,15 @@ impl Cluster {
         if opts.order == Order::TmmFirst {
             self.restart_dssm(t, out).await?;
         }
-        // 7. TMM available again.
+        // 7. TMM available again: every target waited for at once (they start together, and
+        // the slowest decides when traffic is back anyway).
+        futures::future::try_join_all(
+            stopped
+                .iter()
+                .map(|(target, _, replicas, _)| self.wait_tmm_available(target, *replicas, t)),
+        )
+        .await?;
         for (target, _, replicas, _) in &stopped {
-            self.wait_tmm_available(target, *replicas, t).await?;
             let _ = writeln!(out, "{target} has {replicas} available replicas");
         }
         let counts: Vec<String> = stopped
