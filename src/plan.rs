@@ -678,6 +678,7 @@ pub(crate) mod tests {
         }
     }
 
+    /// Long: a table, one row per situation, read in one place.
     #[test]
     fn the_planner_picks_exactly_one_action_for_each_situation() {
         let fresh = made(1, 1000, 365);
@@ -859,7 +860,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// The lifetimes issue: a renewal is a CA rotation only when the CA itself is due.
+    /// The lifetimes issue: a renewal is a CA rotation only when the CA itself is due. Long: a
+    /// table of lifetimes, one row per case.
     #[test]
     fn a_due_leaf_is_renewed_under_its_ca_unless_the_ca_is_due_or_would_be_first() {
         // (name, materials, policy, action, a reason must contain)

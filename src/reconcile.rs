@@ -188,35 +188,16 @@ async fn pass_once(
         phased_from: phased_from.as_ref(),
     };
     if opts.dry_run {
-        let reused_ca = match &store {
-            StoreState::Valid { ca_cert, .. } if plan.reuse_store_ca => Some(ca_cert.as_slice()),
-            _ => None,
-        };
-        let content = match &plan.source {
-            Some(bundle) => Content::Bundle {
-                bundle,
-                ca_key: None,
-            },
-            None => Content::ToBeIssued { reused_ca },
-        };
+        let content = content(&plan, &store, None);
         print_dry_run(&writes::writes(&input(content)), revision, out);
         return Ok(outcome);
     }
+    // New materials are made outside the pure writes: slow and random.
     let made = match &plan.source {
         Some(_) => None,
         None => Some(new_materials(cluster, &obs, &store, &plan, opts, out).await?),
     };
-    let content = match (&made, &plan.source) {
-        (Some(m), _) => Content::Bundle {
-            bundle: &m.bundle,
-            ca_key: Some(&m.ca_key),
-        },
-        (None, Some(bundle)) => Content::Bundle {
-            bundle,
-            ca_key: None,
-        },
-        (None, None) => unreachable!("repair and resume carry their bundle"),
-    };
+    let content = content(&plan, &store, made.as_ref());
     let list = writes::writes(&input(content));
     let done = perform(cluster, &obs, &list, out).await?;
     outcome.written = list.iter().map(Write_::line).collect();
@@ -228,6 +209,31 @@ async fn pass_once(
     let leaf_note = made.as_ref().and_then(|m| m.leaf_note.as_deref());
     report_written(cluster, &obs, &plan, revision, bundle, leaf_note, &done).await?;
     Ok(outcome)
+}
+
+/// What the writes publish: the plan's bundle (repair, resume), the new materials, or in a dry
+/// run new materials not issued yet.
+fn content<'a>(
+    plan: &'a Plan,
+    store: &'a StoreState,
+    made: Option<&'a NewMaterials>,
+) -> Content<'a> {
+    match (made, &plan.source, store) {
+        (Some(m), _, _) => Content::Bundle {
+            bundle: &m.bundle,
+            ca_key: Some(&m.ca_key),
+        },
+        (None, Some(bundle), _) => Content::Bundle {
+            bundle,
+            ca_key: None,
+        },
+        (None, None, StoreState::Valid { ca_cert, .. }) if plan.reuse_store_ca => {
+            Content::ToBeIssued {
+                reused_ca: Some(ca_cert),
+            }
+        }
+        (None, None, _) => Content::ToBeIssued { reused_ca: None },
+    }
 }
 
 /// Planning runs DH_check and signature checks: off the async runtime.
