@@ -1,6 +1,7 @@
-//! `reconcile` and `rotate`: one pass of observe → plan → act → report against the cluster, with
-//! the write order of DESIGN §5 so that a crash between any two writes is finished by the next
-//! run from the saved materials.
+//! `reconcile` and `rotate`: one pass of observe → plan (pure, `plan`) → writes (pure, `writes`)
+//! → print them (dry run) or perform them in order, stopping at the first failure. The order is
+//! DESIGN §5's, so that a crash between any two writes is finished by the next run from the saved
+//! materials.
 
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
