@@ -347,7 +347,10 @@ fn rotate_with_three_tmm_targets_rolls_every_target_and_nobody_notices() {
         );
         assert!(restarted_at(env, t).is_string(), "{}: not rolled", t.3);
     }
-    assert!(!out.contains("scaled"), "a rolling restart never scales: {out}");
+    assert!(
+        !out.contains("scaled"),
+        "a rolling restart never scales: {out}"
+    );
     assert_targets_restored(env, &counts, "leaf renewal, three targets");
     assert_every_target_rolled(b, &counts, 1, "leaf renewal, three targets");
     let copies: Vec<_> = env
@@ -355,10 +358,7 @@ fn rotate_with_three_tmm_targets_rolls_every_target_and_nobody_notices() {
         .iter()
         .map(|ns| env.copy(ns).unwrap())
         .collect();
-    assert!(
-        copies.iter().all(|c| *c == copies[0]),
-        "identical copies"
-    );
+    assert!(copies.iter().all(|c| *c == copies[0]), "identical copies");
     f.assert_unnoticed("leaf renewal with three TMM targets");
 }
 
@@ -398,4 +398,99 @@ fn rotate_ca_with_three_tmm_targets_rolls_every_target_in_each_phase_and_nobody_
     assert_targets_restored(env, &counts, "CA rotation, three targets");
     assert_every_target_rolled(b, &counts, 3, "CA rotation, three targets");
     f.assert_unnoticed("CA rotation with three TMM targets");
+}
+
+/// kill -9 of a leaf renewal once the first TMM target is rolled (its `tmm-restarted` record
+/// written): the next run finishes the other two and leaves the done one alone.
+#[test]
+fn a_rotation_killed_after_the_first_target_rolled_resumes_with_the_others_only() {
+    let env = published_on(scenarios::multi());
+    let counts: Vec<usize> = TARGETS.iter().map(|t| expected_pods(&env, *t)).collect();
+    let (bed, load) = Bed::start(&env, scenarios::multi_load());
+    load.settle();
+    let log = env.dir.path().join("killed.log");
+    let mut child = command(&env, &bed, &rotate_args(false, None))
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = |w: &serde_json::Value, k: &str| {
+        w["metadata"]["annotations"][format!("dssm-certs.f5.com/{k}")].clone()
+    };
+    // Killed as soon as the API server holds the first target's record: nothing after it ran.
+    let start = std::time::Instant::now();
+    let killed = loop {
+        let done = env.server.with_state(|s| {
+            let a = s
+                .get(
+                    support::apiserver::resource("apps", "deployments"),
+                    TARGETS[0].1,
+                    "f5-tmm",
+                )
+                .unwrap();
+            let done = !token(a, "tmm-restarted").is_null();
+            if done {
+                child.kill().unwrap(); // SIGKILL, while the API server is held
+            }
+            done
+        });
+        if done {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    child.wait().unwrap();
+    let first = std::fs::read_to_string(&log).unwrap();
+    assert!(killed, "the first target was never recorded done:\n{first}");
+    // The exact per-target state the killed run left.
+    let revision = token(&workload(&env, TARGETS[0]), "restart-needed");
+    assert!(revision.is_string(), "{first}");
+    let state: Vec<(serde_json::Value, serde_json::Value)> = TARGETS
+        .iter()
+        .map(|t| {
+            let w = workload(&env, *t);
+            (token(&w, "restart-needed"), token(&w, "tmm-restarted"))
+        })
+        .collect();
+    assert_eq!(
+        state,
+        [
+            (revision.clone(), revision.clone()),
+            (revision.clone(), serde_json::Value::Null),
+            (revision.clone(), serde_json::Value::Null),
+        ],
+        "(restart-needed, tmm-restarted) per target after the kill:\n{first}"
+    );
+    let rolled_a = restarted_at(&env, TARGETS[0]);
+    assert!(rolled_a.is_string(), "{first}");
+    // The next CronJob run, once the killed run's Lease has expired.
+    let reconcile = ["reconcile", "--key-algorithm", "ecdsa-p256"];
+    let (code, out) = loop {
+        let (code, out, err) = support::dssm_pods::run(&env, &bed, &reconcile);
+        if code != 5 {
+            break (code, out + &err);
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "{out}{err}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let (f, b) = finish(bed, load);
+    eprintln!("leaf renewal killed after the first of three targets: {f:?} {b:?}\n{first}\n--- resumed:\n{out}");
+    assert_eq!(code, 0, "{out}");
+    let rolled: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("rolling restart of "))
+        .map(|t| t.split(" (").next().unwrap())
+        .collect();
+    assert_eq!(rolled, [TARGETS[1].3, TARGETS[2].3], "{out}");
+    assert_eq!(
+        restarted_at(&env, TARGETS[0]),
+        rolled_a,
+        "the done target is not rolled again"
+    );
+    assert_targets_restored(&env, &counts, "after the resumed rotation");
+    assert_every_target_rolled(&b, &counts, 1, "killed and resumed");
+    f.assert_unnoticed("leaf renewal killed after the first target and resumed");
 }

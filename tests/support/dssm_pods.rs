@@ -543,7 +543,11 @@ pub mod scenarios {
 
     /// (a) with three TMM targets: the leaf renewal, the default strategy.
     pub fn multi_leaf_renewal() -> Run {
-        rotate_under(published_on(multi()), multi_load(), &rotate_args(false, None))
+        rotate_under(
+            published_on(multi()),
+            multi_load(),
+            &rotate_args(false, None),
+        )
     }
 
     /// (b) with three TMM targets: the three-phase CA rotation from the seeds' materials.

@@ -400,7 +400,11 @@ impl Load {
     /// Waits until every client has `writes` more acknowledged writes than now: the figures then
     /// cover steady load on both sides of a change, without a fixed sleep. Bounded by `timeout`.
     pub fn wait_progress(&self, writes: u64, timeout: Duration) {
-        let from: Vec<u64> = self.acks.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        let from: Vec<u64> = self
+            .acks
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
         let start = Instant::now();
         loop {
             let behind: Vec<(usize, u64)> = self
