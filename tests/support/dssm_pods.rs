@@ -530,7 +530,13 @@ pub mod scenarios {
     /// The spk-multi shape (`TestEnv::spk_multi` under the kustomize overlay's RBAC): f5-tmm
     /// in spk-ingress-a and spk-ingress-b, the DaemonSet `tmm` in bnk-tmm, one dSSM.
     pub fn multi() -> TestEnv {
-        TestEnv::spk_multi(&super::super::apiserver::render_overlay("spk-multi"))
+        let env = TestEnv::spk_multi(&super::super::apiserver::render_overlay("spk-multi"));
+        // The default grace again (spk_multi slows terminations for its RBAC exercise): the
+        // rollouts of three targets in each of three phases stay short.
+        env.server.with_state(|s| {
+            s.timing.pod_grace = super::super::apiserver::store::Timing::default().pod_grace
+        });
+        env
     }
 
     /// One client per TMM target.
