@@ -238,10 +238,16 @@ impl Default for LoadConfig {
     }
 }
 
+/// How many acknowledged writes each client makes before and after a change (`Load::settle`).
+pub const SETTLE_WRITES: u64 = 50;
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// TMM-like clients writing through the sentinels, and a readiness sampler, until `finish`.
 pub struct Load {
     stop: Arc<AtomicBool>,
     rolls: Vec<Arc<AtomicU64>>,
+    /// Each client's acknowledged writes so far, for `settle`.
+    acks: Vec<Arc<AtomicU64>>,
     pub client_mounts: Vec<KubeletMount>,
     clients: Vec<JoinHandle<ClientStats>>,
     sampler: JoinHandle<(usize, usize, usize)>,
@@ -306,14 +312,17 @@ impl Load {
             .collect();
         let prefix = format!("tmm:{}", timestamped_name());
         let mut rolls = Vec::new();
+        let mut acks = Vec::new();
         let mut client_mounts = Vec::new();
         let mut clients = Vec::new();
         for i in 0..cfg.clients {
             let mount = KubeletMount::create(&t.root.path().join(format!("tmm-{i}")), client_files);
             let roll = Arc::new(AtomicU64::new(0));
-            let (stop, roll2, sentinels, dir) = (
+            let acked = Arc::new(AtomicU64::new(0));
+            let (stop, roll2, acked2, sentinels, dir) = (
                 stop.clone(),
                 roll.clone(),
+                acked.clone(),
                 sentinels.clone(),
                 mount.dir.clone(),
             );
@@ -340,6 +349,7 @@ impl Load {
                         s.longest_gap = s.longest_gap.max(last_ack.elapsed());
                         last_ack = Instant::now();
                         s.acked.push(key);
+                        acked2.fetch_add(1, Ordering::Relaxed);
                     } else {
                         s.failed_after_retry += 1;
                     }
@@ -350,6 +360,7 @@ impl Load {
                 s
             }));
             rolls.push(roll);
+            acks.push(acked);
             client_mounts.push(mount);
         }
         let targets: Vec<Target> = t
@@ -378,11 +389,49 @@ impl Load {
         Load {
             stop,
             rolls,
+            acks,
             client_mounts,
             clients,
             sampler,
             sentinels,
         }
+    }
+
+    /// Waits until every client has `writes` more acknowledged writes than now: the figures then
+    /// cover steady load on both sides of a change, without a fixed sleep. Bounded by `timeout`.
+    pub fn wait_progress(&self, writes: u64, timeout: Duration) {
+        let from: Vec<u64> = self
+            .acks
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let start = Instant::now();
+        loop {
+            let behind: Vec<(usize, u64)> = self
+                .acks
+                .iter()
+                .zip(&from)
+                .enumerate()
+                .filter_map(|(i, (a, f))| {
+                    let done = a.load(Ordering::Relaxed) - f;
+                    (done < writes).then_some((i, done))
+                })
+                .collect();
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "clients (index, new acked writes) still under {writes} after {timeout:?}: {behind:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `wait_progress` by `SETTLE_WRITES`: every client writing steadily (about half a second
+    /// at the default rate).
+    pub fn settle(&self) {
+        self.wait_progress(SETTLE_WRITES, SETTLE_TIMEOUT);
     }
 
     /// Each client's "pod replaced" counter: bumping one makes that client reconnect, reading
@@ -533,8 +582,6 @@ impl Pods for SwapOnRestart<'_> {
 pub mod scenarios {
     use super::*;
 
-    /// Lets the clients settle before and after the change, so the figures cover steady load.
-    const SETTLE: Duration = Duration::from_millis(1500);
     const ROLL_GAP: Duration = Duration::from_millis(500);
 
     fn start(files: &Path, cfg: LoadConfig) -> (Topology, Load) {
@@ -542,7 +589,7 @@ pub mod scenarios {
             KubeletMount::create(dir, files);
         });
         let load = Load::start(&t, files, cfg);
-        std::thread::sleep(SETTLE);
+        load.settle();
         (t, load)
     }
 
@@ -566,7 +613,7 @@ pub mod scenarios {
         };
         roll_dssm_mounted(&mut t, &new, &tool, proof, sub_path);
         load.roll_clients(&new, ROLL_GAP);
-        std::thread::sleep(SETTLE);
+        load.settle();
         load.finish(&new)
     }
 
@@ -612,7 +659,7 @@ pub mod scenarios {
         rollout::execute(&steps, &mut pods, &cx, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         let restarted = pods.restarted;
         load.roll_clients(&new, ROLL_GAP);
-        std::thread::sleep(SETTLE);
+        load.settle();
         (load.finish(&new), restarted)
     }
 
@@ -710,7 +757,7 @@ pub mod scenarios {
         };
         roll_dssm(&mut t, &m.drop, &drop, proof);
         load.roll_clients(&m.drop, ROLL_GAP);
-        std::thread::sleep(SETTLE);
+        load.settle();
         load.finish(&m.drop)
     }
 
@@ -728,7 +775,7 @@ pub mod scenarios {
         load.roll_clients(&m.drop, Duration::ZERO);
         t.restart_all();
         t.wait_healthy(Duration::from_secs(60));
-        std::thread::sleep(SETTLE);
+        load.settle();
         load.finish(&m.drop)
     }
 
@@ -757,7 +804,7 @@ pub mod scenarios {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         t.wait_healthy(Duration::from_secs(60));
-        std::thread::sleep(SETTLE);
+        load.settle();
         (load.finish(&files), moved)
     }
 }
