@@ -189,6 +189,8 @@ pub struct Figures {
     pub samples: usize,
     /// Time with no Ready TMM pod, as the cluster saw it (runs through the test cluster only).
     pub no_ready_tmm: Duration,
+    /// Why the first few failed operations failed (both attempts), so a failure names its cause.
+    pub failures: Vec<String>,
 }
 
 impl Figures {
@@ -213,7 +215,11 @@ struct ClientStats {
     failed_after_retry: u64,
     retried: u64,
     longest_gap: Duration,
+    failures: Vec<String>,
 }
+
+/// The failed operations whose causes a run keeps (enough to see a pattern, not a flood).
+const FAILURES_KEPT: usize = 5;
 
 #[derive(Clone, Copy)]
 pub struct LoadConfig {
@@ -259,16 +265,31 @@ fn connect_primary(
     sentinels: &[String],
     first: usize,
     deadline: Instant,
-) -> Option<Connection> {
+) -> Result<Connection, String> {
     // Reconnecting re-reads the mount: a rolled TMM pod starts with the current files.
-    let tls = TlsClient::new(&ClientMaterials::from_dir(mount).ok()?, true).ok()?;
+    let materials = ClientMaterials::from_dir(mount).map_err(|e| e.to_string())?;
+    let tls = TlsClient::new(&materials, true).map_err(|e| e.to_string())?;
+    let mut asked = Vec::new();
     let primary = (0..sentinels.len())
         .map(|i| &sentinels[(first + i) % sentinels.len()])
         .find_map(|s| {
-            let mut c = Connection::connect(&tls, s, SERVER_NAME, deadline).ok()?;
-            primary_addr(&mut c, MASTER, deadline).ok().flatten()
-        })?;
-    Connection::connect(&tls, &primary, SERVER_NAME, deadline).ok()
+            let answer = Connection::connect(&tls, s, SERVER_NAME, deadline)
+                .and_then(|mut c| primary_addr(&mut c, MASTER, deadline));
+            match answer {
+                Ok(Some(p)) => Some(p),
+                Ok(None) => {
+                    asked.push(format!("{s}: no primary"));
+                    None
+                }
+                Err(e) => {
+                    asked.push(format!("{s}: {e}"));
+                    None
+                }
+            }
+        })
+        .ok_or_else(|| format!("no sentinel named a primary: {asked:?}"))?;
+    Connection::connect(&tls, &primary, SERVER_NAME, deadline)
+        .map_err(|e| format!("connect to {primary} (named by the sentinels): {e}"))
 }
 
 fn write_once(
@@ -278,20 +299,20 @@ fn write_once(
     first: usize,
     key: &str,
     timeout: Duration,
-) -> bool {
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     if conn.is_none() {
-        *conn = connect_primary(mount, sentinels, first, deadline);
+        *conn = Some(connect_primary(mount, sentinels, first, deadline)?);
     }
-    let Some(c) = conn.as_mut() else {
-        return false;
+    let c = conn.as_mut().expect("connected above");
+    let to = c.endpoint().to_string();
+    let answer = match c.command(&["SET", key, "1"], deadline) {
+        Ok(Value::Simple(ref s)) if s == "OK" => return Ok(()),
+        Ok(v) => format!("SET on {to}: {v:?}"),
+        Err(e) => format!("SET on {to}: {e}"),
     };
-    let ok =
-        matches!(c.command(&["SET", key, "1"], deadline), Ok(Value::Simple(ref s)) if s == "OK");
-    if !ok {
-        *conn = None;
-    }
-    ok
+    *conn = None;
+    Err(answer)
 }
 
 fn up(t: &Target) -> bool {
@@ -332,6 +353,7 @@ impl Load {
                 let mut conn = None;
                 let mut seen_roll = 0;
                 let mut last_ack = Instant::now();
+                let started = Instant::now();
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) && s.ops < cfg.max_ops {
                     if roll2.load(Ordering::Relaxed) != seen_roll {
@@ -341,11 +363,18 @@ impl Load {
                     let key = format!("{prefix}:{i}:{}", s.ops);
                     s.ops += 1;
                     let mut ok = write_once(&mut conn, &dir, &sentinels, i, &key, cfg.op_timeout);
-                    if !ok {
+                    if let Err(first) = &ok {
                         s.retried += 1;
-                        ok = write_once(&mut conn, &dir, &sentinels, i + 1, &key, cfg.op_timeout);
+                        let first = format!("{:.2?} in: {first}", started.elapsed());
+                        ok = write_once(&mut conn, &dir, &sentinels, i + 1, &key, cfg.op_timeout)
+                            .map_err(|retry| format!("{first}; retry: {retry}"));
                     }
-                    if ok {
+                    if let Err(why) = &ok {
+                        if s.failures.len() < FAILURES_KEPT {
+                            s.failures.push(format!("client {i}, {key}: {why}"));
+                        }
+                    }
+                    if ok.is_ok() {
                         s.longest_gap = s.longest_gap.max(last_ack.elapsed());
                         last_ack = Instant::now();
                         s.acked.push(key);
@@ -487,6 +516,7 @@ impl Load {
             min_dbs_up,
             min_sentinels_up,
             samples,
+            failures: stats.iter().flat_map(|s| s.failures.clone()).collect(),
             no_ready_tmm: Duration::ZERO,
         }
     }
@@ -782,7 +812,11 @@ pub mod scenarios {
     /// The primary moved to a replica by a paused switchover while the clients write.
     pub fn paused_switchover(
         cfg: LoadConfig,
-    ) -> (Figures, dssm_certs::redis::switchover::Switchover) {
+    ) -> (
+        Figures,
+        dssm_certs::redis::switchover::Switchover,
+        Vec<Option<String>>,
+    ) {
         let tmp = super::super::tempdir();
         let ca = Ca::new(
             "O=Redis Test, CN=Certificate Authority",
@@ -803,8 +837,20 @@ pub mod scenarios {
             Instant::now() + Duration::from_secs(30),
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        // Asked the moment the switchover returns, before anything settles.
+        let tls = tls_client(&files);
+        let named: Vec<Option<String>> = sentinels
+            .iter()
+            .map(|s| {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                Connection::connect(&tls, s, SERVER_NAME, deadline)
+                    .and_then(|mut c| primary_addr(&mut c, MASTER, deadline))
+                    .ok()
+                    .flatten()
+            })
+            .collect();
         t.wait_healthy(Duration::from_secs(60));
         load.settle();
-        (load.finish(&files), moved)
+        (load.finish(&files), moved, named)
     }
 }
