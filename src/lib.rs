@@ -27,3 +27,4 @@ pub mod rolling;
 pub mod rotation;
 pub mod targets;
 pub mod values;
+pub mod writes;
