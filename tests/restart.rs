@@ -21,17 +21,6 @@ fn tmm_replicas(env: &TestEnv) -> (i64, Value) {
     )
 }
 
-fn wait_installed(env: &TestEnv) {
-    env.server
-        .wait_until("dSSM and TMM pods Ready", Duration::from_secs(20), |s| {
-            let pods = s.list(resource("", "pods"), None);
-            pods.len() == 9
-                && pods
-                    .iter()
-                    .all(|p| p.pointer("/status/phase") == Some(&serde_json::json!("Running")))
-        });
-}
-
 /// Every TMM and dSSM pod was created after the last write of a Secret copy.
 fn pods_newer_than_the_secrets(env: &TestEnv) {
     env.server.with_state(|s| {
@@ -70,7 +59,6 @@ fn pods_newer_than_the_secrets(env: &TestEnv) {
 #[test]
 fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     let old_uids: Vec<String> = env
         .server
         .list("", "pods", "spk-utilities")
@@ -145,7 +133,6 @@ fn relisted_after_the_first_watch(env: &TestEnv, path: &str) {
 #[test]
 fn a_410_gone_during_the_pod_waits_relists_and_the_restart_completes() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server.clear_requests();
     // The wait for TMM pods gone sees one event, then 410 Gone (its resourceVersion expired);
     // the wait for dSSM pods back is answered 410 Gone at once.
@@ -166,7 +153,6 @@ fn a_410_gone_during_the_pod_waits_relists_and_the_restart_completes() {
 #[test]
 fn dssm_first_keeps_tmm_at_zero_until_dssm_is_ready() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server.clear_requests();
     let (code, out, err) = env.run(&["restart", "--order", "dssm-first"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -182,7 +168,6 @@ fn dssm_first_keeps_tmm_at_zero_until_dssm_is_ready() {
 #[test]
 fn reconcile_that_writes_new_materials_restarts_and_every_pod_sees_them() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     let (code, out, err) = env.reconcile(&[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -204,7 +189,6 @@ fn reconcile_that_writes_new_materials_restarts_and_every_pod_sees_them() {
 #[test]
 fn tmm_pods_that_never_terminate_time_out_and_tmm_is_restored() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server
         .with_state(|s| s.stuck_terminating.push("f5-tmm".into()));
     let (code, out, err) = env.run(&["restart", "--wait-timeout", "2s"]);
@@ -228,7 +212,6 @@ fn tmm_pods_that_never_terminate_time_out_and_tmm_is_restored() {
 #[test]
 fn dssm_pods_that_never_become_ready_fail_the_restart_with_tmm_restored() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server
         .with_state(|s| s.never_ready.push("f5-dssm-sentinel".into()));
     let (code, _, err) = env.run(&["restart", "--wait-timeout", "2s", "--order", "dssm-first"]);
@@ -243,7 +226,6 @@ fn dssm_pods_that_never_become_ready_fail_the_restart_with_tmm_restored() {
 #[test]
 fn api_errors_while_scaling_back_still_restore_tmm() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     // The second scale (back to 3) fails five times in a row: the step gives up, then the
     // restore scales TMM back.
     env.server
@@ -260,7 +242,6 @@ fn api_errors_while_scaling_back_still_restore_tmm() {
 #[test]
 fn an_interrupted_restart_is_resumed_with_the_recorded_count() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     // A previous run recorded 3 and scaled to 0, then died.
     let mut d = env
         .server
@@ -281,7 +262,6 @@ fn an_interrupted_restart_is_resumed_with_the_recorded_count() {
 #[test]
 fn sigterm_during_a_restart_restores_tmm_before_exiting() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server
         .with_state(|s| s.stuck_terminating.push("f5-tmm".into()));
     let child = bin()
@@ -328,7 +308,6 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
     let mut points: Vec<String> = Vec::new();
     loop {
         let env = TestEnv::spk();
-        wait_installed(&env);
         assert_eq!(env.reconcile(&[]).0, 0);
         env.server.clear_requests();
         let mut child = bin()
@@ -471,7 +450,6 @@ const ROTATE_CA_WRITES: &[&str] = &[
 #[test]
 fn the_restart_is_verified_with_an_mtls_ping_where_sentinel_is_reachable() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     let mount = env.dir.path().join("mount");
     std::fs::create_dir_all(&mount).unwrap();
@@ -529,7 +507,6 @@ fn the_restart_is_verified_with_an_mtls_ping_where_sentinel_is_reachable() {
 #[test]
 fn a_rolling_restart_that_cannot_reach_a_dssm_pods_redis_touches_nothing() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server.clear_requests();
     let (code, out, err) = env.run(&["restart", "--strategy", "rolling"]);
     assert_ne!(code, 0, "{out}{err}");
@@ -572,7 +549,6 @@ fn a_rolling_restart_that_cannot_reach_a_dssm_pods_redis_touches_nothing() {
 #[test]
 fn a_rolling_rotation_that_cannot_reach_dssm_redis_is_refused_before_any_write() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     let before = env.copy("spk-utilities").unwrap();
     for extra in [&["--ca"][..], &[][..]] {
@@ -606,7 +582,6 @@ fn a_rolling_rotation_that_cannot_reach_dssm_redis_is_refused_before_any_write()
 #[test]
 fn rolling_is_refused_when_the_ca_changed() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     let (code, out, err) = env.run(&[
         "rotate",
@@ -647,7 +622,6 @@ fn rolling_is_refused_when_the_ca_changed() {
 #[test]
 fn the_lease_is_renewed_while_a_long_restart_waits() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server
         .with_state(|s| s.timing.pod_grace = Duration::from_secs(4));
     let child = bin()
@@ -972,7 +946,6 @@ fn label_selectors_with_match_expressions_select_like_apimachinery() {
 #[test]
 fn a_410_gone_during_the_wait_for_tmm_available_relists_and_the_restart_completes() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server.clear_requests();
     env.server
         .with_state(|s| s.never_ready.push("f5-tmm".into()));
@@ -1061,7 +1034,6 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
     let mut n = 1;
     loop {
         let env = TestEnv::spk();
-        wait_installed(&env);
         env.server.clear_requests();
         let child = bin()
             .env("KUBECONFIG", &env.kubeconfig)
