@@ -116,18 +116,28 @@ fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
 /// The first watch request whose path contains `path` was followed by a fresh list of it: the
 /// wait went through its re-list branch.
 fn relisted_after_the_first_watch(env: &TestEnv, path: &str) {
+    assert!(
+        env.server
+            .requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path.ends_with(path) && r.query.contains("watch")),
+        "no watch of {path}"
+    );
+    assert!(
+        relisted(env, path),
+        "no list of {path} after its watch was answered 410 Gone"
+    );
+}
+
+/// Whether a list of `path` followed its first watch.
+fn relisted(env: &TestEnv, path: &str) -> bool {
     let reqs = env.server.requests();
     let is = |r: &&dssm_testcluster::Recorded, watch: bool| {
         r.method == "GET" && r.path.ends_with(path) && r.query.contains("watch") == watch
     };
-    let first_watch = reqs
-        .iter()
+    reqs.iter()
         .position(|r| is(&r, true))
-        .unwrap_or_else(|| panic!("no watch of {path}"));
-    assert!(
-        reqs[first_watch + 1..].iter().any(|r| is(&r, false)),
-        "no list of {path} after its watch was answered 410 Gone"
-    );
+        .is_some_and(|first_watch| reqs[first_watch + 1..].iter().any(|r| is(&r, false)))
 }
 
 #[test]
@@ -303,10 +313,8 @@ extern "C" {
 /// cluster always ends consistent, with the materials saved before the crash.
 #[test]
 fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
-    let mut n = 1;
     // The write each run was killed after: method and path of the nth write.
-    let mut points: Vec<String> = Vec::new();
-    loop {
+    let points = each_crash_point(3, |n| {
         let env = TestEnv::spk();
         assert_eq!(env.reconcile(&[]).0, 0);
         env.server.clear_requests();
@@ -350,9 +358,9 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
         let _ = child.kill();
         let _ = child.wait();
         if finished {
-            break; // n is past the last write: every crash point was covered
+            return None; // n is past the last write: every crash point was covered
         }
-        points.push(env.server.with_state(|s| writes(s))[n - 1].clone());
+        let point = env.server.with_state(|s| writes(s))[n - 1].clone();
         let store_ca = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["data"]
             ["dssm-ca.crt"]
             .clone();
@@ -405,8 +413,8 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             "crash after write {n}: {ann}"
         );
         pods_newer_than_the_secrets(&env);
-        n += 1;
-    }
+        Some(point)
+    });
     let lease = "PUT /apis/coordination.k8s.io/v1/namespaces/spk-utilities/leases/dssm-certs";
     assert_eq!(
         points,
@@ -747,7 +755,8 @@ fn tmm_mid_rollout_refuses_the_restart() {
     assert_eq!(replicas, 3, "untouched");
 
     // --force goes ahead (the sick pod is replaced) and says so in an Event.
-    let (code, out, err) = env.run(&["restart", "--wait-timeout", "20s", "--force"]);
+    // The pre-flight waits the whole --wait-timeout before --force overrides it: keep it short.
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "8s", "--force"]);
     assert_eq!(code, 0, "{out}{err}");
     let events = env.server.list("events.k8s.io", "events", "spk-ingress");
     assert!(
@@ -875,7 +884,8 @@ fn a_pdb_allowing_no_disruption_refuses_the_restart_and_eviction_respects_it() {
         env.writes()
     );
 
-    let (code, out, err) = env.run(&["restart", "--wait-timeout", "5s", "--force"]);
+    // Evictions are retried every 2 s until the deadline: 3 s allows two at least.
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "3s", "--force"]);
     assert_eq!(code, 4, "{out}{err}");
     assert!(
         err.contains("could not be evicted before the deadline")
@@ -954,7 +964,19 @@ fn a_410_gone_during_the_wait_for_tmm_available_relists_and_the_restart_complete
     ));
     let (code, out, err) = std::thread::scope(|scope| {
         let run = scope.spawn(|| env.run(&["restart"]));
-        std::thread::sleep(Duration::from_secs(8));
+        // TMM stays unavailable until the watch has been answered 410 Gone and re-listed, and
+        // the restart waits for TMM scaled back up.
+        let scaled_up = || {
+            env.server
+                .requests()
+                .iter()
+                .filter(|r| r.method == "PATCH" && r.path.ends_with("/deployments/f5-tmm/scale"))
+                .count()
+                == 2
+        };
+        support::redis::wait_for("the re-list", Duration::from_secs(60), || {
+            (relisted(&env, "/namespaces/spk-ingress/deployments") && scaled_up()).then_some(())
+        });
         env.server.with_state(|s| s.never_ready.clear());
         run.join().unwrap()
     });
@@ -1031,8 +1053,7 @@ fn a_deployment_selector_keeps_its_match_expressions() {
 /// count, the record removed) before it exits, and nothing else runs to help it.
 #[test]
 fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
-    let mut n = 1;
-    loop {
+    let steps = each_crash_point(3, |n| {
         let env = TestEnv::spk();
         env.server.clear_requests();
         let child = bin()
@@ -1064,8 +1085,7 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
             std::thread::sleep(Duration::from_millis(2));
         };
         if finished {
-            assert!(n > RESTART_WRITES.len(), "stopped early at step {n}");
-            break;
+            return None;
         }
         unsafe { libc_kill(child.id() as i32, 15) };
         let out = child.wait_with_output().unwrap();
@@ -1080,6 +1100,11 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
             ann.get("dssm-certs.f5.com/tmm-replicas").is_none(),
             "step {n}: the record is gone: {ann}"
         );
-        n += 1;
-    }
+        Some(n)
+    });
+    assert!(
+        steps.len() >= RESTART_WRITES.len(),
+        "stopped early at step {}",
+        steps.len() + 1
+    );
 }
