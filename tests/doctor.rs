@@ -114,6 +114,8 @@ fn a_published_spk_install_is_judged_with_the_tools_own_roles_and_lacks_only_bud
     assert!(writes.is_empty(), "doctor wrote: {writes:?}");
 }
 
+// Long: one cluster holds every finding at once, to prove each is named beside the others
+// and ranked among them.
 #[test]
 fn subpath_mounts_operator_owners_untargeted_mounts_and_a_blocking_budget_are_each_named() {
     let env = published_spk();

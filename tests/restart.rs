@@ -311,6 +311,8 @@ extern "C" {
 
 /// SIGKILL the rotation after its Nth write, for every N, then run `reconcile` again: the
 /// cluster always ends consistent, with the materials saved before the crash.
+// Long: each crash point runs a whole rotation, its kill and the recovery, and checks every
+// invariant of the recovered cluster.
 #[test]
 fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
     // The write each run was killed after: method and path of the nth write.
