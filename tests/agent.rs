@@ -201,23 +201,7 @@ fn inside_the_maintenance_window_a_due_certificate_is_renewed_and_restarted() {
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     env.server.with_state(|s| s.faults.clear());
     let before = env.copy("spk-utilities").unwrap();
-    // Always open: every minute, for an hour. --renew-before makes the 365-day leaf due now,
-    // and not its 730-day successor (else every renewal would trigger the next one).
-    let agent = start(
-        &env,
-        &[
-            "--interval",
-            "1h",
-            "--maintenance-window",
-            "* * * * * 1h",
-            "--renew-before",
-            "400d",
-            "--days",
-            "730",
-            "--key-algorithm",
-            "ecdsa-p256",
-        ],
-    );
+    let agent = start(&env, support::agent::RENEW_IN_THE_WINDOW);
     wait_for("the renewal", Duration::from_secs(30), || {
         (env.copy("spk-utilities").unwrap() != before).then_some(())
     });
@@ -548,21 +532,7 @@ fn sigterm_during_a_restart_in_the_window_restores_tmm_promptly() {
     // TMM pods that take long to go: the restart sits at zero replicas.
     env.server
         .with_state(|s| s.stuck_terminating.push("f5-tmm".into()));
-    let mut agent = start(
-        &env,
-        &[
-            "--interval",
-            "1h",
-            "--maintenance-window",
-            "* * * * * 1h",
-            "--renew-before",
-            "400d",
-            "--days",
-            "730",
-            "--key-algorithm",
-            "ecdsa-p256",
-        ],
-    );
+    let mut agent = start(&env, support::agent::RENEW_IN_THE_WINDOW);
     wait_for("TMM at zero", Duration::from_secs(30), || {
         let d = env
             .server

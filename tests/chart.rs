@@ -28,30 +28,69 @@ fn chart_dir() -> PathBuf {
 /// `tests/helm_chart.py CMD CHART VALUES [NAME NAMESPACE]` in the project's venv: stdout, or
 /// Helm's message when it refuses.
 fn helm(cmd: &str, values: &Value, release: &[&str]) -> Result<String, String> {
+    let out = helm_chart_py(cmd, |c| c.arg(values.to_string()).args(release));
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `helm` for each of `calls` (command, values, release), in one Python process: loading Helm's
+/// library is most of the time a call takes.
+fn helm_batch(calls: &[(&str, Value, &[&str])]) -> Vec<Result<String, String>> {
+    let input: Vec<Value> = calls
+        .iter()
+        .map(|(cmd, values, release)| {
+            let mut call = vec![json!(cmd), values.clone()];
+            call.extend(release.iter().map(|r| json!(r)));
+            Value::Array(call)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("calls.json");
+    std::fs::write(&file, Value::Array(input).to_string()).unwrap();
+    let out = helm_chart_py("batch", |c| c.stdin(std::fs::File::open(&file).unwrap()));
+    assert!(
+        out.status.success(),
+        "helm_chart.py batch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answers.len(), calls.len());
+    answers
+        .into_iter()
+        .map(|a| match a["err"].as_str() {
+            Some(err) => Err(err.to_string()),
+            None => Ok(a["ok"].to_string()),
+        })
+        .collect()
+}
+
+/// `tests/helm_chart.py CMD CHART ...` in the project's venv, `more` adding the rest.
+fn helm_chart_py(
+    cmd: &str,
+    more: impl FnOnce(&mut Command) -> &mut Command,
+) -> std::process::Output {
     let python = repo().join(".venv/bin/python");
     assert!(
         python.exists(),
         "{} is missing: run scripts/setup (it creates .venv with helm-python-sdk)",
         python.display()
     );
-    let out = Command::new(&python)
-        .arg(repo().join("tests/helm_chart.py"))
+    let mut c = Command::new(&python);
+    c.arg(repo().join("tests/helm_chart.py"))
         .arg(cmd)
-        .arg(chart_dir())
-        .arg(values.to_string())
-        .args(release)
+        .arg(chart_dir());
+    let out = more(&mut c)
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !stderr.contains("ModuleNotFoundError"),
         "helm-python-sdk is not installed: run scripts/setup\n{stderr}"
     );
-    if out.status.success() {
-        Ok(String::from_utf8(out.stdout).unwrap())
-    } else {
-        Err(stderr)
-    }
+    out
 }
 
 /// An example value file of the chart (charts/dssm-certs/examples/NAME.yaml), with `extra`
@@ -276,20 +315,31 @@ fn bad_values_are_refused_by_the_schema_with_a_message_naming_them() {
             "/podSecurityContext/runAsNonRoot",
         ),
     ];
+    // Each case validated, then installed (refused the same way), then the good sets: one batch.
+    let release: &[&str] = &["dssm-certs", "spk-utilities"];
+    let mut calls = Vec::new();
+    for (bad, _) in &cases {
+        calls.push(("validate", example("spk", bad.clone()), &[][..]));
+        calls.push(("render", example("spk", bad.clone()), release));
+    }
+    for good in ["spk", "cnf"] {
+        calls.push(("validate", example(good, all_on()), &[][..]));
+    }
+    let mut answers = helm_batch(&calls).into_iter();
     for (bad, names) in cases {
-        let values = example("spk", bad.clone());
-        let err = helm("validate", &values, &[]).expect_err(&bad.to_string());
+        let err = answers.next().unwrap().expect_err(&bad.to_string());
         assert!(
             err.contains(names),
             "{bad}: the message must name {names}: {err}"
         );
-        // Installing with them is refused the same way.
-        let err =
-            helm("render", &values, &["dssm-certs", "spk-utilities"]).expect_err(&bad.to_string());
+        let err = answers.next().unwrap().expect_err(&bad.to_string());
         assert!(err.contains(names), "{bad}: {err}");
     }
     for good in ["spk", "cnf"] {
-        helm("validate", &example(good, all_on()), &[]).unwrap_or_else(|e| panic!("{good}: {e}"));
+        answers
+            .next()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
     }
 }
 

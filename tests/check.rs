@@ -346,6 +346,8 @@ fn values_prints_the_tmm_helm_snippet_for_the_namespace() {
 
 /// Bad input, one file at a time: one clear line naming the file and what is wrong, the other
 /// files still reported, never a panic.
+// Long because it is a table: one row per kind of bad input and the line it must produce;
+// the rows share one setup.
 #[test]
 fn each_kind_of_bad_input_gets_one_clear_line_naming_the_file() {
     let tmp = tempdir();
@@ -518,6 +520,8 @@ fn variant(good: &Path, dir: &Path, file: &str, contents: &[u8]) -> std::path::P
 /// could call OK what `reconcile` repairs, and the reverse. Every case of the check, plan and
 /// hostile-input tests, and every phase of a CA rotation, through both: they agree, and where
 /// the chain is the point, openssl agrees too.
+// Long because it is a table: every case is listed in one place so that both judges (and
+// openssl) see exactly the same list.
 #[test]
 fn check_and_plan_agree_on_every_case() {
     use dssm_certs::check::{self, Status};

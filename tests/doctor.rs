@@ -114,6 +114,8 @@ fn a_published_spk_install_is_judged_with_the_tools_own_roles_and_lacks_only_bud
     assert!(writes.is_empty(), "doctor wrote: {writes:?}");
 }
 
+// Long: one cluster holds every finding at once, to prove each is named beside the others
+// and ranked among them.
 #[test]
 fn subpath_mounts_operator_owners_untargeted_mounts_and_a_blocking_budget_are_each_named() {
     let env = published_spk();
@@ -146,24 +148,19 @@ fn subpath_mounts_operator_owners_untargeted_mounts_and_a_blocking_budget_are_ea
                      "volumes": [{"name": "k", "projected": {"sources": [{"secret": {"name": "dssm-keys-secret"}}]}}]}}},
     }));
     // The sentinels' budget allows no disruption; the DBs' allows one.
-    s.put(
-        "policy",
-        "poddisruptionbudgets",
-        "spk-utilities",
-        json!({
-            "metadata": {"name": "sentinel"},
-            "spec": {"minAvailable": 3, "selector": {"matchLabels": {"app": "f5-dssm-sentinel"}}},
-        }),
-    );
-    s.put(
-        "policy",
-        "poddisruptionbudgets",
-        "spk-utilities",
-        json!({
-            "metadata": {"name": "db"},
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "f5-dssm-db"}}},
-        }),
-    );
+    let budget = |name: &str, limit: &str, count: u32| {
+        s.put(
+            "policy",
+            "poddisruptionbudgets",
+            "spk-utilities",
+            json!({
+                "metadata": {"name": name},
+                "spec": {limit: count, "selector": {"matchLabels": {"app": format!("f5-dssm-{name}")}}},
+            }),
+        );
+    };
+    budget("sentinel", "minAvailable", 3);
+    budget("db", "maxUnavailable", 1);
     // The template change rolls the DB pods (as the StatefulSet controller does): a budget's
     // verdict and pod readiness are judged once they are back.
     s.wait_until(

@@ -17,10 +17,34 @@ const FILES: [&str; 7] = [
     "keys-secret.yaml",
 ];
 
+/// One `generate` with every default, made once per run of this file and only read by the tests
+/// that need default materials as their input: its two RSA 4096 keys are the slow part here.
+fn made_by_default() -> &'static std::path::Path {
+    static MADE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(|| {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("generate-defaults-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        generate(&dir, &[])
+    })
+}
+
+/// A copy of `made_by_default()` in `dir`, for a test that changes the files.
+fn copy_of_defaults(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(dir).unwrap();
+    for f in FILES {
+        std::fs::copy(made_by_default().join(f), dir.join(f)).unwrap();
+    }
+    dir.to_path_buf()
+}
+
 fn mode(path: &std::path::Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
+// Long: one default `generate` (its RSA 4096 keys are slow to make) checked against each
+// property of the seed procedure in turn, with the openssl CLI.
 #[test]
 fn defaults_match_the_seed_procedure_and_pass_openssl() {
     let tmp = tempdir();
@@ -204,8 +228,7 @@ fn secret_manifests_hold_the_files_byte_for_byte() {
         }
     }
     // No namespace given: none written, as in the seeds.
-    let tmp = tempdir();
-    let out = generate(tmp.path(), &[]);
+    let out = made_by_default();
     assert!(!String::from_utf8(read(&out.join("certs-secret.yaml")))
         .unwrap()
         .contains("namespace:"));
@@ -214,7 +237,7 @@ fn secret_manifests_hold_the_files_byte_for_byte() {
 #[test]
 fn existing_files_are_never_overwritten_without_force() {
     let tmp = tempdir();
-    let out = generate(tmp.path(), &[]);
+    let out = copy_of_defaults(&tmp.path().join("out"));
     let before: Vec<Vec<u8>> = FILES.iter().map(|f| read(&out.join(f))).collect();
     let (code, _, stderr) = run(&[
         "generate",
@@ -443,12 +466,12 @@ fn a_new_ca_shorter_than_days_cuts_the_leaf_and_says_by_how_much() {
 #[test]
 fn by_default_a_new_ca_lasts_ten_years_and_a_renewal_under_it_is_not_cut() {
     let tmp = tempdir();
-    let ca = generate(&tmp.path().join("a"), &[]);
+    let ca = made_by_default();
     let year = time::OffsetDateTime::now_utc().year();
     assert!(
-        end_date(&ca, "dssm-ca.crt").contains(&(year + 10).to_string()),
+        end_date(ca, "dssm-ca.crt").contains(&(year + 10).to_string()),
         "{}",
-        end_date(&ca, "dssm-ca.crt")
+        end_date(ca, "dssm-ca.crt")
     );
     let out = tmp.path().join("b");
     let (code, _, stderr) = run(&[
@@ -473,7 +496,7 @@ fn by_default_a_new_ca_lasts_ten_years_and_a_renewal_under_it_is_not_cut() {
 #[test]
 fn renewing_under_an_existing_ca_copies_it_and_signs_with_it() {
     let tmp = tempdir();
-    let first = generate(tmp.path(), &[]);
+    let first = made_by_default();
     let second = tmp.path().join("second");
     let (code, _, stderr) = run(&[
         "generate",
@@ -504,7 +527,7 @@ fn renewing_under_an_existing_ca_copies_it_and_signs_with_it() {
     // The new leaf verifies against the old CA file: TMM's trust does not change.
     let new_leaf = second.join("dssm-cert.crt");
     openssl(
-        &first,
+        first,
         &[
             "verify",
             "-CAfile",
@@ -564,7 +587,7 @@ fn a_ca_made_by_the_seed_commands_with_a_pkcs1_key_can_sign_our_leaf() {
 #[test]
 fn a_ca_key_that_does_not_match_the_ca_cert_is_refused() {
     let tmp = tempdir();
-    let a = generate(&tmp.path().join("a"), &[]);
+    let a = made_by_default();
     let b = generate(&tmp.path().join("b"), &[]);
     let (code, _, stderr) = run(&[
         "generate",
@@ -610,18 +633,17 @@ fn a_ca_key_that_does_not_match_the_ca_cert_is_refused() {
 fn dh_params_from_a_file_are_validated_and_reused_byte_for_byte() {
     let tmp = tempdir();
     let mine = tmp.path().join("mine.pem");
-    std::fs::write(
-        &mine,
-        read(&generate(&tmp.path().join("g"), &[]).join("dhparam2048.pem")),
-    )
-    .unwrap();
+    std::fs::write(&mine, read(&made_by_default().join("dhparam2048.pem"))).unwrap();
     let out = tmp.path().join("reuse");
+    // The keys are beside the point here: ECDSA, made in no time.
     let (code, _, stderr) = run(&[
         "generate",
         "--out",
         out.to_str().unwrap(),
         "--dhparam",
         mine.to_str().unwrap(),
+        "--key-algorithm",
+        "ecdsa-p256",
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(read(&out.join("dhparam2048.pem")), read(&mine));
@@ -669,7 +691,7 @@ fn dh_params_from_a_file_are_validated_and_reused_byte_for_byte() {
 #[test]
 fn ffdhe2048_is_byte_identical_to_openssls_group() {
     let tmp = tempdir();
-    let out = generate(tmp.path(), &[]);
+    let out = made_by_default();
     let theirs = openssl(
         tmp.path(),
         &[
@@ -775,6 +797,8 @@ fn usage_errors_exit_64_and_help_exits_0() {
 
 /// A real mutual-TLS handshake between openssl s_server and s_client, the leaf on both sides
 /// (dSSM serves it, TMM presents it); TLS 1.2 with a DHE suite uses the DH params too.
+// Long: a real handshake needs an s_server and an s_client started, fed and stopped, for
+// each TLS version.
 #[test]
 fn openssl_s_server_and_s_client_complete_mutual_tls_with_the_one_leaf() {
     let tmp = tempdir();

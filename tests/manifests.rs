@@ -60,6 +60,8 @@ fn render_prometheus_operator() -> String {
     )
 }
 
+// Long: a table of settings checked on every CronJob of the overlay, each named in its
+// failure message.
 #[test]
 fn the_cronjobs_never_overlap_and_run_locked_down() {
     let all = docs(&render_overlay("spk"));

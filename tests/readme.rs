@@ -586,6 +586,8 @@ fn kind_of(objects: &[Value], kind: &str) -> Vec<Value> {
         .collect()
 }
 
+// Long: replays the README's Helm section command by command, in its order, checking the
+// cluster after each.
 #[test]
 fn readme_install_with_helm_upgrade_and_uninstall() {
     let mut c = Cluster::empty();
@@ -799,6 +801,8 @@ fn the_overlay_images_entry_points_at_your_registry() {
     );
 }
 
+// Long: replays the README's by-hand section command by command, in its order, checking the
+// cluster after each.
 #[test]
 fn readme_install_by_hand_with_namespace_free_manifests() {
     let mut c = Cluster::empty();

@@ -21,17 +21,6 @@ fn tmm_replicas(env: &TestEnv) -> (i64, Value) {
     )
 }
 
-fn wait_installed(env: &TestEnv) {
-    env.server
-        .wait_until("dSSM and TMM pods Ready", Duration::from_secs(20), |s| {
-            let pods = s.list(resource("", "pods"), None);
-            pods.len() == 9
-                && pods
-                    .iter()
-                    .all(|p| p.pointer("/status/phase") == Some(&serde_json::json!("Running")))
-        });
-}
-
 /// Every TMM and dSSM pod was created after the last write of a Secret copy.
 fn pods_newer_than_the_secrets(env: &TestEnv) {
     env.server.with_state(|s| {
@@ -70,7 +59,6 @@ fn pods_newer_than_the_secrets(env: &TestEnv) {
 #[test]
 fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     let old_uids: Vec<String> = env
         .server
         .list("", "pods", "spk-utilities")
@@ -128,24 +116,33 @@ fn restart_runs_the_seed_procedure_in_order_and_restores_tmm() {
 /// The first watch request whose path contains `path` was followed by a fresh list of it: the
 /// wait went through its re-list branch.
 fn relisted_after_the_first_watch(env: &TestEnv, path: &str) {
+    assert!(
+        env.server
+            .requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path.ends_with(path) && r.query.contains("watch")),
+        "no watch of {path}"
+    );
+    assert!(
+        relisted(env, path),
+        "no list of {path} after its watch was answered 410 Gone"
+    );
+}
+
+/// Whether a list of `path` followed its first watch.
+fn relisted(env: &TestEnv, path: &str) -> bool {
     let reqs = env.server.requests();
     let is = |r: &&dssm_testcluster::Recorded, watch: bool| {
         r.method == "GET" && r.path.ends_with(path) && r.query.contains("watch") == watch
     };
-    let first_watch = reqs
-        .iter()
+    reqs.iter()
         .position(|r| is(&r, true))
-        .unwrap_or_else(|| panic!("no watch of {path}"));
-    assert!(
-        reqs[first_watch + 1..].iter().any(|r| is(&r, false)),
-        "no list of {path} after its watch was answered 410 Gone"
-    );
+        .is_some_and(|first_watch| reqs[first_watch + 1..].iter().any(|r| is(&r, false)))
 }
 
 #[test]
 fn a_410_gone_during_the_pod_waits_relists_and_the_restart_completes() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server.clear_requests();
     // The wait for TMM pods gone sees one event, then 410 Gone (its resourceVersion expired);
     // the wait for dSSM pods back is answered 410 Gone at once.
@@ -166,7 +163,6 @@ fn a_410_gone_during_the_pod_waits_relists_and_the_restart_completes() {
 #[test]
 fn dssm_first_keeps_tmm_at_zero_until_dssm_is_ready() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server.clear_requests();
     let (code, out, err) = env.run(&["restart", "--order", "dssm-first"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -182,7 +178,6 @@ fn dssm_first_keeps_tmm_at_zero_until_dssm_is_ready() {
 #[test]
 fn reconcile_that_writes_new_materials_restarts_and_every_pod_sees_them() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     let (code, out, err) = env.reconcile(&[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -204,7 +199,6 @@ fn reconcile_that_writes_new_materials_restarts_and_every_pod_sees_them() {
 #[test]
 fn tmm_pods_that_never_terminate_time_out_and_tmm_is_restored() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server
         .with_state(|s| s.stuck_terminating.push("f5-tmm".into()));
     let (code, out, err) = env.run(&["restart", "--wait-timeout", "2s"]);
@@ -228,7 +222,6 @@ fn tmm_pods_that_never_terminate_time_out_and_tmm_is_restored() {
 #[test]
 fn dssm_pods_that_never_become_ready_fail_the_restart_with_tmm_restored() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server
         .with_state(|s| s.never_ready.push("f5-dssm-sentinel".into()));
     let (code, _, err) = env.run(&["restart", "--wait-timeout", "2s", "--order", "dssm-first"]);
@@ -243,7 +236,6 @@ fn dssm_pods_that_never_become_ready_fail_the_restart_with_tmm_restored() {
 #[test]
 fn api_errors_while_scaling_back_still_restore_tmm() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     // The second scale (back to 3) fails five times in a row: the step gives up, then the
     // restore scales TMM back.
     env.server
@@ -260,7 +252,6 @@ fn api_errors_while_scaling_back_still_restore_tmm() {
 #[test]
 fn an_interrupted_restart_is_resumed_with_the_recorded_count() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     // A previous run recorded 3 and scaled to 0, then died.
     let mut d = env
         .server
@@ -281,7 +272,6 @@ fn an_interrupted_restart_is_resumed_with_the_recorded_count() {
 #[test]
 fn sigterm_during_a_restart_restores_tmm_before_exiting() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server
         .with_state(|s| s.stuck_terminating.push("f5-tmm".into()));
     let child = bin()
@@ -321,14 +311,13 @@ extern "C" {
 
 /// SIGKILL the rotation after its Nth write, for every N, then run `reconcile` again: the
 /// cluster always ends consistent, with the materials saved before the crash.
+// Long: each crash point runs a whole rotation, its kill and the recovery, and checks every
+// invariant of the recovered cluster.
 #[test]
 fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
-    let mut n = 1;
     // The write each run was killed after: method and path of the nth write.
-    let mut points: Vec<String> = Vec::new();
-    loop {
+    let points = each_crash_point(3, |n| {
         let env = TestEnv::spk();
-        wait_installed(&env);
         assert_eq!(env.reconcile(&[]).0, 0);
         env.server.clear_requests();
         let mut child = bin()
@@ -371,9 +360,9 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
         let _ = child.kill();
         let _ = child.wait();
         if finished {
-            break; // n is past the last write: every crash point was covered
+            return None; // n is past the last write: every crash point was covered
         }
-        points.push(env.server.with_state(|s| writes(s))[n - 1].clone());
+        let point = env.server.with_state(|s| writes(s))[n - 1].clone();
         let store_ca = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["data"]
             ["dssm-ca.crt"]
             .clone();
@@ -426,8 +415,8 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             "crash after write {n}: {ann}"
         );
         pods_newer_than_the_secrets(&env);
-        n += 1;
-    }
+        Some(point)
+    });
     let lease = "PUT /apis/coordination.k8s.io/v1/namespaces/spk-utilities/leases/dssm-certs";
     assert_eq!(
         points,
@@ -471,7 +460,6 @@ const ROTATE_CA_WRITES: &[&str] = &[
 #[test]
 fn the_restart_is_verified_with_an_mtls_ping_where_sentinel_is_reachable() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     let mount = env.dir.path().join("mount");
     std::fs::create_dir_all(&mount).unwrap();
@@ -529,7 +517,6 @@ fn the_restart_is_verified_with_an_mtls_ping_where_sentinel_is_reachable() {
 #[test]
 fn a_rolling_restart_that_cannot_reach_a_dssm_pods_redis_touches_nothing() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server.clear_requests();
     let (code, out, err) = env.run(&["restart", "--strategy", "rolling"]);
     assert_ne!(code, 0, "{out}{err}");
@@ -572,7 +559,6 @@ fn a_rolling_restart_that_cannot_reach_a_dssm_pods_redis_touches_nothing() {
 #[test]
 fn a_rolling_rotation_that_cannot_reach_dssm_redis_is_refused_before_any_write() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     let before = env.copy("spk-utilities").unwrap();
     for extra in [&["--ca"][..], &[][..]] {
@@ -606,7 +592,6 @@ fn a_rolling_rotation_that_cannot_reach_dssm_redis_is_refused_before_any_write()
 #[test]
 fn rolling_is_refused_when_the_ca_changed() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     let (code, out, err) = env.run(&[
         "rotate",
@@ -647,7 +632,6 @@ fn rolling_is_refused_when_the_ca_changed() {
 #[test]
 fn the_lease_is_renewed_while_a_long_restart_waits() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server
         .with_state(|s| s.timing.pod_grace = Duration::from_secs(4));
     let child = bin()
@@ -773,7 +757,8 @@ fn tmm_mid_rollout_refuses_the_restart() {
     assert_eq!(replicas, 3, "untouched");
 
     // --force goes ahead (the sick pod is replaced) and says so in an Event.
-    let (code, out, err) = env.run(&["restart", "--wait-timeout", "20s", "--force"]);
+    // The pre-flight waits the whole --wait-timeout before --force overrides it: keep it short.
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "8s", "--force"]);
     assert_eq!(code, 0, "{out}{err}");
     let events = env.server.list("events.k8s.io", "events", "spk-ingress");
     assert!(
@@ -901,7 +886,8 @@ fn a_pdb_allowing_no_disruption_refuses_the_restart_and_eviction_respects_it() {
         env.writes()
     );
 
-    let (code, out, err) = env.run(&["restart", "--wait-timeout", "5s", "--force"]);
+    // Evictions are retried every 2 s until the deadline: 3 s allows two at least.
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "3s", "--force"]);
     assert_eq!(code, 4, "{out}{err}");
     assert!(
         err.contains("could not be evicted before the deadline")
@@ -972,7 +958,6 @@ fn label_selectors_with_match_expressions_select_like_apimachinery() {
 #[test]
 fn a_410_gone_during_the_wait_for_tmm_available_relists_and_the_restart_completes() {
     let env = TestEnv::spk();
-    wait_installed(&env);
     env.server.clear_requests();
     env.server
         .with_state(|s| s.never_ready.push("f5-tmm".into()));
@@ -981,7 +966,19 @@ fn a_410_gone_during_the_wait_for_tmm_available_relists_and_the_restart_complete
     ));
     let (code, out, err) = std::thread::scope(|scope| {
         let run = scope.spawn(|| env.run(&["restart"]));
-        std::thread::sleep(Duration::from_secs(8));
+        // TMM stays unavailable until the watch has been answered 410 Gone and re-listed, and
+        // the restart waits for TMM scaled back up.
+        let scaled_up = || {
+            env.server
+                .requests()
+                .iter()
+                .filter(|r| r.method == "PATCH" && r.path.ends_with("/deployments/f5-tmm/scale"))
+                .count()
+                == 2
+        };
+        support::redis::wait_for("the re-list", Duration::from_secs(60), || {
+            (relisted(&env, "/namespaces/spk-ingress/deployments") && scaled_up()).then_some(())
+        });
         env.server.with_state(|s| s.never_ready.clear());
         run.join().unwrap()
     });
@@ -1058,10 +1055,8 @@ fn a_deployment_selector_keeps_its_match_expressions() {
 /// count, the record removed) before it exits, and nothing else runs to help it.
 #[test]
 fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
-    let mut n = 1;
-    loop {
+    let steps = each_crash_point(3, |n| {
         let env = TestEnv::spk();
-        wait_installed(&env);
         env.server.clear_requests();
         let child = bin()
             .env("KUBECONFIG", &env.kubeconfig)
@@ -1092,8 +1087,7 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
             std::thread::sleep(Duration::from_millis(2));
         };
         if finished {
-            assert!(n > RESTART_WRITES.len(), "stopped early at step {n}");
-            break;
+            return None;
         }
         unsafe { libc_kill(child.id() as i32, 15) };
         let out = child.wait_with_output().unwrap();
@@ -1108,6 +1102,11 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
             ann.get("dssm-certs.f5.com/tmm-replicas").is_none(),
             "step {n}: the record is gone: {ann}"
         );
-        n += 1;
-    }
+        Some(n)
+    });
+    assert!(
+        steps.len() >= RESTART_WRITES.len(),
+        "stopped early at step {}",
+        steps.len() + 1
+    );
 }

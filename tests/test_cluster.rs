@@ -68,6 +68,8 @@ impl Kubectl {
     }
 }
 
+// Long: one real kubectl session against one server, each verb in turn, as an operator
+// would use them.
 #[test]
 fn kubectl_gets_applies_scales_deletes_and_watches() {
     let server = ApiServer::start(
@@ -508,6 +510,7 @@ fn sts(name: &str, replicas: i64, policy: Option<&str>) -> serde_json::Value {
     o
 }
 
+// Long: the same scale-up followed pod by pod under both pod management policies.
 #[test]
 fn ordered_ready_statefulsets_go_one_pod_at_a_time_and_parallel_ones_do_not() {
     let server = spk_server();
@@ -592,6 +595,7 @@ fn ordered_ready_statefulsets_go_one_pod_at_a_time_and_parallel_ones_do_not() {
     });
 }
 
+// Long: follows a rollout step by step, checking maxSurge and maxUnavailable at each step.
 #[test]
 fn kubectl_rollout_restart_rolls_a_deployment_within_max_surge_and_max_unavailable() {
     let server = spk_server();
@@ -761,6 +765,8 @@ fn a_daemonset_runs_one_pod_per_node_and_rolls_one_node_at_a_time() {
     }
 }
 
+// Long: each budget (minAvailable, then maxUnavailable) and the verdict on each eviction in
+// turn, through kubectl and the raw subresource.
 #[test]
 fn evictions_respect_pod_disruption_budgets() {
     let server = spk_server();

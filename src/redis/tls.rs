@@ -114,6 +114,30 @@ impl Verifier {
         Ok((verify_path(&served) == VerifyPath::LegacyNoNameCheck)
             .then(|| served.spki_der().to_vec()))
     }
+
+    /// The handshake signature of either TLS version: webpki's check for a v3 certificate; for a
+    /// seed's v1 certificate (which webpki refuses to parse) `raw` checks it against the key.
+    fn handshake_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+        webpki: fn(
+            &[u8],
+            &CertificateDer<'_>,
+            &DigitallySignedStruct,
+            &WebPkiSupportedAlgorithms,
+        ) -> Result<HandshakeSignatureValid, rustls::Error>,
+        raw: impl FnOnce(
+            &WebPkiSupportedAlgorithms,
+            &[u8],
+        ) -> Result<HandshakeSignatureValid, rustls::Error>,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        match Self::legacy(cert)? {
+            None => webpki(message, cert, dss, &self.algorithms),
+            Some(spki) => raw(&self.algorithms, &spki),
+        }
+    }
 }
 
 impl ServerCertVerifier for Verifier {
@@ -158,29 +182,32 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let Some(spki) = Self::legacy(cert)? else {
-            return rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms);
-        };
-        // TLS 1.2 names only the scheme; try each algorithm it maps to against the raw key.
-        let (_, parsed) =
-            <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<
-                x509_parser::error::X509Error,
-            >>::from_der(&spki)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let key = parsed.subject_public_key.data.as_ref();
-        for (scheme, algs) in self.algorithms.mapping {
-            if *scheme != dss.scheme {
-                continue;
-            }
-            for alg in *algs {
-                if alg.verify_signature(key, message, dss.signature()).is_ok() {
-                    return Ok(HandshakeSignatureValid::assertion());
-                }
-            }
-        }
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::BadSignature,
-        ))
+        self.handshake_signature(
+            message,
+            cert,
+            dss,
+            rustls::crypto::verify_tls12_signature,
+            |algorithms, spki| {
+                // TLS 1.2 names only the scheme; try each algorithm it maps to against the raw key.
+                let (_, parsed) =
+                    <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<
+                        x509_parser::error::X509Error,
+                    >>::from_der(spki)
+                    .map_err(|_| {
+                        rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+                    })?;
+                let key = parsed.subject_public_key.data.as_ref();
+                let verified = algorithms
+                    .mapping
+                    .iter()
+                    .filter(|(scheme, _)| *scheme == dss.scheme)
+                    .flat_map(|(_, algs)| algs.iter())
+                    .any(|alg| alg.verify_signature(key, message, dss.signature()).is_ok());
+                verified.then(HandshakeSignatureValid::assertion).ok_or(
+                    rustls::Error::InvalidCertificate(CertificateError::BadSignature),
+                )
+            },
+        )
     }
 
     fn verify_tls13_signature(
@@ -189,14 +216,19 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let Some(spki) = Self::legacy(cert)? else {
-            return rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms);
-        };
-        rustls::crypto::verify_tls13_signature_with_raw_key(
+        self.handshake_signature(
             message,
-            &SubjectPublicKeyInfoDer::from(spki.as_slice()),
+            cert,
             dss,
-            &self.algorithms,
+            rustls::crypto::verify_tls13_signature,
+            |algorithms, spki| {
+                rustls::crypto::verify_tls13_signature_with_raw_key(
+                    message,
+                    &SubjectPublicKeyInfoDer::from(spki),
+                    dss,
+                    algorithms,
+                )
+            },
         )
     }
 

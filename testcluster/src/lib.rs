@@ -322,14 +322,26 @@ impl ApiServer {
     }
 }
 
-/// `kubectl kustomize manifests/overlays/<overlay>`.
+/// `kubectl kustomize manifests/overlays/<overlay>`, rendered once per test binary: every
+/// test cluster loads its RBAC from it, and the overlays do not change while the tests run.
 pub fn render_overlay(overlay: &str) -> String {
+    static RENDERED: std::sync::OnceLock<Mutex<std::collections::HashMap<String, String>>> =
+        std::sync::OnceLock::new();
+    let rendered = RENDERED.get_or_init(Default::default);
+    if let Some(yaml) = rendered.lock().unwrap().get(overlay) {
+        return yaml.clone();
+    }
     // The project's manifests live at the workspace root, next to this crate.
-    kustomize(
+    let yaml = kustomize(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../manifests/overlays")
             .join(overlay),
-    )
+    );
+    rendered
+        .lock()
+        .unwrap()
+        .insert(overlay.to_string(), yaml.clone());
+    yaml
 }
 
 /// `kubectl kustomize <dir>`.

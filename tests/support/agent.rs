@@ -150,3 +150,19 @@ pub fn unknown_metrics(expr: &str, exposition: &str) -> Result<Vec<String>, Stri
         })
         .collect())
 }
+
+/// An agent that renews at once: its maintenance window is always open (every minute, for an
+/// hour) and --renew-before makes the 365-day leaf due now, and not its 730-day successor (else
+/// every renewal would trigger the next one).
+pub const RENEW_IN_THE_WINDOW: &[&str] = &[
+    "--interval",
+    "1h",
+    "--maintenance-window",
+    "* * * * * 1h",
+    "--renew-before",
+    "400d",
+    "--days",
+    "730",
+    "--key-algorithm",
+    "ecdsa-p256",
+];

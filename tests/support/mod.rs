@@ -349,3 +349,41 @@ pub fn self_signed_ca_pem(cn: &str) -> String {
     let key = rcgen::KeyPair::generate().unwrap();
     params.self_signed(&key).unwrap().pem()
 }
+
+/// Runs `at(n)` for n = 1, 2, … on `workers` threads until some n finds nothing left to
+/// interrupt (`at` returns `None`); returns the results for 1..n in order. The crash matrices
+/// build a test cluster of their own for every point, so their points can run side by side.
+pub fn each_crash_point<T: Send>(workers: usize, at: impl Fn(usize) -> Option<T> + Sync) -> Vec<T> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(1);
+    let end = AtomicUsize::new(usize::MAX);
+    let found = std::sync::Mutex::new(std::collections::BTreeMap::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= end.load(Ordering::SeqCst) {
+                    return;
+                }
+                match at(n) {
+                    Some(t) => {
+                        found.lock().unwrap().insert(n, t);
+                    }
+                    None => {
+                        end.fetch_min(n, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let end = end.into_inner();
+    let mut found = found.into_inner().unwrap();
+    (1..end)
+        .map(|n| {
+            found
+                .remove(&n)
+                .unwrap_or_else(|| panic!("crash point {n} was never run"))
+        })
+        .collect()
+}
