@@ -293,17 +293,7 @@ fn label_key(k: &str) -> Result<(), String> {
         None => (None, k),
     };
     if let Some(p) = prefix {
-        let ok = !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-            });
-        if !ok {
+        if !crate::targets::dns_subdomain(p) {
             return Err(format!(
                 "{p:?} is not a valid label key prefix (a DNS subdomain)"
             ));

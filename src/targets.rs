@@ -86,6 +86,18 @@ impl TmmTarget {
 
 /// A workload name: a DNS subdomain (RFC 1123), at most 253 characters.
 fn validate_name(n: &str) -> Result<(), String> {
+    if !dns_subdomain(n) {
+        return Err(
+            "not a valid object name (lowercase letters, digits, '-' and '.', at most 253)".into(),
+        );
+    }
+    Ok(())
+}
+
+/// An RFC 1123 DNS subdomain, as the API server's `IsDNS1123Subdomain`: at most 253
+/// characters, dot-separated labels of at most 63 lowercase letters, digits and '-', each
+/// starting and ending with a letter or digit. Object names and label-key prefixes are ones.
+pub fn dns_subdomain(n: &str) -> bool {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
@@ -94,12 +106,7 @@ fn validate_name(n: &str) -> Result<(), String> {
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
-    if n.is_empty() || n.len() > 253 || !n.split('.').all(label_ok) {
-        return Err(
-            "not a valid object name (lowercase letters, digits, '-' and '.', at most 253)".into(),
-        );
-    }
-    Ok(())
+    !n.is_empty() && n.len() <= 253 && n.split('.').all(label_ok)
 }
 
 /// The targets of a run: `--tmm` (repeatable) or the `--tmm-namespace`/`--tmm-deployment`
@@ -311,6 +318,42 @@ mod tests {
             assert!(e.contains(says), "{bad}: {e}");
             assert!(e.contains(bad), "the error quotes the input: {e}");
         }
+    }
+
+    #[test]
+    fn dns_subdomains_are_judged_like_the_api_server() {
+        let long_label = "a".repeat(63);
+        let too_long_label = "a".repeat(64);
+        let long_name = vec!["a".repeat(63); 4].join("."); // 255
+        for good in [
+            "f5-tmm",
+            "a",
+            "0",
+            "app.kubernetes.io",
+            "a-b.c-d",
+            long_label.as_str(),
+        ] {
+            assert!(dns_subdomain(good), "{good} refused");
+        }
+        for bad in [
+            "",
+            "F5-tmm",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            "a.",
+            "a_b",
+            "a b",
+            too_long_label.as_str(),
+            long_name.as_str(),
+        ] {
+            assert!(!dns_subdomain(bad), "{bad:?} accepted");
+        }
+        // Both users: an object name and a label-key prefix.
+        assert!(validate_name("Bad_Name").is_err());
+        assert!(crate::restart::parse_selector("Bad_Prefix/app=x").is_err());
+        assert!(crate::restart::parse_selector("app.kubernetes.io/name=x").is_ok());
     }
 
     #[test]
