@@ -118,7 +118,7 @@ pub async fn reconcile(
             let recorded = store.is_some_and(|s| {
                 s.metadata
                     .annotations
-                    .is_some_and(|a| a.contains_key(crate::rotation::ROTATION_ANNOTATION))
+                    .is_some_and(|a| a.contains_key(crate::materials::annotations::ROTATION))
             });
             if recorded {
                 crate::rotation::drive(cluster, opts.restart.as_ref(), out).await?;
@@ -373,7 +373,7 @@ async fn pass_once(
         );
         data.insert(store_keys::PENDING_DH.to_string(), bundle.dhparams.clone());
         if let Some(old) = &phased_from {
-            use crate::rotation::saved_keys;
+            use crate::materials::saved_keys;
             data.insert(saved_keys::PREVIOUS_CA_CERT.into(), old.ca_cert.clone());
             data.insert(saved_keys::PREVIOUS_CERT.into(), old.leaf_cert.clone());
             data.insert(
@@ -385,7 +385,7 @@ async fn pass_once(
             (annotations::REVISION.to_string(), revision.to_string()),
             (annotations::STATE.to_string(), "pending".to_string()),
             (
-                "dssm-certs.f5.com/action".to_string(),
+                annotations::ACTION.to_string(),
                 action_name(plan.action).to_string(),
             ),
             // Saved with the materials: a run that resumes after every copy was written can no
@@ -403,7 +403,7 @@ async fn pass_once(
                 rolled: Vec::new(),
             };
             ann.insert(
-                crate::rotation::ROTATION_ANNOTATION.to_string(),
+                crate::materials::annotations::ROTATION.to_string(),
                 record.to_json(),
             );
         }
@@ -463,7 +463,7 @@ async fn pass_once(
         let revision_text = revision.to_string();
         let mut marks = vec![(annotations::RESTART_NEEDED, Some(revision_text.as_str()))];
         if ca_changed {
-            marks.push((crate::restart::CA_CHANGED_ANNOTATION, Some("true")));
+            marks.push((annotations::CA_CHANGED, Some("true")));
         }
         for t in marked_targets(cluster, &plan, &outcome.written) {
             cluster.annotate_target(t, &marks).await?;
@@ -517,7 +517,7 @@ async fn pass_once(
     let reason = match plan.action {
         Action::Resume => match &obs.store {
             SecretObs::Present { annotations: a, .. } => {
-                match a.get("dssm-certs.f5.com/action").map(String::as_str) {
+                match a.get(annotations::ACTION).map(String::as_str) {
                     Some("rotate-ca") | Some("replace-invalid") => "CARotated",
                     Some("publish") => "Published",
                     _ => "Renewed",
@@ -576,7 +576,7 @@ pub(crate) async fn write_copies(
     ]);
     if let Some(p) = phase {
         copy_ann.insert(
-            crate::rotation::PHASE_ANNOTATION.to_string(),
+            crate::materials::annotations::ROTATION_PHASE.to_string(),
             p.name().to_string(),
         );
     }
@@ -614,7 +614,7 @@ pub(crate) async fn write_copies(
                     && s.metadata
                         .annotations
                         .as_ref()
-                        .and_then(|a| a.get(crate::rotation::PHASE_ANNOTATION))
+                        .and_then(|a| a.get(crate::materials::annotations::ROTATION_PHASE))
                         .map(String::as_str)
                         == phase_name
             });
@@ -632,7 +632,7 @@ pub(crate) async fn write_copies(
 }
 
 /// On the CA key Secret while a rotation is pending: whether it changes the CA.
-const PENDING_CA_CHANGED: &str = "dssm-certs.f5.com/ca-changed";
+const PENDING_CA_CHANGED: &str = annotations::CA_CHANGED;
 
 /// Whether any deployed copy holds a CA other than `ca_cert`.
 fn copies_hold_another_ca(obs: &Observation, ca_cert: &[u8]) -> bool {

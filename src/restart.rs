@@ -14,10 +14,8 @@ use kube::{Api, ResourceExt};
 
 use crate::cluster::{call, Cluster, ClusterError};
 use crate::materials::annotations;
-use crate::targets::{Kind, TmmTarget, Workload, RESTARTED_ANNOTATION, STOP_NODE_SELECTOR};
-
-/// Where the replica count lives while a TMM target is stopped (on the target itself).
-pub use crate::targets::REPLICAS_ANNOTATION;
+use crate::materials::annotations::STOP_NODE_SELECTOR;
+use crate::targets::{Kind, TmmTarget, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Order {
@@ -40,9 +38,6 @@ pub enum Strategy {
 
 /// The `tmm-restarted` token of a restart no write asked for (the `restart` command).
 const MANUAL: &str = "manual";
-
-/// Set on the Deployment by a write that changed the CA, until the restart is done.
-pub const CA_CHANGED_ANNOTATION: &str = "dssm-certs.f5.com/ca-changed";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -76,7 +71,7 @@ pub enum RestartError {
     Rollout(String),
     #[error("pre-flight refused the restart, nothing was touched: {0}. Fix that first, or pass --force to restart anyway (recorded in an Event)")]
     Preflight(String),
-    #[error("--strategy rolling is refused: the CA changed (annotation {CA_CHANGED_ANNOTATION} on {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero")]
+    #[error("--strategy rolling is refused: the CA changed (annotation {ann} on {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero", ann = annotations::CA_CHANGED)]
     RollingAfterCaChange(String),
 }
 
@@ -543,7 +538,7 @@ impl Cluster {
         if w.stopped() || matches!(w, Workload::DaemonSet(_)) {
             self.start_target(t, n).await?;
         }
-        self.annotate_target(t, &[(REPLICAS_ANNOTATION, None)])
+        self.annotate_target(t, &[(annotations::TMM_REPLICAS, None)])
             .await?;
         Ok(Some(n))
     }
@@ -598,7 +593,7 @@ impl Cluster {
                     None if manual || w.recorded().is_some() => MANUAL.to_string(),
                     None => return None,
                 };
-                let done = a.get(RESTARTED_ANNOTATION) == Some(&token);
+                let done = a.get(annotations::TMM_RESTARTED) == Some(&token);
                 (w.recorded().is_some() || !done).then_some((t, w, token))
             })
             .collect())
@@ -614,7 +609,7 @@ impl Cluster {
     ) -> Result<(), RestartError> {
         for (t, _, token) in self.tmm_pending().await? {
             self.roll_target(&t, timeout, out).await?;
-            self.annotate_target(&t, &[(RESTARTED_ANNOTATION, Some(&token))])
+            self.annotate_target(&t, &[(annotations::TMM_RESTARTED, Some(&token))])
                 .await?;
         }
         Ok(())
@@ -706,7 +701,7 @@ impl Cluster {
         if opts.strategy == Strategy::Rolling {
             let ca_changed = workloads.iter().find(|(_, w)| {
                 w.annotations()
-                    .get(CA_CHANGED_ANNOTATION)
+                    .get(annotations::CA_CHANGED)
                     .map(String::as_str)
                     == Some("true")
             });
@@ -762,8 +757,11 @@ impl Cluster {
                 }
                 None => {
                     let n = w.replicas();
-                    self.annotate_target(&target, &[(REPLICAS_ANNOTATION, Some(&n.to_string()))])
-                        .await?;
+                    self.annotate_target(
+                        &target,
+                        &[(annotations::TMM_REPLICAS, Some(&n.to_string()))],
+                    )
+                    .await?;
                     n
                 }
             };
@@ -808,8 +806,8 @@ impl Cluster {
             self.annotate_target(
                 target,
                 &[
-                    (REPLICAS_ANNOTATION, None),
-                    (RESTARTED_ANNOTATION, Some(token.as_str())),
+                    (annotations::TMM_REPLICAS, None),
+                    (annotations::TMM_RESTARTED, Some(token.as_str())),
                 ],
             )
             .await?;
@@ -850,8 +848,8 @@ impl Cluster {
     async fn finish_restart(&self, note: &str) -> Result<(), ClusterError> {
         self.annotate_targets(&[
             (annotations::RESTART_NEEDED, None),
-            (CA_CHANGED_ANNOTATION, None),
-            (RESTARTED_ANNOTATION, None),
+            (annotations::CA_CHANGED, None),
+            (annotations::TMM_RESTARTED, None),
         ])
         .await?;
         self.event_on_targets(false, "Restarted", note).await;

@@ -22,34 +22,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::Cluster;
 use crate::contract;
-use crate::materials::{annotations, store_keys, Bundle, SecretObs};
+use crate::materials::{annotations, saved_keys, store_keys, Bundle, SecretObs};
 use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, ReconcileError};
 use crate::redis::ClientMaterials;
-
-/// On the CA key Secret while a rotation runs: its `Record` as JSON.
-pub const ROTATION_ANNOTATION: &str = "dssm-certs.f5.com/rotation";
-
-/// On every copy of the Secrets while a CA rotation runs: its phase, for readers that may not
-/// read the CA key Secret (`check`, the agent's metric).
-pub const PHASE_ANNOTATION: &str = "dssm-certs.f5.com/rotation-phase";
 
 /// The phase the dSSM copy of the certs Secret announces, if a rotation runs.
 pub fn phase_on_copies(obs: &crate::cluster::Observation, dssm_ns: &str) -> Option<Phase> {
     let copy = obs.copies.iter().find(|c| c.namespace == dssm_ns)?;
     match &copy.certs {
-        SecretObs::Present { annotations, .. } => Phase::ALL
-            .into_iter()
-            .find(|p| annotations.get(PHASE_ANNOTATION).map(String::as_str) == Some(p.name())),
+        SecretObs::Present { annotations, .. } => Phase::ALL.into_iter().find(|p| {
+            annotations
+                .get(annotations::ROTATION_PHASE)
+                .map(String::as_str)
+                == Some(p.name())
+        }),
         SecretObs::Missing => None,
     }
-}
-
-/// Saved in the CA key Secret while a CA rotation runs: the materials it replaces.
-pub mod saved_keys {
-    pub const PREVIOUS_CA_CERT: &str = "previous-dssm-ca.crt";
-    pub const PREVIOUS_CERT: &str = "previous-dssm-cert.crt";
-    pub const PREVIOUS_KEY: &str = "previous-dssm-key.key";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -129,7 +118,7 @@ impl Record {
     }
 
     pub fn parse(s: &str) -> Result<Record, String> {
-        serde_json::from_str(s).map_err(|e| format!("annotation {ROTATION_ANNOTATION}: {e}"))
+        serde_json::from_str(s).map_err(|e| format!("annotation {}: {e}", annotations::ROTATION))
     }
 }
 
@@ -137,7 +126,7 @@ impl Record {
 pub fn record_of(store: &SecretObs) -> Option<Result<Record, String>> {
     match store {
         SecretObs::Present { annotations, .. } => annotations
-            .get(ROTATION_ANNOTATION)
+            .get(annotations::ROTATION)
             .map(|s| Record::parse(s)),
         SecretObs::Missing => None,
     }
@@ -395,7 +384,7 @@ pub async fn drive(
                 cluster
                     .annotate_targets(&[
                         (annotations::RESTART_NEEDED, None),
-                        (crate::targets::RESTARTED_ANNOTATION, None),
+                        (annotations::TMM_RESTARTED, None),
                     ])
                     .await?;
                 let _ = writeln!(
@@ -422,8 +411,8 @@ async fn save_record(
     };
     let data = secret_data(store);
     let mut ann = store.metadata.annotations.clone().unwrap_or_default();
-    ann.retain(|k, _| k.starts_with("dssm-certs.f5.com/"));
-    ann.insert(ROTATION_ANNOTATION.to_string(), record.to_json());
+    ann.retain(|k, _| k.starts_with(annotations::PREFIX));
+    ann.insert(annotations::ROTATION.to_string(), record.to_json());
     cluster
         .write_secret(&key.0, &key.1, data, ann, Some(store))
         .await?;
@@ -481,7 +470,7 @@ mod tests {
         );
         assert_eq!(Record::parse(&json), Ok(r));
         let e = Record::parse("{\"kind\":\"ca\",\"phase\":\"sideways\"}").unwrap_err();
-        assert!(e.contains(ROTATION_ANNOTATION), "{e}");
+        assert!(e.contains(annotations::ROTATION), "{e}");
     }
 
     #[test]

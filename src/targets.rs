@@ -10,6 +10,8 @@ use std::fmt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use crate::materials::annotations;
+
 /// The workload kinds TMM runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -150,20 +152,6 @@ pub enum Workload {
     DaemonSet(Box<DaemonSet>),
 }
 
-/// On the workload while it is stopped by a scale-to-zero restart: the count to come back to
-/// (a Deployment's replicas; a DaemonSet's desiredNumberScheduled, for the wait).
-pub const REPLICAS_ANNOTATION: &str = "dssm-certs.f5.com/tmm-replicas";
-
-/// On the workload once its part of the current restart is done, valued with the
-/// `restart-needed` revision it answered: a resumed restart skips it.
-pub const RESTARTED_ANNOTATION: &str = "dssm-certs.f5.com/tmm-restarted";
-
-/// A DaemonSet cannot be scaled. It is stopped as operators do it: a pod-template nodeSelector
-/// that no node carries, so the DaemonSet controller deletes every daemon pod and schedules
-/// none (desiredNumberScheduled 0). Only this key is added, and restoring removes only it: the
-/// operator's own nodeSelector is never touched.
-pub const STOP_NODE_SELECTOR: &str = "dssm-certs.f5.com/stopped";
-
 impl Workload {
     pub fn annotations(&self) -> BTreeMap<String, String> {
         let m = match self {
@@ -196,7 +184,7 @@ impl Workload {
     /// The count recorded by a scale-to-zero restart in progress.
     pub fn recorded(&self) -> Option<i32> {
         self.annotations()
-            .get(REPLICAS_ANNOTATION)
+            .get(annotations::TMM_REPLICAS)
             .and_then(|v| v.parse().ok())
     }
 
@@ -210,7 +198,7 @@ impl Workload {
                 .spec
                 .as_ref()
                 .and_then(|s| s.node_selector.as_ref())
-                .is_some_and(|n| n.contains_key(STOP_NODE_SELECTOR)),
+                .is_some_and(|n| n.contains_key(annotations::STOP_NODE_SELECTOR)),
         }
     }
 

@@ -545,7 +545,7 @@ impl Cluster {
             .insert(annotations::MANAGED_BY.into(), annotations::MANAGER.into());
         let ann = s.annotations_mut();
         ann.retain(|k, _| {
-            !k.starts_with("dssm-certs.f5.com/")
+            !k.starts_with(annotations::PREFIX)
                 && k != "kubectl.kubernetes.io/last-applied-configuration"
         });
         ann.extend(annotations);

@@ -9,7 +9,8 @@ use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 
 use super::{call, Cluster, ClusterError};
-use crate::targets::{Kind, TmmTarget, Workload, STOP_NODE_SELECTOR};
+use crate::materials::annotations::STOP_NODE_SELECTOR;
+use crate::targets::{Kind, TmmTarget, Workload};
 
 fn pp() -> PatchParams {
     PatchParams {
