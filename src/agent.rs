@@ -11,12 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http_body_util::Full;
 use hyper::{Request, Response};
-use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::Api;
 
 use crate::check::{self, Report, Status, Thresholds};
 use crate::cluster::Cluster;
@@ -163,26 +159,14 @@ pub async fn run(
     tracing::info!(listen = %opts.listen, "serving /metrics, /healthz, /readyz");
     let http = tokio::spawn(accept_loop(listener, shared.clone()));
 
-    // A watch per Secret we care about; any event triggers an inspection.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bool>(16);
-    let mut watches = Vec::new();
-    // Not the CA key Secret: the agent's own account may not read it, and every write of it
-    // is followed by writes of the copies, which the watches see.
-    for ns in cluster.namespaces() {
-        for name in [contract::CERTS_SECRET, contract::KEYS_SECRET] {
-            let api: Api<Secret> = Api::namespaced(cluster.client.clone(), &ns);
-            let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            let tx = tx.clone();
-            watches.push(tokio::spawn(async move {
-                let mut stream = watcher(api, cfg).default_backoff().boxed();
-                while let Some(ev) = stream.next().await {
-                    // true: something changed; false: the watch failed (API server away?)
-                    let _ = tx.send(ev.is_ok()).await;
-                }
-            }));
-        }
-    }
-    drop(tx);
+    // A watch per Secret we care about; any event triggers an inspection. Not the CA key
+    // Secret: the agent's own account may not read it, and every write of it is followed by
+    // writes of the copies, which the watches see.
+    let mut watches = cluster.watch_secrets(
+        &cluster.namespaces(),
+        &[contract::CERTS_SECRET, contract::KEYS_SECRET],
+    );
+    let rx = &mut watches.changes;
 
     tokio::pin!(shutdown);
     loop {
@@ -210,9 +194,7 @@ pub async fn run(
             }
         }
     }
-    for w in watches {
-        w.abort();
-    }
+    drop(watches);
     http.abort();
     Ok(())
 }

@@ -6,13 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{EvictParams, ListParams, WatchEvent, WatchParams};
-use kube::{Api, ResourceExt};
 
-use crate::cluster::{call, Cluster, ClusterError};
+use crate::cluster::pods::PodsIn;
+use crate::cluster::{Cluster, ClusterError, ResourceExt};
 use crate::materials::annotations;
 use crate::materials::annotations::STOP_NODE_SELECTOR;
 use crate::targets::{Kind, TmmTarget, Workload};
@@ -63,8 +61,6 @@ pub enum RestartError {
     Timeout { what: String, secs: u64 },
     #[error("interrupted by a signal; {}", if *replicas >= 0 { format!("TMM was restored to {replicas} replicas") } else { "TMM was not touched by this process".to_string() })]
     Interrupted { replicas: i32 },
-    #[error("pod {pod} could not be evicted before the deadline (--wait-timeout): a PodDisruptionBudget allows no disruption ({message})")]
-    EvictionBlocked { pod: String, message: String },
     #[error("the pods restarted, but the mTLS probe failed: {0}")]
     Probe(String),
     #[error("rolling restart of dSSM: {0}")]
@@ -138,55 +134,22 @@ pub fn dssm_not_ready(pods: &[Pod], namespace: &str, selector: &str) -> Option<S
     (!not_ready.is_empty()).then(|| format!("{} not Ready", not_ready.join(", ")))
 }
 
-/// Lists pods matching `selector`, then watches them until `done` holds for the current set.
+/// Lists pods matching `selector`, then watches them until `done` holds for the current set;
+/// `what` names the wait when it times out.
 pub async fn wait_pods(
-    api: &Api<Pod>,
+    pods: &PodsIn,
     selector: &str,
     what: &str,
     timeout: Duration,
     done: impl Fn(&BTreeMap<String, Pod>) -> bool,
 ) -> Result<BTreeMap<String, Pod>, RestartError> {
-    let fut = async {
-        loop {
-            let lp = ListParams::default().labels(selector);
-            let list = call("list", &format!("pods ({selector})"), || api.list(&lp)).await?;
-            let mut pods: BTreeMap<String, Pod> =
-                list.items.into_iter().map(|p| (p.name_any(), p)).collect();
-            if done(&pods) {
-                return Ok::<_, RestartError>(pods);
-            }
-            let rv = list.metadata.resource_version.unwrap_or_default();
-            let wp = WatchParams::default().labels(selector).timeout(60);
-            let stream = call("watch", &format!("pods ({selector})"), || {
-                api.watch(&wp, &rv)
-            })
-            .await?;
-            let mut stream = stream.boxed();
-            while let Ok(Some(ev)) = stream.try_next().await {
-                match ev {
-                    WatchEvent::Added(p) | WatchEvent::Modified(p) => {
-                        pods.insert(p.name_any(), p);
-                    }
-                    WatchEvent::Deleted(p) => {
-                        pods.remove(&p.name_any());
-                    }
-                    WatchEvent::Bookmark(_) => {}
-                    WatchEvent::Error(_) => break, // expired: list again
-                }
-                if done(&pods) {
-                    return Ok(pods);
-                }
-            }
-        }
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .unwrap_or_else(|_| {
-            Err(RestartError::Timeout {
-                what: what.to_string(),
-                secs: timeout.as_secs(),
-            })
-        })
+    match tokio::time::timeout(timeout, pods.watch_until(selector, done)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(RestartError::Timeout {
+            what: what.to_string(),
+            secs: timeout.as_secs(),
+        }),
+    }
 }
 
 /// Whether a LabelSelector (matchLabels and matchExpressions, as apimachinery's
@@ -349,39 +312,6 @@ pub fn selector_query(
     labels.chain(expressions).collect::<Vec<_>>().join(",")
 }
 
-/// Removes a dSSM pod through the Eviction API, so PodDisruptionBudgets are respected: a 429 (no
-/// disruption allowed now) is retried until `deadline`, as `kubectl drain` does. A pod already
-/// gone is fine.
-pub(crate) async fn evict_pod(
-    pods: &Api<Pod>,
-    ns: &str,
-    name: &str,
-    deadline: tokio::time::Instant,
-) -> Result<(), RestartError> {
-    let what = format!("pod {ns}/{name} (eviction)");
-    let ep = EvictParams::default();
-    loop {
-        match call("create", &what, || pods.evict(name, &ep)).await {
-            Ok(_) | Err(ClusterError::NotFound { .. }) => return Ok(()),
-            Err(ClusterError::Api {
-                code: 429, message, ..
-            }) if tokio::time::Instant::now() < deadline => {
-                tracing::info!(pod = %name, %message, "eviction not allowed yet; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Err(ClusterError::Api {
-                code: 429, message, ..
-            }) => {
-                return Err(RestartError::EvictionBlocked {
-                    pod: format!("{ns}/{name}"),
-                    message,
-                })
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
 impl Cluster {
     /// Pre-flight (DESIGN §5), before any disruptive step and before new materials are written:
     /// every dSSM pod Ready and TMM's rollout complete, waited for (watching) up to `timeout`,
@@ -389,7 +319,7 @@ impl Cluster {
     /// `RestartRefused` on the Deployment names the blocking object and nothing is touched.
     /// `force` restarts anyway and says so in an Event.
     pub async fn preflight(&self, force: bool, timeout: Duration) -> Result<(), RestartError> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let pods = self.pods_in(&self.dssm_ns);
         let (ns, sel) = (self.dssm_ns.clone(), self.dssm_selector.clone());
         let what = format!("pods ({sel}) in {ns}");
         let mut blocking = Vec::new();
@@ -399,9 +329,8 @@ impl Cluster {
         match wait_pods(&pods, &sel, &what, timeout, |now| verdict(now).is_none()).await {
             Ok(_) => {}
             Err(RestartError::Timeout { .. }) => {
-                let lp = ListParams::default().labels(&sel);
-                let list = call("list", &what, || pods.list(&lp)).await?;
-                let now = list.items.into_iter().map(|p| (p.name_any(), p)).collect();
+                let list = pods.list(&sel).await?;
+                let now = list.into_iter().map(|p| (p.name_any(), p)).collect();
                 blocking.extend(verdict(&now));
             }
             Err(e) => return Err(e),
@@ -426,16 +355,12 @@ impl Cluster {
     /// PodDisruptionBudgets over dSSM pods that allow no disruption now: every eviction would be
     /// refused (429) until the deadline.
     async fn blocking_pdbs(&self) -> Result<Vec<String>, ClusterError> {
-        use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-        let api: Api<PodDisruptionBudget> = Api::namespaced(self.client.clone(), &self.dssm_ns);
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
-        let what = format!("poddisruptionbudgets in {}", self.dssm_ns);
-        let all = ListParams::default();
-        let pdbs = call("list", &what, || api.list(&all)).await?;
-        let lp = ListParams::default().labels(&self.dssm_selector);
-        let dssm = call("list", &what, || pods.list(&lp)).await?;
+        let pdbs = self.pdbs_in(&self.dssm_ns).await?;
+        let dssm = self
+            .pods_in(&self.dssm_ns)
+            .list(&self.dssm_selector)
+            .await?;
         Ok(pdbs
-            .items
             .iter()
             .filter(|b| {
                 b.status
@@ -446,7 +371,7 @@ impl Cluster {
                     && b.spec
                         .as_ref()
                         .and_then(|s| s.selector.as_ref())
-                        .is_some_and(|sel| dssm.items.iter().any(|p| selects(sel, p.labels())))
+                        .is_some_and(|sel| dssm.iter().any(|p| selects(sel, p.labels())))
             })
             .map(|b| {
                 format!(
@@ -456,15 +381,6 @@ impl Cluster {
                 )
             })
             .collect())
-    }
-
-    async fn evict(
-        &self,
-        pods: &Api<Pod>,
-        name: &str,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), RestartError> {
-        evict_pod(pods, &self.dssm_ns, name, deadline).await
     }
 
     /// Every target's rollout complete, each waited for (watching) up to `timeout`; what is
@@ -641,22 +557,17 @@ impl Cluster {
         timeout: Duration,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let pods = self.pods_in(&self.dssm_ns);
         let sel = self.dssm_selector.clone();
-        let lp = ListParams::default().labels(&sel);
-        let before = call("list", &format!("pods {} ({sel})", self.dssm_ns), || {
-            pods.list(&lp)
-        })
-        .await?;
+        let before = pods.list(&sel).await?;
         let old: BTreeMap<String, String> = before
-            .items
             .iter()
             .filter(|p| !terminating(p))
             .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
             .collect();
         let deadline = tokio::time::Instant::now() + timeout;
         for name in old.keys() {
-            self.evict(&pods, name, deadline).await?;
+            pods.evict(name, deadline).await?;
         }
         let _ = writeln!(
             out,
@@ -778,7 +689,7 @@ impl Cluster {
         // 3. Wait until no pod of any stopped target is left (all targets at once: they
         // terminate in parallel).
         let waits = stopped.iter().map(|(target, sel, _, _)| async move {
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+            let pods = self.pods_in(&target.namespace);
             wait_pods(
                 &pods,
                 sel,
