@@ -26,6 +26,7 @@ use crate::materials::{annotations, saved_keys, store_keys, Bundle, SecretObs};
 use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, ReconcileError};
 use crate::redis::ClientMaterials;
+use crate::restart_state::{next, Mode, Observed, RestartState, Step};
 
 /// The phase the dSSM copy of the certs Secret announces, if a rotation runs.
 pub fn phase_on_copies(obs: &crate::cluster::Observation, dssm_ns: &str) -> Option<Phase> {
@@ -282,105 +283,77 @@ fn probe_leaf_of_new_ca(saved: &Saved, ns: &str) -> Result<ClientMaterials, Stri
 
 /// Resumes the recorded CA rotation, phase after phase, until it is complete. Each phase: its
 /// materials into every copy (dSSM namespace first), then every consumer rolled (dSSM the
-/// Redis-aware way, then TMM), proven by new handshakes, then the next phase recorded. Without
-/// restart options (`--no-restart`) it writes the current phase and stops: nothing moves on
-/// until that phase has been rolled.
+/// Redis-aware way, then TMM), proven by new handshakes, then the next phase recorded; which
+/// step comes next is `restart_state::next`'s decision from the record. Without restart options
+/// (`--no-restart`) it writes the current phase and stops: nothing moves on until that phase
+/// has been rolled.
 pub async fn drive(
     cluster: &Cluster,
     restart: Option<&crate::restart::Options>,
     out: &mut (dyn Write + Send),
 ) -> Result<(), ReconcileError> {
+    let mut seen = Observed {
+        may_restart: restart.is_some(),
+        ..Observed::default()
+    };
+    let mut written: Option<Phase> = None;
     loop {
         let obs = cluster.observe().await?;
-        let SecretObs::Present {
-            data,
-            annotations: ann,
-            ..
-        } = &obs.store
-        else {
+        let SecretObs::Present { data, .. } = &obs.store else {
             return Ok(());
         };
         let Some(record) = record_of(&obs.store) else {
             return Ok(());
         };
-        let mut record = record.map_err(ReconcileError::Refused)?;
-        let ns = cluster.dssm_ns.clone();
-        let saved = Saved::read(data, &ns).map_err(ReconcileError::Refused)?;
+        let record = record.map_err(ReconcileError::Refused)?;
+        let saved = Saved::read(data, &cluster.dssm_ns).map_err(ReconcileError::Refused)?;
+        let (state, _) = cluster.restart_state(Some(record.clone())).await?;
+        seen.phase_written = written == Some(record.phase);
+        let step = next(&state, &seen, rotation_mode());
+        tracing::debug!(?step, "rotation step");
         let phase = record.phase;
-        let _ = writeln!(
-            out,
-            "CA rotation, phase {} of 3 ({}): {}",
-            phase.number(),
-            phase.name(),
-            phase.describe()
-        );
-        let bundle = saved.bundle(phase);
-        write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
-        let Some(r) = restart else {
-            cluster
-                .annotate_targets(&[(
-                    annotations::RESTART_NEEDED,
-                    Some(&record.revision.to_string()),
-                )])
-                .await?;
-            let _ = writeln!(
-                out,
-                "phase {} written; it moves on once a run with a restart has rolled it",
-                phase.name()
-            );
-            return Ok(());
-        };
-        let proof = phase_proof(&saved, phase, &ns).map_err(ReconcileError::Refused)?;
-        let dssm = format!("{ns}/statefulsets/dSSM");
-        if !record.rolled.contains(&dssm) {
-            cluster
-                .roll_dssm(&r.redis, proof, r.wait_timeout, out)
-                .await
-                .map_err(ReconcileError::Restart)?;
-            record.rolled.push(dssm);
-            save_record(cluster, &cluster.observe().await?, &record).await?;
-        }
-        // Every TMM target through the phase, each recorded once rolled: a resumed phase
-        // skips the ones done (a target added midway is rolled in the phase it joins).
-        for t in &cluster.targets {
-            let tmm = format!("{}/{}/{}", t.namespace, t.kind.as_str(), t.name);
-            if record.rolled.contains(&tmm) {
-                continue;
+        match (step, restart) {
+            (Step::WritePhase { phase }, _) => {
+                let _ = writeln!(
+                    out,
+                    "CA rotation, phase {} of 3 ({}): {}",
+                    phase.number(),
+                    phase.name(),
+                    phase.describe()
+                );
+                let bundle = saved.bundle(phase);
+                write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
+                written = Some(phase);
             }
-            cluster
-                .roll_target(t, r.wait_timeout, out)
-                .await
-                .map_err(ReconcileError::Restart)?;
-            record.rolled.push(tmm);
-            // Saved from a fresh read: the record was written since `obs` (a 409 otherwise).
-            save_record(cluster, &cluster.observe().await?, &record).await?;
-        }
-        let note = format!(
-            "CA rotation phase {} ({}) rolled through every dSSM pod and TMM, proven by new mutual-TLS handshakes",
-            phase.name(),
-            phase.describe()
-        );
-        let _ = writeln!(out, "{note}");
-        if let Some(certs) = obs
-            .raw
-            .get(&(ns.clone(), contract::CERTS_SECRET.to_string()))
-        {
-            // One reason per phase: the recorder folds repeats of a reason into a series.
-            cluster
-                .event(certs, false, phase.event_reason(), note)
-                .await;
-        }
-        let obs = cluster.observe().await?;
-        match phase.next() {
-            Some(next) => {
-                record.phase = next;
+            (Step::AwaitRestart { phase }, _) => {
+                let revision = record.revision.to_string();
+                cluster
+                    .annotate_targets(&[(annotations::RESTART_NEEDED, Some(&revision))])
+                    .await?;
+                let _ = writeln!(
+                    out,
+                    "phase {} written; it moves on once a run with a restart has rolled it",
+                    phase.name()
+                );
+                return Ok(());
+            }
+            (step @ (Step::RollDssm { .. } | Step::RollTarget { .. }), Some(r)) => {
+                roll_one(cluster, r, step, &saved, record, &state, out).await?;
+            }
+            (Step::AdvancePhase { to, .. }, _) => {
+                phase_rolled(cluster, &obs, phase, out).await;
+                let mut record = record;
+                record.phase = to;
                 record.rolled.clear();
                 save_record(cluster, &obs, &record).await?;
             }
-            None => {
+            (Step::FinishRotation, _) => {
+                phase_rolled(cluster, &obs, phase, out).await;
                 // The copies stop announcing a phase (metadata only: the files stay as they are).
+                let bundle = saved.bundle(phase);
                 write_copies(cluster, &obs, &bundle, record.revision, None, out).await?;
-                finish(cluster, &obs, ann, record.revision).await?;
+                let obs = cluster.observe().await?;
+                finish(cluster, &obs, record.revision).await?;
                 cluster
                     .annotate_targets(&[
                         (annotations::RESTART_NEEDED, None),
@@ -393,7 +366,71 @@ pub async fn drive(
                 );
                 return Ok(());
             }
+            (step, _) => unreachable!("not a rotation step: {step:?}"),
         }
+    }
+}
+
+/// A rotation's steps do not depend on the restart strategy or order.
+fn rotation_mode() -> Mode {
+    Mode {
+        strategy: crate::restart::Strategy::Rolling,
+        order: crate::restart::Order::TmmFirst,
+    }
+}
+
+/// Rolls one workload (dSSM, or a TMM target) through the record's phase, then records it in
+/// `rolled` so a resumed phase skips it (a target added midway is rolled in the phase it joins).
+async fn roll_one(
+    cluster: &Cluster,
+    r: &crate::restart::Options,
+    step: Step,
+    saved: &Saved,
+    mut record: Record,
+    state: &RestartState,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let rolled = match step {
+        Step::RollDssm { .. } => {
+            let proof = phase_proof(saved, record.phase, &cluster.dssm_ns)
+                .map_err(ReconcileError::Refused)?;
+            cluster
+                .roll_dssm(&r.redis, proof, r.wait_timeout, out)
+                .await?;
+            state.dssm.clone()
+        }
+        Step::RollTarget { target, .. } => {
+            cluster
+                .roll_target(&cluster.targets[target], r.wait_timeout, out)
+                .await?;
+            state.targets[target].id.clone()
+        }
+        other => unreachable!("not a roll: {other:?}"),
+    };
+    record.rolled.push(rolled);
+    // Saved from a fresh read: the record was written since the last one (a 409 otherwise).
+    save_record(cluster, &cluster.observe().await?, &record).await
+}
+
+/// Every workload runs `phase`: said on the output and in an Event on the dSSM certs Secret.
+async fn phase_rolled(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    phase: Phase,
+    out: &mut (dyn Write + Send),
+) {
+    let note = format!(
+        "CA rotation phase {} ({}) rolled through every dSSM pod and TMM, proven by new mutual-TLS handshakes",
+        phase.name(),
+        phase.describe()
+    );
+    let _ = writeln!(out, "{note}");
+    let key = (cluster.dssm_ns.clone(), contract::CERTS_SECRET.to_string());
+    if let Some(certs) = obs.raw.get(&key) {
+        // One reason per phase: the recorder folds repeats of a reason into a series.
+        cluster
+            .event(certs, false, phase.event_reason(), note)
+            .await;
     }
 }
 
@@ -432,7 +469,6 @@ fn secret_data(s: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<String, Vec<u
 async fn finish(
     cluster: &Cluster,
     obs: &crate::cluster::Observation,
-    _before: &BTreeMap<String, String>,
     revision: u64,
 ) -> Result<(), ReconcileError> {
     let key = (cluster.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string());

@@ -53,6 +53,11 @@ impl TmmTarget {
         }
     }
 
+    /// `namespace/kind/name`: how the restart state (a rotation record's `rolled`) names it.
+    pub fn id(&self) -> String {
+        format!("{}/{}/{}", self.namespace, self.kind.as_str(), self.name)
+    }
+
     /// `NAMESPACE/KIND/NAME` or `NAMESPACE/NAME` (a Deployment). Kinds are read as kubectl
     /// reads them: `deployment`, `deployments`, `deploy`, `daemonset`, `daemonsets`, `ds`.
     pub fn parse(s: &str) -> Result<Self, String> {

@@ -9,6 +9,7 @@ use kube::Api;
 use super::watch::watch_until;
 use super::{call, Cluster, ClusterError};
 use crate::materials::annotations::STOP_NODE_SELECTOR;
+use crate::restart_state::{dssm_id, RestartState, TargetState};
 use crate::targets::{Kind, TmmTarget, Workload};
 
 fn pp() -> PatchParams {
@@ -73,6 +74,28 @@ impl Cluster {
                 d.metadata.generation.unwrap_or(0)
             }
         })
+    }
+
+    /// The restart's persisted state: each target's marks (read from its workload, returned
+    /// with it, in target order) and the rotation record given (read with the CA key Secret).
+    /// A missing target is an error naming it.
+    pub async fn restart_state(
+        &self,
+        rotation: Option<crate::rotation::Record>,
+    ) -> Result<(RestartState, Vec<Workload>), ClusterError> {
+        let mut targets = Vec::new();
+        let mut workloads = Vec::new();
+        for t in &self.targets {
+            let w = self.require_workload(t).await?;
+            targets.push(TargetState::from_annotations(t.id(), &w.annotations()));
+            workloads.push(w);
+        }
+        let state = RestartState {
+            rotation,
+            targets,
+            dssm: dssm_id(&self.dssm_ns),
+        };
+        Ok((state, workloads))
     }
 
     /// Sets (Some) or removes (None) annotations of one target in one patch.
