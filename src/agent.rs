@@ -317,14 +317,25 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
         .observe(started.elapsed().as_secs_f64());
 }
 
-/// Events when a state starts, changes, or has lasted another day — not at every interval.
-async fn events(
-    cluster: &Cluster,
-    obs: &crate::cluster::Observation,
-    report: &Report,
-    shared: &Shared,
-) {
-    let mut wanted: Vec<(String, String, String, String)> = Vec::new(); // reason, ns, state, note
+/// An Event the report calls for: its reason, namespace, the state it describes (a repeat of
+/// the same state is not due before `EVENT_REPEAT`), and its note.
+struct Wanted {
+    reason: String,
+    ns: String,
+    state: String,
+    note: String,
+}
+
+/// The Events a report calls for: certificates expiring soon, invalid materials, copies out of
+/// sync.
+fn wanted_events(report: &Report, dssm_ns: &str) -> Vec<Wanted> {
+    let want = |reason: &str, ns: &str, state: String, note: String| Wanted {
+        reason: reason.into(),
+        ns: ns.into(),
+        state,
+        note,
+    };
+    let mut wanted = Vec::new();
     for copy in &report.copies {
         let ns = copy
             .source
@@ -338,9 +349,9 @@ async fn events(
                 } else {
                     "warning"
                 };
-                wanted.push((
-                    "CertificateExpiringSoon".into(),
-                    ns.clone(),
+                wanted.push(want(
+                    "CertificateExpiringSoon",
+                    &ns,
                     format!("{}:{level}:{}", c.file, c.not_after),
                     format!("{ns}: {} expires at {} ({level})", c.file, c.not_after),
                 ));
@@ -356,9 +367,9 @@ async fn events(
             .map(|c| c.message.as_str())
             .collect();
         if !broken.is_empty() {
-            wanted.push((
-                "InvalidMaterials".into(),
-                ns.clone(),
+            wanted.push(want(
+                "InvalidMaterials",
+                &ns,
                 broken.join("; "),
                 broken.join("; "),
             ));
@@ -371,14 +382,25 @@ async fn events(
             .map(|c| c.message.clone())
             .collect::<Vec<_>>()
             .join("; ");
-        wanted.push((
-            "CopiesOutOfSync".into(),
-            cluster.dssm_ns.clone(),
-            msg.clone(),
-            msg,
-        ));
+        wanted.push(want("CopiesOutOfSync", dssm_ns, msg.clone(), msg));
     }
-    for (reason, ns, state, note) in wanted {
+    wanted
+}
+
+/// Events when a state starts, changes, or has lasted another day — not at every interval.
+async fn events(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    report: &Report,
+    shared: &Shared,
+) {
+    for w in wanted_events(report, &cluster.dssm_ns) {
+        let Wanted {
+            reason,
+            ns,
+            state,
+            note,
+        } = w;
         let due = {
             let mut emitted = shared.emitted.lock().expect("not poisoned");
             let key = (reason.clone(), ns.clone());

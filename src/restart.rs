@@ -654,22 +654,7 @@ impl Cluster {
                 run.seen.dssm_restarted = true;
             }
             Step::Start { target, token } => {
-                let t = &self.targets[target];
-                let replicas = workloads[target].recorded().unwrap_or(1);
-                self.start_target(t, replicas).await?;
-                self.annotate_target(
-                    t,
-                    &[
-                        (annotations::TMM_REPLICAS, None),
-                        (annotations::TMM_RESTARTED, Some(token.as_str())),
-                    ],
-                )
-                .await?;
-                run.counts.insert(target, replicas);
-                let _ = match t.kind {
-                    Kind::Deployment => writeln!(out, "scaled {t} back to {replicas}"),
-                    Kind::DaemonSet => writeln!(out, "started {t} again ({replicas} nodes)"),
-                };
+                self.start_step(target, &token, run, workloads, out).await?
             }
             Step::WaitAvailable { targets } => {
                 self.wait_available(&targets, run, workloads, timeout, out)
@@ -686,22 +671,7 @@ impl Cluster {
                 self.annotate_target(t, &[(annotations::TMM_RESTARTED, Some(&token))])
                     .await?;
             }
-            Step::Finish => {
-                let note = if run.scaled || opts.strategy == Strategy::ScaleToZero {
-                    let counts: Vec<String> = run
-                        .counts
-                        .iter()
-                        .map(|(i, n)| format!("{}: {n}", self.targets[*i]))
-                        .collect();
-                    format!("TMM and dSSM restarted (restored {})", counts.join(", "))
-                } else {
-                    "rolling restart of dSSM and TMM, no interruption".to_string()
-                };
-                self.finish_restart(&note).await?;
-                run.seen.finished = true;
-                // Verify with the materials TMM now holds.
-                self.verify_with_probe(opts, out).await?;
-            }
+            Step::Finish => self.finish_step(opts, run, out).await?,
             Step::Done
             | Step::WritePhase { .. }
             | Step::AwaitRestart { .. }
@@ -712,6 +682,57 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Starts a stopped target with its recorded count, forgets the count and marks it done.
+    async fn start_step(
+        &self,
+        target: usize,
+        token: &str,
+        run: &mut Run,
+        workloads: &[Workload],
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let t = &self.targets[target];
+        let replicas = workloads[target].recorded().unwrap_or(1);
+        self.start_target(t, replicas).await?;
+        self.annotate_target(
+            t,
+            &[
+                (annotations::TMM_REPLICAS, None),
+                (annotations::TMM_RESTARTED, Some(token)),
+            ],
+        )
+        .await?;
+        run.counts.insert(target, replicas);
+        let _ = match t.kind {
+            Kind::Deployment => writeln!(out, "scaled {t} back to {replicas}"),
+            Kind::DaemonSet => writeln!(out, "started {t} again ({replicas} nodes)"),
+        };
+        Ok(())
+    }
+
+    /// Every target loses its marks (an Event says what was restored), then the probe
+    /// verifies with the materials TMM now holds.
+    async fn finish_step(
+        &self,
+        opts: &Options,
+        run: &mut Run,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let note = if run.scaled || opts.strategy == Strategy::ScaleToZero {
+            let counts: Vec<String> = run
+                .counts
+                .iter()
+                .map(|(i, n)| format!("{}: {n}", self.targets[*i]))
+                .collect();
+            format!("TMM and dSSM restarted (restored {})", counts.join(", "))
+        } else {
+            "rolling restart of dSSM and TMM, no interruption".to_string()
+        };
+        self.finish_restart(&note).await?;
+        run.seen.finished = true;
+        self.verify_with_probe(opts, out).await
     }
 
     /// The scale-to-zero steps that take TMM down: record a target's count on it (unless an

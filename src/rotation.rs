@@ -349,26 +349,37 @@ pub async fn drive(
             }
             (Step::FinishRotation, _) => {
                 phase_rolled(cluster, &obs, phase, out).await;
-                // The copies stop announcing a phase (metadata only: the files stay as they are).
-                let bundle = saved.bundle(phase);
-                write_copies(cluster, &obs, &bundle, record.revision, None, out).await?;
-                let obs = cluster.observe().await?;
-                finish(cluster, &obs, record.revision).await?;
-                cluster
-                    .annotate_targets(&[
-                        (annotations::RESTART_NEEDED, None),
-                        (annotations::TMM_RESTARTED, None),
-                    ])
-                    .await?;
-                let _ = writeln!(
-                    out,
-                    "CA rotation complete: every process runs the new CA only"
-                );
-                return Ok(());
+                return finish_rotation(cluster, &obs, &saved, &record, out).await;
             }
             (step, _) => unreachable!("not a rotation step: {step:?}"),
         }
     }
+}
+
+/// The drop phase rolled everywhere: the copies stop announcing a phase (metadata only: the
+/// files stay as they are), the store keeps the new CA only, the targets lose their marks.
+async fn finish_rotation(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    saved: &Saved,
+    record: &Record,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let bundle = saved.bundle(record.phase);
+    write_copies(cluster, obs, &bundle, record.revision, None, out).await?;
+    let obs = cluster.observe().await?;
+    finish(cluster, &obs, record.revision).await?;
+    cluster
+        .annotate_targets(&[
+            (annotations::RESTART_NEEDED, None),
+            (annotations::TMM_RESTARTED, None),
+        ])
+        .await?;
+    let _ = writeln!(
+        out,
+        "CA rotation complete: every process runs the new CA only"
+    );
+    Ok(())
 }
 
 /// A rotation's steps do not depend on the restart strategy or order.
