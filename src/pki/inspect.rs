@@ -183,38 +183,7 @@ pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, Insp
     }
     let spki = x509.public_key().raw.to_vec();
     let (key_type, key_bits) = describe_public_key(x509.public_key());
-    let mut dns_names = Vec::new();
-    let has_subject_alt_name = matches!(x509.subject_alternative_name(), Ok(Some(_)) | Err(_));
-    if let Ok(Some(san)) = x509.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::DNSName(n) = name {
-                dns_names.push(n.to_string());
-            }
-        }
-    }
-    let (server_auth, client_auth) = match x509.extended_key_usage() {
-        Ok(Some(eku)) => (
-            Some(eku.value.server_auth || eku.value.any),
-            Some(eku.value.client_auth || eku.value.any),
-        ),
-        _ => (None, None),
-    };
-    let is_ca = match x509.basic_constraints() {
-        Ok(Some(bc)) => bc.value.ca,
-        // A v1 certificate has no extensions; OpenSSL treats a self-signed v1 as a CA.
-        _ => x509.version() == X509Version::V1 && x509.subject().as_raw() == x509.issuer().as_raw(),
-    };
-    let mut authority_key_id = None;
-    let mut subject_key_id = None;
-    for ext in x509.extensions() {
-        match ext.parsed_extension() {
-            ParsedExtension::AuthorityKeyIdentifier(aki) => {
-                authority_key_id = aki.key_identifier.as_ref().map(|k| k.0.to_vec())
-            }
-            ParsedExtension::SubjectKeyIdentifier(ski) => subject_key_id = Some(ski.0.to_vec()),
-            _ => {}
-        }
-    }
+    let ext = Extensions::of(&x509);
     Ok(Certificate {
         subject: x509.subject().to_string(),
         issuer: x509.issuer().to_string(),
@@ -225,20 +194,80 @@ pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, Insp
         key_bits,
         signature_algorithm: signature_name(&x509.signature_algorithm.algorithm),
         version: x509.version().0 + 1,
-        is_ca,
-        dns_names,
-        has_subject_alt_name,
-        server_auth,
-        client_auth,
+        is_ca: ext.is_ca,
+        dns_names: ext.dns_names,
+        has_subject_alt_name: ext.has_subject_alt_name,
+        server_auth: ext.server_auth,
+        client_auth: ext.client_auth,
         sha256_fingerprint: hex_upper(&openssl::sha::sha256(der), ":"),
         extra_certificates: 0,
         der: der.to_vec(),
         spki,
         subject_der: x509.subject().as_raw().to_vec(),
         issuer_der: x509.issuer().as_raw().to_vec(),
-        authority_key_id,
-        subject_key_id,
+        authority_key_id: ext.authority_key_id,
+        subject_key_id: ext.subject_key_id,
     })
+}
+
+/// What the checks need from a certificate's extensions (SAN, EKU, CA flag, key identifiers).
+struct Extensions {
+    dns_names: Vec<String>,
+    has_subject_alt_name: bool,
+    server_auth: Option<bool>,
+    client_auth: Option<bool>,
+    is_ca: bool,
+    authority_key_id: Option<Vec<u8>>,
+    subject_key_id: Option<Vec<u8>>,
+}
+
+impl Extensions {
+    fn of(x509: &X509Certificate<'_>) -> Self {
+        let mut dns_names = Vec::new();
+        let has_subject_alt_name = matches!(x509.subject_alternative_name(), Ok(Some(_)) | Err(_));
+        if let Ok(Some(san)) = x509.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let GeneralName::DNSName(n) = name {
+                    dns_names.push(n.to_string());
+                }
+            }
+        }
+        let (server_auth, client_auth) = match x509.extended_key_usage() {
+            Ok(Some(eku)) => (
+                Some(eku.value.server_auth || eku.value.any),
+                Some(eku.value.client_auth || eku.value.any),
+            ),
+            _ => (None, None),
+        };
+        let is_ca = match x509.basic_constraints() {
+            Ok(Some(bc)) => bc.value.ca,
+            // A v1 certificate has no extensions; OpenSSL treats a self-signed v1 as a CA.
+            _ => {
+                x509.version() == X509Version::V1
+                    && x509.subject().as_raw() == x509.issuer().as_raw()
+            }
+        };
+        let mut authority_key_id = None;
+        let mut subject_key_id = None;
+        for ext in x509.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    authority_key_id = aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                ParsedExtension::SubjectKeyIdentifier(ski) => subject_key_id = Some(ski.0.to_vec()),
+                _ => {}
+            }
+        }
+        Extensions {
+            dns_names,
+            has_subject_alt_name,
+            server_auth,
+            client_auth,
+            is_ca,
+            authority_key_id,
+            subject_key_id,
+        }
+    }
 }
 
 fn describe_public_key(spki: &SubjectPublicKeyInfo<'_>) -> (String, u32) {
