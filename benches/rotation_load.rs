@@ -32,6 +32,9 @@ fn row(name: &str, f: &Figures) {
         f.min_sentinels_up,
         f.no_ready_tmm.as_secs_f64()
     );
+    for why in &f.failures {
+        println!("    failed: {why}");
+    }
 }
 
 fn main() {
@@ -50,7 +53,7 @@ fn main() {
     let a_sub = scenarios::leaf_renewal_mounted(cfg, true);
     let b = scenarios::ca_rotation(cfg);
     let c = scenarios::everything_at_once(cfg);
-    let (s, moved) = scenarios::paused_switchover(cfg);
+    let (s, moved, _named) = scenarios::paused_switchover(cfg);
     println!(
         "{:<48} {:>6} {:>6} {:>8} {:>6} {:>9} {:>5} {:>10} {:>9}",
         "scenario", "ops", "acked", "failed*", "lost", "gap (s)", "DBs", "sentinels", "no TMM (s)"

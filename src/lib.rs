@@ -28,3 +28,4 @@ pub mod rolling;
 pub mod rotation;
 pub mod targets;
 pub mod values;
+pub mod writes;

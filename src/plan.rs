@@ -225,156 +225,250 @@ fn base(action: Action, reasons: Vec<String>) -> Plan {
     }
 }
 
-/// The one decision of a pass.
-pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) -> Plan {
-    let states: Vec<(String, CopyState)> = copies
-        .iter()
-        .map(|c| (c.namespace.clone(), evaluate_copy(c, now)))
-        .collect();
-    let invalid: Vec<String> = states
-        .iter()
-        .filter_map(|(_, s)| match s {
-            CopyState::Invalid(e) => Some(e.clone()),
-            _ => None,
-        })
-        .collect();
-    let valid: Vec<(&String, &Bundle, &Certificate, &Certificate)> = states
-        .iter()
-        .filter_map(|(ns, s)| match s {
-            CopyState::Valid { bundle, ca, leaf } => Some((ns, bundle, ca, leaf)),
-            _ => None,
-        })
-        .collect();
-    let all_missing = states.iter().all(|(_, s)| matches!(s, CopyState::Missing));
-    let in_sync =
-        !valid.is_empty() && valid.len() == states.len() && valid.iter().all(|v| v.1 == valid[0].1);
-    let store_ca = match store {
-        StoreState::Valid { ca, .. } => Some(ca),
-        _ => None,
-    };
-    let finish = |mut p: Plan| {
-        p.out_of_sync = !in_sync;
-        p.invalid = invalid.clone();
-        p
-    };
+/// What the copies amount to, read once per pass.
+struct Seen<'a> {
+    copies: &'a [CopyObs],
+    states: Vec<(String, CopyState)>,
+    invalid: Vec<String>,
+    in_sync: bool,
+    store_ca: Option<&'a Certificate>,
+}
 
-    // 1. An interrupted rotation is finished before anything else, from what was saved.
-    if let StoreState::Valid {
+/// The copy whose materials the pass keeps or renews.
+struct Winner<'a> {
+    ns: &'a String,
+    bundle: &'a Bundle,
+    ca: &'a Certificate,
+    leaf: &'a Certificate,
+    /// The stored CA (whose key we hold) is this copy's CA and signs its leaf.
+    store_signs: bool,
+}
+
+impl<'a> Seen<'a> {
+    fn new(copies: &'a [CopyObs], store: &'a StoreState, now: i64) -> Self {
+        let states: Vec<(String, CopyState)> = copies
+            .iter()
+            .map(|c| (c.namespace.clone(), evaluate_copy(c, now)))
+            .collect();
+        let invalid = states
+            .iter()
+            .filter_map(|(_, s)| match s {
+                CopyState::Invalid(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut seen = Seen {
+            copies,
+            states,
+            invalid,
+            in_sync: false,
+            store_ca: match store {
+                StoreState::Valid { ca, .. } => Some(ca),
+                _ => None,
+            },
+        };
+        let valid = seen.valid();
+        seen.in_sync = !valid.is_empty()
+            && valid.len() == seen.states.len()
+            && valid.iter().all(|v| v.1 == valid[0].1);
+        seen
+    }
+
+    fn valid(&self) -> Vec<(&String, &Bundle, &Certificate, &Certificate)> {
+        self.states
+            .iter()
+            .filter_map(|(ns, s)| match s {
+                CopyState::Valid { bundle, ca, leaf } => Some((ns, bundle, ca, leaf)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The winning copy: the valid one chaining to the stored CA, else the dSSM namespace's (the
+    /// first copy), else any valid one. None when no copy is valid.
+    fn winner(&self) -> Option<Winner<'_>> {
+        let valid = self.valid();
+        let (ns, bundle, ca, leaf) = *valid
+            .iter()
+            .find(|v| self.store_ca.is_some_and(|ca| v.3.is_signed_by(ca)))
+            .or_else(|| valid.iter().find(|v| v.0 == &self.copies[0].namespace))
+            .or(valid.first())?;
+        let store_signs = self
+            .store_ca
+            .is_some_and(|s| leaf.is_signed_by(s) && s.der() == ca.der());
+        Some(Winner {
+            ns,
+            bundle,
+            ca,
+            leaf,
+            store_signs,
+        })
+    }
+
+    /// New materials under the stored CA when it can still sign them.
+    fn new_materials(
+        &self,
+        action: Action,
+        reasons: Vec<String>,
+        now: i64,
+        policy: Policy,
+    ) -> Plan {
+        let mut p = base(action, reasons);
+        p.reuse_store_ca = self.store_ca.is_some_and(|ca| ca_usable(ca, now, policy));
+        p
+    }
+}
+
+/// The one decision of a pass: the first step that applies, in this order.
+pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) -> Plan {
+    let seen = Seen::new(copies, store, now);
+    let mut p = interrupted(store)
+        .or_else(|| first_install(&seen, now, policy))
+        .or_else(|| nothing_usable(&seen, now, policy))
+        .unwrap_or_else(|| {
+            let w = seen.winner().expect("some copy is valid");
+            due(&w, now, policy)
+                .or_else(|| drift(&seen, &w, now, policy))
+                .unwrap_or_else(|| steady(&seen, &w, policy))
+        });
+    p.out_of_sync = !seen.in_sync;
+    p.invalid = seen.invalid.clone();
+    p
+}
+
+/// Step 1: An interrupted rotation is finished before anything else, from what was saved.
+fn interrupted(store: &StoreState) -> Option<Plan> {
+    let StoreState::Valid {
         pending: Some(b),
         revision,
         ..
     } = store
-    {
-        let mut p = base(Action::Resume, vec![format!("rotation to revision {revision} was interrupted: finishing it from the materials saved in {}", contract::CA_KEY_SECRET)]);
-        p.source = Some(b.clone());
-        return finish(p);
-    }
-    // 2. Nothing there yet.
-    if all_missing {
-        let mut p = base(Action::Publish, vec!["no dSSM Secrets exist yet".into()]);
-        p.reuse_store_ca = store_ca.is_some_and(|ca| ca_usable(ca, now, policy));
-        return finish(p);
-    }
-    // 3. Nothing usable: the deployment is already broken.
-    if valid.is_empty() {
-        let mut reasons = vec!["no copy holds usable materials".to_string()];
-        reasons.extend(invalid.iter().cloned());
-        let mut p = base(Action::ReplaceInvalid, reasons);
-        p.reuse_store_ca = store_ca.is_some_and(|ca| ca_usable(ca, now, policy));
-        return finish(p);
-    }
-    // The winning copy: the valid one chaining to the stored CA, else the dSSM namespace's
-    // (the first copy), else any valid one.
-    let winner = valid
-        .iter()
-        .find(|v| store_ca.is_some_and(|ca| v.3.is_signed_by(ca)))
-        .or_else(|| valid.iter().find(|v| v.0 == &copies[0].namespace))
-        .unwrap_or(&valid[0]);
-    let (win_ns, win_bundle, win_ca, win_leaf) = *winner;
-    let store_signs_winner =
-        store_ca.is_some_and(|ca| win_leaf.is_signed_by(ca) && ca.der() == win_ca.der());
+    else {
+        return None;
+    };
+    let mut p = base(
+        Action::Resume,
+        vec![format!(
+            "rotation to revision {revision} was interrupted: finishing it from the materials \
+             saved in {}",
+            contract::CA_KEY_SECRET
+        )],
+    );
+    p.source = Some(b.clone());
+    Some(p)
+}
 
-    // 4. Due, or asked for? The CA is rotated only for its own reasons (cert-manager-like
-    // small policies, each with its reason); a due leaf is otherwise renewed under the same CA.
-    let renew = leaf_due(win_leaf, now, policy) || policy.force_leaf;
-    let mut rotate_reasons = Vec::new();
-    if policy.force_ca {
-        rotate_reasons.push("CA rotation requested (rotate --ca)".to_string());
+/// Step 2: Nothing there yet.
+fn first_install(seen: &Seen, now: i64, policy: Policy) -> Option<Plan> {
+    let all_missing = (seen.states.iter()).all(|(_, s)| matches!(s, CopyState::Missing));
+    all_missing.then(|| {
+        let reasons = vec!["no dSSM Secrets exist yet".into()];
+        seen.new_materials(Action::Publish, reasons, now, policy)
+    })
+}
+
+/// Step 3: Nothing usable: the deployment is already broken.
+fn nothing_usable(seen: &Seen, now: i64, policy: Policy) -> Option<Plan> {
+    seen.valid().is_empty().then(|| {
+        let mut reasons = vec!["no copy holds usable materials".to_string()];
+        reasons.extend(seen.invalid.iter().cloned());
+        seen.new_materials(Action::ReplaceInvalid, reasons, now, policy)
+    })
+}
+
+/// Step 4: Due, or asked for? The CA is rotated only for its own reasons (small
+/// policies, each with its reason); a due leaf is otherwise renewed under the same CA.
+fn due(w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
+    let keep_dh = Some(w.bundle.dhparams.clone());
+    let rotate_reasons = ca_rotation_reasons(w, now, policy);
+    if !rotate_reasons.is_empty() {
+        let mut p = base(Action::RotateCa, rotate_reasons);
+        p.reusable_dhparams = keep_dh;
+        return Some(p);
     }
-    if let Some(r) = ca_due(win_ca, now, policy) {
-        rotate_reasons.push(r);
+    if !(leaf_due(w.leaf, now, policy) || policy.force_leaf) {
+        return None;
+    }
+    let reason = if !leaf_due(w.leaf, now, policy) {
+        "renewal requested (rotate)".to_string()
+    } else {
+        format!(
+            "the leaf expires at {}: less than {} left",
+            pki::format_time(w.leaf.not_after),
+            renew_window(w.leaf, policy.renew_before, "--renew-before")
+        )
+    };
+    let mut reasons = vec![
+        reason,
+        "the CA is not due: the leaf is renewed under it".into(),
+    ];
+    reasons.extend(next_leaf(w.ca, now, policy).note());
+    let mut p = base(Action::RenewLeaf, reasons);
+    p.reuse_store_ca = true;
+    p.reusable_dhparams = keep_dh;
+    Some(p)
+}
+
+/// Why the CA must be replaced now (empty: it need not be).
+fn ca_rotation_reasons(w: &Winner, now: i64, policy: Policy) -> Vec<String> {
+    let renew = leaf_due(w.leaf, now, policy) || policy.force_leaf;
+    let mut reasons = Vec::new();
+    if policy.force_ca {
+        reasons.push("CA rotation requested (rotate --ca)".to_string());
+    }
+    if let Some(r) = ca_due(w.ca, now, policy) {
+        reasons.push(r);
         if renew {
-            rotate_reasons.push(
+            reasons.push(
                 "the leaf is due as well: it is renewed under the new CA, since a leaf renewed \
                  under the old one would be cut to the old CA's end"
                     .to_string(),
             );
         }
     }
-    if renew && !store_signs_winner {
-        rotate_reasons.push(format!(
+    if renew && !w.store_signs {
+        reasons.push(format!(
             "the leaf is due but no CA key for {:?} is stored in {}: a new CA is needed",
-            win_ca.subject,
+            w.ca.subject,
             contract::CA_KEY_SECRET
         ));
     }
     // Only a leaf that is due on its own: `rotate` asked for a leaf under this CA.
-    if leaf_due(win_leaf, now, policy) && store_signs_winner && rotate_reasons.is_empty() {
-        if let Some(r) = ca_due_before_renewed_leaf(win_ca, now, policy) {
-            rotate_reasons.push(r);
-        }
+    if leaf_due(w.leaf, now, policy) && w.store_signs && reasons.is_empty() {
+        reasons.extend(ca_due_before_renewed_leaf(w.ca, now, policy));
     }
-    let keep_dh = Some(win_bundle.dhparams.clone());
-    if !rotate_reasons.is_empty() {
-        let mut p = base(Action::RotateCa, rotate_reasons);
-        p.reusable_dhparams = keep_dh;
-        return finish(p);
+    reasons
+}
+
+/// Step 5: Valid and not due, but the copies differ. Repair copies only materials that chain to the
+/// stored CA: a copy of another CA (applied by hand, or by an attacker with write access to the
+/// TMM namespace) is never spread into the dSSM namespace.
+fn drift(seen: &Seen, w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
+    if seen.in_sync {
+        return None;
     }
-    if renew {
-        let reason = if !leaf_due(win_leaf, now, policy) {
-            "renewal requested (rotate)".to_string()
-        } else {
-            format!(
-                "the leaf expires at {}: less than {} left",
-                pki::format_time(win_leaf.not_after),
-                renew_window(win_leaf, policy.renew_before, "--renew-before")
-            )
-        };
-        let mut reasons = vec![
-            reason,
-            "the CA is not due: the leaf is renewed under it".into(),
-        ];
-        reasons.extend(next_leaf(win_ca, now, policy).note());
-        let mut p = base(Action::RenewLeaf, reasons);
-        p.reuse_store_ca = true;
-        p.reusable_dhparams = keep_dh;
-        return finish(p);
-    }
-    // 5. Valid and not due, but the copies differ. Repair copies only materials that chain to
-    // the stored CA: a copy of another CA (applied by hand, or by an attacker with write access
-    // to the TMM namespace) is never spread into the dSSM namespace.
-    if !in_sync && store_ca.is_some() && !store_signs_winner {
+    if seen.store_ca.is_some() && !w.store_signs {
         let mut reasons = vec![format!(
             "the copies differ and none chains to the CA stored in {}: new materials under that \
              CA, never a copy of a foreign CA",
             contract::CA_KEY_SECRET
         )];
-        reasons.extend(invalid.iter().cloned());
-        let mut p = base(Action::ReplaceInvalid, reasons);
-        p.reuse_store_ca = store_ca.is_some_and(|ca| ca_usable(ca, now, policy));
-        p.reusable_dhparams = keep_dh;
-        return finish(p);
+        reasons.extend(seen.invalid.iter().cloned());
+        let mut p = seen.new_materials(Action::ReplaceInvalid, reasons, now, policy);
+        p.reusable_dhparams = Some(w.bundle.dhparams.clone());
+        return Some(p);
     }
-    if !in_sync {
-        let mut reasons = vec![format!("the copies differ: {win_ns}'s valid copy wins")];
-        reasons.extend(invalid.iter().cloned());
-        let mut p = base(Action::Repair, reasons);
-        p.source = Some(win_bundle.clone());
-        p.source_namespace = Some(win_ns.clone());
-        return finish(p);
-    }
-    // 6. Fine. Made by hand? Then we only watch it.
-    let hand_made = copies.iter().any(|c| {
+    let mut reasons = vec![format!("the copies differ: {}'s valid copy wins", w.ns)];
+    reasons.extend(seen.invalid.iter().cloned());
+    let mut p = base(Action::Repair, reasons);
+    p.source = Some(w.bundle.clone());
+    p.source_namespace = Some(w.ns.clone());
+    Some(p)
+}
+
+/// Step 6: Fine. Made by hand? Then we only watch it.
+fn steady(seen: &Seen, w: &Winner, policy: Policy) -> Plan {
+    let hand_made = seen.copies.iter().any(|c| {
         [&c.certs, &c.keys]
             .iter()
             .any(|s| s.owner() != Some(&Owner::Us))
@@ -382,11 +476,11 @@ pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) ->
     let until = format!(
         "valid; the leaf is due for renewal at {}",
         pki::format_time(
-            renewal_time(win_leaf, policy.renew_before)
-                .min(renewal_time(win_ca, policy.ca_renew_before))
+            renewal_time(w.leaf, policy.renew_before)
+                .min(renewal_time(w.ca, policy.ca_renew_before))
         )
     );
-    finish(if hand_made {
+    if hand_made {
         base(
             Action::Adopt,
             vec![format!(
@@ -395,7 +489,7 @@ pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) ->
         )
     } else {
         base(Action::Nothing, vec![until])
-    })
+    }
 }
 
 fn renew_window(c: &Certificate, renew_before: Option<i64>, flag: &str) -> String {
@@ -471,21 +565,21 @@ fn ca_usable(ca: &Certificate, now: i64, policy: Policy) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pki::{issue_ca, issue_leaf, CaSigner, KeyAlgorithm, LeafRequest, Subject};
     use std::collections::BTreeMap;
     use time::{Duration, OffsetDateTime};
 
-    struct Made {
-        bundle: Bundle,
-        ca_key: Vec<u8>,
+    pub(crate) struct Made {
+        pub bundle: Bundle,
+        pub ca_key: Vec<u8>,
     }
 
     const DAY: i64 = 86_400;
 
     /// Materials issued `ago_days` before now, with these lifetimes.
-    fn made(ago_days: i64, ca_days: u32, days: u32) -> Made {
+    pub(crate) fn made(ago_days: i64, ca_days: u32, days: u32) -> Made {
         made_at(ago_days, ca_days, ago_days, days)
     }
 
@@ -584,6 +678,7 @@ mod tests {
         }
     }
 
+    /// Long: a table, one row per situation, read in one place.
     #[test]
     fn the_planner_picks_exactly_one_action_for_each_situation() {
         let fresh = made(1, 1000, 365);
@@ -765,7 +860,8 @@ mod tests {
         }
     }
 
-    /// The lifetimes issue: a renewal is a CA rotation only when the CA itself is due.
+    /// The lifetimes issue: a renewal is a CA rotation only when the CA itself is due. Long: a
+    /// table of lifetimes, one row per case.
     #[test]
     fn a_due_leaf_is_renewed_under_its_ca_unless_the_ca_is_due_or_would_be_first() {
         // (name, materials, policy, action, a reason must contain)

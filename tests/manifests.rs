@@ -210,7 +210,9 @@ fn every_alert_parses_as_promql_and_names_only_metrics_the_agent_exports() {
             "DssmCertificateInvalid",
             "DssmSecretsOutOfSync",
             "DssmRotationFailed",
-            "DssmCertAgentDown"
+            "DssmCertAgentDown",
+            "DssmTmmRestartPending",
+            "DssmTmmTargetNotReady"
         ]
     );
 

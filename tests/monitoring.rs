@@ -40,7 +40,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn the_alert_rules_pass_their_promtool_unit_tests() {
     let checked = promtool(&["check", "rules", rules_file().to_str().unwrap()]);
-    assert!(checked.contains("SUCCESS: 6 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "tests/alerts/rules_test.yaml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -101,8 +101,10 @@ fn api(p: &Prometheus, path: &str) -> Option<Value> {
     (v["status"] == "success").then(|| v["data"].clone())
 }
 
-/// The agent sees a leaf with 20 days left; Prometheus scrapes it, and its rules put
-/// DssmCertificateExpiringSoon pending (for: 1h) while the other alerts stay inactive.
+/// The agent sees a leaf with 20 days left, and the TMM target marked for a restart that
+/// `--no-restart` did not run; Prometheus scrapes it, and its rules put
+/// DssmCertificateExpiringSoon (for: 1h) and DssmTmmRestartPending (for: 2h) pending, on the
+/// agent's real per-target series, while the other alerts stay inactive.
 #[test]
 fn a_real_prometheus_scrapes_the_agent_and_evaluates_the_rules() {
     let env = TestEnv::spk();
@@ -118,7 +120,9 @@ fn a_real_prometheus_scrapes_the_agent_and_evaluates_the_rules() {
         let agent_seen = !alerts
             .iter()
             .any(|a| a["labels"]["alertname"] == "DssmCertAgentDown");
+        let named = |name: &str| alerts.iter().any(|a| a["labels"]["alertname"] == name);
         (agent_seen
+            && named("DssmTmmRestartPending")
             && alerts.iter().any(|a| {
                 a["labels"]["alertname"] == "DssmCertificateExpiringSoon"
                     && a["labels"]["namespace"] == "spk-ingress"
@@ -126,26 +130,43 @@ fn a_real_prometheus_scrapes_the_agent_and_evaluates_the_rules() {
             }))
         .then_some(alerts)
     });
+    let (expiry, pending): (Vec<&Value>, Vec<&Value>) = alerts
+        .iter()
+        .partition(|a| a["labels"]["alertname"] == "DssmCertificateExpiringSoon");
     for a in &alerts {
-        assert_eq!(
-            a["labels"]["alertname"], "DssmCertificateExpiringSoon",
-            "{a:#}"
-        );
-        assert_eq!(a["state"], "pending", "for: 1h has not passed: {a:#}");
+        assert_eq!(a["state"], "pending", "its for: has not passed: {a:#}");
+    }
+    for a in &expiry {
         assert_eq!(
             a["labels"]["key"], "dssm-cert.crt",
             "the CA has 10 years: {a:#}"
         );
     }
-    assert_eq!(alerts.len(), 2, "the leaf in both namespaces: {alerts:#?}");
+    assert_eq!(expiry.len(), 2, "the leaf in both namespaces: {alerts:#?}");
+    assert_eq!(pending.len(), 1, "{alerts:#?}");
+    assert_eq!(
+        (
+            &pending[0]["labels"]["alertname"],
+            &pending[0]["labels"]["namespace"],
+            &pending[0]["labels"]["target"]
+        ),
+        (
+            &Value::from("DssmTmmRestartPending"),
+            &Value::from("spk-ingress"),
+            &Value::from("deployment/f5-tmm")
+        ),
+        "{alerts:#?}"
+    );
 
     // Every rule evaluates without error on the real series.
     let groups = api(&prom, "/api/v1/rules").unwrap()["groups"].clone();
     let rules = groups[0]["rules"].as_array().unwrap();
-    assert_eq!(rules.len(), 6);
+    assert_eq!(rules.len(), 8);
     for r in rules {
         assert_eq!(r["health"], "ok", "{r:#}");
-        if r["name"] != "DssmCertificateExpiringSoon" {
+        if !["DssmCertificateExpiringSoon", "DssmTmmRestartPending"]
+            .contains(&r["name"].as_str().unwrap())
+        {
             assert_eq!(r["state"], "inactive", "{r:#}");
         }
     }

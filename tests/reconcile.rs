@@ -143,6 +143,68 @@ fn dry_run_prints_the_plan_and_makes_no_write_request() {
     assert!(env.secret("spk-utilities", "dssm-certs-secret").is_none());
 }
 
+/// The request the test cluster records for one line of the writes list ("secret NS/NAME:
+/// create, …", "secret NS/NAME: replace …", "deployment NS/NAME: …").
+fn request_of(line: &str) -> String {
+    let (object, change) = line.split_once(": ").expect("OBJECT: CHANGE");
+    let (kind, at) = object.split_once(' ').expect("KIND NS/NAME");
+    let (ns, name) = at.split_once('/').expect("NS/NAME");
+    match (kind, change.starts_with("create")) {
+        ("secret", true) => format!("POST /api/v1/namespaces/{ns}/secrets"),
+        ("secret", false) => format!("PUT /api/v1/namespaces/{ns}/secrets/{name}"),
+        (kind, _) => format!("PATCH /apis/apps/v1/namespaces/{ns}/{kind}s/{name}"),
+    }
+}
+
+/// Lines of `out` after one of `prefixes`, the prefix cut.
+fn after(out: &str, prefixes: &[&str]) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| prefixes.iter().find_map(|p| l.strip_prefix(p)))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn dry_run_lists_exactly_the_writes_the_executor_then_performs_in_order() {
+    let env = TestEnv::spk();
+    let install: &[&str] = &[
+        "reconcile",
+        "--key-algorithm",
+        "ecdsa-p256",
+        "--dhparam",
+        "ffdhe2048",
+    ];
+    let renew: &[&str] = &["rotate", "--key-algorithm", "ecdsa-p256"];
+    // First install: the CA key Secret, 2 copies of 2 Secrets, the mark, the CA key complete.
+    // Leaf renewal: the same seven, each a replace.
+    for (what, args) in [("first install", install), ("leaf renewal", renew)] {
+        let args: Vec<&str> = args.iter().copied().chain(["--no-restart"]).collect();
+        let dry_args: Vec<&str> = args.iter().copied().chain(["--dry-run"]).collect();
+        let (code, dry, err) = env.run(&dry_args);
+        assert_eq!(code, 0, "{what}: {dry}{err}");
+        let planned = after(&dry, &["  would write ", "  would mark "]);
+        assert_eq!(planned.len(), 7, "{what}: {dry}");
+        assert!(env.writes().is_empty(), "{what}: the dry run wrote");
+
+        let (code, out, err) = env.run(&args);
+        assert_eq!(code, 0, "{what}: {out}{err}");
+        assert_eq!(
+            planned,
+            after(&out, &["wrote ", "marked "]),
+            "{what}: {dry}\n{out}"
+        );
+        let requested: Vec<String> = env
+            .writes()
+            .into_iter()
+            .filter(|r| r.path.contains("/secrets") || r.path.contains("/deployments/"))
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        let expected: Vec<String> = planned.iter().map(|l| request_of(l)).collect();
+        assert_eq!(requested, expected, "{what}: {out}");
+        env.server.clear_requests();
+    }
+}
+
 #[test]
 fn cnf_uses_one_namespace_for_everything() {
     let env = TestEnv::cnf();

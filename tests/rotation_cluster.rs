@@ -10,7 +10,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::dssm_pods::{command, finish, rotate_args, scenarios, seeded, Bed, SETTLE};
+use support::dssm_pods::{
+    command, finish, published_on, rotate_args, scenarios, seeded, Bed, BedFigures,
+};
 use support::load::LoadConfig;
 use support::TestEnv;
 
@@ -161,7 +163,7 @@ fn rerun_until_unlocked(
 fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     let env = seeded();
     let (bed, load) = Bed::start(&env, LoadConfig::default());
-    std::thread::sleep(SETTLE);
+    load.settle();
     let rotate = rotate_args(true, Some("rolling"));
     let reconcile = [
         "reconcile",
@@ -237,4 +239,258 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
     assert!(store["metadata"]["annotations"]["dssm-certs.f5.com/rotation"].is_null());
     f.assert_unnoticed("CA rotation killed in each phase");
+}
+
+/// The three TMM targets of the spk-multi shape: (plural, namespace, name, how the binary names
+/// it).
+const TARGETS: [(&str, &str, &str, &str); 3] = [
+    (
+        "deployments",
+        "spk-ingress-a",
+        "f5-tmm",
+        "deployment spk-ingress-a/f5-tmm",
+    ),
+    (
+        "deployments",
+        "spk-ingress-b",
+        "f5-tmm",
+        "deployment spk-ingress-b/f5-tmm",
+    ),
+    ("daemonsets", "bnk-tmm", "tmm", "daemonset bnk-tmm/tmm"),
+];
+
+/// A target's workload as the API server holds it.
+fn workload(env: &TestEnv, (plural, ns, name, _): (&str, &str, &str, &str)) -> serde_json::Value {
+    env.server.get("apps", plural, ns, name).unwrap()
+}
+
+/// The pod-template annotation of `kubectl rollout restart` (null before the first).
+fn restarted_at(env: &TestEnv, t: (&str, &str, &str, &str)) -> serde_json::Value {
+    workload(env, t)["spec"]["template"]["metadata"]["annotations"]
+        ["kubectl.kubernetes.io/restartedAt"]
+        .clone()
+}
+
+/// Pods per target: a Deployment's replicas, a DaemonSet's one per node.
+fn expected_pods(env: &TestEnv, t: (&str, &str, &str, &str)) -> usize {
+    match t.0 {
+        "deployments" => workload(env, t)["spec"]["replicas"].as_u64().unwrap() as usize,
+        _ => env.server.with_state(|s| s.nodes.len()),
+    }
+}
+
+/// Every target back at its count of Ready pods, none of our marks left on it.
+fn assert_targets_restored(env: &TestEnv, counts: &[usize], what: &str) {
+    for (t, n) in TARGETS.iter().zip(counts) {
+        env.server.wait_until(
+            &format!("{what}: {} back at {n} Ready pods", t.3),
+            Duration::from_secs(30),
+            |s| {
+                s.list(support::apiserver::resource("", "pods"), Some(t.1))
+                    .iter()
+                    .filter(|p| {
+                        p["metadata"]["deletionTimestamp"].is_null()
+                            && p["status"]["conditions"].as_array().is_some_and(|c| {
+                                c.iter()
+                                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                            })
+                    })
+                    .count()
+                    == *n
+            },
+        );
+        let w = workload(env, *t);
+        let ours: Vec<&String> = w["metadata"]["annotations"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with("dssm-certs.f5.com/"))
+            .collect();
+        assert!(ours.is_empty(), "{what}: {} keeps {ours:?}", t.3);
+    }
+}
+
+/// Every target's namespace had a Ready pod at every sample, and at least `rolls` × its count
+/// of new pods (each rolling restart replaces every pod).
+fn assert_every_target_rolled(b: &BedFigures, counts: &[usize], rolls: usize, what: &str) {
+    for (t, n) in TARGETS.iter().zip(counts) {
+        assert!(
+            b.fewest_ready.get(t.1).is_some_and(|r| *r >= 1),
+            "{what}: {} had no Ready pod at some moment: {b:?}",
+            t.3
+        );
+        assert!(
+            b.new_tmm_pods.get(t.1).is_some_and(|p| *p >= rolls * n),
+            "{what}: {} not rolled {rolls} time(s) ({n} pods): {b:?}",
+            t.3
+        );
+    }
+}
+
+/// Several TMM instances (issue 14): `rotate` with the default strategy rolls each of the three
+/// targets, one at a time, while each target's pods write through the sentinels.
+#[test]
+fn rotate_with_three_tmm_targets_rolls_every_target_and_nobody_notices() {
+    let r = scenarios::multi_leaf_renewal();
+    let (f, b, out, env) = (&r.figures, &r.bed, &r.out, &r.env);
+    eprintln!("leaf renewal, three TMM targets: {f:?} {b:?}\n{out}");
+    assert_eq!(r.code, 0, "{out}");
+    assert!(out.contains("plan: renew-leaf"), "{out}");
+    let counts: Vec<usize> = TARGETS.iter().map(|t| expected_pods(env, *t)).collect();
+    for t in TARGETS {
+        assert!(
+            out.contains(&format!("rolling restart of {} (", t.3))
+                && out.contains(&format!("{} rolled out", t.3)),
+            "{}: {out}",
+            t.3
+        );
+        assert!(restarted_at(env, t).is_string(), "{}: not rolled", t.3);
+    }
+    assert!(
+        !out.contains("scaled"),
+        "a rolling restart never scales: {out}"
+    );
+    assert_targets_restored(env, &counts, "leaf renewal, three targets");
+    assert_every_target_rolled(b, &counts, 1, "leaf renewal, three targets");
+    let copies: Vec<_> = env
+        .copy_namespaces()
+        .iter()
+        .map(|ns| env.copy(ns).unwrap())
+        .collect();
+    assert!(copies.iter().all(|c| *c == copies[0]), "identical copies");
+    f.assert_unnoticed("leaf renewal with three TMM targets");
+}
+
+/// `rotate --ca` with three targets: each of the three phases rolls all three.
+#[test]
+fn rotate_ca_with_three_tmm_targets_rolls_every_target_in_each_phase_and_nobody_notices() {
+    let r = scenarios::multi_ca_rotation();
+    let (f, b, out, env) = (&r.figures, &r.bed, &r.out, &r.env);
+    eprintln!("CA rotation, three TMM targets: {f:?} {b:?}\n{out}");
+    assert_eq!(r.code, 0, "{out}");
+    assert!(out.contains("CA rotation complete"), "{out}");
+    let counts: Vec<usize> = TARGETS.iter().map(|t| expected_pods(env, *t)).collect();
+    // Per phase, in order: every target rolled, then the phase's summary line.
+    let mut rolled_per_phase: Vec<Vec<&str>> = vec![vec![]];
+    for l in out.lines() {
+        if let Some(t) = l.strip_prefix("rolling restart of ") {
+            rolled_per_phase.last_mut().unwrap().push(t);
+        } else if l.starts_with("CA rotation phase ") {
+            rolled_per_phase.push(vec![]);
+        }
+    }
+    let rolled_per_phase: Vec<Vec<String>> = rolled_per_phase
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.iter()
+                .map(|t| t.split(" (").next().unwrap().to_string())
+                .collect()
+        })
+        .collect();
+    let every: Vec<String> = TARGETS.iter().map(|t| t.3.to_string()).collect();
+    assert_eq!(
+        rolled_per_phase,
+        [every.clone(), every.clone(), every],
+        "{out}"
+    );
+    assert_targets_restored(env, &counts, "CA rotation, three targets");
+    assert_every_target_rolled(b, &counts, 3, "CA rotation, three targets");
+    f.assert_unnoticed("CA rotation with three TMM targets");
+}
+
+/// kill -9 of a leaf renewal once the first TMM target is rolled (its `tmm-restarted` record
+/// written): the next run finishes the other two and leaves the done one alone.
+#[test]
+fn a_rotation_killed_after_the_first_target_rolled_resumes_with_the_others_only() {
+    let env = published_on(scenarios::multi());
+    let counts: Vec<usize> = TARGETS.iter().map(|t| expected_pods(&env, *t)).collect();
+    let (bed, load) = Bed::start(&env, scenarios::multi_load());
+    load.settle();
+    let log = env.dir.path().join("killed.log");
+    let mut child = command(&env, &bed, &rotate_args(false, None))
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = |w: &serde_json::Value, k: &str| {
+        w["metadata"]["annotations"][format!("dssm-certs.f5.com/{k}")].clone()
+    };
+    // Killed as soon as the API server holds the first target's record: nothing after it ran.
+    let start = std::time::Instant::now();
+    let killed = loop {
+        let done = env.server.with_state(|s| {
+            let a = s
+                .get(
+                    support::apiserver::resource("apps", "deployments"),
+                    TARGETS[0].1,
+                    "f5-tmm",
+                )
+                .unwrap();
+            let done = !token(a, "tmm-restarted").is_null();
+            if done {
+                child.kill().unwrap(); // SIGKILL, while the API server is held
+            }
+            done
+        });
+        if done {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    child.wait().unwrap();
+    let first = std::fs::read_to_string(&log).unwrap();
+    assert!(killed, "the first target was never recorded done:\n{first}");
+    // The exact per-target state the killed run left.
+    let revision = token(&workload(&env, TARGETS[0]), "restart-needed");
+    assert!(revision.is_string(), "{first}");
+    let state: Vec<(serde_json::Value, serde_json::Value)> = TARGETS
+        .iter()
+        .map(|t| {
+            let w = workload(&env, *t);
+            (token(&w, "restart-needed"), token(&w, "tmm-restarted"))
+        })
+        .collect();
+    assert_eq!(
+        state,
+        [
+            (revision.clone(), revision.clone()),
+            (revision.clone(), serde_json::Value::Null),
+            (revision.clone(), serde_json::Value::Null),
+        ],
+        "(restart-needed, tmm-restarted) per target after the kill:\n{first}"
+    );
+    let rolled_a = restarted_at(&env, TARGETS[0]);
+    assert!(rolled_a.is_string(), "{first}");
+    // The next CronJob run, once the killed run's Lease has expired.
+    let reconcile = ["reconcile", "--key-algorithm", "ecdsa-p256"];
+    let (code, out) = loop {
+        let (code, out, err) = support::dssm_pods::run(&env, &bed, &reconcile);
+        if code != 5 {
+            break (code, out + &err);
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "{out}{err}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let (f, b) = finish(bed, load);
+    eprintln!("leaf renewal killed after the first of three targets: {f:?} {b:?}\n{first}\n--- resumed:\n{out}");
+    assert_eq!(code, 0, "{out}");
+    let rolled: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("rolling restart of "))
+        .map(|t| t.split(" (").next().unwrap())
+        .collect();
+    assert_eq!(rolled, [TARGETS[1].3, TARGETS[2].3], "{out}");
+    assert_eq!(
+        restarted_at(&env, TARGETS[0]),
+        rolled_a,
+        "the done target is not rolled again"
+    );
+    assert_targets_restored(&env, &counts, "after the resumed rotation");
+    assert_every_target_rolled(&b, &counts, 1, "killed and resumed");
+    f.assert_unnoticed("leaf renewal killed after the first target and resumed");
 }

@@ -56,9 +56,17 @@ fn three_phase_ca_rotation_from_seed_materials_under_load_fails_no_operation_and
 
 #[test]
 fn paused_switchover_moves_the_primary_under_load_without_losing_a_write() {
-    let (f, moved) = scenarios::paused_switchover(LoadConfig::default());
-    eprintln!("paused switchover: {f:?} {moved:?}");
+    let (f, moved, named) = scenarios::paused_switchover(LoadConfig::default());
+    eprintln!("paused switchover: {f:?} {moved:?}; the sentinels name {named:?}");
     assert_ne!(moved.old_primary, moved.new_primary);
+    // A client's retry asks another sentinel than its first try: a sentinel still naming the
+    // old primary sends it to a replica (READONLY), a failed request.
+    assert!(
+        named
+            .iter()
+            .all(|n| n.as_deref() == Some(moved.new_primary.as_str())),
+        "a sentinel still names another primary when the switchover ends: {named:?} {moved:?}"
+    );
     assert!(moved.paused_for < Duration::from_secs(10), "{moved:?}");
     f.assert_unnoticed("paused switchover");
 }

@@ -276,70 +276,47 @@ fn drift_in_one_tmm_namespace_is_repaired_and_only_its_target_is_marked() {
     assert!(!marked("daemonsets", BNK, "tmm"), "{out}");
 }
 
-fn rotate_restarts_every_target(strategy: &str, ca: bool) {
+/// The seeds' strategy with three targets. The rolling one needs dSSM pods running Redis: it is
+/// tested on the Redis bed, under load (tests/rotation_cluster.rs:
+/// `rotate_with_three_tmm_targets_rolls_every_target_and_nobody_notices`, its `rotate --ca`
+/// twin, and the kill -9 after the first target).
+#[test]
+fn a_scale_to_zero_ca_rotation_restarts_all_three_targets_with_their_counts_restored() {
     let env = multi();
     assert_eq!(env.run(&Multi::fast(&["reconcile"])).0, 0);
     env.assert_restored("after the first publish");
     let before = env.tmm_pods();
     env.server.clear_requests();
-    let mut args = vec!["rotate", "--strategy", strategy];
-    if ca {
-        args.push("--ca");
-    }
+    let args = ["rotate", "--strategy", "scale-to-zero", "--ca"];
     let (code, out, err) = env.run(&Multi::fast(&args));
-    assert_eq!(code, 0, "{strategy}: {out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
     env.assert_identical_copies(&[INGRESS_A, INGRESS_B, BNK]);
-    env.assert_restored(strategy);
+    env.assert_restored("scale-to-zero");
     assert!(
         all_replaced(&before, &env.tmm_pods()),
-        "{strategy}: every TMM pod restarted: {out}"
+        "every TMM pod restarted: {out}"
     );
     let writes = env.writes();
-    let stopped_ds = writes
-        .iter()
-        .any(|w| w == "PATCH /apis/apps/v1/namespaces/bnk-tmm/daemonsets/tmm");
+    // Both Deployments to zero and back; the DaemonSet stopped and started by patches.
     let scaled: Vec<&String> = writes.iter().filter(|w| w.ends_with("/scale")).collect();
-    match strategy {
-        "scale-to-zero" => {
-            // Both Deployments to zero and back; the DaemonSet stopped and started by patches.
-            assert_eq!(scaled.len(), 4, "{scaled:?}");
-            for ns in [INGRESS_A, INGRESS_B] {
-                assert!(
-                    out.contains(&format!("scaled deployment {ns}/f5-tmm to 0 (was 2)")),
-                    "{out}"
-                );
-            }
-            assert!(
-                out.contains(&format!("stopped daemonset {BNK}/tmm (was {NODES})")),
-                "{out}"
-            );
-        }
-        _ => {
-            assert!(
-                scaled.is_empty(),
-                "a rolling restart never scales: {scaled:?}"
-            );
-            for t in [
-                "deployment spk-ingress-a/f5-tmm",
-                "deployment spk-ingress-b/f5-tmm",
-                "daemonset bnk-tmm/tmm",
-            ] {
-                assert!(out.contains(&format!("{t} rolled out")), "{out}");
-            }
-        }
+    assert_eq!(scaled.len(), 4, "{scaled:?}");
+    for ns in [INGRESS_A, INGRESS_B] {
+        assert!(
+            out.contains(&format!("scaled deployment {ns}/f5-tmm to 0 (was 2)")),
+            "{out}"
+        );
     }
-    assert!(stopped_ds, "{writes:?}");
+    assert!(
+        out.contains(&format!("stopped daemonset {BNK}/tmm (was {NODES})")),
+        "{out}"
+    );
+    assert!(
+        writes
+            .iter()
+            .any(|w| w == "PATCH /apis/apps/v1/namespaces/bnk-tmm/daemonsets/tmm"),
+        "{writes:?}"
+    );
 }
-
-#[test]
-fn a_scale_to_zero_ca_rotation_restarts_all_three_targets_with_their_counts_restored() {
-    rotate_restarts_every_target("scale-to-zero", true);
-}
-
-// The rolling strategy (`kubectl rollout restart` per target, waited for as `kubectl rollout
-// status`) passed here as `a_rolling_leaf_renewal_rolls_all_three_targets` until the dSSM half
-// became Redis-aware: it now needs dSSM pods with IPs running Redis, which this process-less
-// test cluster has not. `rotate_restarts_every_target("rolling", false)` is kept for the bed.
 
 /// kill -9 while the targets are stopped (the second Deployment and the DaemonSet included):
 /// the next reconcile resumes, restores every target to its recorded count and finishes.

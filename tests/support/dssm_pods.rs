@@ -109,12 +109,40 @@ impl SecretSync {
 }
 
 /// What the stand-in kubelet saw.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BedFigures {
+    /// Time during which some TMM namespace (one target each) had no Ready pod.
     pub no_ready_tmm: Duration,
+    /// The fewest Ready TMM pods any TMM namespace had at a sample.
     pub fewest_ready_tmm: usize,
+    /// Per TMM namespace: the fewest Ready pods at a sample, and the pods created (replaced).
+    pub fewest_ready: BTreeMap<String, usize>,
+    pub new_tmm_pods: BTreeMap<String, usize>,
     /// dSSM pods (re)started as processes by the stand-in kubelet.
     pub started: usize,
+}
+
+/// Every namespace holding a TMM target: the `--tmm` targets', else the one TMM namespace.
+pub fn tmm_namespaces(env: &TestEnv) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for t in &env.tmm_targets {
+        let ns = t.split('/').next().unwrap().to_string();
+        if !v.contains(&ns) {
+            v.push(ns);
+        }
+    }
+    if v.is_empty() {
+        v.push(env.tmm_ns.clone());
+    }
+    v
+}
+
+/// One TMM namespace as the stand-in kubelet follows it: its Secrets, its clients (pods).
+struct TmmNamespace {
+    sync: SecretSync,
+    rolls: Vec<Arc<AtomicU64>>,
+    next_client: usize,
+    seen: BTreeSet<String>,
 }
 
 /// The stand-in kubelet, running until `finish`.
@@ -130,22 +158,38 @@ pub struct Bed {
 
 impl Bed {
     /// Starts a topology from `env`'s dSSM copy of the Secrets (each process on its own
-    /// kubelet-like mount), the TMM-like clients on mounts of the TMM copy, and the stand-in
-    /// kubelet. The pods that exist are adopted as the running processes.
+    /// kubelet-like mount), the TMM-like clients on mounts of the TMM copies (client `i` is a
+    /// pod of TMM namespace `i % n`: `cfg.clients` at least one per namespace), and the
+    /// stand-in kubelet. The pods that exist are adopted as the running processes.
     pub fn start(env: &TestEnv, cfg: LoadConfig) -> (Bed, Load) {
         let handle = env.server.handle();
-        let (dssm_ns, tmm_ns) = (env.dssm_ns.clone(), env.tmm_ns.clone());
+        let dssm_ns = env.dssm_ns.clone();
+        let tmm_nss = tmm_namespaces(env);
+        assert!(
+            cfg.clients >= tmm_nss.len(),
+            "one client at least per TMM namespace {tmm_nss:?}"
+        );
         let root = env.dir.path().join("bed");
         let (dssm_files, tmm_files) = handle.with_state(|s| {
             // From now on only the stand-in kubelet says when a dSSM pod is Ready.
             s.never_ready.push("f5-dssm-".into());
             (
                 secret_files(s, &dssm_ns).expect("the dSSM copy of the Secrets"),
-                secret_files(s, &tmm_ns).expect("the TMM copy of the Secrets"),
+                tmm_nss
+                    .iter()
+                    .map(|ns| {
+                        secret_files(s, ns)
+                            .unwrap_or_else(|| panic!("the copy of the Secrets in {ns}"))
+                    })
+                    .collect::<Vec<_>>(),
             )
         });
+        assert!(
+            tmm_files.iter().all(|f| *f == tmm_files[0]),
+            "the TMM copies differ before the start"
+        );
         let dssm_dir = write_files(&root.join("dssm-files"), &dssm_files);
-        let tmm_dir = write_files(&root.join("tmm-files"), &tmm_files);
+        let tmm_dir = write_files(&root.join("tmm-files"), &tmm_files[0]);
         let topology = Topology::start_with(|_, dir| {
             KubeletMount::create(dir, &dssm_dir);
         });
@@ -164,14 +208,34 @@ impl Bed {
             seen: None,
             staging: root.join("dssm-staging"),
         };
-        let mut tmm_sync = SecretSync {
-            ns: tmm_ns.clone(),
-            mounts: load.client_mounts.iter().map(|m| m.dir.clone()).collect(),
-            applied: Some(tmm_files),
-            seen: None,
-            staging: root.join("tmm-staging"),
-        };
         let rolls = load.roll_handles();
+        let n = tmm_nss.len();
+        let mut tmm: Vec<TmmNamespace> = tmm_nss
+            .iter()
+            .zip(tmm_files)
+            .enumerate()
+            .map(|(k, (ns, files))| {
+                let mine = |i: &usize| i % n == k;
+                TmmNamespace {
+                    sync: SecretSync {
+                        ns: ns.clone(),
+                        mounts: (0..load.client_mounts.len())
+                            .filter(mine)
+                            .map(|i| load.client_mounts[i].dir.clone())
+                            .collect(),
+                        applied: Some(files),
+                        seen: None,
+                        staging: root.join(format!("tmm-staging-{ns}")),
+                    },
+                    rolls: (0..rolls.len())
+                        .filter(mine)
+                        .map(|i| rolls[i].clone())
+                        .collect(),
+                    next_client: 0,
+                    seen: handle.with_state(|s| pods_of(s, ns).iter().map(uid).collect()),
+                }
+            })
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -179,12 +243,6 @@ impl Bed {
             let mut figures = BedFigures {
                 fewest_ready_tmm: usize::MAX,
                 ..Default::default()
-            };
-            let pods_of = |s: &State, ns: &str| -> Vec<Value> {
-                s.list(resource("", "pods"), Some(ns))
-                    .into_iter()
-                    .cloned()
-                    .collect()
             };
             // Adopt what runs: every dSSM pod is its process.
             let mut running: BTreeMap<String, String> = handle.with_state(|s| {
@@ -196,38 +254,48 @@ impl Bed {
                     })
                     .collect()
             });
-            let mut tmm_seen: BTreeSet<String> =
-                handle.with_state(|s| pods_of(s, &tmm_ns).iter().map(uid).collect());
-            let mut next_client = 0usize;
             let mut last = Instant::now();
             while !stop2.load(Ordering::Relaxed) {
-                let (dssm, tmm, dssm_secret, tmm_secret) = handle.with_state(|s| {
+                let (dssm, dssm_secret, tmm_now) = handle.with_state(|s| {
                     (
                         pods_of(s, &dssm_ns),
-                        pods_of(s, &tmm_ns),
                         secret_files(s, &dssm_sync.ns),
-                        secret_files(s, &tmm_sync.ns),
+                        tmm.iter()
+                            .map(|n| (pods_of(s, &n.sync.ns), secret_files(s, &n.sync.ns)))
+                            .collect::<Vec<_>>(),
                     )
                 });
-                // TMM: Ready pods as the API server shows them; a new pod is a new process.
-                let ready_tmm = tmm
-                    .iter()
-                    .filter(|p| ready(p) && !terminating(p) && !terminal(p))
-                    .count();
                 let now = Instant::now();
-                if ready_tmm == 0 {
+                let mut any_without_ready = false;
+                for (n, (pods, secret)) in tmm.iter_mut().zip(tmm_now) {
+                    // Ready pods as the API server shows them; a new pod is a new process.
+                    let ready_tmm = pods
+                        .iter()
+                        .filter(|p| ready(p) && !terminating(p) && !terminal(p))
+                        .count();
+                    any_without_ready |= ready_tmm == 0;
+                    figures.fewest_ready_tmm = figures.fewest_ready_tmm.min(ready_tmm);
+                    let fewest = figures
+                        .fewest_ready
+                        .entry(n.sync.ns.clone())
+                        .or_insert(usize::MAX);
+                    *fewest = (*fewest).min(ready_tmm);
+                    for p in pods.iter().filter(|p| !terminating(p) && !terminal(p)) {
+                        if n.seen.insert(uid(p)) {
+                            *figures.new_tmm_pods.entry(n.sync.ns.clone()).or_default() += 1;
+                            if !n.rolls.is_empty() {
+                                bump(&n.rolls[n.next_client % n.rolls.len()]);
+                                n.next_client += 1;
+                            }
+                        }
+                    }
+                    n.sync.tick(secret);
+                }
+                if any_without_ready {
                     figures.no_ready_tmm += now - last;
                 }
                 last = now;
-                figures.fewest_ready_tmm = figures.fewest_ready_tmm.min(ready_tmm);
-                for p in tmm.iter().filter(|p| !terminating(p) && !terminal(p)) {
-                    if tmm_seen.insert(uid(p)) && !rolls.is_empty() {
-                        bump(&rolls[next_client % rolls.len()]);
-                        next_client += 1;
-                    }
-                }
                 dssm_sync.tick(dssm_secret);
-                tmm_sync.tick(tmm_secret);
                 // dSSM: a deleted pod stops its process, its replacement starts it.
                 for p in &dssm {
                     let Some(name) = p["metadata"]["name"].as_str() else {
@@ -275,6 +343,13 @@ impl Bed {
     }
 }
 
+fn pods_of(s: &State, ns: &str) -> Vec<Value> {
+    s.list(resource("", "pods"), Some(ns))
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
 fn bump(roll: &AtomicU64) {
     roll.fetch_add(1, Ordering::Relaxed);
 }
@@ -298,9 +373,6 @@ fn mark_ready(handle: &StateHandle, ns: &str, name: &str, id: &str) {
     });
 }
 
-/// Lets the clients settle before and after the change, so the figures cover steady load.
-pub const SETTLE: Duration = Duration::from_millis(1500);
-
 /// The binary against the bed: `--redis-endpoint` maps every dSSM pod to its process, the
 /// probe goes to a sentinel, and a killed run's Lease is waited out quickly.
 pub fn command(env: &TestEnv, bed: &Bed, args: &[&str]) -> std::process::Command {
@@ -311,11 +383,9 @@ pub fn command(env: &TestEnv, bed: &Bed, args: &[&str]) -> std::process::Command
         .env("HOME", env.dir.path())
         .env("DSSM_CERTS_REDIS_ENDPOINT", &bed.redis_endpoints)
         .args(args)
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args())
         .args([
-            "--dssm-namespace",
-            &env.dssm_ns,
-            "--tmm-namespace",
-            &env.tmm_ns,
             "--probe-endpoint",
             &bed.sentinel,
             "--probe-server-name",
@@ -337,7 +407,7 @@ pub fn run(env: &TestEnv, bed: &Bed, args: &[&str]) -> (i32, String, String) {
 /// Stops the load and the stand-in kubelet; reads the counters back as a client holding the
 /// dSSM copy of the Secrets now.
 pub fn finish(bed: Bed, load: Load) -> (Figures, BedFigures) {
-    std::thread::sleep(SETTLE);
+    load.settle();
     let reader = bed.root.join("reader");
     let (topology, b) = bed.finish();
     let files = topology.get("db-0").mount.clone();
@@ -353,7 +423,11 @@ pub fn finish(bed: Bed, load: Load) -> (Figures, BedFigures) {
 
 /// Managed materials (with the CA key in its Secret), published before the processes start.
 pub fn published() -> TestEnv {
-    let env = TestEnv::spk();
+    published_on(TestEnv::spk())
+}
+
+/// `published`, on `env` (e.g. `TestEnv::spk_multi`: every TMM namespace gets its copy).
+pub fn published_on(env: TestEnv) -> TestEnv {
     let (code, out, err) = env.reconcile(&["--no-restart"]);
     assert_eq!(code, 0, "{out}{err}");
     env
@@ -362,7 +436,11 @@ pub fn published() -> TestEnv {
 /// The seeds' materials (openssl CLI: RSA CA, v1 leaf without AKI), put by hand in both
 /// namespaces, as a seed-made cluster has them.
 pub fn seeded() -> TestEnv {
-    let env = TestEnv::spk();
+    seeded_on(TestEnv::spk())
+}
+
+/// `seeded`, on `env`: the seeds' copy in every namespace that holds one.
+pub fn seeded_on(env: TestEnv) -> TestEnv {
     let seed = env.dir.path().join("seed");
     std::fs::create_dir_all(&seed).unwrap();
     super::seed_materials(&seed, false);
@@ -373,7 +451,7 @@ pub fn seeded() -> TestEnv {
         read("dssm-key.key"),
         read("dhparam2048.pem"),
     );
-    for ns in [env.dssm_ns.clone(), env.tmm_ns.clone()] {
+    for ns in env.copy_namespaces() {
         env.put_secret(
             &ns,
             "dssm-certs-secret",
@@ -399,8 +477,13 @@ pub struct Run {
 
 /// `args` run once under load against a bed started on `env`'s Secrets.
 pub fn rotate_under_load(env: TestEnv, args: &[&str]) -> Run {
-    let (bed, load) = Bed::start(&env, LoadConfig::default());
-    std::thread::sleep(SETTLE);
+    rotate_under(env, LoadConfig::default(), args)
+}
+
+/// `rotate_under_load` with `cfg`'s clients.
+pub fn rotate_under(env: TestEnv, cfg: LoadConfig, args: &[&str]) -> Run {
+    let (bed, load) = Bed::start(&env, cfg);
+    load.settle();
     let (code, out, err) = run(&env, &bed, args);
     let (figures, b) = finish(bed, load);
     Run {
@@ -442,5 +525,39 @@ pub mod scenarios {
     /// at once.
     pub fn scale_to_zero() -> Run {
         rotate_under_load(seeded(), &rotate_args(true, Some("scale-to-zero")))
+    }
+
+    /// The spk-multi shape (`TestEnv::spk_multi` under the kustomize overlay's RBAC): f5-tmm
+    /// in spk-ingress-a and spk-ingress-b, the DaemonSet `tmm` in bnk-tmm, one dSSM.
+    pub fn multi() -> TestEnv {
+        let env = TestEnv::spk_multi(&super::super::apiserver::render_overlay("spk-multi"));
+        // The default grace again (spk_multi slows terminations for its RBAC exercise): the
+        // rollouts of three targets in each of three phases stay short.
+        env.server.with_state(|s| {
+            s.timing.pod_grace = super::super::apiserver::store::Timing::default().pod_grace
+        });
+        env
+    }
+
+    /// One client per TMM target.
+    pub fn multi_load() -> LoadConfig {
+        LoadConfig {
+            clients: 3,
+            ..LoadConfig::default()
+        }
+    }
+
+    /// (a) with three TMM targets: the leaf renewal, the default strategy.
+    pub fn multi_leaf_renewal() -> Run {
+        rotate_under(
+            published_on(multi()),
+            multi_load(),
+            &rotate_args(false, None),
+        )
+    }
+
+    /// (b) with three TMM targets: the three-phase CA rotation from the seeds' materials.
+    pub fn multi_ca_rotation() -> Run {
+        rotate_under(seeded_on(multi()), multi_load(), &rotate_args(true, None))
     }
 }

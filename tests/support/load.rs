@@ -189,6 +189,8 @@ pub struct Figures {
     pub samples: usize,
     /// Time with no Ready TMM pod, as the cluster saw it (runs through the test cluster only).
     pub no_ready_tmm: Duration,
+    /// Why the first few failed operations failed (both attempts), so a failure names its cause.
+    pub failures: Vec<String>,
 }
 
 impl Figures {
@@ -213,7 +215,11 @@ struct ClientStats {
     failed_after_retry: u64,
     retried: u64,
     longest_gap: Duration,
+    failures: Vec<String>,
 }
+
+/// The failed operations whose causes a run keeps (enough to see a pattern, not a flood).
+const FAILURES_KEPT: usize = 5;
 
 #[derive(Clone, Copy)]
 pub struct LoadConfig {
@@ -238,10 +244,16 @@ impl Default for LoadConfig {
     }
 }
 
+/// How many acknowledged writes each client makes before and after a change (`Load::settle`).
+pub const SETTLE_WRITES: u64 = 50;
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// TMM-like clients writing through the sentinels, and a readiness sampler, until `finish`.
 pub struct Load {
     stop: Arc<AtomicBool>,
     rolls: Vec<Arc<AtomicU64>>,
+    /// Each client's acknowledged writes so far, for `settle`.
+    acks: Vec<Arc<AtomicU64>>,
     pub client_mounts: Vec<KubeletMount>,
     clients: Vec<JoinHandle<ClientStats>>,
     sampler: JoinHandle<(usize, usize, usize)>,
@@ -253,16 +265,31 @@ fn connect_primary(
     sentinels: &[String],
     first: usize,
     deadline: Instant,
-) -> Option<Connection> {
+) -> Result<Connection, String> {
     // Reconnecting re-reads the mount: a rolled TMM pod starts with the current files.
-    let tls = TlsClient::new(&ClientMaterials::from_dir(mount).ok()?, true).ok()?;
+    let materials = ClientMaterials::from_dir(mount).map_err(|e| e.to_string())?;
+    let tls = TlsClient::new(&materials, true).map_err(|e| e.to_string())?;
+    let mut asked = Vec::new();
     let primary = (0..sentinels.len())
         .map(|i| &sentinels[(first + i) % sentinels.len()])
         .find_map(|s| {
-            let mut c = Connection::connect(&tls, s, SERVER_NAME, deadline).ok()?;
-            primary_addr(&mut c, MASTER, deadline).ok().flatten()
-        })?;
-    Connection::connect(&tls, &primary, SERVER_NAME, deadline).ok()
+            let answer = Connection::connect(&tls, s, SERVER_NAME, deadline)
+                .and_then(|mut c| primary_addr(&mut c, MASTER, deadline));
+            match answer {
+                Ok(Some(p)) => Some(p),
+                Ok(None) => {
+                    asked.push(format!("{s}: no primary"));
+                    None
+                }
+                Err(e) => {
+                    asked.push(format!("{s}: {e}"));
+                    None
+                }
+            }
+        })
+        .ok_or_else(|| format!("no sentinel named a primary: {asked:?}"))?;
+    Connection::connect(&tls, &primary, SERVER_NAME, deadline)
+        .map_err(|e| format!("connect to {primary} (named by the sentinels): {e}"))
 }
 
 fn write_once(
@@ -272,20 +299,20 @@ fn write_once(
     first: usize,
     key: &str,
     timeout: Duration,
-) -> bool {
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     if conn.is_none() {
-        *conn = connect_primary(mount, sentinels, first, deadline);
+        *conn = Some(connect_primary(mount, sentinels, first, deadline)?);
     }
-    let Some(c) = conn.as_mut() else {
-        return false;
+    let c = conn.as_mut().expect("connected above");
+    let to = c.endpoint().to_string();
+    let answer = match c.command(&["SET", key, "1"], deadline) {
+        Ok(Value::Simple(ref s)) if s == "OK" => return Ok(()),
+        Ok(v) => format!("SET on {to}: {v:?}"),
+        Err(e) => format!("SET on {to}: {e}"),
     };
-    let ok =
-        matches!(c.command(&["SET", key, "1"], deadline), Ok(Value::Simple(ref s)) if s == "OK");
-    if !ok {
-        *conn = None;
-    }
-    ok
+    *conn = None;
+    Err(answer)
 }
 
 fn up(t: &Target) -> bool {
@@ -306,14 +333,17 @@ impl Load {
             .collect();
         let prefix = format!("tmm:{}", timestamped_name());
         let mut rolls = Vec::new();
+        let mut acks = Vec::new();
         let mut client_mounts = Vec::new();
         let mut clients = Vec::new();
         for i in 0..cfg.clients {
             let mount = KubeletMount::create(&t.root.path().join(format!("tmm-{i}")), client_files);
             let roll = Arc::new(AtomicU64::new(0));
-            let (stop, roll2, sentinels, dir) = (
+            let acked = Arc::new(AtomicU64::new(0));
+            let (stop, roll2, acked2, sentinels, dir) = (
                 stop.clone(),
                 roll.clone(),
+                acked.clone(),
                 sentinels.clone(),
                 mount.dir.clone(),
             );
@@ -323,6 +353,7 @@ impl Load {
                 let mut conn = None;
                 let mut seen_roll = 0;
                 let mut last_ack = Instant::now();
+                let started = Instant::now();
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) && s.ops < cfg.max_ops {
                     if roll2.load(Ordering::Relaxed) != seen_roll {
@@ -332,14 +363,22 @@ impl Load {
                     let key = format!("{prefix}:{i}:{}", s.ops);
                     s.ops += 1;
                     let mut ok = write_once(&mut conn, &dir, &sentinels, i, &key, cfg.op_timeout);
-                    if !ok {
+                    if let Err(first) = &ok {
                         s.retried += 1;
-                        ok = write_once(&mut conn, &dir, &sentinels, i + 1, &key, cfg.op_timeout);
+                        let first = format!("{:.2?} in: {first}", started.elapsed());
+                        ok = write_once(&mut conn, &dir, &sentinels, i + 1, &key, cfg.op_timeout)
+                            .map_err(|retry| format!("{first}; retry: {retry}"));
                     }
-                    if ok {
+                    if let Err(why) = &ok {
+                        if s.failures.len() < FAILURES_KEPT {
+                            s.failures.push(format!("client {i}, {key}: {why}"));
+                        }
+                    }
+                    if ok.is_ok() {
                         s.longest_gap = s.longest_gap.max(last_ack.elapsed());
                         last_ack = Instant::now();
                         s.acked.push(key);
+                        acked2.fetch_add(1, Ordering::Relaxed);
                     } else {
                         s.failed_after_retry += 1;
                     }
@@ -350,6 +389,7 @@ impl Load {
                 s
             }));
             rolls.push(roll);
+            acks.push(acked);
             client_mounts.push(mount);
         }
         let targets: Vec<Target> = t
@@ -378,11 +418,49 @@ impl Load {
         Load {
             stop,
             rolls,
+            acks,
             client_mounts,
             clients,
             sampler,
             sentinels,
         }
+    }
+
+    /// Waits until every client has `writes` more acknowledged writes than now: the figures then
+    /// cover steady load on both sides of a change, without a fixed sleep. Bounded by `timeout`.
+    pub fn wait_progress(&self, writes: u64, timeout: Duration) {
+        let from: Vec<u64> = self
+            .acks
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let start = Instant::now();
+        loop {
+            let behind: Vec<(usize, u64)> = self
+                .acks
+                .iter()
+                .zip(&from)
+                .enumerate()
+                .filter_map(|(i, (a, f))| {
+                    let done = a.load(Ordering::Relaxed) - f;
+                    (done < writes).then_some((i, done))
+                })
+                .collect();
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "clients (index, new acked writes) still under {writes} after {timeout:?}: {behind:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `wait_progress` by `SETTLE_WRITES`: every client writing steadily (about half a second
+    /// at the default rate).
+    pub fn settle(&self) {
+        self.wait_progress(SETTLE_WRITES, SETTLE_TIMEOUT);
     }
 
     /// Each client's "pod replaced" counter: bumping one makes that client reconnect, reading
@@ -438,6 +516,7 @@ impl Load {
             min_dbs_up,
             min_sentinels_up,
             samples,
+            failures: stats.iter().flat_map(|s| s.failures.clone()).collect(),
             no_ready_tmm: Duration::ZERO,
         }
     }
@@ -533,8 +612,6 @@ impl Pods for SwapOnRestart<'_> {
 pub mod scenarios {
     use super::*;
 
-    /// Lets the clients settle before and after the change, so the figures cover steady load.
-    const SETTLE: Duration = Duration::from_millis(1500);
     const ROLL_GAP: Duration = Duration::from_millis(500);
 
     fn start(files: &Path, cfg: LoadConfig) -> (Topology, Load) {
@@ -542,7 +619,7 @@ pub mod scenarios {
             KubeletMount::create(dir, files);
         });
         let load = Load::start(&t, files, cfg);
-        std::thread::sleep(SETTLE);
+        load.settle();
         (t, load)
     }
 
@@ -566,7 +643,7 @@ pub mod scenarios {
         };
         roll_dssm_mounted(&mut t, &new, &tool, proof, sub_path);
         load.roll_clients(&new, ROLL_GAP);
-        std::thread::sleep(SETTLE);
+        load.settle();
         load.finish(&new)
     }
 
@@ -612,7 +689,7 @@ pub mod scenarios {
         rollout::execute(&steps, &mut pods, &cx, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         let restarted = pods.restarted;
         load.roll_clients(&new, ROLL_GAP);
-        std::thread::sleep(SETTLE);
+        load.settle();
         (load.finish(&new), restarted)
     }
 
@@ -710,7 +787,7 @@ pub mod scenarios {
         };
         roll_dssm(&mut t, &m.drop, &drop, proof);
         load.roll_clients(&m.drop, ROLL_GAP);
-        std::thread::sleep(SETTLE);
+        load.settle();
         load.finish(&m.drop)
     }
 
@@ -728,14 +805,18 @@ pub mod scenarios {
         load.roll_clients(&m.drop, Duration::ZERO);
         t.restart_all();
         t.wait_healthy(Duration::from_secs(60));
-        std::thread::sleep(SETTLE);
+        load.settle();
         load.finish(&m.drop)
     }
 
     /// The primary moved to a replica by a paused switchover while the clients write.
     pub fn paused_switchover(
         cfg: LoadConfig,
-    ) -> (Figures, dssm_certs::redis::switchover::Switchover) {
+    ) -> (
+        Figures,
+        dssm_certs::redis::switchover::Switchover,
+        Vec<Option<String>>,
+    ) {
         let tmp = super::super::tempdir();
         let ca = Ca::new(
             "O=Redis Test, CN=Certificate Authority",
@@ -756,8 +837,20 @@ pub mod scenarios {
             Instant::now() + Duration::from_secs(30),
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        // Asked the moment the switchover returns, before anything settles.
+        let tls = tls_client(&files);
+        let named: Vec<Option<String>> = sentinels
+            .iter()
+            .map(|s| {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                Connection::connect(&tls, s, SERVER_NAME, deadline)
+                    .and_then(|mut c| primary_addr(&mut c, MASTER, deadline))
+                    .ok()
+                    .flatten()
+            })
+            .collect();
         t.wait_healthy(Duration::from_secs(60));
-        std::thread::sleep(SETTLE);
-        (load.finish(&files), moved)
+        load.settle();
+        (load.finish(&files), moved, named)
     }
 }

@@ -1,0 +1,968 @@
+//! Writes as data: from the observation, the plan and the materials to publish, the ordered list
+//! of writes of one pass (DESIGN §5: new materials saved first with the CA key, marked pending;
+//! then the dSSM namespace's copies, then each TMM namespace's; then the restart marks on the TMM
+//! targets; then the CA key Secret marked complete). Pure: dry-run prints this list and the
+//! executor (`reconcile`) performs it, in order, stopping at the first failure.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::cluster::{secret_obs, Observation};
+use crate::contract;
+use crate::materials::{annotations, store_keys, Bundle, SecretObs};
+use crate::pki::{self, SecretBytes};
+use crate::plan::{Action, Plan, StoreState};
+use crate::rotation::{self, Phase};
+use crate::targets::TmmTarget;
+
+/// Where copies live and what is restarted.
+#[derive(Debug, Clone)]
+pub struct Places {
+    pub dssm_ns: String,
+    /// dSSM's first, then every TMM namespace that differs, each once.
+    pub namespaces: Vec<String>,
+    pub targets: Vec<TmmTarget>,
+}
+
+/// What the writes publish.
+#[derive(Clone, Copy)]
+pub enum Content<'a> {
+    /// The bundle to publish, with the new CA key when it is new material (saved first).
+    Bundle {
+        bundle: &'a Bundle,
+        ca_key: Option<&'a SecretBytes>,
+    },
+    /// Dry run of new materials, not issued yet (issuing is slow and random): `reused_ca` is the
+    /// CA certificate they will be issued under, when the stored CA is reused.
+    ToBeIssued { reused_ca: Option<&'a [u8]> },
+}
+
+impl Content<'_> {
+    pub fn bundle(&self) -> Option<&Bundle> {
+        match self {
+            Content::Bundle { bundle, .. } => Some(bundle),
+            Content::ToBeIssued { .. } => None,
+        }
+    }
+
+    /// The CA certificate published, when known (a new CA is not).
+    fn ca_cert(&self) -> Option<&[u8]> {
+        match self {
+            Content::Bundle { bundle, .. } => Some(&bundle.ca_cert),
+            Content::ToBeIssued { reused_ca } => *reused_ca,
+        }
+    }
+}
+
+/// The resourceVersion a replace relies on (409 Conflict when someone wrote in between).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// The Secret does not exist (409 AlreadyExists when someone created it).
+    Create,
+    /// The Secret as observed.
+    Replace { resource_version: String },
+    /// The Secret as the write at this index of the list left it.
+    ReplaceWritten { index: usize },
+}
+
+/// Secret data, by key. Holds private keys: `Debug` shows key names only, and the values are
+/// wiped when the write goes.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Data(pub BTreeMap<String, Vec<u8>>);
+
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl Drop for Data {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.0.values_mut().for_each(Zeroize::zeroize);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretWrite {
+    pub namespace: String,
+    pub name: &'static str,
+    pub precondition: Precondition,
+    /// None only in a dry run of new materials (not issued yet): never performed.
+    pub data: Option<Data>,
+    /// Our annotations it sets (revision, state, fingerprints, notAfter, phase, rotation record).
+    pub annotations: BTreeMap<String, String>,
+    /// What changes, for people: never key material.
+    pub summary: String,
+}
+
+/// A TMM target told that new materials wait for a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub target: TmmTarget,
+    pub revision: u64,
+    /// Some copy held another CA: old and new pods cannot talk (no rolling restart).
+    pub ca_changed: bool,
+}
+
+impl Mark {
+    /// The annotations the mark sets on the workload.
+    pub fn changes(&self) -> Vec<(&'static str, Option<String>)> {
+        let mut v = vec![(annotations::RESTART_NEEDED, Some(self.revision.to_string()))];
+        if self.ca_changed {
+            v.push((annotations::CA_CHANGED, Some("true".into())));
+        }
+        v
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Secret(SecretWrite),
+    Mark(Mark),
+}
+
+impl Write {
+    /// One line naming the object and what changes; dry-run prints it after "would write" /
+    /// "would mark", the executor after "wrote" / "marked".
+    pub fn line(&self) -> String {
+        match self {
+            Write::Secret(s) => {
+                let how = match &s.precondition {
+                    Precondition::Create => "create".to_string(),
+                    Precondition::Replace { resource_version } => {
+                        format!("replace resourceVersion {resource_version}")
+                    }
+                    Precondition::ReplaceWritten { index } => {
+                        format!("replace what write {} left", index + 1)
+                    }
+                };
+                format!("secret {}/{}: {how}, {}", s.namespace, s.name, s.summary)
+            }
+            Write::Mark(m) => {
+                let changes: Vec<String> = m
+                    .changes()
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={}", v.unwrap_or_default()))
+                    .collect();
+                format!("{}: {}", m.target, changes.join(", "))
+            }
+        }
+    }
+
+    /// ("write", "wrote") or ("mark", "marked").
+    pub fn verbs(&self) -> (&'static str, &'static str) {
+        match self {
+            Write::Secret(_) => ("write", "wrote"),
+            Write::Mark(_) => ("mark", "marked"),
+        }
+    }
+}
+
+/// On the CA key Secret while a rotation is pending: whether it changes the CA.
+pub const PENDING_CA_CHANGED: &str = annotations::CA_CHANGED;
+/// On the CA key Secret while a rotation is pending: the action that made it.
+pub const PENDING_ACTION: &str = annotations::ACTION;
+
+/// What a pass relies on besides the plan.
+pub struct Input<'a> {
+    pub places: &'a Places,
+    pub obs: &'a Observation,
+    pub plan: &'a Plan,
+    pub revision: u64,
+    pub content: Content<'a>,
+    /// A rolling CA rotation starts from this deployed bundle: only the store is written, with
+    /// the rotation record (`rotation::drive` writes the copies phase by phase).
+    pub phased_from: Option<&'a Bundle>,
+}
+
+/// The ordered writes of one pass (DESIGN §5): a crash between any two is finished by the next
+/// run from what the first one saved.
+pub fn writes(i: &Input) -> Vec<Write> {
+    let mut list = Vec::new();
+    let new_materials = i.plan.action.needs_new_materials();
+    // 1. New materials are saved first, marked pending, with the CA key.
+    if new_materials {
+        list.push(Write::Secret(save_pending(i)));
+        if i.phased_from.is_some() {
+            return list;
+        }
+    }
+    // 2. The dSSM copies, then 3. the TMM copies.
+    let copies = copies(i.places, i.obs, i.content.bundle(), i.revision, None);
+    let in_ns = |ns: &str| copies.iter().any(|c| c.namespace == ns);
+    // 4. TMM and dSSM must restart to use new files: all targets when new materials were made,
+    // a rotation resumed or the dSSM copies changed (dSSM restarts, and every TMM must follow);
+    // else only those whose namespace got a copy. A resumed rotation marks even when every copy
+    // was already written: the run that wrote them may have died before marking.
+    let all = i.plan.action != Action::Repair || in_ns(&i.places.dssm_ns);
+    let marked: Vec<TmmTarget> = if new_materials || !copies.is_empty() || resumes(i.plan) {
+        (i.places.targets.iter())
+            .filter(|t| all || in_ns(&t.namespace))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let ca_changed = ca_changed(i);
+    list.extend(copies.into_iter().map(Write::Secret));
+    list.extend(marked.into_iter().map(|target| {
+        Write::Mark(Mark {
+            target,
+            revision: i.revision,
+            ca_changed,
+        })
+    }));
+    // 5. The rotation is complete: the store keeps the CA, the pending copy goes.
+    if let Some(w) = complete(i, new_materials.then_some(0)) {
+        list.push(Write::Secret(w));
+    }
+    list
+}
+
+fn resumes(plan: &Plan) -> bool {
+    plan.action == Action::Resume
+}
+
+/// The revision the writes carry: a resumed rotation keeps its own, else one past the highest
+/// found on any Secret.
+pub fn revision(obs: &Observation, plan: &Plan, store: &StoreState) -> u64 {
+    match (&plan.action, store) {
+        (Action::Resume, StoreState::Valid { revision, .. }) => *revision,
+        _ => highest_revision(obs) + 1,
+    }
+}
+
+fn highest_revision(obs: &Observation) -> u64 {
+    let from = |s: &SecretObs| match s {
+        SecretObs::Present { annotations: a, .. } => a
+            .get(annotations::REVISION)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0),
+        SecretObs::Missing => 0,
+    };
+    obs.copies
+        .iter()
+        .flat_map(|c| [from(&c.certs), from(&c.keys)])
+        .chain([from(&obs.store)])
+        .max()
+        .unwrap_or(0)
+}
+
+fn precondition(obs: &Observation, ns: &str, name: &str) -> Precondition {
+    match obs.raw.get(&(ns.to_string(), name.to_string())) {
+        Some(s) => Precondition::Replace {
+            resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
+        },
+        None => Precondition::Create,
+    }
+}
+
+/// The CA key Secret with the new materials, pending (and the rotation record when phased).
+fn save_pending(i: &Input) -> SecretWrite {
+    let ns = &i.places.dssm_ns;
+    let data = match i.content {
+        Content::Bundle {
+            bundle,
+            ca_key: Some(key),
+        } => {
+            let mut d = BTreeMap::from([
+                (store_keys::CA_CERT.to_string(), bundle.ca_cert.clone()),
+                (store_keys::CA_KEY.to_string(), key.expose().to_vec()),
+                (store_keys::PENDING_CERT.into(), bundle.leaf_cert.clone()),
+                (
+                    store_keys::PENDING_KEY.into(),
+                    bundle.leaf_key.expose().to_vec(),
+                ),
+                (store_keys::PENDING_DH.to_string(), bundle.dhparams.clone()),
+            ]);
+            if let Some(old) = i.phased_from {
+                use crate::materials::saved_keys;
+                d.insert(saved_keys::PREVIOUS_CA_CERT.into(), old.ca_cert.clone());
+                d.insert(saved_keys::PREVIOUS_CERT.into(), old.leaf_cert.clone());
+                d.insert(
+                    saved_keys::PREVIOUS_KEY.into(),
+                    old.leaf_key.expose().to_vec(),
+                );
+            }
+            Some(Data(d))
+        }
+        _ => None,
+    };
+    let mut ann = BTreeMap::from([
+        (annotations::REVISION.to_string(), i.revision.to_string()),
+        (annotations::STATE.to_string(), "pending".to_string()),
+        (
+            PENDING_ACTION.to_string(),
+            action_name(i.plan.action).to_string(),
+        ),
+        // Saved with the materials: a run that resumes after every copy was written can no
+        // longer see the old CA in the copies, and must not forget that it changed.
+        (
+            PENDING_CA_CHANGED.to_string(),
+            copies_hold_another_ca(i.obs, i.content.ca_cert()).to_string(),
+        ),
+    ]);
+    let mut summary = format!(
+        "revision {}, pending: the new materials with the CA key",
+        i.revision
+    );
+    if i.phased_from.is_some() {
+        let record = rotation::Record {
+            kind: rotation::Kind::Ca,
+            phase: Phase::Trust,
+            revision: i.revision,
+            rolled: Vec::new(),
+        };
+        ann.insert(annotations::ROTATION.to_string(), record.to_json());
+        summary.push_str(
+            ", and a CA rotation recorded in three phases (trust, switch, drop) from the deployed copy",
+        );
+    }
+    SecretWrite {
+        namespace: ns.clone(),
+        name: contract::CA_KEY_SECRET,
+        precondition: precondition(i.obs, ns, contract::CA_KEY_SECRET),
+        data,
+        annotations: ann,
+        summary,
+    }
+}
+
+/// The CA key Secret marked complete: it keeps the CA and its key. `written`: the index of the
+/// write that saved the pending materials in this list (else a resumed rotation's, observed).
+fn complete(i: &Input, written: Option<usize>) -> Option<SecretWrite> {
+    let ns = &i.places.dssm_ns;
+    let (precondition, data) = match (written, i.content) {
+        (Some(index), Content::Bundle { bundle, ca_key }) => (
+            Precondition::ReplaceWritten { index },
+            ca_key.map(|key| {
+                Data(BTreeMap::from([
+                    (store_keys::CA_CERT.to_string(), bundle.ca_cert.clone()),
+                    (store_keys::CA_KEY.to_string(), key.expose().to_vec()),
+                ]))
+            }),
+        ),
+        (Some(index), Content::ToBeIssued { .. }) => (Precondition::ReplaceWritten { index }, None),
+        (None, _) if resumes(i.plan) => {
+            let store = i
+                .obs
+                .raw
+                .get(&(ns.clone(), contract::CA_KEY_SECRET.to_string()))?;
+            let d: BTreeMap<String, Vec<u8>> = (store.data.iter().flatten())
+                .filter(|(k, _)| *k == store_keys::CA_CERT || *k == store_keys::CA_KEY)
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .collect();
+            (
+                precondition(i.obs, ns, contract::CA_KEY_SECRET),
+                Some(Data(d)),
+            )
+        }
+        (None, _) => return None,
+    };
+    Some(SecretWrite {
+        namespace: ns.clone(),
+        name: contract::CA_KEY_SECRET,
+        precondition,
+        data,
+        annotations: BTreeMap::from([
+            (annotations::REVISION.to_string(), i.revision.to_string()),
+            (annotations::STATE.to_string(), "complete".to_string()),
+        ]),
+        summary: format!(
+            "revision {}, complete: keeps the CA and its key, drops the pending copy",
+            i.revision
+        ),
+    })
+}
+
+/// Did any copy hold another CA (a resumed rotation also reads what the interrupted run saved)?
+fn ca_changed(i: &Input) -> bool {
+    let saved = resumes(i.plan)
+        && matches!(&i.obs.store, SecretObs::Present { annotations: a, .. }
+            if a.get(PENDING_CA_CHANGED).map(String::as_str) == Some("true"));
+    copies_hold_another_ca(i.obs, i.content.ca_cert()) || saved
+}
+
+/// Whether any deployed copy holds a CA other than `ca_cert` (None: a new CA, not issued yet,
+/// which no copy can hold).
+fn copies_hold_another_ca(obs: &Observation, ca_cert: Option<&[u8]>) -> bool {
+    obs.raw.iter().any(|((_, name), s)| {
+        name == contract::CERTS_SECRET
+            && s.data
+                .as_ref()
+                .and_then(|d| d.get(contract::CA_CERT))
+                .is_some_and(|c| Some(c.0.as_slice()) != ca_cert)
+    })
+}
+
+/// Writes of `bundle` (None: not issued yet, so every copy changes) into the dSSM namespace's two
+/// Secrets, then each TMM namespace's (DESIGN §5 order). A copy that already holds the bundle,
+/// managed by us, in the same rotation phase, is kept.
+pub fn copies(
+    places: &Places,
+    obs: &Observation,
+    bundle: Option<&Bundle>,
+    revision: u64,
+    phase: Option<Phase>,
+) -> Vec<SecretWrite> {
+    let mut ann = BTreeMap::from([(annotations::REVISION.to_string(), revision.to_string())]);
+    if let Some(b) = bundle {
+        ann.extend(fingerprints(b));
+    }
+    if let Some(p) = phase {
+        ann.insert(
+            annotations::ROTATION_PHASE.to_string(),
+            p.name().to_string(),
+        );
+    }
+    let certs = bundle.map(|b| {
+        BTreeMap::from([
+            (contract::CA_CERT.to_string(), b.ca_cert.clone()),
+            (contract::LEAF_CERT.to_string(), b.leaf_cert.clone()),
+            (contract::DH_PARAMS.to_string(), b.dhparams.clone()),
+        ])
+    });
+    let keys = bundle
+        .map(|b| BTreeMap::from([(contract::LEAF_KEY.to_string(), b.leaf_key.expose().to_vec())]));
+    let mut list = Vec::new();
+    for ns in &places.namespaces {
+        for (name, data) in [
+            (contract::CERTS_SECRET, &certs),
+            (contract::KEYS_SECRET, &keys),
+        ] {
+            let existing = obs.raw.get(&(ns.clone(), name.to_string()));
+            let same = match (existing, data) {
+                (Some(s), Some(data)) => holds(s, data, phase),
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            let files = [contract::CA_CERT, contract::LEAF_CERT, contract::DH_PARAMS];
+            let files = if name == contract::CERTS_SECRET {
+                files.join(", ")
+            } else {
+                contract::LEAF_KEY.to_string()
+            };
+            let phase = phase.map(|p| format!(", phase {}", p.name()));
+            list.push(SecretWrite {
+                namespace: ns.clone(),
+                name,
+                precondition: precondition(obs, ns, name),
+                data: data.clone().map(Data),
+                annotations: ann.clone(),
+                summary: format!("revision {revision}, {files}{}", phase.unwrap_or_default()),
+            });
+        }
+    }
+    list
+}
+
+/// The fingerprints and notAfter a copy announces.
+fn fingerprints(b: &Bundle) -> [(String, String); 3] {
+    let sha256 = |x: &[u8]| pki::inspect::hex_upper(&openssl::sha::sha256(x), "");
+    // A bundle that reaches the writes was validated; an unparseable leaf has no notAfter.
+    let not_after = pki::parse_certificate(&b.leaf_cert, contract::LEAF_CERT)
+        .map(|l| pki::format_time(l.not_after))
+        .unwrap_or_default();
+    [
+        (annotations::CA_SHA256.to_string(), sha256(&b.ca_cert)),
+        (annotations::CERT_SHA256.to_string(), sha256(&b.leaf_cert)),
+        (annotations::NOT_AFTER.to_string(), not_after),
+    ]
+}
+
+/// The Secret already holds exactly `data`, managed by us, in `phase`.
+fn holds(
+    s: &k8s_openapi::api::core::v1::Secret,
+    data: &BTreeMap<String, Vec<u8>>,
+    phase: Option<Phase>,
+) -> bool {
+    secret_obs(Some(s)) != SecretObs::Missing
+        && s.data.as_ref().is_some_and(|d| {
+            d.len() == data.len()
+                && data
+                    .iter()
+                    .all(|(k, v)| d.get(k).is_some_and(|x| &x.0 == v))
+        })
+        && s.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(annotations::MANAGED_BY))
+            .map(String::as_str)
+            == Some(annotations::MANAGER)
+        && s.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotations::ROTATION_PHASE))
+            .map(String::as_str)
+            == phase.map(Phase::name)
+}
+
+pub fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Nothing => "nothing",
+        Action::Adopt => "adopt",
+        Action::Publish => "publish",
+        Action::Repair => "repair",
+        Action::RenewLeaf => "renew-leaf",
+        Action::RotateCa => "rotate-ca",
+        Action::ReplaceInvalid => "replace-invalid",
+        Action::Resume => "resume",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materials::CopyObs;
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::ByteString;
+
+    const DSSM: &str = "spk-utilities";
+
+    /// A CA and a leaf under it, issued now; the CA's key.
+    fn made() -> (Bundle, SecretBytes) {
+        let m = crate::plan::tests::made(0, 3650, 365);
+        (m.bundle, SecretBytes::new(m.ca_key))
+    }
+
+    /// The dSSM namespace and one `f5-tmm` Deployment per TMM namespace.
+    fn places(tmm: &[&str]) -> Places {
+        let mut namespaces = vec![DSSM.to_string()];
+        namespaces.extend(tmm.iter().map(|t| t.to_string()));
+        Places {
+            dssm_ns: DSSM.into(),
+            namespaces,
+            targets: tmm
+                .iter()
+                .map(|ns| TmmTarget::deployment(ns, "f5-tmm"))
+                .collect(),
+        }
+    }
+
+    fn secret(
+        ns: &str,
+        name: &str,
+        rv: u32,
+        data: &[(&str, &[u8])],
+        ann: &[(&str, &str)],
+    ) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some(ns.into());
+        s.metadata.resource_version = Some(rv.to_string());
+        s.metadata.labels = Some(BTreeMap::from([(
+            annotations::MANAGED_BY.to_string(),
+            annotations::MANAGER.to_string(),
+        )]));
+        s.metadata.annotations = Some(
+            ann.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        s.data = Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                .collect(),
+        );
+        s
+    }
+
+    /// Both Secrets of a copy of `b` in `ns`, at revision 1.
+    fn copy_of(ns: &str, b: &Bundle, rv: u32) -> [Secret; 2] {
+        let ann = [(annotations::REVISION, "1")];
+        [
+            secret(
+                ns,
+                contract::CERTS_SECRET,
+                rv,
+                &[
+                    (contract::CA_CERT, &b.ca_cert),
+                    (contract::LEAF_CERT, &b.leaf_cert),
+                    (contract::DH_PARAMS, &b.dhparams),
+                ],
+                &ann,
+            ),
+            secret(
+                ns,
+                contract::KEYS_SECRET,
+                rv + 1,
+                &[(contract::LEAF_KEY, b.leaf_key.expose())],
+                &ann,
+            ),
+        ]
+    }
+
+    fn store_of(b: &Bundle, key: &SecretBytes, rv: u32, ann: &[(&str, &str)]) -> Secret {
+        secret(
+            DSSM,
+            contract::CA_KEY_SECRET,
+            rv,
+            &[
+                (store_keys::CA_CERT, &b.ca_cert),
+                (store_keys::CA_KEY, key.expose()),
+            ],
+            ann,
+        )
+    }
+
+    fn observe(p: &Places, secrets: Vec<Secret>) -> Observation {
+        let raw: BTreeMap<(String, String), Secret> = secrets
+            .into_iter()
+            .map(|s| {
+                let key = (
+                    s.metadata.namespace.clone().unwrap(),
+                    s.metadata.name.clone().unwrap(),
+                );
+                (key, s)
+            })
+            .collect();
+        let get = |ns: &str, name: &str| secret_obs(raw.get(&(ns.to_string(), name.to_string())));
+        Observation {
+            copies: (p.namespaces.iter())
+                .map(|ns| CopyObs {
+                    namespace: ns.clone(),
+                    certs: get(ns, contract::CERTS_SECRET),
+                    keys: get(ns, contract::KEYS_SECRET),
+                })
+                .collect(),
+            store: get(DSSM, contract::CA_KEY_SECRET),
+            workloads: Vec::new(),
+            store_readable: true,
+            raw,
+        }
+    }
+
+    fn plan_of(action: Action, source: Option<&Bundle>) -> Plan {
+        Plan {
+            action,
+            reasons: Vec::new(),
+            source: source.cloned(),
+            source_namespace: None,
+            reuse_store_ca: false,
+            reusable_dhparams: None,
+            out_of_sync: false,
+            invalid: Vec::new(),
+        }
+    }
+
+    /// The list, one short line per write: how, which object.
+    fn shape(list: &[Write]) -> Vec<String> {
+        list.iter()
+            .map(|w| match w {
+                Write::Secret(s) => {
+                    let how = match &s.precondition {
+                        Precondition::Create => "create".to_string(),
+                        Precondition::Replace { resource_version } => {
+                            format!("replace@{resource_version}")
+                        }
+                        Precondition::ReplaceWritten { index } => format!("replace@#{index}"),
+                    };
+                    let state = s.annotations.get(annotations::STATE);
+                    let state = state.map(|s| format!(" {s}")).unwrap_or_default();
+                    format!("{how} {}/{}{state}", s.namespace, s.name)
+                }
+                Write::Mark(m) => format!(
+                    "mark {} r{}{}",
+                    m.target,
+                    m.revision,
+                    if m.ca_changed { " ca-changed" } else { "" }
+                ),
+            })
+            .collect()
+    }
+
+    fn run(
+        p: &Places,
+        obs: &Observation,
+        plan: &Plan,
+        content: Content,
+        from: Option<&Bundle>,
+    ) -> Vec<Write> {
+        let store = crate::plan::evaluate_store(
+            &obs.store,
+            DSSM,
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+        );
+        writes(&Input {
+            places: p,
+            obs,
+            plan,
+            revision: revision(obs, plan, &store),
+            content,
+            phased_from: from,
+        })
+    }
+
+    /// The writes of new materials `made`.
+    fn with_new(
+        p: &Places,
+        obs: &Observation,
+        plan: &Plan,
+        made: (&Bundle, &SecretBytes),
+        from: Option<&Bundle>,
+    ) -> Vec<Write> {
+        let content = Content::Bundle {
+            bundle: made.0,
+            ca_key: Some(made.1),
+        };
+        run(p, obs, plan, content, from)
+    }
+
+    #[test]
+    fn first_install_saves_the_ca_key_first_then_dssm_then_tmm_then_marks_then_completes() {
+        let p = places(&["spk-ingress"]);
+        let obs = observe(&p, Vec::new());
+        let (b, key) = made();
+        let plan = plan_of(Action::Publish, None);
+        let list = with_new(&p, &obs, &plan, (&b, &key), None);
+        assert_eq!(
+            shape(&list),
+            [
+                "create spk-utilities/dssm-ca-key-secret pending",
+                "create spk-utilities/dssm-certs-secret",
+                "create spk-utilities/dssm-keys-secret",
+                "create spk-ingress/dssm-certs-secret",
+                "create spk-ingress/dssm-keys-secret",
+                "mark deployment spk-ingress/f5-tmm r1",
+                "replace@#0 spk-utilities/dssm-ca-key-secret complete",
+            ]
+        );
+        let Write::Secret(copy) = &list[1] else {
+            panic!()
+        };
+        let sha = pki::inspect::hex_upper(&openssl::sha::sha256(&b.leaf_cert), "");
+        assert_eq!(copy.annotations[annotations::CERT_SHA256], sha);
+        assert_eq!(copy.annotations[annotations::REVISION], "1");
+        assert!(!copy.annotations[annotations::NOT_AFTER].is_empty());
+        let Write::Secret(done) = &list[6] else {
+            panic!()
+        };
+        let kept: Vec<&String> = done.data.as_ref().unwrap().0.keys().collect();
+        assert_eq!(kept, [store_keys::CA_CERT, store_keys::CA_KEY]);
+
+        // The dry run, before anything is issued, lists the same writes in the same words.
+        let dry = run(
+            &p,
+            &obs,
+            &plan,
+            Content::ToBeIssued { reused_ca: None },
+            None,
+        );
+        let lines = |l: &[Write]| l.iter().map(Write::line).collect::<Vec<_>>();
+        assert_eq!(lines(&dry), lines(&list));
+        assert!(dry
+            .iter()
+            .all(|w| !matches!(w, Write::Secret(s) if s.data.is_some())));
+    }
+
+    #[test]
+    fn leaf_renewal_replaces_each_secret_at_its_observed_version_in_order() {
+        let p = places(&["spk-ingress"]);
+        let (old, key) = made();
+        let mut secrets = vec![store_of(&old, &key, 10, &[(annotations::REVISION, "1")])];
+        secrets.extend(copy_of(DSSM, &old, 20));
+        secrets.extend(copy_of("spk-ingress", &old, 30));
+        let obs = observe(&p, secrets);
+        // A new leaf under the same CA.
+        let (mut new, _) = made();
+        new.ca_cert = old.ca_cert.clone();
+        let plan = plan_of(Action::RenewLeaf, None);
+        let list = with_new(&p, &obs, &plan, (&new, &key), None);
+        assert_eq!(
+            shape(&list),
+            [
+                "replace@10 spk-utilities/dssm-ca-key-secret pending",
+                "replace@20 spk-utilities/dssm-certs-secret",
+                "replace@21 spk-utilities/dssm-keys-secret",
+                "replace@30 spk-ingress/dssm-certs-secret",
+                "replace@31 spk-ingress/dssm-keys-secret",
+                "mark deployment spk-ingress/f5-tmm r2",
+                "replace@#0 spk-utilities/dssm-ca-key-secret complete",
+            ]
+        );
+        // The same CA: pods with the old and the new leaf still trust each other.
+        let Write::Secret(saved) = &list[0] else {
+            panic!()
+        };
+        assert_eq!(saved.annotations[PENDING_CA_CHANGED], "false");
+        // The dry run knows the reused CA, so it says the same.
+        let reused = Content::ToBeIssued {
+            reused_ca: Some(&old.ca_cert),
+        };
+        let dry = run(&p, &obs, &plan, reused, None);
+        assert_eq!(
+            dry.iter().map(Write::line).collect::<Vec<_>>(),
+            list.iter().map(Write::line).collect::<Vec<_>>()
+        );
+        assert_eq!(shape(&dry), shape(&list));
+    }
+
+    #[test]
+    fn drift_repair_of_one_tmm_namespace_writes_and_marks_only_that_namespace() {
+        let p = places(&["spk-a", "spk-b"]);
+        let (good, key) = made();
+        let (drifted, _) = made();
+        let mut secrets = vec![store_of(&good, &key, 10, &[(annotations::REVISION, "1")])];
+        secrets.extend(copy_of(DSSM, &good, 20));
+        secrets.extend(copy_of("spk-a", &good, 30));
+        secrets.extend(copy_of("spk-b", &drifted, 40));
+        let obs = observe(&p, secrets);
+        let plan = plan_of(Action::Repair, Some(&good));
+        let content = Content::Bundle {
+            bundle: &good,
+            ca_key: None,
+        };
+        let list = run(&p, &obs, &plan, content, None);
+        assert_eq!(
+            shape(&list),
+            [
+                "replace@40 spk-b/dssm-certs-secret",
+                "replace@41 spk-b/dssm-keys-secret",
+                "mark deployment spk-b/f5-tmm r2 ca-changed",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rolling_ca_rotation_starts_by_recording_it_on_the_ca_key_secret_only() {
+        let p = places(&["spk-ingress"]);
+        let (old, old_key) = made();
+        let mut secrets = vec![store_of(
+            &old,
+            &old_key,
+            10,
+            &[(annotations::REVISION, "3")],
+        )];
+        secrets.extend(copy_of(DSSM, &old, 20));
+        secrets.extend(copy_of("spk-ingress", &old, 30));
+        let obs = observe(&p, secrets);
+        let (new, new_key) = made();
+        let plan = plan_of(Action::RotateCa, None);
+        let list = with_new(&p, &obs, &plan, (&new, &new_key), Some(&old));
+        assert_eq!(
+            shape(&list),
+            ["replace@10 spk-utilities/dssm-ca-key-secret pending"]
+        );
+        let Write::Secret(s) = &list[0] else { panic!() };
+        let record = rotation::Record::parse(&s.annotations[annotations::ROTATION]).unwrap();
+        assert_eq!((record.phase, record.revision), (Phase::Trust, 4));
+        let data = &s.data.as_ref().unwrap().0;
+        assert_eq!(
+            data[crate::materials::saved_keys::PREVIOUS_CA_CERT],
+            old.ca_cert
+        );
+        assert_eq!(data[store_keys::CA_CERT], new.ca_cert);
+        assert_eq!(s.annotations[PENDING_CA_CHANGED], "true");
+    }
+
+    #[test]
+    fn several_tmm_namespaces_get_their_copies_in_target_order_then_every_target_is_marked() {
+        let p = places(&["spk-a", "spk-b", "spk-c"]);
+        let (old, old_key) = made();
+        let mut secrets = vec![store_of(
+            &old,
+            &old_key,
+            10,
+            &[(annotations::REVISION, "7")],
+        )];
+        for (i, ns) in [DSSM, "spk-a", "spk-b", "spk-c"].into_iter().enumerate() {
+            secrets.extend(copy_of(ns, &old, 20 + 10 * i as u32));
+        }
+        let obs = observe(&p, secrets);
+        let (new, new_key) = made();
+        // Scale-to-zero: a new CA in one step (no rotation record).
+        let plan = plan_of(Action::RotateCa, None);
+        let list = with_new(&p, &obs, &plan, (&new, &new_key), None);
+        assert_eq!(
+            shape(&list),
+            [
+                "replace@10 spk-utilities/dssm-ca-key-secret pending",
+                "replace@20 spk-utilities/dssm-certs-secret",
+                "replace@21 spk-utilities/dssm-keys-secret",
+                "replace@30 spk-a/dssm-certs-secret",
+                "replace@31 spk-a/dssm-keys-secret",
+                "replace@40 spk-b/dssm-certs-secret",
+                "replace@41 spk-b/dssm-keys-secret",
+                "replace@50 spk-c/dssm-certs-secret",
+                "replace@51 spk-c/dssm-keys-secret",
+                "mark deployment spk-a/f5-tmm r8 ca-changed",
+                "mark deployment spk-b/f5-tmm r8 ca-changed",
+                "mark deployment spk-c/f5-tmm r8 ca-changed",
+                "replace@#0 spk-utilities/dssm-ca-key-secret complete",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resumed_rotation_skips_copies_already_written_and_still_marks_and_completes() {
+        let p = places(&["spk-ingress"]);
+        let (old, _) = made();
+        let (new, key) = made();
+        let pending = [
+            (annotations::REVISION, "5"),
+            (annotations::STATE, "pending"),
+            (PENDING_CA_CHANGED, "true"),
+        ];
+        let mut store = store_of(&new, &key, 10, &pending);
+        let data = store.data.as_mut().unwrap();
+        data.insert(
+            store_keys::PENDING_CERT.into(),
+            ByteString(new.leaf_cert.clone()),
+        );
+        data.insert(
+            store_keys::PENDING_KEY.into(),
+            ByteString(new.leaf_key.expose().to_vec()),
+        );
+        data.insert(
+            store_keys::PENDING_DH.into(),
+            ByteString(new.dhparams.clone()),
+        );
+        let mut secrets = vec![store];
+        // The interrupted run wrote the dSSM copy, not TMM's.
+        secrets.extend(copy_of(DSSM, &new, 20));
+        secrets.extend(copy_of("spk-ingress", &old, 30));
+        let obs = observe(&p, secrets);
+        let plan = plan_of(Action::Resume, Some(&new));
+        let content = Content::Bundle {
+            bundle: &new,
+            ca_key: None,
+        };
+        let list = run(&p, &obs, &plan, content, None);
+        assert_eq!(
+            shape(&list),
+            [
+                "replace@30 spk-ingress/dssm-certs-secret",
+                "replace@31 spk-ingress/dssm-keys-secret",
+                "mark deployment spk-ingress/f5-tmm r5 ca-changed",
+                "replace@10 spk-utilities/dssm-ca-key-secret complete",
+            ]
+        );
+        let Write::Secret(done) = &list[3] else {
+            panic!()
+        };
+        let kept: Vec<&String> = done.data.as_ref().unwrap().0.keys().collect();
+        assert_eq!(kept, [store_keys::CA_CERT, store_keys::CA_KEY]);
+    }
+
+    #[test]
+    fn lines_and_debug_never_show_key_material() {
+        let p = places(&["spk-ingress"]);
+        let obs = observe(&p, Vec::new());
+        let (b, key) = made();
+        let plan = plan_of(Action::Publish, None);
+        let list = with_new(&p, &obs, &plan, (&b, &key), None);
+        let body =
+            |pem: &[u8]| String::from_utf8_lossy(pem).lines().nth(1).unwrap()[..20].to_string();
+        for shown in list.iter().flat_map(|w| [w.line(), format!("{w:?}")]) {
+            for secret in [body(key.expose()), body(b.leaf_key.expose())] {
+                assert!(
+                    !shown.contains(&secret) && !shown.contains("PRIVATE"),
+                    "{shown}"
+                );
+            }
+        }
+    }
+}
