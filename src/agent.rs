@@ -11,12 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http_body_util::Full;
 use hyper::{Request, Response};
-use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::Api;
 
 use crate::check::{self, Report, Status, Thresholds};
 use crate::cluster::Cluster;
@@ -163,26 +159,14 @@ pub async fn run(
     tracing::info!(listen = %opts.listen, "serving /metrics, /healthz, /readyz");
     let http = tokio::spawn(accept_loop(listener, shared.clone()));
 
-    // A watch per Secret we care about; any event triggers an inspection.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bool>(16);
-    let mut watches = Vec::new();
-    // Not the CA key Secret: the agent's own account may not read it, and every write of it
-    // is followed by writes of the copies, which the watches see.
-    for ns in cluster.namespaces() {
-        for name in [contract::CERTS_SECRET, contract::KEYS_SECRET] {
-            let api: Api<Secret> = Api::namespaced(cluster.client.clone(), &ns);
-            let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            let tx = tx.clone();
-            watches.push(tokio::spawn(async move {
-                let mut stream = watcher(api, cfg).default_backoff().boxed();
-                while let Some(ev) = stream.next().await {
-                    // true: something changed; false: the watch failed (API server away?)
-                    let _ = tx.send(ev.is_ok()).await;
-                }
-            }));
-        }
-    }
-    drop(tx);
+    // A watch per Secret we care about; any event triggers an inspection. Not the CA key
+    // Secret: the agent's own account may not read it, and every write of it is followed by
+    // writes of the copies, which the watches see.
+    let mut watches = cluster.watch_secrets(
+        &cluster.namespaces(),
+        &[contract::CERTS_SECRET, contract::KEYS_SECRET],
+    );
+    let rx = &mut watches.changes;
 
     tokio::pin!(shutdown);
     loop {
@@ -210,9 +194,7 @@ pub async fn run(
             }
         }
     }
-    for w in watches {
-        w.abort();
-    }
+    drop(watches);
     http.abort();
     Ok(())
 }
@@ -335,14 +317,25 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
         .observe(started.elapsed().as_secs_f64());
 }
 
-/// Events when a state starts, changes, or has lasted another day — not at every interval.
-async fn events(
-    cluster: &Cluster,
-    obs: &crate::cluster::Observation,
-    report: &Report,
-    shared: &Shared,
-) {
-    let mut wanted: Vec<(String, String, String, String)> = Vec::new(); // reason, ns, state, note
+/// An Event the report calls for: its reason, namespace, the state it describes (a repeat of
+/// the same state is not due before `EVENT_REPEAT`), and its note.
+struct Wanted {
+    reason: String,
+    ns: String,
+    state: String,
+    note: String,
+}
+
+/// The Events a report calls for: certificates expiring soon, invalid materials, copies out of
+/// sync.
+fn wanted_events(report: &Report, dssm_ns: &str) -> Vec<Wanted> {
+    let want = |reason: &str, ns: &str, state: String, note: String| Wanted {
+        reason: reason.into(),
+        ns: ns.into(),
+        state,
+        note,
+    };
+    let mut wanted = Vec::new();
     for copy in &report.copies {
         let ns = copy
             .source
@@ -356,9 +349,9 @@ async fn events(
                 } else {
                     "warning"
                 };
-                wanted.push((
-                    "CertificateExpiringSoon".into(),
-                    ns.clone(),
+                wanted.push(want(
+                    "CertificateExpiringSoon",
+                    &ns,
                     format!("{}:{level}:{}", c.file, c.not_after),
                     format!("{ns}: {} expires at {} ({level})", c.file, c.not_after),
                 ));
@@ -374,9 +367,9 @@ async fn events(
             .map(|c| c.message.as_str())
             .collect();
         if !broken.is_empty() {
-            wanted.push((
-                "InvalidMaterials".into(),
-                ns.clone(),
+            wanted.push(want(
+                "InvalidMaterials",
+                &ns,
                 broken.join("; "),
                 broken.join("; "),
             ));
@@ -389,14 +382,25 @@ async fn events(
             .map(|c| c.message.clone())
             .collect::<Vec<_>>()
             .join("; ");
-        wanted.push((
-            "CopiesOutOfSync".into(),
-            cluster.dssm_ns.clone(),
-            msg.clone(),
-            msg,
-        ));
+        wanted.push(want("CopiesOutOfSync", dssm_ns, msg.clone(), msg));
     }
-    for (reason, ns, state, note) in wanted {
+    wanted
+}
+
+/// Events when a state starts, changes, or has lasted another day — not at every interval.
+async fn events(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    report: &Report,
+    shared: &Shared,
+) {
+    for w in wanted_events(report, &cluster.dssm_ns) {
+        let Wanted {
+            reason,
+            ns,
+            state,
+            note,
+        } = w;
         let due = {
             let mut emitted = shared.emitted.lock().expect("not poisoned");
             let key = (reason.clone(), ns.clone());

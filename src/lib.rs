@@ -23,6 +23,7 @@ pub mod probe;
 pub mod reconcile;
 pub mod redis;
 pub mod restart;
+pub mod restart_state;
 pub mod rolling;
 pub mod rotation;
 pub mod targets;

@@ -42,6 +42,13 @@ pub mod store_keys {
     pub const PENDING_DH: &str = "pending-dhparam2048.pem";
 }
 
+/// Saved in the CA key Secret while a CA rotation runs: the materials it replaces.
+pub mod saved_keys {
+    pub const PREVIOUS_CA_CERT: &str = "previous-dssm-ca.crt";
+    pub const PREVIOUS_CERT: &str = "previous-dssm-cert.crt";
+    pub const PREVIOUS_KEY: &str = "previous-dssm-key.key";
+}
+
 /// Annotations (and the label) dssm-certs writes.
 pub mod annotations {
     pub const REVISION: &str = "dssm-certs.f5.com/revision";
@@ -50,6 +57,29 @@ pub mod annotations {
     pub const CERT_SHA256: &str = "dssm-certs.f5.com/cert-sha256";
     pub const NOT_AFTER: &str = "dssm-certs.f5.com/not-after";
     pub const RESTART_NEEDED: &str = "dssm-certs.f5.com/restart-needed";
+    /// What every dssm-certs annotation starts with: a write keeps only these of the old ones.
+    pub const PREFIX: &str = "dssm-certs.f5.com/";
+    /// On the CA key Secret while new materials are pending: the plan's action that made them.
+    pub const ACTION: &str = "dssm-certs.f5.com/action";
+    /// Whether the write changed the CA: on the CA key Secret while new materials are pending,
+    /// then on every TMM target until the restart is done.
+    pub const CA_CHANGED: &str = "dssm-certs.f5.com/ca-changed";
+    /// On a TMM target while a scale-to-zero restart stopped it: the count to come back to (a
+    /// Deployment's replicas; a DaemonSet's desiredNumberScheduled, for the wait).
+    pub const TMM_REPLICAS: &str = "dssm-certs.f5.com/tmm-replicas";
+    /// On a TMM target once its part of the current restart is done, valued with the
+    /// `restart-needed` revision it answered: a resumed restart skips it.
+    pub const TMM_RESTARTED: &str = "dssm-certs.f5.com/tmm-restarted";
+    /// A DaemonSet cannot be scaled. It is stopped as operators do it: a pod-template
+    /// nodeSelector that no node carries, so the DaemonSet controller deletes every daemon pod
+    /// and schedules none. Only this key is added, and restoring removes only it: the
+    /// operator's own nodeSelector is never touched.
+    pub const STOP_NODE_SELECTOR: &str = "dssm-certs.f5.com/stopped";
+    /// On the CA key Secret while a CA rotation runs: its record as JSON (`rotation::Record`).
+    pub const ROTATION: &str = "dssm-certs.f5.com/rotation";
+    /// On every copy of the Secrets while a CA rotation runs: its phase, for readers that may
+    /// not read the CA key Secret (`check`, the agent's metric).
+    pub const ROTATION_PHASE: &str = "dssm-certs.f5.com/rotation-phase";
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     pub const MANAGER: &str = "dssm-certs";
 }

@@ -99,7 +99,7 @@ pub async fn reconcile(
             let recorded = store.is_some_and(|s| {
                 s.metadata
                     .annotations
-                    .is_some_and(|a| a.contains_key(crate::rotation::ROTATION_ANNOTATION))
+                    .is_some_and(|a| a.contains_key(crate::materials::annotations::ROTATION))
             });
             if recorded {
                 crate::rotation::drive(cluster, opts.restart.as_ref(), out).await?;

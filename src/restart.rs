@@ -6,18 +6,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use crate::cluster::ResourceExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{EvictParams, ListParams, WatchEvent, WatchParams};
-use kube::{Api, ResourceExt};
 
-use crate::cluster::{call, Cluster, ClusterError};
+use crate::cluster::pods::PodsIn;
+use crate::cluster::{Cluster, ClusterError};
 use crate::materials::annotations;
-use crate::targets::{Kind, TmmTarget, Workload, RESTARTED_ANNOTATION, STOP_NODE_SELECTOR};
-
-/// Where the replica count lives while a TMM target is stopped (on the target itself).
-pub use crate::targets::REPLICAS_ANNOTATION;
+use crate::materials::annotations::STOP_NODE_SELECTOR;
+use crate::restart_state::{next, Mode, Observed, RestartState, Step};
+use crate::targets::{Kind, TmmTarget, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Order {
@@ -37,12 +35,6 @@ pub enum Strategy {
     /// rolling restart; a new CA goes out in three phases (`rotation`).
     Rolling,
 }
-
-/// The `tmm-restarted` token of a restart no write asked for (the `restart` command).
-const MANUAL: &str = "manual";
-
-/// Set on the Deployment by a write that changed the CA, until the restart is done.
-pub const CA_CHANGED_ANNOTATION: &str = "dssm-certs.f5.com/ca-changed";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -68,15 +60,13 @@ pub enum RestartError {
     Timeout { what: String, secs: u64 },
     #[error("interrupted by a signal; {}", if *replicas >= 0 { format!("TMM was restored to {replicas} replicas") } else { "TMM was not touched by this process".to_string() })]
     Interrupted { replicas: i32 },
-    #[error("pod {pod} could not be evicted before the deadline (--wait-timeout): a PodDisruptionBudget allows no disruption ({message})")]
-    EvictionBlocked { pod: String, message: String },
     #[error("the pods restarted, but the mTLS probe failed: {0}")]
     Probe(String),
     #[error("rolling restart of dSSM: {0}")]
     Rollout(String),
     #[error("pre-flight refused the restart, nothing was touched: {0}. Fix that first, or pass --force to restart anyway (recorded in an Event)")]
     Preflight(String),
-    #[error("--strategy rolling is refused: the CA changed (annotation {CA_CHANGED_ANNOTATION} on {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero")]
+    #[error("--strategy rolling is refused: the CA changed (annotation {ann} on {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero", ann = annotations::CA_CHANGED)]
     RollingAfterCaChange(String),
 }
 
@@ -143,55 +133,22 @@ pub fn dssm_not_ready(pods: &[Pod], namespace: &str, selector: &str) -> Option<S
     (!not_ready.is_empty()).then(|| format!("{} not Ready", not_ready.join(", ")))
 }
 
-/// Lists pods matching `selector`, then watches them until `done` holds for the current set.
+/// Lists pods matching `selector`, then watches them until `done` holds for the current set;
+/// `what` names the wait when it times out.
 pub async fn wait_pods(
-    api: &Api<Pod>,
+    pods: &PodsIn,
     selector: &str,
     what: &str,
     timeout: Duration,
     done: impl Fn(&BTreeMap<String, Pod>) -> bool,
 ) -> Result<BTreeMap<String, Pod>, RestartError> {
-    let fut = async {
-        loop {
-            let lp = ListParams::default().labels(selector);
-            let list = call("list", &format!("pods ({selector})"), || api.list(&lp)).await?;
-            let mut pods: BTreeMap<String, Pod> =
-                list.items.into_iter().map(|p| (p.name_any(), p)).collect();
-            if done(&pods) {
-                return Ok::<_, RestartError>(pods);
-            }
-            let rv = list.metadata.resource_version.unwrap_or_default();
-            let wp = WatchParams::default().labels(selector).timeout(60);
-            let stream = call("watch", &format!("pods ({selector})"), || {
-                api.watch(&wp, &rv)
-            })
-            .await?;
-            let mut stream = stream.boxed();
-            while let Ok(Some(ev)) = stream.try_next().await {
-                match ev {
-                    WatchEvent::Added(p) | WatchEvent::Modified(p) => {
-                        pods.insert(p.name_any(), p);
-                    }
-                    WatchEvent::Deleted(p) => {
-                        pods.remove(&p.name_any());
-                    }
-                    WatchEvent::Bookmark(_) => {}
-                    WatchEvent::Error(_) => break, // expired: list again
-                }
-                if done(&pods) {
-                    return Ok(pods);
-                }
-            }
-        }
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .unwrap_or_else(|_| {
-            Err(RestartError::Timeout {
-                what: what.to_string(),
-                secs: timeout.as_secs(),
-            })
-        })
+    match tokio::time::timeout(timeout, pods.watch_until(selector, done)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(RestartError::Timeout {
+            what: what.to_string(),
+            secs: timeout.as_secs(),
+        }),
+    }
 }
 
 /// Whether a LabelSelector (matchLabels and matchExpressions, as apimachinery's
@@ -293,17 +250,7 @@ fn label_key(k: &str) -> Result<(), String> {
         None => (None, k),
     };
     if let Some(p) = prefix {
-        let ok = !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-            });
-        if !ok {
+        if !crate::targets::dns_subdomain(p) {
             return Err(format!(
                 "{p:?} is not a valid label key prefix (a DNS subdomain)"
             ));
@@ -364,39 +311,6 @@ pub fn selector_query(
     labels.chain(expressions).collect::<Vec<_>>().join(",")
 }
 
-/// Removes a dSSM pod through the Eviction API, so PodDisruptionBudgets are respected: a 429 (no
-/// disruption allowed now) is retried until `deadline`, as `kubectl drain` does. A pod already
-/// gone is fine.
-pub(crate) async fn evict_pod(
-    pods: &Api<Pod>,
-    ns: &str,
-    name: &str,
-    deadline: tokio::time::Instant,
-) -> Result<(), RestartError> {
-    let what = format!("pod {ns}/{name} (eviction)");
-    let ep = EvictParams::default();
-    loop {
-        match call("create", &what, || pods.evict(name, &ep)).await {
-            Ok(_) | Err(ClusterError::NotFound { .. }) => return Ok(()),
-            Err(ClusterError::Api {
-                code: 429, message, ..
-            }) if tokio::time::Instant::now() < deadline => {
-                tracing::info!(pod = %name, %message, "eviction not allowed yet; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Err(ClusterError::Api {
-                code: 429, message, ..
-            }) => {
-                return Err(RestartError::EvictionBlocked {
-                    pod: format!("{ns}/{name}"),
-                    message,
-                })
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
 impl Cluster {
     /// Pre-flight (DESIGN §5), before any disruptive step and before new materials are written:
     /// every dSSM pod Ready and TMM's rollout complete, waited for (watching) up to `timeout`,
@@ -404,7 +318,7 @@ impl Cluster {
     /// `RestartRefused` on the Deployment names the blocking object and nothing is touched.
     /// `force` restarts anyway and says so in an Event.
     pub async fn preflight(&self, force: bool, timeout: Duration) -> Result<(), RestartError> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let pods = self.pods_in(&self.dssm_ns);
         let (ns, sel) = (self.dssm_ns.clone(), self.dssm_selector.clone());
         let what = format!("pods ({sel}) in {ns}");
         let mut blocking = Vec::new();
@@ -414,9 +328,8 @@ impl Cluster {
         match wait_pods(&pods, &sel, &what, timeout, |now| verdict(now).is_none()).await {
             Ok(_) => {}
             Err(RestartError::Timeout { .. }) => {
-                let lp = ListParams::default().labels(&sel);
-                let list = call("list", &what, || pods.list(&lp)).await?;
-                let now = list.items.into_iter().map(|p| (p.name_any(), p)).collect();
+                let list = pods.list(&sel).await?;
+                let now = list.into_iter().map(|p| (p.name_any(), p)).collect();
                 blocking.extend(verdict(&now));
             }
             Err(e) => return Err(e),
@@ -441,16 +354,12 @@ impl Cluster {
     /// PodDisruptionBudgets over dSSM pods that allow no disruption now: every eviction would be
     /// refused (429) until the deadline.
     async fn blocking_pdbs(&self) -> Result<Vec<String>, ClusterError> {
-        use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-        let api: Api<PodDisruptionBudget> = Api::namespaced(self.client.clone(), &self.dssm_ns);
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
-        let what = format!("poddisruptionbudgets in {}", self.dssm_ns);
-        let all = ListParams::default();
-        let pdbs = call("list", &what, || api.list(&all)).await?;
-        let lp = ListParams::default().labels(&self.dssm_selector);
-        let dssm = call("list", &what, || pods.list(&lp)).await?;
+        let pdbs = self.pdbs_in(&self.dssm_ns).await?;
+        let dssm = self
+            .pods_in(&self.dssm_ns)
+            .list(&self.dssm_selector)
+            .await?;
         Ok(pdbs
-            .items
             .iter()
             .filter(|b| {
                 b.status
@@ -461,7 +370,7 @@ impl Cluster {
                     && b.spec
                         .as_ref()
                         .and_then(|s| s.selector.as_ref())
-                        .is_some_and(|sel| dssm.items.iter().any(|p| selects(sel, p.labels())))
+                        .is_some_and(|sel| dssm.iter().any(|p| selects(sel, p.labels())))
             })
             .map(|b| {
                 format!(
@@ -471,15 +380,6 @@ impl Cluster {
                 )
             })
             .collect())
-    }
-
-    async fn evict(
-        &self,
-        pods: &Api<Pod>,
-        name: &str,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), RestartError> {
-        evict_pod(pods, &self.dssm_ns, name, deadline).await
     }
 
     /// Every target's rollout complete, each waited for (watching) up to `timeout`; what is
@@ -553,7 +453,7 @@ impl Cluster {
         if w.stopped() || matches!(w, Workload::DaemonSet(_)) {
             self.start_target(t, n).await?;
         }
-        self.annotate_target(t, &[(REPLICAS_ANNOTATION, None)])
+        self.annotate_target(t, &[(annotations::TMM_REPLICAS, None)])
             .await?;
         Ok(Some(n))
     }
@@ -578,56 +478,6 @@ impl Cluster {
                 secs: timeout.as_secs(),
             })
         }
-    }
-
-    /// Every target with its workload; a missing one is an error naming it.
-    async fn tmm_workloads(&self) -> Result<Vec<(TmmTarget, Workload)>, ClusterError> {
-        let mut out = Vec::new();
-        for t in &self.targets {
-            out.push((t.clone(), self.require_workload(t).await?));
-        }
-        Ok(out)
-    }
-
-    /// The targets this restart still has to restart, each with the token that marks it done
-    /// (`tmm-restarted`, so a resumed restart skips it). After a write, the targets to restart
-    /// carry the `restart-needed` revision as their token; when none does (a manual `restart`,
-    /// fresh or resumed) every target is to restart, with the token `manual`. A recorded
-    /// (stopped) target is never done.
-    async fn tmm_pending(&self) -> Result<Vec<(TmmTarget, Workload, String)>, ClusterError> {
-        let all = self.tmm_workloads().await?;
-        let manual = !all
-            .iter()
-            .any(|(_, w)| w.annotations().contains_key(annotations::RESTART_NEEDED));
-        Ok(all
-            .into_iter()
-            .filter_map(|(t, w)| {
-                let a = w.annotations();
-                let token = match a.get(annotations::RESTART_NEEDED) {
-                    Some(revision) => revision.clone(),
-                    None if manual || w.recorded().is_some() => MANUAL.to_string(),
-                    None => return None,
-                };
-                let done = a.get(RESTARTED_ANNOTATION) == Some(&token);
-                (w.recorded().is_some() || !done).then_some((t, w, token))
-            })
-            .collect())
-    }
-
-    /// The TMM half of a rolling restart, one target at a time: `kubectl rollout restart`
-    /// (a pod-template annotation), then the rollout waited for as `kubectl rollout status`
-    /// does; each target done is marked, so a resumed restart skips it.
-    pub async fn roll_tmm(
-        &self,
-        timeout: Duration,
-        out: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), RestartError> {
-        for (t, _, token) in self.tmm_pending().await? {
-            self.roll_target(&t, timeout, out).await?;
-            self.annotate_target(&t, &[(RESTARTED_ANNOTATION, Some(&token))])
-                .await?;
-        }
-        Ok(())
     }
 
     /// One target's rolling restart: `kubectl rollout restart`, then its rollout waited for.
@@ -656,22 +506,17 @@ impl Cluster {
         timeout: Duration,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let pods = self.pods_in(&self.dssm_ns);
         let sel = self.dssm_selector.clone();
-        let lp = ListParams::default().labels(&sel);
-        let before = call("list", &format!("pods {} ({sel})", self.dssm_ns), || {
-            pods.list(&lp)
-        })
-        .await?;
+        let before = pods.list(&sel).await?;
         let old: BTreeMap<String, String> = before
-            .items
             .iter()
             .filter(|p| !terminating(p))
             .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
             .collect();
         let deadline = tokio::time::Instant::now() + timeout;
         for name in old.keys() {
-            self.evict(&pods, name, deadline).await?;
+            pods.evict(name, deadline).await?;
         }
         let _ = writeln!(
             out,
@@ -700,168 +545,302 @@ impl Cluster {
         Ok(())
     }
 
-    /// The whole procedure, for every TMM target. Resumes a previous interrupted run when a
-    /// target carries a replica record, skipping the targets it already finished.
+    /// The whole procedure, for every TMM target: `restart_state::next` decides each step from
+    /// what the targets carry and what this run saw, so a run resumes an interrupted one
+    /// (skipping the targets it finished). On a failure after TMM was stopped, every target is
+    /// restored before the error is returned.
     pub async fn restart(
         &self,
         opts: &Options,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let workloads = self.tmm_workloads().await?;
-        let resuming = workloads.iter().any(|(_, w)| w.recorded().is_some());
-        // A recorded restart is resumed whatever the cluster looks like (TMM is at zero).
-        if !resuming {
-            self.preflight(opts.force, opts.wait_timeout).await?;
-        }
-        if opts.strategy == Strategy::Rolling {
-            let ca_changed = workloads.iter().find(|(_, w)| {
-                w.annotations()
-                    .get(CA_CHANGED_ANNOTATION)
-                    .map(String::as_str)
-                    == Some("true")
-            });
-            if let Some((t, _)) = ca_changed {
-                return Err(RestartError::RollingAfterCaChange(t.to_string()));
-            }
-            if !resuming {
-                let result = self.rolling(opts, out).await;
-                if let Err(e) = &result {
-                    self.event_on_targets(true, "RestartFailed", &e.to_string())
-                        .await;
+        let mut run = Run {
+            // Called with marks present (reconcile) or by the `restart` command: either way,
+            // every target without a mark of its own restarts.
+            seen: Observed {
+                manual: true,
+                may_restart: true,
+                ..Observed::default()
+            },
+            counts: BTreeMap::new(),
+            scaled: false,
+        };
+        let result = self.run_restart(opts, &mut run, out).await;
+        match &result {
+            Err(RestartError::Preflight(_) | RestartError::RollingAfterCaChange(_)) | Ok(()) => {}
+            Err(e) => {
+                if run.scaled {
+                    // TMM is never left at zero.
+                    let _ = writeln!(out, "restart failed ({e}); restoring every TMM target");
+                    if let Err(r) = self.restore_tmm().await {
+                        let _ = writeln!(out, "could not restore TMM: {r}");
+                    }
                 }
-                return result;
+                self.event_on_targets(true, "RestartFailed", &e.to_string())
+                    .await;
             }
-            // An interrupted scale-to-zero restart is finished the way it started.
-        }
-        let result = self.restart_steps(opts, out).await;
-        if let Err(e) = &result {
-            // TMM is never left at zero.
-            let _ = writeln!(out, "restart failed ({e}); restoring every TMM target");
-            if let Err(r) = self.restore_tmm().await {
-                let _ = writeln!(out, "could not restore TMM: {r}");
-            }
-            self.event_on_targets(true, "RestartFailed", &e.to_string())
-                .await;
         }
         result
     }
 
-    async fn restart_steps(
+    /// Reads the state, takes the step `next` decides, until it says `Done`.
+    async fn run_restart(
         &self,
         opts: &Options,
+        run: &mut Run,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let t = opts.wait_timeout;
-        let pending = self.tmm_pending().await?;
-        let _ = writeln!(
-            out,
-            "strategy scale-to-zero (the seeds' procedure): TMM goes to 0 replicas and every dSSM \
-             pod restarts at once; this interrupts traffic"
-        );
-        // 1. Record each target's count on itself (unless an interrupted run did: then its
-        // count is the truth), 2. stop it.
-        let mut stopped = Vec::new();
-        for (target, w, token) in pending {
-            let replicas = match w.recorded() {
-                Some(n) => {
-                    let _ = writeln!(
-                        out,
-                        "resuming an interrupted restart: TMM had {n} replicas ({target})"
-                    );
-                    n
-                }
-                None => {
-                    let n = w.replicas();
-                    self.annotate_target(&target, &[(REPLICAS_ANNOTATION, Some(&n.to_string()))])
-                        .await?;
-                    n
-                }
-            };
-            self.stop_target(&target).await?;
-            let _ = match target.kind {
-                Kind::Deployment => writeln!(out, "scaled {target} to 0 (was {replicas})"),
-                Kind::DaemonSet => writeln!(
+        let mode = Mode {
+            strategy: opts.strategy,
+            order: opts.order,
+        };
+        let mut first = true;
+        loop {
+            let (state, workloads) = self.restart_state(None).await?;
+            run.seen.stopped = workloads.iter().map(Workload::stopped).collect();
+            if state.resuming() {
+                // A recorded restart is resumed whatever the cluster looks like (TMM is at
+                // zero): no pre-flight.
+                run.seen.preflight = true;
+            }
+            if first {
+                self.announce_resume(&state, out);
+                first = false;
+            }
+            let step = next(&state, &run.seen, mode);
+            tracing::debug!(?step, "restart step");
+            if step == Step::Done {
+                return Ok(());
+            }
+            self.take_step(step, opts, run, &workloads, out).await?;
+        }
+    }
+
+    fn announce_resume(&self, state: &RestartState, out: &mut (dyn std::io::Write + Send)) {
+        for (t, s) in self.targets.iter().zip(&state.targets) {
+            if let Some(n) = s.recorded {
+                let _ = writeln!(
                     out,
-                    "stopped {target} (was {replicas}): nodeSelector {STOP_NODE_SELECTOR}=true"
-                ),
-            };
-            stopped.push((target, selector_query(w.selector()), replicas, token));
+                    "resuming an interrupted restart: TMM had {n} replicas ({t})"
+                );
+            }
         }
-        // 3. Wait until no pod of any stopped target is left (all targets at once: they
-        // terminate in parallel).
-        let waits = stopped.iter().map(|(target, sel, _, _)| async move {
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
-            wait_pods(
-                &pods,
-                sel,
-                &format!(
-                    "the TMM pods in {} to terminate ({target})",
-                    target.namespace
-                ),
-                t,
-                // A Failed or Succeeded (evicted) pod stays listed but runs nothing: it does not
-                // hold the scale-down up until the timeout.
-                |p| p.values().all(ended),
-            )
-            .await
-        });
-        futures::future::try_join_all(waits).await?;
-        for (target, _, _, _) in &stopped {
-            let _ = writeln!(out, "no TMM pod left in {} ({target})", target.namespace);
+    }
+
+    /// One step of a restart without a CA rotation (those are taken by `rotation::drive`).
+    async fn take_step(
+        &self,
+        step: Step,
+        opts: &Options,
+        run: &mut Run,
+        workloads: &[Workload],
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let timeout = opts.wait_timeout;
+        match step {
+            Step::Preflight => {
+                self.preflight(opts.force, timeout).await?;
+                run.seen.preflight = true;
+            }
+            Step::RefuseRolling { target } => {
+                let t = self.targets[target].to_string();
+                return Err(RestartError::RollingAfterCaChange(t));
+            }
+            Step::Record { .. } | Step::Stop { .. } | Step::WaitTerminated { .. } => {
+                self.stop_step(step, run, workloads, timeout, out).await?
+            }
+            Step::RestartDssm => {
+                self.restart_dssm(timeout, out).await?;
+                run.seen.dssm_restarted = true;
+            }
+            Step::Start { target, token } => {
+                self.start_step(target, &token, run, workloads, out).await?
+            }
+            Step::WaitAvailable { targets } => {
+                self.wait_available(&targets, run, workloads, timeout, out)
+                    .await?
+            }
+            Step::RollDssm { .. } => {
+                let proof = crate::rolling::PhaseProof::default();
+                self.roll_dssm(&opts.redis, proof, timeout, out).await?;
+                run.seen.dssm_restarted = true;
+            }
+            Step::RollTarget { target, token, .. } => {
+                let t = &self.targets[target];
+                self.roll_target(t, timeout, out).await?;
+                self.annotate_target(t, &[(annotations::TMM_RESTARTED, Some(&token))])
+                    .await?;
+            }
+            Step::Finish => self.finish_step(opts, run, out).await?,
+            Step::Done
+            | Step::WritePhase { .. }
+            | Step::AwaitRestart { .. }
+            | Step::AdvancePhase { .. }
+            | Step::FinishRotation => {
+                // No rotation record is read by `run_restart`: `next` never decides these.
+                unreachable!("a rotation step outside a rotation: {step:?}")
+            }
         }
-        if opts.order == Order::DssmFirst {
-            self.restart_dssm(t, out).await?;
-        }
-        // 4. Start each target again, then forget its count and mark it done.
-        for (target, _, replicas, token) in &stopped {
-            self.start_target(target, *replicas).await?;
-            self.annotate_target(
-                target,
-                &[
-                    (REPLICAS_ANNOTATION, None),
-                    (RESTARTED_ANNOTATION, Some(token.as_str())),
-                ],
-            )
-            .await?;
-            let _ = match target.kind {
-                Kind::Deployment => writeln!(out, "scaled {target} back to {replicas}"),
-                Kind::DaemonSet => writeln!(out, "started {target} again ({replicas} nodes)"),
-            };
-        }
-        // 5.–6. Delete the dSSM pods and wait for them.
-        if opts.order == Order::TmmFirst {
-            self.restart_dssm(t, out).await?;
-        }
-        // 7. TMM available again: every target waited for at once (they start together, and
-        // the slowest decides when traffic is back anyway).
-        futures::future::try_join_all(
-            stopped
-                .iter()
-                .map(|(target, _, replicas, _)| self.wait_tmm_available(target, *replicas, t)),
+        Ok(())
+    }
+
+    /// Starts a stopped target with its recorded count, forgets the count and marks it done.
+    async fn start_step(
+        &self,
+        target: usize,
+        token: &str,
+        run: &mut Run,
+        workloads: &[Workload],
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let t = &self.targets[target];
+        let replicas = workloads[target].recorded().unwrap_or(1);
+        self.start_target(t, replicas).await?;
+        self.annotate_target(
+            t,
+            &[
+                (annotations::TMM_REPLICAS, None),
+                (annotations::TMM_RESTARTED, Some(token)),
+            ],
         )
         .await?;
-        for (target, _, replicas, _) in &stopped {
-            let _ = writeln!(out, "{target} has {replicas} available replicas");
-        }
-        let counts: Vec<String> = stopped
-            .iter()
-            .map(|(target, _, n, _)| format!("{target}: {n}"))
-            .collect();
-        self.finish_restart(&format!(
-            "TMM and dSSM restarted (restored {})",
-            counts.join(", ")
-        ))
-        .await?;
-        // 8. Verify with the materials TMM now holds.
+        run.counts.insert(target, replicas);
+        let _ = match t.kind {
+            Kind::Deployment => writeln!(out, "scaled {t} back to {replicas}"),
+            Kind::DaemonSet => writeln!(out, "started {t} again ({replicas} nodes)"),
+        };
+        Ok(())
+    }
+
+    /// Every target loses its marks (an Event says what was restored), then the probe
+    /// verifies with the materials TMM now holds.
+    async fn finish_step(
+        &self,
+        opts: &Options,
+        run: &mut Run,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let note = if run.scaled || opts.strategy == Strategy::ScaleToZero {
+            let counts: Vec<String> = run
+                .counts
+                .iter()
+                .map(|(i, n)| format!("{}: {n}", self.targets[*i]))
+                .collect();
+            format!("TMM and dSSM restarted (restored {})", counts.join(", "))
+        } else {
+            "rolling restart of dSSM and TMM, no interruption".to_string()
+        };
+        self.finish_restart(&note).await?;
+        run.seen.finished = true;
         self.verify_with_probe(opts, out).await
+    }
+
+    /// The scale-to-zero steps that take TMM down: record a target's count on it (unless an
+    /// interrupted run did: then its count is the truth), stop it, and wait until no pod of
+    /// any stopped target is left.
+    async fn stop_step(
+        &self,
+        step: Step,
+        run: &mut Run,
+        workloads: &[Workload],
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        if !run.scaled {
+            run.scaled = true;
+            let _ = writeln!(
+                out,
+                "strategy scale-to-zero (the seeds' procedure): TMM goes to 0 replicas and every \
+                 dSSM pod restarts at once; this interrupts traffic"
+            );
+        }
+        match step {
+            Step::Record { target } => {
+                let n = workloads[target].replicas().to_string();
+                self.annotate_target(
+                    &self.targets[target],
+                    &[(annotations::TMM_REPLICAS, Some(&n))],
+                )
+                .await?;
+            }
+            Step::Stop { target } => {
+                let t = &self.targets[target];
+                let replicas = workloads[target].recorded().unwrap_or(0);
+                self.stop_target(t).await?;
+                let _ = match t.kind {
+                    Kind::Deployment => writeln!(out, "scaled {t} to 0 (was {replicas})"),
+                    Kind::DaemonSet => writeln!(
+                        out,
+                        "stopped {t} (was {replicas}): nodeSelector {STOP_NODE_SELECTOR}=true"
+                    ),
+                };
+            }
+            Step::WaitTerminated { targets } => {
+                // All targets at once: they terminate in parallel.
+                let waits = targets.iter().map(|i| {
+                    let t = &self.targets[*i];
+                    let sel = selector_query(workloads[*i].selector());
+                    let pods = self.pods_in(&t.namespace);
+                    async move {
+                        let what = format!("the TMM pods in {} to terminate ({t})", t.namespace);
+                        // A Failed or Succeeded (evicted) pod stays listed but runs nothing:
+                        // it does not hold the scale-down up until the timeout.
+                        wait_pods(&pods, &sel, &what, timeout, |p| p.values().all(ended)).await
+                    }
+                });
+                futures::future::try_join_all(waits).await?;
+                for i in &targets {
+                    let t = &self.targets[*i];
+                    let _ = writeln!(out, "no TMM pod left in {} ({t})", t.namespace);
+                }
+                run.seen.terminated = true;
+            }
+            _ => unreachable!("not a stop step: {step:?}"),
+        }
+        Ok(())
+    }
+
+    /// TMM available again: every target started waited for at once (they start together,
+    /// and the slowest decides when traffic is back anyway).
+    async fn wait_available(
+        &self,
+        targets: &[usize],
+        run: &mut Run,
+        workloads: &[Workload],
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        // The count this run restored; after a crash, what the target asks for now.
+        let count = |i: usize| {
+            run.counts
+                .get(&i)
+                .copied()
+                .unwrap_or(workloads[i].replicas())
+        };
+        futures::future::try_join_all(
+            targets
+                .iter()
+                .map(|i| self.wait_tmm_available(&self.targets[*i], count(*i), timeout)),
+        )
+        .await?;
+        for i in targets {
+            let _ = writeln!(
+                out,
+                "{} has {} available replicas",
+                self.targets[*i],
+                count(*i)
+            );
+        }
+        run.seen.available = true;
+        Ok(())
     }
 
     /// The restart is done: every target loses its marks, and says so in an Event.
     async fn finish_restart(&self, note: &str) -> Result<(), ClusterError> {
         self.annotate_targets(&[
             (annotations::RESTART_NEEDED, None),
-            (CA_CHANGED_ANNOTATION, None),
-            (RESTARTED_ANNOTATION, None),
+            (annotations::CA_CHANGED, None),
+            (annotations::TMM_RESTARTED, None),
         ])
         .await?;
         self.event_on_targets(false, "Restarted", note).await;
@@ -932,26 +911,15 @@ impl Cluster {
             _ => Err(RestartError::Probe(report.message)),
         }
     }
+}
 
-    /// No interruption: the dSSM pods the Redis-aware way (`rolling::roll_dssm`: nothing is
-    /// evicted unless every pod's Redis answers), then TMM by a rolling restart.
-    async fn rolling(
-        &self,
-        opts: &Options,
-        out: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), RestartError> {
-        self.roll_dssm(
-            &opts.redis,
-            crate::rolling::PhaseProof::default(),
-            opts.wait_timeout,
-            out,
-        )
-        .await?;
-        self.roll_tmm(opts.wait_timeout, out).await?;
-        self.finish_restart("rolling restart of dSSM and TMM, no interruption")
-            .await?;
-        self.verify_with_probe(opts, out).await
-    }
+/// What one restart run keeps in memory beside the persisted state.
+struct Run {
+    seen: Observed,
+    /// Counts restored by this run, by target index (for the wait and the Event).
+    counts: BTreeMap<usize, i32>,
+    /// This run took TMM down (or resumed a run that did): a failure restores it.
+    scaled: bool,
 }
 
 #[cfg(test)]

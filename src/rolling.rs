@@ -6,16 +6,16 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::cluster::ResourceExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::ListParams;
-use kube::{Api, ResourceExt};
 
-use crate::cluster::{call, Cluster};
+use crate::cluster::pods::PodsIn;
+use crate::cluster::Cluster;
 use crate::contract;
 use crate::redis::reload::Proof;
 use crate::redis::rollout::{self, PodKind, Pods, RolloutContext, Step};
 use crate::redis::{info_replication, ClientMaterials, Connection, Role, TlsClient};
-use crate::restart::{evict_pod, pod_ready, terminating, wait_pods, RestartError};
+use crate::restart::{pod_ready, terminating, wait_pods, RestartError};
 
 /// Redis's port when a DB container declares none.
 pub const DB_PORT: u16 = 6379;
@@ -151,8 +151,7 @@ pub struct PhaseProof {
 
 /// The dSSM pods as the eviction side of the rollout sees them.
 struct ClusterPods {
-    api: Api<Pod>,
-    namespace: String,
+    api: PodsIn,
     selector: String,
     overrides: BTreeMap<String, String>,
     endpoints: BTreeMap<String, String>,
@@ -173,12 +172,12 @@ impl Pods for ClusterPods {
         let tokio_deadline = tokio::time::Instant::now() + left;
         let what = format!(
             "pod {}/{pod} to come back Running and Ready",
-            self.namespace
+            self.api.namespace()
         );
-        let (api, ns, sel) = (&self.api, &self.namespace, &self.selector);
+        let (api, sel) = (&self.api, &self.selector);
         let name = pod.to_string();
         let back = self.runtime.block_on(async {
-            evict_pod(api, ns, &name, tokio_deadline).await?;
+            api.evict(&name, tokio_deadline).await?;
             let now = wait_pods(api, sel, &what, left.max(Duration::from_secs(1)), |now| {
                 now.get(&name).is_some_and(|p| {
                     p.uid().as_deref() != Some(old_uid.as_str()) && !terminating(p) && pod_ready(p)
@@ -239,15 +238,10 @@ struct Prepared {
 
 impl Cluster {
     async fn prepare_dssm(&self, access: &RedisAccess) -> Result<Prepared, RestartError> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.dssm_ns);
+        let api = self.pods_in(&self.dssm_ns);
         let sel = self.dssm_selector.clone();
-        let lp = ListParams::default().labels(&sel);
-        let list = call("list", &format!("pods {} ({sel})", self.dssm_ns), || {
-            api.list(&lp)
-        })
-        .await?;
+        let list = api.list(&sel).await?;
         let live: Vec<Pod> = list
-            .items
             .into_iter()
             .filter(|p| !terminating(p) && !crate::restart::ended(p))
             .collect();
@@ -272,7 +266,6 @@ impl Cluster {
         Ok(Prepared {
             pods: ClusterPods {
                 api,
-                namespace: self.dssm_ns.clone(),
                 selector: sel,
                 overrides: access.endpoints.clone(),
                 endpoints,

@@ -22,34 +22,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::Cluster;
 use crate::contract;
-use crate::materials::{annotations, store_keys, Bundle, SecretObs};
+use crate::materials::{annotations, saved_keys, store_keys, Bundle, SecretObs};
 use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, ReconcileError};
 use crate::redis::ClientMaterials;
-
-/// On the CA key Secret while a rotation runs: its `Record` as JSON.
-pub const ROTATION_ANNOTATION: &str = "dssm-certs.f5.com/rotation";
-
-/// On every copy of the Secrets while a CA rotation runs: its phase, for readers that may not
-/// read the CA key Secret (`check`, the agent's metric).
-pub const PHASE_ANNOTATION: &str = "dssm-certs.f5.com/rotation-phase";
+use crate::restart_state::{next, Mode, Observed, RestartState, Step};
 
 /// The phase the dSSM copy of the certs Secret announces, if a rotation runs.
 pub fn phase_on_copies(obs: &crate::cluster::Observation, dssm_ns: &str) -> Option<Phase> {
     let copy = obs.copies.iter().find(|c| c.namespace == dssm_ns)?;
     match &copy.certs {
-        SecretObs::Present { annotations, .. } => Phase::ALL
-            .into_iter()
-            .find(|p| annotations.get(PHASE_ANNOTATION).map(String::as_str) == Some(p.name())),
+        SecretObs::Present { annotations, .. } => Phase::ALL.into_iter().find(|p| {
+            annotations
+                .get(annotations::ROTATION_PHASE)
+                .map(String::as_str)
+                == Some(p.name())
+        }),
         SecretObs::Missing => None,
     }
-}
-
-/// Saved in the CA key Secret while a CA rotation runs: the materials it replaces.
-pub mod saved_keys {
-    pub const PREVIOUS_CA_CERT: &str = "previous-dssm-ca.crt";
-    pub const PREVIOUS_CERT: &str = "previous-dssm-cert.crt";
-    pub const PREVIOUS_KEY: &str = "previous-dssm-key.key";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -129,7 +119,7 @@ impl Record {
     }
 
     pub fn parse(s: &str) -> Result<Record, String> {
-        serde_json::from_str(s).map_err(|e| format!("annotation {ROTATION_ANNOTATION}: {e}"))
+        serde_json::from_str(s).map_err(|e| format!("annotation {}: {e}", annotations::ROTATION))
     }
 }
 
@@ -137,7 +127,7 @@ impl Record {
 pub fn record_of(store: &SecretObs) -> Option<Result<Record, String>> {
     match store {
         SecretObs::Present { annotations, .. } => annotations
-            .get(ROTATION_ANNOTATION)
+            .get(annotations::ROTATION)
             .map(|s| Record::parse(s)),
         SecretObs::Missing => None,
     }
@@ -293,118 +283,165 @@ fn probe_leaf_of_new_ca(saved: &Saved, ns: &str) -> Result<ClientMaterials, Stri
 
 /// Resumes the recorded CA rotation, phase after phase, until it is complete. Each phase: its
 /// materials into every copy (dSSM namespace first), then every consumer rolled (dSSM the
-/// Redis-aware way, then TMM), proven by new handshakes, then the next phase recorded. Without
-/// restart options (`--no-restart`) it writes the current phase and stops: nothing moves on
-/// until that phase has been rolled.
+/// Redis-aware way, then TMM), proven by new handshakes, then the next phase recorded; which
+/// step comes next is `restart_state::next`'s decision from the record. Without restart options
+/// (`--no-restart`) it writes the current phase and stops: nothing moves on until that phase
+/// has been rolled.
 pub async fn drive(
     cluster: &Cluster,
     restart: Option<&crate::restart::Options>,
     out: &mut (dyn Write + Send),
 ) -> Result<(), ReconcileError> {
+    let mut seen = Observed {
+        may_restart: restart.is_some(),
+        ..Observed::default()
+    };
+    let mut written: Option<Phase> = None;
     loop {
         let obs = cluster.observe().await?;
-        let SecretObs::Present {
-            data,
-            annotations: ann,
-            ..
-        } = &obs.store
-        else {
+        let SecretObs::Present { data, .. } = &obs.store else {
             return Ok(());
         };
         let Some(record) = record_of(&obs.store) else {
             return Ok(());
         };
-        let mut record = record.map_err(ReconcileError::Refused)?;
-        let ns = cluster.dssm_ns.clone();
-        let saved = Saved::read(data, &ns).map_err(ReconcileError::Refused)?;
+        let record = record.map_err(ReconcileError::Refused)?;
+        let saved = Saved::read(data, &cluster.dssm_ns).map_err(ReconcileError::Refused)?;
+        let (state, _) = cluster.restart_state(Some(record.clone())).await?;
+        seen.phase_written = written == Some(record.phase);
+        let step = next(&state, &seen, rotation_mode());
+        tracing::debug!(?step, "rotation step");
         let phase = record.phase;
-        let _ = writeln!(
-            out,
-            "CA rotation, phase {} of 3 ({}): {}",
-            phase.number(),
-            phase.name(),
-            phase.describe()
-        );
-        let bundle = saved.bundle(phase);
-        write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
-        let Some(r) = restart else {
-            cluster
-                .annotate_targets(&[(
-                    annotations::RESTART_NEEDED,
-                    Some(&record.revision.to_string()),
-                )])
-                .await?;
-            let _ = writeln!(
-                out,
-                "phase {} written; it moves on once a run with a restart has rolled it",
-                phase.name()
-            );
-            return Ok(());
-        };
-        let proof = phase_proof(&saved, phase, &ns).map_err(ReconcileError::Refused)?;
-        let dssm = format!("{ns}/statefulsets/dSSM");
-        if !record.rolled.contains(&dssm) {
-            cluster
-                .roll_dssm(&r.redis, proof, r.wait_timeout, out)
-                .await
-                .map_err(ReconcileError::Restart)?;
-            record.rolled.push(dssm);
-            save_record(cluster, &cluster.observe().await?, &record).await?;
-        }
-        // Every TMM target through the phase, each recorded once rolled: a resumed phase
-        // skips the ones done (a target added midway is rolled in the phase it joins).
-        for t in &cluster.targets {
-            let tmm = format!("{}/{}/{}", t.namespace, t.kind.as_str(), t.name);
-            if record.rolled.contains(&tmm) {
-                continue;
+        match (step, restart) {
+            (Step::WritePhase { phase }, _) => {
+                let _ = writeln!(
+                    out,
+                    "CA rotation, phase {} of 3 ({}): {}",
+                    phase.number(),
+                    phase.name(),
+                    phase.describe()
+                );
+                let bundle = saved.bundle(phase);
+                write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
+                written = Some(phase);
             }
-            cluster
-                .roll_target(t, r.wait_timeout, out)
-                .await
-                .map_err(ReconcileError::Restart)?;
-            record.rolled.push(tmm);
-            // Saved from a fresh read: the record was written since `obs` (a 409 otherwise).
-            save_record(cluster, &cluster.observe().await?, &record).await?;
-        }
-        let note = format!(
-            "CA rotation phase {} ({}) rolled through every dSSM pod and TMM, proven by new mutual-TLS handshakes",
-            phase.name(),
-            phase.describe()
-        );
-        let _ = writeln!(out, "{note}");
-        if let Some(certs) = obs
-            .raw
-            .get(&(ns.clone(), contract::CERTS_SECRET.to_string()))
-        {
-            // One reason per phase: the recorder folds repeats of a reason into a series.
-            cluster
-                .event(certs, false, phase.event_reason(), note)
-                .await;
-        }
-        let obs = cluster.observe().await?;
-        match phase.next() {
-            Some(next) => {
-                record.phase = next;
-                record.rolled.clear();
-                save_record(cluster, &obs, &record).await?;
-            }
-            None => {
-                // The copies stop announcing a phase (metadata only: the files stay as they are).
-                write_copies(cluster, &obs, &bundle, record.revision, None, out).await?;
-                finish(cluster, &obs, ann, record.revision).await?;
+            (Step::AwaitRestart { phase }, _) => {
+                let revision = record.revision.to_string();
                 cluster
-                    .annotate_targets(&[
-                        (annotations::RESTART_NEEDED, None),
-                        (crate::targets::RESTARTED_ANNOTATION, None),
-                    ])
+                    .annotate_targets(&[(annotations::RESTART_NEEDED, Some(&revision))])
                     .await?;
                 let _ = writeln!(
                     out,
-                    "CA rotation complete: every process runs the new CA only"
+                    "phase {} written; it moves on once a run with a restart has rolled it",
+                    phase.name()
                 );
                 return Ok(());
             }
+            (step @ (Step::RollDssm { .. } | Step::RollTarget { .. }), Some(r)) => {
+                roll_one(cluster, r, step, &saved, record, &state, out).await?;
+            }
+            (Step::AdvancePhase { to, .. }, _) => {
+                phase_rolled(cluster, &obs, phase, out).await;
+                let mut record = record;
+                record.phase = to;
+                record.rolled.clear();
+                save_record(cluster, &obs, &record).await?;
+            }
+            (Step::FinishRotation, _) => {
+                phase_rolled(cluster, &obs, phase, out).await;
+                return finish_rotation(cluster, &obs, &saved, &record, out).await;
+            }
+            (step, _) => unreachable!("not a rotation step: {step:?}"),
         }
+    }
+}
+
+/// The drop phase rolled everywhere: the copies stop announcing a phase (metadata only: the
+/// files stay as they are), the store keeps the new CA only, the targets lose their marks.
+async fn finish_rotation(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    saved: &Saved,
+    record: &Record,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let bundle = saved.bundle(record.phase);
+    write_copies(cluster, obs, &bundle, record.revision, None, out).await?;
+    let obs = cluster.observe().await?;
+    finish(cluster, &obs, record.revision).await?;
+    cluster
+        .annotate_targets(&[
+            (annotations::RESTART_NEEDED, None),
+            (annotations::TMM_RESTARTED, None),
+        ])
+        .await?;
+    let _ = writeln!(
+        out,
+        "CA rotation complete: every process runs the new CA only"
+    );
+    Ok(())
+}
+
+/// A rotation's steps do not depend on the restart strategy or order.
+fn rotation_mode() -> Mode {
+    Mode {
+        strategy: crate::restart::Strategy::Rolling,
+        order: crate::restart::Order::TmmFirst,
+    }
+}
+
+/// Rolls one workload (dSSM, or a TMM target) through the record's phase, then records it in
+/// `rolled` so a resumed phase skips it (a target added midway is rolled in the phase it joins).
+async fn roll_one(
+    cluster: &Cluster,
+    r: &crate::restart::Options,
+    step: Step,
+    saved: &Saved,
+    mut record: Record,
+    state: &RestartState,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let rolled = match step {
+        Step::RollDssm { .. } => {
+            let proof = phase_proof(saved, record.phase, &cluster.dssm_ns)
+                .map_err(ReconcileError::Refused)?;
+            cluster
+                .roll_dssm(&r.redis, proof, r.wait_timeout, out)
+                .await?;
+            state.dssm.clone()
+        }
+        Step::RollTarget { target, .. } => {
+            cluster
+                .roll_target(&cluster.targets[target], r.wait_timeout, out)
+                .await?;
+            state.targets[target].id.clone()
+        }
+        other => unreachable!("not a roll: {other:?}"),
+    };
+    record.rolled.push(rolled);
+    // Saved from a fresh read: the record was written since the last one (a 409 otherwise).
+    save_record(cluster, &cluster.observe().await?, &record).await
+}
+
+/// Every workload runs `phase`: said on the output and in an Event on the dSSM certs Secret.
+async fn phase_rolled(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    phase: Phase,
+    out: &mut (dyn Write + Send),
+) {
+    let note = format!(
+        "CA rotation phase {} ({}) rolled through every dSSM pod and TMM, proven by new mutual-TLS handshakes",
+        phase.name(),
+        phase.describe()
+    );
+    let _ = writeln!(out, "{note}");
+    let key = (cluster.dssm_ns.clone(), contract::CERTS_SECRET.to_string());
+    if let Some(certs) = obs.raw.get(&key) {
+        // One reason per phase: the recorder folds repeats of a reason into a series.
+        cluster
+            .event(certs, false, phase.event_reason(), note)
+            .await;
     }
 }
 
@@ -422,8 +459,8 @@ async fn save_record(
     };
     let data = secret_data(store);
     let mut ann = store.metadata.annotations.clone().unwrap_or_default();
-    ann.retain(|k, _| k.starts_with("dssm-certs.f5.com/"));
-    ann.insert(ROTATION_ANNOTATION.to_string(), record.to_json());
+    ann.retain(|k, _| k.starts_with(annotations::PREFIX));
+    ann.insert(annotations::ROTATION.to_string(), record.to_json());
     cluster
         .write_secret(&key.0, &key.1, data, ann, Some(store))
         .await?;
@@ -443,7 +480,6 @@ fn secret_data(s: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<String, Vec<u
 async fn finish(
     cluster: &Cluster,
     obs: &crate::cluster::Observation,
-    _before: &BTreeMap<String, String>,
     revision: u64,
 ) -> Result<(), ReconcileError> {
     let key = (cluster.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string());
@@ -481,7 +517,7 @@ mod tests {
         );
         assert_eq!(Record::parse(&json), Ok(r));
         let e = Record::parse("{\"kind\":\"ca\",\"phase\":\"sideways\"}").unwrap_err();
-        assert!(e.contains(ROTATION_ANNOTATION), "{e}");
+        assert!(e.contains(annotations::ROTATION), "{e}");
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::fmt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use crate::materials::annotations;
+
 /// The workload kinds TMM runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -51,6 +53,11 @@ impl TmmTarget {
         }
     }
 
+    /// `namespace/kind/name`: how the restart state (a rotation record's `rolled`) names it.
+    pub fn id(&self) -> String {
+        format!("{}/{}/{}", self.namespace, self.kind.as_str(), self.name)
+    }
+
     /// `NAMESPACE/KIND/NAME` or `NAMESPACE/NAME` (a Deployment). Kinds are read as kubectl
     /// reads them: `deployment`, `deployments`, `deploy`, `daemonset`, `daemonsets`, `ds`.
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -86,6 +93,18 @@ impl TmmTarget {
 
 /// A workload name: a DNS subdomain (RFC 1123), at most 253 characters.
 fn validate_name(n: &str) -> Result<(), String> {
+    if !dns_subdomain(n) {
+        return Err(
+            "not a valid object name (lowercase letters, digits, '-' and '.', at most 253)".into(),
+        );
+    }
+    Ok(())
+}
+
+/// An RFC 1123 DNS subdomain, as the API server's `IsDNS1123Subdomain`: at most 253
+/// characters, dot-separated labels of at most 63 lowercase letters, digits and '-', each
+/// starting and ending with a letter or digit. Object names and label-key prefixes are ones.
+pub fn dns_subdomain(n: &str) -> bool {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
@@ -94,12 +113,7 @@ fn validate_name(n: &str) -> Result<(), String> {
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
-    if n.is_empty() || n.len() > 253 || !n.split('.').all(label_ok) {
-        return Err(
-            "not a valid object name (lowercase letters, digits, '-' and '.', at most 253)".into(),
-        );
-    }
-    Ok(())
+    !n.is_empty() && n.len() <= 253 && n.split('.').all(label_ok)
 }
 
 /// The targets of a run: `--tmm` (repeatable) or the `--tmm-namespace`/`--tmm-deployment`
@@ -143,20 +157,6 @@ pub enum Workload {
     DaemonSet(Box<DaemonSet>),
 }
 
-/// On the workload while it is stopped by a scale-to-zero restart: the count to come back to
-/// (a Deployment's replicas; a DaemonSet's desiredNumberScheduled, for the wait).
-pub const REPLICAS_ANNOTATION: &str = "dssm-certs.f5.com/tmm-replicas";
-
-/// On the workload once its part of the current restart is done, valued with the
-/// `restart-needed` revision it answered: a resumed restart skips it.
-pub const RESTARTED_ANNOTATION: &str = "dssm-certs.f5.com/tmm-restarted";
-
-/// A DaemonSet cannot be scaled. It is stopped as operators do it: a pod-template nodeSelector
-/// that no node carries, so the DaemonSet controller deletes every daemon pod and schedules
-/// none (desiredNumberScheduled 0). Only this key is added, and restoring removes only it: the
-/// operator's own nodeSelector is never touched.
-pub const STOP_NODE_SELECTOR: &str = "dssm-certs.f5.com/stopped";
-
 impl Workload {
     pub fn annotations(&self) -> BTreeMap<String, String> {
         let m = match self {
@@ -189,7 +189,7 @@ impl Workload {
     /// The count recorded by a scale-to-zero restart in progress.
     pub fn recorded(&self) -> Option<i32> {
         self.annotations()
-            .get(REPLICAS_ANNOTATION)
+            .get(annotations::TMM_REPLICAS)
             .and_then(|v| v.parse().ok())
     }
 
@@ -203,7 +203,7 @@ impl Workload {
                 .spec
                 .as_ref()
                 .and_then(|s| s.node_selector.as_ref())
-                .is_some_and(|n| n.contains_key(STOP_NODE_SELECTOR)),
+                .is_some_and(|n| n.contains_key(annotations::STOP_NODE_SELECTOR)),
         }
     }
 
@@ -311,6 +311,42 @@ mod tests {
             assert!(e.contains(says), "{bad}: {e}");
             assert!(e.contains(bad), "the error quotes the input: {e}");
         }
+    }
+
+    #[test]
+    fn dns_subdomains_are_judged_like_the_api_server() {
+        let long_label = "a".repeat(63);
+        let too_long_label = "a".repeat(64);
+        let long_name = vec!["a".repeat(63); 4].join("."); // 255
+        for good in [
+            "f5-tmm",
+            "a",
+            "0",
+            "app.kubernetes.io",
+            "a-b.c-d",
+            long_label.as_str(),
+        ] {
+            assert!(dns_subdomain(good), "{good} refused");
+        }
+        for bad in [
+            "",
+            "F5-tmm",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            "a.",
+            "a_b",
+            "a b",
+            too_long_label.as_str(),
+            long_name.as_str(),
+        ] {
+            assert!(!dns_subdomain(bad), "{bad:?} accepted");
+        }
+        // Both users: an object name and a label-key prefix.
+        assert!(validate_name("Bad_Name").is_err());
+        assert!(crate::restart::parse_selector("Bad_Prefix/app=x").is_err());
+        assert!(crate::restart::parse_selector("app.kubernetes.io/name=x").is_ok());
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl Mark {
     pub fn changes(&self) -> Vec<(&'static str, Option<String>)> {
         let mut v = vec![(annotations::RESTART_NEEDED, Some(self.revision.to_string()))];
         if self.ca_changed {
-            v.push((crate::restart::CA_CHANGED_ANNOTATION, Some("true".into())));
+            v.push((annotations::CA_CHANGED, Some("true".into())));
         }
         v
     }
@@ -160,9 +160,9 @@ impl Write {
 }
 
 /// On the CA key Secret while a rotation is pending: whether it changes the CA.
-pub const PENDING_CA_CHANGED: &str = "dssm-certs.f5.com/ca-changed";
+pub const PENDING_CA_CHANGED: &str = annotations::CA_CHANGED;
 /// On the CA key Secret while a rotation is pending: the action that made it.
-pub const PENDING_ACTION: &str = "dssm-certs.f5.com/action";
+pub const PENDING_ACTION: &str = annotations::ACTION;
 
 /// What a pass relies on besides the plan.
 pub struct Input<'a> {
@@ -277,7 +277,7 @@ fn save_pending(i: &Input) -> SecretWrite {
                 (store_keys::PENDING_DH.to_string(), bundle.dhparams.clone()),
             ]);
             if let Some(old) = i.phased_from {
-                use rotation::saved_keys;
+                use crate::materials::saved_keys;
                 d.insert(saved_keys::PREVIOUS_CA_CERT.into(), old.ca_cert.clone());
                 d.insert(saved_keys::PREVIOUS_CERT.into(), old.leaf_cert.clone());
                 d.insert(
@@ -314,7 +314,7 @@ fn save_pending(i: &Input) -> SecretWrite {
             revision: i.revision,
             rolled: Vec::new(),
         };
-        ann.insert(rotation::ROTATION_ANNOTATION.to_string(), record.to_json());
+        ann.insert(annotations::ROTATION.to_string(), record.to_json());
         summary.push_str(
             ", and a CA rotation recorded in three phases (trust, switch, drop) from the deployed copy",
         );
@@ -411,7 +411,10 @@ pub fn copies(
         ann.extend(fingerprints(b));
     }
     if let Some(p) = phase {
-        ann.insert(rotation::PHASE_ANNOTATION.to_string(), p.name().to_string());
+        ann.insert(
+            annotations::ROTATION_PHASE.to_string(),
+            p.name().to_string(),
+        );
     }
     let certs = bundle.map(|b| {
         BTreeMap::from([
@@ -492,7 +495,7 @@ fn holds(
         && s.metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(rotation::PHASE_ANNOTATION))
+            .and_then(|a| a.get(annotations::ROTATION_PHASE))
             .map(String::as_str)
             == phase.map(Phase::name)
 }
@@ -844,11 +847,13 @@ mod tests {
             ["replace@10 spk-utilities/dssm-ca-key-secret pending"]
         );
         let Write::Secret(s) = &list[0] else { panic!() };
-        let record =
-            rotation::Record::parse(&s.annotations[rotation::ROTATION_ANNOTATION]).unwrap();
+        let record = rotation::Record::parse(&s.annotations[annotations::ROTATION]).unwrap();
         assert_eq!((record.phase, record.revision), (Phase::Trust, 4));
         let data = &s.data.as_ref().unwrap().0;
-        assert_eq!(data[rotation::saved_keys::PREVIOUS_CA_CERT], old.ca_cert);
+        assert_eq!(
+            data[crate::materials::saved_keys::PREVIOUS_CA_CERT],
+            old.ca_cert
+        );
         assert_eq!(data[store_keys::CA_CERT], new.ca_cert);
         assert_eq!(s.annotations[PENDING_CA_CHANGED], "true");
     }

@@ -1,23 +1,30 @@
-//! The only code that talks to the Kubernetes API (kube-rs): the Secrets in both namespaces, the
-//! CA key Secret, the TMM Deployment, the Lease and Events. Every call names the object it
-//! touches in its errors and retries what is transient (429, 5xx, transport) with backoff.
+//! The only code that talks to the Kubernetes API (kube-rs), one file per what it touches:
+//! `secrets` (both copies and the CA key Secret), `observe` (all of them and the TMM targets in
+//! one pass), `workloads` (the TMM targets), `pods` (dSSM pods, evictions, PDBs), `watch`,
+//! `lease`, `events` (the one reporter) and `doctor`'s reads. This file: the connection and
+//! `call`, which names the object in every error and retries what is transient (429, 5xx,
+//! transport) with backoff.
 
 pub mod doctor;
+pub mod events;
 pub mod lease;
+pub mod observe;
+pub mod pods;
+pub mod secrets;
+pub mod watch;
 pub mod workloads;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::ByteString;
-use kube::api::PostParams;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
 
-use crate::contract;
-use crate::materials::{annotations, CopyObs, Owner, SecretObs};
+/// Object metadata accessors (`name_any`, `uid`, `labels`) for the objects this module returns:
+/// not an API call.
+pub use kube::ResourceExt;
+pub use observe::Observation;
+pub use secrets::secret_obs;
 
 /// Attempts for a call that fails transiently, and the first backoff (doubled each time).
 pub const ATTEMPTS: u32 = 5;
@@ -69,6 +76,8 @@ pub enum ClusterError {
     Locked(String),
     #[error("{0} could not be renewed within its renew deadline (or was taken over): stopped before it could expire for another dssm-certs. The next run (or the agent) finishes or rolls back what this one started")]
     LeaseLost(String),
+    #[error("pod {pod} could not be evicted before the deadline (--wait-timeout): a PodDisruptionBudget allows no disruption ({message})")]
+    EvictionBlocked { pod: String, message: String },
     #[error("{0} not found (or its namespace does not exist): every TMM target must exist before its materials are replaced; nothing was written (check --tmm, or --tmm-namespace / --tmm-deployment)")]
     NoWorkload(crate::targets::TmmTarget),
 }
@@ -89,7 +98,7 @@ fn transient(e: &kube::Error) -> bool {
 
 /// Runs `f`, retrying transient failures with exponential backoff; maps the final error to one
 /// that names `verb` and `what`.
-pub async fn call<T, F, Fut>(verb: &'static str, what: &str, f: F) -> Result<T, ClusterError>
+async fn call<T, F, Fut>(verb: &'static str, what: &str, f: F) -> Result<T, ClusterError>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T, kube::Error>>,
@@ -251,7 +260,7 @@ pub struct Target {
 }
 
 pub struct Cluster {
-    pub client: Client,
+    client: Client,
     pub dssm_ns: String,
     /// Every TMM workload that talks to dSSM (at least one).
     pub targets: Vec<crate::targets::TmmTarget>,
@@ -260,131 +269,6 @@ pub struct Cluster {
     pub lease_seconds: i32,
     pub max_clock_skew: i64,
     recorder: Recorder,
-}
-
-/// What one observation found, with the raw Secrets for writing back.
-#[derive(Clone)]
-pub struct Observation {
-    /// dSSM namespace first, then TMM's when it differs.
-    pub copies: Vec<CopyObs>,
-    pub store: SecretObs,
-    pub raw: BTreeMap<(String, String), Secret>,
-    /// Every TMM target and its workload (None: not found).
-    pub workloads: Vec<(crate::targets::TmmTarget, Option<crate::targets::Workload>)>,
-    /// False when the CA key Secret could not be read (403, the agent's read-only account):
-    /// `store` is then `Missing` and means "not available", not "absent".
-    pub store_readable: bool,
-}
-
-impl Observation {
-    /// Some TMM target says new materials wait for a restart, or holds a restart record.
-    pub fn restart_pending(&self) -> bool {
-        self.workloads.iter().any(|(_, w)| {
-            w.as_ref().is_some_and(|w| {
-                w.recorded().is_some() || w.annotations().contains_key(annotations::RESTART_NEEDED)
-            })
-        })
-    }
-
-    /// Some TMM target holds a restart record (it is stopped, or being stopped).
-    pub fn restart_recorded(&self) -> bool {
-        self.workloads
-            .iter()
-            .any(|(_, w)| w.as_ref().is_some_and(|w| w.recorded().is_some()))
-    }
-
-    /// The first TMM target that does not exist.
-    pub fn missing_target(&self) -> Option<&crate::targets::TmmTarget> {
-        self.workloads
-            .iter()
-            .find(|(_, w)| w.is_none())
-            .map(|(t, _)| t)
-    }
-}
-
-/// The raw Secrets hold private keys: `Debug` names them and their keys, never their data.
-/// What was read holds the leaf key (and the CA key): wiped when the observation goes.
-impl Drop for Observation {
-    fn drop(&mut self) {
-        self.wipe();
-    }
-}
-
-impl Observation {
-    /// Overwrites every Secret value read with zeros (`zeroize`: not optimised away).
-    fn wipe(&mut self) {
-        use zeroize::Zeroize;
-        for secret in self.raw.values_mut() {
-            for value in secret.data.iter_mut().flat_map(|d| d.values_mut()) {
-                value.0.zeroize();
-            }
-        }
-        let copies = self
-            .copies
-            .iter_mut()
-            .flat_map(|c| [&mut c.certs, &mut c.keys]);
-        for obs in copies.chain([&mut self.store]) {
-            if let SecretObs::Present { data, .. } = obs {
-                data.values_mut().for_each(Zeroize::zeroize);
-            }
-        }
-    }
-}
-
-impl std::fmt::Debug for Observation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let raw: Vec<String> = self
-            .raw
-            .iter()
-            .map(|((ns, name), s)| {
-                let keys: Vec<&String> = s.data.iter().flat_map(|d| d.keys()).collect();
-                format!("{ns}/{name} {keys:?}")
-            })
-            .collect();
-        f.debug_struct("Observation")
-            .field("copies", &self.copies)
-            .field("store", &self.store)
-            .field("raw", &raw)
-            .field(
-                "workloads",
-                &self
-                    .workloads
-                    .iter()
-                    .map(|(t, w)| (t.to_string(), w.is_some()))
-                    .collect::<Vec<_>>(),
-            )
-            .finish()
-    }
-}
-
-fn owner_of(s: &Secret) -> Owner {
-    let labels = s.labels();
-    match labels.get(annotations::MANAGED_BY).map(String::as_str) {
-        Some(annotations::MANAGER) => Owner::Us,
-        Some(other) => Owner::Other(format!(
-            "{other} (label {}={other})",
-            annotations::MANAGED_BY
-        )),
-        None => match s.owner_references().first() {
-            Some(o) => Owner::Other(format!("{} {} (owner reference)", o.kind, o.name)),
-            None => Owner::Nobody,
-        },
-    }
-}
-
-pub fn secret_obs(s: Option<&Secret>) -> SecretObs {
-    match s {
-        None => SecretObs::Missing,
-        Some(s) => SecretObs::Present {
-            data: s
-                .data
-                .as_ref()
-                .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
-                .unwrap_or_default(),
-            owner: owner_of(s),
-            annotations: s.annotations().clone(),
-        },
-    }
 }
 
 impl Cluster {
@@ -453,198 +337,5 @@ impl Cluster {
     /// The TMM namespaces, each once, in target order.
     pub fn tmm_namespaces(&self) -> Vec<String> {
         crate::targets::namespaces(&self.targets)
-    }
-
-    pub async fn get_secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, ClusterError> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        call("get", &format!("secret {ns}/{name}"), || api.get_opt(name)).await
-    }
-
-    /// Reads every Secret of every copy, the CA key Secret and every TMM workload: 2 reads per
-    /// namespace, 1 per target, plus 1.
-    pub async fn observe(&self) -> Result<Observation, ClusterError> {
-        self.observe_inner(false).await
-    }
-
-    /// `observe` for the agent, whose own ServiceAccount may not read the CA key Secret: a 403
-    /// on that one Secret leaves the store out (`store_readable: false`) instead of failing.
-    pub async fn observe_without_ca_key(&self) -> Result<Observation, ClusterError> {
-        self.observe_inner(true).await
-    }
-
-    async fn observe_inner(
-        &self,
-        ca_key_may_be_forbidden: bool,
-    ) -> Result<Observation, ClusterError> {
-        let mut raw = BTreeMap::new();
-        let mut copies = Vec::new();
-        for ns in self.namespaces() {
-            let certs = self.get_secret(&ns, contract::CERTS_SECRET).await?;
-            let keys = self.get_secret(&ns, contract::KEYS_SECRET).await?;
-            copies.push(CopyObs {
-                namespace: ns.clone(),
-                certs: secret_obs(certs.as_ref()),
-                keys: secret_obs(keys.as_ref()),
-            });
-            for (name, s) in [
-                (contract::CERTS_SECRET, certs),
-                (contract::KEYS_SECRET, keys),
-            ] {
-                if let Some(s) = s {
-                    raw.insert((ns.clone(), name.to_string()), s);
-                }
-            }
-        }
-        let (store, store_readable) = match self
-            .get_secret(&self.dssm_ns, contract::CA_KEY_SECRET)
-            .await
-        {
-            Err(ClusterError::Forbidden { .. }) if ca_key_may_be_forbidden => (None, false),
-            r => (r?, true),
-        };
-        let store_obs = secret_obs(store.as_ref());
-        if let Some(s) = store {
-            raw.insert(
-                (self.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string()),
-                s,
-            );
-        }
-        let mut workloads = Vec::new();
-        for t in &self.targets {
-            workloads.push((t.clone(), self.get_workload(t).await?));
-        }
-        Ok(Observation {
-            copies,
-            store: store_obs,
-            raw,
-            workloads,
-            store_readable,
-        })
-    }
-
-    /// Creates the Secret, or replaces it if `existing` is given (optimistic concurrency: a
-    /// change since it was read is a 409 Conflict). Refuses Secrets managed by someone else.
-    pub async fn write_secret(
-        &self,
-        ns: &str,
-        name: &str,
-        data: BTreeMap<String, Vec<u8>>,
-        annotations: BTreeMap<String, String>,
-        existing: Option<&Secret>,
-    ) -> Result<Secret, ClusterError> {
-        let what = format!("secret {ns}/{name}");
-        if let Some(Owner::Other(owner)) = existing.map(owner_of) {
-            return Err(ClusterError::NotOurs { what, owner });
-        }
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        let mut s = existing.cloned().unwrap_or_default();
-        s.metadata.name = Some(name.to_string());
-        s.metadata.namespace = Some(ns.to_string());
-        s.metadata.managed_fields = None;
-        s.labels_mut()
-            .insert(annotations::MANAGED_BY.into(), annotations::MANAGER.into());
-        let ann = s.annotations_mut();
-        ann.retain(|k, _| {
-            !k.starts_with("dssm-certs.f5.com/")
-                && k != "kubectl.kubernetes.io/last-applied-configuration"
-        });
-        ann.extend(annotations);
-        s.type_ = Some("Opaque".into());
-        s.string_data = None;
-        s.data = Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect());
-        let pp = PostParams {
-            field_manager: Some("dssm-certs".into()),
-            ..Default::default()
-        };
-        if existing.is_some() {
-            call("update", &what, || api.replace(name, &pp, &s)).await
-        } else {
-            call("create", &what, || api.create(&pp, &s)).await
-        }
-    }
-
-    /// Publishes an Event about `secret` (best effort: a failure is logged, never fatal).
-    pub async fn event(&self, secret: &Secret, warning: bool, reason: &str, note: String) {
-        self.event_on(secret, warning, reason, note).await
-    }
-
-    /// Publishes an Event about any object (best effort).
-    pub async fn event_on<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        warning: bool,
-        reason: &str,
-        note: String,
-    ) {
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            let error = describe(&e);
-            tracing::warn!(reason, error, "could not publish an Event");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn debug_of_an_observation_never_shows_secret_data() {
-        let key = b"-----BEGIN PRIVATE KEY-----\nTOPSECRETKEYBYTES\n".to_vec();
-        let mut secret = Secret::default();
-        secret.metadata.name = Some(contract::KEYS_SECRET.into());
-        secret.data = Some(
-            [(contract::LEAF_KEY.to_string(), ByteString(key.clone()))]
-                .into_iter()
-                .collect(),
-        );
-        let obs = Observation {
-            copies: vec![CopyObs {
-                namespace: "spk-utilities".into(),
-                certs: SecretObs::Missing,
-                keys: secret_obs(Some(&secret)),
-            }],
-            store: SecretObs::Missing,
-            raw: [(
-                (
-                    "spk-utilities".to_string(),
-                    contract::KEYS_SECRET.to_string(),
-                ),
-                secret,
-            )]
-            .into_iter()
-            .collect(),
-            workloads: Vec::new(),
-            store_readable: true,
-        };
-        let shown = format!("{obs:?}");
-        let as_numbers = format!("{:?}", &key[..8]);
-        let as_numbers = as_numbers.trim_matches(['[', ']']);
-        assert!(!shown.contains("TOPSECRET"), "{shown}");
-        assert!(!shown.contains(as_numbers), "{shown}");
-        assert!(
-            shown.contains(contract::LEAF_KEY),
-            "the key name is shown: {shown}"
-        );
-
-        // Dropping an observation wipes what it read (the drop runs `wipe`).
-        let mut obs = obs;
-        obs.wipe();
-        let raw = obs.raw.values().next().unwrap().data.as_ref().unwrap();
-        assert!(raw[contract::LEAF_KEY].0.iter().all(|b| *b == 0));
-        let SecretObs::Present { data, .. } = &obs.copies[0].keys else {
-            panic!("present")
-        };
-        assert!(data[contract::LEAF_KEY].iter().all(|b| *b == 0));
     }
 }

@@ -2,14 +2,15 @@
 //! stop and start for a scale-to-zero restart, rollout restart, and watch until a condition
 //! holds. Every call names the target it touches.
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Resource};
-use serde::de::DeserializeOwned;
+use kube::Api;
 
+use super::watch::watch_until;
 use super::{call, Cluster, ClusterError};
-use crate::targets::{Kind, TmmTarget, Workload, STOP_NODE_SELECTOR};
+use crate::materials::annotations::STOP_NODE_SELECTOR;
+use crate::restart_state::{dssm_id, RestartState, TargetState};
+use crate::targets::{Kind, TmmTarget, Workload};
 
 fn pp() -> PatchParams {
     PatchParams {
@@ -73,6 +74,28 @@ impl Cluster {
                 d.metadata.generation.unwrap_or(0)
             }
         })
+    }
+
+    /// The restart's persisted state: each target's marks (read from its workload, returned
+    /// with it, in target order) and the rotation record given (read with the CA key Secret).
+    /// A missing target is an error naming it.
+    pub async fn restart_state(
+        &self,
+        rotation: Option<crate::rotation::Record>,
+    ) -> Result<(RestartState, Vec<Workload>), ClusterError> {
+        let mut targets = Vec::new();
+        let mut workloads = Vec::new();
+        for t in &self.targets {
+            let w = self.require_workload(t).await?;
+            targets.push(TargetState::from_annotations(t.id(), &w.annotations()));
+            workloads.push(w);
+        }
+        let state = RestartState {
+            rotation,
+            targets,
+            dssm: dssm_id(&self.dssm_ns),
+        };
+        Ok((state, workloads))
     }
 
     /// Sets (Some) or removes (None) annotations of one target in one patch.
@@ -159,48 +182,19 @@ impl Cluster {
         match t.kind {
             Kind::Deployment => {
                 let api = self.deployments_in(&t.namespace);
-                watch_until(api, t, |d| cond(&Workload::Deployment(Box::new(d.clone())))).await
+                let what = t.to_string();
+                watch_until(api, &t.name, &what, |d| {
+                    cond(&Workload::Deployment(Box::new(d.clone())))
+                })
+                .await
             }
             Kind::DaemonSet => {
                 let api = self.daemonsets_in(&t.namespace);
-                watch_until(api, t, |d| cond(&Workload::DaemonSet(Box::new(d.clone())))).await
-            }
-        }
-    }
-
-    /// Publishes an Event about a TMM workload (best effort).
-    pub async fn event_on_workload(&self, w: &Workload, warning: bool, reason: &str, note: String) {
-        match w {
-            Workload::Deployment(d) => self.event_on(d.as_ref(), warning, reason, note).await,
-            Workload::DaemonSet(d) => self.event_on(d.as_ref(), warning, reason, note).await,
-        }
-    }
-
-    /// An Event on every target that still exists (best effort).
-    pub async fn event_on_targets(&self, warning: bool, reason: &str, note: &str) {
-        for t in &self.targets {
-            if let Ok(Some(w)) = self.get_workload(t).await {
-                self.event_on_workload(&w, warning, reason, note.to_string())
-                    .await;
-            }
-        }
-    }
-}
-
-async fn watch_until<K>(api: Api<K>, t: &TmmTarget, cond: impl Fn(&K) -> bool)
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    use kube::runtime::{watcher, WatchStreamExt};
-    let config = watcher::Config::default().fields(&format!("metadata.name={}", t.name));
-    let stream = watcher(api, config).default_backoff().applied_objects();
-    futures::pin_mut!(stream);
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(o) if cond(&o) => return,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::debug!(target_workload = %t, error = %e, "watch interrupted; resuming")
+                let what = t.to_string();
+                watch_until(api, &t.name, &what, |d| {
+                    cond(&Workload::DaemonSet(Box::new(d.clone())))
+                })
+                .await
             }
         }
     }

@@ -1,0 +1,792 @@
+//! The restart as one state machine. What is persisted on the cluster (a CA rotation's record on
+//! the CA key Secret; on each TMM target its `restart-needed`, `tmm-replicas`, `tmm-restarted`
+//! and `ca-changed` annotations) is read into a [`RestartState`]; what this run has seen since
+//! it started (waits passed, dSSM restarted) is an [`Observed`]; [`next`] decides the one step
+//! to take from both, purely. Any run that reads the state resumes where the last one stopped:
+//! a crash loses only the in-memory `Observed`, and every step it forgets is safe to redo
+//! (waits, a dSSM restart, a rollout restart).
+//!
+//! It holds several phases (a CA rotation's trust → switch → drop, each rolled through every
+//! workload) and several workloads (dSSM and every TMM target, each with its own state).
+
+use std::collections::BTreeMap;
+
+use crate::materials::annotations;
+use crate::restart::{Order, Strategy};
+use crate::rotation::{Phase, Record};
+
+/// The token that marks a restart no write asked for (the `restart` command) done.
+pub const MANUAL: &str = "manual";
+
+/// The name the rotation record gives the dSSM pods in its `rolled` list.
+pub fn dssm_id(dssm_ns: &str) -> String {
+    format!("{dssm_ns}/statefulsets/dSSM")
+}
+
+/// One TMM target's persisted part of the restart.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetState {
+    /// `namespace/kind/name`, as the rotation record's `rolled` names it.
+    pub id: String,
+    /// `restart-needed`: the revision of materials that wait for a restart.
+    pub needed: Option<String>,
+    /// `tmm-replicas`: stopped by a scale-to-zero restart, with the count to come back to.
+    pub recorded: Option<i32>,
+    /// `tmm-restarted`: the token of the restart it already finished.
+    pub restarted: Option<String>,
+    /// `ca-changed`: the write that asked for the restart changed the CA.
+    pub ca_changed: bool,
+}
+
+impl TargetState {
+    /// Reads a target's annotations (unknown or malformed values count as absent).
+    pub fn from_annotations(id: String, a: &BTreeMap<String, String>) -> Self {
+        TargetState {
+            id,
+            needed: a.get(annotations::RESTART_NEEDED).cloned(),
+            recorded: a
+                .get(annotations::TMM_REPLICAS)
+                .and_then(|v| v.parse().ok()),
+            restarted: a.get(annotations::TMM_RESTARTED).cloned(),
+            ca_changed: a.get(annotations::CA_CHANGED).map(String::as_str) == Some("true"),
+        }
+    }
+}
+
+/// Everything persisted about the restart, in target order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RestartState {
+    /// A CA rotation in progress: its phase and the workloads already rolled through it.
+    pub rotation: Option<Record>,
+    pub targets: Vec<TargetState>,
+    /// The dSSM workload's id (`dssm_id`).
+    pub dssm: String,
+}
+
+impl RestartState {
+    /// A manual restart: no target says which materials wait, so every target restarts.
+    fn manual(&self) -> bool {
+        !self.targets.iter().any(|t| t.needed.is_some())
+    }
+
+    /// Some target is stopped by a scale-to-zero restart (an interrupted one is resumed).
+    pub fn resuming(&self) -> bool {
+        self.targets.iter().any(|t| t.recorded.is_some())
+    }
+
+    /// The token that marks target `i` done, if it still has to restart: the `restart-needed`
+    /// revision, or `manual` when nothing asked (every target) or when it is stopped.
+    pub fn pending_token(&self, i: usize, manual_restart: bool) -> Option<String> {
+        let t = &self.targets[i];
+        let token = match &t.needed {
+            Some(revision) => revision.clone(),
+            None if (manual_restart && self.manual()) || t.recorded.is_some() => MANUAL.to_string(),
+            None => return None,
+        };
+        let done = t.restarted.as_deref() == Some(token.as_str());
+        (t.recorded.is_some() || !done).then_some(token)
+    }
+
+    /// Indexes of the targets still to restart, with their tokens.
+    pub fn pending(&self, manual_restart: bool) -> Vec<(usize, String)> {
+        (0..self.targets.len())
+            .filter_map(|i| self.pending_token(i, manual_restart).map(|t| (i, t)))
+            .collect()
+    }
+}
+
+/// What this run saw since it started: lost in a crash, and each is safe to see again.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Observed {
+    /// The pre-flight passed (or was overridden), or a recorded restart made it moot.
+    pub preflight: bool,
+    /// No pod of any stopped target is left.
+    pub terminated: bool,
+    /// Every dSSM pod restarted (scale-to-zero, or rolled in the rolling strategy).
+    pub dssm_restarted: bool,
+    /// Every started target has its count available again.
+    pub available: bool,
+    /// Per target (by index), whether it is stopped now (scaled to 0 / stop nodeSelector).
+    pub stopped: Vec<bool>,
+    /// This run wrote the current rotation phase's materials into every copy.
+    pub phase_written: bool,
+    /// This run may restart (false: `--no-restart`, the phase is written and waits).
+    pub may_restart: bool,
+    /// `restart` command (true) or a restart asked for by a write (false).
+    pub manual: bool,
+    /// This run finished the restart (`Finish`): nothing more, whatever the marks say.
+    pub finished: bool,
+}
+
+/// How the run restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    pub strategy: Strategy,
+    pub order: Order,
+}
+
+/// The one step to take next. Indexes name targets in `RestartState::targets`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to restart.
+    Done,
+    /// The rolling strategy after a CA change: refused (pods would refuse each other).
+    RefuseRolling {
+        target: usize,
+    },
+    Preflight,
+    /// Scale-to-zero: record the target's count on it, then stop it.
+    Record {
+        target: usize,
+    },
+    Stop {
+        target: usize,
+    },
+    /// Wait until no pod of the stopped targets is left.
+    WaitTerminated {
+        targets: Vec<usize>,
+    },
+    /// Restart every dSSM pod (scale-to-zero: at once; rolling: the Redis-aware way, through
+    /// `phase` when a rotation runs).
+    RestartDssm,
+    RollDssm {
+        phase: Option<Phase>,
+    },
+    /// Start a stopped target with its recorded count, forget the count and mark it done.
+    Start {
+        target: usize,
+        token: String,
+    },
+    /// Wait until the targets restarted by this run have their counts available.
+    WaitAvailable {
+        targets: Vec<usize>,
+    },
+    /// A rolling restart of one target, then mark it done (`tmm-restarted`, or the rotation
+    /// record's `rolled`).
+    RollTarget {
+        target: usize,
+        token: String,
+        phase: Option<Phase>,
+    },
+    /// Every target loses its marks; an Event says so; then the probe.
+    Finish,
+    /// Rotation: write the phase's materials into every copy.
+    WritePhase {
+        phase: Phase,
+    },
+    /// Rotation without restart (`--no-restart`): mark every target and stop there.
+    AwaitRestart {
+        phase: Phase,
+    },
+    /// Rotation: every workload rolled through `from`; record the next phase.
+    AdvancePhase {
+        from: Phase,
+        to: Phase,
+    },
+    /// Rotation: the drop phase rolled everywhere; the record and the saved materials go.
+    FinishRotation,
+}
+
+/// The next step, from what is persisted and what this run saw. Pure.
+pub fn next(state: &RestartState, seen: &Observed, mode: Mode) -> Step {
+    if seen.finished {
+        return Step::Done;
+    }
+    if let Some(record) = &state.rotation {
+        return next_in_rotation(state, record, seen);
+    }
+    let asked = state
+        .targets
+        .iter()
+        .any(|t| t.needed.is_some() || t.recorded.is_some());
+    if !asked && !seen.manual {
+        return Step::Done;
+    }
+    let pending = state.pending(seen.manual);
+    let resuming = state.resuming();
+    if !seen.preflight && !resuming {
+        return Step::Preflight;
+    }
+    // An interrupted scale-to-zero restart is finished the way it started.
+    if mode.strategy == Strategy::Rolling && !resuming {
+        if let Some(t) = state.targets.iter().position(|t| t.ca_changed) {
+            return Step::RefuseRolling { target: t };
+        }
+        return next_rolling(state, &pending, seen);
+    }
+    next_scale_to_zero(state, &pending, seen, mode.order)
+}
+
+fn next_rolling(state: &RestartState, pending: &[(usize, String)], seen: &Observed) -> Step {
+    if !seen.dssm_restarted {
+        return Step::RollDssm { phase: None };
+    }
+    match pending.first() {
+        Some((i, token)) => Step::RollTarget {
+            target: *i,
+            token: token.clone(),
+            phase: None,
+        },
+        None if marked(state) => Step::Finish,
+        None => Step::Done,
+    }
+}
+
+/// Some target still carries a mark that `Finish` removes.
+fn marked(state: &RestartState) -> bool {
+    state
+        .targets
+        .iter()
+        .any(|t| t.needed.is_some() || t.restarted.is_some() || t.ca_changed)
+}
+
+/// TMM down (count recorded first), wait until no pod is left, [dSSM first], TMM up, [dSSM],
+/// TMM available, finish.
+fn next_scale_to_zero(
+    state: &RestartState,
+    pending: &[(usize, String)],
+    seen: &Observed,
+    order: Order,
+) -> Step {
+    let stopped = |i: usize| seen.stopped.get(i).copied().unwrap_or(false);
+    for (i, _) in pending {
+        if state.targets[*i].recorded.is_none() {
+            return Step::Record { target: *i };
+        }
+        if !stopped(*i) {
+            return Step::Stop { target: *i };
+        }
+    }
+    let recorded: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+    if !recorded.is_empty() && !seen.terminated {
+        return Step::WaitTerminated { targets: recorded };
+    }
+    if order == Order::DssmFirst && !seen.dssm_restarted && !recorded.is_empty() {
+        return Step::RestartDssm;
+    }
+    if let Some((i, token)) = pending.first() {
+        return Step::Start {
+            target: *i,
+            token: token.clone(),
+        };
+    }
+    if !seen.dssm_restarted {
+        return Step::RestartDssm;
+    }
+    if !seen.available {
+        let started: Vec<usize> = state
+            .targets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.restarted.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        return Step::WaitAvailable { targets: started };
+    }
+    Step::Finish
+}
+
+/// Each phase: its materials written, then dSSM and every TMM target rolled through it (each
+/// recorded in `rolled` once done), then the next phase; after drop, the rotation finishes.
+fn next_in_rotation(state: &RestartState, record: &Record, seen: &Observed) -> Step {
+    let phase = record.phase;
+    if !seen.phase_written {
+        return Step::WritePhase { phase };
+    }
+    if !seen.may_restart {
+        return Step::AwaitRestart { phase };
+    }
+    if !record.rolled.contains(&state.dssm) {
+        return Step::RollDssm { phase: Some(phase) };
+    }
+    let token = record.revision.to_string();
+    if let Some(i) = state
+        .targets
+        .iter()
+        .position(|t| !record.rolled.contains(&t.id))
+    {
+        return Step::RollTarget {
+            target: i,
+            token,
+            phase: Some(phase),
+        };
+    }
+    match phase.next() {
+        Some(to) => Step::AdvancePhase { from: phase, to },
+        None => Step::FinishRotation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotation::Kind;
+
+    const DSSM: &str = "spk-utilities/statefulsets/dSSM";
+    const A: &str = "spk-ingress-a/deployment/f5-tmm";
+    const B: &str = "spk-ingress-b/daemonset/tmm";
+
+    /// One table row: the annotations of targets A and B, what the run saw, the step decided.
+    type Row<'a> = (
+        &'a [(&'a str, &'a str)],
+        &'a [(&'a str, &'a str)],
+        Observed,
+        Step,
+    );
+
+    /// A target from its annotations as the current main writes them.
+    fn target(id: &str, ann: &[(&str, &str)]) -> TargetState {
+        let a = ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        TargetState::from_annotations(id.to_string(), &a)
+    }
+
+    fn state(targets: Vec<TargetState>) -> RestartState {
+        RestartState {
+            rotation: None,
+            targets,
+            dssm: DSSM.into(),
+        }
+    }
+
+    fn seen(f: impl FnOnce(&mut Observed)) -> Observed {
+        let mut o = Observed {
+            may_restart: true,
+            ..Default::default()
+        };
+        f(&mut o);
+        o
+    }
+
+    const S2Z: Mode = Mode {
+        strategy: Strategy::ScaleToZero,
+        order: Order::TmmFirst,
+    };
+    const ROLLING: Mode = Mode {
+        strategy: Strategy::Rolling,
+        order: Order::TmmFirst,
+    };
+
+    use crate::materials::annotations::{CA_CHANGED, RESTART_NEEDED, TMM_REPLICAS, TMM_RESTARTED};
+
+    #[test]
+    fn scale_to_zero_over_two_targets_resumes_after_a_crash_at_every_step() {
+        let needed = [(RESTART_NEEDED, "7")];
+        let recorded = [(RESTART_NEEDED, "7"), (TMM_REPLICAS, "3")];
+        let done = [(RESTART_NEEDED, "7"), (TMM_RESTARTED, "7")];
+        let tok = || "7".to_string();
+        // Each row: persisted (target A, target B), what this run saw, the step decided. A
+        // crash keeps the persisted columns and empties `seen`: the rows with a default `seen`
+        // are the resumes.
+        let rows: Vec<Row> = vec![
+            (&[], &[], seen(|_| {}), Step::Done),
+            (&needed, &needed, seen(|_| {}), Step::Preflight),
+            (
+                &needed,
+                &needed,
+                seen(|o| o.preflight = true),
+                Step::Record { target: 0 },
+            ),
+            (
+                &recorded,
+                &needed,
+                seen(|o| o.preflight = true),
+                Step::Stop { target: 0 },
+            ),
+            // Crash after A's count was recorded: no pre-flight (TMM may be at zero), stop it.
+            (&recorded, &needed, seen(|_| {}), Step::Stop { target: 0 }),
+            (
+                &recorded,
+                &needed,
+                seen(|o| o.stopped = vec![true, false]),
+                Step::Record { target: 1 },
+            ),
+            (
+                &recorded,
+                &recorded,
+                seen(|o| o.stopped = vec![true, false]),
+                Step::Stop { target: 1 },
+            ),
+            (
+                &recorded,
+                &recorded,
+                seen(|o| o.stopped = vec![true, true]),
+                Step::WaitTerminated {
+                    targets: vec![0, 1],
+                },
+            ),
+            (
+                &recorded,
+                &recorded,
+                seen(|o| {
+                    o.stopped = vec![true, true];
+                    o.terminated = true
+                }),
+                Step::Start {
+                    target: 0,
+                    token: tok(),
+                },
+            ),
+            // Crash after A started: B is still stopped, A is done.
+            (
+                &done,
+                &recorded,
+                seen(|o| o.stopped = vec![false, true]),
+                Step::WaitTerminated { targets: vec![1] },
+            ),
+            (
+                &done,
+                &recorded,
+                seen(|o| {
+                    o.stopped = vec![false, true];
+                    o.terminated = true
+                }),
+                Step::Start {
+                    target: 1,
+                    token: tok(),
+                },
+            ),
+            (
+                &done,
+                &done,
+                seen(|o| {
+                    o.preflight = true;
+                    o.terminated = true
+                }),
+                Step::RestartDssm,
+            ),
+            // Crash after both started: dSSM is restarted again (safe), then the wait.
+            (&done, &done, seen(|_| {}), Step::Preflight),
+            (
+                &done,
+                &done,
+                seen(|o| o.preflight = true),
+                Step::RestartDssm,
+            ),
+            (
+                &done,
+                &done,
+                seen(|o| {
+                    o.preflight = true;
+                    o.dssm_restarted = true
+                }),
+                Step::WaitAvailable {
+                    targets: vec![0, 1],
+                },
+            ),
+            (
+                &done,
+                &done,
+                seen(|o| {
+                    o.preflight = true;
+                    o.dssm_restarted = true;
+                    o.available = true
+                }),
+                Step::Finish,
+            ),
+            (
+                &done,
+                &done,
+                seen(|o| {
+                    o.preflight = true;
+                    o.finished = true
+                }),
+                Step::Done,
+            ),
+        ];
+        for (i, (a, b, seen, want)) in rows.into_iter().enumerate() {
+            let s = state(vec![target(A, a), target(B, b)]);
+            assert_eq!(next(&s, &seen, S2Z), want, "row {i}: {s:?} {seen:?}");
+        }
+    }
+
+    #[test]
+    fn dssm_first_restarts_dssm_while_tmm_is_down() {
+        let recorded = [(RESTART_NEEDED, "7"), (TMM_REPLICAS, "2")];
+        let s = state(vec![target(A, &recorded)]);
+        let mode = Mode {
+            strategy: Strategy::ScaleToZero,
+            order: Order::DssmFirst,
+        };
+        let o = seen(|o| {
+            o.stopped = vec![true];
+            o.terminated = true
+        });
+        assert_eq!(next(&s, &o, mode), Step::RestartDssm);
+        let o = seen(|o| {
+            o.stopped = vec![true];
+            o.terminated = true;
+            o.dssm_restarted = true
+        });
+        assert_eq!(
+            next(&s, &o, mode),
+            Step::Start {
+                target: 0,
+                token: "7".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_manual_restart_restarts_every_target_with_the_manual_token() {
+        let s = state(vec![target(A, &[]), target(B, &[(TMM_RESTARTED, MANUAL)])]);
+        let o = seen(|o| {
+            o.manual = true;
+            o.preflight = true;
+            o.dssm_restarted = true
+        });
+        // B finished this manual restart before a crash: only A is left.
+        assert_eq!(
+            next(&s, &o, ROLLING),
+            Step::RollTarget {
+                target: 0,
+                token: MANUAL.into(),
+                phase: None
+            }
+        );
+        // Not asked for, and nothing asked for by a write: nothing to do.
+        assert_eq!(next(&s, &seen(|_| {}), ROLLING), Step::Done);
+    }
+
+    #[test]
+    fn rolling_restarts_dssm_then_each_pending_target_and_refuses_after_a_ca_change() {
+        let needed = [(RESTART_NEEDED, "4")];
+        let done = [(RESTART_NEEDED, "4"), (TMM_RESTARTED, "4")];
+        let rows: Vec<Row> = vec![
+            (&needed, &needed, seen(|_| {}), Step::Preflight),
+            (
+                &needed,
+                &needed,
+                seen(|o| o.preflight = true),
+                Step::RollDssm { phase: None },
+            ),
+            (
+                &needed,
+                &needed,
+                seen(|o| {
+                    o.preflight = true;
+                    o.dssm_restarted = true
+                }),
+                Step::RollTarget {
+                    target: 0,
+                    token: "4".into(),
+                    phase: None,
+                },
+            ),
+            (
+                &done,
+                &needed,
+                seen(|o| {
+                    o.preflight = true;
+                    o.dssm_restarted = true
+                }),
+                Step::RollTarget {
+                    target: 1,
+                    token: "4".into(),
+                    phase: None,
+                },
+            ),
+            (
+                &done,
+                &done,
+                seen(|o| {
+                    o.preflight = true;
+                    o.dssm_restarted = true
+                }),
+                Step::Finish,
+            ),
+            // An older mark answered by another revision: restarted again.
+            (
+                &[(RESTART_NEEDED, "5"), (TMM_RESTARTED, "4")],
+                &done,
+                seen(|o| {
+                    o.preflight = true;
+                    o.dssm_restarted = true
+                }),
+                Step::RollTarget {
+                    target: 0,
+                    token: "5".into(),
+                    phase: None,
+                },
+            ),
+            (
+                &needed,
+                &[(RESTART_NEEDED, "4"), (CA_CHANGED, "true")],
+                seen(|o| o.preflight = true),
+                Step::RefuseRolling { target: 1 },
+            ),
+        ];
+        for (i, (a, b, seen, want)) in rows.into_iter().enumerate() {
+            let s = state(vec![target(A, a), target(B, b)]);
+            assert_eq!(next(&s, &seen, ROLLING), want, "row {i}: {s:?} {seen:?}");
+        }
+        // A scale-to-zero restart interrupted (a count recorded) is finished as it started,
+        // even when the next run asks for rolling.
+        let s = state(vec![target(
+            A,
+            &[
+                (RESTART_NEEDED, "4"),
+                (TMM_REPLICAS, "2"),
+                (CA_CHANGED, "true"),
+            ],
+        )]);
+        assert_eq!(next(&s, &seen(|_| {}), ROLLING), Step::Stop { target: 0 });
+    }
+
+    #[test]
+    fn a_rotation_goes_through_three_phases_and_every_workload_resuming_at_each() {
+        let record = |phase, rolled: &[&str]| Record {
+            kind: Kind::Ca,
+            phase,
+            revision: 9,
+            rolled: rolled.iter().map(|s| s.to_string()).collect(),
+        };
+        let written = seen(|o| o.phase_written = true);
+        let tok = || "9".to_string();
+        let rows: Vec<(Record, Observed, Step)> = vec![
+            (
+                record(Phase::Trust, &[]),
+                seen(|_| {}),
+                Step::WritePhase {
+                    phase: Phase::Trust,
+                },
+            ),
+            (
+                record(Phase::Trust, &[]),
+                seen(|o| {
+                    o.phase_written = true;
+                    o.may_restart = false
+                }),
+                Step::AwaitRestart {
+                    phase: Phase::Trust,
+                },
+            ),
+            (
+                record(Phase::Trust, &[]),
+                written.clone(),
+                Step::RollDssm {
+                    phase: Some(Phase::Trust),
+                },
+            ),
+            (
+                record(Phase::Trust, &[DSSM]),
+                written.clone(),
+                Step::RollTarget {
+                    target: 0,
+                    token: tok(),
+                    phase: Some(Phase::Trust),
+                },
+            ),
+            // Crash after A rolled through trust: the phase is written again, then B.
+            (
+                record(Phase::Trust, &[DSSM, A]),
+                seen(|_| {}),
+                Step::WritePhase {
+                    phase: Phase::Trust,
+                },
+            ),
+            (
+                record(Phase::Trust, &[DSSM, A]),
+                written.clone(),
+                Step::RollTarget {
+                    target: 1,
+                    token: tok(),
+                    phase: Some(Phase::Trust),
+                },
+            ),
+            (
+                record(Phase::Trust, &[DSSM, A, B]),
+                written.clone(),
+                Step::AdvancePhase {
+                    from: Phase::Trust,
+                    to: Phase::Switch,
+                },
+            ),
+            (
+                record(Phase::Switch, &[]),
+                seen(|_| {}),
+                Step::WritePhase {
+                    phase: Phase::Switch,
+                },
+            ),
+            (
+                record(Phase::Switch, &[DSSM, A, B]),
+                written.clone(),
+                Step::AdvancePhase {
+                    from: Phase::Switch,
+                    to: Phase::Drop,
+                },
+            ),
+            (
+                record(Phase::Drop, &[DSSM]),
+                written.clone(),
+                Step::RollTarget {
+                    target: 0,
+                    token: tok(),
+                    phase: Some(Phase::Drop),
+                },
+            ),
+            (
+                record(Phase::Drop, &[DSSM, A, B]),
+                written.clone(),
+                Step::FinishRotation,
+            ),
+        ];
+        for (i, (r, seen, want)) in rows.into_iter().enumerate() {
+            let mut s = state(vec![
+                target(A, &[(RESTART_NEEDED, "9")]),
+                target(B, &[(RESTART_NEEDED, "9")]),
+            ]);
+            s.rotation = Some(r);
+            assert_eq!(next(&s, &seen, ROLLING), want, "row {i}: {s:?} {seen:?}");
+        }
+    }
+
+    /// A cluster mid-rotation as the current main writes it (the record JSON on the CA key
+    /// Secret, the marks on each target) is read and resumed at its phase.
+    #[test]
+    fn a_rotation_written_by_the_current_format_resumes() {
+        let json = r#"{"kind":"ca","phase":"switch","revision":12,"rolled":["spk-utilities/statefulsets/dSSM","spk-ingress-a/deployment/f5-tmm"]}"#;
+        let mut s = state(vec![
+            target(A, &[(RESTART_NEEDED, "12"), (TMM_RESTARTED, "12")]),
+            target(B, &[(RESTART_NEEDED, "12")]),
+        ]);
+        s.rotation = Some(Record::parse(json).unwrap());
+        let o = seen(|o| o.phase_written = true);
+        assert_eq!(
+            next(&s, &o, ROLLING),
+            Step::RollTarget {
+                target: 1,
+                token: "12".into(),
+                phase: Some(Phase::Switch)
+            }
+        );
+        // An older record without `rolled` (every workload still to roll).
+        let mut s2 = s.clone();
+        s2.rotation =
+            Some(Record::parse(r#"{"kind":"ca","phase":"trust","revision":12}"#).unwrap());
+        assert_eq!(
+            next(&s2, &o, ROLLING),
+            Step::RollDssm {
+                phase: Some(Phase::Trust)
+            }
+        );
+        // A scale-to-zero restart interrupted by the current main: counts on the targets.
+        let s3 = state(vec![
+            target(
+                A,
+                &[
+                    (RESTART_NEEDED, "3"),
+                    (TMM_REPLICAS, "4"),
+                    (CA_CHANGED, "true"),
+                ],
+            ),
+            target(B, &[(RESTART_NEEDED, "3"), (TMM_RESTARTED, "3")]),
+        ]);
+        assert_eq!(s3.targets[0].recorded, Some(4));
+        assert!(s3.resuming());
+        assert_eq!(next(&s3, &seen(|_| {}), S2Z), Step::Stop { target: 0 });
+    }
+}
