@@ -371,6 +371,7 @@ mod tests {
 
     use crate::materials::annotations::{CA_CHANGED, RESTART_NEEDED, TMM_REPLICAS, TMM_RESTARTED};
 
+    /// Long: a table, one row per step of a scale-to-zero restart and per crash point, read in one place.
     #[test]
     fn scale_to_zero_over_two_targets_resumes_after_a_crash_at_every_step() {
         let needed = [(RESTART_NEEDED, "7")];
@@ -550,6 +551,7 @@ mod tests {
         assert_eq!(next(&s, &seen(|_| {}), ROLLING), Step::Done);
     }
 
+    /// Long: a table, one row per step of a rolling restart, read in one place.
     #[test]
     fn rolling_restarts_dssm_then_each_pending_target_and_refuses_after_a_ca_change() {
         let needed = [(RESTART_NEEDED, "4")];
@@ -635,6 +637,7 @@ mod tests {
         assert_eq!(next(&s, &seen(|_| {}), ROLLING), Step::Stop { target: 0 });
     }
 
+    /// Long: a table, one row per phase and workload of a CA rotation, read in one place.
     #[test]
     fn a_rotation_goes_through_three_phases_and_every_workload_resuming_at_each() {
         let record = |phase, rolled: &[&str]| Record {
