@@ -4,7 +4,8 @@
 //!
 //! `CLIENT PAUSE WRITE` on the primary (with a timeout, so a crashed caller never leaves it
 //! paused), wait until every replica's offset reaches the primary's, `SENTINEL FAILOVER`, wait
-//! until the sentinels agree on the new primary and it says so, make sure the old one follows it
+//! until the sentinels agree on the new primary and it says so (and, briefly, until every sentinel
+//! that answers names it), make sure the old one follows it
 //! (`REPLICAOF` if Sentinel has not yet), disconnect its normal clients so they re-resolve the
 //! primary through the sentinels, `CLIENT UNPAUSE`.
 
@@ -55,6 +56,38 @@ pub fn agreed_primary(
         .iter()
         .find(|a| answers.iter().filter(|b| b == a).count() >= majority)
         .cloned()
+}
+
+/// How long the pause may wait for the last sentinels to learn the promotion.
+const ALL_SENTINELS_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until every sentinel that answers names `new` (bounded by `ALL_SENTINELS_WAIT`). A
+/// client's retry may ask another sentinel than its first try: one still naming the old primary
+/// would send it to a replica. Sentinel pushes a promotion to the others at once, so this is
+/// usually immediate; one that does not answer cannot misdirect anybody and is not waited for.
+fn every_sentinel_names(
+    tls: &TlsClient,
+    server_name: &str,
+    sentinels: &[String],
+    master: &str,
+    new: &str,
+    deadline: Instant,
+) {
+    let until = (Instant::now() + ALL_SENTINELS_WAIT).min(deadline);
+    loop {
+        let all = sentinels.iter().all(|s| {
+            match Connection::connect(tls, s, server_name, until)
+                .and_then(|mut c| primary_addr(&mut c, master, until))
+            {
+                Ok(named) => named.as_deref() == Some(new),
+                Err(_) => true,
+            }
+        });
+        if all || Instant::now() + POLL >= until {
+            return;
+        }
+        pause_until(until, POLL);
+    }
 }
 
 fn topology(msg: String) -> RedisError {
@@ -200,6 +233,7 @@ fn move_while_paused(
         pause_until(deadline, POLL);
     };
     let promoted_after = paused_at.elapsed();
+    every_sentinel_names(tls, server_name, sentinels, master, &new, deadline);
     // Sentinel would turn the old primary into a replica of the new one too, but only after its
     // next INFO poll (seconds); while paused nobody writes to it, so it follows now.
     let info = info_replication(primary, deadline)?;
