@@ -578,13 +578,7 @@ fn a_rolling_rotation_that_cannot_reach_dssm_redis_is_refused_before_any_write()
                 && err.contains("has no pod IP yet"),
             "{err}"
         );
-        assert!(
-            env.writes()
-                .iter()
-                .all(|w| w.path.contains("/leases") || w.path.contains("/events")),
-            "{:?}",
-            env.writes()
-        );
+        env.assert_wrote_only_lease_and_events();
         assert_eq!(env.copy("spk-utilities").unwrap(), before);
     }
 }
@@ -610,13 +604,7 @@ fn rolling_is_refused_when_the_ca_changed() {
         err.contains("--strategy rolling is refused: the CA changed"),
         "{err}"
     );
-    assert!(
-        env.writes()
-            .iter()
-            .all(|w| w.path.contains("/leases") || w.path.contains("/events")),
-        "{:?}",
-        env.writes()
-    );
+    env.assert_wrote_only_lease_and_events();
     let (code, out, err) = env.run(&["restart"]);
     assert_eq!(code, 0, "{out}{err}");
     let (_, ann) = tmm_replicas(&env);
@@ -878,13 +866,7 @@ fn a_pdb_allowing_no_disruption_refuses_the_restart_and_eviction_respects_it() {
         err.contains("poddisruptionbudget spk-utilities/f5-dssm-db allows no disruption now"),
         "{err}"
     );
-    assert!(
-        env.writes()
-            .iter()
-            .all(|w| w.path.contains("/events") || w.path.contains("/leases")),
-        "{:?}",
-        env.writes()
-    );
+    env.assert_wrote_only_lease_and_events();
 
     // Evictions are retried every 2 s until the deadline: 3 s allows two at least.
     let (code, out, err) = env.run(&["restart", "--wait-timeout", "3s", "--force"]);

@@ -300,13 +300,7 @@ fn assert_targets_restored(env: &TestEnv, counts: &[usize], what: &str) {
             },
         );
         let w = workload(env, *t);
-        let ours: Vec<&String> = w["metadata"]["annotations"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, _)| k)
-            .filter(|k| k.starts_with("dssm-certs.f5.com/"))
-            .collect();
+        let ours = support::our_annotations(&w);
         assert!(ours.is_empty(), "{what}: {} keeps {ours:?}", t.3);
     }
 }

@@ -154,13 +154,7 @@ impl Multi {
             ("daemonsets", BNK, "tmm"),
         ] {
             let w = self.workload(plural, ns, name);
-            let ours: Vec<&String> = w["metadata"]["annotations"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, _)| k)
-                .filter(|k| k.starts_with("dssm-certs.f5.com/"))
-                .collect();
+            let ours = support::our_annotations(&w);
             assert!(ours.is_empty(), "{what}: {ns}/{name} keeps {ours:?}");
             if plural == "deployments" {
                 assert_eq!(w["spec"]["replicas"], 2, "{what}: {ns}/{name}");

@@ -319,6 +319,29 @@ impl TestEnv {
             .filter(|r| r.is_write())
             .collect()
     }
+
+    /// A refused run writes nothing but its Lease and Events.
+    pub fn assert_wrote_only_lease_and_events(&self) {
+        let writes = self.writes();
+        assert!(
+            writes
+                .iter()
+                .all(|w| w.path.contains("/leases") || w.path.contains("/events")),
+            "{writes:?}"
+        );
+    }
+}
+
+/// The `dssm-certs.f5.com/` annotations an object carries.
+pub fn our_annotations(obj: &serde_json::Value) -> Vec<String> {
+    obj["metadata"]["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(dssm_certs::materials::annotations::PREFIX))
+        .cloned()
+        .collect()
 }
 
 /// Waits until `n` pods exist and every one is Ready.
