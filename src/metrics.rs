@@ -102,8 +102,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Over 80 lines on purpose: one `register` per exported series with its help text, the list of
-    /// what the agent exports in one place; splitting it would only scatter that list.
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
@@ -122,6 +120,13 @@ impl Metrics {
             start_time: Gauge::default(),
             registry: Registry::default(),
         };
+        m.register(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// One `register` per exported series with its help text: the list of what the agent exports.
+    fn register(&self, registry: &mut Registry) {
+        let m = self;
         registry.register(
             "dssm_rotation_phase",
             "The phase of the CA rotation in progress: 0 none, 1 trust (both CAs), 2 switch (new leaf), 3 drop (new CA only)",
@@ -183,7 +188,6 @@ impl Metrics {
             "Start time of the process since unix epoch in seconds",
             m.start_time.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// Replaces the per-certificate series with what `report` found.
