@@ -345,6 +345,7 @@ impl Cluster {
                 master: &master,
                 proof,
                 step_timeout,
+                reload_timeout: step_timeout,
             };
             rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
                 let _ = tx.send(format!("  done: {s} ({:.1} s)", took.as_secs_f64()));

@@ -196,6 +196,9 @@ pub struct RolloutContext<'a> {
     pub proof: Proof<'a>,
     /// Deadline of each step.
     pub step_timeout: Duration,
+    /// How long a reload waits for kubelet to swap the files before the DB restarts instead
+    /// (kubelet's sync period plus its cache's TTL; at most `step_timeout`).
+    pub reload_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +232,11 @@ pub fn execute(
             })
             .collect();
         let start = Instant::now();
-        let deadline = start + cx.step_timeout;
+        let timeout = match step {
+            Step::ReloadDb { .. } => cx.reload_timeout.min(cx.step_timeout),
+            _ => cx.step_timeout,
+        };
+        let deadline = start + timeout;
         let result = match run_step(step, pods, cx, &sentinels, deadline) {
             // The files never changed under the DB (a mount kubelet does not update, not
             // detected as `subPath`): a restart brings them, the safe way.

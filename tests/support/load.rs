@@ -581,6 +581,7 @@ pub fn roll_dssm_mounted(
         master: MASTER,
         proof,
         step_timeout: Duration::from_secs(30),
+        reload_timeout: Duration::from_secs(30),
     };
     rollout::execute(&steps, &mut TestPods(t), &cx, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
 }
@@ -679,7 +680,8 @@ pub mod scenarios {
                 accepts: vec![&tool],
                 refuses: vec![],
             },
-            step_timeout: reload_for,
+            step_timeout: Duration::from_secs(30),
+            reload_timeout: reload_for,
         };
         let mut pods = SwapOnRestart {
             topology: &mut t,
