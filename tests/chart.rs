@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use support::apiserver::{kustomize, rbac_from_manifests, render_overlay, SA_TOKEN};
 use support::objects::{docs, merge, round_trip};
 use support::rbac::{assert_rbac_is_exactly_used, exercise_every_command};
-use support::TestEnv;
+use support::{side_by_side, TestEnv};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -268,22 +268,28 @@ fn the_chart_passes_strict_lint() {
 /// the test cluster, and every permission they grant is used.
 #[test]
 fn the_chart_roles_grant_exactly_what_the_code_uses() {
-    for (set, dssm, tmm) in [
-        ("spk", "spk-utilities", "spk-ingress"),
-        ("cnf", "cnf-gateway", "cnf-gateway"),
-    ] {
-        let rendered = to_yaml(&render(&example(set, json!({})), dssm));
-        let env = TestEnv::new(dssm, tmm, SA_TOKEN);
-        env.server
-            .with_state(|s| s.rbac = Some(rbac_from_manifests(&rendered)));
-        exercise_every_command(&format!("chart {set}"), &env);
-        assert_rbac_is_exactly_used(&format!("chart {set}"), &env, &rendered);
-    }
-    // Several TMM instances (two Deployments, one DaemonSet): a Role per namespace.
-    let rendered = to_yaml(&render(&example("spk-multi", json!({})), "spk-utilities"));
-    let env = TestEnv::spk_multi(&rendered);
-    exercise_every_command("chart spk-multi", &env);
-    assert_rbac_is_exactly_used("chart spk-multi", &env, &rendered);
+    // Each values set on a test cluster of its own, side by side.
+    side_by_side(
+        vec![
+            ("spk", "spk-utilities", "spk-ingress"),
+            ("cnf", "cnf-gateway", "cnf-gateway"),
+            // Several TMM instances (two Deployments, one DaemonSet): a Role per namespace.
+            ("spk-multi", "spk-utilities", ""),
+        ],
+        |(set, dssm, tmm)| {
+            let rendered = to_yaml(&render(&example(set, json!({})), dssm));
+            let env = if set == "spk-multi" {
+                TestEnv::spk_multi(&rendered)
+            } else {
+                let env = TestEnv::new(dssm, tmm, SA_TOKEN);
+                env.server
+                    .with_state(|s| s.rbac = Some(rbac_from_manifests(&rendered)));
+                env
+            };
+            exercise_every_command(&format!("chart {set}"), &env);
+            assert_rbac_is_exactly_used(&format!("chart {set}"), &env, &rendered);
+        },
+    );
 }
 
 #[test]

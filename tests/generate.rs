@@ -17,28 +17,6 @@ const FILES: [&str; 7] = [
     "keys-secret.yaml",
 ];
 
-/// One `generate` with every default, made once per run of this file and only read by the tests
-/// that need default materials as their input: its two RSA 4096 keys are the slow part here.
-fn made_by_default() -> &'static std::path::Path {
-    static MADE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    MADE.get_or_init(|| {
-        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("generate-defaults-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        generate(&dir, &[])
-    })
-}
-
-/// A copy of `made_by_default()` in `dir`, for a test that changes the files.
-fn copy_of_defaults(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().mode(0o700).create(dir).unwrap();
-    for f in FILES {
-        std::fs::copy(made_by_default().join(f), dir.join(f)).unwrap();
-    }
-    dir.to_path_buf()
-}
-
 fn mode(path: &std::path::Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -192,7 +170,16 @@ fn defaults_match_the_seed_procedure_and_pass_openssl() {
 #[test]
 fn secret_manifests_hold_the_files_byte_for_byte() {
     let tmp = tempdir();
-    let out = generate(tmp.path(), &["--namespace", "cnf-gateway"]);
+    // The keys are beside the point here: ECDSA, made in no time.
+    let out = generate(
+        tmp.path(),
+        &[
+            "--namespace",
+            "cnf-gateway",
+            "--key-algorithm",
+            "ecdsa-p256",
+        ],
+    );
     let b64 = base64::engine::general_purpose::STANDARD;
     for (manifest, name, keys) in [
         (
@@ -276,6 +263,8 @@ fn existing_files_are_never_overwritten_without_force() {
         out.to_str().unwrap(),
         "--dhparam",
         "ffdhe2048",
+        "--key-algorithm",
+        "ecdsa-p256",
         "--force",
     ]);
     assert_eq!(code, 0, "{stderr}");
@@ -408,7 +397,11 @@ fn end_date(dir: &std::path::Path, file: &str) -> String {
 #[test]
 fn a_renewal_under_a_365_day_ca_is_cut_to_the_cas_end_not_refused() {
     let tmp = tempdir();
-    let ca = generate(&tmp.path().join("a"), &["--ca-days", "365"]);
+    let ecdsa = ["--key-algorithm", "ecdsa-p256"];
+    let ca = generate(
+        &tmp.path().join("a"),
+        &[&["--ca-days", "365"][..], &ecdsa].concat(),
+    );
     let out = tmp.path().join("b");
     let (code, stdout, stderr) = run(&[
         "generate",
@@ -416,6 +409,8 @@ fn a_renewal_under_a_365_day_ca_is_cut_to_the_cas_end_not_refused() {
         out.to_str().unwrap(),
         "--dhparam",
         "ffdhe2048",
+        ecdsa[0],
+        ecdsa[1],
         "--ca-cert",
         ca.join("dssm-ca.crt").to_str().unwrap(),
         "--ca-key",
@@ -480,6 +475,8 @@ fn by_default_a_new_ca_lasts_ten_years_and_a_renewal_under_it_is_not_cut() {
         out.to_str().unwrap(),
         "--dhparam",
         "ffdhe2048",
+        "--key-algorithm",
+        "ecdsa-p256",
         "--ca-cert",
         ca.join("dssm-ca.crt").to_str().unwrap(),
         "--ca-key",
@@ -553,6 +550,8 @@ fn a_ca_made_by_the_seed_commands_with_a_pkcs1_key_can_sign_our_leaf() {
         out.to_str().unwrap(),
         "--dhparam",
         "ffdhe2048",
+        "--key-algorithm",
+        "ecdsa-p256",
         "--days",
         "300",
         "--ca-cert",
@@ -573,6 +572,8 @@ fn a_ca_made_by_the_seed_commands_with_a_pkcs1_key_can_sign_our_leaf() {
         x.to_str().unwrap(),
         "--dhparam",
         "ffdhe2048",
+        "--key-algorithm",
+        "ecdsa-p256",
         "--ca-cert",
         seed.join("dssm-ca.crt").to_str().unwrap(),
         "--ca-key",
@@ -588,7 +589,8 @@ fn a_ca_made_by_the_seed_commands_with_a_pkcs1_key_can_sign_our_leaf() {
 fn a_ca_key_that_does_not_match_the_ca_cert_is_refused() {
     let tmp = tempdir();
     let a = made_by_default();
-    let b = generate(&tmp.path().join("b"), &[]);
+    // Another RSA key (RSA 2048 is made in no time): the same kind, not the same key.
+    let b = generate(&tmp.path().join("b"), &["--key-algorithm", "rsa2048"]);
     let (code, _, stderr) = run(&[
         "generate",
         "--out",
@@ -650,10 +652,8 @@ fn dh_params_from_a_file_are_validated_and_reused_byte_for_byte() {
 
     // Too small: 1024 bits, refused with the file's name, nothing written.
     let small = tmp.path().join("small.pem");
-    openssl(
-        tmp.path(),
-        &["dhparam", "-out", small.to_str().unwrap(), "-2", "1024"],
-    );
+    let small_pem = dh_params_pem(openssl::bn::BigNum::get_rfc2409_prime_1024().unwrap());
+    std::fs::write(&small, small_pem).unwrap();
     let (code, _, stderr) = run(&[
         "generate",
         "--out",

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// X9.42 DH parameters, as `openssl genpkey -genparam -algorithm DHX` writes them (~1 s).
+/// X9.42 DH parameters, as `openssl genpkey -genparam -algorithm DHX` writes them (RFC 5114's
+/// 2048-bit group: the same format as freshly generated ones, without seconds of search).
 fn x942_params(dir: &Path) -> std::path::PathBuf {
     openssl(
         dir,
@@ -21,7 +22,7 @@ fn x942_params(dir: &Path) -> std::path::PathBuf {
             "-algorithm",
             "DHX",
             "-pkeyopt",
-            "dh_paramgen_prime_len:2048",
+            "dh_rfc5114:3",
             "-out",
             "x942.pem",
         ],
@@ -32,7 +33,7 @@ fn x942_params(dir: &Path) -> std::path::PathBuf {
 #[test]
 fn x942_dh_parameters_are_refused_because_redis_cannot_start_with_them() {
     let tmp = tempdir();
-    let out = generate(tmp.path(), &[]);
+    let out = copy_of_defaults(&tmp.path().join("out"));
     let x942 = x942_params(tmp.path());
     assert!(String::from_utf8_lossy(&read(&x942)).starts_with("-----BEGIN X9.42 DH PARAMETERS"));
 
@@ -129,7 +130,7 @@ fn on_a_tty(args: &[&str]) -> (i32, String, Duration) {
 #[test]
 fn encrypted_private_keys_are_refused_and_never_prompt_on_a_tty() {
     let tmp = tempdir();
-    let out = generate(tmp.path(), &[]);
+    let out = copy_of_defaults(&tmp.path().join("out"));
     let forms = [
         (
             "pkcs8",
@@ -364,7 +365,7 @@ fn empty_and_malformed_dssm_selectors_are_refused_before_any_request() {
 #[test]
 fn probe_ends_at_its_deadline_when_endpoints_never_answer() {
     let tmp = tempdir();
-    let out = generate(tmp.path(), &[]);
+    let out = copy_of_defaults(&tmp.path().join("out"));
     // Three endpoints that accept and then say nothing, as a black-holed pod would.
     let holes: Vec<std::net::TcpListener> = (0..3)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
@@ -394,7 +395,7 @@ fn probe_ends_at_its_deadline_when_endpoints_never_answer() {
 #[test]
 fn a_crafted_certificate_subject_cannot_rewrite_the_check_table_on_a_terminal() {
     let tmp = tempdir();
-    let out = generate(tmp.path(), &[]);
+    let out = copy_of_defaults(&tmp.path().join("out"));
     // Clear the screen, home the cursor, and print a reassuring last line.
     let cn = "x\u{1b}[2J\u{1b}[H\noverall: OK";
     std::fs::write(out.join("dssm-ca.crt"), self_signed_ca_pem(cn)).unwrap();

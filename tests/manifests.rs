@@ -154,10 +154,16 @@ fn the_cronjobs_never_overlap_and_run_locked_down() {
 /// permission it is granted.
 #[test]
 fn the_roles_grant_exactly_what_the_code_uses() {
-    for (overlay, env) in [("spk", TestEnv::spk()), ("cnf", TestEnv::cnf())] {
+    // Each overlay on a test cluster of its own, side by side.
+    side_by_side(vec!["spk", "cnf"], |overlay| {
+        let env = if overlay == "spk" {
+            TestEnv::spk()
+        } else {
+            TestEnv::cnf()
+        };
         exercise_every_command(overlay, &env);
         assert_rbac_is_exactly_used(overlay, &env, &render_overlay(overlay));
-    }
+    });
 }
 
 /// The regression of the least-privilege split: the agent's account cannot read the CA key, and

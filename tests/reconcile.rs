@@ -272,6 +272,11 @@ fn a_due_leaf_is_renewed_under_the_same_ca_and_the_dh_params_are_kept() {
     let env = TestEnv::spk();
     assert_eq!(env.reconcile(&["--ca-days", "1000"]).0, 0);
     let before = env.copy("spk-utilities").unwrap();
+    // Other valid params given explicitly (`--dhparam generate` takes the same branch:
+    // an explicit source wins over the deployed params; its search is generate.rs's cost).
+    let other_dh = env.dir.path().join("modp2048.pem");
+    let other_pem = dh_params_pem(openssl::bn::BigNum::get_rfc3526_prime_2048().unwrap());
+    std::fs::write(&other_dh, &other_pem).unwrap();
     // 400 days before expiry: the 365-day leaf is due, the 1000-day CA is not.
     let (code, out, err) = env.reconcile(&[
         "--renew-before",
@@ -279,15 +284,19 @@ fn a_due_leaf_is_renewed_under_the_same_ca_and_the_dh_params_are_kept() {
         "--days",
         "30",
         "--dhparam",
-        "generate",
+        other_dh.to_str().unwrap(),
     ]);
-    // --dhparam generate was given explicitly: fresh params. Without it they are reused:
+    // --dhparam was given explicitly: those params. Without it the deployed ones are reused:
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("plan: renew-leaf"), "{out}");
     let mid = assert_all_copies_identical_and_valid(&env);
     assert_eq!(mid[0], before[0], "same CA");
     assert_ne!(mid[1], before[1], "new leaf");
-    assert_ne!(mid[3], before[3], "fresh DH params when asked");
+    assert_ne!(mid[3], before[3], "new DH params when asked");
+    assert_eq!(
+        mid[3], other_pem,
+        "the DH params given are the ones deployed"
+    );
     let (code, out, err) = env.run(&[
         "reconcile",
         "--key-algorithm",

@@ -67,33 +67,63 @@ pub fn sh(dir: &Path, script: &str) {
     );
 }
 
-/// Steps 3–5 of the seeds, verbatim (DH params from the RFC 7919 group instead of a minute of
-/// `openssl dhparam 2048`, which is the one step whose output format is the same either way).
+/// Steps 3–5 of the seeds, verbatim but for two substitutions of the same output format:
+/// `openssl genrsa 4096`'s keys come from tests/fixtures/seed-keys/ (made by that command; its
+/// search takes seconds a key and the suite runs these steps a dozen times), and the DH params
+/// are the RFC 7919 group instead of a minute of `openssl dhparam 2048`. Each call in a test
+/// binary gets keys no other call got; past the fixtures, genrsa runs.
 /// `traditional` makes PKCS#1 `RSA PRIVATE KEY` keys, as OpenSSL 1.x's genrsa did.
 pub fn seed_materials(dir: &Path, traditional: bool) {
-    let genrsa = if traditional {
-        "openssl genrsa -traditional"
-    } else {
-        "openssl genrsa"
+    let genrsa = |out: &str| match (next_seed_key(), traditional) {
+        (Some(key), true) => format!(
+            "openssl rsa -traditional -in '{}' -out {out} 2>/dev/null",
+            key.display()
+        ),
+        (Some(key), false) => format!("cp '{}' {out}", key.display()),
+        (None, true) => format!("openssl genrsa -traditional -out {out} 4096 2>/dev/null"),
+        (None, false) => format!("openssl genrsa -out {out} 4096 2>/dev/null"),
     };
     sh(
         dir,
         &format!(
-            "{genrsa} -out dssm-ca.key 4096 2>/dev/null
+            "{}
              openssl req -x509 -new -nodes -sha384 \
                  -key dssm-ca.key -days 365 \
                  -subj '/O=Redis Test/CN=Certificate Authority' \
                  -out dssm-ca.crt
-             {genrsa} -out dssm-key.key 4096 2>/dev/null
+             {}
              openssl req -new -sha384 -key dssm-key.key \
                  -subj '/O=Redis Test/CN=Server' | \
                  openssl x509 -req -sha384 -CA dssm-ca.crt \
                      -CAkey dssm-ca.key -CAserial dssm-ca.txt \
                      -CAcreateserial  -days 365 \
                      -out dssm-cert.crt 2>/dev/null
-             openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048 -out dhparam2048.pem"
+             openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048 -out dhparam2048.pem",
+            genrsa("dssm-ca.key"),
+            genrsa("dssm-key.key"),
         ),
     );
+}
+
+/// The next RSA 4096 key of tests/fixtures/seed-keys/ this test binary has not handed out.
+fn next_seed_key() -> Option<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let key = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/seed-keys/rsa4096-{n}.pem"));
+    key.exists().then_some(key)
+}
+
+/// PKCS#3 DH params (generator 2) on a published safe prime, made at once: they stand in for
+/// `openssl dhparam`, whose safe-prime search takes seconds to a minute (generate.rs's
+/// `fresh_dh_params_pass_openssl_dhparam_check` pays that once). RFC 3526's 2048-bit group is
+/// valid and is not ffdhe2048; RFC 2409's 1024-bit group is too small.
+pub fn dh_params_pem(prime: openssl::bn::BigNum) -> Vec<u8> {
+    let two = openssl::bn::BigNum::from_u32(2).unwrap();
+    openssl::dh::Dh::from_pqg(prime, None, two)
+        .unwrap()
+        .params_to_pem()
+        .unwrap()
 }
 
 pub fn tempdir() -> tempfile::TempDir {
@@ -117,6 +147,30 @@ pub fn generate(dir: &Path, extra: &[&str]) -> PathBuf {
     let (code, stdout, stderr) = run(&args);
     assert_eq!(code, 0, "generate {extra:?}: {stdout}{stderr}");
     out
+}
+
+/// One `generate` with every default, made once per test binary and only read, for the tests
+/// that need default materials as their input: its two RSA 4096 keys take seconds to make.
+pub fn made_by_default() -> &'static Path {
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("generate-defaults-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        generate(&dir, &[])
+    })
+}
+
+/// A copy of `made_by_default()` in `dir` (created 0700, as `generate` makes it), for a test
+/// that changes the files.
+pub fn copy_of_defaults(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(dir).unwrap();
+    for entry in std::fs::read_dir(made_by_default()).unwrap() {
+        let name = entry.unwrap().file_name();
+        std::fs::copy(made_by_default().join(&name), dir.join(&name)).unwrap();
+    }
+    dir.to_path_buf()
 }
 
 pub fn read(path: &Path) -> Vec<u8> {
@@ -371,6 +425,23 @@ pub fn self_signed_ca_pem(cn: &str) -> String {
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let key = rcgen::KeyPair::generate().unwrap();
     params.self_signed(&key).unwrap().pem()
+}
+
+/// Runs `f` on every item, each on a thread of its own, and returns the results in order; a
+/// panic in one is raised again here with its message. For scenarios that each build their own
+/// test cluster and spend most of their time waiting on it.
+pub fn side_by_side<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|scope| {
+        let f = &f;
+        let running: Vec<_> = items
+            .into_iter()
+            .map(|item| scope.spawn(move || f(item)))
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// Runs `at(n)` for n = 1, 2, … on `workers` threads until some n finds nothing left to
