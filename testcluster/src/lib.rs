@@ -146,9 +146,10 @@ impl ApiServer {
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
                 let ctl = shared.clone();
                 tokio::spawn(async move {
+                    let mut last = controllers::LastPass::new();
                     loop {
                         tokio::time::sleep(Duration::from_millis(10)).await;
-                        controllers::run(&ctl);
+                        controllers::run(&ctl, &mut last);
                     }
                 });
                 loop {

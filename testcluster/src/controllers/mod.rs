@@ -15,16 +15,45 @@ use crate::logic::{labels_match, Req};
 use crate::store::{now_rfc3339, resource, State};
 use crate::Shared;
 
-/// One pass of every controller; wakes the watches when anything changed.
-pub(crate) fn run(shared: &Shared) {
+/// How often the controllers look again at a store nothing changed since their last pass:
+/// only their timers (pod start, grace, minReadySeconds) can then make them act, and those are
+/// hundreds of milliseconds. After any change they run at every tick (10 ms). A real kubelet
+/// notices its containers' state once a second (PLEG relist), so this is not kinder.
+const IDLE_PASS: Duration = Duration::from_millis(50);
+
+/// The store's resourceVersion after the controllers' last pass, and when that pass ran.
+pub(crate) struct LastPass {
+    rv: u64,
+    at: Instant,
+}
+
+impl LastPass {
+    pub(crate) fn new() -> LastPass {
+        LastPass {
+            rv: u64::MAX,
+            at: Instant::now(),
+        }
+    }
+}
+
+/// One pass of every controller, unless nothing changed since the last one and it ran less
+/// than `IDLE_PASS` ago; wakes the watches when anything changed.
+pub(crate) fn run(shared: &Shared, last: &mut LastPass) {
     let changed = {
         let mut s = shared.state.lock().unwrap();
         let before = s.resource_version();
+        if before == last.rv && last.at.elapsed() < IDLE_PASS {
+            return;
+        }
         kubelet::sync(&mut s);
         each(&mut s, "deployments", deployment::sync);
         each(&mut s, "statefulsets", statefulset::sync);
         each(&mut s, "daemonsets", daemonset::sync);
         crate::disruption::sync_all(&mut s);
+        *last = LastPass {
+            rv: s.resource_version(),
+            at: Instant::now(),
+        };
         s.resource_version() != before
     };
     if changed {
