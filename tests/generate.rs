@@ -402,6 +402,7 @@ fn a_renewal_under_a_365_day_ca_is_cut_to_the_cas_end_not_refused() {
         &tmp.path().join("a"),
         &[&["--ca-days", "365"][..], &ecdsa].concat(),
     );
+    next_second();
     let out = tmp.path().join("b");
     let (code, stdout, stderr) = run(&[
         "generate",
@@ -565,6 +566,7 @@ fn a_ca_made_by_the_seed_commands_with_a_pkcs1_key_can_sign_our_leaf() {
     assert!(text.contains("Issuer: O = Redis Test, CN = Certificate Authority"));
     assert!(text.contains("sha384WithRSAEncryption"));
     // The seed's default (365 days) would outlive the seed CA made moments earlier: cut.
+    next_second();
     let x = tmp.path().join("x");
     let (code, _, stderr) = run(&[
         "generate",

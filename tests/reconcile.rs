@@ -377,6 +377,7 @@ fn rotate_with_default_days_under_a_365_day_ca_keeps_the_ca_and_cuts_the_leaf() 
     let alg = ["--key-algorithm", "ecdsa-p256"];
     assert_eq!(env.reconcile(&["--ca-days", "365"]).0, 0);
     let first = env.copy("spk-utilities").unwrap();
+    next_second();
     let (code, out, err) = env.run(&[&["rotate"][..], &alg].concat());
     assert_eq!(code, 0, "{out}{err}");
     assert!(

@@ -173,6 +173,17 @@ pub fn copy_of_defaults(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Waits for the clock's next whole second. Validity is in whole seconds: a leaf made with the
+/// same lifetime as its CA within the CA's own second ends with it, and there is nothing to cut.
+pub fn next_second() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_nanos(
+        1_000_000_000 - u64::from(now.subsec_nanos()) + 10_000_000,
+    ));
+}
+
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
