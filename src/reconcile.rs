@@ -505,6 +505,18 @@ fn reason_for(a: Action) -> &'static str {
     }
 }
 
+/// Where new materials' DH params come from: `--dhparam` when given (even with valid params
+/// deployed), else the deployed params while valid, else fresh ones.
+fn dh_source(explicit: Option<&DhSource>, deployed: Option<&Vec<u8>>) -> DhSource {
+    match (explicit, deployed) {
+        (Some(explicit), _) => explicit.clone(),
+        (None, Some(pem)) => {
+            DhSource::Pem(pem.clone(), format!("the deployed {}", contract::DH_PARAMS))
+        }
+        (None, None) => DhSource::Generate,
+    }
+}
+
 /// New materials, made like `generate` (slow and random: outside the pure writes).
 struct NewMaterials {
     bundle: Bundle,
@@ -535,13 +547,7 @@ async fn new_materials(
             });
         }
     }
-    g.dhparam = match (&opts.dhparam, &plan.reusable_dhparams) {
-        (Some(explicit), _) => explicit.clone(),
-        (None, Some(pem)) => {
-            DhSource::Pem(pem.clone(), format!("the deployed {}", contract::DH_PARAMS))
-        }
-        (None, None) => DhSource::Generate,
-    };
+    g.dhparam = dh_source(opts.dhparam.as_ref(), plan.reusable_dhparams.as_ref());
     let now = time::OffsetDateTime::now_utc();
     let m = tokio::task::spawn_blocking(move || {
         let cancel = AtomicBool::new(false);
@@ -614,5 +620,36 @@ async fn report_events(cluster: &Cluster, obs: &Observation, plan: &Plan, now: i
                 "the copies in the dSSM and TMM namespaces differ".into(),
             )
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The choice the integration tests cannot afford to make for real for `generate` (a
+    /// 2048-bit safe-prime search takes up to a minute): tests/reconcile.rs passes a FILE.
+    #[test]
+    fn an_explicit_dhparam_wins_over_the_deployed_params_which_win_over_fresh_ones() {
+        let deployed = b"deployed".to_vec();
+        let file = DhSource::File("mine.pem".into());
+        let table = [
+            (
+                Some(&DhSource::Generate),
+                Some(&deployed),
+                DhSource::Generate,
+            ),
+            (Some(&file), Some(&deployed), file.clone()),
+            (Some(&DhSource::Ffdhe2048), None, DhSource::Ffdhe2048),
+            (
+                None,
+                Some(&deployed),
+                DhSource::Pem(deployed.clone(), "the deployed dhparam2048.pem".into()),
+            ),
+            (None, None, DhSource::Generate),
+        ];
+        for (explicit, on_cluster, want) in table {
+            assert_eq!(dh_source(explicit, on_cluster), want, "{explicit:?}");
+        }
     }
 }
