@@ -197,7 +197,7 @@ pub struct RolloutContext<'a> {
     /// Deadline of each step.
     pub step_timeout: Duration,
     /// How long a reload waits for kubelet to swap the files before the DB restarts instead
-    /// (kubelet's sync period plus its cache's TTL; at most `step_timeout`).
+    /// (capped at `step_timeout`; the tool gives both its `--wait-timeout`).
     pub reload_timeout: Duration,
 }
 

@@ -680,7 +680,8 @@ pub mod scenarios {
                 accepts: vec![&tool],
                 refuses: vec![],
             },
-            step_timeout: Duration::from_secs(30),
+            // Also the bound of the gates after a restart (every sentinel seeing the replica).
+            step_timeout: Duration::from_secs(15),
             reload_timeout: reload_for,
         };
         let mut pods = SwapOnRestart {
