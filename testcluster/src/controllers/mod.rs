@@ -1,4 +1,5 @@
-//! The controllers a restart depends on, run every 10 ms under the store's lock: the kubelet
+//! The controllers a restart depends on, run under the store's lock every 10 ms after a
+//! change (every 50 ms while nothing changes, see `IDLE_PASS`): the kubelet
 //! (pods start, become Ready, terminate, fail), Deployments, StatefulSets, DaemonSets, and the
 //! PodDisruptionBudget status (`crate::disruption`).
 
@@ -50,11 +51,14 @@ pub(crate) fn run(shared: &Shared, last: &mut LastPass) {
         each(&mut s, "statefulsets", statefulset::sync);
         each(&mut s, "daemonsets", daemonset::sync);
         crate::disruption::sync_all(&mut s);
+        let changed = s.resource_version() != before;
+        // A pass that changed something is followed by another at the next tick: what one
+        // controller wrote (a new pod) is what the next one (the kubelet) must see at once.
         *last = LastPass {
-            rv: s.resource_version(),
+            rv: if changed { u64::MAX } else { before },
             at: Instant::now(),
         };
-        s.resource_version() != before
+        changed
     };
     if changed {
         shared.notify.notify_waiters();
