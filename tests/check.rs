@@ -120,6 +120,8 @@ fn seed_made_materials_are_read_and_reported_not_rejected() {
         // made seconds after its CA, the seed leaf outlives it; noted, not an alarm
         let nesting = check_named(&r, "validity-nesting");
         assert_eq!(nesting[0]["status"], "ok");
+        let said = nesting[0]["message"].as_str().unwrap_or_default();
+        assert!(said.contains("outlives its CA by"), "{said}");
     }
 }
 

@@ -272,8 +272,9 @@ fn a_due_leaf_is_renewed_under_the_same_ca_and_the_dh_params_are_kept() {
     let env = TestEnv::spk();
     assert_eq!(env.reconcile(&["--ca-days", "1000"]).0, 0);
     let before = env.copy("spk-utilities").unwrap();
-    // Other valid params given explicitly (`--dhparam generate` takes the same branch:
-    // an explicit source wins over the deployed params; its search is generate.rs's cost).
+    // Other valid params given explicitly: an explicit source wins over the deployed params
+    // (`--dhparam generate` too: dh_source's table in src/reconcile.rs; its minute of search
+    // is paid once, in tests/generate.rs).
     let other_dh = env.dir.path().join("modp2048.pem");
     let other_pem = dh_params_pem(openssl::bn::BigNum::get_rfc3526_prime_2048().unwrap());
     std::fs::write(&other_dh, &other_pem).unwrap();

@@ -90,8 +90,17 @@ pub fn seed_materials(dir: &Path, traditional: bool) {
              openssl req -x509 -new -nodes -sha384 \
                  -key dssm-ca.key -days 365 \
                  -subj '/O=Redis Test/CN=Certificate Authority' \
-                 -out dssm-ca.crt
-             {}
+                 -out dssm-ca.crt",
+            genrsa("dssm-ca.key"),
+        ),
+    );
+    // The seeds' second genrsa takes seconds: their leaf starts (and, with the same 365 days,
+    // ends) seconds after its CA, which `check` reports. A fixture key takes none.
+    next_second();
+    sh(
+        dir,
+        &format!(
+            "{}
              openssl req -new -sha384 -key dssm-key.key \
                  -subj '/O=Redis Test/CN=Server' | \
                  openssl x509 -req -sha384 -CA dssm-ca.crt \
@@ -99,14 +108,13 @@ pub fn seed_materials(dir: &Path, traditional: bool) {
                      -CAcreateserial  -days 365 \
                      -out dssm-cert.crt 2>/dev/null
              openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048 -out dhparam2048.pem",
-            genrsa("dssm-ca.key"),
             genrsa("dssm-key.key"),
         ),
     );
 }
 
 /// The next RSA 4096 key of tests/fixtures/seed-keys/ this test binary has not handed out.
-fn next_seed_key() -> Option<PathBuf> {
+pub fn next_seed_key() -> Option<PathBuf> {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let key = Path::new(env!("CARGO_MANIFEST_DIR"))
