@@ -128,7 +128,12 @@ fn seed_made_materials_are_read_and_reported_not_rejected() {
 #[test]
 fn residual_time_inside_the_thresholds_warns_then_goes_critical() {
     let tmp = tempdir();
-    let warn = generate(&tmp.path().join("w"), &["--days", "20"]);
+    // The keys are beside the point here: ECDSA, made in no time.
+    let ecdsa = ["--key-algorithm", "ecdsa-p256"];
+    let warn = generate(
+        &tmp.path().join("w"),
+        &[&["--days", "20"][..], &ecdsa].concat(),
+    );
     let (code, r) = check_json(&warn, &[]);
     assert_eq!(
         (code, r["status"].as_str().unwrap()),
@@ -136,7 +141,10 @@ fn residual_time_inside_the_thresholds_warns_then_goes_critical() {
         "{r:#}"
     );
 
-    let crit = generate(&tmp.path().join("c"), &["--days", "10"]);
+    let crit = generate(
+        &tmp.path().join("c"),
+        &[&["--days", "10"][..], &ecdsa].concat(),
+    );
     let (code, _) = check_json(&crit, &[]);
     assert_eq!(code, 2);
 
