@@ -198,8 +198,21 @@ pub async fn inspect_observation(
         })
         .collect();
     let rotation_phase = crate::rotation::phase_on_copies(obs, dssm_ns);
+    let store = obs.store_readable.then(|| obs.store.clone());
+    let dssm_ns = dssm_ns.to_string();
     tokio::task::spawn_blocking(move || {
-        let copies = sources.iter().map(|s| inspect(s, now, t)).collect();
+        // Each copy's CAs against the stored ones, when the CA key Secret can be read.
+        let store = store.map(|s| crate::plan::evaluate_store(&s, &dssm_ns, now));
+        let anchors = store.as_ref().and_then(|s| s.anchors());
+        let copies = (sources.iter())
+            .map(|s| {
+                let mut f = crate::checks::judge_copy(s, now, t);
+                if let Some(a) = anchors {
+                    crate::checks::judge_anchors(&mut f, a);
+                }
+                report_copy(&f, now)
+            })
+            .collect();
         let mut report = Report::new(copies, now, t).with_sync(&sources);
         report.rotation_phase = rotation_phase;
         report
@@ -251,7 +264,10 @@ fn cert_report(f: &CertFinding, now: i64) -> CertReport {
 /// `check --dir DIR`: the copy in a folder; a path that is not a folder cannot tell.
 pub fn inspect_dir(dir: &std::path::Path, now: i64, t: Thresholds) -> CopyReport {
     if dir.is_dir() {
-        return inspect(&crate::materials::read_dir(dir), now, t);
+        // No CA key Secret here: say what can be said of a bundle's CAs without it.
+        let mut f = crate::checks::judge_copy(&crate::materials::read_dir(dir), now, t);
+        crate::checks::judge_unanchored(&mut f);
+        return report_copy(&f, now);
     }
     CopyReport {
         source: format!("dir:{}", dir.display()),

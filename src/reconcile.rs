@@ -175,7 +175,7 @@ async fn pass_once(
     }
     // Everything that can refuse the pass is checked before the first write.
     refuse_foreign(cluster, &obs)?;
-    let phased_from = rolling_start(cluster, &obs, &plan, opts, unix)?;
+    let phased_from = rolling_start(cluster, &obs, &plan, &store, opts, unix)?;
     preflight(cluster, opts).await?;
     let places = places(cluster);
     let revision = writes::revision(&obs, &plan, &store);
@@ -326,6 +326,7 @@ fn rolling_start(
     cluster: &Cluster,
     obs: &Observation,
     plan: &Plan,
+    store: &StoreState,
     opts: &Options,
     unix: i64,
 ) -> Result<Option<Bundle>, ReconcileError> {
@@ -337,7 +338,7 @@ fn rolling_start(
         return Ok(None);
     }
     let dssm_copy = obs.copies.iter().find(|c| c.namespace == cluster.dssm_ns);
-    match dssm_copy.map(|c| plan::evaluate_copy(c, unix)) {
+    match dssm_copy.map(|c| plan::evaluate_copy_against(c, unix, store.anchors())) {
         Some(plan::CopyState::Valid { bundle, .. }) => Ok(Some(bundle)),
         _ => Err(ReconcileError::Refused(format!(
             "the plan is a CA rotation ({}), and --strategy rolling rolls a new CA out in \

@@ -64,6 +64,19 @@ impl Certificate {
         &self.der
     }
 
+    /// PEM from the DER alone (64-column base64, as OpenSSL writes it).
+    pub fn to_pem(&self) -> Vec<u8> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&self.der);
+        let mut pem = b"-----BEGIN CERTIFICATE-----\n".to_vec();
+        for line in b64.as_bytes().chunks(64) {
+            pem.extend_from_slice(line);
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+        pem
+    }
+
     /// DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> &[u8] {
         &self.spki
