@@ -512,10 +512,91 @@ fn a_foreign_ca_in_the_tmm_namespace_is_never_copied_into_the_dssm_namespace() {
     );
     let (code, out, err) = env.reconcile(&[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("never a copy of a foreign CA"), "{out}");
+    assert!(out.contains("is neither the stored CA"), "{out}");
     let after = assert_all_copies_identical_and_valid(&env);
     assert_eq!(ca_of(&after), ca_of(&ours), "still our stored CA");
     assert_ne!(ca_of(&after), r("dssm-ca.crt").as_slice());
+}
+
+/// The DER of every certificate in `pem`.
+fn ders(pem: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = pem;
+    while let Ok((tail, p)) = x509_parser::pem::parse_x509_pem(rest) {
+        out.push(p.contents);
+        rest = tail;
+    }
+    out
+}
+
+/// The trust-boundary issue: a TMM-namespace copy holding our bundle plus one more CA (with our
+/// CA's subject) was the repair source whenever the dSSM copy was missing or broken, and its
+/// whole bundle reached every namespace; with no stored CA (an adopted seed-made cluster) it won
+/// outright. Whichever copies exist, that CA must reach no other namespace, and `check` is
+/// Critical on it while a CA is stored.
+#[test]
+fn a_tmm_copy_with_an_appended_ca_never_reaches_another_namespace() {
+    let foreign_dir = tempdir();
+    let foreign = generate(foreign_dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let foreign_ca = ders(&read(&foreign.join("dssm-ca.crt"))).remove(0);
+    for stored in [true, false] {
+        for dssm in ["missing", "broken", "present"] {
+            let name = format!("stored CA: {stored}, dSSM copy {dssm}");
+            let env = TestEnv::spk();
+            if stored {
+                assert_eq!(env.reconcile(&[]).0, 0, "{name}");
+            } else {
+                seed_secrets(&env);
+            }
+            let ours = env.copy("spk-utilities").unwrap();
+            assert_ne!(
+                ders(ca_of(&ours))[0],
+                foreign_ca,
+                "the same subject, another CA"
+            );
+            let appended = [&ours[0][..], &read(&foreign.join("dssm-ca.crt"))].concat();
+            env.put_secret(
+                "spk-ingress",
+                "dssm-certs-secret",
+                &[
+                    ("dssm-ca.crt", &appended),
+                    ("dssm-cert.crt", &ours[1]),
+                    ("dhparam2048.pem", &ours[3]),
+                ],
+            );
+            if stored {
+                let (code, out, _) = env.run(&["check"]);
+                assert_eq!(code, 2, "{name}\n{out}");
+                assert!(
+                    out.contains("CA #2") && out.contains("is neither the stored CA"),
+                    "{name}\n{out}"
+                );
+            }
+            match dssm {
+                "missing" => {
+                    env.server
+                        .delete("", "secrets", "spk-utilities", "dssm-certs-secret");
+                }
+                "broken" => env.put_secret(
+                    "spk-utilities",
+                    "dssm-certs-secret",
+                    &[("dssm-ca.crt", b"garbage")],
+                ),
+                _ => {}
+            }
+            let (code, out, err) = env.reconcile(&[]);
+            assert_eq!(code, 0, "{name}\n{out}{err}");
+            let after = assert_all_copies_identical_and_valid(&env);
+            assert!(
+                !ders(ca_of(&after)).contains(&foreign_ca),
+                "{name}: the appended CA was spread\n{out}"
+            );
+            assert_eq!(ders(ca_of(&after)).len(), 1, "{name}");
+            if stored || dssm == "present" {
+                assert_eq!(ca_of(&after), ca_of(&ours), "{name}: still our CA\n{out}");
+            }
+        }
+    }
 }
 
 #[test]
