@@ -826,7 +826,18 @@ fn every_ca_of_a_bundle_has_its_line_and_the_leaf_may_chain_to_either() {
     let r = CaRotation::new("O=Redis Test, CN=Certificate Authority", true);
     for (phase, dir, signer) in [("trust", &r.trust, 1), ("switch", &r.switch, 2)] {
         let (code, json) = check_json(dir, &[]);
-        assert_eq!(code, 0, "{phase}: {json:#}");
+        // Without the CA key Secret's rotation record, the CA that signs nothing here cannot be
+        // told from a foreign one: a warning that says so.
+        assert_eq!(code, 1, "{phase}: {json:#}");
+        let other = 3 - signer;
+        let trust = check_named(&json, "trust-bundle");
+        assert!(
+            trust.len() == 1
+                && trust[0]["status"] == "warning"
+                && (trust[0]["message"].as_str().unwrap())
+                    .contains(&format!("CA #{other} (subject")),
+            "{phase}: {trust:?}"
+        );
         let cas: Vec<_> = json["copies"][0]["certificates"]
             .as_array()
             .unwrap()
@@ -886,5 +897,33 @@ fn a_v1_leaf_behind_a_same_subject_new_ca_is_a_broken_chain_as_openssl_sees_it()
     // The same seed and bundle, old CA first: both agree it works.
     let old_first = CaRotation::from_seed(tempdir(), r.seed.clone(), subject, true);
     assert!(openssl_verifies(&old_first.trust));
-    assert_eq!(check_json(&old_first.trust, &[]).0, 0);
+    let (code, json) = check_json(&old_first.trust, &[]);
+    assert_eq!(code, 1, "only the trust-bundle warning: {json:#}");
+    assert_eq!(check_named(&json, "chain")[0]["status"], "ok");
+}
+
+/// The trust-boundary issue: `check --dir` on a bundle with one more CA appended (the same
+/// subject as ours) said `ca-key OK (CA 1 of 2)` and `overall: OK`. Without the CA key Secret it
+/// cannot know the rotation's CAs, so it warns about the CA it cannot place, naming it.
+#[test]
+fn check_dir_warns_of_an_appended_ca_it_cannot_place() {
+    let tmp = tempdir();
+    let dir = copy_of_defaults(&tmp.path().join("m"));
+    let foreign_dir = tempdir();
+    let foreign = generate(foreign_dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let bundle = [
+        read(&dir.join("dssm-ca.crt")),
+        read(&foreign.join("dssm-ca.crt")),
+    ]
+    .concat();
+    std::fs::write(dir.join("dssm-ca.crt"), bundle).unwrap();
+    let (code, json) = check_json(&dir, &[]);
+    assert_eq!(code, 1, "{json:#}");
+    let trust = check_named(&json, "trust-bundle");
+    assert_eq!(trust.len(), 1, "{trust:?}");
+    let msg = trust[0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("CA #2 (subject") && msg.contains("cannot tell"),
+        "{msg}"
+    );
 }
