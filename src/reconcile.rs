@@ -178,7 +178,7 @@ async fn pass_once(
     let phased_from = rolling_start(cluster, &obs, &plan, &store, opts, unix)?;
     preflight(cluster, opts).await?;
     let places = places(cluster);
-    let revision = writes::revision(&obs, &plan, &store);
+    let revision = writes::revision(&obs, &plan, &store).map_err(ReconcileError::Refused)?;
     outcome.revision = Some(revision);
     let input = |content| writes::Input {
         places: &places,

@@ -225,11 +225,19 @@ fn resumes(plan: &Plan) -> bool {
 }
 
 /// The revision the writes carry: a resumed rotation keeps its own, else one past the highest
-/// found on any Secret.
-pub fn revision(obs: &Observation, plan: &Plan, store: &StoreState) -> u64 {
+/// found on the dSSM namespace's copy or the CA key Secret. The TMM namespaces' copies are not
+/// read: whoever writes there must not choose the revision (`u64::MAX` would wrap).
+pub fn revision(obs: &Observation, plan: &Plan, store: &StoreState) -> Result<u64, String> {
     match (&plan.action, store) {
-        (Action::Resume, StoreState::Valid { revision, .. }) => *revision,
-        _ => highest_revision(obs) + 1,
+        (Action::Resume, StoreState::Valid { revision, .. }) => Ok(*revision),
+        _ => highest_revision(obs).checked_add(1).ok_or_else(|| {
+            format!(
+                "the revision annotation {} is {}, the largest possible: no next revision. \
+                 Remove that annotation from the dSSM namespace's Secrets and run again",
+                annotations::REVISION,
+                u64::MAX
+            )
+        }),
     }
 }
 
@@ -241,8 +249,10 @@ fn highest_revision(obs: &Observation) -> u64 {
             .unwrap_or(0),
         SecretObs::Missing => 0,
     };
+    // The dSSM namespace's copy comes first.
     obs.copies
         .iter()
+        .take(1)
         .flat_map(|c| [from(&c.certs), from(&c.keys)])
         .chain([from(&obs.store)])
         .max()
@@ -690,7 +700,7 @@ mod tests {
             places: p,
             obs,
             plan,
-            revision: revision(obs, plan, &store),
+            revision: revision(obs, plan, &store).unwrap(),
             content,
             phased_from: from,
         })
@@ -823,6 +833,42 @@ mod tests {
                 "replace@41 spk-b/dssm-keys-secret",
                 "mark deployment spk-b/f5-tmm r2 ca-changed",
             ]
+        );
+    }
+
+    /// The trust-boundary issue: the next revision was one past the highest on any Secret, TMM
+    /// namespaces' included, so their writer chose it; `u64::MAX` there wrapped to 0 (release)
+    /// or panicked (debug).
+    #[test]
+    fn the_revision_comes_from_the_dssm_copy_and_the_store_only_and_never_wraps() {
+        let p = places(&["spk-a"]);
+        let (good, key) = made();
+        let with = |tmm_rev: &str, dssm_rev: &str| {
+            let mut secrets = vec![store_of(&good, &key, 10, &[(annotations::REVISION, "3")])];
+            secrets.extend(copy_of(DSSM, &good, 20));
+            secrets.extend(copy_of("spk-a", &good, 30));
+            for s in &mut secrets {
+                let ns = s.metadata.namespace.clone().unwrap();
+                let rev = if ns == DSSM { dssm_rev } else { tmm_rev };
+                if s.metadata.name.as_deref() != Some(contract::CA_KEY_SECRET) {
+                    let a = s.metadata.annotations.as_mut().unwrap();
+                    a.insert(annotations::REVISION.into(), rev.into());
+                }
+            }
+            let obs = observe(&p, secrets);
+            let store = crate::plan::evaluate_store(&obs.store, DSSM, 0);
+            revision(&obs, &plan_of(Action::RenewLeaf, None), &store)
+        };
+        assert_eq!(
+            with("18446744073709551615", "1"),
+            Ok(4),
+            "TMM's annotation ignored"
+        );
+        assert_eq!(with("1", "7"), Ok(8));
+        let e = with("1", "18446744073709551615").unwrap_err();
+        assert!(
+            e.contains("no next revision") && e.contains(annotations::REVISION),
+            "{e}"
         );
     }
 
