@@ -23,6 +23,23 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// What clap cannot check flag by flag: values that make sense only together. The same
+    /// usage error (exit 64) as a bad value.
+    pub fn validate(&self) -> Result<(), clap::Error> {
+        let issue = match &self.command {
+            Command::Reconcile(a) => &a.issue,
+            Command::Rotate(a) => &a.issue,
+            Command::Run(a) => &a.issue,
+            _ => return Ok(()),
+        };
+        issue.validate().map_err(|msg| {
+            use clap::CommandFactory;
+            Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg)
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -245,6 +262,37 @@ pub struct IssueArgs {
     /// A due leaf under a CA that is not due is renewed under the same CA.
     #[arg(long, value_parser = parse_duration, env = "DSSM_CERTS_CA_RENEW_BEFORE")]
     pub ca_renew_before: Option<i64>,
+}
+
+impl IssueArgs {
+    /// A renew-before at or over the lifetime makes every new certificate due at birth: every
+    /// pass would renew (back-to-back rolling restarts inside the agent's window).
+    pub fn validate(&self) -> Result<(), String> {
+        let m = &self.material;
+        for (flag, before, days_flag, days) in [
+            ("--renew-before", self.renew_before, "--days", m.days),
+            (
+                "--ca-renew-before",
+                self.ca_renew_before,
+                "--ca-days",
+                m.ca_days,
+            ),
+        ] {
+            let lifetime = i64::from(days) * 86_400;
+            if let Some(b) = before.filter(|b| *b >= lifetime) {
+                let given = humantime::format_duration(std::time::Duration::from_secs(
+                    u64::try_from(b).unwrap_or(0),
+                ));
+                return Err(format!(
+                    "{flag} {given} is not shorter than {days_flag} {days}: every new \
+                     certificate would be due as soon as it is issued, and every pass would \
+                     renew it. Give {flag} less than {days_flag} (or leave it out: renewal at \
+                     1/3 of the lifetime left)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]

@@ -437,9 +437,27 @@ fn untrusted_source(seen: &Seen, now: i64, policy: Policy) -> Plan {
     seen.new_materials(Action::ReplaceInvalid, reasons, now, policy)
 }
 
+/// A leaf issued less than this long ago is not renewed by a policy (only by `rotate`) when its
+/// successor would be due as soon too: a policy that makes new certificates due at birth must
+/// not renew on every pass (back-to-back restarts inside the agent's window).
+pub const MIN_AGE_TO_RENEW: i64 = 3600;
+
+/// Renewing would only make another leaf due at once: `leaf` is younger than
+/// [`MIN_AGE_TO_RENEW`] and a leaf renewed now would be due within that time too.
+fn renewal_would_loop(w: &Winner, now: i64, policy: Policy) -> bool {
+    let young = now - w.leaf.not_before < MIN_AGE_TO_RENEW;
+    young
+        && leaf_renewal_time(&next_leaf(w.ca, now, policy), policy.renew_before)
+            < now + MIN_AGE_TO_RENEW
+}
+
 /// Step 4: Due, or asked for? The CA is rotated only for its own reasons (small
 /// policies, each with its reason); a due leaf is otherwise renewed under the same CA.
 fn due(w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
+    let forced = policy.force_leaf || policy.force_ca;
+    if !forced && renewal_would_loop(w, now, policy) {
+        return None;
+    }
     let keep_dh = Some(w.bundle.dhparams.clone());
     let rotate_reasons = ca_rotation_reasons(w, now, policy);
     if !rotate_reasons.is_empty() {
@@ -757,6 +775,7 @@ pub(crate) mod tests {
     fn the_planner_picks_exactly_one_action_for_each_situation() {
         let fresh = made(1, 1000, 365);
         let other = made(1, 1000, 365);
+        let just_made = made(0, 1000, 365);
         let leaf_due = made(300, 1000, 365); // 65 of 365 days left < 1/3
         let ca_due = made(700, 1000, 990); // the CA has 300 of 1000 days left < 1/3
         let short_ca = made(1, 120, 100); // a new 365-day leaf would outlive this CA
@@ -905,6 +924,30 @@ pub(crate) mod tests {
                 store(&other, Some(&other.bundle)),
                 policy(),
                 Action::Resume,
+            ),
+            (
+                // The trust-boundary issue: a policy that makes a new leaf due at birth renewed
+                // on every pass.
+                "due by policy, issued minutes ago, and so would its successor be",
+                vec![copy("d", Some(&just_made.bundle), us.clone())],
+                store(&just_made, None),
+                Policy {
+                    renew_before: Some(400 * DAY),
+                    ca_renew_before: Some(999 * DAY),
+                    ..policy()
+                },
+                Action::Nothing,
+            ),
+            (
+                "due by policy, issued minutes ago, its successor not due: renewed",
+                vec![copy("d", Some(&just_made.bundle), us.clone())],
+                store(&just_made, None),
+                Policy {
+                    renew_before: Some(400 * DAY),
+                    leaf_days: 730,
+                    ..policy()
+                },
+                Action::RenewLeaf,
             ),
             (
                 "rotate",

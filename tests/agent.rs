@@ -233,7 +233,14 @@ fn outside_the_maintenance_window_or_without_one_nothing_is_written() {
         let env = TestEnv::spk();
         assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
         env.server.clear_requests();
-        let mut args = vec!["--interval", "1s", "--renew-before", "400d"];
+        let mut args = vec![
+            "--interval",
+            "1s",
+            "--renew-before",
+            "400d",
+            "--days",
+            "730",
+        ];
         if let Some(w) = window {
             args.extend(["--maintenance-window", w]);
         }

@@ -415,3 +415,38 @@ fn a_crafted_certificate_subject_cannot_rewrite_the_check_table_on_a_terminal() 
         "{stdout}"
     );
 }
+
+/// The trust-boundary issue: `--renew-before` at or over `--days` (or `--ca-renew-before` at or
+/// over `--ca-days`) made every new certificate due at birth, and every pass renewed: inside
+/// the agent's window, back-to-back rolling restarts. Refused before any request.
+#[test]
+fn a_renew_before_not_shorter_than_the_lifetime_is_refused_before_any_request() {
+    let env = TestEnv::spk();
+    let cases: [&[&str]; 4] = [
+        &["reconcile", "--renew-before", "30d", "--days", "30"],
+        &["rotate", "--renew-before", "400d"],
+        &["reconcile", "--ca-renew-before", "3650d"],
+        &["run", "--ca-days", "365", "--ca-renew-before", "1y"],
+    ];
+    for args in cases {
+        let (code, _, stderr) = env.run(args);
+        assert_eq!(code, 64, "{args:?}: {stderr}");
+        let flag = if args.iter().any(|a| *a == "--ca-renew-before") {
+            "--ca-renew-before"
+        } else {
+            "--renew-before"
+        };
+        assert!(
+            stderr.contains(&format!("{flag} ")) && stderr.contains("is not shorter than"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            env.server.requests().is_empty(),
+            "{args:?}: requests were made"
+        );
+    }
+    // Shorter is fine (it runs: a first install).
+    let (code, out, err) =
+        env.reconcile(&["--renew-before", "29d", "--days", "30", "--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
