@@ -86,6 +86,11 @@ pub enum GenerateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--dhparam {path}: cannot read: {source}. --dhparam takes `generate`, `ffdhe2048` (the RFC 7919 group), or a FILE of PEM DH parameters (`openssl dhparam 2048`)")]
+    DhparamFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: cannot write: {source}")]
     Write {
         path: PathBuf,
@@ -153,8 +158,16 @@ pub const OUTPUT_NAMES: [&str; 7] = [
     contract::KEYS_MANIFEST,
 ];
 
+/// A `--dhparam` file that cannot be read: maybe a group name we do not take (`ffdhe4096`).
+fn dhparam_hint(e: GenerateError) -> GenerateError {
+    match e {
+        GenerateError::Read { path, source } => GenerateError::DhparamFile { path, source },
+        e => e,
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, GenerateError> {
-    fs::read(path).map_err(|source| GenerateError::Read {
+    crate::limits::read_bounded(path).map_err(|source| GenerateError::Read {
         path: path.to_path_buf(),
         source,
     })
@@ -203,7 +216,7 @@ fn refuse_bad_inputs(
         DhSource::Ffdhe2048 => Some(DhParams::ffdhe2048()),
         DhSource::Pem(pem, name) => Some(DhParams::validate(pem, name)?),
         DhSource::File(path) => Some(DhParams::validate(
-            &read(path)?,
+            &read(path).map_err(dhparam_hint)?,
             &path.display().to_string(),
         )?),
     };

@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod exit;
 pub mod fuzz;
 pub mod generate;
+pub mod limits;
 pub mod manifest;
 pub mod materials;
 pub mod metrics;

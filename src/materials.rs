@@ -330,7 +330,7 @@ pub fn read_dir(dir: &Path) -> Source {
         .into_iter()
         .map(|file| {
             let path = dir.join(file);
-            let found = match std::fs::read(&path) {
+            let found = match crate::limits::read_bounded(&path) {
                 Ok(b) => Found::Bytes(b),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Found::Missing,
                 Err(e) => Found::Unreadable(e.to_string()),

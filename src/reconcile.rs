@@ -259,7 +259,8 @@ fn report_plan(plan: &Plan, out: &mut (dyn Write + Send)) {
     let action = serde_json::to_value(plan.action).unwrap_or_default();
     let _ = writeln!(out, "plan: {}", action.as_str().unwrap_or(""));
     for r in &plan.reasons {
-        let _ = writeln!(out, "  - {r}");
+        // Reasons quote certificate subjects: escaped as `check` escapes them.
+        let _ = writeln!(out, "  - {}", crate::check::printable(r));
     }
 }
 
@@ -557,7 +558,7 @@ async fn new_materials(
     .await
     .expect("material generation panicked")?;
     if let Some(note) = &m.leaf_note {
-        let _ = writeln!(out, "note: {note}");
+        let _ = writeln!(out, "note: {}", crate::check::printable(note));
     }
     Ok(NewMaterials {
         bundle: Bundle {

@@ -50,7 +50,7 @@ impl ClientMaterials {
     /// a client that reconnects after kubelet's swap sees the new files.
     pub fn from_dir(dir: &std::path::Path) -> Result<Self, TlsSetupError> {
         let read = |name: &str| {
-            std::fs::read(dir.join(name))
+            crate::limits::read_bounded(&dir.join(name))
                 .map_err(|e| TlsSetupError::Materials(format!("{}: {e}", dir.join(name).display())))
         };
         let key_path = dir.join(LEAF_KEY);
