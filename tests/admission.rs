@@ -124,6 +124,16 @@ fn evaluate(cases: &[Value]) -> Vec<Option<Vec<String>>> {
 }
 
 #[test]
+fn the_chart_ships_the_same_policy_file() {
+    let read = |p: &str| std::fs::read_to_string(repo().join(p)).unwrap();
+    assert!(
+        read("manifests/admission/policy.yaml")
+            == read("charts/dssm-certs/files/admission-policy.yaml"),
+        "charts/dssm-certs/files/admission-policy.yaml must be a copy of manifests/admission/policy.yaml"
+    );
+}
+
+#[test]
 fn every_change_the_tool_makes_to_a_tmm_workload_is_allowed() {
     let deployment = tmm("Deployment");
     let daemonset = tmm("DaemonSet");
