@@ -40,6 +40,25 @@ pub enum AgentError {
     Window(String, String),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error("{LISTEN_IP_ENV}={0:?} is not an IP address (the manifests set it to the pod IP, status.podIP)")]
+    ListenIp(String),
+}
+
+/// When set (the manifests set it to the pod IP from the downward API), the agent serves on this
+/// IP, with `--listen`'s port: what kubelet probes and Prometheus scrapes, and nothing else of
+/// the pod (not its loopback). IPv4 or IPv6, bare (no brackets).
+pub const LISTEN_IP_ENV: &str = "DSSM_CERTS_LISTEN_IP";
+
+/// The address to serve on: `listen`, or `ip` (the value of `LISTEN_IP_ENV`) with its port.
+pub fn listen_addr(listen: SocketAddr, ip: Option<&str>) -> Result<SocketAddr, AgentError> {
+    match ip.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(listen),
+        Some(ip) => ip
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .map(|ip| SocketAddr::new(ip, listen.port()))
+            .map_err(|_| AgentError::ListenIp(ip.to_string())),
+    }
 }
 
 /// `"0 3 * * SUN" 2h`: a cron expression (UTC) and how long the window stays open.
@@ -603,6 +622,25 @@ mod tests {
             keys: SecretObs::Missing,
         };
         assert!(key_match(&missing).is_none());
+    }
+
+    #[test]
+    fn the_pod_ip_replaces_the_listen_address_and_keeps_its_port() {
+        let listen: SocketAddr = "0.0.0.0:9090".parse().unwrap();
+        assert_eq!(listen_addr(listen, None).unwrap(), listen);
+        assert_eq!(listen_addr(listen, Some("")).unwrap(), listen);
+        assert_eq!(
+            listen_addr(listen, Some("10.42.0.7")).unwrap().to_string(),
+            "10.42.0.7:9090"
+        );
+        assert_eq!(
+            listen_addr(listen, Some("fd00:10:244::7"))
+                .unwrap()
+                .to_string(),
+            "[fd00:10:244::7]:9090"
+        );
+        let e = listen_addr(listen, Some("10.42.0.7:9090")).unwrap_err();
+        assert!(e.to_string().contains(LISTEN_IP_ENV), "{e}");
     }
 
     #[test]
