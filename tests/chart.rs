@@ -1,5 +1,5 @@
 //! The Helm chart (charts/dssm-certs), rendered and linted with Helm's own library through the
-//! helm-python-sdk package (scripts/setup installs it in .venv): no helm binary, no cluster.
+//! helm-python-sdk package (scripts/setup-tests installs it in .venv): no helm binary, no cluster.
 //! A missing .venv fails these tests; it never skips them.
 
 mod support;
@@ -75,7 +75,7 @@ fn helm_chart_py(
     let python = repo().join(".venv/bin/python");
     assert!(
         python.exists(),
-        "{} is missing: run scripts/setup (it creates .venv with helm-python-sdk)",
+        "{} is missing: run scripts/setup-tests (it creates .venv with helm-python-sdk)",
         python.display()
     );
     let mut c = Command::new(&python);
@@ -88,7 +88,7 @@ fn helm_chart_py(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !stderr.contains("ModuleNotFoundError"),
-        "helm-python-sdk is not installed: run scripts/setup\n{stderr}"
+        "helm-python-sdk is not installed: run scripts/setup-tests\n{stderr}"
     );
     out
 }
