@@ -456,12 +456,16 @@ pub fn copies(
                 contract::LEAF_KEY.to_string()
             };
             let phase = phase.map(|p| format!(", phase {}", p.name()));
+            let mut ann = ann.clone();
+            if let (contract::CERTS_SECRET, Some(b)) = (name, bundle) {
+                ann.extend(key_spki(b));
+            }
             list.push(SecretWrite {
                 namespace: ns.clone(),
                 name,
                 precondition: precondition(obs, ns, name),
                 data: data.clone().map(Data),
-                annotations: ann.clone(),
+                annotations: ann,
                 summary: format!("revision {revision}, {files}{}", phase.unwrap_or_default()),
             });
         }
@@ -481,6 +485,17 @@ fn fingerprints(b: &Bundle) -> [(String, String); 3] {
         (annotations::CERT_SHA256.to_string(), sha256(&b.leaf_cert)),
         (annotations::NOT_AFTER.to_string(), not_after),
     ]
+}
+
+/// The certificate Secret's record of its key, so that readers who may not read the key
+/// Secret (the agent) can still check the pair. A bundle that reaches the writes was validated;
+/// an unreadable key gets no annotation (the agent then says it cannot check).
+fn key_spki(b: &Bundle) -> Option<(String, String)> {
+    let key = pki::PrivateKey::from_pem(b.leaf_key.expose(), contract::LEAF_KEY).ok()?;
+    Some((
+        annotations::KEY_SPKI_SHA256.to_string(),
+        crate::materials::spki_sha256(&key.public_key_der()),
+    ))
 }
 
 /// The Secret already holds exactly `data`, managed by us, in `phase`.
@@ -766,6 +781,30 @@ mod tests {
         assert!(dry
             .iter()
             .all(|w| !matches!(w, Write::Secret(s) if s.data.is_some())));
+    }
+
+    #[test]
+    fn every_certificate_secret_written_records_its_keys_spki_and_the_key_secret_does_not() {
+        // The agent checks the key against this annotation instead of reading the key Secret.
+        let p = places(&["spk-ingress"]);
+        let obs = observe(&p, Vec::new());
+        let (b, key) = made();
+        let list = with_new(&p, &obs, &plan_of(Action::Publish, None), (&b, &key), None);
+        let leaf = pki::parse_certificate(&b.leaf_cert, "leaf").unwrap();
+        let want = crate::materials::spki_sha256(leaf.spki_der());
+        let mut certs = 0;
+        for w in &list {
+            let Write::Secret(s) = w else { continue };
+            let got = s.annotations.get(annotations::KEY_SPKI_SHA256);
+            match s.name {
+                contract::CERTS_SECRET => {
+                    certs += 1;
+                    assert_eq!(got, Some(&want), "{}", s.namespace);
+                }
+                _ => assert_eq!(got, None, "{}/{}", s.namespace, s.name),
+            }
+        }
+        assert_eq!(certs, 2, "both copies of dssm-certs-secret");
     }
 
     #[test]
