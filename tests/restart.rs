@@ -178,10 +178,12 @@ fn dssm_first_keeps_tmm_at_zero_until_dssm_is_ready() {
 #[test]
 fn reconcile_that_writes_new_materials_restarts_and_every_pod_sees_them() {
     let env = TestEnv::spk();
-    let (code, out, err) = env.reconcile(&[]);
+    // A first publication restarts nothing (tests/reconcile.rs): new materials after it do.
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let (code, out, err) = env.run(&["rotate", "--key-algorithm", "ecdsa-p256"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("plan: publish") && out.contains("3 available replicas"),
+        out.contains("plan: renew-leaf") && out.contains("3 available replicas"),
         "{out}"
     );
     pods_newer_than_the_secrets(&env);
@@ -319,6 +321,8 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
     let points = each_crash_point(3, |n| {
         let env = TestEnv::spk();
         assert_eq!(env.reconcile(&[]).0, 0);
+        // A first publication restarts nothing: start from pods on the published Secrets.
+        assert_eq!(env.run(&["restart"]).0, 0);
         env.server.clear_requests();
         let mut child = bin()
             .env("KUBECONFIG", &env.kubeconfig)
