@@ -12,6 +12,7 @@ pub mod commands;
 pub mod contract;
 pub mod doctor;
 pub mod exit;
+pub mod first_publication;
 pub mod fuzz;
 pub mod generate;
 pub mod limits;

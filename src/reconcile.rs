@@ -60,6 +60,8 @@ pub struct Outcome {
     pub revision: Option<u64>,
     /// The Deployment says a restart is needed or was interrupted.
     pub restart_pending: bool,
+    /// A first publication (nothing restarted): the pods it found, to wait for.
+    pub first_start: Option<crate::first_publication::Found>,
 }
 
 const PASSES: u32 = 3;
@@ -93,6 +95,10 @@ pub async fn reconcile(
     let result = lease
         .guard(async {
             let outcome = write_passes(cluster, opts, out).await?;
+            if let (Some(found), Some(r)) = (&outcome.first_start, &opts.restart) {
+                crate::first_publication::await_start(cluster, r, found, out).await?;
+                return Ok(outcome);
+            }
             let store = cluster
                 .get_secret(&cluster.dssm_ns, contract::CA_KEY_SECRET)
                 .await?;
@@ -166,6 +172,7 @@ async fn pass_once(
         written: Vec::new(),
         revision: None,
         restart_pending: obs.restart_pending(),
+        first_start: None,
     };
     if !must_write(&obs, &plan, opts, lease_held, out)? {
         if !opts.dry_run && !plan.action.writes() {
@@ -176,7 +183,16 @@ async fn pass_once(
     // Everything that can refuse the pass is checked before the first write.
     refuse_foreign(cluster, &obs)?;
     let phased_from = rolling_start(cluster, &obs, &plan, &store, opts, unix)?;
-    preflight(cluster, opts).await?;
+    // Nothing to restart, and no pre-flight to wait for pods only the publication can start.
+    let fresh =
+        opts.restart.is_some() && crate::first_publication::is_fresh(&obs, &cluster.namespaces());
+    if fresh {
+        let found = crate::first_publication::find(cluster).await?;
+        let _ = writeln!(out, "{}", found.describe());
+        outcome.first_start = Some(found);
+    } else {
+        preflight(cluster, opts).await?;
+    }
     let places = places(cluster);
     let revision = writes::revision(&obs, &plan, &store).map_err(ReconcileError::Refused)?;
     outcome.revision = Some(revision);
@@ -188,9 +204,15 @@ async fn pass_once(
         content,
         phased_from: phased_from.as_ref(),
     };
+    // A first publication marks no TMM target: the pods start on the published Secrets.
+    let list_of = |content| {
+        let mut list = writes::writes(&input(content));
+        list.retain(|w| !(fresh && matches!(w, Write_::Mark(_))));
+        list
+    };
     if opts.dry_run {
         let content = content(&plan, &store, None);
-        print_dry_run(&writes::writes(&input(content)), revision, out);
+        print_dry_run(&list_of(content), revision, out);
         return Ok(outcome);
     }
     // New materials are made outside the pure writes: slow and random.
@@ -199,7 +221,7 @@ async fn pass_once(
         None => Some(new_materials(cluster, &obs, &store, &plan, opts, out).await?),
     };
     let content = content(&plan, &store, made.as_ref());
-    let list = writes::writes(&input(content));
+    let list = list_of(content);
     let done = perform(cluster, &obs, &list, out).await?;
     outcome.written = list.iter().map(Write_::line).collect();
     if phased_from.is_some() {

@@ -952,3 +952,178 @@ fn two_rotations_started_at_once_one_runs_the_other_exits_5() {
         "released: {lease}"
     );
 }
+
+/// `reconcile` as the CronJob and the agent run it: no strategy flag (the default, rolling).
+fn reconcile_default(env: &TestEnv, extra: &[&str]) -> (i32, String, String) {
+    let mut cmd = bin();
+    cmd.env_remove("DSSM_CERTS_STRATEGY")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .args([
+            "reconcile",
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--dhparam",
+            "ffdhe2048",
+        ])
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args())
+        .args(extra);
+    output(&mut cmd)
+}
+
+/// name -> uid of every pod: a restarted pod has a new uid.
+fn pod_uids(env: &TestEnv) -> std::collections::BTreeMap<String, String> {
+    [&env.dssm_ns, &env.tmm_ns]
+        .iter()
+        .flat_map(|ns| env.server.list("", "pods", ns))
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                p["metadata"]["uid"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn all_ready(env: &TestEnv) -> bool {
+    let pods: Vec<_> = [&env.dssm_ns, &env.tmm_ns]
+        .iter()
+        .flat_map(|ns| env.server.list("", "pods", ns))
+        .collect();
+    pods.len() == 9 && pods.iter().all(apiserver::controllers::pod_ready)
+}
+
+/// Nothing was restarted: no eviction, no pod deleted, no TMM workload patched or scaled, and
+/// every pod is the one that was there before.
+fn assert_restarted_nothing(env: &TestEnv, before: &std::collections::BTreeMap<String, String>) {
+    let reqs = env.server.requests();
+    let restarts: Vec<_> = reqs
+        .iter()
+        .filter(|r| {
+            r.path.ends_with("/eviction")
+                || r.path.ends_with("/scale")
+                || (r.method == "DELETE" && r.path.contains("/pods"))
+                || (r.method != "GET" && r.path.contains("/deployments/"))
+        })
+        .map(|r| (&r.method, &r.path))
+        .collect();
+    assert!(restarts.is_empty(), "{restarts:?}");
+    assert_eq!(&pod_uids(env), before, "a pod was replaced");
+    let dep = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    assert!(
+        our_annotations(&dep).is_empty(),
+        "{:?}",
+        our_annotations(&dep)
+    );
+}
+
+// Regression: with the default strategy, a fresh install deadlocked. The pods wait for the
+// Secrets (ContainerCreating), and `reconcile` waited for them in its pre-flight, then refused
+// with nothing written after --wait-timeout.
+#[test]
+fn a_fresh_install_is_published_restarts_nothing_and_its_waiting_pods_come_up() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    assert!(
+        pod_uids(&env).len() == 9 && !all_ready(&env),
+        "the pods should wait for their Secrets"
+    );
+    let before = pod_uids(&env);
+    // The dry run says so too, and marks nothing.
+    let (code, out, err) = reconcile_default(&env, &["--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("first publication") && !out.contains("would mark"),
+        "{out}"
+    );
+
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: publish"), "{out}");
+    assert!(
+        out.contains("first publication: none of our Secrets exist yet; 9 pods are waiting"),
+        "{out}"
+    );
+    assert!(
+        out.contains("dSSM pods in spk-utilities are Running and Ready"),
+        "{out}"
+    );
+    assert!(out.contains("f5-tmm is available"), "{out}");
+    // The handshake is tried (the Service name does not resolve outside a cluster).
+    assert!(out.contains("probe"), "{out}");
+    assert!(all_ready(&env), "not every pod is Ready after the run");
+    assert_all_copies_identical_and_valid(&env);
+    assert_restarted_nothing(&env, &before);
+
+    // The second run (the next CronJob) is a no-op.
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: nothing"), "{out}");
+    assert!(
+        env.server.requests().iter().all(|r| !r.is_write()),
+        "{:?}",
+        env.writes()
+    );
+    assert_restarted_nothing(&env, &before);
+}
+
+/// Pods that run although the Secrets are missing: the publication restarts none of them
+/// (a pod that does not mount the Secrets gains nothing; one that mounts them optional runs a
+/// process that started without them) and names each, with what to do.
+#[test]
+fn pods_running_without_the_secrets_mounted_are_named_and_not_restarted() {
+    use apiserver::SecretMount::{None as Unmounted, Optional};
+    for (dssm, tmm, dssm_says, tmm_says) in [
+        (
+            Optional,
+            Unmounted,
+            "mounts them optional: true",
+            "does not mount them",
+        ),
+        (
+            Unmounted,
+            Optional,
+            "does not mount them",
+            "mounts them optional: true",
+        ),
+    ] {
+        let env = TestEnv::spk_fresh(dssm, tmm);
+        assert!(all_ready(&env));
+        let before = pod_uids(&env);
+        env.server.clear_requests();
+        let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("0 pods are waiting")
+                && out.contains(&format!("pod spk-utilities/f5-dssm-db-0 ({dssm_says})"))
+                && out.contains(&format!("({tmm_says})"))
+                && out.contains("not restarted")
+                && out.contains("dssm-certs restart"),
+            "{out}"
+        );
+        assert_all_copies_identical_and_valid(&env);
+        assert_restarted_nothing(&env, &before);
+        let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+        assert!(
+            events.iter().any(|e| e["reason"] == "Published"
+                && e["type"] == "Warning"
+                && e["note"].as_str().unwrap().contains(dssm_says)),
+            "{events:?}"
+        );
+        let (code, out, _) = reconcile_default(&env, &[]);
+        assert_eq!(
+            (code, out.lines().next()),
+            (0, Some("plan: nothing")),
+            "{out}"
+        );
+        assert_restarted_nothing(&env, &before);
+    }
+}

@@ -246,6 +246,32 @@ impl TestEnv {
         Self::on(server, dssm_ns, tmm_ns, token)
     }
 
+    /// SPK as `spk()` (same RBAC), but a fresh install: nothing published, the dSSM and TMM
+    /// pods mount the Secrets as `dssm` and `tmm` say, and those that need them wait for them
+    /// (ContainerCreating); the others are Ready.
+    pub fn spk_fresh(dssm: apiserver::SecretMount, tmm: apiserver::SecretMount) -> Self {
+        let (dssm_ns, tmm_ns) = ("spk-utilities", "spk-ingress");
+        let sa = format!("system:serviceaccount:{dssm_ns}:dssm-certs");
+        let server = apiserver::ApiServer::start(&[dssm_ns, tmm_ns], &sa);
+        server.install_dssm_mounting(dssm_ns, tmm_ns, 3, dssm, tmm);
+        server.wait_until(
+            "the installed pods Ready or waiting for their Secrets",
+            std::time::Duration::from_secs(30),
+            |s| {
+                let pods = s.list(apiserver::resource("", "pods"), None);
+                pods.len() == 9
+                    && pods.iter().all(|p| {
+                        apiserver::controllers::pod_ready(p)
+                            || p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                                == "ContainerCreating"
+                    })
+            },
+        );
+        let rbac = apiserver::rbac_from_manifests(&apiserver::render_overlay("spk"));
+        server.with_state(|s| s.rbac = Some(rbac));
+        Self::on(server, dssm_ns, tmm_ns, apiserver::SA_TOKEN)
+    }
+
     /// The environment of a started `server`: kubeconfigs for `token` (and the agent's own
     /// account when `token` is the writer's).
     fn on(server: apiserver::ApiServer, dssm_ns: &str, tmm_ns: &str, token: &str) -> Self {
