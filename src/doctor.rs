@@ -123,6 +123,25 @@ pub fn sub_path_mounts(w: &Workload) -> Vec<Finding> {
         .collect()
 }
 
+/// A dSSM workload whose Redis container cannot be told from its sidecars: the rolling restart
+/// would not know where its Redis listens (the same rule `rolling::redis_container` applies).
+pub fn redis_container(w: &Workload) -> Option<Finding> {
+    if w.role != Role::Dssm {
+        return None;
+    }
+    let spec = w.template.spec.clone().unwrap_or_default();
+    let why = crate::rolling::redis_container(&spec).err()?;
+    Some(Finding {
+        check: "redis-container",
+        status: Status::Critical,
+        object: w.id(),
+        message: format!(
+            "{why}: the rolling restart cannot tell where its Redis listens (name the port \
+             redis or sentinel, or pass --redis-endpoint POD=HOST:PORT for each pod)"
+        ),
+    })
+}
+
 /// Workloads that mount the Secrets but are neither TMM targets nor dSSM: after a rotation they
 /// keep the old materials and, after a CA rotation, lose dSSM.
 pub fn untargeted_mounts(w: &Workload) -> Option<Finding> {
