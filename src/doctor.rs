@@ -371,7 +371,7 @@ const NEEDED: &[Need] = &[
         Named::Any,
     ),
     (
-        Scope::Dssm,
+        Scope::Copies,
         &["create"],
         "",
         "pods",
@@ -576,7 +576,7 @@ mod tests {
             "spk-utilities",
             &[TmmTarget::deployment("spk-ingress", "f5-tmm")],
         );
-        assert_eq!(spk.len(), 27);
+        assert_eq!(spk.len(), 28);
         let cnf = required_access(
             "cnf-gateway",
             &[TmmTarget::deployment("cnf-gateway", "f5-tmm")],
@@ -589,6 +589,7 @@ mod tests {
         let shown: Vec<String> = spk.iter().map(ToString::to_string).collect();
         for expected in [
             "create pods/eviction in spk-utilities",
+            "create pods/eviction in spk-ingress",
             "patch deployments/scale.apps f5-tmm in spk-ingress",
             "update secrets dssm-ca-key-secret in spk-utilities",
             "get leases.coordination.k8s.io dssm-certs in spk-utilities",
