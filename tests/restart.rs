@@ -1092,3 +1092,123 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
         steps.len() + 1
     );
 }
+
+/// TMM's Deployment with `replicas` and `strategy`, its pods all Ready again before returning.
+/// The template is untouched: nothing rolls.
+fn tmm_layout(env: &TestEnv, replicas: i64, strategy: Value) {
+    let mut d = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    d["spec"]["replicas"] = json!(replicas);
+    d["spec"]["strategy"] = strategy;
+    env.server.put("apps", "deployments", &env.tmm_ns, d);
+    let ns = env.tmm_ns.clone();
+    env.server
+        .wait_until("TMM at its new count", Duration::from_secs(30), |s| {
+            let pods = s.list(resource("", "pods"), Some(&ns));
+            let live: Vec<_> = pods
+                .iter()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .collect();
+            live.len() == replicas as usize
+                && live.iter().all(|p| {
+                    p["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+                })
+        });
+}
+
+/// A TMM whose own rollout would take every pod down at once is replaced by the tool one pod
+/// at a time: at every sample at least replicas − 1 TMM pods are Ready, every pod is new.
+fn a_tmm_that_cannot_surge_keeps_a_ready_pod(strategy: Value, what: &str) {
+    let env = dssm_pods::published();
+    tmm_layout(&env, 3, strategy);
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    let out = &r.out;
+    assert_eq!(r.code, 0, "{what}: {out}");
+    assert!(out.contains("replaced one at a time"), "{what}: {out}");
+    assert_eq!(
+        out.matches("  evicted pod spk-ingress/").count(),
+        3,
+        "{what}: {out}"
+    );
+    assert!(
+        out.contains("rolled out: its 3 pods are newer than"),
+        "{what}: {out}"
+    );
+    assert!(r.bed.fewest_ready_tmm >= 2, "{what}: {:?}", r.bed);
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{what}: {:?}",
+        r.bed
+    );
+    r.figures.assert_unnoticed(what);
+}
+
+#[test]
+fn a_recreate_tmm_is_replaced_one_pod_at_a_time_with_a_ready_pod_throughout() {
+    a_tmm_that_cannot_surge_keeps_a_ready_pod(json!({"type": "Recreate"}), "Recreate TMM");
+}
+
+#[test]
+fn a_tmm_with_max_unavailable_100_percent_is_replaced_one_pod_at_a_time() {
+    a_tmm_that_cannot_surge_keeps_a_ready_pod(
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}}),
+        "maxUnavailable 100% TMM",
+    );
+}
+
+/// One TMM pod that cannot surge: replacing it leaves no TMM pod Ready. The rotation says so
+/// before writing anything, and goes ahead only with --allow-tmm-gap.
+#[test]
+fn one_tmm_pod_without_surge_is_refused_before_any_write_and_allowed_with_the_flag() {
+    let env = dssm_pods::published();
+    tmm_layout(
+        &env,
+        1,
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0}}),
+    );
+    let secrets = |env: &TestEnv| {
+        ["spk-utilities", "spk-ingress"].map(|ns| {
+            env.server
+                .get("", "secrets", ns, "dssm-certs-secret")
+                .unwrap()["metadata"]["resourceVersion"]
+                .clone()
+        })
+    };
+    let before = secrets(&env);
+    let mut cmd = bin();
+    cmd.env_remove("DSSM_CERTS_STRATEGY")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .args(dssm_pods::rotate_args(false, None))
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args());
+    let (code, out, err) = output(&mut cmd);
+    assert_eq!(code, 6, "{out}{err}");
+    for says in [
+        "deployment spk-ingress/f5-tmm",
+        "one replica",
+        "--allow-tmm-gap",
+    ] {
+        assert!(err.contains(says), "{says}: {out}{err}");
+    }
+    assert_eq!(secrets(&env), before, "nothing written");
+    let mut args = dssm_pods::rotate_args(false, None);
+    args.push("--allow-tmm-gap");
+    let r = dssm_pods::rotate_under_load(env, &args);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(r.out.contains("replaced one at a time"), "{}", r.out);
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&1),
+        "{:?}",
+        r.bed
+    );
+    assert_eq!(r.figures.failed_after_retry, 0, "{:?}", r.figures);
+    assert_eq!(r.figures.lost, 0, "{:?}", r.figures);
+}
