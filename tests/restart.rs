@@ -1212,3 +1212,79 @@ fn one_tmm_pod_without_surge_is_refused_before_any_write_and_allowed_with_the_fl
     assert_eq!(r.figures.failed_after_retry, 0, "{:?}", r.figures);
     assert_eq!(r.figures.lost, 0, "{:?}", r.figures);
 }
+
+/// Runs the binary against the bed and kills it (-9) at the first output line containing
+/// `marker`; returns the exit code and what it printed.
+fn run_on_bed_killed_at(
+    env: &TestEnv,
+    bed: &dssm_pods::Bed,
+    args: &[&str],
+    marker: Option<&str>,
+) -> (Option<i32>, String) {
+    use std::io::BufRead;
+    let mut cmd = dssm_pods::command(env, bed, args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if marker.is_some_and(|m| line.contains(m)) {
+            child.kill().unwrap();
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), printed + &err)
+}
+
+/// A run killed right after it started TMM's rollout leaves the roll recorded on the
+/// Deployment; the next run waits for that roll instead of starting another: every TMM pod is
+/// replaced exactly once (one generation of new pods, not two).
+#[test]
+fn a_run_killed_mid_roll_is_resumed_without_restarting_tmm_twice() {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let rotate = dssm_pods::rotate_args(false, None);
+    let (code, out) =
+        run_on_bed_killed_at(&env, &bed, &rotate, Some("rolling restart of deployment"));
+    assert_eq!(code, None, "killed by the signal: {out}");
+    let record = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap()["metadata"]["annotations"]["dssm-certs.f5.com/tmm-roll"]
+        .clone();
+    assert!(record.is_string(), "the roll is recorded: {record}");
+    let start = std::time::Instant::now();
+    let out = loop {
+        let (code, out) = run_on_bed_killed_at(&env, &bed, &["reconcile"], None);
+        if code != Some(5) {
+            assert_eq!(code, Some(0), "{out}");
+            break out;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{out}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(out.contains("resuming the roll recorded at"), "{out}");
+    assert!(!out.contains("rolling restart of deployment"), "{out}");
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "one generation of TMM pods: {b:?}"
+    );
+    let d = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    assert!(
+        d["metadata"]["annotations"]["dssm-certs.f5.com/tmm-roll"].is_null(),
+        "the record goes once the roll is done: {}",
+        d["metadata"]["annotations"]
+    );
+    f.assert_unnoticed("a run killed mid-roll, resumed");
+}
