@@ -1288,3 +1288,23 @@ fn a_run_killed_mid_roll_is_resumed_without_restarting_tmm_twice() {
     );
     f.assert_unnoticed("a run killed mid-roll, resumed");
 }
+
+/// dSSM pods listed as `2/2 Running` (the SPK procedure): a sidecar with a port of its own, and
+/// a subPath mount of its own, listed before Redis. The default `rotate` takes Redis for what it
+/// is: it succeeds, and the DBs reload in place (their Redis container mounts directories; the
+/// sidecar's subPath does not make them restart).
+#[test]
+fn dssm_pods_with_a_sidecar_listed_first_rotate_with_the_defaults() {
+    let env = dssm_pods::published();
+    support::objects::dssm_sidecar_first(&env.server, &env.dssm_ns);
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    assert_eq!(r.code, 0, "{}", r.out);
+    for db in ["f5-dssm-db-0", "f5-dssm-db-1", "f5-dssm-db-2"] {
+        assert!(
+            r.out.contains(&format!("plan: {db}: reload TLS files in place")),
+            "{db}: {}",
+            r.out
+        );
+    }
+    r.figures.assert_unnoticed("dSSM pods with a sidecar listed first");
+}
