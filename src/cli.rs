@@ -122,6 +122,11 @@ pub struct RestartFlags {
     /// instead of its pod IP and container port (a port-forward, a test).
     #[arg(long = "redis-endpoint", value_name = "POD=HOST:PORT", value_parser = crate::rolling::parse_redis_endpoint, env = "DSSM_CERTS_REDIS_ENDPOINT", value_delimiter = ',')]
     pub redis_endpoints: Vec<(String, String)>,
+    /// Allow restarting a TMM workload whose only pod cannot surge (one replica with
+    /// `Recreate` or `maxSurge: 0`, a DaemonSet on one node): traffic through it stops until
+    /// the replacement is Ready. Refused before anything is written without it.
+    #[arg(long, env = "DSSM_CERTS_ALLOW_TMM_GAP")]
+    pub allow_tmm_gap: bool,
     /// The name Sentinel monitors the dSSM primary under.
     #[arg(long, default_value = crate::redis::DEFAULT_MASTER_NAME, env = "DSSM_CERTS_REDIS_MASTER_NAME")]
     pub redis_master_name: String,
@@ -140,6 +145,7 @@ impl RestartFlags {
                 endpoints: self.redis_endpoints.iter().cloned().collect(),
                 master: self.redis_master_name.clone(),
             },
+            allow_tmm_gap: self.allow_tmm_gap,
         }
     }
 }

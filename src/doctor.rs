@@ -123,6 +123,25 @@ pub fn sub_path_mounts(w: &Workload) -> Vec<Finding> {
         .collect()
 }
 
+/// A dSSM workload whose Redis container cannot be told from its sidecars: the rolling restart
+/// would not know where its Redis listens (the same rule `rolling::redis_container` applies).
+pub fn redis_container(w: &Workload) -> Option<Finding> {
+    if w.role != Role::Dssm {
+        return None;
+    }
+    let spec = w.template.spec.clone().unwrap_or_default();
+    let why = crate::rolling::redis_container(&spec).err()?;
+    Some(Finding {
+        check: "redis-container",
+        status: Status::Critical,
+        object: w.id(),
+        message: format!(
+            "{why}: the rolling restart cannot tell where its Redis listens (name the port \
+             redis or sentinel, or pass --redis-endpoint POD=HOST:PORT for each pod)"
+        ),
+    })
+}
+
 /// Workloads that mount the Secrets but are neither TMM targets nor dSSM: after a rotation they
 /// keep the old materials and, after a CA rotation, lose dSSM.
 pub fn untargeted_mounts(w: &Workload) -> Option<Finding> {
@@ -352,7 +371,7 @@ const NEEDED: &[Need] = &[
         Named::Any,
     ),
     (
-        Scope::Dssm,
+        Scope::Copies,
         &["create"],
         "",
         "pods",
@@ -557,7 +576,7 @@ mod tests {
             "spk-utilities",
             &[TmmTarget::deployment("spk-ingress", "f5-tmm")],
         );
-        assert_eq!(spk.len(), 27);
+        assert_eq!(spk.len(), 28);
         let cnf = required_access(
             "cnf-gateway",
             &[TmmTarget::deployment("cnf-gateway", "f5-tmm")],
@@ -570,6 +589,7 @@ mod tests {
         let shown: Vec<String> = spk.iter().map(ToString::to_string).collect();
         for expected in [
             "create pods/eviction in spk-utilities",
+            "create pods/eviction in spk-ingress",
             "patch deployments/scale.apps f5-tmm in spk-ingress",
             "update secrets dssm-ca-key-secret in spk-utilities",
             "get leases.coordination.k8s.io dssm-certs in spk-utilities",

@@ -74,6 +74,10 @@ pub mod annotations {
     /// On a TMM target once its part of the current restart is done, valued with the
     /// `restart-needed` revision it answered: a resumed restart skips it.
     pub const TMM_RESTARTED: &str = "dssm-certs.f5.com/tmm-restarted";
+    /// On a TMM target while the tool rolls it: `TOKEN@TIME`, the restart's token and when the
+    /// roll began. A resumed run finds it and waits for that roll (its pods are the ones newer
+    /// than TIME) instead of starting another.
+    pub const TMM_ROLL: &str = "dssm-certs.f5.com/tmm-roll";
     /// A DaemonSet cannot be scaled. It is stopped as operators do it: a pod-template
     /// nodeSelector that no node carries, so the DaemonSet controller deletes every daemon pod
     /// and schedules none. Only this key is added, and restoring removes only it: the

@@ -389,6 +389,13 @@ async fn preflight(cluster: &Cluster, opts: &Options) -> Result<(), ReconcileErr
         })?;
     if r.strategy == crate::restart::Strategy::Rolling {
         cluster
+            .check_tmm_gaps(r.allow_tmm_gap)
+            .await
+            .map_err(|e| match e {
+                crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
+                other => other.into(),
+            })?;
+        cluster
             .check_dssm_rollout(&r.redis)
             .await
             .map_err(|e| ReconcileError::Preflight(e.to_string()))?;

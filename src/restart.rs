@@ -15,7 +15,8 @@ use crate::cluster::{Cluster, ClusterError};
 use crate::materials::annotations;
 use crate::materials::annotations::STOP_NODE_SELECTOR;
 use crate::restart_state::{next, Mode, Observed, RestartState, Step};
-use crate::targets::{Kind, TmmTarget, Workload};
+use crate::targets::{Kind, RollPlan, TmmTarget, Workload};
+use k8s_openapi::jiff::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Order {
@@ -50,6 +51,9 @@ pub struct Options {
     pub probe_server_name: Option<String>,
     /// Where the rolling restart reaches each dSSM pod's Redis.
     pub redis: crate::rolling::RedisAccess,
+    /// Restart a TMM target whose only pod cannot surge (no Ready pod until its replacement
+    /// is): refused before anything is written otherwise.
+    pub allow_tmm_gap: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +135,46 @@ pub fn dssm_not_ready(pods: &[Pod], namespace: &str, selector: &str) -> Option<S
         .map(|p| format!("pod {namespace}/{}", p.name_any()))
         .collect();
     (!not_ready.is_empty()).then(|| format!("{} not Ready", not_ready.join(", ")))
+}
+
+/// When a pod was created (None when the API left it out).
+fn created(p: &Pod) -> Option<Timestamp> {
+    p.metadata.creation_timestamp.as_ref().map(|t| t.0)
+}
+
+/// The roll of `token` recorded on a TMM workload (`annotations::TMM_ROLL`): when it began.
+pub fn recorded_roll(w: &Workload, token: &str) -> Option<Timestamp> {
+    let v = w.annotations().get(annotations::TMM_ROLL)?.clone();
+    let (tok, at) = v.rsplit_once('@')?;
+    (tok == token).then(|| at.parse().ok()).flatten()
+}
+
+/// Why the pods do not prove a roll that began at `since`, if they do not: every live pod is
+/// newer, Ready and of one template (`pod-template-hash` or `controller-revision-hash`), and
+/// there are at least `want`. Replica counts alone cannot tell an old pod from a new one.
+pub fn roll_unproven(pods: &[Pod], since: Timestamp, want: i32) -> Option<String> {
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| !terminating(p) && !ended(p))
+        .collect();
+    if let Some(p) = live.iter().find(|p| created(p).is_none_or(|c| c < since)) {
+        return Some(format!("pod {} is older than the roll", p.name_any()));
+    }
+    if let Some(p) = live.iter().find(|p| !pod_ready(p)) {
+        return Some(format!("pod {} is not Ready", p.name_any()));
+    }
+    let hash = |p: &Pod| {
+        let l = p.labels();
+        l.get("pod-template-hash")
+            .or_else(|| l.get("controller-revision-hash"))
+            .cloned()
+    };
+    let hashes: std::collections::BTreeSet<Option<String>> = live.iter().map(|p| hash(p)).collect();
+    if hashes.len() > 1 {
+        return Some(format!("its pods run {} templates", hashes.len()));
+    }
+    (live.len() < usize::try_from(want).unwrap_or(0))
+        .then(|| format!("{} of {want} pods", live.len()))
 }
 
 /// Lists pods matching `selector`, then watches them until `done` holds for the current set;
@@ -480,25 +524,152 @@ impl Cluster {
         }
     }
 
-    /// One target's rolling restart: `kubectl rollout restart`, then its rollout waited for.
+    /// One target's restart without leaving it no Ready pod, proven by its pods: where its
+    /// controller can roll it (`RollPlan::Controller`), `kubectl rollout restart` and the
+    /// rollout waited for; where it cannot surge, the tool replaces the pods one at a time.
+    /// The roll is recorded on the workload with `token` first: a resumed run with the same
+    /// token waits for that roll instead of starting another.
     pub async fn roll_target(
         &self,
         t: &TmmTarget,
+        token: &str,
         timeout: Duration,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let replicas = self.require_workload(t).await?.replicas();
-        let generation = self.rollout_restart_target(t).await?;
-        let _ = writeln!(out, "rolling restart of {t} ({replicas} pods)");
-        let rolled = self.watch_target(t, move |w| w.rolled_out(generation, replicas));
-        if tokio::time::timeout(timeout, rolled).await.is_err() {
-            return Err(RestartError::Timeout {
-                what: format!("the rollout of {t}"),
-                secs: timeout.as_secs(),
-            });
+        let w = self.require_workload(t).await?;
+        let replicas = w.replicas();
+        let recorded = recorded_roll(&w, token);
+        let since = recorded.unwrap_or_else(|| {
+            Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid time")
+        });
+        let record = format!("{token}@{since}");
+        if recorded.is_some() {
+            let _ = writeln!(
+                out,
+                "{t}: resuming the roll recorded at {since}, not starting another"
+            );
         }
-        let _ = writeln!(out, "{t} rolled out");
+        match w.roll_plan() {
+            RollPlan::Controller => {
+                if recorded.is_none() {
+                    self.rollout_restart_target(t, &since.to_string(), &record)
+                        .await?;
+                    let _ = writeln!(out, "rolling restart of {t} ({replicas} pods)");
+                }
+                let done = self.watch_target(t, move |w| w.rollout_incomplete(t).is_none());
+                if tokio::time::timeout(timeout, done).await.is_err() {
+                    return Err(RestartError::Timeout {
+                        what: format!("the rollout of {t}"),
+                        secs: timeout.as_secs(),
+                    });
+                }
+            }
+            RollPlan::OneByOne { why } | RollPlan::Gap { why } => {
+                if recorded.is_none() {
+                    self.annotate_target(t, &[(annotations::TMM_ROLL, Some(&record))])
+                        .await?;
+                }
+                let _ = writeln!(
+                    out,
+                    "{t}: {why}; its {replicas} pods are replaced one at a time, each \
+                     replacement Ready before the next leaves"
+                );
+                self.replace_one_by_one(t, &w, since, timeout, out).await?;
+            }
+        }
+        self.prove_rolled(t, &w, since, timeout, out).await
+    }
+
+    /// Waits until every live pod of `t` is newer than `since`, Ready, of one template, and
+    /// there are as many as it asks for: the roll happened, whatever the replica counts say.
+    async fn prove_rolled(
+        &self,
+        t: &TmmTarget,
+        w: &Workload,
+        since: Timestamp,
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let want = self.require_workload(t).await?.replicas().max(w.replicas());
+        let api = self.pods_in(&t.namespace);
+        let sel = selector_query(w.selector());
+        let what = format!("every pod of {t} to be newer than {since}, Ready and of one template");
+        wait_pods(&api, &sel, &what, timeout, |now| {
+            let pods: Vec<Pod> = now.values().cloned().collect();
+            roll_unproven(&pods, since, want).is_none()
+        })
+        .await?;
+        let _ = writeln!(
+            out,
+            "{t} rolled out: its {want} pods are newer than {since} and Ready"
+        );
         Ok(())
+    }
+
+    /// Evicts the pods of `t` older than `since` one at a time (PDBs respected), each only once
+    /// every pod is Ready and the one before is replaced: at least replicas − 1 stay Ready.
+    async fn replace_one_by_one(
+        &self,
+        t: &TmmTarget,
+        w: &Workload,
+        since: Timestamp,
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let api = self.pods_in(&t.namespace);
+        let sel = selector_query(w.selector());
+        let want = usize::try_from(w.replicas().max(1)).unwrap_or(1);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let ready_live = |now: &BTreeMap<String, Pod>| {
+            now.values()
+                .filter(|p| !terminating(p) && !ended(p) && pod_ready(p))
+                .count()
+        };
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let what = format!("every pod of {t} Ready before the next is replaced");
+            let now = wait_pods(&api, &sel, &what, left, |now| ready_live(now) >= want).await?;
+            let Some(old) = now
+                .values()
+                .find(|p| !terminating(p) && !ended(p) && created(p) < Some(since))
+            else {
+                return Ok(());
+            };
+            let (name, uid) = (old.name_any(), old.uid().unwrap_or_default());
+            api.evict(&name, deadline).await?;
+            let _ = writeln!(out, "  evicted pod {}/{name}", t.namespace);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let what = format!("pod {}/{name} to be replaced by a Ready pod", t.namespace);
+            wait_pods(&api, &sel, &what, left, |now| {
+                let gone = !now.values().any(|p| {
+                    p.uid().as_deref() == Some(uid.as_str()) && !terminating(p) && !ended(p)
+                });
+                gone && ready_live(now) >= want
+            })
+            .await?;
+        }
+    }
+
+    /// Refuses, before anything is written, a rolling restart that would leave a TMM target
+    /// with no Ready pod (one pod that cannot surge), unless the operator allows the gap.
+    pub async fn check_tmm_gaps(&self, allow: bool) -> Result<(), RestartError> {
+        let mut gaps = Vec::new();
+        for t in &self.targets {
+            if let RollPlan::Gap { why } = self.require_workload(t).await?.roll_plan() {
+                gaps.push(format!("{t}: {why}"));
+            }
+        }
+        if gaps.is_empty() || allow {
+            return Ok(());
+        }
+        let why = format!(
+            "{}: replacing its pod leaves no TMM pod Ready until the new one is (pass \
+             --allow-tmm-gap to accept that gap, or give it a second replica or maxSurge)",
+            gaps.join("; ")
+        );
+        self.event_on_targets(true, "RestartRefused", &format!("pre-flight: {why}"))
+            .await;
+        Err(RestartError::Preflight(why))
     }
 
     async fn restart_dssm(
@@ -640,6 +811,9 @@ impl Cluster {
         match step {
             Step::Preflight => {
                 self.preflight(opts.force, timeout).await?;
+                if opts.strategy == Strategy::Rolling {
+                    self.check_tmm_gaps(opts.allow_tmm_gap).await?;
+                }
                 run.seen.preflight = true;
             }
             Step::RefuseRolling { target } => {
@@ -667,9 +841,12 @@ impl Cluster {
             }
             Step::RollTarget { target, token, .. } => {
                 let t = &self.targets[target];
-                self.roll_target(t, timeout, out).await?;
-                self.annotate_target(t, &[(annotations::TMM_RESTARTED, Some(&token))])
-                    .await?;
+                self.roll_target(t, &token, timeout, out).await?;
+                let done = [
+                    (annotations::TMM_RESTARTED, Some(token.as_str())),
+                    (annotations::TMM_ROLL, None),
+                ];
+                self.annotate_target(t, &done).await?;
             }
             Step::Finish => self.finish_step(opts, run, out).await?,
             Step::Done
@@ -841,6 +1018,7 @@ impl Cluster {
             (annotations::RESTART_NEEDED, None),
             (annotations::CA_CHANGED, None),
             (annotations::TMM_RESTARTED, None),
+            (annotations::TMM_ROLL, None),
         ])
         .await?;
         self.event_on_targets(false, "Restarted", note).await;
@@ -925,6 +1103,8 @@ struct Run {
 #[cfg(test)]
 mod tests {
     use super::parse_selector;
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::jiff::Timestamp;
 
     #[test]
     fn selectors_are_validated_like_the_api_server_and_the_empty_one_is_refused() {
@@ -958,5 +1138,67 @@ mod tests {
         ] {
             assert!(parse_selector(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    fn tmm_pod(name: &str, created: &str, hash: &str, ready: bool, gone: bool) -> Pod {
+        let mut v = serde_json::json!({
+            "metadata": {"name": name, "creationTimestamp": created,
+                         "labels": {"app": "f5-tmm", "pod-template-hash": hash}},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+        });
+        if gone {
+            v["metadata"]["deletionTimestamp"] = serde_json::json!(created);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// Counting replicas cannot tell an old pod from a new one: the pods themselves prove a
+    /// roll (newer than its start, Ready, one template, as many as asked for).
+    #[test]
+    fn a_roll_is_proven_by_pods_newer_than_it_of_one_template_not_by_counts() {
+        use super::roll_unproven;
+        let since: Timestamp = "2026-12-07T04:00:00Z".parse().unwrap();
+        let (before, after) = ("2026-12-07T03:59:59Z", "2026-12-07T04:00:00Z");
+        let new = |n: &str| tmm_pod(n, after, "b", true, false);
+        assert_eq!(roll_unproven(&[new("a"), new("b")], since, 2), None);
+        // A terminating old pod does not count against it; a live one does.
+        let old_leaving = tmm_pod("o", before, "a", true, true);
+        assert_eq!(
+            roll_unproven(&[new("a"), new("b"), old_leaving], since, 2),
+            None
+        );
+        let old = tmm_pod("o", before, "b", true, false);
+        let why = roll_unproven(&[new("a"), old], since, 2).unwrap();
+        assert!(why.contains("pod o is older"), "{why}");
+        let why = roll_unproven(
+            &[new("a"), tmm_pod("c", after, "b", false, false)],
+            since,
+            2,
+        );
+        assert!(why.unwrap().contains("pod c is not Ready"));
+        let why = roll_unproven(&[new("a"), tmm_pod("c", after, "z", true, false)], since, 2);
+        assert!(why.unwrap().contains("2 templates"));
+        let why = roll_unproven(&[new("a")], since, 2);
+        assert!(why.unwrap().contains("1 of 2 pods"));
+    }
+
+    #[test]
+    fn a_recorded_roll_is_found_by_its_token_only() {
+        use super::recorded_roll;
+        use crate::targets::Workload;
+        let with = |v: &str| {
+            let d = serde_json::json!({"metadata": {"name": "f5-tmm",
+                "annotations": {crate::materials::annotations::TMM_ROLL: v}},
+                "spec": {"selector": {}, "template": {}}});
+            Workload::Deployment(Box::new(serde_json::from_value(d).unwrap()))
+        };
+        let at: Timestamp = "2026-12-07T04:00:00Z".parse().unwrap();
+        assert_eq!(
+            recorded_roll(&with("7@2026-12-07T04:00:00Z"), "7"),
+            Some(at)
+        );
+        assert_eq!(recorded_roll(&with("6@2026-12-07T04:00:00Z"), "7"), None);
+        assert_eq!(recorded_roll(&with("7@yesterday"), "7"), None);
     }
 }

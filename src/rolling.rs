@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::cluster::ResourceExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
 
 use crate::cluster::pods::PodsIn;
 use crate::cluster::Cluster;
@@ -37,38 +37,64 @@ pub fn parse_redis_endpoint(s: &str) -> Result<(String, String), String> {
     if host.is_empty() {
         return Err(format!("{s:?}: the host is missing"));
     }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "{s:?}: an IPv6 address needs brackets, e.g. {pod}=[fd00::2]:6379"
+        ));
+    }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok((pod.to_string(), endpoint.trim().to_string())),
         _ => Err(format!("{s:?}: {port:?} is not a port (1-65535)")),
     }
 }
 
-/// A sentinel by its `app` label (or, without one, its name); every other dSSM pod is a DB.
+/// A sentinel by its `app` label (or, without one, by its Redis container's port: named
+/// `sentinel` or 26379; or by its name); every other dSSM pod is a DB.
 pub fn pod_kind(p: &Pod) -> PodKind {
-    let app = p
-        .labels()
-        .get("app")
-        .cloned()
-        .unwrap_or_else(|| p.name_any());
-    if app.contains("sentinel") {
+    let sentinel = match p.labels().get("app") {
+        Some(app) => app.contains("sentinel"),
+        None => {
+            let port = p.spec.as_ref().and_then(|s| {
+                let c = redis_container(s).ok()?;
+                c.ports
+                    .iter()
+                    .flatten()
+                    .find(|port| port_role(port).is_some())
+            });
+            match port.and_then(port_role) {
+                Some(kind) => kind == PodKind::Sentinel,
+                None => p.name_any().contains("sentinel"),
+            }
+        }
+    };
+    if sentinel {
         PodKind::Sentinel
     } else {
         PodKind::Db
     }
 }
 
-/// Whether a container mounts one of the dSSM Secrets with `subPath`: kubelet never updates
-/// such a file, so only a restart brings the new materials.
-pub fn mounts_secrets_with_sub_path(p: &Pod) -> bool {
-    let Some(spec) = &p.spec else { return false };
-    let secret_volumes: Vec<&str> = spec
-        .volumes
+/// What a declared port says about the Redis behind it: named `redis`/`sentinel`, or Redis's
+/// and Sentinel's own numbers.
+fn port_role(port: &ContainerPort) -> Option<PodKind> {
+    match (port.name.as_deref(), port.container_port) {
+        (Some("sentinel"), _) => Some(PodKind::Sentinel),
+        (Some("redis"), _) => Some(PodKind::Db),
+        (_, p) if p == i32::from(contract::SENTINEL_PORT) => Some(PodKind::Sentinel),
+        (_, p) if p == i32::from(DB_PORT) => Some(PodKind::Db),
+        _ => None,
+    }
+}
+
+/// The volumes of `spec` that carry one of our two Secrets, directly or projected.
+fn secret_volumes(spec: &PodSpec) -> Vec<&str> {
+    let is_ours = |n: &str| n == contract::CERTS_SECRET || n == contract::KEYS_SECRET;
+    spec.volumes
         .iter()
         .flatten()
         .filter(|v| {
             let direct = v.secret.as_ref().and_then(|s| s.secret_name.as_deref());
             let projected = v.projected.as_ref().and_then(|pr| pr.sources.as_ref());
-            let is_ours = |n: &str| n == contract::CERTS_SECRET || n == contract::KEYS_SECRET;
             direct.is_some_and(is_ours)
                 || projected.into_iter().flatten().any(|src| {
                     src.secret
@@ -77,48 +103,115 @@ pub fn mounts_secrets_with_sub_path(p: &Pod) -> bool {
                 })
         })
         .map(|v| v.name.as_str())
-        .collect();
-    spec.containers.iter().any(|c| {
-        c.volume_mounts.iter().flatten().any(|m| {
-            secret_volumes.contains(&m.name.as_str())
-                && m.sub_path.as_deref().is_some_and(|s| !s.is_empty())
-        })
-    })
+        .collect()
 }
 
-/// Where the tool reaches a pod's Redis: the override, else its pod IP and the first container
-/// port (6379 for a DB, 26379 for a sentinel when none is declared).
+fn mounts_secrets(c: &Container, volumes: &[&str]) -> bool {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| volumes.contains(&m.name.as_str()))
+}
+
+/// The Redis (or Sentinel) container of a dSSM pod, found by what it is, never by its place:
+/// a port named `redis`/`sentinel`, else a port 6379/26379, else the one container that mounts
+/// our Secrets, else the pod's only container. A sidecar listed first is passed over.
+pub fn redis_container(spec: &PodSpec) -> Result<&Container, String> {
+    let cs = &spec.containers;
+    let named = |c: &&Container| {
+        c.ports
+            .iter()
+            .flatten()
+            .any(|p| matches!(p.name.as_deref(), Some("redis" | "sentinel")))
+    };
+    let numbered = |c: &&Container| c.ports.iter().flatten().any(|p| port_role(p).is_some());
+    let volumes = secret_volumes(spec);
+    let mounting: Vec<&Container> = cs.iter().filter(|c| mounts_secrets(c, &volumes)).collect();
+    cs.iter()
+        .find(named)
+        .or_else(|| cs.iter().find(numbered))
+        .or_else(|| (mounting.len() == 1).then(|| mounting[0]))
+        .or_else(|| (cs.len() == 1).then(|| &cs[0]))
+        .ok_or_else(|| {
+            let names: Vec<&str> = cs.iter().map(|c| c.name.as_str()).collect();
+            format!(
+                "none of its containers ({}) is recognisably Redis: none declares a port named \
+                 redis or sentinel, or port {DB_PORT} or {}, and not exactly one mounts {} or {}",
+                names.join(", "),
+                contract::SENTINEL_PORT,
+                contract::CERTS_SECRET,
+                contract::KEYS_SECRET
+            )
+        })
+}
+
+/// The port Redis listens on in its container: the port named `redis`/`sentinel`, else
+/// 6379/26379, else the container's only port, else the default for its kind.
+pub fn redis_port(c: &Container, kind: PodKind) -> u16 {
+    let ports: Vec<&ContainerPort> = c.ports.iter().flatten().collect();
+    let named = ports
+        .iter()
+        .find(|p| matches!(p.name.as_deref(), Some("redis" | "sentinel")));
+    let known = ports.iter().find(|p| port_role(p).is_some());
+    let only = (ports.len() == 1).then(|| &ports[0]);
+    named
+        .or(known)
+        .or(only)
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(match kind {
+            PodKind::Db => DB_PORT,
+            PodKind::Sentinel => contract::SENTINEL_PORT,
+        })
+}
+
+/// Whether the Redis container mounts one of the dSSM Secrets with `subPath`: kubelet never
+/// updates such a file, so only a restart brings the new materials. (A sidecar's mounts do not
+/// decide how Redis reloads; a pod whose Redis container is unknown counts every container.)
+pub fn mounts_secrets_with_sub_path(p: &Pod) -> bool {
+    let Some(spec) = &p.spec else { return false };
+    let volumes = secret_volumes(spec);
+    let sub_path = |c: &Container| {
+        c.volume_mounts.iter().flatten().any(|m| {
+            volumes.contains(&m.name.as_str())
+                && m.sub_path.as_deref().is_some_and(|s| !s.is_empty())
+        })
+    };
+    match redis_container(spec) {
+        Ok(c) => sub_path(c),
+        Err(_) => spec.containers.iter().any(sub_path),
+    }
+}
+
+/// `host:port` as a socket address is written: an IPv6 host in brackets.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Where the tool reaches a pod's Redis: the override, else its pod IP and the port of its
+/// Redis container (`redis_container`, `redis_port`).
 pub fn pod_endpoint(p: &Pod, overrides: &BTreeMap<String, String>) -> Result<String, String> {
     let name = p.name_any();
     if let Some(e) = overrides.get(&name) {
         return Ok(e.clone());
     }
+    let at = format!("pod {}/{name}", p.namespace().unwrap_or_default());
+    let hint = format!("pass --redis-endpoint {name}=HOST:PORT to reach it another way");
     let ip = p
         .status
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
-        .ok_or_else(|| {
-            format!(
-                "pod {}/{name} has no pod IP yet; pass --redis-endpoint {name}=HOST:PORT to reach it another way",
-                p.namespace().unwrap_or_default()
-            )
-        })?;
-    let port = p
-        .spec
-        .as_ref()
-        .and_then(|s| s.containers.first())
-        .and_then(|c| c.ports.as_ref())
-        .and_then(|ports| ports.first())
-        .map(|port| port.container_port as u16)
-        .unwrap_or(match pod_kind(p) {
-            PodKind::Db => DB_PORT,
-            PodKind::Sentinel => contract::SENTINEL_PORT,
-        });
-    Ok(if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    })
+        .filter(|ip| !ip.is_empty())
+        .ok_or_else(|| format!("{at} has no pod IP yet; {hint}"))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|e| format!("{at}: pod IP {ip:?} is not an address ({e}); {hint}"))?;
+    let spec = p.spec.clone().unwrap_or_default();
+    let c = redis_container(&spec).map_err(|e| format!("{at}: {e}; {hint}"))?;
+    Ok(join_host_port(&ip.to_string(), redis_port(c, pod_kind(p))))
 }
 
 /// How the tool talks to dSSM during a rolling restart.
@@ -419,6 +512,7 @@ mod tests {
             ("a=:6379", "host is missing"),
             ("a=h:0", "is not a port"),
             ("a=h:65536", "is not a port"),
+            ("a=fd00::2:6379", "needs brackets"),
         ] {
             let e = parse_redis_endpoint(bad).unwrap_err();
             assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
@@ -470,5 +564,86 @@ mod tests {
             e.contains("u/f5-dssm-db-2") && e.contains("--redis-endpoint f5-dssm-db-2="),
             "{e}"
         );
+    }
+
+    /// The SPK procedure lists each dSSM pod as 2/2 Running: Redis and a sidecar. A sidecar
+    /// that declares a port and is listed first was taken for Redis ("the first container's
+    /// first port"), and `rotate` was refused.
+    #[test]
+    fn a_sidecar_listed_first_is_not_taken_for_redis() {
+        let certs = json!([{"name": "certs", "secret": {"secretName": "dssm-certs-secret"}}]);
+        let mount = json!([{"name": "certs", "mountPath": "/etc/ssl/certs/dssm-cert.crt", "subPath": "dssm-cert.crt"}]);
+        let sidecar =
+            json!({"name": "metrics", "ports": [{"name": "metrics", "containerPort": 9121}]});
+        let with = |labels: serde_json::Value, redis: serde_json::Value, ip: &str| {
+            pod(json!({
+                "metadata": {"name": "f5-dssm-x-0", "namespace": "u", "labels": labels},
+                "spec": {"containers": [sidecar.clone(), redis], "volumes": certs.clone()},
+                "status": {"podIP": ip}
+            }))
+        };
+        let none = BTreeMap::new();
+        // By the port's name (the number is the operator's).
+        let p = with(
+            json!({"app": "f5-dssm-db"}),
+            json!({"name": "f5-dssm-store", "ports": [{"name": "redis", "containerPort": 6380}], "volumeMounts": mount.clone()}),
+            "10.1.0.4",
+        );
+        assert_eq!(pod_endpoint(&p, &none).unwrap(), "10.1.0.4:6380");
+        assert!(mounts_secrets_with_sub_path(&p));
+        // By Redis's own number, among other ports.
+        let p = with(
+            json!({"app": "f5-dssm-sentinel"}),
+            json!({"name": "s", "ports": [{"containerPort": 8080}, {"containerPort": 26379}]}),
+            "fd00::2",
+        );
+        assert_eq!(pod_endpoint(&p, &none).unwrap(), "[fd00::2]:26379");
+        // By the mount, when Redis declares no port: the default of its kind. Without the app
+        // label, a port named sentinel says what it is.
+        let p = with(
+            json!({"app": "f5-dssm-db"}),
+            json!({"name": "r", "volumeMounts": mount.clone()}),
+            "10.1.0.5",
+        );
+        assert_eq!(pod_endpoint(&p, &none).unwrap(), "10.1.0.5:6379");
+        let p = with(
+            json!({}),
+            json!({"name": "s", "ports": [{"name": "sentinel", "containerPort": 5000}]}),
+            "10.1.0.6",
+        );
+        assert_eq!(pod_kind(&p), PodKind::Sentinel);
+        // A sidecar's subPath mount does not make Redis's mounts subPath ones.
+        let p = pod(json!({
+            "metadata": {"name": "f5-dssm-db-0", "namespace": "u", "labels": {"app": "f5-dssm-db"}},
+            "spec": {"containers": [
+                {"name": "tls-proxy", "ports": [{"containerPort": 8443}], "volumeMounts": mount.clone()},
+                {"name": "redis", "ports": [{"containerPort": 6379}],
+                 "volumeMounts": [{"name": "certs", "mountPath": "/etc/ssl/certs"}]}],
+                "volumes": certs.clone()}
+        }));
+        assert!(!mounts_secrets_with_sub_path(&p));
+        // Nothing recognisable: refused, naming the pod, its containers and the way out.
+        let p = with(
+            json!({"app": "f5-dssm-db"}),
+            json!({"name": "other", "ports": [{"containerPort": 7000}]}),
+            "10.1.0.7",
+        );
+        let e = pod_endpoint(&p, &none).unwrap_err();
+        for says in [
+            "u/f5-dssm-x-0",
+            "metrics, other",
+            "--redis-endpoint f5-dssm-x-0=",
+        ] {
+            assert!(e.contains(says), "{says}: {e}");
+        }
+        // A pod IP that is not an address is named, never joined as it is.
+        let p = with(
+            json!({"app": "f5-dssm-db"}),
+            json!({"name": "redis", "ports": [{"name": "redis", "containerPort": 6379}]}),
+            "10.0.0.1:6379",
+        );
+        assert!(pod_endpoint(&p, &none)
+            .unwrap_err()
+            .contains("is not an address"));
     }
 }

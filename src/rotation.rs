@@ -410,9 +410,9 @@ async fn roll_one(
                 .await?;
             state.dssm.clone()
         }
-        Step::RollTarget { target, .. } => {
+        Step::RollTarget { target, token, .. } => {
             cluster
-                .roll_target(&cluster.targets[target], r.wait_timeout, out)
+                .roll_target(&cluster.targets[target], &token, r.wait_timeout, out)
                 .await?;
             state.targets[target].id.clone()
         }

@@ -9,6 +9,7 @@ use std::fmt;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::materials::annotations;
 
@@ -150,6 +151,98 @@ pub fn namespaces(targets: &[TmmTarget]) -> Vec<String> {
     out
 }
 
+/// How a TMM workload's pods are replaced by a restart without leaving none Ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RollPlan {
+    /// Its controller keeps pods Ready while it rolls: a pod-template annotation (`kubectl
+    /// rollout restart`) and its rollout waited for.
+    Controller,
+    /// Its controller would take every pod down at once, or never replace one by itself: the
+    /// tool evicts the pods one at a time, each replacement Ready before the next.
+    OneByOne { why: String },
+    /// Even one at a time leaves no Ready pod (one pod, no surge): refused unless the operator
+    /// allows the gap (`--allow-tmm-gap`).
+    Gap { why: String },
+}
+
+/// An int-or-percent of `total`, rounded as the controllers round it (a percentage of a
+/// Deployment's maxUnavailable rounds down, every other one up); `default` when unset.
+pub fn scaled(v: Option<&IntOrString>, total: i32, round_up: bool, default: i32) -> i32 {
+    match v {
+        None => default,
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(s)) => {
+            let pct: i64 = s.trim_end_matches('%').parse().unwrap_or(0);
+            let x = pct * i64::from(total);
+            let v = if round_up { (x + 99) / 100 } else { x / 100 };
+            v as i32
+        }
+    }
+}
+
+fn deployment_plan(d: &Deployment) -> RollPlan {
+    let want = d.spec.replicas.unwrap_or(1);
+    let strategy = d.spec.strategy.clone().unwrap_or_default();
+    let why = if strategy.type_.as_deref() == Some("Recreate") {
+        "strategy Recreate removes every old pod before it makes a new one".to_string()
+    } else {
+        // deployment/util ResolveFenceposts: surge rounds up, unavailable down, never both 0.
+        let ru = strategy.rolling_update.unwrap_or_default();
+        let pct = IntOrString::String("25%".into());
+        let surge = scaled(Some(ru.max_surge.as_ref().unwrap_or(&pct)), want, true, 0);
+        let mut unavailable = scaled(
+            Some(ru.max_unavailable.as_ref().unwrap_or(&pct)),
+            want,
+            false,
+            0,
+        );
+        if surge == 0 && unavailable == 0 {
+            unavailable = 1;
+        }
+        if want == 0 || unavailable < want {
+            return RollPlan::Controller;
+        }
+        format!(
+            "maxUnavailable resolves to {unavailable} of {want} pods (maxSurge {surge}): its \
+             rollout may take every pod down at once"
+        )
+    };
+    match want {
+        0 => RollPlan::Controller,
+        1 => RollPlan::Gap {
+            why: format!("{why}, and it has one replica"),
+        },
+        _ => RollPlan::OneByOne { why },
+    }
+}
+
+fn daemonset_plan(d: &DaemonSet) -> RollPlan {
+    let want = d.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
+    let strategy = d.spec.update_strategy.clone().unwrap_or_default();
+    let why = if strategy.type_.as_deref() == Some("OnDelete") {
+        "updateStrategy OnDelete never replaces a pod by itself".to_string()
+    } else {
+        // daemon/util SurgeCount and UnavailableCount: both round up.
+        let ru = strategy.rolling_update.unwrap_or_default();
+        let surge = scaled(ru.max_surge.as_ref(), want, true, 0);
+        let unavailable = scaled(ru.max_unavailable.as_ref(), want, true, 1);
+        if want == 0 || surge > 0 || unavailable < want {
+            return RollPlan::Controller;
+        }
+        format!(
+            "maxUnavailable resolves to {unavailable} of {want} nodes and maxSurge to 0: its \
+             rollout may take every pod down at once"
+        )
+    };
+    match want {
+        0 => RollPlan::Controller,
+        1 => RollPlan::Gap {
+            why: format!("{why}, and it runs on one node"),
+        },
+        _ => RollPlan::OneByOne { why },
+    }
+}
+
 /// A fetched TMM workload.
 #[derive(Debug, Clone)]
 pub enum Workload {
@@ -235,31 +328,11 @@ impl Workload {
         }
     }
 
-    /// Rolled out at or after `generation` with `replicas` pods updated and available (and, for
-    /// a Deployment, no old pod left).
-    pub fn rolled_out(&self, generation: i64, replicas: i32) -> bool {
+    /// How a restart replaces its pods without leaving none Ready (see `RollPlan`).
+    pub fn roll_plan(&self) -> RollPlan {
         match self {
-            Workload::Deployment(d) => {
-                let s = d.status.clone().unwrap_or_default();
-                s.observed_generation.unwrap_or(0) >= generation
-                    && s.updated_replicas.unwrap_or(0) >= replicas
-                    && s.available_replicas.unwrap_or(0) >= replicas
-                    && s.replicas.unwrap_or(0) == replicas
-            }
-            Workload::DaemonSet(d) => {
-                let s = d.status.clone().unwrap_or_default();
-                s.observed_generation.unwrap_or(0) >= generation
-                    && s.updated_number_scheduled.unwrap_or(0) >= s.desired_number_scheduled
-                    && s.number_available.unwrap_or(0) >= s.desired_number_scheduled
-                    && s.desired_number_scheduled >= replicas
-            }
-        }
-    }
-
-    pub fn generation(&self) -> i64 {
-        match self {
-            Workload::Deployment(d) => d.metadata.generation.unwrap_or(0),
-            Workload::DaemonSet(d) => d.metadata.generation.unwrap_or(0),
+            Workload::Deployment(d) => deployment_plan(d),
+            Workload::DaemonSet(d) => daemonset_plan(d),
         }
     }
 
@@ -370,5 +443,123 @@ mod tests {
         );
         assert_eq!(got, vec![a, b, c]);
         assert_eq!(namespaces(&got), vec!["a".to_string(), "b".to_string()]);
+    }
+
+    fn deployment(spec: serde_json::Value) -> Workload {
+        let d = serde_json::json!({"metadata": {"name": "f5-tmm"}, "spec": spec});
+        Workload::Deployment(Box::new(serde_json::from_value(d).unwrap()))
+    }
+
+    fn daemonset(strategy: serde_json::Value, nodes: i32) -> Workload {
+        let d = serde_json::json!({"metadata": {"name": "tmm"},
+            "spec": {"selector": {}, "template": {}, "updateStrategy": strategy},
+            "status": {"desiredNumberScheduled": nodes, "currentNumberScheduled": nodes,
+                       "numberMisscheduled": 0, "numberReady": nodes}});
+        Workload::DaemonSet(Box::new(serde_json::from_value(d).unwrap()))
+    }
+
+    /// Which TMM layouts its own controller can roll with a Ready pod left, rounded as the
+    /// controllers round (Deployment: maxSurge up, maxUnavailable down, never both 0;
+    /// DaemonSet: both up).
+    #[test]
+    fn a_tmm_that_cannot_surge_is_rolled_one_by_one_and_one_pod_without_surge_is_a_gap() {
+        use RollPlan::*;
+        let plan = |w: Workload| match w.roll_plan() {
+            Controller => "controller",
+            OneByOne { .. } => "one-by-one",
+            Gap { .. } => "gap",
+        };
+        let rolling = |replicas: i32, ru: serde_json::Value| {
+            deployment(
+                serde_json::json!({"replicas": replicas, "selector": {}, "template": {},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": ru}}),
+            )
+        };
+        let recreate = |replicas: i32| {
+            deployment(
+                serde_json::json!({"replicas": replicas, "selector": {}, "template": {},
+                "strategy": {"type": "Recreate"}}),
+            )
+        };
+        let cases = [
+            (rolling(2, serde_json::json!({})), "controller"), // 25%: surge 1, unavailable 0
+            (rolling(1, serde_json::json!({})), "controller"),
+            (recreate(2), "one-by-one"),
+            (recreate(1), "gap"),
+            (
+                rolling(
+                    2,
+                    serde_json::json!({"maxSurge": 0, "maxUnavailable": "100%"}),
+                ),
+                "one-by-one",
+            ),
+            (
+                rolling(3, serde_json::json!({"maxUnavailable": "100%"})),
+                "one-by-one",
+            ),
+            // 99% of 3 rounds down to 2: one pod stays.
+            (
+                rolling(3, serde_json::json!({"maxUnavailable": "99%"})),
+                "controller",
+            ),
+            (
+                rolling(2, serde_json::json!({"maxUnavailable": 2})),
+                "one-by-one",
+            ),
+            (rolling(1, serde_json::json!({"maxSurge": 0})), "gap"), // 0 and 0: unavailable 1
+            (
+                rolling(
+                    1,
+                    serde_json::json!({"maxSurge": "0%", "maxUnavailable": "0%"}),
+                ),
+                "gap",
+            ),
+            (
+                rolling(0, serde_json::json!({"maxUnavailable": "100%"})),
+                "controller",
+            ),
+            (daemonset(serde_json::json!({}), 3), "controller"),
+            (daemonset(serde_json::json!({}), 1), "gap"),
+            (
+                daemonset(serde_json::json!({"type": "OnDelete"}), 3),
+                "one-by-one",
+            ),
+            (daemonset(serde_json::json!({"type": "OnDelete"}), 1), "gap"),
+            (
+                daemonset(
+                    serde_json::json!({"type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
+                    1,
+                ),
+                "controller",
+            ),
+            // 34% of 3 rounds up to 2 (a DaemonSet rounds up): one node keeps its pod.
+            (
+                daemonset(
+                    serde_json::json!({"type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": "34%"}}),
+                    3,
+                ),
+                "controller",
+            ),
+            (
+                daemonset(
+                    serde_json::json!({"type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": "67%"}}),
+                    3,
+                ),
+                "one-by-one",
+            ),
+        ];
+        for (i, (w, want)) in cases.into_iter().enumerate() {
+            assert_eq!(plan(w), want, "case {i}");
+        }
+        match recreate(1).roll_plan() {
+            Gap { why } => assert!(
+                why.contains("Recreate") && why.contains("one replica"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }

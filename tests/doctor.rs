@@ -435,3 +435,53 @@ fn the_test_cluster_answers_access_reviews_and_impersonation_as_kubectl_expects(
         "{err}"
     );
 }
+
+/// dSSM pods are 2/2 (Redis and a sidecar) in the SPK procedure: a sidecar listed first is
+/// passed over, and only a pod whose Redis container cannot be told from the rest is named.
+#[test]
+fn a_dssm_sidecar_listed_first_is_passed_over_and_an_unrecognisable_redis_is_critical() {
+    let env = published_spk();
+    let s = &env.server;
+    let set = |name: &str, containers: Value| {
+        let mut w = s
+            .get("apps", "statefulsets", "spk-utilities", name)
+            .unwrap();
+        w["spec"]["template"]["spec"]["containers"] = containers;
+        s.put("apps", "statefulsets", "spk-utilities", w);
+    };
+    set(
+        "f5-dssm-sentinel",
+        json!([{"name": "exporter", "image": "x", "ports": [{"name": "metrics", "containerPort": 9121}]},
+               {"name": "sentinel", "image": "x", "ports": [{"name": "sentinel", "containerPort": 26379}]}]),
+    );
+    set(
+        "f5-dssm-db",
+        json!([{"name": "exporter", "image": "x", "ports": [{"containerPort": 9121}]},
+               {"name": "store", "image": "x"}]),
+    );
+    let (_, report, err) = doctor(&env, &[]);
+    let f = found(&report);
+    assert!(
+        f.contains(&triple(
+            "redis-container",
+            "critical",
+            "spk-utilities/statefulset/f5-dssm-db"
+        )),
+        "{report:#}{err}"
+    );
+    assert!(
+        !f.iter()
+            .any(|(check, _, object)| check == "redis-container"
+                && object.ends_with("f5-dssm-sentinel")),
+        "{report:#}"
+    );
+    let m = message(
+        &report,
+        "redis-container",
+        "spk-utilities/statefulset/f5-dssm-db",
+    );
+    assert!(
+        m.contains("exporter, store") && m.contains("--redis-endpoint"),
+        "{m}"
+    );
+}

@@ -1098,3 +1098,219 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
         steps.len() + 1
     );
 }
+
+/// TMM's Deployment with `replicas` and `strategy`, its pods all Ready again before returning.
+/// The template is untouched: nothing rolls.
+fn tmm_layout(env: &TestEnv, replicas: i64, strategy: Value) {
+    let mut d = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    d["spec"]["replicas"] = json!(replicas);
+    d["spec"]["strategy"] = strategy;
+    env.server.put("apps", "deployments", &env.tmm_ns, d);
+    let ns = env.tmm_ns.clone();
+    env.server
+        .wait_until("TMM at its new count", Duration::from_secs(30), |s| {
+            let pods = s.list(resource("", "pods"), Some(&ns));
+            let live: Vec<_> = pods
+                .iter()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .collect();
+            live.len() == replicas as usize
+                && live.iter().all(|p| {
+                    p["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+                })
+        });
+}
+
+/// A TMM whose own rollout would take every pod down at once is replaced by the tool one pod
+/// at a time: at every sample at least replicas − 1 TMM pods are Ready, every pod is new.
+fn a_tmm_that_cannot_surge_keeps_a_ready_pod(strategy: Value, what: &str) {
+    let env = dssm_pods::published();
+    tmm_layout(&env, 3, strategy);
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    let out = &r.out;
+    assert_eq!(r.code, 0, "{what}: {out}");
+    assert!(out.contains("replaced one at a time"), "{what}: {out}");
+    assert_eq!(
+        out.matches("  evicted pod spk-ingress/").count(),
+        3,
+        "{what}: {out}"
+    );
+    assert!(
+        out.contains("rolled out: its 3 pods are newer than"),
+        "{what}: {out}"
+    );
+    assert!(r.bed.fewest_ready_tmm >= 2, "{what}: {:?}", r.bed);
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{what}: {:?}",
+        r.bed
+    );
+    r.figures.assert_unnoticed(what);
+}
+
+#[test]
+fn a_recreate_tmm_is_replaced_one_pod_at_a_time_with_a_ready_pod_throughout() {
+    a_tmm_that_cannot_surge_keeps_a_ready_pod(json!({"type": "Recreate"}), "Recreate TMM");
+}
+
+#[test]
+fn a_tmm_with_max_unavailable_100_percent_is_replaced_one_pod_at_a_time() {
+    a_tmm_that_cannot_surge_keeps_a_ready_pod(
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}}),
+        "maxUnavailable 100% TMM",
+    );
+}
+
+/// One TMM pod that cannot surge: replacing it leaves no TMM pod Ready. The rotation says so
+/// before writing anything, and goes ahead only with --allow-tmm-gap.
+#[test]
+fn one_tmm_pod_without_surge_is_refused_before_any_write_and_allowed_with_the_flag() {
+    let env = dssm_pods::published();
+    tmm_layout(
+        &env,
+        1,
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0}}),
+    );
+    let secrets = |env: &TestEnv| {
+        ["spk-utilities", "spk-ingress"].map(|ns| {
+            env.server
+                .get("", "secrets", ns, "dssm-certs-secret")
+                .unwrap()["metadata"]["resourceVersion"]
+                .clone()
+        })
+    };
+    let before = secrets(&env);
+    let mut cmd = bin();
+    cmd.env_remove("DSSM_CERTS_STRATEGY")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .args(dssm_pods::rotate_args(false, None))
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args());
+    let (code, out, err) = output(&mut cmd);
+    assert_eq!(code, 6, "{out}{err}");
+    for says in [
+        "deployment spk-ingress/f5-tmm",
+        "one replica",
+        "--allow-tmm-gap",
+    ] {
+        assert!(err.contains(says), "{says}: {out}{err}");
+    }
+    assert_eq!(secrets(&env), before, "nothing written");
+    let mut args = dssm_pods::rotate_args(false, None);
+    args.push("--allow-tmm-gap");
+    let r = dssm_pods::rotate_under_load(env, &args);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(r.out.contains("replaced one at a time"), "{}", r.out);
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&1),
+        "{:?}",
+        r.bed
+    );
+    assert_eq!(r.figures.failed_after_retry, 0, "{:?}", r.figures);
+    assert_eq!(r.figures.lost, 0, "{:?}", r.figures);
+}
+
+/// Runs the binary against the bed and kills it (-9) at the first output line containing
+/// `marker`; returns the exit code and what it printed.
+fn run_on_bed_killed_at(
+    env: &TestEnv,
+    bed: &dssm_pods::Bed,
+    args: &[&str],
+    marker: Option<&str>,
+) -> (Option<i32>, String) {
+    use std::io::BufRead;
+    let mut cmd = dssm_pods::command(env, bed, args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if marker.is_some_and(|m| line.contains(m)) {
+            child.kill().unwrap();
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), printed + &err)
+}
+
+/// A run killed right after it started TMM's rollout leaves the roll recorded on the
+/// Deployment; the next run waits for that roll instead of starting another: every TMM pod is
+/// replaced exactly once (one generation of new pods, not two).
+#[test]
+fn a_run_killed_mid_roll_is_resumed_without_restarting_tmm_twice() {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let rotate = dssm_pods::rotate_args(false, None);
+    let (code, out) =
+        run_on_bed_killed_at(&env, &bed, &rotate, Some("rolling restart of deployment"));
+    assert_eq!(code, None, "killed by the signal: {out}");
+    let record = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap()["metadata"]["annotations"]["dssm-certs.f5.com/tmm-roll"]
+        .clone();
+    assert!(record.is_string(), "the roll is recorded: {record}");
+    let start = std::time::Instant::now();
+    let out = loop {
+        let (code, out) = run_on_bed_killed_at(&env, &bed, &["reconcile"], None);
+        if code != Some(5) {
+            assert_eq!(code, Some(0), "{out}");
+            break out;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{out}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(out.contains("resuming the roll recorded at"), "{out}");
+    assert!(!out.contains("rolling restart of deployment"), "{out}");
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "one generation of TMM pods: {b:?}"
+    );
+    let d = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    assert!(
+        d["metadata"]["annotations"]["dssm-certs.f5.com/tmm-roll"].is_null(),
+        "the record goes once the roll is done: {}",
+        d["metadata"]["annotations"]
+    );
+    f.assert_unnoticed("a run killed mid-roll, resumed");
+}
+
+/// dSSM pods listed as `2/2 Running` (the SPK procedure): a sidecar with a port of its own, and
+/// a subPath mount of its own, listed before Redis. The default `rotate` takes Redis for what it
+/// is: it succeeds, and the DBs reload in place (their Redis container mounts directories; the
+/// sidecar's subPath does not make them restart).
+#[test]
+fn dssm_pods_with_a_sidecar_listed_first_rotate_with_the_defaults() {
+    let env = dssm_pods::published();
+    support::objects::dssm_sidecar_first(&env.server, &env.dssm_ns);
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    assert_eq!(r.code, 0, "{}", r.out);
+    for db in ["f5-dssm-db-0", "f5-dssm-db-1", "f5-dssm-db-2"] {
+        assert!(
+            r.out.contains(&format!("plan: {db}: reload TLS files in place")),
+            "{db}: {}",
+            r.out
+        );
+    }
+    r.figures.assert_unnoticed("dSSM pods with a sidecar listed first");
+}

@@ -159,6 +159,7 @@ pub fn findings(o: &DoctorObservation) -> Vec<Finding> {
     let mut f = o.unreadable.clone();
     for w in &o.workloads {
         f.extend(doctor::sub_path_mounts(w));
+        f.extend(doctor::redis_container(w));
         f.extend(doctor::untargeted_mounts(w));
         f.extend(doctor::owned_by_operator(w));
         f.extend(doctor::disruption_budgets(w, &o.pdbs));

@@ -8,7 +8,7 @@ use kube::Api;
 
 use super::watch::watch_until;
 use super::{call, Cluster, ClusterError};
-use crate::materials::annotations::STOP_NODE_SELECTOR;
+use crate::materials::annotations::{STOP_NODE_SELECTOR, TMM_ROLL};
 use crate::restart_state::{dssm_id, RestartState, TargetState};
 use crate::targets::{Kind, TmmTarget, Workload};
 
@@ -162,11 +162,19 @@ impl Cluster {
         Ok(())
     }
 
-    /// `kubectl rollout restart`: a pod-template annotation with the time. Returns the new
-    /// generation, to wait for.
-    pub async fn rollout_restart_target(&self, t: &TmmTarget) -> Result<i64, ClusterError> {
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}});
+    /// `kubectl rollout restart`: a pod-template annotation with the time, and in the same
+    /// patch `record` on the workload (the roll a resumed run waits for instead of starting
+    /// another). Returns the new generation.
+    pub async fn rollout_restart_target(
+        &self,
+        t: &TmmTarget,
+        now: &str,
+        record: &str,
+    ) -> Result<i64, ClusterError> {
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {TMM_ROLL: record}},
+            "spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}
+        });
         self.patch_target(t, &format!("{t} (rollout restart)"), &patch)
             .await
     }

@@ -35,6 +35,9 @@ pub fn exercise_every_command(what: &str, env: &TestEnv) {
         let (code, out, err) = env.run(step);
         assert_eq!(code, 0, "{what} {step:?}: {out}{err}");
     }
+    if env.tmm_ns != env.dssm_ns {
+        rotate_a_tmm_that_cannot_surge(what, env);
+    }
     drop(start_watching(
         env,
         &env.kubeconfig,
@@ -131,4 +134,43 @@ pub fn assert_rbac_is_exactly_used(what: &str, env: &TestEnv, rendered: &str) {
             }
         }
     }
+}
+
+/// A TMM that cannot surge (a `Recreate` Deployment, an `OnDelete` DaemonSet) is replaced by
+/// the tool pod by pod through the Eviction API in its own namespace: a rolling `rotate` of
+/// every target, with real Redis behind the dSSM pods (the bed).
+fn rotate_a_tmm_that_cannot_surge(what: &str, env: &TestEnv) {
+    let targets = if env.tmm_targets.is_empty() {
+        vec![format!("{}/deployment/f5-tmm", env.tmm_ns)]
+    } else {
+        env.tmm_targets.clone()
+    };
+    for t in &targets {
+        let [ns, kind, name] = <[&str; 3]>::try_from(t.split('/').collect::<Vec<_>>()).unwrap();
+        let plural = format!("{kind}s");
+        let mut w = env.server.get("apps", &plural, ns, name).unwrap();
+        if kind == "deployment" {
+            w["spec"]["strategy"] = serde_json::json!({"type": "Recreate"});
+        } else {
+            w["spec"]["updateStrategy"] = serde_json::json!({"type": "OnDelete"});
+        }
+        env.server.put("apps", &plural, ns, w);
+    }
+    let load = super::load::LoadConfig {
+        clients: targets.len().max(2),
+        ..Default::default()
+    };
+    let (bed, load) = super::dssm_pods::Bed::start(env, load);
+    let args = super::dssm_pods::rotate_args(false, None);
+    let (code, out, err) = super::dssm_pods::run(env, &bed, &args);
+    drop(super::dssm_pods::finish(bed, load));
+    assert_eq!(
+        code, 0,
+        "{what} {args:?} (TMM that cannot surge): {out}{err}"
+    );
+    assert_eq!(
+        out.matches("replaced one at a time").count(),
+        targets.len(),
+        "{what}: {out}"
+    );
 }
