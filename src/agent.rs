@@ -408,7 +408,7 @@ pub fn key_match(copy: &CopyObs) -> Option<CheckResult> {
         None => (
             Status::Warning,
             format!(
-                "cannot tell whether {key_at} matches {cert_at}: {ns}/{} has no annotation {KEY_SPKI_SHA256} (the agent never reads the key). The next write by dssm-certs adds it; `dssm-certs check` reads the key and tells now",
+                "cannot tell whether {key_at} matches {cert_at}: {ns}/{} has no annotation {KEY_SPKI_SHA256} (the agent never reads the key). The next renewal by dssm-certs adds it; `dssm-certs check` reads the key and tells now",
                 contract::CERTS_SECRET
             ),
         ),
