@@ -186,13 +186,6 @@ async fn pass_once(
     // Nothing to restart, and no pre-flight to wait for pods only the publication can start.
     let fresh =
         opts.restart.is_some() && crate::first_publication::is_fresh(&obs, &cluster.namespaces());
-    if fresh {
-        let found = crate::first_publication::find(cluster).await?;
-        let _ = writeln!(out, "{}", found.describe());
-        outcome.first_start = Some(found);
-    } else {
-        preflight(cluster, opts).await?;
-    }
     let places = places(cluster);
     let revision = writes::revision(&obs, &plan, &store).map_err(ReconcileError::Refused)?;
     outcome.revision = Some(revision);
@@ -210,9 +203,17 @@ async fn pass_once(
         list.retain(|w| !(fresh && matches!(w, Write_::Mark(_))));
         list
     };
+    let preview = list_of(content(&plan, &store, None));
+    refuse_rolling_ca_change(cluster, &plan, &preview, opts, phased_from.is_some())?;
+    if fresh {
+        let found = crate::first_publication::find(cluster).await?;
+        let _ = writeln!(out, "{}", found.describe());
+        outcome.first_start = Some(found);
+    } else {
+        preflight(cluster, opts).await?;
+    }
     if opts.dry_run {
-        let content = content(&plan, &store, None);
-        print_dry_run(&list_of(content), revision, out);
+        print_dry_run(&preview, revision, out);
         return Ok(outcome);
     }
     // New materials are made outside the pure writes: slow and random.
@@ -372,6 +373,38 @@ fn rolling_start(
             cluster.dssm_ns
         ))),
     }
+}
+
+/// A pass whose writes change which CAs the pods trust in one step (a new CA outside a phased
+/// rotation, or copies of another CA replaced) cannot be rolled out pod by pod: old and new pods
+/// would refuse each other. Under the rolling strategy that is refused here, before anything is
+/// written, rather than after the writes by the restart (which would then refuse every run).
+fn refuse_rolling_ca_change(
+    cluster: &Cluster,
+    plan: &Plan,
+    preview: &[Write_],
+    opts: &Options,
+    phased: bool,
+) -> Result<(), ReconcileError> {
+    let rolling = opts
+        .restart
+        .as_ref()
+        .is_some_and(|r| r.strategy == crate::restart::Strategy::Rolling);
+    let ca_change = preview
+        .iter()
+        .any(|w| matches!(w, Write_::Mark(m) if m.ca_changed));
+    if !rolling || phased || !ca_change {
+        return Ok(());
+    }
+    Err(ReconcileError::Refused(format!(
+        "the plan ({}) replaces the CA that the pods in {} trust in one step, and --strategy \
+         rolling restarts pods one at a time: pods on the old and the new materials would refuse \
+         each other's certificates. Nothing was written. Run `dssm-certs rotate --ca` for a \
+         phased CA rotation nobody notices, or run this once with --strategy scale-to-zero in a \
+         maintenance window (it interrupts TMM traffic)",
+        plan.reasons.join("; "),
+        cluster.namespaces().join(", ")
+    )))
 }
 
 /// New files reach the pods through kubelet whatever we do next: a restart that the pre-flight

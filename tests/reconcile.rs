@@ -511,6 +511,47 @@ fn a_foreign_ca_in_the_tmm_namespace_is_never_copied_into_the_dssm_namespace() {
     assert_ne!(ca_of(&after), r("dssm-ca.crt").as_slice());
 }
 
+/// Regression: under the default rolling strategy, replacing a TMM copy of another CA wrote
+/// every Secret and marked the target, then the rolling restart refused (old and new pods would
+/// refuse each other), and so did every later run. It is refused before anything is written,
+/// naming the ways out.
+#[test]
+fn a_ca_change_the_rolling_restart_cannot_roll_is_refused_before_any_write() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    let foreign = generate(env.dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let r = |f: &str| read(&foreign.join(f));
+    env.put_secret(
+        "spk-ingress",
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", &r("dssm-ca.crt")),
+            ("dssm-cert.crt", &r("dssm-cert.crt")),
+            ("dhparam2048.pem", &r("dhparam2048.pem")),
+        ],
+    );
+    env.put_secret(
+        "spk-ingress",
+        "dssm-keys-secret",
+        &[("dssm-key.key", &r("dssm-key.key"))],
+    );
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "20s"]);
+    assert_eq!(code, dssm_certs::exit::FAILED, "{out}{err}");
+    assert!(err.contains("Nothing was written"), "{err}");
+    assert!(err.contains("rotate --ca"), "{err}");
+    env.assert_wrote_only_lease_and_events();
+    let dep = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    assert!(
+        our_annotations(&dep).is_empty(),
+        "{:?}",
+        our_annotations(&dep)
+    );
+}
+
 /// The DER of every certificate in `pem`.
 fn ders(pem: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
