@@ -561,3 +561,28 @@ fn endless_input_files_and_unknown_dhparam_names_are_refused_with_what_to_do() {
         "{stdout}"
     );
 }
+
+/// The trust-boundary issue: `--tmm-deployment` was not validated, so a newline injected YAML
+/// into `values`' output (and reached API paths). Validated as the API server validates names.
+#[test]
+fn a_tmm_deployment_name_the_api_server_would_refuse_is_refused_before_any_output() {
+    for name in ["f5-tmm\nevil: true", "F5-TMM", "tmm-", ""] {
+        let flag = format!("--tmm-deployment={name}");
+        let (code, stdout, stderr) = run(&["values", "--dssm-namespace", "spk-utilities", &flag]);
+        assert_eq!(code, 64, "{name:?}: {stdout}{stderr}");
+        assert!(stdout.is_empty(), "{name:?}: {stdout}");
+        assert!(
+            stderr.contains("--tmm-deployment") && stderr.contains("not a valid Deployment name"),
+            "{name:?}: {stderr}"
+        );
+    }
+    let (code, stdout, _) = run(&[
+        "values",
+        "--dssm-namespace",
+        "spk-utilities",
+        "--tmm-deployment",
+        "f5-tmm.v2",
+    ]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("deployment/f5-tmm.v2"), "{stdout}");
+}
