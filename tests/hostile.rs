@@ -586,3 +586,35 @@ fn a_tmm_deployment_name_the_api_server_would_refuse_is_refused_before_any_outpu
     assert_eq!(code, 0);
     assert!(stdout.contains("deployment/f5-tmm.v2"), "{stdout}");
 }
+
+/// The trust-boundary issue: `--ca-cert` with junk inside its PEM block printed x509-parser's
+/// `Parsing Error: Der(UnexpectedTag { expected: Some(Tag(16)), actual: Tag(0) })`.
+#[test]
+fn junk_inside_a_certificate_pem_block_is_described_in_words() {
+    let tmp = tempdir();
+    let junk = tmp.path().join("junk.crt");
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let key = made_by_default().join("dssm-ca.key");
+    let dest = tmp.path().join("out");
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--out",
+        dest.to_str().unwrap(),
+        "--ca-cert",
+        junk.to_str().unwrap(),
+        "--ca-key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("junk.crt")
+            && stderr.contains("not an X.509 certificate")
+            && !stderr.contains("Der(")
+            && !stderr.contains("Tag("),
+        "{stderr}"
+    );
+}

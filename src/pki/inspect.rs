@@ -251,7 +251,11 @@ pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, Insp
             e if e.to_string().contains("Eof") => {
                 "truncated: the data ends before the certificate does".into()
             }
-            e => e.to_string(),
+            // x509-parser's own error is a Rust Debug dump (`Der(UnexpectedTag { .. })`).
+            _ => "the bytes inside the PEM block are not an X.509 certificate (damaged, or \
+                  another kind of data under a CERTIFICATE label): copy the file again from \
+                  where it was made"
+                .into(),
         },
     })?;
     if !rest.is_empty() {

@@ -234,7 +234,7 @@ impl Connection {
                     "the server refused the handshake (alert {a:?}): it does not accept our client certificate"
                 ),
                 Some(rustls::Error::InvalidCertificate(c)) => {
-                    format!("the served certificate is not trusted with the deployed CA: {c:?}")
+                    crate::redis::tls::describe_refused_certificate(c)
                 }
                 _ if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     "the server closed the connection".to_string()

@@ -319,6 +319,52 @@ impl TlsClient {
     }
 }
 
+/// Why the served certificate was refused, in words and with what to do: not a Rust `Debug`
+/// of rustls' error. A name mismatch is not a trust problem: the chain was fine.
+pub fn describe_refused_certificate(c: &CertificateError) -> String {
+    use rustls::pki_types::ServerName;
+    match c {
+        CertificateError::NotValidForNameContext {
+            expected,
+            presented,
+        } => {
+            let expected = match expected {
+                ServerName::DnsName(d) => d.as_ref().to_string(),
+                ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+                _ => "the server name".to_string(),
+            };
+            format!(
+                "the served certificate is not valid for the name {expected:?} it was reached \
+                 by (it names {}): reach it by one of those names (--server-name), or issue the \
+                 leaf with --dns {expected}",
+                if presented.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    presented.join(", ")
+                }
+            )
+        }
+        CertificateError::NotValidForName => "the served certificate is not valid for the name \
+             it was reached by: reach it by a name of its subjectAltName (--server-name)"
+            .to_string(),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "the served certificate has expired: renew it (rotate)".to_string()
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "the served certificate is not valid yet: check the clocks".to_string()
+        }
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+            "the served certificate is not signed by the deployed CA: the server serves a \
+             leaf of another CA (a copy out of sync?); run check"
+                .to_string()
+        }
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "the served certificate's extendedKeyUsage does not allow a TLS server".to_string()
+        }
+        other => format!("the served certificate is refused: {other}"),
+    }
+}
+
 /// SHA-256 over DER, upper-case hex with colons, as `openssl x509 -fingerprint -sha256`.
 pub fn fingerprint(der: &[u8]) -> String {
     pki::inspect::hex_upper(&openssl::sha::sha256(der), ":")
@@ -328,6 +374,29 @@ pub fn fingerprint(der: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::pki::{issue::default_ca_subject, KeyAlgorithm};
+
+    /// The trust-boundary issue: a name mismatch in `probe` printed rustls' Debug
+    /// (`NotValidForNameContext { expected: DnsName(..), presented: [..] }`) under "not trusted
+    /// with the deployed CA", while the chain was fine.
+    #[test]
+    fn a_refused_certificate_is_described_in_words_with_what_to_do() {
+        use rustls::pki_types::ServerName;
+        let c = CertificateError::NotValidForNameContext {
+            expected: ServerName::try_from("redis.example").unwrap(),
+            presented: vec!["DnsName(\"other.svc\")".into()],
+        };
+        let m = describe_refused_certificate(&c);
+        assert!(
+            m.contains("not valid for the name \"redis.example\"")
+                && m.contains("--server-name")
+                && m.contains("--dns redis.example")
+                && !m.contains("NotValidForNameContext")
+                && !m.contains("not trusted"),
+            "{m}"
+        );
+        let m = describe_refused_certificate(&CertificateError::UnknownIssuer);
+        assert!(m.contains("not signed by the deployed CA"), "{m}");
+    }
 
     fn ca() -> Vec<u8> {
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
