@@ -127,6 +127,36 @@ pub fn read_value(r: &mut impl BufRead, depth: usize) -> std::io::Result<Value> 
     })
 }
 
+/// How an error says the server sent a TLS alert (and nothing else does).
+const REFUSED_BY_ALERT: &str = "the server refused the handshake";
+
+/// What a handshake came to, for proofs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handshake {
+    /// The server accepted our certificate (it answered PING).
+    Accepted,
+    /// The server refused it with a TLS alert (the message names it).
+    Refused(String),
+}
+
+/// Connects with `tls` and says whether the server accepted its certificate or refused it with a
+/// TLS alert. Anything else (no answer before the deadline, a closed connection, no route) is
+/// neither, and an error: a proof that a leaf is refused needs the server's alert.
+pub fn handshake(
+    tls: &TlsClient,
+    endpoint: &str,
+    server_name: &str,
+    deadline: Instant,
+) -> Result<Handshake, RedisError> {
+    match Connection::connect(tls, endpoint, server_name, deadline) {
+        Ok(_) => Ok(Handshake::Accepted),
+        Err(RedisError::Io { detail, .. }) if detail.starts_with(REFUSED_BY_ALERT) => {
+            Ok(Handshake::Refused(detail))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 type Stream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 /// One mutual-TLS connection to a DB or a sentinel.
@@ -231,7 +261,7 @@ impl Connection {
             }
             let detail = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 Some(rustls::Error::AlertReceived(a)) => format!(
-                    "the server refused the handshake (alert {a:?}): it does not accept our client certificate"
+                    "{REFUSED_BY_ALERT} (alert {a:?}): it does not accept our client certificate"
                 ),
                 Some(rustls::Error::InvalidCertificate(c)) => {
                     crate::redis::tls::describe_refused_certificate(c)
@@ -355,6 +385,43 @@ mod tests {
         ]
         .concat();
         assert!(matches!(parse(&big), Ok(Value::Bulk(Some(b))) if b.len() == MAX_BULK as usize));
+    }
+
+    /// The trust-boundary issue: a proof counted any failed connection as a refusal, so an
+    /// endpoint that never answered "refused" the old leaf. Only a TLS alert is one.
+    #[test]
+    fn a_timeout_or_a_closed_connection_is_not_a_refusal() {
+        use crate::redis::tls::{ClientMaterials, TlsClient};
+        let key = crate::pki::PrivateKey::generate(crate::pki::KeyAlgorithm::EcdsaP256).unwrap();
+        let ca = crate::pki::issue_ca(
+            &crate::pki::issue::default_ca_subject(),
+            1,
+            &key,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        let m = ClientMaterials {
+            ca_cert: ca.clone().into_bytes(),
+            leaf_cert: ca.into_bytes(),
+            leaf_key: key,
+        };
+        let tls = TlsClient::new(&m, true).unwrap();
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closing_addr = closing.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in closing.incoming() {
+                drop(s);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let silent_addr = silent.local_addr().unwrap().to_string();
+        let e = handshake(&tls, &silent_addr, "localhost", deadline).unwrap_err();
+        assert!(matches!(e, RedisError::Timeout { .. }), "{e}");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let e = handshake(&tls, &closing_addr, "localhost", deadline).unwrap_err();
+        assert!(matches!(e, RedisError::Io { .. }), "{e}");
+        drop(silent);
     }
 
     #[test]

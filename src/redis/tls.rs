@@ -306,6 +306,11 @@ impl TlsClient {
         } else {
             builder.with_no_client_auth()
         };
+        let mut config = config;
+        // Every connection is a full handshake: a resumed session skips the certificates, and a
+        // proof (the server now accepts or refuses this leaf, serves that one) would prove
+        // nothing.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(TlsClient {
             config: Arc::new(config),
             verifier,
@@ -374,6 +379,26 @@ pub fn fingerprint(der: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::pki::{issue::default_ca_subject, KeyAlgorithm};
+
+    /// The trust-boundary issue: proof connections allowed TLS session resumption, where a
+    /// resumed session shows no certificate: a proof that a process accepts or refuses a leaf,
+    /// or serves one, proved nothing.
+    #[test]
+    fn clients_never_resume_tls_sessions() {
+        let m = ClientMaterials {
+            ca_cert: ca(),
+            leaf_cert: ca(),
+            leaf_key: PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        };
+        for client_cert in [true, false] {
+            let c = TlsClient::new(&m, client_cert).unwrap();
+            let r = format!("{:?}", c.config.resumption);
+            assert!(
+                r.contains("NoClientSessionStorage") && r.contains("Disabled"),
+                "{r}"
+            );
+        }
+    }
 
     /// The trust-boundary issue: a name mismatch in `probe` printed rustls' Debug
     /// (`NotValidForNameContext { expected: DnsName(..), presented: [..] }`) under "not trusted
