@@ -138,7 +138,7 @@ pub struct Prober {
 impl Prober {
     pub fn new(m: &ClientMaterials, client_cert: bool) -> Result<Self, ProbeError> {
         Ok(Prober {
-            tls: TlsClient::new(m, client_cert)?,
+            tls: TlsClient::for_deployed(m, client_cert)?,
         })
     }
 
