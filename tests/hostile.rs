@@ -454,7 +454,7 @@ fn a_renew_before_not_shorter_than_the_lifetime_is_refused_before_any_request() 
     for args in cases {
         let (code, _, stderr) = env.run(args);
         assert_eq!(code, 64, "{args:?}: {stderr}");
-        let flag = if args.iter().any(|a| *a == "--ca-renew-before") {
+        let flag = if args.contains(&"--ca-renew-before") {
             "--ca-renew-before"
         } else {
             "--renew-before"
