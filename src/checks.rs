@@ -613,6 +613,27 @@ fn judge_chain(
         return None;
     };
     let ca = &cas[i];
+    // OpenSSL judges (Redis and TMM verify with it): both roles the leaf plays.
+    for (role, what) in [
+        (
+            pki::inspect::Role::Server,
+            "as dSSM's server certificate (purpose sslserver)",
+        ),
+        (
+            pki::inspect::Role::Client,
+            "as TMM's client certificate (purpose sslclient)",
+        ),
+    ] {
+        if let Err(why) = pki::inspect::openssl_verify(cas, leaf, role) {
+            let msg = format!(
+                "{leaf_loc}: OpenSSL refuses the chain {what} at auth level {}: {why}; TLS \
+                 between TMM and dSSM fails",
+                pki::inspect::AUTH_LEVEL
+            );
+            j.push(Check::Chain, Status::Critical, leaf_entry, msg);
+            return None;
+        }
+    }
     let msg = format!("{leaf_loc} is signed by {}", of(i));
     j.push(Check::Chain, Status::Ok, leaf_entry, msg);
     let msg = if leaf.not_after > ca.not_after {

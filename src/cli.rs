@@ -216,7 +216,7 @@ pub struct TmmArgs {
     /// with --tmm-deployment.
     #[arg(long, env = "DSSM_CERTS_TMM_NAMESPACE", value_parser = parse_namespace)]
     pub tmm_namespace: Option<String>,
-    #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT")]
+    #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT", value_parser = parse_workload_name)]
     pub tmm_deployment: String,
 }
 
@@ -360,6 +360,21 @@ pub const MAX_DAYS: u32 = 36_500;
 
 fn parse_subject(s: &str) -> Result<Subject, String> {
     Subject::parse(s).map_err(|e| e.to_string())
+}
+
+/// A Deployment name as the API server takes one (an RFC 1123 subdomain): it also goes into
+/// `values`' YAML, where a newline would inject keys.
+fn parse_workload_name(s: &str) -> Result<String, String> {
+    if crate::targets::dns_subdomain(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{:?} is not a valid Deployment name: lowercase letters, digits, '-' and '.', \
+             starting and ending with a letter or digit, at most 253 characters (as the API \
+             server requires)",
+            s.escape_debug().to_string()
+        ))
+    }
 }
 
 fn parse_namespace(s: &str) -> Result<String, String> {

@@ -454,7 +454,7 @@ fn a_renew_before_not_shorter_than_the_lifetime_is_refused_before_any_request() 
     for args in cases {
         let (code, _, stderr) = env.run(args);
         assert_eq!(code, 64, "{args:?}: {stderr}");
-        let flag = if args.iter().any(|a| *a == "--ca-renew-before") {
+        let flag = if args.contains(&"--ca-renew-before") {
             "--ca-renew-before"
         } else {
             "--renew-before"
@@ -559,5 +559,62 @@ fn endless_input_files_and_unknown_dhparam_names_are_refused_with_what_to_do() {
         stdout.contains("/nonexistent-dssm: no such directory; --dir takes the folder")
             && !stdout.contains("CERTIFICATE"),
         "{stdout}"
+    );
+}
+
+/// The trust-boundary issue: `--tmm-deployment` was not validated, so a newline injected YAML
+/// into `values`' output (and reached API paths). Validated as the API server validates names.
+#[test]
+fn a_tmm_deployment_name_the_api_server_would_refuse_is_refused_before_any_output() {
+    for name in ["f5-tmm\nevil: true", "F5-TMM", "tmm-", ""] {
+        let flag = format!("--tmm-deployment={name}");
+        let (code, stdout, stderr) = run(&["values", "--dssm-namespace", "spk-utilities", &flag]);
+        assert_eq!(code, 64, "{name:?}: {stdout}{stderr}");
+        assert!(stdout.is_empty(), "{name:?}: {stdout}");
+        assert!(
+            stderr.contains("--tmm-deployment") && stderr.contains("not a valid Deployment name"),
+            "{name:?}: {stderr}"
+        );
+    }
+    let (code, stdout, _) = run(&[
+        "values",
+        "--dssm-namespace",
+        "spk-utilities",
+        "--tmm-deployment",
+        "f5-tmm.v2",
+    ]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("deployment/f5-tmm.v2"), "{stdout}");
+}
+
+/// The trust-boundary issue: `--ca-cert` with junk inside its PEM block printed x509-parser's
+/// `Parsing Error: Der(UnexpectedTag { expected: Some(Tag(16)), actual: Tag(0) })`.
+#[test]
+fn junk_inside_a_certificate_pem_block_is_described_in_words() {
+    let tmp = tempdir();
+    let junk = tmp.path().join("junk.crt");
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let key = made_by_default().join("dssm-ca.key");
+    let dest = tmp.path().join("out");
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--out",
+        dest.to_str().unwrap(),
+        "--ca-cert",
+        junk.to_str().unwrap(),
+        "--ca-key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("junk.crt")
+            && stderr.contains("not an X.509 certificate")
+            && !stderr.contains("Der(")
+            && !stderr.contains("Tag("),
+        "{stderr}"
     );
 }
