@@ -13,6 +13,41 @@ use std::time::Duration;
 
 use support::load::{scenarios, LoadConfig};
 
+/// Issue 23: each sentinel restarted by the roll comes back at a new IP with a new ID, and the
+/// others never forget the old one. Without the reset after each restart, with one sentinel down
+/// a killed primary is never replaced (the contrast below); with it, a new primary is elected.
+#[test]
+fn after_a_leaf_renewal_a_failover_with_one_sentinel_down_still_elects_a_new_primary() {
+    let (f, r) = scenarios::leaf_renewal_then_failover(LoadConfig::default(), true);
+    eprintln!("leaf renewal, then failover with a sentinel down: {f:?} {r:?}");
+    f.assert_unnoticed("leaf renewal with sentinel resets");
+    for (name, sentinels, replicas, healthy) in &r.knows {
+        assert_eq!(
+            (*sentinels, *replicas, *healthy),
+            (2, 2, 2),
+            "{name} knows other than the live sentinels and replicas: {r:?}"
+        );
+    }
+    assert!(
+        r.failover.is_some(),
+        "no new primary {:?} after the primary was killed with one sentinel down: {r:?}",
+        scenarios::FAILOVER_BOUND
+    );
+}
+
+/// The contrast (the roll without the resets, as before): the judge sees the damage.
+#[test]
+fn without_the_resets_a_failover_with_one_sentinel_down_never_happens() {
+    let (f, r) = scenarios::leaf_renewal_then_failover(LoadConfig::default(), false);
+    eprintln!("leaf renewal without resets, then failover with a sentinel down: {f:?} {r:?}");
+    f.assert_unnoticed("leaf renewal without sentinel resets");
+    assert!(
+        r.knows.iter().any(|(_, sentinels, _, _)| *sentinels > 2),
+        "no sentinel remembers a gone peer: the bed does not recreate sentinels as pods: {r:?}"
+    );
+    assert_eq!(r.failover, None, "{r:?}");
+}
+
 #[test]
 fn leaf_renewal_under_load_fails_no_operation_and_loses_no_write() {
     let f = scenarios::leaf_renewal(LoadConfig::default());

@@ -139,6 +139,70 @@ pub fn in_quorum_and_sees_the_others(
     Ok(())
 }
 
+/// `SENTINEL MASTER <master>`: the primary's entry as this sentinel sees it (its `flags` say
+/// whether a failover is under way).
+pub fn master_entry(
+    conn: &mut Connection,
+    master: &str,
+    deadline: Instant,
+) -> Result<BTreeMap<String, String>, RedisError> {
+    let reply = conn.call(&["SENTINEL", "MASTER", master], deadline)?;
+    let items = reply.items();
+    let fields: BTreeMap<String, String> = items
+        .chunks(2)
+        .filter_map(|kv| Some((kv.first()?.text()?, kv.get(1)?.text()?)))
+        .collect();
+    if fields.is_empty() {
+        return Err(unexpected(conn, "SENTINEL MASTER", &reply));
+    }
+    Ok(fields)
+}
+
+/// `SENTINEL RESET <master>`: the sentinel forgets every other sentinel and every replica it
+/// knows for `master` (and any failover state), then relearns the live ones: replicas from the
+/// primary's INFO at once, sentinels from their hello messages (every 2 s).
+pub fn reset(conn: &mut Connection, master: &str, deadline: Instant) -> Result<(), RedisError> {
+    match conn.call(&["SENTINEL", "RESET", master], deadline)? {
+        Value::Int(1) => Ok(()),
+        reply => Err(unexpected(conn, "SENTINEL RESET", &reply)),
+    }
+}
+
+/// Whether this sentinel knows exactly `others` sentinels and `replica_count` replicas, every
+/// one healthy and each replica with its link to the primary up: nothing gone is remembered and
+/// a failover can both be authorized and find a replica to promote. Else a Topology error
+/// listing what it knows.
+pub fn knows_exactly(
+    conn: &mut Connection,
+    master: &str,
+    others: usize,
+    replica_count: usize,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    let seen = sentinels(conn, master, deadline)?;
+    let reps = replicas(conn, master, deadline)?;
+    let link_up = |p: &Peer| p.fields.get("master-link-status").map(String::as_str) == Some("ok");
+    let exact = seen.len() == others
+        && reps.len() == replica_count
+        && seen.iter().all(Peer::healthy)
+        && reps.iter().all(|p| p.healthy() && link_up(p));
+    if exact {
+        return Ok(());
+    }
+    let show = |v: &[Peer]| {
+        v.iter()
+            .map(|p| format!("{} ({})", p.endpoint(), p.flags))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(RedisError::Topology(format!(
+        "{}: knows sentinels [{}] and replicas [{}]; expected exactly {others} and {replica_count}, healthy",
+        conn.endpoint(),
+        show(&seen),
+        show(&reps)
+    )))
+}
+
 /// Whether every sentinel at `sentinels` lists the replica at `replica` (`ip:port`) as healthy
 /// with its link to the primary up. Sentinel refreshes a replica's INFO only every 10 s, and a
 /// failover never promotes a replica whose last INFO showed the link down (`NOGOODSLAVE`).
@@ -159,8 +223,19 @@ pub fn replica_ready_for_sentinels(
                 && p.fields.get("master-link-status").map(String::as_str) == Some("ok")
         });
         if !ready {
+            let seen: Vec<String> = seen
+                .iter()
+                .map(|p| {
+                    let link = p
+                        .fields
+                        .get("master-link-status")
+                        .map_or("?", String::as_str);
+                    format!("{} ({}, link {link})", p.endpoint(), p.flags)
+                })
+                .collect();
             return Err(RedisError::Topology(format!(
-                "{s}: does not yet see replica {replica} healthy with its link up"
+                "{s}: does not yet see replica {replica} healthy with its link up; it sees [{}]",
+                seen.join(", ")
             )));
         }
     }
