@@ -62,6 +62,26 @@ fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_
     f.assert_unnoticed("leaf renewal with subPath mounts");
 }
 
+/// Issue 22: with IPv6 pod IPs and `subPath` mounts, the gate after a replica's restart compared
+/// Sentinel's bare `::1:port` with the endpoint `[::1]:port` as text and never passed.
+#[test]
+fn ipv6_pod_ips_with_subpath_mounts_roll_and_nobody_notices() {
+    let f = scenarios::leaf_renewal_on(LoadConfig::default(), true, true);
+    eprintln!("leaf renewal, IPv6, subPath: {f:?}");
+    f.assert_unnoticed("leaf renewal on IPv6 with subPath mounts");
+}
+
+/// Issue 23: roles come from the pods, asked right before acting. The plan said db-0 is the
+/// primary; by the time the roll runs, another DB is. That one is restarted only after a paused
+/// switchover, and db-0's planned switchover finds it a replica and moves nothing.
+#[test]
+fn a_primary_moved_since_the_plan_is_switched_over_before_its_restart_and_nobody_notices() {
+    let (f, primary) = scenarios::leaf_renewal_on_a_stale_plan(LoadConfig::default());
+    eprintln!("stale plan, {primary} primary at the roll: {f:?}");
+    assert_ne!(primary, "db-0", "the primary did not move before the roll");
+    f.assert_unnoticed("a roll on a plan made before the primary moved");
+}
+
 /// A DB whose files never change in place (kubelet does not update its mount, and the pod spec
 /// did not say `subPath`): the reload gives up at its deadline and the DB is restarted instead,
 /// the primary after a paused switchover, under load, unnoticed.

@@ -17,11 +17,11 @@
 use std::time::{Duration, Instant};
 
 use super::reload::{check_proof, reload_tls, Proof};
-use super::replication::{info_replication, Role};
+use super::replication::{info_replication, info_server, Role};
 use super::resp::Connection;
 use super::sentinel::{
     ckquorum, in_quorum_and_sees_the_others, knows_exactly, master_entry,
-    replica_ready_for_sentinels, reset,
+    replica_ready_for_sentinels_by, reset, ReplicaId,
 };
 use super::switchover::{agreed_primary, paused_switchover};
 use super::tls::TlsClient;
@@ -338,18 +338,23 @@ fn run_step(
                 RedisError::NotSwapped { .. } => format!("{NOT_SWAPPED}{e}"),
                 e => e.to_string(),
             }),
-        Step::Switchover { .. } => {
-            match agreed_primary(cx.tls, cx.server_name, sentinels, cx.master, deadline) {
-                // Already moved (a failover since the plan was made): nothing to do.
-                Some(p) if p != endpoint => Ok(()),
-                _ => paused_switchover(cx.tls, cx.server_name, sentinels, cx.master, deadline)
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
+        // The pod itself says whether it is the primary, asked right before: a failover since
+        // the plan was made may have moved the role (then nothing to move), or given it to a
+        // DB planned as a replica (then it moves first). Never an address compared as text.
+        Step::Switchover { .. } => match role_of(cx, &endpoint, deadline)? {
+            Role::Replica => Ok(()),
+            Role::Primary => switch_away_from(cx, sentinels, &endpoint, deadline),
+        },
+        Step::RestartDb { pod } => {
+            if role_of(cx, &endpoint, deadline)? == Role::Primary {
+                switch_away_from(cx, sentinels, &endpoint, deadline)?;
             }
+            pods.restart(pod, deadline)
         }
-        Step::RestartDb { pod } | Step::RestartSentinel { pod } => pods.restart(pod, deadline),
+        Step::RestartSentinel { pod } => pods.restart(pod, deadline),
         Step::DbCaughtUp { .. } => until(deadline, || {
             let mut c = Connection::connect(cx.tls, &endpoint, cx.server_name, deadline)?;
+            let run_id = info_server(&mut c, deadline)?.run_id;
             let me = info_replication(&mut c, deadline)?;
             let primary = me
                 .primary
@@ -376,12 +381,18 @@ fn run_step(
                 }
                 pause_until(deadline, POLL / 5);
             }
-            replica_ready_for_sentinels(
+            // Found in Sentinel's lists by its run ID: Sentinel sees it at its pod IP, which
+            // need not be how the tool reaches it.
+            let id = ReplicaId {
+                endpoint: &endpoint,
+                run_id: Some(&run_id),
+            };
+            replica_ready_for_sentinels_by(
                 cx.tls,
                 cx.server_name,
                 sentinels,
                 cx.master,
-                &endpoint,
+                id,
                 deadline,
             )?;
             check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
@@ -398,6 +409,54 @@ fn run_step(
         Step::ForgetGone {
             others, replicas, ..
         } => forget_gone(cx, sentinels, *others, *replicas),
+    }
+}
+
+/// The role the DB at `endpoint` reports itself (`INFO replication`).
+fn role_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result<Role, String> {
+    Connection::connect(cx.tls, endpoint, cx.server_name, deadline)
+        .and_then(|mut c| info_replication(&mut c, deadline))
+        .map(|r| r.role)
+        .map_err(|e| format!("cannot ask {endpoint} its role before acting on it: {e}"))
+}
+
+/// The `run_id` of the process at `endpoint`: the same process whatever address names it.
+fn run_id_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result<String, String> {
+    Connection::connect(cx.tls, endpoint, cx.server_name, deadline)
+        .and_then(|mut c| info_server(&mut c, deadline))
+        .map(|s| s.run_id)
+        .map_err(|e| e.to_string())
+}
+
+/// Moves the primary role away from the DB at `endpoint` by a paused switchover, once the
+/// sentinels' agreed primary is that very process (same run ID), and proves that it then says
+/// it is a replica.
+fn switch_away_from(
+    cx: &RolloutContext<'_>,
+    sentinels: &[String],
+    endpoint: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    let agreed = agreed_primary(cx.tls, cx.server_name, sentinels, cx.master, deadline)
+        .ok_or_else(|| {
+            format!("{endpoint} says it is the primary, but the sentinels do not agree on one")
+        })?;
+    let (named, mine) = (
+        run_id_of(cx, &agreed, deadline)?,
+        run_id_of(cx, endpoint, deadline)?,
+    );
+    if named != mine {
+        return Err(format!(
+            "{endpoint} says it is the primary, but the sentinels name another process ({agreed}): refusing to restart it or to move the role"
+        ));
+    }
+    paused_switchover(cx.tls, cx.server_name, sentinels, cx.master, deadline)
+        .map_err(|e| e.to_string())?;
+    match role_of(cx, endpoint, deadline)? {
+        Role::Replica => Ok(()),
+        Role::Primary => Err(format!(
+            "{endpoint} still says it is the primary after the switchover"
+        )),
     }
 }
 

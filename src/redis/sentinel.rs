@@ -17,8 +17,9 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// `ip:port`, an IPv6 address in brackets.
     pub fn endpoint(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
+        super::join_host_port(&self.ip, self.port)
     }
 
     /// Not flagged subjectively or objectively down, nor disconnected.
@@ -87,7 +88,8 @@ pub fn replicas(
     peers(conn, "REPLICAS", master, deadline)
 }
 
-/// `SENTINEL get-master-addr-by-name`: the primary as `ip:port`, None if unknown.
+/// `SENTINEL get-master-addr-by-name`: the primary as `ip:port` (IPv6 in brackets), None if
+/// unknown.
 pub fn primary_addr(
     conn: &mut Connection,
     master: &str,
@@ -97,7 +99,7 @@ pub fn primary_addr(
     match &reply {
         Value::Array(None) | Value::Bulk(None) => Ok(None),
         Value::Array(Some(items)) if items.len() == 2 => match (items[0].text(), items[1].text()) {
-            (Some(ip), Some(port)) => Ok(Some(format!("{ip}:{port}"))),
+            (Some(ip), Some(port)) => Ok(Some(super::join_host_port(&ip, port))),
             _ => Err(unexpected(conn, "SENTINEL get-master-addr-by-name", &reply)),
         },
         _ => Err(unexpected(conn, "SENTINEL get-master-addr-by-name", &reply)),
@@ -203,6 +205,26 @@ pub fn knows_exactly(
     )))
 }
 
+/// A replica as the tool knows it: where it reaches it, and (if asked) its `run_id`, which
+/// names it whatever address Sentinel sees it at (a `--redis-endpoint` override, a hostname).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaId<'a> {
+    pub endpoint: &'a str,
+    pub run_id: Option<&'a str>,
+}
+
+impl ReplicaId<'_> {
+    /// Whether Sentinel's entry `p` is this replica: the same run ID, else the same address
+    /// (compared as addresses).
+    pub fn is(&self, p: &Peer) -> bool {
+        let run_id = p.fields.get("runid").filter(|r| !r.is_empty());
+        match (self.run_id, run_id) {
+            (Some(mine), Some(theirs)) if mine == theirs => true,
+            _ => super::same_address(&p.endpoint(), self.endpoint),
+        }
+    }
+}
+
 /// Whether every sentinel at `sentinels` lists the replica at `replica` (`ip:port`) as healthy
 /// with its link to the primary up. Sentinel refreshes a replica's INFO only every 10 s, and a
 /// failover never promotes a replica whose last INFO showed the link down (`NOGOODSLAVE`).
@@ -214,11 +236,28 @@ pub fn replica_ready_for_sentinels(
     replica: &str,
     deadline: Instant,
 ) -> Result<(), RedisError> {
+    let id = ReplicaId {
+        endpoint: replica,
+        run_id: None,
+    };
+    replica_ready_for_sentinels_by(tls, server_name, sentinels, master, id, deadline)
+}
+
+/// `replica_ready_for_sentinels`, the replica found in Sentinel's lists by `id`.
+pub fn replica_ready_for_sentinels_by(
+    tls: &super::TlsClient,
+    server_name: &str,
+    sentinels: &[String],
+    master: &str,
+    id: ReplicaId<'_>,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    let replica = id.endpoint;
     for s in sentinels {
         let mut c = Connection::connect(tls, s, server_name, deadline)?;
         let seen = replicas(&mut c, master, deadline)?;
         let ready = seen.iter().any(|p| {
-            p.endpoint() == replica
+            id.is(p)
                 && p.healthy()
                 && p.fields.get("master-link-status").map(String::as_str) == Some("ok")
         });

@@ -15,7 +15,7 @@ use super::replication::{info_replication, Role};
 use super::resp::Connection;
 use super::sentinel::{primary_addr, replica_ready_for_sentinels};
 use super::tls::TlsClient;
-use super::{pause_until, RedisError};
+use super::{pause_until, same_address, split_host_port, RedisError};
 
 const POLL: Duration = Duration::from_millis(20);
 /// The longest a primary stays paused if we die midway (Redis ends the pause by itself).
@@ -54,7 +54,7 @@ pub fn agreed_primary(
     let majority = sentinels.len() / 2 + 1;
     answers
         .iter()
-        .find(|a| answers.iter().filter(|b| b == a).count() >= majority)
+        .find(|a| answers.iter().filter(|b| same_address(a, b)).count() >= majority)
         .cloned()
 }
 
@@ -79,7 +79,7 @@ fn every_sentinel_names(
             match Connection::connect(tls, s, server_name, until)
                 .and_then(|mut c| primary_addr(&mut c, master, until))
             {
-                Ok(named) => named.as_deref() == Some(new),
+                Ok(named) => named.is_some_and(|n| same_address(&n, new)),
                 Err(_) => true,
             }
         });
@@ -217,7 +217,7 @@ fn move_while_paused(
     asked?;
     let new = loop {
         if let Some(p) = agreed_primary(tls, server_name, sentinels, master, deadline) {
-            if p != old {
+            if !same_address(&p, old) {
                 let promoted = Connection::connect(tls, &p, server_name, deadline)
                     .and_then(|mut c| info_replication(&mut c, deadline));
                 if matches!(promoted, Ok(ref i) if i.role == Role::Primary) {
@@ -237,11 +237,15 @@ fn move_while_paused(
     // Sentinel would turn the old primary into a replica of the new one too, but only after its
     // next INFO poll (seconds); while paused nobody writes to it, so it follows now.
     let info = info_replication(primary, deadline)?;
-    let replicaof_sent =
-        !(info.role == Role::Replica && info.primary.as_deref() == Some(new.as_str()));
+    let replicaof_sent = !(info.role == Role::Replica
+        && info
+            .primary
+            .as_deref()
+            .is_some_and(|p| same_address(p, &new)));
     if replicaof_sent {
-        let (host, port) = new.rsplit_once(':').expect("ip:port");
-        primary.call(&["REPLICAOF", host, port], deadline)?;
+        let (host, port) = split_host_port(&new)
+            .ok_or_else(|| topology(format!("{new}: not a host:port the sentinels named")))?;
+        primary.call(&["REPLICAOF", &host, &port.to_string()], deadline)?;
     }
     // Clients still connected to the old primary must find the new one through the sentinels.
     primary.call(&["CLIENT", "KILL", "TYPE", "normal"], deadline)?;

@@ -639,7 +639,11 @@ pub mod scenarios {
     const ROLL_GAP: Duration = Duration::from_millis(500);
 
     fn start(files: &Path, cfg: LoadConfig) -> (Topology, Load) {
-        let t = Topology::start_with(|_, dir| {
+        start_on(false, files, cfg)
+    }
+
+    fn start_on(ipv6: bool, files: &Path, cfg: LoadConfig) -> (Topology, Load) {
+        let t = Topology::start_on(ipv6, |_, dir| {
             KubeletMount::create(dir, files);
         });
         let load = Load::start(&t, files, cfg);
@@ -656,9 +660,14 @@ pub mod scenarios {
     /// (a) with `sub_path` mounts: DBs cannot reload, so replicas restart one at a time, caught
     /// up before the next, and the primary restarts last after a paused switchover.
     pub fn leaf_renewal_mounted(cfg: LoadConfig, sub_path: bool) -> Figures {
+        leaf_renewal_on(cfg, sub_path, false)
+    }
+
+    /// `leaf_renewal_mounted`, with IPv6 pod IPs if `ipv6` (every process on `::1`).
+    pub fn leaf_renewal_on(cfg: LoadConfig, sub_path: bool, ipv6: bool) -> Figures {
         let tmp = super::super::tempdir();
         let (old, new) = renewal_materials(tmp.path());
-        let (mut t, load) = start(&old, cfg);
+        let (mut t, load) = start_on(ipv6, &old, cfg);
         let tool = tls_client(&new);
         let proof = Proof {
             serves: Some(fingerprint_of(&new)),
@@ -669,6 +678,53 @@ pub mod scenarios {
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
         load.finish(&new)
+    }
+
+    /// (a) with `subPath` mounts, on a plan made before the primary moved: the plan restarts
+    /// db-1 and db-2 as replicas and moves db-0's role last, but by the time it runs the role has
+    /// moved to another DB (a paused switchover, lossless, stands for a failover). Returns the
+    /// figures and the primary when the roll started.
+    pub fn leaf_renewal_on_a_stale_plan(cfg: LoadConfig) -> (Figures, String) {
+        let tmp = super::super::tempdir();
+        let (old, new) = renewal_materials(tmp.path());
+        let (mut t, load) = start(&old, cfg);
+        let tool = tls_client(&new);
+        for p in &t.procs {
+            KubeletMount {
+                dir: p.mount.clone(),
+            }
+            .swap(&new);
+        }
+        let steps = rollout::plan(&observed_pods(&t, true)).unwrap();
+        let sentinels: Vec<String> = t.sentinels().map(|s| s.endpoint()).collect();
+        let old_tool = tls_client(&old);
+        dssm_certs::redis::switchover::paused_switchover(
+            &old_tool,
+            SERVER_NAME,
+            &sentinels,
+            MASTER,
+            Instant::now() + Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let moved_to = t.wait_healthy(Duration::from_secs(60));
+        let primary = t.dbs().find(|d| d.port == moved_to).unwrap().name.clone();
+        let cx = RolloutContext {
+            tls: &tool,
+            server_name: SERVER_NAME,
+            master: MASTER,
+            proof: Proof {
+                serves: Some(fingerprint_of(&new)),
+                accepts: vec![&tool],
+                refuses: vec![],
+            },
+            step_timeout: Duration::from_secs(30),
+            reload_timeout: Duration::from_secs(30),
+        };
+        rollout::execute(&steps, &mut TestPods(&mut t), &cx, |_, _| {})
+            .unwrap_or_else(|e| panic!("{e}"));
+        load.roll_clients(&new, ROLL_GAP);
+        load.settle();
+        (load.finish(&new), primary)
     }
 
     /// What the sentinels know after a rotation, and how a failover with one of them down went.

@@ -112,7 +112,7 @@ impl Proc {
 
     /// `ip:port`, where Redis and Sentinel (and the tool) reach it now.
     pub fn endpoint(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
+        dssm_certs::redis::join_host_port(&self.ip, self.port)
     }
 
     fn stop(&mut self) {
@@ -147,7 +147,7 @@ pub fn ip_of(port: u16) -> String {
 
 /// `ip:port` of the test process listening on `port` now.
 pub fn endpoint(port: u16) -> String {
-    format!("{}:{port}", ip_of(port))
+    dssm_certs::redis::join_host_port(&ip_of(port), port)
 }
 
 fn register(p: &Proc) {
@@ -205,6 +205,8 @@ pub struct Topology {
     /// Whether a recreated process gets a new IP, as a recreated pod does (the default). The
     /// test cluster's bed keeps them: the tool reaches its pods at fixed `--redis-endpoint`s.
     pub new_ip_on_restart: bool,
+    /// Every process on `::1` (distinct ports): IPv6 pod IPs.
+    pub ipv6: bool,
 }
 
 impl Topology {
@@ -216,7 +218,13 @@ impl Topology {
 
     /// Like `start`, with `make_mount(name, dir)` laying out each process's mount at `dir`.
     /// Each process has its own loopback IP (and answers on 127.0.0.1 too, at its port).
-    pub fn start_with(mut make_mount: impl FnMut(&str, &Path)) -> Topology {
+    pub fn start_with(make_mount: impl FnMut(&str, &Path)) -> Topology {
+        Self::start_on(false, make_mount)
+    }
+
+    /// `start_with`, every process on `::1` if `ipv6` (IPv6 pod IPs: Sentinel and INFO then
+    /// answer bare IPv6 addresses, a socket address needs brackets).
+    pub fn start_on(ipv6: bool, mut make_mount: impl FnMut(&str, &Path)) -> Topology {
         let root = tempfile::Builder::new()
             .prefix("dssm-redis")
             .tempdir()
@@ -227,6 +235,7 @@ impl Topology {
             procs: Vec::new(),
             primary_port,
             new_ip_on_restart: true,
+            ipv6,
         };
         let mut seed_primary = None;
         for (name, role) in [
@@ -249,7 +258,7 @@ impl Topology {
             let mut p = Proc {
                 name: name.into(),
                 role,
-                ip: new_ip(),
+                ip: t.new_ip(),
                 port,
                 dir,
                 mount: own_mount,
@@ -263,6 +272,14 @@ impl Topology {
         }
         t.wait_healthy(Duration::from_secs(60));
         t
+    }
+
+    fn new_ip(&self) -> String {
+        if self.ipv6 {
+            "::1".into()
+        } else {
+            new_ip()
+        }
     }
 
     pub fn get(&self, name: &str) -> &Proc {
@@ -396,11 +413,11 @@ impl Topology {
             let p = self.get("db-0");
             Some((p.ip.clone(), p.port))
         });
-        let fresh_ip = self.new_ip_on_restart;
+        let fresh_ip = self.new_ip_on_restart.then(|| self.new_ip());
         let idx = self.procs.iter().position(|p| p.name == name).unwrap();
         let p = &mut self.procs[idx];
-        if fresh_ip {
-            p.ip = new_ip();
+        if let Some(ip) = fresh_ip {
+            p.ip = ip;
             register(p);
         }
         write_config(p, primary);
@@ -416,7 +433,7 @@ impl Topology {
         for p in &mut procs {
             p.stop();
             if self.new_ip_on_restart {
-                p.ip = new_ip();
+                p.ip = self.new_ip();
                 register(p);
             }
         }
@@ -437,8 +454,10 @@ impl Topology {
 /// from its own IP, so that the others see it at its pod IP, as in a cluster (protected mode
 /// off: it would refuse peers from other addresses than 127.0.0.1; client certificates guard).
 fn write_config(p: &Proc, primary: Option<(String, u16)>) {
+    // IPv6: `::1` only (nothing reaches it over IPv4 by accident).
+    let also = if p.ip.contains(':') { "" } else { " 127.0.0.1" };
     let mut conf = format!(
-        "port 0\ntls-port {}\nbind {ip} 127.0.0.1\nbind-source-addr {ip}\nprotected-mode no\ndir {}\nlogfile {}\nsave \"\"\nappendonly no\n",
+        "port 0\ntls-port {}\nbind {ip}{also}\nbind-source-addr {ip}\nprotected-mode no\ndir {}\nlogfile {}\nsave \"\"\nappendonly no\n",
         p.port,
         p.dir.display(),
         p.dir.join("log").display(),
