@@ -126,6 +126,39 @@ fn paused_switchover_moves_the_primary_under_load_without_losing_a_write() {
     f.assert_unnoticed("paused switchover");
 }
 
+/// Issue 23: a replica that cannot catch up (frozen) aborts the switchover well inside the
+/// pause: unpaused, the primary unchanged, nothing lost, the reason given.
+#[test]
+fn a_paused_switchover_with_a_lagging_replica_aborts_inside_the_pause_and_loses_nothing() {
+    use dssm_certs::redis::switchover::{CATCH_UP, PAUSE};
+    let (f, result, took, unchanged) =
+        scenarios::switchover_against(LoadConfig::default(), Some("db-2"), false);
+    eprintln!("switchover, replica frozen: {f:?} {result:?} in {took:?}");
+    let err = result.expect_err("a switchover with a replica that cannot catch up");
+    assert!(
+        err.contains("did not catch up") && err.contains("aborted"),
+        "{err}"
+    );
+    assert!(unchanged, "the primary moved: {err}");
+    assert!(took < PAUSE, "{took:?}");
+    assert!(f.longest_gap < CATCH_UP + Duration::from_secs(2), "{f:?}");
+    assert_eq!((f.lost, f.failed_after_retry), (0, 0), "{f:?}");
+}
+
+/// Issue 23: a sentinel that stops answering (a silent proxy in front of it, asked first) costs
+/// one operation's timeout, not the pause: the primary moves, nothing lost.
+#[test]
+fn a_paused_switchover_with_a_silent_sentinel_still_moves_the_primary_inside_the_pause() {
+    use dssm_certs::redis::switchover::PAUSE;
+    let (f, result, took, unchanged) =
+        scenarios::switchover_against(LoadConfig::default(), None, true);
+    eprintln!("switchover, sentinel silent: {f:?} {result:?} in {took:?}");
+    let moved = result.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!unchanged, "{moved:?}");
+    assert!(moved.paused_for < PAUSE, "{moved:?}");
+    assert_eq!((f.lost, f.failed_after_retry), (0, 0), "{f:?}");
+}
+
 #[test]
 fn everything_restarted_at_once_runs_and_is_measured() {
     // For contrast only (the figures are the benchmark's): it must run to the end.

@@ -961,6 +961,64 @@ pub mod scenarios {
         load.finish(&m.drop)
     }
 
+    /// A paused switchover under load with `frozen` (a replica, SIGSTOPped just before: it lags
+    /// forever) and sentinel-0 reached through a proxy that goes silent just before (listed
+    /// first: asked first). Returns the figures, the switchover's result, how long it took, and
+    /// whether the sentinels still agree on the old primary afterwards.
+    pub fn switchover_against(
+        cfg: LoadConfig,
+        frozen: Option<&str>,
+        silent_sentinel: bool,
+    ) -> (
+        Figures,
+        Result<dssm_certs::redis::switchover::Switchover, String>,
+        Duration,
+        bool,
+    ) {
+        let tmp = super::super::tempdir();
+        let (files, _) = renewal_materials(tmp.path());
+        let (t, load) = start(&files, cfg);
+        let old = t.agreed_primary().unwrap();
+        let proxy = super::super::redis::SilentProxy::start(&t.get("sentinel-0").endpoint());
+        let mut sentinels: Vec<String> = t.sentinels().map(|s| s.endpoint()).collect();
+        sentinels[0] = proxy.endpoint.clone();
+        if silent_sentinel {
+            proxy.go_silent();
+        }
+        if let Some(name) = frozen {
+            // Sentinel drops its link to a frozen replica after half its down-after: 5 s, so
+            // the gate before the pause still sees it ready and the freeze is met inside the
+            // pause (catch-up then has its full 3 s, below half of down-after too).
+            for s in t.sentinels() {
+                let set = [
+                    "SENTINEL",
+                    "SET",
+                    MASTER,
+                    "down-after-milliseconds",
+                    "10000",
+                ];
+                assert_eq!(t.cli(&s.mount, s.port, &set).trim(), "OK");
+            }
+            t.signal(name, "STOP");
+        }
+        let start = Instant::now();
+        let result = dssm_certs::redis::switchover::paused_switchover(
+            &tls_client(&files),
+            SERVER_NAME,
+            &sentinels,
+            MASTER,
+            Instant::now() + Duration::from_secs(30),
+        )
+        .map_err(|e| e.to_string());
+        let took = start.elapsed();
+        if let Some(name) = frozen {
+            t.signal(name, "CONT");
+        }
+        let now = t.wait_healthy(Duration::from_secs(60));
+        load.settle();
+        (load.finish(&files), result, took, now == old)
+    }
+
     /// The primary moved to a replica by a paused switchover while the clients write.
     pub fn paused_switchover(
         cfg: LoadConfig,

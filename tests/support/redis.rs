@@ -10,8 +10,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -399,6 +400,17 @@ impl Topology {
         self.procs[idx].stop();
     }
 
+    /// Sends `name`'s process `signal` (`STOP`: it freezes, a replica lags; `CONT`: it resumes).
+    pub fn signal(&self, name: &str, signal: &str) {
+        let pid = self.get(name).child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {name}");
+    }
+
     /// Whether `name`'s process was started and not stopped since.
     pub fn running(&self, name: &str) -> bool {
         self.get(name).child.is_some()
@@ -555,4 +567,94 @@ pub fn cli_with(mount: &Path, port: u16, args: &[&str]) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A TCP proxy in front of a test process that can go silent: from `go_silent` on it accepts
+/// connections and reads nothing, forwards nothing, answers nothing, closes nothing (a
+/// blackholed peer, as a partitioned or frozen pod is to its clients). Stops when dropped.
+pub struct SilentProxy {
+    pub endpoint: String,
+    silent: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SilentProxy {
+    /// A proxy on 127.0.0.1 (a port of its own) forwarding to `to` (`ip:port`).
+    pub fn start(to: &str) -> SilentProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        let (silent, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (s2, st2, to) = (silent.clone(), stop.clone(), to.to_string());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !st2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) if s2.load(Ordering::Relaxed) => held.push(client),
+                    Ok((client, _)) => {
+                        let Ok(upstream) = std::net::TcpStream::connect(&to) else {
+                            continue;
+                        };
+                        for (from, into) in [
+                            (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                            (upstream, client),
+                        ] {
+                            let (s3, st3) = (s2.clone(), st2.clone());
+                            std::thread::spawn(move || pipe(from, into, &s3, &st3));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        SilentProxy {
+            endpoint,
+            silent,
+            stop,
+        }
+    }
+
+    pub fn go_silent(&self) {
+        self.silent.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for SilentProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pipe(
+    mut from: std::net::TcpStream,
+    mut into: std::net::TcpStream,
+    silent: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        if silent.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if into.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
 }
