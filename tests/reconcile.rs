@@ -1053,3 +1053,52 @@ fn pods_running_without_the_secrets_mounted_are_named_and_not_restarted() {
         assert_restarted_nothing(&env, &before);
     }
 }
+
+// Regression: a transient API error inside a wait ended it after `call`'s retries (about 3 s),
+// so an API server restart during a rotation failed it. Here: 10 s of 503s (and every open
+// watch cut) while the first publication waits for its pods.
+#[test]
+fn a_ten_second_api_outage_during_a_wait_is_waited_out() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    // The pods come up in the middle of the outage.
+    env.server
+        .with_state(|s| s.timing.pod_start = Duration::from_secs(4));
+    let run = std::thread::scope(|scope| {
+        let run = scope.spawn(|| reconcile_default(&env, &["--wait-timeout", "90s"]));
+        // Once the last write (the store marked complete) is done: the run is waiting.
+        env.server
+            .wait_until("the publication complete", Duration::from_secs(60), |s| {
+                s.get(
+                    apiserver::resource("", "secrets"),
+                    "spk-utilities",
+                    "dssm-ca-key-secret",
+                )
+                .is_some_and(|c| {
+                    c["metadata"]["annotations"]["dssm-certs.f5.com/state"] == "complete"
+                })
+            });
+        env.server.with_state(|s| s.end_watches());
+        env.server.add_fault(Fault::outage(Duration::from_secs(10)));
+        run.join().unwrap()
+    });
+    let (code, out, err) = run;
+    assert_eq!(code, 0, "{out}{err}");
+    let refused = env
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.status == 503)
+        .count();
+    assert!(
+        refused >= 3,
+        "the outage was not met ({refused} requests answered 503): {err}"
+    );
+    assert!(
+        out.contains("dSSM pods in spk-utilities are Running and Ready"),
+        "{out}"
+    );
+    assert!(all_ready(&env));
+}

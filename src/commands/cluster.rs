@@ -1,5 +1,6 @@
 //! `reconcile`, `rotate` and `restart`: the commands that change the cluster. Each holds the
-//! Lease while it writes, and on SIGTERM/SIGINT gives TMM back its replicas before exiting.
+//! Lease while it writes, and on SIGTERM/SIGINT gives TMM back its replicas and releases the
+//! Lease before exiting.
 
 use super::{log, runtime, CommandError};
 use crate::check::Thresholds;
@@ -140,6 +141,10 @@ where
         return Err(RestartError::Interrupted { replicas: -1 }.into());
     }
     log::notice("signal received: restoring TMM before exiting");
-    let replicas = cluster.restore_tmm().await?.unwrap_or(-1);
+    let restored = cluster.restore_tmm().await;
+    // Released even when the restore failed: the next run restores from the record at once
+    // instead of waiting out the Lease.
+    cluster.release_lease().await;
+    let replicas = restored?.unwrap_or(-1);
     Err(RestartError::Interrupted { replicas }.into())
 }
