@@ -29,6 +29,12 @@ pub enum ReconcileError {
     Refused(String),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
     Preflight(String),
+    #[error("pre-flight refused phase {number} of 3 ({phase}) of the CA rotation before its first write: {why}. The rotation stays recorded at this phase, and every process still trusts the others; the next run resumes it once that is fixed")]
+    PhasePreflight {
+        number: i64,
+        phase: &'static str,
+        why: String,
+    },
     /// Internal: the pass must write, so it needs the Lease first.
     #[error("the pass needs the lease")]
     NeedsLease,

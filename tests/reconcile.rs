@@ -1102,3 +1102,88 @@ fn a_ten_second_api_outage_during_a_wait_is_waited_out() {
     );
     assert!(all_ready(&env));
 }
+
+/// `rotate --ca` on the real-process bed with the dSSM endpoints `endpoints` (and `extra`).
+fn rotate_ca_on_bed(
+    env: &TestEnv,
+    bed: &support::dssm_pods::Bed,
+    cmd: &str,
+    endpoints: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec![cmd, "--key-algorithm", "ecdsa-p256"];
+    if cmd == "rotate" {
+        args.insert(1, "--ca");
+    }
+    args.extend_from_slice(extra);
+    let mut c = support::dssm_pods::command(env, bed, &args);
+    c.env("DSSM_CERTS_REDIS_ENDPOINT", endpoints);
+    output(&mut c)
+}
+
+// Regression: a CA rotation's phases were pre-flighted once, at the start: a phase (or a resumed
+// one) went out into a dSSM with a sentinel unreachable or not monitoring the master.
+#[test]
+fn each_ca_rotation_phase_and_every_resume_is_preflighted_and_refused_before_its_first_write() {
+    use support::dssm_pods::{self, Bed};
+    let env = dssm_pods::published();
+    let (bed, load) = Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let before = env.copy(&env.dssm_ns).unwrap();
+    // sentinel-2 unreachable (its endpoint a closed port): the trust phase is refused.
+    let broken: String = bed
+        .redis_endpoints
+        .split(',')
+        .map(|e| {
+            if e.starts_with("f5-dssm-sentinel-2=") {
+                "f5-dssm-sentinel-2=127.0.0.1:1".to_string()
+            } else {
+                e.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let (code, out, err) = rotate_ca_on_bed(&env, &bed, "rotate", &broken, &[]);
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(
+        err.contains("pre-flight refused phase 1 of 3 (trust)")
+            && err.contains("sentinel pod spk-utilities/f5-dssm-sentinel-2: cannot reach it"),
+        "{err}"
+    );
+    assert_eq!(
+        env.copy(&env.dssm_ns).unwrap(),
+        before,
+        "the trust phase was written"
+    );
+    assert_eq!(env.copy(&env.tmm_ns).unwrap(), before);
+    let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
+    assert!(
+        store["metadata"]["annotations"]["dssm-certs.f5.com/rotation"]
+            .as_str()
+            .is_some_and(|r| r.contains("trust")),
+        "{store}"
+    );
+    // The resume is pre-flighted too: a master name no sentinel monitors is refused.
+    let (code, out, err) = rotate_ca_on_bed(
+        &env,
+        &bed,
+        "reconcile",
+        &bed.redis_endpoints,
+        &["--redis-master-name", "not-monitored"],
+    );
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(
+        err.contains("pre-flight refused phase 1 of 3 (trust)") && err.contains("CKQUORUM"),
+        "{err}"
+    );
+    assert_eq!(env.copy(&env.dssm_ns).unwrap(), before);
+    // Fixed: the next run resumes, each phase pre-flighted, and finishes unnoticed.
+    let (code, out, err) = rotate_ca_on_bed(&env, &bed, "reconcile", &bed.redis_endpoints, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    for n in 1..=3 {
+        assert!(out.contains(&format!("pre-flight for phase {n} ")), "{out}");
+    }
+    assert!(out.contains("CA rotation complete"), "{out}");
+    let (figures, _) = dssm_pods::finish(bed, load);
+    figures.assert_unnoticed("a CA rotation refused twice by its pre-flight, then resumed");
+}
