@@ -80,6 +80,8 @@ pub async fn reconcile(
     opts: &Options,
     out: &mut (dyn Write + Send),
 ) -> Result<Outcome, ReconcileError> {
+    // A stop asked for in an earlier pass (the agent's Lease lost) does not stop this one.
+    crate::stop::clear();
     let mut first = Vec::new();
     let mut restart_pending = false;
     match pass_once(cluster, opts, &mut first, false).await {

@@ -1187,3 +1187,59 @@ fn each_ca_rotation_phase_and_every_resume_is_preflighted_and_refused_before_its
     let (figures, _) = dssm_pods::finish(bed, load);
     figures.assert_unnoticed("a CA rotation refused twice by its pre-flight, then resumed");
 }
+
+// Regression: SIGTERM dropped the dSSM roll wherever it was (a paused switchover included) and
+// left the Lease held. Now the step in progress finishes, no other starts, and the Lease goes.
+#[test]
+fn sigterm_mid_dssm_roll_stops_at_the_next_safe_point_and_the_next_run_finishes() {
+    use std::io::BufRead;
+    use support::dssm_pods::{self, Bed};
+    let env = dssm_pods::published();
+    let (bed, load) = Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    let mut planned = 0;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        planned += usize::from(line.starts_with("  plan: "));
+        let first_done = line.starts_with("  done: ");
+        lines.push(line);
+        if first_done {
+            let pid = child.id().to_string();
+            assert!(std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let (stdout, err) = (lines.join("\n"), String::from_utf8_lossy(&out.stderr));
+    assert_ne!(out.status.code(), Some(0), "{stdout}\n{err}");
+    assert!(
+        err.contains("stopping at the next safe point")
+            && (err.contains("interrupted by a signal") || err.contains("asked to stop")),
+        "{stdout}\n{err}"
+    );
+    let done = lines.iter().filter(|l| l.starts_with("  done: ")).count();
+    assert!(
+        (1..planned).contains(&done),
+        "{done} of {planned} steps done: {stdout}"
+    );
+    let lease = env
+        .server
+        .get("coordination.k8s.io", "leases", &env.dssm_ns, "dssm-certs")
+        .unwrap();
+    assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
+    // The next run (the restart is still marked) finishes it.
+    let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (figures, _) = dssm_pods::finish(bed, load);
+    figures.assert_unnoticed("a leaf renewal stopped by SIGTERM mid-roll, then finished");
+}

@@ -308,17 +308,25 @@ impl Held {
         let _ = rx.wait_for(|lost| *lost).await;
     }
 
-    /// Runs `work` while the Lease is held; if it is lost first, `work` is dropped (it stops at
-    /// its next await) and the result is an error saying so.
+    /// Runs `work` while the Lease is held; if it is lost first, `work` is dropped at the next
+    /// safe point (a dSSM roll finishes the step it is in and starts no other: `stop`) and the
+    /// result is an error saying so.
     pub async fn guard<T, E: From<ClusterError>>(
         &self,
         work: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
+        tokio::pin!(work);
         tokio::select! {
-            r = work => r,
-            () = self.lost() => Err(ClusterError::LeaseLost(format!(
+            r = &mut work => return r,
+            () = self.lost() => {}
+        }
+        crate::stop::request();
+        tokio::select! {
+            biased;
+            () = crate::stop::at_safe_point() => Err(ClusterError::LeaseLost(format!(
                 "lease {}/{LEASE_NAME}", self.namespace
             )).into()),
+            r = &mut work => r,
         }
     }
 

@@ -123,10 +123,21 @@ where
 {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler can be installed");
+    crate::stop::clear();
+    tokio::pin!(work);
     tokio::select! {
-        r = work => r,
-        _ = term.recv() => stop(cluster).await,
-        _ = tokio::signal::ctrl_c() => stop(cluster).await,
+        r = &mut work => return r,
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // A dSSM roll mid-step (a paused switchover) finishes that step and starts no other; the
+    // work is dropped at that safe point.
+    crate::stop::request();
+    log::notice("signal received: stopping at the next safe point");
+    tokio::select! {
+        biased;
+        () = crate::stop::at_safe_point() => stop(cluster).await,
+        r = &mut work => r,
     }
 }
 
