@@ -1243,3 +1243,101 @@ fn sigterm_mid_dssm_roll_stops_at_the_next_safe_point_and_the_next_run_finishes(
     let (figures, _) = dssm_pods::finish(bed, load);
     figures.assert_unnoticed("a leaf renewal stopped by SIGTERM mid-roll, then finished");
 }
+
+/// Forwards every connection to 127.0.0.1:`target` once it is set: an address known before the
+/// processes behind it exist (the probe's, given on the command line).
+fn forwarder(target: std::sync::Arc<std::sync::OnceLock<u16>>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let (Ok(client), Some(to)) = (conn, target.get()) else {
+                continue;
+            };
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", *to)) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    port
+}
+
+// The fresh install on real Redis: the dSSM processes start only once kubelet could mount the
+// published Secrets, and `reconcile` with default settings waits for them and proves mTLS
+// through a sentinel with the published materials.
+#[test]
+fn a_fresh_install_on_real_redis_comes_up_on_the_published_secrets_with_mtls_proven() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    // From now on the dSSM pods are Ready when their processes are (below).
+    env.server
+        .with_state(|s| s.never_ready.push("f5-dssm-".into()));
+    let before = pod_uids(&env);
+    let sentinel = std::sync::Arc::new(std::sync::OnceLock::new());
+    let probe = format!("127.0.0.1:{}", forwarder(sentinel.clone()));
+    let (code, out, err, _topology) = std::thread::scope(|scope| {
+        let kubelet = scope.spawn(|| {
+            let files = redis::wait_for("the published Secrets", Duration::from_secs(60), || {
+                let certs = env.secret("spk-utilities", "dssm-certs-secret")?;
+                let keys = env.secret("spk-utilities", "dssm-keys-secret")?;
+                Some((certs["data"].clone(), keys["data"].clone()))
+            });
+            let mount = env.dir.path().join("mount");
+            std::fs::create_dir_all(&mount).unwrap();
+            for data in [files.0, files.1] {
+                for (key, value) in data.as_object().unwrap() {
+                    use base64::Engine;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(value.as_str().unwrap())
+                        .unwrap();
+                    std::fs::write(mount.join(key), bytes).unwrap();
+                }
+            }
+            let topology = redis::Topology::start(&mount);
+            sentinel.set(topology.get("sentinel-0").port).unwrap();
+            env.server.with_state(|s| {
+                s.never_ready.clear();
+                s.timing.pod_start = Duration::ZERO;
+            });
+            topology
+        });
+        let (code, out, err) = reconcile_default(
+            &env,
+            &[
+                "--wait-timeout",
+                "120s",
+                "--probe-endpoint",
+                &probe,
+                "--probe-server-name",
+                "f5-dssm-sentinel",
+            ],
+        );
+        (code, out, err, kubelet.join().unwrap())
+    });
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: publish") && out.contains("9 pods are waiting"),
+        "{out}"
+    );
+    assert!(out.contains("probe: "), "mTLS not proven: {out}");
+    assert!(!out.contains("probe skipped"), "{out}");
+    assert!(all_ready(&env));
+    assert_restarted_nothing(&env, &before);
+    let (code, out, _) = reconcile_default(&env, &[]);
+    assert_eq!(
+        (code, out.lines().next()),
+        (0, Some("plan: nothing")),
+        "{out}"
+    );
+}
