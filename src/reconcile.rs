@@ -192,8 +192,8 @@ async fn pass_once(
     refuse_foreign(cluster, &obs)?;
     let phased_from = rolling_start(cluster, &obs, &plan, opts, unix)?;
     // Nothing to restart, and no pre-flight to wait for pods only the publication can start.
-    let fresh =
-        opts.restart.is_some() && crate::first_publication::is_fresh(&obs, &cluster.namespaces());
+    let fresh = opts.restart.is_some()
+        && crate::first_publication::is_fresh(&obs, &cluster.namespaces(), plan.action);
     if fresh {
         let found = crate::first_publication::find(cluster).await?;
         let _ = writeln!(out, "{}", found.describe());

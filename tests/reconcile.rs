@@ -1341,3 +1341,35 @@ fn a_fresh_install_on_real_redis_comes_up_on_the_published_secrets_with_mtls_pro
         "{out}"
     );
 }
+
+// A first publication that stopped after the dSSM copies (here: the TMM namespace refused the
+// write) left the dSSM pods started and TMM's waiting. The next run finishes the publication
+// from the saved materials as a first publication: no pre-flight waiting for TMM pods that only
+// it can start, no restart.
+#[test]
+fn a_first_publication_stopped_after_the_dssm_copies_is_finished_without_a_restart() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    let before = pod_uids(&env);
+    env.server.add_fault(Fault::status(
+        "POST",
+        "/namespaces/spk-ingress/secrets",
+        1,
+        403,
+    ));
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "30s"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(env.secret("spk-utilities", "dssm-keys-secret").is_some());
+    assert!(env.secret("spk-ingress", "dssm-certs-secret").is_none());
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "30s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: resume") && out.contains("first publication"),
+        "{out}"
+    );
+    assert!(all_ready(&env), "{out}");
+    assert_all_copies_identical_and_valid(&env);
+    assert_restarted_nothing(&env, &before);
+}
