@@ -1373,3 +1373,23 @@ fn a_first_publication_stopped_after_the_dssm_copies_is_finished_without_a_resta
     assert_all_copies_identical_and_valid(&env);
     assert_restarted_nothing(&env, &before);
 }
+
+// An eviction answered 503 more times than one call retries (an API server restarting) is
+// retried until --wait-timeout instead of failing the restart after about 3 s.
+#[test]
+fn evictions_outlive_a_burst_of_server_errors() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    env.server
+        .add_fault(Fault::status("POST", "/eviction", 1, 503).repeat(8));
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let refused = env
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.status == 503 && r.path.ends_with("/eviction"))
+        .count();
+    assert_eq!(refused, 8, "{out}");
+    assert!(out.contains("dSSM pods in spk-utilities are back"), "{out}");
+}

@@ -103,8 +103,8 @@ impl PodsIn {
     }
 
     /// Removes a pod through the Eviction API, so PodDisruptionBudgets are respected: a 429 (no
-    /// disruption allowed now) is retried until `deadline`, as `kubectl drain` does. A pod
-    /// already gone is fine.
+    /// disruption allowed now) is retried until `deadline`, as `kubectl drain` does, and so is
+    /// an API outage. A pod already gone is fine.
     pub async fn evict(
         &self,
         name: &str,
@@ -121,6 +121,11 @@ impl PodsIn {
                 }) if tokio::time::Instant::now() < deadline => {
                     tracing::info!(pod = %name, %message, "eviction not allowed yet; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                // An API outage (after `call`'s retries) is waited out too, to the same deadline.
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(pod = %name, error = %e, "API unavailable; retrying the eviction");
+                    tokio::time::sleep(super::WAIT_RETRY).await;
                 }
                 Err(ClusterError::Api {
                     code: 429, message, ..
