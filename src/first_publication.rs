@@ -16,6 +16,8 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::cluster::{Cluster, ClusterError, Observation, ResourceExt};
 use crate::contract;
+use crate::materials::SecretObs;
+use crate::plan::Action;
 use crate::restart::{self, RestartError};
 
 /// How a pod's volumes reach our two Secrets (`dssm-certs-secret`, `dssm-keys-secret`).
@@ -61,15 +63,25 @@ pub fn mount_of(pod: &Pod) -> Mount {
     found
 }
 
-/// This pass publishes into a fresh install: neither `dssm-certs-secret` nor
-/// `dssm-keys-secret` exists in any namespace (the CA key Secret may: a crashed first run saved
-/// its materials there, or a hand install applied it).
-pub fn is_fresh(obs: &Observation, namespaces: &[String]) -> bool {
-    namespaces.iter().all(|ns| {
-        [contract::CERTS_SECRET, contract::KEYS_SECRET]
-            .iter()
-            .all(|name| !obs.raw.contains_key(&(ns.clone(), name.to_string())))
-    })
+/// This pass publishes into a fresh install: a publication while neither `dssm-certs-secret`
+/// nor `dssm-keys-secret` exists in any namespace (the CA key Secret may: a hand install applied
+/// it), or the resumption of a publication a run could not finish, whose copies already written
+/// hold the very materials it saved (the pods that mount them started on them).
+pub fn is_fresh(obs: &Observation, namespaces: &[String], action: Action) -> bool {
+    match action {
+        Action::Publish => namespaces.iter().all(|ns| {
+            [contract::CERTS_SECRET, contract::KEYS_SECRET]
+                .iter()
+                .all(|name| !obs.raw.contains_key(&(ns.clone(), name.to_string())))
+        }),
+        Action::Resume => matches!(
+            &obs.store,
+            SecretObs::Present { annotations, .. }
+                if annotations.get(crate::writes::PENDING_ACTION).map(String::as_str)
+                    == Some(crate::writes::action_name(Action::Publish))
+        ),
+        _ => false,
+    }
 }
 
 /// The pods found before publishing, by what the publication does for them.

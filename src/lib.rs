@@ -28,6 +28,7 @@ pub mod restart;
 pub mod restart_state;
 pub mod rolling;
 pub mod rotation;
+pub mod stop;
 pub mod targets;
 pub mod values;
 pub mod writes;

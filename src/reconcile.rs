@@ -29,6 +29,12 @@ pub enum ReconcileError {
     Refused(String),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
     Preflight(String),
+    #[error("pre-flight refused phase {number} of 3 ({phase}) of the CA rotation before its first write: {why}. The rotation stays recorded at this phase, and every process still trusts the others; the next run resumes it once that is fixed")]
+    PhasePreflight {
+        number: i64,
+        phase: &'static str,
+        why: String,
+    },
     /// Internal: the pass must write, so it needs the Lease first.
     #[error("the pass needs the lease")]
     NeedsLease,
@@ -74,6 +80,8 @@ pub async fn reconcile(
     opts: &Options,
     out: &mut (dyn Write + Send),
 ) -> Result<Outcome, ReconcileError> {
+    // A stop asked for in an earlier pass (the agent's Lease lost) does not stop this one.
+    crate::stop::clear();
     let mut first = Vec::new();
     let mut restart_pending = false;
     match pass_once(cluster, opts, &mut first, false).await {
@@ -184,8 +192,8 @@ async fn pass_once(
     refuse_foreign(cluster, &obs)?;
     let phased_from = rolling_start(cluster, &obs, &plan, &store, opts, unix)?;
     // Nothing to restart, and no pre-flight to wait for pods only the publication can start.
-    let fresh =
-        opts.restart.is_some() && crate::first_publication::is_fresh(&obs, &cluster.namespaces());
+    let fresh = opts.restart.is_some()
+        && crate::first_publication::is_fresh(&obs, &cluster.namespaces(), plan.action);
     let places = places(cluster);
     let revision = writes::revision(&obs, &plan, &store).map_err(ReconcileError::Refused)?;
     outcome.revision = Some(revision);

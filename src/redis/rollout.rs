@@ -250,6 +250,16 @@ pub fn execute(
         .filter(|s| matches!(s, Step::ReloadDb { .. } | Step::DbCaughtUp { .. }))
         .count();
     for step in steps {
+        // A signal or a lost Lease stops the roll here, between steps, never inside one.
+        if crate::stop::requested() {
+            return Err(RolloutError {
+                step: step.to_string(),
+                error: "not started: asked to stop (a signal or the lost Lease); every step \
+                        before it is complete"
+                    .into(),
+            });
+        }
+        let _busy = crate::stop::busy();
         // Asked again at every step: a restarted pod may come back at another address.
         let sentinels: Vec<String> = steps
             .iter()
