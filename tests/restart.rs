@@ -1301,10 +1301,113 @@ fn dssm_pods_with_a_sidecar_listed_first_rotate_with_the_defaults() {
     assert_eq!(r.code, 0, "{}", r.out);
     for db in ["f5-dssm-db-0", "f5-dssm-db-1", "f5-dssm-db-2"] {
         assert!(
-            r.out.contains(&format!("plan: {db}: reload TLS files in place")),
+            r.out
+                .contains(&format!("plan: {db}: reload TLS files in place")),
             "{db}: {}",
             r.out
         );
     }
-    r.figures.assert_unnoticed("dSSM pods with a sidecar listed first");
+    r.figures
+        .assert_unnoticed("dSSM pods with a sidecar listed first");
+}
+
+/// The dSSM pods as the API shows them now: (live pods, Ready ones).
+fn dssm_pods_now(env: &TestEnv) -> (usize, usize) {
+    env.server.with_state(|s| {
+        let pods = s.list(resource("", "pods"), Some(&env.dssm_ns));
+        let live: Vec<_> = pods
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .collect();
+        let ready = live
+            .iter()
+            .filter(|p| {
+                p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .count();
+        (live.len(), ready)
+    })
+}
+
+/// With OrderedReady (the API default) the StatefulSets recreate evicted pods one at a time.
+/// A restart killed right after evicting every dSSM pod, resumed while only the first ordinals
+/// are back, used to wait for the pods it listed and end with the rest still missing: it waits
+/// until each StatefulSet has all its pods Ready.
+#[test]
+fn a_restart_resumed_while_the_statefulsets_recreate_pods_ends_with_every_pod_back() {
+    use std::io::BufRead;
+    let env = TestEnv::spk();
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Each recreated ordinal takes a second to be Ready: the next waits for it.
+    env.server
+        .with_state(|s| s.timing.pod_start = Duration::from_secs(1));
+    let args = [
+        "restart",
+        "--strategy",
+        "scale-to-zero",
+        "--order",
+        "dssm-first",
+    ];
+    let mut child = bin()
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .args(args)
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args())
+        .args(["--lease-duration", "2s", "--max-clock-skew", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.lines() {
+        if line.unwrap().starts_with("evicted 6 dSSM pods") {
+            child.kill().unwrap();
+        }
+    }
+    child.wait().unwrap();
+    // The next run resumes; when it says the dSSM pods are back, they must all be.
+    let start = std::time::Instant::now();
+    let (out, at_back) = loop {
+        let mut child = bin()
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("HOME", env.dir.path())
+            .args(args)
+            .args(["--dssm-namespace", &env.dssm_ns])
+            .args(env.tmm_args())
+            .args(["--lease-duration", "2s", "--max-clock-skew", "1s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (mut out, mut at_back) = (String::new(), None);
+        for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            if line.starts_with("dSSM pods in") && line.ends_with("are back, Running and Ready") {
+                at_back = Some(dssm_pods_now(&env));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let code = child.wait().unwrap().code();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        if code != Some(5) {
+            assert_eq!(code, Some(0), "{out}{err}");
+            break (out, at_back);
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{out}{err}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(out.contains("resuming an interrupted restart"), "{out}");
+    assert_eq!(
+        at_back,
+        Some((6, 6)),
+        "every dSSM pod back and Ready when it says so: {out}"
+    );
+    assert_eq!(dssm_pods_now(&env), (6, 6), "{out}");
 }

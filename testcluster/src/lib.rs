@@ -277,15 +277,12 @@ impl ApiServer {
     /// A dSSM installation: StatefulSets f5-dssm-db and f5-dssm-sentinel (3 each) in `dssm_ns`,
     /// Deployment f5-tmm with `tmm_replicas` in `tmm_ns`. Their pods appear through the controllers.
     pub fn install_dssm(&self, dssm_ns: &str, tmm_ns: &str, tmm_replicas: i64) {
-        // Parallel: the restart today waits only for the dSSM pods it listed before deleting
-        // them, so with OrderedReady (the API default) a restart resumed while the
-        // StatefulSets are still recreating pods can end before every pod is back (the crash
-        // matrix in tests/restart.rs shows it). OrderedReady is covered in tests/test_cluster.rs.
+        // podManagementPolicy unset: OrderedReady, the API default (one pod at a time, each
+        // Ready before the next), as the dSSM StatefulSets run.
         for app in ["f5-dssm-db", "f5-dssm-sentinel"] {
             self.put("apps", "statefulsets", dssm_ns, json!({
                 "metadata": {"name": app, "labels": {"app": app}},
                 "spec": {"replicas": 3, "serviceName": app, "selector": {"matchLabels": {"app": app}},
-                         "podManagementPolicy": "Parallel",
                          "template": {"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "redis", "image": "f5-dssm-store"}]}}},
             }));
         }
