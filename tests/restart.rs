@@ -1411,3 +1411,105 @@ fn a_restart_resumed_while_the_statefulsets_recreate_pods_ends_with_every_pod_ba
     );
     assert_eq!(dssm_pods_now(&env), (6, 6), "{out}");
 }
+
+/// The default rotation (rolling, leaf renewal) on the real-process bed with `inject`'s faults
+/// in the API server: it succeeds and nobody notices (0 failed operations after one retry,
+/// 0 lost writes, a TMM pod, 2 DBs and 2 sentinels Ready throughout).
+fn default_rotation_under_faults(what: &str, inject: impl FnOnce(&TestEnv)) -> dssm_pods::Run {
+    let env = dssm_pods::published();
+    inject(&env);
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    assert_eq!(r.code, 0, "{what}: {}", r.out);
+    assert!(
+        r.out.contains("rolled out: its 3 pods are newer than"),
+        "{what}: {}",
+        r.out
+    );
+    r.figures.assert_unnoticed(what);
+    r
+}
+
+#[test]
+fn the_default_rotation_survives_410_gone_and_cut_watch_streams() {
+    default_rotation_under_faults("410 Gone and cut streams", |env| {
+        env.server
+            .add_watch_fault(WatchFault::gone("/pods").repeat(3));
+        env.server
+            .add_watch_fault(WatchFault::end_after_events("/pods", 1).nth(4).repeat(4));
+        env.server
+            .add_watch_fault(WatchFault::end_after_events("/deployments", 1).repeat(3));
+    });
+}
+
+/// How many requests the API server answered `status` to, by method and path fragment.
+fn answered(env: &TestEnv, method: &str, path: &str, status: u16) -> usize {
+    env.server
+        .requests()
+        .iter()
+        .filter(|r| r.method == method && r.path.contains(path) && r.status == status)
+        .count()
+}
+
+#[test]
+fn the_default_rotation_survives_5xx_bursts() {
+    let r = default_rotation_under_faults("5xx bursts", |env| {
+        env.server
+            .add_fault(Fault::status("GET", "/pods", 2, 503).repeat(3));
+        env.server
+            .add_fault(Fault::status("POST", "/eviction", 1, 500));
+        env.server
+            .add_fault(Fault::status("PATCH", "/deployments/f5-tmm", 1, 503).repeat(2));
+        env.server
+            .add_fault(Fault::status("GET", "/secrets", 3, 500).repeat(2));
+    });
+    assert_eq!(answered(&r.env, "GET", "/pods", 503), 3);
+    assert_eq!(answered(&r.env, "POST", "/eviction", 500), 1);
+    assert_eq!(answered(&r.env, "PATCH", "/deployments/f5-tmm", 503), 2);
+}
+
+/// Budgets over the dSSM pods (one disruption at a time) and a burst of 429s on the evictions:
+/// each eviction waits its turn.
+#[test]
+fn the_default_rotation_waits_out_pdb_429s() {
+    let r = default_rotation_under_faults("PDB 429", |env| {
+        for app in ["f5-dssm-db", "f5-dssm-sentinel"] {
+            env.server.put(
+                "policy",
+                "poddisruptionbudgets",
+                &env.dssm_ns,
+                json!({"metadata": {"name": app},
+                       "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": app}}}}),
+            );
+        }
+        env.server
+            .add_fault(Fault::status("POST", "/eviction", 1, 429).repeat(2));
+        let ns = env.dssm_ns.clone();
+        env.server
+            .wait_until("the budgets' status", Duration::from_secs(10), |s| {
+                s.list(resource("policy", "poddisruptionbudgets"), Some(&ns))
+                    .iter()
+                    .all(|p| p["status"]["disruptionsAllowed"] == 1)
+            });
+    });
+    assert!(
+        r.bed.started >= 3,
+        "the sentinels were evicted and restarted: {:?}",
+        r.bed
+    );
+    assert!(answered(&r.env, "POST", "/eviction", 429) >= 2);
+}
+
+/// A TMM pod Failed by node pressure stays listed: it neither holds the pre-flight nor counts
+/// as a pod of the roll.
+#[test]
+fn the_default_rotation_passes_a_failed_tmm_pod() {
+    default_rotation_under_faults("a Failed TMM pod", |env| {
+        let name = env.server.with_state(|s| {
+            s.list(resource("", "pods"), Some(&env.tmm_ns))[0]["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        });
+        env.server.fail_pod(&env.tmm_ns, &name, "Evicted");
+    });
+}
