@@ -1513,3 +1513,64 @@ fn the_default_rotation_passes_a_failed_tmm_pod() {
         env.server.fail_pod(&env.tmm_ns, &name, "Evicted");
     });
 }
+
+/// A 10 s API outage (every request answered 503) starting mid-roll, once the first dSSM pod
+/// was evicted. The run either rides it out or, its Lease (4 s on the bed) lost, stops; the
+/// next run (as the CronJob's) finishes the rotation. Either way nobody notices, and TMM is
+/// rolled once.
+#[test]
+fn the_default_rotation_rides_out_a_10_s_api_outage() {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let rotate = dssm_pods::rotate_args(false, None);
+    let first = std::thread::scope(|scope| {
+        let server = &env.server;
+        let ns = env.dssm_ns.clone();
+        let outage = scope.spawn(move || {
+            server.wait_until("a dSSM pod evicted", Duration::from_secs(60), |s| {
+                s.list(resource("", "pods"), Some(&ns))
+                    .iter()
+                    .any(|p| !p["metadata"]["deletionTimestamp"].is_null())
+            });
+            for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+                server.add_fault(Fault::status(method, "/", 1, 503).repeat(usize::MAX / 2));
+            }
+            // The outage lasts 10 s of wall time: that is the fault itself.
+            std::thread::sleep(Duration::from_secs(10));
+            server.with_state(|s| s.faults.clear());
+        });
+        let r = dssm_pods::run(&env, &bed, &rotate);
+        outage.join().unwrap();
+        r
+    });
+    assert!(
+        env.server.requests().iter().any(|r| r.status == 503),
+        "the outage hit the run: {}{}",
+        first.1,
+        first.2
+    );
+    let mut log = format!("{}{}", first.1, first.2);
+    if first.0 != 0 {
+        // The next run, once the stopped run's Lease expired.
+        let start = std::time::Instant::now();
+        loop {
+            let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
+            log.push_str(&out);
+            log.push_str(&err);
+            if code == 0 {
+                break;
+            }
+            assert_eq!(code, 5, "{log}");
+            assert!(start.elapsed() < Duration::from_secs(30), "{log}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "TMM rolled once: {b:?}\n{log}"
+    );
+    f.assert_unnoticed("a 10 s API outage mid-roll");
+}
