@@ -387,6 +387,14 @@ const NEEDED: &[Need] = &[
         Named::Any,
     ),
     (
+        Scope::Dssm,
+        &["get"],
+        "apps",
+        "statefulsets",
+        None,
+        Named::Any,
+    ),
+    (
         Scope::Tmm,
         &["get", "patch", "watch"],
         "apps",
@@ -576,14 +584,14 @@ mod tests {
             "spk-utilities",
             &[TmmTarget::deployment("spk-ingress", "f5-tmm")],
         );
-        assert_eq!(spk.len(), 28);
+        assert_eq!(spk.len(), 29);
         let cnf = required_access(
             "cnf-gateway",
             &[TmmTarget::deployment("cnf-gateway", "f5-tmm")],
         );
         assert_eq!(
             cnf.len(),
-            19,
+            20,
             "the copies' permissions once when TMM shares dSSM's namespace"
         );
         let shown: Vec<String> = spk.iter().map(ToString::to_string).collect();

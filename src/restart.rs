@@ -177,6 +177,42 @@ pub fn roll_unproven(pods: &[Pod], since: Timestamp, want: i32) -> Option<String
         .then(|| format!("{} of {want} pods", live.len()))
 }
 
+/// The StatefulSets that own `pods` (terminating ones included: their owner still wants them).
+pub fn statefulset_owners(pods: &[Pod]) -> std::collections::BTreeSet<String> {
+    pods.iter()
+        .flat_map(|p| p.owner_references())
+        .filter(|o| o.kind == "StatefulSet")
+        .map(|o| o.name.clone())
+        .collect()
+}
+
+/// Why the StatefulSets are short of pods, if they are: each of `wanted` (name, replicas)
+/// has that many live, Ready pods. With OrderedReady (the API default) an evicted StatefulSet
+/// comes back one ordinal at a time, so the pods listed at one instant are not all it wants.
+pub fn statefulsets_short(
+    pods: &[Pod],
+    namespace: &str,
+    wanted: &[(String, i32)],
+) -> Option<String> {
+    let short: Vec<String> = wanted
+        .iter()
+        .filter_map(|(name, want)| {
+            let ready = pods
+                .iter()
+                .filter(|p| !terminating(p) && !ended(p) && pod_ready(p))
+                .filter(|p| {
+                    p.owner_references()
+                        .iter()
+                        .any(|o| o.kind == "StatefulSet" && &o.name == name)
+                })
+                .count();
+            (ready < usize::try_from(*want).unwrap_or(0))
+                .then(|| format!("statefulset {namespace}/{name} has {ready} of {want} pods Ready"))
+        })
+        .collect();
+    (!short.is_empty()).then(|| short.join(", "))
+}
+
 /// Lists pods matching `selector`, then watches them until `done` holds for the current set;
 /// `what` names the wait when it times out.
 pub async fn wait_pods(
@@ -366,8 +402,11 @@ impl Cluster {
         let (ns, sel) = (self.dssm_ns.clone(), self.dssm_selector.clone());
         let what = format!("pods ({sel}) in {ns}");
         let mut blocking = Vec::new();
+        let owners = statefulset_owners(&pods.list(&sel).await?);
+        let wanted = self.statefulset_replicas(&ns, &owners).await?;
         let verdict = |now: &BTreeMap<String, Pod>| {
-            dssm_not_ready(&now.values().cloned().collect::<Vec<_>>(), &ns, &sel)
+            let now: Vec<Pod> = now.values().cloned().collect();
+            dssm_not_ready(&now, &ns, &sel).or_else(|| statefulsets_short(&now, &ns, &wanted))
         };
         match wait_pods(&pods, &sel, &what, timeout, |now| verdict(now).is_none()).await {
             Ok(_) => {}
@@ -685,6 +724,9 @@ impl Cluster {
             .filter(|p| !terminating(p))
             .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
             .collect();
+        let wanted = self
+            .statefulset_replicas(&self.dssm_ns, &statefulset_owners(&before))
+            .await?;
         let deadline = tokio::time::Instant::now() + timeout;
         for name in old.keys() {
             pods.evict(name, deadline).await?;
@@ -700,12 +742,14 @@ impl Cluster {
             old.len(),
             self.dssm_ns
         );
+        let ns = self.dssm_ns.clone();
         wait_pods(&pods, &sel, &wait_what, timeout, |now| {
+            let all: Vec<Pod> = now.values().cloned().collect();
             old.iter().all(|(name, uid)| {
                 now.get(name).is_some_and(|p| {
                     p.uid().as_deref() != Some(uid.as_str()) && !terminating(p) && pod_ready(p)
                 })
-            })
+            }) && statefulsets_short(&all, &ns, &wanted).is_none()
         })
         .await?;
         let _ = writeln!(

@@ -1307,10 +1307,389 @@ fn dssm_pods_with_a_sidecar_listed_first_rotate_with_the_defaults() {
     assert_eq!(r.code, 0, "{}", r.out);
     for db in ["f5-dssm-db-0", "f5-dssm-db-1", "f5-dssm-db-2"] {
         assert!(
-            r.out.contains(&format!("plan: {db}: reload TLS files in place")),
+            r.out
+                .contains(&format!("plan: {db}: reload TLS files in place")),
             "{db}: {}",
             r.out
         );
     }
-    r.figures.assert_unnoticed("dSSM pods with a sidecar listed first");
+    r.figures
+        .assert_unnoticed("dSSM pods with a sidecar listed first");
+}
+
+/// The dSSM pods as the API shows them now: (live pods, Ready ones).
+fn dssm_pods_now(env: &TestEnv) -> (usize, usize) {
+    env.server.with_state(|s| {
+        let pods = s.list(resource("", "pods"), Some(&env.dssm_ns));
+        let live: Vec<_> = pods
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .collect();
+        let ready = live
+            .iter()
+            .filter(|p| {
+                p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .count();
+        (live.len(), ready)
+    })
+}
+
+/// With OrderedReady (the API default) the StatefulSets recreate evicted pods one at a time.
+/// A restart killed right after evicting every dSSM pod, resumed while only the first ordinals
+/// are back, used to wait for the pods it listed and end with the rest still missing: it waits
+/// until each StatefulSet has all its pods Ready.
+#[test]
+fn a_restart_resumed_while_the_statefulsets_recreate_pods_ends_with_every_pod_back() {
+    use std::io::BufRead;
+    let env = TestEnv::spk();
+    let (code, out, err) = env.reconcile(&["--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Each recreated ordinal takes a second to be Ready: the next waits for it.
+    env.server
+        .with_state(|s| s.timing.pod_start = Duration::from_secs(1));
+    let args = [
+        "restart",
+        "--strategy",
+        "scale-to-zero",
+        "--order",
+        "dssm-first",
+    ];
+    let mut child = bin()
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .args(args)
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args())
+        .args(["--lease-duration", "2s", "--max-clock-skew", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.lines() {
+        if line.unwrap().starts_with("evicted 6 dSSM pods") {
+            child.kill().unwrap();
+        }
+    }
+    child.wait().unwrap();
+    // The next run resumes; when it says the dSSM pods are back, they must all be.
+    let start = std::time::Instant::now();
+    let (out, at_back) = loop {
+        let mut child = bin()
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("HOME", env.dir.path())
+            .args(args)
+            .args(["--dssm-namespace", &env.dssm_ns])
+            .args(env.tmm_args())
+            .args(["--lease-duration", "2s", "--max-clock-skew", "1s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (mut out, mut at_back) = (String::new(), None);
+        for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            if line.starts_with("dSSM pods in") && line.ends_with("are back, Running and Ready") {
+                at_back = Some(dssm_pods_now(&env));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let code = child.wait().unwrap().code();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        if code != Some(5) {
+            assert_eq!(code, Some(0), "{out}{err}");
+            break (out, at_back);
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{out}{err}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(out.contains("resuming an interrupted restart"), "{out}");
+    assert_eq!(
+        at_back,
+        Some((6, 6)),
+        "every dSSM pod back and Ready when it says so: {out}"
+    );
+    assert_eq!(dssm_pods_now(&env), (6, 6), "{out}");
+}
+
+/// The default rotation (rolling, leaf renewal) on the real-process bed with `inject`'s faults
+/// in the API server: it succeeds and nobody notices (0 failed operations after one retry,
+/// 0 lost writes, a TMM pod, 2 DBs and 2 sentinels Ready throughout).
+fn default_rotation_under_faults(what: &str, inject: impl FnOnce(&TestEnv)) -> dssm_pods::Run {
+    let env = dssm_pods::published();
+    inject(&env);
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    assert_eq!(r.code, 0, "{what}: {}", r.out);
+    assert!(
+        r.out.contains("rolled out: its 3 pods are newer than"),
+        "{what}: {}",
+        r.out
+    );
+    r.figures.assert_unnoticed(what);
+    r
+}
+
+#[test]
+fn the_default_rotation_survives_410_gone_and_cut_watch_streams() {
+    default_rotation_under_faults("410 Gone and cut streams", |env| {
+        env.server
+            .add_watch_fault(WatchFault::gone("/pods").repeat(3));
+        env.server
+            .add_watch_fault(WatchFault::end_after_events("/pods", 1).nth(4).repeat(4));
+        env.server
+            .add_watch_fault(WatchFault::end_after_events("/deployments", 1).repeat(3));
+    });
+}
+
+/// How many requests the API server answered `status` to, by method and path fragment.
+fn answered(env: &TestEnv, method: &str, path: &str, status: u16) -> usize {
+    env.server
+        .requests()
+        .iter()
+        .filter(|r| r.method == method && r.path.contains(path) && r.status == status)
+        .count()
+}
+
+#[test]
+fn the_default_rotation_survives_5xx_bursts() {
+    let r = default_rotation_under_faults("5xx bursts", |env| {
+        env.server
+            .add_fault(Fault::status("GET", "/pods", 2, 503).repeat(3));
+        env.server
+            .add_fault(Fault::status("POST", "/eviction", 1, 500));
+        env.server
+            .add_fault(Fault::status("PATCH", "/deployments/f5-tmm", 1, 503).repeat(2));
+        env.server
+            .add_fault(Fault::status("GET", "/secrets", 3, 500).repeat(2));
+    });
+    assert_eq!(answered(&r.env, "GET", "/pods", 503), 3);
+    assert_eq!(answered(&r.env, "POST", "/eviction", 500), 1);
+    assert_eq!(answered(&r.env, "PATCH", "/deployments/f5-tmm", 503), 2);
+}
+
+/// Budgets over the dSSM pods (one disruption at a time) and a burst of 429s on the evictions:
+/// each eviction waits its turn.
+#[test]
+fn the_default_rotation_waits_out_pdb_429s() {
+    let r = default_rotation_under_faults("PDB 429", |env| {
+        for app in ["f5-dssm-db", "f5-dssm-sentinel"] {
+            env.server.put(
+                "policy",
+                "poddisruptionbudgets",
+                &env.dssm_ns,
+                json!({"metadata": {"name": app},
+                       "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": app}}}}),
+            );
+        }
+        env.server
+            .add_fault(Fault::status("POST", "/eviction", 1, 429).repeat(2));
+        let ns = env.dssm_ns.clone();
+        env.server
+            .wait_until("the budgets' status", Duration::from_secs(10), |s| {
+                s.list(resource("policy", "poddisruptionbudgets"), Some(&ns))
+                    .iter()
+                    .all(|p| p["status"]["disruptionsAllowed"] == 1)
+            });
+    });
+    assert!(
+        r.bed.started >= 3,
+        "the sentinels were evicted and restarted: {:?}",
+        r.bed
+    );
+    assert!(answered(&r.env, "POST", "/eviction", 429) >= 2);
+}
+
+/// A TMM pod Failed by node pressure stays listed: it neither holds the pre-flight nor counts
+/// as a pod of the roll.
+#[test]
+fn the_default_rotation_passes_a_failed_tmm_pod() {
+    default_rotation_under_faults("a Failed TMM pod", |env| {
+        let name = env.server.with_state(|s| {
+            s.list(resource("", "pods"), Some(&env.tmm_ns))[0]["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        });
+        env.server.fail_pod(&env.tmm_ns, &name, "Evicted");
+    });
+}
+
+/// A 10 s API outage (every request answered 503) starting mid-roll, once the first dSSM pod
+/// was evicted. The run either rides it out or, its Lease (4 s on the bed) lost, stops; the
+/// next run (as the CronJob's) finishes the rotation. Either way nobody notices, and TMM is
+/// rolled once.
+#[test]
+fn the_default_rotation_rides_out_a_10_s_api_outage() {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let rotate = dssm_pods::rotate_args(false, None);
+    let first = std::thread::scope(|scope| {
+        let server = &env.server;
+        let ns = env.dssm_ns.clone();
+        let outage = scope.spawn(move || {
+            server.wait_until("a dSSM pod evicted", Duration::from_secs(60), |s| {
+                s.list(resource("", "pods"), Some(&ns))
+                    .iter()
+                    .any(|p| !p["metadata"]["deletionTimestamp"].is_null())
+            });
+            for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+                server.add_fault(Fault::status(method, "/", 1, 503).repeat(usize::MAX / 2));
+            }
+            // The outage lasts 10 s of wall time: that is the fault itself.
+            std::thread::sleep(Duration::from_secs(10));
+            server.with_state(|s| s.faults.clear());
+        });
+        let r = dssm_pods::run(&env, &bed, &rotate);
+        outage.join().unwrap();
+        r
+    });
+    assert!(
+        env.server.requests().iter().any(|r| r.status == 503),
+        "the outage hit the run: {}{}",
+        first.1,
+        first.2
+    );
+    let mut log = format!("{}{}", first.1, first.2);
+    if first.0 != 0 {
+        // The next run, once the stopped run's Lease expired.
+        let start = std::time::Instant::now();
+        loop {
+            let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
+            log.push_str(&out);
+            log.push_str(&err);
+            if code == 0 {
+                break;
+            }
+            assert_eq!(code, 5, "{log}");
+            assert!(start.elapsed() < Duration::from_secs(30), "{log}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "TMM rolled once: {b:?}\n{log}"
+    );
+    f.assert_unnoticed("a 10 s API outage mid-roll");
+}
+
+/// The rolling rotation's crash matrix on the real-process bed, with the default strategy:
+/// `rotate` is sent `signal` right after its nth write (Secrets, marks, each eviction of a dSSM
+/// pod, TMM's rollout), for every n, then `reconcile` runs as the next CronJob run would. The
+/// rotation ends complete, with identical copies and no mark left; TMM is rolled at most once;
+/// nobody notices (0 failed operations after one retry, 0 lost writes, the Ready floors).
+fn rolling_crash_matrix(signal: i32) -> Vec<String> {
+    each_crash_point(2, |n| {
+        let env = dssm_pods::published();
+        let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+        load.settle();
+        env.server.clear_requests();
+        let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+            .env("POD_NAME", "rotate-job")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let writes = |s: &dssm_testcluster::State| -> Vec<String> {
+            s.requests
+                .iter()
+                .filter(|r| r.is_write() && !r.path.contains("/events"))
+                .map(|r| format!("{} {}", r.method, r.path))
+                .collect()
+        };
+        let mut finished = false;
+        let start = std::time::Instant::now();
+        loop {
+            if env.server.with_state(|s| writes(s)).len() >= n {
+                break;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                finished = true;
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(90), "rotate hung");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        unsafe { libc_kill(child.id() as i32, signal) };
+        let _ = child.wait();
+        if finished {
+            drop(dssm_pods::finish(bed, load));
+            return None;
+        }
+        let point = env.server.with_state(|s| writes(s))[n - 1].clone();
+        let start = std::time::Instant::now();
+        let mut log = String::new();
+        loop {
+            let (code, out, err) = output(
+                dssm_pods::command(&env, &bed, &["reconcile"]).env("POD_NAME", "rotate-job"),
+            );
+            log.push_str(&out);
+            log.push_str(&err);
+            if code == 0 {
+                break;
+            }
+            assert_eq!(code, 5, "after write {n} ({point}): {log}");
+            assert!(start.elapsed() < Duration::from_secs(30), "{log}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let (f, b) = dssm_pods::finish(bed, load);
+        let what = format!("signal {signal} after write {n} ({point})");
+        let after = env.copy("spk-ingress").unwrap();
+        assert!(
+            env.copy("spk-utilities").unwrap() == after,
+            "{what}: copies differ"
+        );
+        let (_, ann) = tmm_replicas(&env);
+        for mark in [
+            "restart-needed",
+            "tmm-roll",
+            "tmm-restarted",
+            "tmm-replicas",
+        ] {
+            assert!(
+                ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
+                "{what}: {mark} left: {ann}\n{log}"
+            );
+        }
+        // Published with --no-restart, TMM carries a pending restart from the start: whatever
+        // the crash point, the rotation ends with TMM rolled, and only once.
+        let rolled = b.new_tmm_pods.get("spk-ingress").copied().unwrap_or(0);
+        assert_eq!(rolled, 3, "{what}: TMM rolled once: {b:?}\n{log}");
+        f.assert_unnoticed(&what);
+        Some(point)
+    })
+}
+
+#[test]
+fn a_rolling_rotation_killed_after_any_write_is_finished_by_the_next_run_unnoticed() {
+    let points = rolling_crash_matrix(9);
+    for expected in [
+        "PUT /api/v1/namespaces/spk-ingress/secrets/dssm-keys-secret",
+        "POST /api/v1/namespaces/spk-utilities/pods/f5-dssm-sentinel-1/eviction",
+        "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    ] {
+        assert!(
+            points.iter().any(|p| p == expected),
+            "{expected}: {points:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_rolling_rotation_sent_sigterm_after_any_write_is_finished_by_the_next_run_unnoticed() {
+    let points = rolling_crash_matrix(15);
+    assert!(
+        points
+            .iter()
+            .any(|p| p.ends_with("/eviction") && p.contains("f5-dssm-sentinel")),
+        "{points:#?}"
+    );
 }

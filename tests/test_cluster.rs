@@ -1129,4 +1129,102 @@ fn started_pods_get_their_own_loopback_ip_and_a_new_one_when_recreated() {
         "the recreated pod reuses an address: {} ({before:?})",
         after["f5-dssm-db-1"]
     );
+/// Deletions honour grace periods as the pod registry does: `--grace-period` (DeleteOptions),
+/// else the pod's terminationGracePeriodSeconds, sets deletionGracePeriodSeconds and a
+/// deletionTimestamp that far ahead; 0 with --force removes the pod at once; a container slower
+/// to stop than its grace period is killed when it runs out.
+#[test]
+fn pod_deletions_honour_grace_periods() {
+    let server = ApiServer::start(
+        &["spk-utilities", "spk-ingress"],
+        "system:serviceaccount:spk-utilities:dssm-certs",
+    );
+    server.install_dssm("spk-utilities", "spk-ingress", 2);
+    let mut d = server
+        .get("apps", "deployments", "spk-ingress", "f5-tmm")
+        .unwrap();
+    d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = json!(7);
+    server.put("apps", "deployments", "spk-ingress", d);
+    // Containers that would take a minute to stop: only the grace period ends them.
+    server.with_state(|s| s.timing.pod_grace = Duration::from_secs(60));
+    let live = |s: &store::State| -> Vec<serde_json::Value> {
+        s.list(resource("", "pods"), Some("spk-ingress"))
+            .into_iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .cloned()
+            .collect()
+    };
+    server.wait_until(
+        "two pods of the new template",
+        Duration::from_secs(120),
+        |s| {
+            let pods = live(s);
+            pods.len() == 2
+                && pods
+                    .iter()
+                    .all(|p| p["spec"]["terminationGracePeriodSeconds"] == 7)
+        },
+    );
+    let names: Vec<String> = server.with_state(|s| {
+        live(s)
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    });
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let get = |name: &str| server.get("", "pods", "spk-ingress", name);
+    // The pod's own grace period.
+    let (code, out, err) = k.run(&[
+        "delete",
+        "pod",
+        &names[0],
+        "-n",
+        "spk-ingress",
+        "--wait=false",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let p = get(&names[0]).expect("still listed, terminating");
+    assert_eq!(p["metadata"]["deletionGracePeriodSeconds"], 7);
+    let at = time::OffsetDateTime::parse(
+        p["metadata"]["deletionTimestamp"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let ahead = (at - time::OffsetDateTime::now_utc()).whole_seconds();
+    assert!(
+        (5..=7).contains(&ahead),
+        "deletionTimestamp {ahead} s ahead"
+    );
+    // A shorter one asked for by the deletion: killed when it runs out, well before the
+    // container would have stopped.
+    let (code, out, err) = k.run(&[
+        "delete",
+        "pod",
+        &names[0],
+        "-n",
+        "spk-ingress",
+        "--grace-period=1",
+        "--wait=false",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        get(&names[0]).unwrap()["metadata"]["deletionGracePeriodSeconds"],
+        1
+    );
+    server.wait_until("killed after its grace", Duration::from_secs(5), |s| {
+        s.get(resource("", "pods"), "spk-ingress", &names[0])
+            .is_none()
+    });
+    // 0 with --force: gone at once.
+    let (code, out, err) = k.run(&[
+        "delete",
+        "pod",
+        &names[1],
+        "-n",
+        "spk-ingress",
+        "--grace-period=0",
+        "--force",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(get(&names[1]).is_none(), "removed at once");
 }

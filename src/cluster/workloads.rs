@@ -2,7 +2,7 @@
 //! stop and start for a scale-to-zero restart, rollout restart, and watch until a condition
 //! holds. Every call names the target it touches.
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use kube::api::{Patch, PatchParams};
 use kube::Api;
 
@@ -177,6 +177,24 @@ impl Cluster {
         });
         self.patch_target(t, &format!("{t} (rollout restart)"), &patch)
             .await
+    }
+
+    /// How many pods each StatefulSet named in `names` (in `ns`) asks for; one that is gone
+    /// asks for none.
+    pub async fn statefulset_replicas(
+        &self,
+        ns: &str,
+        names: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<(String, i32)>, ClusterError> {
+        let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), ns);
+        let mut v = Vec::new();
+        for name in names {
+            let what = format!("statefulset {ns}/{name}");
+            let s = call("get", &what, || api.get_opt(name)).await?;
+            let replicas = s.map(|s| s.spec.replicas.unwrap_or(1));
+            v.push((name.clone(), replicas.unwrap_or(0)));
+        }
+        Ok(v)
     }
 
     /// Resolves once `cond` holds for the workload of `t`. kube-runtime's watcher re-lists on

@@ -6,6 +6,9 @@
 //! pods; with maxUnavailable or a percentage it is the sum of the owning workloads' replicas.
 //! Healthy pods are Ready, not being deleted, and not just evicted.
 //!
+//! The status is written by the controllers' pass, as the controller writes it after its
+//! informers saw the pods: an eviction reads that stored status, so it lags the pods.
+//!
 //! An eviction follows pkg/registry/core/pod/storage/eviction.go: terminal, Pending or
 //! terminating pods are deleted without looking at budgets; more than one budget is a 500; no
 //! disruption allowed is 429 TooManyRequests "Cannot evict pod as it would violate the pod's
@@ -17,7 +20,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::controllers::{
-    label_selector, mark_terminating, name_of, ns_of, pod_ready, scaled, terminal, terminating,
+    label_selector, mark_terminating_with_grace, name_of, ns_of, pod_ready, scaled, terminal,
+    terminating,
 };
 use crate::logic::labels_match;
 use crate::store::{now_rfc3339, resource, State};
@@ -214,9 +218,10 @@ pub(crate) fn evict(s: &mut State, ns: &str, name: &str, eviction: &Value) -> (u
         201,
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
     );
+    let grace = eviction["deleteOptions"]["gracePeriodSeconds"].as_i64();
     let delete = |s: &mut State| {
         if !dry_run {
-            mark_terminating(s, ns, name);
+            mark_terminating_with_grace(s, ns, name, grace);
         }
     };
     // eviction.go canIgnorePDB: the pod already is no disruption.
@@ -245,8 +250,10 @@ pub(crate) fn evict(s: &mut State, ns: &str, name: &str, eviction: &Value) -> (u
         delete(s);
         return success;
     };
-    // The controller has not seen this budget yet: its status cannot be trusted.
-    let st = status_of(s, &pdb);
+    // The eviction trusts the status the disruption controller last wrote (eviction.go
+    // checkAndDecrement reads pdb.Status), not a fresh count: it lags the pods by a controller
+    // pass. A budget the controller has not seen yet cannot be trusted.
+    let st = pdb["status"].clone();
     let observed = pdb["status"]["observedGeneration"].as_i64().unwrap_or(0);
     if observed < pdb["metadata"]["generation"].as_i64().unwrap_or(0) {
         let pdb_name = name_of(&pdb);

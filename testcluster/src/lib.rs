@@ -326,15 +326,12 @@ impl ApiServer {
         dssm: SecretMount,
         tmm: SecretMount,
     ) {
-        // Parallel: the restart today waits only for the dSSM pods it listed before deleting
-        // them, so with OrderedReady (the API default) a restart resumed while the
-        // StatefulSets are still recreating pods can end before every pod is back (the crash
-        // matrix in tests/restart.rs shows it). OrderedReady is covered in tests/test_cluster.rs.
+        // podManagementPolicy unset: OrderedReady, the API default (one pod at a time, each
+        // Ready before the next), as the dSSM StatefulSets run.
         for app in ["f5-dssm-db", "f5-dssm-sentinel"] {
             self.put("apps", "statefulsets", dssm_ns, json!({
                 "metadata": {"name": app, "labels": {"app": app}},
                 "spec": {"replicas": 3, "serviceName": app, "selector": {"matchLabels": {"app": app}},
-                         "podManagementPolicy": "Parallel",
                          "template": {"metadata": {"labels": {"app": app}}, "spec": dssm.pod_spec("redis", "f5-dssm-store")}},
             }));
         }

@@ -12,7 +12,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{Request, Response};
 use serde_json::{json, Value};
 
-use crate::controllers::mark_terminating;
+use crate::controllers::{mark_terminating, mark_terminating_with_grace};
 use crate::faults;
 use crate::logic::*;
 use crate::rbac::authorized;
@@ -969,7 +969,13 @@ async fn route(
             let Some(cur) = s.get(r, &ns, &name).cloned() else {
                 return not_found(r, &name);
             };
-            if let Some(pre) = parse_body(body, content_type).ok().and_then(|b| {
+            let options = parse_body(body, content_type).ok();
+            // DeleteOptions.gracePeriodSeconds, in the body or as a query parameter.
+            let grace = options
+                .as_ref()
+                .and_then(|b| b["gracePeriodSeconds"].as_i64())
+                .or_else(|| q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+            if let Some(pre) = options.as_ref().and_then(|b| {
                 b.pointer("/preconditions/resourceVersion")
                     .and_then(Value::as_str)
                     .map(String::from)
@@ -979,8 +985,9 @@ async fn route(
                 }
             }
             if r.kind == "Pod" {
-                mark_terminating(&mut s, &ns, &name);
-                let o = s.get(r, &ns, &name).cloned().unwrap();
+                mark_terminating_with_grace(&mut s, &ns, &name, grace);
+                // Removed at once (grace 0): the response is the object as it was last.
+                let o = s.get(r, &ns, &name).cloned().unwrap_or(cur);
                 return json_response(200, &o);
             }
             s.remove(r, &ns, &name);

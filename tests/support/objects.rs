@@ -40,7 +40,10 @@ pub fn merge(base: &mut Value, over: Value) {
 /// template and is Ready.
 pub fn dssm_sidecar_first(server: &super::apiserver::ApiServer, ns: &str) {
     use serde_json::json;
-    for (app, port) in [("f5-dssm-db", ("redis", 6379)), ("f5-dssm-sentinel", ("sentinel", 26379))] {
+    for (app, port) in [
+        ("f5-dssm-db", ("redis", 6379)),
+        ("f5-dssm-sentinel", ("sentinel", 26379)),
+    ] {
         let mut w = server.get("apps", "statefulsets", ns, app).unwrap();
         w["spec"]["template"]["spec"] = json!({
             "containers": [

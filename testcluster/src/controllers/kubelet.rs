@@ -37,8 +37,11 @@ pub(crate) fn sync(s: &mut State) {
                 .pod_timers
                 .entry((uid.clone(), "del".into()))
                 .or_insert(now);
-            // A terminal pod has no containers left to stop.
-            if terminal(&p) || now.duration_since(since) >= s.timing.pod_grace {
+            // A terminal pod has no containers left to stop; the others stop within
+            // `pod_grace`, and are killed when their grace period runs out.
+            let grace =
+                super::deletion_grace(&p).map_or(s.timing.pod_grace, |g| g.min(s.timing.pod_grace));
+            if terminal(&p) || now.duration_since(since) >= grace {
                 s.remove(pods_res, &ns, &name);
             }
         } else if !pod_ready(&p) && !terminal(&p) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::logic::{labels_match, Req};
-use crate::store::{now_rfc3339, resource, State};
+use crate::store::{resource, State};
 use crate::Shared;
 
 /// How often the controllers look again at a store nothing changed since their last pass:
@@ -210,16 +210,51 @@ pub(crate) fn ns_of(o: &Value) -> String {
 }
 
 /// Starts a graceful deletion: the pod stays listed, terminating, until the kubelet is done.
+/// The grace period is the pod's own `terminationGracePeriodSeconds` (default 30).
 pub fn mark_terminating(s: &mut State, ns: &str, name: &str) {
+    mark_terminating_with_grace(s, ns, name, None);
+}
+
+/// A deletion with `grace` seconds (DeleteOptions.gracePeriodSeconds; None: the pod's
+/// `terminationGracePeriodSeconds`, default 30), as the registry's BeforeDelete sets it:
+/// deletionGracePeriodSeconds = grace, deletionTimestamp = now + grace. A grace of 0 removes
+/// the pod at once. A deletion already under way is only ever shortened.
+pub fn mark_terminating_with_grace(s: &mut State, ns: &str, name: &str, grace: Option<i64>) {
     let pods_res = resource("", "pods");
-    if let Some(mut p) = s.get(pods_res, ns, name).cloned() {
-        if terminating(&p) {
-            return;
-        }
-        p["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
-        p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
-        s.put(pods_res, ns, p);
+    let Some(mut p) = s.get(pods_res, ns, name).cloned() else {
+        return;
+    };
+    let grace = grace
+        .or_else(|| p["spec"]["terminationGracePeriodSeconds"].as_i64())
+        .unwrap_or(30)
+        .max(0);
+    if terminating(&p)
+        && p["metadata"]["deletionGracePeriodSeconds"]
+            .as_i64()
+            .is_some_and(|g| g <= grace)
+    {
+        return;
     }
+    if grace == 0 {
+        s.remove(pods_res, ns, name);
+        return;
+    }
+    let at = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        + time::Duration::seconds(grace);
+    p["metadata"]["deletionTimestamp"] = json!(at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap());
+    p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+    s.put(pods_res, ns, p);
+}
+
+/// The grace period a pod's deletion was given, if it is being deleted.
+pub(crate) fn deletion_grace(p: &Value) -> Option<std::time::Duration> {
+    p["metadata"]["deletionGracePeriodSeconds"]
+        .as_u64()
+        .map(std::time::Duration::from_secs)
 }
 
 /// Writes `status` into the workload when it changed.
