@@ -433,7 +433,7 @@ impl Cluster {
     /// (`get-master-addr-by-name`), reached with the deployed materials: part of the pre-flight
     /// before each phase of a CA rotation.
     pub async fn check_sentinels(&self, access: &RedisAccess) -> Result<(), RestartError> {
-        let p = self.prepare_dssm(access).await?;
+        let p = self.prepare_dssm(access, true).await?;
         let (ns, master) = (self.dssm_ns.clone(), access.master.clone());
         tokio::task::spawn_blocking(move || {
             let tool = TlsClient::new(&p.materials, true).map_err(|e| e.to_string())?;

@@ -1129,6 +1129,8 @@ fn started_pods_get_their_own_loopback_ip_and_a_new_one_when_recreated() {
         "the recreated pod reuses an address: {} ({before:?})",
         after["f5-dssm-db-1"]
     );
+}
+
 /// Deletions honour grace periods as the pod registry does: `--grace-period` (DeleteOptions),
 /// else the pod's terminationGracePeriodSeconds, sets deletionGracePeriodSeconds and a
 /// deletionTimestamp that far ahead; 0 with --force removes the pod at once; a container slower
