@@ -91,6 +91,9 @@ pub struct Found {
     pub waiting: Vec<String>,
     /// Running without the Secrets mounted (optional, or not mounted), with why.
     pub without: Vec<String>,
+    /// How many pods each dSSM StatefulSet asks for: read before publishing, because with
+    /// OrderedReady (the API default) only ordinal 0 exists until it is Ready.
+    pub statefulsets: Vec<(String, i32)>,
 }
 
 /// Sorts live pods: not Ready and mounting the Secrets → waiting; Running without mounting
@@ -143,6 +146,9 @@ pub async fn find(cluster: &Cluster) -> Result<Found, ClusterError> {
         .list(&cluster.dssm_selector)
         .await?;
     sort_pods(&dssm, &mut found);
+    found.statefulsets = cluster
+        .statefulset_replicas(&cluster.dssm_ns, &restart::statefulset_owners(&dssm))
+        .await?;
     for t in &cluster.targets {
         let w = cluster.require_workload(t).await?;
         let sel = restart::selector_query(w.selector());
@@ -170,9 +176,14 @@ pub async fn await_start(
     let pods = cluster.pods_in(&cluster.dssm_ns);
     let (ns, sel) = (cluster.dssm_ns.clone(), cluster.dssm_selector.clone());
     let what = format!("the dSSM pods ({sel}) in {ns} to become Ready");
+    // With OrderedReady (the API default) only ordinal 0 exists until it is Ready: wait for as
+    // many Ready pods as each StatefulSet asks for, not only for the pods there now.
+    let wanted = &found.statefulsets;
     let ready = |now: &BTreeMap<String, Pod>| {
         let list: Vec<Pod> = now.values().cloned().collect();
-        restart::dssm_not_ready(&list, &ns, &sel).is_none()
+        restart::dssm_not_ready(&list, &ns, &sel)
+            .or_else(|| restart::statefulsets_short(&list, &ns, wanted))
+            .is_none()
     };
     restart::wait_pods(&pods, &sel, &what, left(deadline), ready).await?;
     let _ = writeln!(out, "dSSM pods in {ns} are Running and Ready");

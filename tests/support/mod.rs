@@ -258,12 +258,25 @@ impl TestEnv {
             "the installed pods Ready or waiting for their Secrets",
             std::time::Duration::from_secs(30),
             |s| {
+                // OrderedReady StatefulSets create pod N+1 only once pod N is Ready: a waiting
+                // ordinal is the last of its StatefulSet, and the others are all there.
                 let pods = s.list(apiserver::resource("", "pods"), None);
-                pods.len() == 9
-                    && pods.iter().all(|p| {
-                        apiserver::controllers::pod_ready(p)
-                            || p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
-                                == "ContainerCreating"
+                let waiting = |p: &serde_json::Value| {
+                    p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                        == "ContainerCreating"
+                };
+                ["f5-dssm-db", "f5-dssm-sentinel", "f5-tmm"]
+                    .iter()
+                    .all(|app| {
+                        let of: Vec<_> = pods
+                            .iter()
+                            .filter(|p| p["metadata"]["labels"]["app"] == *app)
+                            .collect();
+                        let settled = of
+                            .iter()
+                            .all(|p| apiserver::controllers::pod_ready(p) || waiting(p));
+                        let sts_waits = *app != "f5-tmm" && of.last().is_some_and(|p| waiting(p));
+                        settled && (of.len() == 3 || sts_waits)
                     })
             },
         );
