@@ -613,26 +613,9 @@ fn judge_chain(
         return None;
     };
     let ca = &cas[i];
-    // OpenSSL judges (Redis and TMM verify with it): both roles the leaf plays.
-    for (role, what) in [
-        (
-            pki::inspect::Role::Server,
-            "as dSSM's server certificate (purpose sslserver)",
-        ),
-        (
-            pki::inspect::Role::Client,
-            "as TMM's client certificate (purpose sslclient)",
-        ),
-    ] {
-        if let Err(why) = pki::inspect::openssl_verify(cas, leaf, role) {
-            let msg = format!(
-                "{leaf_loc}: OpenSSL refuses the chain {what} at auth level {}: {why}; TLS \
-                 between TMM and dSSM fails",
-                pki::inspect::AUTH_LEVEL
-            );
-            j.push(Check::Chain, Status::Critical, leaf_entry, msg);
-            return None;
-        }
+    if let Some(msg) = openssl_refusal(cas, leaf, leaf_loc) {
+        j.push(Check::Chain, Status::Critical, leaf_entry, msg);
+        return None;
     }
     let msg = format!("{leaf_loc} is signed by {}", of(i));
     j.push(Check::Chain, Status::Ok, leaf_entry, msg);
@@ -656,6 +639,30 @@ fn judge_chain(
     };
     j.push(Check::ValidityNesting, Status::Ok, leaf_entry, msg);
     Some(i)
+}
+
+/// OpenSSL judges (Redis and TMM verify with it), for both roles the leaf plays: why it refuses
+/// the chain, if it does.
+fn openssl_refusal(cas: &[Certificate], leaf: &Certificate, leaf_loc: &Place) -> Option<String> {
+    [
+        (
+            pki::inspect::Role::Server,
+            "as dSSM's server certificate (purpose sslserver)",
+        ),
+        (
+            pki::inspect::Role::Client,
+            "as TMM's client certificate (purpose sslclient)",
+        ),
+    ]
+    .into_iter()
+    .find_map(|(role, what)| {
+        let why = pki::inspect::openssl_verify(cas, leaf, role).err()?;
+        Some(format!(
+            "{leaf_loc}: OpenSSL refuses the chain {what} at auth level {}: {why}; TLS between \
+             TMM and dSSM fails",
+            pki::inspect::AUTH_LEVEL
+        ))
+    })
 }
 
 type Parsed<'a, T> = Option<(&'a Entry, T)>;

@@ -1018,3 +1018,20 @@ fn chains_openssl_refuses_are_critical_and_unusable() {
         }
     }
 }
+
+/// The trust-boundary issue: a certificate where the DH parameters belong was graded UNKNOWN
+/// ("cannot tell"), while X9.42 parameters were CRITICAL: both are broken materials.
+#[test]
+fn a_certificate_in_the_dh_params_file_is_critical_and_named() {
+    let tmp = tempdir();
+    let dir = copy_of_defaults(&tmp.path().join("m"));
+    std::fs::copy(dir.join("dssm-ca.crt"), dir.join("dhparam2048.pem")).unwrap();
+    let (code, json) = check_json(&dir, &[]);
+    assert_eq!(code, 2, "{json:#}");
+    let dh = check_named(&json, "dhparams");
+    assert_eq!(dh[0]["status"], "critical", "{dh:?}");
+    assert!(
+        (dh[0]["message"].as_str().unwrap()).contains("is a CERTIFICATE, not DH parameters"),
+        "{dh:?}"
+    );
+}
