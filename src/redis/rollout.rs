@@ -267,7 +267,10 @@ pub fn execute(
         let result = match run_step(step, pods, cx, &sentinels, deadline) {
             // The files never changed under the DB (a mount kubelet does not update, not
             // detected as `subPath`): a restart brings them, the safe way.
-            Err(e) if matches!(step, Step::ReloadDb { .. }) && e.starts_with(NOT_SWAPPED) => {
+            Err(e)
+                if matches!(step, Step::ReloadDb { .. })
+                    && (e.starts_with(NOT_SWAPPED) || e.starts_with(NO_RELOAD)) =>
+            {
                 restart_db_instead(step.pod(), dbs, pods, cx, &sentinels, &e)
             }
             other => other,
@@ -283,6 +286,8 @@ pub fn execute(
 
 /// How a reload that never saw new files reports itself (see `RedisError::NotSwapped`).
 const NOT_SWAPPED: &str = "not swapped: ";
+/// How a DB that cannot reload in place reports itself (`RedisError::ReloadUnavailable`).
+const NO_RELOAD: &str = "no in-place reload: ";
 
 /// The fallback of a reload: a replica restarts; the primary first hands its role over by a
 /// paused switchover. Each with a deadline of its own; only with three DBs (two stay up).
@@ -336,6 +341,7 @@ fn run_step(
             .map(drop)
             .map_err(|e| match e {
                 RedisError::NotSwapped { .. } => format!("{NOT_SWAPPED}{e}"),
+                RedisError::ReloadUnavailable { .. } => format!("{NO_RELOAD}{e}"),
                 e => e.to_string(),
             }),
         // The pod itself says whether it is the primary, asked right before: a failover since
