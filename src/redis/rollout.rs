@@ -415,7 +415,7 @@ fn db_caught_up(
     // Found in Sentinel's lists by its run ID: Sentinel sees it at its pod IP, which
     // need not be how the tool reaches it.
     let id = ReplicaId {
-        endpoint: endpoint,
+        endpoint,
         run_id: Some(&run_id),
     };
     replica_ready_for_sentinels_by(cx.tls, cx.server_name, sentinels, cx.master, id, deadline)?;
