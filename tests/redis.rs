@@ -465,3 +465,144 @@ fn probe_names_the_ca_of_the_bundle_the_served_leaf_is_under() {
         );
     }
 }
+
+/// Issue 23: reload errors by kind, at once instead of looping until the deadline. Refused files
+/// name the files; `CONFIG` disabled reads as "no in-place reload" (the roll restarts instead);
+/// NOAUTH is reported.
+#[test]
+fn reload_errors_are_told_apart_at_once_instead_of_retried_until_the_deadline() {
+    use dssm_certs::redis::reload::{reload_tls, Proof};
+    use dssm_certs::redis::RedisError;
+    use std::time::Instant;
+    use support::load::*;
+
+    let tmp = tempdir();
+    let (old, new) = renewal_materials(tmp.path());
+    let tool = tls_client(&new);
+    let proof = Proof {
+        serves: Some(fingerprint_of(&new)),
+        ..Default::default()
+    };
+    let reload = |db: &Proc| {
+        let start = Instant::now();
+        let r = reload_tls(
+            &tool,
+            &support::redis::endpoint(db.port),
+            SERVER_NAME,
+            &proof,
+            Instant::now() + Duration::from_secs(20),
+        );
+        (r.map(drop), start.elapsed())
+    };
+
+    // The new leaf with a key that is not its own: Redis refuses the files.
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    for f in ["dssm-ca.crt", "dssm-cert.crt", "dhparam2048.pem"] {
+        std::fs::copy(new.join(f), bad.join(f)).unwrap();
+    }
+    std::fs::copy(old.join("dssm-key.key"), bad.join("dssm-key.key")).unwrap();
+    let mount = KubeletMount::create(&tmp.path().join("mount"), &old);
+    let db = start_db(&tmp.path().join("db"), &mount.dir);
+    mount.swap(&bad);
+    let (r, took) = reload(&db);
+    let err = r.unwrap_err();
+    assert!(matches!(err, RedisError::TlsConfig { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("{}/dssm-key.key", mount.dir.display()))
+            && msg.contains("nothing restarted"),
+        "{msg}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}: {msg}");
+    // Still serving the old files, still answering.
+    assert_eq!(cli_with(&old, db.port, &["PING"]).trim(), "PONG");
+
+    // CONFIG disabled.
+    let mount = KubeletMount::create(&tmp.path().join("mount-2"), &new);
+    let db = start_db_with(
+        &tmp.path().join("db-2"),
+        &mount.dir,
+        "rename-command CONFIG \"\"\n",
+    );
+    let (r, took) = reload(&db);
+    let err = r.unwrap_err();
+    assert!(matches!(err, RedisError::ReloadUnavailable { .. }), "{err}");
+    assert!(
+        err.to_string().contains("CONFIG is renamed or disabled"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}: {err}");
+
+    // A password the tool does not have.
+    let mount = KubeletMount::create(&tmp.path().join("mount-3"), &new);
+    let db = start_db_with(
+        &tmp.path().join("db-3"),
+        &mount.dir,
+        "requirepass not-ours\n",
+    );
+    let (r, took) = reload(&db);
+    let err = r.unwrap_err();
+    assert!(err.is_auth() && err.to_string().contains("NOAUTH"), "{err}");
+    assert!(took < Duration::from_secs(5), "{took:?}: {err}");
+}
+
+/// Issue 23: refused files stop the roll at the first DB, naming the file; no pod is restarted
+/// onto them (the restart fallback is for files that never changed, not for bad ones).
+#[test]
+fn a_roll_onto_files_redis_refuses_stops_at_the_first_db_and_restarts_nothing() {
+    use dssm_certs::redis::reload::Proof;
+    use dssm_certs::redis::rollout::{self, RolloutContext};
+    use std::time::Instant;
+    use support::load::*;
+
+    let tmp = tempdir();
+    let (old, new) = renewal_materials(tmp.path());
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    for f in ["dssm-ca.crt", "dssm-cert.crt", "dhparam2048.pem"] {
+        std::fs::copy(new.join(f), bad.join(f)).unwrap();
+    }
+    std::fs::copy(old.join("dssm-key.key"), bad.join("dssm-key.key")).unwrap();
+    let mut t = Topology::start_with(|_, dir| {
+        KubeletMount::create(dir, &old);
+    });
+    let steps = rollout::plan(&observed_pods(&t, false)).unwrap();
+    for p in &t.procs {
+        KubeletMount {
+            dir: p.mount.clone(),
+        }
+        .swap(&bad);
+    }
+    let tool = tls_client(&new);
+    let cx = RolloutContext {
+        tls: &tool,
+        server_name: SERVER_NAME,
+        master: MASTER,
+        proof: Proof {
+            serves: Some(fingerprint_of(&new)),
+            accepts: vec![&tool],
+            refuses: vec![],
+        },
+        step_timeout: Duration::from_secs(30),
+        reload_timeout: Duration::from_secs(30),
+    };
+    let mut pods = SwapOnRestart {
+        topology: &mut t,
+        files: bad.clone(),
+        restarted: Vec::new(),
+    };
+    let start = Instant::now();
+    let err = rollout::execute(&steps, &mut pods, &cx, |_, _| {}).unwrap_err();
+    assert!(
+        pods.restarted.is_empty(),
+        "{:?} restarted onto refused files",
+        pods.restarted
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("db-1: reload") && msg.contains("dssm-key.key"),
+        "{msg}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10), "{msg}");
+}

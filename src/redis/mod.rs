@@ -45,6 +45,19 @@ pub enum RedisError {
         served: String,
         last_error: String,
     },
+    /// The DB cannot reload its TLS files in place (`CONFIG` renamed or disabled, or a Redis
+    /// that does not re-read a path set again): a restart brings the files instead, at once.
+    #[error("{endpoint}: cannot reload TLS files in place: {reason}")]
+    ReloadUnavailable { endpoint: String, reason: String },
+    /// The DB refused the mounted TLS files: nothing may be restarted onto them.
+    #[error("{endpoint}: refused the mounted TLS files (tls-cert-file {cert}, tls-key-file {key}, tls-ca-cert-file {ca}): {message}; the rotation stops here, nothing restarted onto them (the DB's log names the file it could not load)")]
+    TlsConfig {
+        endpoint: String,
+        cert: String,
+        key: String,
+        ca: String,
+        message: String,
+    },
     #[error("{0}")]
     Topology(String),
     #[error(transparent)]
@@ -104,6 +117,17 @@ fn socket_addrs(endpoint: &str) -> Vec<std::net::SocketAddr> {
 pub fn same_address(a: &str, b: &str) -> bool {
     let a = socket_addrs(a);
     !a.is_empty() && socket_addrs(b).iter().any(|x| a.contains(x))
+}
+
+impl RedisError {
+    /// An authentication or permission refusal (`NOAUTH`, `NOPERM`, `WRONGPASS`): retrying does
+    /// not help, it is reported.
+    pub fn is_auth(&self) -> bool {
+        let text = self.to_string();
+        ["NOAUTH", "NOPERM", "WRONGPASS"]
+            .iter()
+            .any(|k| text.contains(k))
+    }
 }
 
 /// Sleeps `step`, but never past `deadline`.

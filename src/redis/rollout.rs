@@ -277,7 +277,10 @@ pub fn execute(
         let result = match run_step(step, pods, cx, &sentinels, deadline) {
             // The files never changed under the DB (a mount kubelet does not update, not
             // detected as `subPath`): a restart brings them, the safe way.
-            Err(e) if matches!(step, Step::ReloadDb { .. }) && e.starts_with(NOT_SWAPPED) => {
+            Err(e)
+                if matches!(step, Step::ReloadDb { .. })
+                    && (e.starts_with(NOT_SWAPPED) || e.starts_with(NO_RELOAD)) =>
+            {
                 restart_db_instead(step.pod(), dbs, pods, cx, &sentinels, &e)
             }
             other => other,
@@ -293,6 +296,8 @@ pub fn execute(
 
 /// How a reload that never saw new files reports itself (see `RedisError::NotSwapped`).
 const NOT_SWAPPED: &str = "not swapped: ";
+/// How a DB that cannot reload in place reports itself (`RedisError::ReloadUnavailable`).
+const NO_RELOAD: &str = "no in-place reload: ";
 
 /// The fallback of a reload: a replica restarts; the primary first hands its role over by a
 /// paused switchover. Each with a deadline of its own; only with three DBs (two stay up).
@@ -346,6 +351,7 @@ fn run_step(
             .map(drop)
             .map_err(|e| match e {
                 RedisError::NotSwapped { .. } => format!("{NOT_SWAPPED}{e}"),
+                RedisError::ReloadUnavailable { .. } => format!("{NO_RELOAD}{e}"),
                 e => e.to_string(),
             }),
         // The pod itself says whether it is the primary, asked right before: a failover since
@@ -363,49 +369,7 @@ fn run_step(
         }
         Step::RestartSentinel { pod } => pods.restart(pod, deadline),
         Step::DbCaughtUp { .. } => until(deadline, || {
-            let mut c = Connection::connect(cx.tls, &endpoint, cx.server_name, deadline)?;
-            let run_id = info_server(&mut c, deadline)?.run_id;
-            let me = info_replication(&mut c, deadline)?;
-            let primary = me
-                .primary
-                .clone()
-                .filter(|_| me.role == Role::Replica && me.link_up);
-            let primary = primary.ok_or_else(|| {
-                RedisError::Topology(format!("{endpoint}: not yet a replica with its link up"))
-            })?;
-            let target = {
-                let mut p = Connection::connect(cx.tls, &primary, cx.server_name, deadline)?;
-                info_replication(&mut p, deadline)?.master_repl_offset
-            };
-            // The primary moves on under load: caught up = reached where it was a moment ago.
-            loop {
-                let now = info_replication(&mut c, deadline)?;
-                if now.replica_offset.unwrap_or(-1) >= target {
-                    break;
-                }
-                if Instant::now() + POLL >= deadline {
-                    return Err(RedisError::Topology(format!(
-                        "{endpoint}: offset {:?} behind the primary's {target}",
-                        now.replica_offset
-                    )));
-                }
-                pause_until(deadline, POLL / 5);
-            }
-            // Found in Sentinel's lists by its run ID: Sentinel sees it at its pod IP, which
-            // need not be how the tool reaches it.
-            let id = ReplicaId {
-                endpoint: &endpoint,
-                run_id: Some(&run_id),
-            };
-            replica_ready_for_sentinels_by(
-                cx.tls,
-                cx.server_name,
-                sentinels,
-                cx.master,
-                id,
-                deadline,
-            )?;
-            check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
+            db_caught_up(cx, sentinels, &endpoint, deadline)
         }),
         Step::SentinelInQuorum {
             others, replicas, ..
@@ -420,6 +384,52 @@ fn run_step(
             others, replicas, ..
         } => forget_gone(cx, sentinels, *others, *replicas),
     }
+}
+
+/// The gate after a DB restart: it answers as a replica with its link up, has reached where its
+/// primary was a moment ago, every sentinel sees it ready, and new handshakes prove the phase.
+fn db_caught_up(
+    cx: &RolloutContext<'_>,
+    sentinels: &[String],
+    endpoint: &str,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    let mut c = Connection::connect(cx.tls, endpoint, cx.server_name, deadline)?;
+    let run_id = info_server(&mut c, deadline)?.run_id;
+    let me = info_replication(&mut c, deadline)?;
+    let primary = me
+        .primary
+        .clone()
+        .filter(|_| me.role == Role::Replica && me.link_up);
+    let primary = primary.ok_or_else(|| {
+        RedisError::Topology(format!("{endpoint}: not yet a replica with its link up"))
+    })?;
+    let target = {
+        let mut p = Connection::connect(cx.tls, &primary, cx.server_name, deadline)?;
+        info_replication(&mut p, deadline)?.master_repl_offset
+    };
+    // The primary moves on under load: caught up = reached where it was a moment ago.
+    loop {
+        let now = info_replication(&mut c, deadline)?;
+        if now.replica_offset.unwrap_or(-1) >= target {
+            break;
+        }
+        if Instant::now() + POLL >= deadline {
+            return Err(RedisError::Topology(format!(
+                "{endpoint}: offset {:?} behind the primary's {target}",
+                now.replica_offset
+            )));
+        }
+        pause_until(deadline, POLL / 5);
+    }
+    // Found in Sentinel's lists by its run ID: Sentinel sees it at its pod IP, which
+    // need not be how the tool reaches it.
+    let id = ReplicaId {
+        endpoint,
+        run_id: Some(&run_id),
+    };
+    replica_ready_for_sentinels_by(cx.tls, cx.server_name, sentinels, cx.master, id, deadline)?;
+    check_proof(cx.tls, endpoint, cx.server_name, &cx.proof, deadline)
 }
 
 /// The role the DB at `endpoint` reports itself (`INFO replication`).

@@ -509,12 +509,21 @@ fn spawn(p: &mut Proc) {
     wait_for(
         &format!("{} to answer PING", p.name),
         Duration::from_secs(20),
-        || (cli_with(&mount, port, &["PING"]).trim() == "PONG").then_some(()),
+        || {
+            // A DB that requires a password answers too: NOAUTH.
+            let pong = cli_with(&mount, port, &["PING"]);
+            (pong.trim() == "PONG" || pong.contains("NOAUTH")).then_some(())
+        },
     );
 }
 
 /// One TLS-only DB (no replicas, no sentinels) running from `mount`, in `dir`.
 pub fn start_db(dir: &Path, mount: &Path) -> Proc {
+    start_db_with(dir, mount, "")
+}
+
+/// `start_db` with `extra` config lines (e.g. `rename-command CONFIG ""`, `requirepass x`).
+pub fn start_db_with(dir: &Path, mount: &Path, extra: &str) -> Proc {
     std::fs::create_dir_all(dir).unwrap();
     let mut p = Proc {
         name: "db".into(),
@@ -532,6 +541,7 @@ pub fn start_db(dir: &Path, mount: &Path) -> Proc {
         p.dir.join("log").display()
     );
     conf.push_str(&tls_lines(mount));
+    conf.push_str(extra);
     std::fs::write(p.dir.join("redis.conf"), conf).unwrap();
     spawn(&mut p);
     p
