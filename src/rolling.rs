@@ -288,9 +288,12 @@ impl Pods for ClusterPods {
     }
 }
 
-/// The dSSM copy of the materials, as the tool's client for this phase.
-async fn dssm_client(cluster: &Cluster) -> Result<(ClientMaterials, String), RestartError> {
-    let ns = &cluster.dssm_ns;
+/// The copy of the materials in `ns`, as a client, with its leaf's fingerprint; None when its
+/// leaf and key do not match (a copy caught between its two Secret writes by a crash).
+async fn client_from_copy(
+    cluster: &Cluster,
+    ns: &str,
+) -> Result<Option<(ClientMaterials, String)>, RestartError> {
     let certs = cluster.get_secret(ns, contract::CERTS_SECRET).await?;
     let keys = cluster.get_secret(ns, contract::KEYS_SECRET).await?;
     let get = |s: &Option<k8s_openapi::api::core::v1::Secret>, secret: &str, k: &str| {
@@ -311,14 +314,45 @@ async fn dssm_client(cluster: &Cluster) -> Result<(ClientMaterials, String), Res
         &format!("{ns}/{}[{}]", contract::CERTS_SECRET, contract::LEAF_CERT),
     )
     .map_err(|e| RestartError::Rollout(e.to_string()))?;
-    Ok((
+    if !leaf.matches_key(&leaf_key) {
+        return Ok(None);
+    }
+    let fingerprint = leaf.sha256_fingerprint.clone();
+    Ok(Some((
         ClientMaterials {
             ca_cert,
             leaf_cert,
             leaf_key,
         },
-        leaf.sha256_fingerprint,
-    ))
+        fingerprint,
+    )))
+}
+
+/// The dSSM copy of the materials, as the tool's client for this phase.
+async fn dssm_client(cluster: &Cluster) -> Result<(ClientMaterials, String), RestartError> {
+    let ns = &cluster.dssm_ns;
+    client_from_copy(cluster, ns).await?.ok_or_else(|| {
+        RestartError::Rollout(format!(
+            "secret {ns}/{} holds a leaf that does not match the key of {ns}/{}",
+            contract::CERTS_SECRET,
+            contract::KEYS_SECRET
+        ))
+    })
+}
+
+/// A client the running dSSM processes accept before the writes: the dSSM copy, or, when a
+/// crash left it between its two Secret writes (a resumed run completes it), the first TMM
+/// copy whose leaf matches its key: the copies are written dSSM's first, so TMM's is intact.
+async fn preflight_client(cluster: &Cluster) -> Result<(ClientMaterials, String), RestartError> {
+    if let Some(c) = client_from_copy(cluster, &cluster.dssm_ns).await? {
+        return Ok(c);
+    }
+    for ns in crate::targets::namespaces(&cluster.targets) {
+        if let Some(c) = client_from_copy(cluster, &ns).await? {
+            return Ok(c);
+        }
+    }
+    dssm_client(cluster).await
 }
 
 /// Everything a dSSM rollout needs, read before anything is touched.
@@ -330,7 +364,11 @@ struct Prepared {
 }
 
 impl Cluster {
-    async fn prepare_dssm(&self, access: &RedisAccess) -> Result<Prepared, RestartError> {
+    async fn prepare_dssm(
+        &self,
+        access: &RedisAccess,
+        preflight: bool,
+    ) -> Result<Prepared, RestartError> {
         let api = self.pods_in(&self.dssm_ns);
         let sel = self.dssm_selector.clone();
         let list = api.list(&sel).await?;
@@ -355,7 +393,11 @@ impl Cluster {
             );
             uids.insert(p.name_any(), p.uid().unwrap_or_default());
         }
-        let (materials, fingerprint) = dssm_client(self).await?;
+        let (materials, fingerprint) = if preflight {
+            preflight_client(self).await?
+        } else {
+            dssm_client(self).await?
+        };
         Ok(Prepared {
             pods: ClusterPods {
                 api,
@@ -374,7 +416,7 @@ impl Cluster {
     /// The rolling restart's own pre-flight, before anything is written: every dSSM pod's Redis
     /// answers with the deployed materials, exactly one DB is primary, and the plan is safe.
     pub async fn check_dssm_rollout(&self, access: &RedisAccess) -> Result<(), RestartError> {
-        let p = self.prepare_dssm(access).await?;
+        let p = self.prepare_dssm(access, true).await?;
         let ns = self.dssm_ns.clone();
         tokio::task::spawn_blocking(move || {
             let tool = TlsClient::new(&p.materials, true).map_err(|e| e.to_string())?;
@@ -403,7 +445,7 @@ impl Cluster {
             live,
             materials,
             fingerprint,
-        } = self.prepare_dssm(access).await?;
+        } = self.prepare_dssm(access, false).await?;
         let server_name = contract::SENTINEL_SERVICE.to_string();
         let master = access.master.clone();
         let ns = self.dssm_ns.clone();

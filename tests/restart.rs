@@ -1574,3 +1574,116 @@ fn the_default_rotation_rides_out_a_10_s_api_outage() {
     );
     f.assert_unnoticed("a 10 s API outage mid-roll");
 }
+
+/// The rolling rotation's crash matrix on the real-process bed, with the default strategy:
+/// `rotate` is sent `signal` right after its nth write (Secrets, marks, each eviction of a dSSM
+/// pod, TMM's rollout), for every n, then `reconcile` runs as the next CronJob run would. The
+/// rotation ends complete, with identical copies and no mark left; TMM is rolled at most once;
+/// nobody notices (0 failed operations after one retry, 0 lost writes, the Ready floors).
+fn rolling_crash_matrix(signal: i32) -> Vec<String> {
+    each_crash_point(2, |n| {
+        let env = dssm_pods::published();
+        let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+        load.settle();
+        env.server.clear_requests();
+        let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+            .env("POD_NAME", "rotate-job")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let writes = |s: &dssm_testcluster::State| -> Vec<String> {
+            s.requests
+                .iter()
+                .filter(|r| r.is_write() && !r.path.contains("/events"))
+                .map(|r| format!("{} {}", r.method, r.path))
+                .collect()
+        };
+        let mut finished = false;
+        let start = std::time::Instant::now();
+        loop {
+            if env.server.with_state(|s| writes(s)).len() >= n {
+                break;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                finished = true;
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(90), "rotate hung");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        unsafe { libc_kill(child.id() as i32, signal) };
+        let _ = child.wait();
+        if finished {
+            drop(dssm_pods::finish(bed, load));
+            return None;
+        }
+        let point = env.server.with_state(|s| writes(s))[n - 1].clone();
+        let start = std::time::Instant::now();
+        let mut log = String::new();
+        loop {
+            let (code, out, err) = output(
+                dssm_pods::command(&env, &bed, &["reconcile"]).env("POD_NAME", "rotate-job"),
+            );
+            log.push_str(&out);
+            log.push_str(&err);
+            if code == 0 {
+                break;
+            }
+            assert_eq!(code, 5, "after write {n} ({point}): {log}");
+            assert!(start.elapsed() < Duration::from_secs(30), "{log}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let (f, b) = dssm_pods::finish(bed, load);
+        let what = format!("signal {signal} after write {n} ({point})");
+        let after = env.copy("spk-ingress").unwrap();
+        assert!(
+            env.copy("spk-utilities").unwrap() == after,
+            "{what}: copies differ"
+        );
+        let (_, ann) = tmm_replicas(&env);
+        for mark in [
+            "restart-needed",
+            "tmm-roll",
+            "tmm-restarted",
+            "tmm-replicas",
+        ] {
+            assert!(
+                ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
+                "{what}: {mark} left: {ann}\n{log}"
+            );
+        }
+        // Published with --no-restart, TMM carries a pending restart from the start: whatever
+        // the crash point, the rotation ends with TMM rolled, and only once.
+        let rolled = b.new_tmm_pods.get("spk-ingress").copied().unwrap_or(0);
+        assert_eq!(rolled, 3, "{what}: TMM rolled once: {b:?}\n{log}");
+        f.assert_unnoticed(&what);
+        Some(point)
+    })
+}
+
+#[test]
+fn a_rolling_rotation_killed_after_any_write_is_finished_by_the_next_run_unnoticed() {
+    let points = rolling_crash_matrix(9);
+    for expected in [
+        "PUT /api/v1/namespaces/spk-ingress/secrets/dssm-keys-secret",
+        "POST /api/v1/namespaces/spk-utilities/pods/f5-dssm-sentinel-1/eviction",
+        "PATCH /apis/apps/v1/namespaces/spk-ingress/deployments/f5-tmm",
+    ] {
+        assert!(
+            points.iter().any(|p| p == expected),
+            "{expected}: {points:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_rolling_rotation_sent_sigterm_after_any_write_is_finished_by_the_next_run_unnoticed() {
+    let points = rolling_crash_matrix(15);
+    assert!(
+        points
+            .iter()
+            .any(|p| p.ends_with("/eviction") && p.contains("f5-dssm-sentinel")),
+        "{points:#?}"
+    );
+}
