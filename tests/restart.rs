@@ -278,6 +278,8 @@ fn sigterm_during_a_restart_restores_tmm_before_exiting() {
         .env("KUBECONFIG", &env.kubeconfig)
         .args([
             "restart",
+            "--strategy",
+            "scale-to-zero",
             "--dssm-namespace",
             "spk-utilities",
             "--tmm-namespace",
@@ -325,6 +327,8 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             .env("POD_NAME", "rotate-job")
             .args([
                 "rotate",
+                "--strategy",
+                "scale-to-zero",
                 "--ca",
                 "--key-algorithm",
                 "ecdsa-p256",
@@ -376,6 +380,8 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             .env("POD_NAME", "rotate-job")
             .args([
                 "reconcile",
+                "--strategy",
+                "scale-to-zero",
                 "--key-algorithm",
                 "ecdsa-p256",
                 "--dssm-namespace",
@@ -622,7 +628,7 @@ fn the_lease_is_renewed_while_a_long_restart_waits() {
     let env = TestEnv::spk();
     env.server
         .with_state(|s| s.timing.pod_grace = Duration::from_secs(4));
-    let child = bin()
+    let child = bin_without_redis()
         .env("KUBECONFIG", &env.kubeconfig)
         .args([
             "restart",
@@ -1042,7 +1048,8 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
         env.server.clear_requests();
         let child = bin()
             .env("KUBECONFIG", &env.kubeconfig)
-            .args(["restart", "--dssm-namespace", "spk-utilities"])
+            .args(["restart", "--strategy", "scale-to-zero"])
+            .args(["--dssm-namespace", "spk-utilities"])
             .args(["--tmm-namespace", "spk-ingress"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
