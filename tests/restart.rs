@@ -1582,6 +1582,37 @@ fn the_default_rotation_rides_out_a_10_s_api_outage() {
     f.assert_unnoticed("a 10 s API outage mid-roll");
 }
 
+/// Sends `signal` to `child` once the API server has seen its nth write (Events aside), and
+/// returns that write; None when the child finished before making it.
+fn signal_after_write(
+    env: &TestEnv,
+    child: &mut std::process::Child,
+    n: usize,
+    signal: i32,
+) -> Option<String> {
+    let writes = |s: &dssm_testcluster::State| -> Vec<String> {
+        s.requests
+            .iter()
+            .filter(|r| r.is_write() && !r.path.contains("/events"))
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    let finished = loop {
+        if env.server.with_state(|s| writes(s)).len() >= n {
+            break false;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break true;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "rotate hung");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    unsafe { libc_kill(child.id() as i32, signal) };
+    let _ = child.wait();
+    (!finished).then(|| env.server.with_state(|s| writes(s))[n - 1].clone())
+}
+
 /// The rolling rotation's crash matrix on the real-process bed, with the default strategy:
 /// `rotate` is sent `signal` right after its nth write (Secrets, marks, each eviction of a dSSM
 /// pod, TMM's rollout), for every n, then `reconcile` runs as the next CronJob run would. The
@@ -1599,33 +1630,10 @@ fn rolling_crash_matrix(signal: i32) -> Vec<String> {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let writes = |s: &dssm_testcluster::State| -> Vec<String> {
-            s.requests
-                .iter()
-                .filter(|r| r.is_write() && !r.path.contains("/events"))
-                .map(|r| format!("{} {}", r.method, r.path))
-                .collect()
-        };
-        let mut finished = false;
-        let start = std::time::Instant::now();
-        loop {
-            if env.server.with_state(|s| writes(s)).len() >= n {
-                break;
-            }
-            if let Ok(Some(_)) = child.try_wait() {
-                finished = true;
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(90), "rotate hung");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        unsafe { libc_kill(child.id() as i32, signal) };
-        let _ = child.wait();
-        if finished {
+        let Some(point) = signal_after_write(&env, &mut child, n, signal) else {
             drop(dssm_pods::finish(bed, load));
             return None;
-        }
-        let point = env.server.with_state(|s| writes(s))[n - 1].clone();
+        };
         let start = std::time::Instant::now();
         let mut log = String::new();
         loop {
