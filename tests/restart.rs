@@ -1702,3 +1702,58 @@ fn a_rolling_rotation_sent_sigterm_after_any_write_is_finished_by_the_next_run_u
         "{points:#?}"
     );
 }
+
+/// The agent's restart inside its maintenance window takes the default strategy, rolling, on
+/// real Redis pods: the due leaf is renewed, dSSM and TMM roll, and nobody notices.
+#[test]
+fn the_agents_window_restart_runs_the_default_strategy_unnoticed() {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let before = env.copy("spk-utilities").unwrap();
+    let addr = format!("127.0.0.1:{}", support::redis::free_port());
+    let mut args = vec!["run", "--listen", &addr];
+    args.extend_from_slice(support::agent::RENEW_IN_THE_WINDOW);
+    let log = env.dir.path().join("agent.log");
+    let mut agent = dssm_pods::command(&env, &bed, &args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _show = ShowOnPanic(log.clone());
+    support::redis::wait_for("the window's rotation", Duration::from_secs(90), || {
+        assert!(agent.try_wait().unwrap().is_none(), "the agent exited");
+        let d = env
+            .server
+            .get("apps", "deployments", "spk-ingress", "f5-tmm")?;
+        let renewed = env.copy("spk-utilities")? != before;
+        let unmarked = d["metadata"]["annotations"]
+            .get("dssm-certs.f5.com/restart-needed")
+            .is_none();
+        (renewed && unmarked).then_some(())
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "TMM rolled once: {b:?}"
+    );
+    assert!(
+        b.started >= 3,
+        "the sentinels restarted one at a time: {b:?}"
+    );
+    f.assert_unnoticed("the agent's window restart");
+}
+
+/// Prints the file when dropped during a panic (a failing test shows what the process said).
+struct ShowOnPanic(std::path::PathBuf);
+
+impl Drop for ShowOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", std::fs::read_to_string(&self.0).unwrap_or_default());
+        }
+    }
+}
