@@ -45,6 +45,8 @@ pub struct Workload {
     pub meta: ObjectMeta,
     pub template: PodTemplateSpec,
     pub role: Role,
+    /// For a TMM target: how a rolling restart replaces its pods.
+    pub roll: Option<crate::targets::RollPlan>,
 }
 
 impl Workload {
@@ -139,6 +141,37 @@ pub fn redis_container(w: &Workload) -> Option<Finding> {
             "{why}: the rolling restart cannot tell where its Redis listens (name the port \
              redis or sentinel, or pass --redis-endpoint POD=HOST:PORT for each pod)"
         ),
+    })
+}
+
+/// A TMM target that cannot surge: its own rollout could take every pod down at once, so the
+/// tool replaces its pods one at a time (slower); with one pod even that leaves none Ready,
+/// and a rolling rotation is refused unless `--allow-tmm-gap`.
+pub fn tmm_surge(w: &Workload) -> Option<Finding> {
+    use crate::targets::RollPlan;
+    let (status, message) = match w.roll.as_ref()? {
+        RollPlan::Controller => return None,
+        RollPlan::OneByOne { why } => (
+            Status::Warning,
+            format!(
+                "{why}: a rotation replaces its pods itself, one at a time through the Eviction \
+                 API, each replacement Ready before the next (slower than its own rollout)"
+            ),
+        ),
+        RollPlan::Gap { why } => (
+            Status::Critical,
+            format!(
+                "{why}: replacing its pod leaves no TMM pod Ready until the new one is; a rolling \
+                 rotation refuses before writing unless --allow-tmm-gap (or give it a second \
+                 replica or maxSurge)"
+            ),
+        ),
+    };
+    Some(Finding {
+        check: "tmm-surge",
+        status,
+        object: w.id(),
+        message,
     })
 }
 

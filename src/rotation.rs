@@ -425,6 +425,7 @@ async fn finish_rotation(
         .annotate_targets(&[
             (annotations::RESTART_NEEDED, None),
             (annotations::TMM_RESTARTED, None),
+            (annotations::TMM_ROLL, None),
         ])
         .await?;
     let _ = writeln!(
@@ -462,7 +463,16 @@ async fn roll_one(
                 .await?;
             state.dssm.clone()
         }
-        Step::RollTarget { target, token, .. } => {
+        Step::RollTarget {
+            target,
+            token,
+            phase,
+        } => {
+            // Each phase rolls TMM anew: the roll's record names the phase as well.
+            let token = match phase {
+                Some(p) => format!("{token}/{}", p.name()),
+                None => token,
+            };
             cluster
                 .roll_target(&cluster.targets[target], &token, r.wait_timeout, out)
                 .await?;

@@ -458,30 +458,29 @@ mod tests {
         Workload::DaemonSet(Box::new(serde_json::from_value(d).unwrap()))
     }
 
-    /// Which TMM layouts its own controller can roll with a Ready pod left, rounded as the
-    /// controllers round (Deployment: maxSurge up, maxUnavailable down, never both 0;
-    /// DaemonSet: both up).
-    #[test]
-    fn a_tmm_that_cannot_surge_is_rolled_one_by_one_and_one_pod_without_surge_is_a_gap() {
-        use RollPlan::*;
-        let plan = |w: Workload| match w.roll_plan() {
-            Controller => "controller",
-            OneByOne { .. } => "one-by-one",
-            Gap { .. } => "gap",
-        };
-        let rolling = |replicas: i32, ru: serde_json::Value| {
-            deployment(
-                serde_json::json!({"replicas": replicas, "selector": {}, "template": {},
-                "strategy": {"type": "RollingUpdate", "rollingUpdate": ru}}),
+    fn rolling(replicas: i32, ru: serde_json::Value) -> Workload {
+        deployment(
+            serde_json::json!({"replicas": replicas, "selector": {}, "template": {},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": ru}}),
+        )
+    }
+
+    fn recreate(replicas: i32) -> Workload {
+        deployment(
+            serde_json::json!({"replicas": replicas, "selector": {}, "template": {},
+            "strategy": {"type": "Recreate"}}),
+        )
+    }
+
+    /// TMM layouts and how each is rolled.
+    fn layouts() -> Vec<(Workload, &'static str)> {
+        let ds_rolling = |ru: serde_json::Value, nodes: i32| {
+            daemonset(
+                serde_json::json!({"type": "RollingUpdate", "rollingUpdate": ru}),
+                nodes,
             )
         };
-        let recreate = |replicas: i32| {
-            deployment(
-                serde_json::json!({"replicas": replicas, "selector": {}, "template": {},
-                "strategy": {"type": "Recreate"}}),
-            )
-        };
-        let cases = [
+        vec![
             (rolling(2, serde_json::json!({})), "controller"), // 25%: surge 1, unavailable 0
             (rolling(1, serde_json::json!({})), "controller"),
             (recreate(2), "one-by-one"),
@@ -526,31 +525,33 @@ mod tests {
             ),
             (daemonset(serde_json::json!({"type": "OnDelete"}), 1), "gap"),
             (
-                daemonset(
-                    serde_json::json!({"type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
-                    1,
-                ),
+                ds_rolling(serde_json::json!({"maxSurge": 1, "maxUnavailable": 0}), 1),
                 "controller",
             ),
             // 34% of 3 rounds up to 2 (a DaemonSet rounds up): one node keeps its pod.
             (
-                daemonset(
-                    serde_json::json!({"type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": "34%"}}),
-                    3,
-                ),
+                ds_rolling(serde_json::json!({"maxUnavailable": "34%"}), 3),
                 "controller",
             ),
             (
-                daemonset(
-                    serde_json::json!({"type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": "67%"}}),
-                    3,
-                ),
+                ds_rolling(serde_json::json!({"maxUnavailable": "67%"}), 3),
                 "one-by-one",
             ),
-        ];
+        ]
+    }
+
+    /// Which TMM layouts its own controller can roll with a Ready pod left, rounded as the
+    /// controllers round (Deployment: maxSurge up, maxUnavailable down, never both 0;
+    /// DaemonSet: both up).
+    #[test]
+    fn a_tmm_that_cannot_surge_is_rolled_one_by_one_and_one_pod_without_surge_is_a_gap() {
+        use RollPlan::*;
+        let plan = |w: Workload| match w.roll_plan() {
+            Controller => "controller",
+            OneByOne { .. } => "one-by-one",
+            Gap { .. } => "gap",
+        };
+        let cases = layouts();
         for (i, (w, want)) in cases.into_iter().enumerate() {
             assert_eq!(plan(w), want, "case {i}");
         }

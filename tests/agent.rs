@@ -24,7 +24,8 @@ impl Drop for Agent {
 /// As the manifests run it: the read-only `dssm-certs-agent` account, or the writer `dssm-certs`
 /// when it is given a maintenance window to reconcile in.
 fn start(env: &TestEnv, extra: &[&str]) -> Agent {
-    start_in(env, extra, bin())
+    // A window's reconcile restarts the test cluster's pods, which run no Redis.
+    start_in(env, extra, bin_without_redis())
 }
 
 /// `start`, as `cmd`: the binary, or a wrapper that execs it.

@@ -485,3 +485,41 @@ fn a_dssm_sidecar_listed_first_is_passed_over_and_an_unrecognisable_redis_is_cri
         "{m}"
     );
 }
+
+/// A TMM that cannot surge is named: with several pods the rotation replaces them itself (a
+/// warning); with one pod and no surge no Ready pod would remain (critical, the rotation
+/// refuses without --allow-tmm-gap).
+#[test]
+fn a_tmm_that_cannot_surge_is_a_warning_and_one_pod_without_surge_is_critical() {
+    let env = published_spk();
+    let s = &env.server;
+    let object = "spk-ingress/deployment/f5-tmm";
+    let with = |replicas: i64, strategy: Value| {
+        let mut d = s
+            .get("apps", "deployments", "spk-ingress", "f5-tmm")
+            .unwrap();
+        d["spec"]["replicas"] = json!(replicas);
+        d["spec"]["strategy"] = strategy;
+        s.put("apps", "deployments", "spk-ingress", d);
+        let (_, report, err) = doctor(&env, &[]);
+        let f = found(&report);
+        (report, f, err)
+    };
+    let (report, f, err) = with(3, json!({"type": "Recreate"}));
+    assert!(
+        f.contains(&triple("tmm-surge", "warning", object)),
+        "{report:#}{err}"
+    );
+    assert!(message(&report, "tmm-surge", object).contains("one at a time"));
+    let (report, f, err) = with(
+        1,
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}),
+    );
+    assert!(
+        f.contains(&triple("tmm-surge", "critical", object)),
+        "{report:#}{err}"
+    );
+    assert!(message(&report, "tmm-surge", object).contains("--allow-tmm-gap"));
+    let (report, f, _) = with(3, json!({"type": "RollingUpdate"}));
+    assert!(!f.iter().any(|t| t.0 == "tmm-surge"), "{report:#}");
+}

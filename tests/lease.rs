@@ -43,7 +43,7 @@ fn lease(env: &TestEnv) -> serde_json::Value {
 
 /// `dssm-certs ARGS` against the test cluster as POD_NAME `identity`.
 fn command(env: &TestEnv, identity: &str, args: &[&str]) -> Command {
-    let mut cmd = bin();
+    let mut cmd = bin_without_redis();
     cmd.env("KUBECONFIG", &env.kubeconfig)
         .env("HOME", env.dir.path())
         .env("POD_NAME", identity)

@@ -948,7 +948,7 @@ fn two_rotations_started_at_once_one_runs_the_other_exits_5() {
     env.server
         .add_fault(Fault::delay("PUT", "/secrets/", 1, Duration::from_secs(3)));
     let spawn = |pod: &str| {
-        bin()
+        bin_without_redis()
             .env("KUBECONFIG", &env.kubeconfig)
             .env("POD_NAME", pod)
             .args([

@@ -280,6 +280,8 @@ fn sigterm_during_a_restart_restores_tmm_before_exiting() {
         .env("KUBECONFIG", &env.kubeconfig)
         .args([
             "restart",
+            "--strategy",
+            "scale-to-zero",
             "--dssm-namespace",
             "spk-utilities",
             "--tmm-namespace",
@@ -329,6 +331,8 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             .env("POD_NAME", "rotate-job")
             .args([
                 "rotate",
+                "--strategy",
+                "scale-to-zero",
                 "--ca",
                 "--key-algorithm",
                 "ecdsa-p256",
@@ -380,6 +384,8 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             .env("POD_NAME", "rotate-job")
             .args([
                 "reconcile",
+                "--strategy",
+                "scale-to-zero",
                 "--key-algorithm",
                 "ecdsa-p256",
                 "--dssm-namespace",
@@ -628,7 +634,7 @@ fn the_lease_is_renewed_while_a_long_restart_waits() {
     let env = TestEnv::spk();
     env.server
         .with_state(|s| s.timing.pod_grace = Duration::from_secs(4));
-    let child = bin()
+    let child = bin_without_redis()
         .env("KUBECONFIG", &env.kubeconfig)
         .args([
             "restart",
@@ -1048,7 +1054,8 @@ fn sigterm_after_each_step_of_a_restart_leaves_tmm_at_its_count() {
         env.server.clear_requests();
         let child = bin()
             .env("KUBECONFIG", &env.kubeconfig)
-            .args(["restart", "--dssm-namespace", "spk-utilities"])
+            .args(["restart", "--strategy", "scale-to-zero"])
+            .args(["--dssm-namespace", "spk-utilities"])
             .args(["--tmm-namespace", "spk-ingress"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1581,6 +1588,37 @@ fn the_default_rotation_rides_out_a_10_s_api_outage() {
     f.assert_unnoticed("a 10 s API outage mid-roll");
 }
 
+/// Sends `signal` to `child` once the API server has seen its nth write (Events aside), and
+/// returns that write; None when the child finished before making it.
+fn signal_after_write(
+    env: &TestEnv,
+    child: &mut std::process::Child,
+    n: usize,
+    signal: i32,
+) -> Option<String> {
+    let writes = |s: &dssm_testcluster::State| -> Vec<String> {
+        s.requests
+            .iter()
+            .filter(|r| r.is_write() && !r.path.contains("/events"))
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    let finished = loop {
+        if env.server.with_state(|s| writes(s)).len() >= n {
+            break false;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break true;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "rotate hung");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    unsafe { libc_kill(child.id() as i32, signal) };
+    let _ = child.wait();
+    (!finished).then(|| env.server.with_state(|s| writes(s))[n - 1].clone())
+}
+
 /// The rolling rotation's crash matrix on the real-process bed, with the default strategy:
 /// `rotate` is sent `signal` right after its nth write (Secrets, marks, each eviction of a dSSM
 /// pod, TMM's rollout), for every n, then `reconcile` runs as the next CronJob run would. The
@@ -1598,33 +1636,10 @@ fn rolling_crash_matrix(signal: i32) -> Vec<String> {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let writes = |s: &dssm_testcluster::State| -> Vec<String> {
-            s.requests
-                .iter()
-                .filter(|r| r.is_write() && !r.path.contains("/events"))
-                .map(|r| format!("{} {}", r.method, r.path))
-                .collect()
-        };
-        let mut finished = false;
-        let start = std::time::Instant::now();
-        loop {
-            if env.server.with_state(|s| writes(s)).len() >= n {
-                break;
-            }
-            if let Ok(Some(_)) = child.try_wait() {
-                finished = true;
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(90), "rotate hung");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        unsafe { libc_kill(child.id() as i32, signal) };
-        let _ = child.wait();
-        if finished {
+        let Some(point) = signal_after_write(&env, &mut child, n, signal) else {
             drop(dssm_pods::finish(bed, load));
             return None;
-        }
-        let point = env.server.with_state(|s| writes(s))[n - 1].clone();
+        };
         let start = std::time::Instant::now();
         let mut log = String::new();
         loop {
@@ -1692,4 +1707,59 @@ fn a_rolling_rotation_sent_sigterm_after_any_write_is_finished_by_the_next_run_u
             .any(|p| p.ends_with("/eviction") && p.contains("f5-dssm-sentinel")),
         "{points:#?}"
     );
+}
+
+/// The agent's restart inside its maintenance window takes the default strategy, rolling, on
+/// real Redis pods: the due leaf is renewed, dSSM and TMM roll, and nobody notices.
+#[test]
+fn the_agents_window_restart_runs_the_default_strategy_unnoticed() {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let before = env.copy("spk-utilities").unwrap();
+    let addr = format!("127.0.0.1:{}", support::redis::free_port());
+    let mut args = vec!["run", "--listen", &addr];
+    args.extend_from_slice(support::agent::RENEW_IN_THE_WINDOW);
+    let log = env.dir.path().join("agent.log");
+    let mut agent = dssm_pods::command(&env, &bed, &args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _show = ShowOnPanic(log.clone());
+    support::redis::wait_for("the window's rotation", Duration::from_secs(90), || {
+        assert!(agent.try_wait().unwrap().is_none(), "the agent exited");
+        let d = env
+            .server
+            .get("apps", "deployments", "spk-ingress", "f5-tmm")?;
+        let renewed = env.copy("spk-utilities")? != before;
+        let unmarked = d["metadata"]["annotations"]
+            .get("dssm-certs.f5.com/restart-needed")
+            .is_none();
+        (renewed && unmarked).then_some(())
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "TMM rolled once: {b:?}"
+    );
+    assert!(
+        b.started >= 3,
+        "the sentinels restarted one at a time: {b:?}"
+    );
+    f.assert_unnoticed("the agent's window restart");
+}
+
+/// Prints the file when dropped during a panic (a failing test shows what the process said).
+struct ShowOnPanic(std::path::PathBuf);
+
+impl Drop for ShowOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", std::fs::read_to_string(&self.0).unwrap_or_default());
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::apiserver::{self, resource, ApiServer};
 use support::rbac::{assert_rbac_is_exactly_used, exercise_every_command};
-use support::{bin, output, tempdir, TestEnv};
+use support::{bin, bin_without_redis, output, tempdir, TestEnv};
 
 const DSSM: &str = "spk-utilities";
 const INGRESS_A: &str = "spk-ingress-a";
@@ -65,7 +65,7 @@ fn ready(p: &Value) -> bool {
 
 impl Multi {
     fn cmd(&self, args: &[&str], targets: &[&str]) -> std::process::Command {
-        let mut cmd = bin();
+        let mut cmd = bin_without_redis();
         cmd.env("KUBECONFIG", &self.kubeconfig)
             .env("HOME", self.dir.path())
             .env("POD_NAME", "targets-test")

@@ -16,6 +16,7 @@ use kube::{Api, Client, ResourceExt};
 use super::{call, Cluster, ClusterError};
 use crate::check::Status;
 use crate::doctor::{self, Access, Finding, Role, Workload};
+use crate::targets::Workload as TargetWorkload;
 
 /// Everything read, and what could not be read.
 pub struct DoctorObservation {
@@ -81,23 +82,32 @@ impl Cluster {
                 }
             };
             macro_rules! workloads {
-                ($ty:ty, $kind:literal) => {{
+                ($ty:ty, $kind:literal, $plan:expr) => {{
                     let api: Api<$ty> = Api::namespaced(self.client.clone(), &ns);
                     let what = format!("{} in {ns}", <$ty as kube::Resource>::plural(&()));
                     match call("list", &what, || api.list(&lp)).await {
-                        Ok(l) => o.workloads.extend(l.items.into_iter().map(|w| Workload {
-                            kind: $kind,
-                            role: role($kind, &w.name_any()),
-                            template: w.spec.template.clone(),
-                            meta: w.metadata,
+                        Ok(l) => o.workloads.extend(l.items.into_iter().map(|w| {
+                            let role = role($kind, &w.name_any());
+                            let roll = (role == Role::Tmm).then(|| $plan(&w)).flatten();
+                            Workload {
+                                kind: $kind,
+                                role,
+                                template: w.spec.template.clone(),
+                                meta: w.metadata,
+                                roll,
+                            }
                         })),
                         Err(e) => o.unreadable.push(unreadable(what, e)),
                     }
                 }};
             }
-            workloads!(Deployment, "Deployment");
-            workloads!(StatefulSet, "StatefulSet");
-            workloads!(DaemonSet, "DaemonSet");
+            workloads!(Deployment, "Deployment", |d: &Deployment| Some(
+                TargetWorkload::Deployment(Box::new(d.clone())).roll_plan()
+            ));
+            workloads!(StatefulSet, "StatefulSet", |_: &StatefulSet| None);
+            workloads!(DaemonSet, "DaemonSet", |d: &DaemonSet| Some(
+                TargetWorkload::DaemonSet(Box::new(d.clone())).roll_plan()
+            ));
         }
         o
     }
@@ -160,6 +170,7 @@ pub fn findings(o: &DoctorObservation) -> Vec<Finding> {
     for w in &o.workloads {
         f.extend(doctor::sub_path_mounts(w));
         f.extend(doctor::redis_container(w));
+        f.extend(doctor::tmm_surge(w));
         f.extend(doctor::untargeted_mounts(w));
         f.extend(doctor::owned_by_operator(w));
         f.extend(doctor::disruption_budgets(w, &o.pdbs));

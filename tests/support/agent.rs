@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{bin, TestEnv};
+use super::TestEnv;
 
 pub struct RunningAgent {
     child: std::process::Child,
@@ -21,7 +21,7 @@ impl Drop for RunningAgent {
 /// `dssm-certs run` against the test cluster as `kubeconfig`'s account, on a free loopback port:
 /// (the process, its address).
 pub fn spawn(env: &TestEnv, kubeconfig: &Path, extra: &[&str]) -> (std::process::Child, String) {
-    spawn_as(bin(), env, kubeconfig, extra)
+    spawn_as(super::bin_without_redis(), env, kubeconfig, extra)
 }
 
 /// `spawn`, with `cmd` being the binary or a wrapper that execs it (e.g. `prlimit`).

@@ -14,12 +14,19 @@ pub mod redis;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The binary, with its own defaults: a restart is the default strategy, rolling.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dssm-certs"));
     c.env_remove("DSSM_CERTS_LOG");
-    // The test cluster's pods run no Redis unless a test starts `dssm_pods::Bed` (whose runs
-    // pass --strategy): the seeds' procedure needs none. The default itself is pinned in
-    // tests/rotation_cluster.rs.
+    c.env_remove("DSSM_CERTS_STRATEGY");
+    c
+}
+
+/// The binary for the test cluster alone, whose pods run no Redis: the rolling restart cannot
+/// reach them, so a restart there is the seeds' procedure, named explicitly. The default path
+/// runs on the real-process bed (`dssm_pods::command`), under every fault the cluster injects.
+pub fn bin_without_redis() -> Command {
+    let mut c = bin();
     c.env("DSSM_CERTS_STRATEGY", "scale-to-zero");
     c
 }
@@ -368,7 +375,7 @@ impl TestEnv {
     /// Runs `dssm-certs <args> --dssm-namespace .. --tmm-namespace ..` (or `--tmm ..` per
     /// target) against the cluster.
     pub fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let mut cmd = bin();
+        let mut cmd = bin_without_redis();
         cmd.env("KUBECONFIG", &self.kubeconfig)
             .env("HOME", self.dir.path())
             .args(args)
