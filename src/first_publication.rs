@@ -8,6 +8,15 @@
 //! `optional: true`) are not restarted: restarting a pod that does not mount the Secrets gives it
 //! nothing, and one whose Redis started without TLS files cannot be rolled the Redis-aware way.
 //! They are named, with what to do, in the output and in a Warning Event.
+//!
+//! It is decided per namespace and workload, from the pods (`find`). In a namespace without the
+//! Secrets (a TMM namespace or target added to a running install, a run killed between
+//! namespaces), the pods that wait for them are left out of the pre-flight and their target is
+//! not marked: published, then waited for as here. A pod there that started with them mounted
+//! (phase Running) runs on Secrets deleted since (by an operator forcing a new key, or lost by a
+//! restore): its process keeps the old files and key, so that is no first publication but a
+//! rollout like any other, pre-flight, marks and restart included; with a new CA, which those
+//! pods do not trust, the rolling strategy refuses before any write.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

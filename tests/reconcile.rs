@@ -1575,6 +1575,71 @@ fn secrets_and_ca_deleted_while_pods_run_are_refused_by_the_rolling_default_befo
     assert!(env.secret("spk-utilities", "dssm-certs-secret").is_none());
 }
 
+// Regression: a partial first publication deadlocked. A TMM namespace added to a running,
+// published install (here spk-ingress-b, under spk-multi's RBAC) has pods waiting for Secrets
+// that only the publication writes there; the pre-flight waited for their rollout, then refused
+// after --wait-timeout with nothing written, on every run. Now they are left out of the
+// pre-flight and not marked: published, then waited for, and nothing is restarted.
+#[test]
+fn a_new_tmm_namespace_waiting_for_the_secrets_is_published_and_comes_up_without_a_deadlock() {
+    use apiserver::SecretMount::Required;
+    let mut env = TestEnv::spk_fresh_in(
+        &["spk-ingress-a", "spk-ingress-b"],
+        "spk-multi",
+        Required,
+        Required,
+    );
+    env.tmm_targets = vec!["spk-ingress-a/deployment/f5-tmm".into()];
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(all_ready(&env), "{out}");
+    // The new target: TMM's Deployment copied into spk-ingress-b, its pods waiting.
+    let tmm = env
+        .server
+        .get("apps", "deployments", "spk-ingress-a", "f5-tmm")
+        .unwrap();
+    let copy = serde_json::json!({"metadata": {"name": "f5-tmm",
+        "labels": tmm["metadata"]["labels"].clone()}, "spec": tmm["spec"].clone()});
+    env.server.put("apps", "deployments", "spk-ingress-b", copy);
+    let waiting = |s: &apiserver::State| {
+        let pods = s.list(apiserver::resource("", "pods"), Some("spk-ingress-b"));
+        pods.len() == 3
+            && pods.iter().all(|p| {
+                p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                    == "ContainerCreating"
+            })
+    };
+    env.server.wait_until(
+        "spk-ingress-b's pods waiting",
+        Duration::from_secs(30),
+        waiting,
+    );
+    env.tmm_targets
+        .push("spk-ingress-b/deployment/f5-tmm".into());
+    let before = pod_uids(&env);
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: repair")
+            && out.contains("first publication into namespaces without our Secrets: 3 pods")
+            && out.contains("deployment spk-ingress-b/f5-tmm is available"),
+        "{out}"
+    );
+    let b = env.server.list("", "pods", "spk-ingress-b");
+    assert!(
+        b.len() == 3 && b.iter().all(apiserver::controllers::pod_ready),
+        "{b:?}"
+    );
+    assert_restarted_nothing(&env, &before);
+    let (code, out, _) = reconcile_default(&env, &[]);
+    assert_eq!(
+        (code, out.lines().next()),
+        (0, Some("plan: nothing")),
+        "{out}"
+    );
+}
+
 // An eviction answered 503 more times than one call retries (an API server restarting) is
 // retried until --wait-timeout instead of failing the restart after about 3 s.
 #[test]
