@@ -191,9 +191,9 @@ async fn pass_once(
     // Everything that can refuse the pass is checked before the first write.
     refuse_foreign(cluster, &obs)?;
     let phased_from = rolling_start(cluster, &obs, &plan, &store, opts, unix)?;
-    // Nothing to restart, and no pre-flight to wait for pods only the publication can start.
-    let fresh = opts.restart.is_some()
-        && crate::first_publication::is_fresh(&obs, &cluster.namespaces(), plan.action);
+    // Pods waiting for Secrets missing in their namespace only start on this publication: no
+    // restart and no pre-flight for them (`first_publication`).
+    let found = publication_pods(cluster, &obs, &plan, opts).await?;
     let places = places(cluster);
     let revision = writes::revision(&obs, &plan, &store).map_err(ReconcileError::Refused)?;
     outcome.revision = Some(revision);
@@ -205,21 +205,18 @@ async fn pass_once(
         content,
         phased_from: phased_from.as_ref(),
     };
-    // A first publication marks no TMM target: the pods start on the published Secrets.
+    // Targets whose pods only start on the published Secrets are not marked.
     let list_of = |content| {
         let mut list = writes::writes(&input(content));
-        list.retain(|w| !(fresh && matches!(w, Write_::Mark(_))));
+        if let Some(f) = &found {
+            f.adjust(&mut list, new_ca(&plan));
+        }
         list
     };
     let preview = list_of(content(&plan, &store, None));
-    refuse_rolling_ca_change(cluster, &plan, &preview, opts, phased_from.is_some())?;
-    if fresh {
-        let found = crate::first_publication::find(cluster).await?;
-        let _ = writeln!(out, "{}", found.describe());
-        outcome.first_start = Some(found);
-    } else {
-        preflight(cluster, opts).await?;
-    }
+    let phased = phased_from.is_some();
+    outcome.first_start =
+        before_writes(cluster, opts, &plan, &preview, found.clone(), phased, out).await?;
     if opts.dry_run {
         print_dry_run(&preview, revision, out);
         return Ok(outcome);
@@ -241,6 +238,70 @@ async fn pass_once(
     let leaf_note = made.as_ref().and_then(|m| m.leaf_note.as_deref());
     report_written(cluster, &obs, &plan, revision, bundle, leaf_note, &done).await?;
     Ok(outcome)
+}
+
+/// Before the first write: refuses a change of trust the rolling restart cannot roll, then
+/// pre-flights the restart to follow, or, when nothing is restarted (only pods that start on the
+/// publication), returns the pods to wait for once published.
+async fn before_writes(
+    cluster: &Cluster,
+    opts: &Options,
+    plan: &Plan,
+    preview: &[Write_],
+    found: Option<crate::first_publication::Found>,
+    phased: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<Option<crate::first_publication::Found>, ReconcileError> {
+    if let Some(why) = found
+        .as_ref()
+        .and_then(|f| f.refuse_new_ca(new_ca(plan), rolling(opts)))
+    {
+        return Err(ReconcileError::Refused(why));
+    }
+    refuse_rolling_ca_change(cluster, plan, preview, opts, phased)?;
+    let restarts = preview.iter().any(|w| matches!(w, Write_::Mark(_)));
+    match found {
+        Some(f) if f.first() || !restarts => {
+            let _ = writeln!(out, "{}", f.describe());
+            Ok(Some(f))
+        }
+        f => {
+            if let Some(f) = f.as_ref().filter(|f| !f.running.is_empty()) {
+                let _ = writeln!(out, "{}", f.describe());
+            }
+            preflight(cluster, opts, f.as_ref()).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// With a restart to follow and a namespace without our Secrets (or a first publication
+/// resumed): the pods there, sorted by what the publication does for them.
+async fn publication_pods(
+    cluster: &Cluster,
+    obs: &Observation,
+    plan: &Plan,
+    opts: &Options,
+) -> Result<Option<crate::first_publication::Found>, ReconcileError> {
+    use crate::first_publication::{find, is_fresh, missing_in};
+    let namespaces = cluster.namespaces();
+    let missing = missing_in(obs, &namespaces);
+    let fresh = is_fresh(obs, &namespaces, plan.action);
+    if opts.restart.is_none() || (missing.is_empty() && !fresh) {
+        return Ok(None);
+    }
+    Ok(Some(find(cluster, &missing, fresh).await?))
+}
+
+/// New materials under a CA that no stored one is: pods on unseen materials cannot trust it.
+fn new_ca(plan: &Plan) -> bool {
+    plan.action.needs_new_materials() && !plan.reuse_store_ca
+}
+
+fn rolling(opts: &Options) -> bool {
+    opts.restart
+        .as_ref()
+        .is_some_and(|r| r.strategy == crate::restart::Strategy::Rolling)
 }
 
 /// What the writes publish: the plan's bundle (repair, resume), the new materials, or in a dry
@@ -417,12 +478,20 @@ fn refuse_rolling_ca_change(
 
 /// New files reach the pods through kubelet whatever we do next: a restart that the pre-flight
 /// would refuse must be refused before the Secrets are written, not after.
-async fn preflight(cluster: &Cluster, opts: &Options) -> Result<(), ReconcileError> {
+/// Pods that only start on this publication (`found`) are left out: they cannot be Ready
+/// before it, and the restart after the writes waits for them.
+async fn preflight(
+    cluster: &Cluster,
+    opts: &Options,
+    found: Option<&crate::first_publication::Found>,
+) -> Result<(), ReconcileError> {
     let (Some(r), false) = (&opts.restart, opts.dry_run) else {
         return Ok(());
     };
+    let skip_dssm = found.is_some_and(|f| f.dssm_waits);
+    let skip = found.map(|f| f.starting.as_slice()).unwrap_or_default();
     cluster
-        .preflight(r.force, r.wait_timeout)
+        .preflight_except(r.force, r.wait_timeout, skip_dssm, skip)
         .await
         .map_err(|e| match e {
             crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
@@ -436,10 +505,14 @@ async fn preflight(cluster: &Cluster, opts: &Options) -> Result<(), ReconcileErr
                 crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
                 other => other.into(),
             })?;
-        cluster
-            .check_dssm_rollout(&r.redis)
-            .await
-            .map_err(|e| ReconcileError::Preflight(e.to_string()))?;
+        // Redis is reached with the deployed dSSM copy: none is deployed when the dSSM
+        // namespace lost its Secrets (the roll after the writes checks with the new one).
+        if found.is_none_or(|f| f.has_dssm_copy) {
+            cluster
+                .check_dssm_rollout(&r.redis)
+                .await
+                .map_err(|e| ReconcileError::Preflight(e.to_string()))?;
+        }
     }
     Ok(())
 }

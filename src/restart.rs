@@ -398,6 +398,43 @@ impl Cluster {
     /// `RestartRefused` on the Deployment names the blocking object and nothing is touched.
     /// `force` restarts anyway and says so in an Event.
     pub async fn preflight(&self, force: bool, timeout: Duration) -> Result<(), RestartError> {
+        self.preflight_except(force, timeout, false, &[]).await
+    }
+
+    /// `preflight`, leaving out what only a publication can start (pods waiting for Secrets
+    /// missing in their namespace): the dSSM pods and the budgets over them when `skip_dssm`,
+    /// and the TMM targets in `skip`. The restart after the writes pre-flights them all again.
+    pub async fn preflight_except(
+        &self,
+        force: bool,
+        timeout: Duration,
+        skip_dssm: bool,
+        skip: &[crate::targets::TmmTarget],
+    ) -> Result<(), RestartError> {
+        let mut blocking = Vec::new();
+        if !skip_dssm {
+            blocking.extend(self.dssm_not_ready_after(timeout).await?);
+            blocking.extend(self.blocking_pdbs().await?);
+        }
+        blocking.extend(self.tmm_rollouts_incomplete(timeout, skip).await?);
+        if blocking.is_empty() {
+            return Ok(());
+        }
+        let why = blocking.join("; ");
+        if force {
+            let note = format!("--force: restarting although {why}");
+            self.event_on_targets(true, "PreflightOverridden", &note)
+                .await;
+            return Ok(());
+        }
+        self.event_on_targets(true, "RestartRefused", &format!("pre-flight: {why}"))
+            .await;
+        Err(RestartError::Preflight(why))
+    }
+
+    /// Every dSSM pod Ready and each StatefulSet at its replicas, waited for up to `timeout`;
+    /// what still is not then.
+    async fn dssm_not_ready_after(&self, timeout: Duration) -> Result<Vec<String>, RestartError> {
         let pods = self.pods_in(&self.dssm_ns);
         let (ns, sel) = (self.dssm_ns.clone(), self.dssm_selector.clone());
         let what = format!("pods ({sel}) in {ns}");
@@ -417,21 +454,7 @@ impl Cluster {
             }
             Err(e) => return Err(e),
         }
-        blocking.extend(self.blocking_pdbs().await?);
-        blocking.extend(self.tmm_rollouts_incomplete(timeout).await?);
-        if blocking.is_empty() {
-            return Ok(());
-        }
-        let why = blocking.join("; ");
-        if force {
-            let note = format!("--force: restarting although {why}");
-            self.event_on_targets(true, "PreflightOverridden", &note)
-                .await;
-            return Ok(());
-        }
-        self.event_on_targets(true, "RestartRefused", &format!("pre-flight: {why}"))
-            .await;
-        Err(RestartError::Preflight(why))
+        Ok(blocking)
     }
 
     /// PodDisruptionBudgets over dSSM pods that allow no disruption now: every eviction would be
@@ -470,9 +493,10 @@ impl Cluster {
     async fn tmm_rollouts_incomplete(
         &self,
         timeout: Duration,
+        skip: &[crate::targets::TmmTarget],
     ) -> Result<Vec<String>, ClusterError> {
         let mut blocking = Vec::new();
-        for t in &self.targets {
+        for t in self.targets.iter().filter(|t| !skip.contains(t)) {
             let done = self.watch_target(t, move |w| w.rollout_incomplete(t).is_none());
             if tokio::time::timeout(timeout, done).await.is_err() {
                 blocking.extend(self.require_workload(t).await?.rollout_incomplete(t));

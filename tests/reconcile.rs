@@ -1500,6 +1500,146 @@ fn a_first_publication_stopped_after_the_dssm_copies_is_finished_without_a_resta
     assert_restarted_nothing(&env, &before);
 }
 
+/// A fresh install published by the default `reconcile`, every pod up on the Secrets.
+fn published_fresh_install() -> TestEnv {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(all_ready(&env), "{out}");
+    env
+}
+
+// Regression: Secrets deleted while the pods run on them (an operator forcing a new key, or a
+// restore that lost them) were republished as a first publication: nothing was restarted, so
+// the running processes kept the old files and the key meant to be dropped. Here the CA key
+// Secret stays: the new leaf is signed by the same CA. Run with scale-to-zero, since the point
+// is that the pods are restarted (the rolling roll needs real Redis: the real-process bed).
+#[test]
+fn secrets_deleted_while_pods_run_on_them_are_republished_and_every_pod_restarted() {
+    let env = published_fresh_install();
+    let old_key = env.secret("spk-utilities", "dssm-keys-secret").unwrap()["data"].clone();
+    env.delete_copies();
+    let before = pod_uids(&env);
+    let (code, out, err) = env.reconcile(&["--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: publish")
+            && out.contains("not a first publication")
+            && out.contains("pod spk-utilities/f5-dssm-db-0"),
+        "{out}"
+    );
+    let after = pod_uids(&env);
+    let kept: Vec<_> = before
+        .iter()
+        .filter(|(_, uid)| after.values().any(|u| u == *uid))
+        .collect();
+    assert!(kept.is_empty(), "pods not restarted: {kept:?}\n{out}");
+    assert!(all_ready(&env), "{out}");
+    assert_all_copies_identical_and_valid(&env);
+    let new_key = env.secret("spk-utilities", "dssm-keys-secret").unwrap()["data"].clone();
+    assert_ne!(old_key, new_key, "the key was not replaced");
+    let (code, out, _) = env.reconcile(&[]);
+    assert_eq!(
+        (code, out.lines().next()),
+        (0, Some("plan: nothing")),
+        "{out}"
+    );
+}
+
+// Regression: with the CA key Secret deleted too, the republication brings a new CA, which the
+// pods running on the deleted Secrets do not trust: the rolling restart (the default) would
+// have old and new pods refuse each other. It is refused before any write, naming the pods and
+// scale-to-zero (before: published, nothing restarted, the old key kept in use).
+#[test]
+fn secrets_and_ca_deleted_while_pods_run_are_refused_by_the_rolling_default_before_any_write() {
+    let env = published_fresh_install();
+    env.delete_copies();
+    assert!(env
+        .server
+        .delete("", "secrets", "spk-utilities", "dssm-ca-key-secret")
+        .is_some());
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "30s"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("pod spk-ingress/f5-tmm-")
+            && err.contains("deleted since they started")
+            && err.contains("--strategy scale-to-zero")
+            && err.contains("Nothing was written"),
+        "{out}{err}"
+    );
+    env.assert_wrote_only_lease_and_events();
+    assert!(env.secret("spk-utilities", "dssm-certs-secret").is_none());
+}
+
+// Regression: a partial first publication deadlocked. A TMM namespace added to a running,
+// published install (here spk-ingress-b, under spk-multi's RBAC) has pods waiting for Secrets
+// that only the publication writes there; the pre-flight waited for their rollout, then refused
+// after --wait-timeout with nothing written, on every run. Now they are left out of the
+// pre-flight and not marked: published, then waited for, and nothing is restarted.
+#[test]
+fn a_new_tmm_namespace_waiting_for_the_secrets_is_published_and_comes_up_without_a_deadlock() {
+    use apiserver::SecretMount::Required;
+    let mut env = TestEnv::spk_fresh_in(
+        &["spk-ingress-a", "spk-ingress-b"],
+        "spk-multi",
+        Required,
+        Required,
+    );
+    env.tmm_targets = vec!["spk-ingress-a/deployment/f5-tmm".into()];
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(all_ready(&env), "{out}");
+    // The new target: TMM's Deployment copied into spk-ingress-b, its pods waiting.
+    let tmm = env
+        .server
+        .get("apps", "deployments", "spk-ingress-a", "f5-tmm")
+        .unwrap();
+    let copy = serde_json::json!({"metadata": {"name": "f5-tmm",
+        "labels": tmm["metadata"]["labels"].clone()}, "spec": tmm["spec"].clone()});
+    env.server.put("apps", "deployments", "spk-ingress-b", copy);
+    let waiting = |s: &apiserver::State| {
+        let pods = s.list(apiserver::resource("", "pods"), Some("spk-ingress-b"));
+        pods.len() == 3
+            && pods.iter().all(|p| {
+                p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                    == "ContainerCreating"
+            })
+    };
+    env.server.wait_until(
+        "spk-ingress-b's pods waiting",
+        Duration::from_secs(30),
+        waiting,
+    );
+    env.tmm_targets
+        .push("spk-ingress-b/deployment/f5-tmm".into());
+    let before = pod_uids(&env);
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: repair")
+            && out.contains("first publication into namespaces without our Secrets: 3 pods")
+            && out.contains("deployment spk-ingress-b/f5-tmm is available"),
+        "{out}"
+    );
+    let b = env.server.list("", "pods", "spk-ingress-b");
+    assert!(
+        b.len() == 3 && b.iter().all(apiserver::controllers::pod_ready),
+        "{b:?}"
+    );
+    assert_restarted_nothing(&env, &before);
+    let (code, out, _) = reconcile_default(&env, &[]);
+    assert_eq!(
+        (code, out.lines().next()),
+        (0, Some("plan: nothing")),
+        "{out}"
+    );
+}
+
 // An eviction answered 503 more times than one call retries (an API server restarting) is
 // retried until --wait-timeout instead of failing the restart after about 3 s.
 #[test]

@@ -1083,6 +1083,45 @@ fn pods_wait_in_container_creating_until_their_mounted_secret_exists() {
     });
 }
 
+// Regression: the test cluster started a waiting pod `pod_start` after its Secret appeared.
+// Kubelet retries a failed mount with exponential backoff (500 ms doubled up to 2 min 2 s,
+// pkg/util/goroutinemap/exponentialbackoff): a pod that waited long starts at the next retry,
+// noticeably later. Here the backoff is 1 s, 2 s, 4 s: the pod seen waiting fails its mounts at
+// about 0, 1 and 3 s; its Secret appears at 3.5 s, and it starts at the 7 s retry.
+#[test]
+fn a_pod_that_waited_for_its_secret_starts_at_kubelets_next_backed_off_retry() {
+    let server = spk_server();
+    let ns = "spk-utilities";
+    server.with_state(|s| {
+        s.timing.mount_retry = Duration::from_secs(1);
+        s.timing.mount_retry_max = Duration::from_secs(122);
+    });
+    let mut o = sts_mounting("late", "certs-late", "dir");
+    o["spec"]["replicas"] = json!(1);
+    server.put("apps", "statefulsets", ns, o);
+    server.wait_until("late-0 waiting", Duration::from_secs(10), |s| {
+        s.get(resource("", "pods"), ns, "late-0")
+            .is_some_and(|p| p["status"]["phase"] == "Pending" && !p["status"]["hostIP"].is_null())
+    });
+    let seen = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(3500));
+    server.put(
+        "",
+        "secrets",
+        ns,
+        json!({"metadata": {"name": "certs-late"}, "data": {"dssm-ca.crt": "eA=="}}),
+    );
+    let started = |s: &State| s.get(resource("", "pods"), ns, "late-0").is_some_and(ready);
+    server.wait_until("late-0 Ready", Duration::from_secs(15), started);
+    let after = seen.elapsed();
+    assert!(
+        after >= Duration::from_millis(6500),
+        "late-0 started {after:?} after it was seen waiting, {:?} after its Secret appeared: \
+         before kubelet's next retry",
+        after - Duration::from_millis(3500)
+    );
+}
+
 #[test]
 fn started_pods_get_their_own_loopback_ip_and_a_new_one_when_recreated() {
     let server = spk_server();

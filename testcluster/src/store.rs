@@ -250,6 +250,11 @@ pub struct Timing {
     pub pod_grace: Duration,
     /// How long a new pod takes to be Running and Ready.
     pub pod_start: Duration,
+    /// The wait before kubelet retries a failed volume mount (a Secret missing), doubled on
+    /// each failure up to `mount_retry_max`: pkg/util/goroutinemap/exponentialbackoff's
+    /// 500 ms and 2 min 2 s, scaled down 5 times here.
+    pub mount_retry: Duration,
+    pub mount_retry_max: Duration,
 }
 
 impl Default for Timing {
@@ -257,6 +262,8 @@ impl Default for Timing {
         Timing {
             pod_grace: Duration::from_millis(300),
             pod_start: Duration::from_millis(300),
+            mount_retry: Duration::from_millis(100),
+            mount_retry_max: Duration::from_millis(24_400),
         }
     }
 }

@@ -257,9 +257,22 @@ impl TestEnv {
     /// pods mount the Secrets as `dssm` and `tmm` say, and those that need them wait for them
     /// (ContainerCreating); the others are Ready.
     pub fn spk_fresh(dssm: apiserver::SecretMount, tmm: apiserver::SecretMount) -> Self {
-        let (dssm_ns, tmm_ns) = ("spk-utilities", "spk-ingress");
+        Self::spk_fresh_in(&["spk-ingress"], "spk", dssm, tmm)
+    }
+
+    /// `spk_fresh` with the TMM namespaces `tmm_namespaces` (the Deployment f5-tmm in the first
+    /// only), under the RBAC of `manifests/overlays/<overlay>`.
+    pub fn spk_fresh_in(
+        tmm_namespaces: &[&str],
+        overlay: &str,
+        dssm: apiserver::SecretMount,
+        tmm: apiserver::SecretMount,
+    ) -> Self {
+        let (dssm_ns, tmm_ns) = ("spk-utilities", tmm_namespaces[0]);
         let sa = format!("system:serviceaccount:{dssm_ns}:dssm-certs");
-        let server = apiserver::ApiServer::start(&[dssm_ns, tmm_ns], &sa);
+        let mut namespaces = vec![dssm_ns];
+        namespaces.extend(tmm_namespaces);
+        let server = apiserver::ApiServer::start(&namespaces, &sa);
         server.install_dssm_mounting(dssm_ns, tmm_ns, 3, dssm, tmm);
         server.wait_until(
             "the installed pods Ready or waiting for their Secrets",
@@ -287,9 +300,22 @@ impl TestEnv {
                     })
             },
         );
-        let rbac = apiserver::rbac_from_manifests(&apiserver::render_overlay("spk"));
+        let rbac = apiserver::rbac_from_manifests(&apiserver::render_overlay(overlay));
         server.with_state(|s| s.rbac = Some(rbac));
         Self::on(server, dssm_ns, tmm_ns, apiserver::SA_TOKEN)
+    }
+
+    /// Deletes `dssm-certs-secret` and `dssm-keys-secret` in every namespace holding a copy, as
+    /// an operator forcing a new key does (or a restore that lost them); the pods keep running.
+    pub fn delete_copies(&self) {
+        for ns in self.copy_namespaces() {
+            for name in ["dssm-certs-secret", "dssm-keys-secret"] {
+                assert!(
+                    self.server.delete("", "secrets", &ns, name).is_some(),
+                    "{ns}/{name}"
+                );
+            }
+        }
     }
 
     /// The environment of a started `server`: kubeconfigs for `token` (and the agent's own

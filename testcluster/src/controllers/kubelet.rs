@@ -7,8 +7,12 @@
 //! `optional: true`, waits as a real kubelet keeps it: kubelet's syncPod writes the pod's status
 //! (generateAPIPodStatus: phase Pending, each container waiting with reason ContainerCreating,
 //! Ready False) and then blocks in the volume manager's WaitForAttachAndMount, before the
-//! sandbox exists, so the pod has a hostIP but no podIP yet. It starts `Timing::pod_start` after
-//! the Secret appears (the volume manager retries the mount). A started pod gets its own
+//! sandbox exists, so the pod has a hostIP but no podIP yet. The volume manager retries the
+//! failed mount with exponential backoff (pkg/util/goroutinemap/exponentialbackoff: 500 ms,
+//! doubled on each failure, capped at 2 min 2 s; `Timing::mount_retry`, scaled down): the mount
+//! succeeds at the first retry after the Secret appears, so a pod that waited long starts
+//! noticeably later than the Secret appears, and `Timing::pod_start` after that mount. A started
+//! pod gets its own
 //! loopback address (127.0.0.0/8 only: tests connect to pod IPs), a new one on every new pod.
 
 use std::time::Instant;
@@ -45,8 +49,8 @@ pub(crate) fn sync(s: &mut State) {
                 s.remove(pods_res, &ns, &name);
             }
         } else if !pod_ready(&p) && !terminal(&p) {
-            if missing_secret(s, &ns, &p).is_some() {
-                // The start delay counts from when the mount can succeed.
+            if mount_fails(s, &uid, &ns, &p, now) {
+                // The start delay counts from when the mount succeeds.
                 s.pod_timers.remove(&(uid.clone(), String::new()));
                 let status = waiting_status(&p);
                 if p["status"] != status {
@@ -77,6 +81,28 @@ pub(crate) fn sync(s: &mut State) {
             }
         }
     }
+}
+
+/// Whether the pod's volumes are still not mounted at `now`: before the next retry the backoff
+/// allows, the last failure stands; at a retry, a missing Secret fails it again and doubles the
+/// wait before the next (nestedpendingoperations keeps one backoff per volume operation; one per
+/// pod here).
+fn mount_fails(s: &mut State, uid: &str, ns: &str, pod: &Value, now: Instant) -> bool {
+    let last = (uid.to_string(), "mount-failed".to_string());
+    let next = (uid.to_string(), "mount-retry".to_string());
+    if s.pod_timers.get(&next).is_some_and(|n| now < *n) {
+        return true;
+    }
+    if missing_secret(s, ns, pod).is_none() {
+        return false;
+    }
+    let wait = match (s.pod_timers.get(&last), s.pod_timers.get(&next)) {
+        (Some(l), Some(n)) => (n.duration_since(*l) * 2).min(s.timing.mount_retry_max),
+        _ => s.timing.mount_retry,
+    };
+    s.pod_timers.insert(last, now);
+    s.pod_timers.insert(next, now + wait);
+    true
 }
 
 /// Every simulated node's address: a loopback one, as every address the test cluster hands out.
