@@ -23,8 +23,14 @@ pub enum ReconcileError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Generate(#[from] GenerateError),
-    #[error("new materials are written, but the restart failed: {0}. TMM was restored; run `dssm-certs restart` (or the next reconcile) once the cause is fixed")]
+    /// After the writes (this run's or an earlier one's), bringing the pods onto the new Secrets
+    /// failed.
+    #[error("the new Secrets are written, but bringing the pods onto them failed: {0}. A TMM target this run had scaled down was given back its replicas (the output says so, or why not); what was written stays recorded on the cluster, and `dssm-certs restart` (or the next reconcile) finishes from it once the cause is fixed")]
     Restart(#[from] crate::restart::RestartError),
+    /// The pre-flight could not finish (an API error, a timeout): it refused nothing, and
+    /// nothing was written.
+    #[error("the pre-flight could not finish, nothing was written: {0}")]
+    PreflightFailed(#[source] crate::restart::RestartError),
     #[error("{0}")]
     Refused(String),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
@@ -424,24 +430,27 @@ async fn preflight(cluster: &Cluster, opts: &Options) -> Result<(), ReconcileErr
     cluster
         .preflight(r.force, r.wait_timeout)
         .await
-        .map_err(|e| match e {
-            crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
-            other => other.into(),
-        })?;
+        .map_err(preflight_error)?;
     if r.strategy == crate::restart::Strategy::Rolling {
         cluster
             .check_tmm_gaps(r.allow_tmm_gap)
             .await
-            .map_err(|e| match e {
-                crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
-                other => other.into(),
-            })?;
+            .map_err(preflight_error)?;
         cluster
             .check_dssm_rollout(&r.redis)
             .await
             .map_err(|e| ReconcileError::Preflight(e.to_string()))?;
     }
     Ok(())
+}
+
+/// A refusal of the pre-flight, or a pre-flight that could not finish: either way before the
+/// first write.
+fn preflight_error(e: crate::restart::RestartError) -> ReconcileError {
+    match e {
+        crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
+        other => ReconcileError::PreflightFailed(other),
+    }
 }
 
 /// Where this cluster's copies live and what it restarts.

@@ -24,16 +24,101 @@ use crate::restart::RestartError;
 pub enum CommandError {
     #[error(transparent)]
     Generate(#[from] GenerateError),
+    /// `reconcile` or `rotate` failed.
     #[error(transparent)]
     Reconcile(#[from] ReconcileError),
+    /// The `restart` command failed: it writes no Secret, so its message says what it did do.
+    #[error("{}", restart_failed(.0))]
+    Restart(#[source] RestartError),
+    /// Talking to the cluster failed outside a pass (connecting, taking the Lease).
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// A signal stopped a command that changes the cluster; what it left depends on the command
+    /// and on whether this process held the Lease.
+    #[error("interrupted by a signal: {}", interrupted(*.command, .stopped))]
+    Interrupted { command: Changing, stopped: Stopped },
+    /// A signal stopped the Lease holder, and giving TMM back its replicas failed.
+    #[error("interrupted by a signal, and TMM could not be given back its replicas: {source}. The next run (or the agent) restores TMM from the record on the workload; {}", command.what_stays())]
+    InterruptedRestoreFailed {
+        command: Changing,
+        source: ClusterError,
+    },
     /// The input a check or probe needs is missing or unreadable: it cannot tell.
     #[error("{0}")]
     CannotTell(String),
     /// Anything else the operator must fix (a missing flag outside a pod, an I/O error).
     #[error("{0}")]
     Failed(String),
+}
+
+/// The commands that change the cluster, for what a failure tells about each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changing {
+    Reconcile,
+    Rotate,
+    Restart,
+}
+
+impl Changing {
+    /// What a stopped run leaves behind, in this command's terms.
+    fn what_stays(self) -> &'static str {
+        match self {
+            Changing::Reconcile | Changing::Rotate => {
+                "what this run wrote stays recorded on the cluster, and the next run \
+                 (`dssm-certs reconcile`, `rotate` or `restart`) resumes from it"
+            }
+            Changing::Restart => {
+                "`restart` changes no Secret; run `dssm-certs restart` again to finish: it resumes \
+                 where this run stopped"
+            }
+        }
+    }
+}
+
+/// What the signal handler found when a signal stopped a command that changes the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// This process did not hold the Lease (a dry run, a run waiting for it): it left TMM to
+    /// the holder.
+    NotHolder,
+    /// It held the Lease, gave TMM back its replicas (`Some(pods)`; None: no target was
+    /// scaled down) and released the Lease.
+    Restored(Option<i32>),
+}
+
+fn interrupted(command: Changing, stopped: &Stopped) -> String {
+    match stopped {
+        Stopped::NotHolder => format!(
+            "this process did not hold the Lease, so it scaled no TMM target and leaves TMM to \
+             the holder; {}",
+            command.what_stays()
+        ),
+        Stopped::Restored(Some(pods)) => format!(
+            "TMM was given back its replicas ({pods} in all) and the Lease released; {}",
+            command.what_stays()
+        ),
+        Stopped::Restored(None) => format!(
+            "no TMM target was scaled down, so none needed restoring; the Lease was released; {}",
+            command.what_stays()
+        ),
+    }
+}
+
+/// The `restart` command's failure, in its own terms: refusals say what they refused; any other
+/// failure says that no Secret changed and where TMM stands.
+fn restart_failed(e: &RestartError) -> String {
+    match e {
+        RestartError::Preflight(_)
+        | RestartError::RollingAfterCaChange(_)
+        | RestartError::Cluster(ClusterError::Locked(_)) => e.to_string(),
+        _ => format!(
+            "the restart failed: {e}. No Secret was changed; a TMM target this run had scaled \
+             down was given back its replicas (the output says so, or why not). Run \
+             `dssm-certs restart` again once the cause is fixed: it resumes where this run stopped"
+        ),
+    }
 }
 
 // The patterns of each wrapped error enum, by exit code. Macros in pattern position, so that
@@ -98,22 +183,36 @@ impl CommandError {
         use CommandError as E;
         use ReconcileError as R;
         match self {
-            E::Reconcile(R::Cluster(cluster_locked!()))
-            | E::Reconcile(R::Restart(RestartError::Cluster(cluster_locked!()))) => exit::LOCKED,
+            E::Cluster(cluster_locked!())
+            | E::Reconcile(
+                R::Cluster(cluster_locked!())
+                | R::Restart(RestartError::Cluster(cluster_locked!()))
+                | R::PreflightFailed(RestartError::Cluster(cluster_locked!())),
+            )
+            | E::Restart(RestartError::Cluster(cluster_locked!())) => exit::LOCKED,
             E::Reconcile(
-                R::Preflight(_) | R::PhasePreflight { .. } | R::Restart(RestartError::Preflight(_)),
-            ) => exit::PREFLIGHT,
+                R::Preflight(_)
+                | R::PhasePreflight { .. }
+                | R::Restart(RestartError::Preflight(_))
+                | R::PreflightFailed(RestartError::Preflight(_)),
+            )
+            | E::Restart(RestartError::Preflight(_)) => exit::PREFLIGHT,
             E::CannotTell(_) => exit::UNKNOWN,
             E::Generate(generate_failed!())
+            | E::Cluster(cluster_failed!())
             | E::Reconcile(
                 R::Cluster(cluster_failed!())
                 | R::Generate(generate_failed!())
                 | R::Restart(restart_failed!())
+                | R::PreflightFailed(restart_failed!())
                 | R::Refused(_)
                 | R::NeedsLease
                 | R::KeptConflicting { .. },
             )
+            | E::Restart(restart_failed!())
             | E::Agent(AgentError::Window(..) | AgentError::Listen(..) | AgentError::ListenIp(_))
+            | E::Interrupted { .. }
+            | E::InterruptedRestoreFailed { .. }
             | E::Failed(_) => exit::FAILED,
         }
     }
@@ -125,16 +224,15 @@ impl CommandError {
             (exit::PREFLIGHT, _) => "preflight",
             (_, CommandError::CannotTell(_)) => "cannot_tell",
             (_, CommandError::Generate(_)) => "generate",
-            (_, CommandError::Reconcile(_)) => "cluster",
+            (_, CommandError::Reconcile(_) | CommandError::Cluster(_)) => "cluster",
+            (_, CommandError::Restart(_)) => "restart",
+            (
+                _,
+                CommandError::Interrupted { .. } | CommandError::InterruptedRestoreFailed { .. },
+            ) => "interrupted",
             (_, CommandError::Agent(_)) => "agent",
             (_, CommandError::Failed(_)) => "failed",
         }
-    }
-}
-
-impl From<ClusterError> for CommandError {
-    fn from(e: ClusterError) -> Self {
-        CommandError::Reconcile(e.into())
     }
 }
 
@@ -243,6 +341,30 @@ mod tests {
                 exit::FAILED,
             ),
             (AgentError::ListenIp("nope".into()).into(), exit::FAILED),
+            (
+                CommandError::Restart(RestartError::Cluster(locked())),
+                exit::LOCKED,
+            ),
+            (
+                CommandError::Restart(RestartError::Preflight("mid-rollout".into())),
+                exit::PREFLIGHT,
+            ),
+            (CommandError::Restart(timeout()), exit::FAILED),
+            (R::PreflightFailed(timeout()).into(), exit::FAILED),
+            (
+                CommandError::Interrupted {
+                    command: Changing::Restart,
+                    stopped: Stopped::Restored(Some(3)),
+                },
+                exit::FAILED,
+            ),
+            (
+                CommandError::InterruptedRestoreFailed {
+                    command: Changing::Rotate,
+                    source: api("patch"),
+                },
+                exit::FAILED,
+            ),
             (CommandError::Failed("--dir: missing".into()), exit::FAILED),
         ]
     }
@@ -264,6 +386,46 @@ mod tests {
         })
         .into();
         assert_eq!(timeout.label(), "cluster");
+    }
+
+    /// `restart` writes no Secret: none of its failures may say it did, and a stopped run says
+    /// one thing about TMM, not two.
+    #[test]
+    fn restart_failures_never_claim_written_materials_or_contradict_themselves() {
+        let timeout = RestartError::Timeout {
+            what: "pods of statefulset spk-utilities/f5-dssm-db Ready".into(),
+            secs: 300,
+        };
+        let msg = CommandError::Restart(timeout).to_string();
+        assert!(
+            msg.starts_with("the restart failed: timed out after 300s"),
+            "{msg}"
+        );
+        assert!(msg.contains("No Secret was changed"), "{msg}");
+        for stopped in [
+            Stopped::NotHolder,
+            Stopped::Restored(None),
+            Stopped::Restored(Some(3)),
+        ] {
+            let command = Changing::Restart;
+            let msg = CommandError::Interrupted { command, stopped }.to_string();
+            assert!(msg.starts_with("interrupted by a signal: "), "{msg}");
+            assert!(!msg.contains("written") && !msg.contains("wrote"), "{msg}");
+            let claims = [
+                "not touched",
+                "scaled no TMM",
+                "was given back",
+                "none needed",
+            ];
+            let n = claims.iter().filter(|c| msg.contains(*c)).count();
+            assert_eq!(n, 1, "one claim about TMM: {msg}");
+        }
+        let msg = CommandError::Interrupted {
+            command: Changing::Reconcile,
+            stopped: Stopped::Restored(Some(3)),
+        }
+        .to_string();
+        assert!(msg.contains("(3 in all)") && msg.contains("what this run wrote stays recorded"));
     }
 
     /// The codes the table expects are the ones the README's "All exit codes" lists.
