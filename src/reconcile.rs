@@ -41,9 +41,6 @@ pub enum ReconcileError {
         phase: &'static str,
         why: String,
     },
-    /// Internal: the pass must write, so it needs the Lease first.
-    #[error("the pass needs the lease")]
-    NeedsLease,
     #[error(
         "the Secrets kept changing under us ({attempts} passes ended in a 409 Conflict); try again"
     )]
@@ -76,6 +73,23 @@ pub struct Outcome {
     pub first_start: Option<crate::first_publication::Found>,
 }
 
+/// What one pass came to.
+enum Pass {
+    /// It did all it had to: nothing to write, a dry run, or the writes under the Lease.
+    Done(Outcome),
+    /// It must write and this process does not hold the Lease: take it, then pass again.
+    NeedsLease,
+}
+
+/// Whether a pass goes on to write, after the plan.
+enum Next {
+    /// Nothing to write (or a recorded CA rotation, which `rotation::drive` resumes).
+    Nothing,
+    Write,
+    /// A write is due, and the Lease must be taken first.
+    NeedsLease,
+}
+
 const PASSES: u32 = 3;
 
 /// Runs a reconcile. A pass with nothing to write takes no Lease and writes nothing (not even
@@ -91,17 +105,23 @@ pub async fn reconcile(
     let mut first = Vec::new();
     let mut restart_pending = false;
     match pass_once(cluster, opts, &mut first, false).await {
-        Err(ReconcileError::NeedsLease) => {}
-        Ok(outcome) if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending => {
+        Ok(Pass::NeedsLease) => {}
+        Ok(Pass::Done(outcome))
+            if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending =>
+        {
             // Materials were written by an earlier run that did not restart: do it now, under
             // the Lease.
             let _ = out.write_all(&first);
             let _ = writeln!(out, "a restart is pending on the TMM targets");
             restart_pending = true;
         }
-        other => {
+        Ok(Pass::Done(outcome)) => {
             let _ = out.write_all(&first);
-            return other;
+            return Ok(outcome);
+        }
+        Err(e) => {
+            let _ = out.write_all(&first);
+            return Err(e);
         }
     }
     // A pending restart may mean TMM is down under a dead holder: wait out its Lease.
@@ -161,8 +181,14 @@ async fn write_passes(
                 let _ = writeln!(out, "conflict ({e}); observing again");
             }
             Err(ReconcileError::Cluster(e)) if e.is_conflict() => break,
-            other => {
-                result = other;
+            Ok(Pass::Done(outcome)) => {
+                result = Ok(outcome);
+                break;
+            }
+            // Under the Lease, `must_write` never asks for it.
+            Ok(Pass::NeedsLease) => unreachable!("a pass under the Lease asked for it"),
+            Err(e) => {
+                result = Err(e);
                 break;
             }
         }
@@ -176,7 +202,7 @@ async fn pass_once(
     opts: &Options,
     out: &mut (dyn Write + Send),
     lease_held: bool,
-) -> Result<Outcome, ReconcileError> {
+) -> Result<Pass, ReconcileError> {
     let unix = time::OffsetDateTime::now_utc().unix_timestamp();
     let obs = cluster.observe().await?;
     let (store, plan) = plan_off_runtime(cluster, &obs, opts.policy, unix).await;
@@ -188,11 +214,15 @@ async fn pass_once(
         restart_pending: obs.restart_pending(),
         first_start: None,
     };
-    if !must_write(&obs, &plan, opts, lease_held, out)? {
-        if !opts.dry_run && !plan.action.writes() {
-            report_events(cluster, &obs, &plan, unix, opts.thresholds).await;
+    match must_write(&obs, &plan, opts, lease_held, out)? {
+        Next::NeedsLease => return Ok(Pass::NeedsLease),
+        Next::Nothing => {
+            if !opts.dry_run && !plan.action.writes() {
+                report_events(cluster, &obs, &plan, unix, opts.thresholds).await;
+            }
+            return Ok(Pass::Done(outcome));
         }
-        return Ok(outcome);
+        Next::Write => {}
     }
     // Everything that can refuse the pass is checked before the first write.
     refuse_foreign(cluster, &obs)?;
@@ -228,7 +258,7 @@ async fn pass_once(
     }
     if opts.dry_run {
         print_dry_run(&preview, revision, out);
-        return Ok(outcome);
+        return Ok(Pass::Done(outcome));
     }
     // New materials are made outside the pure writes: slow and random.
     let made = match &plan.source {
@@ -241,12 +271,12 @@ async fn pass_once(
     outcome.written = list.iter().map(Write_::line).collect();
     if phased_from.is_some() {
         // The copies are written phase by phase by `rotation::drive`.
-        return Ok(outcome);
+        return Ok(Pass::Done(outcome));
     }
     let bundle = content.bundle().expect("written from a bundle");
     let leaf_note = made.as_ref().and_then(|m| m.leaf_note.as_deref());
     report_written(cluster, &obs, &plan, revision, bundle, leaf_note, &done).await?;
-    Ok(outcome)
+    Ok(Pass::Done(outcome))
 }
 
 /// What the writes publish: the plan's bundle (repair, resume), the new materials, or in a dry
@@ -303,14 +333,14 @@ fn report_plan(plan: &Plan, out: &mut (dyn Write + Send)) {
 
 /// Whether this pass goes on to write: refuses a missing TMM target before any write (the
 /// Lease's too), leaves a recorded CA rotation to `rotation::drive`, and asks for the Lease
-/// (`NeedsLease`) before a real write.
+/// (`Next::NeedsLease`) before a real write.
 fn must_write(
     obs: &Observation,
     plan: &Plan,
     opts: &Options,
     lease_held: bool,
     out: &mut (dyn Write + Send),
-) -> Result<bool, ReconcileError> {
+) -> Result<Next, ReconcileError> {
     let record = crate::rotation::record_of(&obs.store);
     if plan.action.writes() || record.is_some() {
         if let Some(t) = obs.missing_target() {
@@ -327,14 +357,15 @@ fn must_write(
             record.phase.name()
         );
         if !opts.dry_run && !lease_held {
-            return Err(ReconcileError::NeedsLease);
+            return Ok(Next::NeedsLease);
         }
-        return Ok(false);
+        return Ok(Next::Nothing);
     }
-    if plan.action.writes() && !opts.dry_run && !lease_held {
-        return Err(ReconcileError::NeedsLease);
-    }
-    Ok(plan.action.writes())
+    Ok(match (plan.action.writes(), opts.dry_run || lease_held) {
+        (false, _) => Next::Nothing,
+        (true, false) => Next::NeedsLease,
+        (true, true) => Next::Write,
+    })
 }
 
 /// A Secret we may write but another manager owns is refused before the first write.

@@ -206,7 +206,6 @@ impl CommandError {
                 | R::Restart(restart_failed!())
                 | R::PreflightFailed(restart_failed!())
                 | R::Refused(_)
-                | R::NeedsLease
                 | R::KeptConflicting { .. },
             )
             | E::Restart(restart_failed!())
