@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use k8s_openapi::api::core::v1::Secret;
 
 use crate::check::Thresholds;
+use crate::cluster::events::{EventType, Reason};
 use crate::cluster::{Cluster, ClusterError, Observation};
 use crate::contract;
 use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
@@ -581,12 +582,12 @@ async fn report_written(
         Action::Resume => match &obs.store {
             SecretObs::Present { annotations: a, .. } => {
                 match a.get(writes::PENDING_ACTION).map(String::as_str) {
-                    Some("rotate-ca") | Some("replace-invalid") => "CARotated",
-                    Some("publish") => "Published",
-                    _ => "Renewed",
+                    Some("rotate-ca") | Some("replace-invalid") => Reason::CaRotated,
+                    Some("publish") => Reason::Published,
+                    _ => Reason::Renewed,
                 }
             }
-            _ => "Renewed",
+            _ => Reason::Renewed,
         },
         a => reason_for(a),
     };
@@ -602,18 +603,21 @@ async fn report_written(
         .flatten()
         .filter(|s| s.metadata.name.as_deref() != Some(contract::CA_KEY_SECRET));
     for s in copies {
-        cluster.event(s, false, reason, note.clone()).await;
+        let reason = reason.clone();
+        cluster
+            .event(s, EventType::Normal, reason, note.clone())
+            .await;
     }
     Ok(())
 }
 
-fn reason_for(a: Action) -> &'static str {
+fn reason_for(a: Action) -> Reason {
     match a {
-        Action::Publish => "Published",
-        Action::RenewLeaf => "Renewed",
-        Action::RotateCa | Action::ReplaceInvalid => "CARotated",
-        Action::Repair => "Repaired",
-        _ => "Reconciled",
+        Action::Publish => Reason::Published,
+        Action::RenewLeaf => Reason::Renewed,
+        Action::RotateCa | Action::ReplaceInvalid => Reason::CaRotated,
+        Action::Repair => Reason::Repaired,
+        _ => Reason::Reconciled,
     }
 }
 
@@ -706,8 +710,8 @@ async fn report_events(cluster: &Cluster, obs: &Observation, plan: &Plan, now: i
                     cluster
                         .event(
                             anchor,
-                            true,
-                            "CertificateExpiringSoon",
+                            EventType::Warning,
+                            Reason::CertificateExpiringSoon,
                             format!(
                                 "{namespace}: the {what} certificate expires at {}",
                                 pki::format_time(cert.not_after)
@@ -720,15 +724,20 @@ async fn report_events(cluster: &Cluster, obs: &Observation, plan: &Plan, now: i
     }
     if !plan.invalid.is_empty() {
         cluster
-            .event(anchor, true, "InvalidMaterials", plan.invalid.join("; "))
+            .event(
+                anchor,
+                EventType::Warning,
+                Reason::InvalidMaterials,
+                plan.invalid.join("; "),
+            )
             .await;
     }
     if plan.out_of_sync {
         cluster
             .event(
                 anchor,
-                true,
-                "CopiesOutOfSync",
+                EventType::Warning,
+                Reason::CopiesOutOfSync,
                 "the copies in the dSSM and TMM namespaces differ".into(),
             )
             .await;
