@@ -438,7 +438,7 @@ mod tests {
             .expect("README has an \"All exit codes\" section");
         for (_, code) in table() {
             assert!(
-                section.contains(&format!("{code} ")),
+                section.contains(&format!("\n| {code} |")),
                 "exit {code} not in: {section}"
             );
         }
