@@ -15,6 +15,7 @@ use http_body_util::Full;
 use hyper::{Request, Response};
 
 use crate::check::{self, CheckResult, Report, Status, Thresholds};
+use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
 use crate::materials::{CopyObs, Place, SecretObs, Source};
@@ -110,7 +111,7 @@ struct Shared {
     metrics: Metrics,
     ready: AtomicBool,
     /// (reason, namespace) -> (the state it was emitted for, when).
-    emitted: Mutex<HashMap<(String, String), (String, Instant)>>,
+    emitted: Mutex<HashMap<(Reason, String), (String, Instant)>>,
 }
 
 async fn serve(
@@ -434,7 +435,7 @@ fn shown_digest(v: &str) -> String {
 /// An Event the report calls for: its reason, namespace, the state it describes (a repeat of
 /// the same state is not due before `EVENT_REPEAT`), and its note.
 struct Wanted {
-    reason: String,
+    reason: Reason,
     ns: String,
     state: String,
     note: String,
@@ -443,8 +444,8 @@ struct Wanted {
 /// The Events a report calls for: certificates expiring soon, invalid materials, copies out of
 /// sync.
 fn wanted_events(report: &Report, dssm_ns: &str) -> Vec<Wanted> {
-    let want = |reason: &str, ns: &str, state: String, note: String| Wanted {
-        reason: reason.into(),
+    let want = |reason: Reason, ns: &str, state: String, note: String| Wanted {
+        reason,
         ns: ns.into(),
         state,
         note,
@@ -464,7 +465,7 @@ fn wanted_events(report: &Report, dssm_ns: &str) -> Vec<Wanted> {
                     "warning"
                 };
                 wanted.push(want(
-                    "CertificateExpiringSoon",
+                    Reason::CertificateExpiringSoon,
                     &ns,
                     format!("{}:{level}:{}", c.file, c.not_after),
                     format!("{ns}: {} expires at {} ({level})", c.file, c.not_after),
@@ -482,7 +483,7 @@ fn wanted_events(report: &Report, dssm_ns: &str) -> Vec<Wanted> {
             .collect();
         if !broken.is_empty() {
             wanted.push(want(
-                "InvalidMaterials",
+                Reason::InvalidMaterials,
                 &ns,
                 broken.join("; "),
                 broken.join("; "),
@@ -496,7 +497,7 @@ fn wanted_events(report: &Report, dssm_ns: &str) -> Vec<Wanted> {
             .map(|c| c.message.clone())
             .collect::<Vec<_>>()
             .join("; ");
-        wanted.push(want("CopiesOutOfSync", dssm_ns, msg.clone(), msg));
+        wanted.push(want(Reason::CopiesOutOfSync, dssm_ns, msg.clone(), msg));
     }
     wanted
 }
@@ -532,7 +533,7 @@ async fn events(
                 .raw
                 .get(&(ns.clone(), contract::CERTS_SECRET.to_string()))
             {
-                cluster.event(s, true, &reason, note).await;
+                cluster.event(s, EventType::Warning, reason, note).await;
             }
         }
     }

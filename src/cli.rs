@@ -62,7 +62,9 @@ pub enum Command {
     Reconcile(ReconcileArgs),
     /// Renew now even if nothing is due; --ca also replaces the CA (the on-demand Job).
     Rotate(RotateArgs),
-    /// Only the seeds' Restarting procedure (TMM to 0 and back, dSSM pods recreated), safely.
+    /// Restart dSSM and TMM onto the Secrets already deployed, writing none: pod by pod by
+    /// default (--strategy rolling); --strategy scale-to-zero is the seeds' procedure (TMM to 0
+    /// and back, every dSSM pod at once).
     Restart(RestartArgs),
     /// The long-running agent: expiry metrics, health, Events; reconciles only inside
     /// --maintenance-window.
@@ -87,8 +89,12 @@ pub struct RunArgs {
     /// restart what is due. Without it the agent never writes Secrets.
     #[arg(long, env = "DSSM_CERTS_MAINTENANCE_WINDOW")]
     pub maintenance_window: Option<String>,
+    /// The agent's expiry Events and metrics call a certificate expiring soon (a Warning Event
+    /// `CertificateExpiringSoon`) when it has less than this left, e.g. 28d or 672h.
     #[arg(long, default_value = "28d", value_parser = parse_duration, env = "DSSM_CERTS_WARN")]
     pub warn: i64,
+    /// The agent grades a certificate critical when it has less than this left (shorter than
+    /// --warn).
     #[arg(long, default_value = "14d", value_parser = parse_duration, env = "DSSM_CERTS_CRITICAL")]
     pub critical: i64,
 }
@@ -166,6 +172,9 @@ pub struct ClusterArgs {
     pub dssm_namespace: Option<String>,
     #[command(flatten)]
     pub tmm: TmmArgs,
+    /// Label selector of the dSSM pods (DBs and sentinels) in the dSSM namespace: the pods the
+    /// restart and the pre-flight look at. The default matches the F5 dSSM chart's `app`
+    /// labels.
     #[arg(long, default_value = crate::contract::DSSM_SELECTOR, env = "DSSM_CERTS_DSSM_SELECTOR", value_parser = crate::restart::parse_selector)]
     pub dssm_selector: String,
     /// Timeout of each API request.
@@ -216,6 +225,8 @@ pub struct TmmArgs {
     /// with --tmm-deployment.
     #[arg(long, env = "DSSM_CERTS_TMM_NAMESPACE", value_parser = parse_namespace)]
     pub tmm_namespace: Option<String>,
+    /// Name of the TMM Deployment in --tmm-namespace (the one-target shorthand; use --tmm for
+    /// a DaemonSet or several targets).
     #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT", value_parser = parse_workload_name)]
     pub tmm_deployment: String,
 }
@@ -230,10 +241,16 @@ pub struct MaterialArgs {
     /// outlives its CA: its notAfter is cut to the CA's.
     #[arg(long, default_value_t = crate::contract::DEFAULT_CA_DAYS, value_parser = parse_days, env = "DSSM_CERTS_CA_DAYS")]
     pub ca_days: u32,
+    /// Key type of the new leaf and of a new CA: RSA 4096 by default (the seeds' `openssl
+    /// genrsa 4096`); ECDSA keys are much faster to make. A CA that is kept keeps its own key.
     #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa4096, env = "DSSM_CERTS_KEY_ALGORITHM")]
     pub key_algorithm: KeyAlgorithm,
+    /// Subject of a new CA certificate, as `/O=x/CN=y` or `O=x, CN=y`; the default is the
+    /// seeds'.
     #[arg(long, default_value = "O=Redis Test, CN=Certificate Authority", value_parser = parse_subject, env = "DSSM_CERTS_CA_SUBJECT")]
     pub ca_subject: Subject,
+    /// Subject of the leaf certificate that dSSM serves and TMM presents, as `/O=x/CN=y` or
+    /// `O=x, CN=y`; the default is the seeds'. Its names are the subjectAltNames (--dns).
     #[arg(long, default_value = "O=Redis Test, CN=Server", value_parser = parse_subject, env = "DSSM_CERTS_SUBJECT")]
     pub subject: Subject,
     /// subjectAltNames of the leaf (DNS names, or IP addresses), instead of the dSSM Service
@@ -323,11 +340,16 @@ pub struct RotateArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub issue: IssueArgs,
-    /// Replace the CA too (TMM and dSSM must all restart before they trust each other again).
+    /// Replace the CA too. With --strategy rolling (the default) the new CA goes out in three
+    /// phases (trust both CAs, switch the leaf, drop the old CA) so that every pod trusts its
+    /// peers throughout; with scale-to-zero everything restarts at once.
     #[arg(long, env = "DSSM_CERTS_ROTATE_CA")]
     pub ca: bool,
+    /// Print the plan and what would be written; make no write request at all.
     #[arg(long, env = "DSSM_CERTS_DRY_RUN")]
     pub dry_run: bool,
+    /// Write the new materials and mark the TMM targets, but restart nothing (a later
+    /// `dssm-certs restart`, or the next reconcile, does).
     #[arg(long, env = "DSSM_CERTS_NO_RESTART")]
     pub no_restart: bool,
     #[command(flatten)]
@@ -435,6 +457,7 @@ pub struct CheckArgs {
     pub dir: Option<PathBuf>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    /// Output: `table` for people, `json` for scripts.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
     pub output: OutputFormat,
     /// Warn when less than this is left.
@@ -449,6 +472,7 @@ pub struct CheckArgs {
 pub struct DoctorArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    /// Output: `table` for people, `json` for scripts.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
     pub output: OutputFormat,
     /// Whose permissions to check, as NAMESPACE/NAME of a ServiceAccount (impersonated: you must
@@ -456,8 +480,10 @@ pub struct DoctorArgs {
     /// `dssm-certs` ServiceAccount in the dSSM namespace.
     #[arg(long, env = "DSSM_CERTS_DOCTOR_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
+    /// Warn when a deployed certificate has less than this left before it expires.
     #[arg(long, default_value = "28d", value_parser = parse_duration, env = "DSSM_CERTS_WARN")]
     pub warn: i64,
+    /// Critical when a deployed certificate has less than this left (shorter than --warn).
     #[arg(long, default_value = "14d", value_parser = parse_duration, env = "DSSM_CERTS_CRITICAL")]
     pub critical: i64,
 }
@@ -490,6 +516,8 @@ pub struct ProbeArgs {
     /// Name to verify the served certificate against (default: each endpoint's host).
     #[arg(long, env = "DSSM_CERTS_SERVER_NAME")]
     pub server_name: Option<String>,
+    /// Namespace of the dSSM Services, for the default --endpoint (default: this pod's
+    /// namespace).
     #[arg(long, env = "DSSM_CERTS_DSSM_NAMESPACE", value_parser = parse_namespace)]
     pub dssm_namespace: Option<String>,
     /// Connect and reply timeout per endpoint.
@@ -498,6 +526,43 @@ pub struct ProbeArgs {
     /// The whole probe, every endpoint and name lookup included, ends by then.
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "DSSM_CERTS_DEADLINE")]
     pub deadline: i64,
+    /// Output: `table` for people, `json` for scripts.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, env = "DSSM_CERTS_OUTPUT")]
     pub output: OutputFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag of every command, as `--help` lists it.
+    fn flags(cmd: &clap::Command, path: &str, out: &mut Vec<(String, bool)>) {
+        for a in cmd.get_arguments() {
+            let name = a
+                .get_long()
+                .map_or_else(|| a.get_id().to_string(), |l| format!("--{l}"));
+            out.push((format!("{path} {name}"), a.get_help().is_some()));
+        }
+        for sub in cmd.get_subcommands() {
+            flags(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// Regression: --key-algorithm, --subject, --ca-subject, --dssm-selector, --warn and
+    /// --critical (and others) had no help text: `--help` listed them bare.
+    #[test]
+    fn every_flag_of_every_command_has_help_text() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut all = Vec::new();
+        flags(&cmd, "dssm-certs", &mut all);
+        assert!(all.len() > 50, "walked {} flags", all.len());
+        let bare: Vec<&str> = all
+            .iter()
+            .filter(|(_, help)| !help)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert!(bare.is_empty(), "flags without help text: {bare:?}");
+    }
 }

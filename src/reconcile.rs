@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use k8s_openapi::api::core::v1::Secret;
 
 use crate::check::Thresholds;
+use crate::cluster::events::{EventType, Reason};
 use crate::cluster::{Cluster, ClusterError, Observation};
 use crate::contract;
 use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
@@ -23,8 +24,14 @@ pub enum ReconcileError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Generate(#[from] GenerateError),
-    #[error("new materials are written, but the restart failed: {0}. TMM was restored; run `dssm-certs restart` (or the next reconcile) once the cause is fixed")]
+    /// After the writes (this run's or an earlier one's), bringing the pods onto the new Secrets
+    /// failed.
+    #[error("the new Secrets are written, but bringing the pods onto them failed: {0}. A TMM target this run had scaled down was given back its replicas (the output says so, or why not); what was written stays recorded on the cluster, and `dssm-certs restart` (or the next reconcile) finishes from it once the cause is fixed")]
     Restart(#[from] crate::restart::RestartError),
+    /// The pre-flight could not finish (an API error, a timeout): it refused nothing, and
+    /// nothing was written.
+    #[error("the pre-flight could not finish, nothing was written: {0}")]
+    PreflightFailed(#[source] crate::restart::RestartError),
     #[error("{0}")]
     Refused(String),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
@@ -35,9 +42,6 @@ pub enum ReconcileError {
         phase: &'static str,
         why: String,
     },
-    /// Internal: the pass must write, so it needs the Lease first.
-    #[error("the pass needs the lease")]
-    NeedsLease,
     #[error(
         "the Secrets kept changing under us ({attempts} passes ended in a 409 Conflict); try again"
     )]
@@ -70,6 +74,23 @@ pub struct Outcome {
     pub first_start: Option<crate::first_publication::Found>,
 }
 
+/// What one pass came to.
+enum Pass {
+    /// It did all it had to: nothing to write, a dry run, or the writes under the Lease.
+    Done(Outcome),
+    /// It must write and this process does not hold the Lease: take it, then pass again.
+    NeedsLease,
+}
+
+/// Whether a pass goes on to write, after the plan.
+enum Next {
+    /// Nothing to write (or a recorded CA rotation, which `rotation::drive` resumes).
+    Nothing,
+    Write,
+    /// A write is due, and the Lease must be taken first.
+    NeedsLease,
+}
+
 const PASSES: u32 = 3;
 
 /// Runs a reconcile. A pass with nothing to write takes no Lease and writes nothing (not even
@@ -85,17 +106,23 @@ pub async fn reconcile(
     let mut first = Vec::new();
     let mut restart_pending = false;
     match pass_once(cluster, opts, &mut first, false).await {
-        Err(ReconcileError::NeedsLease) => {}
-        Ok(outcome) if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending => {
+        Ok(Pass::NeedsLease) => {}
+        Ok(Pass::Done(outcome))
+            if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending =>
+        {
             // Materials were written by an earlier run that did not restart: do it now, under
             // the Lease.
             let _ = out.write_all(&first);
             let _ = writeln!(out, "a restart is pending on the TMM targets");
             restart_pending = true;
         }
-        other => {
+        Ok(Pass::Done(outcome)) => {
             let _ = out.write_all(&first);
-            return other;
+            return Ok(outcome);
+        }
+        Err(e) => {
+            let _ = out.write_all(&first);
+            return Err(e);
         }
     }
     // A pending restart may mean TMM is down under a dead holder: wait out its Lease.
@@ -155,8 +182,14 @@ async fn write_passes(
                 let _ = writeln!(out, "conflict ({e}); observing again");
             }
             Err(ReconcileError::Cluster(e)) if e.is_conflict() => break,
-            other => {
-                result = other;
+            Ok(Pass::Done(outcome)) => {
+                result = Ok(outcome);
+                break;
+            }
+            // Under the Lease, `must_write` never asks for it.
+            Ok(Pass::NeedsLease) => unreachable!("a pass under the Lease asked for it"),
+            Err(e) => {
+                result = Err(e);
                 break;
             }
         }
@@ -170,7 +203,7 @@ async fn pass_once(
     opts: &Options,
     out: &mut (dyn Write + Send),
     lease_held: bool,
-) -> Result<Outcome, ReconcileError> {
+) -> Result<Pass, ReconcileError> {
     let unix = time::OffsetDateTime::now_utc().unix_timestamp();
     let obs = cluster.observe().await?;
     let (store, plan) = plan_off_runtime(cluster, &obs, opts.policy, unix).await;
@@ -182,11 +215,15 @@ async fn pass_once(
         restart_pending: obs.restart_pending(),
         first_start: None,
     };
-    if !must_write(&obs, &plan, opts, lease_held, out)? {
-        if !opts.dry_run && !plan.action.writes() {
-            report_events(cluster, &obs, &plan, unix, opts.thresholds).await;
+    match must_write(&obs, &plan, opts, lease_held, out)? {
+        Next::NeedsLease => return Ok(Pass::NeedsLease),
+        Next::Nothing => {
+            if !opts.dry_run && !plan.action.writes() {
+                report_events(cluster, &obs, &plan, unix, opts.thresholds).await;
+            }
+            return Ok(Pass::Done(outcome));
         }
-        return Ok(outcome);
+        Next::Write => {}
     }
     // Everything that can refuse the pass is checked before the first write.
     refuse_foreign(cluster, &obs)?;
@@ -219,7 +256,7 @@ async fn pass_once(
         before_writes(cluster, opts, &plan, &preview, found.clone(), phased, out).await?;
     if opts.dry_run {
         print_dry_run(&preview, revision, out);
-        return Ok(outcome);
+        return Ok(Pass::Done(outcome));
     }
     // New materials are made outside the pure writes: slow and random.
     let made = match &plan.source {
@@ -232,12 +269,12 @@ async fn pass_once(
     outcome.written = list.iter().map(Write_::line).collect();
     if phased_from.is_some() {
         // The copies are written phase by phase by `rotation::drive`.
-        return Ok(outcome);
+        return Ok(Pass::Done(outcome));
     }
     let bundle = content.bundle().expect("written from a bundle");
     let leaf_note = made.as_ref().and_then(|m| m.leaf_note.as_deref());
     report_written(cluster, &obs, &plan, revision, bundle, leaf_note, &done).await?;
-    Ok(outcome)
+    Ok(Pass::Done(outcome))
 }
 
 /// Before the first write: refuses a change of trust the rolling restart cannot roll, then
@@ -358,14 +395,14 @@ fn report_plan(plan: &Plan, out: &mut (dyn Write + Send)) {
 
 /// Whether this pass goes on to write: refuses a missing TMM target before any write (the
 /// Lease's too), leaves a recorded CA rotation to `rotation::drive`, and asks for the Lease
-/// (`NeedsLease`) before a real write.
+/// (`Next::NeedsLease`) before a real write.
 fn must_write(
     obs: &Observation,
     plan: &Plan,
     opts: &Options,
     lease_held: bool,
     out: &mut (dyn Write + Send),
-) -> Result<bool, ReconcileError> {
+) -> Result<Next, ReconcileError> {
     let record = crate::rotation::record_of(&obs.store);
     if plan.action.writes() || record.is_some() {
         if let Some(t) = obs.missing_target() {
@@ -382,14 +419,15 @@ fn must_write(
             record.phase.name()
         );
         if !opts.dry_run && !lease_held {
-            return Err(ReconcileError::NeedsLease);
+            return Ok(Next::NeedsLease);
         }
-        return Ok(false);
+        return Ok(Next::Nothing);
     }
-    if plan.action.writes() && !opts.dry_run && !lease_held {
-        return Err(ReconcileError::NeedsLease);
-    }
-    Ok(plan.action.writes())
+    Ok(match (plan.action.writes(), opts.dry_run || lease_held) {
+        (false, _) => Next::Nothing,
+        (true, false) => Next::NeedsLease,
+        (true, true) => Next::Write,
+    })
 }
 
 /// A Secret we may write but another manager owns is refused before the first write.
@@ -493,18 +531,12 @@ async fn preflight(
     cluster
         .preflight_except(r.force, r.wait_timeout, skip_dssm, skip)
         .await
-        .map_err(|e| match e {
-            crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
-            other => other.into(),
-        })?;
+        .map_err(preflight_error)?;
     if r.strategy == crate::restart::Strategy::Rolling {
         cluster
             .check_tmm_gaps(r.allow_tmm_gap)
             .await
-            .map_err(|e| match e {
-                crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
-                other => other.into(),
-            })?;
+            .map_err(preflight_error)?;
         // Redis is reached with the deployed dSSM copy: none is deployed when the dSSM
         // namespace lost its Secrets (the roll after the writes checks with the new one).
         if found.is_none_or(|f| f.has_dssm_copy) {
@@ -515,6 +547,15 @@ async fn preflight(
         }
     }
     Ok(())
+}
+
+/// A refusal of the pre-flight, or a pre-flight that could not finish: either way before the
+/// first write.
+fn preflight_error(e: crate::restart::RestartError) -> ReconcileError {
+    match e {
+        crate::restart::RestartError::Preflight(why) => ReconcileError::Preflight(why),
+        other => ReconcileError::PreflightFailed(other),
+    }
 }
 
 /// Where this cluster's copies live and what it restarts.
@@ -614,12 +655,12 @@ async fn report_written(
         Action::Resume => match &obs.store {
             SecretObs::Present { annotations: a, .. } => {
                 match a.get(writes::PENDING_ACTION).map(String::as_str) {
-                    Some("rotate-ca") | Some("replace-invalid") => "CARotated",
-                    Some("publish") => "Published",
-                    _ => "Renewed",
+                    Some("rotate-ca") | Some("replace-invalid") => Reason::CaRotated,
+                    Some("publish") => Reason::Published,
+                    _ => Reason::Renewed,
                 }
             }
-            _ => "Renewed",
+            _ => Reason::Renewed,
         },
         a => reason_for(a),
     };
@@ -635,18 +676,21 @@ async fn report_written(
         .flatten()
         .filter(|s| s.metadata.name.as_deref() != Some(contract::CA_KEY_SECRET));
     for s in copies {
-        cluster.event(s, false, reason, note.clone()).await;
+        let reason = reason.clone();
+        cluster
+            .event(s, EventType::Normal, reason, note.clone())
+            .await;
     }
     Ok(())
 }
 
-fn reason_for(a: Action) -> &'static str {
+fn reason_for(a: Action) -> Reason {
     match a {
-        Action::Publish => "Published",
-        Action::RenewLeaf => "Renewed",
-        Action::RotateCa | Action::ReplaceInvalid => "CARotated",
-        Action::Repair => "Repaired",
-        _ => "Reconciled",
+        Action::Publish => Reason::Published,
+        Action::RenewLeaf => Reason::Renewed,
+        Action::RotateCa | Action::ReplaceInvalid => Reason::CaRotated,
+        Action::Repair => Reason::Repaired,
+        _ => Reason::Reconciled,
     }
 }
 
@@ -739,8 +783,8 @@ async fn report_events(cluster: &Cluster, obs: &Observation, plan: &Plan, now: i
                     cluster
                         .event(
                             anchor,
-                            true,
-                            "CertificateExpiringSoon",
+                            EventType::Warning,
+                            Reason::CertificateExpiringSoon,
                             format!(
                                 "{namespace}: the {what} certificate expires at {}",
                                 pki::format_time(cert.not_after)
@@ -753,15 +797,20 @@ async fn report_events(cluster: &Cluster, obs: &Observation, plan: &Plan, now: i
     }
     if !plan.invalid.is_empty() {
         cluster
-            .event(anchor, true, "InvalidMaterials", plan.invalid.join("; "))
+            .event(
+                anchor,
+                EventType::Warning,
+                Reason::InvalidMaterials,
+                plan.invalid.join("; "),
+            )
             .await;
     }
     if plan.out_of_sync {
         cluster
             .event(
                 anchor,
-                true,
-                "CopiesOutOfSync",
+                EventType::Warning,
+                Reason::CopiesOutOfSync,
                 "the copies in the dSSM and TMM namespaces differ".into(),
             )
             .await;

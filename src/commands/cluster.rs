@@ -2,25 +2,32 @@
 //! Lease while it writes, and on SIGTERM/SIGINT gives TMM back its replicas and releases the
 //! Lease before exiting.
 
-use super::{log, runtime, CommandError};
+use super::{log, runtime, Changing, CommandError, Stopped};
 use crate::check::Thresholds;
 use crate::cli::{IssueArgs, ReconcileArgs, RestartArgs, RotateArgs};
-use crate::cluster::{Cluster, ClusterError};
+use crate::cluster::Cluster;
 use crate::plan::Policy;
-use crate::reconcile::{self, ReconcileError};
-use crate::restart::RestartError;
+use crate::reconcile;
 use crate::{contract, exit, generate};
 
 pub fn reconcile(a: &ReconcileArgs) -> Result<i32, CommandError> {
     let policy = policy(&a.issue, false, false);
     let restart = (!a.no_restart).then(|| a.restart.options());
-    write(&a.cluster, &a.issue, a.dry_run, restart, policy)
+    let command = Changing::Reconcile;
+    write(&a.cluster, &a.issue, a.dry_run, restart, policy, command)
 }
 
 pub fn rotate(a: &RotateArgs) -> Result<i32, CommandError> {
     let policy = policy(&a.issue, true, a.ca);
     let restart = (!a.no_restart).then(|| a.restart.options());
-    write(&a.cluster, &a.issue, a.dry_run, restart, policy)
+    write(
+        &a.cluster,
+        &a.issue,
+        a.dry_run,
+        restart,
+        policy,
+        Changing::Rotate,
+    )
 }
 
 pub fn restart(a: &RestartArgs) -> Result<i32, CommandError> {
@@ -31,18 +38,10 @@ pub fn restart(a: &RestartArgs) -> Result<i32, CommandError> {
         let lease = cluster.acquire_lease_waiting(true).await?;
         let mut out = std::io::stdout();
         let opts = a.restart.options();
-        let r = until_sigterm(
-            &cluster,
-            lease.guard(async {
-                cluster.restart(&opts, &mut out).await.map_err(|e| match e {
-                    RestartError::Preflight(why) => ReconcileError::Preflight(why),
-                    e => e.into(),
-                })
-            }),
-        )
-        .await;
+        let work = lease.guard(cluster.restart(&opts, &mut out));
+        let r = until_sigterm(&cluster, work, Changing::Restart).await;
         lease.release().await;
-        r
+        r?.map_err(CommandError::Restart)
     })?;
     Ok(exit::OK)
 }
@@ -64,13 +63,16 @@ fn write(
     dry_run: bool,
     restart: Option<crate::restart::Options>,
     policy: Policy,
+    command: Changing,
 ) -> Result<i32, CommandError> {
     runtime()?.block_on(async {
         let cluster = Cluster::connect(&args.target()).await?;
         let opts = options(&cluster, issue, dry_run, restart, policy, None);
         let mut out = std::io::stdout();
         let work = reconcile::reconcile(&cluster, &opts, &mut out);
-        until_sigterm(&cluster, work).await
+        until_sigterm(&cluster, work, command)
+            .await?
+            .map_err(CommandError::from)
     })?;
     Ok(exit::OK)
 }
@@ -113,20 +115,18 @@ pub fn options(
 }
 
 /// Runs `work`; on SIGTERM or SIGINT drops it and restores TMM before returning, so that TMM is
-/// never left at zero by a stopped Job.
+/// never left at zero by a stopped Job. `Err` is the signal's outcome, in `command`'s terms.
 async fn until_sigterm<T, E>(
     cluster: &Cluster,
     work: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, E>
-where
-    E: From<RestartError> + From<ClusterError>,
-{
+    command: Changing,
+) -> Result<Result<T, E>, CommandError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler can be installed");
     crate::stop::clear();
     tokio::pin!(work);
     tokio::select! {
-        r = &mut work => return r,
+        r = &mut work => return Ok(r),
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
@@ -136,26 +136,31 @@ where
     log::notice("signal received: stopping at the next safe point");
     tokio::select! {
         biased;
-        () = crate::stop::at_safe_point() => stop(cluster).await,
-        r = &mut work => r,
+        () = crate::stop::at_safe_point() => Err(stop(cluster, command).await),
+        r = &mut work => Ok(r),
     }
 }
 
-async fn stop<T, E>(cluster: &Cluster) -> Result<T, E>
-where
-    E: From<RestartError> + From<ClusterError>,
-{
+/// Gives TMM back its replicas and releases the Lease if this process holds it; says what it
+/// found, as the command's error.
+async fn stop(cluster: &Cluster, command: Changing) -> CommandError {
     if !cluster.holds_lease().await {
         log::notice(
             "signal received: this process does not hold the lease, so it leaves TMM to the holder",
         );
-        return Err(RestartError::Interrupted { replicas: -1 }.into());
+        let stopped = Stopped::NotHolder;
+        return CommandError::Interrupted { command, stopped };
     }
     log::notice("signal received: restoring TMM before exiting");
     let restored = cluster.restore_tmm().await;
     // Released even when the restore failed: the next run restores from the record at once
     // instead of waiting out the Lease.
     cluster.release_lease().await;
-    let replicas = restored?.unwrap_or(-1);
-    Err(RestartError::Interrupted { replicas }.into())
+    match restored {
+        Ok(pods) => CommandError::Interrupted {
+            command,
+            stopped: Stopped::Restored(pods),
+        },
+        Err(source) => CommandError::InterruptedRestoreFailed { command, source },
+    }
 }
