@@ -940,9 +940,10 @@ fn the_hand_made_secrets_apply_into_both_namespaces_and_keep_their_ca(
     let (code, _, err) = c.kubectl("apply -n spk-ingress -f dssm_secrets/ca-key-secret.yaml");
     assert_ne!(code, 0, "the CA key Secret applied into the TMM namespace");
     assert!(err.contains("does not match the namespace"), "{err}");
-    // The CronJob's first renewal (made due now), without the restart this cluster cannot run.
-    let line = "dssm-certs reconcile --renew-before 400d --no-restart --dssm-namespace \
-                spk-utilities --tmm-namespace spk-ingress";
+    // The CronJob's first renewal (made due now: the hand-made leaf has 365 days left, less
+    // than 400; its successor lives 800), without the restart this cluster cannot run.
+    let line = "dssm-certs reconcile --days 800 --renew-before 400d --no-restart \
+                --dssm-namespace spk-utilities --tmm-namespace spk-ingress";
     let (code, stdout, err) = c.sh(line);
     assert_eq!(code, 0, "{stdout}{err}");
     assert!(stdout.contains("plan: renew-leaf"), "{stdout}");
