@@ -14,9 +14,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
 
-use crate::check::{self, Report, Status, Thresholds};
+use crate::check::{self, CheckResult, Report, Status, Thresholds};
 use crate::cluster::Cluster;
 use crate::contract;
+use crate::materials::{CopyObs, Place, SecretObs, Source};
 use crate::metrics::Metrics;
 use crate::reconcile;
 
@@ -39,6 +40,25 @@ pub enum AgentError {
     Window(String, String),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error("{LISTEN_IP_ENV}={0:?} is not an IP address (the manifests set it to the pod IP, status.podIP)")]
+    ListenIp(String),
+}
+
+/// When set (the manifests set it to the pod IP from the downward API), the agent serves on this
+/// IP, with `--listen`'s port: what kubelet probes and Prometheus scrapes, and nothing else of
+/// the pod (not its loopback). IPv4 or IPv6, bare (no brackets).
+pub const LISTEN_IP_ENV: &str = "DSSM_CERTS_LISTEN_IP";
+
+/// The address to serve on: `listen`, or `ip` (the value of `LISTEN_IP_ENV`) with its port.
+pub fn listen_addr(listen: SocketAddr, ip: Option<&str>) -> Result<SocketAddr, AgentError> {
+    match ip.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(listen),
+        Some(ip) => ip
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .map(|ip| SocketAddr::new(ip, listen.port()))
+            .map_err(|_| AgentError::ListenIp(ip.to_string())),
+    }
 }
 
 /// `"0 3 * * SUN" 2h`: a cron expression (UTC) and how long the window stays open.
@@ -159,13 +179,11 @@ pub async fn run(
     tracing::info!(listen = %opts.listen, "serving /metrics, /healthz, /readyz");
     let http = tokio::spawn(accept_loop(listener, shared.clone()));
 
-    // A watch per Secret we care about; any event triggers an inspection. Not the CA key
-    // Secret: the agent's own account may not read it, and every write of it is followed by
-    // writes of the copies, which the watches see.
-    let mut watches = cluster.watch_secrets(
-        &cluster.namespaces(),
-        &[contract::CERTS_SECRET, contract::KEYS_SECRET],
-    );
+    // A watch per certificate Secret; any event triggers an inspection. Not the key Secret,
+    // which the agent never reads (every write of it comes with a write of the certificate
+    // Secret, which carries the key's SPKI), nor the CA key Secret: the agent's own account may
+    // not read it, and every write of it is followed by writes of the copies.
+    let mut watches = cluster.watch_secrets(&cluster.namespaces(), &[contract::CERTS_SECRET]);
     let rx = &mut watches.changes;
 
     tokio::pin!(shutdown);
@@ -250,7 +268,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
 async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
     let started = Instant::now();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let obs = match cluster.observe_without_ca_key().await {
+    let obs = match cluster.observe_for_agent().await {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "inspection failed");
@@ -258,7 +276,7 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
             return;
         }
     };
-    let report = check::inspect_observation(&obs, &cluster.dssm_ns, now, opts.thresholds).await;
+    let report = inspect_without_keys(&obs, &cluster.dssm_ns, now, opts.thresholds).await;
     shared.metrics.record(&report);
     shared.metrics.record_targets(&obs.workloads);
     shared.ready.store(true, Ordering::SeqCst);
@@ -315,6 +333,102 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
         .metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// `check`'s report over an observation made without the key Secret: each copy's key match is
+/// judged from its certificate Secret's `key-spki-sha256` annotation instead (`key_match`).
+pub async fn inspect_without_keys(
+    obs: &crate::cluster::Observation,
+    dssm_ns: &str,
+    now: i64,
+    t: Thresholds,
+) -> Report {
+    let sources: Vec<Source> = obs
+        .copies
+        .iter()
+        .map(|c| {
+            // An unreadable store (the agent may not read the CA key) is left out, not "absent".
+            let store = (c.namespace == dssm_ns && obs.store_readable).then_some(&obs.store);
+            let mut s = c.source(store);
+            // Not read, so not "not found": left out, as the CA key is when it lives elsewhere.
+            s.entries.retain(|e| e.file != contract::LEAF_KEY);
+            s
+        })
+        .collect();
+    let matches: Vec<Option<CheckResult>> = obs.copies.iter().map(key_match).collect();
+    let rotation_phase = crate::rotation::phase_on_copies(obs, dssm_ns);
+    tokio::task::spawn_blocking(move || {
+        let copies = sources
+            .iter()
+            .zip(matches)
+            .map(|(s, m)| {
+                let mut copy = check::inspect(s, now, t);
+                if let Some(m) = m {
+                    copy.status = copy.status.max(m.status);
+                    copy.usable &= m.status != Status::Critical;
+                    copy.checks.push(m);
+                }
+                copy
+            })
+            .collect();
+        let mut report = Report::new(copies, now, t).with_sync(&sources);
+        report.rotation_phase = rotation_phase;
+        report
+    })
+    .await
+    .expect("the inspection panicked")
+}
+
+/// Whether a copy's key matches its certificate, as far as the certificate Secret tells: the
+/// SHA-256 of the key's SPKI that the writer recorded, against the certificate's public key.
+/// None when there is no certificate to compare (the report already says why).
+pub fn key_match(copy: &CopyObs) -> Option<CheckResult> {
+    use crate::materials::{annotations::KEY_SPKI_SHA256, spki_sha256};
+    let SecretObs::Present { annotations, .. } = &copy.certs else {
+        return None;
+    };
+    let ns = &copy.namespace;
+    let cert_at = Place::secret(ns, contract::LEAF_CERT);
+    let leaf = crate::pki::parse_certificate(copy.certs.get(contract::LEAF_CERT)?, "").ok()?;
+    let has = spki_sha256(leaf.spki_der());
+    let key_at = Place::secret(ns, contract::LEAF_KEY);
+    let (status, message) = match annotations.get(KEY_SPKI_SHA256) {
+        Some(recorded) if recorded.eq_ignore_ascii_case(&has) => (
+            Status::Ok,
+            format!("{key_at} matches {cert_at} (by the key's SPKI SHA-256 recorded in {ns}/{}'s annotation {KEY_SPKI_SHA256}; the agent never reads the key)", contract::CERTS_SECRET),
+        ),
+        Some(recorded) => (
+            Status::Critical,
+            format!(
+                "{key_at} does not match {cert_at}: {ns}/{}'s annotation {KEY_SPKI_SHA256} records the key's SPKI SHA-256 {}, the certificate's public key is {has}. Run `dssm-certs check` (it reads the key) and `dssm-certs reconcile` to repair",
+                contract::CERTS_SECRET,
+                shown_digest(recorded),
+            ),
+        ),
+        None => (
+            Status::Warning,
+            format!(
+                "cannot tell whether {key_at} matches {cert_at}: {ns}/{} has no annotation {KEY_SPKI_SHA256} (the agent never reads the key). The next renewal by dssm-certs adds it; `dssm-certs check` reads the key and tells now",
+                contract::CERTS_SECRET
+            ),
+        ),
+    };
+    Some(CheckResult {
+        name: "leaf-key",
+        status,
+        message,
+        object: Some(key_at),
+    })
+}
+
+/// An annotation's value as a message shows it: a SHA-256 in hex, or not echoed at all (anyone
+/// who may update the Secret writes it).
+fn shown_digest(v: &str) -> String {
+    if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        v.to_ascii_uppercase()
+    } else {
+        format!("(not a SHA-256 in hex, {} bytes)", v.len())
+    }
 }
 
 /// An Event the report calls for: its reason, namespace, the state it describes (a repeat of
@@ -428,6 +542,106 @@ async fn events(
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    /// A copy whose certificate Secret holds a self-signed leaf and `annotation` (if any).
+    fn copy_with(annotation: Option<&str>) -> (CopyObs, Vec<u8>) {
+        let c = rcgen::generate_simple_self_signed(vec!["dssm".into()]).unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&c.signing_key);
+        let annotations = annotation
+            .map(|a| {
+                let key = crate::materials::annotations::KEY_SPKI_SHA256.to_string();
+                (key, a.to_string())
+            })
+            .into_iter()
+            .collect();
+        let certs = SecretObs::Present {
+            data: [(contract::LEAF_CERT.to_string(), c.cert.pem().into_bytes())].into(),
+            owner: crate::materials::Owner::Us,
+            annotations,
+        };
+        let copy = CopyObs {
+            namespace: "spk-ingress".into(),
+            certs,
+            keys: SecretObs::Missing,
+        };
+        (copy, spki)
+    }
+
+    #[test]
+    fn the_agent_judges_the_key_match_by_the_recorded_spki_without_the_key() {
+        // The recorded SPKI of the certificate's own key: ok.
+        let (mut copy, spki) = copy_with(None);
+        let good = crate::materials::spki_sha256(&spki);
+        if let SecretObs::Present { annotations, .. } = &mut copy.certs {
+            annotations.insert(
+                crate::materials::annotations::KEY_SPKI_SHA256.into(),
+                good.to_ascii_lowercase(),
+            );
+        }
+        let r = key_match(&copy).unwrap();
+        assert_eq!(
+            (r.name, r.status),
+            ("leaf-key", Status::Ok),
+            "{}",
+            r.message
+        );
+
+        // Another key's: critical, both digests named.
+        let other = crate::materials::spki_sha256(b"another key");
+        let (copy, spki) = copy_with(Some(&other));
+        let r = key_match(&copy).unwrap();
+        assert_eq!(r.status, Status::Critical, "{}", r.message);
+        assert!(r.message.contains(&other), "{}", r.message);
+        assert!(
+            r.message.contains(&crate::materials::spki_sha256(&spki)),
+            "{}",
+            r.message
+        );
+        assert!(
+            r.message.contains("spk-ingress/dssm-certs-secret"),
+            "{}",
+            r.message
+        );
+
+        // Junk is not echoed (anyone who may update the Secret writes it).
+        let (copy, _) = copy_with(Some("\u{1b}[2Jjunk"));
+        let r = key_match(&copy).unwrap();
+        assert_eq!(r.status, Status::Critical);
+        assert!(!r.message.contains("junk"), "{}", r.message);
+
+        // No annotation (a copy written before it existed, or by hand): a warning, not a crash.
+        let (copy, _) = copy_with(None);
+        let r = key_match(&copy).unwrap();
+        assert_eq!(r.status, Status::Warning, "{}", r.message);
+        assert!(r.message.contains("key-spki-sha256"), "{}", r.message);
+
+        // No certificate Secret: nothing to compare (the report says it is missing).
+        let missing = CopyObs {
+            namespace: "spk-ingress".into(),
+            certs: SecretObs::Missing,
+            keys: SecretObs::Missing,
+        };
+        assert!(key_match(&missing).is_none());
+    }
+
+    #[test]
+    fn the_pod_ip_replaces_the_listen_address_and_keeps_its_port() {
+        let listen: SocketAddr = "0.0.0.0:9090".parse().unwrap();
+        assert_eq!(listen_addr(listen, None).unwrap(), listen);
+        assert_eq!(listen_addr(listen, Some("")).unwrap(), listen);
+        assert_eq!(
+            listen_addr(listen, Some("10.42.0.7")).unwrap().to_string(),
+            "10.42.0.7:9090"
+        );
+        assert_eq!(
+            listen_addr(listen, Some("fd00:10:244::7"))
+                .unwrap()
+                .to_string(),
+            "[fd00:10:244::7]:9090"
+        );
+        let e = listen_addr(listen, Some("10.42.0.7:9090")).unwrap_err();
+        assert!(e.to_string().contains(LISTEN_IP_ENV), "{e}");
+    }
 
     #[test]
     fn a_window_is_open_from_each_occurrence_for_its_duration() {

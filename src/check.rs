@@ -198,8 +198,21 @@ pub async fn inspect_observation(
         })
         .collect();
     let rotation_phase = crate::rotation::phase_on_copies(obs, dssm_ns);
+    let store = obs.store_readable.then(|| obs.store.clone());
+    let dssm_ns = dssm_ns.to_string();
     tokio::task::spawn_blocking(move || {
-        let copies = sources.iter().map(|s| inspect(s, now, t)).collect();
+        // Each copy's CAs against the stored ones, when the CA key Secret can be read.
+        let store = store.map(|s| crate::plan::evaluate_store(&s, &dssm_ns, now));
+        let anchors = store.as_ref().and_then(|s| s.anchors());
+        let copies = (sources.iter())
+            .map(|s| {
+                let mut f = crate::checks::judge_copy(s, now, t);
+                if let Some(a) = anchors {
+                    crate::checks::judge_anchors(&mut f, a);
+                }
+                report_copy(&f, now)
+            })
+            .collect();
         let mut report = Report::new(copies, now, t).with_sync(&sources);
         report.rotation_phase = rotation_phase;
         report
@@ -250,8 +263,23 @@ fn cert_report(f: &CertFinding, now: i64) -> CertReport {
 
 /// `check --dir DIR`: the copy in a folder; a path that is not a folder cannot tell.
 pub fn inspect_dir(dir: &std::path::Path, now: i64, t: Thresholds) -> CopyReport {
+    let message = if !dir.exists() {
+        format!(
+            "{}: no such directory; --dir takes the folder holding the materials ({}, ...)",
+            dir.display(),
+            crate::materials::CA_CERT
+        )
+    } else {
+        format!(
+            "{}: not a directory; --dir takes a folder, not a file",
+            dir.display()
+        )
+    };
     if dir.is_dir() {
-        return inspect(&crate::materials::read_dir(dir), now, t);
+        // No CA key Secret here: say what can be said of a bundle's CAs without it.
+        let mut f = crate::checks::judge_copy(&crate::materials::read_dir(dir), now, t);
+        crate::checks::judge_unanchored(&mut f);
+        return report_copy(&f, now);
     }
     CopyReport {
         source: format!("dir:{}", dir.display()),
@@ -261,7 +289,7 @@ pub fn inspect_dir(dir: &std::path::Path, now: i64, t: Thresholds) -> CopyReport
         checks: vec![CheckResult {
             name: crate::checks::Check::Read.name(),
             status: Status::Unknown,
-            message: format!("{}: not a directory", dir.display()),
+            message,
             object: Some(Place::File {
                 path: dir.display().to_string(),
             }),
@@ -287,43 +315,14 @@ pub fn render_table(report: &Report) -> String {
         ));
     }
     for copy in &report.copies {
-        out.push_str(&format!("{} — {}\n\n", copy.source, copy.status));
-        let mut rows = vec![[
-            "CERTIFICATE".to_string(),
-            "EXPIRES".into(),
-            "RESIDUAL TIME".into(),
-            "ISSUER".into(),
-            "STATUS".into(),
-        ]];
-        for c in &copy.certificates {
-            let issuer = if c.issuer == c.subject {
-                "<self-signed>".to_string()
-            } else {
-                common_name(&c.issuer)
-            };
-            rows.push([
-                cert_name(c),
-                c.not_after.replace('T', " ").replace('Z', " UTC"),
-                format_residual(c.residual_seconds),
-                printable(&issuer),
-                c.status.to_string(),
-            ]);
+        out.push_str(&format!(
+            "{} — {}\n\n",
+            printable(&copy.source),
+            copy.status
+        ));
+        if !copy.certificates.is_empty() {
+            render_certificates(copy, &mut out);
         }
-        out.push_str(&columns(&rows));
-        out.push('\n');
-        for c in &copy.certificates {
-            out.push_str(&format!(
-                "{}: subject \"{}\", serial {}, {}, {}, X.509 v{}; {}\n",
-                cert_name(c),
-                printable(&c.subject),
-                c.serial,
-                key_label(c),
-                c.signature_algorithm,
-                c.version,
-                printable(&c.message)
-            ));
-        }
-        out.push('\n');
         let mut rows = vec![["CHECK".to_string(), "STATUS".into(), "DETAIL".into()]];
         for c in &copy.checks {
             rows.push([
@@ -355,6 +354,46 @@ pub fn render_table(report: &Report) -> String {
     out
 }
 
+/// One copy's certificates: the table, then a line of facts per certificate.
+fn render_certificates(copy: &CopyReport, out: &mut String) {
+    let mut rows = vec![[
+        "CERTIFICATE".to_string(),
+        "EXPIRES".into(),
+        "RESIDUAL TIME".into(),
+        "ISSUER".into(),
+        "STATUS".into(),
+    ]];
+    for c in &copy.certificates {
+        let issuer = if c.issuer == c.subject {
+            "<self-signed>".to_string()
+        } else {
+            common_name(&c.issuer)
+        };
+        rows.push([
+            cert_name(c),
+            c.not_after.replace('T', " ").replace('Z', " UTC"),
+            format_residual(c.residual_seconds),
+            printable(&issuer),
+            c.status.to_string(),
+        ]);
+    }
+    out.push_str(&columns(&rows));
+    out.push('\n');
+    for c in &copy.certificates {
+        out.push_str(&format!(
+            "{}: subject \"{}\", serial {}, {}, {}, X.509 v{}; {}\n",
+            cert_name(c),
+            printable(&c.subject),
+            c.serial,
+            key_label(c),
+            c.signature_algorithm,
+            c.version,
+            printable(&c.message)
+        ));
+    }
+    out.push('\n');
+}
+
 /// `dssm-ca.crt`, or `dssm-ca.crt #2` for the second CA of a bundle: one line per CA.
 fn cert_name(c: &CertReport) -> String {
     match c.index {
@@ -372,17 +411,28 @@ fn key_label(c: &CertReport) -> String {
 }
 
 /// Text from a certificate as a terminal may show it: control characters (escape sequences,
-/// newlines that would fake a row) escaped, so a crafted subject cannot rewrite the table.
+/// newlines that would fake a row) and Unicode bidirectional controls (which reorder what is
+/// shown: `U+202E` makes `crt.exe` read `exe.trc`) escaped, so a crafted subject cannot
+/// rewrite the table. Every command printing text from certificates or Secrets uses this one.
 pub fn printable(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if c.is_control() || is_bidi_control(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
+}
+
+/// The Unicode bidirectional formatting characters (UAX #9): embeddings, overrides, isolates
+/// and marks.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 fn common_name(dn: &str) -> String {

@@ -82,6 +82,8 @@ pub enum Check {
     LeafKey,
     CaKey,
     Dhparams,
+    /// Every CA of the bundle is the stored CA or the rotation's previous CA.
+    TrustBundle,
     /// A certificate outside its validity window: TLS refuses it now.
     Validity,
     /// Residual time against `--warn` / `--critical`: due, not broken.
@@ -101,6 +103,7 @@ impl Check {
             Check::LeafKey => "leaf-key",
             Check::CaKey => "ca-key",
             Check::Dhparams => "dhparams",
+            Check::TrustBundle => "trust-bundle",
             Check::Validity => "validity",
             Check::Expiry => "expiry",
             Check::CopiesInSync => "copies-in-sync",
@@ -181,6 +184,8 @@ pub struct CopyFindings {
     pub dhparams: Option<(u32, u32)>,
     /// Index into `certificates` of the CA that signs the leaf (as OpenSSL picks it).
     pub issuer: Option<usize>,
+    /// Index into `certificates` of the CA the copy's CA key belongs to.
+    pub ca_key_of: Option<usize>,
 }
 
 impl CopyFindings {
@@ -381,7 +386,7 @@ pub fn judge_copy(source: &Source, now: i64, t: Thresholds) -> CopyFindings {
     if let (Some(issuer), true) = (issuer, several) {
         relax_unused_cas(&mut certificates, issuer);
     }
-    judge_keys(&mut j, &cas, &leaf, &leaf_key, &ca_key);
+    let ca_key_of = judge_keys(&mut j, &cas, &leaf, &leaf_key, &ca_key);
     let dhparams = dh.and_then(|(entry, b)| judge_dh(&mut j, entry, &b));
     CopyFindings {
         label: source.label.clone(),
@@ -389,6 +394,102 @@ pub fn judge_copy(source: &Source, now: i64, t: Thresholds) -> CopyFindings {
         findings: j.findings,
         dhparams,
         issuer,
+        ca_key_of,
+    }
+}
+
+/// The CAs a copy may hold: the CA stored in the CA key Secret, and the previous CA while a CA
+/// rotation records one. Any other CA in a bundle is foreign: a copy must never widen whom Redis
+/// and TMM trust, whoever wrote it.
+#[derive(Debug, Clone)]
+pub struct Anchors {
+    /// Where they are stored, for messages (`ns/dssm-ca-key-secret`).
+    pub store: String,
+    pub stored: Certificate,
+    /// The CA bundle saved as the rotation's previous one (empty outside a rotation).
+    pub previous: Vec<Certificate>,
+}
+
+impl Anchors {
+    /// Whether `c` is one of them, byte for byte (a CA of the same subject is not).
+    pub fn trusts(&self, c: &Certificate) -> bool {
+        c.der() == self.stored.der() || self.previous.iter().any(|p| c.der() == p.der())
+    }
+}
+
+/// The bundle's CAs against the anchors: each foreign CA is Critical (the copy is unusable: never
+/// a repair source, and replaced).
+pub fn judge_anchors(f: &mut CopyFindings, anchors: &Anchors) {
+    let cas: Vec<&CertFinding> = f.cas().collect();
+    let Some(first) = cas.first() else {
+        return;
+    };
+    let (file, place) = (first.file, first.place.clone());
+    let mut found = Vec::new();
+    for (i, c) in cas.iter().enumerate() {
+        if !anchors.trusts(&c.cert) {
+            let message = format!(
+                "{place}: CA #{} (subject {:?}, SHA-256 {}) is neither the stored CA ({}) nor the \
+                 rotation's previous CA: a copy must not widen whom Redis and TMM trust; reconcile \
+                 replaces this copy and never copies it elsewhere",
+                i + 1,
+                c.cert.subject,
+                c.cert.sha256_fingerprint,
+                anchors.store
+            );
+            found.push((Status::Critical, message));
+        }
+    }
+    if found.is_empty() {
+        let message = format!(
+            "{place}: every CA is the stored CA ({}) or the rotation's previous CA",
+            anchors.store
+        );
+        found.push((Status::Ok, message));
+    }
+    for (status, message) in found {
+        f.findings.push(Finding {
+            check: Check::TrustBundle,
+            status,
+            file: Some(file),
+            object: place.clone(),
+            message,
+        });
+    }
+}
+
+/// Without the CA key Secret (`check --dir`), what can still be said: a CA of a bundle of several
+/// that neither signs the leaf nor belongs to the CA key may be foreign (a CA rotation's bundle
+/// holds two CAs, one signing the leaf, the other being the key's).
+pub fn judge_unanchored(f: &mut CopyFindings) {
+    let cas: Vec<(usize, &CertFinding)> = (f.certificates.iter().enumerate())
+        .filter(|(_, c)| c.file == CA_CERT)
+        .collect();
+    if cas.len() < 2 {
+        return;
+    }
+    let mut found = Vec::new();
+    for (n, (i, c)) in cas.iter().enumerate() {
+        if Some(*i) != f.issuer && Some(*i) != f.ca_key_of {
+            let message = format!(
+                "{}: CA #{} (subject {:?}) signs no leaf here and is not the CA key's: without the \
+                 CA key Secret's record check cannot tell a CA rotation's other CA from a foreign \
+                 one; outside a rotation the bundle holds one CA (run check against the cluster)",
+                c.place,
+                n + 1,
+                c.cert.subject
+            );
+            found.push((c.file, c.place.clone(), message));
+        }
+    }
+    for (file, object, message) in found {
+        f.findings.push(Finding {
+            check: Check::TrustBundle,
+            status: Status::Warning,
+            file: Some(file),
+            object,
+            message,
+        });
     }
 }
 
@@ -512,6 +613,10 @@ fn judge_chain(
         return None;
     };
     let ca = &cas[i];
+    if let Some(msg) = openssl_refusal(cas, leaf, leaf_loc) {
+        j.push(Check::Chain, Status::Critical, leaf_entry, msg);
+        return None;
+    }
     let msg = format!("{leaf_loc} is signed by {}", of(i));
     j.push(Check::Chain, Status::Ok, leaf_entry, msg);
     let msg = if leaf.not_after > ca.not_after {
@@ -536,6 +641,30 @@ fn judge_chain(
     Some(i)
 }
 
+/// OpenSSL judges (Redis and TMM verify with it), for both roles the leaf plays: why it refuses
+/// the chain, if it does.
+fn openssl_refusal(cas: &[Certificate], leaf: &Certificate, leaf_loc: &Place) -> Option<String> {
+    [
+        (
+            pki::inspect::Role::Server,
+            "as dSSM's server certificate (purpose sslserver)",
+        ),
+        (
+            pki::inspect::Role::Client,
+            "as TMM's client certificate (purpose sslclient)",
+        ),
+    ]
+    .into_iter()
+    .find_map(|(role, what)| {
+        let why = pki::inspect::openssl_verify(cas, leaf, role).err()?;
+        Some(format!(
+            "{leaf_loc}: OpenSSL refuses the chain {what} at auth level {}: {why}; TLS between \
+             TMM and dSSM fails",
+            pki::inspect::AUTH_LEVEL
+        ))
+    })
+}
+
 type Parsed<'a, T> = Option<(&'a Entry, T)>;
 
 fn judge_keys(
@@ -544,7 +673,7 @@ fn judge_keys(
     leaf: &Parsed<'_, Certificate>,
     leaf_key: &Parsed<'_, PrivateKey>,
     ca_key: &Parsed<'_, PrivateKey>,
-) {
+) -> Option<usize> {
     if let (Some((cert, c)), Some((key, k))) = (leaf, leaf_key) {
         let (status, msg) = if c.matches_key(k) {
             (Status::Ok, format!("{} matches {}", key.place, cert.place))
@@ -568,9 +697,13 @@ fn judge_keys(
             j.push(check, Status::Unknown, entry, msg);
         }
     }
-    if let (Some((cert, cas)), Some((key, k))) = (cas, ca_key) {
-        // During a CA rotation the bundle holds two CAs; the key signs one of them.
-        let (status, msg) = match cas.iter().position(|c| c.matches_key(k)) {
+    let (Some((cert, cas)), Some((key, k))) = (cas, ca_key) else {
+        return None;
+    };
+    // During a CA rotation the bundle holds two CAs; the key signs one of them.
+    let of = cas.iter().position(|c| c.matches_key(k));
+    {
+        let (status, msg) = match of {
             Some(i) if cas.len() > 1 => (
                 Status::Ok,
                 format!(
@@ -592,6 +725,7 @@ fn judge_keys(
         };
         j.push(Check::CaKey, status, key, msg);
     }
+    of
 }
 
 fn judge_dh(j: &mut Judge<'_>, entry: &Entry, b: &[u8]) -> Option<(u32, u32)> {

@@ -23,6 +23,23 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// What clap cannot check flag by flag: values that make sense only together. The same
+    /// usage error (exit 64) as a bad value.
+    pub fn validate(&self) -> Result<(), clap::Error> {
+        let issue = match &self.command {
+            Command::Reconcile(a) => &a.issue,
+            Command::Rotate(a) => &a.issue,
+            Command::Run(a) => &a.issue,
+            _ => return Ok(()),
+        };
+        issue.validate().map_err(|msg| {
+            use clap::CommandFactory;
+            Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg)
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -199,7 +216,7 @@ pub struct TmmArgs {
     /// with --tmm-deployment.
     #[arg(long, env = "DSSM_CERTS_TMM_NAMESPACE", value_parser = parse_namespace)]
     pub tmm_namespace: Option<String>,
-    #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT")]
+    #[arg(long, default_value = crate::contract::TMM_DEPLOYMENT, env = "DSSM_CERTS_TMM_DEPLOYMENT", value_parser = parse_workload_name)]
     pub tmm_deployment: String,
 }
 
@@ -251,6 +268,37 @@ pub struct IssueArgs {
     /// A due leaf under a CA that is not due is renewed under the same CA.
     #[arg(long, value_parser = parse_duration, env = "DSSM_CERTS_CA_RENEW_BEFORE")]
     pub ca_renew_before: Option<i64>,
+}
+
+impl IssueArgs {
+    /// A renew-before at or over the lifetime makes every new certificate due at birth: every
+    /// pass would renew (back-to-back rolling restarts inside the agent's window).
+    pub fn validate(&self) -> Result<(), String> {
+        let m = &self.material;
+        for (flag, before, days_flag, days) in [
+            ("--renew-before", self.renew_before, "--days", m.days),
+            (
+                "--ca-renew-before",
+                self.ca_renew_before,
+                "--ca-days",
+                m.ca_days,
+            ),
+        ] {
+            let lifetime = i64::from(days) * 86_400;
+            if let Some(b) = before.filter(|b| *b >= lifetime) {
+                let given = humantime::format_duration(std::time::Duration::from_secs(
+                    u64::try_from(b).unwrap_or(0),
+                ));
+                return Err(format!(
+                    "{flag} {given} is not shorter than {days_flag} {days}: every new \
+                     certificate would be due as soon as it is issued, and every pass would \
+                     renew it. Give {flag} less than {days_flag} (or leave it out: renewal at \
+                     1/3 of the lifetime left)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +360,21 @@ pub const MAX_DAYS: u32 = 36_500;
 
 fn parse_subject(s: &str) -> Result<Subject, String> {
     Subject::parse(s).map_err(|e| e.to_string())
+}
+
+/// A Deployment name as the API server takes one (an RFC 1123 subdomain): it also goes into
+/// `values`' YAML, where a newline would inject keys.
+fn parse_workload_name(s: &str) -> Result<String, String> {
+    if crate::targets::dns_subdomain(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{:?} is not a valid Deployment name: lowercase letters, digits, '-' and '.', \
+             starting and ending with a letter or digit, at most 253 characters (as the API \
+             server requires)",
+            s.escape_debug().to_string()
+        ))
+    }
 }
 
 fn parse_namespace(s: &str) -> Result<String, String> {

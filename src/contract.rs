@@ -17,6 +17,8 @@ pub const DH_PARAMS: &str = "dhparam2048.pem";
 /// The manifests `generate` writes, named as in the seeds.
 pub const CERTS_MANIFEST: &str = "certs-secret.yaml";
 pub const KEYS_MANIFEST: &str = "keys-secret.yaml";
+/// The CA key Secret's manifest (`generate`): for the dSSM namespace only.
+pub const CA_KEY_MANIFEST: &str = "ca-key-secret.yaml";
 
 pub const TMM_DEPLOYMENT: &str = "f5-tmm";
 pub const DSSM_SELECTOR: &str = "app in (f5-dssm-db, f5-dssm-sentinel)";

@@ -21,6 +21,26 @@ pub fn dhparams_pem(data: &[u8]) {
     let _ = crate::pki::DhParams::validate(data, "fuzz");
 }
 
+/// Replies read one after another from the input, as the RESP client reads a server's: each is
+/// an error or a value within the reader's limits, never a panic or an allocation beyond them.
+pub fn resp_reply(data: &[u8]) {
+    use crate::redis::resp::{read_value, Value, MAX_ARRAY, MAX_BULK};
+    fn within(v: &Value) -> bool {
+        match v {
+            Value::Bulk(Some(b)) => b.len() as i64 <= MAX_BULK,
+            Value::Array(Some(items)) => {
+                items.len() as i64 <= MAX_ARRAY && items.iter().all(within)
+            }
+            _ => true,
+        }
+    }
+    let mut r = std::io::BufReader::new(data);
+    while let Ok(v) = read_value(&mut r, 0) {
+        assert!(within(&v), "{v:?}");
+        let _ = v.text();
+    }
+}
+
 pub fn text_inputs(data: &[u8]) {
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = crate::pki::Subject::parse(s);
@@ -270,11 +290,12 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
 /// A fuzz entry point.
 pub type Target = fn(&[u8]);
 
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("certificate_pem", certificate_pem),
     ("private_key_pem", private_key_pem),
     ("dhparams_pem", dhparams_pem),
     ("subject", text_inputs),
     ("check_inspect", check_inspect),
     ("exposition", exposition),
+    ("resp_reply", resp_reply),
 ];

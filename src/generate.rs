@@ -86,6 +86,11 @@ pub enum GenerateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--dhparam {path}: cannot read: {source}. --dhparam takes `generate`, `ffdhe2048` (the RFC 7919 group), or a FILE of PEM DH parameters (`openssl dhparam 2048`)")]
+    DhparamFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: cannot write: {source}")]
     Write {
         path: PathBuf,
@@ -143,7 +148,7 @@ impl std::fmt::Debug for OutputFile {
     }
 }
 
-pub const OUTPUT_NAMES: [&str; 7] = [
+pub const OUTPUT_NAMES: [&str; 8] = [
     contract::CA_KEY,
     contract::CA_CERT,
     contract::LEAF_KEY,
@@ -151,10 +156,19 @@ pub const OUTPUT_NAMES: [&str; 7] = [
     contract::DH_PARAMS,
     contract::CERTS_MANIFEST,
     contract::KEYS_MANIFEST,
+    contract::CA_KEY_MANIFEST,
 ];
 
+/// A `--dhparam` file that cannot be read: maybe a group name we do not take (`ffdhe4096`).
+fn dhparam_hint(e: GenerateError) -> GenerateError {
+    match e {
+        GenerateError::Read { path, source } => GenerateError::DhparamFile { path, source },
+        e => e,
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, GenerateError> {
-    fs::read(path).map_err(|source| GenerateError::Read {
+    crate::limits::read_bounded(path).map_err(|source| GenerateError::Read {
         path: path.to_path_buf(),
         source,
     })
@@ -203,7 +217,7 @@ fn refuse_bad_inputs(
         DhSource::Ffdhe2048 => Some(DhParams::ffdhe2048()),
         DhSource::Pem(pem, name) => Some(DhParams::validate(pem, name)?),
         DhSource::File(path) => Some(DhParams::validate(
-            &read(path)?,
+            &read(path).map_err(dhparam_hint)?,
             &path.display().to_string(),
         )?),
     };
@@ -290,8 +304,14 @@ pub fn make_materials(
     })
 }
 
-/// The seven output files: the five materials and the two Secret manifests.
-pub fn output_files(m: &Materials, namespace: Option<&str>) -> Vec<OutputFile> {
+/// The eight output files: the five materials, the two Secret manifests (`namespace` in them
+/// when given, else none: one file applies into both namespaces), and the CA key Secret's
+/// manifest (in `dssm_namespace` when known).
+pub fn output_files(
+    m: &Materials,
+    namespace: Option<&str>,
+    dssm_namespace: Option<&str>,
+) -> Vec<OutputFile> {
     let certs = manifest::secret_yaml(
         contract::CERTS_SECRET,
         namespace,
@@ -306,6 +326,7 @@ pub fn output_files(m: &Materials, namespace: Option<&str>) -> Vec<OutputFile> {
         namespace,
         &[(contract::LEAF_KEY, m.leaf_key.expose())],
     );
+    let ca_key = manifest::ca_key_secret_yaml(dssm_namespace, &m.ca_cert, m.ca_key.expose());
     vec![
         OutputFile {
             name: contract::CA_KEY,
@@ -341,6 +362,12 @@ pub fn output_files(m: &Materials, namespace: Option<&str>) -> Vec<OutputFile> {
         OutputFile {
             name: contract::KEYS_MANIFEST,
             bytes: keys.into_bytes(),
+            mode: 0o600,
+        },
+        // The CA key, for the dSSM namespace's CA key Secret: never mounted, never in TMM's.
+        OutputFile {
+            name: contract::CA_KEY_MANIFEST,
+            bytes: ca_key.into_bytes(),
             mode: 0o600,
         },
     ]
@@ -421,7 +448,7 @@ pub fn write_files(
         };
         return staging.give_up(files, e);
     }
-    // Past this point a signal waits: placing seven files takes microseconds.
+    // Past this point a signal waits: placing eight files takes microseconds.
     let kept = if force {
         match staging.keep_old(files) {
             Ok(kept) => kept,

@@ -9,7 +9,7 @@ use dssm_certs::commands::{self, log};
 use dssm_certs::exit;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse().and_then(|c| c.validate().map(|()| c)) {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             if log::json_requested() {

@@ -1,4 +1,5 @@
-//! The two Secret manifests of the seeds' steps 6–8, ready for `kubectl apply`.
+//! The two Secret manifests of the seeds' steps 6–8, ready for `kubectl apply`, and the CA key
+//! Secret's, so that a hand install keeps its CA at the cluster's first renewal.
 
 use base64::Engine;
 
@@ -41,6 +42,26 @@ pub fn secret_yaml(name: &str, namespace: Option<&str>, entries: &[(&str, &[u8])
         out.push_str(&format!("  {key}: {}\n", b64.encode(value)));
     }
     out
+}
+
+/// The CA key Secret (`dssm-ca-key-secret`) as the cluster code reads it: the CA certificate
+/// and its key under their file names, labelled as ours. `namespace` (the dSSM namespace, when
+/// known) is written in, so that kubectl refuses to apply it into any other namespace.
+pub fn ca_key_secret_yaml(namespace: Option<&str>, ca_cert: &[u8], ca_key: &[u8]) -> String {
+    let yaml = secret_yaml(
+        crate::contract::CA_KEY_SECRET,
+        namespace,
+        &[
+            (crate::materials::store_keys::CA_CERT, ca_cert),
+            (crate::materials::store_keys::CA_KEY, ca_key),
+        ],
+    );
+    let label = format!(
+        "  labels:\n    {}: {}\n",
+        crate::materials::annotations::MANAGED_BY,
+        crate::materials::annotations::MANAGER
+    );
+    yaml.replacen("type: Opaque\n", &format!("{label}type: Opaque\n"), 1)
 }
 
 #[cfg(test)]
@@ -86,5 +107,20 @@ mod tests {
             "apiVersion: v1\nkind: Secret\nmetadata:\n  name: dssm-keys-secret\n  namespace: ns1\ntype: Opaque\ndata:\n  dssm-key.key: AP9rZXkK\n"
         );
         assert!(!secret_yaml("s", None, &[]).contains("namespace"));
+    }
+
+    #[test]
+    fn the_ca_key_secret_is_labelled_ours_and_names_its_namespace() {
+        let y = ca_key_secret_yaml(Some("spk-utilities"), b"cert", b"key");
+        let s: k8s_openapi::api::core::v1::Secret = serde_yaml::from_str(&y).unwrap();
+        assert_eq!(s.metadata.name.as_deref(), Some("dssm-ca-key-secret"));
+        assert_eq!(s.metadata.namespace.as_deref(), Some("spk-utilities"));
+        assert_eq!(
+            s.metadata.labels.unwrap()["app.kubernetes.io/managed-by"],
+            "dssm-certs"
+        );
+        let data = s.data.unwrap();
+        assert_eq!(data["dssm-ca.crt"].0, b"cert");
+        assert_eq!(data["dssm-ca.key"].0, b"key");
     }
 }

@@ -56,6 +56,10 @@ pub mod annotations {
     pub const CA_SHA256: &str = "dssm-certs.f5.com/ca-sha256";
     pub const CERT_SHA256: &str = "dssm-certs.f5.com/cert-sha256";
     pub const NOT_AFTER: &str = "dssm-certs.f5.com/not-after";
+    /// On the certificate Secret (`dssm-certs-secret`, every copy): the SHA-256 of the leaf
+    /// key's SubjectPublicKeyInfo (DER, upper-case hex). The agent checks that the key matches
+    /// the certificate against it, so that it never reads `dssm-keys-secret`.
+    pub const KEY_SPKI_SHA256: &str = "dssm-certs.f5.com/key-spki-sha256";
     pub const RESTART_NEEDED: &str = "dssm-certs.f5.com/restart-needed";
     /// What every dssm-certs annotation starts with: a write keeps only these of the old ones.
     pub const PREFIX: &str = "dssm-certs.f5.com/";
@@ -86,6 +90,11 @@ pub mod annotations {
     pub const ROTATION_PHASE: &str = "dssm-certs.f5.com/rotation-phase";
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     pub const MANAGER: &str = "dssm-certs";
+}
+
+/// The value of `annotations::KEY_SPKI_SHA256` for a SubjectPublicKeyInfo (DER).
+pub fn spki_sha256(spki_der: &[u8]) -> String {
+    crate::pki::inspect::hex_upper(&openssl::sha::sha256(spki_der), "")
 }
 
 /// Where one file of the materials is: the object a finding names.
@@ -334,7 +343,7 @@ pub fn read_dir(dir: &Path) -> Source {
         .into_iter()
         .map(|file| {
             let path = dir.join(file);
-            let found = match std::fs::read(&path) {
+            let found = match crate::limits::read_bounded(&path) {
                 Ok(b) => Found::Bytes(b),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Found::Missing,
                 Err(e) => Found::Unreadable(e.to_string()),

@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 
-use crate::checks::{self, Thresholds};
+use crate::checks::{self, Anchors, Thresholds};
 use crate::contract;
-use crate::materials::{annotations, store_keys, Bundle, CopyObs, Owner, SecretObs};
+use crate::materials::{annotations, saved_keys, store_keys, Bundle, CopyObs, Owner, SecretObs};
 use crate::pki::{self, Certificate, PrivateKey, SecretBytes};
 
 /// What one copy amounts to.
@@ -33,7 +33,19 @@ pub enum StoreState {
         revision: u64,
         /// A rotation written here but not yet to every copy.
         pending: Option<Bundle>,
+        /// The CAs a copy may hold: this one, and the rotation's previous CA while recorded.
+        anchors: Anchors,
     },
+}
+
+impl StoreState {
+    /// The CAs a copy may hold, when a CA is stored.
+    pub fn anchors(&self) -> Option<&Anchors> {
+        match self {
+            StoreState::Valid { anchors, .. } => Some(anchors),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,6 +115,11 @@ pub struct Policy {
 
 /// Reads one copy: complete, parseable, key matching, chaining, in validity.
 pub fn evaluate_copy(c: &CopyObs, now: i64) -> CopyState {
+    evaluate_copy_against(c, now, None)
+}
+
+/// [`evaluate_copy`], and with `anchors` a copy holding any other CA is invalid.
+pub fn evaluate_copy_against(c: &CopyObs, now: i64, anchors: Option<&Anchors>) -> CopyState {
     if c.certs == SecretObs::Missing && c.keys == SecretObs::Missing {
         return CopyState::Missing;
     }
@@ -128,7 +145,7 @@ pub fn evaluate_copy(c: &CopyObs, now: i64) -> CopyState {
         Ok(b) => b,
         Err(e) => return CopyState::Invalid(e),
     };
-    match validate_bundle(&bundle, ns, now) {
+    match validate_against(&bundle, ns, now, anchors) {
         Ok((ca, leaf)) => CopyState::Valid { bundle, ca, leaf },
         Err(e) => CopyState::Invalid(e),
     }
@@ -141,8 +158,20 @@ pub fn validate_bundle(
     ns: &str,
     now: i64,
 ) -> Result<(Certificate, Certificate), String> {
+    validate_against(b, ns, now, None)
+}
+
+fn validate_against(
+    b: &Bundle,
+    ns: &str,
+    now: i64,
+    anchors: Option<&Anchors>,
+) -> Result<(Certificate, Certificate), String> {
     // Thresholds only grade residual time, which never makes a copy unusable.
-    let found = checks::judge_copy(&b.source(ns), now, Thresholds::default());
+    let mut found = checks::judge_copy(&b.source(ns), now, Thresholds::default());
+    if let Some(a) = anchors {
+        checks::judge_anchors(&mut found, a);
+    }
     let broken: Vec<String> = found.breaking().map(|f| f.describe()).collect();
     match (found.issuing_ca(), found.leaf()) {
         (Some(ca), Some(leaf)) if broken.is_empty() => Ok((ca.clone(), leaf.clone())),
@@ -198,7 +227,16 @@ pub fn evaluate_store(s: &SecretObs, ns: &str, now: i64) -> StoreState {
         })
         .flatten()
         .filter(|b| validate_bundle(b, ns, now).is_ok());
+    // Saved only while a CA rotation runs; completing it removes them.
+    let previous = (data.get(saved_keys::PREVIOUS_CA_CERT))
+        .and_then(|p| pki::inspect::parse_certificates(p, "previous CA").ok())
+        .unwrap_or_default();
     StoreState::Valid {
+        anchors: Anchors {
+            store: format!("{ns}/{}", contract::CA_KEY_SECRET),
+            stored: ca.clone(),
+            previous,
+        },
         ca,
         ca_cert: cert.clone(),
         revision,
@@ -232,6 +270,7 @@ struct Seen<'a> {
     invalid: Vec<String>,
     in_sync: bool,
     store_ca: Option<&'a Certificate>,
+    anchors: Option<&'a Anchors>,
 }
 
 /// The copy whose materials the pass keeps or renews.
@@ -248,7 +287,10 @@ impl<'a> Seen<'a> {
     fn new(copies: &'a [CopyObs], store: &'a StoreState, now: i64) -> Self {
         let states: Vec<(String, CopyState)> = copies
             .iter()
-            .map(|c| (c.namespace.clone(), evaluate_copy(c, now)))
+            .map(|c| {
+                let state = evaluate_copy_against(c, now, store.anchors());
+                (c.namespace.clone(), state)
+            })
             .collect();
         let invalid = states
             .iter()
@@ -266,6 +308,7 @@ impl<'a> Seen<'a> {
                 StoreState::Valid { ca, .. } => Some(ca),
                 _ => None,
             },
+            anchors: store.anchors(),
         };
         let valid = seen.valid();
         seen.in_sync = !valid.is_empty()
@@ -285,14 +328,18 @@ impl<'a> Seen<'a> {
     }
 
     /// The winning copy: the valid one chaining to the stored CA, else the dSSM namespace's (the
-    /// first copy), else any valid one. None when no copy is valid.
+    /// first copy), else (with a stored CA) any valid one: valid copies hold no CA but the stored
+    /// and the rotation's previous. Without a stored CA only the dSSM copy can win: nothing from
+    /// another namespace is trusted into the dSSM namespace. None when no copy can win.
     fn winner(&self) -> Option<Winner<'_>> {
         let valid = self.valid();
-        let (ns, bundle, ca, leaf) = *valid
-            .iter()
-            .find(|v| self.store_ca.is_some_and(|ca| v.3.is_signed_by(ca)))
-            .or_else(|| valid.iter().find(|v| v.0 == &self.copies[0].namespace))
-            .or(valid.first())?;
+        let dssm = valid.iter().find(|v| v.0 == &self.copies[0].namespace);
+        let (ns, bundle, ca, leaf) = *match self.store_ca {
+            Some(store_ca) => (valid.iter().find(|v| v.3.is_signed_by(store_ca)))
+                .or(dssm)
+                .or(valid.first())?,
+            None => dssm?,
+        };
         let store_signs = self
             .store_ca
             .is_some_and(|s| leaf.is_signed_by(s) && s.der() == ca.der());
@@ -325,11 +372,11 @@ pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) ->
     let mut p = interrupted(store)
         .or_else(|| first_install(&seen, now, policy))
         .or_else(|| nothing_usable(&seen, now, policy))
-        .unwrap_or_else(|| {
-            let w = seen.winner().expect("some copy is valid");
-            due(&w, now, policy)
+        .unwrap_or_else(|| match seen.winner() {
+            Some(w) => due(&w, now, policy)
                 .or_else(|| drift(&seen, &w, now, policy))
-                .unwrap_or_else(|| steady(&seen, &w, policy))
+                .unwrap_or_else(|| steady(&seen, &w, policy)),
+            None => untrusted_source(&seen, now, policy),
         });
     p.out_of_sync = !seen.in_sync;
     p.invalid = seen.invalid.clone();
@@ -376,9 +423,41 @@ fn nothing_usable(seen: &Seen, now: i64, policy: Policy) -> Option<Plan> {
     })
 }
 
+/// Step 3b: No CA is stored and the dSSM copy is missing or broken: the valid copies are all in
+/// other namespaces, and their CA is never trusted into the dSSM namespace (whoever can write a
+/// TMM namespace would choose whom Redis trusts). New materials, nothing reused from them.
+fn untrusted_source(seen: &Seen, now: i64, policy: Policy) -> Plan {
+    let dssm = &seen.copies[0].namespace;
+    let mut reasons = vec![format!(
+        "the copy in {dssm} is missing or unusable and no CA is stored in {}: a copy from \
+         another namespace is never trusted into {dssm}; new materials under a new CA",
+        contract::CA_KEY_SECRET
+    )];
+    reasons.extend(seen.invalid.iter().cloned());
+    seen.new_materials(Action::ReplaceInvalid, reasons, now, policy)
+}
+
+/// A leaf issued less than this long ago is not renewed by a policy (only by `rotate`) when its
+/// successor would be due as soon too: a policy that makes new certificates due at birth must
+/// not renew on every pass (back-to-back restarts inside the agent's window).
+pub const MIN_AGE_TO_RENEW: i64 = 3600;
+
+/// Renewing would only make another leaf due at once: `leaf` is younger than
+/// [`MIN_AGE_TO_RENEW`] and a leaf renewed now would be due within that time too.
+fn renewal_would_loop(w: &Winner, now: i64, policy: Policy) -> bool {
+    let young = now - w.leaf.not_before < MIN_AGE_TO_RENEW;
+    young
+        && leaf_renewal_time(&next_leaf(w.ca, now, policy), policy.renew_before)
+            < now + MIN_AGE_TO_RENEW
+}
+
 /// Step 4: Due, or asked for? The CA is rotated only for its own reasons (small
 /// policies, each with its reason); a due leaf is otherwise renewed under the same CA.
 fn due(w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
+    let forced = policy.force_leaf || policy.force_ca;
+    if !forced && renewal_would_loop(w, now, policy) {
+        return None;
+    }
     let keep_dh = Some(w.bundle.dhparams.clone());
     let rotate_reasons = ca_rotation_reasons(w, now, policy);
     if !rotate_reasons.is_empty() {
@@ -461,9 +540,22 @@ fn drift(seen: &Seen, w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
     let mut reasons = vec![format!("the copies differ: {}'s valid copy wins", w.ns)];
     reasons.extend(seen.invalid.iter().cloned());
     let mut p = base(Action::Repair, reasons);
-    p.source = Some(w.bundle.clone());
+    let mut source = w.bundle.clone();
+    if seen.anchors.is_some() {
+        // Its CAs are the stored ones (a valid copy holds no other): written from their DER,
+        // never the copy's bytes.
+        source.ca_cert = trust_bundle(&source.ca_cert);
+    }
+    p.source = Some(source);
     p.source_namespace = Some(w.ns.clone());
     Some(p)
+}
+
+/// The CA bundle `pem` re-encoded from each certificate's DER, in its order: nothing of the
+/// copy's bytes but the certificates themselves.
+fn trust_bundle(pem: &[u8]) -> Vec<u8> {
+    let cas = pki::inspect::parse_certificates(pem, "CA bundle").unwrap_or_default();
+    cas.iter().flat_map(|c| c.to_pem()).collect()
 }
 
 /// Step 6: Fine. Made by hand? Then we only watch it.
@@ -683,6 +775,7 @@ pub(crate) mod tests {
     fn the_planner_picks_exactly_one_action_for_each_situation() {
         let fresh = made(1, 1000, 365);
         let other = made(1, 1000, 365);
+        let just_made = made(0, 1000, 365);
         let leaf_due = made(300, 1000, 365); // 65 of 365 days left < 1/3
         let ca_due = made(700, 1000, 990); // the CA has 300 of 1000 days left < 1/3
         let short_ca = made(1, 120, 100); // a new 365-day leaf would outlive this CA
@@ -741,11 +834,12 @@ pub(crate) mod tests {
                 Action::RotateCa,
             ),
             (
+                // The copy's CA is not the stored one: foreign, replaced under the stored CA.
                 "leaf due, another CA's key stored",
                 vec![copy("d", Some(&leaf_due.bundle), us.clone())],
                 store(&other, None),
                 policy(),
-                Action::RotateCa,
+                Action::ReplaceInvalid,
             ),
             (
                 "CA due",
@@ -830,6 +924,30 @@ pub(crate) mod tests {
                 store(&other, Some(&other.bundle)),
                 policy(),
                 Action::Resume,
+            ),
+            (
+                // The trust-boundary issue: a policy that makes a new leaf due at birth renewed
+                // on every pass.
+                "due by policy, issued minutes ago, and so would its successor be",
+                vec![copy("d", Some(&just_made.bundle), us.clone())],
+                store(&just_made, None),
+                Policy {
+                    renew_before: Some(400 * DAY),
+                    ca_renew_before: Some(999 * DAY),
+                    ..policy()
+                },
+                Action::Nothing,
+            ),
+            (
+                "due by policy, issued minutes ago, its successor not due: renewed",
+                vec![copy("d", Some(&just_made.bundle), us.clone())],
+                store(&just_made, None),
+                Policy {
+                    renew_before: Some(400 * DAY),
+                    leaf_days: 730,
+                    ..policy()
+                },
+                Action::RenewLeaf,
             ),
             (
                 "rotate",
@@ -1028,9 +1146,7 @@ pub(crate) mod tests {
         assert!(p.source.is_none() && p.source_namespace.is_none());
         assert!(p.reuse_store_ca, "new materials under the stored CA");
         assert!(
-            p.reasons
-                .iter()
-                .any(|r| r.contains("never a copy of a foreign CA")),
+            (p.reasons.iter()).any(|r| r.contains("is neither the stored CA")),
             "{:?}",
             p.reasons
         );
@@ -1042,6 +1158,93 @@ pub(crate) mod tests {
         let p = plan(&copies, &store(&ours, None), now(), policy());
         assert_eq!(p.action, Action::Repair, "the copy under our CA wins");
         assert_eq!(p.source_namespace.as_deref(), Some("tmm"));
+    }
+
+    /// The trust-boundary issue: a TMM-namespace copy whose bundle holds one more CA (with the
+    /// stored CA's subject, as the seeds' CAs all have) was a repair source whenever the dSSM copy
+    /// was missing or broken, and its whole bundle was written everywhere.
+    #[test]
+    fn a_tmm_copy_with_an_appended_ca_never_reaches_another_namespace() {
+        let ours = made(1, 1000, 365);
+        let foreign = made(1, 1000, 365); // "CN=CA" too
+        let mut appended = ours.bundle.clone();
+        appended.ca_cert = [&ours.bundle.ca_cert[..], &foreign.bundle.ca_cert[..]].concat();
+        appended.dhparams = [crate::pki::dhparams::FFDHE2048_PEM.as_bytes(), b"\n"].concat();
+        let mut broken = ours.bundle.clone();
+        broken.leaf_key = foreign.bundle.leaf_key.clone();
+        let dssm_copies: [(&str, Option<&Bundle>); 3] = [
+            ("missing", None),
+            ("broken", Some(&broken)),
+            ("present", Some(&ours.bundle)),
+        ];
+        for (stored, st) in [
+            ("stored", store(&ours, None)),
+            ("none", StoreState::Missing),
+        ] {
+            for (what, dssm) in dssm_copies {
+                let name = format!("CA {stored}, dSSM copy {what}");
+                let copies = vec![
+                    copy("dssm", dssm, Owner::Us),
+                    copy("tmm", Some(&appended), Owner::Us),
+                ];
+                let p = plan(&copies, &st, now(), policy());
+                if let Some(src) = &p.source {
+                    let cas = pki::inspect::parse_certificates(&src.ca_cert, "x").unwrap();
+                    assert_eq!(cas.len(), 1, "{name}: {:?}", p.reasons);
+                    assert_eq!(
+                        cas[0].der(),
+                        pki::parse_certificate(&ours.bundle.ca_cert, "x")
+                            .unwrap()
+                            .der(),
+                        "{name}"
+                    );
+                    assert_ne!(p.source_namespace.as_deref(), Some("tmm"), "{name}");
+                }
+                assert_ne!(
+                    p.reusable_dhparams.as_deref(),
+                    Some(&appended.dhparams[..]),
+                    "{name}: DH params of a foreign copy reused"
+                );
+                if stored == "stored" {
+                    assert!(
+                        (p.invalid.iter())
+                            .any(|e| e.contains("CA #2 (subject \"CN=CA\", SHA-256 ")
+                                && e.contains("is neither the stored CA")),
+                        "{name}: {:?}",
+                        p.invalid
+                    );
+                }
+                if what != "present" {
+                    assert_eq!(p.action, Action::ReplaceInvalid, "{name}: {:?}", p.reasons);
+                    assert_eq!(p.reuse_store_ca, stored == "stored", "{name}");
+                } else {
+                    assert_eq!(p.action, Action::Repair, "{name}: {:?}", p.reasons);
+                }
+            }
+        }
+    }
+
+    /// A repair writes the stored CAs from their DER: text around the PEM blocks of the winning
+    /// copy's bundle is not copied.
+    #[test]
+    fn a_repair_writes_the_ca_bundle_from_the_stored_certificates_not_the_copys_bytes() {
+        let ours = made(1, 1000, 365);
+        let mut noisy = ours.bundle.clone();
+        noisy.ca_cert = [b"junk before\n", &ours.bundle.ca_cert[..], b"junk after\n"].concat();
+        let copies = vec![
+            copy("dssm", None, Owner::Us),
+            copy("tmm", Some(&noisy), Owner::Us),
+        ];
+        let p = plan(&copies, &store(&ours, None), now(), policy());
+        assert_eq!(p.action, Action::Repair, "{:?}", p.reasons);
+        let src = p.source.unwrap();
+        assert!(!src.ca_cert.windows(4).any(|w| w == b"junk"));
+        assert_eq!(
+            pki::parse_certificate(&src.ca_cert, "x").unwrap().der(),
+            pki::parse_certificate(&ours.bundle.ca_cert, "x")
+                .unwrap()
+                .der()
+        );
     }
 
     /// A second leaf under `m`'s CA.

@@ -138,7 +138,7 @@ pub struct Prober {
 impl Prober {
     pub fn new(m: &ClientMaterials, client_cert: bool) -> Result<Self, ProbeError> {
         Ok(Prober {
-            tls: TlsClient::new(m, client_cert)?,
+            tls: TlsClient::for_deployed(m, client_cert)?,
         })
     }
 
@@ -218,7 +218,7 @@ impl Prober {
                     "the server refused the handshake (alert {a:?}): it does not accept our client certificate"
                 ),
                 Some(rustls::Error::InvalidCertificate(c)) => {
-                    format!("the served certificate is not trusted with the deployed CA: {c:?}")
+                    crate::redis::tls::describe_refused_certificate(c)
                 }
                 _ => e.to_string(),
             };

@@ -29,6 +29,12 @@ pub enum ReconcileError {
     Refused(String),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
     Preflight(String),
+    #[error("pre-flight refused phase {number} of 3 ({phase}) of the CA rotation before its first write: {why}. The rotation stays recorded at this phase, and every process still trusts the others; the next run resumes it once that is fixed")]
+    PhasePreflight {
+        number: i64,
+        phase: &'static str,
+        why: String,
+    },
     /// Internal: the pass must write, so it needs the Lease first.
     #[error("the pass needs the lease")]
     NeedsLease,
@@ -60,6 +66,8 @@ pub struct Outcome {
     pub revision: Option<u64>,
     /// The Deployment says a restart is needed or was interrupted.
     pub restart_pending: bool,
+    /// A first publication (nothing restarted): the pods it found, to wait for.
+    pub first_start: Option<crate::first_publication::Found>,
 }
 
 const PASSES: u32 = 3;
@@ -72,6 +80,8 @@ pub async fn reconcile(
     opts: &Options,
     out: &mut (dyn Write + Send),
 ) -> Result<Outcome, ReconcileError> {
+    // A stop asked for in an earlier pass (the agent's Lease lost) does not stop this one.
+    crate::stop::clear();
     let mut first = Vec::new();
     let mut restart_pending = false;
     match pass_once(cluster, opts, &mut first, false).await {
@@ -93,6 +103,10 @@ pub async fn reconcile(
     let result = lease
         .guard(async {
             let outcome = write_passes(cluster, opts, out).await?;
+            if let (Some(found), Some(r)) = (&outcome.first_start, &opts.restart) {
+                crate::first_publication::await_start(cluster, r, found, out).await?;
+                return Ok(outcome);
+            }
             let store = cluster
                 .get_secret(&cluster.dssm_ns, contract::CA_KEY_SECRET)
                 .await?;
@@ -166,6 +180,7 @@ async fn pass_once(
         written: Vec::new(),
         revision: None,
         restart_pending: obs.restart_pending(),
+        first_start: None,
     };
     if !must_write(&obs, &plan, opts, lease_held, out)? {
         if !opts.dry_run && !plan.action.writes() {
@@ -175,10 +190,12 @@ async fn pass_once(
     }
     // Everything that can refuse the pass is checked before the first write.
     refuse_foreign(cluster, &obs)?;
-    let phased_from = rolling_start(cluster, &obs, &plan, opts, unix)?;
-    preflight(cluster, opts).await?;
+    let phased_from = rolling_start(cluster, &obs, &plan, &store, opts, unix)?;
+    // Nothing to restart, and no pre-flight to wait for pods only the publication can start.
+    let fresh = opts.restart.is_some()
+        && crate::first_publication::is_fresh(&obs, &cluster.namespaces(), plan.action);
     let places = places(cluster);
-    let revision = writes::revision(&obs, &plan, &store);
+    let revision = writes::revision(&obs, &plan, &store).map_err(ReconcileError::Refused)?;
     outcome.revision = Some(revision);
     let input = |content| writes::Input {
         places: &places,
@@ -188,9 +205,23 @@ async fn pass_once(
         content,
         phased_from: phased_from.as_ref(),
     };
+    // A first publication marks no TMM target: the pods start on the published Secrets.
+    let list_of = |content| {
+        let mut list = writes::writes(&input(content));
+        list.retain(|w| !(fresh && matches!(w, Write_::Mark(_))));
+        list
+    };
+    let preview = list_of(content(&plan, &store, None));
+    refuse_rolling_ca_change(cluster, &plan, &preview, opts, phased_from.is_some())?;
+    if fresh {
+        let found = crate::first_publication::find(cluster).await?;
+        let _ = writeln!(out, "{}", found.describe());
+        outcome.first_start = Some(found);
+    } else {
+        preflight(cluster, opts).await?;
+    }
     if opts.dry_run {
-        let content = content(&plan, &store, None);
-        print_dry_run(&writes::writes(&input(content)), revision, out);
+        print_dry_run(&preview, revision, out);
         return Ok(outcome);
     }
     // New materials are made outside the pure writes: slow and random.
@@ -199,7 +230,7 @@ async fn pass_once(
         None => Some(new_materials(cluster, &obs, &store, &plan, opts, out).await?),
     };
     let content = content(&plan, &store, made.as_ref());
-    let list = writes::writes(&input(content));
+    let list = list_of(content);
     let done = perform(cluster, &obs, &list, out).await?;
     outcome.written = list.iter().map(Write_::line).collect();
     if phased_from.is_some() {
@@ -259,7 +290,8 @@ fn report_plan(plan: &Plan, out: &mut (dyn Write + Send)) {
     let action = serde_json::to_value(plan.action).unwrap_or_default();
     let _ = writeln!(out, "plan: {}", action.as_str().unwrap_or(""));
     for r in &plan.reasons {
-        let _ = writeln!(out, "  - {r}");
+        // Reasons quote certificate subjects: escaped as `check` escapes them.
+        let _ = writeln!(out, "  - {}", crate::check::printable(r));
     }
 }
 
@@ -326,6 +358,7 @@ fn rolling_start(
     cluster: &Cluster,
     obs: &Observation,
     plan: &Plan,
+    store: &StoreState,
     opts: &Options,
     unix: i64,
 ) -> Result<Option<Bundle>, ReconcileError> {
@@ -337,7 +370,7 @@ fn rolling_start(
         return Ok(None);
     }
     let dssm_copy = obs.copies.iter().find(|c| c.namespace == cluster.dssm_ns);
-    match dssm_copy.map(|c| plan::evaluate_copy(c, unix)) {
+    match dssm_copy.map(|c| plan::evaluate_copy_against(c, unix, store.anchors())) {
         Some(plan::CopyState::Valid { bundle, .. }) => Ok(Some(bundle)),
         _ => Err(ReconcileError::Refused(format!(
             "the plan is a CA rotation ({}), and --strategy rolling rolls a new CA out in \
@@ -348,6 +381,38 @@ fn rolling_start(
             cluster.dssm_ns
         ))),
     }
+}
+
+/// A pass whose writes change which CAs the pods trust in one step (a new CA outside a phased
+/// rotation, or copies of another CA replaced) cannot be rolled out pod by pod: old and new pods
+/// would refuse each other. Under the rolling strategy that is refused here, before anything is
+/// written, rather than after the writes by the restart (which would then refuse every run).
+fn refuse_rolling_ca_change(
+    cluster: &Cluster,
+    plan: &Plan,
+    preview: &[Write_],
+    opts: &Options,
+    phased: bool,
+) -> Result<(), ReconcileError> {
+    let rolling = opts
+        .restart
+        .as_ref()
+        .is_some_and(|r| r.strategy == crate::restart::Strategy::Rolling);
+    let ca_change = preview
+        .iter()
+        .any(|w| matches!(w, Write_::Mark(m) if m.ca_changed));
+    if !rolling || phased || !ca_change {
+        return Ok(());
+    }
+    Err(ReconcileError::Refused(format!(
+        "the plan ({}) replaces the CA that the pods in {} trust in one step, and --strategy \
+         rolling restarts pods one at a time: pods on the old and the new materials would refuse \
+         each other's certificates. Nothing was written. Run `dssm-certs rotate --ca` for a \
+         phased CA rotation nobody notices, or run this once with --strategy scale-to-zero in a \
+         maintenance window (it interrupts TMM traffic)",
+        plan.reasons.join("; "),
+        cluster.namespaces().join(", ")
+    )))
 }
 
 /// New files reach the pods through kubelet whatever we do next: a restart that the pre-flight
@@ -563,7 +628,7 @@ async fn new_materials(
     .await
     .expect("material generation panicked")?;
     if let Some(note) = &m.leaf_note {
-        let _ = writeln!(out, "note: {note}");
+        let _ = writeln!(out, "note: {}", crate::check::printable(note));
     }
     Ok(NewMaterials {
         bundle: Bundle {

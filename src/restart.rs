@@ -1070,7 +1070,7 @@ impl Cluster {
     }
 
     /// An mTLS PING to Sentinel with the TMM copy, where the Service is reachable from here.
-    async fn verify_with_probe(
+    pub(crate) async fn verify_with_probe(
         &self,
         opts: &Options,
         out: &mut (dyn std::io::Write + Send),

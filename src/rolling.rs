@@ -429,6 +429,42 @@ impl Cluster {
         .map_err(RestartError::Rollout)
     }
 
+    /// Every sentinel pod answers `SENTINEL CKQUORUM` for `access.master` and knows its primary
+    /// (`get-master-addr-by-name`), reached with the deployed materials: part of the pre-flight
+    /// before each phase of a CA rotation.
+    pub async fn check_sentinels(&self, access: &RedisAccess) -> Result<(), RestartError> {
+        let p = self.prepare_dssm(access, true).await?;
+        let (ns, master) = (self.dssm_ns.clone(), access.master.clone());
+        tokio::task::spawn_blocking(move || {
+            let tool = TlsClient::new(&p.materials, true).map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let sentinels = p.live.iter().filter(|x| pod_kind(x) == PodKind::Sentinel);
+            for pod in sentinels {
+                let name = pod.name_any();
+                let endpoint = p.pods.endpoint(&name);
+                let server_name = contract::SENTINEL_SERVICE;
+                let mut c = Connection::connect(&tool, &endpoint, server_name, deadline)
+                    .map_err(|e| format!("sentinel pod {ns}/{name}: cannot reach it: {e}"))?;
+                crate::redis::sentinel::ckquorum(&mut c, &master, deadline).map_err(|e| {
+                    format!("sentinel pod {ns}/{name}: SENTINEL CKQUORUM {master}: {e}")
+                })?;
+                match crate::redis::sentinel::primary_addr(&mut c, &master, deadline) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        return Err(format!(
+                            "sentinel pod {ns}/{name} does not know the master name {master:?}"
+                        ))
+                    }
+                    Err(e) => return Err(format!("sentinel pod {ns}/{name}: {e}")),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .expect("the sentinel check panicked")
+        .map_err(RestartError::Rollout)
+    }
+
     /// Rolls the dSSM pods the Redis-aware way: DBs reload in place (restarted where `subPath`
     /// hides kubelet's update: replicas first, the primary last after a paused switchover),
     /// sentinels one at a time behind CKQUORUM. Nothing is evicted unless every pod was

@@ -297,6 +297,9 @@ pub async fn drive(
         ..Observed::default()
     };
     let mut written: Option<Phase> = None;
+    // The phase whose pre-flight passed in this run: each phase is checked at its first step
+    // here, whether this run starts it or resumes it.
+    let mut checked: Option<Phase> = None;
     loop {
         let obs = cluster.observe().await?;
         let SecretObs::Present { data, .. } = &obs.store else {
@@ -312,6 +315,14 @@ pub async fn drive(
         let step = next(&state, &seen, rotation_mode());
         tracing::debug!(?step, "rotation step");
         let phase = record.phase;
+        let acts = matches!(
+            step,
+            Step::WritePhase { .. } | Step::RollDssm { .. } | Step::RollTarget { .. }
+        );
+        if let (Some(r), true) = (restart, acts && checked != Some(phase)) {
+            phase_preflight(cluster, r, phase, out).await?;
+            checked = Some(phase);
+        }
         match (step, restart) {
             (Step::WritePhase { phase }, _) => {
                 let _ = writeln!(
@@ -354,6 +365,47 @@ pub async fn drive(
             (step, _) => unreachable!("not a rotation step: {step:?}"),
         }
     }
+}
+
+/// Before a phase's first write, and on every resume: every dSSM pod Ready (and the rest of the
+/// restart's pre-flight: PDBs, TMM rollouts), every DB reached with one primary, and every
+/// sentinel in quorum (`SENTINEL CKQUORUM`) and knowing the master name. Otherwise the phase is
+/// refused before it writes anything: a phase rolled into a dSSM that cannot elect a primary or
+/// has a pod down could leave no quorum, or processes two phases apart.
+async fn phase_preflight(
+    cluster: &Cluster,
+    r: &crate::restart::Options,
+    phase: Phase,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let refuse = |why: String| ReconcileError::PhasePreflight {
+        number: phase.number(),
+        phase: phase.name(),
+        why,
+    };
+    cluster
+        .preflight(r.force, r.wait_timeout)
+        .await
+        .map_err(|e| match e {
+            crate::restart::RestartError::Preflight(why) => refuse(why),
+            other => other.into(),
+        })?;
+    cluster
+        .check_dssm_rollout(&r.redis)
+        .await
+        .map_err(|e| refuse(e.to_string()))?;
+    cluster
+        .check_sentinels(&r.redis)
+        .await
+        .map_err(|e| refuse(e.to_string()))?;
+    let _ = writeln!(
+        out,
+        "pre-flight for phase {} ({}): every dSSM pod Ready, every sentinel in quorum and knowing {:?}",
+        phase.number(),
+        phase.name(),
+        r.redis.master
+    );
+    Ok(())
 }
 
 /// The drop phase rolled everywhere: the copies stop announcing a phase (metadata only: the

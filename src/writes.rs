@@ -225,11 +225,19 @@ fn resumes(plan: &Plan) -> bool {
 }
 
 /// The revision the writes carry: a resumed rotation keeps its own, else one past the highest
-/// found on any Secret.
-pub fn revision(obs: &Observation, plan: &Plan, store: &StoreState) -> u64 {
+/// found on the dSSM namespace's copy or the CA key Secret. The TMM namespaces' copies are not
+/// read: whoever writes there must not choose the revision (`u64::MAX` would wrap).
+pub fn revision(obs: &Observation, plan: &Plan, store: &StoreState) -> Result<u64, String> {
     match (&plan.action, store) {
-        (Action::Resume, StoreState::Valid { revision, .. }) => *revision,
-        _ => highest_revision(obs) + 1,
+        (Action::Resume, StoreState::Valid { revision, .. }) => Ok(*revision),
+        _ => highest_revision(obs).checked_add(1).ok_or_else(|| {
+            format!(
+                "the revision annotation {} is {}, the largest possible: no next revision. \
+                 Remove that annotation from the dSSM namespace's Secrets and run again",
+                annotations::REVISION,
+                u64::MAX
+            )
+        }),
     }
 }
 
@@ -241,8 +249,10 @@ fn highest_revision(obs: &Observation) -> u64 {
             .unwrap_or(0),
         SecretObs::Missing => 0,
     };
+    // The dSSM namespace's copy comes first.
     obs.copies
         .iter()
+        .take(1)
         .flat_map(|c| [from(&c.certs), from(&c.keys)])
         .chain([from(&obs.store)])
         .max()
@@ -300,7 +310,7 @@ fn save_pending(i: &Input) -> SecretWrite {
         // longer see the old CA in the copies, and must not forget that it changed.
         (
             PENDING_CA_CHANGED.to_string(),
-            copies_hold_another_ca(i.obs, i.content.ca_cert()).to_string(),
+            copies_hold_another_ca(i.obs, &i.content).to_string(),
         ),
     ]);
     let mut summary = format!(
@@ -381,19 +391,49 @@ fn ca_changed(i: &Input) -> bool {
     let saved = resumes(i.plan)
         && matches!(&i.obs.store, SecretObs::Present { annotations: a, .. }
             if a.get(PENDING_CA_CHANGED).map(String::as_str) == Some("true"));
-    copies_hold_another_ca(i.obs, i.content.ca_cert()) || saved
+    copies_hold_another_ca(i.obs, &i.content) || saved
 }
 
-/// Whether any deployed copy holds a CA other than `ca_cert` (None: a new CA, not issued yet,
-/// which no copy can hold).
-fn copies_hold_another_ca(obs: &Observation, ca_cert: Option<&[u8]>) -> bool {
+/// Whether rolling the new materials out pod by pod could break mTLS between a pod still on a
+/// deployed copy and a pod already on the new one: a copy's CAs do not include the CA that issues
+/// the new leaf, or the new CAs do not include the issuer of a copy's leaf. Byte differences
+/// alone (a foreign CA dropped from a bundle, CRLF, another PEM encoding) change no trust between
+/// old and new pods, so they are not a CA change. `new_cas` None: a new CA, not issued yet.
+fn copies_hold_another_ca(obs: &Observation, content: &Content) -> bool {
+    let new_cas = content.ca_cert().and_then(certificates).unwrap_or_default();
+    // The CAs that issue (or will issue) the new leaf: all of a reused bundle, conservatively.
+    let leaf = content
+        .bundle()
+        .and_then(|b| pki::parse_certificate(&b.leaf_cert, contract::LEAF_CERT).ok());
+    let issuers: Vec<&pki::Certificate> = match &leaf {
+        Some(leaf) => new_cas.iter().filter(|ca| leaf.is_signed_by(ca)).collect(),
+        None => new_cas.iter().collect(),
+    };
     obs.raw.iter().any(|((_, name), s)| {
-        name == contract::CERTS_SECRET
-            && s.data
-                .as_ref()
-                .and_then(|d| d.get(contract::CA_CERT))
-                .is_some_and(|c| Some(c.0.as_slice()) != ca_cert)
+        let data = s.data.as_ref().filter(|_| name == contract::CERTS_SECRET);
+        let old_cas = data
+            .and_then(|d| d.get(contract::CA_CERT))
+            .and_then(|c| certificates(&c.0));
+        // A copy whose CA file cannot be read carries no trust a pod could lose.
+        let Some(old_cas) = old_cas else {
+            return false;
+        };
+        let trusts_new_leaf = !issuers.is_empty()
+            && issuers
+                .iter()
+                .all(|i| old_cas.iter().any(|c| c.der() == i.der()));
+        let old_leaf = data
+            .and_then(|d| d.get(contract::LEAF_CERT))
+            .and_then(|c| pki::parse_certificate(&c.0, contract::LEAF_CERT).ok());
+        let new_trusts_old_leaf =
+            old_leaf.is_none_or(|l| new_cas.iter().any(|ca| l.is_signed_by(ca)));
+        !(trusts_new_leaf && new_trusts_old_leaf)
     })
+}
+
+/// The certificates of a PEM bundle, None when it cannot be read.
+fn certificates(pem: &[u8]) -> Option<Vec<pki::Certificate>> {
+    pki::inspect::parse_certificates(pem, contract::CA_CERT).ok()
 }
 
 /// Writes of `bundle` (None: not issued yet, so every copy changes) into the dSSM namespace's two
@@ -446,12 +486,16 @@ pub fn copies(
                 contract::LEAF_KEY.to_string()
             };
             let phase = phase.map(|p| format!(", phase {}", p.name()));
+            let mut ann = ann.clone();
+            if let (contract::CERTS_SECRET, Some(b)) = (name, bundle) {
+                ann.extend(key_spki(b));
+            }
             list.push(SecretWrite {
                 namespace: ns.clone(),
                 name,
                 precondition: precondition(obs, ns, name),
                 data: data.clone().map(Data),
-                annotations: ann.clone(),
+                annotations: ann,
                 summary: format!("revision {revision}, {files}{}", phase.unwrap_or_default()),
             });
         }
@@ -471,6 +515,17 @@ fn fingerprints(b: &Bundle) -> [(String, String); 3] {
         (annotations::CERT_SHA256.to_string(), sha256(&b.leaf_cert)),
         (annotations::NOT_AFTER.to_string(), not_after),
     ]
+}
+
+/// The certificate Secret's record of its key, so that readers who may not read the key
+/// Secret (the agent) can still check the pair. A bundle that reaches the writes was validated;
+/// an unreadable key gets no annotation (the agent then says it cannot check).
+fn key_spki(b: &Bundle) -> Option<(String, String)> {
+    let key = pki::PrivateKey::from_pem(b.leaf_key.expose(), contract::LEAF_KEY).ok()?;
+    Some((
+        annotations::KEY_SPKI_SHA256.to_string(),
+        crate::materials::spki_sha256(&key.public_key_der()),
+    ))
 }
 
 /// The Secret already holds exactly `data`, managed by us, in `phase`.
@@ -526,6 +581,35 @@ mod tests {
     fn made() -> (Bundle, SecretBytes) {
         let m = crate::plan::tests::made(0, 3650, 365);
         (m.bundle, SecretBytes::new(m.ca_key))
+    }
+
+    /// A new leaf issued under `old`'s CA (with its key `ca_key`), as a leaf renewal makes it.
+    fn leaf_under(old: &Bundle, ca_key: &SecretBytes) -> Bundle {
+        use crate::pki::{issue_leaf, CaSigner, KeyAlgorithm, LeafRequest, PrivateKey, Subject};
+        let ca_key = PrivateKey::from_pem(ca_key.expose(), "ca key").unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let leaf = issue_leaf(
+            &LeafRequest {
+                subject: &Subject::parse("CN=Server").unwrap(),
+                days: 365,
+                dns_names: &[],
+            },
+            &key,
+            &CaSigner {
+                cert_pem: &old.ca_cert,
+                key: &ca_key,
+                cert_name: "ca",
+                key_name: "ca key",
+            },
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        Bundle {
+            ca_cert: old.ca_cert.clone(),
+            leaf_cert: leaf.pem.into_bytes(),
+            leaf_key: SecretBytes::new(key.to_pkcs8_pem()),
+            dhparams: old.dhparams.clone(),
+        }
     }
 
     /// The dSSM namespace and one `f5-tmm` Deployment per TMM namespace.
@@ -690,7 +774,7 @@ mod tests {
             places: p,
             obs,
             plan,
-            revision: revision(obs, plan, &store),
+            revision: revision(obs, plan, &store).unwrap(),
             content,
             phased_from: from,
         })
@@ -759,6 +843,30 @@ mod tests {
     }
 
     #[test]
+    fn every_certificate_secret_written_records_its_keys_spki_and_the_key_secret_does_not() {
+        // The agent checks the key against this annotation instead of reading the key Secret.
+        let p = places(&["spk-ingress"]);
+        let obs = observe(&p, Vec::new());
+        let (b, key) = made();
+        let list = with_new(&p, &obs, &plan_of(Action::Publish, None), (&b, &key), None);
+        let leaf = pki::parse_certificate(&b.leaf_cert, "leaf").unwrap();
+        let want = crate::materials::spki_sha256(leaf.spki_der());
+        let mut certs = 0;
+        for w in &list {
+            let Write::Secret(s) = w else { continue };
+            let got = s.annotations.get(annotations::KEY_SPKI_SHA256);
+            match s.name {
+                contract::CERTS_SECRET => {
+                    certs += 1;
+                    assert_eq!(got, Some(&want), "{}", s.namespace);
+                }
+                _ => assert_eq!(got, None, "{}/{}", s.namespace, s.name),
+            }
+        }
+        assert_eq!(certs, 2, "both copies of dssm-certs-secret");
+    }
+
+    #[test]
     fn leaf_renewal_replaces_each_secret_at_its_observed_version_in_order() {
         let p = places(&["spk-ingress"]);
         let (old, key) = made();
@@ -766,9 +874,7 @@ mod tests {
         secrets.extend(copy_of(DSSM, &old, 20));
         secrets.extend(copy_of("spk-ingress", &old, 30));
         let obs = observe(&p, secrets);
-        // A new leaf under the same CA.
-        let (mut new, _) = made();
-        new.ca_cert = old.ca_cert.clone();
+        let new = leaf_under(&old, &key);
         let plan = plan_of(Action::RenewLeaf, None);
         let list = with_new(&p, &obs, &plan, (&new, &key), None);
         assert_eq!(
@@ -823,6 +929,86 @@ mod tests {
                 "replace@41 spk-b/dssm-keys-secret",
                 "mark deployment spk-b/f5-tmm r2 ca-changed",
             ]
+        );
+    }
+
+    /// A repair that drops a foreign CA appended to a copy's bundle, or only re-encodes it,
+    /// changes no trust between old and new pods: it is no CA change, so the default rolling
+    /// restart can roll it. Before, any byte difference was one, and the rolling restart refused
+    /// after the writes, on every later run too. Copies of another CA, or a new CA, still are.
+    #[test]
+    fn only_a_change_of_trust_between_old_and_new_pods_is_a_ca_change() {
+        let p = places(&["spk-a"]);
+        let (good, key) = made();
+        let (other, _) = made();
+        let with_bundle = |ca: Vec<u8>| Bundle {
+            ca_cert: ca,
+            leaf_cert: good.leaf_cert.clone(),
+            leaf_key: good.leaf_key.clone(),
+            dhparams: good.dhparams.clone(),
+        };
+        let appended = with_bundle([good.ca_cert.clone(), other.ca_cert.clone()].concat());
+        let crlf = with_bundle(
+            String::from_utf8(good.ca_cert.clone())
+                .unwrap()
+                .replace('\n', "\r\n")
+                .into_bytes(),
+        );
+        let judge = |tmm_copy: &Bundle, content: Content| {
+            let mut secrets = vec![store_of(&good, &key, 10, &[(annotations::REVISION, "1")])];
+            secrets.extend(copy_of(DSSM, &good, 20));
+            secrets.extend(copy_of("spk-a", tmm_copy, 30));
+            copies_hold_another_ca(&observe(&p, secrets), &content)
+        };
+        let ours = || Content::Bundle {
+            bundle: &good,
+            ca_key: None,
+        };
+        assert!(!judge(&good, ours()), "same materials");
+        assert!(!judge(&appended, ours()), "a foreign CA appended, dropped");
+        assert!(!judge(&crlf, ours()), "CRLF line ends");
+        assert!(judge(&other, ours()), "a copy of another CA");
+        let reused = Content::ToBeIssued {
+            reused_ca: Some(&good.ca_cert),
+        };
+        assert!(!judge(&appended, reused), "a renewal under the stored CA");
+        let new_ca = Content::ToBeIssued { reused_ca: None };
+        assert!(judge(&good, new_ca), "a new CA, not issued yet");
+    }
+
+    /// The trust-boundary issue: the next revision was one past the highest on any Secret, TMM
+    /// namespaces' included, so their writer chose it; `u64::MAX` there wrapped to 0 (release)
+    /// or panicked (debug).
+    #[test]
+    fn the_revision_comes_from_the_dssm_copy_and_the_store_only_and_never_wraps() {
+        let p = places(&["spk-a"]);
+        let (good, key) = made();
+        let with = |tmm_rev: &str, dssm_rev: &str| {
+            let mut secrets = vec![store_of(&good, &key, 10, &[(annotations::REVISION, "3")])];
+            secrets.extend(copy_of(DSSM, &good, 20));
+            secrets.extend(copy_of("spk-a", &good, 30));
+            for s in &mut secrets {
+                let ns = s.metadata.namespace.clone().unwrap();
+                let rev = if ns == DSSM { dssm_rev } else { tmm_rev };
+                if s.metadata.name.as_deref() != Some(contract::CA_KEY_SECRET) {
+                    let a = s.metadata.annotations.as_mut().unwrap();
+                    a.insert(annotations::REVISION.into(), rev.into());
+                }
+            }
+            let obs = observe(&p, secrets);
+            let store = crate::plan::evaluate_store(&obs.store, DSSM, 0);
+            revision(&obs, &plan_of(Action::RenewLeaf, None), &store)
+        };
+        assert_eq!(
+            with("18446744073709551615", "1"),
+            Ok(4),
+            "TMM's annotation ignored"
+        );
+        assert_eq!(with("1", "7"), Ok(8));
+        let e = with("1", "18446744073709551615").unwrap_err();
+        assert!(
+            e.contains("no next revision") && e.contains(annotations::REVISION),
+            "{e}"
         );
     }
 

@@ -234,7 +234,14 @@ fn outside_the_maintenance_window_or_without_one_nothing_is_written() {
         let env = TestEnv::spk();
         assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
         env.server.clear_requests();
-        let mut args = vec!["--interval", "1s", "--renew-before", "400d"];
+        let mut args = vec![
+            "--interval",
+            "1s",
+            "--renew-before",
+            "400d",
+            "--days",
+            "730",
+        ];
         if let Some(w) = window {
             args.extend(["--maintenance-window", w]);
         }
@@ -559,4 +566,66 @@ fn sigterm_during_a_restart_in_the_window_restores_tmm_promptly() {
     assert!(d["metadata"]["annotations"]
         .get("dssm-certs.f5.com/tmm-replicas")
         .is_none());
+}
+
+#[test]
+fn the_agent_never_reads_the_key_secret_and_a_copy_whose_recorded_key_differs_is_not_ready() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let agent = start(&env, &["--interval", "1s"]);
+    let ready = |ns: &str| {
+        let m = get(&agent.addr, "/metrics")?.1;
+        let ns = format!("namespace=\"{ns}\"");
+        let v = series(
+            &m,
+            "dssm_certificate_ready",
+            &[&ns, "key=\"dssm-cert.crt\""],
+        );
+        v.first().copied()
+    };
+    wait_for("both copies ready", Duration::from_secs(10), || {
+        (ready("spk-utilities") == Some(1.0) && ready("spk-ingress") == Some(1.0)).then_some(())
+    });
+
+    // The TMM copy's certificate Secret now records another key: its key does not match.
+    let mut certs = env.secret("spk-ingress", "dssm-certs-secret").unwrap();
+    let ann = dssm_certs::materials::annotations::KEY_SPKI_SHA256;
+    assert_eq!(
+        certs["metadata"]["annotations"][ann].as_str().map(str::len),
+        Some(64),
+        "the writer records the key's SPKI: {certs}"
+    );
+    certs["metadata"]["annotations"][ann] = "AB".repeat(32).into();
+    env.server.put("", "secrets", "spk-ingress", certs);
+    wait_for("the TMM copy not ready", Duration::from_secs(10), || {
+        (ready("spk-ingress") == Some(0.0)).then_some(())
+    });
+    assert_eq!(ready("spk-utilities"), Some(1.0));
+    wait_for("an InvalidMaterials event", Duration::from_secs(10), || {
+        env.server
+            .list("events.k8s.io", "events", "spk-ingress")
+            .iter()
+            .find(|e| e["reason"] == "InvalidMaterials")
+            .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+            .filter(|n| n.contains("does not match"))
+    });
+
+    let agent_user = format!("system:serviceaccount:{}:dssm-certs-agent", env.dssm_ns);
+    let key_reads: Vec<_> = env
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.user == agent_user && r.path.contains("dssm-keys-secret"))
+        .collect();
+    assert!(
+        key_reads.is_empty(),
+        "the agent read the key: {key_reads:?}"
+    );
+    let watched_keys = env
+        .server
+        .requests()
+        .into_iter()
+        .any(|r| r.user == agent_user && r.query.contains("dssm-keys-secret"));
+    assert!(!watched_keys, "the agent watched the key Secret");
+    drop(agent);
 }

@@ -1,5 +1,5 @@
 //! The Helm chart (charts/dssm-certs), rendered and linted with Helm's own library through the
-//! helm-python-sdk package (scripts/setup installs it in .venv): no helm binary, no cluster.
+//! helm-python-sdk package (scripts/setup-tests installs it in .venv): no helm binary, no cluster.
 //! A missing .venv fails these tests; it never skips them.
 
 mod support;
@@ -75,7 +75,7 @@ fn helm_chart_py(
     let python = repo().join(".venv/bin/python");
     assert!(
         python.exists(),
-        "{} is missing: run scripts/setup (it creates .venv with helm-python-sdk)",
+        "{} is missing: run scripts/setup-tests (it creates .venv with helm-python-sdk)",
         python.display()
     );
     let mut c = Command::new(&python);
@@ -88,7 +88,7 @@ fn helm_chart_py(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !stderr.contains("ModuleNotFoundError"),
-        "helm-python-sdk is not installed: run scripts/setup\n{stderr}"
+        "helm-python-sdk is not installed: run scripts/setup-tests\n{stderr}"
     );
     out
 }
@@ -403,6 +403,49 @@ fn scale_to_zero_must_be_asked_for_and_says_it_interrupts_traffic() {
 }
 
 #[test]
+fn the_placeholder_image_and_a_left_out_admission_policy_are_said_in_the_notes() {
+    let notes = |values: Value| {
+        render_files(&example("spk", values), "spk-utilities")["dssm-certs/templates/NOTES.txt"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let placeholder = notes(json!({}));
+    assert!(
+        placeholder.contains("WARNING: image.repository is still the placeholder"),
+        "{placeholder}"
+    );
+    // No discovery here (as with `helm template`): the policy is left out, and the notes say so.
+    assert!(
+        placeholder.contains("the admission policy that limits the writer account was left out"),
+        "{placeholder}"
+    );
+    let objects = render(&example("spk", json!({})), "spk-utilities");
+    assert!(!objects
+        .iter()
+        .any(|o| o["kind"] == "ValidatingAdmissionPolicy"));
+
+    let set = notes(
+        json!({"image": {"repository": "registry.internal/f5/dssm-certs"},
+                           "admissionPolicy": {"skipApiCheck": true}}),
+    );
+    assert!(!set.contains("WARNING"), "{set}");
+    assert!(!set.contains("left out"), "{set}");
+    let objects = render(
+        &example("spk", json!({"admissionPolicy": {"skipApiCheck": true}})),
+        "spk-utilities",
+    );
+    find(&objects, "ValidatingAdmissionPolicy", "dssm-certs-writer");
+    find(
+        &objects,
+        "ValidatingAdmissionPolicyBinding",
+        "dssm-certs-writer",
+    );
+    let off = notes(json!({"admissionPolicy": {"enabled": false, "skipApiCheck": true}}));
+    assert!(off.contains("admissionPolicy.enabled=false"), "{off}");
+}
+
+#[test]
 fn the_agent_is_read_only_unless_given_a_maintenance_window() {
     let sa = |values: Value| {
         let objects = render(&example("cnf", values), "cnf-gateway");
@@ -560,10 +603,14 @@ fn the_kustomize_overlays_and_the_chart_render_the_same_objects() {
     ] {
         let mut kustomized = docs(&render_overlay(set));
         kustomized.extend(kustomize_prometheus_operator(dssm));
+        kustomized.extend(docs(&kustomize(&repo().join("manifests/admission"))));
         let kustomized = keyed(kustomized);
+        // The admission policy as a cluster that serves its API gets it (the library renders
+        // as `helm template` does, with no API discovery).
         let values = example(
             set,
-            json!({"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true}}),
+            json!({"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true},
+                   "admissionPolicy": {"skipApiCheck": true}}),
         );
         let charted = keyed(render(&values, dssm));
         assert_eq!(

@@ -506,14 +506,19 @@ fn copy_obs(dir: &Path) -> dssm_certs::materials::CopyObs {
 }
 
 /// What Redis (OpenSSL) makes of the chain: `openssl verify -CAfile dssm-ca.crt dssm-cert.crt`.
+/// `openssl verify` as Redis and TMM verify: the leaf as a TLS server and as a TLS client
+/// certificate, at auth level 2.
 fn openssl_verifies(dir: &Path) -> bool {
-    std::process::Command::new("openssl")
-        .args(["verify", "-CAfile", "dssm-ca.crt", "dssm-cert.crt"])
-        .current_dir(dir)
-        .output()
-        .expect("openssl CLI")
-        .status
-        .success()
+    ["sslserver", "sslclient"].iter().all(|purpose| {
+        std::process::Command::new("openssl")
+            .args(["verify", "-auth_level", "2", "-purpose", purpose])
+            .args(["-CAfile", "dssm-ca.crt", "dssm-cert.crt"])
+            .current_dir(dir)
+            .output()
+            .expect("openssl CLI")
+            .status
+            .success()
+    })
 }
 
 /// `generate`'s five files, copied to `dir`, then `file` replaced by `contents`.
@@ -725,7 +730,7 @@ fn check_and_plan_agree_on_every_case() {
             server_only,
             Status::Critical,
             false,
-            Some(true),
+            Some(false),
         ),
         ("CA without CA:TRUE", not_ca, Status::Critical, false, None),
         ("DH 5 bits", small_dh, Status::Critical, false, None),
@@ -826,7 +831,18 @@ fn every_ca_of_a_bundle_has_its_line_and_the_leaf_may_chain_to_either() {
     let r = CaRotation::new("O=Redis Test, CN=Certificate Authority", true);
     for (phase, dir, signer) in [("trust", &r.trust, 1), ("switch", &r.switch, 2)] {
         let (code, json) = check_json(dir, &[]);
-        assert_eq!(code, 0, "{phase}: {json:#}");
+        // Without the CA key Secret's rotation record, the CA that signs nothing here cannot be
+        // told from a foreign one: a warning that says so.
+        assert_eq!(code, 1, "{phase}: {json:#}");
+        let other = 3 - signer;
+        let trust = check_named(&json, "trust-bundle");
+        assert!(
+            trust.len() == 1
+                && trust[0]["status"] == "warning"
+                && (trust[0]["message"].as_str().unwrap())
+                    .contains(&format!("CA #{other} (subject")),
+            "{phase}: {trust:?}"
+        );
         let cas: Vec<_> = json["copies"][0]["certificates"]
             .as_array()
             .unwrap()
@@ -886,5 +902,136 @@ fn a_v1_leaf_behind_a_same_subject_new_ca_is_a_broken_chain_as_openssl_sees_it()
     // The same seed and bundle, old CA first: both agree it works.
     let old_first = CaRotation::from_seed(tempdir(), r.seed.clone(), subject, true);
     assert!(openssl_verifies(&old_first.trust));
-    assert_eq!(check_json(&old_first.trust, &[]).0, 0);
+    let (code, json) = check_json(&old_first.trust, &[]);
+    assert_eq!(code, 1, "only the trust-bundle warning: {json:#}");
+    assert_eq!(check_named(&json, "chain")[0]["status"], "ok");
+}
+
+/// The trust-boundary issue: `check --dir` on a bundle with one more CA appended (the same
+/// subject as ours) said `ca-key OK (CA 1 of 2)` and `overall: OK`. Without the CA key Secret it
+/// cannot know the rotation's CAs, so it warns about the CA it cannot place, naming it.
+#[test]
+fn check_dir_warns_of_an_appended_ca_it_cannot_place() {
+    let tmp = tempdir();
+    let dir = copy_of_defaults(&tmp.path().join("m"));
+    let foreign_dir = tempdir();
+    let foreign = generate(foreign_dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let bundle = [
+        read(&dir.join("dssm-ca.crt")),
+        read(&foreign.join("dssm-ca.crt")),
+    ]
+    .concat();
+    std::fs::write(dir.join("dssm-ca.crt"), bundle).unwrap();
+    let (code, json) = check_json(&dir, &[]);
+    assert_eq!(code, 1, "{json:#}");
+    let trust = check_named(&json, "trust-bundle");
+    assert_eq!(trust.len(), 1, "{trust:?}");
+    let msg = trust[0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("CA #2 (subject") && msg.contains("cannot tell"),
+        "{msg}"
+    );
+}
+
+/// The trust-boundary issue: `check` (and the planner, which acts on its verdict) accepted
+/// chains OpenSSL refuses: a SHA-1-signed leaf, a keyUsage that forbids TLS, a malformed
+/// extendedKeyUsage (read as "no EKU"), an unknown critical extension, and an anchor that is
+/// not self-signed. OpenSSL now judges each chain, as a TLS server and as a TLS client
+/// certificate at auth level 2; the real `openssl verify` agrees on every case. (RSA: ring,
+/// behind x509-parser, verifies SHA-1 RSA signatures but not SHA-1 ECDSA ones.)
+#[test]
+fn chains_openssl_refuses_are_critical_and_unusable() {
+    let tmp = tempdir();
+    let d = tmp.path();
+    sh(
+        d,
+        r#"
+        ca_ext() { printf 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n'; }
+        openssl genrsa -out ca.key 2048 2>/dev/null
+        openssl req -x509 -new -key ca.key -subj /CN=CA -days 365 -out ca.crt \
+            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+        openssl genrsa -out leaf.key 2048 2>/dev/null
+        openssl req -new -key leaf.key -subj /CN=Server -out leaf.csr
+        leaf() { # name digest extensions
+            printf "$3" > "$1.ext"
+            openssl x509 -req -in leaf.csr -CA ca.crt -CAkey ca.key -set_serial 0x$RANDOM \
+                -days 100 "-$2" -extfile "$1.ext" -out "$1.crt" 2>/dev/null
+            mkdir "$1"; cp ca.crt "$1/dssm-ca.crt"; cp "$1.crt" "$1/dssm-cert.crt"; cp leaf.key "$1/dssm-key.key"
+        }
+        leaf good sha256 'basicConstraints=CA:FALSE\n'
+        leaf sha1 sha1 'basicConstraints=CA:FALSE\n'
+        leaf bad-key-usage sha256 'keyUsage=critical,cRLSign\n'
+        leaf malformed-eku sha256 '2.5.29.37=DER:0101FF\n'
+        leaf unknown-critical sha256 '1.3.6.1.4.1.99999.1=critical,DER:0500\n'
+        # An intermediate as the only CA of the bundle: not self-signed.
+        openssl genrsa -out int.key 2048 2>/dev/null
+        openssl req -new -key int.key -subj /CN=Intermediate -out int.csr
+        ca_ext > int.ext
+        openssl x509 -req -in int.csr -CA ca.crt -CAkey ca.key -set_serial 7 -days 200 -extfile int.ext -out int.crt 2>/dev/null
+        openssl x509 -req -in leaf.csr -CA int.crt -CAkey int.key -set_serial 8 -days 100 -out anchor.crt 2>/dev/null
+        mkdir not-self-signed-anchor; cp int.crt not-self-signed-anchor/dssm-ca.crt
+        cp anchor.crt not-self-signed-anchor/dssm-cert.crt; cp leaf.key not-self-signed-anchor/dssm-key.key
+        "#,
+    );
+    let dh = read(&made_by_default().join("dhparam2048.pem"));
+    let cases = [
+        ("good", None),
+        ("sha1", Some("CA signature digest algorithm too weak")),
+        ("bad-key-usage", Some("unsuitable certificate purpose")),
+        // OpenSSL marks the certificate invalid and then finds no issuer that may sign it.
+        (
+            "malformed-eku",
+            Some("unable to get local issuer certificate"),
+        ),
+        ("unknown-critical", Some("unhandled critical extension")),
+        (
+            "not-self-signed-anchor",
+            Some("unable to get issuer certificate"),
+        ),
+    ];
+    for (name, refused) in cases {
+        let dir = d.join(name);
+        std::fs::write(dir.join("dhparam2048.pem"), &dh).unwrap();
+        assert_eq!(
+            openssl_verifies(&dir),
+            refused.is_none(),
+            "{name}: openssl verify"
+        );
+        let (code, json) = check_json(&dir, &[]);
+        let chain = check_named(&json, "chain");
+        match refused {
+            None => {
+                assert_eq!(code, 0, "{name}: {json:#}");
+                assert_eq!(chain[0]["status"], "ok", "{name}");
+            }
+            Some(reason) => {
+                assert_eq!(code, 2, "{name}: {json:#}");
+                assert_eq!(json["copies"][0]["usable"], false, "{name}");
+                let msg = chain[0]["message"].as_str().unwrap();
+                assert!(
+                    chain[0]["status"] == "critical"
+                        && msg.contains("OpenSSL refuses the chain")
+                        && msg.contains(reason),
+                    "{name}: {msg}"
+                );
+            }
+        }
+    }
+}
+
+/// The trust-boundary issue: a certificate where the DH parameters belong was graded UNKNOWN
+/// ("cannot tell"), while X9.42 parameters were CRITICAL: both are broken materials.
+#[test]
+fn a_certificate_in_the_dh_params_file_is_critical_and_named() {
+    let tmp = tempdir();
+    let dir = copy_of_defaults(&tmp.path().join("m"));
+    std::fs::copy(dir.join("dssm-ca.crt"), dir.join("dhparam2048.pem")).unwrap();
+    let (code, json) = check_json(&dir, &[]);
+    assert_eq!(code, 2, "{json:#}");
+    let dh = check_named(&json, "dhparams");
+    assert_eq!(dh[0]["status"], "critical", "{dh:?}");
+    assert!(
+        (dh[0]["message"].as_str().unwrap()).contains("is a CERTIFICATE, not DH parameters"),
+        "{dh:?}"
+    );
 }

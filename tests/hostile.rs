@@ -99,6 +99,29 @@ fn x942_dh_parameters_are_refused_because_redis_cannot_start_with_them() {
         "{stderr}"
     );
     assert!(!dest.join("dssm-key.key").exists());
+
+    // The trust-boundary issue: a stray `-----BEGIN DH PARAMETERS-----` inside a line (OpenSSL
+    // reads BEGIN lines only at a line's start) made the X9.42 block after it pass, and it was
+    // written into the materials.
+    let stray = tmp.path().join("stray.pem");
+    std::fs::write(
+        &stray,
+        [&b"x-----BEGIN DH PARAMETERS-----\n"[..], &read(&x942)].concat(),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(&[
+        "generate",
+        "--out",
+        dest.to_str().unwrap(),
+        "--dhparam",
+        stray.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 4, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("stray.pem") && stderr.contains("X9.42"),
+        "{stderr}"
+    );
+    assert!(!dest.join("dhparam2048.pem").exists());
 }
 
 /// Runs the binary on a pseudo-terminal (util-linux `script`), where OpenSSL's default
@@ -413,5 +436,185 @@ fn a_crafted_certificate_subject_cannot_rewrite_the_check_table_on_a_terminal() 
     assert!(
         stdout.contains(r"x\u{1b}[2J\u{1b}[H\noverall: OK"),
         "{stdout}"
+    );
+}
+
+/// The trust-boundary issue: `--renew-before` at or over `--days` (or `--ca-renew-before` at or
+/// over `--ca-days`) made every new certificate due at birth, and every pass renewed: inside
+/// the agent's window, back-to-back rolling restarts. Refused before any request.
+#[test]
+fn a_renew_before_not_shorter_than_the_lifetime_is_refused_before_any_request() {
+    let env = TestEnv::spk();
+    let cases: [&[&str]; 4] = [
+        &["reconcile", "--renew-before", "30d", "--days", "30"],
+        &["rotate", "--renew-before", "400d"],
+        &["reconcile", "--ca-renew-before", "3650d"],
+        &["run", "--ca-days", "365", "--ca-renew-before", "1y"],
+    ];
+    for args in cases {
+        let (code, _, stderr) = env.run(args);
+        assert_eq!(code, 64, "{args:?}: {stderr}");
+        let flag = if args.contains(&"--ca-renew-before") {
+            "--ca-renew-before"
+        } else {
+            "--renew-before"
+        };
+        assert!(
+            stderr.contains(&format!("{flag} ")) && stderr.contains("is not shorter than"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            env.server.requests().is_empty(),
+            "{args:?}: requests were made"
+        );
+    }
+    // Shorter is fine (it runs: a first install).
+    let (code, out, err) =
+        env.reconcile(&["--renew-before", "29d", "--days", "30", "--no-restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// The trust-boundary issue: `check` escaped control characters but not Unicode bidi controls
+/// (U+202E reverses what follows on screen), and `reconcile`/`rotate` printed plan reasons
+/// built from certificate subjects without escaping at all.
+#[test]
+fn bidi_controls_and_escape_sequences_in_subjects_are_escaped_in_check_and_reconcile_output() {
+    let cn = "x\u{1b}[2J\u{202e}KO :llarevo\u{2066}";
+    let tmp = tempdir();
+    let out = copy_of_defaults(&tmp.path().join("out"));
+    std::fs::write(out.join("dssm-ca.crt"), self_signed_ca_pem(cn)).unwrap();
+    let (_, stdout, _) = run(&["check", "--dir", out.to_str().unwrap()]);
+    for raw in ['\u{1b}', '\u{202e}', '\u{2066}'] {
+        assert!(!stdout.contains(raw), "check: raw {raw:?}: {stdout:?}");
+    }
+    assert!(stdout.contains(r"\u{202e}KO :llarevo\u{2066}"), "{stdout}");
+
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    env.put_secret(
+        "spk-ingress",
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", self_signed_ca_pem(cn).as_bytes()),
+            ("dssm-cert.crt", &read(&out.join("dssm-cert.crt"))),
+            ("dhparam2048.pem", &read(&out.join("dhparam2048.pem"))),
+        ],
+    );
+    let (code, stdout, stderr) = env.reconcile(&["--no-restart", "--dry-run"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("plan: repair"), "{stdout}");
+    for raw in ['\u{1b}', '\u{202e}', '\u{2066}'] {
+        assert!(!stdout.contains(raw), "reconcile: raw {raw:?}: {stdout:?}");
+    }
+    assert!(
+        stdout.contains(r"\u{202e}"),
+        "the subject is shown, escaped: {stdout}"
+    );
+}
+
+/// The trust-boundary issue: `--dhparam`, `--dir` and the CA files were read whole (`/dev/zero`
+/// exhausted memory); `--dhparam ffdhe4096` said only "No such file"; `check --dir` on a missing
+/// folder said "not a directory" above an empty certificate table.
+#[test]
+fn endless_input_files_and_unknown_dhparam_names_are_refused_with_what_to_do() {
+    let tmp = tempdir();
+    let dest = tmp.path().join("g");
+    for (flag, value) in [("--dhparam", "/dev/zero"), ("--ca-cert", "/dev/zero")] {
+        let mut args = vec!["generate", "--out", dest.to_str().unwrap(), flag, value];
+        if flag == "--ca-cert" {
+            args.extend(["--ca-key", "/dev/zero"]);
+        }
+        let started = Instant::now();
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, 4, "{flag}: {stdout}{stderr}");
+        assert!(
+            stderr.contains("/dev/zero") && stderr.contains("larger than 4 MiB"),
+            "{flag}: {stderr}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "{flag}");
+    }
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--out",
+        dest.to_str().unwrap(),
+        "--dhparam",
+        "ffdhe4096",
+    ]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("--dhparam ffdhe4096: cannot read")
+            && stderr.contains("`generate`, `ffdhe2048`"),
+        "{stderr}"
+    );
+    let out = copy_of_defaults(&tmp.path().join("out"));
+    std::fs::remove_file(out.join("dssm-ca.crt")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", out.join("dssm-ca.crt")).unwrap();
+    let (code, stdout, _) = run(&["check", "--dir", out.to_str().unwrap()]);
+    assert_eq!(code, 3, "{stdout}");
+    assert!(stdout.contains("larger than 4 MiB"), "{stdout}");
+
+    let (code, stdout, _) = run(&["check", "--dir", "/nonexistent-dssm"]);
+    assert_eq!(code, 3, "{stdout}");
+    assert!(
+        stdout.contains("/nonexistent-dssm: no such directory; --dir takes the folder")
+            && !stdout.contains("CERTIFICATE"),
+        "{stdout}"
+    );
+}
+
+/// The trust-boundary issue: `--tmm-deployment` was not validated, so a newline injected YAML
+/// into `values`' output (and reached API paths). Validated as the API server validates names.
+#[test]
+fn a_tmm_deployment_name_the_api_server_would_refuse_is_refused_before_any_output() {
+    for name in ["f5-tmm\nevil: true", "F5-TMM", "tmm-", ""] {
+        let flag = format!("--tmm-deployment={name}");
+        let (code, stdout, stderr) = run(&["values", "--dssm-namespace", "spk-utilities", &flag]);
+        assert_eq!(code, 64, "{name:?}: {stdout}{stderr}");
+        assert!(stdout.is_empty(), "{name:?}: {stdout}");
+        assert!(
+            stderr.contains("--tmm-deployment") && stderr.contains("not a valid Deployment name"),
+            "{name:?}: {stderr}"
+        );
+    }
+    let (code, stdout, _) = run(&[
+        "values",
+        "--dssm-namespace",
+        "spk-utilities",
+        "--tmm-deployment",
+        "f5-tmm.v2",
+    ]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("deployment/f5-tmm.v2"), "{stdout}");
+}
+
+/// The trust-boundary issue: `--ca-cert` with junk inside its PEM block printed x509-parser's
+/// `Parsing Error: Der(UnexpectedTag { expected: Some(Tag(16)), actual: Tag(0) })`.
+#[test]
+fn junk_inside_a_certificate_pem_block_is_described_in_words() {
+    let tmp = tempdir();
+    let junk = tmp.path().join("junk.crt");
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let key = made_by_default().join("dssm-ca.key");
+    let dest = tmp.path().join("out");
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--out",
+        dest.to_str().unwrap(),
+        "--ca-cert",
+        junk.to_str().unwrap(),
+        "--ca-key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("junk.crt")
+            && stderr.contains("not an X.509 certificate")
+            && !stderr.contains("Der(")
+            && !stderr.contains("Tag("),
+        "{stderr}"
     );
 }

@@ -167,11 +167,14 @@ fn a_lease_create_whose_answer_was_lost_is_ours_after_reading_it_back() {
 #[test]
 fn a_holder_that_loses_its_lease_stops_and_leaves_the_new_holders_lease_alone() {
     let env = TestEnv::spk();
+    // Published first: a first publication restarts nothing, a rotation restarts the pods.
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
     env.server.with_state(|s| {
         s.timing.pod_grace = Duration::from_millis(1500);
         s.timing.pod_start = Duration::from_millis(1500);
     });
-    let args = [&RECONCILE[..], &["--lease-duration", "3s"]].concat();
+    let mut args = [&RECONCILE[..], &["--lease-duration", "3s"]].concat();
+    args[0] = "rotate";
     let child = command(&env, "us", &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -389,4 +392,90 @@ fn the_agent_restores_tmm_from_a_restart_orphaned_while_it_runs() {
     support::redis::wait_for("TMM restored", Duration::from_secs(30), || {
         tmm_restored(&env).then_some(())
     });
+}
+
+/// Starts `args` as "us", waits until it holds the Lease and `also` holds, sends SIGTERM, and
+/// returns its stderr once it has exited.
+fn sigterm_while_holding(
+    env: &TestEnv,
+    args: &[&str],
+    also: impl Fn(&support::apiserver::State) -> bool,
+) -> String {
+    let child = command(env, "us", args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.server
+        .wait_until("our lease, mid-work", Duration::from_secs(60), |s| {
+            s.get(
+                support::apiserver::resource("coordination.k8s.io", "leases"),
+                NS,
+                "dssm-certs",
+            )
+            .is_some_and(|l| l["spec"]["holderIdentity"] == "us")
+                && also(s)
+        });
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_released(env: &TestEnv, what: &str, err: &str) {
+    let l = lease(env);
+    assert!(
+        l["spec"]["holderIdentity"].is_null(),
+        "{what}: the Lease is still held after SIGTERM: {l}\n{err}"
+    );
+}
+
+// Regression: `reconcile` and `rotate` dropped their work on SIGTERM without releasing the
+// Lease, so the next run (the CronJob's next Job) waited up to a lease duration (120 s).
+#[test]
+fn sigterm_releases_the_lease_in_reconcile_rotate_and_restart() {
+    // reconcile: a first publication waiting for pods that never become Ready.
+    let env = TestEnv::spk_fresh(
+        support::apiserver::SecretMount::Required,
+        support::apiserver::SecretMount::Required,
+    );
+    env.server.with_state(|s| s.never_ready.push("f5-".into()));
+    let published = |s: &support::apiserver::State| {
+        s.get(
+            support::apiserver::resource("", "secrets"),
+            "spk-ingress",
+            "dssm-keys-secret",
+        )
+        .is_some()
+    };
+    let err = sigterm_while_holding(&env, &RECONCILE, published);
+    assert!(err.contains("interrupted by a signal"), "{err}");
+    assert_released(&env, "reconcile", &err);
+
+    // rotate and restart: mid-restart (pods take seconds to come and go).
+    for cmd in ["rotate", "restart"] {
+        let env = TestEnv::spk();
+        assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+        env.server.with_state(|s| {
+            s.timing.pod_grace = Duration::from_secs(3);
+            s.timing.pod_start = Duration::from_secs(3);
+        });
+        let mut args = RECONCILE.to_vec();
+        args[0] = cmd;
+        if cmd == "restart" {
+            args.truncate(1);
+        }
+        let terminating = |s: &support::apiserver::State| {
+            s.list(support::apiserver::resource("", "pods"), None)
+                .iter()
+                .any(|p| !p["metadata"]["deletionTimestamp"].is_null())
+        };
+        let err = sigterm_while_holding(&env, &args, terminating);
+        assert!(err.contains("interrupted by a signal"), "{cmd}: {err}");
+        assert_released(&env, cmd, &err);
+    }
 }

@@ -1,6 +1,6 @@
 //! Monitoring: the alert rules under `promtool test rules`, a real Prometheus scraping a running
 //! agent and evaluating them, and the Grafana dashboard's queries against the agent's metrics.
-//! promtool and prometheus come from Debian's `prometheus` package (scripts/setup); missing,
+//! promtool and prometheus come from Debian's `prometheus` package (scripts/setup-tests); missing,
 //! these tests fail, never skip.
 
 mod support;
@@ -27,7 +27,7 @@ fn promtool(args: &[&str]) -> String {
         .args(args)
         .current_dir(repo())
         .output()
-        .expect("promtool (Debian package prometheus: run scripts/setup)");
+        .expect("promtool (Debian package prometheus: run scripts/setup-tests)");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -84,7 +84,7 @@ fn prometheus(target: &str) -> Prometheus {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("prometheus (Debian package prometheus: run scripts/setup)");
+        .expect("prometheus (Debian package prometheus: run scripts/setup-tests)");
     let p = Prometheus {
         child,
         addr,

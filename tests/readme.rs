@@ -195,6 +195,8 @@ struct Cluster {
     /// Added to a Job's environment: where its pod would reach the dSSM pods by their IPs, the
     /// test cluster's dSSM pods are processes on loopback ports (`dssm_pods::Bed`).
     job_env: Vec<(String, String)>,
+    /// Where the README's lines run: the repository's root unless a test writes files.
+    cwd: PathBuf,
 }
 
 impl Cluster {
@@ -217,6 +219,7 @@ impl Cluster {
             releases: HashMap::new(),
             transcript: Vec::new(),
             job_env: Vec::new(),
+            cwd: repo().to_path_buf(),
         }
     }
 
@@ -261,7 +264,7 @@ impl Cluster {
             Command::new("sh")
                 .arg("-c")
                 .arg(line)
-                .current_dir(repo())
+                .current_dir(&self.cwd)
                 .env("KUBECONFIG", &self.kubeconfig)
                 .env("HOME", self.dir.path())
                 .env("PATH", path)
@@ -806,9 +809,17 @@ fn the_overlay_images_entry_points_at_your_registry() {
 #[test]
 fn readme_install_by_hand_with_namespace_free_manifests() {
     let mut c = Cluster::empty();
+    // The lines write dssm_secrets/ where they run: a copy of the tree's manifests/, not the
+    // repository.
+    let work = c.dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::symlink(repo().join("manifests"), work.join("manifests")).unwrap();
+    c.cwd = work.clone();
+    c.env.server.install_dssm("spk-utilities", "spk-ingress", 3);
     for line in commands_under("Install by hand") {
         c.must(&line);
     }
+    the_hand_made_secrets_apply_into_both_namespaces_and_keep_their_ca(&mut c, &work);
     // The same RBAC as the SPK overlay: the bindings made by command bind the dSSM namespace's
     // ServiceAccounts in the TMM namespace.
     let want = apiserver::rbac_from_manifests(&apiserver::render_overlay("spk"));
@@ -887,6 +898,87 @@ fn readme_install_by_hand_with_namespace_free_manifests() {
             "{name}: the same env as the overlay"
         );
     }
+}
+
+/// After the README's by-hand lines: the copies are in both namespaces, the CA key only in the
+/// dSSM one (kubectl refuses it elsewhere), and the first renewal keeps the CA `generate` made.
+/// It used to be replaced: hand-applied Secrets carried no CA key into the cluster.
+fn the_hand_made_secrets_apply_into_both_namespaces_and_keep_their_ca(
+    c: &mut Cluster,
+    work: &Path,
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let out = work.join("dssm_secrets");
+    let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("ca-key-secret.yaml"), 0o600);
+    let ca = read(&out.join("dssm-ca.crt"));
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap())
+            .unwrap()
+    };
+    for ns in ["spk-utilities", "spk-ingress"] {
+        for name in ["dssm-certs-secret", "dssm-keys-secret"] {
+            assert!(
+                c.env.server.get("", "secrets", ns, name).is_some(),
+                "{ns}/{name}"
+            );
+        }
+    }
+    let store = c
+        .env
+        .server
+        .get("", "secrets", "spk-utilities", "dssm-ca-key-secret")
+        .expect("the CA key Secret in the dSSM namespace");
+    assert_eq!(b64(&store["data"]["dssm-ca.crt"]), ca);
+    assert!(c
+        .env
+        .server
+        .get("", "secrets", "spk-ingress", "dssm-ca-key-secret")
+        .is_none());
+    let (code, _, err) = c.kubectl("apply -n spk-ingress -f dssm_secrets/ca-key-secret.yaml");
+    assert_ne!(code, 0, "the CA key Secret applied into the TMM namespace");
+    assert!(err.contains("does not match the namespace"), "{err}");
+    // The CronJob's first renewal (made due now), without the restart this cluster cannot run.
+    let line = "dssm-certs reconcile --renew-before 400d --no-restart --dssm-namespace \
+                spk-utilities --tmm-namespace spk-ingress";
+    let (code, stdout, err) = c.sh(line);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("plan: renew-leaf"), "{stdout}");
+    for ns in ["spk-utilities", "spk-ingress"] {
+        let certs = c
+            .env
+            .server
+            .get("", "secrets", ns, "dssm-certs-secret")
+            .unwrap();
+        assert_eq!(
+            b64(&certs["data"]["dssm-ca.crt"]),
+            ca,
+            "{ns}: the CA changed"
+        );
+        assert_ne!(
+            b64(&certs["data"]["dssm-cert.crt"]),
+            read(&out.join("dssm-cert.crt")),
+            "{ns}: the leaf was not renewed"
+        );
+    }
+}
+
+/// The `generate` section shows the same hand install as "2c. Install by hand", which runs it.
+#[test]
+fn the_generate_section_shows_the_hand_install_that_2c_runs() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme.find("\n### `generate --out DIR`\n").unwrap();
+    let block = &readme[start..];
+    let block = &block[block.find("```sh\n").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let lines: Vec<String> = block.lines().map(|l| l.trim().to_string()).collect();
+    let by_hand: Vec<String> = commands_under("Install by hand")
+        .into_iter()
+        .skip_while(|l| !l.starts_with("dssm-certs generate"))
+        .collect();
+    assert_eq!(lines, by_hand);
 }
 
 #[test]

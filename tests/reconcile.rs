@@ -283,7 +283,7 @@ fn a_due_leaf_is_renewed_under_the_same_ca_and_the_dh_params_are_kept() {
         "--renew-before",
         "400d",
         "--days",
-        "30",
+        "500",
         "--dhparam",
         other_dh.to_str().unwrap(),
     ]);
@@ -298,15 +298,8 @@ fn a_due_leaf_is_renewed_under_the_same_ca_and_the_dh_params_are_kept() {
         mid[3], other_pem,
         "the DH params given are the ones deployed"
     );
-    let (code, out, err) = env.run(&[
-        "reconcile",
-        "--key-algorithm",
-        "ecdsa-p256",
-        "--renew-before",
-        "400d",
-        "--days",
-        "30",
-    ]);
+    // A leaf issued minutes ago is never due by a policy: `rotate` renews it.
+    let (code, out, err) = env.run(&["rotate", "--key-algorithm", "ecdsa-p256"]);
     assert_eq!(code, 0, "{out}{err}");
     let after = assert_all_copies_identical_and_valid(&env);
     assert_eq!(after[3], mid[3], "valid DH params are reused by default");
@@ -512,10 +505,132 @@ fn a_foreign_ca_in_the_tmm_namespace_is_never_copied_into_the_dssm_namespace() {
     );
     let (code, out, err) = env.reconcile(&[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("never a copy of a foreign CA"), "{out}");
+    assert!(out.contains("is neither the stored CA"), "{out}");
     let after = assert_all_copies_identical_and_valid(&env);
     assert_eq!(ca_of(&after), ca_of(&ours), "still our stored CA");
     assert_ne!(ca_of(&after), r("dssm-ca.crt").as_slice());
+}
+
+/// Regression: under the default rolling strategy, replacing a TMM copy of another CA wrote
+/// every Secret and marked the target, then the rolling restart refused (old and new pods would
+/// refuse each other), and so did every later run. It is refused before anything is written,
+/// naming the ways out.
+#[test]
+fn a_ca_change_the_rolling_restart_cannot_roll_is_refused_before_any_write() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&[]).0, 0);
+    let foreign = generate(env.dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let r = |f: &str| read(&foreign.join(f));
+    env.put_secret(
+        "spk-ingress",
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", &r("dssm-ca.crt")),
+            ("dssm-cert.crt", &r("dssm-cert.crt")),
+            ("dhparam2048.pem", &r("dhparam2048.pem")),
+        ],
+    );
+    env.put_secret(
+        "spk-ingress",
+        "dssm-keys-secret",
+        &[("dssm-key.key", &r("dssm-key.key"))],
+    );
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "20s"]);
+    assert_eq!(code, dssm_certs::exit::FAILED, "{out}{err}");
+    assert!(err.contains("Nothing was written"), "{err}");
+    assert!(err.contains("rotate --ca"), "{err}");
+    env.assert_wrote_only_lease_and_events();
+    let dep = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    assert!(
+        our_annotations(&dep).is_empty(),
+        "{:?}",
+        our_annotations(&dep)
+    );
+}
+
+/// The DER of every certificate in `pem`.
+fn ders(pem: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = pem;
+    while let Ok((tail, p)) = x509_parser::pem::parse_x509_pem(rest) {
+        out.push(p.contents);
+        rest = tail;
+    }
+    out
+}
+
+/// The trust-boundary issue: a TMM-namespace copy holding our bundle plus one more CA (with our
+/// CA's subject) was the repair source whenever the dSSM copy was missing or broken, and its
+/// whole bundle reached every namespace; with no stored CA (an adopted seed-made cluster) it won
+/// outright. Whichever copies exist, that CA must reach no other namespace, and `check` is
+/// Critical on it while a CA is stored.
+#[test]
+fn a_tmm_copy_with_an_appended_ca_never_reaches_another_namespace() {
+    let foreign_dir = tempdir();
+    let foreign = generate(foreign_dir.path(), &["--key-algorithm", "ecdsa-p256"]);
+    let foreign_ca = ders(&read(&foreign.join("dssm-ca.crt"))).remove(0);
+    for stored in [true, false] {
+        for dssm in ["missing", "broken", "present"] {
+            let name = format!("stored CA: {stored}, dSSM copy {dssm}");
+            let env = TestEnv::spk();
+            if stored {
+                assert_eq!(env.reconcile(&[]).0, 0, "{name}");
+            } else {
+                seed_secrets(&env);
+            }
+            let ours = env.copy("spk-utilities").unwrap();
+            assert_ne!(
+                ders(ca_of(&ours))[0],
+                foreign_ca,
+                "the same subject, another CA"
+            );
+            let appended = [&ours[0][..], &read(&foreign.join("dssm-ca.crt"))].concat();
+            env.put_secret(
+                "spk-ingress",
+                "dssm-certs-secret",
+                &[
+                    ("dssm-ca.crt", &appended),
+                    ("dssm-cert.crt", &ours[1]),
+                    ("dhparam2048.pem", &ours[3]),
+                ],
+            );
+            if stored {
+                let (code, out, _) = env.run(&["check"]);
+                assert_eq!(code, 2, "{name}\n{out}");
+                assert!(
+                    out.contains("CA #2") && out.contains("is neither the stored CA"),
+                    "{name}\n{out}"
+                );
+            }
+            match dssm {
+                "missing" => {
+                    env.server
+                        .delete("", "secrets", "spk-utilities", "dssm-certs-secret");
+                }
+                "broken" => env.put_secret(
+                    "spk-utilities",
+                    "dssm-certs-secret",
+                    &[("dssm-ca.crt", b"garbage")],
+                ),
+                _ => {}
+            }
+            let (code, out, err) = env.reconcile(&[]);
+            assert_eq!(code, 0, "{name}\n{out}{err}");
+            let after = assert_all_copies_identical_and_valid(&env);
+            assert!(
+                !ders(ca_of(&after)).contains(&foreign_ca),
+                "{name}: the appended CA was spread\n{out}"
+            );
+            assert_eq!(ders(ca_of(&after)).len(), 1, "{name}");
+            if stored || dssm == "present" {
+                assert_eq!(ca_of(&after), ca_of(&ours), "{name}: still our CA\n{out}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -877,4 +992,530 @@ fn two_rotations_started_at_once_one_runs_the_other_exits_5() {
         lease["spec"]["holderIdentity"].is_null(),
         "released: {lease}"
     );
+}
+
+/// `reconcile` as the CronJob and the agent run it: no strategy flag (the default, rolling).
+fn reconcile_default(env: &TestEnv, extra: &[&str]) -> (i32, String, String) {
+    let mut cmd = bin();
+    cmd.env_remove("DSSM_CERTS_STRATEGY")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .args([
+            "reconcile",
+            "--key-algorithm",
+            "ecdsa-p256",
+            "--dhparam",
+            "ffdhe2048",
+        ])
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args())
+        .args(extra);
+    output(&mut cmd)
+}
+
+/// name -> uid of every pod: a restarted pod has a new uid.
+fn pod_uids(env: &TestEnv) -> std::collections::BTreeMap<String, String> {
+    [&env.dssm_ns, &env.tmm_ns]
+        .iter()
+        .flat_map(|ns| env.server.list("", "pods", ns))
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                p["metadata"]["uid"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn all_ready(env: &TestEnv) -> bool {
+    let pods: Vec<_> = [&env.dssm_ns, &env.tmm_ns]
+        .iter()
+        .flat_map(|ns| env.server.list("", "pods", ns))
+        .collect();
+    pods.len() == 9 && pods.iter().all(apiserver::controllers::pod_ready)
+}
+
+/// Nothing was restarted: no eviction, no pod deleted, no TMM workload patched or scaled, and
+/// every pod is the one that was there before.
+fn assert_restarted_nothing(env: &TestEnv, before: &std::collections::BTreeMap<String, String>) {
+    let reqs = env.server.requests();
+    let restarts: Vec<_> = reqs
+        .iter()
+        .filter(|r| {
+            r.path.ends_with("/eviction")
+                || r.path.ends_with("/scale")
+                || (r.method == "DELETE" && r.path.contains("/pods"))
+                || (r.method != "GET" && r.path.contains("/deployments/"))
+        })
+        .map(|r| (&r.method, &r.path))
+        .collect();
+    assert!(restarts.is_empty(), "{restarts:?}");
+    // Pods created since (an OrderedReady StatefulSet's next ordinals) are new, not replaced.
+    let after = pod_uids(env);
+    for (name, uid) in before {
+        assert_eq!(
+            after.get(name),
+            Some(uid),
+            "pod {name} was replaced: {after:?}"
+        );
+    }
+    let dep = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    assert!(
+        our_annotations(&dep).is_empty(),
+        "{:?}",
+        our_annotations(&dep)
+    );
+}
+
+// Regression: with the default strategy, a fresh install deadlocked. The pods wait for the
+// Secrets (ContainerCreating), and `reconcile` waited for them in its pre-flight, then refused
+// with nothing written after --wait-timeout.
+#[test]
+fn a_fresh_install_is_published_restarts_nothing_and_its_waiting_pods_come_up() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    assert!(
+        // OrderedReady (the API default): each StatefulSet's ordinal 0 waits, and the next
+        // ordinals are created only once it is Ready; TMM's 3 pods wait.
+        pod_uids(&env).len() == 5 && !all_ready(&env),
+        "the pods should wait for their Secrets: {:?}",
+        pod_uids(&env)
+    );
+    let before = pod_uids(&env);
+    // The dry run says so too, and marks nothing.
+    let (code, out, err) = reconcile_default(&env, &["--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("first publication") && !out.contains("would mark"),
+        "{out}"
+    );
+
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: publish"), "{out}");
+    assert!(
+        out.contains("first publication: none of our Secrets exist yet; 5 pods are waiting"),
+        "{out}"
+    );
+    assert!(
+        out.contains("dSSM pods in spk-utilities are Running and Ready"),
+        "{out}"
+    );
+    assert!(out.contains("f5-tmm is available"), "{out}");
+    // The handshake is tried (the Service name does not resolve outside a cluster).
+    assert!(out.contains("probe"), "{out}");
+    assert!(all_ready(&env), "not every pod is Ready after the run");
+    assert_all_copies_identical_and_valid(&env);
+    assert_restarted_nothing(&env, &before);
+
+    // The second run (the next CronJob) is a no-op.
+    env.server.clear_requests();
+    let (code, out, err) = reconcile_default(&env, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: nothing"), "{out}");
+    assert!(
+        env.server.requests().iter().all(|r| !r.is_write()),
+        "{:?}",
+        env.writes()
+    );
+    assert_restarted_nothing(&env, &before);
+}
+
+/// Pods that run although the Secrets are missing: the publication restarts none of them
+/// (a pod that does not mount the Secrets gains nothing; one that mounts them optional runs a
+/// process that started without them) and names each, with what to do.
+#[test]
+fn pods_running_without_the_secrets_mounted_are_named_and_not_restarted() {
+    use apiserver::SecretMount::{None as Unmounted, Optional};
+    for (dssm, tmm, dssm_says, tmm_says) in [
+        (
+            Optional,
+            Unmounted,
+            "mounts them optional: true",
+            "does not mount them",
+        ),
+        (
+            Unmounted,
+            Optional,
+            "does not mount them",
+            "mounts them optional: true",
+        ),
+    ] {
+        let env = TestEnv::spk_fresh(dssm, tmm);
+        assert!(all_ready(&env));
+        let before = pod_uids(&env);
+        env.server.clear_requests();
+        let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "60s"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("0 pods are waiting")
+                && out.contains(&format!("pod spk-utilities/f5-dssm-db-0 ({dssm_says})"))
+                && out.contains(&format!("({tmm_says})"))
+                && out.contains("not restarted")
+                && out.contains("dssm-certs restart"),
+            "{out}"
+        );
+        assert_all_copies_identical_and_valid(&env);
+        assert_restarted_nothing(&env, &before);
+        let events = env.server.list("events.k8s.io", "events", "spk-ingress");
+        assert!(
+            events.iter().any(|e| e["reason"] == "Published"
+                && e["type"] == "Warning"
+                && e["note"].as_str().unwrap().contains(dssm_says)),
+            "{events:?}"
+        );
+        let (code, out, _) = reconcile_default(&env, &[]);
+        assert_eq!(
+            (code, out.lines().next()),
+            (0, Some("plan: nothing")),
+            "{out}"
+        );
+        assert_restarted_nothing(&env, &before);
+    }
+}
+
+// Regression: a transient API error inside a wait ended it after `call`'s retries (about 3 s),
+// so an API server restart during a rotation failed it. Here: 10 s of 503s (and every open
+// watch cut) while the first publication waits for its pods.
+#[test]
+fn a_ten_second_api_outage_during_a_wait_is_waited_out() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    // The pods come up in the middle of the outage.
+    env.server
+        .with_state(|s| s.timing.pod_start = Duration::from_secs(4));
+    let run = std::thread::scope(|scope| {
+        let run = scope.spawn(|| reconcile_default(&env, &["--wait-timeout", "90s"]));
+        // Once the last write (the store marked complete) is done: the run is waiting.
+        env.server
+            .wait_until("the publication complete", Duration::from_secs(60), |s| {
+                s.get(
+                    apiserver::resource("", "secrets"),
+                    "spk-utilities",
+                    "dssm-ca-key-secret",
+                )
+                .is_some_and(|c| {
+                    c["metadata"]["annotations"]["dssm-certs.f5.com/state"] == "complete"
+                })
+            });
+        env.server.with_state(|s| s.end_watches());
+        env.server.add_fault(Fault::outage(Duration::from_secs(10)));
+        run.join().unwrap()
+    });
+    let (code, out, err) = run;
+    assert_eq!(code, 0, "{out}{err}");
+    let refused = env
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.status == 503)
+        .count();
+    assert!(
+        refused >= 3,
+        "the outage was not met ({refused} requests answered 503): {err}"
+    );
+    assert!(
+        out.contains("dSSM pods in spk-utilities are Running and Ready"),
+        "{out}"
+    );
+    assert!(all_ready(&env));
+}
+
+/// `rotate --ca` on the real-process bed with the dSSM endpoints `endpoints` (and `extra`).
+fn rotate_ca_on_bed(
+    env: &TestEnv,
+    bed: &support::dssm_pods::Bed,
+    cmd: &str,
+    endpoints: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec![cmd, "--key-algorithm", "ecdsa-p256"];
+    if cmd == "rotate" {
+        args.insert(1, "--ca");
+    }
+    args.extend_from_slice(extra);
+    let mut c = support::dssm_pods::command(env, bed, &args);
+    c.env("DSSM_CERTS_REDIS_ENDPOINT", endpoints);
+    output(&mut c)
+}
+
+// Regression: a CA rotation's phases were pre-flighted once, at the start: a phase (or a resumed
+// one) went out into a dSSM with a sentinel unreachable or not monitoring the master.
+#[test]
+fn each_ca_rotation_phase_and_every_resume_is_preflighted_and_refused_before_its_first_write() {
+    use support::dssm_pods::{self, Bed};
+    let env = dssm_pods::published();
+    let (bed, load) = Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let before = env.copy(&env.dssm_ns).unwrap();
+    // sentinel-2 unreachable (its endpoint a closed port): the trust phase is refused.
+    let broken: String = bed
+        .redis_endpoints
+        .split(',')
+        .map(|e| {
+            if e.starts_with("f5-dssm-sentinel-2=") {
+                "f5-dssm-sentinel-2=127.0.0.1:1".to_string()
+            } else {
+                e.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let (code, out, err) = rotate_ca_on_bed(&env, &bed, "rotate", &broken, &[]);
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(
+        err.contains("pre-flight refused phase 1 of 3 (trust)")
+            && err.contains("sentinel pod spk-utilities/f5-dssm-sentinel-2: cannot reach it"),
+        "{err}"
+    );
+    assert_eq!(
+        env.copy(&env.dssm_ns).unwrap(),
+        before,
+        "the trust phase was written"
+    );
+    assert_eq!(env.copy(&env.tmm_ns).unwrap(), before);
+    let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
+    assert!(
+        store["metadata"]["annotations"]["dssm-certs.f5.com/rotation"]
+            .as_str()
+            .is_some_and(|r| r.contains("trust")),
+        "{store}"
+    );
+    // The resume is pre-flighted too: a master name no sentinel monitors is refused.
+    let (code, out, err) = rotate_ca_on_bed(
+        &env,
+        &bed,
+        "reconcile",
+        &bed.redis_endpoints,
+        &["--redis-master-name", "not-monitored"],
+    );
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(
+        err.contains("pre-flight refused phase 1 of 3 (trust)") && err.contains("CKQUORUM"),
+        "{err}"
+    );
+    assert_eq!(env.copy(&env.dssm_ns).unwrap(), before);
+    // Fixed: the next run resumes, each phase pre-flighted, and finishes unnoticed.
+    let (code, out, err) = rotate_ca_on_bed(&env, &bed, "reconcile", &bed.redis_endpoints, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    for n in 1..=3 {
+        assert!(out.contains(&format!("pre-flight for phase {n} ")), "{out}");
+    }
+    assert!(out.contains("CA rotation complete"), "{out}");
+    let (figures, _) = dssm_pods::finish(bed, load);
+    figures.assert_unnoticed("a CA rotation refused twice by its pre-flight, then resumed");
+}
+
+// Regression: SIGTERM dropped the dSSM roll wherever it was (a paused switchover included) and
+// left the Lease held. Now the step in progress finishes, no other starts, and the Lease goes.
+#[test]
+fn sigterm_mid_dssm_roll_stops_at_the_next_safe_point_and_the_next_run_finishes() {
+    use std::io::BufRead;
+    use support::dssm_pods::{self, Bed};
+    let env = dssm_pods::published();
+    let (bed, load) = Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    let mut planned = 0;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        planned += usize::from(line.starts_with("  plan: "));
+        let first_done = line.starts_with("  done: ");
+        lines.push(line);
+        if first_done {
+            let pid = child.id().to_string();
+            assert!(std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let (stdout, err) = (lines.join("\n"), String::from_utf8_lossy(&out.stderr));
+    assert_ne!(out.status.code(), Some(0), "{stdout}\n{err}");
+    assert!(
+        err.contains("stopping at the next safe point")
+            && (err.contains("interrupted by a signal") || err.contains("asked to stop")),
+        "{stdout}\n{err}"
+    );
+    let done = lines.iter().filter(|l| l.starts_with("  done: ")).count();
+    assert!(
+        (1..planned).contains(&done),
+        "{done} of {planned} steps done: {stdout}"
+    );
+    let lease = env
+        .server
+        .get("coordination.k8s.io", "leases", &env.dssm_ns, "dssm-certs")
+        .unwrap();
+    assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
+    // The next run (the restart is still marked) finishes it.
+    let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (figures, _) = dssm_pods::finish(bed, load);
+    figures.assert_unnoticed("a leaf renewal stopped by SIGTERM mid-roll, then finished");
+}
+
+/// Forwards every connection to 127.0.0.1:`target` once it is set: an address known before the
+/// processes behind it exist (the probe's, given on the command line).
+fn forwarder(target: std::sync::Arc<std::sync::OnceLock<u16>>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let (Ok(client), Some(to)) = (conn, target.get()) else {
+                continue;
+            };
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", *to)) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    port
+}
+
+// The fresh install on real Redis: the dSSM processes start only once kubelet could mount the
+// published Secrets, and `reconcile` with default settings waits for them and proves mTLS
+// through a sentinel with the published materials.
+#[test]
+fn a_fresh_install_on_real_redis_comes_up_on_the_published_secrets_with_mtls_proven() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    // From now on the dSSM pods are Ready when their processes are (below).
+    env.server
+        .with_state(|s| s.never_ready.push("f5-dssm-".into()));
+    let before = pod_uids(&env);
+    let sentinel = std::sync::Arc::new(std::sync::OnceLock::new());
+    let probe = format!("127.0.0.1:{}", forwarder(sentinel.clone()));
+    let (code, out, err, _topology) = std::thread::scope(|scope| {
+        let kubelet = scope.spawn(|| {
+            let files = redis::wait_for("the published Secrets", Duration::from_secs(60), || {
+                let certs = env.secret("spk-utilities", "dssm-certs-secret")?;
+                let keys = env.secret("spk-utilities", "dssm-keys-secret")?;
+                Some((certs["data"].clone(), keys["data"].clone()))
+            });
+            let mount = env.dir.path().join("mount");
+            std::fs::create_dir_all(&mount).unwrap();
+            for data in [files.0, files.1] {
+                for (key, value) in data.as_object().unwrap() {
+                    use base64::Engine;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(value.as_str().unwrap())
+                        .unwrap();
+                    std::fs::write(mount.join(key), bytes).unwrap();
+                }
+            }
+            let topology = redis::Topology::start(&mount);
+            sentinel.set(topology.get("sentinel-0").port).unwrap();
+            env.server.with_state(|s| {
+                s.never_ready.clear();
+                s.timing.pod_start = Duration::ZERO;
+            });
+            topology
+        });
+        let (code, out, err) = reconcile_default(
+            &env,
+            &[
+                "--wait-timeout",
+                "120s",
+                "--probe-endpoint",
+                &probe,
+                "--probe-server-name",
+                "f5-dssm-sentinel",
+            ],
+        );
+        (code, out, err, kubelet.join().unwrap())
+    });
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: publish") && out.contains("5 pods are waiting"),
+        "{out}"
+    );
+    assert!(out.contains("probe: "), "mTLS not proven: {out}");
+    assert!(!out.contains("probe skipped"), "{out}");
+    assert!(all_ready(&env));
+    assert_restarted_nothing(&env, &before);
+    let (code, out, _) = reconcile_default(&env, &[]);
+    assert_eq!(
+        (code, out.lines().next()),
+        (0, Some("plan: nothing")),
+        "{out}"
+    );
+}
+
+// A first publication that stopped after the dSSM copies (here: the TMM namespace refused the
+// write) left the dSSM pods started and TMM's waiting. The next run finishes the publication
+// from the saved materials as a first publication: no pre-flight waiting for TMM pods that only
+// it can start, no restart.
+#[test]
+fn a_first_publication_stopped_after_the_dssm_copies_is_finished_without_a_restart() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    let before = pod_uids(&env);
+    env.server.add_fault(Fault::status(
+        "POST",
+        "/namespaces/spk-ingress/secrets",
+        1,
+        403,
+    ));
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "30s"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(env.secret("spk-utilities", "dssm-keys-secret").is_some());
+    assert!(env.secret("spk-ingress", "dssm-certs-secret").is_none());
+    let (code, out, err) = reconcile_default(&env, &["--wait-timeout", "30s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plan: resume") && out.contains("first publication"),
+        "{out}"
+    );
+    assert!(all_ready(&env), "{out}");
+    assert_all_copies_identical_and_valid(&env);
+    assert_restarted_nothing(&env, &before);
+}
+
+// An eviction answered 503 more times than one call retries (an API server restarting) is
+// retried until --wait-timeout instead of failing the restart after about 3 s.
+#[test]
+fn evictions_outlive_a_burst_of_server_errors() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    env.server
+        .add_fault(Fault::status("POST", "/eviction", 1, 503).repeat(8));
+    let (code, out, err) = env.run(&["restart", "--wait-timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let refused = env
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.status == 503 && r.path.ends_with("/eviction"))
+        .count();
+    assert_eq!(refused, 8, "{out}");
+    assert!(out.contains("dSSM pods in spk-utilities are back"), "{out}");
 }

@@ -13,6 +13,41 @@ use std::time::Duration;
 
 use support::load::{scenarios, LoadConfig};
 
+/// Issue 23: each sentinel restarted by the roll comes back at a new IP with a new ID, and the
+/// others never forget the old one. Without the reset after each restart, with one sentinel down
+/// a killed primary is never replaced (the contrast below); with it, a new primary is elected.
+#[test]
+fn after_a_leaf_renewal_a_failover_with_one_sentinel_down_still_elects_a_new_primary() {
+    let (f, r) = scenarios::leaf_renewal_then_failover(LoadConfig::default(), true);
+    eprintln!("leaf renewal, then failover with a sentinel down: {f:?} {r:?}");
+    f.assert_unnoticed("leaf renewal with sentinel resets");
+    for (name, sentinels, replicas, healthy) in &r.knows {
+        assert_eq!(
+            (*sentinels, *replicas, *healthy),
+            (2, 2, 2),
+            "{name} knows other than the live sentinels and replicas: {r:?}"
+        );
+    }
+    assert!(
+        r.failover.is_some(),
+        "no new primary {:?} after the primary was killed with one sentinel down: {r:?}",
+        scenarios::FAILOVER_BOUND
+    );
+}
+
+/// The contrast (the roll without the resets, as before): the judge sees the damage.
+#[test]
+fn without_the_resets_a_failover_with_one_sentinel_down_never_happens() {
+    let (f, r) = scenarios::leaf_renewal_then_failover(LoadConfig::default(), false);
+    eprintln!("leaf renewal without resets, then failover with a sentinel down: {f:?} {r:?}");
+    f.assert_unnoticed("leaf renewal without sentinel resets");
+    assert!(
+        r.knows.iter().any(|(_, sentinels, _, _)| *sentinels > 2),
+        "no sentinel remembers a gone peer: the bed does not recreate sentinels as pods: {r:?}"
+    );
+    assert_eq!(r.failover, None, "{r:?}");
+}
+
 #[test]
 fn leaf_renewal_under_load_fails_no_operation_and_loses_no_write() {
     let f = scenarios::leaf_renewal(LoadConfig::default());
@@ -25,6 +60,26 @@ fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_
     let f = scenarios::leaf_renewal_mounted(LoadConfig::default(), true);
     eprintln!("leaf renewal, subPath: {f:?}");
     f.assert_unnoticed("leaf renewal with subPath mounts");
+}
+
+/// Issue 22: with IPv6 pod IPs and `subPath` mounts, the gate after a replica's restart compared
+/// Sentinel's bare `::1:port` with the endpoint `[::1]:port` as text and never passed.
+#[test]
+fn ipv6_pod_ips_with_subpath_mounts_roll_and_nobody_notices() {
+    let f = scenarios::leaf_renewal_on(LoadConfig::default(), true, true);
+    eprintln!("leaf renewal, IPv6, subPath: {f:?}");
+    f.assert_unnoticed("leaf renewal on IPv6 with subPath mounts");
+}
+
+/// Issue 23: roles come from the pods, asked right before acting. The plan said db-0 is the
+/// primary; by the time the roll runs, another DB is. That one is restarted only after a paused
+/// switchover, and db-0's planned switchover finds it a replica and moves nothing.
+#[test]
+fn a_primary_moved_since_the_plan_is_switched_over_before_its_restart_and_nobody_notices() {
+    let (f, primary) = scenarios::leaf_renewal_on_a_stale_plan(LoadConfig::default());
+    eprintln!("stale plan, {primary} primary at the roll: {f:?}");
+    assert_ne!(primary, "db-0", "the primary did not move before the roll");
+    f.assert_unnoticed("a roll on a plan made before the primary moved");
 }
 
 /// A DB whose files never change in place (kubelet does not update its mount, and the pod spec
@@ -69,6 +124,39 @@ fn paused_switchover_moves_the_primary_under_load_without_losing_a_write() {
     );
     assert!(moved.paused_for < Duration::from_secs(10), "{moved:?}");
     f.assert_unnoticed("paused switchover");
+}
+
+/// Issue 23: a replica that cannot catch up (frozen) aborts the switchover well inside the
+/// pause: unpaused, the primary unchanged, nothing lost, the reason given.
+#[test]
+fn a_paused_switchover_with_a_lagging_replica_aborts_inside_the_pause_and_loses_nothing() {
+    use dssm_certs::redis::switchover::{CATCH_UP, PAUSE};
+    let (f, result, took, unchanged) =
+        scenarios::switchover_against(LoadConfig::default(), Some("db-2"), false);
+    eprintln!("switchover, replica frozen: {f:?} {result:?} in {took:?}");
+    let err = result.expect_err("a switchover with a replica that cannot catch up");
+    assert!(
+        err.contains("did not catch up") && err.contains("aborted"),
+        "{err}"
+    );
+    assert!(unchanged, "the primary moved: {err}");
+    assert!(took < PAUSE, "{took:?}");
+    assert!(f.longest_gap < CATCH_UP + Duration::from_secs(2), "{f:?}");
+    assert_eq!((f.lost, f.failed_after_retry), (0, 0), "{f:?}");
+}
+
+/// Issue 23: a sentinel that stops answering (a silent proxy in front of it, asked first) costs
+/// one operation's timeout, not the pause: the primary moves, nothing lost.
+#[test]
+fn a_paused_switchover_with_a_silent_sentinel_still_moves_the_primary_inside_the_pause() {
+    use dssm_certs::redis::switchover::PAUSE;
+    let (f, result, took, unchanged) =
+        scenarios::switchover_against(LoadConfig::default(), None, true);
+    eprintln!("switchover, sentinel silent: {f:?} {result:?} in {took:?}");
+    let moved = result.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!unchanged, "{moved:?}");
+    assert!(moved.paused_for < PAUSE, "{moved:?}");
+    assert_eq!((f.lost, f.failed_after_retry), (0, 0), "{f:?}");
 }
 
 #[test]

@@ -944,6 +944,193 @@ fn rbac_covers_evictions_budgets_and_daemonsets_by_subresource() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// A StatefulSet whose pods mount `secret` in `mode`: "dir" (a directory), "subPath" (one key
+/// of it as a file), or "optional" (a directory, `optional: true`).
+fn sts_mounting(name: &str, secret: &str, mode: &str) -> serde_json::Value {
+    let mut o = sts(name, 2, Some("Parallel"));
+    let mut volume = json!({"name": "certs", "secret": {"secretName": secret}});
+    let mut mount = json!({"name": "certs", "mountPath": "/etc/ssl/certs"});
+    match mode {
+        "subPath" => {
+            mount = json!({"name": "certs", "mountPath": "/etc/ssl/certs/dssm-ca.crt", "subPath": "dssm-ca.crt"});
+            volume["secret"]["items"] = json!([{"key": "dssm-ca.crt", "path": "dssm-ca.crt"}]);
+        }
+        "optional" => volume["secret"]["optional"] = json!(true),
+        _ => {}
+    }
+    o["spec"]["template"]["spec"]["volumes"] = json!([volume]);
+    // A sidecar that mounts nothing, then the container that mounts the Secret.
+    o["spec"]["template"]["spec"]["containers"] = json!([
+        {"name": "sidecar", "image": "s"},
+        {"name": "redis", "image": "r", "volumeMounts": [mount]}]);
+    o
+}
+
+fn pod_ip(p: &serde_json::Value) -> Option<std::net::Ipv4Addr> {
+    p["status"]["podIP"].as_str().map(|ip| ip.parse().unwrap())
+}
+
+/// What a real kubelet shows while a mounted Secret is missing (pkg/kubelet generateAPIPodStatus,
+/// then WaitForAttachAndMount fails before the sandbox exists).
+fn assert_waiting_for_its_volume(p: &serde_json::Value) {
+    let name = &p["metadata"]["name"];
+    assert_eq!(p["status"]["phase"], "Pending", "{name}: {p}");
+    assert!(!ready(p), "{name} is Ready without its Secret");
+    assert!(
+        pod_ip(p).is_none(),
+        "{name} has a pod IP before its sandbox"
+    );
+    let statuses = p["status"]["containerStatuses"].as_array().unwrap();
+    assert_eq!(statuses.len(), 2, "{p}");
+    for c in statuses {
+        assert_eq!(c["state"]["waiting"]["reason"], "ContainerCreating", "{p}");
+        assert_eq!(c["ready"], false);
+    }
+}
+
+// Regression: the test cluster started every pod at once, so a fresh install's deadlock (pods
+// waiting for the Secrets only the tool publishes) could not happen here.
+#[test]
+fn pods_wait_in_container_creating_until_their_mounted_secret_exists() {
+    let server = spk_server();
+    let ns = "spk-utilities";
+    server.put(
+        "apps",
+        "statefulsets",
+        ns,
+        sts_mounting("dir", "certs-a", "dir"),
+    );
+    server.put(
+        "apps",
+        "statefulsets",
+        ns,
+        sts_mounting("sub", "certs-b", "subPath"),
+    );
+    server.put(
+        "apps",
+        "statefulsets",
+        ns,
+        sts_mounting("opt", "certs-c", "optional"),
+    );
+    server.put(
+        "apps",
+        "statefulsets",
+        ns,
+        sts("plain", 2, Some("Parallel")),
+    );
+    server.wait_until(
+        "the pods without a missing Secret Ready",
+        Duration::from_secs(10),
+        |s| {
+            ["opt-0", "opt-1", "plain-0", "plain-1"]
+                .iter()
+                .all(|n| s.get(resource("", "pods"), ns, n).is_some_and(ready))
+        },
+    );
+    // Long enough for the kubelet to start a pod several times over (pod_start is shorter).
+    std::thread::sleep(server.with_state(|s| s.timing.pod_start) * 3);
+    for p in pods(&server, ns, "dir")
+        .iter()
+        .chain(&pods(&server, ns, "sub"))
+    {
+        assert_waiting_for_its_volume(p);
+    }
+    // The kubectl an operator runs says so too.
+    let k = Kubectl::new(&server, ADMIN_TOKEN);
+    let (code, out, err) = k.run(&[
+        "get",
+        "pod",
+        "dir-0",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.status.phase}/{.status.containerStatuses[*].state.waiting.reason}",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "Pending/ContainerCreating ContainerCreating");
+
+    // A subPath of a key the Secret lacks still waits; the key appearing starts it.
+    server.put(
+        "",
+        "secrets",
+        ns,
+        json!({"metadata": {"name": "certs-b"}, "data": {"other": "eA=="}}),
+    );
+    server.put(
+        "",
+        "secrets",
+        ns,
+        json!({"metadata": {"name": "certs-a"}, "data": {"dssm-ca.crt": "eA=="}}),
+    );
+    server.wait_until("dir pods Ready", Duration::from_secs(10), |s| {
+        ["dir-0", "dir-1"]
+            .iter()
+            .all(|n| s.get(resource("", "pods"), ns, n).is_some_and(ready))
+    });
+    for p in pods(&server, ns, "sub") {
+        assert_waiting_for_its_volume(&p);
+    }
+    server.put(
+        "",
+        "secrets",
+        ns,
+        json!({"metadata": {"name": "certs-b"}, "data": {"dssm-ca.crt": "eA=="}}),
+    );
+    server.wait_until("sub pods Ready", Duration::from_secs(10), |s| {
+        ["sub-0", "sub-1"]
+            .iter()
+            .all(|n| s.get(resource("", "pods"), ns, n).is_some_and(ready))
+    });
+}
+
+#[test]
+fn started_pods_get_their_own_loopback_ip_and_a_new_one_when_recreated() {
+    let server = spk_server();
+    server.install_dssm("spk-utilities", "spk-ingress", 3);
+    let all_ready = |s: &State| {
+        let pods = s.list(resource("", "pods"), None);
+        pods.len() == 9 && pods.iter().all(|p| ready(p))
+    };
+    server.wait_until("9 pods Ready", Duration::from_secs(10), all_ready);
+    let ips = |server: &ApiServer| -> std::collections::BTreeMap<String, std::net::Ipv4Addr> {
+        ["spk-utilities", "spk-ingress"]
+            .iter()
+            .flat_map(|ns| server.list("", "pods", ns))
+            .map(|p| {
+                let ip = pod_ip(&p).unwrap_or_else(|| panic!("a Ready pod without an IP: {p}"));
+                assert!(ip.is_loopback(), "{ip} is not a loopback address");
+                assert_ne!(ip, std::net::Ipv4Addr::LOCALHOST, "127.0.0.1 is the host's");
+                assert_eq!(p["status"]["podIPs"][0]["ip"], ip.to_string());
+                assert!(p["status"]["hostIP"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<std::net::Ipv4Addr>()
+                    .unwrap()
+                    .is_loopback());
+                (p["metadata"]["name"].as_str().unwrap().to_string(), ip)
+            })
+            .collect()
+    };
+    let before = ips(&server);
+    let distinct: std::collections::BTreeSet<_> = before.values().collect();
+    assert_eq!(distinct.len(), 9, "{before:?}");
+    let uid = server
+        .get("", "pods", "spk-utilities", "f5-dssm-db-1")
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    server.with_state(|s| controllers::mark_terminating(s, "spk-utilities", "f5-dssm-db-1"));
+    server.wait_until("db-1 recreated and Ready", Duration::from_secs(10), |s| {
+        s.get(resource("", "pods"), "spk-utilities", "f5-dssm-db-1")
+            .is_some_and(|p| p["metadata"]["uid"] != uid && ready(p))
+    });
+    let after = ips(&server);
+    assert!(
+        !before.values().any(|ip| *ip == after["f5-dssm-db-1"]),
+        "the recreated pod reuses an address: {} ({before:?})",
+        after["f5-dssm-db-1"]
+    );
+}
+
 /// Deletions honour grace periods as the pod registry does: `--grace-period` (DeleteOptions),
 /// else the pod's terminationGracePeriodSeconds, sets deletionGracePeriodSeconds and a
 /// deletionTimestamp that far ahead; 0 with --force removes the pod at once; a container slower

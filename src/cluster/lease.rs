@@ -308,17 +308,25 @@ impl Held {
         let _ = rx.wait_for(|lost| *lost).await;
     }
 
-    /// Runs `work` while the Lease is held; if it is lost first, `work` is dropped (it stops at
-    /// its next await) and the result is an error saying so.
+    /// Runs `work` while the Lease is held; if it is lost first, `work` is dropped at the next
+    /// safe point (a dSSM roll finishes the step it is in and starts no other: `stop`) and the
+    /// result is an error saying so.
     pub async fn guard<T, E: From<ClusterError>>(
         &self,
         work: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
+        tokio::pin!(work);
         tokio::select! {
-            r = work => r,
-            () = self.lost() => Err(ClusterError::LeaseLost(format!(
+            r = &mut work => return r,
+            () = self.lost() => {}
+        }
+        crate::stop::request();
+        tokio::select! {
+            biased;
+            () = crate::stop::at_safe_point() => Err(ClusterError::LeaseLost(format!(
                 "lease {}/{LEASE_NAME}", self.namespace
             )).into()),
+            r = &mut work => r,
         }
     }
 
@@ -326,28 +334,51 @@ impl Held {
     /// release). Best effort: it expires anyway.
     pub async fn release(self) {
         self.renewer.abort();
-        let what = format!("lease {}/{LEASE_NAME}", self.namespace);
-        let Ok(Some(mut lease)) = call("get", &what, || self.api.get_opt(LEASE_NAME)).await else {
-            return;
-        };
-        let Some(spec) = lease.spec.as_mut() else {
-            return;
-        };
-        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+        release_if_ours(&self.api, &self.namespace, &self.identity).await;
+    }
+}
+
+/// The renewer stops with the Lease: a holder dropped mid-work (a signal, a lost Lease) never
+/// renews behind the back of whoever releases it.
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+/// Clears the Lease's holder if it is `identity`; a Lease already released is left as it is,
+/// another holder's with a warning.
+async fn release_if_ours(api: &Api<Lease>, namespace: &str, identity: &str) {
+    let what = format!("lease {namespace}/{LEASE_NAME}");
+    let Ok(Some(mut lease)) = call("get", &what, || api.get_opt(LEASE_NAME)).await else {
+        return;
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return;
+    };
+    match spec.holder_identity.as_deref() {
+        Some(holder) if holder == identity => {}
+        None | Some("") => return,
+        Some(_) => {
             tracing::warn!(lease = %what, "the lease is no longer ours: not releasing it");
             return;
         }
-        spec.holder_identity = None;
-        spec.renew_time = None;
-        lease.metadata.managed_fields = None;
-        let pp = pp();
-        if let Err(e) = call("update", &what, || {
-            self.api.replace(LEASE_NAME, &pp, &lease)
-        })
-        .await
-        {
-            tracing::warn!(error = %e, "could not release the lease");
-        }
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    lease.metadata.managed_fields = None;
+    let pp = pp();
+    if let Err(e) = call("update", &what, || api.replace(LEASE_NAME, &pp, &lease)).await {
+        tracing::warn!(error = %e, "could not release the lease");
+    }
+}
+
+impl Cluster {
+    /// Releases the Lease if this process holds it: on a signal, whose handler has dropped the
+    /// work (and its `Held`), so the next run need not wait a lease duration.
+    pub async fn release_lease(&self) {
+        let (api, _) = self.lease_api();
+        release_if_ours(&api, &self.dssm_ns, &self.identity).await;
     }
 }
 

@@ -29,6 +29,9 @@ pub use secrets::secret_obs;
 /// Attempts for a call that fails transiently, and the first backoff (doubled each time).
 pub const ATTEMPTS: u32 = 5;
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// How long a wait pauses after `call` gave up on a transient error before it tries again (the
+/// wait's deadline bounds it): an API outage never ends a wait early.
+pub const WAIT_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -83,6 +86,18 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
+    /// An error a wait outlives until its deadline: the API server overloaded (429), failing
+    /// (5xx) or unreachable, after `call`'s own retries.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::Api {
+                code: 429 | 500..=504,
+                ..
+            } | ClusterError::Unreachable { .. }
+        )
+    }
+
     pub fn is_conflict(&self) -> bool {
         matches!(self, ClusterError::Conflict { .. })
     }

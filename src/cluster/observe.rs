@@ -112,21 +112,26 @@ impl Cluster {
         self.observe_inner(false).await
     }
 
-    /// `observe` for the agent, whose own ServiceAccount may not read the CA key Secret: a 403
-    /// on that one Secret leaves the store out (`store_readable: false`) instead of failing.
-    pub async fn observe_without_ca_key(&self) -> Result<Observation, ClusterError> {
+    /// `observe` for the agent, which never reads the key Secret (`dssm-keys-secret`: the
+    /// shared key of dSSM and every TMM), and whose own ServiceAccount may not read the CA key
+    /// Secret: a 403 on that one Secret leaves the store out (`store_readable: false`) instead
+    /// of failing. Each copy's `keys` is `Missing` here and means "not read": the key match is
+    /// judged from the certificate Secret's `key-spki-sha256` annotation.
+    pub async fn observe_for_agent(&self) -> Result<Observation, ClusterError> {
         self.observe_inner(true).await
     }
 
-    async fn observe_inner(
-        &self,
-        ca_key_may_be_forbidden: bool,
-    ) -> Result<Observation, ClusterError> {
+    async fn observe_inner(&self, agent: bool) -> Result<Observation, ClusterError> {
+        let ca_key_may_be_forbidden = agent;
         let mut raw = BTreeMap::new();
         let mut copies = Vec::new();
         for ns in self.namespaces() {
             let certs = self.get_secret(&ns, contract::CERTS_SECRET).await?;
-            let keys = self.get_secret(&ns, contract::KEYS_SECRET).await?;
+            let keys = if agent {
+                None
+            } else {
+                self.get_secret(&ns, contract::KEYS_SECRET).await?
+            };
             copies.push(CopyObs {
                 namespace: ns.clone(),
                 certs: secret_obs(certs.as_ref()),

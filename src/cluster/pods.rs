@@ -49,8 +49,9 @@ impl PodsIn {
     }
 
     /// Lists the pods matching `selector`, then watches them until `done` holds for the current
-    /// set, which it returns. An expired or broken watch lists again; only an API error that
-    /// `call` gives up on ends it early (the caller bounds it in time).
+    /// set, which it returns. An expired or broken watch lists again, and so does a transient
+    /// API error (an outage) after a pause; only another error ends it early (the caller bounds
+    /// it in time).
     pub async fn watch_until(
         &self,
         selector: &str,
@@ -59,7 +60,14 @@ impl PodsIn {
         let what = format!("pods {} ({selector})", self.namespace);
         loop {
             let lp = ListParams::default().labels(selector);
-            let list = call("list", &what, || self.api.list(&lp)).await?;
+            let list = match call("list", &what, || self.api.list(&lp)).await {
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(pods = %what, error = %e, "API unavailable; waiting on");
+                    tokio::time::sleep(super::WAIT_RETRY).await;
+                    continue;
+                }
+                r => r?,
+            };
             let mut pods: BTreeMap<String, Pod> =
                 list.items.into_iter().map(|p| (p.name_any(), p)).collect();
             if done(&pods) {
@@ -67,7 +75,14 @@ impl PodsIn {
             }
             let rv = list.metadata.resource_version.unwrap_or_default();
             let wp = WatchParams::default().labels(selector).timeout(60);
-            let stream = call("watch", &what, || self.api.watch(&wp, &rv)).await?;
+            let stream = match call("watch", &what, || self.api.watch(&wp, &rv)).await {
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(pods = %what, error = %e, "API unavailable; waiting on");
+                    tokio::time::sleep(super::WAIT_RETRY).await;
+                    continue;
+                }
+                r => r?,
+            };
             let mut stream = stream.boxed();
             while let Ok(Some(ev)) = stream.try_next().await {
                 match ev {
@@ -88,8 +103,8 @@ impl PodsIn {
     }
 
     /// Removes a pod through the Eviction API, so PodDisruptionBudgets are respected: a 429 (no
-    /// disruption allowed now) is retried until `deadline`, as `kubectl drain` does. A pod
-    /// already gone is fine.
+    /// disruption allowed now) is retried until `deadline`, as `kubectl drain` does, and so is
+    /// an API outage. A pod already gone is fine.
     pub async fn evict(
         &self,
         name: &str,
@@ -106,6 +121,11 @@ impl PodsIn {
                 }) if tokio::time::Instant::now() < deadline => {
                     tracing::info!(pod = %name, %message, "eviction not allowed yet; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                // An API outage (after `call`'s retries) is waited out too, to the same deadline.
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(pod = %name, error = %e, "API unavailable; retrying the eviction");
+                    tokio::time::sleep(super::WAIT_RETRY).await;
                 }
                 Err(ClusterError::Api {
                     code: 429, message, ..

@@ -20,10 +20,12 @@ pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
         warn: a.warn,
         critical: a.critical,
     };
+    let ip = std::env::var(agent::LISTEN_IP_ENV).ok();
+    let listen = agent::listen_addr(a.listen, ip.as_deref())?;
     runtime()?.block_on(async {
         let cluster = Arc::new(Cluster::connect(&a.cluster.target()).await?);
         let opts = agent::Options {
-            listen: a.listen,
+            listen,
             interval: Duration::from_secs(a.interval.max(1) as u64),
             window,
             reconcile: cluster::options(

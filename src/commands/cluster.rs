@@ -1,5 +1,6 @@
 //! `reconcile`, `rotate` and `restart`: the commands that change the cluster. Each holds the
-//! Lease while it writes, and on SIGTERM/SIGINT gives TMM back its replicas before exiting.
+//! Lease while it writes, and on SIGTERM/SIGINT gives TMM back its replicas and releases the
+//! Lease before exiting.
 
 use super::{log, runtime, CommandError};
 use crate::check::Thresholds;
@@ -122,10 +123,21 @@ where
 {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler can be installed");
+    crate::stop::clear();
+    tokio::pin!(work);
     tokio::select! {
-        r = work => r,
-        _ = term.recv() => stop(cluster).await,
-        _ = tokio::signal::ctrl_c() => stop(cluster).await,
+        r = &mut work => return r,
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // A dSSM roll mid-step (a paused switchover) finishes that step and starts no other; the
+    // work is dropped at that safe point.
+    crate::stop::request();
+    log::notice("signal received: stopping at the next safe point");
+    tokio::select! {
+        biased;
+        () = crate::stop::at_safe_point() => stop(cluster).await,
+        r = &mut work => r,
     }
 }
 
@@ -140,6 +152,10 @@ where
         return Err(RestartError::Interrupted { replicas: -1 }.into());
     }
     log::notice("signal received: restoring TMM before exiting");
-    let replicas = cluster.restore_tmm().await?.unwrap_or(-1);
+    let restored = cluster.restore_tmm().await;
+    // Released even when the restore failed: the next run restores from the record at once
+    // instead of waiting out the Lease.
+    cluster.release_lease().await;
+    let replicas = restored?.unwrap_or(-1);
     Err(RestartError::Interrupted { replicas }.into())
 }

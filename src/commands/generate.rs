@@ -49,7 +49,8 @@ pub fn run(a: GenerateArgs) -> Result<i32, CommandError> {
     if let Some(e) = interrupted() {
         return Err(e.into());
     }
-    let files = generate::output_files(&materials, a.namespace.as_deref());
+    let dssm_namespace = a.dssm_namespace.as_deref().or(a.namespace.as_deref());
+    let files = generate::output_files(&materials, a.namespace.as_deref(), dssm_namespace);
     generate::write_files(&a.out, &files, a.force, &cancel)?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,

@@ -42,9 +42,9 @@ impl CommandError {
         use ReconcileError as R;
         match self {
             CommandError::Reconcile(R::Cluster(ClusterError::Locked(_))) => exit::LOCKED,
-            CommandError::Reconcile(R::Preflight(_) | R::Restart(RestartError::Preflight(_))) => {
-                exit::PREFLIGHT
-            }
+            CommandError::Reconcile(
+                R::Preflight(_) | R::PhasePreflight { .. } | R::Restart(RestartError::Preflight(_)),
+            ) => exit::PREFLIGHT,
             CommandError::CannotTell(_) => exit::UNKNOWN,
             _ => exit::FAILED,
         }

@@ -52,7 +52,8 @@ pub fn run(a: ProbeArgs) -> Result<i32, CommandError> {
 fn read_materials(dir: &std::path::Path) -> Result<ClientMaterials, String> {
     let read = |name: &str| {
         let path = dir.join(name);
-        std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+        crate::limits::read_bounded(&path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))
     };
     let key_path = dir.join(contract::LEAF_KEY);
     Ok(ClientMaterials {

@@ -11,11 +11,15 @@ use openssl::pkey::Params;
 
 /// The smallest modulus we accept, and the size the seeds generate.
 pub const MIN_BITS: u32 = 2048;
-/// The largest modulus we accept: DH_check's primality tests grow steeply with the size, and a
-/// huge modulus in a Secret must not stall every inspection.
-pub const MAX_BITS: u32 = 8192;
+/// The largest modulus we accept: 4096 bits is plenty for TLS key exchange (RFC 7919 stops its
+/// recommendations there), DH_check's primality tests grow steeply with the size, and a huge
+/// modulus in a Secret must not stall every inspection.
+pub const MAX_BITS: u32 = 4096;
 /// An 8192-bit PKCS#3 PEM is about 1.5 KB; anything much larger is not DH parameters.
 const MAX_PEM_BYTES: usize = 16 * 1024;
+/// DH_check verdicts kept (by SHA-256 of the parameters): the agent judges the same params on
+/// every event.
+const CHECK_CACHE_ENTRIES: usize = 64;
 
 /// RFC 7919 ffdhe2048, byte-identical to
 /// `openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048`.
@@ -33,6 +37,8 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 pub enum DhError {
     #[error("{what}: not PEM DH parameters (expected `-----BEGIN DH PARAMETERS-----`)")]
     Unreadable { what: String },
+    #[error("{what}: the first PEM block is a {label}, not DH parameters (expected `-----BEGIN DH PARAMETERS-----`, as `openssl dhparam 2048` writes)")]
+    WrongLabel { what: String, label: String },
     #[error("{what}: X9.42 DH parameters (`BEGIN X9.42 DH PARAMETERS`) are refused: Redis cannot load them and would not start. Use PKCS#3 parameters (`BEGIN DH PARAMETERS`), as `openssl dhparam 2048` writes")]
     X942 { what: String },
     #[error("{what}: an encrypted PEM block (`Proc-Type: 4,ENCRYPTED`) is not DH parameters")]
@@ -74,9 +80,10 @@ impl DhParams {
         Self::validate(FFDHE2048_PEM.as_bytes(), "ffdhe2048").expect("RFC 7919 group is valid")
     }
 
-    /// Reads and checks PEM parameters: PKCS#3 only, 2048 to 8192 bits, a safe prime, a
-    /// suitable generator. The PEM is kept byte for byte. DH_check takes from milliseconds to
-    /// seconds: async callers run this with `spawn_blocking`.
+    /// Reads and checks PEM parameters: PKCS#3 only (no `q`), 2048 to 4096 bits, a safe prime, a
+    /// suitable generator. What is kept is OpenSSL's canonical PKCS#3 re-encoding, not the input
+    /// bytes. DH_check takes from milliseconds to seconds (its verdicts are cached by the
+    /// parameters' SHA-256): async callers run this with `spawn_blocking`.
     pub fn validate(pem: &[u8], what: &str) -> Result<Self, DhError> {
         let what = || what.to_string();
         if pem.len() > MAX_PEM_BYTES {
@@ -90,13 +97,26 @@ impl DhParams {
             return Err(DhError::Encrypted { what: what() });
         }
         // OpenSSL's PEM_read_bio_DHparams takes X9.42 too; Redis does not. Judge by the first
-        // PEM label, and hand OpenSSL only PKCS#3.
+        // PEM label (a BEGIN line as OpenSSL reads one: at a line's start), and hand OpenSSL
+        // only PKCS#3.
         match first_pem_label(pem) {
             Some(b"DH PARAMETERS") => {}
             Some(b"X9.42 DH PARAMETERS") => return Err(DhError::X942 { what: what() }),
-            _ => return Err(DhError::Unreadable { what: what() }),
+            Some(label) => {
+                let label = String::from_utf8_lossy(label).chars().take(40).collect();
+                return Err(DhError::WrongLabel {
+                    what: what(),
+                    label,
+                });
+            }
+            None => return Err(DhError::Unreadable { what: what() }),
         }
         let dh = Dh::params_from_pem(pem).map_err(|_| DhError::Unreadable { what: what() })?;
+        // Whatever OpenSSL read must have no subgroup order of its own: X9.42 carries q, while
+        // for a PKCS#3 safe-prime group OpenSSL only infers q = (p-1)/2.
+        if !q_is_implied(&dh) {
+            return Err(DhError::X942 { what: what() });
+        }
         let bits = dh.prime_p().num_bits() as u32;
         if bits < MIN_BITS {
             return Err(DhError::TooSmall { what: what(), bits });
@@ -105,7 +125,10 @@ impl DhParams {
             return Err(DhError::TooLarge { what: what(), bits });
         }
         let what = what();
-        let problems = dh_check(&dh);
+        let canonical = dh
+            .params_to_pem()
+            .map_err(|_| DhError::Unreadable { what: what.clone() })?;
+        let problems = cached_dh_check(&dh, &canonical);
         if !problems.is_empty() {
             return Err(DhError::Invalid {
                 what: what.to_string(),
@@ -119,7 +142,7 @@ impl DhParams {
             .and_then(|g| g.parse().ok())
             .unwrap_or(0);
         Ok(DhParams {
-            pem: pem.to_vec(),
+            pem: canonical,
             bits,
             generator,
         })
@@ -150,16 +173,59 @@ impl DhParams {
     }
 }
 
-/// The label of the first `-----BEGIN <label>-----` line.
+/// The label of the first `-----BEGIN <label>-----` line, found as OpenSSL's PEM reader finds
+/// one: only at the start of a line.
 fn first_pem_label(pem: &[u8]) -> Option<&[u8]> {
     const BEGIN: &[u8] = b"-----BEGIN ";
-    let start = pem.windows(BEGIN.len()).position(|w| w == BEGIN)? + BEGIN.len();
-    let rest = &pem[start..];
+    let line = pem.split(|&b| b == b'\n').find(|l| l.starts_with(BEGIN))?;
+    let rest = &line[BEGIN.len()..];
     let end = rest.windows(5).position(|w| w == b"-----")?;
     Some(&rest[..end])
 }
 
+/// No q, or the q OpenSSL fills in for a known safe-prime group: (p-1)/2.
+fn q_is_implied(dh: &Dh<Params>) -> bool {
+    let Some(q) = dh.prime_q() else {
+        return true;
+    };
+    use openssl::bn::BigNum;
+    let implied = (|| {
+        let mut p_minus_1 = BigNum::new()?;
+        let one = BigNum::from_u32(1)?;
+        p_minus_1.checked_sub(dh.prime_p(), &one)?;
+        let mut half = BigNum::new()?;
+        half.rshift1(&p_minus_1)?;
+        Ok::<_, openssl::error::ErrorStack>(half)
+    })();
+    implied.is_ok_and(|h| *h == *q)
+}
+
+/// DH_check, its verdict cached by the SHA-256 of the canonical PEM.
+fn cached_dh_check(dh: &Dh<Params>, canonical: &[u8]) -> Vec<&'static str> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Cache = Mutex<HashMap<[u8; 32], Vec<&'static str>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    let key = openssl::sha::sha256(canonical);
+    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return v;
+    }
+    let verdict = dh_check(dh);
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= CHECK_CACHE_ENTRIES {
+            c.clear();
+        }
+        c.insert(key, verdict.clone());
+    }
+    verdict
+}
+
+/// How many times DH_check ran in this process (the cache's test reads it).
+static DH_CHECK_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn dh_check(dh: &Dh<Params>) -> Vec<&'static str> {
+    DH_CHECK_RUNS.fetch_add(1, Ordering::Relaxed);
     let mut codes: c_int = 0;
     // SAFETY: dh is a valid DH object for the duration of the call.
     let ok = unsafe { openssl_sys::DH_check(dh.as_ptr(), &mut codes) };
@@ -289,16 +355,95 @@ mod tests {
     }
 
     #[test]
-    fn a_modulus_over_8192_bits_is_refused_before_dh_check() {
+    fn a_modulus_over_4096_bits_is_refused_before_dh_check() {
         use openssl::bn::{BigNum, MsbOption};
-        // 9000 random bits, odd: DH_check would spend its time proving it composite.
+        // 6000 random bits, odd: DH_check would spend its time proving it composite.
         let mut p = BigNum::new().unwrap();
-        p.rand(9000, MsbOption::ONE, true).unwrap();
+        p.rand(6000, MsbOption::ONE, true).unwrap();
         let huge = Dh::from_pqg(p, None, BigNum::from_u32(2).unwrap()).unwrap();
         let pem = huge.params_to_pem().unwrap();
         let err = DhParams::validate(&pem, "huge.pem").unwrap_err();
-        assert!(matches!(err, DhError::TooLarge { bits: 9000, .. }), "{err}");
-        assert!(err.to_string().contains("huge.pem") && err.to_string().contains("8192"));
+        assert!(matches!(err, DhError::TooLarge { bits: 6000, .. }), "{err}");
+        assert!(err.to_string().contains("huge.pem") && err.to_string().contains("4096"));
+    }
+
+    /// X9.42 parameters as `openssl genpkey -genparam -algorithm DHX -pkeyopt dh_rfc5114:3`
+    /// writes them (RFC 5114's 2048-bit group with its 256-bit q).
+    const X942_PEM: &str = "-----BEGIN X9.42 DH PARAMETERS-----
+MIICLAKCAQEAh6jmHbS2Zjz/u9GcZRlZmYzu9ghmDdDyXSzu1ENeOwDgDfjx1hlX
+1Pr330VhsqowFsPZETQJb6o79Cltgw6afCCeDGSXUXq9WoqdMGvPZ+2R+eZyW0dY
+wCLgse9Cdb97bFv8EdRfkIi5QfVOseWbuLw5oL8SMH9cT9twxYGyP3a2Osrhyqa3
+kC1SUmc1SIoO8TxtmlG/pKs62DR3llJNjvahZ7WkGCXZZ+FE5RQFZCUcysuD5rSG
+9rPKP3lxUGAmwLhX9omWKFbe1AEKvQvmIcOjlgpU5xDDdfJjddcBQQOktUMwwZiv
+EmEW0iduEXFfaTh3+tfvCcrbCUrpHhoVlwKCAQA/syybcxNNCy53UGZg7b1ITKex
+jyHvIFQH9Hk6GguhJRDbwVB3vkY//0/tSqwLtVW+OmwbDGtHsbw3c79+jG9ikBIo
++MKMuxilWuMTQQAKZQGW+THHelfy3fRj5ensFEt3feYqqrioYorDdtKC1u04ZOZ5
+gkKOvIMdFDSPby+Rk7UEWvJ2cWTh38lnwfs/LlWkvRv/6DucgNBSuYXRguoK2yo7
+cxPT/hTISEseBSWIubfSu9LfAWGZ7NBuFVfNCRWzNTu7ZODsN3/QKDcN+StSx4kU
+KM3GfrYYS1I9HbJGwy9jB4SQ8A741kfRSNR5VFFeIyfP75jFgmZLTA9sxBZZAiEA
+jPg2QqcJoJe0R5l2QBKdopmxpH0es3ULowiw/mT1+9M=
+-----END X9.42 DH PARAMETERS-----
+";
+
+    fn x942_pem() -> Vec<u8> {
+        X942_PEM.as_bytes().to_vec()
+    }
+
+    /// The trust-boundary issue: the label was searched anywhere, while OpenSSL reads a BEGIN
+    /// line only at a line's start: a stray `x-----BEGIN DH PARAMETERS-----` line before an
+    /// X9.42 block passed, and that block was written into the Secret.
+    #[test]
+    fn a_stray_begin_inside_a_line_does_not_hide_an_x942_block() {
+        let pem = [&b"x-----BEGIN DH PARAMETERS-----\n"[..], &x942_pem()].concat();
+        let err = DhParams::validate(&pem, "x.pem").unwrap_err();
+        assert!(matches!(err, DhError::X942 { .. }), "{err}");
+    }
+
+    /// Whatever the label says, parameters OpenSSL reads with a q of their own are X9.42; the
+    /// q OpenSSL infers for a safe-prime group (ffdhe2048) is not.
+    #[test]
+    fn parameters_with_a_subgroup_order_are_refused_and_a_safe_prime_group_is_not() {
+        use openssl::bn::BigNum;
+        let p = BigNum::get_rfc3526_prime_2048().unwrap();
+        let dh = Dh::from_pqg(
+            p,
+            Some(BigNum::from_u32(65537).unwrap()),
+            BigNum::from_u32(2).unwrap(),
+        )
+        .unwrap();
+        assert!(!q_is_implied(&dh));
+        let ffdhe = Dh::params_from_pem(FFDHE2048_PEM.as_bytes()).unwrap();
+        assert!(q_is_implied(&ffdhe), "OpenSSL's inferred q for ffdhe2048");
+        assert!(DhParams::validate(FFDHE2048_PEM.as_bytes(), "ffdhe").is_ok());
+    }
+
+    /// What is kept is OpenSSL's canonical PKCS#3 encoding, not the input's bytes (text around
+    /// the block, other blocks after it), and the DH_check verdict is cached.
+    #[test]
+    fn the_canonical_encoding_is_kept_and_dh_check_runs_once_per_parameters() {
+        let noisy = format!("comment line\n{FFDHE2048_PEM}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        let p = DhParams::validate(noisy.as_bytes(), "noisy.pem").unwrap();
+        assert_eq!(p.pem(), FFDHE2048_PEM.as_bytes());
+        let before = DH_CHECK_RUNS.load(Ordering::Relaxed);
+        for _ in 0..3 {
+            DhParams::validate(noisy.as_bytes(), "noisy.pem").unwrap();
+        }
+        // Other tests may run DH_check on other params meanwhile; ours never again.
+        assert!(DH_CHECK_RUNS.load(Ordering::Relaxed) - before < 3);
+    }
+
+    /// A certificate where DH parameters belong is broken materials (critical), not "cannot
+    /// tell".
+    #[test]
+    fn a_certificate_in_the_dh_file_is_named_as_such() {
+        let pem = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let err = DhParams::validate(pem, "dh.pem").unwrap_err();
+        assert!(matches!(err, DhError::WrongLabel { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("is a CERTIFICATE, not DH parameters"),
+            "{err}"
+        );
     }
 
     #[test]

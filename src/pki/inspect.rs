@@ -64,6 +64,19 @@ impl Certificate {
         &self.der
     }
 
+    /// PEM from the DER alone (64-column base64, as OpenSSL writes it).
+    pub fn to_pem(&self) -> Vec<u8> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&self.der);
+        let mut pem = b"-----BEGIN CERTIFICATE-----\n".to_vec();
+        for line in b64.as_bytes().chunks(64) {
+            pem.extend_from_slice(line);
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+        pem
+    }
+
     /// DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> &[u8] {
         &self.spki
@@ -107,6 +120,75 @@ impl Certificate {
     pub fn matches_key(&self, key: &PrivateKey) -> bool {
         self.spki == key.public_key_der()
     }
+}
+
+/// The TLS role a chain is verified for, as OpenSSL's purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// dSSM serves the leaf (TMM verifies it).
+    Server,
+    /// TMM presents the leaf (Redis verifies it).
+    Client,
+}
+
+/// The security level of the verification: RSA and DH of at least 2048 bits, ECC of at least
+/// 224, no SHA-1 signatures (OpenSSL's `-auth_level 2`).
+pub const AUTH_LEVEL: i32 = 2;
+
+/// OpenSSL's verdict on `leaf` with `cas` as trust anchors (the CA bundle, as Redis and TMM load
+/// it), for `role` at auth level [`AUTH_LEVEL`]: signatures, keyUsage and extendedKeyUsage,
+/// basicConstraints, critical extensions it does not know, a self-signed anchor. Times are
+/// judged apart (validity findings), so they are not checked here. Err: OpenSSL's reason, with
+/// the depth and subject of the certificate it refuses.
+pub fn openssl_verify(cas: &[Certificate], leaf: &Certificate, role: Role) -> Result<(), String> {
+    use openssl::stack::Stack;
+    use openssl::x509::store::X509StoreBuilder;
+    use openssl::x509::verify::{X509VerifyFlags, X509VerifyParam};
+    use openssl::x509::{X509PurposeId, X509StoreContext, X509};
+    let failed =
+        |e: openssl::error::ErrorStack| format!("OpenSSL cannot run the verification: {e}");
+    let mut builder = X509StoreBuilder::new().map_err(failed)?;
+    for ca in cas {
+        let x = X509::from_der(ca.der())
+            .map_err(|e| format!("OpenSSL cannot read CA {:?}: {e}", ca.subject))?;
+        // The same certificate twice is refused by the store: once is enough.
+        let _ = builder.add_cert(x);
+    }
+    let mut param = X509VerifyParam::new().map_err(failed)?;
+    param.set_auth_level(AUTH_LEVEL);
+    param
+        .set_flags(X509VerifyFlags::NO_CHECK_TIME)
+        .map_err(failed)?;
+    param
+        .set_purpose(match role {
+            Role::Server => X509PurposeId::SSL_SERVER,
+            Role::Client => X509PurposeId::SSL_CLIENT,
+        })
+        .map_err(failed)?;
+    builder.set_param(&param).map_err(failed)?;
+    let store = builder.build();
+    let x = X509::from_der(leaf.der()).map_err(|e| format!("OpenSSL cannot read the leaf: {e}"))?;
+    let chain = Stack::new().map_err(failed)?;
+    let mut ctx = X509StoreContext::new().map_err(failed)?;
+    let verdict = ctx
+        .init(&store, &x, &chain, |c| {
+            if c.verify_cert()? {
+                return Ok(Ok(()));
+            }
+            let subject = c
+                .current_cert()
+                .and_then(|cert| parse_certificate_der(&cert.to_der().ok()?, "").ok())
+                .map(|cert| cert.subject)
+                .unwrap_or_default();
+            Ok(Err(format!(
+                "{} (certificate at depth {}, subject {subject:?})",
+                c.error().error_string(),
+                c.error_depth()
+            )))
+        })
+        .map_err(failed)?;
+    let _ = openssl::error::ErrorStack::get(); // drain the thread's error queue
+    verdict
 }
 
 /// Parses the first certificate of a PEM input; `what` names the file or Secret key.
@@ -169,7 +251,11 @@ pub fn parse_certificate_der(der: &[u8], what: &str) -> Result<Certificate, Insp
             e if e.to_string().contains("Eof") => {
                 "truncated: the data ends before the certificate does".into()
             }
-            e => e.to_string(),
+            // x509-parser's own error is a Rust Debug dump (`Der(UnexpectedTag { .. })`).
+            _ => "the bytes inside the PEM block are not an X.509 certificate (damaged, or \
+                  another kind of data under a CERTIFICATE label): copy the file again from \
+                  where it was made"
+                .into(),
         },
     })?;
     if !rest.is_empty() {

@@ -1,8 +1,8 @@
 //! Issuing the CA and the one leaf that dSSM serves and TMM presents (rcgen).
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -77,6 +77,13 @@ impl Subject {
             if v.is_empty() {
                 return Err(bad(&format!("{k} has an empty value")));
             }
+            check_value(&ty, k.trim(), v, trimmed).map_err(|r| bad(&r))?;
+            if let Some((_, first)) = out.iter().find(|(t, _)| *t == ty) {
+                return Err(bad(&format!(
+                    "{} is given twice ({first:?} and {v:?}): each attribute may be given once",
+                    k.trim().to_ascii_uppercase()
+                )));
+            }
             out.push((ty, v.to_string()));
         }
         if out.is_empty() {
@@ -88,10 +95,37 @@ impl Subject {
     fn to_dn(&self) -> DistinguishedName {
         let mut dn = DistinguishedName::new();
         for (ty, v) in &self.0 {
-            dn.push(ty.clone(), v.as_str());
+            match (ty, rcgen::string::PrintableString::try_from(v.as_str())) {
+                // X.520: countryName is a PrintableString of two letters.
+                (DnType::CountryName, Ok(p)) => dn.push(ty.clone(), DnValue::PrintableString(p)),
+                _ => dn.push(ty.clone(), v.as_str()),
+            }
         }
         dn
     }
+}
+
+/// What one attribute's value must be: C two letters; no value that reads as the rest of an
+/// OpenSSL slash-form subject given without its leading slash (`CN=x/O=y`).
+fn check_value(ty: &DnType, key: &str, v: &str, whole: &str) -> Result<(), String> {
+    if *ty == DnType::CountryName && !(v.len() == 2 && v.bytes().all(|b| b.is_ascii_alphabetic())) {
+        return Err(format!(
+            "C must be a two-letter country code (ISO 3166), like C=US; {v:?} is not"
+        ));
+    }
+    let slash_form = v.split('/').skip(1).any(|rest| {
+        rest.split_once('=').is_some_and(|(k, _)| {
+            ["CN", "O", "OU", "C", "ST", "L"].contains(&k.trim().to_ascii_uppercase().as_str())
+        })
+    });
+    if slash_form && !whole.starts_with('/') {
+        return Err(format!(
+            "{key}={v:?} looks like OpenSSL's slash form without its leading slash: write \
+             \"/{whole}\" or, with commas, \"{}\"",
+            whole.split('/').collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// One subjectAltName: an IP address (v4 or v6), else a DNS name (RFC 1123 labels, a leading
@@ -424,6 +458,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The trust-boundary issue: `OU=a, OU=b` kept only `OU=b`, `C=USA` was taken (and written
+    /// as a UTF8String), and `CN=x/O=y` became one CN. Each is now refused with what to write;
+    /// C is a two-letter PrintableString, as X.520 says and `openssl req` writes.
+    #[test]
+    fn repeated_attributes_bad_countries_and_slash_form_without_its_slash_are_refused() {
+        for (text, says) in [
+            ("OU=a, OU=b, CN=x", "OU is given twice (\"a\" and \"b\")"),
+            ("C=USA, CN=x", "C must be a two-letter country code"),
+            ("C=1A, CN=x", "two-letter"),
+            (
+                "CN=x/O=y",
+                "write \"/CN=x/O=y\" or, with commas, \"CN=x, O=y\"",
+            ),
+        ] {
+            let e = Subject::parse(text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        // A slash that starts no attribute is part of the value; the slash form is understood.
+        assert!(Subject::parse("O=a/b, CN=x").is_ok());
+        assert_eq!(
+            Subject::parse("/O=y/CN=x").unwrap().0,
+            [
+                (DnType::OrganizationName, "y".to_string()),
+                (DnType::CommonName, "x".to_string())
+            ]
+        );
+        // C is written as a PrintableString.
+        let key = PrivateKey::generate(super::super::KeyAlgorithm::EcdsaP256).unwrap();
+        let pem = issue_ca(
+            &Subject::parse("C=US, CN=x").unwrap(),
+            1,
+            &key,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = p.parse_x509().unwrap();
+        let c = cert.subject().iter_country().next().unwrap();
+        assert_eq!(
+            c.attr_value().header.tag(),
+            x509_parser::der_parser::asn1_rs::Tag::PrintableString
+        );
     }
 
     #[test]

@@ -50,8 +50,11 @@ pub fn check_proof(
             ))
         })?;
     }
+    // A refusal is the server's TLS alert: a timeout or a closed connection proves nothing
+    // (the error makes the caller try again until its deadline).
     for client in &proof.refuses {
-        if Connection::connect(client, endpoint, server_name, deadline).is_ok() {
+        let verdict = super::resp::handshake(client, endpoint, server_name, deadline)?;
+        if verdict == super::resp::Handshake::Accepted {
             return Err(RedisError::Topology(format!(
                 "{endpoint}: still accepts the client certificate {}",
                 client.leaf_fingerprint()

@@ -22,8 +22,9 @@ pub struct ReplicaLink {
 }
 
 impl ReplicaLink {
+    /// `ip:port`, an IPv6 address in brackets.
     pub fn endpoint(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
+        super::join_host_port(&self.ip, self.port)
     }
 }
 
@@ -101,7 +102,7 @@ pub fn parse_info(text: &str, endpoint: &str) -> Result<Replication, RedisError>
     Ok(Replication {
         role,
         primary: match (field("master_host"), field("master_port")) {
-            (Some(h), Some(p)) => Some(format!("{h}:{p}")),
+            (Some(h), Some(p)) => Some(super::join_host_port(h, p)),
             _ => None,
         },
         link_up: field("master_link_status") == Some("up"),
@@ -110,6 +111,54 @@ pub fn parse_info(text: &str, endpoint: &str) -> Result<Replication, RedisError>
         replica_offset: int("slave_repl_offset")?,
         replicas,
     })
+}
+
+/// What `INFO server` says about the process: who it is and which Redis it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// `run_id`: new at every start; Sentinel lists it for each replica it has polled.
+    pub run_id: String,
+    /// `redis_version` as (major, minor, patch).
+    pub version: (u32, u32, u32),
+}
+
+/// Parses the text of `INFO server`; `endpoint` names the server in errors.
+pub fn parse_server(text: &str, endpoint: &str) -> Result<Server, RedisError> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim_end().strip_prefix(name)?.strip_prefix(':'))
+    };
+    let bad = |what: String| RedisError::Unexpected {
+        endpoint: endpoint.to_string(),
+        command: "INFO server".into(),
+        reply: what,
+    };
+    let version = field("redis_version").ok_or_else(|| bad("no redis_version".into()))?;
+    let mut parts = version.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+    });
+    let mut next = || parts.next().and_then(Result::ok);
+    let (Some(major), minor, patch) = (next(), next(), next()) else {
+        return Err(bad(format!("redis_version:{version}")));
+    };
+    Ok(Server {
+        run_id: field("run_id").unwrap_or("").to_string(),
+        version: (major, minor.unwrap_or(0), patch.unwrap_or(0)),
+    })
+}
+
+/// `INFO server` on `conn`, parsed.
+pub fn info_server(conn: &mut Connection, deadline: Instant) -> Result<Server, RedisError> {
+    let reply = conn.call(&["INFO", "server"], deadline)?;
+    let text = reply.text().ok_or_else(|| RedisError::Unexpected {
+        endpoint: conn.endpoint().to_string(),
+        command: "INFO server".into(),
+        reply: format!("{reply:?}"),
+    })?;
+    parse_server(&text, conn.endpoint())
 }
 
 /// `INFO replication` on `conn`, parsed.
@@ -161,6 +210,28 @@ mod tests {
         assert_eq!(r.replica_offset, Some(4000));
         let up = parse_info(&REPLICA.replace(":down", ":up"), "db-1").unwrap();
         assert!(up.link_up);
+    }
+
+    #[test]
+    fn ipv6_peers_are_joined_with_brackets() {
+        let text = PRIMARY.replace("ip=127.0.0.1", "ip=fd00::2");
+        let r = parse_info(&text, "db-0").unwrap();
+        assert_eq!(r.replicas[0].endpoint(), "[fd00::2]:40001");
+        let r = parse_info(&REPLICA.replace("127.0.0.1", "fd00::1"), "db-1").unwrap();
+        assert_eq!(r.primary.as_deref(), Some("[fd00::1]:40000"));
+    }
+
+    #[test]
+    fn info_server_gives_the_run_id_and_the_version() {
+        let text = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:0\r\nrun_id:abc123\r\n";
+        let s = parse_server(text, "db-0").unwrap();
+        assert_eq!((s.run_id.as_str(), s.version), ("abc123", (7, 0, 15)));
+        let rc = parse_server("redis_version:7.2-rc1\r\n", "db-0").unwrap();
+        assert_eq!(rc.version, (7, 2, 0));
+        for bad in ["", "redis_version:x.y\r\n"] {
+            let err = parse_server(bad, "db-9:6379").unwrap_err().to_string();
+            assert!(err.starts_with("db-9:6379"), "{err}");
+        }
     }
 
     #[test]

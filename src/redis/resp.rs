@@ -1,7 +1,7 @@
 //! A minimal blocking RESP2 client over mutual TLS: one command at a time, each bounded by a
 //! deadline (connect, handshake, write and read all count against it).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,45 +51,110 @@ pub fn encode(args: &[&str]) -> Vec<u8> {
     out
 }
 
-/// Reads one reply. Nesting is bounded: Redis' replies here are at most two levels deep.
+/// The longest reply line (type byte, text or length, CRLF) read: the replies used here are
+/// short status lines and lengths.
+pub const MAX_LINE: u64 = 64 * 1024;
+/// The longest bulk string: `INFO` and `CONFIG GET` replies are a few KB.
+pub const MAX_BULK: i64 = 1024 * 1024;
+/// The most elements of one array (`SENTINEL REPLICAS` lists a few dozen fields per replica).
+pub const MAX_ARRAY: i64 = 10_000;
+/// The deepest nesting: Redis' replies here are at most two levels deep.
+pub const MAX_DEPTH: usize = 4;
+
+/// Reads one reply, within the limits above: a server (or whoever answers on its port) cannot
+/// make the client allocate more than it actually sends, nor read a line without end.
 pub fn read_value(r: &mut impl BufRead, depth: usize) -> std::io::Result<Value> {
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     let mut line = Vec::new();
-    r.read_until(b'\n', &mut line)?;
+    r.by_ref().take(MAX_LINE).read_until(b'\n', &mut line)?;
     if line.is_empty() {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     if !line.ends_with(b"\r\n") {
-        return Err(bad("reply line not terminated by CRLF"));
+        return Err(bad(if line.len() as u64 >= MAX_LINE {
+            format!("reply line longer than {MAX_LINE} bytes")
+        } else {
+            "reply line not terminated by CRLF".into()
+        }));
     }
     let body = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
-    let int = |s: &str| s.parse::<i64>().map_err(|_| bad("bad length or integer"));
+    let int = |s: &str| {
+        s.parse::<i64>()
+            .map_err(|_| bad("bad length or integer".into()))
+    };
     Ok(match line[0] {
         b'+' => Value::Simple(body),
         b'-' => Value::Error(body),
         b':' => Value::Int(int(&body)?),
         b'$' => match int(&body)? {
             -1 => Value::Bulk(None),
-            n if (0..=512 * 1024 * 1024).contains(&n) => {
-                let mut buf = vec![0u8; n as usize + 2];
-                r.read_exact(&mut buf)?;
+            n if (0..=MAX_BULK).contains(&n) => {
+                // Read what arrives, not what is claimed: no allocation up front.
+                let mut buf = Vec::new();
+                r.by_ref().take(n as u64 + 2).read_to_end(&mut buf)?;
+                if buf.len() as u64 != n as u64 + 2 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                if !buf.ends_with(b"\r\n") {
+                    return Err(bad("bulk string not terminated by CRLF".into()));
+                }
                 buf.truncate(n as usize);
                 Value::Bulk(Some(buf))
             }
-            _ => return Err(bad("bulk length out of range")),
+            n => {
+                return Err(bad(format!(
+                    "bulk length {n} out of range (at most {MAX_BULK})"
+                )))
+            }
         },
         b'*' => match int(&body)? {
             -1 => Value::Array(None),
-            _ if depth >= 4 => return Err(bad("reply nested too deep")),
-            n if (0..=1_000_000).contains(&n) => Value::Array(Some(
+            _ if depth >= MAX_DEPTH => {
+                return Err(bad(format!("reply nested deeper than {MAX_DEPTH}")))
+            }
+            n if (0..=MAX_ARRAY).contains(&n) => Value::Array(Some(
                 (0..n)
                     .map(|_| read_value(r, depth + 1))
                     .collect::<Result<_, _>>()?,
             )),
-            _ => return Err(bad("array length out of range")),
+            n => {
+                return Err(bad(format!(
+                    "array length {n} out of range (at most {MAX_ARRAY})"
+                )))
+            }
         },
-        _ => return Err(bad("unknown reply type")),
+        _ => return Err(bad("unknown reply type".into())),
     })
+}
+
+/// How an error says the server sent a TLS alert (and nothing else does).
+const REFUSED_BY_ALERT: &str = "the server refused the handshake";
+
+/// What a handshake came to, for proofs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handshake {
+    /// The server accepted our certificate (it answered PING).
+    Accepted,
+    /// The server refused it with a TLS alert (the message names it).
+    Refused(String),
+}
+
+/// Connects with `tls` and says whether the server accepted its certificate or refused it with a
+/// TLS alert. Anything else (no answer before the deadline, a closed connection, no route) is
+/// neither, and an error: a proof that a leaf is refused needs the server's alert.
+pub fn handshake(
+    tls: &TlsClient,
+    endpoint: &str,
+    server_name: &str,
+    deadline: Instant,
+) -> Result<Handshake, RedisError> {
+    match Connection::connect(tls, endpoint, server_name, deadline) {
+        Ok(_) => Ok(Handshake::Accepted),
+        Err(RedisError::Io { detail, .. }) if detail.starts_with(REFUSED_BY_ALERT) => {
+            Ok(Handshake::Refused(detail))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 type Stream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
@@ -196,10 +261,10 @@ impl Connection {
             }
             let detail = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 Some(rustls::Error::AlertReceived(a)) => format!(
-                    "the server refused the handshake (alert {a:?}): it does not accept our client certificate"
+                    "{REFUSED_BY_ALERT} (alert {a:?}): it does not accept our client certificate"
                 ),
                 Some(rustls::Error::InvalidCertificate(c)) => {
-                    format!("the served certificate is not trusted with the deployed CA: {c:?}")
+                    crate::redis::tls::describe_refused_certificate(c)
                 }
                 _ if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     "the server closed the connection".to_string()
@@ -282,6 +347,81 @@ mod tests {
                 String::from_utf8_lossy(bytes)
             );
         }
+    }
+
+    /// The trust-boundary issue: a reply claiming a 512 MiB bulk string was allocated whole
+    /// before a byte of it arrived, a line was read without end, and arrays of a million
+    /// elements were taken.
+    #[test]
+    fn replies_beyond_the_limits_are_refused_without_allocating_what_they_claim() {
+        let cases: [(Vec<u8>, &str); 5] = [
+            (
+                b"$536870912\r\nab".to_vec(),
+                "bulk length 536870912 out of range",
+            ),
+            (
+                [&b"+"[..], &vec![b'a'; MAX_LINE as usize + 10]].concat(),
+                "longer than 65536 bytes",
+            ),
+            (
+                b"*1000000\r\n".to_vec(),
+                "array length 1000000 out of range",
+            ),
+            (
+                format!("${MAX_BULK}\r\nshort\r\n").into_bytes(),
+                "unexpected end of file",
+            ),
+            (b"$2\r\nabXY".to_vec(), "not terminated by CRLF"),
+        ];
+        for (bytes, want) in cases {
+            let e = parse(&bytes).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // At the limits: taken.
+        let big = [
+            format!("${MAX_BULK}\r\n").into_bytes(),
+            vec![b'x'; MAX_BULK as usize],
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        assert!(matches!(parse(&big), Ok(Value::Bulk(Some(b))) if b.len() == MAX_BULK as usize));
+    }
+
+    /// The trust-boundary issue: a proof counted any failed connection as a refusal, so an
+    /// endpoint that never answered "refused" the old leaf. Only a TLS alert is one.
+    #[test]
+    fn a_timeout_or_a_closed_connection_is_not_a_refusal() {
+        use crate::redis::tls::{ClientMaterials, TlsClient};
+        let key = crate::pki::PrivateKey::generate(crate::pki::KeyAlgorithm::EcdsaP256).unwrap();
+        let ca = crate::pki::issue_ca(
+            &crate::pki::issue::default_ca_subject(),
+            1,
+            &key,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        let m = ClientMaterials {
+            ca_cert: ca.clone().into_bytes(),
+            leaf_cert: ca.into_bytes(),
+            leaf_key: key,
+        };
+        let tls = TlsClient::new(&m, true).unwrap();
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closing_addr = closing.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in closing.incoming() {
+                drop(s);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let silent_addr = silent.local_addr().unwrap().to_string();
+        let e = handshake(&tls, &silent_addr, "localhost", deadline).unwrap_err();
+        assert!(matches!(e, RedisError::Timeout { .. }), "{e}");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let e = handshake(&tls, &closing_addr, "localhost", deadline).unwrap_err();
+        assert!(matches!(e, RedisError::Io { .. }), "{e}");
+        drop(silent);
     }
 
     #[test]

@@ -7,13 +7,22 @@
 //! a primary without persistence would bring it back empty, and its replicas would resync from
 //! it). Sentinels cannot reload: one at a time, each back in quorum and seeing the others before
 //! the next. A restart takes one process down, so it needs three of its kind to keep two up.
+//!
+//! A restarted pod comes back with a new IP, a sentinel also with a new ID, and Sentinel never
+//! forgets a peer or replica by itself: the gone entries would count in the majority a failover
+//! leader needs (3 of 5 instead of 2 of 3), so that with one sentinel down no failover could be
+//! authorized. After each sentinel restart, every sentinel that remembers anything gone is reset
+//! (`SENTINEL RESET`), one at a time, each back to exactly the live ones before the next.
 
 use std::time::{Duration, Instant};
 
 use super::reload::{check_proof, reload_tls, Proof};
-use super::replication::{info_replication, Role};
+use super::replication::{info_replication, info_server, Role};
 use super::resp::Connection;
-use super::sentinel::{in_quorum_and_sees_the_others, replica_ready_for_sentinels};
+use super::sentinel::{
+    ckquorum, in_quorum_and_sees_the_others, knows_exactly, master_entry,
+    replica_ready_for_sentinels_by, reset, ReplicaId,
+};
 use super::switchover::{agreed_primary, paused_switchover};
 use super::tls::TlsClient;
 use super::{pause_until, RedisError};
@@ -62,6 +71,14 @@ pub enum Step {
         others: usize,
         replicas: usize,
     },
+    /// After `after`'s restart: each sentinel that knows more than the `others` live sentinels
+    /// and `replicas` live replicas (entries of processes recreated elsewhere) is reset, one at
+    /// a time, and back to knowing exactly those, healthy, before the next.
+    ForgetGone {
+        after: String,
+        others: usize,
+        replicas: usize,
+    },
 }
 
 impl Step {
@@ -73,6 +90,7 @@ impl Step {
             | Step::RestartSentinel { pod }
             | Step::SentinelInQuorum { pod, .. } => pod,
             Step::Switchover { from } => from,
+            Step::ForgetGone { after, .. } => after,
         }
     }
 }
@@ -88,6 +106,10 @@ impl std::fmt::Display for Step {
             Step::SentinelInQuorum { pod, others, replicas } => write!(
                 f,
                 "{pod}: wait until CKQUORUM passes and it sees {others} sentinels and {replicas} replicas"
+            ),
+            Step::ForgetGone { after, others, replicas } => write!(
+                f,
+                "{after}: every sentinel forgets the gone peers and replicas (SENTINEL RESET one at a time, each back to exactly {others} sentinels and {replicas} replicas before the next)"
             ),
         }
     }
@@ -174,6 +196,11 @@ pub fn plan(pods: &[Pod]) -> Result<Vec<Step>, RolloutPlanError> {
             others: sentinels.len() - 1,
             replicas: dbs.len() - 1,
         });
+        steps.push(Step::ForgetGone {
+            after: s.name.clone(),
+            others: sentinels.len() - 1,
+            replicas: dbs.len() - 1,
+        });
     }
     Ok(steps)
 }
@@ -223,6 +250,16 @@ pub fn execute(
         .filter(|s| matches!(s, Step::ReloadDb { .. } | Step::DbCaughtUp { .. }))
         .count();
     for step in steps {
+        // A signal or a lost Lease stops the roll here, between steps, never inside one.
+        if crate::stop::requested() {
+            return Err(RolloutError {
+                step: step.to_string(),
+                error: "not started: asked to stop (a signal or the lost Lease); every step \
+                        before it is complete"
+                    .into(),
+            });
+        }
+        let _busy = crate::stop::busy();
         // Asked again at every step: a restarted pod may come back at another address.
         let sentinels: Vec<String> = steps
             .iter()
@@ -311,18 +348,23 @@ fn run_step(
                 RedisError::NotSwapped { .. } => format!("{NOT_SWAPPED}{e}"),
                 e => e.to_string(),
             }),
-        Step::Switchover { .. } => {
-            match agreed_primary(cx.tls, cx.server_name, sentinels, cx.master, deadline) {
-                // Already moved (a failover since the plan was made): nothing to do.
-                Some(p) if p != endpoint => Ok(()),
-                _ => paused_switchover(cx.tls, cx.server_name, sentinels, cx.master, deadline)
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
+        // The pod itself says whether it is the primary, asked right before: a failover since
+        // the plan was made may have moved the role (then nothing to move), or given it to a
+        // DB planned as a replica (then it moves first). Never an address compared as text.
+        Step::Switchover { .. } => match role_of(cx, &endpoint, deadline)? {
+            Role::Replica => Ok(()),
+            Role::Primary => switch_away_from(cx, sentinels, &endpoint, deadline),
+        },
+        Step::RestartDb { pod } => {
+            if role_of(cx, &endpoint, deadline)? == Role::Primary {
+                switch_away_from(cx, sentinels, &endpoint, deadline)?;
             }
+            pods.restart(pod, deadline)
         }
-        Step::RestartDb { pod } | Step::RestartSentinel { pod } => pods.restart(pod, deadline),
+        Step::RestartSentinel { pod } => pods.restart(pod, deadline),
         Step::DbCaughtUp { .. } => until(deadline, || {
             let mut c = Connection::connect(cx.tls, &endpoint, cx.server_name, deadline)?;
+            let run_id = info_server(&mut c, deadline)?.run_id;
             let me = info_replication(&mut c, deadline)?;
             let primary = me
                 .primary
@@ -349,12 +391,18 @@ fn run_step(
                 }
                 pause_until(deadline, POLL / 5);
             }
-            replica_ready_for_sentinels(
+            // Found in Sentinel's lists by its run ID: Sentinel sees it at its pod IP, which
+            // need not be how the tool reaches it.
+            let id = ReplicaId {
+                endpoint: &endpoint,
+                run_id: Some(&run_id),
+            };
+            replica_ready_for_sentinels_by(
                 cx.tls,
                 cx.server_name,
                 sentinels,
                 cx.master,
-                &endpoint,
+                id,
                 deadline,
             )?;
             check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
@@ -366,7 +414,104 @@ fn run_step(
             in_quorum_and_sees_the_others(&mut c, cx.master, *others, *replicas, deadline)?;
             check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
         }),
+        // Each sentinel's reset has a deadline of its own: it relearns the replicas from the
+        // primary's INFO, which Sentinel may ask for only every 10 s.
+        Step::ForgetGone {
+            others, replicas, ..
+        } => forget_gone(cx, sentinels, *others, *replicas),
     }
+}
+
+/// The role the DB at `endpoint` reports itself (`INFO replication`).
+fn role_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result<Role, String> {
+    Connection::connect(cx.tls, endpoint, cx.server_name, deadline)
+        .and_then(|mut c| info_replication(&mut c, deadline))
+        .map(|r| r.role)
+        .map_err(|e| format!("cannot ask {endpoint} its role before acting on it: {e}"))
+}
+
+/// The `run_id` of the process at `endpoint`: the same process whatever address names it.
+fn run_id_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result<String, String> {
+    Connection::connect(cx.tls, endpoint, cx.server_name, deadline)
+        .and_then(|mut c| info_server(&mut c, deadline))
+        .map(|s| s.run_id)
+        .map_err(|e| e.to_string())
+}
+
+/// Moves the primary role away from the DB at `endpoint` by a paused switchover, once the
+/// sentinels' agreed primary is that very process (same run ID), and proves that it then says
+/// it is a replica.
+fn switch_away_from(
+    cx: &RolloutContext<'_>,
+    sentinels: &[String],
+    endpoint: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    let agreed = agreed_primary(cx.tls, cx.server_name, sentinels, cx.master, deadline)
+        .ok_or_else(|| {
+            format!("{endpoint} says it is the primary, but the sentinels do not agree on one")
+        })?;
+    let (named, mine) = (
+        run_id_of(cx, &agreed, deadline)?,
+        run_id_of(cx, endpoint, deadline)?,
+    );
+    if named != mine {
+        return Err(format!(
+            "{endpoint} says it is the primary, but the sentinels name another process ({agreed}): refusing to restart it or to move the role"
+        ));
+    }
+    paused_switchover(cx.tls, cx.server_name, sentinels, cx.master, deadline)
+        .map_err(|e| e.to_string())?;
+    match role_of(cx, endpoint, deadline)? {
+        Role::Replica => Ok(()),
+        Role::Primary => Err(format!(
+            "{endpoint} still says it is the primary after the switchover"
+        )),
+    }
+}
+
+/// `Step::ForgetGone`: one sentinel at a time, never during a failover (a reset aborts it),
+/// only while the others hold a quorum without it, and each back to exactly the live sentinels
+/// and replicas before the next is touched.
+fn forget_gone(
+    cx: &RolloutContext<'_>,
+    sentinels: &[String],
+    others: usize,
+    replicas: usize,
+) -> Result<(), String> {
+    for s in sentinels {
+        let deadline = Instant::now() + cx.step_timeout;
+        let connect = |s: &str| Connection::connect(cx.tls, s, cx.server_name, deadline);
+        let exact = connect(s)
+            .and_then(|mut c| knows_exactly(&mut c, cx.master, others, replicas, deadline));
+        let Err(why) = exact else { continue };
+        until(deadline, || {
+            for o in sentinels.iter().filter(|o| *o != s) {
+                ckquorum(&mut connect(o)?, cx.master, deadline)?;
+            }
+            let mut c = connect(s)?;
+            let flags = master_entry(&mut c, cx.master, deadline)?
+                .remove("flags")
+                .unwrap_or_default();
+            if flags.split(',').any(|f| f.starts_with("failover")) {
+                return Err(RedisError::Topology(format!(
+                    "{s}: a failover is under way ({flags})"
+                )));
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("{s}: not reset ({why}): {e}"))?;
+        connect(s)
+            .and_then(|mut c| reset(&mut c, cx.master, deadline))
+            .map_err(|e| e.to_string())?;
+        until(deadline, || {
+            let mut c = connect(s)?;
+            ckquorum(&mut c, cx.master, deadline)?;
+            knows_exactly(&mut c, cx.master, others, replicas, deadline)
+        })
+        .map_err(|e| format!("reset, but not back to the live ones: {e}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -403,19 +548,23 @@ mod tests {
                     Step::RestartDb { .. } | Step::RestartSentinel { .. } => "restart",
                     Step::DbCaughtUp { .. } => "caught-up",
                     Step::SentinelInQuorum { .. } => "quorum",
+                    Step::ForgetGone { .. } => "forget",
                 };
                 format!("{kind} {}", s.pod())
             })
             .collect()
     }
 
-    const SENTINELS_ONE_AT_A_TIME: [&str; 6] = [
+    const SENTINELS_ONE_AT_A_TIME: [&str; 9] = [
         "restart sentinel-0",
         "quorum sentinel-0",
+        "forget sentinel-0",
         "restart sentinel-1",
         "quorum sentinel-1",
+        "forget sentinel-1",
         "restart sentinel-2",
         "quorum sentinel-2",
+        "forget sentinel-2",
     ];
 
     #[test]

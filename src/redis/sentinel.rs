@@ -17,8 +17,9 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// `ip:port`, an IPv6 address in brackets.
     pub fn endpoint(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
+        super::join_host_port(&self.ip, self.port)
     }
 
     /// Not flagged subjectively or objectively down, nor disconnected.
@@ -87,7 +88,8 @@ pub fn replicas(
     peers(conn, "REPLICAS", master, deadline)
 }
 
-/// `SENTINEL get-master-addr-by-name`: the primary as `ip:port`, None if unknown.
+/// `SENTINEL get-master-addr-by-name`: the primary as `ip:port` (IPv6 in brackets), None if
+/// unknown.
 pub fn primary_addr(
     conn: &mut Connection,
     master: &str,
@@ -97,7 +99,7 @@ pub fn primary_addr(
     match &reply {
         Value::Array(None) | Value::Bulk(None) => Ok(None),
         Value::Array(Some(items)) if items.len() == 2 => match (items[0].text(), items[1].text()) {
-            (Some(ip), Some(port)) => Ok(Some(format!("{ip}:{port}"))),
+            (Some(ip), Some(port)) => Ok(Some(super::join_host_port(&ip, port))),
             _ => Err(unexpected(conn, "SENTINEL get-master-addr-by-name", &reply)),
         },
         _ => Err(unexpected(conn, "SENTINEL get-master-addr-by-name", &reply)),
@@ -139,6 +141,90 @@ pub fn in_quorum_and_sees_the_others(
     Ok(())
 }
 
+/// `SENTINEL MASTER <master>`: the primary's entry as this sentinel sees it (its `flags` say
+/// whether a failover is under way).
+pub fn master_entry(
+    conn: &mut Connection,
+    master: &str,
+    deadline: Instant,
+) -> Result<BTreeMap<String, String>, RedisError> {
+    let reply = conn.call(&["SENTINEL", "MASTER", master], deadline)?;
+    let items = reply.items();
+    let fields: BTreeMap<String, String> = items
+        .chunks(2)
+        .filter_map(|kv| Some((kv.first()?.text()?, kv.get(1)?.text()?)))
+        .collect();
+    if fields.is_empty() {
+        return Err(unexpected(conn, "SENTINEL MASTER", &reply));
+    }
+    Ok(fields)
+}
+
+/// `SENTINEL RESET <master>`: the sentinel forgets every other sentinel and every replica it
+/// knows for `master` (and any failover state), then relearns the live ones: replicas from the
+/// primary's INFO at once, sentinels from their hello messages (every 2 s).
+pub fn reset(conn: &mut Connection, master: &str, deadline: Instant) -> Result<(), RedisError> {
+    match conn.call(&["SENTINEL", "RESET", master], deadline)? {
+        Value::Int(1) => Ok(()),
+        reply => Err(unexpected(conn, "SENTINEL RESET", &reply)),
+    }
+}
+
+/// Whether this sentinel knows exactly `others` sentinels and `replica_count` replicas, every
+/// one healthy and each replica with its link to the primary up: nothing gone is remembered and
+/// a failover can both be authorized and find a replica to promote. Else a Topology error
+/// listing what it knows.
+pub fn knows_exactly(
+    conn: &mut Connection,
+    master: &str,
+    others: usize,
+    replica_count: usize,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    let seen = sentinels(conn, master, deadline)?;
+    let reps = replicas(conn, master, deadline)?;
+    let link_up = |p: &Peer| p.fields.get("master-link-status").map(String::as_str) == Some("ok");
+    let exact = seen.len() == others
+        && reps.len() == replica_count
+        && seen.iter().all(Peer::healthy)
+        && reps.iter().all(|p| p.healthy() && link_up(p));
+    if exact {
+        return Ok(());
+    }
+    let show = |v: &[Peer]| {
+        v.iter()
+            .map(|p| format!("{} ({})", p.endpoint(), p.flags))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(RedisError::Topology(format!(
+        "{}: knows sentinels [{}] and replicas [{}]; expected exactly {others} and {replica_count}, healthy",
+        conn.endpoint(),
+        show(&seen),
+        show(&reps)
+    )))
+}
+
+/// A replica as the tool knows it: where it reaches it, and (if asked) its `run_id`, which
+/// names it whatever address Sentinel sees it at (a `--redis-endpoint` override, a hostname).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaId<'a> {
+    pub endpoint: &'a str,
+    pub run_id: Option<&'a str>,
+}
+
+impl ReplicaId<'_> {
+    /// Whether Sentinel's entry `p` is this replica: the same run ID, else the same address
+    /// (compared as addresses).
+    pub fn is(&self, p: &Peer) -> bool {
+        let run_id = p.fields.get("runid").filter(|r| !r.is_empty());
+        match (self.run_id, run_id) {
+            (Some(mine), Some(theirs)) if mine == theirs => true,
+            _ => super::same_address(&p.endpoint(), self.endpoint),
+        }
+    }
+}
+
 /// Whether every sentinel at `sentinels` lists the replica at `replica` (`ip:port`) as healthy
 /// with its link to the primary up. Sentinel refreshes a replica's INFO only every 10 s, and a
 /// failover never promotes a replica whose last INFO showed the link down (`NOGOODSLAVE`).
@@ -150,17 +236,45 @@ pub fn replica_ready_for_sentinels(
     replica: &str,
     deadline: Instant,
 ) -> Result<(), RedisError> {
+    let id = ReplicaId {
+        endpoint: replica,
+        run_id: None,
+    };
+    replica_ready_for_sentinels_by(tls, server_name, sentinels, master, id, deadline)
+}
+
+/// `replica_ready_for_sentinels`, the replica found in Sentinel's lists by `id`.
+pub fn replica_ready_for_sentinels_by(
+    tls: &super::TlsClient,
+    server_name: &str,
+    sentinels: &[String],
+    master: &str,
+    id: ReplicaId<'_>,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    let replica = id.endpoint;
     for s in sentinels {
         let mut c = Connection::connect(tls, s, server_name, deadline)?;
         let seen = replicas(&mut c, master, deadline)?;
         let ready = seen.iter().any(|p| {
-            p.endpoint() == replica
+            id.is(p)
                 && p.healthy()
                 && p.fields.get("master-link-status").map(String::as_str) == Some("ok")
         });
         if !ready {
+            let seen: Vec<String> = seen
+                .iter()
+                .map(|p| {
+                    let link = p
+                        .fields
+                        .get("master-link-status")
+                        .map_or("?", String::as_str);
+                    format!("{} ({}, link {link})", p.endpoint(), p.flags)
+                })
+                .collect();
             return Err(RedisError::Topology(format!(
-                "{s}: does not yet see replica {replica} healthy with its link up"
+                "{s}: does not yet see replica {replica} healthy with its link up; it sees [{}]",
+                seen.join(", ")
             )));
         }
     }

@@ -7,19 +7,44 @@
 //! until the sentinels agree on the new primary and it says so (and, briefly, until every sentinel
 //! that answers names it), make sure the old one follows it
 //! (`REPLICAOF` if Sentinel has not yet), disconnect its normal clients so they re-resolve the
-//! primary through the sentinels, `CLIENT UNPAUSE`.
+//! primary through the sentinels, `CLIENT UNPAUSE`, and disconnect them once more (a client that
+//! reconnected between the kill and the unpause found the demoted primary).
+//!
+//! The pause can never end before the outcome is known: it starts only with `MIN_BUDGET` left
+//! in the step, lasts `PAUSE` (Redis ends it by itself if we die), and every wait inside it ends
+//! `MARGIN` before that; each connection and command inside it has `OP_TIMEOUT`, so a sentinel
+//! or replica that stops answering costs that much, not the pause. Replicas that have not caught
+//! up `CATCH_UP` into the pause abort the switchover: unpaused, nothing moved, nothing lost. That
+//! is also before half of Sentinel's `down-after-milliseconds`: a paused primary holds Sentinel's
+//! hello `PUBLISH` and the `PING`s queued behind it, and once down-after passes Sentinel fails it
+//! over by itself, with replicas not yet caught up.
 
 use std::time::{Duration, Instant};
 
 use super::replication::{info_replication, Role};
 use super::resp::Connection;
-use super::sentinel::{primary_addr, replica_ready_for_sentinels};
+use super::sentinel::{master_entry, primary_addr, replica_ready_for_sentinels};
 use super::tls::TlsClient;
-use super::{pause_until, RedisError};
+use super::{pause_until, same_address, split_host_port, RedisError};
 
 const POLL: Duration = Duration::from_millis(20);
-/// The longest a primary stays paused if we die midway (Redis ends the pause by itself).
-const PAUSE_CAP: Duration = Duration::from_secs(30);
+/// How long writes are paused at most: `CLIENT PAUSE`'s own timeout, so a crashed caller never
+/// leaves the primary paused longer.
+pub const PAUSE: Duration = Duration::from_secs(10);
+/// The waits inside the pause end this long before it does.
+pub const MARGIN: Duration = Duration::from_secs(2);
+/// Every replica must hold every write this long into the pause, else the switchover aborts.
+pub const CATCH_UP: Duration = Duration::from_secs(3);
+/// Each connection and command to a sentinel or replica while paused (and each sentinel asked
+/// where the primary is): well below the pause.
+pub const OP_TIMEOUT: Duration = Duration::from_millis(1500);
+/// What must be left of the step when the pause would start: the whole pause, and the unpause.
+pub const MIN_BUDGET: Duration = Duration::from_secs(12);
+
+/// `deadline`, or `OP_TIMEOUT` from now if sooner: one operation's deadline.
+fn soon(deadline: Instant) -> Instant {
+    deadline.min(Instant::now() + OP_TIMEOUT)
+}
 
 #[derive(Debug, Clone)]
 pub struct Switchover {
@@ -45,8 +70,9 @@ pub fn agreed_primary(
 ) -> Option<String> {
     let mut answers: Vec<String> = Vec::new();
     for s in sentinels {
-        let answer = Connection::connect(tls, s, server_name, deadline)
-            .and_then(|mut c| primary_addr(&mut c, master, deadline));
+        let op = soon(deadline);
+        let answer = Connection::connect(tls, s, server_name, op)
+            .and_then(|mut c| primary_addr(&mut c, master, op));
         if let Ok(Some(a)) = answer {
             answers.push(a);
         }
@@ -54,7 +80,7 @@ pub fn agreed_primary(
     let majority = sentinels.len() / 2 + 1;
     answers
         .iter()
-        .find(|a| answers.iter().filter(|b| b == a).count() >= majority)
+        .find(|a| answers.iter().filter(|b| same_address(a, b)).count() >= majority)
         .cloned()
 }
 
@@ -76,10 +102,11 @@ fn every_sentinel_names(
     let until = (Instant::now() + ALL_SENTINELS_WAIT).min(deadline);
     loop {
         let all = sentinels.iter().all(|s| {
-            match Connection::connect(tls, s, server_name, until)
-                .and_then(|mut c| primary_addr(&mut c, master, until))
+            let op = soon(until);
+            match Connection::connect(tls, s, server_name, op)
+                .and_then(|mut c| primary_addr(&mut c, master, op))
             {
-                Ok(named) => named.as_deref() == Some(new),
+                Ok(named) => named.is_some_and(|n| same_address(&n, new)),
                 Err(_) => true,
             }
         });
@@ -115,30 +142,37 @@ pub fn paused_switchover(
         )));
     }
     // Pause only once Sentinel could promote every replica (its view lags a restart by seconds).
+    let pause_by = deadline.checked_sub(MIN_BUDGET).unwrap_or(deadline);
     for r in &info.replicas {
         let endpoint = r.endpoint();
         loop {
-            match replica_ready_for_sentinels(
+            match replica_ready_for_answering_sentinels(
                 tls,
                 server_name,
                 sentinels,
                 master,
                 &endpoint,
-                deadline,
+                pause_by,
             ) {
                 Ok(()) => break,
-                Err(e) if Instant::now() + POLL >= deadline => return Err(e),
-                Err(_) => pause_until(deadline, POLL * 5),
+                Err(e) if Instant::now() + POLL >= pause_by => return Err(e),
+                Err(_) => pause_until(pause_by, POLL * 5),
             }
         }
     }
-    let pause_ms = deadline
-        .saturating_duration_since(Instant::now())
-        .min(PAUSE_CAP)
-        .as_millis()
-        .to_string();
+    let catch_up = CATCH_UP.min(down_after(tls, server_name, sentinels, master, pause_by)? / 2);
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left < MIN_BUDGET {
+        return Err(topology(format!(
+            "{old}: only {:.1} s left of the step, a paused switchover needs {} s (a {} s pause and the unpause): not paused, nothing moved",
+            left.as_secs_f64(),
+            MIN_BUDGET.as_secs(),
+            PAUSE.as_secs()
+        )));
+    }
+    let pause_ms = PAUSE.as_millis().to_string();
     let paused_at = Instant::now();
-    primary.call(&["CLIENT", "PAUSE", &pause_ms, "WRITE"], deadline)?;
+    primary.call(&["CLIENT", "PAUSE", &pause_ms, "WRITE"], soon(deadline))?;
     let moved = move_while_paused(
         tls,
         server_name,
@@ -146,17 +180,20 @@ pub fn paused_switchover(
         master,
         &old,
         &mut primary,
-        (paused_at, deadline),
+        (paused_at, catch_up),
     );
     // Unpause whatever happened: on a new connection if ours broke.
+    let unpause_by = Instant::now() + OP_TIMEOUT * 2;
     let unpaused = primary
-        .call(&["CLIENT", "UNPAUSE"], deadline + Duration::from_secs(2))
+        .call(&["CLIENT", "UNPAUSE"], unpause_by)
         .or_else(|_| {
-            Connection::connect(tls, &old, server_name, deadline + Duration::from_secs(2))
-                .and_then(|mut c| c.call(&["CLIENT", "UNPAUSE"], deadline + Duration::from_secs(2)))
+            Connection::connect(tls, &old, server_name, unpause_by)
+                .and_then(|mut c| c.call(&["CLIENT", "UNPAUSE"], unpause_by))
         });
     let (new, replicaof_sent, caught_up_after, promoted_after) = moved?;
     unpaused?;
+    // A client that reconnected between the kill and the unpause reached the demoted primary.
+    let _ = primary.call(&["CLIENT", "KILL", "TYPE", "normal"], soon(deadline));
     Ok(Switchover {
         old_primary: old,
         new_primary: new,
@@ -167,6 +204,115 @@ pub fn paused_switchover(
     })
 }
 
+/// Whether the sentinels that answer within `OP_TIMEOUT` (a majority at least) all list the
+/// replica healthy with its link up: one that stops answering neither authorizes nor misdirects,
+/// and must not hold the switchover.
+fn replica_ready_for_answering_sentinels(
+    tls: &TlsClient,
+    server_name: &str,
+    sentinels: &[String],
+    master: &str,
+    replica: &str,
+    deadline: Instant,
+) -> Result<(), RedisError> {
+    let mut answering = Vec::new();
+    let mut silent = Vec::new();
+    for s in sentinels {
+        match Connection::connect(tls, s, server_name, soon(deadline)) {
+            Ok(_) => answering.push(s.clone()),
+            Err(e) => silent.push(e.to_string()),
+        }
+    }
+    if answering.len() < sentinels.len() / 2 + 1 {
+        return Err(topology(format!(
+            "fewer than a majority of the sentinels answer: {silent:?}"
+        )));
+    }
+    replica_ready_for_sentinels(tls, server_name, &answering, master, replica, deadline)
+}
+
+/// The shortest `down-after-milliseconds` the answering sentinels have for `master`.
+fn down_after(
+    tls: &TlsClient,
+    server_name: &str,
+    sentinels: &[String],
+    master: &str,
+    deadline: Instant,
+) -> Result<Duration, RedisError> {
+    let mut asked = Vec::new();
+    let mut shortest: Option<Duration> = None;
+    for s in sentinels {
+        let op = soon(deadline);
+        match Connection::connect(tls, s, server_name, op)
+            .and_then(|mut c| master_entry(&mut c, master, op))
+        {
+            Ok(m) => match m
+                .get("down-after-milliseconds")
+                .and_then(|v| v.parse().ok())
+            {
+                Some(ms) => {
+                    let d = Duration::from_millis(ms);
+                    shortest = Some(shortest.map_or(d, |s| s.min(d)));
+                }
+                None => asked.push(format!("{s}: no down-after-milliseconds")),
+            },
+            Err(e) => asked.push(e.to_string()),
+        }
+    }
+    shortest.ok_or_else(|| {
+        topology(format!(
+            "no sentinel told its down-after-milliseconds for {master}: {asked:?}"
+        ))
+    })
+}
+
+/// Every replica holds every acknowledged write, `CATCH_UP` into the pause at the latest: then
+/// whichever Sentinel picks loses nothing. Asked of the replicas themselves (the primary learns
+/// their offsets only once a second), each connection and command within `OP_TIMEOUT`.
+fn wait_caught_up(
+    tls: &TlsClient,
+    server_name: &str,
+    old: &str,
+    primary: &mut Connection,
+    by: Instant,
+) -> Result<(), RedisError> {
+    let paused_since = Instant::now();
+    let info = info_replication(primary, soon(by))?;
+    let target = info.master_repl_offset;
+    let endpoints: Vec<String> = info.replicas.iter().map(|r| r.endpoint()).collect();
+    let mut replicas: Vec<Option<Connection>> = endpoints.iter().map(|_| None).collect();
+    loop {
+        let mut behind = Vec::new();
+        for (r, endpoint) in replicas.iter_mut().zip(&endpoints) {
+            let me = match r {
+                Some(c) => info_replication(c, soon(by)),
+                None => Connection::connect(tls, endpoint, server_name, soon(by))
+                    .and_then(|c| info_replication(r.insert(c), soon(by))),
+            };
+            // At least: the paused primary still sends its replicas PINGs, which move the
+            // offset past `target` after it was read (equality then never comes).
+            match me {
+                Ok(me) if me.link_up && me.replica_offset.is_some_and(|o| o >= target) => {}
+                Ok(me) => behind.push(format!("{endpoint} at {:?}", me.replica_offset)),
+                Err(e) => {
+                    *r = None;
+                    behind.push(e.to_string());
+                }
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() + POLL >= by {
+            return Err(topology(format!(
+                "{old}: replicas did not catch up with offset {target} within {:.1} s of pausing writes, aborted (unpaused, nothing moved): {behind:?}",
+                (by - paused_since).as_secs_f64()
+            )));
+        }
+        pause_until(by, POLL / 4);
+    }
+}
+
 fn move_while_paused(
     tls: &TlsClient,
     server_name: &str,
@@ -174,52 +320,43 @@ fn move_while_paused(
     master: &str,
     old: &str,
     primary: &mut Connection,
-    (paused_at, deadline): (Instant, Instant),
+    (paused_at, catch_up): (Instant, Duration),
 ) -> Result<(String, bool, Duration, Duration), RedisError> {
-    // Every replica holds every acknowledged write: whichever Sentinel picks loses nothing. Asked
-    // of the replicas themselves: the primary learns their offsets only once a second.
-    let info = info_replication(primary, deadline)?;
-    let target = info.master_repl_offset;
-    let mut replicas = info
-        .replicas
-        .iter()
-        .map(|r| Connection::connect(tls, &r.endpoint(), server_name, deadline))
-        .collect::<Result<Vec<_>, _>>()?;
-    loop {
-        let mut behind = Vec::new();
-        for r in &mut replicas {
-            let me = info_replication(r, deadline)?;
-            // At least: the paused primary still sends its replicas PINGs, which move the
-            // offset past `target` after it was read (equality then never comes).
-            if !(me.link_up && me.replica_offset.is_some_and(|o| o >= target)) {
-                behind.push(format!("{} at {:?}", r.endpoint(), me.replica_offset));
-            }
-        }
-        if behind.is_empty() {
-            break;
-        }
-        if Instant::now() + POLL >= deadline {
-            return Err(topology(format!(
-                "{old}: replicas did not catch up with offset {target} while writes were paused: {behind:?}"
-            )));
-        }
-        pause_until(deadline, POLL / 4);
-    }
+    // Every wait below ends before the pause does: the outcome is known while writes wait.
+    let deadline = paused_at + PAUSE - MARGIN;
+    wait_caught_up(tls, server_name, old, primary, paused_at + catch_up)?;
     let caught_up_after = paused_at.elapsed();
     let mut asked = Err(topology("no sentinel to ask".into()));
+    let mut silent = Vec::new();
     for s in sentinels {
-        asked = Connection::connect(tls, s, server_name, deadline)
-            .and_then(|mut c| c.call(&["SENTINEL", "FAILOVER", master], deadline));
-        if asked.is_ok() {
-            break;
+        let op = soon(deadline);
+        asked = Connection::connect(tls, s, server_name, op)
+            .and_then(|mut c| c.call(&["SENTINEL", "FAILOVER", master], op));
+        match &asked {
+            Ok(_) => break,
+            Err(RedisError::Io { .. } | RedisError::Timeout { .. }) => silent.push(s.clone()),
+            Err(_) => {}
         }
     }
     asked?;
+    // A sentinel that did not answer is not asked again while paused (each try would cost
+    // `OP_TIMEOUT`), as long as the others are a majority of all: their agreement still is one.
+    let answering: Vec<String> = sentinels
+        .iter()
+        .filter(|s| !silent.contains(s))
+        .cloned()
+        .collect();
+    let ask = if answering.len() > sentinels.len() / 2 {
+        &answering[..]
+    } else {
+        sentinels
+    };
     let new = loop {
-        if let Some(p) = agreed_primary(tls, server_name, sentinels, master, deadline) {
-            if p != old {
-                let promoted = Connection::connect(tls, &p, server_name, deadline)
-                    .and_then(|mut c| info_replication(&mut c, deadline));
+        if let Some(p) = agreed_primary(tls, server_name, ask, master, deadline) {
+            if !same_address(&p, old) {
+                let op = soon(deadline);
+                let promoted = Connection::connect(tls, &p, server_name, op)
+                    .and_then(|mut c| info_replication(&mut c, op));
                 if matches!(promoted, Ok(ref i) if i.role == Role::Primary) {
                     break p;
                 }
@@ -227,23 +364,28 @@ fn move_while_paused(
         }
         if Instant::now() + POLL >= deadline {
             return Err(topology(format!(
-                "the sentinels did not agree on a new primary for {master} (still {old}) before the deadline"
+                "SENTINEL FAILOVER was accepted, but the sentinels did not agree on a new primary for {master} (still {old}) {} s into the pause: unpaused with the outcome unknown",
+                (PAUSE - MARGIN).as_secs()
             )));
         }
         pause_until(deadline, POLL);
     };
     let promoted_after = paused_at.elapsed();
-    every_sentinel_names(tls, server_name, sentinels, master, &new, deadline);
+    every_sentinel_names(tls, server_name, ask, master, &new, deadline);
     // Sentinel would turn the old primary into a replica of the new one too, but only after its
     // next INFO poll (seconds); while paused nobody writes to it, so it follows now.
-    let info = info_replication(primary, deadline)?;
-    let replicaof_sent =
-        !(info.role == Role::Replica && info.primary.as_deref() == Some(new.as_str()));
+    let info = info_replication(primary, soon(deadline))?;
+    let replicaof_sent = !(info.role == Role::Replica
+        && info
+            .primary
+            .as_deref()
+            .is_some_and(|p| same_address(p, &new)));
     if replicaof_sent {
-        let (host, port) = new.rsplit_once(':').expect("ip:port");
-        primary.call(&["REPLICAOF", host, port], deadline)?;
+        let (host, port) = split_host_port(&new)
+            .ok_or_else(|| topology(format!("{new}: not a host:port the sentinels named")))?;
+        primary.call(&["REPLICAOF", &host, &port.to_string()], soon(deadline))?;
     }
     // Clients still connected to the old primary must find the new one through the sentinels.
-    primary.call(&["CLIENT", "KILL", "TYPE", "normal"], deadline)?;
+    primary.call(&["CLIENT", "KILL", "TYPE", "normal"], soon(deadline))?;
     Ok((new, replicaof_sent, caught_up_after, promoted_after))
 }

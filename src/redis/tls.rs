@@ -50,7 +50,7 @@ impl ClientMaterials {
     /// a client that reconnects after kubelet's swap sees the new files.
     pub fn from_dir(dir: &std::path::Path) -> Result<Self, TlsSetupError> {
         let read = |name: &str| {
-            std::fs::read(dir.join(name))
+            crate::limits::read_bounded(&dir.join(name))
                 .map_err(|e| TlsSetupError::Materials(format!("{}: {e}", dir.join(name).display())))
         };
         let key_path = dir.join(LEAF_KEY);
@@ -98,6 +98,10 @@ pub(crate) struct Verifier {
     algorithms: WebPkiSupportedAlgorithms,
     /// The last served certificate, for reports (probe uses one connection at a time).
     pub(crate) seen: Mutex<Option<(VerifyPath, Certificate)>>,
+    /// The deployed leaf the server must serve, when known: it decides the verification path
+    /// (not what is served), and on the path without a name check the served certificate must
+    /// be it, byte for byte.
+    deployed: Option<Certificate>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -150,8 +154,22 @@ impl ServerCertVerifier for Verifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let served = parse_served(end_entity)?;
-        let path = verify_path(&served);
+        let path = verify_path(self.deployed.as_ref().unwrap_or(&served));
         *self.seen.lock().expect("not poisoned") = Some((path, served.clone()));
+        if let Some(d) = self
+            .deployed
+            .as_ref()
+            .filter(|_| path == VerifyPath::LegacyNoNameCheck)
+        {
+            if d.der() != served.der() {
+                return Err(rustls::Error::General(format!(
+                    "the served certificate (SHA-256 {}) is not the deployed leaf (SHA-256 {}): \
+                     a leaf without subjectAltName cannot be checked by name, so only the \
+                     deployed one is accepted",
+                    served.sha256_fingerprint, d.sha256_fingerprint
+                )));
+            }
+        }
         match path {
             VerifyPath::Webpki => {
                 self.webpki
@@ -267,6 +285,21 @@ impl std::fmt::Debug for TlsClient {
 
 impl TlsClient {
     pub fn new(m: &ClientMaterials, client_cert: bool) -> Result<Self, TlsSetupError> {
+        Self::with_deployed(m, client_cert, false)
+    }
+
+    /// A client of the deployed materials whose server must serve the same leaf (`probe`): the
+    /// verification path comes from that leaf, not from what is served, and a served leaf
+    /// without subjectAltName must be it.
+    pub fn for_deployed(m: &ClientMaterials, client_cert: bool) -> Result<Self, TlsSetupError> {
+        Self::with_deployed(m, client_cert, true)
+    }
+
+    fn with_deployed(
+        m: &ClientMaterials,
+        client_cert: bool,
+        pin: bool,
+    ) -> Result<Self, TlsSetupError> {
         let provider = Arc::new(provider::default_provider());
         let cas = parse_bundle(&m.ca_cert, CA_CERT)?;
         let mut roots = rustls::RootCertStore::empty();
@@ -279,16 +312,16 @@ impl TlsClient {
         let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(|e| TlsSetupError::Materials(e.to_string()))?;
+        let leaf = pki::parse_certificate(&m.leaf_cert, LEAF_CERT)
+            .map_err(|e| TlsSetupError::Materials(e.to_string()))?;
+        let leaf_der = leaf.der().to_vec();
         let verifier = Arc::new(Verifier {
             cas,
             webpki,
             algorithms: provider.signature_verification_algorithms,
             seen: Mutex::new(None),
+            deployed: pin.then_some(leaf),
         });
-        let leaf_der = pki::parse_certificate(&m.leaf_cert, LEAF_CERT)
-            .map_err(|e| TlsSetupError::Materials(e.to_string()))?
-            .der()
-            .to_vec();
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
             .dangerous()
@@ -306,6 +339,11 @@ impl TlsClient {
         } else {
             builder.with_no_client_auth()
         };
+        let mut config = config;
+        // Every connection is a full handshake: a resumed session skips the certificates, and a
+        // proof (the server now accepts or refuses this leaf, serves that one) would prove
+        // nothing.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(TlsClient {
             config: Arc::new(config),
             verifier,
@@ -319,6 +357,52 @@ impl TlsClient {
     }
 }
 
+/// Why the served certificate was refused, in words and with what to do: not a Rust `Debug`
+/// of rustls' error. A name mismatch is not a trust problem: the chain was fine.
+pub fn describe_refused_certificate(c: &CertificateError) -> String {
+    use rustls::pki_types::ServerName;
+    match c {
+        CertificateError::NotValidForNameContext {
+            expected,
+            presented,
+        } => {
+            let expected = match expected {
+                ServerName::DnsName(d) => d.as_ref().to_string(),
+                ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+                _ => "the server name".to_string(),
+            };
+            format!(
+                "the served certificate is not valid for the name {expected:?} it was reached \
+                 by (it names {}): reach it by one of those names (--server-name), or issue the \
+                 leaf with --dns {expected}",
+                if presented.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    presented.join(", ")
+                }
+            )
+        }
+        CertificateError::NotValidForName => "the served certificate is not valid for the name \
+             it was reached by: reach it by a name of its subjectAltName (--server-name)"
+            .to_string(),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "the served certificate has expired: renew it (rotate)".to_string()
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "the served certificate is not valid yet: check the clocks".to_string()
+        }
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+            "the served certificate is not signed by the deployed CA: the server serves a \
+             leaf of another CA (a copy out of sync?); run check"
+                .to_string()
+        }
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "the served certificate's extendedKeyUsage does not allow a TLS server".to_string()
+        }
+        other => format!("the served certificate is refused: {other}"),
+    }
+}
+
 /// SHA-256 over DER, upper-case hex with colons, as `openssl x509 -fingerprint -sha256`.
 pub fn fingerprint(der: &[u8]) -> String {
     pki::inspect::hex_upper(&openssl::sha::sha256(der), ":")
@@ -328,6 +412,121 @@ pub fn fingerprint(der: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::pki::{issue::default_ca_subject, KeyAlgorithm};
+
+    /// A v1 certificate (as the seeds make them) of `subject`, signed by `signer`.
+    fn v1(
+        subject: &str,
+        issuer: &str,
+        key: &openssl::pkey::PKeyRef<openssl::pkey::Private>,
+        signer: &openssl::pkey::PKeyRef<openssl::pkey::Private>,
+    ) -> openssl::x509::X509 {
+        use openssl::{asn1::Asn1Time, bn::BigNum, hash::MessageDigest, x509};
+        let name = |cn: &str| {
+            let mut n = x509::X509NameBuilder::new().unwrap();
+            n.append_entry_by_text("CN", cn).unwrap();
+            n.build()
+        };
+        let mut b = x509::X509Builder::new().unwrap();
+        b.set_version(0).unwrap();
+        let serial = BigNum::from_u32(rand_serial())
+            .unwrap()
+            .to_asn1_integer()
+            .unwrap();
+        b.set_serial_number(&serial).unwrap();
+        b.set_subject_name(&name(subject)).unwrap();
+        b.set_issuer_name(&name(issuer)).unwrap();
+        b.set_pubkey(key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(30).unwrap())
+            .unwrap();
+        b.sign(signer, MessageDigest::sha256()).unwrap();
+        b.build()
+    }
+
+    fn rand_serial() -> u32 {
+        let mut b = [0u8; 4];
+        openssl::rand::rand_bytes(&mut b).unwrap();
+        u32::from_be_bytes(b) >> 1
+    }
+
+    /// The trust-boundary issue: the verification path came from the *served* certificate, so a
+    /// server serving any v1 leaf of the bundle's CA (no name to check) passed `probe`. With the
+    /// deployed leaf known, a v1 served leaf must be the deployed one.
+    #[test]
+    fn without_a_name_to_check_only_the_deployed_leaf_is_accepted() {
+        use openssl::{ec, nid::Nid, pkey::PKey};
+        let key = || {
+            let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+            PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap()
+        };
+        let (ca_key, a_key, b_key) = (key(), key(), key());
+        let ca = v1("CA", "CA", &ca_key, &ca_key);
+        let a = v1("Server", "CA", &a_key, &ca_key);
+        let b = v1("Server", "CA", &b_key, &ca_key);
+        let m = ClientMaterials {
+            ca_cert: ca.to_pem().unwrap(),
+            leaf_cert: a.to_pem().unwrap(),
+            leaf_key: PrivateKey::from_pem(&a_key.private_key_to_pem_pkcs8().unwrap(), "a")
+                .unwrap(),
+        };
+        let name = ServerName::try_from("dssm.example").unwrap();
+        let verify = |c: &TlsClient, served: &openssl::x509::X509| {
+            let der = CertificateDer::from(served.to_der().unwrap());
+            c.verifier
+                .verify_server_cert(&der, &[], &name, &[], UnixTime::now())
+                .map(|_| ())
+        };
+        let pinned = TlsClient::for_deployed(&m, true).unwrap();
+        assert!(verify(&pinned, &a).is_ok());
+        let e = verify(&pinned, &b).unwrap_err().to_string();
+        assert!(e.contains("is not the deployed leaf"), "{e}");
+        // Without the deployed leaf (proof clients holding another leaf), as before.
+        assert!(verify(&TlsClient::new(&m, true).unwrap(), &b).is_ok());
+    }
+
+    /// The trust-boundary issue: proof connections allowed TLS session resumption, where a
+    /// resumed session shows no certificate: a proof that a process accepts or refuses a leaf,
+    /// or serves one, proved nothing.
+    #[test]
+    fn clients_never_resume_tls_sessions() {
+        let m = ClientMaterials {
+            ca_cert: ca(),
+            leaf_cert: ca(),
+            leaf_key: PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        };
+        for client_cert in [true, false] {
+            let c = TlsClient::new(&m, client_cert).unwrap();
+            let r = format!("{:?}", c.config.resumption);
+            assert!(
+                r.contains("NoClientSessionStorage") && r.contains("Disabled"),
+                "{r}"
+            );
+        }
+    }
+
+    /// The trust-boundary issue: a name mismatch in `probe` printed rustls' Debug
+    /// (`NotValidForNameContext { expected: DnsName(..), presented: [..] }`) under "not trusted
+    /// with the deployed CA", while the chain was fine.
+    #[test]
+    fn a_refused_certificate_is_described_in_words_with_what_to_do() {
+        use rustls::pki_types::ServerName;
+        let c = CertificateError::NotValidForNameContext {
+            expected: ServerName::try_from("redis.example").unwrap(),
+            presented: vec!["DnsName(\"other.svc\")".into()],
+        };
+        let m = describe_refused_certificate(&c);
+        assert!(
+            m.contains("not valid for the name \"redis.example\"")
+                && m.contains("--server-name")
+                && m.contains("--dns redis.example")
+                && !m.contains("NotValidForNameContext")
+                && !m.contains("not trusted"),
+            "{m}"
+        );
+        let m = describe_refused_certificate(&CertificateError::UnknownIssuer);
+        assert!(m.contains("not signed by the deployed CA"), "{m}");
+    }
 
     fn ca() -> Vec<u8> {
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();

@@ -2,7 +2,7 @@
 //! watch streams mid-way, so the tests can prove what the program does when the API server
 //! misbehaves as real ones do (overload, restarts, compaction).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::store::State;
 
@@ -16,10 +16,22 @@ pub struct Fault {
     pub times: usize,
     pub status: Option<u16>,
     pub delay: Option<Duration>,
+    /// An outage: every request (any method, any path) is answered `status` until then.
+    pub until: Option<Instant>,
     seen: usize,
 }
 
 impl Fault {
+    /// An API outage of `lasting` from now: every request is answered 503, as a kube-apiserver
+    /// behind a load balancer with no healthy backend is. Add it with `ApiServer::add_fault`
+    /// after `State::end_watches`, so that open watches end as the connections would.
+    pub fn outage(lasting: Duration) -> Self {
+        Fault {
+            until: Some(Instant::now() + lasting),
+            ..Fault::status("", "", 1, 503)
+        }
+    }
+
     pub fn status(method: &str, path_contains: &str, nth: usize, status: u16) -> Self {
         Fault {
             method: method.into(),
@@ -28,6 +40,7 @@ impl Fault {
             times: 1,
             status: Some(status),
             delay: None,
+            until: None,
             seen: 0,
         }
     }
@@ -39,6 +52,7 @@ impl Fault {
             times: 1,
             status: None,
             delay: Some(delay),
+            until: None,
             seen: 0,
         }
     }
@@ -119,6 +133,12 @@ pub(crate) fn request_fault(
     path: &str,
 ) -> Option<(Option<u16>, Option<Duration>)> {
     for f in s.faults.iter_mut() {
+        if let Some(until) = f.until {
+            if Instant::now() < until {
+                return Some((f.status, None));
+            }
+            continue;
+        }
         if f.method == method && path.contains(&f.path_contains) {
             f.seen += 1;
             if f.seen >= f.nth && f.seen < f.nth + f.times {

@@ -37,6 +37,35 @@ pub use store::{
     resource, Recorded, Resource, State, Timing, PROMETHEUS_OPERATOR_GROUP, RESOURCES,
 };
 
+/// How the pods of `ApiServer::install_dssm_mounting` mount our two Secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretMount {
+    /// No volume.
+    None,
+    /// Directory volumes, not optional: the pod waits for the Secrets.
+    Required,
+    /// Directory volumes with `optional: true`: the pod runs without them.
+    Optional,
+}
+
+impl SecretMount {
+    /// A pod spec with one container `name` mounting the Secrets as `self` says, at the paths
+    /// TMM mounts them (/etc/ssl/certs, /etc/ssl/private).
+    fn pod_spec(self, name: &str, image: &str) -> Value {
+        let mut container = json!({"name": name, "image": image});
+        if self == SecretMount::None {
+            return json!({"containers": [container]});
+        }
+        let optional = self == SecretMount::Optional;
+        container["volumeMounts"] = json!([
+            {"name": "dssm-certs", "mountPath": "/etc/ssl/certs", "readOnly": true},
+            {"name": "dssm-keys", "mountPath": "/etc/ssl/private", "readOnly": true}]);
+        json!({"containers": [container], "volumes": [
+            {"name": "dssm-certs", "secret": {"secretName": "dssm-certs-secret", "optional": optional}},
+            {"name": "dssm-keys", "secret": {"secretName": "dssm-keys-secret", "optional": optional}}]})
+    }
+}
+
 pub const ADMIN_TOKEN: &str = "admin-token";
 pub const SA_TOKEN: &str = "dssm-certs-sa-token";
 /// The agent's own read-only ServiceAccount (`dssm-certs-agent`, next to `dssm-certs`).
@@ -277,19 +306,39 @@ impl ApiServer {
     /// A dSSM installation: StatefulSets f5-dssm-db and f5-dssm-sentinel (3 each) in `dssm_ns`,
     /// Deployment f5-tmm with `tmm_replicas` in `tmm_ns`. Their pods appear through the controllers.
     pub fn install_dssm(&self, dssm_ns: &str, tmm_ns: &str, tmm_replicas: i64) {
+        self.install_dssm_mounting(
+            dssm_ns,
+            tmm_ns,
+            tmm_replicas,
+            SecretMount::None,
+            SecretMount::None,
+        );
+    }
+
+    /// `install_dssm`, with the dSSM pods and the TMM pods mounting `dssm-certs-secret` and
+    /// `dssm-keys-secret` as `dssm` and `tmm` say (the SPK charts mount both, not optional: their
+    /// pods wait for the Secrets).
+    pub fn install_dssm_mounting(
+        &self,
+        dssm_ns: &str,
+        tmm_ns: &str,
+        tmm_replicas: i64,
+        dssm: SecretMount,
+        tmm: SecretMount,
+    ) {
         // podManagementPolicy unset: OrderedReady, the API default (one pod at a time, each
         // Ready before the next), as the dSSM StatefulSets run.
         for app in ["f5-dssm-db", "f5-dssm-sentinel"] {
             self.put("apps", "statefulsets", dssm_ns, json!({
                 "metadata": {"name": app, "labels": {"app": app}},
                 "spec": {"replicas": 3, "serviceName": app, "selector": {"matchLabels": {"app": app}},
-                         "template": {"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "redis", "image": "f5-dssm-store"}]}}},
+                         "template": {"metadata": {"labels": {"app": app}}, "spec": dssm.pod_spec("redis", "f5-dssm-store")}},
             }));
         }
         self.put("apps", "deployments", tmm_ns, json!({
             "metadata": {"name": "f5-tmm", "labels": {"app": "f5-tmm"}},
             "spec": {"replicas": tmm_replicas, "selector": {"matchLabels": {"app": "f5-tmm"}},
-                     "template": {"metadata": {"labels": {"app": "f5-tmm"}}, "spec": {"containers": [{"name": "f5-tmm", "image": "tmm"}]}}},
+                     "template": {"metadata": {"labels": {"app": "f5-tmm"}}, "spec": tmm.pod_spec("f5-tmm", "tmm")}},
         }));
     }
 

@@ -308,6 +308,9 @@ pub struct State {
     pub created_rv: HashMap<String, u64>,
     /// pod uid -> when the simulated kubelet marked it Ready.
     pub ready_at: HashMap<String, Instant>,
+    /// How many pod IPs the simulated kubelet handed out: the next pod gets the next loopback
+    /// address (`controllers::kubelet::pod_ip`).
+    pub(crate) pod_ips: u32,
 }
 
 /// The API server's defaulting of the workload specs we serve (pkg/apis/apps/v1/defaults.go
@@ -394,6 +397,7 @@ impl State {
             uid: 0,
             created_rv: HashMap::new(),
             ready_at: HashMap::new(),
+            pod_ips: 0,
         }
     }
 

@@ -190,17 +190,20 @@ impl Bed {
         );
         let dssm_dir = write_files(&root.join("dssm-files"), &dssm_files);
         let tmm_dir = write_files(&root.join("tmm-files"), &tmm_files[0]);
-        let topology = Topology::start_with(|_, dir| {
+        let mut topology = Topology::start_with(|_, dir| {
             KubeletMount::create(dir, &dssm_dir);
         });
+        // The tool reaches each pod at its `--redis-endpoint`, fixed for the run: recreated pods
+        // keep their address here (still with a fresh config, a sentinel with a new ID).
+        topology.new_ip_on_restart = false;
         let load = Load::start(&topology, &tmm_dir, cfg);
         let redis_endpoints = topology
             .procs
             .iter()
-            .map(|p| format!("f5-dssm-{}=127.0.0.1:{}", p.name, p.port))
+            .map(|p| format!("f5-dssm-{}={}", p.name, p.endpoint()))
             .collect::<Vec<_>>()
             .join(",");
-        let sentinel = format!("127.0.0.1:{}", topology.get("sentinel-0").port);
+        let sentinel = topology.get("sentinel-0").endpoint();
         let mut dssm_sync = SecretSync {
             ns: dssm_ns.clone(),
             mounts: topology.procs.iter().map(|p| p.mount.clone()).collect(),

@@ -168,7 +168,7 @@ pub fn fingerprint_of(dir: &Path) -> String {
 #[derive(Clone)]
 struct Target {
     is_db: bool,
-    endpoint: String,
+    port: u16,
     mount: PathBuf,
 }
 
@@ -237,7 +237,9 @@ impl Default for LoadConfig {
         LoadConfig {
             clients: 2,
             interval: Duration::from_millis(10),
-            max_ops: 9_000,
+            // A safety stop (5 min at 100 ops/s): a CA rotation's three phases, each resetting
+            // the sentinels one at a time after every sentinel restart, take about two.
+            max_ops: 30_000,
             op_timeout: Duration::from_secs(3),
             sample_every: Duration::from_millis(150),
         }
@@ -257,15 +259,22 @@ pub struct Load {
     pub client_mounts: Vec<KubeletMount>,
     clients: Vec<JoinHandle<ClientStats>>,
     sampler: JoinHandle<(usize, usize, usize)>,
-    sentinels: Vec<String>,
+    sentinels: Vec<u16>,
+}
+
+/// The sentinels' endpoints now (their ports are stable; their IPs change when recreated): what a
+/// client resolving the sentinels' Service would get.
+fn sentinel_endpoints(ports: &[u16]) -> Vec<String> {
+    ports.iter().map(|p| super::redis::endpoint(*p)).collect()
 }
 
 fn connect_primary(
     mount: &Path,
-    sentinels: &[String],
+    sentinels: &[u16],
     first: usize,
     deadline: Instant,
 ) -> Result<Connection, String> {
+    let sentinels = sentinel_endpoints(sentinels);
     // Reconnecting re-reads the mount: a rolled TMM pod starts with the current files.
     let materials = ClientMaterials::from_dir(mount).map_err(|e| e.to_string())?;
     let tls = TlsClient::new(&materials, true).map_err(|e| e.to_string())?;
@@ -295,7 +304,7 @@ fn connect_primary(
 fn write_once(
     conn: &mut Option<Connection>,
     mount: &Path,
-    sentinels: &[String],
+    sentinels: &[u16],
     first: usize,
     key: &str,
     timeout: Duration,
@@ -320,17 +329,17 @@ fn up(t: &Target) -> bool {
     ClientMaterials::from_dir(&t.mount)
         .ok()
         .and_then(|m| TlsClient::new(&m, true).ok())
-        .is_some_and(|tls| Connection::connect(&tls, &t.endpoint, SERVER_NAME, deadline).is_ok())
+        .is_some_and(|tls| {
+            let endpoint = super::redis::endpoint(t.port);
+            Connection::connect(&tls, &endpoint, SERVER_NAME, deadline).is_ok()
+        })
 }
 
 impl Load {
     /// Starts `cfg.clients` clients, each with its own kubelet-like mount of `client_files`.
     pub fn start(t: &Topology, client_files: &Path, cfg: LoadConfig) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let sentinels: Vec<String> = t
-            .sentinels()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect();
+        let sentinels: Vec<u16> = t.sentinels().map(|s| s.port).collect();
         let prefix = format!("tmm:{}", timestamped_name());
         let mut rolls = Vec::new();
         let mut acks = Vec::new();
@@ -397,7 +406,7 @@ impl Load {
             .iter()
             .map(|p| Target {
                 is_db: p.role == super::redis::Role::Db,
-                endpoint: format!("127.0.0.1:{}", p.port),
+                port: p.port,
                 mount: p.mount.clone(),
             })
             .collect();
@@ -527,7 +536,7 @@ pub struct TestPods<'a>(pub &'a mut Topology);
 
 impl Pods for TestPods<'_> {
     fn endpoint(&self, pod: &str) -> String {
-        format!("127.0.0.1:{}", self.0.get(pod).port)
+        self.0.get(pod).endpoint()
     }
     fn restart(&mut self, pod: &str, _deadline: Instant) -> Result<(), String> {
         self.0.restart(pod);
@@ -568,13 +577,27 @@ pub fn roll_dssm_mounted(
     proof: Proof<'_>,
     sub_path: bool,
 ) {
+    roll_dssm_keeping(t, files, tool, proof, sub_path, |_| true)
+}
+
+/// `roll_dssm_mounted` running only the planned steps `keep` keeps (a contrast: the roll as it
+/// was without one kind of step).
+pub fn roll_dssm_keeping(
+    t: &mut Topology,
+    files: &Path,
+    tool: &TlsClient,
+    proof: Proof<'_>,
+    sub_path: bool,
+    keep: impl Fn(&rollout::Step) -> bool,
+) {
     for p in &t.procs {
         KubeletMount {
             dir: p.mount.clone(),
         }
         .swap(files);
     }
-    let steps = rollout::plan(&observed_pods(t, sub_path)).unwrap();
+    let mut steps = rollout::plan(&observed_pods(t, sub_path)).unwrap();
+    steps.retain(keep);
     let cx = RolloutContext {
         tls: tool,
         server_name: SERVER_NAME,
@@ -596,7 +619,7 @@ pub struct SwapOnRestart<'a> {
 
 impl Pods for SwapOnRestart<'_> {
     fn endpoint(&self, pod: &str) -> String {
-        format!("127.0.0.1:{}", self.topology.get(pod).port)
+        self.topology.get(pod).endpoint()
     }
     fn restart(&mut self, pod: &str, _deadline: Instant) -> Result<(), String> {
         KubeletMount {
@@ -616,7 +639,11 @@ pub mod scenarios {
     const ROLL_GAP: Duration = Duration::from_millis(500);
 
     fn start(files: &Path, cfg: LoadConfig) -> (Topology, Load) {
-        let t = Topology::start_with(|_, dir| {
+        start_on(false, files, cfg)
+    }
+
+    fn start_on(ipv6: bool, files: &Path, cfg: LoadConfig) -> (Topology, Load) {
+        let t = Topology::start_on(ipv6, |_, dir| {
             KubeletMount::create(dir, files);
         });
         let load = Load::start(&t, files, cfg);
@@ -633,9 +660,14 @@ pub mod scenarios {
     /// (a) with `sub_path` mounts: DBs cannot reload, so replicas restart one at a time, caught
     /// up before the next, and the primary restarts last after a paused switchover.
     pub fn leaf_renewal_mounted(cfg: LoadConfig, sub_path: bool) -> Figures {
+        leaf_renewal_on(cfg, sub_path, false)
+    }
+
+    /// `leaf_renewal_mounted`, with IPv6 pod IPs if `ipv6` (every process on `::1`).
+    pub fn leaf_renewal_on(cfg: LoadConfig, sub_path: bool, ipv6: bool) -> Figures {
         let tmp = super::super::tempdir();
         let (old, new) = renewal_materials(tmp.path());
-        let (mut t, load) = start(&old, cfg);
+        let (mut t, load) = start_on(ipv6, &old, cfg);
         let tool = tls_client(&new);
         let proof = Proof {
             serves: Some(fingerprint_of(&new)),
@@ -646,6 +678,123 @@ pub mod scenarios {
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
         load.finish(&new)
+    }
+
+    /// (a) with `subPath` mounts, on a plan made before the primary moved: the plan restarts
+    /// db-1 and db-2 as replicas and moves db-0's role last, but by the time it runs the role has
+    /// moved to another DB (a paused switchover, lossless, stands for a failover). Returns the
+    /// figures and the primary when the roll started.
+    pub fn leaf_renewal_on_a_stale_plan(cfg: LoadConfig) -> (Figures, String) {
+        let tmp = super::super::tempdir();
+        let (old, new) = renewal_materials(tmp.path());
+        let (mut t, load) = start(&old, cfg);
+        let tool = tls_client(&new);
+        for p in &t.procs {
+            KubeletMount {
+                dir: p.mount.clone(),
+            }
+            .swap(&new);
+        }
+        let steps = rollout::plan(&observed_pods(&t, true)).unwrap();
+        let sentinels: Vec<String> = t.sentinels().map(|s| s.endpoint()).collect();
+        let old_tool = tls_client(&old);
+        dssm_certs::redis::switchover::paused_switchover(
+            &old_tool,
+            SERVER_NAME,
+            &sentinels,
+            MASTER,
+            Instant::now() + Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let moved_to = t.wait_healthy(Duration::from_secs(60));
+        let primary = t.dbs().find(|d| d.port == moved_to).unwrap().name.clone();
+        let cx = RolloutContext {
+            tls: &tool,
+            server_name: SERVER_NAME,
+            master: MASTER,
+            proof: Proof {
+                serves: Some(fingerprint_of(&new)),
+                accepts: vec![&tool],
+                refuses: vec![],
+            },
+            step_timeout: Duration::from_secs(30),
+            reload_timeout: Duration::from_secs(30),
+        };
+        rollout::execute(&steps, &mut TestPods(&mut t), &cx, |_, _| {})
+            .unwrap_or_else(|e| panic!("{e}"));
+        load.roll_clients(&new, ROLL_GAP);
+        load.settle();
+        (load.finish(&new), primary)
+    }
+
+    /// What the sentinels know after a rotation, and how a failover with one of them down went.
+    #[derive(Debug)]
+    pub struct Resilience {
+        /// Per sentinel: (name, sentinels it knows, replicas it knows, of which healthy).
+        pub knows: Vec<(String, usize, usize, usize)>,
+        /// How long until the two live sentinels agreed on a new primary, if within the bound.
+        pub failover: Option<Duration>,
+    }
+
+    /// The bound of the failover with one sentinel down (Sentinel itself takes ~3.5 s here).
+    pub const FAILOVER_BOUND: Duration = Duration::from_secs(20);
+
+    /// (a) under load, each sentinel coming back at a new IP with a new ID; then, the load
+    /// judged, sentinel-2 stopped and the primary killed: does a new primary get elected within
+    /// `FAILOVER_BOUND`? `forget_gone`: whether the roll resets the sentinels after each
+    /// restart (without: the roll as it was before, for contrast).
+    pub fn leaf_renewal_then_failover(cfg: LoadConfig, forget_gone: bool) -> (Figures, Resilience) {
+        let tmp = super::super::tempdir();
+        let (old, new) = renewal_materials(tmp.path());
+        let (mut t, load) = start(&old, cfg);
+        let tool = tls_client(&new);
+        let proof = Proof {
+            serves: Some(fingerprint_of(&new)),
+            accepts: vec![&tool],
+            refuses: vec![],
+        };
+        roll_dssm_keeping(&mut t, &new, &tool, proof, false, |s| {
+            forget_gone || !matches!(s, rollout::Step::ForgetGone { .. })
+        });
+        load.roll_clients(&new, ROLL_GAP);
+        load.settle();
+        let figures = load.finish(&new);
+        let resilience = failover_with_one_sentinel_down(&mut t);
+        (figures, resilience)
+    }
+
+    /// What each sentinel knows now; then sentinel-2 stopped, the primary killed, and the time
+    /// until the two others agree on a new primary (None: not within `FAILOVER_BOUND`).
+    pub fn failover_with_one_sentinel_down(t: &mut Topology) -> Resilience {
+        let knows = t
+            .sentinels()
+            .map(|s| {
+                let (sentinels, replicas) = t.sentinel_knows(&s.name);
+                let healthy = replicas.iter().filter(|e| super::super::redis::healthy(e));
+                (
+                    s.name.clone(),
+                    sentinels.len(),
+                    replicas.len(),
+                    healthy.count(),
+                )
+            })
+            .collect();
+        let old = t
+            .agreed_primary()
+            .expect("the sentinels agree on a primary");
+        let primary = t.dbs().find(|d| d.port == old).unwrap().name.clone();
+        t.stop_proc("sentinel-2");
+        t.stop_proc(&primary);
+        let start = Instant::now();
+        let mut failover = None;
+        while start.elapsed() < FAILOVER_BOUND {
+            if t.agreed_primary().is_some_and(|p| p != old) {
+                failover = Some(start.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Resilience { knows, failover }
     }
 
     /// (a) where kubelet never updates `unswapped`'s files in place and nothing says so (no
@@ -812,6 +961,64 @@ pub mod scenarios {
         load.finish(&m.drop)
     }
 
+    /// A paused switchover under load with `frozen` (a replica, SIGSTOPped just before: it lags
+    /// forever) and sentinel-0 reached through a proxy that goes silent just before (listed
+    /// first: asked first). Returns the figures, the switchover's result, how long it took, and
+    /// whether the sentinels still agree on the old primary afterwards.
+    pub fn switchover_against(
+        cfg: LoadConfig,
+        frozen: Option<&str>,
+        silent_sentinel: bool,
+    ) -> (
+        Figures,
+        Result<dssm_certs::redis::switchover::Switchover, String>,
+        Duration,
+        bool,
+    ) {
+        let tmp = super::super::tempdir();
+        let (files, _) = renewal_materials(tmp.path());
+        let (t, load) = start(&files, cfg);
+        let old = t.agreed_primary().unwrap();
+        let proxy = super::super::redis::SilentProxy::start(&t.get("sentinel-0").endpoint());
+        let mut sentinels: Vec<String> = t.sentinels().map(|s| s.endpoint()).collect();
+        sentinels[0] = proxy.endpoint.clone();
+        if silent_sentinel {
+            proxy.go_silent();
+        }
+        if let Some(name) = frozen {
+            // Sentinel drops its link to a frozen replica after half its down-after: 5 s, so
+            // the gate before the pause still sees it ready and the freeze is met inside the
+            // pause (catch-up then has its full 3 s, below half of down-after too).
+            for s in t.sentinels() {
+                let set = [
+                    "SENTINEL",
+                    "SET",
+                    MASTER,
+                    "down-after-milliseconds",
+                    "10000",
+                ];
+                assert_eq!(t.cli(&s.mount, s.port, &set).trim(), "OK");
+            }
+            t.signal(name, "STOP");
+        }
+        let start = Instant::now();
+        let result = dssm_certs::redis::switchover::paused_switchover(
+            &tls_client(&files),
+            SERVER_NAME,
+            &sentinels,
+            MASTER,
+            Instant::now() + Duration::from_secs(30),
+        )
+        .map_err(|e| e.to_string());
+        let took = start.elapsed();
+        if let Some(name) = frozen {
+            t.signal(name, "CONT");
+        }
+        let now = t.wait_healthy(Duration::from_secs(60));
+        load.settle();
+        (load.finish(&files), result, took, now == old)
+    }
+
     /// The primary moved to a replica by a paused switchover while the clients write.
     pub fn paused_switchover(
         cfg: LoadConfig,
@@ -828,10 +1035,7 @@ pub mod scenarios {
         let (c, k) = ca.leaf(365);
         let files = write_materials(&tmp.path().join("m"), &ca.cert, &c, &k);
         let (t, load) = start(&files, cfg);
-        let sentinels: Vec<String> = t
-            .sentinels()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect();
+        let sentinels: Vec<String> = t.sentinels().map(|s| s.endpoint()).collect();
         let moved = dssm_certs::redis::switchover::paused_switchover(
             &tls_client(&files),
             SERVER_NAME,

@@ -253,6 +253,45 @@ impl TestEnv {
         Self::on(server, dssm_ns, tmm_ns, token)
     }
 
+    /// SPK as `spk()` (same RBAC), but a fresh install: nothing published, the dSSM and TMM
+    /// pods mount the Secrets as `dssm` and `tmm` say, and those that need them wait for them
+    /// (ContainerCreating); the others are Ready.
+    pub fn spk_fresh(dssm: apiserver::SecretMount, tmm: apiserver::SecretMount) -> Self {
+        let (dssm_ns, tmm_ns) = ("spk-utilities", "spk-ingress");
+        let sa = format!("system:serviceaccount:{dssm_ns}:dssm-certs");
+        let server = apiserver::ApiServer::start(&[dssm_ns, tmm_ns], &sa);
+        server.install_dssm_mounting(dssm_ns, tmm_ns, 3, dssm, tmm);
+        server.wait_until(
+            "the installed pods Ready or waiting for their Secrets",
+            std::time::Duration::from_secs(30),
+            |s| {
+                // OrderedReady StatefulSets create pod N+1 only once pod N is Ready: a waiting
+                // ordinal is the last of its StatefulSet, and the others are all there.
+                let pods = s.list(apiserver::resource("", "pods"), None);
+                let waiting = |p: &serde_json::Value| {
+                    p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                        == "ContainerCreating"
+                };
+                ["f5-dssm-db", "f5-dssm-sentinel", "f5-tmm"]
+                    .iter()
+                    .all(|app| {
+                        let of: Vec<_> = pods
+                            .iter()
+                            .filter(|p| p["metadata"]["labels"]["app"] == *app)
+                            .collect();
+                        let settled = of
+                            .iter()
+                            .all(|p| apiserver::controllers::pod_ready(p) || waiting(p));
+                        let sts_waits = *app != "f5-tmm" && of.last().is_some_and(|p| waiting(p));
+                        settled && (of.len() == 3 || sts_waits)
+                    })
+            },
+        );
+        let rbac = apiserver::rbac_from_manifests(&apiserver::render_overlay("spk"));
+        server.with_state(|s| s.rbac = Some(rbac));
+        Self::on(server, dssm_ns, tmm_ns, apiserver::SA_TOKEN)
+    }
+
     /// The environment of a started `server`: kubeconfigs for `token` (and the agent's own
     /// account when `token` is the writer's).
     fn on(server: apiserver::ApiServer, dssm_ns: &str, tmm_ns: &str, token: &str) -> Self {

@@ -85,6 +85,20 @@ pub fn assert_rbac_is_exactly_used(what: &str, env: &TestEnv, rendered: &str) {
         forbidden.is_empty(),
         "{what}: the Roles are missing {forbidden:?}"
     );
+    // The key Secret authenticates as dSSM and as every TMM: the agent never asks for it.
+    let key_reads: Vec<_> = requests
+        .iter()
+        .filter(|r| r.user == agent_user)
+        .filter(|r| {
+            attributes(r).is_some_and(|(_, _, res, _, name)| {
+                res == "secrets" && name.as_deref() == Some("dssm-keys-secret")
+            })
+        })
+        .collect();
+    assert!(
+        key_reads.is_empty(),
+        "{what}: the agent read dssm-keys-secret: {key_reads:?}"
+    );
     assert!(
         !ca_key_refused.is_empty(),
         "{what}: the agent tried to read the CA key and must have been refused"

@@ -1,11 +1,18 @@
-//! A dSSM-like topology on 127.0.0.1 from Debian's `redis-server` and `redis-sentinel`: one
+//! A dSSM-like topology on loopback addresses (127.0.0.0/8) from Debian's `redis-server` and `redis-sentinel`: one
 //! primary, two replicas, three sentinels (quorum 2), TLS only, client certificates required,
 //! TLS replication, each process with its own copy of the four files as a Secret volume mounts
-//! them. Every process is killed when the topology is dropped, also when a test fails.
+//! them. Each process has a loopback IP of its own, a new one when it is recreated, and a fresh
+//! config then (as a pod of a StatefulSet without volumes for it): a DB finds its primary by
+//! asking the sentinels. Every process is killed when the topology is dropped, also when a test
+//! fails.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -89,6 +96,10 @@ pub enum Role {
 pub struct Proc {
     pub name: String,
     pub role: Role,
+    /// Its pod IP: a loopback address of its own, a new one each time it is recreated (unless
+    /// the topology keeps addresses, see `Topology::new_ip_on_restart`).
+    pub ip: String,
+    /// Its port, the same for the life of the topology (a pod's container port).
     pub port: u16,
     pub dir: PathBuf,
     pub mount: PathBuf,
@@ -98,6 +109,11 @@ pub struct Proc {
 impl Proc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    /// `ip:port`, where Redis and Sentinel (and the tool) reach it now.
+    pub fn endpoint(&self) -> String {
+        dssm_certs::redis::join_host_port(&self.ip, self.port)
     }
 
     fn stop(&mut self) {
@@ -114,6 +130,40 @@ impl Drop for Proc {
     }
 }
 
+/// Port → the IP its process has now: the tests' DNS (ports are unique per process, IPs change).
+fn addresses() -> &'static Mutex<HashMap<u16, String>> {
+    static A: OnceLock<Mutex<HashMap<u16, String>>> = OnceLock::new();
+    A.get_or_init(Default::default)
+}
+
+/// The IP of the test process listening on `port` now (127.0.0.1 for one outside a topology).
+pub fn ip_of(port: u16) -> String {
+    addresses()
+        .lock()
+        .unwrap()
+        .get(&port)
+        .cloned()
+        .unwrap_or_else(|| "127.0.0.1".into())
+}
+
+/// `ip:port` of the test process listening on `port` now.
+pub fn endpoint(port: u16) -> String {
+    dssm_certs::redis::join_host_port(&ip_of(port), port)
+}
+
+fn register(p: &Proc) {
+    addresses().lock().unwrap().insert(p.port, p.ip.clone());
+}
+
+/// A loopback address no other process of this machine's tests uses: 127.X.Y.Z with X from
+/// this test process's id (never 127.0.*.*), Y.Z counting up.
+fn new_ip() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let c = NEXT.fetch_add(1, Ordering::Relaxed);
+    let x = 1 + std::process::id() % 254;
+    format!("127.{x}.{}.{}", (c / 254) % 256, 1 + c % 254)
+}
+
 fn tls_lines(mount: &Path) -> String {
     format!(
         "tls-cert-file {m}/dssm-cert.crt\ntls-key-file {m}/dssm-key.key\ntls-ca-cert-file {m}/dssm-ca.crt\n\
@@ -122,10 +172,42 @@ fn tls_lines(mount: &Path) -> String {
     )
 }
 
+/// A sentinel's or replica's entry as `SENTINEL SENTINELS|REPLICAS` lists it (redis-cli output).
+pub type Entry = BTreeMap<String, String>;
+
+/// Parses redis-cli's flat output of `SENTINEL SENTINELS|REPLICAS`: each entry starts at `name`.
+pub fn entries(reply: &str) -> Vec<Entry> {
+    let lines: Vec<&str> = reply.lines().map(str::trim).collect();
+    let mut out: Vec<Entry> = Vec::new();
+    for kv in lines.chunks(2) {
+        let [k, v] = kv else { break };
+        if *k == "name" {
+            out.push(Entry::new());
+        }
+        if let Some(e) = out.last_mut() {
+            e.insert(k.to_string(), v.to_string());
+        }
+    }
+    out
+}
+
+/// Not flagged down nor disconnected.
+pub fn healthy(e: &Entry) -> bool {
+    !e.get("flags").is_some_and(|f| {
+        f.split(',')
+            .any(|f| matches!(f, "s_down" | "o_down" | "disconnected"))
+    })
+}
+
 pub struct Topology {
     pub root: tempfile::TempDir,
     pub procs: Vec<Proc>,
     pub primary_port: u16,
+    /// Whether a recreated process gets a new IP, as a recreated pod does (the default). The
+    /// test cluster's bed keeps them: the tool reaches its pods at fixed `--redis-endpoint`s.
+    pub new_ip_on_restart: bool,
+    /// Every process on `::1` (distinct ports): IPv6 pod IPs.
+    pub ipv6: bool,
 }
 
 impl Topology {
@@ -136,7 +218,14 @@ impl Topology {
     }
 
     /// Like `start`, with `make_mount(name, dir)` laying out each process's mount at `dir`.
-    pub fn start_with(mut make_mount: impl FnMut(&str, &Path)) -> Topology {
+    /// Each process has its own loopback IP (and answers on 127.0.0.1 too, at its port).
+    pub fn start_with(make_mount: impl FnMut(&str, &Path)) -> Topology {
+        Self::start_on(false, make_mount)
+    }
+
+    /// `start_with`, every process on `::1` if `ipv6` (IPv6 pod IPs: Sentinel and INFO then
+    /// answer bare IPv6 addresses, a socket address needs brackets).
+    pub fn start_on(ipv6: bool, mut make_mount: impl FnMut(&str, &Path)) -> Topology {
         let root = tempfile::Builder::new()
             .prefix("dssm-redis")
             .tempdir()
@@ -146,7 +235,10 @@ impl Topology {
             root,
             procs: Vec::new(),
             primary_port,
+            new_ip_on_restart: true,
+            ipv6,
         };
+        let mut seed_primary = None;
         for (name, role) in [
             ("db-0", Role::Db),
             ("db-1", Role::Db),
@@ -167,47 +259,28 @@ impl Topology {
             let mut p = Proc {
                 name: name.into(),
                 role,
+                ip: t.new_ip(),
                 port,
                 dir,
                 mount: own_mount,
                 child: None,
             };
-            t.write_config(&p);
-            t.spawn(&mut p);
+            register(&p);
+            let primary = seed_primary.get_or_insert_with(|| (p.ip.clone(), p.port));
+            write_config(&p, Some(primary.clone()));
+            spawn(&mut p);
             t.procs.push(p);
         }
         t.wait_healthy(Duration::from_secs(60));
         t
     }
 
-    fn write_config(&self, p: &Proc) {
-        let mut conf = format!(
-            "port 0\ntls-port {}\nbind 127.0.0.1\ndir {}\nlogfile {}\nsave \"\"\nappendonly no\n",
-            p.port,
-            p.dir.display(),
-            p.dir.join("log").display()
-        );
-        conf.push_str(&tls_lines(&p.mount));
-        match p.role {
-            Role::Db if p.port != self.primary_port => {
-                conf.push_str(&format!("replicaof 127.0.0.1 {}\n", self.primary_port))
-            }
-            Role::Db => {}
-            Role::Sentinel => conf.push_str(&format!(
-                "sentinel monitor {MASTER} 127.0.0.1 {} 2\nsentinel down-after-milliseconds {MASTER} 2000\n\
-                 sentinel failover-timeout {MASTER} 10000\nsentinel parallel-syncs {MASTER} 1\n",
-                self.primary_port
-            )),
+    fn new_ip(&self) -> String {
+        if self.ipv6 {
+            "::1".into()
+        } else {
+            new_ip()
         }
-        // Sentinel rewrites its config: keep the first one only on the first start.
-        let path = p.dir.join("redis.conf");
-        if p.role == Role::Db || !path.exists() {
-            std::fs::write(path, conf).unwrap();
-        }
-    }
-
-    fn spawn(&self, p: &mut Proc) {
-        spawn(p);
     }
 
     pub fn get(&self, name: &str) -> &Proc {
@@ -248,6 +321,30 @@ impl Topology {
         }
     }
 
+    /// The primary as the first running sentinel that knows one names it (`ip`, `port`): what a
+    /// dSSM pod's start-up asks before it writes its config.
+    pub fn primary_from_sentinels(&self) -> Option<(String, u16)> {
+        self.sentinels()
+            .filter(|s| s.child.is_some())
+            .find_map(|s| {
+                let a = cli_with(
+                    &s.mount,
+                    s.port,
+                    &["SENTINEL", "get-master-addr-by-name", MASTER],
+                );
+                let mut lines = a.lines().map(str::trim);
+                let ip = lines.next().filter(|l| !l.is_empty())?.to_string();
+                Some((ip, lines.next()?.parse().ok()?))
+            })
+    }
+
+    /// What sentinel `name` knows: the other sentinels and the replicas (every entry, down or not).
+    pub fn sentinel_knows(&self, name: &str) -> (Vec<Entry>, Vec<Entry>) {
+        let s = self.get(name);
+        let ask = |what: &str| entries(&cli_with(&s.mount, s.port, &["SENTINEL", what, MASTER]));
+        (ask("sentinels"), ask("replicas"))
+    }
+
     fn replicas_up(&self, primary: u16) -> bool {
         self.dbs().filter(|d| d.port != primary).all(|d| {
             let info = cli_with(&d.mount, d.port, &["INFO", "replication"]);
@@ -257,16 +354,18 @@ impl Topology {
         })
     }
 
+    /// Every sentinel sees two healthy replicas and the two other sentinels healthy (entries of
+    /// processes since recreated elsewhere may linger: Sentinel never forgets a peer by itself).
     fn sentinels_complete(&self) -> bool {
         self.sentinels().all(|s| {
-            let sentinels = cli_with(&s.mount, s.port, &["SENTINEL", "sentinels", MASTER]);
-            let replicas = cli_with(&s.mount, s.port, &["SENTINEL", "replicas", MASTER]);
-            count_field(&sentinels, "name") == 2 && count_field(&replicas, "name") == 2
+            let (sentinels, replicas) = self.sentinel_knows(&s.name);
+            let n = |v: &[Entry]| v.iter().filter(|e| healthy(e)).count();
+            n(&sentinels) >= 2 && n(&replicas) >= 2
         })
     }
 
-    /// Replicas linked to the agreed primary, and every sentinel knows two replicas and the two
-    /// other sentinels.
+    /// Replicas linked to the agreed primary, and every sentinel sees two replicas and the two
+    /// other sentinels healthy.
     pub fn wait_healthy(&self, timeout: Duration) -> u16 {
         // Up to eleven redis-cli a poll: every 250 ms, not every 50.
         let every = Duration::from_millis(250);
@@ -287,25 +386,12 @@ impl Topology {
         self.restart(name);
     }
 
-    /// Stops `name` and starts it again on its mount's current files.
+    /// Recreates `name` as a pod of a StatefulSet without volumes for its config: stopped, then
+    /// started on its mount's current files, at a new IP, with a fresh config (a sentinel a new
+    /// ID), a DB as a replica of the primary the sentinels name (see `start_proc`).
     pub fn restart(&mut self, name: &str) {
-        let idx = self.procs.iter().position(|p| p.name == name).unwrap();
-        let mut p = std::mem::replace(
-            &mut self.procs[idx],
-            Proc {
-                name: String::new(),
-                role: Role::Db,
-                port: 0,
-                dir: PathBuf::new(),
-                mount: PathBuf::new(),
-                child: None,
-            },
-        );
-        p.stop();
-        // A restarted DB comes back as a replica of whoever is primary now.
-        follow(&p, self.agreed_primary().unwrap_or(self.primary_port));
-        self.spawn(&mut p);
-        self.procs[idx] = p;
+        self.stop_proc(name);
+        self.start_proc(name);
     }
 
     /// Stops `name`'s process (its pod is being deleted); `start_proc` runs it again.
@@ -314,49 +400,94 @@ impl Topology {
         self.procs[idx].stop();
     }
 
+    /// Sends `name`'s process `signal` (`STOP`: it freezes, a replica lags; `CONT`: it resumes).
+    pub fn signal(&self, name: &str, signal: &str) {
+        let pid = self.get(name).child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {name}");
+    }
+
     /// Whether `name`'s process was started and not stopped since.
     pub fn running(&self, name: &str) -> bool {
         self.get(name).child.is_some()
     }
 
-    /// Starts a stopped `name` on its mount's current files (a DB as a replica of whoever is
-    /// primary now) and waits until it answers PING.
+    /// Starts a stopped `name` on its mount's current files, at a new IP (if the topology gives
+    /// new ones), with a fresh config written from what the running sentinels say: a DB as a
+    /// replica of the primary they name (as the primary if they name it), a sentinel monitoring
+    /// that primary. If no sentinel answers, the seed's primary (db-0). Waits for PING.
     pub fn start_proc(&mut self, name: &str) {
-        let primary = self.agreed_primary().unwrap_or(self.primary_port);
+        let primary = self.primary_from_sentinels().or_else(|| {
+            let p = self.get("db-0");
+            Some((p.ip.clone(), p.port))
+        });
+        let fresh_ip = self.new_ip_on_restart.then(|| self.new_ip());
         let idx = self.procs.iter().position(|p| p.name == name).unwrap();
-        follow(&self.procs[idx], primary);
-        spawn(&mut self.procs[idx]);
+        let p = &mut self.procs[idx];
+        if let Some(ip) = fresh_ip {
+            p.ip = ip;
+            register(p);
+        }
+        write_config(p, primary);
+        spawn(p);
     }
 
     /// Stops every process, then starts them all again on their mounts' current files: what
-    /// deleting every dSSM pod at once does. The DBs come back empty (no persistence).
+    /// deleting every dSSM pod at once does. The DBs come back empty (no persistence), the
+    /// last primary as primary again (no sentinel is left to ask).
     pub fn restart_all(&mut self) {
         let primary = self.agreed_primary().unwrap_or(self.primary_port);
         let mut procs = std::mem::take(&mut self.procs);
         for p in &mut procs {
             p.stop();
+            if self.new_ip_on_restart {
+                p.ip = self.new_ip();
+                register(p);
+            }
         }
+        let at = procs
+            .iter()
+            .find(|p| p.port == primary)
+            .map(|p| (p.ip.clone(), p.port));
         for p in &mut procs {
-            follow(p, primary);
-            self.spawn(p);
+            write_config(p, at.clone());
+            spawn(p);
         }
         self.procs = procs;
     }
 }
 
-/// Points a DB's config at `primary` (no `replicaof` if it is the primary).
-fn follow(p: &Proc, primary: u16) {
-    if p.role != Role::Db {
-        return;
-    }
-    let mut conf = std::fs::read_to_string(p.dir.join("redis.conf")).unwrap();
-    conf = conf
-        .lines()
-        .filter(|l| !l.starts_with("replicaof"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    if p.port != primary {
-        conf.push_str(&format!("\nreplicaof 127.0.0.1 {primary}\n"));
+/// A fresh config for `p`: a DB replica of `primary` (unless it is `p`), a sentinel monitoring
+/// it. It listens on its own IP (and on 127.0.0.1, for tests that reach it there) and connects
+/// from its own IP, so that the others see it at its pod IP, as in a cluster (protected mode
+/// off: it would refuse peers from other addresses than 127.0.0.1; client certificates guard).
+fn write_config(p: &Proc, primary: Option<(String, u16)>) {
+    // IPv6: `::1` only (nothing reaches it over IPv4 by accident).
+    let also = if p.ip.contains(':') { "" } else { " 127.0.0.1" };
+    let mut conf = format!(
+        "port 0\ntls-port {}\nbind {ip}{also}\nbind-source-addr {ip}\nprotected-mode no\ndir {}\nlogfile {}\nsave \"\"\nappendonly no\n",
+        p.port,
+        p.dir.display(),
+        p.dir.join("log").display(),
+        ip = p.ip,
+    );
+    conf.push_str(&tls_lines(&p.mount));
+    match (p.role, primary) {
+        (Role::Db, Some((ip, port))) if port != p.port => {
+            conf.push_str(&format!("replicaof {ip} {port}\n"))
+        }
+        (Role::Db, _) => {}
+        (Role::Sentinel, primary) => {
+            let (ip, port) = primary.expect("a primary for the sentinel to monitor");
+            conf.push_str(&format!(
+                "sentinel monitor {MASTER} {ip} {port} 2\nsentinel down-after-milliseconds {MASTER} 2000\n\
+                 sentinel failover-timeout {MASTER} 10000\nsentinel parallel-syncs {MASTER} 1\n"
+            ))
+        }
     }
     std::fs::write(p.dir.join("redis.conf"), conf).unwrap();
 }
@@ -388,6 +519,7 @@ pub fn start_db(dir: &Path, mount: &Path) -> Proc {
     let mut p = Proc {
         name: "db".into(),
         role: Role::Db,
+        ip: "127.0.0.1".into(),
         port: free_port(),
         dir: dir.to_path_buf(),
         mount: mount.to_path_buf(),
@@ -424,7 +556,7 @@ fn copy_mount(from: &Path, to: &Path) {
 /// redis-cli over TLS with the client certificate in `mount` (empty output on refusal).
 pub fn cli_with(mount: &Path, port: u16, args: &[&str]) -> String {
     let out = Command::new(require("redis-cli"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--tls"])
+        .args(["-h", &ip_of(port), "-p", &port.to_string(), "--tls"])
         .arg("--cert")
         .arg(mount.join("dssm-cert.crt"))
         .arg("--key")
@@ -435,4 +567,94 @@ pub fn cli_with(mount: &Path, port: u16, args: &[&str]) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A TCP proxy in front of a test process that can go silent: from `go_silent` on it accepts
+/// connections and reads nothing, forwards nothing, answers nothing, closes nothing (a
+/// blackholed peer, as a partitioned or frozen pod is to its clients). Stops when dropped.
+pub struct SilentProxy {
+    pub endpoint: String,
+    silent: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SilentProxy {
+    /// A proxy on 127.0.0.1 (a port of its own) forwarding to `to` (`ip:port`).
+    pub fn start(to: &str) -> SilentProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        let (silent, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (s2, st2, to) = (silent.clone(), stop.clone(), to.to_string());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !st2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) if s2.load(Ordering::Relaxed) => held.push(client),
+                    Ok((client, _)) => {
+                        let Ok(upstream) = std::net::TcpStream::connect(&to) else {
+                            continue;
+                        };
+                        for (from, into) in [
+                            (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                            (upstream, client),
+                        ] {
+                            let (s3, st3) = (s2.clone(), st2.clone());
+                            std::thread::spawn(move || pipe(from, into, &s3, &st3));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        SilentProxy {
+            endpoint,
+            silent,
+            stop,
+        }
+    }
+
+    pub fn go_silent(&self) {
+        self.silent.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for SilentProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pipe(
+    mut from: std::net::TcpStream,
+    mut into: std::net::TcpStream,
+    silent: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        if silent.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if into.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
 }

@@ -2,6 +2,14 @@
 //! one goes away after `Timing::pod_grace`, and a failed one stays listed, phase Failed, until
 //! someone deletes it (pod garbage collection only starts at 12,500 terminated pods:
 //! --terminated-pod-gc-threshold, pkg/controller/podgc/gc_controller.go).
+//!
+//! A pod whose volumes name a Secret (or a key of one) that does not exist, and not as
+//! `optional: true`, waits as a real kubelet keeps it: kubelet's syncPod writes the pod's status
+//! (generateAPIPodStatus: phase Pending, each container waiting with reason ContainerCreating,
+//! Ready False) and then blocks in the volume manager's WaitForAttachAndMount, before the
+//! sandbox exists, so the pod has a hostIP but no podIP yet. It starts `Timing::pod_start` after
+//! the Secret appears (the volume manager retries the mount). A started pod gets its own
+//! loopback address (127.0.0.0/8 only: tests connect to pod IPs), a new one on every new pod.
 
 use std::time::Instant;
 
@@ -37,6 +45,17 @@ pub(crate) fn sync(s: &mut State) {
                 s.remove(pods_res, &ns, &name);
             }
         } else if !pod_ready(&p) && !terminal(&p) {
+            if missing_secret(s, &ns, &p).is_some() {
+                // The start delay counts from when the mount can succeed.
+                s.pod_timers.remove(&(uid.clone(), String::new()));
+                let status = waiting_status(&p);
+                if p["status"] != status {
+                    let mut p = p.clone();
+                    p["status"] = status;
+                    s.put(pods_res, &ns, p);
+                }
+                continue;
+            }
             let since = *s
                 .pod_timers
                 .entry((uid.clone(), String::new()))
@@ -46,14 +65,115 @@ pub(crate) fn sync(s: &mut State) {
             {
                 let mut p = p.clone();
                 let t = now_rfc3339();
+                let ip = next_pod_ip(s);
                 p["status"] = json!({"phase": "Running", "startTime": t, "conditions": [
+                    {"type": "PodReadyToStartContainers", "status": "True"},
                     {"type": "Initialized", "status": "True"}, {"type": "ContainersReady", "status": "True"},
-                    {"type": "Ready", "status": "True", "lastTransitionTime": t}, {"type": "PodScheduled", "status": "True"}]});
+                    {"type": "Ready", "status": "True", "lastTransitionTime": t}, {"type": "PodScheduled", "status": "True"}],
+                    "hostIP": HOST_IP, "hostIPs": [{"ip": HOST_IP}], "podIP": ip, "podIPs": [{"ip": ip}],
+                    "containerStatuses": container_statuses(&p, json!({"running": {"startedAt": t}}), true)});
                 s.ready_at.insert(uid.clone(), now);
                 s.put(pods_res, &ns, p);
             }
         }
     }
+}
+
+/// Every simulated node's address: a loopback one, as every address the test cluster hands out.
+const HOST_IP: &str = "127.0.0.1";
+
+/// The next pod IP: 127.100.0.1, 127.100.0.2, … (never 127.0.0.1, the host's; never reused, as
+/// a new sandbox gets a new address from the node's pod CIDR).
+fn next_pod_ip(s: &mut State) -> String {
+    s.pod_ips += 1;
+    let n = s.pod_ips;
+    format!(
+        "127.{}.{}.{}",
+        100 + (n >> 16) % 150,
+        (n >> 8) & 0xff,
+        n & 0xff
+    )
+}
+
+/// The first Secret the pod's volumes need that is missing, as kubelet's mount error names it:
+/// a `secret` volume or a projected volume's `secret` source, not `optional: true`, whose
+/// Secret does not exist or lacks a key listed in `items` (pkg/volume/secret/secret.go SetUpAt,
+/// pkg/volume/projected/projected.go).
+fn missing_secret(s: &State, ns: &str, pod: &Value) -> Option<String> {
+    let volumes = pod["spec"]["volumes"].as_array()?;
+    let sources = volumes.iter().flat_map(|v| {
+        let projected = v["projected"]["sources"].as_array().into_iter().flatten();
+        std::iter::once(&v["secret"])
+            .chain(projected.map(|src| &src["secret"]))
+            .filter(|src| src.is_object())
+            .map(move |src| (v["name"].as_str().unwrap_or(""), src))
+    });
+    for (volume, src) in sources {
+        if src["optional"] == json!(true) {
+            continue;
+        }
+        let name = src["secretName"]
+            .as_str()
+            .or_else(|| src["name"].as_str())
+            .unwrap_or("");
+        let Some(secret) = s.get(resource("", "secrets"), ns, name) else {
+            return Some(format!(
+                "MountVolume.SetUp failed for volume \"{volume}\" : secret \"{name}\" not found"
+            ));
+        };
+        for item in src["items"].as_array().into_iter().flatten() {
+            let key = item["key"].as_str().unwrap_or("");
+            let has = |field: &str| secret[field].get(key).is_some();
+            if !has("data") && !has("stringData") {
+                return Some(format!(
+                    "MountVolume.SetUp failed for volume \"{volume}\" : references non-existent secret key: {key}"
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// What a pod waiting for its volumes shows (pkg/kubelet/kubelet_pods.go
+/// generateAPIPodStatus): Pending, scheduled and initialized, containers waiting in
+/// ContainerCreating, not Ready, a host IP and no pod IP. The mount error itself is in no field
+/// (kubelet reports it as a FailedMount Event).
+fn waiting_status(pod: &Value) -> Value {
+    let names: Vec<&str> = pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    let not_ready = format!("containers with unready status: [{}]", names.join(" "));
+    let start = pod["status"]["startTime"].clone();
+    let start = if start.is_string() {
+        start
+    } else {
+        json!(now_rfc3339())
+    };
+    json!({"phase": "Pending", "startTime": start, "hostIP": HOST_IP, "hostIPs": [{"ip": HOST_IP}],
+        "conditions": [
+            {"type": "PodReadyToStartContainers", "status": "False"},
+            {"type": "Initialized", "status": "True"},
+            {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "message": not_ready},
+            {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady", "message": not_ready},
+            {"type": "PodScheduled", "status": "True"}],
+        "containerStatuses": container_statuses(pod, json!({"waiting": {"reason": "ContainerCreating"}}), false)})
+}
+
+/// One status per container of the spec, all in `state`.
+fn container_statuses(pod: &Value, state: Value, ready: bool) -> Value {
+    let statuses: Vec<Value> = pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": ready,
+                "restartCount": 0, "started": ready, "state": state})
+        })
+        .collect();
+    json!(statuses)
 }
 
 /// Fails a pod as node-pressure eviction does (pkg/kubelet/eviction/eviction_manager.go
