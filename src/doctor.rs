@@ -162,8 +162,8 @@ pub fn tmm_surge(w: &Workload) -> Option<Finding> {
             Status::Critical,
             format!(
                 "{why}: replacing its pod leaves no TMM pod Ready until the new one is; a rolling \
-                 rotation refuses before writing unless --allow-tmm-gap (or give it a second \
-                 replica or maxSurge)"
+                 rotation refuses before writing unless --allow-tmm-gap (or {})",
+                crate::targets::NO_GAP_HINT
             ),
         ),
     };

@@ -727,8 +727,9 @@ impl Cluster {
         }
         let why = format!(
             "{}: replacing its pod leaves no TMM pod Ready until the new one is (pass \
-             --allow-tmm-gap to accept that gap, or give it a second replica or maxSurge)",
-            gaps.join("; ")
+             --allow-tmm-gap to accept that gap, or {})",
+            gaps.join("; "),
+            crate::targets::NO_GAP_HINT
         );
         self.event_on_targets(true, "RestartRefused", &format!("pre-flight: {why}"))
             .await;

@@ -180,6 +180,11 @@ pub fn scaled(v: Option<&IntOrString>, total: i32, round_up: bool, default: i32)
     }
 }
 
+/// What makes a TMM workload's rollout keep a Ready pod, for the messages that refuse a gap: more
+/// surge alone does not help while maxUnavailable still resolves to every pod.
+pub const NO_GAP_HINT: &str = "let its rollout surge without taking a pod down (a RollingUpdate \
+     with maxSurge of at least 1 and maxUnavailable 0), or give it a second replica";
+
 fn deployment_plan(d: &Deployment) -> RollPlan {
     let want = d.spec.replicas.unwrap_or(1);
     let strategy = d.spec.strategy.clone().unwrap_or_default();
@@ -506,6 +511,12 @@ mod tests {
                 "one-by-one",
             ),
             (rolling(1, serde_json::json!({"maxSurge": 0})), "gap"), // 0 and 0: unavailable 1
+            // Surge does not help while maxUnavailable takes the one pod down (the refusal's
+            // hint once said "give it maxSurge"; it names maxUnavailable 0 now).
+            (
+                rolling(1, serde_json::json!({"maxSurge": 1, "maxUnavailable": 1})),
+                "gap",
+            ),
             (
                 rolling(
                     1,
