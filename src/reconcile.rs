@@ -74,7 +74,8 @@ pub struct Outcome {
     pub first_start: Option<crate::first_publication::Found>,
 }
 
-/// What one pass came to.
+/// What one pass came to. Returned once per pass and taken apart at once: not boxed.
+#[allow(clippy::large_enum_variant)]
 enum Pass {
     /// It did all it had to: nothing to write, a dry run, or the writes under the Lease.
     Done(Outcome),

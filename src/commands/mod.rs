@@ -28,7 +28,7 @@ pub enum CommandError {
     #[error(transparent)]
     Reconcile(#[from] ReconcileError),
     /// The `restart` command failed: it writes no Secret, so its message says what it did do.
-    #[error("{}", restart_failed(.0))]
+    #[error("{}", restart_message(.0))]
     Restart(#[source] RestartError),
     /// Talking to the cluster failed outside a pass (connecting, taking the Lease).
     #[error(transparent)]
@@ -91,8 +91,8 @@ pub enum Stopped {
 fn interrupted(command: Changing, stopped: &Stopped) -> String {
     match stopped {
         Stopped::NotHolder => format!(
-            "this process did not hold the Lease, so it scaled no TMM target and leaves TMM to \
-             the holder; {}",
+            "this process did not hold the Lease, so it leaves TMM to the holder (only the \
+             Lease holder scales TMM down or back); {}",
             command.what_stays()
         ),
         Stopped::Restored(Some(pods)) => format!(
@@ -108,7 +108,7 @@ fn interrupted(command: Changing, stopped: &Stopped) -> String {
 
 /// The `restart` command's failure, in its own terms: refusals say what they refused; any other
 /// failure says that no Secret changed and where TMM stands.
-fn restart_failed(e: &RestartError) -> String {
+fn restart_message(e: &RestartError) -> String {
     match e {
         RestartError::Preflight(_)
         | RestartError::RollingAfterCaChange(_)
@@ -412,7 +412,7 @@ mod tests {
             assert!(!msg.contains("written") && !msg.contains("wrote"), "{msg}");
             let claims = [
                 "not touched",
-                "scaled no TMM",
+                "to the holder",
                 "was given back",
                 "none needed",
             ];
