@@ -1311,7 +1311,6 @@ fn each_ca_rotation_phase_and_every_resume_is_preflighted_and_refused_before_its
     }
     assert!(out.contains("CA rotation complete"), "{out}");
     let (figures, _) = support::dssm_pods::finish(bed, load);
-    eprintln!("fresh install under load: {figures:?}");
     figures.assert_unnoticed("a CA rotation refused twice by its pre-flight, then resumed");
 }
 
@@ -1506,6 +1505,7 @@ fn a_fresh_install_under_client_load_comes_up_with_no_failed_operation() {
     // Some load after the run too: the clients keep working on the published materials.
     std::thread::sleep(Duration::from_secs(1));
     let (figures, _) = support::dssm_pods::finish(bed, load);
+    eprintln!("fresh install under load: {figures:?}");
     let dssm: Vec<_> = env
         .server
         .list("", "pods", "spk-utilities")
