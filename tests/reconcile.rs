@@ -1310,7 +1310,7 @@ fn each_ca_rotation_phase_and_every_resume_is_preflighted_and_refused_before_its
         assert!(out.contains(&format!("pre-flight for phase {n} ")), "{out}");
     }
     assert!(out.contains("CA rotation complete"), "{out}");
-    let (figures, _) = dssm_pods::finish(bed, load);
+    let (figures, _) = support::dssm_pods::finish(bed, load);
     figures.assert_unnoticed("a CA rotation refused twice by its pre-flight, then resumed");
 }
 
@@ -1366,13 +1366,13 @@ fn sigterm_mid_dssm_roll_stops_at_the_next_safe_point_and_the_next_run_finishes(
     // The next run (the restart is still marked) finishes it.
     let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
     assert_eq!(code, 0, "{out}{err}");
-    let (figures, _) = dssm_pods::finish(bed, load);
+    let (figures, _) = support::dssm_pods::finish(bed, load);
     figures.assert_unnoticed("a leaf renewal stopped by SIGTERM mid-roll, then finished");
 }
 
 /// Forwards every connection to 127.0.0.1:`target` once it is set: an address known before the
 /// processes behind it exist (the probe's, given on the command line).
-fn forwarder(target: std::sync::Arc<std::sync::OnceLock<u16>>) -> u16 {
+fn forwarder(target: std::sync::Arc<std::sync::OnceLock<String>>) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -1380,7 +1380,7 @@ fn forwarder(target: std::sync::Arc<std::sync::OnceLock<u16>>) -> u16 {
             let (Ok(client), Some(to)) = (conn, target.get()) else {
                 continue;
             };
-            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", *to)) else {
+            let Ok(server) = std::net::TcpStream::connect(to.as_str()) else {
                 continue;
             };
             for (mut from, mut into) in [
@@ -1431,7 +1431,7 @@ fn a_fresh_install_on_real_redis_comes_up_on_the_published_secrets_with_mtls_pro
                 }
             }
             let topology = redis::Topology::start(&mount);
-            sentinel.set(topology.get("sentinel-0").port).unwrap();
+            sentinel.set(topology.get("sentinel-0").endpoint()).unwrap();
             env.server.with_state(|s| {
                 s.never_ready.clear();
                 s.timing.pod_start = Duration::ZERO;
@@ -1465,6 +1465,72 @@ fn a_fresh_install_on_real_redis_comes_up_on_the_published_secrets_with_mtls_pro
         (code, out.lines().next()),
         (0, Some("plan: nothing")),
         "{out}"
+    );
+}
+
+// The fresh install on the real-process bed under client load: the processes and the TMM-like
+// clients start once the Secrets are published (they had none to start with), the dSSM pods
+// that waited are adopted as those processes, and the default `reconcile` waits for them all,
+// proves mTLS and restarts nothing: no operation failed, no acknowledged write lost.
+#[test]
+fn a_fresh_install_under_client_load_comes_up_with_no_failed_operation() {
+    let env = TestEnv::spk_fresh(
+        apiserver::SecretMount::Required,
+        apiserver::SecretMount::Required,
+    );
+    env.server
+        .with_state(|s| s.never_ready.push("f5-dssm-".into()));
+    let before = pod_uids(&env);
+    let sentinel = std::sync::Arc::new(std::sync::OnceLock::new());
+    let probe = format!("127.0.0.1:{}", forwarder(sentinel.clone()));
+    let cfg = support::load::LoadConfig::default();
+    let ((code, out, err), (bed, load)) = std::thread::scope(|scope| {
+        let bed = scope.spawn(|| {
+            let at = |b: &support::dssm_pods::Bed| sentinel.set(b.sentinel.clone()).unwrap();
+            support::dssm_pods::start_when_published(&env, cfg, Duration::from_secs(100), at)
+        });
+        let run = reconcile_default(
+            &env,
+            &[
+                "--wait-timeout",
+                "120s",
+                "--probe-endpoint",
+                &probe,
+                "--probe-server-name",
+                "f5-dssm-sentinel",
+            ],
+        );
+        (run, bed.join().unwrap())
+    });
+    // Some load after the run too: the clients keep working on the published materials.
+    std::thread::sleep(Duration::from_secs(1));
+    let (figures, _) = support::dssm_pods::finish(bed, load);
+    eprintln!("fresh install under load: {figures:?}");
+    let dssm: Vec<_> = env
+        .server
+        .list("", "pods", "spk-utilities")
+        .iter()
+        .map(|p| format!("{} {}", p["metadata"]["name"], p["status"]["phase"]))
+        .collect();
+    assert_eq!(code, 0, "{out}{err}\ndSSM pods: {dssm:?}");
+    assert!(
+        out.contains("first publication: none of our Secrets exist yet; 5 pods are waiting")
+            && out.contains("probe: ")
+            && !out.contains("probe skipped"),
+        "{out}"
+    );
+    assert!(all_ready(&env), "{out}");
+    assert_restarted_nothing(&env, &before);
+    // TMM had no Ready pod before its Secrets existed: a fresh install, nothing to keep up.
+    assert!(
+        figures.acked > 0 && figures.samples > 0,
+        "no load: {figures:?}"
+    );
+    assert_eq!(figures.failed_after_retry, 0, "{figures:?}");
+    assert_eq!(figures.lost, 0, "{figures:?}");
+    assert!(
+        figures.min_dbs_up >= 2 && figures.min_sentinels_up >= 2,
+        "{figures:?}"
     );
 }
 

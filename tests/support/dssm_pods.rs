@@ -564,3 +564,57 @@ pub mod scenarios {
         rotate_under(seeded_on(multi()), multi_load(), &rotate_args(true, None))
     }
 }
+
+/// A fresh install under load: waits (up to `timeout`) until the Secrets are published in
+/// `env`'s every namespace, then starts the bed as `Bed::start` does; the dSSM pods that waited
+/// for them are adopted as its processes and marked Ready, as kubelet does once they answer.
+/// `on_start` gets the bed as soon as it runs; returns once the 6 dSSM pods are Ready.
+/// Run beside the `reconcile` that publishes, with `f5-dssm-` in `never_ready` from the start
+/// (only the bed says when a dSSM pod is Ready).
+pub fn start_when_published(
+    env: &TestEnv,
+    cfg: LoadConfig,
+    timeout: Duration,
+    on_start: impl FnOnce(&Bed),
+) -> (Bed, Load) {
+    let handle = env.server.handle();
+    let mut namespaces = vec![env.dssm_ns.clone()];
+    namespaces.extend(tmm_namespaces(env));
+    let start = Instant::now();
+    while !handle.with_state(|s| namespaces.iter().all(|ns| secret_files(s, ns).is_some())) {
+        assert!(
+            start.elapsed() < timeout,
+            "the Secrets were not published in {namespaces:?} within {timeout:?}"
+        );
+        std::thread::sleep(TICK);
+    }
+    let (bed, load) = Bed::start(env, cfg);
+    on_start(&bed);
+    // The bed adopts the pods there when its thread starts, without marking them Ready: with
+    // OrderedReady a pod created meanwhile (the next ordinal) can be among them. A pod the bed
+    // starts is Ready within a tick or two; one still not Ready after `ADOPTED` was adopted.
+    const ADOPTED: Duration = Duration::from_secs(2);
+    let mut first_seen: BTreeMap<String, Instant> = BTreeMap::new();
+    loop {
+        let pods = handle.with_state(|s| pods_of(s, &env.dssm_ns));
+        let live: Vec<&Value> = pods
+            .iter()
+            .filter(|p| !terminating(p) && !terminal(p))
+            .collect();
+        if live.len() == 6 && live.iter().all(|p| ready(p)) {
+            return (bed, load);
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "the dSSM pods not all Ready: {pods:?}"
+        );
+        for p in live.iter().filter(|p| !ready(p)) {
+            let since = *first_seen.entry(uid(p)).or_insert_with(Instant::now);
+            if since.elapsed() >= ADOPTED {
+                let name = p["metadata"]["name"].as_str().unwrap_or("");
+                mark_ready(&handle, &env.dssm_ns, name, &uid(p));
+            }
+        }
+        std::thread::sleep(TICK);
+    }
+}
