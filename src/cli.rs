@@ -1,4 +1,4 @@
-//! The command line (DESIGN §3). Every flag can also come from a `DSSM_CERTS_…` variable.
+//! The command line (docs/commands.md). Every flag can also come from a `DSSM_CERTS_…` variable.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! The compatibility contract with F5's dSSM and TMM (DESIGN §2). Every name here is also a flag
+//! The compatibility contract with F5's dSSM and TMM (docs/design.md). Every name here is also a flag
 //! default; never change one.
 
 /// The Secret that holds the CA certificate, the leaf and the DH parameters.

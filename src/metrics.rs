@@ -1,4 +1,4 @@
-//! Prometheus metrics, named like cert-manager's (DESIGN §6), served on `/metrics`.
+//! Prometheus metrics, named like cert-manager's (docs/install.md, Monitoring), served on `/metrics`.
 
 use std::sync::atomic::AtomicU64;
 

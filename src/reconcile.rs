@@ -1,6 +1,6 @@
 //! `reconcile` and `rotate`: one pass of observe → plan (pure, `plan`) → writes (pure, `writes`)
 //! → print them (dry run) or perform them in order, stopping at the first failure. The order is
-//! DESIGN §5's, so that a crash between any two writes is finished by the next run from the saved
+//! docs/design.md's write order, so that a crash between any two writes is finished by the next run from the saved
 //! materials.
 
 use std::io::Write;
@@ -622,7 +622,7 @@ pub(crate) async fn perform(
     Ok(done)
 }
 
-/// Writes `bundle` into the copies that do not hold it yet, in DESIGN §5 order (`rotation`'s
+/// Writes `bundle` into the copies that do not hold it yet, in the write order of docs/design.md (`rotation`'s
 /// phases). Returns what was written.
 pub(crate) async fn write_copies(
     cluster: &Cluster,

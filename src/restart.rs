@@ -392,7 +392,7 @@ pub fn selector_query(
 }
 
 impl Cluster {
-    /// Pre-flight (DESIGN §5), before any disruptive step and before new materials are written:
+    /// Pre-flight (docs/design.md, "The rules every pass keeps"), before any disruptive step and before new materials are written:
     /// every dSSM pod Ready and TMM's rollout complete, waited for (watching) up to `timeout`,
     /// since a rollout that is finishing is not a reason to refuse. Still not so: a Warning Event
     /// `RestartRefused` on the Deployment names the blocking object and nothing is touched.

@@ -1,5 +1,5 @@
 //! Writes as data: from the observation, the plan and the materials to publish, the ordered list
-//! of writes of one pass (DESIGN §5: new materials saved first with the CA key, marked pending;
+//! of writes of one pass (the write order of docs/design.md: new materials saved first with the CA key, marked pending;
 //! then the dSSM namespace's copies, then each TMM namespace's; then the restart marks on the TMM
 //! targets; then the CA key Secret marked complete). Pure: dry-run prints this list and the
 //! executor (`reconcile`) performs it, in order, stopping at the first failure.
@@ -176,7 +176,7 @@ pub struct Input<'a> {
     pub phased_from: Option<&'a Bundle>,
 }
 
-/// The ordered writes of one pass (DESIGN §5): a crash between any two is finished by the next
+/// The ordered writes of one pass (the write order of docs/design.md): a crash between any two is finished by the next
 /// run from what the first one saved.
 pub fn writes(i: &Input) -> Vec<Write> {
     let mut list = Vec::new();
@@ -437,7 +437,7 @@ fn certificates(pem: &[u8]) -> Option<Vec<pki::Certificate>> {
 }
 
 /// Writes of `bundle` (None: not issued yet, so every copy changes) into the dSSM namespace's two
-/// Secrets, then each TMM namespace's (DESIGN §5 order). A copy that already holds the bundle,
+/// Secrets, then each TMM namespace's (the write order of docs/design.md). A copy that already holds the bundle,
 /// managed by us, in the same rotation phase, is kept.
 pub fn copies(
     places: &Places,

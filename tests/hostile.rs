@@ -1,5 +1,5 @@
 //! Hostile or careless input (issue 15): refused before any work, with a message naming the
-//! file, Secret key or flag, and never a hang. Each test is a row of the README's "Bad input
+//! file, Secret key or flag, and never a hang. Each test is a row of docs/security.md's "Bad input
 //! (hostile)" table.
 
 mod support;

@@ -138,7 +138,7 @@ fn every_base_image_is_pinned_by_digest() {
         let digest = image.split_once("@sha256:").map(|(_, d)| d);
         assert!(
             digest.is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())),
-            "{line:?}: pin the image by digest (README, \"Container image\")"
+            "{line:?}: pin the image by digest (docs/commands.md, \"Container image\")"
         );
     }
 }

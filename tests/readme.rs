@@ -1,4 +1,4 @@
-//! The README's "Install and operate" section, run as written. Every command line of its `sh`
+//! The book's "Install and operate" page (docs/install.md), run as written. Every command line of its `sh`
 //! blocks is run against the test cluster: `kubectl …` with the real kubectl and an admin
 //! kubeconfig, `dssm-certs …` with the built binary, `helm install|upgrade|uninstall` by
 //! rendering the chart with Helm's library (helm-python-sdk, tests/helm_chart.py) and applying
@@ -64,10 +64,10 @@ struct Block {
 }
 
 fn section() -> Vec<Block> {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("docs/install.md")).unwrap();
     let start = readme
         .find(&format!("\n{SECTION}\n"))
-        .unwrap_or_else(|| panic!("README.md has no section {SECTION:?}"));
+        .unwrap_or_else(|| panic!("docs/install.md has no section {SECTION:?}"));
     let body = &readme[start + 1..];
     let body = &body[..body[SECTION.len()..]
         .find("\n## ")
@@ -969,7 +969,7 @@ fn the_hand_made_secrets_apply_into_both_namespaces_and_keep_their_ca(
 /// The `generate` section shows the same hand install as "2c. Install by hand", which runs it.
 #[test]
 fn the_generate_section_shows_the_hand_install_that_2c_runs() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("docs/commands.md")).unwrap();
     let start = readme.find("\n### `generate --out DIR`\n").unwrap();
     let block = &readme[start..];
     let block = &block[block.find("```sh\n").unwrap() + 6..];

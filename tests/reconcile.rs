@@ -74,7 +74,7 @@ fn publish_writes_the_store_first_then_dssm_then_tmm_then_marks_the_restart() {
         .unwrap();
     assert_eq!(stored_ca, ca_of(&copy));
 
-    // Write order (DESIGN §5).
+    // Write order (docs/design.md).
     let writes: Vec<String> = env
         .writes()
         .iter()

@@ -257,7 +257,7 @@ fn root_cause(e: &dyn std::error::Error) -> String {
     root.to_string()
 }
 
-/// Where dssm-certs works: the flags of DESIGN §3.
+/// Where dssm-certs works: the cluster flags of docs/commands.md.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub dssm_namespace: Option<String>,

@@ -291,7 +291,7 @@ mod tests {
         }
     }
 
-    /// Each kind of failure, as a command returns it, and the exit code the README documents
+    /// Each kind of failure, as a command returns it, and the exit code docs/commands.md documents
     /// for it ("All exit codes").
     fn table() -> Vec<(CommandError, i32)> {
         use ReconcileError as R;
@@ -427,15 +427,15 @@ mod tests {
         assert!(msg.contains("(3 in all)") && msg.contains("what this run wrote stays recorded"));
     }
 
-    /// The codes the table expects are the ones the README's "All exit codes" lists.
+    /// The codes the table expects are the ones docs/commands.md's "All exit codes" lists.
     #[test]
     fn the_readme_lists_every_exit_code() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../docs/commands.md");
         let section = readme
             .split("### All exit codes")
             .nth(1)
             .and_then(|s| s.split("\n### ").next())
-            .expect("README has an \"All exit codes\" section");
+            .expect("docs/commands.md has an \"All exit codes\" section");
         for (_, code) in table() {
             assert!(
                 section.contains(&format!("\n| {code} |")),

@@ -111,7 +111,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "Event",
         namespaced: true,
         verbs: ALL_VERBS,
-    }, // What the install manifests hold (README "Install and operate"), stored without controllers.
+    }, // What the install manifests hold (docs/install.md), stored without controllers.
     Resource {
         group: "",
         version: "v1",
