@@ -11,13 +11,14 @@
 FROM rust:1-bookworm@sha256:93ce27a88655056a51dbdd8f5f2d7ddc071c7b0070fb288a37b5a285fc83971e AS build
 RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libssl-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Every workspace member (Cargo.toml's [workspace] members: . and testcluster) and every target
+# Every workspace member (Cargo.toml's [workspace] members: ., testcluster and testkit) and every target
 # the manifest names (the benches), or cargo cannot load the workspace. tests/image.rs builds
 # from exactly these COPY lines, so the two cannot drift apart.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
 COPY testcluster ./testcluster
+COPY testkit ./testkit
 RUN cargo build --release --locked --bin dssm-certs
 
 FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f

@@ -3,9 +3,7 @@
 //!
 //!   cargo bench --bench agent
 
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
-mod support;
+use testkit as support;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

@@ -5,9 +5,7 @@
 //!   cargo bench --bench reconcile_noop            # 20 runs
 //!   BENCH_RUNS=50 cargo bench --bench reconcile_noop
 
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
-mod support;
+use testkit as support;
 
 use std::time::{Duration, Instant};
 

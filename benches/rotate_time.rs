@@ -4,9 +4,7 @@
 //!
 //!   cargo bench --bench rotate_time             # 5 runs
 
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
-mod support;
+use testkit as support;
 
 use std::time::{Duration, Instant};
 

@@ -5,7 +5,7 @@
 //!   cargo bench --bench rotation_load
 //!
 //! First through Kubernetes: the real binary against the test cluster, whose dSSM pods are the
-//! processes and whose TMM pods are the clients (tests/support/dssm_pods.rs): (a) `rotate`,
+//! processes and whose TMM pods are the clients (testkit/src/dssm_pods.rs): (a) `rotate`,
 //! (b) `rotate --ca` from seed-made materials, both `--strategy rolling`, and (c) `rotate --ca
 //! --strategy scale-to-zero`, the seeds' procedure. Then the Redis side driven directly:
 //! (a) leaf renewal under the same CA, (b) three-phase CA rotation from seed-made materials,
@@ -19,9 +19,7 @@
 //! Every process of the Redis-side rows has a loopback IP of its own, a new one when recreated,
 //! and a fresh config then (a sentinel: a new ID), as pods of StatefulSets without volumes.
 
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
-mod support;
+use testkit as support;
 
 use support::load::{scenarios, Figures, LoadConfig};
 

@@ -1,6 +1,6 @@
 //! `run`, the long-running agent, through the real binary against the test cluster.
 
-mod support;
+use testkit as support;
 
 use std::io::{Read, Write};
 use std::process::{Child, Stdio};

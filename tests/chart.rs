@@ -2,7 +2,7 @@
 //! helm-python-sdk package (scripts/setup-tests installs it in .venv): no helm binary, no cluster.
 //! A missing .venv fails these tests; it never skips them.
 
-mod support;
+use testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

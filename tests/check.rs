@@ -1,6 +1,6 @@
 //! `check --dir`: reports and exit codes for healthy, aging, broken and unreadable materials.
 
-mod support;
+use testkit as support;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! named, and ranked; nothing is written. The operator runs it with their own credentials and
 //! it judges the tool's ServiceAccount by impersonation, as `kubectl auth can-i --as` does.
 
-mod support;
+use testkit as support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! `restart` writes no Secret, so it never says it did; `reconcile` and `rotate` say whether the
 //! Secrets were written. Through the real binary against the test cluster.
 
-mod support;
+use testkit as support;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `generate`: the seed procedure's files, checked with the real openssl CLI.
 
-mod support;
+use testkit as support;
 
 use std::os::unix::fs::PermissionsExt;
 

@@ -2,7 +2,7 @@
 //! file, Secret key or flag, and never a hang. Each test is a row of docs/security.md's "Bad input
 //! (hostile)" table.
 
-mod support;
+use testkit as support;
 
 use std::io::Read;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! displaced whatever the clocks say; a create whose answer was lost is resolved by reading
 //! back; a holder that loses its Lease stops acting and does not release what is not its own.
 
-mod support;
+use testkit as support;
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,7 +1,7 @@
 //! The shipped manifests: they parse into the Kubernetes types without losing a field, they are
 //! locked down, and their Roles allow exactly what the code uses.
 
-mod support;
+use testkit as support;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;

@@ -3,7 +3,7 @@
 //! promtool and prometheus come from Debian's `prometheus` package (scripts/setup-tests); missing,
 //! these tests fail, never skip.
 
-mod support;
+use testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

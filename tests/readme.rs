@@ -8,7 +8,7 @@
 //! engine, kustomize CLI) are listed in `NOT_RUN` with the reason; any other line this test does
 //! not know fails it, so the README and this test cannot drift apart.
 
-mod support;
+use testkit as support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

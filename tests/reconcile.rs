@@ -1,7 +1,7 @@
 //! `reconcile`, `rotate` and `check` on a cluster, through the real binary against the test
 //! cluster.
 
-mod support;
+use testkit as support;
 
 use std::time::Duration;
 

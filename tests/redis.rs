@@ -2,7 +2,7 @@
 //! TLS), before and after a rotation. Needs redis-server and redis-sentinel (scripts/setup); a
 //! missing binary fails the test.
 
-mod support;
+use testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The restart procedure and crash-safe rotation, through the real binary against the test
 //! cluster (pods terminate and come back with their simulated delays).
 
-mod support;
+use testkit as support;
 
 use std::process::Stdio;
 use std::time::Duration;

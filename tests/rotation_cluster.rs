@@ -6,7 +6,7 @@
 //! 0 acknowledged writes lost, ≥ 2 DBs and ≥ 2 sentinels up at every sample, and no moment
 //! without a Ready TMM pod.
 
-mod support;
+use testkit as support;
 
 use std::time::Duration;
 

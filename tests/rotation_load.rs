@@ -7,7 +7,7 @@
 //!
 //! `cargo bench --bench rotation_load` prints the same figures as one table.
 
-mod support;
+use testkit as support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! Deployment each, plus a BIG-IP Next style TMM DaemonSet in a third namespace, all sharing
 //! one dSSM. The real binary runs against the test cluster.
 
-mod support;
+use testkit as support;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The test cluster answers like a real API server: the real kubectl (1.32) drives it.
 
-mod support;
+use testkit as support;
 
 use std::process::Command;
 use std::time::Duration;

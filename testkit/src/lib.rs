@@ -1,6 +1,6 @@
-//! Shared helpers for the integration tests: the real binary, the real openssl CLI, and the
-//! seeds' exact commands.
-#![allow(dead_code)]
+//! Shared helpers for the integration tests and benches of dssm-certs, compiled once: the real
+//! binary, the real openssl CLI, the seeds' exact commands, the test cluster's environments and
+//! the real-process bed. Tests and benches say `use testkit as support;`.
 
 pub mod agent;
 pub mod dssm_pods;
@@ -13,10 +13,55 @@ pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root (this crate lives in its testkit/ folder): fixtures, manifests, charts.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit/ sits in the workspace root")
+}
+
+/// The profile folder cargo runs the current test or bench from: target/debug/ for `cargo
+/// test`, target/release/ for `cargo bench` (the executable itself is in its `deps/`).
+fn profile_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the path of the running test executable");
+        exe.parent()
+            .and_then(Path::parent)
+            .unwrap_or_else(|| panic!("{}: not in a cargo target folder", exe.display()))
+            .to_path_buf()
+    })
+}
+
+/// The dssm-certs binary cargo built next to the running test or bench (cargo builds a
+/// package's binaries for its integration tests and benches; `CARGO_BIN_EXE_dssm-certs` is only
+/// set when compiling those, not this library).
+pub fn bin_path() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = profile_dir().join("dssm-certs");
+        assert!(
+            bin.is_file(),
+            "{}: no dssm-certs binary; the helpers serve the dssm-certs package's tests and \
+             benches, for which cargo builds it",
+            bin.display()
+        );
+        bin
+    })
+}
+
+/// A scratch folder under the target folder, as `CARGO_TARGET_TMPDIR` is for a test.
+pub fn target_tmpdir() -> PathBuf {
+    let dir = profile_dir().join("tmp");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
 
 /// The binary, with its own defaults: a restart is the default strategy, rolling.
 pub fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dssm-certs"));
+    let mut c = Command::new(bin_path());
     c.env_remove("DSSM_CERTS_LOG");
     c.env_remove("DSSM_CERTS_STRATEGY");
     c
@@ -124,8 +169,7 @@ pub fn seed_materials(dir: &Path, traditional: bool) {
 pub fn next_seed_key() -> Option<PathBuf> {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let key = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("tests/fixtures/seed-keys/rsa4096-{n}.pem"));
+    let key = repo().join(format!("tests/fixtures/seed-keys/rsa4096-{n}.pem"));
     key.exists().then_some(key)
 }
 
@@ -169,8 +213,7 @@ pub fn generate(dir: &Path, extra: &[&str]) -> PathBuf {
 pub fn made_by_default() -> &'static Path {
     static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     MADE.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("generate-defaults-{}", std::process::id()));
+        let dir = target_tmpdir().join(format!("generate-defaults-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         generate(&dir, &[])
     })
