@@ -3,6 +3,8 @@
 //! docs/design.md's write order, so that a crash between any two writes is finished by the next run from the saved
 //! materials.
 
+pub mod rotation;
+
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
 

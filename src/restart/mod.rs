@@ -3,6 +3,8 @@
 //! run (after a crash, a SIGTERM, a timeout) restores it; every wait watches and has a timeout;
 //! on any failure after scaling down TMM is scaled back before the error is returned.
 
+pub mod dssm;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

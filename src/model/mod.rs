@@ -1,0 +1,4 @@
+//! The pure model: what an observation of the cluster finds, described without the cluster.
+//! `cluster/` fills these types; everything above reads them. Imports nothing but the pure core.
+
+pub mod targets;
