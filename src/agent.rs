@@ -357,7 +357,7 @@ pub async fn inspect_without_keys(
         })
         .collect();
     let matches: Vec<Option<CheckResult>> = obs.copies.iter().map(key_match).collect();
-    let rotation_phase = crate::rotation::phase_on_copies(obs, dssm_ns);
+    let rotation_phase = crate::reconcile::rotation::phase_on_copies(obs, dssm_ns);
     tokio::task::spawn_blocking(move || {
         let copies = sources
             .iter()

@@ -793,6 +793,31 @@ pub fn judge_drift(sources: &[Source]) -> Finding {
     }
 }
 
+/// Text from a certificate as a terminal may show it: control characters (escape sequences,
+/// newlines that would fake a row) and Unicode bidirectional controls (which reorder what is
+/// shown: `U+202E` makes `crt.exe` read `exe.trc`) escaped, so a crafted subject cannot
+/// rewrite the table. Every command printing text from certificates or Secrets uses this one.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() || is_bidi_control(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// The Unicode bidirectional formatting characters (UAX #9): embeddings, overrides, isolates
+/// and marks.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,7 +126,7 @@ pub struct RestartFlags {
     pub force: bool,
     /// `POD=HOST:PORT` (repeatable): where the rolling restart reaches that dSSM pod's Redis
     /// instead of its pod IP and container port (a port-forward, a test).
-    #[arg(long = "redis-endpoint", value_name = "POD=HOST:PORT", value_parser = crate::rolling::parse_redis_endpoint, env = "DSSM_CERTS_REDIS_ENDPOINT", value_delimiter = ',')]
+    #[arg(long = "redis-endpoint", value_name = "POD=HOST:PORT", value_parser = crate::restart::dssm::parse_redis_endpoint, env = "DSSM_CERTS_REDIS_ENDPOINT", value_delimiter = ',')]
     pub redis_endpoints: Vec<(String, String)>,
     /// Allow restarting a TMM workload whose only pod cannot surge (one replica with
     /// `Recreate` or `maxSurge: 0`, a DaemonSet on one node): traffic through it stops until
@@ -147,7 +147,7 @@ impl RestartFlags {
             wait_timeout: std::time::Duration::from_secs(self.wait_timeout.max(1) as u64),
             probe_endpoint: self.probe_endpoint.clone(),
             probe_server_name: self.probe_server_name.clone(),
-            redis: crate::rolling::RedisAccess {
+            redis: crate::restart::dssm::RedisAccess {
                 endpoints: self.redis_endpoints.iter().cloned().collect(),
                 master: self.redis_master_name.clone(),
             },
@@ -217,10 +217,10 @@ pub struct TmmArgs {
         value_name = "NAMESPACE/KIND/NAME",
         env = "DSSM_CERTS_TMM",
         value_delimiter = ',',
-        value_parser = crate::targets::TmmTarget::parse,
+        value_parser = crate::model::targets::TmmTarget::parse,
         conflicts_with_all = ["tmm_namespace", "tmm_deployment"]
     )]
-    pub tmm: Vec<crate::targets::TmmTarget>,
+    pub tmm: Vec<crate::model::targets::TmmTarget>,
     /// Namespace of TMM (default: the dSSM namespace, as in CNF): shorthand for one target
     /// with --tmm-deployment.
     #[arg(long, env = "DSSM_CERTS_TMM_NAMESPACE", value_parser = parse_namespace)]
@@ -387,7 +387,7 @@ fn parse_subject(s: &str) -> Result<Subject, String> {
 /// A Deployment name as the API server takes one (an RFC 1123 subdomain): it also goes into
 /// `values`' YAML, where a newline would inject keys.
 fn parse_workload_name(s: &str) -> Result<String, String> {
-    if crate::targets::dns_subdomain(s) {
+    if crate::model::targets::dns_subdomain(s) {
         Ok(s.to_string())
     } else {
         Err(format!(

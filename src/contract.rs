@@ -77,3 +77,6 @@ mod tests {
         assert_eq!(default_dns_names(None), ["f5-dssm-sentinel", "f5-dssm-db"]);
     }
 }
+
+/// The Lease that makes one writer at a time (`cluster::lease`), in the dSSM namespace.
+pub const LEASE_NAME: &str = "dssm-certs";

@@ -26,9 +26,9 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::cluster::{Cluster, ClusterError, Observation, ResourceExt};
 use crate::contract;
 use crate::materials::SecretObs;
+use crate::model::targets::TmmTarget;
 use crate::plan::Action;
 use crate::restart::{self, RestartError};
-use crate::targets::TmmTarget;
 use crate::writes::Write;
 
 /// How a pod's volumes reach our two Secrets (`dssm-certs-secret`, `dssm-keys-secret`).

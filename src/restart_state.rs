@@ -12,8 +12,26 @@
 use std::collections::BTreeMap;
 
 use crate::materials::annotations;
-use crate::restart::{Order, Strategy};
-use crate::rotation::{Phase, Record};
+use crate::model::rotation::{Phase, Record};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Order {
+    /// The seeds' order: TMM down and back up, then the dSSM pods.
+    TmmFirst,
+    /// TMM stays at zero until the dSSM election is complete (the seeds' warning about DB
+    /// entries failing during the election).
+    DssmFirst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// The seeds' procedure: TMM to zero and back, every dSSM pod at once. It interrupts
+    /// traffic (opt-in, for a maintenance window).
+    ScaleToZero,
+    /// No interruption (the default): dSSM the Redis-aware way, one pod at a time, then TMM by a
+    /// rolling restart; a new CA goes out in three phases (`rotation`).
+    Rolling,
+}
 
 /// The token that marks a restart no write asked for (the `restart` command) done.
 pub const MANUAL: &str = "manual";
@@ -320,7 +338,7 @@ fn next_in_rotation(state: &RestartState, record: &Record, seen: &Observed) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rotation::Kind;
+    use crate::model::rotation::Kind;
 
     const DSSM: &str = "spk-utilities/statefulsets/dSSM";
     const A: &str = "spk-ingress-a/deployment/f5-tmm";

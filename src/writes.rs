@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::cluster::{secret_obs, Observation};
 use crate::contract;
 use crate::materials::{annotations, store_keys, Bundle, SecretObs};
+use crate::model::observation::{secret_obs, Observation};
+use crate::model::rotation::{self, Phase};
+use crate::model::targets::TmmTarget;
 use crate::pki::{self, SecretBytes};
 use crate::plan::{Action, Plan, StoreState};
-use crate::rotation::{self, Phase};
-use crate::targets::TmmTarget;
 
 /// Where copies live and what is restarted.
 #[derive(Debug, Clone)]

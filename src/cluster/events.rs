@@ -8,7 +8,7 @@ pub use kube::runtime::events::EventType;
 use kube::Resource;
 
 use super::{describe, Cluster};
-use crate::targets::Workload;
+use crate::model::targets::Workload;
 
 /// Why an Event is published: its `reason` field, one name per kind of thing that happened
 /// (what `kubectl get events --field-selector reason=…` and the alerts' runbooks select on).

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use super::{call, Cluster, ClusterError};
 
-pub const LEASE_NAME: &str = "dssm-certs";
+pub use crate::contract::LEASE_NAME;
 /// The default of `--lease-duration`: how long the Lease lasts without renewal, i.e. what a
 /// crashed run makes the next one wait.
 pub const LEASE_SECONDS: i32 = 120;

@@ -9,8 +9,8 @@ use kube::Api;
 use super::watch::watch_until;
 use super::{call, Cluster, ClusterError};
 use crate::materials::annotations::{STOP_NODE_SELECTOR, TMM_ROLL};
+use crate::model::targets::{Kind, TmmTarget, Workload};
 use crate::restart_state::{dssm_id, RestartState, TargetState};
-use crate::targets::{Kind, TmmTarget, Workload};
 
 fn pp() -> PatchParams {
     PatchParams {
@@ -81,7 +81,7 @@ impl Cluster {
     /// A missing target is an error naming it.
     pub async fn restart_state(
         &self,
-        rotation: Option<crate::rotation::Record>,
+        rotation: Option<crate::model::rotation::Record>,
     ) -> Result<(RestartState, Vec<Workload>), ClusterError> {
         let mut targets = Vec::new();
         let mut workloads = Vec::new();

@@ -146,7 +146,7 @@ pub async fn reconcile(
                     .is_some_and(|a| a.contains_key(crate::materials::annotations::ROTATION))
             });
             if recorded {
-                crate::rotation::drive(cluster, opts.restart.as_ref(), out).await?;
+                crate::reconcile::rotation::drive(cluster, opts.restart.as_ref(), out).await?;
             } else if let Some(r) = &opts.restart {
                 if needs_restart(cluster).await? {
                     cluster.restart(r, out).await?;
@@ -392,7 +392,7 @@ fn report_plan(plan: &Plan, out: &mut (dyn Write + Send)) {
     let _ = writeln!(out, "plan: {}", action.as_str().unwrap_or(""));
     for r in &plan.reasons {
         // Reasons quote certificate subjects: escaped as `check` escapes them.
-        let _ = writeln!(out, "  - {}", crate::check::printable(r));
+        let _ = writeln!(out, "  - {}", crate::checks::printable(r));
     }
 }
 
@@ -406,7 +406,7 @@ fn must_write(
     lease_held: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<Next, ReconcileError> {
-    let record = crate::rotation::record_of(&obs.store);
+    let record = crate::reconcile::rotation::record_of(&obs.store);
     if plan.action.writes() || record.is_some() {
         if let Some(t) = obs.missing_target() {
             return Err(ClusterError::NoWorkload(t.clone()).into());
@@ -631,7 +631,7 @@ pub(crate) async fn write_copies(
     obs: &Observation,
     bundle: &Bundle,
     revision: u64,
-    phase: Option<crate::rotation::Phase>,
+    phase: Option<crate::reconcile::rotation::Phase>,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<Secret>, ReconcileError> {
     let list: Vec<Write_> = writes::copies(&places(cluster), obs, Some(bundle), revision, phase)
@@ -748,7 +748,7 @@ async fn new_materials(
     .await
     .expect("material generation panicked")?;
     if let Some(note) = &m.leaf_note {
-        let _ = writeln!(out, "note: {}", crate::check::printable(note));
+        let _ = writeln!(out, "note: {}", crate::checks::printable(note));
     }
     Ok(NewMaterials {
         bundle: Bundle {

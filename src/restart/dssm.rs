@@ -7,18 +7,18 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::cluster::ResourceExt;
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 
 use crate::cluster::pods::PodsIn;
 use crate::cluster::Cluster;
 use crate::contract;
+pub use crate::model::pods::{
+    mounts_secrets_with_sub_path, port_role, redis_container, redis_port, DB_PORT,
+};
 use crate::redis::reload::Proof;
 use crate::redis::rollout::{self, PodKind, Pods, RolloutContext, Step};
 use crate::redis::{info_replication, ClientMaterials, Connection, Role, TlsClient};
 use crate::restart::{pod_ready, terminating, wait_pods, RestartError};
-
-/// Redis's port when a DB container declares none.
-pub const DB_PORT: u16 = 6379;
 
 /// `--redis-endpoint POD=HOST:PORT`: where the tool reaches one dSSM pod's Redis instead of its
 /// pod IP and container port (a port-forward, a test's loopback port).
@@ -71,114 +71,6 @@ pub fn pod_kind(p: &Pod) -> PodKind {
         PodKind::Sentinel
     } else {
         PodKind::Db
-    }
-}
-
-/// What a declared port says about the Redis behind it: named `redis`/`sentinel`, or Redis's
-/// and Sentinel's own numbers.
-fn port_role(port: &ContainerPort) -> Option<PodKind> {
-    match (port.name.as_deref(), port.container_port) {
-        (Some("sentinel"), _) => Some(PodKind::Sentinel),
-        (Some("redis"), _) => Some(PodKind::Db),
-        (_, p) if p == i32::from(contract::SENTINEL_PORT) => Some(PodKind::Sentinel),
-        (_, p) if p == i32::from(DB_PORT) => Some(PodKind::Db),
-        _ => None,
-    }
-}
-
-/// The volumes of `spec` that carry one of our two Secrets, directly or projected.
-fn secret_volumes(spec: &PodSpec) -> Vec<&str> {
-    let is_ours = |n: &str| n == contract::CERTS_SECRET || n == contract::KEYS_SECRET;
-    spec.volumes
-        .iter()
-        .flatten()
-        .filter(|v| {
-            let direct = v.secret.as_ref().and_then(|s| s.secret_name.as_deref());
-            let projected = v.projected.as_ref().and_then(|pr| pr.sources.as_ref());
-            direct.is_some_and(is_ours)
-                || projected.into_iter().flatten().any(|src| {
-                    src.secret
-                        .as_ref()
-                        .is_some_and(|s| is_ours(s.name.as_str()))
-                })
-        })
-        .map(|v| v.name.as_str())
-        .collect()
-}
-
-fn mounts_secrets(c: &Container, volumes: &[&str]) -> bool {
-    c.volume_mounts
-        .iter()
-        .flatten()
-        .any(|m| volumes.contains(&m.name.as_str()))
-}
-
-/// The Redis (or Sentinel) container of a dSSM pod, found by what it is, never by its place:
-/// a port named `redis`/`sentinel`, else a port 6379/26379, else the one container that mounts
-/// our Secrets, else the pod's only container. A sidecar listed first is passed over.
-pub fn redis_container(spec: &PodSpec) -> Result<&Container, String> {
-    let cs = &spec.containers;
-    let named = |c: &&Container| {
-        c.ports
-            .iter()
-            .flatten()
-            .any(|p| matches!(p.name.as_deref(), Some("redis" | "sentinel")))
-    };
-    let numbered = |c: &&Container| c.ports.iter().flatten().any(|p| port_role(p).is_some());
-    let volumes = secret_volumes(spec);
-    let mounting: Vec<&Container> = cs.iter().filter(|c| mounts_secrets(c, &volumes)).collect();
-    cs.iter()
-        .find(named)
-        .or_else(|| cs.iter().find(numbered))
-        .or_else(|| (mounting.len() == 1).then(|| mounting[0]))
-        .or_else(|| (cs.len() == 1).then(|| &cs[0]))
-        .ok_or_else(|| {
-            let names: Vec<&str> = cs.iter().map(|c| c.name.as_str()).collect();
-            format!(
-                "none of its containers ({}) is recognisably Redis: none declares a port named \
-                 redis or sentinel, or port {DB_PORT} or {}, and not exactly one mounts {} or {}",
-                names.join(", "),
-                contract::SENTINEL_PORT,
-                contract::CERTS_SECRET,
-                contract::KEYS_SECRET
-            )
-        })
-}
-
-/// The port Redis listens on in its container: the port named `redis`/`sentinel`, else
-/// 6379/26379, else the container's only port, else the default for its kind.
-pub fn redis_port(c: &Container, kind: PodKind) -> u16 {
-    let ports: Vec<&ContainerPort> = c.ports.iter().flatten().collect();
-    let named = ports
-        .iter()
-        .find(|p| matches!(p.name.as_deref(), Some("redis" | "sentinel")));
-    let known = ports.iter().find(|p| port_role(p).is_some());
-    let only = (ports.len() == 1).then(|| &ports[0]);
-    named
-        .or(known)
-        .or(only)
-        .and_then(|p| u16::try_from(p.container_port).ok())
-        .unwrap_or(match kind {
-            PodKind::Db => DB_PORT,
-            PodKind::Sentinel => contract::SENTINEL_PORT,
-        })
-}
-
-/// Whether the Redis container mounts one of the dSSM Secrets with `subPath`: kubelet never
-/// updates such a file, so only a restart brings the new materials. (A sidecar's mounts do not
-/// decide how Redis reloads; a pod whose Redis container is unknown counts every container.)
-pub fn mounts_secrets_with_sub_path(p: &Pod) -> bool {
-    let Some(spec) = &p.spec else { return false };
-    let volumes = secret_volumes(spec);
-    let sub_path = |c: &Container| {
-        c.volume_mounts.iter().flatten().any(|m| {
-            volumes.contains(&m.name.as_str())
-                && m.sub_path.as_deref().is_some_and(|s| !s.is_empty())
-        })
-    };
-    match redis_container(spec) {
-        Ok(c) => sub_path(c),
-        Err(_) => spec.containers.iter().any(sub_path),
     }
 }
 
@@ -347,7 +239,7 @@ async fn preflight_client(cluster: &Cluster) -> Result<(ClientMaterials, String)
     if let Some(c) = client_from_copy(cluster, &cluster.dssm_ns).await? {
         return Ok(c);
     }
-    for ns in crate::targets::namespaces(&cluster.targets) {
+    for ns in crate::model::targets::namespaces(&cluster.targets) {
         if let Some(c) = client_from_copy(cluster, &ns).await? {
             return Ok(c);
         }

@@ -5,39 +5,22 @@
 
 pub mod dssm;
 
+pub use crate::model::pods::*;
+pub use crate::restart_state::{Order, Strategy};
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::cluster::ResourceExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::cluster::pods::PodsIn;
 use crate::cluster::{Cluster, ClusterError};
 use crate::materials::annotations;
 use crate::materials::annotations::STOP_NODE_SELECTOR;
+use crate::model::targets::{Kind, RollPlan, TmmTarget, Workload};
 use crate::restart_state::{next, Mode, Observed, RestartState, Step};
-use crate::targets::{Kind, RollPlan, TmmTarget, Workload};
 use k8s_openapi::jiff::Timestamp;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Order {
-    /// The seeds' order: TMM down and back up, then the dSSM pods.
-    TmmFirst,
-    /// TMM stays at zero until the dSSM election is complete (the seeds' warning about DB
-    /// entries failing during the election).
-    DssmFirst,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Strategy {
-    /// The seeds' procedure: TMM to zero and back, every dSSM pod at once. It interrupts
-    /// traffic (opt-in, for a maintenance window).
-    ScaleToZero,
-    /// No interruption (the default): dSSM the Redis-aware way, one pod at a time, then TMM by a
-    /// rolling restart; a new CA goes out in three phases (`rotation`).
-    Rolling,
-}
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -52,7 +35,7 @@ pub struct Options {
     /// The name the served certificate is checked against (default: the endpoint's host).
     pub probe_server_name: Option<String>,
     /// Where the rolling restart reaches each dSSM pod's Redis.
-    pub redis: crate::rolling::RedisAccess,
+    pub redis: crate::restart::dssm::RedisAccess,
     /// Restart a TMM target whose only pod cannot surge (no Ready pod until its replacement
     /// is): refused before anything is written otherwise.
     pub allow_tmm_gap: bool,
@@ -76,145 +59,6 @@ pub enum RestartError {
     RollingAfterCaChange(String),
 }
 
-pub(crate) fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-pub(crate) fn terminating(p: &Pod) -> bool {
-    p.metadata.deletion_timestamp.is_some()
-}
-
-/// A pod that ended (phase Failed or Succeeded, e.g. evicted) stays listed but is not live: its
-/// controller replaces it.
-pub(crate) fn ended(p: &Pod) -> bool {
-    matches!(
-        p.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Failed" | "Succeeded")
-    )
-}
-
-/// Why TMM's rollout is not complete, if it is not: the Deployment controller has not seen the
-/// latest spec, or fewer replicas are updated or available than asked for (what `kubectl rollout
-/// status` checks).
-pub fn rollout_incomplete(d: &Deployment) -> Option<String> {
-    let want = d.spec.replicas.unwrap_or(1);
-    let status = d.status.clone().unwrap_or_default();
-    let name = format!(
-        "deployment {}/{}",
-        d.namespace().unwrap_or_default(),
-        d.name_any()
-    );
-    if let (Some(generation), Some(observed)) = (d.metadata.generation, status.observed_generation)
-    {
-        if observed < generation {
-            return Some(format!(
-                "{name}: its controller has not observed generation {generation} yet (at {observed})"
-            ));
-        }
-    }
-    let updated = status.updated_replicas.unwrap_or(want);
-    let available = status.available_replicas.unwrap_or(0);
-    if updated < want || available < want {
-        return Some(format!(
-            "{name}: rollout in progress ({updated} of {want} updated, {available} available)"
-        ));
-    }
-    None
-}
-
-/// Why the dSSM pods are not all serving, if they are not: a live pod not Ready, or none at all.
-pub fn dssm_not_ready(pods: &[Pod], namespace: &str, selector: &str) -> Option<String> {
-    let live: Vec<&Pod> = pods.iter().filter(|p| !ended(p)).collect();
-    if live.is_empty() {
-        return Some(format!("no dSSM pod matches {selector:?} in {namespace}"));
-    }
-    let not_ready: Vec<String> = live
-        .iter()
-        .filter(|p| terminating(p) || !pod_ready(p))
-        .map(|p| format!("pod {namespace}/{}", p.name_any()))
-        .collect();
-    (!not_ready.is_empty()).then(|| format!("{} not Ready", not_ready.join(", ")))
-}
-
-/// When a pod was created (None when the API left it out).
-fn created(p: &Pod) -> Option<Timestamp> {
-    p.metadata.creation_timestamp.as_ref().map(|t| t.0)
-}
-
-/// The roll of `token` recorded on a TMM workload (`annotations::TMM_ROLL`): when it began.
-pub fn recorded_roll(w: &Workload, token: &str) -> Option<Timestamp> {
-    let v = w.annotations().get(annotations::TMM_ROLL)?.clone();
-    let (tok, at) = v.rsplit_once('@')?;
-    (tok == token).then(|| at.parse().ok()).flatten()
-}
-
-/// Why the pods do not prove a roll that began at `since`, if they do not: every live pod is
-/// newer, Ready and of one template (`pod-template-hash` or `controller-revision-hash`), and
-/// there are at least `want`. Replica counts alone cannot tell an old pod from a new one.
-pub fn roll_unproven(pods: &[Pod], since: Timestamp, want: i32) -> Option<String> {
-    let live: Vec<&Pod> = pods
-        .iter()
-        .filter(|p| !terminating(p) && !ended(p))
-        .collect();
-    if let Some(p) = live.iter().find(|p| created(p).is_none_or(|c| c < since)) {
-        return Some(format!("pod {} is older than the roll", p.name_any()));
-    }
-    if let Some(p) = live.iter().find(|p| !pod_ready(p)) {
-        return Some(format!("pod {} is not Ready", p.name_any()));
-    }
-    let hash = |p: &Pod| {
-        let l = p.labels();
-        l.get("pod-template-hash")
-            .or_else(|| l.get("controller-revision-hash"))
-            .cloned()
-    };
-    let hashes: std::collections::BTreeSet<Option<String>> = live.iter().map(|p| hash(p)).collect();
-    if hashes.len() > 1 {
-        return Some(format!("its pods run {} templates", hashes.len()));
-    }
-    (live.len() < usize::try_from(want).unwrap_or(0))
-        .then(|| format!("{} of {want} pods", live.len()))
-}
-
-/// The StatefulSets that own `pods` (terminating ones included: their owner still wants them).
-pub fn statefulset_owners(pods: &[Pod]) -> std::collections::BTreeSet<String> {
-    pods.iter()
-        .flat_map(|p| p.owner_references())
-        .filter(|o| o.kind == "StatefulSet")
-        .map(|o| o.name.clone())
-        .collect()
-}
-
-/// Why the StatefulSets are short of pods, if they are: each of `wanted` (name, replicas)
-/// has that many live, Ready pods. With OrderedReady (the API default) an evicted StatefulSet
-/// comes back one ordinal at a time, so the pods listed at one instant are not all it wants.
-pub fn statefulsets_short(
-    pods: &[Pod],
-    namespace: &str,
-    wanted: &[(String, i32)],
-) -> Option<String> {
-    let short: Vec<String> = wanted
-        .iter()
-        .filter_map(|(name, want)| {
-            let ready = pods
-                .iter()
-                .filter(|p| !terminating(p) && !ended(p) && pod_ready(p))
-                .filter(|p| {
-                    p.owner_references()
-                        .iter()
-                        .any(|o| o.kind == "StatefulSet" && &o.name == name)
-                })
-                .count();
-            (ready < usize::try_from(*want).unwrap_or(0))
-                .then(|| format!("statefulset {namespace}/{name} has {ready} of {want} pods Ready"))
-        })
-        .collect();
-    (!short.is_empty()).then(|| short.join(", "))
-}
-
 /// Lists pods matching `selector`, then watches them until `done` holds for the current set;
 /// `what` names the wait when it times out.
 pub async fn wait_pods(
@@ -231,166 +75,6 @@ pub async fn wait_pods(
             secs: timeout.as_secs(),
         }),
     }
-}
-
-/// Whether a LabelSelector (matchLabels and matchExpressions, as apimachinery's
-/// `LabelSelectorAsSelector`) selects `labels`. An empty selector selects everything.
-pub fn selects(
-    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    let by_labels = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let by_expressions = sel.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        let have = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => have.is_some_and(|v| values.contains(v)),
-            "NotIn" => have.is_none_or(|v| !values.contains(v)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            _ => false,
-        }
-    });
-    by_labels && by_expressions
-}
-
-/// Validates a label selector as the API server's `labels.Parse` would, and refuses the empty
-/// one: `--dssm-selector ''` would select every pod of the namespace, and the dSSM restart
-/// deletes what it selects. Returns the selector trimmed.
-pub fn parse_selector(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("an empty selector selects every pod of the namespace; give one that selects only the dSSM pods, e.g. 'app in (f5-dssm-db, f5-dssm-sentinel)'".into());
-    }
-    let mut parts = Vec::new();
-    let (mut depth, mut start) = (0i32, 0);
-    for (i, c) in s.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                parts.push(&s[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-        if !(0..=1).contains(&depth) {
-            return Err(format!("unbalanced parentheses in {s:?}"));
-        }
-    }
-    if depth != 0 {
-        return Err(format!("unbalanced parentheses in {s:?}"));
-    }
-    parts.push(&s[start..]);
-    for part in parts {
-        parse_requirement(part.trim()).map_err(|e| format!("{part:?}: {e}"))?;
-    }
-    Ok(s.to_string())
-}
-
-fn parse_requirement(p: &str) -> Result<(), String> {
-    if p.is_empty() {
-        return Err("an empty requirement (a stray comma?)".into());
-    }
-    if let Some(key) = p.strip_prefix('!') {
-        return label_key(key.trim());
-    }
-    for op in ["!=", "==", "="] {
-        if let Some((k, v)) = p.split_once(op) {
-            label_key(k.trim())?;
-            return label_value(v.trim());
-        }
-    }
-    let key_end = p.find(|c: char| c.is_whitespace()).unwrap_or(p.len());
-    let (key, rest) = (&p[..key_end], p[key_end..].trim_start());
-    label_key(key)?;
-    if rest.is_empty() {
-        return Ok(()); // `key`: the label exists
-    }
-    let set = rest
-        .strip_prefix("notin")
-        .or_else(|| rest.strip_prefix("in"))
-        .map(str::trim_start)
-        .and_then(|r| r.strip_prefix('('))
-        .and_then(|r| r.strip_suffix(')'))
-        .ok_or("expected `=`, `==`, `!=`, `in (...)` or `notin (...)` after the key")?;
-    let values: Vec<&str> = set.split(',').map(str::trim).collect();
-    if values.iter().all(|v| v.is_empty()) {
-        return Err("`in` and `notin` need at least one value".into());
-    }
-    values.into_iter().try_for_each(label_value)
-}
-
-/// `[prefix/]name`: prefix a DNS subdomain, name a label name.
-fn label_key(k: &str) -> Result<(), String> {
-    let (prefix, name) = match k.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, k),
-    };
-    if let Some(p) = prefix {
-        if !crate::targets::dns_subdomain(p) {
-            return Err(format!(
-                "{p:?} is not a valid label key prefix (a DNS subdomain)"
-            ));
-        }
-    }
-    if name.is_empty() {
-        return Err("a label key is missing".into());
-    }
-    label_name(name).map_err(|e| format!("label key {k:?}: {e}"))
-}
-
-fn label_value(v: &str) -> Result<(), String> {
-    if v.is_empty() {
-        return Ok(());
-    }
-    label_name(v).map_err(|e| format!("label value {v:?}: {e}"))
-}
-
-/// At most 63 characters, alphanumeric at both ends, `-`, `_` or `.` inside.
-fn label_name(n: &str) -> Result<(), String> {
-    let alnum = |c: char| c.is_ascii_alphanumeric();
-    if n.len() > 63 {
-        return Err("longer than 63 characters".into());
-    }
-    if !n.starts_with(alnum) || !n.ends_with(alnum) {
-        return Err("must start and end with a letter or digit".into());
-    }
-    if !n.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.')) {
-        return Err("only letters, digits, '-', '_' and '.' are allowed".into());
-    }
-    Ok(())
-}
-
-/// A workload's LabelSelector as the `labelSelector` query string: matchLabels and
-/// matchExpressions (ignoring the expressions would select pods of other workloads).
-pub fn selector_of(d: &Deployment) -> String {
-    selector_query(&d.spec.selector)
-}
-
-/// A LabelSelector as the `labelSelector` query string.
-pub fn selector_query(
-    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-) -> String {
-    let labels = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"));
-    let expressions = sel.match_expressions.iter().flatten().map(|e| {
-        let values = e.values.clone().unwrap_or_default().join(",");
-        match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "DoesNotExist" => format!("!{}", e.key),
-            _ => e.key.clone(), // Exists
-        }
-    });
-    labels.chain(expressions).collect::<Vec<_>>().join(",")
 }
 
 impl Cluster {
@@ -411,7 +95,7 @@ impl Cluster {
         force: bool,
         timeout: Duration,
         skip_dssm: bool,
-        skip: &[crate::targets::TmmTarget],
+        skip: &[crate::model::targets::TmmTarget],
     ) -> Result<(), RestartError> {
         let mut blocking = Vec::new();
         if !skip_dssm {
@@ -495,7 +179,7 @@ impl Cluster {
     async fn tmm_rollouts_incomplete(
         &self,
         timeout: Duration,
-        skip: &[crate::targets::TmmTarget],
+        skip: &[crate::model::targets::TmmTarget],
     ) -> Result<Vec<String>, ClusterError> {
         let mut blocking = Vec::new();
         for t in self.targets.iter().filter(|t| !skip.contains(t)) {
@@ -731,7 +415,7 @@ impl Cluster {
             "{}: replacing its pod leaves no TMM pod Ready until the new one is (pass \
              --allow-tmm-gap to accept that gap, or {})",
             gaps.join("; "),
-            crate::targets::NO_GAP_HINT
+            crate::model::targets::NO_GAP_HINT
         );
         self.event_on_targets(true, "RestartRefused", &format!("pre-flight: {why}"))
             .await;
@@ -906,7 +590,7 @@ impl Cluster {
                     .await?
             }
             Step::RollDssm { .. } => {
-                let proof = crate::rolling::PhaseProof::default();
+                let proof = crate::restart::dssm::PhaseProof::default();
                 self.roll_dssm(&opts.redis, proof, timeout, out).await?;
                 run.seen.dssm_restarted = true;
             }
@@ -1102,7 +786,7 @@ impl Cluster {
         opts: &Options,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        use crate::check::Status;
+        use crate::checks::Status;
         use crate::contract;
         let endpoint = opts
             .probe_endpoint
@@ -1257,7 +941,7 @@ mod tests {
     #[test]
     fn a_recorded_roll_is_found_by_its_token_only() {
         use super::recorded_roll;
-        use crate::targets::Workload;
+        use crate::model::targets::Workload;
         let with = |v: &str| {
             let d = serde_json::json!({"metadata": {"name": "f5-tmm",
                 "annotations": {crate::materials::annotations::TMM_ROLL: v}},
