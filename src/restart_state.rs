@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::materials::annotations;
 use crate::model::rotation::{Phase, Record};
+use crate::model::targets::{TmmTarget, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Order {
@@ -39,6 +40,27 @@ pub const MANUAL: &str = "manual";
 /// The name the rotation record gives the dSSM pods in its `rolled` list.
 pub fn dssm_id(dssm_ns: &str) -> String {
     format!("{dssm_ns}/statefulsets/dSSM")
+}
+
+/// The restart's persisted state, from what was observed: each target's marks (read from its
+/// workload, `workloads` in the order of `targets`) and the rotation record given (read with
+/// the CA key Secret).
+pub fn observed(
+    rotation: Option<Record>,
+    targets: &[TmmTarget],
+    workloads: &[Workload],
+    dssm_ns: &str,
+) -> RestartState {
+    let targets = targets
+        .iter()
+        .zip(workloads)
+        .map(|(t, w)| TargetState::from_annotations(t.id(), &w.annotations()))
+        .collect();
+    RestartState {
+        rotation,
+        targets,
+        dssm: dssm_id(dssm_ns),
+    }
 }
 
 /// One TMM target's persisted part of the restart.

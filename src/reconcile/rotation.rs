@@ -138,7 +138,13 @@ pub async fn drive(
         };
         let record = record.map_err(ReconcileError::Refused)?;
         let saved = Saved::read(data, &cluster.dssm_ns).map_err(ReconcileError::Refused)?;
-        let (state, _) = cluster.restart_state(Some(record.clone())).await?;
+        let workloads = cluster.require_workloads().await?;
+        let state = crate::restart_state::observed(
+            Some(record.clone()),
+            &cluster.targets,
+            &workloads,
+            &cluster.dssm_ns,
+        );
         seen.phase_written = written == Some(record.phase);
         let step = next(&state, &seen, rotation_mode());
         tracing::debug!(?step, "rotation step");

@@ -522,7 +522,9 @@ impl Cluster {
         };
         let mut first = true;
         loop {
-            let (state, workloads) = self.restart_state(None).await?;
+            let workloads = self.require_workloads().await?;
+            let state =
+                crate::restart_state::observed(None, &self.targets, &workloads, &self.dssm_ns);
             run.seen.stopped = workloads.iter().map(Workload::stopped).collect();
             if state.resuming() {
                 // A recorded restart is resumed whatever the cluster looks like (TMM is at
