@@ -206,6 +206,7 @@ impl CommandError {
                 | R::Restart(restart_failed!())
                 | R::PreflightFailed(restart_failed!())
                 | R::Refused(_)
+                | R::Rotation(_)
                 | R::KeptConflicting { .. },
             )
             | E::Restart(restart_failed!())
@@ -331,6 +332,14 @@ mod tests {
             ),
             (api("get").into(), exit::FAILED),
             (R::Refused("not valid".into()).into(), exit::FAILED),
+            (
+                R::Rotation(crate::model::rotation::RecordError::MissingKey {
+                    namespace: "ns".into(),
+                    key: "ca.crt".into(),
+                })
+                .into(),
+                exit::FAILED,
+            ),
             (R::KeptConflicting { attempts: 3 }.into(), exit::FAILED),
             (
                 GenerateError::NotADirectory {

@@ -103,13 +103,28 @@ impl Record {
         serde_json::to_string(self).expect("a record serializes")
     }
 
-    pub fn parse(s: &str) -> Result<Record, String> {
-        serde_json::from_str(s).map_err(|e| format!("annotation {}: {e}", annotations::ROTATION))
+    pub fn parse(s: &str) -> Result<Record, RecordError> {
+        serde_json::from_str(s).map_err(|source| RecordError::Unreadable { source })
     }
 }
 
+/// Why a recorded CA rotation cannot be resumed: its record or its saved materials.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("annotation {}: {source}", annotations::ROTATION)]
+    Unreadable {
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "{namespace}/{}: a CA rotation is recorded but the key {key} is missing",
+        contract::CA_KEY_SECRET
+    )]
+    MissingKey { namespace: String, key: String },
+}
+
 /// The record on the CA key Secret, if a rotation runs.
-pub fn record_of(store: &SecretObs) -> Option<Result<Record, String>> {
+pub fn record_of(store: &SecretObs) -> Option<Result<Record, RecordError>> {
     match store {
         SecretObs::Present { annotations, .. } => annotations
             .get(annotations::ROTATION)
@@ -138,13 +153,11 @@ impl std::fmt::Debug for Saved {
 
 impl Saved {
     /// Reads them from the CA key Secret's data; names the missing key.
-    pub fn read(data: &BTreeMap<String, Vec<u8>>, ns: &str) -> Result<Saved, String> {
+    pub fn read(data: &BTreeMap<String, Vec<u8>>, ns: &str) -> Result<Saved, RecordError> {
         let get = |k: &str| {
-            data.get(k).cloned().ok_or_else(|| {
-                format!(
-                    "{ns}/{}: a CA rotation is recorded but the key {k} is missing",
-                    contract::CA_KEY_SECRET
-                )
+            data.get(k).cloned().ok_or_else(|| RecordError::MissingKey {
+                namespace: ns.to_string(),
+                key: k.to_string(),
             })
         };
         Ok(Saved {

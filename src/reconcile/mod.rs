@@ -36,6 +36,9 @@ pub enum ReconcileError {
     PreflightFailed(#[source] crate::restart::RestartError),
     #[error("{0}")]
     Refused(String),
+    /// A recorded CA rotation that cannot be resumed (its record or saved materials).
+    #[error(transparent)]
+    Rotation(#[from] crate::model::rotation::RecordError),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
     Preflight(String),
     #[error("pre-flight refused phase {number} of 3 ({phase}) of the CA rotation before its first write: {why}. The rotation stays recorded at this phase, and every process still trusts the others; the next run resumes it once that is fixed")]
@@ -414,7 +417,7 @@ fn must_write(
     }
     // A recorded CA rotation is resumed at its phase (`rotation::drive`), whatever the plan.
     if let Some(record) = record {
-        let record = record.map_err(ReconcileError::Refused)?;
+        let record = record?;
         let _ = writeln!(
             out,
             "a CA rotation is in progress: phase {} of 3 ({}); resuming it",

@@ -136,8 +136,8 @@ pub async fn drive(
         let Some(record) = record_of(&obs.store) else {
             return Ok(());
         };
-        let record = record.map_err(ReconcileError::Refused)?;
-        let saved = Saved::read(data, &cluster.dssm_ns).map_err(ReconcileError::Refused)?;
+        let record = record?;
+        let saved = Saved::read(data, &cluster.dssm_ns)?;
         let workloads = cluster.require_workloads().await?;
         let state = crate::restart_state::observed(
             Some(record.clone()),
@@ -412,9 +412,13 @@ mod tests {
             json,
             r#"{"kind":"ca","phase":"switch","revision":7,"rolled":["spk-utilities/statefulsets/dSSM"]}"#
         );
-        assert_eq!(Record::parse(&json), Ok(r));
+        assert_eq!(Record::parse(&json).unwrap(), r);
         let e = Record::parse("{\"kind\":\"ca\",\"phase\":\"sideways\"}").unwrap_err();
-        assert!(e.contains(annotations::ROTATION), "{e}");
+        assert!(e.to_string().contains(annotations::ROTATION), "{e}");
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the JSON error is kept as its source"
+        );
     }
 
     #[test]
