@@ -156,6 +156,12 @@ macro_rules! restart_failed {
             | RestartError::Interrupted { .. }
             | RestartError::Probe(_)
             | RestartError::Rollout(_)
+            | RestartError::DssmRoll(_)
+            | RestartError::LeafKeyMismatch { .. }
+            | RestartError::StrayEndpoint { .. }
+            | RestartError::MissingKey { .. }
+            | RestartError::ClientKey(_)
+            | RestartError::ClientCert(_)
             | RestartError::RollingAfterCaChange(_)
     };
 }

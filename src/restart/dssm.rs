@@ -106,6 +106,20 @@ pub fn pod_endpoint(p: &Pod, overrides: &BTreeMap<String, String>) -> Result<Str
     Ok(join_host_port(&ip.to_string(), redis_port(c, pod_kind(p))))
 }
 
+/// Why the Redis side of dSSM's roll failed, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum DssmRollError {
+    #[error("{0}")]
+    Tls(#[from] crate::redis::tls::TlsSetupError),
+    #[error("{0}")]
+    Plan(#[from] rollout::RolloutPlanError),
+    #[error("{0}")]
+    Roll(#[from] rollout::RolloutError),
+    /// A pod observed through Redis (its role, its replication).
+    #[error("{0}")]
+    Observe(String),
+}
+
 /// How the tool talks to dSSM during a rolling restart.
 #[derive(Debug, Clone)]
 pub struct RedisAccess {
@@ -188,24 +202,29 @@ async fn client_from_copy(
 ) -> Result<Option<(ClientMaterials, String)>, RestartError> {
     let certs = cluster.get_secret(ns, contract::CERTS_SECRET).await?;
     let keys = cluster.get_secret(ns, contract::KEYS_SECRET).await?;
-    let get = |s: &Option<k8s_openapi::api::core::v1::Secret>, secret: &str, k: &str| {
+    let get = |s: &Option<k8s_openapi::api::core::v1::Secret>,
+               secret: &'static str,
+               key: &'static str| {
         s.as_ref()
             .and_then(|s| s.data.as_ref())
-            .and_then(|d| d.get(k))
+            .and_then(|d| d.get(key))
             .map(|b| b.0.clone())
-            .ok_or_else(|| RestartError::Rollout(format!("secret {ns}/{secret} has no key {k}")))
+            .ok_or_else(|| RestartError::MissingKey {
+                namespace: ns.to_string(),
+                secret,
+                key,
+            })
     };
     let ca_cert = get(&certs, contract::CERTS_SECRET, contract::CA_CERT)?;
     let leaf_cert = get(&certs, contract::CERTS_SECRET, contract::LEAF_CERT)?;
     let key = get(&keys, contract::KEYS_SECRET, contract::LEAF_KEY)?;
     let at = format!("{ns}/{}[{}]", contract::KEYS_SECRET, contract::LEAF_KEY);
-    let leaf_key = crate::pki::PrivateKey::from_pem(&key, &at)
-        .map_err(|e| RestartError::Rollout(e.to_string()))?;
+    let leaf_key = crate::pki::PrivateKey::from_pem(&key, &at).map_err(RestartError::ClientKey)?;
     let leaf = crate::pki::parse_certificate(
         &leaf_cert,
         &format!("{ns}/{}[{}]", contract::CERTS_SECRET, contract::LEAF_CERT),
     )
-    .map_err(|e| RestartError::Rollout(e.to_string()))?;
+    .map_err(RestartError::ClientCert)?;
     if !leaf.matches_key(&leaf_key) {
         return Ok(None);
     }
@@ -223,13 +242,11 @@ async fn client_from_copy(
 /// The dSSM copy of the materials, as the tool's client for this phase.
 async fn dssm_client(cluster: &Cluster) -> Result<(ClientMaterials, String), RestartError> {
     let ns = &cluster.dssm_ns;
-    client_from_copy(cluster, ns).await?.ok_or_else(|| {
-        RestartError::Rollout(format!(
-            "secret {ns}/{} holds a leaf that does not match the key of {ns}/{}",
-            contract::CERTS_SECRET,
-            contract::KEYS_SECRET
-        ))
-    })
+    client_from_copy(cluster, ns)
+        .await?
+        .ok_or_else(|| RestartError::LeafKeyMismatch {
+            namespace: ns.to_string(),
+        })
 }
 
 /// A client the running dSSM processes accept before the writes: the dSSM copy, or, when a
@@ -270,11 +287,12 @@ impl Cluster {
             .collect();
         let names: Vec<String> = live.iter().map(|p| p.name_any()).collect();
         if let Some(stray) = access.endpoints.keys().find(|k| !names.contains(k)) {
-            return Err(RestartError::Rollout(format!(
-                "--redis-endpoint names pod {stray}, which is not a dSSM pod in {} ({sel}); pods: {}",
-                self.dssm_ns,
-                names.join(", ")
-            )));
+            return Err(RestartError::StrayEndpoint {
+                pod: stray.clone(),
+                namespace: self.dssm_ns.clone(),
+                selector: sel,
+                pods: names,
+            });
         }
         let mut endpoints = BTreeMap::new();
         let mut uids = BTreeMap::new();
@@ -311,14 +329,15 @@ impl Cluster {
         let p = self.prepare_dssm(access, true).await?;
         let ns = self.dssm_ns.clone();
         tokio::task::spawn_blocking(move || {
-            let tool = TlsClient::new(&p.materials, true).map_err(|e| e.to_string())?;
-            let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)?;
-            rollout::plan(&observed).map_err(|e| e.to_string())
+            let tool = TlsClient::new(&p.materials, true)?;
+            let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)
+                .map_err(DssmRollError::Observe)?;
+            Ok::<_, DssmRollError>(rollout::plan(&observed)?)
         })
         .await
         .expect("the dSSM rollout check panicked")
         .map(drop)
-        .map_err(RestartError::Rollout)
+        .map_err(RestartError::DssmRoll)
     }
 
     /// Every sentinel pod answers `SENTINEL CKQUORUM` for `access.master` and knows its primary
@@ -383,16 +402,16 @@ impl Cluster {
         // as they happen.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let work = tokio::task::spawn_blocking(move || {
-            let tool = TlsClient::new(&materials, true).map_err(|e| e.to_string())?;
+            let tool = TlsClient::new(&materials, true)?;
             let clients = |ms: &[ClientMaterials]| {
                 ms.iter()
                     .map(|m| TlsClient::new(m, true))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())
             };
             let (accepts, refuses) = (clients(&extra.accepts)?, clients(&extra.refuses)?);
-            let observed = observe(&live, &pods, &tool, &server_name, &ns)?;
-            let steps = rollout::plan(&observed).map_err(|e| e.to_string())?;
+            let observed =
+                observe(&live, &pods, &tool, &server_name, &ns).map_err(DssmRollError::Observe)?;
+            let steps = rollout::plan(&observed)?;
             for s in &steps {
                 let _ = tx.send(format!("  plan: {s}"));
             }
@@ -412,15 +431,15 @@ impl Cluster {
             };
             rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
                 let _ = tx.send(format!("  done: {s} ({:.1} s)", took.as_secs_f64()));
-            })
-            .map_err(|e| e.to_string())
+            })?;
+            Ok::<_, DssmRollError>(())
         });
         while let Some(line) = rx.recv().await {
             let _ = writeln!(out, "{line}");
         }
         work.await
             .expect("the dSSM rollout panicked")
-            .map_err(RestartError::Rollout)
+            .map_err(RestartError::DssmRoll)
     }
 }
 

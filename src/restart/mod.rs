@@ -54,8 +54,30 @@ pub enum RestartError {
     Interrupted { replicas: i32 },
     #[error("the pods restarted, but the mTLS probe failed: {0}")]
     Probe(String),
+    #[error("rolling restart of dSSM: secret {namespace}/{certs} holds a leaf that does not match the key of {namespace}/{keys}", certs = crate::contract::CERTS_SECRET, keys = crate::contract::KEYS_SECRET)]
+    LeafKeyMismatch { namespace: String },
+    /// What the Redis-aware roll (`redis::rollout`) or a pod's endpoint reported.
     #[error("rolling restart of dSSM: {0}")]
     Rollout(String),
+    #[error("rolling restart of dSSM: {0}")]
+    DssmRoll(#[source] dssm::DssmRollError),
+    #[error("rolling restart of dSSM: --redis-endpoint names pod {pod}, which is not a dSSM pod in {namespace} ({selector}); pods: {}", pods.join(", "))]
+    StrayEndpoint {
+        pod: String,
+        namespace: String,
+        selector: String,
+        pods: Vec<String>,
+    },
+    #[error("rolling restart of dSSM: secret {namespace}/{secret} has no key {key}")]
+    MissingKey {
+        namespace: String,
+        secret: &'static str,
+        key: &'static str,
+    },
+    #[error("rolling restart of dSSM: {0}")]
+    ClientKey(#[source] crate::pki::KeyError),
+    #[error("rolling restart of dSSM: {0}")]
+    ClientCert(#[source] crate::pki::InspectError),
     #[error("pre-flight refused the restart, nothing was touched: {0}. Fix that first, or pass --force to restart anyway (recorded in an Event)")]
     Preflight(String),
     #[error("--strategy rolling is refused: the CA changed (annotation {ann} on {0}), so pods with the old and the new materials would refuse each other; use --strategy scale-to-zero", ann = annotations::CA_CHANGED)]
@@ -372,6 +394,22 @@ mod tests {
     use super::parse_selector;
     use k8s_openapi::api::core::v1::Pod;
     use k8s_openapi::jiff::Timestamp;
+
+    /// An unreadable key in the dSSM copy fails the roll naming it, and keeps the key error
+    /// as its source (it was a String before).
+    #[test]
+    fn a_bad_client_key_keeps_its_cause_as_the_source() {
+        let what = "spk-utilities/dssm-keys-secret[dssm-key.key]";
+        let cause = crate::pki::PrivateKey::from_pem(b"not a key", what).unwrap_err();
+        let e = super::RestartError::ClientKey(cause);
+        assert!(
+            e.to_string().starts_with("rolling restart of dSSM: "),
+            "{e}"
+        );
+        assert!(e.to_string().contains(what), "{e}");
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.to_string().contains(what), "{source}");
+    }
 
     #[test]
     fn selectors_are_validated_like_the_api_server_and_the_empty_one_is_refused() {
