@@ -287,7 +287,10 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
     // its count. (A live holder's record is left to it; the read-only account cannot act and
     // says so at debug level.)
     if obs.restart_recorded() {
-        match cluster.recover_orphan(false).await {
+        match cluster
+            .recover_orphan(crate::cluster::lease::HolderCheck::BelieveAtOnce)
+            .await
+        {
             Ok(Some(n)) => tracing::warn!(replicas = n, "restored TMM from an orphaned restart"),
             Ok(None) => {}
             Err(e) => {

@@ -108,8 +108,7 @@ impl From<&str> for Reason {
     }
 }
 
-/// An Event's type: kube's `EventType`, or `true` for Warning from the callers that still pass
-/// a boolean (src/restart.rs, src/rotation.rs, src/first_publication.rs).
+/// An Event's type: kube's `EventType`.
 pub trait IntoEventType {
     fn into_event_type(self) -> EventType;
 }
@@ -117,16 +116,6 @@ pub trait IntoEventType {
 impl IntoEventType for EventType {
     fn into_event_type(self) -> EventType {
         self
-    }
-}
-
-impl IntoEventType for bool {
-    fn into_event_type(self) -> EventType {
-        if self {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        }
     }
 }
 

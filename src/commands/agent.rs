@@ -67,7 +67,12 @@ pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
 /// Restores TMM from a restart record whose holder is gone; says what it did.
 async fn recover_orphan(cluster: &Cluster, when: &str, limit: Option<Duration>) {
     let limit = limit.unwrap_or(Duration::MAX);
-    match tokio::time::timeout(limit, cluster.recover_orphan(true)).await {
+    match tokio::time::timeout(
+        limit,
+        cluster.recover_orphan(crate::cluster::lease::HolderCheck::WatchOneDuration),
+    )
+    .await
+    {
         Ok(Ok(Some(n))) => log::notice(&format!(
             "restored TMM to {n} replicas {when} (an orphaned restart)"
         )),

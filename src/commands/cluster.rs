@@ -35,7 +35,9 @@ pub fn restart(a: &RestartArgs) -> Result<i32, CommandError> {
         let cluster = Cluster::connect(&a.cluster.target()).await?;
         // `restart` is run to end a restart that may be holding TMM down: wait out a holder
         // that looks alive rather than giving up at once.
-        let lease = cluster.acquire_lease_waiting(true).await?;
+        let lease = cluster
+            .acquire_lease_waiting(crate::cluster::lease::HolderCheck::WatchOneDuration)
+            .await?;
         let mut out = std::io::stdout();
         let opts = a.restart.options();
         let work = lease.guard(cluster.restart(&opts, &mut out));

@@ -59,15 +59,6 @@ impl Phase {
         self as i64 + 1
     }
 
-    /// The Event emitted once every consumer runs the phase.
-    pub fn event_reason(self) -> &'static str {
-        match self {
-            Phase::Trust => "CARotationTrusted",
-            Phase::Switch => "CARotationSwitched",
-            Phase::Drop => "CARotationDropped",
-        }
-    }
-
     pub fn describe(self) -> &'static str {
         match self {
             Phase::Trust => "dssm-ca.crt = old CA + new CA, leaf unchanged",

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::Secret;
 
 use crate::check::Thresholds;
 use crate::cluster::events::{EventType, Reason};
+use crate::cluster::lease::HolderCheck;
 use crate::cluster::{Cluster, ClusterError, Observation};
 use crate::contract;
 use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
@@ -111,7 +112,7 @@ pub async fn reconcile(
     crate::stop::clear();
     let mut first = Vec::new();
     let mut restart_pending = false;
-    match pass_once(cluster, opts, &mut first, false).await {
+    match pass_once(cluster, opts, &mut first, Lease::NotHeld).await {
         Ok(Pass::NeedsLease) => {}
         Ok(Pass::Done(outcome))
             if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending =>
@@ -132,7 +133,12 @@ pub async fn reconcile(
         }
     }
     // A pending restart may mean TMM is down under a dead holder: wait out its Lease.
-    let lease = cluster.acquire_lease_waiting(restart_pending).await?;
+    let wait = if restart_pending {
+        HolderCheck::WatchOneDuration
+    } else {
+        HolderCheck::BelieveAtOnce
+    };
+    let lease = cluster.acquire_lease_waiting(wait).await?;
     let result = lease
         .guard(async {
             let outcome = write_passes(cluster, opts, out).await?;
@@ -182,7 +188,7 @@ async fn write_passes(
 ) -> Result<Outcome, ReconcileError> {
     let mut result = Err(ReconcileError::KeptConflicting { attempts: PASSES });
     for pass in 1..=PASSES {
-        match pass_once(cluster, opts, out, true).await {
+        match pass_once(cluster, opts, out, Lease::Held).await {
             Err(ReconcileError::Cluster(e)) if e.is_conflict() && pass < PASSES => {
                 tracing::warn!(error = %e, "conflict: observing again");
                 let _ = writeln!(out, "conflict ({e}); observing again");
@@ -203,12 +209,20 @@ async fn write_passes(
     result
 }
 
+/// Whether this pass runs under the Lease: without it a pass only looks, and says when it
+/// would write (`Pass::NeedsLease`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    Held,
+    NotHeld,
+}
+
 /// One pass: observe → plan (pure) → writes (pure) → print (dry run) or perform them.
 async fn pass_once(
     cluster: &Cluster,
     opts: &Options,
     out: &mut (dyn Write + Send),
-    lease_held: bool,
+    lease: Lease,
 ) -> Result<Pass, ReconcileError> {
     let unix = time::OffsetDateTime::now_utc().unix_timestamp();
     let obs = cluster.observe().await?;
@@ -221,7 +235,7 @@ async fn pass_once(
         restart_pending: obs.restart_pending(),
         first_start: None,
     };
-    match must_write(&obs, &plan, opts, lease_held, out)? {
+    match must_write(&obs, &plan, opts, lease, out)? {
         Next::NeedsLease => return Ok(Pass::NeedsLease),
         Next::Nothing => {
             if !opts.dry_run && !plan.action.writes() {
@@ -406,7 +420,7 @@ fn must_write(
     obs: &Observation,
     plan: &Plan,
     opts: &Options,
-    lease_held: bool,
+    lease: Lease,
     out: &mut (dyn Write + Send),
 ) -> Result<Next, ReconcileError> {
     let record = crate::reconcile::rotation::record_of(&obs.store);
@@ -424,16 +438,18 @@ fn must_write(
             record.phase.number(),
             record.phase.name()
         );
-        if !opts.dry_run && !lease_held {
+        if !opts.dry_run && lease == Lease::NotHeld {
             return Ok(Next::NeedsLease);
         }
         return Ok(Next::Nothing);
     }
-    Ok(match (plan.action.writes(), opts.dry_run || lease_held) {
-        (false, _) => Next::Nothing,
-        (true, false) => Next::NeedsLease,
-        (true, true) => Next::Write,
-    })
+    Ok(
+        match (plan.action.writes(), opts.dry_run || lease == Lease::Held) {
+            (false, _) => Next::Nothing,
+            (true, false) => Next::NeedsLease,
+            (true, true) => Next::Write,
+        },
+    )
 }
 
 /// A Secret we may write but another manager owns is refused before the first write.

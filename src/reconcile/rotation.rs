@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
+use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
 use crate::materials::{annotations, saved_keys, store_keys, SecretObs};
@@ -336,7 +337,7 @@ async fn phase_rolled(
     if let Some(certs) = obs.raw.get(&key) {
         // One reason per phase: the recorder folds repeats of a reason into a series.
         cluster
-            .event(certs, false, phase.event_reason(), note)
+            .event(certs, EventType::Normal, phase_reason(phase), note)
             .await;
     }
 }
@@ -392,6 +393,15 @@ async fn finish(
         .write_secret(&key.0, &key.1, data, ann, Some(store))
         .await?;
     Ok(())
+}
+
+/// The reason of the Event that says a phase is done.
+fn phase_reason(phase: Phase) -> Reason {
+    match phase {
+        Phase::Trust => Reason::CaRotationTrusted,
+        Phase::Switch => Reason::CaRotationSwitched,
+        Phase::Drop => Reason::CaRotationDropped,
+    }
 }
 
 #[cfg(test)]

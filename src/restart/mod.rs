@@ -17,6 +17,7 @@ use std::time::Duration;
 use crate::cluster::ResourceExt;
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::cluster::events::{EventType, Reason};
 use crate::cluster::pods::PodsIn;
 use crate::cluster::{Cluster, ClusterError};
 use crate::materials::annotations;
@@ -134,7 +135,7 @@ impl Cluster {
                         let _ = writeln!(out, "could not restore TMM: {r}");
                     }
                 }
-                self.event_on_targets(true, "RestartFailed", &e.to_string())
+                self.event_on_targets(EventType::Warning, Reason::RestartFailed, &e.to_string())
                     .await;
             }
         }
@@ -310,7 +311,8 @@ impl Cluster {
             (annotations::TMM_ROLL, None),
         ])
         .await?;
-        self.event_on_targets(false, "Restarted", note).await;
+        self.event_on_targets(EventType::Normal, Reason::Restarted, note)
+            .await;
         Ok(())
     }
 

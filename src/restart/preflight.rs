@@ -36,12 +36,16 @@ impl Cluster {
         let why = blocking.join("; ");
         if force {
             let note = format!("--force: restarting although {why}");
-            self.event_on_targets(true, "PreflightOverridden", &note)
+            self.event_on_targets(EventType::Warning, Reason::PreflightOverridden, &note)
                 .await;
             return Ok(());
         }
-        self.event_on_targets(true, "RestartRefused", &format!("pre-flight: {why}"))
-            .await;
+        self.event_on_targets(
+            EventType::Warning,
+            Reason::RestartRefused,
+            &format!("pre-flight: {why}"),
+        )
+        .await;
         Err(RestartError::Preflight(why))
     }
 
@@ -139,8 +143,12 @@ impl Cluster {
             gaps.join("; "),
             crate::model::targets::NO_GAP_HINT
         );
-        self.event_on_targets(true, "RestartRefused", &format!("pre-flight: {why}"))
-            .await;
+        self.event_on_targets(
+            EventType::Warning,
+            Reason::RestartRefused,
+            &format!("pre-flight: {why}"),
+        )
+        .await;
         Err(RestartError::Preflight(why))
     }
 }

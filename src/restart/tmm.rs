@@ -2,6 +2,7 @@
 //! scale-to-zero records (a target stopped by an interrupted run is restored).
 
 use super::*;
+use crate::cluster::lease::HolderCheck;
 
 impl Cluster {
     /// A restart record (a recorded count on any TMM target) whose Lease is free or expired
@@ -9,7 +10,7 @@ impl Cluster {
     /// first, give the Lease back. A live holder's record is left to it (`Locked`). The restart
     /// itself is finished by the next `reconcile`/`restart`, which finds the `restart-needed`
     /// marks.
-    pub async fn recover_orphan(&self, patient: bool) -> Result<Option<i32>, ClusterError> {
+    pub async fn recover_orphan(&self, holder: HolderCheck) -> Result<Option<i32>, ClusterError> {
         let mut recorded = false;
         for t in &self.targets {
             recorded |= self
@@ -20,7 +21,7 @@ impl Cluster {
         if !recorded {
             return Ok(None);
         }
-        let lease = self.acquire_lease_waiting(patient).await?;
+        let lease = self.acquire_lease_waiting(holder).await?;
         let restored = lease.guard(self.restore_tmm()).await;
         lease.release().await;
         restored
