@@ -202,7 +202,5 @@ mod tests {
             Reason::from("SomethingNew"),
             Reason::Other("SomethingNew".into())
         );
-        assert_eq!(true.into_event_type(), EventType::Warning);
-        assert_eq!(false.into_event_type(), EventType::Normal);
     }
 }
