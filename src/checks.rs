@@ -558,7 +558,7 @@ fn leaf_usage(c: &Certificate, place: &Place) -> (Status, String) {
 /// The CA of `cas` OpenSSL takes as the leaf's issuer (`X509_STORE_CTX_get1_issuer`): the first
 /// of the names the leaf points to that is within its validity, else the last of them. It then
 /// checks the signature against that one only: with two CAs of the same subject and a leaf
-/// without an authority key identifier (the seeds' v1 leaves), order decides.
+/// without an authority key identifier (the manual procedure's v1 leaves), order decides.
 fn openssl_issuer(cas: &[Certificate], leaf: &Certificate, now: i64) -> Option<usize> {
     let named: Vec<usize> = (0..cas.len())
         .filter(|&i| leaf.names_issuer(&cas[i]))
@@ -620,7 +620,7 @@ fn judge_chain(
     let msg = format!("{leaf_loc} is signed by {}", of(i));
     j.push(Check::Chain, Status::Ok, leaf_entry, msg);
     let msg = if leaf.not_after > ca.not_after {
-        // The seeds' commands make exactly this (the leaf is made seconds after the CA); the
+        // The manual procedure's commands make exactly this (the leaf is made seconds after the CA); the
         // CA's own row already carries the earlier expiry.
         format!(
             "{leaf_loc} outlives its CA by {}s: the effective expiry is the CA's, {}",

@@ -63,7 +63,7 @@ pub enum Command {
     /// Renew now even if nothing is due; --ca also replaces the CA (the on-demand Job).
     Rotate(RotateArgs),
     /// Restart dSSM and TMM onto the Secrets already deployed, writing none: pod by pod by
-    /// default (--strategy rolling); --strategy scale-to-zero is the seeds' procedure (TMM to 0
+    /// default (--strategy rolling); --strategy scale-to-zero is the manual procedure (TMM to 0
     /// and back, every dSSM pod at once).
     Restart(RestartArgs),
     /// The long-running agent: expiry metrics, health, Events; reconciles only inside
@@ -102,12 +102,12 @@ pub struct RunArgs {
 /// How TMM and dSSM are restarted to pick up new materials.
 #[derive(Debug, Clone, Args)]
 pub struct RestartFlags {
-    /// `tmm-first` (the seeds' order) or `dssm-first` (TMM stays at zero until the dSSM election
+    /// `tmm-first` (the manual procedure's order) or `dssm-first` (TMM stays at zero until the dSSM election
     /// is complete).
     #[arg(long, value_enum, default_value_t = crate::restart::Order::TmmFirst, env = "DSSM_CERTS_ORDER")]
     pub order: crate::restart::Order,
     /// `rolling` (default: no interruption; a new CA goes out in three phases) or
-    /// `scale-to-zero` (the seeds' procedure: TMM to zero, every dSSM pod at once; it interrupts
+    /// `scale-to-zero` (the manual procedure: TMM to zero, every dSSM pod at once; it interrupts
     /// traffic).
     #[arg(long, value_enum, default_value_t = crate::restart::Strategy::Rolling, env = "DSSM_CERTS_STRATEGY")]
     pub strategy: crate::restart::Strategy,
@@ -237,20 +237,20 @@ pub struct MaterialArgs {
     /// Lifetime of the leaf certificate, in days (1 to 36500).
     #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, value_parser = parse_days, env = "DSSM_CERTS_DAYS")]
     pub days: u32,
-    /// Lifetime of a new CA certificate (10 years; `--ca-days 365` is the seeds'). A leaf never
+    /// Lifetime of a new CA certificate (10 years; `--ca-days 365` is the manual procedure's). A leaf never
     /// outlives its CA: its notAfter is cut to the CA's.
     #[arg(long, default_value_t = crate::contract::DEFAULT_CA_DAYS, value_parser = parse_days, env = "DSSM_CERTS_CA_DAYS")]
     pub ca_days: u32,
-    /// Key type of the new leaf and of a new CA: RSA 4096 by default (the seeds' `openssl
+    /// Key type of the new leaf and of a new CA: RSA 4096 by default (the manual procedure's `openssl
     /// genrsa 4096`); ECDSA keys are much faster to make. A CA that is kept keeps its own key.
     #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa4096, env = "DSSM_CERTS_KEY_ALGORITHM")]
     pub key_algorithm: KeyAlgorithm,
     /// Subject of a new CA certificate, as `/O=x/CN=y` or `O=x, CN=y`; the default is the
-    /// seeds'.
+    /// manual procedure's.
     #[arg(long, default_value = "O=Redis Test, CN=Certificate Authority", value_parser = parse_subject, env = "DSSM_CERTS_CA_SUBJECT")]
     pub ca_subject: Subject,
     /// Subject of the leaf certificate that dSSM serves and TMM presents, as `/O=x/CN=y` or
-    /// `O=x, CN=y`; the default is the seeds'. Its names are the subjectAltNames (--dns).
+    /// `O=x, CN=y`; the default is the manual procedure's. Its names are the subjectAltNames (--dns).
     #[arg(long, default_value = "O=Redis Test, CN=Server", value_parser = parse_subject, env = "DSSM_CERTS_SUBJECT")]
     pub subject: Subject,
     /// subjectAltNames of the leaf (DNS names, or IP addresses), instead of the dSSM Service

@@ -17,16 +17,16 @@ use crate::model::targets::{TmmTarget, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Order {
-    /// The seeds' order: TMM down and back up, then the dSSM pods.
+    /// The manual procedure's order: TMM down and back up, then the dSSM pods.
     TmmFirst,
-    /// TMM stays at zero until the dSSM election is complete (the seeds' warning about DB
+    /// TMM stays at zero until the dSSM election is complete (the manual procedure's warning about DB
     /// entries failing during the election).
     DssmFirst,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Strategy {
-    /// The seeds' procedure: TMM to zero and back, every dSSM pod at once. It interrupts
+    /// The manual procedure: TMM to zero and back, every dSSM pod at once. It interrupts
     /// traffic (opt-in, for a maintenance window).
     ScaleToZero,
     /// No interruption (the default): dSSM the Redis-aware way, one pod at a time, then TMM by a

@@ -1,4 +1,4 @@
-//! `values`: the TMM Helm values of the seeds' "Next step", for the configured dSSM namespace:
+//! `values`: the TMM Helm values of the manual procedure's "Next step", for the configured dSSM namespace:
 //! one YAML document per TMM namespace (every TMM instance points at the same dSSM).
 
 use crate::contract;

@@ -7,7 +7,7 @@
 //! - **drop**: `dssm-ca.crt` = the new CA only.
 //!
 //! The old CA goes first: with two CAs of the same subject, OpenSSL picks the first by name when
-//! the leaf has no authority key identifier (seed-made v1 leaves have none), so the old leaves
+//! the leaf has no authority key identifier (hand-made v1 leaves have none), so the old leaves
 //! in use keep verifying; new leaves carry an AKI. Cross-signing the new CA with the old was not
 //! needed (tests/rotation_load.rs decides the bundle order with Redis and openssl).
 //!

@@ -1,4 +1,4 @@
-//! The seeds' "Restarting" procedure, made safe: an explicit, resumable sequence of steps. The
+//! The manual procedure's "Restarting" step, made safe: an explicit, resumable sequence of steps. The
 //! TMM replica count is recorded on the Deployment before it is scaled to zero, so that any later
 //! run (after a crash, a SIGTERM, a timeout) restores it; every wait watches and has a timeout;
 //! on any failure after scaling down TMM is scaled back before the error is returned.

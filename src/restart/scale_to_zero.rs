@@ -68,7 +68,7 @@ impl Cluster {
             run.scaled = true;
             let _ = writeln!(
                 out,
-                "strategy scale-to-zero (the seeds' procedure): TMM goes to 0 replicas and every \
+                "strategy scale-to-zero (the manual procedure): TMM goes to 0 replicas and every \
                  dSSM pod restarts at once; this interrupts traffic"
             );
         }
