@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{cluster, log, runtime, CommandError};
+use super::{change, log, runtime, CommandError};
 use crate::agent::{self, MaintenanceWindow};
 use crate::check::Thresholds;
 use crate::cli::RunArgs;
@@ -28,12 +28,12 @@ pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
             listen,
             interval: Duration::from_secs(a.interval.max(1) as u64),
             window,
-            reconcile: cluster::options(
+            reconcile: change::options(
                 &cluster,
                 &a.issue,
                 false,
                 Some(a.restart.options()),
-                cluster::policy(&a.issue, false, false),
+                change::policy(&a.issue, false, false),
                 Some(thresholds),
             ),
             thresholds,

@@ -2,8 +2,8 @@
 //! a failure to the documented exit codes (`crate::exit`).
 
 pub mod agent;
+pub mod change;
 pub mod check;
-pub mod cluster;
 pub mod doctor;
 pub mod generate;
 pub mod log;
@@ -261,10 +261,10 @@ pub fn run(cli: Cli) -> Result<i32, CommandError> {
         Command::Check(a) => check::run(a),
         Command::Doctor(a) => doctor::run(a),
         Command::Probe(a) => probe::run(a),
-        Command::Restart(a) => cluster::restart(&a),
+        Command::Restart(a) => change::restart(&a),
         Command::Run(a) => agent::run(&a),
-        Command::Reconcile(a) => cluster::reconcile(&a),
-        Command::Rotate(a) => cluster::rotate(&a),
+        Command::Reconcile(a) => change::reconcile(&a),
+        Command::Rotate(a) => change::rotate(&a),
         Command::Values(a) => values::run(a),
     }
 }
