@@ -14,10 +14,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
 
-use crate::check::{self, CheckResult, Report, Status, Thresholds};
 use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
+use crate::inspect::{self, CheckResult, Report, Status, Thresholds};
 use crate::materials::{CopyObs, Place, SecretObs, Source};
 use crate::metrics::Metrics;
 use crate::reconcile;
@@ -366,7 +366,7 @@ pub async fn inspect_without_keys(
             .iter()
             .zip(matches)
             .map(|(s, m)| {
-                let mut copy = check::inspect(s, now, t);
+                let mut copy = inspect::inspect(s, now, t);
                 if let Some(m) = m {
                     copy.status = copy.status.max(m.status);
                     copy.usable &= m.status != Status::Critical;

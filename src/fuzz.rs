@@ -2,7 +2,7 @@
 //! CI on stable replays exactly what the fuzzers run.
 #![doc(hidden)]
 
-use crate::check::{inspect, Thresholds};
+use crate::inspect::{inspect, Thresholds};
 use crate::materials::{Entry, Found, Place, Source};
 pub use crate::metrics::{parse_exposition, Sample};
 

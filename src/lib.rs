@@ -4,7 +4,6 @@
 //! files and talks to the cluster.
 
 pub mod agent;
-pub mod check;
 pub mod checks;
 pub mod cli;
 pub mod cluster;
@@ -15,6 +14,7 @@ pub mod exit;
 pub mod first_publication;
 pub mod fuzz;
 pub mod generate;
+pub mod inspect;
 pub mod limits;
 pub mod manifest;
 pub mod materials;
@@ -32,6 +32,7 @@ pub mod values;
 pub mod writes;
 
 // Paths kept for the tests, benches and other branches written against the old layout.
+pub use inspect as check;
 pub use model::targets;
 pub use reconcile::rotation;
 pub use restart::dssm as rolling;

@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::check::Report;
+use crate::inspect::Report;
 
 /// A label value escaped per the exposition format. prometheus-client 0.23 writes label values
 /// verbatim, so a certificate subject holding `"` or a newline would forge series.
@@ -509,8 +509,8 @@ mod tests {
         ];
         let now = OffsetDateTime::now_utc().unix_timestamp();
         for (phase, b, cas) in phases {
-            let report = crate::check::Report::new(
-                vec![crate::check::inspect(
+            let report = crate::inspect::Report::new(
+                vec![crate::inspect::inspect(
                     &b.source("spk-ingress"),
                     now,
                     Default::default(),

@@ -35,7 +35,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "restart",
             "first_publication",
             "reconcile",
-            "check",
+            "inspect",
             "agent",
             "metrics",
         ],

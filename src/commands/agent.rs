@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use super::{change, log, runtime, CommandError};
 use crate::agent::{self, MaintenanceWindow};
-use crate::check::Thresholds;
 use crate::cli::RunArgs;
 use crate::cluster::{Cluster, ClusterError};
 use crate::exit;
+use crate::inspect::Thresholds;
 
 pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
     let window = a

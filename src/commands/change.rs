@@ -3,9 +3,9 @@
 //! Lease before exiting.
 
 use super::{log, runtime, Changing, CommandError, Stopped};
-use crate::check::Thresholds;
 use crate::cli::{IssueArgs, ReconcileArgs, RestartArgs, RotateArgs};
 use crate::cluster::Cluster;
+use crate::inspect::Thresholds;
 use crate::plan::Policy;
 use crate::reconcile;
 use crate::{contract, exit, generate};

@@ -10,12 +10,12 @@ use std::sync::atomic::AtomicBool;
 
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::check::Thresholds;
 use crate::cluster::events::{EventType, Reason};
 use crate::cluster::lease::HolderCheck;
 use crate::cluster::{Cluster, ClusterError, Observation};
 use crate::contract;
 use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
+use crate::inspect::Thresholds;
 use crate::materials::{annotations, store_keys, Bundle, SecretObs};
 use crate::pki::{self, SecretBytes};
 use crate::plan::{self, Action, Plan, Policy, StoreState};

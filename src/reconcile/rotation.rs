@@ -434,7 +434,8 @@ mod tests {
     #[test]
     fn the_phase_metric_is_0_outside_a_rotation_and_1_2_3_inside() {
         let m = crate::metrics::Metrics::new();
-        let mut report = crate::check::Report::new(vec![], 0, crate::check::Thresholds::default());
+        let mut report =
+            crate::inspect::Report::new(vec![], 0, crate::inspect::Thresholds::default());
         m.record(&report);
         assert!(
             m.encode().contains("\ndssm_rotation_phase 0\n"),
@@ -450,7 +451,7 @@ mod tests {
         );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["rotation_phase"], "switch");
-        assert!(crate::check::render_table(&report)
+        assert!(crate::inspect::render_table(&report)
             .starts_with("CA rotation in progress: phase 2 of 3 (switch: "));
     }
 
