@@ -192,8 +192,8 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
-    pub fn target(&self) -> crate::cluster::Target {
-        crate::cluster::Target {
+    pub fn settings(&self) -> crate::cluster::Settings {
+        crate::cluster::Settings {
             dssm_namespace: self.dssm_namespace.clone(),
             tmm: self.tmm.tmm.clone(),
             tmm_namespace: self.tmm.tmm_namespace.clone(),

@@ -1,9 +1,9 @@
 //! The restart as one state machine. What is persisted on the cluster (a CA rotation's record on
 //! the CA key Secret; on each TMM target its `restart-needed`, `tmm-replicas`, `tmm-restarted`
 //! and `ca-changed` annotations) is read into a [`RestartState`]; what this run has seen since
-//! it started (waits passed, dSSM restarted) is an [`Observed`]; [`next`] decides the one step
+//! it started (waits passed, dSSM restarted) is a [`Seen`]; [`next`] decides the one step
 //! to take from both, purely. Any run that reads the state resumes where the last one stopped:
-//! a crash loses only the in-memory `Observed`, and every step it forgets is safe to redo
+//! a crash loses only the in-memory `Seen`, and every step it forgets is safe to redo
 //! (waits, a dSSM restart, a rollout restart).
 //!
 //! It holds several phases (a CA rotation's trust → switch → drop, each rolled through every
@@ -137,7 +137,7 @@ impl RestartState {
 
 /// What this run saw since it started: lost in a crash, and each is safe to see again.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Observed {
+pub struct Seen {
     /// The pre-flight passed (or was overridden), or a recorded restart made it moot.
     pub preflight: bool,
     /// No pod of any stopped target is left.
@@ -228,7 +228,7 @@ pub enum Step {
 }
 
 /// The next step, from what is persisted and what this run saw. Pure.
-pub fn next(state: &RestartState, seen: &Observed, mode: Mode) -> Step {
+pub fn next(state: &RestartState, seen: &Seen, mode: Mode) -> Step {
     if seen.finished {
         return Step::Done;
     }
@@ -257,7 +257,7 @@ pub fn next(state: &RestartState, seen: &Observed, mode: Mode) -> Step {
     next_scale_to_zero(state, &pending, seen, mode.order)
 }
 
-fn next_rolling(state: &RestartState, pending: &[(usize, String)], seen: &Observed) -> Step {
+fn next_rolling(state: &RestartState, pending: &[(usize, String)], seen: &Seen) -> Step {
     if !seen.dssm_restarted {
         return Step::RollDssm { phase: None };
     }
@@ -285,7 +285,7 @@ fn marked(state: &RestartState) -> bool {
 fn next_scale_to_zero(
     state: &RestartState,
     pending: &[(usize, String)],
-    seen: &Observed,
+    seen: &Seen,
     order: Order,
 ) -> Step {
     let stopped = |i: usize| seen.stopped.get(i).copied().unwrap_or(false);
@@ -328,7 +328,7 @@ fn next_scale_to_zero(
 
 /// Each phase: its materials written, then dSSM and every TMM target rolled through it (each
 /// recorded in `rolled` once done), then the next phase; after drop, the rotation finishes.
-fn next_in_rotation(state: &RestartState, record: &Record, seen: &Observed) -> Step {
+fn next_in_rotation(state: &RestartState, record: &Record, seen: &Seen) -> Step {
     let phase = record.phase;
     if !seen.phase_written {
         return Step::WritePhase { phase };
@@ -370,7 +370,7 @@ mod tests {
     type Row<'a> = (
         &'a [(&'a str, &'a str)],
         &'a [(&'a str, &'a str)],
-        Observed,
+        Seen,
         Step,
     );
 
@@ -391,8 +391,8 @@ mod tests {
         }
     }
 
-    fn seen(f: impl FnOnce(&mut Observed)) -> Observed {
-        let mut o = Observed {
+    fn seen(f: impl FnOnce(&mut Seen)) -> Seen {
+        let mut o = Seen {
             may_restart: true,
             ..Default::default()
         };
@@ -688,7 +688,7 @@ mod tests {
         };
         let written = seen(|o| o.phase_written = true);
         let tok = || "9".to_string();
-        let rows: Vec<(Record, Observed, Step)> = vec![
+        let rows: Vec<(Record, Seen, Step)> = vec![
             (
                 record(Phase::Trust, &[]),
                 seen(|_| {}),

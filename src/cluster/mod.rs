@@ -259,7 +259,7 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 
 /// Where dssm-certs works: the cluster flags of docs/commands.md.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct Settings {
     pub dssm_namespace: Option<String>,
     /// `--tmm` targets; when empty, the shorthand below names one Deployment.
     pub tmm: Vec<crate::model::targets::TmmTarget>,
@@ -287,7 +287,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub async fn connect(t: &Target) -> Result<Self, ClusterError> {
+    pub async fn connect(t: &Settings) -> Result<Self, ClusterError> {
         let mut config = kube::Config::infer()
             .await
             .map_err(|e| ClusterError::Config(no_config(&e)))?;

@@ -23,7 +23,7 @@ pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
     let ip = std::env::var(agent::LISTEN_IP_ENV).ok();
     let listen = agent::listen_addr(a.listen, ip.as_deref())?;
     runtime()?.block_on(async {
-        let cluster = Arc::new(Cluster::connect(&a.cluster.target()).await?);
+        let cluster = Arc::new(Cluster::connect(&a.cluster.settings()).await?);
         let opts = agent::Options {
             listen,
             interval: Duration::from_secs(a.interval.max(1) as u64),

@@ -32,7 +32,7 @@ pub fn rotate(a: &RotateArgs) -> Result<i32, CommandError> {
 
 pub fn restart(a: &RestartArgs) -> Result<i32, CommandError> {
     runtime()?.block_on(async {
-        let cluster = Cluster::connect(&a.cluster.target()).await?;
+        let cluster = Cluster::connect(&a.cluster.settings()).await?;
         // `restart` is run to end a restart that may be holding TMM down: wait out a holder
         // that looks alive rather than giving up at once.
         let lease = cluster
@@ -68,7 +68,7 @@ fn write(
     command: Changing,
 ) -> Result<i32, CommandError> {
     runtime()?.block_on(async {
-        let cluster = Cluster::connect(&args.target()).await?;
+        let cluster = Cluster::connect(&args.settings()).await?;
         let opts = options(&cluster, issue, dry_run, restart, policy, None);
         let mut out = std::io::stdout();
         let work = reconcile::reconcile(&cluster, &opts, &mut out);

@@ -49,7 +49,7 @@ async fn cluster_report(
     now: i64,
     thresholds: Thresholds,
 ) -> Result<Report, ClusterError> {
-    let cluster = Cluster::connect(&args.target()).await?;
+    let cluster = Cluster::connect(&args.settings()).await?;
     let obs = cluster.observe().await?;
     Ok(
         inspect::inspect_observation(&obs, &cluster.dssm_ns, now, thresholds)

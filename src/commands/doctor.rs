@@ -24,7 +24,7 @@ pub fn run(a: DoctorArgs) -> Result<i32, CommandError> {
 }
 
 async fn examine(a: &DoctorArgs, thresholds: Thresholds) -> Result<Report, ClusterError> {
-    let cluster = Cluster::connect(&a.cluster.target()).await?;
+    let cluster = Cluster::connect(&a.cluster.settings()).await?;
     let seen = cluster.observe_for_doctor().await;
     let mut findings = read::findings(&seen);
     findings.extend(doctor::pods_not_ready(&cluster.dssm_ns, &seen.dssm_pods));

@@ -25,7 +25,7 @@ use crate::materials::{annotations, saved_keys, store_keys, SecretObs};
 use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, ReconcileError};
 use crate::redis::ClientMaterials;
-use crate::restart_state::{next, Mode, Observed, RestartState, Step};
+use crate::restart_state::{next, Mode, RestartState, Seen, Step};
 
 pub use crate::model::rotation::*;
 
@@ -121,9 +121,9 @@ pub async fn drive(
     restart: Option<&crate::restart::Options>,
     out: &mut (dyn Write + Send),
 ) -> Result<(), ReconcileError> {
-    let mut seen = Observed {
+    let mut seen = Seen {
         may_restart: restart.is_some(),
-        ..Observed::default()
+        ..Seen::default()
     };
     let mut written: Option<Phase> = None;
     // The phase whose pre-flight passed in this run: each phase is checked at its first step

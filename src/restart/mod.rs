@@ -23,7 +23,7 @@ use crate::cluster::{Cluster, ClusterError};
 use crate::materials::annotations;
 use crate::materials::annotations::STOP_NODE_SELECTOR;
 use crate::model::targets::{Kind, RollPlan, TmmTarget, Workload};
-use crate::restart_state::{next, Mode, Observed, RestartState, Step};
+use crate::restart_state::{next, Mode, RestartState, Seen, Step};
 use k8s_openapi::jiff::Timestamp;
 
 #[derive(Debug, Clone)]
@@ -116,10 +116,10 @@ impl Cluster {
         let mut run = Run {
             // Called with marks present (reconcile) or by the `restart` command: either way,
             // every target without a mark of its own restarts.
-            seen: Observed {
+            seen: Seen {
                 manual: true,
                 may_restart: true,
-                ..Observed::default()
+                ..Seen::default()
             },
             counts: BTreeMap::new(),
             scaled: false,
@@ -384,7 +384,7 @@ impl Cluster {
 
 /// What one restart run keeps in memory beside the persisted state.
 struct Run {
-    seen: Observed,
+    seen: Seen,
     /// Counts restored by this run, by target index (for the wait and the Event).
     counts: BTreeMap<usize, i32>,
     /// This run took TMM down (or resumed a run that did): a failure restores it.
