@@ -213,6 +213,7 @@ impl CommandError {
                 | R::PreflightFailed(restart_failed!())
                 | R::Refused(_)
                 | R::Rotation(_)
+                | R::Revision(_)
                 | R::KeptConflicting { .. },
             )
             | E::Restart(restart_failed!())
@@ -338,6 +339,10 @@ mod tests {
             ),
             (api("get").into(), exit::FAILED),
             (R::Refused("not valid".into()).into(), exit::FAILED),
+            (
+                R::Revision(crate::writes::RevisionExhausted).into(),
+                exit::FAILED,
+            ),
             (
                 R::Rotation(crate::model::rotation::RecordError::MissingKey {
                     namespace: "ns".into(),

@@ -40,6 +40,8 @@ pub enum ReconcileError {
     /// A recorded CA rotation that cannot be resumed (its record or saved materials).
     #[error(transparent)]
     Rotation(#[from] crate::model::rotation::RecordError),
+    #[error(transparent)]
+    Revision(#[from] writes::RevisionExhausted),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
     Preflight(String),
     #[error("pre-flight refused phase {number} of 3 ({phase}) of the CA rotation before its first write: {why}. The rotation stays recorded at this phase, and every process still trusts the others; the next run resumes it once that is fixed")]
@@ -252,7 +254,7 @@ async fn pass_once(
     // restart and no pre-flight for them (`first_publication`).
     let found = publication_pods(cluster, &obs, &plan, opts).await?;
     let places = places(cluster);
-    let revision = writes::revision(&obs, &plan, &store).map_err(ReconcileError::Refused)?;
+    let revision = writes::revision(&obs, &plan, &store)?;
     outcome.revision = Some(revision);
     let input = |content| writes::Input {
         places: &places,
