@@ -14,10 +14,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
 
-use crate::check::{self, CheckResult, Report, Status, Thresholds};
 use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
+use crate::inspect::{self, CheckResult, Report, Status, Thresholds};
 use crate::materials::{CopyObs, Place, SecretObs, Source};
 use crate::metrics::Metrics;
 use crate::reconcile;
@@ -287,7 +287,10 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
     // its count. (A live holder's record is left to it; the read-only account cannot act and
     // says so at debug level.)
     if obs.restart_recorded() {
-        match cluster.recover_orphan(false).await {
+        match cluster
+            .recover_orphan(crate::cluster::lease::HolderCheck::BelieveAtOnce)
+            .await
+        {
             Ok(Some(n)) => tracing::warn!(replicas = n, "restored TMM from an orphaned restart"),
             Ok(None) => {}
             Err(e) => {
@@ -357,13 +360,13 @@ pub async fn inspect_without_keys(
         })
         .collect();
     let matches: Vec<Option<CheckResult>> = obs.copies.iter().map(key_match).collect();
-    let rotation_phase = crate::rotation::phase_on_copies(obs, dssm_ns);
+    let rotation_phase = crate::reconcile::rotation::phase_on_copies(obs, dssm_ns);
     tokio::task::spawn_blocking(move || {
         let copies = sources
             .iter()
             .zip(matches)
             .map(|(s, m)| {
-                let mut copy = check::inspect(s, now, t);
+                let mut copy = inspect::inspect(s, now, t);
                 if let Some(m) = m {
                     copy.status = copy.status.max(m.status);
                     copy.usable &= m.status != Status::Critical;

@@ -558,7 +558,7 @@ fn leaf_usage(c: &Certificate, place: &Place) -> (Status, String) {
 /// The CA of `cas` OpenSSL takes as the leaf's issuer (`X509_STORE_CTX_get1_issuer`): the first
 /// of the names the leaf points to that is within its validity, else the last of them. It then
 /// checks the signature against that one only: with two CAs of the same subject and a leaf
-/// without an authority key identifier (the seeds' v1 leaves), order decides.
+/// without an authority key identifier (the manual procedure's v1 leaves), order decides.
 fn openssl_issuer(cas: &[Certificate], leaf: &Certificate, now: i64) -> Option<usize> {
     let named: Vec<usize> = (0..cas.len())
         .filter(|&i| leaf.names_issuer(&cas[i]))
@@ -620,7 +620,7 @@ fn judge_chain(
     let msg = format!("{leaf_loc} is signed by {}", of(i));
     j.push(Check::Chain, Status::Ok, leaf_entry, msg);
     let msg = if leaf.not_after > ca.not_after {
-        // The seeds' commands make exactly this (the leaf is made seconds after the CA); the
+        // The manual procedure's commands make exactly this (the leaf is made seconds after the CA); the
         // CA's own row already carries the earlier expiry.
         format!(
             "{leaf_loc} outlives its CA by {}s: the effective expiry is the CA's, {}",
@@ -791,6 +791,31 @@ pub fn judge_drift(sources: &[Source]) -> Finding {
         object: Place::Copies { copies: labels },
         message,
     }
+}
+
+/// Text from a certificate as a terminal may show it: control characters (escape sequences,
+/// newlines that would fake a row) and Unicode bidirectional controls (which reorder what is
+/// shown: `U+202E` makes `crt.exe` read `exe.trc`) escaped, so a crafted subject cannot
+/// rewrite the table. Every command printing text from certificates or Secrets uses this one.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() || is_bidi_control(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// The Unicode bidirectional formatting characters (UAX #9): embeddings, overrides, isolates
+/// and marks.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 #[cfg(test)]

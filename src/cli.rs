@@ -63,7 +63,7 @@ pub enum Command {
     /// Renew now even if nothing is due; --ca also replaces the CA (the on-demand Job).
     Rotate(RotateArgs),
     /// Restart dSSM and TMM onto the Secrets already deployed, writing none: pod by pod by
-    /// default (--strategy rolling); --strategy scale-to-zero is the seeds' procedure (TMM to 0
+    /// default (--strategy rolling); --strategy scale-to-zero is the manual procedure (TMM to 0
     /// and back, every dSSM pod at once).
     Restart(RestartArgs),
     /// The long-running agent: expiry metrics, health, Events; reconciles only inside
@@ -102,12 +102,12 @@ pub struct RunArgs {
 /// How TMM and dSSM are restarted to pick up new materials.
 #[derive(Debug, Clone, Args)]
 pub struct RestartFlags {
-    /// `tmm-first` (the seeds' order) or `dssm-first` (TMM stays at zero until the dSSM election
+    /// `tmm-first` (the manual procedure's order) or `dssm-first` (TMM stays at zero until the dSSM election
     /// is complete).
     #[arg(long, value_enum, default_value_t = crate::restart::Order::TmmFirst, env = "DSSM_CERTS_ORDER")]
     pub order: crate::restart::Order,
     /// `rolling` (default: no interruption; a new CA goes out in three phases) or
-    /// `scale-to-zero` (the seeds' procedure: TMM to zero, every dSSM pod at once; it interrupts
+    /// `scale-to-zero` (the manual procedure: TMM to zero, every dSSM pod at once; it interrupts
     /// traffic).
     #[arg(long, value_enum, default_value_t = crate::restart::Strategy::Rolling, env = "DSSM_CERTS_STRATEGY")]
     pub strategy: crate::restart::Strategy,
@@ -126,7 +126,7 @@ pub struct RestartFlags {
     pub force: bool,
     /// `POD=HOST:PORT` (repeatable): where the rolling restart reaches that dSSM pod's Redis
     /// instead of its pod IP and container port (a port-forward, a test).
-    #[arg(long = "redis-endpoint", value_name = "POD=HOST:PORT", value_parser = crate::rolling::parse_redis_endpoint, env = "DSSM_CERTS_REDIS_ENDPOINT", value_delimiter = ',')]
+    #[arg(long = "redis-endpoint", value_name = "POD=HOST:PORT", value_parser = crate::restart::dssm::parse_redis_endpoint, env = "DSSM_CERTS_REDIS_ENDPOINT", value_delimiter = ',')]
     pub redis_endpoints: Vec<(String, String)>,
     /// Allow restarting a TMM workload whose only pod cannot surge (one replica with
     /// `Recreate` or `maxSurge: 0`, a DaemonSet on one node): traffic through it stops until
@@ -147,7 +147,7 @@ impl RestartFlags {
             wait_timeout: std::time::Duration::from_secs(self.wait_timeout.max(1) as u64),
             probe_endpoint: self.probe_endpoint.clone(),
             probe_server_name: self.probe_server_name.clone(),
-            redis: crate::rolling::RedisAccess {
+            redis: crate::restart::dssm::RedisAccess {
                 endpoints: self.redis_endpoints.iter().cloned().collect(),
                 master: self.redis_master_name.clone(),
             },
@@ -192,8 +192,8 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
-    pub fn target(&self) -> crate::cluster::Target {
-        crate::cluster::Target {
+    pub fn settings(&self) -> crate::cluster::Settings {
+        crate::cluster::Settings {
             dssm_namespace: self.dssm_namespace.clone(),
             tmm: self.tmm.tmm.clone(),
             tmm_namespace: self.tmm.tmm_namespace.clone(),
@@ -217,10 +217,10 @@ pub struct TmmArgs {
         value_name = "NAMESPACE/KIND/NAME",
         env = "DSSM_CERTS_TMM",
         value_delimiter = ',',
-        value_parser = crate::targets::TmmTarget::parse,
+        value_parser = crate::model::targets::TmmTarget::parse,
         conflicts_with_all = ["tmm_namespace", "tmm_deployment"]
     )]
-    pub tmm: Vec<crate::targets::TmmTarget>,
+    pub tmm: Vec<crate::model::targets::TmmTarget>,
     /// Namespace of TMM (default: the dSSM namespace, as in CNF): shorthand for one target
     /// with --tmm-deployment.
     #[arg(long, env = "DSSM_CERTS_TMM_NAMESPACE", value_parser = parse_namespace)]
@@ -237,20 +237,20 @@ pub struct MaterialArgs {
     /// Lifetime of the leaf certificate, in days (1 to 36500).
     #[arg(long, default_value_t = crate::contract::DEFAULT_DAYS, value_parser = parse_days, env = "DSSM_CERTS_DAYS")]
     pub days: u32,
-    /// Lifetime of a new CA certificate (10 years; `--ca-days 365` is the seeds'). A leaf never
+    /// Lifetime of a new CA certificate (10 years; `--ca-days 365` is the manual procedure's). A leaf never
     /// outlives its CA: its notAfter is cut to the CA's.
     #[arg(long, default_value_t = crate::contract::DEFAULT_CA_DAYS, value_parser = parse_days, env = "DSSM_CERTS_CA_DAYS")]
     pub ca_days: u32,
-    /// Key type of the new leaf and of a new CA: RSA 4096 by default (the seeds' `openssl
+    /// Key type of the new leaf and of a new CA: RSA 4096 by default (the manual procedure's `openssl
     /// genrsa 4096`); ECDSA keys are much faster to make. A CA that is kept keeps its own key.
     #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa4096, env = "DSSM_CERTS_KEY_ALGORITHM")]
     pub key_algorithm: KeyAlgorithm,
     /// Subject of a new CA certificate, as `/O=x/CN=y` or `O=x, CN=y`; the default is the
-    /// seeds'.
+    /// manual procedure's.
     #[arg(long, default_value = "O=Redis Test, CN=Certificate Authority", value_parser = parse_subject, env = "DSSM_CERTS_CA_SUBJECT")]
     pub ca_subject: Subject,
     /// Subject of the leaf certificate that dSSM serves and TMM presents, as `/O=x/CN=y` or
-    /// `O=x, CN=y`; the default is the seeds'. Its names are the subjectAltNames (--dns).
+    /// `O=x, CN=y`; the default is the manual procedure's. Its names are the subjectAltNames (--dns).
     #[arg(long, default_value = "O=Redis Test, CN=Server", value_parser = parse_subject, env = "DSSM_CERTS_SUBJECT")]
     pub subject: Subject,
     /// subjectAltNames of the leaf (DNS names, or IP addresses), instead of the dSSM Service
@@ -387,7 +387,7 @@ fn parse_subject(s: &str) -> Result<Subject, String> {
 /// A Deployment name as the API server takes one (an RFC 1123 subdomain): it also goes into
 /// `values`' YAML, where a newline would inject keys.
 fn parse_workload_name(s: &str) -> Result<String, String> {
-    if crate::targets::dns_subdomain(s) {
+    if crate::model::targets::dns_subdomain(s) {
         Ok(s.to_string())
     } else {
         Err(format!(

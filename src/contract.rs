@@ -14,7 +14,7 @@ pub const LEAF_CERT: &str = "dssm-cert.crt";
 pub const LEAF_KEY: &str = "dssm-key.key";
 pub const DH_PARAMS: &str = "dhparam2048.pem";
 
-/// The manifests `generate` writes, named as in the seeds.
+/// The manifests `generate` writes, named as in the manual procedure.
 pub const CERTS_MANIFEST: &str = "certs-secret.yaml";
 pub const KEYS_MANIFEST: &str = "keys-secret.yaml";
 /// The CA key Secret's manifest (`generate`): for the dSSM namespace only.
@@ -26,14 +26,14 @@ pub const SENTINEL_SERVICE: &str = "f5-dssm-sentinel";
 pub const DB_SERVICE: &str = "f5-dssm-db";
 pub const SENTINEL_PORT: u16 = 26379;
 
-/// Where TMM mounts the materials (the seeds' REDIS_* environment variables).
+/// Where TMM mounts the materials (the manual procedure's REDIS_* environment variables).
 pub const TMM_CA_PATH: &str = "/etc/ssl/certs/dssm-ca.crt";
 pub const TMM_CERT_PATH: &str = "/etc/ssl/certs/dssm-cert.crt";
 pub const TMM_KEY_PATH: &str = "/etc/ssl/private/dssm-key.key";
 
 pub const DEFAULT_DAYS: u32 = 365;
 /// A new CA lasts 10 years (kubeadm's choice): leaves are renewed under it many times, so CA
-/// rotations stay rare. `--ca-days 365` reproduces the seeds.
+/// rotations stay rare. `--ca-days 365` reproduces the manual procedure.
 pub const DEFAULT_CA_DAYS: u32 = 3650;
 
 /// The subjectAltNames of the leaf: the dSSM Services, short and qualified, and the DB
@@ -77,3 +77,6 @@ mod tests {
         assert_eq!(default_dns_names(None), ["f5-dssm-sentinel", "f5-dssm-db"]);
     }
 }
+
+/// The Lease that makes one writer at a time (`cluster::lease`), in the dSSM namespace.
+pub const LEASE_NAME: &str = "dssm-certs";

@@ -9,10 +9,10 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
-use crate::check::Status;
+use crate::checks::Status;
 use crate::contract;
 use crate::materials::Owner;
-use crate::restart::selects;
+use crate::model::pods::selects;
 
 pub const SCHEMA: &str = "dssm-certs.doctor/v1";
 
@@ -46,7 +46,7 @@ pub struct Workload {
     pub template: PodTemplateSpec,
     pub role: Role,
     /// For a TMM target: how a rolling restart replaces its pods.
-    pub roll: Option<crate::targets::RollPlan>,
+    pub roll: Option<crate::model::targets::RollPlan>,
 }
 
 impl Workload {
@@ -132,7 +132,7 @@ pub fn redis_container(w: &Workload) -> Option<Finding> {
         return None;
     }
     let spec = w.template.spec.clone().unwrap_or_default();
-    let why = crate::rolling::redis_container(&spec).err()?;
+    let why = crate::model::pods::redis_container(&spec).err()?;
     Some(Finding {
         check: "redis-container",
         status: Status::Critical,
@@ -148,7 +148,7 @@ pub fn redis_container(w: &Workload) -> Option<Finding> {
 /// tool replaces its pods one at a time (slower); with one pod even that leaves none Ready,
 /// and a rolling rotation is refused unless `--allow-tmm-gap`.
 pub fn tmm_surge(w: &Workload) -> Option<Finding> {
-    use crate::targets::RollPlan;
+    use crate::model::targets::RollPlan;
     let (status, message) = match w.roll.as_ref()? {
         RollPlan::Controller => return None,
         RollPlan::OneByOne { why } => (
@@ -163,7 +163,7 @@ pub fn tmm_surge(w: &Workload) -> Option<Finding> {
             format!(
                 "{why}: replacing its pod leaves no TMM pod Ready until the new one is; a rolling \
                  rotation refuses before writing unless --allow-tmm-gap (or {})",
-                crate::targets::NO_GAP_HINT
+                crate::model::targets::NO_GAP_HINT
             ),
         ),
     };
@@ -449,10 +449,10 @@ const NEEDED: &[Need] = &[
 /// the chart grant exactly these (tests/doctor.rs checks a published install has them all).
 /// The TMM rows of `NEEDED` name a Deployment; a DaemonSet target needs the same verbs on
 /// `daemonsets`, and no scale subresource (it is stopped by a patch of its template).
-pub fn required_access(dssm_ns: &str, targets: &[crate::targets::TmmTarget]) -> Vec<Access> {
-    use crate::targets::Kind;
+pub fn required_access(dssm_ns: &str, targets: &[crate::model::targets::TmmTarget]) -> Vec<Access> {
+    use crate::model::targets::Kind;
     let mut copies = vec![dssm_ns.to_string()];
-    copies.extend(crate::targets::namespaces(targets));
+    copies.extend(crate::model::targets::namespaces(targets));
     let mut v: Vec<Access> = Vec::new();
     for &(scope, verbs, group, resource, subresource, named) in NEEDED {
         // (namespace, resource, name) of each object the row is about.
@@ -479,7 +479,7 @@ pub fn required_access(dssm_ns: &str, targets: &[crate::targets::TmmTarget]) -> 
                         vec![Some(contract::CERTS_SECRET), Some(contract::KEYS_SECRET)]
                     }
                     Named::CaKey => vec![Some(contract::CA_KEY_SECRET)],
-                    Named::Lease => vec![Some(crate::cluster::lease::LEASE_NAME)],
+                    Named::Lease => vec![Some(crate::contract::LEASE_NAME)],
                     Named::Any | Named::Tmm => vec![None],
                 };
                 namespaces
@@ -593,8 +593,8 @@ pub fn render_table(r: &Report) -> String {
             "{:<8}  {:<18}  {}  {}\n",
             f.status.to_string(),
             f.check,
-            crate::check::printable(&f.object),
-            crate::check::printable(&f.message)
+            crate::checks::printable(&f.object),
+            crate::checks::printable(&f.message)
         ));
     }
     out.push_str(&format!(
@@ -612,7 +612,7 @@ mod tests {
 
     #[test]
     fn the_access_list_names_each_permission_once_in_one_or_two_namespaces() {
-        use crate::targets::TmmTarget;
+        use crate::model::targets::TmmTarget;
         let spk = required_access(
             "spk-utilities",
             &[TmmTarget::deployment("spk-ingress", "f5-tmm")],
@@ -647,7 +647,7 @@ mod tests {
 
     #[test]
     fn each_target_needs_its_kinds_verbs_in_its_own_namespace() {
-        use crate::targets::TmmTarget;
+        use crate::model::targets::TmmTarget;
         let targets = [
             TmmTarget::deployment("spk-ingress-a", "f5-tmm"),
             TmmTarget::parse("bnk-tmm/daemonset/tmm").unwrap(),

@@ -23,12 +23,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::cluster::events::{EventType, Reason};
 use crate::cluster::{Cluster, ClusterError, Observation, ResourceExt};
 use crate::contract;
 use crate::materials::SecretObs;
+use crate::model::targets::TmmTarget;
 use crate::plan::Action;
 use crate::restart::{self, RestartError};
-use crate::targets::TmmTarget;
 use crate::writes::Write;
 
 /// How a pod's volumes reach our two Secrets (`dssm-certs-secret`, `dssm-keys-secret`).
@@ -328,8 +329,14 @@ pub async fn await_start(
             found.without.join(", ")
         ),
     };
+    // Pods left running without the Secrets: a Warning, for someone to restart them.
+    let event_type = if found.without.is_empty() {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
     cluster
-        .event_on_targets(!found.without.is_empty(), "Published", &note)
+        .event_on_targets(event_type, Reason::Published, &note)
         .await;
     Ok(())
 }

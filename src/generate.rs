@@ -1,4 +1,4 @@
-//! `generate`: steps 3 to 8 of the seeds' procedure in one command, written safely to a folder.
+//! `generate`: steps 3 to 8 of the manual procedure in one command, written safely to a folder.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;

@@ -1,4 +1,4 @@
-//! The two Secret manifests of the seeds' steps 6–8, ready for `kubectl apply`, and the CA key
+//! The two Secret manifests of the manual procedure's steps 6–8, ready for `kubectl apply`, and the CA key
 //! Secret's, so that a hand install keeps its CA at the cluster's first renewal.
 
 use base64::Engine;

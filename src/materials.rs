@@ -143,7 +143,7 @@ impl fmt::Display for Place {
 pub enum Owner {
     /// Labelled by us.
     Us,
-    /// Made by hand (the seeds' procedure): we may adopt and later replace it.
+    /// Made by hand (the manual procedure): we may adopt and later replace it.
     Nobody,
     /// Another manager (Helm, cert-manager, an owner reference): we never write it.
     Other(String),

@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::check::Report;
+use crate::inspect::Report;
 
 /// A label value escaped per the exposition format. prometheus-client 0.23 writes label values
 /// verbatim, so a certificate subject holding `"` or a newline would forge series.
@@ -230,7 +230,10 @@ impl Metrics {
     /// Replaces the per-target series with what an observation found.
     pub fn record_targets(
         &self,
-        workloads: &[(crate::targets::TmmTarget, Option<crate::targets::Workload>)],
+        workloads: &[(
+            crate::model::targets::TmmTarget,
+            Option<crate::model::targets::Workload>,
+        )],
     ) {
         self.tmm_restart_pending.clear();
         self.tmm_target_ready.clear();
@@ -300,6 +303,158 @@ impl Metrics {
     }
 }
 
+/// One sample line of an exposition, label values unescaped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// A strict reader of the OpenMetrics text format as `/metrics` serves it: `# HELP`, `# TYPE`,
+/// `# UNIT` lines, samples of declared families (no exemplars), no duplicate series, and `# EOF`
+/// as the last line. Anything else is an error naming the line.
+pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
+    let body = text
+        .strip_suffix("# EOF\n")
+        .ok_or("the exposition does not end with `# EOF`")?;
+    let mut families: Vec<String> = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
+    for (n, line) in body.split_terminator('\n').enumerate() {
+        let bad = |why: &str| format!("line {}: {why}: {line:?}", n + 1);
+        if let Some(meta) = line.strip_prefix("# ") {
+            let (kind, rest) = meta.split_once(' ').ok_or_else(|| bad("bare comment"))?;
+            let (name, arg) = rest.split_once(' ').unwrap_or((rest, ""));
+            check_metric_name(name).map_err(|e| bad(&e))?;
+            match kind {
+                "TYPE" => {
+                    const TYPES: [&str; 8] = [
+                        "counter",
+                        "gauge",
+                        "histogram",
+                        "gaugehistogram",
+                        "stateset",
+                        "info",
+                        "summary",
+                        "unknown",
+                    ];
+                    if !TYPES.contains(&arg) {
+                        return Err(bad("unknown type"));
+                    }
+                    if families.iter().any(|f| f == name) {
+                        return Err(bad("family declared twice"));
+                    }
+                    families.push(name.to_string());
+                }
+                "HELP" | "UNIT" => {}
+                _ => return Err(bad("unknown metadata line")),
+            }
+            continue;
+        }
+        let sample = parse_sample(line).map_err(|e| bad(&e))?;
+        let declared = families.last().is_some_and(|f| {
+            sample.name == *f
+                || ["_total", "_bucket", "_count", "_sum", "_created", "_info"]
+                    .iter()
+                    .any(|suffix| sample.name.strip_suffix(suffix) == Some(f))
+        });
+        if !declared {
+            return Err(bad("sample outside its family"));
+        }
+        if samples
+            .iter()
+            .any(|s| s.name == sample.name && s.labels == sample.labels)
+        {
+            return Err(bad("duplicate series"));
+        }
+        samples.push(sample);
+    }
+    Ok(samples)
+}
+
+fn check_metric_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("bad metric name {name:?}"))
+    }
+}
+
+fn parse_sample(line: &str) -> Result<Sample, String> {
+    let name_end = line
+        .find(['{', ' '])
+        .ok_or("no value after the metric name")?;
+    let name = &line[..name_end];
+    check_metric_name(name)?;
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = after;
+        loop {
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            if !labels.is_empty() {
+                rest = rest
+                    .strip_prefix(',')
+                    .ok_or("labels not separated by a comma")?;
+            }
+            let (key, after) = rest.split_once("=\"").ok_or("a label without =\"")?;
+            if key.is_empty()
+                || !key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(format!("bad label name {key:?}"));
+            }
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next().ok_or("unterminated label value")? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next() {
+                        Some((_, '\\')) => value.push('\\'),
+                        Some((_, '"')) => value.push('"'),
+                        Some((_, 'n')) => value.push('\n'),
+                        _ => return Err("a bad escape in a label value".into()),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            if labels.iter().any(|(k, _)| k == key) {
+                return Err(format!("label {key:?} twice"));
+            }
+            labels.push((key.to_string(), value));
+            rest = &after[end + 1..];
+        }
+    }
+    let rest = rest.strip_prefix(' ').ok_or("no space before the value")?;
+    let mut fields = rest.split(' ');
+    let value = fields.next().unwrap_or_default();
+    let value: f64 = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().map_err(|_| format!("bad value {v:?}"))?,
+    };
+    if let Some(ts) = fields.next() {
+        ts.parse::<f64>()
+            .map_err(|_| format!("bad timestamp {ts:?}"))?;
+    }
+    if fields.next().is_some() {
+        return Err("trailing fields (exemplars are not served)".into());
+    }
+    Ok(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,8 +483,8 @@ mod tests {
         (ca, leaf.pem, key)
     }
 
-    fn series(text: &str, name: &str) -> Vec<crate::fuzz::Sample> {
-        let samples = crate::fuzz::parse_exposition(text).unwrap();
+    fn series(text: &str, name: &str) -> Vec<Sample> {
+        let samples = parse_exposition(text).unwrap();
         samples.into_iter().filter(|s| s.name == name).collect()
     }
 
@@ -354,8 +509,8 @@ mod tests {
         ];
         let now = OffsetDateTime::now_utc().unix_timestamp();
         for (phase, b, cas) in phases {
-            let report = crate::check::Report::new(
-                vec![crate::check::inspect(
+            let report = crate::inspect::Report::new(
+                vec![crate::inspect::inspect(
                     &b.source("spk-ingress"),
                     now,
                     Default::default(),

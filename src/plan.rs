@@ -622,7 +622,7 @@ fn leaf_renewal_time(v: &pki::LeafValidity, renew_before: Option<i64>) -> i64 {
 }
 
 /// Policy: a leaf renewed under `ca` now would be due before (or when) the CA is: renewing it
-/// would only lead to a CA rotation soon after (an adopted seed-made cluster, CA = leaf = 365
+/// would only lead to a CA rotation soon after (an adopted hand-made cluster, CA = leaf = 365
 /// days, would renew a leaf that is due at once). Rotate the CA instead.
 fn ca_due_before_renewed_leaf(ca: &Certificate, now: i64, policy: Policy) -> Option<String> {
     let next = next_leaf(ca, now, policy);
@@ -1025,7 +1025,7 @@ pub(crate) mod tests {
                 "before a leaf renewed under it would be",
             ),
             (
-                "seed-made 365/365 at 2/3 of its life: CA rotation, saying why",
+                "hand-made 365/365 at 2/3 of its life: CA rotation, saying why",
                 made(244, 365, 365),
                 policy(),
                 Action::RotateCa,
@@ -1161,7 +1161,7 @@ pub(crate) mod tests {
     }
 
     /// The trust-boundary issue: a TMM-namespace copy whose bundle holds one more CA (with the
-    /// stored CA's subject, as the seeds' CAs all have) was a repair source whenever the dSSM copy
+    /// stored CA's subject, as the manual procedure's CAs all have) was a repair source whenever the dSSM copy
     /// was missing or broken, and its whole bundle was written everywhere.
     #[test]
     fn a_tmm_copy_with_an_appended_ca_never_reaches_another_namespace() {

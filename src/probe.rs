@@ -1,5 +1,5 @@
 //! `probe`: a mutual-TLS handshake and `PING` to Sentinel (and a DB) with the deployed materials,
-//! the way TMM connects. The TLS setup (WebPKI for our v3 leaf, x509-parser for the seeds' v1
+//! the way TMM connects. The TLS setup (WebPKI for our v3 leaf, x509-parser for the manual procedure's v1
 //! leaf, every CA of the bundle trusted) is `redis::tls`'s. The report says which path was used.
 
 use std::io::{Read, Write};

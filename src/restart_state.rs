@@ -1,9 +1,9 @@
 //! The restart as one state machine. What is persisted on the cluster (a CA rotation's record on
 //! the CA key Secret; on each TMM target its `restart-needed`, `tmm-replicas`, `tmm-restarted`
 //! and `ca-changed` annotations) is read into a [`RestartState`]; what this run has seen since
-//! it started (waits passed, dSSM restarted) is an [`Observed`]; [`next`] decides the one step
+//! it started (waits passed, dSSM restarted) is a [`Seen`]; [`next`] decides the one step
 //! to take from both, purely. Any run that reads the state resumes where the last one stopped:
-//! a crash loses only the in-memory `Observed`, and every step it forgets is safe to redo
+//! a crash loses only the in-memory `Seen`, and every step it forgets is safe to redo
 //! (waits, a dSSM restart, a rollout restart).
 //!
 //! It holds several phases (a CA rotation's trust → switch → drop, each rolled through every
@@ -12,8 +12,27 @@
 use std::collections::BTreeMap;
 
 use crate::materials::annotations;
-use crate::restart::{Order, Strategy};
-use crate::rotation::{Phase, Record};
+use crate::model::rotation::{Phase, Record};
+use crate::model::targets::{TmmTarget, Workload};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Order {
+    /// The manual procedure's order: TMM down and back up, then the dSSM pods.
+    TmmFirst,
+    /// TMM stays at zero until the dSSM election is complete (the manual procedure's warning about DB
+    /// entries failing during the election).
+    DssmFirst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// The manual procedure: TMM to zero and back, every dSSM pod at once. It interrupts
+    /// traffic (opt-in, for a maintenance window).
+    ScaleToZero,
+    /// No interruption (the default): dSSM the Redis-aware way, one pod at a time, then TMM by a
+    /// rolling restart; a new CA goes out in three phases (`rotation`).
+    Rolling,
+}
 
 /// The token that marks a restart no write asked for (the `restart` command) done.
 pub const MANUAL: &str = "manual";
@@ -21,6 +40,27 @@ pub const MANUAL: &str = "manual";
 /// The name the rotation record gives the dSSM pods in its `rolled` list.
 pub fn dssm_id(dssm_ns: &str) -> String {
     format!("{dssm_ns}/statefulsets/dSSM")
+}
+
+/// The restart's persisted state, from what was observed: each target's marks (read from its
+/// workload, `workloads` in the order of `targets`) and the rotation record given (read with
+/// the CA key Secret).
+pub fn observed(
+    rotation: Option<Record>,
+    targets: &[TmmTarget],
+    workloads: &[Workload],
+    dssm_ns: &str,
+) -> RestartState {
+    let targets = targets
+        .iter()
+        .zip(workloads)
+        .map(|(t, w)| TargetState::from_annotations(t.id(), &w.annotations()))
+        .collect();
+    RestartState {
+        rotation,
+        targets,
+        dssm: dssm_id(dssm_ns),
+    }
 }
 
 /// One TMM target's persisted part of the restart.
@@ -97,7 +137,7 @@ impl RestartState {
 
 /// What this run saw since it started: lost in a crash, and each is safe to see again.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Observed {
+pub struct Seen {
     /// The pre-flight passed (or was overridden), or a recorded restart made it moot.
     pub preflight: bool,
     /// No pod of any stopped target is left.
@@ -188,7 +228,7 @@ pub enum Step {
 }
 
 /// The next step, from what is persisted and what this run saw. Pure.
-pub fn next(state: &RestartState, seen: &Observed, mode: Mode) -> Step {
+pub fn next(state: &RestartState, seen: &Seen, mode: Mode) -> Step {
     if seen.finished {
         return Step::Done;
     }
@@ -217,7 +257,7 @@ pub fn next(state: &RestartState, seen: &Observed, mode: Mode) -> Step {
     next_scale_to_zero(state, &pending, seen, mode.order)
 }
 
-fn next_rolling(state: &RestartState, pending: &[(usize, String)], seen: &Observed) -> Step {
+fn next_rolling(state: &RestartState, pending: &[(usize, String)], seen: &Seen) -> Step {
     if !seen.dssm_restarted {
         return Step::RollDssm { phase: None };
     }
@@ -245,7 +285,7 @@ fn marked(state: &RestartState) -> bool {
 fn next_scale_to_zero(
     state: &RestartState,
     pending: &[(usize, String)],
-    seen: &Observed,
+    seen: &Seen,
     order: Order,
 ) -> Step {
     let stopped = |i: usize| seen.stopped.get(i).copied().unwrap_or(false);
@@ -288,7 +328,7 @@ fn next_scale_to_zero(
 
 /// Each phase: its materials written, then dSSM and every TMM target rolled through it (each
 /// recorded in `rolled` once done), then the next phase; after drop, the rotation finishes.
-fn next_in_rotation(state: &RestartState, record: &Record, seen: &Observed) -> Step {
+fn next_in_rotation(state: &RestartState, record: &Record, seen: &Seen) -> Step {
     let phase = record.phase;
     if !seen.phase_written {
         return Step::WritePhase { phase };
@@ -320,7 +360,7 @@ fn next_in_rotation(state: &RestartState, record: &Record, seen: &Observed) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rotation::Kind;
+    use crate::model::rotation::Kind;
 
     const DSSM: &str = "spk-utilities/statefulsets/dSSM";
     const A: &str = "spk-ingress-a/deployment/f5-tmm";
@@ -330,7 +370,7 @@ mod tests {
     type Row<'a> = (
         &'a [(&'a str, &'a str)],
         &'a [(&'a str, &'a str)],
-        Observed,
+        Seen,
         Step,
     );
 
@@ -351,8 +391,8 @@ mod tests {
         }
     }
 
-    fn seen(f: impl FnOnce(&mut Observed)) -> Observed {
-        let mut o = Observed {
+    fn seen(f: impl FnOnce(&mut Seen)) -> Seen {
+        let mut o = Seen {
             may_restart: true,
             ..Default::default()
         };
@@ -648,7 +688,7 @@ mod tests {
         };
         let written = seen(|o| o.phase_written = true);
         let tok = || "9".to_string();
-        let rows: Vec<(Record, Observed, Step)> = vec![
+        let rows: Vec<(Record, Seen, Step)> = vec![
             (
                 record(Phase::Trust, &[]),
                 seen(|_| {}),

@@ -1,8 +1,8 @@
-//! `values`: the TMM Helm values of the seeds' "Next step", for the configured dSSM namespace:
+//! `values`: the TMM Helm values of the manual procedure's "Next step", for the configured dSSM namespace:
 //! one YAML document per TMM namespace (every TMM instance points at the same dSSM).
 
 use crate::contract;
-use crate::targets::TmmTarget;
+use crate::model::targets::TmmTarget;
 
 pub fn tmm_values(dssm_namespace: &str) -> String {
     format!(
@@ -35,7 +35,7 @@ pub fn tmm_values(dssm_namespace: &str) -> String {
 /// The snippet once per TMM namespace, as `---`-separated documents, each headed by a comment
 /// naming the namespace and its TMM workloads (the Helm release of that TMM instance).
 pub fn tmm_values_for(dssm_namespace: &str, targets: &[TmmTarget]) -> String {
-    crate::targets::namespaces(targets)
+    crate::model::targets::namespaces(targets)
         .iter()
         .map(|ns| {
             let workloads: Vec<String> = targets

@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::cluster::{secret_obs, Observation};
 use crate::contract;
 use crate::materials::{annotations, store_keys, Bundle, SecretObs};
+use crate::model::observation::{secret_obs, Observation};
+use crate::model::rotation::{self, Phase};
+use crate::model::targets::TmmTarget;
 use crate::pki::{self, SecretBytes};
 use crate::plan::{Action, Plan, StoreState};
-use crate::rotation::{self, Phase};
-use crate::targets::TmmTarget;
 
 /// Where copies live and what is restarted.
 #[derive(Debug, Clone)]
@@ -227,19 +227,28 @@ fn resumes(plan: &Plan) -> bool {
 /// The revision the writes carry: a resumed rotation keeps its own, else one past the highest
 /// found on the dSSM namespace's copy or the CA key Secret. The TMM namespaces' copies are not
 /// read: whoever writes there must not choose the revision (`u64::MAX` would wrap).
-pub fn revision(obs: &Observation, plan: &Plan, store: &StoreState) -> Result<u64, String> {
+pub fn revision(
+    obs: &Observation,
+    plan: &Plan,
+    store: &StoreState,
+) -> Result<u64, RevisionExhausted> {
     match (&plan.action, store) {
         (Action::Resume, StoreState::Valid { revision, .. }) => Ok(*revision),
-        _ => highest_revision(obs).checked_add(1).ok_or_else(|| {
-            format!(
-                "the revision annotation {} is {}, the largest possible: no next revision. \
-                 Remove that annotation from the dSSM namespace's Secrets and run again",
-                annotations::REVISION,
-                u64::MAX
-            )
-        }),
+        _ => highest_revision(obs)
+            .checked_add(1)
+            .ok_or(RevisionExhausted),
     }
 }
+
+/// The revision annotation found is already `u64::MAX`: there is no next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the revision annotation {} is {}, the largest possible: no next revision. Remove that \
+     annotation from the dSSM namespace's Secrets and run again",
+    annotations::REVISION,
+    u64::MAX
+)]
+pub struct RevisionExhausted;
 
 fn highest_revision(obs: &Observation) -> u64 {
     let from = |s: &SecretObs| match s {
@@ -1005,7 +1014,7 @@ mod tests {
             "TMM's annotation ignored"
         );
         assert_eq!(with("1", "7"), Ok(8));
-        let e = with("1", "18446744073709551615").unwrap_err();
+        let e = with("1", "18446744073709551615").unwrap_err().to_string();
         assert!(
             e.contains("no next revision") && e.contains(annotations::REVISION),
             "{e}"

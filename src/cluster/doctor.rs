@@ -14,9 +14,9 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
 use super::{call, Cluster, ClusterError};
-use crate::check::Status;
+use crate::checks::Status;
 use crate::doctor::{self, Access, Finding, Role, Workload};
-use crate::targets::Workload as TargetWorkload;
+use crate::model::targets::Workload as TargetWorkload;
 
 /// Everything read, and what could not be read.
 pub struct DoctorObservation {

@@ -8,7 +8,7 @@ pub use kube::runtime::events::EventType;
 use kube::Resource;
 
 use super::{describe, Cluster};
-use crate::targets::Workload;
+use crate::model::targets::Workload;
 
 /// Why an Event is published: its `reason` field, one name per kind of thing that happened
 /// (what `kubectl get events --field-selector reason=…` and the alerts' runbooks select on).
@@ -108,8 +108,7 @@ impl From<&str> for Reason {
     }
 }
 
-/// An Event's type: kube's `EventType`, or `true` for Warning from the callers that still pass
-/// a boolean (src/restart.rs, src/rotation.rs, src/first_publication.rs).
+/// An Event's type: kube's `EventType`.
 pub trait IntoEventType {
     fn into_event_type(self) -> EventType;
 }
@@ -117,16 +116,6 @@ pub trait IntoEventType {
 impl IntoEventType for EventType {
     fn into_event_type(self) -> EventType {
         self
-    }
-}
-
-impl IntoEventType for bool {
-    fn into_event_type(self) -> EventType {
-        if self {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        }
     }
 }
 
@@ -213,7 +202,5 @@ mod tests {
             Reason::from("SomethingNew"),
             Reason::Other("SomethingNew".into())
         );
-        assert_eq!(true.into_event_type(), EventType::Warning);
-        assert_eq!(false.into_event_type(), EventType::Normal);
     }
 }

@@ -22,7 +22,17 @@ use tokio::sync::watch;
 
 use super::{call, Cluster, ClusterError};
 
-pub const LEASE_NAME: &str = "dssm-certs";
+pub use crate::contract::LEASE_NAME;
+
+/// What to make of a holder whose Lease looks alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderCheck {
+    /// Believe it: the Lease is held (exit "locked").
+    BelieveAtOnce,
+    /// Watch it for one lease duration first: a holder that died mid-restart (TMM may be down)
+    /// must not make every later run exit "held" with nobody restoring TMM.
+    WatchOneDuration,
+}
 /// The default of `--lease-duration`: how long the Lease lasts without renewal, i.e. what a
 /// crashed run makes the next one wait.
 pub const LEASE_SECONDS: i32 = 120;
@@ -132,14 +142,14 @@ impl Cluster {
 
     /// Takes the Lease, or says who holds it.
     pub async fn acquire_lease(&self) -> Result<Held, ClusterError> {
-        self.acquire_lease_waiting(false).await
+        self.acquire_lease_waiting(HolderCheck::BelieveAtOnce).await
     }
 
-    /// Takes the Lease; when `patient`, a holder that looks alive is watched for one lease
-    /// duration too instead of being believed at once. Used when a restart record says TMM may be
+    /// Takes the Lease; with `HolderCheck::WatchOneDuration`, a holder that looks alive is
+    /// watched for one lease duration too instead of being believed at once. Used when a restart record says TMM may be
     /// down: a holder that died mid-restart must not make every later run exit "held" until its
     /// retries run out, with nobody restoring TMM.
-    pub async fn acquire_lease_waiting(&self, patient: bool) -> Result<Held, ClusterError> {
+    pub async fn acquire_lease_waiting(&self, holder: HolderCheck) -> Result<Held, ClusterError> {
         let (api, what) = self.lease_api();
         let timing = Timing::new(self.lease_seconds, self.max_clock_skew);
         // (resourceVersion, when we first saw it): client-go's observedRecord/observedTime.
@@ -181,7 +191,7 @@ impl Cluster {
                 .age
                 .is_some_and(|age| age + timing.max_skew < timing.duration);
             let changed = observed.as_ref().is_some_and(|(seen_rv, _)| *seen_rv != rv);
-            if (clearly_alive && !patient) || changed {
+            if (clearly_alive && holder == HolderCheck::BelieveAtOnce) || changed {
                 return Err(self.locked(&what, &s.holder));
             }
             if observed.is_none() {

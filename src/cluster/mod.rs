@@ -82,7 +82,7 @@ pub enum ClusterError {
     #[error("pod {pod} could not be evicted before the deadline (--wait-timeout): a PodDisruptionBudget allows no disruption ({message})")]
     EvictionBlocked { pod: String, message: String },
     #[error("{0} not found (or its namespace does not exist): every TMM target must exist before its materials are replaced; nothing was written (check --tmm, or --tmm-namespace / --tmm-deployment)")]
-    NoWorkload(crate::targets::TmmTarget),
+    NoWorkload(crate::model::targets::TmmTarget),
 }
 
 impl ClusterError {
@@ -259,10 +259,10 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 
 /// Where dssm-certs works: the cluster flags of docs/commands.md.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct Settings {
     pub dssm_namespace: Option<String>,
     /// `--tmm` targets; when empty, the shorthand below names one Deployment.
-    pub tmm: Vec<crate::targets::TmmTarget>,
+    pub tmm: Vec<crate::model::targets::TmmTarget>,
     pub tmm_namespace: Option<String>,
     pub tmm_deployment: String,
     pub dssm_selector: String,
@@ -278,7 +278,7 @@ pub struct Cluster {
     client: Client,
     pub dssm_ns: String,
     /// Every TMM workload that talks to dSSM (at least one).
-    pub targets: Vec<crate::targets::TmmTarget>,
+    pub targets: Vec<crate::model::targets::TmmTarget>,
     pub dssm_selector: String,
     pub identity: String,
     pub lease_seconds: i32,
@@ -287,7 +287,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub async fn connect(t: &Target) -> Result<Self, ClusterError> {
+    pub async fn connect(t: &Settings) -> Result<Self, ClusterError> {
         let mut config = kube::Config::infer()
             .await
             .map_err(|e| ClusterError::Config(no_config(&e)))?;
@@ -301,7 +301,7 @@ impl Cluster {
             .dssm_namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
-        let targets = crate::targets::resolve(
+        let targets = crate::model::targets::resolve(
             &t.tmm,
             t.tmm_namespace.as_deref(),
             &t.tmm_deployment,
@@ -341,7 +341,7 @@ impl Cluster {
     /// differs (SPK: one per ingress instance), each once.
     pub fn namespaces(&self) -> Vec<String> {
         let mut v = vec![self.dssm_ns.clone()];
-        for ns in crate::targets::namespaces(&self.targets) {
+        for ns in crate::model::targets::namespaces(&self.targets) {
             if !v.contains(&ns) {
                 v.push(ns);
             }
@@ -351,6 +351,6 @@ impl Cluster {
 
     /// The TMM namespaces, each once, in target order.
     pub fn tmm_namespaces(&self) -> Vec<String> {
-        crate::targets::namespaces(&self.targets)
+        crate::model::targets::namespaces(&self.targets)
     }
 }

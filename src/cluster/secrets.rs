@@ -9,37 +9,8 @@ use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 
 use super::{call, Cluster, ClusterError};
-use crate::materials::{annotations, Owner, SecretObs};
-
-pub(super) fn owner_of(s: &Secret) -> Owner {
-    let labels = s.labels();
-    match labels.get(annotations::MANAGED_BY).map(String::as_str) {
-        Some(annotations::MANAGER) => Owner::Us,
-        Some(other) => Owner::Other(format!(
-            "{other} (label {}={other})",
-            annotations::MANAGED_BY
-        )),
-        None => match s.owner_references().first() {
-            Some(o) => Owner::Other(format!("{} {} (owner reference)", o.kind, o.name)),
-            None => Owner::Nobody,
-        },
-    }
-}
-
-pub fn secret_obs(s: Option<&Secret>) -> SecretObs {
-    match s {
-        None => SecretObs::Missing,
-        Some(s) => SecretObs::Present {
-            data: s
-                .data
-                .as_ref()
-                .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
-                .unwrap_or_default(),
-            owner: owner_of(s),
-            annotations: s.annotations().clone(),
-        },
-    }
-}
+use crate::materials::{annotations, Owner};
+pub use crate::model::observation::{owner_of, secret_obs};
 
 impl Cluster {
     pub async fn get_secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, ClusterError> {

@@ -9,8 +9,7 @@ use kube::Api;
 use super::watch::watch_until;
 use super::{call, Cluster, ClusterError};
 use crate::materials::annotations::{STOP_NODE_SELECTOR, TMM_ROLL};
-use crate::restart_state::{dssm_id, RestartState, TargetState};
-use crate::targets::{Kind, TmmTarget, Workload};
+use crate::model::targets::{Kind, TmmTarget, Workload};
 
 fn pp() -> PatchParams {
     PatchParams {
@@ -76,26 +75,14 @@ impl Cluster {
         })
     }
 
-    /// The restart's persisted state: each target's marks (read from its workload, returned
-    /// with it, in target order) and the rotation record given (read with the CA key Secret).
-    /// A missing target is an error naming it.
-    pub async fn restart_state(
-        &self,
-        rotation: Option<crate::rotation::Record>,
-    ) -> Result<(RestartState, Vec<Workload>), ClusterError> {
-        let mut targets = Vec::new();
+    /// Every TMM target's workload, in target order (what the restart's state is read from,
+    /// `restart_state::observed`). A missing target is an error naming it.
+    pub async fn require_workloads(&self) -> Result<Vec<Workload>, ClusterError> {
         let mut workloads = Vec::new();
         for t in &self.targets {
-            let w = self.require_workload(t).await?;
-            targets.push(TargetState::from_annotations(t.id(), &w.annotations()));
-            workloads.push(w);
+            workloads.push(self.require_workload(t).await?);
         }
-        let state = RestartState {
-            rotation,
-            targets,
-            dssm: dssm_id(&self.dssm_ns),
-        };
-        Ok((state, workloads))
+        Ok(workloads)
     }
 
     /// Sets (Some) or removes (None) annotations of one target in one patch.

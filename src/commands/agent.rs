@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{cluster, log, runtime, CommandError};
+use super::{change, log, runtime, CommandError};
 use crate::agent::{self, MaintenanceWindow};
-use crate::check::Thresholds;
 use crate::cli::RunArgs;
 use crate::cluster::{Cluster, ClusterError};
 use crate::exit;
+use crate::inspect::Thresholds;
 
 pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
     let window = a
@@ -23,17 +23,17 @@ pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
     let ip = std::env::var(agent::LISTEN_IP_ENV).ok();
     let listen = agent::listen_addr(a.listen, ip.as_deref())?;
     runtime()?.block_on(async {
-        let cluster = Arc::new(Cluster::connect(&a.cluster.target()).await?);
+        let cluster = Arc::new(Cluster::connect(&a.cluster.settings()).await?);
         let opts = agent::Options {
             listen,
             interval: Duration::from_secs(a.interval.max(1) as u64),
             window,
-            reconcile: cluster::options(
+            reconcile: change::options(
                 &cluster,
                 &a.issue,
                 false,
                 Some(a.restart.options()),
-                cluster::policy(&a.issue, false, false),
+                change::policy(&a.issue, false, false),
                 Some(thresholds),
             ),
             thresholds,
@@ -67,7 +67,12 @@ pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
 /// Restores TMM from a restart record whose holder is gone; says what it did.
 async fn recover_orphan(cluster: &Cluster, when: &str, limit: Option<Duration>) {
     let limit = limit.unwrap_or(Duration::MAX);
-    match tokio::time::timeout(limit, cluster.recover_orphan(true)).await {
+    match tokio::time::timeout(
+        limit,
+        cluster.recover_orphan(crate::cluster::lease::HolderCheck::WatchOneDuration),
+    )
+    .await
+    {
         Ok(Ok(Some(n))) => log::notice(&format!(
             "restored TMM to {n} replicas {when} (an orphaned restart)"
         )),

@@ -1,10 +1,10 @@
 //! `check`: a folder or the cluster's copies, judged; the exit code is the verdict.
 
 use super::{runtime, CommandError};
-use crate::check::{self, Report, Status, Thresholds};
 use crate::cli::{CheckArgs, ClusterArgs, OutputFormat};
 use crate::cluster::{Cluster, ClusterError};
 use crate::exit;
+use crate::inspect::{self, Report, Status, Thresholds};
 
 pub fn run(a: CheckArgs) -> Result<i32, CommandError> {
     let thresholds = Thresholds {
@@ -14,7 +14,7 @@ pub fn run(a: CheckArgs) -> Result<i32, CommandError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let report = match &a.dir {
         Some(dir) => Report::new(
-            vec![check::inspect_dir(dir, now, thresholds)],
+            vec![inspect::inspect_dir(dir, now, thresholds)],
             now,
             thresholds,
         ),
@@ -26,7 +26,7 @@ pub fn run(a: CheckArgs) -> Result<i32, CommandError> {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({
-                            "schema": check::SCHEMA,
+                            "schema": inspect::SCHEMA,
                             "status": Status::Unknown,
                             "exit_code": exit::UNKNOWN,
                             "error": e.to_string(),
@@ -39,7 +39,7 @@ pub fn run(a: CheckArgs) -> Result<i32, CommandError> {
     };
     match a.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        OutputFormat::Table => print!("{}", check::render_table(&report)),
+        OutputFormat::Table => print!("{}", inspect::render_table(&report)),
     }
     Ok(report.exit_code)
 }
@@ -49,10 +49,10 @@ async fn cluster_report(
     now: i64,
     thresholds: Thresholds,
 ) -> Result<Report, ClusterError> {
-    let cluster = Cluster::connect(&args.target()).await?;
+    let cluster = Cluster::connect(&args.settings()).await?;
     let obs = cluster.observe().await?;
     Ok(
-        check::inspect_observation(&obs, &cluster.dssm_ns, now, thresholds)
+        inspect::inspect_observation(&obs, &cluster.dssm_ns, now, thresholds)
             .await
             .with_targets(&obs.workloads),
     )

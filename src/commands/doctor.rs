@@ -2,10 +2,10 @@
 //! is written; the exit code follows `check` (0 ok, 1 warning, 2 critical, 3 cannot tell).
 
 use super::{own_namespace, runtime, CommandError};
-use crate::check::{self, Status, Thresholds};
 use crate::cli::{DoctorArgs, OutputFormat};
 use crate::cluster::{doctor as read, Cluster, ClusterError, Observation};
 use crate::doctor::{self, Finding, Report, Role};
+use crate::inspect::{self, Status, Thresholds};
 use crate::materials::SecretObs;
 
 pub fn run(a: DoctorArgs) -> Result<i32, CommandError> {
@@ -24,7 +24,7 @@ pub fn run(a: DoctorArgs) -> Result<i32, CommandError> {
 }
 
 async fn examine(a: &DoctorArgs, thresholds: Thresholds) -> Result<Report, ClusterError> {
-    let cluster = Cluster::connect(&a.cluster.target()).await?;
+    let cluster = Cluster::connect(&a.cluster.settings()).await?;
     let seen = cluster.observe_for_doctor().await;
     let mut findings = read::findings(&seen);
     findings.extend(doctor::pods_not_ready(&cluster.dssm_ns, &seen.dssm_pods));
@@ -112,7 +112,7 @@ async fn secrets(obs: &Observation, cluster: &Cluster, t: Thresholds) -> Vec<Fin
         }
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let report = check::inspect_observation(obs, &cluster.dssm_ns, now, t).await;
+    let report = inspect::inspect_observation(obs, &cluster.dssm_ns, now, t).await;
     for copy in &report.copies {
         let soonest = copy.certificates.iter().min_by_key(|c| c.residual_seconds);
         let message = match soonest {

@@ -2,8 +2,8 @@
 //! a failure to the documented exit codes (`crate::exit`).
 
 pub mod agent;
+pub mod change;
 pub mod check;
-pub mod cluster;
 pub mod doctor;
 pub mod generate;
 pub mod log;
@@ -156,6 +156,12 @@ macro_rules! restart_failed {
             | RestartError::Interrupted { .. }
             | RestartError::Probe(_)
             | RestartError::Rollout(_)
+            | RestartError::DssmRoll(_)
+            | RestartError::LeafKeyMismatch { .. }
+            | RestartError::StrayEndpoint { .. }
+            | RestartError::MissingKey { .. }
+            | RestartError::ClientKey(_)
+            | RestartError::ClientCert(_)
             | RestartError::RollingAfterCaChange(_)
     };
 }
@@ -206,6 +212,8 @@ impl CommandError {
                 | R::Restart(restart_failed!())
                 | R::PreflightFailed(restart_failed!())
                 | R::Refused(_)
+                | R::Rotation(_)
+                | R::Revision(_)
                 | R::KeptConflicting { .. },
             )
             | E::Restart(restart_failed!())
@@ -254,10 +262,10 @@ pub fn run(cli: Cli) -> Result<i32, CommandError> {
         Command::Check(a) => check::run(a),
         Command::Doctor(a) => doctor::run(a),
         Command::Probe(a) => probe::run(a),
-        Command::Restart(a) => cluster::restart(&a),
+        Command::Restart(a) => change::restart(&a),
         Command::Run(a) => agent::run(&a),
-        Command::Reconcile(a) => cluster::reconcile(&a),
-        Command::Rotate(a) => cluster::rotate(&a),
+        Command::Reconcile(a) => change::reconcile(&a),
+        Command::Rotate(a) => change::rotate(&a),
         Command::Values(a) => values::run(a),
     }
 }
@@ -331,6 +339,18 @@ mod tests {
             ),
             (api("get").into(), exit::FAILED),
             (R::Refused("not valid".into()).into(), exit::FAILED),
+            (
+                R::Revision(crate::writes::RevisionExhausted).into(),
+                exit::FAILED,
+            ),
+            (
+                R::Rotation(crate::model::rotation::RecordError::MissingKey {
+                    namespace: "ns".into(),
+                    key: "ca.crt".into(),
+                })
+                .into(),
+                exit::FAILED,
+            ),
             (R::KeptConflicting { attempts: 3 }.into(), exit::FAILED),
             (
                 GenerateError::NotADirectory {

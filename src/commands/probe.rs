@@ -1,8 +1,8 @@
 //! `probe`: an mTLS PING to Sentinel (and DBs) with the files TMM mounts.
 
 use super::{own_namespace, CommandError};
-use crate::check::{self, Status};
 use crate::cli::{OutputFormat, ProbeArgs};
+use crate::inspect::{self, Status};
 use crate::probe::{self, ClientMaterials, ProbeReport, Prober, VerifyPath};
 use crate::{contract, pki};
 
@@ -72,12 +72,12 @@ fn print_table_row(r: &ProbeReport) {
         "{}  {}  {}",
         r.endpoint,
         r.status,
-        check::printable(&r.message)
+        inspect::printable(&r.message)
     );
     if let Some(s) = &r.served {
         println!(
             "  served: subject \"{}\", serial {}, notAfter {}, X.509 v{}, {} the deployed leaf, {}",
-            check::printable(&s.subject),
+            inspect::printable(&s.subject),
             s.serial,
             s.not_after,
             s.version,

@@ -10,7 +10,7 @@ pub fn run(a: ValuesArgs) -> Result<i32, CommandError> {
             "--dssm-namespace is required outside a pod (no service account namespace file)".into(),
         )
     })?;
-    let targets = crate::targets::resolve(
+    let targets = crate::model::targets::resolve(
         &a.tmm.tmm,
         a.tmm.tmm_namespace.as_deref(),
         &a.tmm.tmm_deployment,

@@ -26,12 +26,7 @@ use super::sentinel::{
 use super::switchover::{agreed_primary, paused_switchover};
 use super::tls::TlsClient;
 use super::{pause_until, RedisError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PodKind {
-    Db,
-    Sentinel,
-}
+pub use crate::model::pods::PodKind;
 
 /// A dSSM pod as observed: its kind, whether it is the primary, whether its Secret volume is
 /// mounted with `subPath` (then kubelet never updates its files).

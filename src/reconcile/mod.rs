@@ -3,16 +3,19 @@
 //! docs/design.md's write order, so that a crash between any two writes is finished by the next run from the saved
 //! materials.
 
+pub mod rotation;
+
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
 
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::check::Thresholds;
 use crate::cluster::events::{EventType, Reason};
+use crate::cluster::lease::HolderCheck;
 use crate::cluster::{Cluster, ClusterError, Observation};
 use crate::contract;
 use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
+use crate::inspect::Thresholds;
 use crate::materials::{annotations, store_keys, Bundle, SecretObs};
 use crate::pki::{self, SecretBytes};
 use crate::plan::{self, Action, Plan, Policy, StoreState};
@@ -34,6 +37,11 @@ pub enum ReconcileError {
     PreflightFailed(#[source] crate::restart::RestartError),
     #[error("{0}")]
     Refused(String),
+    /// A recorded CA rotation that cannot be resumed (its record or saved materials).
+    #[error(transparent)]
+    Rotation(#[from] crate::model::rotation::RecordError),
+    #[error(transparent)]
+    Revision(#[from] writes::RevisionExhausted),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
     Preflight(String),
     #[error("pre-flight refused phase {number} of 3 ({phase}) of the CA rotation before its first write: {why}. The rotation stays recorded at this phase, and every process still trusts the others; the next run resumes it once that is fixed")]
@@ -106,7 +114,7 @@ pub async fn reconcile(
     crate::stop::clear();
     let mut first = Vec::new();
     let mut restart_pending = false;
-    match pass_once(cluster, opts, &mut first, false).await {
+    match pass_once(cluster, opts, &mut first, Lease::NotHeld).await {
         Ok(Pass::NeedsLease) => {}
         Ok(Pass::Done(outcome))
             if !opts.dry_run && opts.restart.is_some() && outcome.restart_pending =>
@@ -127,7 +135,12 @@ pub async fn reconcile(
         }
     }
     // A pending restart may mean TMM is down under a dead holder: wait out its Lease.
-    let lease = cluster.acquire_lease_waiting(restart_pending).await?;
+    let wait = if restart_pending {
+        HolderCheck::WatchOneDuration
+    } else {
+        HolderCheck::BelieveAtOnce
+    };
+    let lease = cluster.acquire_lease_waiting(wait).await?;
     let result = lease
         .guard(async {
             let outcome = write_passes(cluster, opts, out).await?;
@@ -144,7 +157,7 @@ pub async fn reconcile(
                     .is_some_and(|a| a.contains_key(crate::materials::annotations::ROTATION))
             });
             if recorded {
-                crate::rotation::drive(cluster, opts.restart.as_ref(), out).await?;
+                crate::reconcile::rotation::drive(cluster, opts.restart.as_ref(), out).await?;
             } else if let Some(r) = &opts.restart {
                 if needs_restart(cluster).await? {
                     cluster.restart(r, out).await?;
@@ -177,7 +190,7 @@ async fn write_passes(
 ) -> Result<Outcome, ReconcileError> {
     let mut result = Err(ReconcileError::KeptConflicting { attempts: PASSES });
     for pass in 1..=PASSES {
-        match pass_once(cluster, opts, out, true).await {
+        match pass_once(cluster, opts, out, Lease::Held).await {
             Err(ReconcileError::Cluster(e)) if e.is_conflict() && pass < PASSES => {
                 tracing::warn!(error = %e, "conflict: observing again");
                 let _ = writeln!(out, "conflict ({e}); observing again");
@@ -198,12 +211,20 @@ async fn write_passes(
     result
 }
 
+/// Whether this pass runs under the Lease: without it a pass only looks, and says when it
+/// would write (`Pass::NeedsLease`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    Held,
+    NotHeld,
+}
+
 /// One pass: observe → plan (pure) → writes (pure) → print (dry run) or perform them.
 async fn pass_once(
     cluster: &Cluster,
     opts: &Options,
     out: &mut (dyn Write + Send),
-    lease_held: bool,
+    lease: Lease,
 ) -> Result<Pass, ReconcileError> {
     let unix = time::OffsetDateTime::now_utc().unix_timestamp();
     let obs = cluster.observe().await?;
@@ -216,7 +237,7 @@ async fn pass_once(
         restart_pending: obs.restart_pending(),
         first_start: None,
     };
-    match must_write(&obs, &plan, opts, lease_held, out)? {
+    match must_write(&obs, &plan, opts, lease, out)? {
         Next::NeedsLease => return Ok(Pass::NeedsLease),
         Next::Nothing => {
             if !opts.dry_run && !plan.action.writes() {
@@ -233,7 +254,7 @@ async fn pass_once(
     // restart and no pre-flight for them (`first_publication`).
     let found = publication_pods(cluster, &obs, &plan, opts).await?;
     let places = places(cluster);
-    let revision = writes::revision(&obs, &plan, &store).map_err(ReconcileError::Refused)?;
+    let revision = writes::revision(&obs, &plan, &store)?;
     outcome.revision = Some(revision);
     let input = |content| writes::Input {
         places: &places,
@@ -390,7 +411,7 @@ fn report_plan(plan: &Plan, out: &mut (dyn Write + Send)) {
     let _ = writeln!(out, "plan: {}", action.as_str().unwrap_or(""));
     for r in &plan.reasons {
         // Reasons quote certificate subjects: escaped as `check` escapes them.
-        let _ = writeln!(out, "  - {}", crate::check::printable(r));
+        let _ = writeln!(out, "  - {}", crate::checks::printable(r));
     }
 }
 
@@ -401,10 +422,10 @@ fn must_write(
     obs: &Observation,
     plan: &Plan,
     opts: &Options,
-    lease_held: bool,
+    lease: Lease,
     out: &mut (dyn Write + Send),
 ) -> Result<Next, ReconcileError> {
-    let record = crate::rotation::record_of(&obs.store);
+    let record = crate::reconcile::rotation::record_of(&obs.store);
     if plan.action.writes() || record.is_some() {
         if let Some(t) = obs.missing_target() {
             return Err(ClusterError::NoWorkload(t.clone()).into());
@@ -412,23 +433,25 @@ fn must_write(
     }
     // A recorded CA rotation is resumed at its phase (`rotation::drive`), whatever the plan.
     if let Some(record) = record {
-        let record = record.map_err(ReconcileError::Refused)?;
+        let record = record?;
         let _ = writeln!(
             out,
             "a CA rotation is in progress: phase {} of 3 ({}); resuming it",
             record.phase.number(),
             record.phase.name()
         );
-        if !opts.dry_run && !lease_held {
+        if !opts.dry_run && lease == Lease::NotHeld {
             return Ok(Next::NeedsLease);
         }
         return Ok(Next::Nothing);
     }
-    Ok(match (plan.action.writes(), opts.dry_run || lease_held) {
-        (false, _) => Next::Nothing,
-        (true, false) => Next::NeedsLease,
-        (true, true) => Next::Write,
-    })
+    Ok(
+        match (plan.action.writes(), opts.dry_run || lease == Lease::Held) {
+            (false, _) => Next::Nothing,
+            (true, false) => Next::NeedsLease,
+            (true, true) => Next::Write,
+        },
+    )
 }
 
 /// A Secret we may write but another manager owns is refused before the first write.
@@ -629,7 +652,7 @@ pub(crate) async fn write_copies(
     obs: &Observation,
     bundle: &Bundle,
     revision: u64,
-    phase: Option<crate::rotation::Phase>,
+    phase: Option<crate::reconcile::rotation::Phase>,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<Secret>, ReconcileError> {
     let list: Vec<Write_> = writes::copies(&places(cluster), obs, Some(bundle), revision, phase)
@@ -746,7 +769,7 @@ async fn new_materials(
     .await
     .expect("material generation panicked")?;
     if let Some(note) = &m.leaf_note {
-        let _ = writeln!(out, "note: {}", crate::check::printable(note));
+        let _ = writeln!(out, "note: {}", crate::checks::printable(note));
     }
     Ok(NewMaterials {
         bundle: Bundle {

@@ -3,9 +3,9 @@
 //! Lease before exiting.
 
 use super::{log, runtime, Changing, CommandError, Stopped};
-use crate::check::Thresholds;
 use crate::cli::{IssueArgs, ReconcileArgs, RestartArgs, RotateArgs};
 use crate::cluster::Cluster;
+use crate::inspect::Thresholds;
 use crate::plan::Policy;
 use crate::reconcile;
 use crate::{contract, exit, generate};
@@ -32,10 +32,12 @@ pub fn rotate(a: &RotateArgs) -> Result<i32, CommandError> {
 
 pub fn restart(a: &RestartArgs) -> Result<i32, CommandError> {
     runtime()?.block_on(async {
-        let cluster = Cluster::connect(&a.cluster.target()).await?;
+        let cluster = Cluster::connect(&a.cluster.settings()).await?;
         // `restart` is run to end a restart that may be holding TMM down: wait out a holder
         // that looks alive rather than giving up at once.
-        let lease = cluster.acquire_lease_waiting(true).await?;
+        let lease = cluster
+            .acquire_lease_waiting(crate::cluster::lease::HolderCheck::WatchOneDuration)
+            .await?;
         let mut out = std::io::stdout();
         let opts = a.restart.options();
         let work = lease.guard(cluster.restart(&opts, &mut out));
@@ -66,7 +68,7 @@ fn write(
     command: Changing,
 ) -> Result<i32, CommandError> {
     runtime()?.block_on(async {
-        let cluster = Cluster::connect(&args.target()).await?;
+        let cluster = Cluster::connect(&args.settings()).await?;
         let opts = options(&cluster, issue, dry_run, restart, policy, None);
         let mut out = std::io::stdout();
         let work = reconcile::reconcile(&cluster, &opts, &mut out);

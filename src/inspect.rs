@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+pub use crate::checks::printable;
 pub use crate::checks::{format_residual, Status, Thresholds};
 use crate::checks::{CertFinding, CopyFindings, Finding};
 use crate::materials::{Place, Source};
@@ -92,7 +93,7 @@ pub struct Report {
     pub checks: Vec<CheckResult>,
     /// The phase of a CA rotation in progress (cluster only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rotation_phase: Option<crate::rotation::Phase>,
+    pub rotation_phase: Option<crate::model::rotation::Phase>,
 }
 
 impl Report {
@@ -140,7 +141,10 @@ impl Report {
     /// materials wait for its restart.
     pub fn with_targets(
         mut self,
-        workloads: &[(crate::targets::TmmTarget, Option<crate::targets::Workload>)],
+        workloads: &[(
+            crate::model::targets::TmmTarget,
+            Option<crate::model::targets::Workload>,
+        )],
     ) -> Self {
         for (t, w) in workloads {
             let (status, message) = match w {
@@ -183,7 +187,7 @@ impl Report {
 /// The report over what the cluster holds. DH_check and the signature checks take CPU time
 /// (seconds for large DH moduli), so they run on the blocking pool, off the async runtime.
 pub async fn inspect_observation(
-    obs: &crate::cluster::Observation,
+    obs: &crate::model::observation::Observation,
     dssm_ns: &str,
     now: i64,
     t: Thresholds,
@@ -197,7 +201,7 @@ pub async fn inspect_observation(
             c.source(store)
         })
         .collect();
-    let rotation_phase = crate::rotation::phase_on_copies(obs, dssm_ns);
+    let rotation_phase = crate::model::rotation::phase_on_copies(obs, dssm_ns);
     let store = obs.store_readable.then(|| obs.store.clone());
     let dssm_ns = dssm_ns.to_string();
     tokio::task::spawn_blocking(move || {
@@ -408,31 +412,6 @@ fn key_label(c: &CertReport) -> String {
     } else {
         c.key_type.clone()
     }
-}
-
-/// Text from a certificate as a terminal may show it: control characters (escape sequences,
-/// newlines that would fake a row) and Unicode bidirectional controls (which reorder what is
-/// shown: `U+202E` makes `crt.exe` read `exe.trc`) escaped, so a crafted subject cannot
-/// rewrite the table. Every command printing text from certificates or Secrets uses this one.
-pub fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() || is_bidi_control(c) {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
-/// The Unicode bidirectional formatting characters (UAX #9): embeddings, overrides, isolates
-/// and marks.
-fn is_bidi_control(c: char) -> bool {
-    matches!(
-        c,
-        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
-    )
 }
 
 fn common_name(dn: &str) -> String {

@@ -311,7 +311,7 @@ impl Workload {
     /// desiredNumberScheduled (kubectl's `DaemonSetStatusViewer`).
     pub fn rollout_incomplete(&self, t: &TmmTarget) -> Option<String> {
         match self {
-            Workload::Deployment(d) => crate::restart::rollout_incomplete(d),
+            Workload::Deployment(d) => crate::model::pods::rollout_incomplete(d),
             Workload::DaemonSet(d) => {
                 let status = d.status.clone().unwrap_or_default();
                 if let (Some(g), Some(o)) = (d.metadata.generation, status.observed_generation) {
@@ -423,8 +423,8 @@ mod tests {
         }
         // Both users: an object name and a label-key prefix.
         assert!(validate_name("Bad_Name").is_err());
-        assert!(crate::restart::parse_selector("Bad_Prefix/app=x").is_err());
-        assert!(crate::restart::parse_selector("app.kubernetes.io/name=x").is_ok());
+        assert!(crate::model::pods::parse_selector("Bad_Prefix/app=x").is_err());
+        assert!(crate::model::pods::parse_selector("app.kubernetes.io/name=x").is_ok());
     }
 
     #[test]

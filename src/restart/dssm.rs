@@ -7,18 +7,18 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::cluster::ResourceExt;
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 
 use crate::cluster::pods::PodsIn;
 use crate::cluster::Cluster;
 use crate::contract;
+pub use crate::model::pods::{
+    mounts_secrets_with_sub_path, port_role, redis_container, redis_port, DB_PORT,
+};
 use crate::redis::reload::Proof;
 use crate::redis::rollout::{self, PodKind, Pods, RolloutContext, Step};
 use crate::redis::{info_replication, ClientMaterials, Connection, Role, TlsClient};
 use crate::restart::{pod_ready, terminating, wait_pods, RestartError};
-
-/// Redis's port when a DB container declares none.
-pub const DB_PORT: u16 = 6379;
 
 /// `--redis-endpoint POD=HOST:PORT`: where the tool reaches one dSSM pod's Redis instead of its
 /// pod IP and container port (a port-forward, a test's loopback port).
@@ -74,114 +74,6 @@ pub fn pod_kind(p: &Pod) -> PodKind {
     }
 }
 
-/// What a declared port says about the Redis behind it: named `redis`/`sentinel`, or Redis's
-/// and Sentinel's own numbers.
-fn port_role(port: &ContainerPort) -> Option<PodKind> {
-    match (port.name.as_deref(), port.container_port) {
-        (Some("sentinel"), _) => Some(PodKind::Sentinel),
-        (Some("redis"), _) => Some(PodKind::Db),
-        (_, p) if p == i32::from(contract::SENTINEL_PORT) => Some(PodKind::Sentinel),
-        (_, p) if p == i32::from(DB_PORT) => Some(PodKind::Db),
-        _ => None,
-    }
-}
-
-/// The volumes of `spec` that carry one of our two Secrets, directly or projected.
-fn secret_volumes(spec: &PodSpec) -> Vec<&str> {
-    let is_ours = |n: &str| n == contract::CERTS_SECRET || n == contract::KEYS_SECRET;
-    spec.volumes
-        .iter()
-        .flatten()
-        .filter(|v| {
-            let direct = v.secret.as_ref().and_then(|s| s.secret_name.as_deref());
-            let projected = v.projected.as_ref().and_then(|pr| pr.sources.as_ref());
-            direct.is_some_and(is_ours)
-                || projected.into_iter().flatten().any(|src| {
-                    src.secret
-                        .as_ref()
-                        .is_some_and(|s| is_ours(s.name.as_str()))
-                })
-        })
-        .map(|v| v.name.as_str())
-        .collect()
-}
-
-fn mounts_secrets(c: &Container, volumes: &[&str]) -> bool {
-    c.volume_mounts
-        .iter()
-        .flatten()
-        .any(|m| volumes.contains(&m.name.as_str()))
-}
-
-/// The Redis (or Sentinel) container of a dSSM pod, found by what it is, never by its place:
-/// a port named `redis`/`sentinel`, else a port 6379/26379, else the one container that mounts
-/// our Secrets, else the pod's only container. A sidecar listed first is passed over.
-pub fn redis_container(spec: &PodSpec) -> Result<&Container, String> {
-    let cs = &spec.containers;
-    let named = |c: &&Container| {
-        c.ports
-            .iter()
-            .flatten()
-            .any(|p| matches!(p.name.as_deref(), Some("redis" | "sentinel")))
-    };
-    let numbered = |c: &&Container| c.ports.iter().flatten().any(|p| port_role(p).is_some());
-    let volumes = secret_volumes(spec);
-    let mounting: Vec<&Container> = cs.iter().filter(|c| mounts_secrets(c, &volumes)).collect();
-    cs.iter()
-        .find(named)
-        .or_else(|| cs.iter().find(numbered))
-        .or_else(|| (mounting.len() == 1).then(|| mounting[0]))
-        .or_else(|| (cs.len() == 1).then(|| &cs[0]))
-        .ok_or_else(|| {
-            let names: Vec<&str> = cs.iter().map(|c| c.name.as_str()).collect();
-            format!(
-                "none of its containers ({}) is recognisably Redis: none declares a port named \
-                 redis or sentinel, or port {DB_PORT} or {}, and not exactly one mounts {} or {}",
-                names.join(", "),
-                contract::SENTINEL_PORT,
-                contract::CERTS_SECRET,
-                contract::KEYS_SECRET
-            )
-        })
-}
-
-/// The port Redis listens on in its container: the port named `redis`/`sentinel`, else
-/// 6379/26379, else the container's only port, else the default for its kind.
-pub fn redis_port(c: &Container, kind: PodKind) -> u16 {
-    let ports: Vec<&ContainerPort> = c.ports.iter().flatten().collect();
-    let named = ports
-        .iter()
-        .find(|p| matches!(p.name.as_deref(), Some("redis" | "sentinel")));
-    let known = ports.iter().find(|p| port_role(p).is_some());
-    let only = (ports.len() == 1).then(|| &ports[0]);
-    named
-        .or(known)
-        .or(only)
-        .and_then(|p| u16::try_from(p.container_port).ok())
-        .unwrap_or(match kind {
-            PodKind::Db => DB_PORT,
-            PodKind::Sentinel => contract::SENTINEL_PORT,
-        })
-}
-
-/// Whether the Redis container mounts one of the dSSM Secrets with `subPath`: kubelet never
-/// updates such a file, so only a restart brings the new materials. (A sidecar's mounts do not
-/// decide how Redis reloads; a pod whose Redis container is unknown counts every container.)
-pub fn mounts_secrets_with_sub_path(p: &Pod) -> bool {
-    let Some(spec) = &p.spec else { return false };
-    let volumes = secret_volumes(spec);
-    let sub_path = |c: &Container| {
-        c.volume_mounts.iter().flatten().any(|m| {
-            volumes.contains(&m.name.as_str())
-                && m.sub_path.as_deref().is_some_and(|s| !s.is_empty())
-        })
-    };
-    match redis_container(spec) {
-        Ok(c) => sub_path(c),
-        Err(_) => spec.containers.iter().any(sub_path),
-    }
-}
-
 /// `host:port` as a socket address is written: an IPv6 host in brackets.
 pub fn join_host_port(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
@@ -212,6 +104,20 @@ pub fn pod_endpoint(p: &Pod, overrides: &BTreeMap<String, String>) -> Result<Str
     let spec = p.spec.clone().unwrap_or_default();
     let c = redis_container(&spec).map_err(|e| format!("{at}: {e}; {hint}"))?;
     Ok(join_host_port(&ip.to_string(), redis_port(c, pod_kind(p))))
+}
+
+/// Why the Redis side of dSSM's roll failed, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum DssmRollError {
+    #[error("{0}")]
+    Tls(#[from] crate::redis::tls::TlsSetupError),
+    #[error("{0}")]
+    Plan(#[from] rollout::RolloutPlanError),
+    #[error("{0}")]
+    Roll(#[from] rollout::RolloutError),
+    /// A pod observed through Redis (its role, its replication).
+    #[error("{0}")]
+    Observe(String),
 }
 
 /// How the tool talks to dSSM during a rolling restart.
@@ -296,24 +202,29 @@ async fn client_from_copy(
 ) -> Result<Option<(ClientMaterials, String)>, RestartError> {
     let certs = cluster.get_secret(ns, contract::CERTS_SECRET).await?;
     let keys = cluster.get_secret(ns, contract::KEYS_SECRET).await?;
-    let get = |s: &Option<k8s_openapi::api::core::v1::Secret>, secret: &str, k: &str| {
+    let get = |s: &Option<k8s_openapi::api::core::v1::Secret>,
+               secret: &'static str,
+               key: &'static str| {
         s.as_ref()
             .and_then(|s| s.data.as_ref())
-            .and_then(|d| d.get(k))
+            .and_then(|d| d.get(key))
             .map(|b| b.0.clone())
-            .ok_or_else(|| RestartError::Rollout(format!("secret {ns}/{secret} has no key {k}")))
+            .ok_or_else(|| RestartError::MissingKey {
+                namespace: ns.to_string(),
+                secret,
+                key,
+            })
     };
     let ca_cert = get(&certs, contract::CERTS_SECRET, contract::CA_CERT)?;
     let leaf_cert = get(&certs, contract::CERTS_SECRET, contract::LEAF_CERT)?;
     let key = get(&keys, contract::KEYS_SECRET, contract::LEAF_KEY)?;
     let at = format!("{ns}/{}[{}]", contract::KEYS_SECRET, contract::LEAF_KEY);
-    let leaf_key = crate::pki::PrivateKey::from_pem(&key, &at)
-        .map_err(|e| RestartError::Rollout(e.to_string()))?;
+    let leaf_key = crate::pki::PrivateKey::from_pem(&key, &at).map_err(RestartError::ClientKey)?;
     let leaf = crate::pki::parse_certificate(
         &leaf_cert,
         &format!("{ns}/{}[{}]", contract::CERTS_SECRET, contract::LEAF_CERT),
     )
-    .map_err(|e| RestartError::Rollout(e.to_string()))?;
+    .map_err(RestartError::ClientCert)?;
     if !leaf.matches_key(&leaf_key) {
         return Ok(None);
     }
@@ -331,13 +242,11 @@ async fn client_from_copy(
 /// The dSSM copy of the materials, as the tool's client for this phase.
 async fn dssm_client(cluster: &Cluster) -> Result<(ClientMaterials, String), RestartError> {
     let ns = &cluster.dssm_ns;
-    client_from_copy(cluster, ns).await?.ok_or_else(|| {
-        RestartError::Rollout(format!(
-            "secret {ns}/{} holds a leaf that does not match the key of {ns}/{}",
-            contract::CERTS_SECRET,
-            contract::KEYS_SECRET
-        ))
-    })
+    client_from_copy(cluster, ns)
+        .await?
+        .ok_or_else(|| RestartError::LeafKeyMismatch {
+            namespace: ns.to_string(),
+        })
 }
 
 /// A client the running dSSM processes accept before the writes: the dSSM copy, or, when a
@@ -347,7 +256,7 @@ async fn preflight_client(cluster: &Cluster) -> Result<(ClientMaterials, String)
     if let Some(c) = client_from_copy(cluster, &cluster.dssm_ns).await? {
         return Ok(c);
     }
-    for ns in crate::targets::namespaces(&cluster.targets) {
+    for ns in crate::model::targets::namespaces(&cluster.targets) {
         if let Some(c) = client_from_copy(cluster, &ns).await? {
             return Ok(c);
         }
@@ -378,11 +287,12 @@ impl Cluster {
             .collect();
         let names: Vec<String> = live.iter().map(|p| p.name_any()).collect();
         if let Some(stray) = access.endpoints.keys().find(|k| !names.contains(k)) {
-            return Err(RestartError::Rollout(format!(
-                "--redis-endpoint names pod {stray}, which is not a dSSM pod in {} ({sel}); pods: {}",
-                self.dssm_ns,
-                names.join(", ")
-            )));
+            return Err(RestartError::StrayEndpoint {
+                pod: stray.clone(),
+                namespace: self.dssm_ns.clone(),
+                selector: sel,
+                pods: names,
+            });
         }
         let mut endpoints = BTreeMap::new();
         let mut uids = BTreeMap::new();
@@ -419,14 +329,15 @@ impl Cluster {
         let p = self.prepare_dssm(access, true).await?;
         let ns = self.dssm_ns.clone();
         tokio::task::spawn_blocking(move || {
-            let tool = TlsClient::new(&p.materials, true).map_err(|e| e.to_string())?;
-            let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)?;
-            rollout::plan(&observed).map_err(|e| e.to_string())
+            let tool = TlsClient::new(&p.materials, true)?;
+            let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)
+                .map_err(DssmRollError::Observe)?;
+            Ok::<_, DssmRollError>(rollout::plan(&observed)?)
         })
         .await
         .expect("the dSSM rollout check panicked")
         .map(drop)
-        .map_err(RestartError::Rollout)
+        .map_err(RestartError::DssmRoll)
     }
 
     /// Every sentinel pod answers `SENTINEL CKQUORUM` for `access.master` and knows its primary
@@ -491,16 +402,16 @@ impl Cluster {
         // as they happen.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let work = tokio::task::spawn_blocking(move || {
-            let tool = TlsClient::new(&materials, true).map_err(|e| e.to_string())?;
+            let tool = TlsClient::new(&materials, true)?;
             let clients = |ms: &[ClientMaterials]| {
                 ms.iter()
                     .map(|m| TlsClient::new(m, true))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())
             };
             let (accepts, refuses) = (clients(&extra.accepts)?, clients(&extra.refuses)?);
-            let observed = observe(&live, &pods, &tool, &server_name, &ns)?;
-            let steps = rollout::plan(&observed).map_err(|e| e.to_string())?;
+            let observed =
+                observe(&live, &pods, &tool, &server_name, &ns).map_err(DssmRollError::Observe)?;
+            let steps = rollout::plan(&observed)?;
             for s in &steps {
                 let _ = tx.send(format!("  plan: {s}"));
             }
@@ -520,15 +431,15 @@ impl Cluster {
             };
             rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
                 let _ = tx.send(format!("  done: {s} ({:.1} s)", took.as_secs_f64()));
-            })
-            .map_err(|e| e.to_string())
+            })?;
+            Ok::<_, DssmRollError>(())
         });
         while let Some(line) = rx.recv().await {
             let _ = writeln!(out, "{line}");
         }
         work.await
             .expect("the dSSM rollout panicked")
-            .map_err(RestartError::Rollout)
+            .map_err(RestartError::DssmRoll)
     }
 }
 

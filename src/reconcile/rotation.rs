@@ -7,7 +7,7 @@
 //! - **drop**: `dssm-ca.crt` = the new CA only.
 //!
 //! The old CA goes first: with two CAs of the same subject, OpenSSL picks the first by name when
-//! the leaf has no authority key identifier (seed-made v1 leaves have none), so the old leaves
+//! the leaf has no authority key identifier (hand-made v1 leaves have none), so the old leaves
 //! in use keep verifying; new leaves carry an AKI. Cross-signing the new CA with the old was not
 //! needed (tests/rotation_load.rs decides the bundle order with Redis and openssl).
 //!
@@ -18,187 +18,16 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use serde::{Deserialize, Serialize};
-
+use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
-use crate::materials::{annotations, saved_keys, store_keys, Bundle, SecretObs};
+use crate::materials::{annotations, saved_keys, store_keys, SecretObs};
 use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, ReconcileError};
 use crate::redis::ClientMaterials;
-use crate::restart_state::{next, Mode, Observed, RestartState, Step};
+use crate::restart_state::{next, Mode, RestartState, Seen, Step};
 
-/// The phase the dSSM copy of the certs Secret announces, if a rotation runs.
-pub fn phase_on_copies(obs: &crate::cluster::Observation, dssm_ns: &str) -> Option<Phase> {
-    let copy = obs.copies.iter().find(|c| c.namespace == dssm_ns)?;
-    match &copy.certs {
-        SecretObs::Present { annotations, .. } => Phase::ALL.into_iter().find(|p| {
-            annotations
-                .get(annotations::ROTATION_PHASE)
-                .map(String::as_str)
-                == Some(p.name())
-        }),
-        SecretObs::Missing => None,
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Trust,
-    Switch,
-    Drop,
-}
-
-impl Phase {
-    pub const ALL: [Phase; 3] = [Phase::Trust, Phase::Switch, Phase::Drop];
-
-    pub fn next(self) -> Option<Phase> {
-        match self {
-            Phase::Trust => Some(Phase::Switch),
-            Phase::Switch => Some(Phase::Drop),
-            Phase::Drop => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Trust => "trust",
-            Phase::Switch => "switch",
-            Phase::Drop => "drop",
-        }
-    }
-
-    /// 1, 2, 3: the value of the `dssm_rotation_phase` metric (0 when no rotation runs).
-    pub fn number(self) -> i64 {
-        self as i64 + 1
-    }
-
-    /// The Event emitted once every consumer runs the phase.
-    pub fn event_reason(self) -> &'static str {
-        match self {
-            Phase::Trust => "CARotationTrusted",
-            Phase::Switch => "CARotationSwitched",
-            Phase::Drop => "CARotationDropped",
-        }
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Phase::Trust => "dssm-ca.crt = old CA + new CA, leaf unchanged",
-            Phase::Switch => "new leaf signed by the new CA, both CAs trusted",
-            Phase::Drop => "dssm-ca.crt = new CA only",
-        }
-    }
-}
-
-/// What rotates (one kind today; a record names it so that others can join).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Kind {
-    Ca,
-}
-
-/// Where a rotation stands, persisted on the CA key Secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Record {
-    pub kind: Kind,
-    pub phase: Phase,
-    /// The revision the copies carry during the whole rotation.
-    pub revision: u64,
-    /// Workloads ("namespace/kind/name") already rolled through `phase`, so a resumed run
-    /// need not roll them again.
-    #[serde(default)]
-    pub rolled: Vec<String>,
-}
-
-impl Record {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("a record serializes")
-    }
-
-    pub fn parse(s: &str) -> Result<Record, String> {
-        serde_json::from_str(s).map_err(|e| format!("annotation {}: {e}", annotations::ROTATION))
-    }
-}
-
-/// The record on the CA key Secret, if a rotation runs.
-pub fn record_of(store: &SecretObs) -> Option<Result<Record, String>> {
-    match store {
-        SecretObs::Present { annotations, .. } => annotations
-            .get(annotations::ROTATION)
-            .map(|s| Record::parse(s)),
-        SecretObs::Missing => None,
-    }
-}
-
-/// The materials of both sides of a CA rotation, as saved in the CA key Secret.
-pub struct Saved {
-    pub old_ca: Vec<u8>,
-    pub old_leaf: Vec<u8>,
-    pub old_key: SecretBytes,
-    pub new_ca: Vec<u8>,
-    pub new_ca_key: SecretBytes,
-    pub new_leaf: Vec<u8>,
-    pub new_key: SecretBytes,
-    pub dhparams: Vec<u8>,
-}
-
-impl std::fmt::Debug for Saved {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Saved").finish_non_exhaustive()
-    }
-}
-
-impl Saved {
-    /// Reads them from the CA key Secret's data; names the missing key.
-    pub fn read(data: &BTreeMap<String, Vec<u8>>, ns: &str) -> Result<Saved, String> {
-        let get = |k: &str| {
-            data.get(k).cloned().ok_or_else(|| {
-                format!(
-                    "{ns}/{}: a CA rotation is recorded but the key {k} is missing",
-                    contract::CA_KEY_SECRET
-                )
-            })
-        };
-        Ok(Saved {
-            old_ca: get(saved_keys::PREVIOUS_CA_CERT)?,
-            old_leaf: get(saved_keys::PREVIOUS_CERT)?,
-            old_key: SecretBytes::new(get(saved_keys::PREVIOUS_KEY)?),
-            new_ca: get(store_keys::CA_CERT)?,
-            new_ca_key: SecretBytes::new(get(store_keys::CA_KEY)?),
-            new_leaf: get(store_keys::PENDING_CERT)?,
-            new_key: SecretBytes::new(get(store_keys::PENDING_KEY)?),
-            dhparams: get(store_keys::PENDING_DH)?,
-        })
-    }
-
-    /// Old CA first, then the new one.
-    pub fn both_cas(&self) -> Vec<u8> {
-        let mut b = self.old_ca.clone();
-        if !b.ends_with(b"\n") {
-            b.push(b'\n');
-        }
-        b.extend_from_slice(&self.new_ca);
-        b
-    }
-
-    /// What every copy holds during `phase`.
-    pub fn bundle(&self, phase: Phase) -> Bundle {
-        let (ca_cert, leaf_cert, leaf_key) = match phase {
-            Phase::Trust => (self.both_cas(), &self.old_leaf, &self.old_key),
-            Phase::Switch => (self.both_cas(), &self.new_leaf, &self.new_key),
-            Phase::Drop => (self.new_ca.clone(), &self.new_leaf, &self.new_key),
-        };
-        Bundle {
-            ca_cert,
-            leaf_cert: leaf_cert.clone(),
-            leaf_key: SecretBytes::new(leaf_key.expose().to_vec()),
-            dhparams: self.dhparams.clone(),
-        }
-    }
-}
+pub use crate::model::rotation::*;
 
 fn materials(
     ca: Vec<u8>,
@@ -221,7 +50,7 @@ pub fn phase_proof(
     saved: &Saved,
     phase: Phase,
     ns: &str,
-) -> Result<crate::rolling::PhaseProof, String> {
+) -> Result<crate::restart::dssm::PhaseProof, String> {
     let old = |ca: Vec<u8>| {
         materials(
             ca,
@@ -235,15 +64,15 @@ pub fn phase_proof(
         )
     };
     Ok(match phase {
-        Phase::Trust => crate::rolling::PhaseProof {
+        Phase::Trust => crate::restart::dssm::PhaseProof {
             accepts: vec![probe_leaf_of_new_ca(saved, ns)?],
             refuses: vec![],
         },
-        Phase::Switch => crate::rolling::PhaseProof {
+        Phase::Switch => crate::restart::dssm::PhaseProof {
             accepts: vec![old(saved.both_cas())?],
             refuses: vec![],
         },
-        Phase::Drop => crate::rolling::PhaseProof {
+        Phase::Drop => crate::restart::dssm::PhaseProof {
             accepts: vec![],
             refuses: vec![old(saved.both_cas())?],
         },
@@ -292,9 +121,9 @@ pub async fn drive(
     restart: Option<&crate::restart::Options>,
     out: &mut (dyn Write + Send),
 ) -> Result<(), ReconcileError> {
-    let mut seen = Observed {
+    let mut seen = Seen {
         may_restart: restart.is_some(),
-        ..Observed::default()
+        ..Seen::default()
     };
     let mut written: Option<Phase> = None;
     // The phase whose pre-flight passed in this run: each phase is checked at its first step
@@ -308,9 +137,15 @@ pub async fn drive(
         let Some(record) = record_of(&obs.store) else {
             return Ok(());
         };
-        let record = record.map_err(ReconcileError::Refused)?;
-        let saved = Saved::read(data, &cluster.dssm_ns).map_err(ReconcileError::Refused)?;
-        let (state, _) = cluster.restart_state(Some(record.clone())).await?;
+        let record = record?;
+        let saved = Saved::read(data, &cluster.dssm_ns)?;
+        let workloads = cluster.require_workloads().await?;
+        let state = crate::restart_state::observed(
+            Some(record.clone()),
+            &cluster.targets,
+            &workloads,
+            &cluster.dssm_ns,
+        );
         seen.phase_written = written == Some(record.phase);
         let step = next(&state, &seen, rotation_mode());
         tracing::debug!(?step, "rotation step");
@@ -502,7 +337,7 @@ async fn phase_rolled(
     if let Some(certs) = obs.raw.get(&key) {
         // One reason per phase: the recorder folds repeats of a reason into a series.
         cluster
-            .event(certs, false, phase.event_reason(), note)
+            .event(certs, EventType::Normal, phase_reason(phase), note)
             .await;
     }
 }
@@ -560,9 +395,19 @@ async fn finish(
     Ok(())
 }
 
+/// The reason of the Event that says a phase is done.
+fn phase_reason(phase: Phase) -> Reason {
+    match phase {
+        Phase::Trust => Reason::CaRotationTrusted,
+        Phase::Switch => Reason::CaRotationSwitched,
+        Phase::Drop => Reason::CaRotationDropped,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::materials::Bundle;
 
     #[test]
     fn the_record_round_trips_and_names_its_annotation_when_unreadable() {
@@ -577,15 +422,20 @@ mod tests {
             json,
             r#"{"kind":"ca","phase":"switch","revision":7,"rolled":["spk-utilities/statefulsets/dSSM"]}"#
         );
-        assert_eq!(Record::parse(&json), Ok(r));
+        assert_eq!(Record::parse(&json).unwrap(), r);
         let e = Record::parse("{\"kind\":\"ca\",\"phase\":\"sideways\"}").unwrap_err();
-        assert!(e.contains(annotations::ROTATION), "{e}");
+        assert!(e.to_string().contains(annotations::ROTATION), "{e}");
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the JSON error is kept as its source"
+        );
     }
 
     #[test]
     fn the_phase_metric_is_0_outside_a_rotation_and_1_2_3_inside() {
         let m = crate::metrics::Metrics::new();
-        let mut report = crate::check::Report::new(vec![], 0, crate::check::Thresholds::default());
+        let mut report =
+            crate::inspect::Report::new(vec![], 0, crate::inspect::Thresholds::default());
         m.record(&report);
         assert!(
             m.encode().contains("\ndssm_rotation_phase 0\n"),
@@ -601,7 +451,7 @@ mod tests {
         );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["rotation_phase"], "switch");
-        assert!(crate::check::render_table(&report)
+        assert!(crate::inspect::render_table(&report)
             .starts_with("CA rotation in progress: phase 2 of 3 (switch: "));
     }
 

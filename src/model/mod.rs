@@ -1,0 +1,7 @@
+//! The pure model: what an observation of the cluster finds, described without the cluster.
+//! `cluster/` fills these types; everything above reads them. Imports nothing but the pure core.
+
+pub mod observation;
+pub mod pods;
+pub mod rotation;
+pub mod targets;

@@ -1,0 +1,155 @@
+//! The manual procedure's strategy (`--strategy scale-to-zero`): TMM stopped and waited for,
+//! every dSSM pod evicted at once, TMM started again and waited for.
+
+use super::*;
+
+impl Cluster {
+    pub(super) async fn restart_dssm(
+        &self,
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let pods = self.pods_in(&self.dssm_ns);
+        let sel = self.dssm_selector.clone();
+        let before = pods.list(&sel).await?;
+        let old: BTreeMap<String, String> = before
+            .iter()
+            .filter(|p| !terminating(p))
+            .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+            .collect();
+        let wanted = self
+            .statefulset_replicas(&self.dssm_ns, &statefulset_owners(&before))
+            .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        for name in old.keys() {
+            pods.evict(name, deadline).await?;
+        }
+        let _ = writeln!(
+            out,
+            "evicted {} dSSM pods in {} ({sel})",
+            old.len(),
+            self.dssm_ns
+        );
+        let wait_what = format!(
+            "the {} dSSM pods in {} to come back Running and Ready",
+            old.len(),
+            self.dssm_ns
+        );
+        let ns = self.dssm_ns.clone();
+        wait_pods(&pods, &sel, &wait_what, timeout, |now| {
+            let all: Vec<Pod> = now.values().cloned().collect();
+            old.iter().all(|(name, uid)| {
+                now.get(name).is_some_and(|p| {
+                    p.uid().as_deref() != Some(uid.as_str()) && !terminating(p) && pod_ready(p)
+                })
+            }) && statefulsets_short(&all, &ns, &wanted).is_none()
+        })
+        .await?;
+        let _ = writeln!(
+            out,
+            "dSSM pods in {} are back, Running and Ready",
+            self.dssm_ns
+        );
+        Ok(())
+    }
+
+    /// The scale-to-zero steps that take TMM down: record a target's count on it (unless an
+    /// interrupted run did: then its count is the truth), stop it, and wait until no pod of
+    /// any stopped target is left.
+    pub(super) async fn stop_step(
+        &self,
+        step: Step,
+        run: &mut Run,
+        workloads: &[Workload],
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        if !run.scaled {
+            run.scaled = true;
+            let _ = writeln!(
+                out,
+                "strategy scale-to-zero (the manual procedure): TMM goes to 0 replicas and every \
+                 dSSM pod restarts at once; this interrupts traffic"
+            );
+        }
+        match step {
+            Step::Record { target } => {
+                let n = workloads[target].replicas().to_string();
+                self.annotate_target(
+                    &self.targets[target],
+                    &[(annotations::TMM_REPLICAS, Some(&n))],
+                )
+                .await?;
+            }
+            Step::Stop { target } => {
+                let t = &self.targets[target];
+                let replicas = workloads[target].recorded().unwrap_or(0);
+                self.stop_target(t).await?;
+                let _ = match t.kind {
+                    Kind::Deployment => writeln!(out, "scaled {t} to 0 (was {replicas})"),
+                    Kind::DaemonSet => writeln!(
+                        out,
+                        "stopped {t} (was {replicas}): nodeSelector {STOP_NODE_SELECTOR}=true"
+                    ),
+                };
+            }
+            Step::WaitTerminated { targets } => {
+                // All targets at once: they terminate in parallel.
+                let waits = targets.iter().map(|i| {
+                    let t = &self.targets[*i];
+                    let sel = selector_query(workloads[*i].selector());
+                    let pods = self.pods_in(&t.namespace);
+                    async move {
+                        let what = format!("the TMM pods in {} to terminate ({t})", t.namespace);
+                        // A Failed or Succeeded (evicted) pod stays listed but runs nothing:
+                        // it does not hold the scale-down up until the timeout.
+                        wait_pods(&pods, &sel, &what, timeout, |p| p.values().all(ended)).await
+                    }
+                });
+                futures::future::try_join_all(waits).await?;
+                for i in &targets {
+                    let t = &self.targets[*i];
+                    let _ = writeln!(out, "no TMM pod left in {} ({t})", t.namespace);
+                }
+                run.seen.terminated = true;
+            }
+            _ => unreachable!("not a stop step: {step:?}"),
+        }
+        Ok(())
+    }
+
+    /// TMM available again: every target started waited for at once (they start together,
+    /// and the slowest decides when traffic is back anyway).
+    pub(super) async fn wait_available(
+        &self,
+        targets: &[usize],
+        run: &mut Run,
+        workloads: &[Workload],
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        // The count this run restored; after a crash, what the target asks for now.
+        let count = |i: usize| {
+            run.counts
+                .get(&i)
+                .copied()
+                .unwrap_or(workloads[i].replicas())
+        };
+        futures::future::try_join_all(
+            targets
+                .iter()
+                .map(|i| self.wait_tmm_available(&self.targets[*i], count(*i), timeout)),
+        )
+        .await?;
+        for i in targets {
+            let _ = writeln!(
+                out,
+                "{} has {} available replicas",
+                self.targets[*i],
+                count(*i)
+            );
+        }
+        run.seen.available = true;
+        Ok(())
+    }
+}
