@@ -183,12 +183,24 @@ pub struct Figures {
     pub retried: u64,
     /// Acknowledged writes missing when read back at the end.
     pub lost: u64,
+    /// Reads (`GET`) of acknowledged keys, and those answered without the key's value.
+    pub reads: u64,
+    pub stale_reads: u64,
     pub longest_gap: Duration,
     pub min_dbs_up: usize,
     pub min_sentinels_up: usize,
     pub samples: usize,
     /// Time with no Ready TMM pod, as the cluster saw it (runs through the test cluster only).
     pub no_ready_tmm: Duration,
+    /// The fewest Ready TMM pods at a sample (runs through the test cluster only).
+    pub fewest_tmm_ready: Option<usize>,
+    /// Restarts per kind as the bed counts them: TMM pods created (clients that reconnected as
+    /// a new pod), sentinel and DB process starts after the first, and DB TLS reloads (`CONFIG
+    /// SET` calls, from `INFO commandstats`, summed over every DB process that ran).
+    pub tmm_pods: usize,
+    pub sentinel_starts: usize,
+    pub db_starts: usize,
+    pub db_reloads: u64,
     /// Why the first few failed operations failed (both attempts), so a failure names its cause.
     pub failures: Vec<String>,
 }
@@ -202,6 +214,8 @@ impl Figures {
         );
         assert_eq!(self.failed_after_retry, 0, "{what}: {self:?}");
         assert_eq!(self.lost, 0, "{what}: {self:?}");
+        assert!(self.reads > 0, "{what}: no reads: {self:?}");
+        assert_eq!(self.stale_reads, 0, "{what}: {self:?}");
         assert!(self.min_dbs_up >= 2, "{what}: {self:?}");
         assert!(self.min_sentinels_up >= 2, "{what}: {self:?}");
         assert_eq!(self.no_ready_tmm, Duration::ZERO, "{what}: {self:?}");
@@ -209,6 +223,15 @@ impl Figures {
             self.longest_gap <= WRITE_GAP_BOUND,
             "{what}: a write gap over {WRITE_GAP_BOUND:?}: {self:?}"
         );
+    }
+}
+
+impl Figures {
+    /// Adds the process starts and DB reloads `t` counted.
+    pub fn with_restarts(&mut self, t: &Topology) {
+        self.db_starts = t.db_starts;
+        self.sentinel_starts = t.sentinel_starts;
+        self.db_reloads = t.db_reloads();
     }
 }
 
@@ -220,6 +243,9 @@ pub const WRITE_GAP_BOUND: Duration = Duration::from_secs(2);
 struct ClientStats {
     acked: Vec<String>,
     ops: u64,
+    /// Reads of an acknowledged key (`GET`), and those answered without its value.
+    reads: u64,
+    stale_reads: u64,
     failed_after_retry: u64,
     retried: u64,
     longest_gap: Duration,
@@ -238,6 +264,10 @@ pub struct LoadConfig {
     pub max_ops: u64,
     pub op_timeout: Duration,
     pub sample_every: Duration,
+    /// Beside each long-lived client, one more in the same TMM pod (its mount) that connects
+    /// per request, every this long: sentinel lookup, a fresh mTLS handshake with the pod's
+    /// own mounted files, `SET`, `GET`, close. None: none.
+    pub per_request: Option<Duration>,
 }
 
 impl Default for LoadConfig {
@@ -245,11 +275,13 @@ impl Default for LoadConfig {
         LoadConfig {
             clients: 2,
             interval: Duration::from_millis(10),
-            // A safety stop (5 min at 100 ops/s): a CA rotation's three phases, each resetting
-            // the sentinels one at a time after every sentinel restart, take about two.
-            max_ops: 30_000,
+            // A safety stop (5 min at 100 writes and 100 reads a second): a CA rotation's three
+            // phases, each resetting the sentinels one at a time after every sentinel restart,
+            // take about two.
+            max_ops: 60_000,
             op_timeout: Duration::from_secs(3),
             sample_every: Duration::from_millis(150),
+            per_request: Some(Duration::from_millis(50)),
         }
     }
 }
@@ -323,13 +355,135 @@ fn write_once(
     }
     let c = conn.as_mut().expect("connected above");
     let to = c.endpoint().to_string();
-    let answer = match c.command(&["SET", key, "1"], deadline) {
+    let answer = match c.command(&["SET", key, key], deadline) {
         Ok(Value::Simple(ref s)) if s == "OK" => return Ok(()),
         Ok(v) => format!("SET on {to}: {v:?}"),
         Err(e) => format!("SET on {to}: {e}"),
     };
     *conn = None;
     Err(answer)
+}
+
+/// `GET key` on the primary (connecting as `write_once` does): Ok(whether it holds `key`'s
+/// value, the key itself), Err on no answer.
+fn read_once(
+    conn: &mut Option<Connection>,
+    mount: &Path,
+    sentinels: &[u16],
+    first: usize,
+    key: &str,
+    timeout: Duration,
+) -> Result<bool, String> {
+    let deadline = Instant::now() + timeout;
+    if conn.is_none() {
+        *conn = Some(connect_primary(mount, sentinels, first, deadline)?);
+    }
+    let c = conn.as_mut().expect("connected above");
+    let to = c.endpoint().to_string();
+    let answer = match c.command(&["GET", key], deadline) {
+        Ok(Value::Bulk(v)) => return Ok(v.as_deref() == Some(key.as_bytes())),
+        Ok(v) => format!("GET on {to}: {v:?}"),
+        Err(e) => format!("GET on {to}: {e}"),
+    };
+    *conn = None;
+    Err(answer)
+}
+
+/// What one client thread needs: its mount (its TMM pod's), the sentinels' ports, whether it
+/// keeps its connection, and the counters it shares.
+struct ClientCtx {
+    i: usize,
+    dir: PathBuf,
+    sentinels: Vec<u16>,
+    prefix: String,
+    cfg: LoadConfig,
+    /// Connect per request at this interval (None: a long-lived connection at `cfg.interval`).
+    per_request: Option<Duration>,
+    stop: Arc<AtomicBool>,
+    roll: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+}
+
+/// One operation with its one retry (the retry asks the next sentinel first): the first
+/// error is counted as a retry, both as a failure (its cause kept).
+fn with_retry<T>(
+    s: &mut ClientStats,
+    what: &str,
+    started: Instant,
+    mut op: impl FnMut(usize) -> Result<T, String>,
+) -> Option<T> {
+    let first = match op(0) {
+        Ok(v) => return Some(v),
+        Err(e) => e,
+    };
+    s.retried += 1;
+    let first = format!("{:.2?} in: {first}", started.elapsed());
+    match op(1) {
+        Ok(v) => Some(v),
+        Err(retry) => {
+            s.failed_after_retry += 1;
+            if s.failures.len() < FAILURES_KEPT {
+                s.failures.push(format!("{what}: {first}; retry: {retry}"));
+            }
+            None
+        }
+    }
+}
+
+/// A TMM-like client until stopped: each operation a `SET` of a new key (its value the key),
+/// then a `GET` of an earlier acknowledged key, which must return its value.
+fn run_client(x: ClientCtx) -> ClientStats {
+    let mut s = ClientStats::default();
+    let mut conn = None;
+    let mut seen_roll = 0;
+    let mut last_ack = Instant::now();
+    let started = Instant::now();
+    let mut next = Instant::now();
+    let kind = if x.per_request.is_some() { "r" } else { "" };
+    let (i, dir, sentinels, t) = (x.i, &x.dir, &x.sentinels, x.cfg.op_timeout);
+    while !x.stop.load(Ordering::Relaxed) && s.ops < x.cfg.max_ops {
+        if x.roll.load(Ordering::Relaxed) != seen_roll || x.per_request.is_some() {
+            seen_roll = x.roll.load(Ordering::Relaxed);
+            conn = None; // the pod was replaced (a new process), or one connection per request
+        }
+        let key = format!("{}:{i}{kind}:{}", x.prefix, s.ops);
+        s.ops += 1;
+        let what = format!("client {i}{kind}, SET {key}");
+        let set =
+            |k: usize, c: &mut Option<Connection>| write_once(c, dir, sentinels, i + k, &key, t);
+        if with_retry(&mut s, &what, started, |k| set(k, &mut conn)).is_some() {
+            s.longest_gap = s.longest_gap.max(last_ack.elapsed());
+            last_ack = Instant::now();
+            s.acked.push(key.clone());
+            x.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        if x.per_request.is_some() {
+            conn = None;
+        }
+        // An earlier acknowledged key, spread over the whole history.
+        if let Some(old) =
+            (!s.acked.is_empty()).then(|| s.acked[(s.ops as usize * 7919) % s.acked.len()].clone())
+        {
+            s.ops += 1;
+            s.reads += 1;
+            let what = format!("client {i}{kind}, GET {old}");
+            let get =
+                |k: usize, c: &mut Option<Connection>| read_once(c, dir, sentinels, i + k, &old, t);
+            if with_retry(&mut s, &what, started, |k| get(k, &mut conn)) == Some(false) {
+                s.stale_reads += 1;
+                if s.failures.len() < FAILURES_KEPT {
+                    s.failures.push(format!(
+                        "{what}: {:.2?} in: stale (not its value)",
+                        started.elapsed()
+                    ));
+                }
+            }
+        }
+        // A steady rate: a slow operation is not followed by a full pause.
+        next += x.per_request.unwrap_or(x.cfg.interval);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    s
 }
 
 fn up(t: &Target) -> bool {
@@ -357,54 +511,24 @@ impl Load {
             let mount = KubeletMount::create(&t.root.path().join(format!("tmm-{i}")), client_files);
             let roll = Arc::new(AtomicU64::new(0));
             let acked = Arc::new(AtomicU64::new(0));
-            let (stop, roll2, acked2, sentinels, dir) = (
-                stop.clone(),
-                roll.clone(),
-                acked.clone(),
-                sentinels.clone(),
-                mount.dir.clone(),
-            );
-            let prefix = prefix.clone();
-            clients.push(std::thread::spawn(move || {
-                let mut s = ClientStats::default();
-                let mut conn = None;
-                let mut seen_roll = 0;
-                let mut last_ack = Instant::now();
-                let started = Instant::now();
-                let mut next = Instant::now();
-                while !stop.load(Ordering::Relaxed) && s.ops < cfg.max_ops {
-                    if roll2.load(Ordering::Relaxed) != seen_roll {
-                        seen_roll = roll2.load(Ordering::Relaxed);
-                        conn = None; // the pod was replaced: a new process, a new connection
-                    }
-                    let key = format!("{prefix}:{i}:{}", s.ops);
-                    s.ops += 1;
-                    let mut ok = write_once(&mut conn, &dir, &sentinels, i, &key, cfg.op_timeout);
-                    if let Err(first) = &ok {
-                        s.retried += 1;
-                        let first = format!("{:.2?} in: {first}", started.elapsed());
-                        ok = write_once(&mut conn, &dir, &sentinels, i + 1, &key, cfg.op_timeout)
-                            .map_err(|retry| format!("{first}; retry: {retry}"));
-                    }
-                    if let Err(why) = &ok {
-                        if s.failures.len() < FAILURES_KEPT {
-                            s.failures.push(format!("client {i}, {key}: {why}"));
-                        }
-                    }
-                    if ok.is_ok() {
-                        s.longest_gap = s.longest_gap.max(last_ack.elapsed());
-                        last_ack = Instant::now();
-                        s.acked.push(key);
-                        acked2.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        s.failed_after_retry += 1;
-                    }
-                    // A steady rate: a slow operation is not followed by a full pause.
-                    next += cfg.interval;
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                }
-                s
-            }));
+            let ctx = |per_request: Option<Duration>, acked: Arc<AtomicU64>| ClientCtx {
+                i,
+                dir: mount.dir.clone(),
+                sentinels: sentinels.clone(),
+                prefix: prefix.clone(),
+                cfg,
+                per_request,
+                stop: stop.clone(),
+                roll: roll.clone(),
+                acked,
+            };
+            let x = ctx(None, acked.clone());
+            clients.push(std::thread::spawn(move || run_client(x)));
+            if let Some(every) = cfg.per_request {
+                // Its own counter: `settle` waits on the long-lived clients.
+                let x = ctx(Some(every), Arc::new(AtomicU64::new(0)));
+                clients.push(std::thread::spawn(move || run_client(x)));
+            }
             rolls.push(roll);
             acks.push(acked);
             client_mounts.push(mount);
@@ -522,6 +646,8 @@ impl Load {
         Figures {
             ops: stats.iter().map(|s| s.ops).sum(),
             acked: acked.len() as u64,
+            reads: stats.iter().map(|s| s.reads).sum(),
+            stale_reads: stats.iter().map(|s| s.stale_reads).sum(),
             failed_after_retry: stats.iter().map(|s| s.failed_after_retry).sum(),
             retried: stats.iter().map(|s| s.retried).sum(),
             lost: acked.len() as u64 - present,
@@ -534,7 +660,12 @@ impl Load {
             min_sentinels_up,
             samples,
             failures: stats.iter().flat_map(|s| s.failures.clone()).collect(),
-            no_ready_tmm: Duration::ZERO,
+            tmm_pods: self
+                .rolls
+                .iter()
+                .map(|r| r.load(Ordering::Relaxed) as usize)
+                .sum(),
+            ..Figures::default()
         }
     }
 }
@@ -646,6 +777,13 @@ pub mod scenarios {
 
     const ROLL_GAP: Duration = Duration::from_millis(500);
 
+    /// The load's figures with the restarts the topology counted.
+    fn judge(load: Load, t: &Topology, reader: &Path) -> Figures {
+        let mut f = load.finish(reader);
+        f.with_restarts(t);
+        f
+    }
+
     fn start(files: &Path, cfg: LoadConfig) -> (Topology, Load) {
         start_on(false, files, cfg)
     }
@@ -685,7 +823,7 @@ pub mod scenarios {
         roll_dssm_mounted(&mut t, &new, &tool, proof, sub_path);
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
-        load.finish(&new)
+        judge(load, &t, &new)
     }
 
     /// (a) with `subPath` mounts, on a plan made before the primary moved: the plan restarts
@@ -732,7 +870,7 @@ pub mod scenarios {
             .unwrap_or_else(|e| panic!("{e}"));
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
-        (load.finish(&new), primary)
+        (judge(load, &t, &new), primary)
     }
 
     /// What the sentinels know after a rotation, and how a failover with one of them down went.
@@ -766,7 +904,7 @@ pub mod scenarios {
         });
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
-        let figures = load.finish(&new);
+        let figures = judge(load, &t, &new);
         let resilience = failover_with_one_sentinel_down(&mut t);
         (figures, resilience)
     }
@@ -850,7 +988,7 @@ pub mod scenarios {
         let restarted = pods.restarted;
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
-        (load.finish(&new), restarted)
+        (judge(load, &t, &new), restarted)
     }
 
     /// The materials of a CA rotation from a seed-made cluster (openssl CLI: v1 leaf without
@@ -948,7 +1086,7 @@ pub mod scenarios {
         roll_dssm(&mut t, &m.drop, &drop, proof);
         load.roll_clients(&m.drop, ROLL_GAP);
         load.settle();
-        load.finish(&m.drop)
+        judge(load, &t, &m.drop)
     }
 
     /// (c) For contrast, the seeds' way: new CA and leaf everywhere at once, every dSSM process
@@ -966,7 +1104,7 @@ pub mod scenarios {
         t.restart_all();
         t.wait_healthy(Duration::from_secs(60));
         load.settle();
-        load.finish(&m.drop)
+        judge(load, &t, &m.drop)
     }
 
     /// A paused switchover under load with `frozen` (a replica, SIGSTOPped just before: it lags
@@ -1024,7 +1162,7 @@ pub mod scenarios {
         }
         let now = t.wait_healthy(Duration::from_secs(60));
         load.settle();
-        (load.finish(&files), result, took, now == old)
+        (judge(load, &t, &files), result, took, now == old)
     }
 
     /// The primary moved to a replica by a paused switchover while the clients write.
@@ -1066,6 +1204,6 @@ pub mod scenarios {
             .collect();
         t.wait_healthy(Duration::from_secs(60));
         load.settle();
-        (load.finish(&files), moved, named)
+        (judge(load, &t, &files), moved, named)
     }
 }
