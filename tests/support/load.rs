@@ -186,7 +186,13 @@ pub struct Figures {
     /// Reads (`GET`) of acknowledged keys, and those answered without the key's value.
     pub reads: u64,
     pub stale_reads: u64,
+    /// Messages published (acknowledged), and those a subscriber subscribed throughout never
+    /// got (one per TMM pod, on the primary the sentinels named when it subscribed).
+    pub published: u64,
+    pub pubsub_missed: u64,
     pub longest_gap: Duration,
+    /// Which write ended the longest gap, and when.
+    pub longest_gap_at: String,
     pub min_dbs_up: usize,
     pub min_sentinels_up: usize,
     pub samples: usize,
@@ -216,6 +222,8 @@ impl Figures {
         assert_eq!(self.lost, 0, "{what}: {self:?}");
         assert!(self.reads > 0, "{what}: no reads: {self:?}");
         assert_eq!(self.stale_reads, 0, "{what}: {self:?}");
+        assert!(self.published > 0, "{what}: nothing published: {self:?}");
+        assert_eq!(self.pubsub_missed, 0, "{what}: {self:?}");
         assert!(self.min_dbs_up >= 2, "{what}: {self:?}");
         assert!(self.min_sentinels_up >= 2, "{what}: {self:?}");
         assert_eq!(self.no_ready_tmm, Duration::ZERO, "{what}: {self:?}");
@@ -249,7 +257,103 @@ struct ClientStats {
     failed_after_retry: u64,
     retried: u64,
     longest_gap: Duration,
+    /// Where the longest gap ended: the client, the key, the time into the run.
+    longest_gap_at: String,
     failures: Vec<String>,
+    published: Vec<Published>,
+}
+
+/// The channel the TMM-like clients publish on and their pods' subscribers listen to.
+const CHANNEL: &str = "tmm:events";
+/// A long-lived client publishes one message every this many operations (~10 a second).
+const PUBLISH_EVERY: u64 = 10;
+/// How long after its acknowledgement a message may take to reach a subscriber (one on a
+/// demoted primary gets it through replication).
+const DELIVERY: Duration = Duration::from_secs(1);
+
+/// A message a client published (acknowledged by the primary).
+struct Published {
+    id: String,
+    sent: Instant,
+    acked: Instant,
+}
+
+/// What a subscriber got: the messages, and its sessions (subscribed from, known subscribed
+/// until: the sending of the last `PING` answered).
+#[derive(Default)]
+struct SubStats {
+    received: std::collections::HashSet<String>,
+    sessions: Vec<(Instant, Instant)>,
+}
+
+impl SubStats {
+    /// The messages it must have got and did not: published after it subscribed and
+    /// acknowledged `DELIVERY` before it was last known subscribed, in one session.
+    fn missed(&self, published: &[&Published]) -> u64 {
+        let expected = |m: &&&Published| {
+            self.sessions
+                .iter()
+                .any(|(from, until)| m.sent > *from && m.acked + DELIVERY < *until)
+        };
+        published
+            .iter()
+            .filter(expected)
+            .filter(|m| !self.received.contains(&m.id))
+            .count() as u64
+    }
+}
+
+/// The payload of a pushed `message` (RESP2: `message`, channel, payload), if `v` is one.
+fn message_payload(v: &Value) -> Option<String> {
+    match v.items() {
+        [kind, _, payload] if kind.text().as_deref() == Some("message") => payload.text(),
+        _ => None,
+    }
+}
+
+/// A TMM pod's subscriber until stopped: through the sentinels to the primary, `SUBSCRIBE`,
+/// then `PING` (answered in order after any message pushed before it) and read until the
+/// pong; on an error, or its pod replaced, it subscribes again (a new session).
+fn run_subscriber(x: ClientCtx) -> SubStats {
+    let mut st = SubStats::default();
+    while !x.stop.load(Ordering::Relaxed) {
+        let roll = x.roll.load(Ordering::Relaxed);
+        let deadline = Instant::now() + x.cfg.op_timeout;
+        let subscribed = connect_primary(&x.dir, &x.sentinels, x.i, deadline).and_then(|mut c| {
+            c.call(&["SUBSCRIBE", CHANNEL], deadline)
+                .map(|_| c)
+                .map_err(|e| e.to_string())
+        });
+        let Ok(mut c) = subscribed else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let since = Instant::now();
+        let (mut until, mut ping_sent, mut waiting) = (since, since, false);
+        while !x.stop.load(Ordering::Relaxed) && x.roll.load(Ordering::Relaxed) == roll {
+            let deadline = Instant::now() + x.cfg.op_timeout;
+            let v = if waiting {
+                c.receive(deadline)
+            } else {
+                ping_sent = Instant::now();
+                c.command(&["PING"], deadline)
+            };
+            let Ok(v) = v else { break };
+            match message_payload(&v) {
+                Some(id) => {
+                    st.received.insert(id);
+                    waiting = true; // the pong is still to come
+                }
+                None => {
+                    until = ping_sent;
+                    waiting = false;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        st.sessions.push((since, until));
+    }
+    st
 }
 
 /// The failed operations whose causes a run keeps (enough to see a pattern, not a flood).
@@ -298,6 +402,7 @@ pub struct Load {
     acks: Vec<Arc<AtomicU64>>,
     pub client_mounts: Vec<KubeletMount>,
     clients: Vec<JoinHandle<ClientStats>>,
+    subscribers: Vec<JoinHandle<SubStats>>,
     sampler: JoinHandle<(usize, usize, usize)>,
     sentinels: Vec<u16>,
 }
@@ -359,6 +464,30 @@ fn write_once(
         Ok(Value::Simple(ref s)) if s == "OK" => return Ok(()),
         Ok(v) => format!("SET on {to}: {v:?}"),
         Err(e) => format!("SET on {to}: {e}"),
+    };
+    *conn = None;
+    Err(answer)
+}
+
+/// `PUBLISH` of `id` on the primary (connecting as `write_once` does).
+fn publish_once(
+    conn: &mut Option<Connection>,
+    mount: &Path,
+    sentinels: &[u16],
+    first: usize,
+    id: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    if conn.is_none() {
+        *conn = Some(connect_primary(mount, sentinels, first, deadline)?);
+    }
+    let c = conn.as_mut().expect("connected above");
+    let to = c.endpoint().to_string();
+    let answer = match c.command(&["PUBLISH", CHANNEL, id], deadline) {
+        Ok(Value::Int(_)) => return Ok(()),
+        Ok(v) => format!("PUBLISH on {to}: {v:?}"),
+        Err(e) => format!("PUBLISH on {to}: {e}"),
     };
     *conn = None;
     Err(answer)
@@ -440,6 +569,7 @@ fn run_client(x: ClientCtx) -> ClientStats {
     let started = Instant::now();
     let mut next = Instant::now();
     let kind = if x.per_request.is_some() { "r" } else { "" };
+    let mut iteration = 0u64;
     let (i, dir, sentinels, t) = (x.i, &x.dir, &x.sentinels, x.cfg.op_timeout);
     while !x.stop.load(Ordering::Relaxed) && s.ops < x.cfg.max_ops {
         if x.roll.load(Ordering::Relaxed) != seen_roll || x.per_request.is_some() {
@@ -452,7 +582,10 @@ fn run_client(x: ClientCtx) -> ClientStats {
         let set =
             |k: usize, c: &mut Option<Connection>| write_once(c, dir, sentinels, i + k, &key, t);
         if with_retry(&mut s, &what, started, |k| set(k, &mut conn)).is_some() {
-            s.longest_gap = s.longest_gap.max(last_ack.elapsed());
+            if last_ack.elapsed() > s.longest_gap {
+                s.longest_gap = last_ack.elapsed();
+                s.longest_gap_at = format!("{what} at {:.2?}", started.elapsed());
+            }
             last_ack = Instant::now();
             s.acked.push(key.clone());
             x.acked.fetch_add(1, Ordering::Relaxed);
@@ -477,6 +610,20 @@ fn run_client(x: ClientCtx) -> ClientStats {
                         started.elapsed()
                     ));
                 }
+            }
+        }
+        iteration += 1;
+        if x.per_request.is_none() && iteration % PUBLISH_EVERY == 0 {
+            s.ops += 1;
+            let id = format!("{}:{i}:{}", x.prefix, s.ops);
+            let what = format!("client {i}, PUBLISH {id}");
+            let sent = Instant::now();
+            let publish = |k: usize, c: &mut Option<Connection>| {
+                publish_once(c, dir, sentinels, i + k, &id, t)
+            };
+            if with_retry(&mut s, &what, started, |k| publish(k, &mut conn)).is_some() {
+                let acked = Instant::now();
+                s.published.push(Published { id, sent, acked });
             }
         }
         // A steady rate: a slow operation is not followed by a full pause.
@@ -507,6 +654,7 @@ impl Load {
         let mut acks = Vec::new();
         let mut client_mounts = Vec::new();
         let mut clients = Vec::new();
+        let mut subscribers = Vec::new();
         for i in 0..cfg.clients {
             let mount = KubeletMount::create(&t.root.path().join(format!("tmm-{i}")), client_files);
             let roll = Arc::new(AtomicU64::new(0));
@@ -524,6 +672,8 @@ impl Load {
             };
             let x = ctx(None, acked.clone());
             clients.push(std::thread::spawn(move || run_client(x)));
+            let x = ctx(None, Arc::new(AtomicU64::new(0)));
+            subscribers.push(std::thread::spawn(move || run_subscriber(x)));
             if let Some(every) = cfg.per_request {
                 // Its own counter: `settle` waits on the long-lived clients.
                 let x = ctx(Some(every), Arc::new(AtomicU64::new(0)));
@@ -562,6 +712,7 @@ impl Load {
             acks,
             client_mounts,
             clients,
+            subscribers,
             sampler,
             sentinels,
         }
@@ -629,6 +780,13 @@ impl Load {
             .into_iter()
             .map(|h| h.join().unwrap())
             .collect();
+        let subs: Vec<SubStats> = self
+            .subscribers
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let published: Vec<&Published> = stats.iter().flat_map(|s| &s.published).collect();
+        let pubsub_missed = subs.iter().map(|s| s.missed(&published)).sum();
         let (min_dbs_up, min_sentinels_up, samples) = self.sampler.join().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut conn = connect_primary(reader, &self.sentinels, 0, deadline)
@@ -646,6 +804,8 @@ impl Load {
         Figures {
             ops: stats.iter().map(|s| s.ops).sum(),
             acked: acked.len() as u64,
+            published: published.len() as u64,
+            pubsub_missed,
             reads: stats.iter().map(|s| s.reads).sum(),
             stale_reads: stats.iter().map(|s| s.stale_reads).sum(),
             failed_after_retry: stats.iter().map(|s| s.failed_after_retry).sum(),
@@ -655,6 +815,11 @@ impl Load {
                 .iter()
                 .map(|s| s.longest_gap)
                 .max()
+                .unwrap_or_default(),
+            longest_gap_at: stats
+                .iter()
+                .max_by_key(|s| s.longest_gap)
+                .map(|s| s.longest_gap_at.clone())
                 .unwrap_or_default(),
             min_dbs_up,
             min_sentinels_up,
