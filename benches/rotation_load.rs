@@ -35,7 +35,7 @@ fn row(name: &str, f: &Figures) {
         .fewest_tmm_ready
         .map_or("-".to_string(), |n| n.to_string());
     println!(
-        "{name:<46} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5.2} {:>3} {:>3} {:>3} {:>4} {:>4} {:>4} {:>4}",
+        "{name:<46} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5.2} {:>5.2} {:>3} {:>3} {:>3} {:>4} {:>4} {:>4} {:>4}",
         f.ops,
         f.failed_after_retry,
         f.retried,
@@ -44,6 +44,7 @@ fn row(name: &str, f: &Figures) {
         f.published,
         f.pubsub_missed,
         f.longest_gap.as_secs_f64(),
+        f.longest_gap_per_request.as_secs_f64(),
         f.min_dbs_up,
         f.min_sentinels_up,
         tmm,
@@ -52,6 +53,9 @@ fn row(name: &str, f: &Figures) {
         f.db_starts,
         f.db_reloads,
     );
+    if f.longest_gap.as_secs_f64() > 1.0 {
+        println!("    longest gap ended with {}", f.longest_gap_at);
+    }
     for why in f.failures.iter().take(2) {
         println!("    failed: {}", why.chars().take(300).collect::<String>());
     }
@@ -59,7 +63,7 @@ fn row(name: &str, f: &Figures) {
 
 fn header() {
     println!(
-        "{:<46} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>3} {:>3} {:>3} {:>4} {:>4} {:>4} {:>4}",
+        "{:<46} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>3} {:>3} {:>3} {:>4} {:>4} {:>4} {:>4}",
         "scenario",
         "ops",
         "fail*",
@@ -69,6 +73,7 @@ fn header() {
         "pub",
         "miss",
         "gap s",
+        "gap r",
         "DB",
         "sen",
         "TMM",
@@ -162,7 +167,7 @@ fn main() {
         "ops: writes, reads and publishes; fail*: failed after one retry; retry: needed their retry; \
          lost: acked writes missing at the end; stale: reads without the acked value; pub/miss: \
          messages published / missed by a subscriber subscribed throughout; gap: longest time \
-         without an acked write; DB/sen: fewest DBs/sentinels answering a readiness PING (every \
+         a long-lived client went without an acked write (gap r: a per-request client's); DB/sen: fewest DBs/sentinels answering a readiness PING (every \
          150 ms); TMM: fewest Ready TMM pods (cluster rows); restarts as the bed counts them: \
          tmm+ TMM pods created, sen+/db+ sentinel/DB process starts, rld DB TLS reloads \
          (CONFIG SET calls, INFO commandstats, summed over processes)"

@@ -59,7 +59,7 @@ fn leaf_renewal_under_load_fails_no_operation_and_loses_no_write() {
 fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_over_under_load() {
     let f = scenarios::leaf_renewal_mounted(LoadConfig::default(), true);
     eprintln!("leaf renewal, subPath: {f:?}");
-    f.assert_unnoticed("leaf renewal with subPath mounts");
+    f.assert_unnoticed_with_switchover("leaf renewal with subPath mounts");
 }
 
 /// Issue 22: with IPv6 pod IPs and `subPath` mounts, the gate after a replica's restart compared
@@ -68,7 +68,7 @@ fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_
 fn ipv6_pod_ips_with_subpath_mounts_roll_and_nobody_notices() {
     let f = scenarios::leaf_renewal_on(LoadConfig::default(), true, true);
     eprintln!("leaf renewal, IPv6, subPath: {f:?}");
-    f.assert_unnoticed("leaf renewal on IPv6 with subPath mounts");
+    f.assert_unnoticed_with_switchover("leaf renewal on IPv6 with subPath mounts");
 }
 
 /// Issue 23: roles come from the pods, asked right before acting. The plan said db-0 is the
@@ -79,7 +79,7 @@ fn a_primary_moved_since_the_plan_is_switched_over_before_its_restart_and_nobody
     let (f, primary) = scenarios::leaf_renewal_on_a_stale_plan(LoadConfig::default());
     eprintln!("stale plan, {primary} primary at the roll: {f:?}");
     assert_ne!(primary, "db-0", "the primary did not move before the roll");
-    f.assert_unnoticed("a roll on a plan made before the primary moved");
+    f.assert_unnoticed_with_switchover("a roll on a plan made before the primary moved");
 }
 
 /// A DB whose files never change in place (kubelet does not update its mount, and the pod spec
@@ -99,7 +99,7 @@ fn a_db_whose_files_never_change_in_place_is_restarted_instead_and_nobody_notice
         ["db-2", "db-0"],
         "db-0 (the primary) is reloaded last, so restarted last"
     );
-    f.assert_unnoticed("reload fallback to a restart");
+    f.assert_unnoticed_with_switchover("reload fallback to a restart");
 }
 
 #[test]
@@ -123,7 +123,7 @@ fn paused_switchover_moves_the_primary_under_load_without_losing_a_write() {
         "a sentinel still names another primary when the switchover ends: {named:?} {moved:?}"
     );
     assert!(moved.paused_for < Duration::from_secs(10), "{moved:?}");
-    f.assert_unnoticed("paused switchover");
+    f.assert_unnoticed_with_switchover("paused switchover");
 }
 
 /// Issue 23: a replica that cannot catch up (frozen) aborts the switchover well inside the
@@ -171,6 +171,11 @@ fn everything_restarted_at_once_shows_failed_operations_and_lost_writes_or_the_j
     assert!(
         f.failed_after_retry > 0 && f.lost > 0,
         "the judge is broken: no failed operation or no lost write when everything restarts at once: {f:?}"
+    );
+    // The DBs come back empty: reads of acked keys find nothing.
+    assert!(
+        f.stale_reads > 0,
+        "the judge is broken: no stale read: {f:?}"
     );
 }
 
