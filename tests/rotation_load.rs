@@ -179,6 +179,19 @@ fn everything_restarted_at_once_shows_failed_operations_and_lost_writes_or_the_j
     );
 }
 
+/// Negative control of the pub/sub judge: subscribers left on an old primary cut from
+/// replication miss the messages published on the new one, and the judge must see it.
+#[test]
+fn subscribers_on_a_cut_off_primary_miss_messages_or_the_judge_is_broken() {
+    let f = scenarios::subscribers_on_a_cut_off_primary(LoadConfig::default());
+    eprintln!("subscribers on a cut-off primary: {f:?}");
+    assert!(f.published > 0, "{f:?}");
+    assert!(
+        f.pubsub_missed > 0,
+        "the judge is broken: no message missed by subscribers on a cut-off primary: {f:?}"
+    );
+}
+
 /// Negative control through the cluster: the seeds' procedure (`--strategy scale-to-zero`)
 /// restarts every dSSM pod at once while TMM is at zero.
 #[test]

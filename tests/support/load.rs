@@ -1357,6 +1357,36 @@ pub mod scenarios {
         (judge(load, &t, &files), result, took, now == old)
     }
 
+    /// A negative control for the pub/sub judge: after a paused switchover the old primary is
+    /// cut from replication (`REPLICAOF NO ONE`, until Sentinel converts it back). Its
+    /// subscribers (Redis keeps subscribers connected through the switchover) stay subscribed,
+    /// their `PING`s answered, and miss what is published on the new primary meanwhile.
+    pub fn subscribers_on_a_cut_off_primary(cfg: LoadConfig) -> Figures {
+        let tmp = super::super::tempdir();
+        let (files, _) = renewal_materials(tmp.path());
+        let (t, load) = start(&files, cfg);
+        let sentinels: Vec<String> = t.sentinels().map(|s| s.endpoint()).collect();
+        let moved = dssm_certs::redis::switchover::paused_switchover(
+            &tls_client(&files),
+            SERVER_NAME,
+            &sentinels,
+            MASTER,
+            Instant::now() + Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let old = t
+            .dbs()
+            .find(|d| d.endpoint() == moved.old_primary)
+            .expect("the old primary among the DBs");
+        let cut = t.cli(&old.mount, old.port, &["REPLICAOF", "NO", "ONE"]);
+        assert_eq!(cut.trim(), "OK", "REPLICAOF NO ONE on {}", old.name);
+        // Enough publishes (one every tenth operation) while it is cut off.
+        load.wait_progress(SETTLE_WRITES * 4, SETTLE_TIMEOUT);
+        t.wait_healthy(Duration::from_secs(60));
+        load.settle();
+        judge(load, &t, &files)
+    }
+
     /// The primary moved to a replica by a paused switchover while the clients write.
     pub fn paused_switchover(
         cfg: LoadConfig,
