@@ -11,7 +11,7 @@ use testkit as support;
 
 use std::time::Duration;
 
-use support::load::{scenarios, LoadConfig};
+use support::load::{scenarios, LoadConfig, WRITE_GAP_BOUND};
 
 /// Issue 23: each sentinel restarted by the roll comes back at a new IP with a new ID, and the
 /// others never forget the old one. Without the reset after each restart, with one sentinel down
@@ -59,7 +59,7 @@ fn leaf_renewal_under_load_fails_no_operation_and_loses_no_write() {
 fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_over_under_load() {
     let f = scenarios::leaf_renewal_mounted(LoadConfig::default(), true);
     eprintln!("leaf renewal, subPath: {f:?}");
-    f.assert_unnoticed("leaf renewal with subPath mounts");
+    f.assert_unnoticed_with_switchover("leaf renewal with subPath mounts");
 }
 
 /// Issue 22: with IPv6 pod IPs and `subPath` mounts, the gate after a replica's restart compared
@@ -68,7 +68,7 @@ fn leaf_renewal_with_subpath_mounts_restarts_replicas_then_switches_the_primary_
 fn ipv6_pod_ips_with_subpath_mounts_roll_and_nobody_notices() {
     let f = scenarios::leaf_renewal_on(LoadConfig::default(), true, true);
     eprintln!("leaf renewal, IPv6, subPath: {f:?}");
-    f.assert_unnoticed("leaf renewal on IPv6 with subPath mounts");
+    f.assert_unnoticed_with_switchover("leaf renewal on IPv6 with subPath mounts");
 }
 
 /// Issue 23: roles come from the pods, asked right before acting. The plan said db-0 is the
@@ -79,7 +79,7 @@ fn a_primary_moved_since_the_plan_is_switched_over_before_its_restart_and_nobody
     let (f, primary) = scenarios::leaf_renewal_on_a_stale_plan(LoadConfig::default());
     eprintln!("stale plan, {primary} primary at the roll: {f:?}");
     assert_ne!(primary, "db-0", "the primary did not move before the roll");
-    f.assert_unnoticed("a roll on a plan made before the primary moved");
+    f.assert_unnoticed_with_switchover("a roll on a plan made before the primary moved");
 }
 
 /// A DB whose files never change in place (kubelet does not update its mount, and the pod spec
@@ -99,7 +99,7 @@ fn a_db_whose_files_never_change_in_place_is_restarted_instead_and_nobody_notice
         ["db-2", "db-0"],
         "db-0 (the primary) is reloaded last, so restarted last"
     );
-    f.assert_unnoticed("reload fallback to a restart");
+    f.assert_unnoticed_with_switchover("reload fallback to a restart");
 }
 
 #[test]
@@ -123,7 +123,7 @@ fn paused_switchover_moves_the_primary_under_load_without_losing_a_write() {
         "a sentinel still names another primary when the switchover ends: {named:?} {moved:?}"
     );
     assert!(moved.paused_for < Duration::from_secs(10), "{moved:?}");
-    f.assert_unnoticed("paused switchover");
+    f.assert_unnoticed_with_switchover("paused switchover");
 }
 
 /// Issue 23: a replica that cannot catch up (frozen) aborts the switchover well inside the
@@ -141,7 +141,8 @@ fn a_paused_switchover_with_a_lagging_replica_aborts_inside_the_pause_and_loses_
     );
     assert!(unchanged, "the primary moved: {err}");
     assert!(took < PAUSE, "{took:?}");
-    assert!(f.longest_gap < CATCH_UP + Duration::from_secs(2), "{f:?}");
+    assert!(took < CATCH_UP + Duration::from_secs(5), "{took:?}");
+    assert!(f.longest_gap <= WRITE_GAP_BOUND, "{f:?}");
     assert_eq!((f.lost, f.failed_after_retry), (0, 0), "{f:?}");
 }
 
@@ -156,13 +157,94 @@ fn a_paused_switchover_with_a_silent_sentinel_still_moves_the_primary_inside_the
     let moved = result.unwrap_or_else(|e| panic!("{e}"));
     assert!(!unchanged, "{moved:?}");
     assert!(moved.paused_for < PAUSE, "{moved:?}");
+    assert!(f.longest_gap <= WRITE_GAP_BOUND, "{f:?}");
     assert_eq!((f.lost, f.failed_after_retry), (0, 0), "{f:?}");
 }
 
+/// Negative control: with every process restarted at once the DBs come back empty and clients
+/// fail. A judge that sees nothing there would pass anything.
 #[test]
-fn everything_restarted_at_once_runs_and_is_measured() {
-    // For contrast only (the figures are the benchmark's): it must run to the end.
+fn everything_restarted_at_once_shows_failed_operations_and_lost_writes_or_the_judge_is_broken() {
     let f = scenarios::everything_at_once(LoadConfig::default());
     eprintln!("everything at once: {f:?}");
     assert!(f.ops > 0 && f.samples > 0, "{f:?}");
+    assert!(
+        f.failed_after_retry > 0 && f.lost > 0,
+        "the judge is broken: no failed operation or no lost write when everything restarts at once: {f:?}"
+    );
+    // The DBs come back empty: reads of acked keys find nothing.
+    assert!(
+        f.stale_reads > 0,
+        "the judge is broken: no stale read: {f:?}"
+    );
+}
+
+/// Negative control of the pub/sub judge: subscribers left on an old primary cut from
+/// replication miss the messages published on the new one, and the judge must see it.
+#[test]
+fn subscribers_on_a_cut_off_primary_miss_messages_or_the_judge_is_broken() {
+    let f = scenarios::subscribers_on_a_cut_off_primary(LoadConfig::default());
+    eprintln!("subscribers on a cut-off primary: {f:?}");
+    assert!(f.published > 0, "{f:?}");
+    assert!(
+        f.pubsub_missed > 0,
+        "the judge is broken: no message missed by subscribers on a cut-off primary: {f:?}"
+    );
+}
+
+/// Negative control through the cluster: the seeds' procedure (`--strategy scale-to-zero`)
+/// restarts every dSSM pod at once while TMM is at zero.
+#[test]
+fn scale_to_zero_shows_failed_operations_and_lost_writes_or_the_judge_is_broken() {
+    let r = support::dssm_pods::scenarios::scale_to_zero();
+    eprintln!("scale-to-zero: {:?} {:?}", r.figures, r.bed);
+    assert_eq!(r.code, 0, "{}", r.out);
+    let f = &r.figures;
+    assert!(
+        f.failed_after_retry > 0 && f.lost > 0,
+        "the judge is broken: no failed operation or no lost write with scale-to-zero: {f:?}"
+    );
+}
+
+/// The bound of the soak's duration on this machine (2 shared cores, other test binaries
+/// beside it): it must stay well under it.
+const SOAK_BOUND: Duration = Duration::from_secs(8 * 60);
+
+/// A year of renewals under the full load (long-lived clients writing and reading, clients
+/// connecting per request, default RSA-4096 keys, the default strategy, through the cluster):
+/// twelve `rotate` and one `rotate --ca` back to back, nothing failed, nothing lost, no stale
+/// read, no write gap over 2 s; then each sentinel knows exactly the live sentinels and
+/// replicas, and with one sentinel stopped a killed primary is replaced.
+#[test]
+fn a_year_of_renewals_under_load_fails_nothing_and_leaves_sentinel_able_to_fail_over() {
+    let soak = support::dssm_pods::scenarios::soak();
+    let (f, r) = (&soak.figures, &soak.resilience);
+    eprintln!(
+        "soak in {:?}: {:?} {f:?} {:?} {r:?}",
+        soak.took, soak.runs, soak.bed
+    );
+    assert_eq!(soak.runs.len(), 13, "{}", soak.out);
+    assert!(
+        soak.runs.iter().all(|(_, code, _)| *code == 0),
+        "{}",
+        soak.out
+    );
+    f.assert_unnoticed("a year of renewals");
+    assert!(
+        f.tmm_pods > 0 && f.sentinel_starts > 0,
+        "nothing was rolled: {f:?}"
+    );
+    for (name, sentinels, replicas, healthy) in &r.knows {
+        assert_eq!(
+            (*sentinels, *replicas, *healthy),
+            (2, 2, 2),
+            "{name} knows other than the live sentinels and replicas after a year: {r:?}"
+        );
+    }
+    assert!(
+        r.failover.is_some(),
+        "after a year, no new primary {:?} after the primary was killed with one sentinel down: {r:?}",
+        scenarios::FAILOVER_BOUND
+    );
+    assert!(soak.took < SOAK_BOUND, "the soak took {:?}", soak.took);
 }

@@ -282,6 +282,23 @@ impl Connection {
         read_value(&mut self.io, 0).map_err(io_err)
     }
 
+    /// Reads the next value without sending anything: a pushed message of a subscribed
+    /// connection. A read cut by `deadline` leaves the stream unusable (drop the connection).
+    pub fn receive(&mut self, deadline: Instant) -> Result<Value, RedisError> {
+        let left = remaining(&self.endpoint, deadline, "a pushed message")?;
+        let _ = self.io.get_ref().sock.set_read_timeout(Some(left));
+        read_value(&mut self.io, 0).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RedisError::Timeout {
+                endpoint: self.endpoint.clone(),
+                what: "a pushed message".into(),
+            },
+            _ => RedisError::Io {
+                endpoint: self.endpoint.clone(),
+                detail: e.to_string(),
+            },
+        })
+    }
+
     /// Like `command`, but an error reply is an error naming the command.
     pub fn call(&mut self, args: &[&str], deadline: Instant) -> Result<Value, RedisError> {
         match self.command(args, deadline)? {

@@ -137,12 +137,65 @@ pub fn tmm_namespaces(env: &TestEnv) -> Vec<String> {
     v
 }
 
-/// One TMM namespace as the stand-in kubelet follows it: its Secrets, its clients (pods).
+/// One TMM namespace as the stand-in kubelet follows it: its Secrets, its clients, each the
+/// traffic of one pod (`owner`: pod uid → client; a namespace may have more pods than clients).
 struct TmmNamespace {
     sync: SecretSync,
     rolls: Vec<Arc<AtomicU64>>,
     next_client: usize,
     seen: BTreeSet<String>,
+    owner: BTreeMap<String, usize>,
+}
+
+impl TmmNamespace {
+    /// A tick of the stand-in kubelet for this namespace's TMM pods. A pod deleted (or gone)
+    /// drops its client's connection. A new pod takes a client (one whose pod is gone, else the
+    /// next in turn), mounts the Secret as it is now (kubelet mounts a new pod's volume from the
+    /// current Secret, with no sync delay), and its process connects with those files.
+    fn tick(&mut self, pods: &[Value], secret: Option<&BTreeMap<String, Vec<u8>>>) -> usize {
+        let live: BTreeSet<String> = pods
+            .iter()
+            .filter(|p| !terminating(p) && !terminal(p))
+            .map(uid)
+            .collect();
+        let gone: Vec<String> = self
+            .owner
+            .keys()
+            .filter(|u| !live.contains(*u))
+            .cloned()
+            .collect();
+        let mut free: Vec<usize> = Vec::new();
+        for u in gone {
+            let k = self.owner.remove(&u).expect("listed above");
+            bump(&self.rolls[k]);
+            free.push(k);
+        }
+        let mut created = 0;
+        for u in live {
+            if !self.seen.insert(u.clone()) {
+                continue;
+            }
+            created += 1;
+            if self.rolls.is_empty() {
+                continue;
+            }
+            let k = free.pop().unwrap_or_else(|| {
+                self.next_client += 1;
+                (self.next_client - 1) % self.rolls.len()
+            });
+            self.owner.retain(|_, c| *c != k);
+            self.owner.insert(u, k);
+            if let Some(files) = secret {
+                let dir = write_files(&self.sync.staging.join("new-pod"), files);
+                KubeletMount {
+                    dir: self.sync.mounts[k].clone(),
+                }
+                .swap(&dir);
+            }
+            bump(&self.rolls[k]);
+        }
+        created
+    }
 }
 
 /// The stand-in kubelet, running until `finish`.
@@ -236,9 +289,19 @@ impl Bed {
                         .collect(),
                     next_client: 0,
                     seen: handle.with_state(|s| pods_of(s, ns).iter().map(uid).collect()),
+                    owner: BTreeMap::new(),
                 }
             })
             .collect();
+        // The pods there are adopted: the first ones (by name) are the clients' pods.
+        for n in &mut tmm {
+            let mut live: Vec<Value> = handle.with_state(|s| pods_of(s, &n.sync.ns));
+            live.retain(|p| !terminating(p) && !terminal(p));
+            live.sort_by_key(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string());
+            for (k, p) in live.iter().take(n.rolls.len()).enumerate() {
+                n.owner.insert(uid(p), k);
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -283,15 +346,8 @@ impl Bed {
                         .entry(n.sync.ns.clone())
                         .or_insert(usize::MAX);
                     *fewest = (*fewest).min(ready_tmm);
-                    for p in pods.iter().filter(|p| !terminating(p) && !terminal(p)) {
-                        if n.seen.insert(uid(p)) {
-                            *figures.new_tmm_pods.entry(n.sync.ns.clone()).or_default() += 1;
-                            if !n.rolls.is_empty() {
-                                bump(&n.rolls[n.next_client % n.rolls.len()]);
-                                n.next_client += 1;
-                            }
-                        }
-                    }
+                    let created = n.tick(&pods, secret.as_ref());
+                    *figures.new_tmm_pods.entry(n.sync.ns.clone()).or_default() += created;
                     n.sync.tick(secret);
                 }
                 if any_without_ready {
@@ -379,6 +435,17 @@ fn mark_ready(handle: &StateHandle, ns: &str, name: &str, id: &str) {
 /// The binary against the bed: `--redis-endpoint` maps every dSSM pod to its process, the
 /// probe goes to a sentinel, and a killed run's Lease is waited out quickly.
 pub fn command(env: &TestEnv, bed: &Bed, args: &[&str]) -> std::process::Command {
+    command_leased(env, bed, args, "4s")
+}
+
+/// `command` with `--lease-duration lease` (a long run on a loaded machine needs more than 4 s
+/// to renew its lease in time).
+pub fn command_leased(
+    env: &TestEnv,
+    bed: &Bed,
+    args: &[&str],
+    lease: &str,
+) -> std::process::Command {
     let mut cmd = super::bin();
     // The processes run: the binary's own default strategy applies.
     cmd.env_remove("DSSM_CERTS_STRATEGY");
@@ -396,7 +463,7 @@ pub fn command(env: &TestEnv, bed: &Bed, args: &[&str]) -> std::process::Command
             "--wait-timeout",
             "60s",
             "--lease-duration",
-            "4s",
+            lease,
             "--max-clock-skew",
             "1s",
         ]);
@@ -410,6 +477,13 @@ pub fn run(env: &TestEnv, bed: &Bed, args: &[&str]) -> (i32, String, String) {
 /// Stops the load and the stand-in kubelet; reads the counters back as a client holding the
 /// dSSM copy of the Secrets now.
 pub fn finish(bed: Bed, load: Load) -> (Figures, BedFigures) {
+    let (f, b, topology) = finish_keeping(bed, load);
+    drop(topology);
+    (f, b)
+}
+
+/// `finish`, the processes kept running (returned) for what comes after the load.
+pub fn finish_keeping(bed: Bed, load: Load) -> (Figures, BedFigures, Topology) {
     load.settle();
     let reader = bed.root.join("reader");
     let (topology, b) = bed.finish();
@@ -420,8 +494,10 @@ pub fn finish(bed: Bed, load: Load) -> (Figures, BedFigures) {
     }
     let mut f = load.finish(&reader);
     f.no_ready_tmm = b.no_ready_tmm;
-    drop(topology);
-    (f, b)
+    f.fewest_tmm_ready = Some(b.fewest_ready_tmm);
+    f.tmm_pods = b.new_tmm_pods.values().sum();
+    f.with_restarts(&topology);
+    (f, b, topology)
 }
 
 /// Managed materials (with the CA key in its Secret), published before the processes start.
@@ -513,6 +589,62 @@ pub fn rotate_args(ca: bool, strategy: Option<&str>) -> Vec<&str> {
 /// The scenarios the tests assert on and the benchmark prints, each through the real binary.
 pub mod scenarios {
     use super::*;
+
+    /// What the soak showed: the load's figures over the whole year, how long each command
+    /// took, and what the sentinels knew and how the failover with one of them down went.
+    pub struct Soak {
+        pub figures: Figures,
+        pub bed: BedFigures,
+        /// Per command: its arguments, its exit code, how long it ran.
+        pub runs: Vec<(String, i32, Duration)>,
+        pub resilience: super::super::load::scenarios::Resilience,
+        pub took: Duration,
+        pub out: String,
+    }
+
+    /// A year of renewals under the full load: twelve `rotate` and one `rotate --ca`, back to
+    /// back, with the default key algorithm (RSA-4096) and the default strategy, through the
+    /// real binary; then, the load judged, one sentinel stopped and the primary killed. Stops
+    /// at the first command that fails (its output kept).
+    pub fn soak() -> Soak {
+        let start = Instant::now();
+        let env = published();
+        let cfg = LoadConfig {
+            // About 16 minutes at the default rates (a SET, a GET and a tenth of a PUBLISH an
+            // iteration, 100 a second): far more than the year takes, also on a loaded machine.
+            max_ops: 200_000,
+            ..LoadConfig::default()
+        };
+        let (bed, load) = Bed::start(&env, cfg);
+        load.settle();
+        let mut runs = Vec::new();
+        let mut out = String::new();
+        let year: Vec<&[&str]> = [&["rotate"][..]; 12]
+            .into_iter()
+            .chain([&["rotate", "--ca"][..]])
+            .collect();
+        for args in year {
+            let at = Instant::now();
+            // A 30 s lease (default 120 s): renewals at load average 30 on 2 cores missed a 4 s one.
+            let (code, o, e) = super::super::output(&mut command_leased(&env, &bed, args, "30s"));
+            runs.push((args.join(" "), code, at.elapsed()));
+            if code != 0 {
+                out = format!("{}: exit {code}\n{o}{e}", args.join(" "));
+                break;
+            }
+        }
+        let (figures, b, mut topology) = finish_keeping(bed, load);
+        let resilience =
+            super::super::load::scenarios::failover_with_one_sentinel_down(&mut topology);
+        Soak {
+            figures,
+            bed: b,
+            runs,
+            resilience,
+            took: start.elapsed(),
+            out,
+        }
+    }
 
     /// (a) `rotate`: a new leaf under the same CA, with the default strategy (rolling).
     pub fn leaf_renewal() -> Run {

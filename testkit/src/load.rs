@@ -183,12 +183,34 @@ pub struct Figures {
     pub retried: u64,
     /// Acknowledged writes missing when read back at the end.
     pub lost: u64,
+    /// Reads (`GET`) of acknowledged keys, and those answered without the key's value.
+    pub reads: u64,
+    pub stale_reads: u64,
+    /// Messages published (acknowledged), and those a subscriber subscribed throughout never
+    /// got (one per TMM pod, on the primary the sentinels named when it subscribed).
+    pub published: u64,
+    pub pubsub_missed: u64,
+    /// The longest time a long-lived client (TMM's data path) went without an acked write.
     pub longest_gap: Duration,
+    /// The same for the clients connecting per request (not bounded: four handshakes an
+    /// operation, their pace is the CPU's on a loaded machine).
+    pub longest_gap_per_request: Duration,
+    /// Which write ended the longest gap, and when.
+    pub longest_gap_at: String,
     pub min_dbs_up: usize,
     pub min_sentinels_up: usize,
     pub samples: usize,
     /// Time with no Ready TMM pod, as the cluster saw it (runs through the test cluster only).
     pub no_ready_tmm: Duration,
+    /// The fewest Ready TMM pods at a sample (runs through the test cluster only).
+    pub fewest_tmm_ready: Option<usize>,
+    /// Restarts per kind as the bed counts them: TMM pods created (clients that reconnected as
+    /// a new pod), sentinel and DB process starts after the first, and DB TLS reloads (`CONFIG
+    /// SET` calls, from `INFO commandstats`, summed over every DB process that ran).
+    pub tmm_pods: usize,
+    pub sentinel_starts: usize,
+    pub db_starts: usize,
+    pub db_reloads: u64,
     /// Why the first few failed operations failed (both attempts), so a failure names its cause.
     pub failures: Vec<String>,
 }
@@ -196,26 +218,161 @@ pub struct Figures {
 impl Figures {
     /// The promise of a rotation nobody notices.
     pub fn assert_unnoticed(&self, what: &str) {
+        self.assert_unnoticed_within(what, WRITE_GAP_BOUND)
+    }
+
+    /// `assert_unnoticed` for a roll with a paused switchover of the primary, whose writes wait
+    /// for Sentinel's promotion (its INFO period is 1 s): the gap bound is `SWITCHOVER_GAP_BOUND`.
+    pub fn assert_unnoticed_with_switchover(&self, what: &str) {
+        self.assert_unnoticed_within(what, SWITCHOVER_GAP_BOUND)
+    }
+
+    fn assert_unnoticed_within(&self, what: &str, gap: Duration) {
         assert!(
             self.acked > 0 && self.samples > 0,
             "{what}: no load: {self:?}"
         );
         assert_eq!(self.failed_after_retry, 0, "{what}: {self:?}");
         assert_eq!(self.lost, 0, "{what}: {self:?}");
+        assert!(self.reads > 0, "{what}: no reads: {self:?}");
+        assert_eq!(self.stale_reads, 0, "{what}: {self:?}");
+        assert!(self.published > 0, "{what}: nothing published: {self:?}");
+        assert_eq!(self.pubsub_missed, 0, "{what}: {self:?}");
         assert!(self.min_dbs_up >= 2, "{what}: {self:?}");
         assert!(self.min_sentinels_up >= 2, "{what}: {self:?}");
         assert_eq!(self.no_ready_tmm, Duration::ZERO, "{what}: {self:?}");
+        assert!(
+            self.longest_gap <= gap,
+            "{what}: a write gap over {gap:?}: {self:?}"
+        );
     }
 }
+
+impl Figures {
+    /// Adds the process starts and DB reloads `t` counted.
+    pub fn with_restarts(&mut self, t: &Topology) {
+        self.db_starts = t.db_starts;
+        self.sentinel_starts = t.sentinel_starts;
+        self.db_reloads = t.db_reloads();
+    }
+}
+
+/// The longest a client may go without an acknowledged write while a rotation nobody notices
+/// runs (a paused switchover included, also one that aborts or meets a silent sentinel).
+pub const WRITE_GAP_BOUND: Duration = Duration::from_secs(2);
+
+/// The same through a paused switchover of the primary: under 2 s on a quiet machine (1.7 s
+/// measured with load average ~6 on 2 cores), up to 3.4 s measured at load average ~18.
+pub const SWITCHOVER_GAP_BOUND: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct ClientStats {
     acked: Vec<String>,
     ops: u64,
+    /// Reads of an acknowledged key (`GET`), and those answered without its value.
+    reads: u64,
+    stale_reads: u64,
     failed_after_retry: u64,
     retried: u64,
     longest_gap: Duration,
+    /// Where the longest gap ended: the client, the key, the time into the run.
+    longest_gap_at: String,
+    per_request: bool,
     failures: Vec<String>,
+    published: Vec<Published>,
+}
+
+/// The channel the TMM-like clients publish on and their pods' subscribers listen to.
+const CHANNEL: &str = "tmm:events";
+/// A long-lived client publishes one message every this many operations (~10 a second).
+const PUBLISH_EVERY: u64 = 10;
+/// How long after its acknowledgement a message may take to reach a subscriber (one on a
+/// demoted primary gets it through replication).
+const DELIVERY: Duration = Duration::from_secs(1);
+
+/// A message a client published (acknowledged by the primary).
+struct Published {
+    id: String,
+    sent: Instant,
+    acked: Instant,
+}
+
+/// What a subscriber got: the messages, and its sessions (subscribed from, known subscribed
+/// until: the sending of the last `PING` answered).
+#[derive(Default)]
+struct SubStats {
+    received: std::collections::HashSet<String>,
+    sessions: Vec<(Instant, Instant)>,
+}
+
+impl SubStats {
+    /// The messages it must have got and did not: published after it subscribed and
+    /// acknowledged `DELIVERY` before it was last known subscribed, in one session.
+    fn missed(&self, published: &[&Published]) -> u64 {
+        let expected = |m: &&&Published| {
+            self.sessions
+                .iter()
+                .any(|(from, until)| m.sent > *from && m.acked + DELIVERY < *until)
+        };
+        published
+            .iter()
+            .filter(expected)
+            .filter(|m| !self.received.contains(&m.id))
+            .count() as u64
+    }
+}
+
+/// The payload of a pushed `message` (RESP2: `message`, channel, payload), if `v` is one.
+fn message_payload(v: &Value) -> Option<String> {
+    match v.items() {
+        [kind, _, payload] if kind.text().as_deref() == Some("message") => payload.text(),
+        _ => None,
+    }
+}
+
+/// A TMM pod's subscriber until stopped: through the sentinels to the primary, `SUBSCRIBE`,
+/// then `PING` (answered in order after any message pushed before it) and read until the
+/// pong; on an error, or its pod replaced, it subscribes again (a new session).
+fn run_subscriber(x: ClientCtx) -> SubStats {
+    let mut st = SubStats::default();
+    while !x.stop.load(Ordering::Relaxed) {
+        let roll = x.roll.load(Ordering::Relaxed);
+        let deadline = Instant::now() + x.cfg.op_timeout;
+        let subscribed = connect_primary(&x.dir, &x.sentinels, x.i, deadline).and_then(|mut c| {
+            c.call(&["SUBSCRIBE", CHANNEL], deadline)
+                .map(|_| c)
+                .map_err(|e| e.to_string())
+        });
+        let Ok(mut c) = subscribed else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let since = Instant::now();
+        let (mut until, mut ping_sent, mut waiting) = (since, since, false);
+        while !x.stop.load(Ordering::Relaxed) && x.roll.load(Ordering::Relaxed) == roll {
+            let deadline = Instant::now() + x.cfg.op_timeout;
+            let v = if waiting {
+                c.receive(deadline)
+            } else {
+                ping_sent = Instant::now();
+                c.command(&["PING"], deadline)
+            };
+            let Ok(v) = v else { break };
+            match message_payload(&v) {
+                Some(id) => {
+                    st.received.insert(id);
+                    waiting = true; // the pong is still to come
+                }
+                None => {
+                    until = ping_sent;
+                    waiting = false;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        st.sessions.push((since, until));
+    }
+    st
 }
 
 /// The failed operations whose causes a run keeps (enough to see a pattern, not a flood).
@@ -230,6 +387,10 @@ pub struct LoadConfig {
     pub max_ops: u64,
     pub op_timeout: Duration,
     pub sample_every: Duration,
+    /// Beside each long-lived client, one more in the same TMM pod (its mount) that connects
+    /// per request, every this long: sentinel lookup, a fresh mTLS handshake with the pod's
+    /// own mounted files, `SET`, `GET`, close. None: none.
+    pub per_request: Option<Duration>,
 }
 
 impl Default for LoadConfig {
@@ -237,11 +398,13 @@ impl Default for LoadConfig {
         LoadConfig {
             clients: 2,
             interval: Duration::from_millis(10),
-            // A safety stop (5 min at 100 ops/s): a CA rotation's three phases, each resetting
-            // the sentinels one at a time after every sentinel restart, take about two.
-            max_ops: 30_000,
+            // A safety stop (5 min at 100 writes and 100 reads a second): a CA rotation's three
+            // phases, each resetting the sentinels one at a time after every sentinel restart,
+            // take about two.
+            max_ops: 60_000,
             op_timeout: Duration::from_secs(3),
             sample_every: Duration::from_millis(150),
+            per_request: Some(Duration::from_millis(50)),
         }
     }
 }
@@ -258,6 +421,7 @@ pub struct Load {
     acks: Vec<Arc<AtomicU64>>,
     pub client_mounts: Vec<KubeletMount>,
     clients: Vec<JoinHandle<ClientStats>>,
+    subscribers: Vec<JoinHandle<SubStats>>,
     sampler: JoinHandle<(usize, usize, usize)>,
     sentinels: Vec<u16>,
 }
@@ -315,13 +479,180 @@ fn write_once(
     }
     let c = conn.as_mut().expect("connected above");
     let to = c.endpoint().to_string();
-    let answer = match c.command(&["SET", key, "1"], deadline) {
+    let answer = match c.command(&["SET", key, key], deadline) {
         Ok(Value::Simple(ref s)) if s == "OK" => return Ok(()),
         Ok(v) => format!("SET on {to}: {v:?}"),
         Err(e) => format!("SET on {to}: {e}"),
     };
     *conn = None;
     Err(answer)
+}
+
+/// `PUBLISH` of `id` on the primary (connecting as `write_once` does).
+fn publish_once(
+    conn: &mut Option<Connection>,
+    mount: &Path,
+    sentinels: &[u16],
+    first: usize,
+    id: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    if conn.is_none() {
+        *conn = Some(connect_primary(mount, sentinels, first, deadline)?);
+    }
+    let c = conn.as_mut().expect("connected above");
+    let to = c.endpoint().to_string();
+    let answer = match c.command(&["PUBLISH", CHANNEL, id], deadline) {
+        Ok(Value::Int(_)) => return Ok(()),
+        Ok(v) => format!("PUBLISH on {to}: {v:?}"),
+        Err(e) => format!("PUBLISH on {to}: {e}"),
+    };
+    *conn = None;
+    Err(answer)
+}
+
+/// `GET key` on the primary (connecting as `write_once` does): Ok(whether it holds `key`'s
+/// value, the key itself), Err on no answer.
+fn read_once(
+    conn: &mut Option<Connection>,
+    mount: &Path,
+    sentinels: &[u16],
+    first: usize,
+    key: &str,
+    timeout: Duration,
+) -> Result<bool, String> {
+    let deadline = Instant::now() + timeout;
+    if conn.is_none() {
+        *conn = Some(connect_primary(mount, sentinels, first, deadline)?);
+    }
+    let c = conn.as_mut().expect("connected above");
+    let to = c.endpoint().to_string();
+    let answer = match c.command(&["GET", key], deadline) {
+        Ok(Value::Bulk(v)) => return Ok(v.as_deref() == Some(key.as_bytes())),
+        Ok(v) => format!("GET on {to}: {v:?}"),
+        Err(e) => format!("GET on {to}: {e}"),
+    };
+    *conn = None;
+    Err(answer)
+}
+
+/// What one client thread needs: its mount (its TMM pod's), the sentinels' ports, whether it
+/// keeps its connection, and the counters it shares.
+struct ClientCtx {
+    i: usize,
+    dir: PathBuf,
+    sentinels: Vec<u16>,
+    prefix: String,
+    cfg: LoadConfig,
+    /// Connect per request at this interval (None: a long-lived connection at `cfg.interval`).
+    per_request: Option<Duration>,
+    stop: Arc<AtomicBool>,
+    roll: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+}
+
+/// One operation with its one retry (the retry asks the next sentinel first): the first
+/// error is counted as a retry, both as a failure (its cause kept).
+fn with_retry<T>(
+    s: &mut ClientStats,
+    what: &str,
+    started: Instant,
+    mut op: impl FnMut(usize) -> Result<T, String>,
+) -> Option<T> {
+    let first = match op(0) {
+        Ok(v) => return Some(v),
+        Err(e) => e,
+    };
+    s.retried += 1;
+    let first = format!("{:.2?} in: {first}", started.elapsed());
+    match op(1) {
+        Ok(v) => Some(v),
+        Err(retry) => {
+            s.failed_after_retry += 1;
+            if s.failures.len() < FAILURES_KEPT {
+                s.failures.push(format!("{what}: {first}; retry: {retry}"));
+            }
+            None
+        }
+    }
+}
+
+/// A TMM-like client until stopped: each operation a `SET` of a new key (its value the key),
+/// then a `GET` of an earlier acknowledged key, which must return its value.
+fn run_client(x: ClientCtx) -> ClientStats {
+    let mut s = ClientStats {
+        per_request: x.per_request.is_some(),
+        ..ClientStats::default()
+    };
+    let mut conn = None;
+    let mut seen_roll = 0;
+    let mut last_ack = Instant::now();
+    let started = Instant::now();
+    let mut next = Instant::now();
+    let kind = if x.per_request.is_some() { "r" } else { "" };
+    let mut iteration = 0u64;
+    let (i, dir, sentinels, t) = (x.i, &x.dir, &x.sentinels, x.cfg.op_timeout);
+    while !x.stop.load(Ordering::Relaxed) && s.ops < x.cfg.max_ops {
+        if x.roll.load(Ordering::Relaxed) != seen_roll || x.per_request.is_some() {
+            seen_roll = x.roll.load(Ordering::Relaxed);
+            conn = None; // the pod was replaced (a new process), or one connection per request
+        }
+        let key = format!("{}:{i}{kind}:{}", x.prefix, s.ops);
+        s.ops += 1;
+        let what = format!("client {i}{kind}, SET {key}");
+        let set =
+            |k: usize, c: &mut Option<Connection>| write_once(c, dir, sentinels, i + k, &key, t);
+        if with_retry(&mut s, &what, started, |k| set(k, &mut conn)).is_some() {
+            if last_ack.elapsed() > s.longest_gap {
+                s.longest_gap = last_ack.elapsed();
+                s.longest_gap_at = format!("{what} at {:.2?}", started.elapsed());
+            }
+            last_ack = Instant::now();
+            s.acked.push(key.clone());
+            x.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        if x.per_request.is_some() {
+            conn = None;
+        }
+        // An earlier acknowledged key, spread over the whole history.
+        if let Some(old) =
+            (!s.acked.is_empty()).then(|| s.acked[(s.ops as usize * 7919) % s.acked.len()].clone())
+        {
+            s.ops += 1;
+            s.reads += 1;
+            let what = format!("client {i}{kind}, GET {old}");
+            let get =
+                |k: usize, c: &mut Option<Connection>| read_once(c, dir, sentinels, i + k, &old, t);
+            if with_retry(&mut s, &what, started, |k| get(k, &mut conn)) == Some(false) {
+                s.stale_reads += 1;
+                if s.failures.len() < FAILURES_KEPT {
+                    s.failures.push(format!(
+                        "{what}: {:.2?} in: stale (not its value)",
+                        started.elapsed()
+                    ));
+                }
+            }
+        }
+        iteration += 1;
+        if x.per_request.is_none() && iteration % PUBLISH_EVERY == 0 {
+            s.ops += 1;
+            let id = format!("{}:{i}:{}", x.prefix, s.ops);
+            let what = format!("client {i}, PUBLISH {id}");
+            let sent = Instant::now();
+            let publish = |k: usize, c: &mut Option<Connection>| {
+                publish_once(c, dir, sentinels, i + k, &id, t)
+            };
+            if with_retry(&mut s, &what, started, |k| publish(k, &mut conn)).is_some() {
+                let acked = Instant::now();
+                s.published.push(Published { id, sent, acked });
+            }
+        }
+        // A steady rate: a slow operation is not followed by a full pause.
+        next += x.per_request.unwrap_or(x.cfg.interval);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    s
 }
 
 fn up(t: &Target) -> bool {
@@ -345,58 +676,31 @@ impl Load {
         let mut acks = Vec::new();
         let mut client_mounts = Vec::new();
         let mut clients = Vec::new();
+        let mut subscribers = Vec::new();
         for i in 0..cfg.clients {
             let mount = KubeletMount::create(&t.root.path().join(format!("tmm-{i}")), client_files);
             let roll = Arc::new(AtomicU64::new(0));
             let acked = Arc::new(AtomicU64::new(0));
-            let (stop, roll2, acked2, sentinels, dir) = (
-                stop.clone(),
-                roll.clone(),
-                acked.clone(),
-                sentinels.clone(),
-                mount.dir.clone(),
-            );
-            let prefix = prefix.clone();
-            clients.push(std::thread::spawn(move || {
-                let mut s = ClientStats::default();
-                let mut conn = None;
-                let mut seen_roll = 0;
-                let mut last_ack = Instant::now();
-                let started = Instant::now();
-                let mut next = Instant::now();
-                while !stop.load(Ordering::Relaxed) && s.ops < cfg.max_ops {
-                    if roll2.load(Ordering::Relaxed) != seen_roll {
-                        seen_roll = roll2.load(Ordering::Relaxed);
-                        conn = None; // the pod was replaced: a new process, a new connection
-                    }
-                    let key = format!("{prefix}:{i}:{}", s.ops);
-                    s.ops += 1;
-                    let mut ok = write_once(&mut conn, &dir, &sentinels, i, &key, cfg.op_timeout);
-                    if let Err(first) = &ok {
-                        s.retried += 1;
-                        let first = format!("{:.2?} in: {first}", started.elapsed());
-                        ok = write_once(&mut conn, &dir, &sentinels, i + 1, &key, cfg.op_timeout)
-                            .map_err(|retry| format!("{first}; retry: {retry}"));
-                    }
-                    if let Err(why) = &ok {
-                        if s.failures.len() < FAILURES_KEPT {
-                            s.failures.push(format!("client {i}, {key}: {why}"));
-                        }
-                    }
-                    if ok.is_ok() {
-                        s.longest_gap = s.longest_gap.max(last_ack.elapsed());
-                        last_ack = Instant::now();
-                        s.acked.push(key);
-                        acked2.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        s.failed_after_retry += 1;
-                    }
-                    // A steady rate: a slow operation is not followed by a full pause.
-                    next += cfg.interval;
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                }
-                s
-            }));
+            let ctx = |per_request: Option<Duration>, acked: Arc<AtomicU64>| ClientCtx {
+                i,
+                dir: mount.dir.clone(),
+                sentinels: sentinels.clone(),
+                prefix: prefix.clone(),
+                cfg,
+                per_request,
+                stop: stop.clone(),
+                roll: roll.clone(),
+                acked,
+            };
+            let x = ctx(None, acked.clone());
+            clients.push(std::thread::spawn(move || run_client(x)));
+            let x = ctx(None, Arc::new(AtomicU64::new(0)));
+            subscribers.push(std::thread::spawn(move || run_subscriber(x)));
+            if let Some(every) = cfg.per_request {
+                // Its own counter: `settle` waits on the long-lived clients.
+                let x = ctx(Some(every), Arc::new(AtomicU64::new(0)));
+                clients.push(std::thread::spawn(move || run_client(x)));
+            }
             rolls.push(roll);
             acks.push(acked);
             client_mounts.push(mount);
@@ -430,6 +734,7 @@ impl Load {
             acks,
             client_mounts,
             clients,
+            subscribers,
             sampler,
             sentinels,
         }
@@ -497,6 +802,14 @@ impl Load {
             .into_iter()
             .map(|h| h.join().unwrap())
             .collect();
+        let long_lived = || stats.iter().filter(|s| !s.per_request);
+        let subs: Vec<SubStats> = self
+            .subscribers
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let published: Vec<&Published> = stats.iter().flat_map(|s| &s.published).collect();
+        let pubsub_missed = subs.iter().map(|s| s.missed(&published)).sum();
         let (min_dbs_up, min_sentinels_up, samples) = self.sampler.join().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut conn = connect_primary(reader, &self.sentinels, 0, deadline)
@@ -514,19 +827,37 @@ impl Load {
         Figures {
             ops: stats.iter().map(|s| s.ops).sum(),
             acked: acked.len() as u64,
+            published: published.len() as u64,
+            pubsub_missed,
+            reads: stats.iter().map(|s| s.reads).sum(),
+            stale_reads: stats.iter().map(|s| s.stale_reads).sum(),
             failed_after_retry: stats.iter().map(|s| s.failed_after_retry).sum(),
             retried: stats.iter().map(|s| s.retried).sum(),
             lost: acked.len() as u64 - present,
-            longest_gap: stats
-                .iter()
+            longest_gap: long_lived()
                 .map(|s| s.longest_gap)
                 .max()
+                .unwrap_or_default(),
+            longest_gap_per_request: stats
+                .iter()
+                .filter(|s| s.per_request)
+                .map(|s| s.longest_gap)
+                .max()
+                .unwrap_or_default(),
+            longest_gap_at: long_lived()
+                .max_by_key(|s| s.longest_gap)
+                .map(|s| s.longest_gap_at.clone())
                 .unwrap_or_default(),
             min_dbs_up,
             min_sentinels_up,
             samples,
             failures: stats.iter().flat_map(|s| s.failures.clone()).collect(),
-            no_ready_tmm: Duration::ZERO,
+            tmm_pods: self
+                .rolls
+                .iter()
+                .map(|r| r.load(Ordering::Relaxed) as usize)
+                .sum(),
+            ..Figures::default()
         }
     }
 }
@@ -638,6 +969,13 @@ pub mod scenarios {
 
     const ROLL_GAP: Duration = Duration::from_millis(500);
 
+    /// The load's figures with the restarts the topology counted.
+    fn judge(load: Load, t: &Topology, reader: &Path) -> Figures {
+        let mut f = load.finish(reader);
+        f.with_restarts(t);
+        f
+    }
+
     fn start(files: &Path, cfg: LoadConfig) -> (Topology, Load) {
         start_on(false, files, cfg)
     }
@@ -677,7 +1015,7 @@ pub mod scenarios {
         roll_dssm_mounted(&mut t, &new, &tool, proof, sub_path);
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
-        load.finish(&new)
+        judge(load, &t, &new)
     }
 
     /// (a) with `subPath` mounts, on a plan made before the primary moved: the plan restarts
@@ -724,7 +1062,7 @@ pub mod scenarios {
             .unwrap_or_else(|e| panic!("{e}"));
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
-        (load.finish(&new), primary)
+        (judge(load, &t, &new), primary)
     }
 
     /// What the sentinels know after a rotation, and how a failover with one of them down went.
@@ -758,7 +1096,7 @@ pub mod scenarios {
         });
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
-        let figures = load.finish(&new);
+        let figures = judge(load, &t, &new);
         let resilience = failover_with_one_sentinel_down(&mut t);
         (figures, resilience)
     }
@@ -842,7 +1180,7 @@ pub mod scenarios {
         let restarted = pods.restarted;
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
-        (load.finish(&new), restarted)
+        (judge(load, &t, &new), restarted)
     }
 
     /// The materials of a CA rotation from a seed-made cluster (openssl CLI: v1 leaf without
@@ -940,7 +1278,7 @@ pub mod scenarios {
         roll_dssm(&mut t, &m.drop, &drop, proof);
         load.roll_clients(&m.drop, ROLL_GAP);
         load.settle();
-        load.finish(&m.drop)
+        judge(load, &t, &m.drop)
     }
 
     /// (c) For contrast, the seeds' way: new CA and leaf everywhere at once, every dSSM process
@@ -958,7 +1296,7 @@ pub mod scenarios {
         t.restart_all();
         t.wait_healthy(Duration::from_secs(60));
         load.settle();
-        load.finish(&m.drop)
+        judge(load, &t, &m.drop)
     }
 
     /// A paused switchover under load with `frozen` (a replica, SIGSTOPped just before: it lags
@@ -986,16 +1324,16 @@ pub mod scenarios {
             proxy.go_silent();
         }
         if let Some(name) = frozen {
-            // Sentinel drops its link to a frozen replica after half its down-after: 5 s, so
-            // the gate before the pause still sees it ready and the freeze is met inside the
-            // pause (catch-up then has its full 3 s, below half of down-after too).
+            // Sentinel drops its link to a frozen replica after half its down-after: 15 s, so
+            // the gate before the pause still sees it ready even on a loaded machine, and the
+            // freeze is met inside the pause (catch-up then has its full `CATCH_UP`).
             for s in t.sentinels() {
                 let set = [
                     "SENTINEL",
                     "SET",
                     MASTER,
                     "down-after-milliseconds",
-                    "10000",
+                    "30000",
                 ];
                 assert_eq!(t.cli(&s.mount, s.port, &set).trim(), "OK");
             }
@@ -1016,7 +1354,37 @@ pub mod scenarios {
         }
         let now = t.wait_healthy(Duration::from_secs(60));
         load.settle();
-        (load.finish(&files), result, took, now == old)
+        (judge(load, &t, &files), result, took, now == old)
+    }
+
+    /// A negative control for the pub/sub judge: after a paused switchover the old primary is
+    /// cut from replication (`REPLICAOF NO ONE`, until Sentinel converts it back). Its
+    /// subscribers (Redis keeps subscribers connected through the switchover) stay subscribed,
+    /// their `PING`s answered, and miss what is published on the new primary meanwhile.
+    pub fn subscribers_on_a_cut_off_primary(cfg: LoadConfig) -> Figures {
+        let tmp = super::super::tempdir();
+        let (files, _) = renewal_materials(tmp.path());
+        let (t, load) = start(&files, cfg);
+        let sentinels: Vec<String> = t.sentinels().map(|s| s.endpoint()).collect();
+        let moved = dssm_certs::redis::switchover::paused_switchover(
+            &tls_client(&files),
+            SERVER_NAME,
+            &sentinels,
+            MASTER,
+            Instant::now() + Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let old = t
+            .dbs()
+            .find(|d| d.endpoint() == moved.old_primary)
+            .expect("the old primary among the DBs");
+        let cut = t.cli(&old.mount, old.port, &["REPLICAOF", "NO", "ONE"]);
+        assert_eq!(cut.trim(), "OK", "REPLICAOF NO ONE on {}", old.name);
+        // Enough publishes (one every tenth operation) while it is cut off.
+        load.wait_progress(SETTLE_WRITES * 4, SETTLE_TIMEOUT);
+        t.wait_healthy(Duration::from_secs(60));
+        load.settle();
+        judge(load, &t, &files)
     }
 
     /// The primary moved to a replica by a paused switchover while the clients write.
@@ -1058,6 +1426,6 @@ pub mod scenarios {
             .collect();
         t.wait_healthy(Duration::from_secs(60));
         load.settle();
-        (load.finish(&files), moved, named)
+        (judge(load, &t, &files), moved, named)
     }
 }

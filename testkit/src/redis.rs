@@ -208,6 +208,11 @@ pub struct Topology {
     pub new_ip_on_restart: bool,
     /// Every process on `::1` (distinct ports): IPv6 pod IPs.
     pub ipv6: bool,
+    /// Process starts after the first one of each (restarts, recreations), per kind.
+    pub db_starts: usize,
+    pub sentinel_starts: usize,
+    /// `CONFIG SET` calls (TLS reloads) of DB processes since stopped, read before each stop.
+    reloads_of_stopped: u64,
 }
 
 impl Topology {
@@ -237,6 +242,9 @@ impl Topology {
             primary_port,
             new_ip_on_restart: true,
             ipv6,
+            db_starts: 0,
+            sentinel_starts: 0,
+            reloads_of_stopped: 0,
         };
         let mut seed_primary = None;
         for (name, role) in [
@@ -397,7 +405,21 @@ impl Topology {
     /// Stops `name`'s process (its pod is being deleted); `start_proc` runs it again.
     pub fn stop_proc(&mut self, name: &str) {
         let idx = self.procs.iter().position(|p| p.name == name).unwrap();
+        self.reloads_of_stopped += config_sets(&self.procs[idx]);
         self.procs[idx].stop();
+    }
+
+    /// DB TLS reloads so far: `CONFIG SET` calls (`INFO commandstats`) summed over every DB
+    /// process that ran, the stopped ones counted before they stopped.
+    pub fn db_reloads(&self) -> u64 {
+        self.reloads_of_stopped + self.procs.iter().map(config_sets).sum::<u64>()
+    }
+
+    fn count_start(&mut self, role: Role) {
+        match role {
+            Role::Db => self.db_starts += 1,
+            Role::Sentinel => self.sentinel_starts += 1,
+        }
     }
 
     /// Sends `name`'s process `signal` (`STOP`: it freezes, a replica lags; `CONT`: it resumes).
@@ -427,6 +449,7 @@ impl Topology {
         });
         let fresh_ip = self.new_ip_on_restart.then(|| self.new_ip());
         let idx = self.procs.iter().position(|p| p.name == name).unwrap();
+        self.count_start(self.procs[idx].role);
         let p = &mut self.procs[idx];
         if let Some(ip) = fresh_ip {
             p.ip = ip;
@@ -441,8 +464,10 @@ impl Topology {
     /// last primary as primary again (no sentinel is left to ask).
     pub fn restart_all(&mut self) {
         let primary = self.agreed_primary().unwrap_or(self.primary_port);
+        self.reloads_of_stopped += self.procs.iter().map(config_sets).sum::<u64>();
         let mut procs = std::mem::take(&mut self.procs);
         for p in &mut procs {
+            self.count_start(p.role);
             p.stop();
             if self.new_ip_on_restart {
                 p.ip = self.new_ip();
@@ -545,6 +570,20 @@ pub fn start_db_with(dir: &Path, mount: &Path, extra: &str) -> Proc {
     std::fs::write(p.dir.join("redis.conf"), conf).unwrap();
     spawn(&mut p);
     p
+}
+
+/// A running DB's `CONFIG SET` calls (`cmdstat_config|set` of `INFO commandstats`); 0 for a
+/// sentinel or a stopped process.
+fn config_sets(p: &Proc) -> u64 {
+    if p.role != Role::Db || p.child.is_none() {
+        return 0;
+    }
+    let stats = cli_with(&p.mount, p.port, &["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cmdstat_config|set:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn count_field(reply: &str, field: &str) -> usize {
