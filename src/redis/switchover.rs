@@ -6,8 +6,8 @@
 //! paused), wait until every replica's offset reaches the primary's, `SENTINEL FAILOVER`, wait
 //! until the sentinels agree on the new primary and it says so (and, briefly, until every sentinel
 //! that answers names it), make sure the old one follows it
-//! (`REPLICAOF` if Sentinel has not yet), disconnect its normal clients so they re-resolve the
-//! primary through the sentinels, `CLIENT UNPAUSE`, and disconnect them once more (a client that
+//! (`REPLICAOF` if Sentinel has not yet), disconnect its clients (normal and subscribers) so
+//! they re-resolve the primary through the sentinels, `CLIENT UNPAUSE`, and disconnect them once more (a client that
 //! reconnected between the kill and the unpause found the demoted primary).
 //!
 //! The pause can never end before the outcome is known: it starts only with `MIN_BUDGET` left
@@ -183,7 +183,7 @@ pub fn paused_switchover(
     let (new, replicaof_sent, caught_up_after, promoted_after) = moved?;
     unpaused?;
     // A client that reconnected between the kill and the unpause reached the demoted primary.
-    let _ = primary.call(&["CLIENT", "KILL", "TYPE", "normal"], soon(deadline));
+    let _ = disconnect_clients(&mut primary, soon(deadline));
     Ok(Switchover {
         old_primary: old,
         new_primary: new,
@@ -402,6 +402,17 @@ fn move_while_paused(
         primary.call(&["REPLICAOF", &host, &port.to_string()], soon(deadline))?;
     }
     // Clients still connected to the old primary must find the new one through the sentinels.
-    primary.call(&["CLIENT", "KILL", "TYPE", "normal"], soon(deadline))?;
+    disconnect_clients(primary, soon(deadline))?;
     Ok((new, replicaof_sent, caught_up_after, promoted_after))
+}
+
+/// Disconnects the demoted primary's clients, so that they find the new primary through the
+/// sentinels: the normal ones (writes would fail with READONLY) and the subscribers. A
+/// subscriber left on it gets the new primary's messages only through replication, and loses
+/// every one published before the old primary follows the new one (all of them when that takes
+/// a full resync). Replicas (this primary's link to its new primary) are not touched.
+fn disconnect_clients(primary: &mut Connection, deadline: Instant) -> Result<(), RedisError> {
+    primary.call(&["CLIENT", "KILL", "TYPE", "normal"], deadline)?;
+    primary.call(&["CLIENT", "KILL", "TYPE", "pubsub"], deadline)?;
+    Ok(())
 }
