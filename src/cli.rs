@@ -290,7 +290,7 @@ pub struct IssueArgs {
 impl IssueArgs {
     /// A renew-before at or over the lifetime makes every new certificate due at birth: every
     /// pass would renew (back-to-back rolling restarts inside the agent's window).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RenewBeforeTooLong> {
         let m = &self.material;
         for (flag, before, days_flag, days) in [
             ("--renew-before", self.renew_before, "--days", m.days),
@@ -306,12 +306,12 @@ impl IssueArgs {
                 let given = humantime::format_duration(std::time::Duration::from_secs(
                     u64::try_from(b).unwrap_or(0),
                 ));
-                return Err(format!(
-                    "{flag} {given} is not shorter than {days_flag} {days}: every new \
-                     certificate would be due as soon as it is issued, and every pass would \
-                     renew it. Give {flag} less than {days_flag} (or leave it out: renewal at \
-                     1/3 of the lifetime left)"
-                ));
+                return Err(RenewBeforeTooLong {
+                    flag,
+                    given: given.to_string(),
+                    days_flag,
+                    days,
+                });
             }
         }
         Ok(())
@@ -356,60 +356,93 @@ pub struct RotateArgs {
     pub restart: RestartFlags,
 }
 
-fn parse_dns(s: &str) -> Result<String, String> {
-    crate::pki::parse_san(s)
-        .map(|_| s.to_string())
-        .map_err(|e| e.to_string())
+/// A renew-before that is not shorter than the lifetime it is for (both flags named).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{flag} {given} is not shorter than {days_flag} {days}: every new certificate would be due \
+     as soon as it is issued, and every pass would renew it. Give {flag} less than {days_flag} \
+     (or leave it out: renewal at 1/3 of the lifetime left)"
+)]
+pub struct RenewBeforeTooLong {
+    pub flag: &'static str,
+    pub given: String,
+    pub days_flag: &'static str,
+    pub days: u32,
+}
+
+/// A flag value the command line refuses, with the value as given (clap names the flag).
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidValue {
+    #[error("{value:?} is not a whole number of days")]
+    NotDays { value: String },
+    #[error("a lifetime of 0 days would be expired at once: give at least 1")]
+    ZeroDays,
+    #[error("{days} days is more than the maximum of {MAX_DAYS} (100 years)")]
+    TooManyDays { days: u64 },
+    #[error("{value:?} is not a duration like 28d or 336h: {source}")]
+    NotDuration {
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("{value:?} is too long")]
+    DurationTooLong { value: String },
+    #[error(
+        "{:?} is not a valid Deployment name: lowercase letters, digits, '-' and '.', starting \
+         and ending with a letter or digit, at most 253 characters (as the API server requires)",
+        value.escape_debug().to_string()
+    )]
+    WorkloadName { value: String },
+}
+
+fn parse_dns(s: &str) -> Result<String, crate::pki::IssueError> {
+    crate::pki::parse_san(s).map(|_| s.to_string())
 }
 
 /// A lifetime in days: at least 1, at most `MAX_DAYS` (100 years: X.509 times end in 9999, and
 /// nothing needs longer).
-pub fn parse_days(s: &str) -> Result<u32, String> {
-    let days: u64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a whole number of days"))?;
+pub fn parse_days(s: &str) -> Result<u32, InvalidValue> {
+    let days: u64 = s.trim().parse().map_err(|_| InvalidValue::NotDays {
+        value: s.to_string(),
+    })?;
     match days {
-        0 => Err("a lifetime of 0 days would be expired at once: give at least 1".into()),
-        d if d > u64::from(MAX_DAYS) => Err(format!(
-            "{d} days is more than the maximum of {MAX_DAYS} (100 years)"
-        )),
+        0 => Err(InvalidValue::ZeroDays),
+        d if d > u64::from(MAX_DAYS) => Err(InvalidValue::TooManyDays { days: d }),
         d => Ok(d as u32),
     }
 }
 
 pub const MAX_DAYS: u32 = 36_500;
 
-fn parse_subject(s: &str) -> Result<Subject, String> {
-    Subject::parse(s).map_err(|e| e.to_string())
+fn parse_subject(s: &str) -> Result<Subject, crate::pki::IssueError> {
+    Subject::parse(s)
 }
 
 /// A Deployment name as the API server takes one (an RFC 1123 subdomain): it also goes into
 /// `values`' YAML, where a newline would inject keys.
-fn parse_workload_name(s: &str) -> Result<String, String> {
+fn parse_workload_name(s: &str) -> Result<String, InvalidValue> {
     if crate::model::targets::dns_subdomain(s) {
         Ok(s.to_string())
     } else {
-        Err(format!(
-            "{:?} is not a valid Deployment name: lowercase letters, digits, '-' and '.', \
-             starting and ending with a letter or digit, at most 253 characters (as the API \
-             server requires)",
-            s.escape_debug().to_string()
-        ))
+        Err(InvalidValue::WorkloadName {
+            value: s.to_string(),
+        })
     }
 }
 
-fn parse_namespace(s: &str) -> Result<String, String> {
-    crate::manifest::validate_namespace(s)
-        .map(|()| s.to_string())
-        .map_err(|e| e.to_string())
+fn parse_namespace(s: &str) -> Result<String, crate::manifest::NamespaceError> {
+    crate::manifest::validate_namespace(s).map(|()| s.to_string())
 }
 
 /// A duration such as `28d`, `336h` or `2w`, in seconds.
-pub fn parse_duration(s: &str) -> Result<i64, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration like 28d or 336h: {e}"))
-        .and_then(|d| i64::try_from(d.as_secs()).map_err(|_| format!("{s:?} is too long")))
+pub fn parse_duration(s: &str) -> Result<i64, InvalidValue> {
+    let d = humantime::parse_duration(s.trim()).map_err(|source| InvalidValue::NotDuration {
+        value: s.to_string(),
+        source,
+    })?;
+    i64::try_from(d.as_secs()).map_err(|_| InvalidValue::DurationTooLong {
+        value: s.to_string(),
+    })
 }
 
 #[derive(Debug, Args)]

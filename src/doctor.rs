@@ -511,7 +511,10 @@ pub fn required_access(dssm_ns: &str, targets: &[crate::model::targets::TmmTarge
 }
 
 /// What the SelfSubjectAccessReviews answered. `who` names the identity judged.
-pub fn missing_access(who: &str, answers: &[(Access, Result<bool, String>)]) -> Vec<Finding> {
+pub fn missing_access<E: std::fmt::Display>(
+    who: &str,
+    answers: &[(Access, Result<bool, E>)],
+) -> Vec<Finding> {
     answers
         .iter()
         .filter_map(|(a, allowed)| match allowed {

@@ -314,14 +314,16 @@ pub struct Sample {
 /// A strict reader of the OpenMetrics text format as `/metrics` serves it: `# HELP`, `# TYPE`,
 /// `# UNIT` lines, samples of declared families (no exemplars), no duplicate series, and `# EOF`
 /// as the last line. Anything else is an error naming the line.
-pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
-    let body = text
-        .strip_suffix("# EOF\n")
-        .ok_or("the exposition does not end with `# EOF`")?;
+pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, ExpositionError> {
+    let body = text.strip_suffix("# EOF\n").ok_or(ExpositionError::NoEof)?;
     let mut families: Vec<String> = Vec::new();
     let mut samples: Vec<Sample> = Vec::new();
     for (n, line) in body.split_terminator('\n').enumerate() {
-        let bad = |why: &str| format!("line {}: {why}: {line:?}", n + 1);
+        let bad = |why: &str| ExpositionError::Line {
+            number: n + 1,
+            line: line.to_string(),
+            why: why.to_string(),
+        };
         if let Some(meta) = line.strip_prefix("# ") {
             let (kind, rest) = meta.split_once(' ').ok_or_else(|| bad("bare comment"))?;
             let (name, arg) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -370,6 +372,19 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
         samples.push(sample);
     }
     Ok(samples)
+}
+
+/// Where an exposition breaks the format: the line (number and text) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExpositionError {
+    #[error("the exposition does not end with `# EOF`")]
+    NoEof,
+    #[error("line {number}: {why}: {line:?}")]
+    Line {
+        number: usize,
+        line: String,
+        why: String,
+    },
 }
 
 fn check_metric_name(name: &str) -> Result<(), String> {

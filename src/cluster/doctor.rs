@@ -118,7 +118,7 @@ impl Cluster {
         &self,
         as_user: Option<&str>,
         needed: Vec<Access>,
-    ) -> Result<Vec<(Access, Result<bool, String>)>, ClusterError> {
+    ) -> Result<Vec<(Access, Result<bool, ClusterError>)>, ClusterError> {
         let client = match as_user {
             None => self.client.clone(),
             Some(user) => impersonating(user).await?,
@@ -146,8 +146,7 @@ impl Cluster {
                 api.create(&pp, &review)
             })
             .await
-            .map(|r| r.status.is_some_and(|s| s.allowed))
-            .map_err(|e| e.to_string());
+            .map(|r| r.status.is_some_and(|s| s.allowed));
             out.push((a, answer));
         }
         Ok(out)

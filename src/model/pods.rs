@@ -187,8 +187,24 @@ pub fn selects(
 /// Validates a label selector as the API server's `labels.Parse` would, and refuses the empty
 /// one: `--dssm-selector ''` would select every pod of the namespace, and the dSSM restart
 /// deletes what it selects. Returns the selector trimmed.
-pub fn parse_selector(s: &str) -> Result<String, String> {
-    let s = s.trim();
+pub fn parse_selector(s: &str) -> Result<String, InvalidSelector> {
+    let invalid = |why: String| InvalidSelector {
+        selector: s.to_string(),
+        why,
+    };
+    check_selector(s.trim()).map_err(invalid)
+}
+
+/// A label selector the API server would refuse, or the empty one: the selector as given, and
+/// what is wrong with it in words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{why}")]
+pub struct InvalidSelector {
+    pub selector: String,
+    pub why: String,
+}
+
+fn check_selector(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("an empty selector selects every pod of the namespace; give one that selects only the dSSM pods, e.g. 'app in (f5-dssm-db, f5-dssm-sentinel)'".into());
     }
@@ -364,7 +380,7 @@ fn mounts_secrets(c: &Container, volumes: &[&str]) -> bool {
 /// The Redis (or Sentinel) container of a dSSM pod, found by what it is, never by its place:
 /// a port named `redis`/`sentinel`, else a port 6379/26379, else the one container that mounts
 /// our Secrets, else the pod's only container. A sidecar listed first is passed over.
-pub fn redis_container(spec: &PodSpec) -> Result<&Container, String> {
+pub fn redis_container(spec: &PodSpec) -> Result<&Container, NoRedisContainer> {
     let cs = &spec.containers;
     let named = |c: &&Container| {
         c.ports
@@ -380,17 +396,23 @@ pub fn redis_container(spec: &PodSpec) -> Result<&Container, String> {
         .or_else(|| cs.iter().find(numbered))
         .or_else(|| (mounting.len() == 1).then(|| mounting[0]))
         .or_else(|| (cs.len() == 1).then(|| &cs[0]))
-        .ok_or_else(|| {
-            let names: Vec<&str> = cs.iter().map(|c| c.name.as_str()).collect();
-            format!(
-                "none of its containers ({}) is recognisably Redis: none declares a port named \
-                 redis or sentinel, or port {DB_PORT} or {}, and not exactly one mounts {} or {}",
-                names.join(", "),
-                contract::SENTINEL_PORT,
-                contract::CERTS_SECRET,
-                contract::KEYS_SECRET
-            )
+        .ok_or_else(|| NoRedisContainer {
+            containers: cs.iter().map(|c| c.name.clone()).collect(),
         })
+}
+
+/// A dSSM pod none of whose containers is recognisably Redis (named by their names).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "none of its containers ({}) is recognisably Redis: none declares a port named redis or \
+     sentinel, or port {DB_PORT} or {}, and not exactly one mounts {} or {}",
+    containers.join(", "),
+    contract::SENTINEL_PORT,
+    contract::CERTS_SECRET,
+    contract::KEYS_SECRET
+)]
+pub struct NoRedisContainer {
+    pub containers: Vec<String>,
 }
 
 /// The port Redis listens on in its container: the port named `redis`/`sentinel`, else

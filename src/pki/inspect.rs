@@ -140,17 +140,22 @@ pub const AUTH_LEVEL: i32 = 2;
 /// basicConstraints, critical extensions it does not know, a self-signed anchor. Times are
 /// judged apart (validity findings), so they are not checked here. Err: OpenSSL's reason, with
 /// the depth and subject of the certificate it refuses.
-pub fn openssl_verify(cas: &[Certificate], leaf: &Certificate, role: Role) -> Result<(), String> {
+pub fn openssl_verify(
+    cas: &[Certificate],
+    leaf: &Certificate,
+    role: Role,
+) -> Result<(), OpensslVerdict> {
     use openssl::stack::Stack;
     use openssl::x509::store::X509StoreBuilder;
     use openssl::x509::verify::{X509VerifyFlags, X509VerifyParam};
     use openssl::x509::{X509PurposeId, X509StoreContext, X509};
-    let failed =
-        |e: openssl::error::ErrorStack| format!("OpenSSL cannot run the verification: {e}");
+    let failed = OpensslVerdict::CannotRun;
     let mut builder = X509StoreBuilder::new().map_err(failed)?;
     for ca in cas {
-        let x = X509::from_der(ca.der())
-            .map_err(|e| format!("OpenSSL cannot read CA {:?}: {e}", ca.subject))?;
+        let x = X509::from_der(ca.der()).map_err(|source| OpensslVerdict::CannotRead {
+            what: format!("CA {:?}", ca.subject),
+            source,
+        })?;
         // The same certificate twice is refused by the store: once is enough.
         let _ = builder.add_cert(x);
     }
@@ -167,7 +172,10 @@ pub fn openssl_verify(cas: &[Certificate], leaf: &Certificate, role: Role) -> Re
         .map_err(failed)?;
     builder.set_param(&param).map_err(failed)?;
     let store = builder.build();
-    let x = X509::from_der(leaf.der()).map_err(|e| format!("OpenSSL cannot read the leaf: {e}"))?;
+    let x = X509::from_der(leaf.der()).map_err(|source| OpensslVerdict::CannotRead {
+        what: "the leaf".into(),
+        source,
+    })?;
     let chain = Stack::new().map_err(failed)?;
     let mut ctx = X509StoreContext::new().map_err(failed)?;
     let verdict = ctx
@@ -180,15 +188,35 @@ pub fn openssl_verify(cas: &[Certificate], leaf: &Certificate, role: Role) -> Re
                 .and_then(|cert| parse_certificate_der(&cert.to_der().ok()?, "").ok())
                 .map(|cert| cert.subject)
                 .unwrap_or_default();
-            Ok(Err(format!(
-                "{} (certificate at depth {}, subject {subject:?})",
-                c.error().error_string(),
-                c.error_depth()
-            )))
+            Ok(Err(OpensslVerdict::Refused {
+                reason: c.error().error_string().to_string(),
+                depth: c.error_depth(),
+                subject,
+            }))
         })
         .map_err(failed)?;
     let _ = openssl::error::ErrorStack::get(); // drain the thread's error queue
     verdict
+}
+
+/// Why OpenSSL does not accept a chain: its refusal (the reason, and the depth and subject of
+/// the certificate it refuses), or why it could not judge at all (the error stack kept).
+#[derive(Debug, thiserror::Error)]
+pub enum OpensslVerdict {
+    #[error("{reason} (certificate at depth {depth}, subject {subject:?})")]
+    Refused {
+        reason: String,
+        depth: u32,
+        subject: String,
+    },
+    #[error("OpenSSL cannot read {what}: {source}")]
+    CannotRead {
+        what: String,
+        #[source]
+        source: openssl::error::ErrorStack,
+    },
+    #[error("OpenSSL cannot run the verification: {0}")]
+    CannotRun(#[source] openssl::error::ErrorStack),
 }
 
 /// Parses the first certificate of a PEM input; `what` names the file or Secret key.
