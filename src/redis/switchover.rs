@@ -11,8 +11,11 @@
 //! reconnected between the kill and the unpause found the demoted primary).
 //!
 //! The pause can never end before the outcome is known: it starts only with `MIN_BUDGET` left
-//! in the step, lasts `PAUSE` (Redis ends it by itself if we die), and every wait inside it ends
-//! `MARGIN` before that; each connection and command inside it has `OP_TIMEOUT`, so a sentinel
+//! in the step; until `SENTINEL FAILOVER` is about to be sent it lasts three quarters of
+//! Sentinel's `down-after-milliseconds` (so that if we die, Redis ends it before the sentinels
+//! call the paused primary down and fail it over by themselves, which loses the writes the old
+//! primary acknowledges once the pause ends), then it is extended to `PAUSE`, and every wait
+//! after the failover ends `MARGIN` before that; each connection and command inside it has `OP_TIMEOUT`, so a sentinel
 //! or replica that stops answering costs that much, not the pause. A sentinel that did not
 //! answer right before the pause is not asked inside it (it would cost `OP_TIMEOUT` of paused
 //! writes for nothing). Replicas that have not caught up `CATCH_UP` into the pause abort the
@@ -149,8 +152,9 @@ pub fn paused_switchover(
     }
     // Pause only once Sentinel could promote every replica (its view lags a restart by seconds).
     let pause_by = deadline.checked_sub(MIN_BUDGET).unwrap_or(deadline);
-    let (answering, catch_up) =
+    let (answering, down_after) =
         ready_to_pause(tls, server_name, sentinels, master, &info, pause_by)?;
+    let (catch_up, first) = (CATCH_UP.min(down_after / 2), first_pause(down_after));
     let left = deadline.saturating_duration_since(Instant::now());
     if left < MIN_BUDGET {
         return Err(topology(format!(
@@ -160,7 +164,7 @@ pub fn paused_switchover(
             PAUSE.as_secs()
         )));
     }
-    let pause_ms = PAUSE.as_millis().to_string();
+    let pause_ms = first.as_millis().to_string();
     let paused_at = Instant::now();
     primary.call(&["CLIENT", "PAUSE", &pause_ms, "WRITE"], soon(deadline))?;
     let moved = move_while_paused(
@@ -170,7 +174,7 @@ pub fn paused_switchover(
         master,
         &old,
         &mut primary,
-        (paused_at, catch_up),
+        (paused_at, catch_up, first),
     );
     // Unpause whatever happened: on a new connection if ours broke.
     let unpause_by = Instant::now() + OP_TIMEOUT * 2;
@@ -219,8 +223,18 @@ fn ready_to_pause(
         }
     }
     let answering = answering_sentinels(tls, server_name, sentinels, pause_by)?;
-    let catch_up = CATCH_UP.min(down_after(tls, server_name, &answering, master, pause_by)? / 2);
-    Ok((answering, catch_up))
+    let down_after = down_after(tls, server_name, &answering, master, pause_by)?;
+    Ok((answering, down_after))
+}
+
+/// How long writes are first paused, until `SENTINEL FAILOVER` is about to be sent: a pause
+/// nobody ends (we died) must end before the sentinels call the paused primary down (it holds
+/// their command link) and fail it over by themselves; the old primary, still primary in its own
+/// eyes, would then acknowledge writes until Sentinel demotes it, and they would be lost. Only
+/// right before `SENTINEL FAILOVER` is the pause extended to `PAUSE`: from then on the outcome
+/// is Sentinel's failover, which the pause must outlast.
+pub fn first_pause(down_after: Duration) -> Duration {
+    (down_after * 3 / 4).min(PAUSE)
 }
 
 /// The sentinels that accept a connection within `OP_TIMEOUT`, if a majority of all: one that
@@ -336,12 +350,13 @@ fn move_while_paused(
     master: &str,
     old: &str,
     primary: &mut Connection,
-    (paused_at, catch_up): (Instant, Duration),
+    (paused_at, catch_up, first): (Instant, Duration, Duration),
 ) -> Result<(String, bool, Duration, Duration), RedisError> {
-    // Every wait below ends before the pause does: the outcome is known while writes wait.
-    let deadline = paused_at + PAUSE - MARGIN;
     wait_caught_up(tls, server_name, old, primary, paused_at + catch_up)?;
     let caught_up_after = paused_at.elapsed();
+    let extended_at = extend_pause(old, primary, paused_at + first)?;
+    // Every wait below ends before the pause does: the outcome is known while writes wait.
+    let deadline = extended_at + PAUSE - MARGIN;
     let mut asked = Err(topology("no sentinel to ask".into()));
     let mut silent = Vec::new();
     for s in sentinels {
@@ -404,6 +419,32 @@ fn move_while_paused(
     // Clients still connected to the old primary must find the new one through the sentinels.
     disconnect_clients(primary, soon(deadline))?;
     Ok((new, replicaof_sent, caught_up_after, promoted_after))
+}
+
+/// Extends the first pause to `PAUSE` right before `SENTINEL FAILOVER` (Redis keeps the later
+/// of two pause ends). If the first pause may have ended before the extension took effect, a
+/// write may have slipped in after the catch-up: abort, nothing moved.
+fn extend_pause(
+    old: &str,
+    primary: &mut Connection,
+    first_ends: Instant,
+) -> Result<Instant, RedisError> {
+    let lapsed = |at: Instant| {
+        topology(format!(
+            "{old}: the first pause (ended {:.2} s ago) lapsed before it could be extended for SENTINEL FAILOVER, aborted (unpaused, nothing moved)",
+            at.saturating_duration_since(first_ends).as_secs_f64()
+        ))
+    };
+    if Instant::now() + POLL >= first_ends {
+        return Err(lapsed(Instant::now()));
+    }
+    let extended_at = Instant::now();
+    let pause_ms = PAUSE.as_millis().to_string();
+    primary.call(&["CLIENT", "PAUSE", &pause_ms, "WRITE"], first_ends)?;
+    match Instant::now() {
+        now if now >= first_ends => Err(lapsed(now)),
+        _ => Ok(extended_at),
+    }
 }
 
 /// Disconnects the demoted primary's clients, so that they find the new primary through the
