@@ -167,6 +167,11 @@ pub fn paused_switchover(
     let pause_ms = first.as_millis().to_string();
     let paused_at = Instant::now();
     primary.call(&["CLIENT", "PAUSE", &pause_ms, "WRITE"], soon(deadline))?;
+    tracing::info!(
+        primary = %old,
+        "writes paused on the primary for the switchover (ends by itself after {:.1} s)",
+        first.as_secs_f64()
+    );
     let moved = move_while_paused(
         tls,
         server_name,
