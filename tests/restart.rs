@@ -1768,3 +1768,107 @@ impl Drop for ShowOnPanic {
         }
     }
 }
+
+/// A PodDisruptionBudget `spec` over the TMM pods in spk-ingress, its status computed (as the
+/// disruption controller writes it) with `allowed` disruptions before returning.
+fn tmm_budget(env: &TestEnv, spec: Value, allowed: i64) {
+    let mut spec = spec;
+    spec["selector"] = json!({"matchLabels": {"app": "f5-tmm"}});
+    env.server.put(
+        "policy",
+        "poddisruptionbudgets",
+        &env.tmm_ns,
+        json!({"metadata": {"name": "f5-tmm"}, "spec": spec}),
+    );
+    let ns = env.tmm_ns.clone();
+    env.server
+        .wait_until("the TMM budget's status", Duration::from_secs(10), |s| {
+            s.get(resource("policy", "poddisruptionbudgets"), &ns, "f5-tmm")
+                .is_some_and(|b| b["status"]["disruptionsAllowed"] == allowed)
+        });
+}
+
+/// A TMM the tool must replace by evictions, under a budget that allows none: the rotation is
+/// refused before anything is written, naming the budget (it once wrote the new materials,
+/// then waited on 429s until the deadline with the Secrets already changed).
+#[test]
+fn a_tmm_budget_allowing_no_disruption_refuses_the_roll_before_any_write() {
+    let env = dssm_pods::published();
+    tmm_layout(&env, 2, json!({"type": "Recreate"}));
+    tmm_budget(&env, json!({"minAvailable": 2}), 0);
+    let secrets = |env: &TestEnv| {
+        ["spk-utilities", "spk-ingress"].map(|ns| {
+            env.server
+                .get("", "secrets", ns, "dssm-certs-secret")
+                .unwrap()["metadata"]["resourceVersion"]
+                .clone()
+        })
+    };
+    let before = secrets(&env);
+    env.server.clear_requests();
+    let mut cmd = bin();
+    cmd.env_remove("DSSM_CERTS_STRATEGY")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .args(dssm_pods::rotate_args(false, None))
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args());
+    let (code, out, err) = output(&mut cmd);
+    assert_eq!(code, 6, "{out}{err}");
+    for says in [
+        "deployment spk-ingress/f5-tmm is replaced one pod at a time by evictions",
+        "poddisruptionbudget spk-ingress/f5-tmm allows no disruption now (2 of ",
+        "pods healthy, 2 wanted)",
+    ] {
+        assert!(err.contains(says), "{says}: {out}{err}");
+    }
+    assert_eq!(secrets(&env), before, "nothing written");
+    assert_eq!(
+        answered(&env, "POST", "/eviction", 201),
+        0,
+        "nothing evicted"
+    );
+}
+
+/// A Recreate TMM with 2 replicas under a budget of minAvailable 1: one eviction at a time
+/// passes. The second eviction is refused twice (429, as while the budget's status still
+/// counts the first pod disrupted): it is waited on and retried, never turned into a delete,
+/// and a TMM pod stays Ready throughout.
+#[test]
+fn a_recreate_tmm_under_a_budget_waits_out_refused_evictions_and_never_deletes() {
+    let env = dssm_pods::published();
+    tmm_layout(&env, 2, json!({"type": "Recreate"}));
+    tmm_budget(&env, json!({"minAvailable": 1}), 1);
+    env.server
+        .add_fault(Fault::status("POST", "namespaces/spk-ingress/pods/", 2, 429).repeat(2));
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    let out = &r.out;
+    assert_eq!(r.code, 0, "{out}");
+    assert!(out.contains("replaced one at a time"), "{out}");
+    assert_eq!(
+        out.matches("  evicted pod spk-ingress/").count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(
+        answered(&r.env, "POST", "namespaces/spk-ingress/pods/", 429),
+        2,
+        "the second eviction was refused twice"
+    );
+    let deletes = r
+        .env
+        .server
+        .requests()
+        .iter()
+        .filter(|q| q.method == "DELETE" && q.path.contains("namespaces/spk-ingress/pods"))
+        .count();
+    assert_eq!(deletes, 0, "an eviction is never turned into a delete");
+    assert!(r.bed.fewest_ready_tmm >= 1, "{:?}", r.bed);
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&2),
+        "{:?}",
+        r.bed
+    );
+    r.figures.assert_unnoticed("a Recreate TMM under a budget");
+}
