@@ -1872,3 +1872,102 @@ fn a_recreate_tmm_under_a_budget_waits_out_refused_evictions_and_never_deletes()
     );
     r.figures.assert_unnoticed("a Recreate TMM under a budget");
 }
+
+/// The API server's clock set `offset` from this machine's, and TMM's pods made again by it
+/// (as pods created under that control plane are): their creationTimestamps are the server's.
+fn skew_server_clock(env: &TestEnv, offset: time::Duration) {
+    let ns = env.tmm_ns.clone();
+    env.server.with_state(|s| {
+        s.clock_offset = offset;
+        let pods = resource("", "pods");
+        let names: Vec<String> = s
+            .list(pods, Some(&ns))
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        for n in names {
+            s.remove(pods, &ns, &n);
+        }
+    });
+    let want = env
+        .server
+        .get("apps", "deployments", &ns, "f5-tmm")
+        .unwrap()["spec"]["replicas"]
+        .as_u64()
+        .unwrap() as usize;
+    let stamp = |d: time::OffsetDateTime| d.unix_timestamp();
+    env.server.wait_until(
+        "TMM remade by the skewed clock",
+        Duration::from_secs(30),
+        |s| {
+            let pods = s.list(resource("", "pods"), Some(&ns));
+            let server_made = |p: &&Value| {
+                p["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .and_then(|c| {
+                        time::OffsetDateTime::parse(
+                            c,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .is_some_and(|c| (stamp(c) - stamp(s.now())).abs() < 60)
+            };
+            let ready = |p: &&Value| {
+                p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            };
+            pods.len() == want && pods.iter().all(|p| server_made(&p) && ready(&p))
+        },
+    );
+}
+
+/// The API server's clock an hour ahead of the tool's, TMM replaced one by one (Recreate): by
+/// the tool's clock every pod was already "newer than the roll", so none was evicted and the
+/// roll was proven without happening. Timed by the server's clock, all three are replaced.
+#[test]
+fn a_server_clock_ahead_of_the_tools_does_not_prove_a_roll_that_never_happened() {
+    let env = dssm_pods::published();
+    tmm_layout(&env, 3, json!({"type": "Recreate"}));
+    skew_server_clock(&env, time::Duration::hours(1));
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    let out = &r.out;
+    assert_eq!(r.code, 0, "{out}");
+    assert_eq!(
+        out.matches("  evicted pod spk-ingress/").count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{:?}",
+        r.bed
+    );
+    r.figures.assert_unnoticed("a server clock an hour ahead");
+}
+
+/// The API server's clock an hour behind the tool's, on the default layout (the controller
+/// rolls TMM): by the tool's clock no new pod was ever "newer than the patch", and the proof
+/// waited until --wait-timeout. Timed by the server's clock, the roll is proven.
+#[test]
+fn a_server_clock_behind_the_tools_still_proves_the_roll() {
+    let env = dssm_pods::published();
+    skew_server_clock(&env, -time::Duration::hours(1));
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    let out = &r.out;
+    assert_eq!(r.code, 0, "{out}");
+    assert!(
+        out.contains("rolled out: its 3 pods are newer than"),
+        "{out}"
+    );
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{:?}",
+        r.bed
+    );
+    r.figures.assert_unnoticed("a server clock an hour behind");
+}
