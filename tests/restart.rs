@@ -1971,3 +1971,147 @@ fn a_server_clock_behind_the_tools_still_proves_the_roll() {
     );
     r.figures.assert_unnoticed("a server clock an hour behind");
 }
+
+/// The DB StatefulSet's pods mount the certificate Secret with `subPath` (kubelet never updates
+/// them): the rolling roll restarts the DBs, the primary last after a paused switchover. Returns
+/// once the StatefulSet rolled its pods to that template and they are Ready again.
+fn dbs_mount_with_sub_path(env: &TestEnv) {
+    let mut db = env
+        .server
+        .get("apps", "statefulsets", &env.dssm_ns, "f5-dssm-db")
+        .unwrap();
+    db["spec"]["template"]["spec"]["volumes"] =
+        json!([{"name": "certs", "secret": {"secretName": "dssm-certs-secret"}}]);
+    db["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = json!([
+        {"name": "certs", "mountPath": "/etc/ssl/certs/dssm-ca.crt", "subPath": "dssm-ca.crt"}
+    ]);
+    env.server.put("apps", "statefulsets", &env.dssm_ns, db);
+    let ns = env.dssm_ns.clone();
+    env.server.wait_until(
+        "the DB pods rolled to subPath",
+        Duration::from_secs(60),
+        |s| {
+            let pods = s.list(resource("", "pods"), Some(&ns));
+            let dbs: Vec<_> = pods
+                .iter()
+                .filter(|p| p["metadata"]["labels"]["app"] == "f5-dssm-db")
+                .collect();
+            dbs.len() == 3
+                && dbs.iter().all(|p| {
+                    p["spec"]["containers"][0]["volumeMounts"][0]["subPath"] == "dssm-ca.crt"
+                        && p["metadata"]["deletionTimestamp"].is_null()
+                        && p["status"]["conditions"].as_array().is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        })
+                })
+        },
+    );
+}
+
+/// A kill point inside a step of the rolling crash matrix: SIGKILL while the primary's writes
+/// are paused for the switchover (when the tool logs the pause). Nobody unpauses: the pause
+/// ends by its own timeout (`CLIENT PAUSE`'s, 10 s), writes blocked meanwhile are served
+/// then (clients wait longer than the pause here: a write is late, none lost), and the next
+/// run (as the CronJob's, once the dead holder's Lease expires) finishes the rotation, TMM
+/// rolled once.
+///
+/// Ignored: it fails today, and the fix belongs to src/redis/switchover.rs. Measured: 3402
+/// acknowledged writes lost (3298 stale reads), a 10.0 s write gap. A paused primary holds
+/// Sentinel's command link (its hello PUBLISH and what is queued behind it), so 2 s
+/// (`down-after-milliseconds` on the bed) into a pause nobody ends the sentinels fail it over
+/// by themselves; at 10 s the pause ends, the old primary, still primary in its own eyes,
+/// acknowledges the writes that waited and those that follow until Sentinel demotes it
+/// (seconds later), and they are gone with the resync. Arming `min-replicas-to-write` (the
+/// online replicas) on the old primary before the pause made this test pass (lost 0), but
+/// broke the live switchover: a write reaching the old primary between the promotion and the
+/// tool's REPLICAOF is refused (NOREPLICAS, checked before the pause) instead of waiting,
+/// 9 failed after one retry in `paused_switchover_moves_the_primary_under_load_without_losing_a_write`.
+#[test]
+#[ignore = "pins a data loss when the tool dies inside the switchover's pause (see above)"]
+fn a_rolling_rotation_killed_inside_the_switchovers_pause_loses_nothing_and_is_finished() {
+    use std::io::BufRead;
+    let pause = dssm_certs::redis::switchover::PAUSE;
+    let env = dssm_pods::published();
+    dbs_mount_with_sub_path(&env);
+    let cfg = support::load::LoadConfig {
+        op_timeout: pause + Duration::from_secs(5),
+        ..Default::default()
+    };
+    let (bed, load) = dssm_pods::Bed::start(&env, cfg);
+    load.settle();
+    let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+        .env("DSSM_CERTS_LOG", "warn,dssm_certs::redis::switchover=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut log = String::new();
+    let mut killed_at = None;
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("writes paused on the primary for the switchover") {
+            unsafe { libc_kill(child.id() as i32, 9) };
+            killed_at = Some(std::time::Instant::now());
+            break;
+        }
+    }
+    let _ = child.wait();
+    let killed_at = killed_at.unwrap_or_else(|| panic!("no pause logged:\n{log}"));
+    // The pause ends by itself: every client acknowledges writes again within it (and the
+    // time its clients take to get through).
+    load.wait_progress(20, pause + Duration::from_secs(10));
+    let resumed_after = killed_at.elapsed();
+    assert!(
+        resumed_after <= pause + Duration::from_secs(10),
+        "writes resumed {resumed_after:?} after the kill"
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
+        log.push_str(&out);
+        log.push_str(&err);
+        if code == 0 {
+            break;
+        }
+        // 5: the dead holder's Lease has not expired yet. 4: the switchover the killed run
+        // began is still settling (the old primary, paused, says primary beside the promoted
+        // one): refused before any pod is touched, for a later run.
+        let settling =
+            code == 4 && err.contains("expected exactly one; wait until the sentinels settle");
+        assert!(code == 5 || settling, "{log}");
+        assert!(start.elapsed() < Duration::from_secs(60), "{log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert_eq!(
+        env.copy("spk-utilities").unwrap(),
+        env.copy("spk-ingress").unwrap(),
+        "copies differ"
+    );
+    let (_, ann) = tmm_replicas(&env);
+    for mark in ["restart-needed", "tmm-roll", "tmm-restarted"] {
+        assert!(
+            ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
+            "{mark} left: {ann}\n{log}"
+        );
+    }
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "TMM rolled once: {b:?}"
+    );
+    assert!(f.acked > 0 && f.reads > 0, "{f:?}");
+    assert_eq!(f.failed_after_retry, 0, "{f:?}");
+    assert_eq!(f.lost, 0, "{f:?}");
+    assert_eq!(f.stale_reads, 0, "{f:?}");
+    assert!(f.min_dbs_up >= 2 && f.min_sentinels_up >= 2, "{f:?}");
+    assert_eq!(f.no_ready_tmm, Duration::ZERO, "{f:?}");
+    assert!(
+        f.longest_gap <= pause + Duration::from_secs(5),
+        "the pause outlived its timeout: {f:?}"
+    );
+}

@@ -163,6 +163,11 @@ pub fn paused_switchover(
     let pause_ms = PAUSE.as_millis().to_string();
     let paused_at = Instant::now();
     primary.call(&["CLIENT", "PAUSE", &pause_ms, "WRITE"], soon(deadline))?;
+    tracing::info!(
+        primary = %old,
+        "writes paused on the primary for the switchover (ends by itself after {} s)",
+        PAUSE.as_secs()
+    );
     let moved = move_while_paused(
         tls,
         server_name,
