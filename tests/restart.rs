@@ -2115,3 +2115,26 @@ fn a_rolling_rotation_killed_inside_the_switchovers_pause_loses_nothing_and_is_f
         "the pause outlived its timeout: {f:?}"
     );
 }
+
+/// The proofs are pinned to the deployed leaf (served byte for byte, verified on the path that
+/// leaf decides): a leaf made by the manual procedure (v1, no subjectAltName, checked without a
+/// name) is still proven. The seeds' materials, rolled by `restart` with the default strategy:
+/// every DB reload and sentinel restart proven against that leaf, unnoticed.
+#[test]
+fn a_roll_of_the_seeds_v1_leaf_is_proven_pinned_to_it_and_nobody_notices() {
+    let env = dssm_pods::seeded();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let (code, out, err) = dssm_pods::run(&env, &bed, &["restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for step in ["reload", "restart"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("  done: ") && l.contains(step)),
+            "{step}: {out}"
+        );
+    }
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert!(b.started >= 3, "the sentinels restarted: {b:?}");
+    f.assert_unnoticed("a roll of the seeds' v1 leaf");
+}
