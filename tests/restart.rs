@@ -2138,3 +2138,56 @@ fn a_roll_of_the_seeds_v1_leaf_is_proven_pinned_to_it_and_nobody_notices() {
     assert!(b.started >= 3, "the sentinels restarted: {b:?}");
     f.assert_unnoticed("a roll of the seeds' v1 leaf");
 }
+
+/// The RotationFailed Event the docs and the DssmRotationFailed alert point to: a renewal whose
+/// restart fails (the dSSM pods never come back Ready) leaves a Warning Event `RotationFailed`
+/// on the dSSM certificate Secret with the error, as `kubectl get events --field-selector
+/// reason=RotationFailed` finds it. Nothing emitted it before. A dry run that fails, or a run
+/// that only found the Lease held, emits none.
+#[test]
+fn a_failed_renewal_leaves_a_rotation_failed_event_on_the_certificate_secret() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let failed = |env: &TestEnv| -> Vec<Value> {
+        env.server
+            .list("events.k8s.io", "events", "spk-utilities")
+            .into_iter()
+            .filter(|e| e["reason"] == "RotationFailed")
+            .collect()
+    };
+    env.server
+        .with_state(|s| s.never_ready.push("f5-dssm-sentinel".into()));
+    let (code, _, err) = env.run(&[
+        "rotate",
+        "--strategy",
+        "scale-to-zero",
+        "--wait-timeout",
+        "2s",
+        "--order",
+        "dssm-first",
+    ]);
+    assert_eq!(code, 4, "{err}");
+    let events = failed(&env);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "Warning", "{e}");
+    assert_eq!(e["regarding"]["kind"], "Secret", "{e}");
+    assert_eq!(e["regarding"]["name"], "dssm-certs-secret", "{e}");
+    let note = e["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("the new Secrets are written, but bringing the pods onto them failed"),
+        "{note}"
+    );
+    // A run that finds another holder's Lease failed at nothing: no Event.
+    env.server.put(
+        "coordination.k8s.io",
+        "leases",
+        "spk-utilities",
+        json!({"metadata": {"name": "dssm-certs"},
+               "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 3600,
+                        "renewTime": "2099-01-01T00:00:00.000000Z"}}),
+    );
+    let (code, _, err) = env.run(&["rotate", "--strategy", "scale-to-zero"]);
+    assert_eq!(code, 5, "{err}");
+    assert_eq!(failed(&env).len(), 1, "no Event for a held Lease");
+}
