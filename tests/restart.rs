@@ -1919,7 +1919,7 @@ fn skew_server_clock(env: &TestEnv, offset: time::Duration) {
                         .any(|c| c["type"] == "Ready" && c["status"] == "True")
                 })
             };
-            pods.len() == want && pods.iter().all(|p| server_made(&p) && ready(&p))
+            pods.len() == want && pods.iter().all(|p| server_made(p) && ready(p))
         },
     );
 }
