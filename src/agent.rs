@@ -329,6 +329,7 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
                         })
                         .inc();
                     tracing::warn!(error = %e, output = %text, "reconcile inside the maintenance window failed");
+                    cluster.rotation_failed(&e.to_string()).await;
                 }
             }
         }

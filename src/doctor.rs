@@ -412,7 +412,7 @@ const NEEDED: &[Need] = &[
         Named::Any,
     ),
     (
-        Scope::Dssm,
+        Scope::Copies,
         &["list"],
         "policy",
         "poddisruptionbudgets",
@@ -620,7 +620,7 @@ mod tests {
             "spk-utilities",
             &[TmmTarget::deployment("spk-ingress", "f5-tmm")],
         );
-        assert_eq!(spk.len(), 29);
+        assert_eq!(spk.len(), 30);
         let cnf = required_access(
             "cnf-gateway",
             &[TmmTarget::deployment("cnf-gateway", "f5-tmm")],

@@ -1768,3 +1768,420 @@ impl Drop for ShowOnPanic {
         }
     }
 }
+
+/// A PodDisruptionBudget `spec` over the TMM pods in spk-ingress, its status computed (as the
+/// disruption controller writes it) with `allowed` disruptions before returning.
+fn tmm_budget(env: &TestEnv, spec: Value, allowed: i64) {
+    let mut spec = spec;
+    spec["selector"] = json!({"matchLabels": {"app": "f5-tmm"}});
+    env.server.put(
+        "policy",
+        "poddisruptionbudgets",
+        &env.tmm_ns,
+        json!({"metadata": {"name": "f5-tmm"}, "spec": spec}),
+    );
+    let ns = env.tmm_ns.clone();
+    env.server
+        .wait_until("the TMM budget's status", Duration::from_secs(10), |s| {
+            s.get(resource("policy", "poddisruptionbudgets"), &ns, "f5-tmm")
+                .is_some_and(|b| b["status"]["disruptionsAllowed"] == allowed)
+        });
+}
+
+/// A TMM the tool must replace by evictions, under a budget that allows none: the rotation is
+/// refused before anything is written, naming the budget (it once wrote the new materials,
+/// then waited on 429s until the deadline with the Secrets already changed).
+#[test]
+fn a_tmm_budget_allowing_no_disruption_refuses_the_roll_before_any_write() {
+    let env = dssm_pods::published();
+    tmm_layout(&env, 2, json!({"type": "Recreate"}));
+    tmm_budget(&env, json!({"minAvailable": 2}), 0);
+    let secrets = |env: &TestEnv| {
+        ["spk-utilities", "spk-ingress"].map(|ns| {
+            env.server
+                .get("", "secrets", ns, "dssm-certs-secret")
+                .unwrap()["metadata"]["resourceVersion"]
+                .clone()
+        })
+    };
+    let before = secrets(&env);
+    env.server.clear_requests();
+    let mut cmd = bin();
+    cmd.env_remove("DSSM_CERTS_STRATEGY")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HOME", env.dir.path())
+        .args(dssm_pods::rotate_args(false, None))
+        .args(["--dssm-namespace", &env.dssm_ns])
+        .args(env.tmm_args());
+    let (code, out, err) = output(&mut cmd);
+    assert_eq!(code, 6, "{out}{err}");
+    for says in [
+        "deployment spk-ingress/f5-tmm is replaced one pod at a time by evictions",
+        "poddisruptionbudget spk-ingress/f5-tmm allows no disruption now (2 of ",
+        "pods healthy, 2 wanted)",
+    ] {
+        assert!(err.contains(says), "{says}: {out}{err}");
+    }
+    assert_eq!(secrets(&env), before, "nothing written");
+    assert_eq!(
+        answered(&env, "POST", "/eviction", 201),
+        0,
+        "nothing evicted"
+    );
+}
+
+/// A Recreate TMM with 2 replicas under a budget of minAvailable 1: one eviction at a time
+/// passes. The second eviction is refused twice (429, as while the budget's status still
+/// counts the first pod disrupted): it is waited on and retried, never turned into a delete,
+/// and a TMM pod stays Ready throughout.
+#[test]
+fn a_recreate_tmm_under_a_budget_waits_out_refused_evictions_and_never_deletes() {
+    let env = dssm_pods::published();
+    tmm_layout(&env, 2, json!({"type": "Recreate"}));
+    tmm_budget(&env, json!({"minAvailable": 1}), 1);
+    env.server
+        .add_fault(Fault::status("POST", "namespaces/spk-ingress/pods/", 2, 429).repeat(2));
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    let out = &r.out;
+    assert_eq!(r.code, 0, "{out}");
+    assert!(out.contains("replaced one at a time"), "{out}");
+    assert_eq!(
+        out.matches("  evicted pod spk-ingress/").count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(
+        answered(&r.env, "POST", "namespaces/spk-ingress/pods/", 429),
+        2,
+        "the second eviction was refused twice"
+    );
+    let deletes = r
+        .env
+        .server
+        .requests()
+        .iter()
+        .filter(|q| q.method == "DELETE" && q.path.contains("namespaces/spk-ingress/pods"))
+        .count();
+    assert_eq!(deletes, 0, "an eviction is never turned into a delete");
+    assert!(r.bed.fewest_ready_tmm >= 1, "{:?}", r.bed);
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&2),
+        "{:?}",
+        r.bed
+    );
+    r.figures.assert_unnoticed("a Recreate TMM under a budget");
+}
+
+/// The API server's clock set `offset` from this machine's, and TMM's pods made again by it
+/// (as pods created under that control plane are): their creationTimestamps are the server's.
+fn skew_server_clock(env: &TestEnv, offset: time::Duration) {
+    let ns = env.tmm_ns.clone();
+    env.server.with_state(|s| {
+        s.clock_offset = offset;
+        let pods = resource("", "pods");
+        let names: Vec<String> = s
+            .list(pods, Some(&ns))
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        for n in names {
+            s.remove(pods, &ns, &n);
+        }
+    });
+    let want = env
+        .server
+        .get("apps", "deployments", &ns, "f5-tmm")
+        .unwrap()["spec"]["replicas"]
+        .as_u64()
+        .unwrap() as usize;
+    let stamp = |d: time::OffsetDateTime| d.unix_timestamp();
+    env.server.wait_until(
+        "TMM remade by the skewed clock",
+        Duration::from_secs(30),
+        |s| {
+            let pods = s.list(resource("", "pods"), Some(&ns));
+            let server_made = |p: &&Value| {
+                p["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .and_then(|c| {
+                        time::OffsetDateTime::parse(
+                            c,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .is_some_and(|c| (stamp(c) - stamp(s.now())).abs() < 60)
+            };
+            let ready = |p: &&Value| {
+                p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            };
+            pods.len() == want && pods.iter().all(|p| server_made(p) && ready(p))
+        },
+    );
+}
+
+/// The API server's clock an hour ahead of the tool's, TMM replaced one by one (Recreate): by
+/// the tool's clock every pod was already "newer than the roll", so none was evicted and the
+/// roll was proven without happening. Timed by the server's clock, all three are replaced.
+#[test]
+fn a_server_clock_ahead_of_the_tools_does_not_prove_a_roll_that_never_happened() {
+    let env = dssm_pods::published();
+    tmm_layout(&env, 3, json!({"type": "Recreate"}));
+    skew_server_clock(&env, time::Duration::hours(1));
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    let out = &r.out;
+    assert_eq!(r.code, 0, "{out}");
+    assert_eq!(
+        out.matches("  evicted pod spk-ingress/").count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{:?}",
+        r.bed
+    );
+    r.figures.assert_unnoticed("a server clock an hour ahead");
+}
+
+/// The API server's clock an hour behind the tool's, on the default layout (the controller
+/// rolls TMM): by the tool's clock no new pod was ever "newer than the patch", and the proof
+/// waited until --wait-timeout. Timed by the server's clock, the roll is proven.
+#[test]
+fn a_server_clock_behind_the_tools_still_proves_the_roll() {
+    let env = dssm_pods::published();
+    skew_server_clock(&env, -time::Duration::hours(1));
+    let r = dssm_pods::rotate_under_load(env, &dssm_pods::rotate_args(false, None));
+    let out = &r.out;
+    assert_eq!(r.code, 0, "{out}");
+    assert!(
+        out.contains("rolled out: its 3 pods are newer than"),
+        "{out}"
+    );
+    assert_eq!(
+        r.bed.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{:?}",
+        r.bed
+    );
+    r.figures.assert_unnoticed("a server clock an hour behind");
+}
+
+/// The DB StatefulSet's pods mount the certificate Secret with `subPath` (kubelet never updates
+/// them): the rolling roll restarts the DBs, the primary last after a paused switchover. Returns
+/// once the StatefulSet rolled its pods to that template and they are Ready again.
+fn dbs_mount_with_sub_path(env: &TestEnv) {
+    let mut db = env
+        .server
+        .get("apps", "statefulsets", &env.dssm_ns, "f5-dssm-db")
+        .unwrap();
+    db["spec"]["template"]["spec"]["volumes"] =
+        json!([{"name": "certs", "secret": {"secretName": "dssm-certs-secret"}}]);
+    db["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = json!([
+        {"name": "certs", "mountPath": "/etc/ssl/certs/dssm-ca.crt", "subPath": "dssm-ca.crt"}
+    ]);
+    env.server.put("apps", "statefulsets", &env.dssm_ns, db);
+    let ns = env.dssm_ns.clone();
+    env.server.wait_until(
+        "the DB pods rolled to subPath",
+        Duration::from_secs(60),
+        |s| {
+            let pods = s.list(resource("", "pods"), Some(&ns));
+            let dbs: Vec<_> = pods
+                .iter()
+                .filter(|p| p["metadata"]["labels"]["app"] == "f5-dssm-db")
+                .collect();
+            dbs.len() == 3
+                && dbs.iter().all(|p| {
+                    p["spec"]["containers"][0]["volumeMounts"][0]["subPath"] == "dssm-ca.crt"
+                        && p["metadata"]["deletionTimestamp"].is_null()
+                        && p["status"]["conditions"].as_array().is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        })
+                })
+        },
+    );
+}
+
+/// A kill point inside a step of the rolling crash matrix: SIGKILL while the primary's writes
+/// are paused for the switchover (when the tool logs the pause). Nobody unpauses: the pause
+/// ends by its own timeout, writes blocked meanwhile are served then (clients wait longer than
+/// the pause here: a write is late, none lost), and the next run (as the CronJob's, once the
+/// dead holder's Lease expires) finishes the rotation, TMM rolled once.
+///
+/// It pins a data loss: with the whole 10 s pause taken at once, a paused primary held
+/// Sentinel's command link (its hello PUBLISH and what is queued behind it), so 2 s
+/// (`down-after-milliseconds` on the bed) into a pause nobody ended the sentinels failed it over
+/// by themselves; when the pause ended the old primary, still primary in its own eyes,
+/// acknowledged writes until Sentinel demoted it, and they were gone with the resync: 3402
+/// acknowledged writes lost, 3298 stale reads, a 10.0 s write gap. Now the pause lasts 3/4 of
+/// down-after until `SENTINEL FAILOVER` is about to be sent.
+#[test]
+fn a_rolling_rotation_killed_inside_the_switchovers_pause_loses_nothing_and_is_finished() {
+    use std::io::BufRead;
+    let pause = dssm_certs::redis::switchover::PAUSE;
+    let env = dssm_pods::published();
+    dbs_mount_with_sub_path(&env);
+    let cfg = support::load::LoadConfig {
+        op_timeout: pause + Duration::from_secs(5),
+        ..Default::default()
+    };
+    let (bed, load) = dssm_pods::Bed::start(&env, cfg);
+    load.settle();
+    let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+        .env("DSSM_CERTS_LOG", "warn,dssm_certs::redis::switchover=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut log = String::new();
+    let mut killed_at = None;
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("writes paused on the primary for the switchover") {
+            unsafe { libc_kill(child.id() as i32, 9) };
+            killed_at = Some(std::time::Instant::now());
+            break;
+        }
+    }
+    let _ = child.wait();
+    let killed_at = killed_at.unwrap_or_else(|| panic!("no pause logged:\n{log}"));
+    // The pause ends by itself: every client acknowledges writes again within it (and the
+    // time its clients take to get through).
+    load.wait_progress(20, pause + Duration::from_secs(10));
+    let resumed_after = killed_at.elapsed();
+    assert!(
+        resumed_after <= pause + Duration::from_secs(10),
+        "writes resumed {resumed_after:?} after the kill"
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
+        log.push_str(&out);
+        log.push_str(&err);
+        if code == 0 {
+            break;
+        }
+        // 5: the dead holder's Lease has not expired yet. 4: the switchover the killed run
+        // began is still settling (the old primary, paused, says primary beside the promoted
+        // one): refused before any pod is touched, for a later run.
+        let settling =
+            code == 4 && err.contains("expected exactly one; wait until the sentinels settle");
+        assert!(code == 5 || settling, "{log}");
+        assert!(start.elapsed() < Duration::from_secs(60), "{log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert_eq!(
+        env.copy("spk-utilities").unwrap(),
+        env.copy("spk-ingress").unwrap(),
+        "copies differ"
+    );
+    let (_, ann) = tmm_replicas(&env);
+    for mark in ["restart-needed", "tmm-roll", "tmm-restarted"] {
+        assert!(
+            ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
+            "{mark} left: {ann}\n{log}"
+        );
+    }
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "TMM rolled once: {b:?}"
+    );
+    assert!(f.acked > 0 && f.reads > 0, "{f:?}");
+    assert_eq!(f.failed_after_retry, 0, "{f:?}");
+    assert_eq!(f.lost, 0, "{f:?}");
+    assert_eq!(f.stale_reads, 0, "{f:?}");
+    assert!(f.min_dbs_up >= 2 && f.min_sentinels_up >= 2, "{f:?}");
+    assert_eq!(f.no_ready_tmm, Duration::ZERO, "{f:?}");
+    assert!(
+        f.longest_gap <= pause + Duration::from_secs(5),
+        "the pause outlived its timeout: {f:?}"
+    );
+}
+
+/// The proofs are pinned to the deployed leaf (served byte for byte, verified on the path that
+/// leaf decides): a leaf made by the manual procedure (v1, no subjectAltName, checked without a
+/// name) is still proven. The seeds' materials, rolled by `restart` with the default strategy:
+/// every DB reload and sentinel restart proven against that leaf, unnoticed.
+#[test]
+fn a_roll_of_the_seeds_v1_leaf_is_proven_pinned_to_it_and_nobody_notices() {
+    let env = dssm_pods::seeded();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let (code, out, err) = dssm_pods::run(&env, &bed, &["restart"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for step in ["reload", "restart"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("  done: ") && l.contains(step)),
+            "{step}: {out}"
+        );
+    }
+    let (f, b) = dssm_pods::finish(bed, load);
+    assert!(b.started >= 3, "the sentinels restarted: {b:?}");
+    f.assert_unnoticed("a roll of the seeds' v1 leaf");
+}
+
+/// The RotationFailed Event the docs and the DssmRotationFailed alert point to: a renewal whose
+/// restart fails (the dSSM pods never come back Ready) leaves a Warning Event `RotationFailed`
+/// on the dSSM certificate Secret with the error, as `kubectl get events --field-selector
+/// reason=RotationFailed` finds it. Nothing emitted it before. A dry run that fails, or a run
+/// that only found the Lease held, emits none.
+#[test]
+fn a_failed_renewal_leaves_a_rotation_failed_event_on_the_certificate_secret() {
+    let env = TestEnv::spk();
+    assert_eq!(env.reconcile(&["--no-restart"]).0, 0);
+    let failed = |env: &TestEnv| -> Vec<Value> {
+        env.server
+            .list("events.k8s.io", "events", "spk-utilities")
+            .into_iter()
+            .filter(|e| e["reason"] == "RotationFailed")
+            .collect()
+    };
+    env.server
+        .with_state(|s| s.never_ready.push("f5-dssm-sentinel".into()));
+    let (code, _, err) = env.run(&[
+        "rotate",
+        "--strategy",
+        "scale-to-zero",
+        "--wait-timeout",
+        "2s",
+        "--order",
+        "dssm-first",
+    ]);
+    assert_eq!(code, 4, "{err}");
+    let events = failed(&env);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "Warning", "{e}");
+    assert_eq!(e["regarding"]["kind"], "Secret", "{e}");
+    assert_eq!(e["regarding"]["name"], "dssm-certs-secret", "{e}");
+    let note = e["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("the new Secrets are written, but bringing the pods onto them failed"),
+        "{note}"
+    );
+    // A run that finds another holder's Lease failed at nothing: no Event.
+    env.server.put(
+        "coordination.k8s.io",
+        "leases",
+        "spk-utilities",
+        json!({"metadata": {"name": "dssm-certs"},
+               "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 3600,
+                        "renewTime": "2099-01-01T00:00:00.000000Z"}}),
+    );
+    let (code, _, err) = env.run(&["rotate", "--strategy", "scale-to-zero"]);
+    assert_eq!(code, 5, "{err}");
+    assert_eq!(failed(&env).len(), 1, "no Event for a held Lease");
+}

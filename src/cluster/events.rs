@@ -44,13 +44,16 @@ pub enum Reason {
     RestartFailed,
     /// The restart finished and was verified.
     Restarted,
+    /// A `reconcile`/`rotate` that writes (a renewal, a CA rotation or its next phase, the
+    /// restart after them) failed; the note is its error.
+    RotationFailed,
     /// A reason given as a string that is none of the above (kept as given).
     Other(String),
 }
 
 impl Reason {
     /// Every named reason, for tests and documentation.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Published,
         Reason::Renewed,
         Reason::CaRotated,
@@ -66,6 +69,7 @@ impl Reason {
         Reason::PreflightOverridden,
         Reason::RestartFailed,
         Reason::Restarted,
+        Reason::RotationFailed,
     ];
 
     /// The Event's `reason` field (UpperCamelCase, as Kubernetes reasons are).
@@ -86,6 +90,7 @@ impl Reason {
             Reason::PreflightOverridden => "PreflightOverridden",
             Reason::RestartFailed => "RestartFailed",
             Reason::Restarted => "Restarted",
+            Reason::RotationFailed => "RotationFailed",
             Reason::Other(s) => s,
         }
     }
@@ -179,6 +184,29 @@ impl Cluster {
             if let Ok(Some(w)) = self.get_workload(t).await {
                 self.event_on_workload(&w, type_, reason.clone(), note.to_string())
                     .await;
+            }
+        }
+    }
+
+    /// A Warning Event `RotationFailed` with `error`, on the dSSM namespace's certificate
+    /// Secret (on the TMM targets where it is missing): what `kubectl get events
+    /// --field-selector reason=RotationFailed` and the DssmRotationFailed alert point to.
+    /// Best effort, as every Event.
+    pub async fn rotation_failed(&self, error: &str) {
+        let ns = self.dssm_ns.clone();
+        match self.get_secret(&ns, crate::contract::CERTS_SECRET).await {
+            Ok(Some(secret)) => {
+                self.event(
+                    &secret,
+                    EventType::Warning,
+                    Reason::RotationFailed,
+                    error.into(),
+                )
+                .await
+            }
+            _ => {
+                self.event_on_targets(EventType::Warning, Reason::RotationFailed, error)
+                    .await
             }
         }
     }

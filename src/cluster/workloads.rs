@@ -166,6 +166,42 @@ impl Cluster {
             .await
     }
 
+    /// The API server's clock, read off `t`: one patch sets the roll record to `pending` (a
+    /// value no earlier write left, so the patch changes the object and the server stamps our
+    /// managedFields entry) and the answer's stamp is returned. None when the server stamped
+    /// none. Pods' creationTimestamps come from that clock, whatever this machine's says.
+    pub async fn server_time(
+        &self,
+        t: &TmmTarget,
+        pending: &str,
+    ) -> Result<Option<k8s_openapi::jiff::Timestamp>, ClusterError> {
+        let patch = serde_json::json!({"metadata": {"annotations": {TMM_ROLL: pending}}});
+        let patch = Patch::Merge(&patch);
+        let (pp, what) = (pp(), format!("{t} (roll record)"));
+        let meta = match t.kind {
+            Kind::Deployment => {
+                let api = self.deployments_in(&t.namespace);
+                call("patch", &what, || api.patch(&t.name, &pp, &patch))
+                    .await?
+                    .metadata
+            }
+            Kind::DaemonSet => {
+                let api = self.daemonsets_in(&t.namespace);
+                call("patch", &what, || api.patch(&t.name, &pp, &patch))
+                    .await?
+                    .metadata
+            }
+        };
+        let manager = pp.field_manager.as_deref();
+        Ok(meta
+            .managed_fields
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.manager.as_deref() == manager)
+            .filter_map(|e| e.time.map(|t| t.0))
+            .max())
+    }
+
     /// How many pods each StatefulSet named in `names` (in `ns`) asks for; one that is gone
     /// asks for none.
     pub async fn statefulset_replicas(

@@ -48,6 +48,14 @@ pub fn restart(a: &RestartArgs) -> Result<i32, CommandError> {
     Ok(exit::OK)
 }
 
+/// Another run holds the Lease: nothing of this run failed.
+fn locked(e: &reconcile::ReconcileError) -> bool {
+    matches!(
+        e,
+        reconcile::ReconcileError::Cluster(crate::cluster::ClusterError::Locked(_))
+    )
+}
+
 /// The renewal policy the flags ask for; `rotate` forces the leaf (and with `--ca`, the CA).
 pub fn policy(issue: &IssueArgs, force_leaf: bool, force_ca: bool) -> Policy {
     Policy {
@@ -72,9 +80,13 @@ fn write(
         let opts = options(&cluster, issue, dry_run, restart, policy, None);
         let mut out = std::io::stdout();
         let work = reconcile::reconcile(&cluster, &opts, &mut out);
-        until_sigterm(&cluster, work, command)
-            .await?
-            .map_err(CommandError::from)
+        let r = until_sigterm(&cluster, work, command).await?;
+        if let Err(e) = &r {
+            if !dry_run && !locked(e) {
+                cluster.rotation_failed(&e.to_string()).await;
+            }
+        }
+        r.map_err(CommandError::from)
     })?;
     Ok(exit::OK)
 }

@@ -248,6 +248,39 @@ fn daemonset_plan(d: &DaemonSet) -> RollPlan {
     }
 }
 
+/// The PodDisruptionBudgets in `ns` that would refuse every eviction of `pods` now: each selects
+/// one of them and its status allows no disruption. An empty or missing selector selects no
+/// pod, as the eviction subresource reads it (registry/core/pod/storage/eviction.go). Named as
+/// errors name them: `poddisruptionbudget NS/NAME allows no disruption now (…)`.
+pub fn blocking_budgets(
+    ns: &str,
+    pdbs: &[k8s_openapi::api::policy::v1::PodDisruptionBudget],
+    pods: &[k8s_openapi::api::core::v1::Pod],
+) -> Vec<String> {
+    pdbs.iter()
+        .filter_map(|b| {
+            let sel = b.spec.as_ref()?.selector.as_ref()?;
+            let empty = sel.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
+                && sel.match_expressions.as_ref().is_none_or(Vec::is_empty);
+            let labels = |p: &k8s_openapi::api::core::v1::Pod| p.metadata.labels.clone();
+            let picks = pods
+                .iter()
+                .any(|p| crate::model::pods::selects(sel, &labels(p).unwrap_or_default()));
+            let st = b.status.clone().unwrap_or_default();
+            (!empty && picks && st.disruptions_allowed.unwrap_or(0) == 0).then(|| {
+                format!(
+                    "poddisruptionbudget {ns}/{} allows no disruption now ({} of {} pods \
+                     healthy, {} wanted)",
+                    b.metadata.name.as_deref().unwrap_or_default(),
+                    st.current_healthy.unwrap_or(0),
+                    st.expected_pods.unwrap_or(0),
+                    st.desired_healthy.unwrap_or(0)
+                )
+            })
+        })
+        .collect()
+}
+
 /// A fetched TMM workload.
 #[derive(Debug, Clone)]
 pub enum Workload {

@@ -102,6 +102,8 @@ pub(crate) struct Verifier {
     /// (not what is served), and on the path without a name check the served certificate must
     /// be it, byte for byte.
     deployed: Option<Certificate>,
+    /// The served certificate must be `deployed`, byte for byte, on either path (a proof).
+    pin_every_path: bool,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -159,8 +161,15 @@ impl ServerCertVerifier for Verifier {
         if let Some(d) = self
             .deployed
             .as_ref()
-            .filter(|_| path == VerifyPath::LegacyNoNameCheck)
+            .filter(|_| self.pin_every_path || path == VerifyPath::LegacyNoNameCheck)
         {
+            if d.der() != served.der() && self.pin_every_path {
+                return Err(rustls::Error::General(format!(
+                    "the served certificate (SHA-256 {}) is not the deployed leaf (SHA-256 {}): \
+                     a proof accepts only the deployed one",
+                    served.sha256_fingerprint, d.sha256_fingerprint
+                )));
+            }
             if d.der() != served.der() {
                 return Err(rustls::Error::General(format!(
                     "the served certificate (SHA-256 {}) is not the deployed leaf (SHA-256 {}): \
@@ -295,10 +304,34 @@ impl TlsClient {
         Self::with_deployed(m, client_cert, true)
     }
 
+    /// A proof's client, with `m`'s materials: its server must serve `deployed` (a PEM leaf,
+    /// the dSSM copy's), byte for byte whatever its version, and the verification path comes
+    /// from that leaf, never from what is served.
+    pub fn pinned_to(
+        m: &ClientMaterials,
+        client_cert: bool,
+        deployed: &[u8],
+    ) -> Result<Self, TlsSetupError> {
+        let deployed = pki::parse_certificate(deployed, LEAF_CERT)
+            .map_err(|e| TlsSetupError::Materials(e.to_string()))?;
+        Self::build(m, client_cert, Some(deployed), true)
+    }
+
     fn with_deployed(
         m: &ClientMaterials,
         client_cert: bool,
         pin: bool,
+    ) -> Result<Self, TlsSetupError> {
+        let leaf = pki::parse_certificate(&m.leaf_cert, LEAF_CERT)
+            .map_err(|e| TlsSetupError::Materials(e.to_string()))?;
+        Self::build(m, client_cert, pin.then_some(leaf), false)
+    }
+
+    fn build(
+        m: &ClientMaterials,
+        client_cert: bool,
+        deployed: Option<Certificate>,
+        pin_every_path: bool,
     ) -> Result<Self, TlsSetupError> {
         let provider = Arc::new(provider::default_provider());
         let cas = parse_bundle(&m.ca_cert, CA_CERT)?;
@@ -320,7 +353,8 @@ impl TlsClient {
             webpki,
             algorithms: provider.signature_verification_algorithms,
             seen: Mutex::new(None),
-            deployed: pin.then_some(leaf),
+            deployed,
+            pin_every_path,
         });
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?

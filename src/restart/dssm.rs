@@ -408,7 +408,16 @@ impl Cluster {
                     .map(|m| TlsClient::new(m, true))
                     .collect::<Result<Vec<_>, _>>()
             };
-            let (accepts, refuses) = (clients(&extra.accepts)?, clients(&extra.refuses)?);
+            // What a proof accepts is pinned to the deployed leaf (the dSSM copy's): served
+            // byte for byte, verified on the path that leaf decides, whatever is served.
+            let deployed = &materials.leaf_cert;
+            let pinned = TlsClient::pinned_to(&materials, true, deployed)?;
+            let accepts = extra
+                .accepts
+                .iter()
+                .map(|m| TlsClient::pinned_to(m, true, deployed))
+                .collect::<Result<Vec<_>, _>>()?;
+            let refuses = clients(&extra.refuses)?;
             let observed =
                 observe(&live, &pods, &tool, &server_name, &ns).map_err(DssmRollError::Observe)?;
             let steps = rollout::plan(&observed)?;
@@ -417,7 +426,7 @@ impl Cluster {
             }
             let mut proof = Proof {
                 serves: Some(fingerprint),
-                accepts: vec![&tool],
+                accepts: vec![&pinned],
                 refuses: refuses.iter().collect(),
             };
             proof.accepts.extend(accepts.iter());
@@ -634,5 +643,66 @@ mod tests {
         assert!(pod_endpoint(&p, &none)
             .unwrap_err()
             .contains("is not an address"));
+    }
+
+    /// The proofs' pin: a served leaf other than the deployed one, even one the deployed CA
+    /// signed for the same name (the unpinned client, whose path came from the served
+    /// certificate, accepts it), is refused naming both fingerprints; the deployed leaf passes.
+    #[test]
+    fn a_proof_refuses_a_valid_leaf_that_is_not_the_deployed_one() {
+        use crate::pki::issue::{
+            default_ca_subject, default_leaf_subject, issue_ca, issue_leaf, CaSigner, LeafRequest,
+        };
+        use crate::pki::{KeyAlgorithm, PrivateKey};
+        use rustls::client::danger::ServerCertVerifier;
+        let now = time::OffsetDateTime::now_utc();
+        let key = || PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let ca_key = key();
+        let ca = issue_ca(&default_ca_subject(), 365, &ca_key, now).unwrap();
+        let signer = CaSigner {
+            cert_pem: ca.as_bytes(),
+            key: &ca_key,
+            cert_name: "ca",
+            key_name: "ca key",
+        };
+        let names = vec![contract::SENTINEL_SERVICE.to_string()];
+        let subject = default_leaf_subject();
+        let request = LeafRequest {
+            subject: &subject,
+            days: 30,
+            dns_names: &names,
+        };
+        let leaf = |k: &PrivateKey| issue_leaf(&request, k, &signer, now).unwrap().pem;
+        let (k1, k2) = (key(), key());
+        let other = crate::pki::parse_certificate(leaf(&k2).as_bytes(), "other").unwrap();
+        let m = ClientMaterials {
+            ca_cert: ca.clone().into_bytes(),
+            leaf_cert: leaf(&k1).into_bytes(),
+            leaf_key: k1,
+        };
+        let deployed = crate::pki::parse_certificate(&m.leaf_cert, "deployed").unwrap();
+        let name = rustls::pki_types::ServerName::try_from(contract::SENTINEL_SERVICE).unwrap();
+        let verify = |c: &TlsClient, served: &crate::pki::Certificate| {
+            let der = rustls::pki_types::CertificateDer::from(served.der().to_vec());
+            c.verifier
+                .verify_server_cert(&der, &[], &name, &[], rustls::pki_types::UnixTime::now())
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        let unpinned = TlsClient::new(&m, true).unwrap();
+        assert_eq!(
+            verify(&unpinned, &other),
+            Ok(()),
+            "the unpinned path takes it"
+        );
+        let pinned = TlsClient::pinned_to(&m, true, &m.leaf_cert).unwrap();
+        let e = verify(&pinned, &other).unwrap_err();
+        assert!(
+            e.contains(&other.sha256_fingerprint)
+                && e.contains(&deployed.sha256_fingerprint)
+                && e.contains("not the deployed leaf"),
+            "{e}"
+        );
+        assert_eq!(verify(&pinned, &deployed), Ok(()));
     }
 }

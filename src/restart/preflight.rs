@@ -3,6 +3,7 @@
 //! target that would be left without a Ready pod.
 
 use super::*;
+use crate::model::targets::blocking_budgets;
 
 impl Cluster {
     /// Pre-flight (docs/design.md, "The rules every pass keeps"), before any disruptive step and before new materials are written:
@@ -85,27 +86,30 @@ impl Cluster {
             .pods_in(&self.dssm_ns)
             .list(&self.dssm_selector)
             .await?;
-        Ok(pdbs
-            .iter()
-            .filter(|b| {
-                b.status
-                    .as_ref()
-                    .and_then(|s| s.disruptions_allowed)
-                    .unwrap_or(0)
-                    == 0
-                    && b.spec
-                        .as_ref()
-                        .and_then(|s| s.selector.as_ref())
-                        .is_some_and(|sel| dssm.iter().any(|p| selects(sel, p.labels())))
-            })
-            .map(|b| {
-                format!(
-                    "poddisruptionbudget {}/{} allows no disruption now",
-                    self.dssm_ns,
-                    b.name_any()
-                )
-            })
-            .collect())
+        Ok(blocking_budgets(&self.dssm_ns, &pdbs, &dssm))
+    }
+
+    /// PodDisruptionBudgets over the live pods of `t` (a target the tool replaces itself, one
+    /// eviction at a time) that allow no disruption now: its first eviction would be refused
+    /// until the deadline.
+    async fn tmm_blocking_pdbs(
+        &self,
+        t: &TmmTarget,
+        w: &Workload,
+    ) -> Result<Vec<String>, ClusterError> {
+        let pods = self
+            .pods_in(&t.namespace)
+            .list(&selector_query(w.selector()))
+            .await?;
+        let live: Vec<Pod> = pods
+            .into_iter()
+            .filter(|p| !terminating(p) && !ended(p))
+            .collect();
+        if live.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pdbs = self.pdbs_in(&t.namespace).await?;
+        Ok(blocking_budgets(&t.namespace, &pdbs, &live))
     }
 
     /// Every target's rollout complete, each waited for (watching) up to `timeout`; what is
@@ -126,23 +130,43 @@ impl Cluster {
     }
 
     /// Refuses, before anything is written, a rolling restart that would leave a TMM target
-    /// with no Ready pod (one pod that cannot surge), unless the operator allows the gap.
+    /// with no Ready pod (one pod that cannot surge), unless the operator allows the gap; and
+    /// one whose pods the tool must evict one at a time while a PodDisruptionBudget over them
+    /// allows no disruption (every eviction would be refused until the deadline, after the
+    /// new materials were written).
     pub async fn check_tmm_gaps(&self, allow: bool) -> Result<(), RestartError> {
         let mut gaps = Vec::new();
+        let mut budgets = Vec::new();
         for t in &self.targets {
-            if let RollPlan::Gap { why } = self.require_workload(t).await?.roll_plan() {
+            let w = self.require_workload(t).await?;
+            let plan = w.roll_plan();
+            if let RollPlan::Gap { why } = &plan {
                 gaps.push(format!("{t}: {why}"));
             }
+            if plan != RollPlan::Controller {
+                for b in self.tmm_blocking_pdbs(t, &w).await? {
+                    budgets.push(format!(
+                        "{t} is replaced one pod at a time by evictions, and {b}"
+                    ));
+                }
+            }
         }
-        if gaps.is_empty() || allow {
+        let why = if !gaps.is_empty() && !allow {
+            format!(
+                "{}: replacing its pod leaves no TMM pod Ready until the new one is (pass \
+                 --allow-tmm-gap to accept that gap, or {})",
+                gaps.join("; "),
+                crate::model::targets::NO_GAP_HINT
+            )
+        } else if !budgets.is_empty() {
+            format!(
+                "{}: every eviction would be refused (let the budget allow one disruption, or \
+                 wait until the pods it selects are healthy)",
+                budgets.join("; ")
+            )
+        } else {
             return Ok(());
-        }
-        let why = format!(
-            "{}: replacing its pod leaves no TMM pod Ready until the new one is (pass \
-             --allow-tmm-gap to accept that gap, or {})",
-            gaps.join("; "),
-            crate::model::targets::NO_GAP_HINT
-        );
+        };
         self.event_on_targets(
             EventType::Warning,
             Reason::RestartRefused,

@@ -102,9 +102,10 @@ impl Cluster {
         let w = self.require_workload(t).await?;
         let replicas = w.replicas();
         let recorded = recorded_roll(&w, token);
-        let since = recorded.unwrap_or_else(|| {
-            Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid time")
-        });
+        let since = match recorded {
+            Some(at) => at,
+            None => self.roll_start(t, token, out).await?,
+        };
         let record = format!("{token}@{since}");
         if recorded.is_some() {
             let _ = writeln!(
@@ -141,6 +142,31 @@ impl Cluster {
             }
         }
         self.prove_rolled(t, &w, since, timeout, out).await
+    }
+
+    /// When a new roll of `t` begins, by the API server's clock (the one that stamps the pods'
+    /// creationTimestamps): a skewed clock here must neither prove a roll that never happened
+    /// nor wait for pods "newer" than a time the server has not reached. Falls back to this
+    /// machine's clock, and says so, only where the server stamps no managedFields.
+    async fn roll_start(
+        &self,
+        t: &TmmTarget,
+        token: &str,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<Timestamp, RestartError> {
+        let nonce = Timestamp::now().as_nanosecond();
+        let stamped = self
+            .server_time(t, &format!("{token}@pending-{nonce}"))
+            .await?;
+        let at = stamped.unwrap_or_else(|| {
+            let _ = writeln!(
+                out,
+                "{t}: the API server stamped no managedFields time; the roll is timed by this \
+                 machine's clock"
+            );
+            Timestamp::now()
+        });
+        Ok(Timestamp::from_second(at.as_second()).expect("a stamped time is valid"))
     }
 
     /// Waits until every live pod of `t` is newer than `since`, Ready, of one template, and

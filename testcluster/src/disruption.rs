@@ -24,7 +24,7 @@ use crate::controllers::{
     terminating,
 };
 use crate::logic::labels_match;
-use crate::store::{now_rfc3339, resource, State};
+use crate::store::{resource, State};
 
 /// How long an evicted pod may take to be deleted before the budget counts it again
 /// (disruption.go DeletionTimeout).
@@ -79,10 +79,10 @@ fn expected_scale(s: &State, ns: &str, pods: &[Value]) -> usize {
         .sum()
 }
 
-fn seconds_since(rfc3339: &str) -> Option<Duration> {
+fn seconds_since(now: time::OffsetDateTime, rfc3339: &str) -> Option<Duration> {
     let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
         .ok()?;
-    let d = time::OffsetDateTime::now_utc() - t;
+    let d = now - t;
     Some(Duration::from_secs(d.whole_seconds().max(0) as u64))
 }
 
@@ -110,7 +110,7 @@ fn status_of(s: &State, pdb: &Value) -> Value {
             let live = pods.iter().any(|p| name_of(p) == *name && !terminating(p));
             let fresh = t
                 .as_str()
-                .and_then(seconds_since)
+                .and_then(|t| seconds_since(s.now(), t))
                 .is_some_and(|d| d < DELETION_TIMEOUT);
             if live && fresh {
                 disrupted.insert(name.clone(), t.clone());
@@ -128,7 +128,7 @@ fn status_of(s: &State, pdb: &Value) -> Value {
         "currentHealthy": healthy,
         "desiredHealthy": desired,
         "expectedPods": expected,
-        "conditions": [condition(allowed, pdb)],
+        "conditions": [condition(allowed, pdb, &s.now_rfc3339())],
     });
     if !disrupted.is_empty() {
         status["disruptedPods"] = Value::Object(disrupted);
@@ -139,7 +139,7 @@ fn status_of(s: &State, pdb: &Value) -> Value {
 /// The DisruptionAllowed condition (k8s.io/component-helpers/apps/poddisruptionbudget
 /// UpdateDisruptionAllowedCondition: SufficientPods / InsufficientPods). Its transition time
 /// is kept while the status holds, so an unchanged budget is not rewritten.
-fn condition(allowed: usize, pdb: &Value) -> Value {
+fn condition(allowed: usize, pdb: &Value, now: &str) -> Value {
     let (status, reason) = if allowed > 0 {
         ("True", "SufficientPods")
     } else {
@@ -151,7 +151,7 @@ fn condition(allowed: usize, pdb: &Value) -> Value {
         .filter(|c| c["status"] == status);
     let since = old
         .map(|c| c["lastTransitionTime"].clone())
-        .unwrap_or_else(|| json!(now_rfc3339()));
+        .unwrap_or_else(|| json!(now));
     json!({"type": "DisruptionAllowed", "status": status, "reason": reason, "message": "",
         "observedGeneration": pdb["metadata"]["generation"], "lastTransitionTime": since})
 }
@@ -280,7 +280,7 @@ pub(crate) fn evict(s: &mut State, ns: &str, name: &str, eviction: &Value) -> (u
         return success;
     }
     let mut status = st;
-    status["disruptedPods"][name] = json!(now_rfc3339());
+    status["disruptedPods"][name] = json!(s.now_rfc3339());
     status["disruptionsAllowed"] = json!(status["disruptionsAllowed"].as_u64().unwrap_or(1) - 1);
     pdb["status"] = status;
     s.put(pdbs(), ns, pdb);

@@ -318,6 +318,10 @@ pub struct State {
     /// How many pod IPs the simulated kubelet handed out: the next pod gets the next loopback
     /// address (`controllers::kubelet::pod_ip`).
     pub(crate) pod_ips: u32,
+    /// How far this API server's clock is from the machine's: every time it stamps
+    /// (creationTimestamp, managedFields, deletionTimestamp, pod and budget status) is skewed
+    /// by it, as a control plane whose clock differs from the client's.
+    pub clock_offset: time::Duration,
 }
 
 /// The API server's defaulting of the workload specs we serve (pkg/apis/apps/v1/defaults.go
@@ -405,7 +409,23 @@ impl State {
             created_rv: HashMap::new(),
             ready_at: HashMap::new(),
             pod_ips: 0,
+            clock_offset: time::Duration::ZERO,
         }
+    }
+
+    /// This API server's clock: the machine's, skewed by `clock_offset`, whole seconds (as
+    /// metav1.Time serializes).
+    pub fn now(&self) -> time::OffsetDateTime {
+        (time::OffsetDateTime::now_utc() + self.clock_offset)
+            .replace_nanosecond(0)
+            .unwrap()
+    }
+
+    /// `now`, as RFC 3339.
+    pub fn now_rfc3339(&self) -> String {
+        self.now()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
     }
 
     pub(crate) fn next_rv(&mut self) -> u64 {
@@ -479,7 +499,7 @@ impl State {
                 m["uid"] = json!(uid);
             }
             if m.get("creationTimestamp").is_none_or(Value::is_null) {
-                m["creationTimestamp"] = json!(now_rfc3339());
+                m["creationTimestamp"] = json!(self.now_rfc3339());
             }
         }
         if r.namespaced {

@@ -423,7 +423,7 @@ fn mark_ready(handle: &StateHandle, ns: &str, name: &str, id: &str) {
         if uid(&p) != id {
             return;
         }
-        let t = super::apiserver::store::now_rfc3339();
+        let t = s.now_rfc3339();
         p["status"] = json!({"phase": "Running", "startTime": t, "conditions": [
             {"type": "Initialized", "status": "True"}, {"type": "ContainersReady", "status": "True"},
             {"type": "Ready", "status": "True", "lastTransitionTime": t}, {"type": "PodScheduled", "status": "True"}]});

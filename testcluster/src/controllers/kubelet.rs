@@ -20,7 +20,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::{pod_ready, terminal, terminating};
-use crate::store::{now_rfc3339, resource, State};
+use crate::store::{resource, State};
 
 pub(crate) fn sync(s: &mut State) {
     let pods_res = resource("", "pods");
@@ -52,7 +52,7 @@ pub(crate) fn sync(s: &mut State) {
             if mount_fails(s, &uid, &ns, &p, now) {
                 // The start delay counts from when the mount succeeds.
                 s.pod_timers.remove(&(uid.clone(), String::new()));
-                let status = waiting_status(&p);
+                let status = waiting_status(&p, &s.now_rfc3339());
                 if p["status"] != status {
                     let mut p = p.clone();
                     p["status"] = status;
@@ -68,7 +68,7 @@ pub(crate) fn sync(s: &mut State) {
                 && !s.never_ready.iter().any(|x| name.starts_with(x.as_str()))
             {
                 let mut p = p.clone();
-                let t = now_rfc3339();
+                let t = s.now_rfc3339();
                 let ip = next_pod_ip(s);
                 p["status"] = json!({"phase": "Running", "startTime": t, "conditions": [
                     {"type": "PodReadyToStartContainers", "status": "True"},
@@ -164,7 +164,7 @@ fn missing_secret(s: &State, ns: &str, pod: &Value) -> Option<String> {
 /// generateAPIPodStatus): Pending, scheduled and initialized, containers waiting in
 /// ContainerCreating, not Ready, a host IP and no pod IP. The mount error itself is in no field
 /// (kubelet reports it as a FailedMount Event).
-fn waiting_status(pod: &Value) -> Value {
+fn waiting_status(pod: &Value, now: &str) -> Value {
     let names: Vec<&str> = pod["spec"]["containers"]
         .as_array()
         .into_iter()
@@ -173,11 +173,7 @@ fn waiting_status(pod: &Value) -> Value {
         .collect();
     let not_ready = format!("containers with unready status: [{}]", names.join(" "));
     let start = pod["status"]["startTime"].clone();
-    let start = if start.is_string() {
-        start
-    } else {
-        json!(now_rfc3339())
-    };
+    let start = if start.is_string() { start } else { json!(now) };
     json!({"phase": "Pending", "startTime": start, "hostIP": HOST_IP, "hostIPs": [{"ip": HOST_IP}],
         "conditions": [
             {"type": "PodReadyToStartContainers", "status": "False"},
@@ -209,7 +205,7 @@ pub(crate) fn fail(s: &mut State, ns: &str, name: &str, reason: &str) {
     let Some(mut p) = s.get(pods_res, ns, name).cloned() else {
         panic!("fail_pod: no pod {ns}/{name}");
     };
-    let t = now_rfc3339();
+    let t = s.now_rfc3339();
     p["status"]["phase"] = json!("Failed");
     p["status"]["reason"] = json!(reason);
     p["status"]["message"] = json!(format!("The node was low on resource: memory. ({reason})"));

@@ -239,10 +239,7 @@ pub fn mark_terminating_with_grace(s: &mut State, ns: &str, name: &str, grace: O
         s.remove(pods_res, ns, name);
         return;
     }
-    let at = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap()
-        + time::Duration::seconds(grace);
+    let at = s.now() + time::Duration::seconds(grace);
     p["metadata"]["deletionTimestamp"] = json!(at
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap());

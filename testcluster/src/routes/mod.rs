@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::faults;
 use crate::logic::*;
 use crate::rbac::authorized;
-use crate::store::{now_rfc3339, Recorded, Resource, State, PROMETHEUS_OPERATOR_GROUP, RESOURCES};
+use crate::store::{Recorded, Resource, State, PROMETHEUS_OPERATOR_GROUP, RESOURCES};
 use crate::{Shared, ADMIN_TOKEN, AGENT_TOKEN, SA_TOKEN};
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
@@ -435,7 +435,7 @@ fn admit<'a>(
     let call = Call {
         verb,
         manager: manager_name(&q, &raw.user_agent),
-        now: now_rfc3339(),
+        now: shared.state.lock().unwrap().now_rfc3339(),
         p,
         q,
         labels,
