@@ -43,6 +43,66 @@ fn rotate_renews_the_leaf_through_the_cluster_under_load_and_nobody_notices() {
     assert!(out.contains("reload TLS files in place"), "{out}");
     assert!(b.started >= 3, "the three sentinels restarted: {b:?}");
     f.assert_unnoticed("leaf renewal through the cluster");
+    // As few restarts as a new leaf needs, as the bed counted them: TMM rolled once, each
+    // sentinel restarted once, the DBs (directory mounts) reloaded and never restarted.
+    let replicas = tmm_replicas(&r.env);
+    assert_eq!(f.tmm_pods, replicas, "TMM rolled once: {f:?}");
+    assert_eq!(f.sentinel_starts, 3, "each sentinel restarted once: {f:?}");
+    assert_eq!(f.db_starts, 0, "no DB restarted: {f:?}");
+    assert!(f.db_reloads >= 3, "every DB reloaded: {f:?}");
+    assert_tool_counted_what_the_bed_did(&r.env, f, out, "spk-ingress");
+}
+
+/// The tool's own figures (its last `restarts:` line) are those the bed counted.
+fn tool_restarts(out: &str) -> [u64; 4] {
+    let line = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("restarts: "))
+        .unwrap_or_else(|| panic!("no restarts line:\n{out}"));
+    let n: Vec<u64> = line
+        .split(", ")
+        .map(|part| part.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    n.try_into().unwrap()
+}
+
+/// The tool's `restarts:` line (and the Event of its end in `events_ns`) say what the bed
+/// counted: TMM pods created, sentinel and DB process starts, DB reloads (`CONFIG SET` calls).
+fn assert_tool_counted_what_the_bed_did(
+    env: &TestEnv,
+    f: &support::load::Figures,
+    out: &str,
+    events_ns: &str,
+) {
+    let bed = [
+        f.tmm_pods as u64,
+        f.sentinel_starts as u64,
+        f.db_starts as u64,
+        f.db_reloads,
+    ];
+    assert_eq!(tool_restarts(out), bed, "tool vs bed: {f:?}\n{out}");
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("restarts: "))
+        .unwrap();
+    let events = env.server.list("events.k8s.io", "events", events_ns);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["note"].as_str().is_some_and(|n| n.contains(line))),
+        "no Event in {events_ns} says {line:?}: {events:?}"
+    );
+}
+
+/// The replicas of the one TMM Deployment.
+fn tmm_replicas(env: &TestEnv) -> usize {
+    let d = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    d["spec"]["replicas"].as_u64().unwrap() as usize
 }
 
 #[test]

@@ -22,6 +22,7 @@ use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
 use crate::materials::{annotations, saved_keys, store_keys, SecretObs};
+use crate::model::restarts::Restarts;
 use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, ReconcileError};
 use crate::redis::ClientMaterials;
@@ -121,6 +122,22 @@ pub async fn drive(
     restart: Option<&crate::restart::Options>,
     out: &mut (dyn Write + Send),
 ) -> Result<(), ReconcileError> {
+    let start = crate::model::restarts::so_far();
+    let result = drive_from(cluster, restart, start, out).await;
+    if result.is_ok() {
+        let _ = writeln!(out, "{}", Restarts::since(start));
+    }
+    result
+}
+
+/// `drive`'s steps; `start` is the restart count when the run began (the last Event says
+/// what this run restarted).
+async fn drive_from(
+    cluster: &Cluster,
+    restart: Option<&crate::restart::Options>,
+    start: Restarts,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
     let mut seen = Seen {
         may_restart: restart.is_some(),
         ..Seen::default()
@@ -187,14 +204,15 @@ pub async fn drive(
                 roll_one(cluster, r, step, &saved, record, &state, out).await?;
             }
             (Step::AdvancePhase { to, .. }, _) => {
-                phase_rolled(cluster, &obs, phase, out).await;
+                phase_rolled(cluster, &obs, phase, None, out).await;
                 let mut record = record;
                 record.phase = to;
                 record.rolled.clear();
                 save_record(cluster, &obs, &record).await?;
             }
             (Step::FinishRotation, _) => {
-                phase_rolled(cluster, &obs, phase, out).await;
+                let restarts = Restarts::since(start);
+                phase_rolled(cluster, &obs, phase, Some(restarts), out).await;
                 return finish_rotation(cluster, &obs, &saved, &record, out).await;
             }
             (step, _) => unreachable!("not a rotation step: {step:?}"),
@@ -309,7 +327,7 @@ async fn roll_one(
                 None => token,
             };
             cluster
-                .roll_target(&cluster.targets[target], &token, r.wait_timeout, out)
+                .roll_target_counted(&cluster.targets[target], &token, r.wait_timeout, out)
                 .await?;
             state.targets[target].id.clone()
         }
@@ -325,6 +343,7 @@ async fn phase_rolled(
     cluster: &Cluster,
     obs: &crate::cluster::Observation,
     phase: Phase,
+    restarts: Option<Restarts>,
     out: &mut (dyn Write + Send),
 ) {
     let note = format!(
@@ -333,6 +352,11 @@ async fn phase_rolled(
         phase.describe()
     );
     let _ = writeln!(out, "{note}");
+    // The last phase's Event says what the run restarted.
+    let note = match restarts {
+        Some(r) => format!("{note}; this run's {r}"),
+        None => note,
+    };
     let key = (cluster.dssm_ns.clone(), contract::CERTS_SECRET.to_string());
     if let Some(certs) = obs.raw.get(&key) {
         // One reason per phase: the recorder folds repeats of a reason into a series.

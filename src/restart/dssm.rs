@@ -155,6 +155,8 @@ struct ClusterPods {
     overrides: BTreeMap<String, String>,
     endpoints: BTreeMap<String, String>,
     uids: BTreeMap<String, String>,
+    /// Each pod's kind, for the restarts counted per kind.
+    kinds: BTreeMap<String, PodKind>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -186,6 +188,11 @@ impl Pods for ClusterPods {
             Ok::<_, RestartError>(now.get(&name).cloned())
         });
         let p = back.map_err(|e| e.to_string())?.ok_or("vanished")?;
+        use crate::model::restarts::{count, Kind};
+        match self.kinds.get(pod) {
+            Some(PodKind::Sentinel) => count(Kind::SentinelRestart, 1),
+            _ => count(Kind::DbRestart, 1),
+        }
         self.uids
             .insert(pod.to_string(), p.uid().unwrap_or_default());
         self.endpoints
@@ -296,6 +303,7 @@ impl Cluster {
         }
         let mut endpoints = BTreeMap::new();
         let mut uids = BTreeMap::new();
+        let kinds = live.iter().map(|p| (p.name_any(), pod_kind(p))).collect();
         for p in &live {
             endpoints.insert(
                 p.name_any(),
@@ -315,6 +323,7 @@ impl Cluster {
                 overrides: access.endpoints.clone(),
                 endpoints,
                 uids,
+                kinds,
                 runtime: tokio::runtime::Handle::current(),
             },
             live,
