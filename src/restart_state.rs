@@ -148,7 +148,8 @@ pub struct Seen {
     pub available: bool,
     /// Per target (by index), whether it is stopped now (scaled to 0 / stop nodeSelector).
     pub stopped: Vec<bool>,
-    /// This run wrote the current rotation phase's materials into every copy.
+    /// This run wrote the current rotation phase's materials into the copies it writes next
+    /// (`copies_due`).
     pub phase_written: bool,
     /// This run may restart (false: `--no-restart`, the phase is written and waits).
     pub may_restart: bool,
@@ -210,9 +211,10 @@ pub enum Step {
     },
     /// Every target loses its marks; an Event says so; then the probe.
     Finish,
-    /// Rotation: write the phase's materials into every copy.
+    /// Rotation: write the phase's materials into `copies`.
     WritePhase {
         phase: Phase,
+        copies: Copies,
     },
     /// Rotation without restart (`--no-restart`): mark every target and stop there.
     AwaitRestart {
@@ -326,30 +328,67 @@ fn next_scale_to_zero(
     Step::Finish
 }
 
-/// Each phase: its materials written, then dSSM and every TMM target rolled through it (each
-/// recorded in `rolled` once done), then the next phase; after drop, the rotation finishes.
+/// Which copies a step of a CA rotation writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copies {
+    /// The dSSM namespace's only.
+    Dssm,
+    /// Every TMM namespace's (a TMM namespace that is dSSM's own shares its copy).
+    Tmm,
+    All,
+}
+
+/// The copies the recorded phase writes next: trust, the dSSM copies only (TMM keeps the old
+/// CA and leaf); switch, the TMM copies until every target is rolled, then the dSSM copies;
+/// drop, every copy.
+pub fn copies_due(state: &RestartState, record: &Record) -> Copies {
+    match record.phase {
+        Phase::Trust => Copies::Dssm,
+        Phase::Switch if tmm_left(state, record).is_some() => Copies::Tmm,
+        Phase::Switch => Copies::Dssm,
+        Phase::Drop => Copies::All,
+    }
+}
+
+/// The first TMM target not yet rolled through the recorded phase.
+fn tmm_left(state: &RestartState, record: &Record) -> Option<usize> {
+    state
+        .targets
+        .iter()
+        .position(|t| !record.rolled.contains(&t.id))
+}
+
+/// A CA rotation restarts each process as few times as keeps every handshake valid:
+///
+/// - trust: the dSSM copies get both CAs (the leaf unchanged) and dSSM rolls; TMM is left alone;
+/// - switch: the TMM copies get both CAs and the new leaf and every target rolls (once in the
+///   whole rotation: every dSSM process trusts the new CA since trust), then the dSSM copies get
+///   the same and dSSM rolls;
+/// - drop: every copy gets the new CA only and dSSM "rolls" its DBs only (a reload); sentinels
+///   and TMM keep trusting the old CA until their next restart, harmless once its key is gone.
+///
+/// Each roll is recorded in `rolled`; a resumed run writes the due copies again (the same
+/// content) and rolls only what is not recorded.
 fn next_in_rotation(state: &RestartState, record: &Record, seen: &Seen) -> Step {
     let phase = record.phase;
     if !seen.phase_written {
-        return Step::WritePhase { phase };
+        let copies = copies_due(state, record);
+        return Step::WritePhase { phase, copies };
     }
     if !seen.may_restart {
         return Step::AwaitRestart { phase };
     }
+    if phase == Phase::Switch {
+        if let Some(i) = tmm_left(state, record) {
+            return Step::RollTarget {
+                target: i,
+                token: record.revision.to_string(),
+                phase: Some(phase),
+            };
+        }
+    }
     if !record.rolled.contains(&state.dssm) {
         return Step::RollDssm { phase: Some(phase) };
-    }
-    let token = record.revision.to_string();
-    if let Some(i) = state
-        .targets
-        .iter()
-        .position(|t| !record.rolled.contains(&t.id))
-    {
-        return Step::RollTarget {
-            target: i,
-            token,
-            phase: Some(phase),
-        };
     }
     match phase.next() {
         Some(to) => Step::AdvancePhase { from: phase, to },
@@ -677,9 +716,10 @@ mod tests {
         assert_eq!(next(&s, &seen(|_| {}), ROLLING), Step::Stop { target: 0 });
     }
 
-    /// Long: a table, one row per phase and workload of a CA rotation, read in one place.
+    /// Long: a table, one row per phase and workload of a CA rotation, read in one place. TMM
+    /// rolls once, in switch, before dSSM; trust and drop roll dSSM only.
     #[test]
-    fn a_rotation_goes_through_three_phases_and_every_workload_resuming_at_each() {
+    fn a_rotation_rolls_tmm_once_in_switch_and_dssm_in_each_phase_resuming_at_each() {
         let record = |phase, rolled: &[&str]| Record {
             kind: Kind::Ca,
             phase,
@@ -688,13 +728,19 @@ mod tests {
         };
         let written = seen(|o| o.phase_written = true);
         let tok = || "9".to_string();
+        let write = |phase, copies| Step::WritePhase { phase, copies };
+        let roll = |target| Step::RollTarget {
+            target,
+            token: tok(),
+            phase: Some(Phase::Switch),
+        };
+        let dssm = |p| Step::RollDssm { phase: Some(p) };
         let rows: Vec<(Record, Seen, Step)> = vec![
+            // trust: the dSSM copies only, dSSM rolled, no TMM roll.
             (
                 record(Phase::Trust, &[]),
                 seen(|_| {}),
-                Step::WritePhase {
-                    phase: Phase::Trust,
-                },
+                write(Phase::Trust, Copies::Dssm),
             ),
             (
                 record(Phase::Trust, &[]),
@@ -709,70 +755,64 @@ mod tests {
             (
                 record(Phase::Trust, &[]),
                 written.clone(),
-                Step::RollDssm {
-                    phase: Some(Phase::Trust),
-                },
+                dssm(Phase::Trust),
+            ),
+            // Crash mid-way through dSSM's roll: written again, dSSM rolled (its pods that
+            // already run the phase are not restarted again: restart/dssm.rs).
+            (
+                record(Phase::Trust, &[]),
+                seen(|_| {}),
+                write(Phase::Trust, Copies::Dssm),
             ),
             (
                 record(Phase::Trust, &[DSSM]),
-                written.clone(),
-                Step::RollTarget {
-                    target: 0,
-                    token: tok(),
-                    phase: Some(Phase::Trust),
-                },
-            ),
-            // Crash after A rolled through trust: the phase is written again, then B.
-            (
-                record(Phase::Trust, &[DSSM, A]),
-                seen(|_| {}),
-                Step::WritePhase {
-                    phase: Phase::Trust,
-                },
-            ),
-            (
-                record(Phase::Trust, &[DSSM, A]),
-                written.clone(),
-                Step::RollTarget {
-                    target: 1,
-                    token: tok(),
-                    phase: Some(Phase::Trust),
-                },
-            ),
-            (
-                record(Phase::Trust, &[DSSM, A, B]),
                 written.clone(),
                 Step::AdvancePhase {
                     from: Phase::Trust,
                     to: Phase::Switch,
                 },
             ),
+            // switch: the TMM copies first, every target rolled, then dSSM's copies and roll.
             (
                 record(Phase::Switch, &[]),
                 seen(|_| {}),
-                Step::WritePhase {
-                    phase: Phase::Switch,
-                },
+                write(Phase::Switch, Copies::Tmm),
+            ),
+            (record(Phase::Switch, &[]), written.clone(), roll(0)),
+            // Crash after A rolled: the TMM copies again (same content), then B only.
+            (
+                record(Phase::Switch, &[A]),
+                seen(|_| {}),
+                write(Phase::Switch, Copies::Tmm),
+            ),
+            (record(Phase::Switch, &[A]), written.clone(), roll(1)),
+            (
+                record(Phase::Switch, &[A, B]),
+                seen(|_| {}),
+                write(Phase::Switch, Copies::Dssm),
             ),
             (
-                record(Phase::Switch, &[DSSM, A, B]),
+                record(Phase::Switch, &[A, B]),
+                written.clone(),
+                dssm(Phase::Switch),
+            ),
+            (
+                record(Phase::Switch, &[A, B, DSSM]),
                 written.clone(),
                 Step::AdvancePhase {
                     from: Phase::Switch,
                     to: Phase::Drop,
                 },
             ),
+            // drop: every copy, dSSM's DBs reloaded, no TMM roll.
+            (
+                record(Phase::Drop, &[]),
+                seen(|_| {}),
+                write(Phase::Drop, Copies::All),
+            ),
+            (record(Phase::Drop, &[]), written.clone(), dssm(Phase::Drop)),
             (
                 record(Phase::Drop, &[DSSM]),
-                written.clone(),
-                Step::RollTarget {
-                    target: 0,
-                    token: tok(),
-                    phase: Some(Phase::Drop),
-                },
-            ),
-            (
-                record(Phase::Drop, &[DSSM, A, B]),
                 written.clone(),
                 Step::FinishRotation,
             ),

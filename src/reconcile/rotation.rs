@@ -24,9 +24,9 @@ use crate::contract;
 use crate::materials::{annotations, saved_keys, store_keys, SecretObs};
 use crate::model::restarts::Restarts;
 use crate::pki::{self, PrivateKey, SecretBytes};
-use crate::reconcile::{write_copies, ReconcileError};
+use crate::reconcile::{write_copies, write_copies_in, ReconcileError};
 use crate::redis::ClientMaterials;
-use crate::restart_state::{next, Mode, RestartState, Seen, Step};
+use crate::restart_state::{copies_due, next, Copies, Mode, RestartState, Seen, Step};
 
 pub use crate::model::rotation::*;
 
@@ -68,14 +68,20 @@ pub fn phase_proof(
         Phase::Trust => crate::restart::dssm::PhaseProof {
             accepts: vec![probe_leaf_of_new_ca(saved, ns)?],
             refuses: vec![],
+            keep_sentinels: false,
         },
         Phase::Switch => crate::restart::dssm::PhaseProof {
             accepts: vec![old(saved.both_cas())?],
             refuses: vec![],
+            keep_sentinels: false,
         },
+        // Dropping the old CA needs no sentinel restart: they present the new leaf since switch,
+        // and trusting the old CA too until their next restart is harmless once its key is
+        // gone (it went when the rotation started).
         Phase::Drop => crate::restart::dssm::PhaseProof {
             accepts: vec![],
             refuses: vec![old(saved.both_cas())?],
+            keep_sentinels: true,
         },
     })
 }
@@ -142,7 +148,7 @@ async fn drive_from(
         may_restart: restart.is_some(),
         ..Seen::default()
     };
-    let mut written: Option<Phase> = None;
+    let mut written: Option<(Phase, Copies)> = None;
     // The phase whose pre-flight passed in this run: each phase is checked at its first step
     // here, whether this run starts it or resumes it.
     let mut checked: Option<Phase> = None;
@@ -163,7 +169,7 @@ async fn drive_from(
             &workloads,
             &cluster.dssm_ns,
         );
-        seen.phase_written = written == Some(record.phase);
+        seen.phase_written = written == Some((record.phase, copies_due(&state, &record)));
         let step = next(&state, &seen, rotation_mode());
         tracing::debug!(?step, "rotation step");
         let phase = record.phase;
@@ -176,17 +182,9 @@ async fn drive_from(
             checked = Some(phase);
         }
         match (step, restart) {
-            (Step::WritePhase { phase }, _) => {
-                let _ = writeln!(
-                    out,
-                    "CA rotation, phase {} of 3 ({}): {}",
-                    phase.number(),
-                    phase.name(),
-                    phase.describe()
-                );
-                let bundle = saved.bundle(phase);
-                write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
-                written = Some(phase);
+            (Step::WritePhase { phase, copies }, _) => {
+                write_phase(cluster, &obs, &saved, (phase, copies), record.revision, out).await?;
+                written = Some((phase, copies));
             }
             (Step::AwaitRestart { phase }, _) => {
                 let revision = record.revision.to_string();
@@ -288,6 +286,46 @@ async fn finish_rotation(
     Ok(())
 }
 
+/// A phase's materials into `copies`, said on the output first.
+async fn write_phase(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    saved: &Saved,
+    (phase, copies): (Phase, Copies),
+    revision: u64,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let _ = writeln!(
+        out,
+        "CA rotation, phase {} of 3 ({}): {} ({})",
+        phase.number(),
+        phase.name(),
+        phase.describe(),
+        copies_line(copies)
+    );
+    let bundle = saved.bundle(phase);
+    let namespaces = copy_namespaces(cluster, copies);
+    write_copies_in(cluster, obs, &bundle, revision, phase, &namespaces, out).await?;
+    Ok(())
+}
+
+/// The namespaces whose copies a rotation step writes, dSSM's first.
+fn copy_namespaces(cluster: &Cluster, copies: Copies) -> Vec<String> {
+    match copies {
+        Copies::Dssm => vec![cluster.dssm_ns.clone()],
+        Copies::Tmm => crate::model::targets::namespaces(&cluster.targets),
+        Copies::All => cluster.namespaces(),
+    }
+}
+
+fn copies_line(copies: Copies) -> &'static str {
+    match copies {
+        Copies::Dssm => "the dSSM copies; TMM's stay as they are",
+        Copies::Tmm => "the TMM copies first; TMM rolls once, then the dSSM copies",
+        Copies::All => "every copy; the DBs reload, sentinels and TMM are not restarted",
+    }
+}
+
 /// A rotation's steps do not depend on the restart strategy or order.
 fn rotation_mode() -> Mode {
     Mode {
@@ -309,6 +347,7 @@ async fn roll_one(
 ) -> Result<(), ReconcileError> {
     let rolled = match step {
         Step::RollDssm { .. } => {
+            // In drop, the sentinels are not restarted (`phase_proof`).
             let proof = phase_proof(saved, record.phase, &cluster.dssm_ns)
                 .map_err(ReconcileError::Refused)?;
             cluster
@@ -347,9 +386,14 @@ async fn phase_rolled(
     out: &mut (dyn Write + Send),
 ) {
     let note = format!(
-        "CA rotation phase {} ({}) rolled through every dSSM pod and TMM, proven by new mutual-TLS handshakes",
+        "CA rotation phase {} ({}) {}, proven by new mutual-TLS handshakes",
         phase.name(),
-        phase.describe()
+        phase.describe(),
+        match phase {
+            Phase::Trust => "rolled through every dSSM pod (TMM untouched)",
+            Phase::Switch => "rolled through TMM, then every dSSM pod",
+            Phase::Drop => "reloaded by every DB (sentinels and TMM not restarted)",
+        }
     );
     let _ = writeln!(out, "{note}");
     // The last phase's Event says what the run restarted.

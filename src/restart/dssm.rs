@@ -146,6 +146,9 @@ pub struct PhaseProof {
     pub accepts: Vec<ClientMaterials>,
     /// Client materials every process must refuse (the old CA's leaf once it is dropped).
     pub refuses: Vec<ClientMaterials>,
+    /// The sentinels are not restarted (the DBs only reload), unless a DB must restart (a
+    /// `subPath` mount), whose switchover and gates need them.
+    pub keep_sentinels: bool,
 }
 
 /// The dSSM pods as the eviction side of the rollout sees them.
@@ -420,9 +423,9 @@ impl Cluster {
             let (accepts, refuses) = (clients(&extra.accepts)?, clients(&extra.refuses)?);
             let observed =
                 observe(&live, &pods, &tool, &server_name, &ns).map_err(DssmRollError::Observe)?;
-            let steps = rollout::plan(&observed)?;
-            for s in &steps {
-                let _ = tx.send(format!("  plan: {s}"));
+            let mut steps = rollout::plan(&observed)?;
+            if extra.keep_sentinels {
+                keep_sentinels(&mut steps);
             }
             let mut proof = Proof {
                 serves: Some(fingerprint),
@@ -430,6 +433,11 @@ impl Cluster {
                 refuses: refuses.iter().collect(),
             };
             proof.accepts.extend(accepts.iter());
+            let say = |line: String| drop(tx.send(line));
+            skip_proven(&mut steps, &pods, (&tool, &server_name), &proof, say);
+            for s in &steps {
+                let _ = tx.send(format!("  plan: {s}"));
+            }
             let cx = RolloutContext {
                 tls: &tool,
                 server_name: &server_name,
@@ -449,6 +457,62 @@ impl Cluster {
         work.await
             .expect("the dSSM rollout panicked")
             .map_err(RestartError::DssmRoll)
+    }
+}
+
+/// Leaves out the restarts and reloads of the pods that already run these materials, proven by
+/// new handshakes (they serve the current leaf, accept the tool's client and the phase's
+/// others, refuse what the phase refuses): a pod restarted by a run killed mid-way through the
+/// roll is not restarted again by the run that resumes it. Their gates stay (cheap, and the
+/// killed run may have died before them).
+fn skip_proven(
+    steps: &mut Vec<Step>,
+    pods: &ClusterPods,
+    (tool, server_name): (&TlsClient, &str),
+    proof: &Proof<'_>,
+    say: impl Fn(String),
+) {
+    let mut proven = std::collections::BTreeSet::new();
+    for s in steps.iter() {
+        if let Step::ReloadDb { pod } | Step::RestartDb { pod } | Step::RestartSentinel { pod } = s
+        {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let endpoint = pods.endpoint(pod);
+            if crate::redis::reload::check_proof(tool, &endpoint, server_name, proof, deadline)
+                .is_ok()
+            {
+                proven.insert(pod.clone());
+            }
+        }
+    }
+    steps.retain(|s| match s {
+        Step::ReloadDb { pod } | Step::RestartDb { pod } | Step::RestartSentinel { pod } => {
+            !proven.contains(pod)
+        }
+        Step::Switchover { from } => !proven.contains(from),
+        _ => true,
+    });
+    for pod in proven {
+        say(format!(
+            "  skip: {pod}: already runs these materials (proven by new handshakes): not restarted or reloaded again"
+        ));
+    }
+}
+
+/// Leaves the sentinel steps out of a plan whose DBs all reload in place; a plan that restarts
+/// a DB keeps them (the switchover and the DB gates ask the sentinels named by them).
+fn keep_sentinels(steps: &mut Vec<Step>) {
+    let only_reloads = steps.iter().all(|s| {
+        matches!(
+            s,
+            Step::ReloadDb { .. }
+                | Step::RestartSentinel { .. }
+                | Step::SentinelInQuorum { .. }
+                | Step::ForgetGone { .. }
+        )
+    });
+    if only_reloads {
+        steps.retain(|s| matches!(s, Step::ReloadDb { .. }));
     }
 }
 
