@@ -572,3 +572,74 @@ fn a_rotation_killed_after_the_first_target_rolled_resumes_with_the_others_only(
     assert_every_target_rolled(&b, &counts, 1, "killed and resumed");
     f.assert_unnoticed("leaf renewal killed after the first target and resumed");
 }
+
+/// The public key of the CA the dSSM copy of `env` holds now, and the store's CA key, if any.
+fn ca_public_key_and_stored_key(env: &TestEnv) -> (String, Vec<u8>) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = env.dir.path();
+    std::fs::write(dir.join("old-ca.crt"), &env.copy(&env.dssm_ns).unwrap()[0]).unwrap();
+    let public = support::openssl(dir, &["x509", "-in", "old-ca.crt", "-noout", "-pubkey"]);
+    let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
+    let key = b64
+        .decode(store["data"]["dssm-ca.key"].as_str().unwrap_or(""))
+        .unwrap();
+    (public, key)
+}
+
+/// No private key in the CA key Secret belongs to the CA whose public key is `old_public`.
+fn assert_store_holds_no_key_of(env: &TestEnv, old_public: &str, what: &str) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = env.dir.path();
+    let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
+    for (name, value) in store["data"].as_object().unwrap() {
+        let bytes = b64.decode(value.as_str().unwrap()).unwrap();
+        if !String::from_utf8_lossy(&bytes).contains("PRIVATE KEY") {
+            continue;
+        }
+        std::fs::write(dir.join("k.pem"), &bytes).unwrap();
+        let public = support::openssl(dir, &["pkey", "-in", "k.pem", "-pubout"]);
+        assert_ne!(public, old_public, "{what}: {name} is a key of the old CA");
+    }
+}
+
+/// Sentinels and TMM keep trusting the old CA after drop until their next restart: harmless
+/// because nobody can sign with it any more. A CA rotation of tool-managed materials (the old
+/// CA's key in the store) killed in switch right after TMM's roll: the store already holds no
+/// key of the old CA; the resumed run does not roll TMM again (the recorded roll is waited for)
+/// and finishes with TMM rolled once, each sentinel restarted at most twice, no DB restarted.
+#[test]
+fn a_ca_rotation_killed_after_tmm_rolled_keeps_no_old_ca_key_and_rolls_tmm_once() {
+    let env = support::dssm_pods::published();
+    let (old_public, old_key) = ca_public_key_and_stored_key(&env);
+    // The check can fail: before the rotation, the store holds the old CA's key.
+    std::fs::write(env.dir.path().join("k.pem"), &old_key).unwrap();
+    let stored = support::openssl(env.dir.path(), &["pkey", "-in", "k.pem", "-pubout"]);
+    assert_eq!(
+        stored, old_public,
+        "the store holds the old CA's key before"
+    );
+    let (bed, load) = Bed::start(&env, LoadConfig::default());
+    load.settle();
+    let rotate = rotate_args(true, None);
+    let kill = ("switch", "rolled out: its");
+    let (code, killed, first) = rerun_until_unlocked(&env, &bed, &rotate, Some(kill));
+    assert!(killed, "never reached {kill:?} (exit {code:?}):\n{first}");
+    assert_store_holds_no_key_of(&env, &old_public, "killed in switch");
+    let reconcile = ["reconcile", "--key-algorithm", "ecdsa-p256"];
+    let (code, _, out) = rerun_until_unlocked(&env, &bed, &reconcile, None);
+    let (f, b) = finish(bed, load);
+    eprintln!("CA rotation killed after TMM rolled: {f:?} {b:?}\n{first}\n--- resumed:\n{out}");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("CA rotation complete"), "{out}");
+    assert!(
+        !out.contains("rolling restart of"),
+        "TMM not rolled again: {out}"
+    );
+    assert_store_holds_no_key_of(&env, &old_public, "complete");
+    assert_eq!(f.tmm_pods, tmm_replicas(&env), "TMM rolled once: {f:?}");
+    assert!(f.sentinel_starts <= 6, "≤ 2 restarts a sentinel: {f:?}");
+    assert_eq!(f.db_starts, 0, "no DB restarted: {f:?}");
+    f.assert_unnoticed("CA rotation killed after TMM rolled, resumed");
+}
