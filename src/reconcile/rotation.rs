@@ -320,7 +320,7 @@ fn copy_namespaces(cluster: &Cluster, copies: Copies) -> Vec<String> {
 
 fn copies_line(copies: Copies) -> &'static str {
     match copies {
-        Copies::Dssm => "the dSSM copies; TMM's stay as they are",
+        Copies::Dssm => "the dSSM copies only",
         Copies::Tmm => "the TMM copies first; TMM rolls once, then the dSSM copies",
         Copies::All => "every copy; the DBs reload, sentinels and TMM are not restarted",
     }
@@ -576,5 +576,42 @@ mod tests {
         }
         // Two phases apart they do not: that is why each phase is rolled before the next.
         assert!(!trusted_by(&all[0], &all[3].leaf_cert));
+        // The restart order (`restart_state::next_in_rotation`): at each moment, the bundles a
+        // process of each kind may run (TMM, sentinels, DBs), and every pair trusts each
+        // other's leaf. TMM rolls once (switch), sentinels twice (trust, switch); in drop the
+        // DBs reload and sentinels and TMM keep switch's bundle in memory.
+        let (before, trust, switch, drop) = (&all[0], &all[1], &all[2], &all[3]);
+        let moments: [(&str, [Vec<&Bundle>; 3]); 5] = [
+            (
+                "trust, dSSM rolling",
+                [vec![before], vec![before, trust], vec![before, trust]],
+            ),
+            (
+                "switch, TMM rolling",
+                [vec![before, switch], vec![trust], vec![trust]],
+            ),
+            (
+                "switch, dSSM rolling",
+                [vec![switch], vec![trust, switch], vec![trust, switch]],
+            ),
+            (
+                "drop, DBs reloading",
+                [vec![switch], vec![switch], vec![switch, drop]],
+            ),
+            (
+                "after, as pods restart on their own",
+                [vec![switch, drop], vec![switch, drop], vec![drop]],
+            ),
+        ];
+        // TMM pods talk to dSSM, never to each other; dSSM processes talk to each other.
+        for (when, [tmm, sentinels, dbs]) in moments {
+            let dssm: Vec<&Bundle> = [sentinels, dbs].concat();
+            for x in tmm.iter().chain(&dssm) {
+                for y in &dssm {
+                    assert!(trusted_by(x, &y.leaf_cert), "{when}: a pair distrusts");
+                    assert!(trusted_by(y, &x.leaf_cert), "{when}: a pair distrusts");
+                }
+            }
+        }
     }
 }
