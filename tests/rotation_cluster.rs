@@ -166,6 +166,8 @@ fn rotate_ca_with_scale_to_zero_runs_and_is_measured() {
     assert!(out.contains("this interrupts traffic"), "{out}");
     assert!(f.no_ready_tmm > Duration::ZERO, "{f:?}");
     assert!(f.ops > 0 && f.samples > 0, "{f:?}");
+    // Every dSSM process at once, TMM back from zero: the tool counts them as the bed does.
+    assert_tool_counted_what_the_bed_did(&r.env, f, out, "spk-ingress");
 }
 
 /// Runs the binary, and kills it (-9) at the first line containing `marker` printed while the

@@ -160,6 +160,8 @@ struct ClusterPods {
     uids: BTreeMap<String, String>,
     /// Each pod's kind, for the restarts counted per kind.
     kinds: BTreeMap<String, PodKind>,
+    /// Pods that already run the materials (`skip_proven`): their restart step is a no-op.
+    proven: std::collections::BTreeSet<String>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -171,6 +173,9 @@ impl Pods for ClusterPods {
     /// Evicts the pod (PDBs respected) and returns once its controller's replacement (same
     /// name, new uid) is Ready, at its new address.
     fn restart(&mut self, pod: &str, deadline: Instant) -> Result<(), String> {
+        if self.proven.contains(pod) {
+            return Ok(());
+        }
         let old_uid = self.uids.get(pod).cloned().unwrap_or_default();
         let left = deadline.saturating_duration_since(Instant::now());
         let tokio_deadline = tokio::time::Instant::now() + left;
@@ -327,6 +332,7 @@ impl Cluster {
                 endpoints,
                 uids,
                 kinds,
+                proven: Default::default(),
                 runtime: tokio::runtime::Handle::current(),
             },
             live,
@@ -434,10 +440,11 @@ impl Cluster {
             };
             proof.accepts.extend(accepts.iter());
             let say = |line: String| drop(tx.send(line));
-            skip_proven(&mut steps, &pods, (&tool, &server_name), &proof, say);
+            pods.proven = skip_proven(&mut steps, &pods, (&tool, &server_name), &proof, say);
             for s in &steps {
                 let _ = tx.send(format!("  plan: {s}"));
             }
+            let proven = pods.proven.clone();
             let cx = RolloutContext {
                 tls: &tool,
                 server_name: &server_name,
@@ -447,7 +454,16 @@ impl Cluster {
                 reload_timeout: step_timeout,
             };
             rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
-                let _ = tx.send(format!("  done: {s} ({:.1} s)", took.as_secs_f64()));
+                let restart = matches!(s, Step::RestartSentinel { .. } | Step::RestartDb { .. });
+                let line = if restart && proven.contains(s.pod()) {
+                    format!(
+                        "  not restarted: {}: it already runs these materials",
+                        s.pod()
+                    )
+                } else {
+                    format!("  done: {s} ({:.1} s)", took.as_secs_f64())
+                };
+                let _ = tx.send(line);
             })?;
             Ok::<_, DssmRollError>(())
         });
@@ -460,18 +476,19 @@ impl Cluster {
     }
 }
 
-/// Leaves out the restarts and reloads of the pods that already run these materials, proven by
-/// new handshakes (they serve the current leaf, accept the tool's client and the phase's
-/// others, refuse what the phase refuses): a pod restarted by a run killed mid-way through the
-/// roll is not restarted again by the run that resumes it. Their gates stay (cheap, and the
-/// killed run may have died before them).
+/// The pods that already run these materials, proven by new handshakes (they serve the current
+/// leaf, accept the tool's client and the phase's others, refuse what the phase refuses): a pod
+/// restarted by a run killed mid-way through the roll is not restarted again by the run that
+/// resumes it. Their reloads and switchovers leave the plan; their restart steps stay (the
+/// rollout names the sentinels by them) and are no-ops (`ClusterPods::restart`); their gates
+/// stay (cheap, and the killed run may have died before them).
 fn skip_proven(
     steps: &mut Vec<Step>,
     pods: &ClusterPods,
     (tool, server_name): (&TlsClient, &str),
     proof: &Proof<'_>,
     say: impl Fn(String),
-) {
+) -> std::collections::BTreeSet<String> {
     let mut proven = std::collections::BTreeSet::new();
     for s in steps.iter() {
         if let Step::ReloadDb { pod } | Step::RestartDb { pod } | Step::RestartSentinel { pod } = s
@@ -486,17 +503,15 @@ fn skip_proven(
         }
     }
     steps.retain(|s| match s {
-        Step::ReloadDb { pod } | Step::RestartDb { pod } | Step::RestartSentinel { pod } => {
-            !proven.contains(pod)
-        }
-        Step::Switchover { from } => !proven.contains(from),
+        Step::ReloadDb { pod } | Step::Switchover { from: pod } => !proven.contains(pod),
         _ => true,
     });
-    for pod in proven {
+    for pod in &proven {
         say(format!(
             "  skip: {pod}: already runs these materials (proven by new handshakes): not restarted or reloaded again"
         ));
     }
+    proven
 }
 
 /// Leaves the sentinel steps out of a plan whose DBs all reload in place; a plan that restarts
