@@ -827,6 +827,95 @@ mod tests {
         }
     }
 
+    /// What a CA rotation does, step by step, as `reconcile::rotation::drive` runs `next`: the
+    /// record (phase, rolled) persists, what the run saw does not. `crash_after` steps, the run
+    /// dies and another resumes. Returns the writes and rolls, in order.
+    fn drive_with_crash(crash_after: Option<usize>) -> Vec<String> {
+        let mut s = state(vec![
+            target(A, &[(RESTART_NEEDED, "9")]),
+            target(B, &[(RESTART_NEEDED, "9")]),
+        ]);
+        s.rotation = Some(Record {
+            kind: Kind::Ca,
+            phase: Phase::Trust,
+            revision: 9,
+            rolled: vec![],
+        });
+        let (mut log, mut written, mut taken) = (Vec::new(), None, 0);
+        loop {
+            if Some(taken) == crash_after {
+                written = None; // a new run: it saw nothing yet
+            }
+            let record = s.rotation.clone().unwrap();
+            let o = seen(|o| {
+                o.phase_written = written == Some((record.phase, copies_due(&s, &record)))
+            });
+            let step = next(&s, &o, ROLLING);
+            taken += 1;
+            let r = s.rotation.as_mut().unwrap();
+            match step {
+                Step::WritePhase { phase, copies } => {
+                    log.push(format!("write {} {copies:?}", phase.name()));
+                    written = Some((phase, copies));
+                }
+                Step::RollDssm { phase } => {
+                    log.push(format!("roll dSSM {}", phase.unwrap().name()));
+                    r.rolled.push(DSSM.into());
+                }
+                Step::RollTarget { target, phase, .. } => {
+                    log.push(format!("roll {target} {}", phase.unwrap().name()));
+                    r.rolled.push(s.targets[target].id.clone());
+                }
+                Step::AdvancePhase { to, .. } => {
+                    r.phase = to;
+                    r.rolled.clear();
+                }
+                Step::FinishRotation => return log,
+                other => panic!("not a rotation step: {other:?}"),
+            }
+        }
+    }
+
+    /// The restart order of a CA rotation, and a crash after any step: the resumed run only
+    /// writes again (the same content) and never rolls again what the record says is rolled.
+    #[test]
+    fn a_ca_rotation_crashed_after_any_step_rolls_tmm_once_and_dssm_once_a_phase() {
+        let straight = drive_with_crash(None);
+        assert_eq!(
+            straight,
+            [
+                "write trust Dssm",
+                "roll dSSM trust",
+                "write switch Tmm",
+                "roll 0 switch",
+                "roll 1 switch",
+                "write switch Dssm",
+                "roll dSSM switch",
+                "write drop All",
+                "roll dSSM drop",
+            ]
+        );
+        let rolls = |log: &[String]| -> Vec<String> {
+            log.iter()
+                .filter(|l| l.starts_with("roll"))
+                .cloned()
+                .collect()
+        };
+        for k in 0..=straight.len() + 3 {
+            let log = drive_with_crash(Some(k));
+            assert_eq!(
+                rolls(&log),
+                rolls(&straight),
+                "crash after step {k}: {log:?}"
+            );
+            let writes: Vec<&String> = log.iter().filter(|l| l.starts_with("write")).collect();
+            assert!(
+                writes.len() <= 5 + 1,
+                "crash after step {k}: one write again at most: {log:?}"
+            );
+        }
+    }
+
     /// A cluster mid-rotation as the current main writes it (the record JSON on the CA key
     /// Secret, the marks on each target) is read and resumed at its phase.
     #[test]
