@@ -148,7 +148,8 @@ pub struct Seen {
     pub available: bool,
     /// Per target (by index), whether it is stopped now (scaled to 0 / stop nodeSelector).
     pub stopped: Vec<bool>,
-    /// This run wrote the current rotation phase's materials into every copy.
+    /// This run wrote the current rotation phase's materials into the copies it writes next
+    /// (`copies_due`).
     pub phase_written: bool,
     /// This run may restart (false: `--no-restart`, the phase is written and waits).
     pub may_restart: bool,
@@ -210,9 +211,10 @@ pub enum Step {
     },
     /// Every target loses its marks; an Event says so; then the probe.
     Finish,
-    /// Rotation: write the phase's materials into every copy.
+    /// Rotation: write the phase's materials into `copies`.
     WritePhase {
         phase: Phase,
+        copies: Copies,
     },
     /// Rotation without restart (`--no-restart`): mark every target and stop there.
     AwaitRestart {
@@ -326,30 +328,67 @@ fn next_scale_to_zero(
     Step::Finish
 }
 
-/// Each phase: its materials written, then dSSM and every TMM target rolled through it (each
-/// recorded in `rolled` once done), then the next phase; after drop, the rotation finishes.
+/// Which copies a step of a CA rotation writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copies {
+    /// The dSSM namespace's only.
+    Dssm,
+    /// Every TMM namespace's (a TMM namespace that is dSSM's own shares its copy).
+    Tmm,
+    All,
+}
+
+/// The copies the recorded phase writes next: trust, the dSSM copies only (TMM keeps the old
+/// CA and leaf); switch, the TMM copies until every target is rolled, then the dSSM copies;
+/// drop, every copy.
+pub fn copies_due(state: &RestartState, record: &Record) -> Copies {
+    match record.phase {
+        Phase::Trust => Copies::Dssm,
+        Phase::Switch if tmm_left(state, record).is_some() => Copies::Tmm,
+        Phase::Switch => Copies::Dssm,
+        Phase::Drop => Copies::All,
+    }
+}
+
+/// The first TMM target not yet rolled through the recorded phase.
+fn tmm_left(state: &RestartState, record: &Record) -> Option<usize> {
+    state
+        .targets
+        .iter()
+        .position(|t| !record.rolled.contains(&t.id))
+}
+
+/// A CA rotation restarts each process as few times as keeps every handshake valid:
+///
+/// - trust: the dSSM copies get both CAs (the leaf unchanged) and dSSM rolls; TMM is left alone;
+/// - switch: the TMM copies get both CAs and the new leaf and every target rolls (once in the
+///   whole rotation: every dSSM process trusts the new CA since trust), then the dSSM copies get
+///   the same and dSSM rolls;
+/// - drop: every copy gets the new CA only and dSSM "rolls" its DBs only (a reload); sentinels
+///   and TMM keep trusting the old CA until their next restart, harmless once its key is gone.
+///
+/// Each roll is recorded in `rolled`; a resumed run writes the due copies again (the same
+/// content) and rolls only what is not recorded.
 fn next_in_rotation(state: &RestartState, record: &Record, seen: &Seen) -> Step {
     let phase = record.phase;
     if !seen.phase_written {
-        return Step::WritePhase { phase };
+        let copies = copies_due(state, record);
+        return Step::WritePhase { phase, copies };
     }
     if !seen.may_restart {
         return Step::AwaitRestart { phase };
     }
+    if phase == Phase::Switch {
+        if let Some(i) = tmm_left(state, record) {
+            return Step::RollTarget {
+                target: i,
+                token: record.revision.to_string(),
+                phase: Some(phase),
+            };
+        }
+    }
     if !record.rolled.contains(&state.dssm) {
         return Step::RollDssm { phase: Some(phase) };
-    }
-    let token = record.revision.to_string();
-    if let Some(i) = state
-        .targets
-        .iter()
-        .position(|t| !record.rolled.contains(&t.id))
-    {
-        return Step::RollTarget {
-            target: i,
-            token,
-            phase: Some(phase),
-        };
     }
     match phase.next() {
         Some(to) => Step::AdvancePhase { from: phase, to },
@@ -677,9 +716,10 @@ mod tests {
         assert_eq!(next(&s, &seen(|_| {}), ROLLING), Step::Stop { target: 0 });
     }
 
-    /// Long: a table, one row per phase and workload of a CA rotation, read in one place.
+    /// Long: a table, one row per phase and workload of a CA rotation, read in one place. TMM
+    /// rolls once, in switch, before dSSM; trust and drop roll dSSM only.
     #[test]
-    fn a_rotation_goes_through_three_phases_and_every_workload_resuming_at_each() {
+    fn a_rotation_rolls_tmm_once_in_switch_and_dssm_in_each_phase_resuming_at_each() {
         let record = |phase, rolled: &[&str]| Record {
             kind: Kind::Ca,
             phase,
@@ -688,13 +728,19 @@ mod tests {
         };
         let written = seen(|o| o.phase_written = true);
         let tok = || "9".to_string();
+        let write = |phase, copies| Step::WritePhase { phase, copies };
+        let roll = |target| Step::RollTarget {
+            target,
+            token: tok(),
+            phase: Some(Phase::Switch),
+        };
+        let dssm = |p| Step::RollDssm { phase: Some(p) };
         let rows: Vec<(Record, Seen, Step)> = vec![
+            // trust: the dSSM copies only, dSSM rolled, no TMM roll.
             (
                 record(Phase::Trust, &[]),
                 seen(|_| {}),
-                Step::WritePhase {
-                    phase: Phase::Trust,
-                },
+                write(Phase::Trust, Copies::Dssm),
             ),
             (
                 record(Phase::Trust, &[]),
@@ -709,70 +755,64 @@ mod tests {
             (
                 record(Phase::Trust, &[]),
                 written.clone(),
-                Step::RollDssm {
-                    phase: Some(Phase::Trust),
-                },
+                dssm(Phase::Trust),
+            ),
+            // Crash mid-way through dSSM's roll: written again, dSSM rolled (its pods that
+            // already run the phase are not restarted again: restart/dssm.rs).
+            (
+                record(Phase::Trust, &[]),
+                seen(|_| {}),
+                write(Phase::Trust, Copies::Dssm),
             ),
             (
                 record(Phase::Trust, &[DSSM]),
-                written.clone(),
-                Step::RollTarget {
-                    target: 0,
-                    token: tok(),
-                    phase: Some(Phase::Trust),
-                },
-            ),
-            // Crash after A rolled through trust: the phase is written again, then B.
-            (
-                record(Phase::Trust, &[DSSM, A]),
-                seen(|_| {}),
-                Step::WritePhase {
-                    phase: Phase::Trust,
-                },
-            ),
-            (
-                record(Phase::Trust, &[DSSM, A]),
-                written.clone(),
-                Step::RollTarget {
-                    target: 1,
-                    token: tok(),
-                    phase: Some(Phase::Trust),
-                },
-            ),
-            (
-                record(Phase::Trust, &[DSSM, A, B]),
                 written.clone(),
                 Step::AdvancePhase {
                     from: Phase::Trust,
                     to: Phase::Switch,
                 },
             ),
+            // switch: the TMM copies first, every target rolled, then dSSM's copies and roll.
             (
                 record(Phase::Switch, &[]),
                 seen(|_| {}),
-                Step::WritePhase {
-                    phase: Phase::Switch,
-                },
+                write(Phase::Switch, Copies::Tmm),
+            ),
+            (record(Phase::Switch, &[]), written.clone(), roll(0)),
+            // Crash after A rolled: the TMM copies again (same content), then B only.
+            (
+                record(Phase::Switch, &[A]),
+                seen(|_| {}),
+                write(Phase::Switch, Copies::Tmm),
+            ),
+            (record(Phase::Switch, &[A]), written.clone(), roll(1)),
+            (
+                record(Phase::Switch, &[A, B]),
+                seen(|_| {}),
+                write(Phase::Switch, Copies::Dssm),
             ),
             (
-                record(Phase::Switch, &[DSSM, A, B]),
+                record(Phase::Switch, &[A, B]),
+                written.clone(),
+                dssm(Phase::Switch),
+            ),
+            (
+                record(Phase::Switch, &[A, B, DSSM]),
                 written.clone(),
                 Step::AdvancePhase {
                     from: Phase::Switch,
                     to: Phase::Drop,
                 },
             ),
+            // drop: every copy, dSSM's DBs reloaded, no TMM roll.
+            (
+                record(Phase::Drop, &[]),
+                seen(|_| {}),
+                write(Phase::Drop, Copies::All),
+            ),
+            (record(Phase::Drop, &[]), written.clone(), dssm(Phase::Drop)),
             (
                 record(Phase::Drop, &[DSSM]),
-                written.clone(),
-                Step::RollTarget {
-                    target: 0,
-                    token: tok(),
-                    phase: Some(Phase::Drop),
-                },
-            ),
-            (
-                record(Phase::Drop, &[DSSM, A, B]),
                 written.clone(),
                 Step::FinishRotation,
             ),
@@ -784,6 +824,95 @@ mod tests {
             ]);
             s.rotation = Some(r);
             assert_eq!(next(&s, &seen, ROLLING), want, "row {i}: {s:?} {seen:?}");
+        }
+    }
+
+    /// What a CA rotation does, step by step, as `reconcile::rotation::drive` runs `next`: the
+    /// record (phase, rolled) persists, what the run saw does not. `crash_after` steps, the run
+    /// dies and another resumes. Returns the writes and rolls, in order.
+    fn drive_with_crash(crash_after: Option<usize>) -> Vec<String> {
+        let mut s = state(vec![
+            target(A, &[(RESTART_NEEDED, "9")]),
+            target(B, &[(RESTART_NEEDED, "9")]),
+        ]);
+        s.rotation = Some(Record {
+            kind: Kind::Ca,
+            phase: Phase::Trust,
+            revision: 9,
+            rolled: vec![],
+        });
+        let (mut log, mut written, mut taken) = (Vec::new(), None, 0);
+        loop {
+            if Some(taken) == crash_after {
+                written = None; // a new run: it saw nothing yet
+            }
+            let record = s.rotation.clone().unwrap();
+            let o = seen(|o| {
+                o.phase_written = written == Some((record.phase, copies_due(&s, &record)))
+            });
+            let step = next(&s, &o, ROLLING);
+            taken += 1;
+            let r = s.rotation.as_mut().unwrap();
+            match step {
+                Step::WritePhase { phase, copies } => {
+                    log.push(format!("write {} {copies:?}", phase.name()));
+                    written = Some((phase, copies));
+                }
+                Step::RollDssm { phase } => {
+                    log.push(format!("roll dSSM {}", phase.unwrap().name()));
+                    r.rolled.push(DSSM.into());
+                }
+                Step::RollTarget { target, phase, .. } => {
+                    log.push(format!("roll {target} {}", phase.unwrap().name()));
+                    r.rolled.push(s.targets[target].id.clone());
+                }
+                Step::AdvancePhase { to, .. } => {
+                    r.phase = to;
+                    r.rolled.clear();
+                }
+                Step::FinishRotation => return log,
+                other => panic!("not a rotation step: {other:?}"),
+            }
+        }
+    }
+
+    /// The restart order of a CA rotation, and a crash after any step: the resumed run only
+    /// writes again (the same content) and never rolls again what the record says is rolled.
+    #[test]
+    fn a_ca_rotation_crashed_after_any_step_rolls_tmm_once_and_dssm_once_a_phase() {
+        let straight = drive_with_crash(None);
+        assert_eq!(
+            straight,
+            [
+                "write trust Dssm",
+                "roll dSSM trust",
+                "write switch Tmm",
+                "roll 0 switch",
+                "roll 1 switch",
+                "write switch Dssm",
+                "roll dSSM switch",
+                "write drop All",
+                "roll dSSM drop",
+            ]
+        );
+        let rolls = |log: &[String]| -> Vec<String> {
+            log.iter()
+                .filter(|l| l.starts_with("roll"))
+                .cloned()
+                .collect()
+        };
+        for k in 0..=straight.len() + 3 {
+            let log = drive_with_crash(Some(k));
+            assert_eq!(
+                rolls(&log),
+                rolls(&straight),
+                "crash after step {k}: {log:?}"
+            );
+            let writes: Vec<&String> = log.iter().filter(|l| l.starts_with("write")).collect();
+            assert!(
+                writes.len() <= 5 + 1,
+                "crash after step {k}: one write again at most: {log:?}"
+            );
         }
     }
 

@@ -1725,3 +1725,37 @@ fn evictions_outlive_a_burst_of_server_errors() {
     assert_eq!(refused, 8, "{out}");
     assert!(out.contains("dSSM pods in spk-utilities are back"), "{out}");
 }
+
+/// Regression: a repair of a TMM copy only rolled dSSM too (every sentinel restarted, every DB
+/// reloaded) though its copy had not changed. Now the TMM copy (deleted there) is restored and
+/// TMM rolled, and dSSM, whose processes prove by new handshakes that they already run the
+/// dSSM copy, is left alone: no pod restarted, no reload, as the real-process bed counts them.
+#[test]
+fn a_repair_of_the_tmm_copy_rolls_tmm_and_leaves_dssm_untouched() {
+    let env = support::dssm_pods::published();
+    let (bed, load) = support::dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    env.server
+        .delete("", "secrets", &env.tmm_ns, "dssm-certs-secret")
+        .expect("the TMM copy existed");
+    let (code, out, err) = support::dssm_pods::run(&env, &bed, &["reconcile"]);
+    let (f, b) = support::dssm_pods::finish(bed, load);
+    eprintln!("repair of the TMM copy: {f:?} {b:?}\n{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plan: repair"), "{out}");
+    assert_eq!(f.sentinel_starts, 0, "no sentinel restarted: {f:?}");
+    assert_eq!(f.db_starts, 0, "no DB restarted: {f:?}");
+    assert_eq!(f.db_reloads, 0, "no DB reloaded: {f:?}");
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "TMM rolled once: {b:?}"
+    );
+    assert!(
+        out.contains(
+            "restarts: 3 TMM pods replaced, 0 sentinel restarts, 0 DB restarts, 0 DB reloads"
+        ),
+        "{out}"
+    );
+    f.assert_unnoticed("a repair of the TMM copy");
+}

@@ -1300,6 +1300,61 @@ fn a_run_killed_mid_roll_is_resumed_without_restarting_tmm_twice() {
         d["metadata"]["annotations"]
     );
     f.assert_unnoticed("a run killed mid-roll, resumed");
+    // The resumed run did not restart the sentinels the killed one had restarted.
+    assert_eq!(
+        f.sentinel_starts, 3,
+        "each sentinel restarted once: {f:?}\n{out}"
+    );
+    assert_eq!(f.db_starts, 0, "{f:?}");
+}
+
+/// Regression: a run resumed after one killed mid-way through the dSSM roll restarted every
+/// sentinel again. Each pod that already runs the new materials (it serves the new leaf and
+/// accepts the new client, by new handshakes) is left alone: every sentinel restarts once.
+#[test]
+fn a_run_killed_mid_dssm_roll_is_resumed_without_restarting_a_sentinel_twice() {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let rotate = dssm_pods::rotate_args(false, None);
+    let marker = "done: f5-dssm-sentinel-1: restart";
+    let (code, killed) = run_on_bed_killed_at(&env, &bed, &rotate, Some(marker));
+    assert_eq!(code, None, "killed by the signal: {killed}");
+    let start = std::time::Instant::now();
+    let out = loop {
+        let (code, out) = run_on_bed_killed_at(&env, &bed, &["reconcile"], None);
+        if code != Some(5) {
+            assert_eq!(code, Some(0), "{out}");
+            break out;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{out}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let (f, b) = dssm_pods::finish(bed, load);
+    eprintln!("killed mid dSSM roll, resumed: {f:?} {b:?}\n{killed}\n--- resumed:\n{out}");
+    for pod in ["f5-dssm-sentinel-0", "f5-dssm-sentinel-1"] {
+        assert!(
+            out.contains(&format!("skip: {pod}: already runs these materials")),
+            "{pod}: {out}"
+        );
+        assert!(
+            !out.contains(&format!("done: {pod}: restart")),
+            "{pod}: {out}"
+        );
+    }
+    assert!(out.contains("done: f5-dssm-sentinel-2: restart"), "{out}");
+    assert_eq!(f.sentinel_starts, 3, "each sentinel restarted once: {f:?}");
+    assert_eq!(f.db_starts, 0, "{f:?}");
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "one generation of TMM pods: {b:?}"
+    );
+    assert!(
+        out.contains("restarts: 3 TMM pods replaced, 1 sentinel restarts, 0 DB restarts"),
+        "{out}"
+    );
+    f.assert_unnoticed("a run killed mid dSSM roll, resumed");
 }
 
 /// dSSM pods listed as `2/2 Running` (the SPK procedure): a sidecar with a port of its own, and

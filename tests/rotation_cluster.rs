@@ -43,6 +43,66 @@ fn rotate_renews_the_leaf_through_the_cluster_under_load_and_nobody_notices() {
     assert!(out.contains("reload TLS files in place"), "{out}");
     assert!(b.started >= 3, "the three sentinels restarted: {b:?}");
     f.assert_unnoticed("leaf renewal through the cluster");
+    // As few restarts as a new leaf needs, as the bed counted them: TMM rolled once, each
+    // sentinel restarted once, the DBs (directory mounts) reloaded and never restarted.
+    let replicas = tmm_replicas(&r.env);
+    assert_eq!(f.tmm_pods, replicas, "TMM rolled once: {f:?}");
+    assert_eq!(f.sentinel_starts, 3, "each sentinel restarted once: {f:?}");
+    assert_eq!(f.db_starts, 0, "no DB restarted: {f:?}");
+    assert!(f.db_reloads >= 3, "every DB reloaded: {f:?}");
+    assert_tool_counted_what_the_bed_did(&r.env, f, out, "spk-ingress");
+}
+
+/// The tool's own figures (its last `restarts:` line) are those the bed counted.
+fn tool_restarts(out: &str) -> [u64; 4] {
+    let line = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("restarts: "))
+        .unwrap_or_else(|| panic!("no restarts line:\n{out}"));
+    let n: Vec<u64> = line
+        .split(", ")
+        .map(|part| part.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    n.try_into().unwrap()
+}
+
+/// The tool's `restarts:` line (and the Event of its end in `events_ns`) say what the bed
+/// counted: TMM pods created, sentinel and DB process starts, DB reloads (`CONFIG SET` calls).
+fn assert_tool_counted_what_the_bed_did(
+    env: &TestEnv,
+    f: &support::load::Figures,
+    out: &str,
+    events_ns: &str,
+) {
+    let bed = [
+        f.tmm_pods as u64,
+        f.sentinel_starts as u64,
+        f.db_starts as u64,
+        f.db_reloads,
+    ];
+    assert_eq!(tool_restarts(out), bed, "tool vs bed: {f:?}\n{out}");
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("restarts: "))
+        .unwrap();
+    let events = env.server.list("events.k8s.io", "events", events_ns);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["note"].as_str().is_some_and(|n| n.contains(line))),
+        "no Event in {events_ns} says {line:?}: {events:?}"
+    );
+}
+
+/// The replicas of the one TMM Deployment.
+fn tmm_replicas(env: &TestEnv) -> usize {
+    let d = env
+        .server
+        .get("apps", "deployments", &env.tmm_ns, "f5-tmm")
+        .unwrap();
+    d["spec"]["replicas"].as_u64().unwrap() as usize
 }
 
 #[test]
@@ -81,6 +141,14 @@ fn rotate_ca_from_seed_materials_goes_through_three_phases_under_load_and_nobody
         "nothing of the old materials is kept"
     );
     f.assert_unnoticed("CA rotation through the cluster");
+    // As few restarts as a new CA needs, as the bed counted them: TMM rolled once (in switch,
+    // with both CAs and the new leaf), each sentinel restarted at most twice (trust, switch),
+    // the DBs reloaded and never restarted.
+    assert_eq!(f.tmm_pods, tmm_replicas(env), "TMM rolled once: {f:?}");
+    assert!(f.sentinel_starts <= 6, "≤ 2 restarts a sentinel: {f:?}");
+    assert_eq!(f.db_starts, 0, "no DB restarted: {f:?}");
+    assert!(f.db_reloads >= 9, "every DB reloaded in each phase: {f:?}");
+    assert_tool_counted_what_the_bed_did(env, f, out, "spk-utilities");
 }
 
 /// For contrast (the figures are the benchmark's): the seeds' procedure through the cluster
@@ -98,6 +166,8 @@ fn rotate_ca_with_scale_to_zero_runs_and_is_measured() {
     assert!(out.contains("this interrupts traffic"), "{out}");
     assert!(f.no_ready_tmm > Duration::ZERO, "{f:?}");
     assert!(f.ops > 0 && f.samples > 0, "{f:?}");
+    // Every dSSM process at once, TMM back from zero: the tool counts them as the bed does.
+    assert_tool_counted_what_the_bed_did(&r.env, f, out, "spk-ingress");
 }
 
 /// Runs the binary, and kills it (-9) at the first line containing `marker` printed while the
@@ -239,6 +309,15 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
     assert!(store["metadata"]["annotations"]["dssm-certs.f5.com/rotation"].is_null());
     f.assert_unnoticed("CA rotation killed in each phase");
+    // Killed and resumed three times, and still nothing restarted twice in a phase: TMM rolled
+    // once (the roll recorded before the kill is waited for, not started again), each sentinel
+    // at most twice (those the killed run restarted prove it by new handshakes), no DB restart.
+    assert_eq!(f.tmm_pods, tmm_replicas(&env), "TMM rolled once: {f:?}");
+    assert!(
+        f.sentinel_starts <= 6,
+        "≤ 2 restarts a sentinel: {f:?}\n{log}"
+    );
+    assert_eq!(f.db_starts, 0, "no DB restarted: {f:?}");
 }
 
 /// The three TMM targets of the spk-multi shape: (plural, namespace, name, how the binary names
@@ -358,39 +437,46 @@ fn rotate_with_three_tmm_targets_rolls_every_target_and_nobody_notices() {
 
 /// `rotate --ca` with three targets: each of the three phases rolls all three.
 #[test]
-fn rotate_ca_with_three_tmm_targets_rolls_every_target_in_each_phase_and_nobody_notices() {
+fn rotate_ca_with_three_tmm_targets_rolls_every_target_once_in_switch_and_nobody_notices() {
     let r = scenarios::multi_ca_rotation();
     let (f, b, out, env) = (&r.figures, &r.bed, &r.out, &r.env);
     eprintln!("CA rotation, three TMM targets: {f:?} {b:?}\n{out}");
     assert_eq!(r.code, 0, "{out}");
     assert!(out.contains("CA rotation complete"), "{out}");
     let counts: Vec<usize> = TARGETS.iter().map(|t| expected_pods(env, *t)).collect();
-    // Per phase, in order: every target rolled, then the phase's summary line.
-    let mut rolled_per_phase: Vec<Vec<&str>> = vec![vec![]];
+    // Per phase (named by its summary line, which follows its rolls): the targets rolled.
+    let mut rolled_per_phase: Vec<(String, Vec<String>)> = Vec::new();
+    let mut rolls = Vec::new();
     for l in out.lines() {
         if let Some(t) = l.strip_prefix("rolling restart of ") {
-            rolled_per_phase.last_mut().unwrap().push(t);
-        } else if l.starts_with("CA rotation phase ") {
-            rolled_per_phase.push(vec![]);
+            rolls.push(t.split(" (").next().unwrap().to_string());
+        } else if let Some(rest) = l.strip_prefix("CA rotation phase ") {
+            let phase = rest.split(' ').next().unwrap().to_string();
+            rolled_per_phase.push((phase, std::mem::take(&mut rolls)));
         }
     }
-    let rolled_per_phase: Vec<Vec<String>> = rolled_per_phase
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.iter()
-                .map(|t| t.split(" (").next().unwrap().to_string())
-                .collect()
-        })
-        .collect();
     let every: Vec<String> = TARGETS.iter().map(|t| t.3.to_string()).collect();
+    // TMM rolls once, in switch (both CAs and the new leaf), never in trust or drop: a CA
+    // rotation used to roll every target in each of the three phases.
     assert_eq!(
         rolled_per_phase,
-        [every.clone(), every.clone(), every],
+        [
+            ("trust".to_string(), vec![]),
+            ("switch".to_string(), every),
+            ("drop".to_string(), vec![]),
+        ],
         "{out}"
     );
     assert_targets_restored(env, &counts, "CA rotation, three targets");
-    assert_every_target_rolled(b, &counts, 3, "CA rotation, three targets");
+    assert_every_target_rolled(b, &counts, 1, "CA rotation, three targets");
+    for (t, n) in TARGETS.iter().zip(&counts) {
+        assert_eq!(
+            b.new_tmm_pods.get(t.1),
+            Some(n),
+            "{} rolled once: {b:?}",
+            t.3
+        );
+    }
     f.assert_unnoticed("CA rotation with three TMM targets");
 }
 
@@ -487,4 +573,75 @@ fn a_rotation_killed_after_the_first_target_rolled_resumes_with_the_others_only(
     assert_targets_restored(&env, &counts, "after the resumed rotation");
     assert_every_target_rolled(&b, &counts, 1, "killed and resumed");
     f.assert_unnoticed("leaf renewal killed after the first target and resumed");
+}
+
+/// The public key of the CA the dSSM copy of `env` holds now, and the store's CA key, if any.
+fn ca_public_key_and_stored_key(env: &TestEnv) -> (String, Vec<u8>) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = env.dir.path();
+    std::fs::write(dir.join("old-ca.crt"), &env.copy(&env.dssm_ns).unwrap()[0]).unwrap();
+    let public = support::openssl(dir, &["x509", "-in", "old-ca.crt", "-noout", "-pubkey"]);
+    let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
+    let key = b64
+        .decode(store["data"]["dssm-ca.key"].as_str().unwrap_or(""))
+        .unwrap();
+    (public, key)
+}
+
+/// No private key in the CA key Secret belongs to the CA whose public key is `old_public`.
+fn assert_store_holds_no_key_of(env: &TestEnv, old_public: &str, what: &str) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = env.dir.path();
+    let store = env.secret(&env.dssm_ns, "dssm-ca-key-secret").unwrap();
+    for (name, value) in store["data"].as_object().unwrap() {
+        let bytes = b64.decode(value.as_str().unwrap()).unwrap();
+        if !String::from_utf8_lossy(&bytes).contains("PRIVATE KEY") {
+            continue;
+        }
+        std::fs::write(dir.join("k.pem"), &bytes).unwrap();
+        let public = support::openssl(dir, &["pkey", "-in", "k.pem", "-pubout"]);
+        assert_ne!(public, old_public, "{what}: {name} is a key of the old CA");
+    }
+}
+
+/// Sentinels and TMM keep trusting the old CA after drop until their next restart: harmless
+/// because nobody can sign with it any more. A CA rotation of tool-managed materials (the old
+/// CA's key in the store) killed in switch right after TMM's roll: the store already holds no
+/// key of the old CA; the resumed run does not roll TMM again (the recorded roll is waited for)
+/// and finishes with TMM rolled once, each sentinel restarted at most twice, no DB restarted.
+#[test]
+fn a_ca_rotation_killed_after_tmm_rolled_keeps_no_old_ca_key_and_rolls_tmm_once() {
+    let env = support::dssm_pods::published();
+    let (old_public, old_key) = ca_public_key_and_stored_key(&env);
+    // The check can fail: before the rotation, the store holds the old CA's key.
+    std::fs::write(env.dir.path().join("k.pem"), &old_key).unwrap();
+    let stored = support::openssl(env.dir.path(), &["pkey", "-in", "k.pem", "-pubout"]);
+    assert_eq!(
+        stored, old_public,
+        "the store holds the old CA's key before"
+    );
+    let (bed, load) = Bed::start(&env, LoadConfig::default());
+    load.settle();
+    let rotate = rotate_args(true, None);
+    let kill = ("switch", "rolled out: its");
+    let (code, killed, first) = rerun_until_unlocked(&env, &bed, &rotate, Some(kill));
+    assert!(killed, "never reached {kill:?} (exit {code:?}):\n{first}");
+    assert_store_holds_no_key_of(&env, &old_public, "killed in switch");
+    let reconcile = ["reconcile", "--key-algorithm", "ecdsa-p256"];
+    let (code, _, out) = rerun_until_unlocked(&env, &bed, &reconcile, None);
+    let (f, b) = finish(bed, load);
+    eprintln!("CA rotation killed after TMM rolled: {f:?} {b:?}\n{first}\n--- resumed:\n{out}");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("CA rotation complete"), "{out}");
+    assert!(
+        !out.contains("rolling restart of"),
+        "TMM not rolled again: {out}"
+    );
+    assert_store_holds_no_key_of(&env, &old_public, "complete");
+    assert_eq!(f.tmm_pods, tmm_replicas(&env), "TMM rolled once: {f:?}");
+    assert!(f.sentinel_starts <= 6, "≤ 2 restarts a sentinel: {f:?}");
+    assert_eq!(f.db_starts, 0, "no DB restarted: {f:?}");
+    f.assert_unnoticed("CA rotation killed after TMM rolled, resumed");
 }

@@ -3,5 +3,6 @@
 
 pub mod observation;
 pub mod pods;
+pub mod restarts;
 pub mod rotation;
 pub mod targets;

@@ -10,13 +10,14 @@ use crate::contract;
 use crate::materials::{annotations, saved_keys, store_keys, Bundle, SecretObs};
 use crate::pki::SecretBytes;
 
-/// The phase the dSSM copy of the certs Secret announces, if a rotation runs.
+/// The phase a rotation is in, as the copies of the certs Secret announce it: the furthest any
+/// copy announces (in switch, the TMM copies are written before dSSM's). `dssm_ns`'s copy
+/// decides whether a rotation runs at all.
 pub fn phase_on_copies(
     obs: &crate::model::observation::Observation,
     dssm_ns: &str,
 ) -> Option<Phase> {
-    let copy = obs.copies.iter().find(|c| c.namespace == dssm_ns)?;
-    match &copy.certs {
+    let announced = |c: &crate::materials::CopyObs| match &c.certs {
         SecretObs::Present { annotations, .. } => Phase::ALL.into_iter().find(|p| {
             annotations
                 .get(annotations::ROTATION_PHASE)
@@ -24,7 +25,14 @@ pub fn phase_on_copies(
                 == Some(p.name())
         }),
         SecretObs::Missing => None,
-    }
+    };
+    let dssm = obs.copies.iter().find(|c| c.namespace == dssm_ns)?;
+    let dssm_phase = announced(dssm)?;
+    obs.copies
+        .iter()
+        .filter_map(announced)
+        .max()
+        .map(|p| p.max(dssm_phase))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

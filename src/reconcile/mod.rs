@@ -663,6 +663,27 @@ pub(crate) async fn write_copies(
     Ok(done.into_iter().flatten().collect())
 }
 
+/// `write_copies`, into the copies of `namespaces` only (a CA rotation's phase writes dSSM's
+/// and TMM's copies at different steps).
+pub(crate) async fn write_copies_in(
+    cluster: &Cluster,
+    obs: &Observation,
+    bundle: &Bundle,
+    revision: u64,
+    phase: crate::reconcile::rotation::Phase,
+    namespaces: &[String],
+    out: &mut (dyn Write + Send),
+) -> Result<Vec<Secret>, ReconcileError> {
+    let mut places = places(cluster);
+    places.namespaces.retain(|ns| namespaces.contains(ns));
+    let list: Vec<Write_> = writes::copies(&places, obs, Some(bundle), revision, Some(phase))
+        .into_iter()
+        .map(Write_::Secret)
+        .collect();
+    let done = perform(cluster, obs, &list, out).await?;
+    Ok(done.into_iter().flatten().collect())
+}
+
 /// Events on the copies written: what changed, to which revision, and why.
 async fn report_written(
     cluster: &Cluster,

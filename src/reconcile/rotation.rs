@@ -22,10 +22,11 @@ use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
 use crate::materials::{annotations, saved_keys, store_keys, SecretObs};
+use crate::model::restarts::Restarts;
 use crate::pki::{self, PrivateKey, SecretBytes};
-use crate::reconcile::{write_copies, ReconcileError};
+use crate::reconcile::{write_copies, write_copies_in, ReconcileError};
 use crate::redis::ClientMaterials;
-use crate::restart_state::{next, Mode, RestartState, Seen, Step};
+use crate::restart_state::{copies_due, next, Copies, Mode, RestartState, Seen, Step};
 
 pub use crate::model::rotation::*;
 
@@ -67,14 +68,20 @@ pub fn phase_proof(
         Phase::Trust => crate::restart::dssm::PhaseProof {
             accepts: vec![probe_leaf_of_new_ca(saved, ns)?],
             refuses: vec![],
+            keep_sentinels: false,
         },
         Phase::Switch => crate::restart::dssm::PhaseProof {
             accepts: vec![old(saved.both_cas())?],
             refuses: vec![],
+            keep_sentinels: false,
         },
+        // Dropping the old CA needs no sentinel restart: they present the new leaf since switch,
+        // and trusting the old CA too until their next restart is harmless once its key is
+        // gone (it went when the rotation started).
         Phase::Drop => crate::restart::dssm::PhaseProof {
             accepts: vec![],
             refuses: vec![old(saved.both_cas())?],
+            keep_sentinels: true,
         },
     })
 }
@@ -121,11 +128,27 @@ pub async fn drive(
     restart: Option<&crate::restart::Options>,
     out: &mut (dyn Write + Send),
 ) -> Result<(), ReconcileError> {
+    let start = crate::model::restarts::so_far();
+    let result = drive_from(cluster, restart, start, out).await;
+    if result.is_ok() {
+        let _ = writeln!(out, "{}", Restarts::since(start));
+    }
+    result
+}
+
+/// `drive`'s steps; `start` is the restart count when the run began (the last Event says
+/// what this run restarted).
+async fn drive_from(
+    cluster: &Cluster,
+    restart: Option<&crate::restart::Options>,
+    start: Restarts,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
     let mut seen = Seen {
         may_restart: restart.is_some(),
         ..Seen::default()
     };
-    let mut written: Option<Phase> = None;
+    let mut written: Option<(Phase, Copies)> = None;
     // The phase whose pre-flight passed in this run: each phase is checked at its first step
     // here, whether this run starts it or resumes it.
     let mut checked: Option<Phase> = None;
@@ -146,7 +169,7 @@ pub async fn drive(
             &workloads,
             &cluster.dssm_ns,
         );
-        seen.phase_written = written == Some(record.phase);
+        seen.phase_written = written == Some((record.phase, copies_due(&state, &record)));
         let step = next(&state, &seen, rotation_mode());
         tracing::debug!(?step, "rotation step");
         let phase = record.phase;
@@ -159,17 +182,9 @@ pub async fn drive(
             checked = Some(phase);
         }
         match (step, restart) {
-            (Step::WritePhase { phase }, _) => {
-                let _ = writeln!(
-                    out,
-                    "CA rotation, phase {} of 3 ({}): {}",
-                    phase.number(),
-                    phase.name(),
-                    phase.describe()
-                );
-                let bundle = saved.bundle(phase);
-                write_copies(cluster, &obs, &bundle, record.revision, Some(phase), out).await?;
-                written = Some(phase);
+            (Step::WritePhase { phase, copies }, _) => {
+                write_phase(cluster, &obs, &saved, (phase, copies), record.revision, out).await?;
+                written = Some((phase, copies));
             }
             (Step::AwaitRestart { phase }, _) => {
                 let revision = record.revision.to_string();
@@ -187,14 +202,15 @@ pub async fn drive(
                 roll_one(cluster, r, step, &saved, record, &state, out).await?;
             }
             (Step::AdvancePhase { to, .. }, _) => {
-                phase_rolled(cluster, &obs, phase, out).await;
+                phase_rolled(cluster, &obs, phase, None, out).await;
                 let mut record = record;
                 record.phase = to;
                 record.rolled.clear();
                 save_record(cluster, &obs, &record).await?;
             }
             (Step::FinishRotation, _) => {
-                phase_rolled(cluster, &obs, phase, out).await;
+                let restarts = Restarts::since(start);
+                phase_rolled(cluster, &obs, phase, Some(restarts), out).await;
                 return finish_rotation(cluster, &obs, &saved, &record, out).await;
             }
             (step, _) => unreachable!("not a rotation step: {step:?}"),
@@ -270,6 +286,46 @@ async fn finish_rotation(
     Ok(())
 }
 
+/// A phase's materials into `copies`, said on the output first.
+async fn write_phase(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    saved: &Saved,
+    (phase, copies): (Phase, Copies),
+    revision: u64,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let _ = writeln!(
+        out,
+        "CA rotation, phase {} of 3 ({}): {} ({})",
+        phase.number(),
+        phase.name(),
+        phase.describe(),
+        copies_line(copies)
+    );
+    let bundle = saved.bundle(phase);
+    let namespaces = copy_namespaces(cluster, copies);
+    write_copies_in(cluster, obs, &bundle, revision, phase, &namespaces, out).await?;
+    Ok(())
+}
+
+/// The namespaces whose copies a rotation step writes, dSSM's first.
+fn copy_namespaces(cluster: &Cluster, copies: Copies) -> Vec<String> {
+    match copies {
+        Copies::Dssm => vec![cluster.dssm_ns.clone()],
+        Copies::Tmm => crate::model::targets::namespaces(&cluster.targets),
+        Copies::All => cluster.namespaces(),
+    }
+}
+
+fn copies_line(copies: Copies) -> &'static str {
+    match copies {
+        Copies::Dssm => "the dSSM copies only",
+        Copies::Tmm => "the TMM copies first; TMM rolls once, then the dSSM copies",
+        Copies::All => "every copy; the DBs reload, sentinels and TMM are not restarted",
+    }
+}
+
 /// A rotation's steps do not depend on the restart strategy or order.
 fn rotation_mode() -> Mode {
     Mode {
@@ -291,6 +347,7 @@ async fn roll_one(
 ) -> Result<(), ReconcileError> {
     let rolled = match step {
         Step::RollDssm { .. } => {
+            // In drop, the sentinels are not restarted (`phase_proof`).
             let proof = phase_proof(saved, record.phase, &cluster.dssm_ns)
                 .map_err(ReconcileError::Refused)?;
             cluster
@@ -309,7 +366,7 @@ async fn roll_one(
                 None => token,
             };
             cluster
-                .roll_target(&cluster.targets[target], &token, r.wait_timeout, out)
+                .roll_target_counted(&cluster.targets[target], &token, r.wait_timeout, out)
                 .await?;
             state.targets[target].id.clone()
         }
@@ -325,14 +382,25 @@ async fn phase_rolled(
     cluster: &Cluster,
     obs: &crate::cluster::Observation,
     phase: Phase,
+    restarts: Option<Restarts>,
     out: &mut (dyn Write + Send),
 ) {
     let note = format!(
-        "CA rotation phase {} ({}) rolled through every dSSM pod and TMM, proven by new mutual-TLS handshakes",
+        "CA rotation phase {} ({}) {}, proven by new mutual-TLS handshakes",
         phase.name(),
-        phase.describe()
+        phase.describe(),
+        match phase {
+            Phase::Trust => "rolled through every dSSM pod (TMM untouched)",
+            Phase::Switch => "rolled through TMM, then every dSSM pod",
+            Phase::Drop => "reloaded by every DB (sentinels and TMM not restarted)",
+        }
     );
     let _ = writeln!(out, "{note}");
+    // The last phase's Event says what the run restarted.
+    let note = match restarts {
+        Some(r) => format!("{note}; this run's {r}"),
+        None => note,
+    };
     let key = (cluster.dssm_ns.clone(), contract::CERTS_SECRET.to_string());
     if let Some(certs) = obs.raw.get(&key) {
         // One reason per phase: the recorder folds repeats of a reason into a series.
@@ -508,5 +576,42 @@ mod tests {
         }
         // Two phases apart they do not: that is why each phase is rolled before the next.
         assert!(!trusted_by(&all[0], &all[3].leaf_cert));
+        // The restart order (`restart_state::next_in_rotation`): at each moment, the bundles a
+        // process of each kind may run (TMM, sentinels, DBs), and every pair trusts each
+        // other's leaf. TMM rolls once (switch), sentinels twice (trust, switch); in drop the
+        // DBs reload and sentinels and TMM keep switch's bundle in memory.
+        let (before, trust, switch, drop) = (&all[0], &all[1], &all[2], &all[3]);
+        let moments: [(&str, [Vec<&Bundle>; 3]); 5] = [
+            (
+                "trust, dSSM rolling",
+                [vec![before], vec![before, trust], vec![before, trust]],
+            ),
+            (
+                "switch, TMM rolling",
+                [vec![before, switch], vec![trust], vec![trust]],
+            ),
+            (
+                "switch, dSSM rolling",
+                [vec![switch], vec![trust, switch], vec![trust, switch]],
+            ),
+            (
+                "drop, DBs reloading",
+                [vec![switch], vec![switch], vec![switch, drop]],
+            ),
+            (
+                "after, as pods restart on their own",
+                [vec![switch, drop], vec![switch, drop], vec![drop]],
+            ),
+        ];
+        // TMM pods talk to dSSM, never to each other; dSSM processes talk to each other.
+        for (when, [tmm, sentinels, dbs]) in moments {
+            let dssm: Vec<&Bundle> = [sentinels, dbs].concat();
+            for x in tmm.iter().chain(&dssm) {
+                for y in &dssm {
+                    assert!(trusted_by(x, &y.leaf_cert), "{when}: a pair distrusts");
+                    assert!(trusted_by(y, &x.leaf_cert), "{when}: a pair distrusts");
+                }
+            }
+        }
     }
 }

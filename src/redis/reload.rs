@@ -124,7 +124,10 @@ pub fn config_set_same_paths(conn: &mut Connection, deadline: Instant) -> Result
         deadline,
     );
     match set.map_err(config_unavailable) {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            crate::model::restarts::count(crate::model::restarts::Kind::DbReload, 1);
+            Ok(())
+        }
         // Redis could not load what the paths hold now (a key that does not match, a bad PEM).
         Err(RedisError::Reply {
             endpoint, message, ..

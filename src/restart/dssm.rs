@@ -146,6 +146,9 @@ pub struct PhaseProof {
     pub accepts: Vec<ClientMaterials>,
     /// Client materials every process must refuse (the old CA's leaf once it is dropped).
     pub refuses: Vec<ClientMaterials>,
+    /// The sentinels are not restarted (the DBs only reload), unless a DB must restart (a
+    /// `subPath` mount), whose switchover and gates need them.
+    pub keep_sentinels: bool,
 }
 
 /// The dSSM pods as the eviction side of the rollout sees them.
@@ -155,6 +158,10 @@ struct ClusterPods {
     overrides: BTreeMap<String, String>,
     endpoints: BTreeMap<String, String>,
     uids: BTreeMap<String, String>,
+    /// Each pod's kind, for the restarts counted per kind.
+    kinds: BTreeMap<String, PodKind>,
+    /// Pods that already run the materials (`skip_proven`): their restart step is a no-op.
+    proven: std::collections::BTreeSet<String>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -166,6 +173,9 @@ impl Pods for ClusterPods {
     /// Evicts the pod (PDBs respected) and returns once its controller's replacement (same
     /// name, new uid) is Ready, at its new address.
     fn restart(&mut self, pod: &str, deadline: Instant) -> Result<(), String> {
+        if self.proven.contains(pod) {
+            return Ok(());
+        }
         let old_uid = self.uids.get(pod).cloned().unwrap_or_default();
         let left = deadline.saturating_duration_since(Instant::now());
         let tokio_deadline = tokio::time::Instant::now() + left;
@@ -186,6 +196,11 @@ impl Pods for ClusterPods {
             Ok::<_, RestartError>(now.get(&name).cloned())
         });
         let p = back.map_err(|e| e.to_string())?.ok_or("vanished")?;
+        use crate::model::restarts::{count, Kind};
+        match self.kinds.get(pod) {
+            Some(PodKind::Sentinel) => count(Kind::SentinelRestart, 1),
+            _ => count(Kind::DbRestart, 1),
+        }
         self.uids
             .insert(pod.to_string(), p.uid().unwrap_or_default());
         self.endpoints
@@ -296,6 +311,7 @@ impl Cluster {
         }
         let mut endpoints = BTreeMap::new();
         let mut uids = BTreeMap::new();
+        let kinds = live.iter().map(|p| (p.name_any(), pod_kind(p))).collect();
         for p in &live {
             endpoints.insert(
                 p.name_any(),
@@ -315,6 +331,8 @@ impl Cluster {
                 overrides: access.endpoints.clone(),
                 endpoints,
                 uids,
+                kinds,
+                proven: Default::default(),
                 runtime: tokio::runtime::Handle::current(),
             },
             live,
@@ -420,9 +438,9 @@ impl Cluster {
             let refuses = clients(&extra.refuses)?;
             let observed =
                 observe(&live, &pods, &tool, &server_name, &ns).map_err(DssmRollError::Observe)?;
-            let steps = rollout::plan(&observed)?;
-            for s in &steps {
-                let _ = tx.send(format!("  plan: {s}"));
+            let mut steps = rollout::plan(&observed)?;
+            if extra.keep_sentinels {
+                keep_sentinels(&mut steps);
             }
             let mut proof = Proof {
                 serves: Some(fingerprint),
@@ -430,6 +448,12 @@ impl Cluster {
                 refuses: refuses.iter().collect(),
             };
             proof.accepts.extend(accepts.iter());
+            let say = |line: String| drop(tx.send(line));
+            pods.proven = skip_proven(&mut steps, &pods, (&tool, &server_name), &proof, say);
+            for s in &steps {
+                let _ = tx.send(format!("  plan: {s}"));
+            }
+            let proven = pods.proven.clone();
             let cx = RolloutContext {
                 tls: &tool,
                 server_name: &server_name,
@@ -439,7 +463,16 @@ impl Cluster {
                 reload_timeout: step_timeout,
             };
             rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
-                let _ = tx.send(format!("  done: {s} ({:.1} s)", took.as_secs_f64()));
+                let restart = matches!(s, Step::RestartSentinel { .. } | Step::RestartDb { .. });
+                let line = if restart && proven.contains(s.pod()) {
+                    format!(
+                        "  not restarted: {}: it already runs these materials",
+                        s.pod()
+                    )
+                } else {
+                    format!("  done: {s} ({:.1} s)", took.as_secs_f64())
+                };
+                let _ = tx.send(line);
             })?;
             Ok::<_, DssmRollError>(())
         });
@@ -449,6 +482,61 @@ impl Cluster {
         work.await
             .expect("the dSSM rollout panicked")
             .map_err(RestartError::DssmRoll)
+    }
+}
+
+/// The pods that already run these materials, proven by new handshakes (they serve the current
+/// leaf, accept the tool's client and the phase's others, refuse what the phase refuses): a pod
+/// restarted by a run killed mid-way through the roll is not restarted again by the run that
+/// resumes it. Their reloads and switchovers leave the plan; their restart steps stay (the
+/// rollout names the sentinels by them) and are no-ops (`ClusterPods::restart`); their gates
+/// stay (cheap, and the killed run may have died before them).
+fn skip_proven(
+    steps: &mut Vec<Step>,
+    pods: &ClusterPods,
+    (tool, server_name): (&TlsClient, &str),
+    proof: &Proof<'_>,
+    say: impl Fn(String),
+) -> std::collections::BTreeSet<String> {
+    let mut proven = std::collections::BTreeSet::new();
+    for s in steps.iter() {
+        if let Step::ReloadDb { pod } | Step::RestartDb { pod } | Step::RestartSentinel { pod } = s
+        {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let endpoint = pods.endpoint(pod);
+            if crate::redis::reload::check_proof(tool, &endpoint, server_name, proof, deadline)
+                .is_ok()
+            {
+                proven.insert(pod.clone());
+            }
+        }
+    }
+    steps.retain(|s| match s {
+        Step::ReloadDb { pod } | Step::Switchover { from: pod } => !proven.contains(pod),
+        _ => true,
+    });
+    for pod in &proven {
+        say(format!(
+            "  skip: {pod}: already runs these materials (proven by new handshakes): not restarted or reloaded again"
+        ));
+    }
+    proven
+}
+
+/// Leaves the sentinel steps out of a plan whose DBs all reload in place; a plan that restarts
+/// a DB keeps them (the switchover and the DB gates ask the sentinels named by them).
+fn keep_sentinels(steps: &mut Vec<Step>) {
+    let only_reloads = steps.iter().all(|s| {
+        matches!(
+            s,
+            Step::ReloadDb { .. }
+                | Step::RestartSentinel { .. }
+                | Step::SentinelInQuorum { .. }
+                | Step::ForgetGone { .. }
+        )
+    });
+    if only_reloads {
+        steps.retain(|s| matches!(s, Step::ReloadDb { .. }));
     }
 }
 

@@ -22,6 +22,7 @@ use crate::cluster::pods::PodsIn;
 use crate::cluster::{Cluster, ClusterError};
 use crate::materials::annotations;
 use crate::materials::annotations::STOP_NODE_SELECTOR;
+use crate::model::restarts::Restarts;
 use crate::model::targets::{Kind, RollPlan, TmmTarget, Workload};
 use crate::restart_state::{next, Mode, RestartState, Seen, Step};
 use k8s_openapi::jiff::Timestamp;
@@ -123,8 +124,12 @@ impl Cluster {
             },
             counts: BTreeMap::new(),
             scaled: false,
+            start: crate::model::restarts::so_far(),
         };
         let result = self.run_restart(opts, &mut run, out).await;
+        if result.is_ok() {
+            let _ = writeln!(out, "{}", Restarts::since(run.start));
+        }
         match &result {
             Err(RestartError::Preflight(_) | RestartError::RollingAfterCaChange(_)) | Ok(()) => {}
             Err(e) => {
@@ -231,7 +236,7 @@ impl Cluster {
             }
             Step::RollTarget { target, token, .. } => {
                 let t = &self.targets[target];
-                self.roll_target(t, &token, timeout, out).await?;
+                self.roll_target_counted(t, &token, timeout, out).await?;
                 let done = [
                     (annotations::TMM_RESTARTED, Some(token.as_str())),
                     (annotations::TMM_ROLL, None),
@@ -272,11 +277,50 @@ impl Cluster {
         )
         .await?;
         run.counts.insert(target, replicas);
+        let started = u64::try_from(replicas).unwrap_or(0);
+        crate::model::restarts::count(crate::model::restarts::Kind::TmmPod, started);
         let _ = match t.kind {
             Kind::Deployment => writeln!(out, "scaled {t} back to {replicas}"),
             Kind::DaemonSet => writeln!(out, "started {t} again ({replicas} nodes)"),
         };
         Ok(())
+    }
+
+    /// `roll_target`, with the pods it replaced counted: the live pods of `t` after the roll
+    /// that were not there before it.
+    pub(crate) async fn roll_target_counted(
+        &self,
+        t: &TmmTarget,
+        token: &str,
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        let before = self.tmm_pod_uids(t).await?;
+        self.roll_target(t, token, timeout, out).await?;
+        let after = self.tmm_pod_uids(t).await?;
+        let replaced = after.difference(&before).count();
+        crate::model::restarts::count(
+            crate::model::restarts::Kind::TmmPod,
+            u64::try_from(replaced).unwrap_or(0),
+        );
+        Ok(())
+    }
+
+    /// The uids of the live pods of `t`.
+    async fn tmm_pod_uids(
+        &self,
+        t: &TmmTarget,
+    ) -> Result<std::collections::BTreeSet<String>, RestartError> {
+        let w = self.require_workload(t).await?;
+        let pods = self
+            .pods_in(&t.namespace)
+            .list(&selector_query(w.selector()))
+            .await?;
+        Ok(pods
+            .iter()
+            .filter(|p| !terminating(p) && !ended(p))
+            .filter_map(|p| p.uid())
+            .collect())
     }
 
     /// Every target loses its marks (an Event says what was restored), then the probe
@@ -297,6 +341,7 @@ impl Cluster {
         } else {
             "rolling restart of dSSM and TMM, no interruption".to_string()
         };
+        let note = format!("{note}; {}", Restarts::since(run.start));
         self.finish_restart(&note).await?;
         run.seen.finished = true;
         self.verify_with_probe(opts, out).await
@@ -389,6 +434,8 @@ struct Run {
     counts: BTreeMap<usize, i32>,
     /// This run took TMM down (or resumed a run that did): a failure restores it.
     scaled: bool,
+    /// The restarts counted when the run began (it reports its own).
+    start: Restarts,
 }
 
 #[cfg(test)]

@@ -24,6 +24,15 @@ impl Cluster {
         for name in old.keys() {
             pods.evict(name, deadline).await?;
         }
+        {
+            use crate::model::restarts::{count, Kind};
+            for p in before.iter().filter(|p| old.contains_key(&p.name_any())) {
+                match crate::restart::dssm::pod_kind(p) {
+                    crate::redis::rollout::PodKind::Sentinel => count(Kind::SentinelRestart, 1),
+                    crate::redis::rollout::PodKind::Db => count(Kind::DbRestart, 1),
+                }
+            }
+        }
         let _ = writeln!(
             out,
             "evicted {} dSSM pods in {} ({sel})",
