@@ -1768,3 +1768,136 @@ impl Drop for ShowOnPanic {
         }
     }
 }
+
+/// A dSSM sentinel pod of `env`, as the kill points below look at it.
+fn sentinel_pods(env: &TestEnv) -> Vec<Value> {
+    env.server.with_state(|s| {
+        s.list(resource("", "pods"), Some(&env.dssm_ns))
+            .into_iter()
+            .filter(|p| {
+                p["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("f5-dssm-sentinel-"))
+            })
+            .cloned()
+            .collect()
+    })
+}
+
+fn pod_ready(p: &Value) -> bool {
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// Kill points inside the sentinel step of the dSSM roll, judged from the pods alone (`before`:
+/// the sentinels' uids when `rotate` started).
+#[derive(Debug, Clone, Copy)]
+enum InsideSentinelStep {
+    /// A sentinel evicted and not back: its pod terminating, or its replacement not yet Ready
+    /// (its process starting, the quorum of the two others carrying the rotation).
+    Down,
+    /// A replacement sentinel Ready: the roll is at its quorum gate and the resets that make
+    /// every sentinel forget the one it replaced.
+    BackBeforeItsResets,
+}
+
+impl InsideSentinelStep {
+    fn reached(self, before: &[String], pods: &[Value]) -> bool {
+        let new = |p: &&Value| !before.iter().any(|u| p["metadata"]["uid"] == u.as_str());
+        match self {
+            Self::Down => pods.iter().any(|p| {
+                !p["metadata"]["deletionTimestamp"].is_null() || (new(&p) && !pod_ready(p))
+            }),
+            Self::BackBeforeItsResets => pods.iter().filter(new).any(pod_ready),
+        }
+    }
+}
+
+/// `rotate` (defaults: rolling, leaf renewal) on the real-process bed, killed (-9) at `point`
+/// inside the sentinel step, then `reconcile` until it runs (the dead run's Lease expires):
+/// the rotation ends complete with TMM rolled once, nobody notices, and every sentinel knows
+/// exactly the live sentinels and replicas, so that a failover with one sentinel down still
+/// elects a new primary.
+fn killed_inside_the_sentinel_step(point: InsideSentinelStep) {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let before: Vec<String> = sentinel_pods(&env)
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
+        .collect();
+    let log = env.dir.path().join("rotate.log");
+    let _show = ShowOnPanic(log.clone());
+    let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    support::redis::wait_for(&format!("{point:?}"), Duration::from_secs(90), || {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "rotate ended before {point:?}"
+        );
+        point.reached(&before, &sentinel_pods(&env)).then_some(())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let what = format!("killed -9 inside the sentinel step ({point:?})");
+    let mut log = std::fs::read_to_string(&log).unwrap_or_default();
+    let start = std::time::Instant::now();
+    loop {
+        let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
+        log.push_str(&out);
+        log.push_str(&err);
+        if code == 0 {
+            break;
+        }
+        assert_eq!(code, 5, "{what}: {log}");
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (f, b, mut topology) = dssm_pods::finish_keeping(bed, load);
+    assert!(
+        env.copy("spk-utilities").unwrap() == env.copy("spk-ingress").unwrap(),
+        "{what}: copies differ\n{log}"
+    );
+    let (_, ann) = tmm_replicas(&env);
+    for mark in ["restart-needed", "tmm-roll", "tmm-restarted"] {
+        assert!(
+            ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
+            "{what}: {mark} left: {ann}\n{log}"
+        );
+    }
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{what}: TMM rolled once: {b:?}\n{log}"
+    );
+    f.assert_unnoticed(&what);
+    let r = support::load::scenarios::failover_with_one_sentinel_down(&mut topology);
+    eprintln!("{what}: {f:?} {r:?}\n{log}");
+    for (name, sentinels, replicas, healthy) in &r.knows {
+        assert_eq!(
+            (*sentinels, *replicas, *healthy),
+            (2, 2, 2),
+            "{what}: {name} knows other than the live sentinels and replicas: {r:?}\n{log}"
+        );
+    }
+    assert!(
+        r.failover.is_some(),
+        "{what}: no new primary after the primary was killed with one sentinel down: {r:?}"
+    );
+}
+
+#[test]
+fn a_rotation_killed_while_a_sentinel_is_down_is_finished_and_leaves_sentinel_fault_tolerant() {
+    killed_inside_the_sentinel_step(InsideSentinelStep::Down);
+}
+
+#[test]
+fn a_rotation_killed_before_a_restarted_sentinels_resets_is_finished_and_leaves_sentinel_fault_tolerant(
+) {
+    killed_inside_the_sentinel_step(InsideSentinelStep::BackBeforeItsResets);
+}
