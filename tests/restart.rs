@@ -1795,12 +1795,13 @@ fn pod_ready(p: &Value) -> bool {
 /// the sentinels' uids when `rotate` started).
 #[derive(Debug, Clone, Copy)]
 enum InsideSentinelStep {
-    /// A sentinel evicted and not back: its pod terminating, or its replacement not yet Ready
-    /// (its process starting, the quorum of the two others carrying the rotation).
+    /// The first sentinel evicted and not back: its pod terminating, or its replacement not yet
+    /// Ready (its process starting, the quorum of the two others carrying the rotation).
     Down,
-    /// A replacement sentinel Ready: the roll is at its quorum gate and the resets that make
-    /// every sentinel forget the one it replaced.
-    BackBeforeItsResets,
+    /// The `n`th replacement sentinel Ready: the roll is at that sentinel's quorum gate and the
+    /// resets that make every sentinel forget the one it replaced. The 3rd is the last: a
+    /// resumed run that took every sentinel for done would never make the others forget it.
+    BackBeforeItsResets(usize),
 }
 
 impl InsideSentinelStep {
@@ -1810,7 +1811,9 @@ impl InsideSentinelStep {
             Self::Down => pods.iter().any(|p| {
                 !p["metadata"]["deletionTimestamp"].is_null() || (new(&p) && !pod_ready(p))
             }),
-            Self::BackBeforeItsResets => pods.iter().filter(new).any(pod_ready),
+            Self::BackBeforeItsResets(n) => {
+                pods.iter().filter(new).filter(|p| pod_ready(p)).count() >= n
+            }
         }
     }
 }
@@ -1897,7 +1900,81 @@ fn a_rotation_killed_while_a_sentinel_is_down_is_finished_and_leaves_sentinel_fa
 }
 
 #[test]
-fn a_rotation_killed_before_a_restarted_sentinels_resets_is_finished_and_leaves_sentinel_fault_tolerant(
-) {
-    killed_inside_the_sentinel_step(InsideSentinelStep::BackBeforeItsResets);
+fn a_rotation_killed_before_the_first_restarted_sentinels_resets_leaves_sentinel_fault_tolerant() {
+    killed_inside_the_sentinel_step(InsideSentinelStep::BackBeforeItsResets(1));
+}
+
+#[test]
+fn a_rotation_killed_before_the_last_restarted_sentinels_resets_leaves_sentinel_fault_tolerant() {
+    killed_inside_the_sentinel_step(InsideSentinelStep::BackBeforeItsResets(3));
+}
+
+/// The two Secrets of a namespace are written one after the other: `rotate` killed (-9)
+/// between the TMM namespace's `dssm-certs-secret` and `dssm-keys-secret` (the keys write held
+/// by the API server) leaves TMM's mounts with the new leaf and the old key until the next run
+/// writes the key, once the dead run's Lease expired. The next run finishes the rotation;
+/// judged as the other kill points are.
+///
+/// It fails today: every connection a TMM pod opens in that window presents a leaf its key
+/// does not match, and the servers refuse it (alert decrypt_error). Measured: 91 operations
+/// failed after their retry, 6.6 s without a per-request write, with a 4 s Lease (the default
+/// is longer, and a CronJob's next run may be hours away). The rolling crash matrix above hits
+/// the same window when its kill lands after the TMM certs write. No write order avoids it
+/// while a renewal changes the key (a new key needs both Secrets changed); reusing the leaf's
+/// key on renewal would (each write then leaves a matching pair). Ignored until that is decided.
+#[test]
+#[ignore = "known crash window between a namespace's certs and keys writes: see the comment"]
+fn a_rotation_killed_between_the_tmm_certs_and_keys_writes_is_finished_unnoticed() {
+    let env = dssm_pods::published();
+    let keys = format!("/namespaces/{}/secrets/dssm-keys-secret", env.tmm_ns);
+    let certs = format!("/namespaces/{}/secrets/dssm-certs-secret", env.tmm_ns);
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    env.server.clear_requests();
+    env.server
+        .add_fault(Fault::delay("PUT", &keys, 1, Duration::from_secs(8)));
+    let log = env.dir.path().join("rotate.log");
+    let _show = ShowOnPanic(log.clone());
+    let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    support::redis::wait_for("the TMM certs written", Duration::from_secs(90), || {
+        assert!(child.try_wait().unwrap().is_none(), "rotate ended");
+        let written = env
+            .server
+            .requests()
+            .iter()
+            .any(|r| r.method == "PUT" && r.path.ends_with(&certs) && r.status < 300);
+        written.then_some(())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let what = "killed -9 between the TMM certs and keys writes";
+    let mut log = std::fs::read_to_string(&log).unwrap_or_default();
+    let start = std::time::Instant::now();
+    loop {
+        let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
+        log.push_str(&out);
+        log.push_str(&err);
+        if code == 0 {
+            break;
+        }
+        assert_eq!(code, 5, "{what}: {log}");
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (f, b) = dssm_pods::finish(bed, load);
+    eprintln!("{what}: {f:?}\n{log}");
+    assert!(
+        env.copy("spk-utilities").unwrap() == env.copy("spk-ingress").unwrap(),
+        "{what}: copies differ\n{log}"
+    );
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{what}: TMM rolled once: {b:?}\n{log}"
+    );
+    f.assert_unnoticed(what);
 }
