@@ -1912,11 +1912,11 @@ fn a_rotation_killed_before_the_last_restarted_sentinels_resets_leaves_sentinel_
 /// `rotate` (defaults) sent `signal` between the TMM namespace's `dssm-certs-secret` and
 /// `dssm-keys-secret` writes (the keys write held 8 s by the API server), then `reconcile`
 /// until it runs: the rotation ends with identical copies and TMM rolled once. `then` sees the
-/// cluster as the signalled run left it. Returns the load's figures (the held write is itself
+/// cluster as the signalled run left it, with that run's exit code and stderr. Returns the load's figures (the held write is itself
 /// a window in which TMM's mounts hold the new leaf with the old key).
 fn signalled_between_the_tmm_certs_and_keys_writes(
     signal: i32,
-    then: impl FnOnce(&TestEnv),
+    then: impl FnOnce(&TestEnv, Option<i32>, &str),
 ) -> support::load::Figures {
     let env = dssm_pods::published();
     let keys = format!("/namespaces/{}/secrets/dssm-keys-secret", env.tmm_ns);
@@ -1928,9 +1928,10 @@ fn signalled_between_the_tmm_certs_and_keys_writes(
         .add_fault(Fault::delay("PUT", &keys, 1, Duration::from_secs(8)));
     let log = env.dir.path().join("rotate.log");
     let _show = ShowOnPanic(log.clone());
+    let stderr = env.dir.path().join("rotate.err");
     let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
         .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
     support::redis::wait_for("the TMM certs written", Duration::from_secs(90), || {
@@ -1943,8 +1944,12 @@ fn signalled_between_the_tmm_certs_and_keys_writes(
         written.then_some(())
     });
     unsafe { libc_kill(child.id() as i32, signal) };
-    child.wait().unwrap();
-    then(&env);
+    let code = child.wait().unwrap().code();
+    then(
+        &env,
+        code,
+        &std::fs::read_to_string(&stderr).unwrap_or_default(),
+    );
     let what = format!("signal {signal} between the TMM certs and keys writes");
     let mut log = std::fs::read_to_string(&log).unwrap_or_default();
     let start = std::time::Instant::now();
@@ -1980,11 +1985,13 @@ fn signalled_between_the_tmm_certs_and_keys_writes(
 /// is not judged: the write held 8 s is itself such a window.
 #[test]
 fn sigterm_between_the_tmm_certs_and_keys_writes_finishes_the_pair_before_exiting() {
-    signalled_between_the_tmm_certs_and_keys_writes(15, |env| {
+    signalled_between_the_tmm_certs_and_keys_writes(15, |env, code, err| {
         assert!(
             env.copy("spk-ingress") == env.copy("spk-utilities"),
-            "the signalled run left the TMM namespace's pair half-written"
+            "the signalled run left the TMM namespace's pair half-written: {err}"
         );
+        assert_eq!(code, Some(4), "{err}");
+        assert!(err.contains("interrupted by a signal"), "{err}");
     });
 }
 
@@ -2002,6 +2009,6 @@ fn sigterm_between_the_tmm_certs_and_keys_writes_finishes_the_pair_before_exitin
 #[test]
 #[ignore = "known crash window between a namespace's certs and keys writes: see the comment"]
 fn a_rotation_killed_between_the_tmm_certs_and_keys_writes_is_finished_unnoticed() {
-    let f = signalled_between_the_tmm_certs_and_keys_writes(9, |_| {});
+    let f = signalled_between_the_tmm_certs_and_keys_writes(9, |_, _, _| {});
     f.assert_unnoticed("killed -9 between the TMM certs and keys writes");
 }
