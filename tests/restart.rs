@@ -1822,7 +1822,9 @@ impl InsideSentinelStep {
 /// inside the sentinel step, then `reconcile` until it runs (the dead run's Lease expires):
 /// the rotation ends complete with TMM rolled once, nobody notices, and every sentinel knows
 /// exactly the live sentinels and replicas, so that a failover with one sentinel down still
-/// elects a new primary.
+/// elects a new primary. (On this bed a recreated sentinel keeps its address, and the others
+/// then drop its old entry by themselves: that last check can only see a stale peer once the
+/// bed gives recreated pods new addresses, as tests/rotation_load.rs's harness does.)
 fn killed_inside_the_sentinel_step(point: InsideSentinelStep) {
     let env = dssm_pods::published();
     let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
