@@ -1818,6 +1818,23 @@ impl InsideSentinelStep {
     }
 }
 
+/// Runs `reconcile` (as the next CronJob run would) until it is not locked out by a dead run's
+/// Lease (exit 5) and succeeds, within 30 s; its output goes to `log`.
+fn reconcile_until_it_runs(env: &TestEnv, bed: &dssm_pods::Bed, what: &str, log: &mut String) {
+    let start = std::time::Instant::now();
+    loop {
+        let (code, out, err) = dssm_pods::run(env, bed, &["reconcile"]);
+        log.push_str(&out);
+        log.push_str(&err);
+        if code == 0 {
+            return;
+        }
+        assert_eq!(code, 5, "{what}: {log}");
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// `rotate` (defaults: rolling, leaf renewal) on the real-process bed, killed (-9) at `point`
 /// inside the sentinel step, then `reconcile` until it runs (the dead run's Lease expires):
 /// the rotation ends complete with TMM rolled once, nobody notices, and every sentinel knows
@@ -1851,18 +1868,7 @@ fn killed_inside_the_sentinel_step(point: InsideSentinelStep) {
     child.wait().unwrap();
     let what = format!("killed -9 inside the sentinel step ({point:?})");
     let mut log = std::fs::read_to_string(&log).unwrap_or_default();
-    let start = std::time::Instant::now();
-    loop {
-        let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
-        log.push_str(&out);
-        log.push_str(&err);
-        if code == 0 {
-            break;
-        }
-        assert_eq!(code, 5, "{what}: {log}");
-        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {log}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    reconcile_until_it_runs(&env, &bed, &what, &mut log);
     let (f, b, mut topology) = dssm_pods::finish_keeping(bed, load);
     assert!(
         env.copy("spk-utilities").unwrap() == env.copy("spk-ingress").unwrap(),
@@ -1954,18 +1960,7 @@ fn signalled_between_the_tmm_certs_and_keys_writes(
     );
     let what = format!("signal {signal} between the TMM certs and keys writes");
     let mut log = std::fs::read_to_string(&log).unwrap_or_default();
-    let start = std::time::Instant::now();
-    loop {
-        let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
-        log.push_str(&out);
-        log.push_str(&err);
-        if code == 0 {
-            break;
-        }
-        assert_eq!(code, 5, "{what}: {log}");
-        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {log}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    reconcile_until_it_runs(&env, &bed, &what, &mut log);
     let (f, b) = dssm_pods::finish(bed, load);
     eprintln!("{what}: {f:?}\n{log}");
     assert!(
