@@ -1926,6 +1926,16 @@ fn signalled_between_the_tmm_certs_and_keys_writes(
     signal: i32,
     then: impl FnOnce(&TestEnv, Option<i32>, &str),
 ) -> support::load::Figures {
+    signalled_between_the_tmm_pair(&dssm_pods::rotate_args(false, None), signal, then)
+}
+
+/// `signalled_between_the_tmm_certs_and_keys_writes` for the command `args` (`rotate`, or the
+/// agent renewing in its window).
+fn signalled_between_the_tmm_pair(
+    args: &[&str],
+    signal: i32,
+    then: impl FnOnce(&TestEnv, Option<i32>, &str),
+) -> support::load::Figures {
     let env = dssm_pods::published();
     let keys = format!("/namespaces/{}/secrets/dssm-keys-secret", env.tmm_ns);
     let certs = format!("/namespaces/{}/secrets/dssm-certs-secret", env.tmm_ns);
@@ -1937,7 +1947,7 @@ fn signalled_between_the_tmm_certs_and_keys_writes(
     let log = env.dir.path().join("rotate.log");
     let _show = ShowOnPanic(log.clone());
     let stderr = env.dir.path().join("rotate.err");
-    let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+    let mut child = dssm_pods::command(&env, &bed, args)
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
@@ -2008,4 +2018,21 @@ fn sigterm_between_the_tmm_certs_and_keys_writes_finishes_the_pair_before_exitin
 fn a_rotation_killed_between_the_tmm_certs_and_keys_writes_is_finished_unnoticed() {
     let f = signalled_between_the_tmm_certs_and_keys_writes(9, |_, _, _| {});
     f.assert_unnoticed("killed -9 between the TMM certs and keys writes");
+}
+
+/// The agent renewing inside its maintenance window, sent SIGTERM (its pod deleted, a node
+/// drained) between the TMM namespace's two Secret writes: it exits only once the pair is
+/// complete. Before, SIGTERM dropped the window's reconcile wherever it was.
+#[test]
+fn the_agent_sent_sigterm_between_the_tmm_certs_and_keys_writes_finishes_the_pair_first() {
+    let addr = format!("127.0.0.1:{}", support::redis::free_port());
+    let mut args = vec!["run", "--listen", &addr];
+    args.extend_from_slice(support::agent::RENEW_IN_THE_WINDOW);
+    signalled_between_the_tmm_pair(&args, 15, |env, code, err| {
+        assert!(
+            env.copy("spk-ingress") == env.copy("spk-utilities"),
+            "the agent left the TMM namespace's pair half-written: {err}"
+        );
+        assert_eq!(code, Some(0), "{err}");
+    });
 }
