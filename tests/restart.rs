@@ -1926,19 +1926,36 @@ fn signalled_between_the_tmm_certs_and_keys_writes(
     signal: i32,
     then: impl FnOnce(&TestEnv, Option<i32>, &str),
 ) -> support::load::Figures {
-    signalled_between_the_tmm_pair(&dssm_pods::rotate_args(false, None), signal, then)
+    signalled_between_a_pair(
+        &dssm_pods::rotate_args(false, None),
+        Pair::Tmm,
+        signal,
+        then,
+    )
+}
+
+/// Whose two Secrets a run is stopped between.
+#[derive(Debug, Clone, Copy)]
+enum Pair {
+    Dssm,
+    Tmm,
 }
 
 /// `signalled_between_the_tmm_certs_and_keys_writes` for the command `args` (`rotate`, or the
-/// agent renewing in its window).
-fn signalled_between_the_tmm_pair(
+/// agent renewing in its window) and the namespace of `pair`.
+fn signalled_between_a_pair(
     args: &[&str],
+    pair: Pair,
     signal: i32,
     then: impl FnOnce(&TestEnv, Option<i32>, &str),
 ) -> support::load::Figures {
     let env = dssm_pods::published();
-    let keys = format!("/namespaces/{}/secrets/dssm-keys-secret", env.tmm_ns);
-    let certs = format!("/namespaces/{}/secrets/dssm-certs-secret", env.tmm_ns);
+    let ns = match pair {
+        Pair::Dssm => env.dssm_ns.clone(),
+        Pair::Tmm => env.tmm_ns.clone(),
+    };
+    let keys = format!("/namespaces/{ns}/secrets/dssm-keys-secret");
+    let certs = format!("/namespaces/{ns}/secrets/dssm-certs-secret");
     let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
     load.settle();
     env.server.clear_requests();
@@ -1952,7 +1969,7 @@ fn signalled_between_the_tmm_pair(
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
-    support::redis::wait_for("the TMM certs written", Duration::from_secs(90), || {
+    support::redis::wait_for("the certs written", Duration::from_secs(90), || {
         assert!(child.try_wait().unwrap().is_none(), "rotate ended");
         let written = env
             .server
@@ -1968,7 +1985,7 @@ fn signalled_between_the_tmm_pair(
         code,
         &std::fs::read_to_string(&stderr).unwrap_or_default(),
     );
-    let what = format!("signal {signal} between the TMM certs and keys writes");
+    let what = format!("signal {signal} between the {pair:?} certs and keys writes");
     let mut log = std::fs::read_to_string(&log).unwrap_or_default();
     reconcile_until_it_runs(&env, &bed, &what, &mut log);
     let (f, b) = dssm_pods::finish(bed, load);
@@ -2028,11 +2045,34 @@ fn the_agent_sent_sigterm_between_the_tmm_certs_and_keys_writes_finishes_the_pai
     let addr = format!("127.0.0.1:{}", support::redis::free_port());
     let mut args = vec!["run", "--listen", &addr];
     args.extend_from_slice(support::agent::RENEW_IN_THE_WINDOW);
-    signalled_between_the_tmm_pair(&args, 15, |env, code, err| {
+    signalled_between_a_pair(&args, Pair::Tmm, 15, |env, code, err| {
         assert!(
             env.copy("spk-ingress") == env.copy("spk-utilities"),
             "the agent left the TMM namespace's pair half-written: {err}"
         );
         assert_eq!(code, Some(0), "{err}");
     });
+}
+
+/// `rotate` killed (-9) between the dSSM namespace's two Secret writes: the dSSM mounts hold the
+/// new leaf beside the old key until the next run writes the key. The next run reloaded the DBs
+/// right after writing the key, before kubelet brought it: Redis refused those files and the
+/// rotation stopped (exit 4, the DB named), for good. A refusal within the mount's lag is now
+/// retried, and the rotation finishes; no client operation fails and no write is lost, since
+/// the servers keep what they loaded. What the window still breaks (the known window of the
+/// ignored TMM test): a readiness probe that handshakes with the pod's own mounted files fails
+/// on every dSSM pod until the next run (the bed's floor of Ready DBs and sentinels reads 0).
+#[test]
+fn a_rotation_killed_between_the_dssm_certs_and_keys_writes_is_finished_by_the_next_run() {
+    let f = signalled_between_a_pair(
+        &dssm_pods::rotate_args(false, None),
+        Pair::Dssm,
+        9,
+        |_, _, _| {},
+    );
+    assert_eq!(f.failed_after_retry, 0, "{f:?}");
+    assert_eq!(f.lost, 0, "{f:?}");
+    assert_eq!(f.stale_reads, 0, "{f:?}");
+    assert_eq!(f.pubsub_missed, 0, "{f:?}");
+    assert_eq!(f.no_ready_tmm, Duration::ZERO, "{f:?}");
 }
