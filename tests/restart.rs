@@ -2240,3 +2240,311 @@ fn a_failed_renewal_leaves_a_rotation_failed_event_on_the_certificate_secret() {
     assert_eq!(code, 5, "{err}");
     assert_eq!(failed(&env).len(), 1, "no Event for a held Lease");
 }
+
+/// A dSSM sentinel pod of `env`, as the kill points below look at it.
+fn sentinel_pods(env: &TestEnv) -> Vec<Value> {
+    env.server.with_state(|s| {
+        s.list(resource("", "pods"), Some(&env.dssm_ns))
+            .into_iter()
+            .filter(|p| {
+                p["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("f5-dssm-sentinel-"))
+            })
+            .cloned()
+            .collect()
+    })
+}
+
+fn pod_ready(p: &Value) -> bool {
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// Kill points inside the sentinel step of the dSSM roll, judged from the pods alone (`before`:
+/// the sentinels' uids when `rotate` started).
+#[derive(Debug, Clone, Copy)]
+enum InsideSentinelStep {
+    /// The first sentinel evicted and not back: its pod terminating, or its replacement not yet
+    /// Ready (its process starting, the quorum of the two others carrying the rotation).
+    Down,
+    /// The `n`th replacement sentinel Ready: the roll is at that sentinel's quorum gate and the
+    /// resets that make every sentinel forget the one it replaced. The 3rd is the last: a
+    /// resumed run that took every sentinel for done would never make the others forget it.
+    BackBeforeItsResets(usize),
+}
+
+impl InsideSentinelStep {
+    fn reached(self, before: &[String], pods: &[Value]) -> bool {
+        let new = |p: &&Value| !before.iter().any(|u| p["metadata"]["uid"] == u.as_str());
+        match self {
+            Self::Down => pods.iter().any(|p| {
+                !p["metadata"]["deletionTimestamp"].is_null() || (new(&p) && !pod_ready(p))
+            }),
+            Self::BackBeforeItsResets(n) => {
+                pods.iter().filter(new).filter(|p| pod_ready(p)).count() >= n
+            }
+        }
+    }
+}
+
+/// Runs `reconcile` (as the next CronJob run would) until it is not locked out by a dead run's
+/// Lease (exit 5) and succeeds, within 30 s; its output goes to `log`.
+fn reconcile_until_it_runs(env: &TestEnv, bed: &dssm_pods::Bed, what: &str, log: &mut String) {
+    let start = std::time::Instant::now();
+    loop {
+        let (code, out, err) = dssm_pods::run(env, bed, &["reconcile"]);
+        log.push_str(&out);
+        log.push_str(&err);
+        if code == 0 {
+            return;
+        }
+        assert_eq!(code, 5, "{what}: {log}");
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `rotate` (defaults: rolling, leaf renewal) on the real-process bed, killed (-9) at `point`
+/// inside the sentinel step, then `reconcile` until it runs (the dead run's Lease expires):
+/// the rotation ends complete with TMM rolled once, nobody notices, and every sentinel knows
+/// exactly the live sentinels and replicas, so that a failover with one sentinel down still
+/// elects a new primary. (On this bed a recreated sentinel keeps its address, and the others
+/// then drop its old entry by themselves: that last check can only see a stale peer once the
+/// bed gives recreated pods new addresses, as tests/rotation_load.rs's harness does.)
+fn killed_inside_the_sentinel_step(point: InsideSentinelStep) {
+    let env = dssm_pods::published();
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    let before: Vec<String> = sentinel_pods(&env)
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
+        .collect();
+    let log = env.dir.path().join("rotate.log");
+    let _show = ShowOnPanic(log.clone());
+    let mut child = dssm_pods::command(&env, &bed, &dssm_pods::rotate_args(false, None))
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    support::redis::wait_for(&format!("{point:?}"), Duration::from_secs(90), || {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "rotate ended before {point:?}"
+        );
+        point.reached(&before, &sentinel_pods(&env)).then_some(())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let what = format!("killed -9 inside the sentinel step ({point:?})");
+    let mut log = std::fs::read_to_string(&log).unwrap_or_default();
+    reconcile_until_it_runs(&env, &bed, &what, &mut log);
+    let (f, b, mut topology) = dssm_pods::finish_keeping(bed, load);
+    assert!(
+        env.copy("spk-utilities").unwrap() == env.copy("spk-ingress").unwrap(),
+        "{what}: copies differ\n{log}"
+    );
+    let (_, ann) = tmm_replicas(&env);
+    for mark in ["restart-needed", "tmm-roll", "tmm-restarted"] {
+        assert!(
+            ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
+            "{what}: {mark} left: {ann}\n{log}"
+        );
+    }
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{what}: TMM rolled once: {b:?}\n{log}"
+    );
+    f.assert_unnoticed(&what);
+    let r = support::load::scenarios::failover_with_one_sentinel_down(&mut topology);
+    eprintln!("{what}: {f:?} {r:?}\n{log}");
+    for (name, sentinels, replicas, healthy) in &r.knows {
+        assert_eq!(
+            (*sentinels, *replicas, *healthy),
+            (2, 2, 2),
+            "{what}: {name} knows other than the live sentinels and replicas: {r:?}\n{log}"
+        );
+    }
+    assert!(
+        r.failover.is_some(),
+        "{what}: no new primary after the primary was killed with one sentinel down: {r:?}"
+    );
+}
+
+#[test]
+fn a_rotation_killed_while_a_sentinel_is_down_is_finished_and_leaves_sentinel_fault_tolerant() {
+    killed_inside_the_sentinel_step(InsideSentinelStep::Down);
+}
+
+#[test]
+fn a_rotation_killed_before_the_first_restarted_sentinels_resets_leaves_sentinel_fault_tolerant() {
+    killed_inside_the_sentinel_step(InsideSentinelStep::BackBeforeItsResets(1));
+}
+
+#[test]
+fn a_rotation_killed_before_the_last_restarted_sentinels_resets_leaves_sentinel_fault_tolerant() {
+    killed_inside_the_sentinel_step(InsideSentinelStep::BackBeforeItsResets(3));
+}
+
+/// `rotate` (defaults) sent `signal` between the TMM namespace's `dssm-certs-secret` and
+/// `dssm-keys-secret` writes (the keys write held 8 s by the API server), then `reconcile`
+/// until it runs: the rotation ends with identical copies and TMM rolled once. `then` sees the
+/// cluster as the signalled run left it, with that run's exit code and stderr. Returns the load's figures (the held write is itself
+/// a window in which TMM's mounts hold the new leaf with the old key).
+fn signalled_between_the_tmm_certs_and_keys_writes(
+    signal: i32,
+    then: impl FnOnce(&TestEnv, Option<i32>, &str),
+) -> support::load::Figures {
+    signalled_between_a_pair(
+        &dssm_pods::rotate_args(false, None),
+        Pair::Tmm,
+        signal,
+        then,
+    )
+}
+
+/// Whose two Secrets a run is stopped between.
+#[derive(Debug, Clone, Copy)]
+enum Pair {
+    Dssm,
+    Tmm,
+}
+
+/// `signalled_between_the_tmm_certs_and_keys_writes` for the command `args` (`rotate`, or the
+/// agent renewing in its window) and the namespace of `pair`.
+fn signalled_between_a_pair(
+    args: &[&str],
+    pair: Pair,
+    signal: i32,
+    then: impl FnOnce(&TestEnv, Option<i32>, &str),
+) -> support::load::Figures {
+    let env = dssm_pods::published();
+    let ns = match pair {
+        Pair::Dssm => env.dssm_ns.clone(),
+        Pair::Tmm => env.tmm_ns.clone(),
+    };
+    let keys = format!("/namespaces/{ns}/secrets/dssm-keys-secret");
+    let certs = format!("/namespaces/{ns}/secrets/dssm-certs-secret");
+    let (bed, load) = dssm_pods::Bed::start(&env, support::load::LoadConfig::default());
+    load.settle();
+    env.server.clear_requests();
+    env.server
+        .add_fault(Fault::delay("PUT", &keys, 1, Duration::from_secs(8)));
+    let log = env.dir.path().join("rotate.log");
+    let _show = ShowOnPanic(log.clone());
+    let stderr = env.dir.path().join("rotate.err");
+    let mut child = dssm_pods::command(&env, &bed, args)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    support::redis::wait_for("the certs written", Duration::from_secs(90), || {
+        assert!(child.try_wait().unwrap().is_none(), "rotate ended");
+        let written = env
+            .server
+            .requests()
+            .iter()
+            .any(|r| r.method == "PUT" && r.path.ends_with(&certs) && r.status < 300);
+        written.then_some(())
+    });
+    unsafe { libc_kill(child.id() as i32, signal) };
+    let code = child.wait().unwrap().code();
+    then(
+        &env,
+        code,
+        &std::fs::read_to_string(&stderr).unwrap_or_default(),
+    );
+    let what = format!("signal {signal} between the {pair:?} certs and keys writes");
+    let mut log = std::fs::read_to_string(&log).unwrap_or_default();
+    reconcile_until_it_runs(&env, &bed, &what, &mut log);
+    let (f, b) = dssm_pods::finish(bed, load);
+    eprintln!("{what}: {f:?}\n{log}");
+    assert!(
+        env.copy("spk-utilities").unwrap() == env.copy("spk-ingress").unwrap(),
+        "{what}: copies differ\n{log}"
+    );
+    assert_eq!(
+        b.new_tmm_pods.get("spk-ingress"),
+        Some(&3),
+        "{what}: TMM rolled once: {b:?}\n{log}"
+    );
+    f
+}
+
+/// SIGTERM (a drained node, a deleted Job) stops a run at a safe point, and the middle of a
+/// namespace's Secret pair is none: the held keys write is finished before the run exits.
+/// Before, the run exited with the TMM namespace holding the new leaf and the old key, which
+/// every TMM connection presents until the next run (a CronJob's may be hours away). The load
+/// is not judged: the write held 8 s is itself such a window.
+#[test]
+fn sigterm_between_the_tmm_certs_and_keys_writes_finishes_the_pair_before_exiting() {
+    signalled_between_the_tmm_certs_and_keys_writes(15, |env, code, err| {
+        assert!(
+            env.copy("spk-ingress") == env.copy("spk-utilities"),
+            "the signalled run left the TMM namespace's pair half-written: {err}"
+        );
+        assert_eq!(code, Some(4), "{err}");
+        assert!(err.contains("interrupted by a signal"), "{err}");
+    });
+}
+
+/// The two Secrets of a namespace are written one after the other: `rotate` killed (-9)
+/// between the TMM namespace's pair leaves TMM's mounts with the new leaf and the old key until
+/// the next run writes the key, once the dead run's Lease expired.
+///
+/// It fails today: every connection a TMM pod opens in that window presents a leaf its key
+/// does not match, and the servers refuse it (alert decrypt_error). Measured: 91 operations
+/// failed after their retry, 6.6 s without a per-request write, with a 4 s Lease (the default
+/// is longer, and a CronJob's next run may be hours away). The rolling crash matrix above hits
+/// the same window when its kill lands after the TMM certs write. No write order avoids it
+/// while a renewal changes the key (a new key needs both Secrets changed); reusing the leaf's
+/// key on renewal would (each write then leaves a matching pair). Ignored until that is decided.
+#[test]
+#[ignore = "known crash window between a namespace's certs and keys writes: see the comment"]
+fn a_rotation_killed_between_the_tmm_certs_and_keys_writes_is_finished_unnoticed() {
+    let f = signalled_between_the_tmm_certs_and_keys_writes(9, |_, _, _| {});
+    f.assert_unnoticed("killed -9 between the TMM certs and keys writes");
+}
+
+/// The agent renewing inside its maintenance window, sent SIGTERM (its pod deleted, a node
+/// drained) between the TMM namespace's two Secret writes: it exits only once the pair is
+/// complete. Before, SIGTERM dropped the window's reconcile wherever it was.
+#[test]
+fn the_agent_sent_sigterm_between_the_tmm_certs_and_keys_writes_finishes_the_pair_first() {
+    let addr = format!("127.0.0.1:{}", support::redis::free_port());
+    let mut args = vec!["run", "--listen", &addr];
+    args.extend_from_slice(support::agent::RENEW_IN_THE_WINDOW);
+    signalled_between_a_pair(&args, Pair::Tmm, 15, |env, code, err| {
+        assert!(
+            env.copy("spk-ingress") == env.copy("spk-utilities"),
+            "the agent left the TMM namespace's pair half-written: {err}"
+        );
+        assert_eq!(code, Some(0), "{err}");
+    });
+}
+
+/// `rotate` killed (-9) between the dSSM namespace's two Secret writes: the dSSM mounts hold the
+/// new leaf beside the old key until the next run writes the key. The next run reloaded the DBs
+/// right after writing the key, before kubelet brought it: Redis refused those files and the
+/// rotation stopped (exit 4, the DB named), for good. A refusal within the mount's lag is now
+/// retried, and the rotation finishes; no client operation fails and no write is lost, since
+/// the servers keep what they loaded. What the window still breaks (the known window of the
+/// ignored TMM test): a readiness probe that handshakes with the pod's own mounted files fails
+/// on every dSSM pod until the next run (the bed's floor of Ready DBs and sentinels reads 0).
+#[test]
+fn a_rotation_killed_between_the_dssm_certs_and_keys_writes_is_finished_by_the_next_run() {
+    let f = signalled_between_a_pair(
+        &dssm_pods::rotate_args(false, None),
+        Pair::Dssm,
+        9,
+        |_, _, _| {},
+    );
+    assert_eq!(f.failed_after_retry, 0, "{f:?}");
+    assert_eq!(f.lost, 0, "{f:?}");
+    assert_eq!(f.stale_reads, 0, "{f:?}");
+    assert_eq!(f.pubsub_missed, 0, "{f:?}");
+    assert_eq!(f.no_ready_tmm, Duration::ZERO, "{f:?}");
+}

@@ -39,18 +39,22 @@ pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
             thresholds,
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        // A window's reconcile in flight is stopped at its next safe point, as the one-shot
+        // commands are: never between a namespace's two Secrets, never mid-switchover.
         let stop = async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
+            crate::stop::request();
+            crate::stop::at_safe_point().await;
         };
         // A restart whose holder died is an orphan: TMM goes back to its count first. In the
         // background: waiting out a dead holder's Lease must not delay /metrics.
         let at_start = cluster.clone();
         tokio::spawn(async move { recover_orphan(&at_start, "at start", None).await });
-        // On SIGTERM the agent stops; a reconcile in flight is dropped, and TMM restored by
-        // whoever holds the Lease (us, or nobody any more: then we take it).
+        // On SIGTERM the agent stops; a reconcile in flight is dropped at that safe point, and
+        // TMM restored by whoever holds the Lease (us, or nobody any more: then we take it).
         agent::run(cluster.clone(), opts, stop).await?;
         if cluster.holds_lease().await {
             if let Ok(Some(n)) = cluster.restore_tmm().await {

@@ -610,6 +610,9 @@ pub(crate) async fn perform(
     list: &[Write_],
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<Option<Secret>>, ReconcileError> {
+    // A signal waits for the list: stopped between a namespace's two Secrets, its pods would
+    // mount a leaf with a key that does not match it until the next run.
+    let _busy = crate::stop::busy();
     let mut done: Vec<Option<Secret>> = Vec::with_capacity(list.len());
     for w in list {
         match w {

@@ -35,6 +35,12 @@ pub struct Proof<'a> {
 
 const RETRY: Duration = Duration::from_millis(200);
 
+/// How long a refusal of the mounted files is taken for a mount caught between its two Secret
+/// volumes (kubelet updates them one after the other; a run resumed after one killed between
+/// the two writes reloads right after writing the second): the new leaf beside the old key.
+/// Refusals are retried this long, then stop the rotation.
+const MOUNT_LAG: Duration = Duration::from_secs(3);
+
 /// One round of new handshakes against `endpoint`: Ok, or what does not hold yet.
 pub fn check_proof(
     tls: &TlsClient,
@@ -188,8 +194,9 @@ pub struct Reloaded {
 
 /// Reloads the DB at `endpoint` until new handshakes show `proof`, or reports at `deadline`
 /// that the files were not swapped (the caller then falls back to a restart). Errors by kind,
-/// at once: the files refused (`TlsConfig`: nothing may restart onto them), no in-place reload
-/// possible (`ReloadUnavailable`: restart instead), an authentication refusal.
+/// at once: the files refused (`TlsConfig`: nothing may restart onto them; after `MOUNT_LAG`
+/// of refusals), no in-place reload possible (`ReloadUnavailable`: restart instead), an
+/// authentication refusal.
 pub fn reload_tls(
     tls: &TlsClient,
     endpoint: &str,
@@ -214,6 +221,11 @@ pub fn reload_tls(
             Err(RedisError::NotSwapped { served: s, .. }) => {
                 served = s;
                 String::new()
+            }
+            Err(e @ RedisError::TlsConfig { .. })
+                if start.elapsed() < MOUNT_LAG && Instant::now() + RETRY < deadline =>
+            {
+                format!("; last error: {e}")
             }
             Err(e) if final_error(&e) => return Err(e),
             Err(other) => format!("; last error: {other}"),
