@@ -54,6 +54,9 @@ pub fn default_dns_names(dssm_namespace: Option<&str>) -> Vec<String> {
     names
 }
 
+/// The Lease that makes one writer at a time (`cluster::lease`), in the dSSM namespace.
+pub const LEASE_NAME: &str = "dssm-certs";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +80,3 @@ mod tests {
         assert_eq!(default_dns_names(None), ["f5-dssm-sentinel", "f5-dssm-db"]);
     }
 }
-
-/// The Lease that makes one writer at a time (`cluster::lease`), in the dSSM namespace.
-pub const LEASE_NAME: &str = "dssm-certs";
