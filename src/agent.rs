@@ -3,6 +3,7 @@
 //! emits Events when a state changes (and at most once a day while it persists), and reconciles
 //! only inside the maintenance window, if one is given.
 
+use crate::restart::Restarter;
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -287,7 +288,7 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
     // its count. (A live holder's record is left to it; the read-only account cannot act and
     // says so at debug level.)
     if obs.restart_recorded() {
-        match cluster
+        match Restarter::new(cluster)
             .recover_orphan(crate::cluster::lease::HolderCheck::BelieveAtOnce)
             .await
         {

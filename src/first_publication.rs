@@ -320,7 +320,9 @@ pub async fn await_start(
         }
         let _ = writeln!(out, "{t} is available");
     }
-    cluster.verify_with_probe(opts, out).await?;
+    crate::restart::Restarter::new(cluster)
+        .verify_with_probe(opts, out)
+        .await?;
     let note = match found.without.len() {
         0 => "first publication: dSSM and TMM came up on the published Secrets".to_string(),
         n => format!(

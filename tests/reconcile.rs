@@ -762,7 +762,13 @@ fn persistent_server_errors_fail_clearly_after_bounded_retries() {
             && err.contains("after 5 attempts"),
         "{err}"
     );
-    assert!(env.writes().is_empty());
+    // Nothing but the RotationFailed Event that tells the operator.
+    env.assert_wrote_only_lease_and_events();
+    assert!(
+        env.writes().iter().all(|w| w.path.ends_with("/events")),
+        "{:#?}",
+        env.writes()
+    );
 }
 
 #[test]

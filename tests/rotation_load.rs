@@ -180,7 +180,9 @@ fn everything_restarted_at_once_shows_failed_operations_and_lost_writes_or_the_j
 }
 
 /// Negative control of the pub/sub judge: subscribers left on an old primary cut from
-/// replication miss the messages published on the new one, and the judge must see it.
+/// replication miss the messages published on the new one, and the judge must see it. They are
+/// left there by the switchover as it once was (`Disconnect::ClientsOnly`); the rotation's own
+/// switchover disconnects them, and every scenario above asserts that none missed a message.
 #[test]
 fn subscribers_on_a_cut_off_primary_miss_messages_or_the_judge_is_broken() {
     let f = scenarios::subscribers_on_a_cut_off_primary(LoadConfig::default());

@@ -1,5 +1,6 @@
 //! `run`: the long-running agent (metrics, Events, reconcile on a timer or in a window).
 
+use crate::restart::Restarter;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ pub fn run(a: &RunArgs) -> Result<i32, CommandError> {
         // TMM restored by whoever holds the Lease (us, or nobody any more: then we take it).
         agent::run(cluster.clone(), opts, stop).await?;
         if cluster.holds_lease().await {
-            if let Ok(Some(n)) = cluster.restore_tmm().await {
+            if let Ok(Some(n)) = Restarter::new(&cluster).restore_tmm().await {
                 log::notice(&format!("restored TMM to {n} replicas before exiting"));
             }
         } else {
@@ -73,7 +74,8 @@ async fn recover_orphan(cluster: &Cluster, when: &str, limit: Option<Duration>) 
     let limit = limit.unwrap_or(Duration::MAX);
     match tokio::time::timeout(
         limit,
-        cluster.recover_orphan(crate::cluster::lease::HolderCheck::WatchOneDuration),
+        Restarter::new(cluster)
+            .recover_orphan(crate::cluster::lease::HolderCheck::WatchOneDuration),
     )
     .await
     {

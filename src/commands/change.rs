@@ -8,6 +8,7 @@ use crate::cluster::Cluster;
 use crate::inspect::Thresholds;
 use crate::plan::Policy;
 use crate::reconcile;
+use crate::restart::Restarter;
 use crate::{contract, exit, generate};
 
 pub fn reconcile(a: &ReconcileArgs) -> Result<i32, CommandError> {
@@ -40,7 +41,8 @@ pub fn restart(a: &RestartArgs) -> Result<i32, CommandError> {
             .await?;
         let mut out = std::io::stdout();
         let opts = a.restart.options();
-        let work = lease.guard(cluster.restart(&opts, &mut out));
+        let restarter = Restarter::new(&cluster);
+        let work = lease.guard(restarter.restart(&opts, &mut out));
         let r = until_sigterm(&cluster, work, Changing::Restart).await;
         lease.release().await;
         r?.map_err(CommandError::Restart)
@@ -166,7 +168,7 @@ async fn stop(cluster: &Cluster, command: Changing) -> CommandError {
         return CommandError::Interrupted { command, stopped };
     }
     log::notice("signal received: restoring TMM before exiting");
-    let restored = cluster.restore_tmm().await;
+    let restored = Restarter::new(cluster).restore_tmm().await;
     // Released even when the restore failed: the next run restores from the record at once
     // instead of waiting out the Lease.
     cluster.release_lease().await;

@@ -155,7 +155,7 @@ macro_rules! restart_failed {
             | RestartError::Timeout { .. }
             | RestartError::Interrupted { .. }
             | RestartError::Probe(_)
-            | RestartError::Rollout(_)
+            | RestartError::PodEndpoint(_)
             | RestartError::DssmRoll(_)
             | RestartError::LeafKeyMismatch { .. }
             | RestartError::StrayEndpoint { .. }
@@ -214,6 +214,7 @@ impl CommandError {
                 | R::Refused(_)
                 | R::Rotation(_)
                 | R::Revision(_)
+                | R::ProofMaterials(_)
                 | R::KeptConflicting { .. },
             )
             | E::Restart(restart_failed!())

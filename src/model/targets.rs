@@ -61,29 +61,36 @@ impl TmmTarget {
 
     /// `NAMESPACE/KIND/NAME` or `NAMESPACE/NAME` (a Deployment). Kinds are read as kubectl
     /// reads them: `deployment`, `deployments`, `deploy`, `daemonset`, `daemonsets`, `ds`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, InvalidTarget> {
+        let value = || s.to_string();
         let parts: Vec<&str> = s.trim().split('/').collect();
         let (ns, kind, name) = match parts.as_slice() {
             [ns, name] => (*ns, "deployment", *name),
             [ns, kind, name] => (*ns, *kind, *name),
-            _ => {
-                return Err(format!(
-                    "{s:?} is not NAMESPACE/KIND/NAME (e.g. spk-ingress/deployment/f5-tmm) or NAMESPACE/NAME"
-                ))
-            }
+            _ => return Err(InvalidTarget::Shape { value: value() }),
         };
-        crate::manifest::validate_namespace(ns)
-            .map_err(|e| format!("{s:?}: namespace {ns:?}: {e}"))?;
+        crate::manifest::validate_namespace(ns).map_err(|source| InvalidTarget::Namespace {
+            value: value(),
+            namespace: ns.to_string(),
+            source,
+        })?;
         let kind = match kind.to_ascii_lowercase().as_str() {
             "deployment" | "deployments" | "deploy" => Kind::Deployment,
             "daemonset" | "daemonsets" | "ds" => Kind::DaemonSet,
             other => {
-                return Err(format!(
-                    "{s:?}: kind {other:?} is neither deployment nor daemonset"
-                ))
+                return Err(InvalidTarget::Kind {
+                    value: value(),
+                    kind: other.to_string(),
+                })
             }
         };
-        validate_name(name).map_err(|e| format!("{s:?}: name {name:?}: {e}"))?;
+        // A workload name: a DNS subdomain (RFC 1123), at most 253 characters.
+        if !dns_subdomain(name) {
+            return Err(InvalidTarget::Name {
+                value: value(),
+                name: name.to_string(),
+            });
+        }
         Ok(TmmTarget {
             namespace: ns.into(),
             kind,
@@ -92,14 +99,22 @@ impl TmmTarget {
     }
 }
 
-/// A workload name: a DNS subdomain (RFC 1123), at most 253 characters.
-fn validate_name(n: &str) -> Result<(), String> {
-    if !dns_subdomain(n) {
-        return Err(
-            "not a valid object name (lowercase letters, digits, '-' and '.', at most 253)".into(),
-        );
-    }
-    Ok(())
+/// A `--tmm` value the command line refuses, quoting it.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidTarget {
+    #[error("{value:?} is not NAMESPACE/KIND/NAME (e.g. spk-ingress/deployment/f5-tmm) or NAMESPACE/NAME")]
+    Shape { value: String },
+    #[error("{value:?}: namespace {namespace:?}: {source}")]
+    Namespace {
+        value: String,
+        namespace: String,
+        #[source]
+        source: crate::manifest::NamespaceError,
+    },
+    #[error("{value:?}: kind {kind:?} is neither deployment nor daemonset")]
+    Kind { value: String, kind: String },
+    #[error("{value:?}: name {name:?}: not a valid object name (lowercase letters, digits, '-' and '.', at most 253)")]
+    Name { value: String, name: String },
 }
 
 /// An RFC 1123 DNS subdomain, as the API server's `IsDNS1123Subdomain`: at most 253
@@ -418,7 +433,7 @@ mod tests {
             ("ns/deployment/", "name \"\""),
             ("ns/deployment/F5_TMM", "not a valid object name"),
         ] {
-            let e = TmmTarget::parse(bad).unwrap_err();
+            let e = TmmTarget::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
             assert!(e.contains(bad), "the error quotes the input: {e}");
         }
@@ -455,7 +470,7 @@ mod tests {
             assert!(!dns_subdomain(bad), "{bad:?} accepted");
         }
         // Both users: an object name and a label-key prefix.
-        assert!(validate_name("Bad_Name").is_err());
+        assert!(TmmTarget::parse("ns/Bad_Name").is_err());
         assert!(crate::model::pods::parse_selector("Bad_Prefix/app=x").is_err());
         assert!(crate::model::pods::parse_selector("app.kubernetes.io/name=x").is_ok());
     }

@@ -5,6 +5,7 @@
 
 pub mod rotation;
 
+use crate::restart::Restarter;
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
 
@@ -42,6 +43,9 @@ pub enum ReconcileError {
     Rotation(#[from] crate::model::rotation::RecordError),
     #[error(transparent)]
     Revision(#[from] writes::RevisionExhausted),
+    /// A recorded CA rotation whose saved materials cannot make a phase's proof.
+    #[error(transparent)]
+    ProofMaterials(#[from] rotation::ProofMaterialsError),
     #[error("pre-flight refused the rotation, nothing was written: {0}. Fix that first, or pass --force to go ahead anyway (recorded in an Event)")]
     Preflight(String),
     #[error("pre-flight refused phase {number} of 3 ({phase}) of the CA rotation before its first write: {why}. The rotation stays recorded at this phase, and every process still trusts the others; the next run resumes it once that is fixed")]
@@ -160,7 +164,7 @@ pub async fn reconcile(
                 crate::reconcile::rotation::drive(cluster, opts.restart.as_ref(), out).await?;
             } else if let Some(r) = &opts.restart {
                 if needs_restart(cluster).await? {
-                    cluster.restart(r, out).await?;
+                    Restarter::new(cluster).restart(r, out).await?;
                 }
             }
             Ok(outcome)
@@ -552,19 +556,19 @@ async fn preflight(
     };
     let skip_dssm = found.is_some_and(|f| f.dssm_waits);
     let skip = found.map(|f| f.starting.as_slice()).unwrap_or_default();
-    cluster
+    Restarter::new(cluster)
         .preflight_except(r.force, r.wait_timeout, skip_dssm, skip)
         .await
         .map_err(preflight_error)?;
     if r.strategy == crate::restart::Strategy::Rolling {
-        cluster
+        Restarter::new(cluster)
             .check_tmm_gaps(r.allow_tmm_gap)
             .await
             .map_err(preflight_error)?;
         // Redis is reached with the deployed dSSM copy: none is deployed when the dSSM
         // namespace lost its Secrets (the roll after the writes checks with the new one).
         if found.is_none_or(|f| f.has_dssm_copy) {
-            cluster
+            Restarter::new(cluster)
                 .check_dssm_rollout(&r.redis)
                 .await
                 .map_err(|e| ReconcileError::Preflight(e.to_string()))?;

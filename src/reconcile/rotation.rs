@@ -15,6 +15,7 @@
 //! the materials of every phase saved next to it: any run (rotate, reconcile, the agent) that
 //! finds it resumes at that phase, from the saved materials.
 
+use crate::restart::Restarter;
 use std::collections::BTreeMap;
 use std::io::Write;
 
@@ -30,16 +31,25 @@ use crate::restart_state::{copies_due, next, Copies, Mode, RestartState, Seen, S
 
 pub use crate::model::rotation::*;
 
+/// The client materials a phase's proof needs could not be built from what the rotation saved.
+#[derive(Debug, thiserror::Error)]
+pub enum ProofMaterialsError {
+    #[error(transparent)]
+    Key(#[from] pki::KeyError),
+    #[error(transparent)]
+    Issue(#[from] pki::IssueError),
+}
+
 fn materials(
     ca: Vec<u8>,
     leaf: &[u8],
     key: &SecretBytes,
     what: &str,
-) -> Result<ClientMaterials, String> {
+) -> Result<ClientMaterials, ProofMaterialsError> {
     Ok(ClientMaterials {
         ca_cert: ca,
         leaf_cert: leaf.to_vec(),
-        leaf_key: PrivateKey::from_pem(key.expose(), what).map_err(|e| e.to_string())?,
+        leaf_key: PrivateKey::from_pem(key.expose(), what)?,
     })
 }
 
@@ -51,7 +61,7 @@ pub fn phase_proof(
     saved: &Saved,
     phase: Phase,
     ns: &str,
-) -> Result<crate::restart::dssm::PhaseProof, String> {
+) -> Result<crate::restart::dssm::PhaseProof, ProofMaterialsError> {
     let old = |ca: Vec<u8>| {
         materials(
             ca,
@@ -88,13 +98,11 @@ pub fn phase_proof(
 
 /// A throwaway one-day leaf of the new CA (never written anywhere): proves that the processes
 /// trust the new CA before any of them serves a leaf of it.
-fn probe_leaf_of_new_ca(saved: &Saved, ns: &str) -> Result<ClientMaterials, String> {
+fn probe_leaf_of_new_ca(saved: &Saved, ns: &str) -> Result<ClientMaterials, ProofMaterialsError> {
     let at = |k: &str| format!("{ns}/{}[{k}]", contract::CA_KEY_SECRET);
-    let ca_key = PrivateKey::from_pem(saved.new_ca_key.expose(), &at(store_keys::CA_KEY))
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKey::generate(pki::KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
-    let subject =
-        pki::issue::Subject::parse("O=dssm-certs, CN=rotation probe").map_err(|e| e.to_string())?;
+    let ca_key = PrivateKey::from_pem(saved.new_ca_key.expose(), &at(store_keys::CA_KEY))?;
+    let key = PrivateKey::generate(pki::KeyAlgorithm::EcdsaP256)?;
+    let subject = pki::issue::Subject::parse("O=dssm-certs, CN=rotation probe")?;
     let dns = [contract::SENTINEL_SERVICE.to_string()];
     let req = pki::LeafRequest {
         subject: &subject,
@@ -108,8 +116,7 @@ fn probe_leaf_of_new_ca(saved: &Saved, ns: &str) -> Result<ClientMaterials, Stri
         cert_name: &cert_name,
         key_name: &key_name,
     };
-    let leaf = pki::issue_leaf(&req, &key, &signer, time::OffsetDateTime::now_utc())
-        .map_err(|e| e.to_string())?;
+    let leaf = pki::issue_leaf(&req, &key, &signer, time::OffsetDateTime::now_utc())?;
     Ok(ClientMaterials {
         ca_cert: saved.both_cas(),
         leaf_cert: leaf.pem.into_bytes(),
@@ -234,18 +241,18 @@ async fn phase_preflight(
         phase: phase.name(),
         why,
     };
-    cluster
+    Restarter::new(cluster)
         .preflight(r.force, r.wait_timeout)
         .await
         .map_err(|e| match e {
             crate::restart::RestartError::Preflight(why) => refuse(why),
             other => other.into(),
         })?;
-    cluster
+    Restarter::new(cluster)
         .check_dssm_rollout(&r.redis)
         .await
         .map_err(|e| refuse(e.to_string()))?;
-    cluster
+    Restarter::new(cluster)
         .check_sentinels(&r.redis)
         .await
         .map_err(|e| refuse(e.to_string()))?;
@@ -348,9 +355,8 @@ async fn roll_one(
     let rolled = match step {
         Step::RollDssm { .. } => {
             // In drop, the sentinels are not restarted (`phase_proof`).
-            let proof = phase_proof(saved, record.phase, &cluster.dssm_ns)
-                .map_err(ReconcileError::Refused)?;
-            cluster
+            let proof = phase_proof(saved, record.phase, &cluster.dssm_ns)?;
+            Restarter::new(cluster)
                 .roll_dssm(&r.redis, proof, r.wait_timeout, out)
                 .await?;
             state.dssm.clone()
@@ -365,7 +371,7 @@ async fn roll_one(
                 Some(p) => format!("{token}/{}", p.name()),
                 None => token,
             };
-            cluster
+            Restarter::new(cluster)
                 .roll_target_counted(&cluster.targets[target], &token, r.wait_timeout, out)
                 .await?;
             state.targets[target].id.clone()

@@ -205,8 +205,11 @@ pub trait Pods {
     /// `host:port` where the tool reaches this pod's Redis (its pod IP and container port).
     fn endpoint(&self, pod: &str) -> String;
     /// Restarts the pod and returns once its process runs again (not necessarily Ready).
-    fn restart(&mut self, pod: &str, deadline: Instant) -> Result<(), String>;
+    fn restart(&mut self, pod: &str, deadline: Instant) -> Result<(), PodRestartError>;
 }
+
+/// Why a pod could not be restarted, as the implementor of [`Pods`] says (its own error kept).
+pub type PodRestartError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How the executor talks to dSSM during one phase.
 pub struct RolloutContext<'a> {
@@ -227,7 +230,66 @@ pub struct RolloutContext<'a> {
 #[error("rollout step \"{step}\" failed: {error}")]
 pub struct RolloutError {
     pub step: String,
-    pub error: String,
+    #[source]
+    pub error: Box<StepError>,
+}
+
+/// Why one step of the roll failed: each with the object it names and the error underneath.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(
+        "not started: asked to stop (a signal or the lost Lease); every step before it is complete"
+    )]
+    Stopped,
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error("{0}")]
+    PodRestart(#[source] PodRestartError),
+    #[error("cannot ask {endpoint} its role before acting on it: {source}")]
+    RoleUnknown {
+        endpoint: String,
+        #[source]
+        source: Box<RedisError>,
+    },
+    #[error("{endpoint} says it is the primary, but the sentinels do not agree on one")]
+    NoAgreedPrimary { endpoint: String },
+    #[error("{endpoint} says it is the primary, but the sentinels name another process ({agreed}): refusing to restart it or to move the role")]
+    AnotherPrimary { endpoint: String, agreed: String },
+    #[error("{endpoint} still says it is the primary after the switchover")]
+    StillPrimary { endpoint: String },
+    #[error("{sentinel}: not reset ({why}): {source}")]
+    NotReset {
+        sentinel: String,
+        why: Box<RedisError>,
+        #[source]
+        source: Box<RedisError>,
+    },
+    #[error("reset, but not back to the live ones: {0}")]
+    NotBackAfterReset(#[source] RedisError),
+    #[error("{why}; a restart instead would leave fewer than 2 of the {dbs} DBs up")]
+    NoFallback {
+        #[source]
+        why: Box<StepError>,
+        dbs: usize,
+    },
+    #[error("{why}; restarting it instead: {step}: {source}")]
+    FallbackFailed {
+        why: Box<StepError>,
+        step: String,
+        #[source]
+        source: Box<StepError>,
+    },
+}
+
+impl StepError {
+    /// A reload that cannot work in place (the files never changed under the DB, or the DB
+    /// cannot reload): a restart brings the files, the safe way.
+    fn wants_restart(&self) -> bool {
+        matches!(
+            self,
+            StepError::Redis(RedisError::NotSwapped { .. } | RedisError::ReloadUnavailable { .. })
+        )
+    }
 }
 
 const POLL: Duration = Duration::from_millis(100);
@@ -249,9 +311,7 @@ pub fn execute(
         if crate::stop::requested() {
             return Err(RolloutError {
                 step: step.to_string(),
-                error: "not started: asked to stop (a signal or the lost Lease); every step \
-                        before it is complete"
-                    .into(),
+                error: Box::new(StepError::Stopped),
             });
         }
         let _busy = crate::stop::busy();
@@ -272,27 +332,19 @@ pub fn execute(
         let result = match run_step(step, pods, cx, &sentinels, deadline) {
             // The files never changed under the DB (a mount kubelet does not update, not
             // detected as `subPath`): a restart brings them, the safe way.
-            Err(e)
-                if matches!(step, Step::ReloadDb { .. })
-                    && (e.starts_with(NOT_SWAPPED) || e.starts_with(NO_RELOAD)) =>
-            {
-                restart_db_instead(step.pod(), dbs, pods, cx, &sentinels, &e)
+            Err(e) if matches!(step, Step::ReloadDb { .. }) && e.wants_restart() => {
+                restart_db_instead(step.pod(), dbs, pods, cx, &sentinels, e)
             }
             other => other,
         };
         result.map_err(|error| RolloutError {
             step: step.to_string(),
-            error,
+            error: Box::new(error),
         })?;
         done(step, start.elapsed());
     }
     Ok(())
 }
-
-/// How a reload that never saw new files reports itself (see `RedisError::NotSwapped`).
-const NOT_SWAPPED: &str = "not swapped: ";
-/// How a DB that cannot reload in place reports itself (`RedisError::ReloadUnavailable`).
-const NO_RELOAD: &str = "no in-place reload: ";
 
 /// The fallback of a reload: a replica restarts; the primary first hands its role over by a
 /// paused switchover. Each with a deadline of its own; only with three DBs (two stay up).
@@ -302,12 +354,11 @@ fn restart_db_instead(
     pods: &mut dyn Pods,
     cx: &RolloutContext<'_>,
     sentinels: &[String],
-    why: &str,
-) -> Result<(), String> {
+    why: StepError,
+) -> Result<(), StepError> {
+    let why = Box::new(why);
     if dbs < 3 {
-        return Err(format!(
-            "{why}; a restart instead would leave fewer than 2 of the {dbs} DBs up"
-        ));
+        return Err(StepError::NoFallback { why, dbs });
     }
     let from = pod.to_string();
     for step in [
@@ -316,18 +367,26 @@ fn restart_db_instead(
         Step::DbCaughtUp { pod: from.clone() },
     ] {
         let deadline = Instant::now() + cx.step_timeout;
-        run_step(&step, pods, cx, sentinels, deadline)
-            .map_err(|e| format!("{why}; restarting it instead: {step}: {e}"))?;
+        if let Err(e) = run_step(&step, pods, cx, sentinels, deadline) {
+            return Err(StepError::FallbackFailed {
+                why,
+                step: step.to_string(),
+                source: Box::new(e),
+            });
+        }
     }
     Ok(())
 }
 
 /// Polls `f` until it succeeds; at the deadline, its last error.
-fn until<T>(deadline: Instant, mut f: impl FnMut() -> Result<T, RedisError>) -> Result<T, String> {
+fn until<T>(
+    deadline: Instant,
+    mut f: impl FnMut() -> Result<T, RedisError>,
+) -> Result<T, RedisError> {
     loop {
         match f() {
             Ok(v) => return Ok(v),
-            Err(e) if Instant::now() + POLL >= deadline => return Err(e.to_string()),
+            Err(e) if Instant::now() + POLL >= deadline => return Err(e),
             Err(_) => pause_until(deadline, POLL),
         }
     }
@@ -339,16 +398,13 @@ fn run_step(
     cx: &RolloutContext<'_>,
     sentinels: &[String],
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     let endpoint = pods.endpoint(step.pod());
     match step {
-        Step::ReloadDb { .. } => reload_tls(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
-            .map(drop)
-            .map_err(|e| match e {
-                RedisError::NotSwapped { .. } => format!("{NOT_SWAPPED}{e}"),
-                RedisError::ReloadUnavailable { .. } => format!("{NO_RELOAD}{e}"),
-                e => e.to_string(),
-            }),
+        Step::ReloadDb { .. } => {
+            reload_tls(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)?;
+            Ok(())
+        }
         // The pod itself says whether it is the primary, asked right before: a failover since
         // the plan was made may have moved the role (then nothing to move), or given it to a
         // DB planned as a replica (then it moves first). Never an address compared as text.
@@ -360,19 +416,19 @@ fn run_step(
             if role_of(cx, &endpoint, deadline)? == Role::Primary {
                 switch_away_from(cx, sentinels, &endpoint, deadline)?;
             }
-            pods.restart(pod, deadline)
+            pods.restart(pod, deadline).map_err(StepError::PodRestart)
         }
-        Step::RestartSentinel { pod } => pods.restart(pod, deadline),
-        Step::DbCaughtUp { .. } => until(deadline, || {
+        Step::RestartSentinel { pod } => pods.restart(pod, deadline).map_err(StepError::PodRestart),
+        Step::DbCaughtUp { .. } => Ok(until(deadline, || {
             db_caught_up(cx, sentinels, &endpoint, deadline)
-        }),
+        })?),
         Step::SentinelInQuorum {
             others, replicas, ..
-        } => until(deadline, || {
+        } => Ok(until(deadline, || {
             let mut c = Connection::connect(cx.tls, &endpoint, cx.server_name, deadline)?;
             in_quorum_and_sees_the_others(&mut c, cx.master, *others, *replicas, deadline)?;
             check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
-        }),
+        })?),
         // Each sentinel's reset has a deadline of its own: it relearns the replicas from the
         // primary's INFO, which Sentinel may ask for only every 10 s.
         Step::ForgetGone {
@@ -428,19 +484,25 @@ fn db_caught_up(
 }
 
 /// The role the DB at `endpoint` reports itself (`INFO replication`).
-fn role_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result<Role, String> {
+fn role_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result<Role, StepError> {
     Connection::connect(cx.tls, endpoint, cx.server_name, deadline)
         .and_then(|mut c| info_replication(&mut c, deadline))
         .map(|r| r.role)
-        .map_err(|e| format!("cannot ask {endpoint} its role before acting on it: {e}"))
+        .map_err(|source| StepError::RoleUnknown {
+            endpoint: endpoint.to_string(),
+            source: Box::new(source),
+        })
 }
 
 /// The `run_id` of the process at `endpoint`: the same process whatever address names it.
-fn run_id_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result<String, String> {
+fn run_id_of(
+    cx: &RolloutContext<'_>,
+    endpoint: &str,
+    deadline: Instant,
+) -> Result<String, RedisError> {
     Connection::connect(cx.tls, endpoint, cx.server_name, deadline)
         .and_then(|mut c| info_server(&mut c, deadline))
         .map(|s| s.run_id)
-        .map_err(|e| e.to_string())
 }
 
 /// Moves the primary role away from the DB at `endpoint` by a paused switchover, once the
@@ -451,27 +513,27 @@ fn switch_away_from(
     sentinels: &[String],
     endpoint: &str,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     let agreed = agreed_primary(cx.tls, cx.server_name, sentinels, cx.master, deadline)
-        .ok_or_else(|| {
-            format!("{endpoint} says it is the primary, but the sentinels do not agree on one")
+        .ok_or_else(|| StepError::NoAgreedPrimary {
+            endpoint: endpoint.to_string(),
         })?;
     let (named, mine) = (
         run_id_of(cx, &agreed, deadline)?,
         run_id_of(cx, endpoint, deadline)?,
     );
     if named != mine {
-        return Err(format!(
-            "{endpoint} says it is the primary, but the sentinels name another process ({agreed}): refusing to restart it or to move the role"
-        ));
+        return Err(StepError::AnotherPrimary {
+            endpoint: endpoint.to_string(),
+            agreed,
+        });
     }
-    paused_switchover(cx.tls, cx.server_name, sentinels, cx.master, deadline)
-        .map_err(|e| e.to_string())?;
+    paused_switchover(cx.tls, cx.server_name, sentinels, cx.master, deadline)?;
     match role_of(cx, endpoint, deadline)? {
         Role::Replica => Ok(()),
-        Role::Primary => Err(format!(
-            "{endpoint} still says it is the primary after the switchover"
-        )),
+        Role::Primary => Err(StepError::StillPrimary {
+            endpoint: endpoint.to_string(),
+        }),
     }
 }
 
@@ -483,7 +545,7 @@ fn forget_gone(
     sentinels: &[String],
     others: usize,
     replicas: usize,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     for s in sentinels {
         let deadline = Instant::now() + cx.step_timeout;
         let connect = |s: &str| Connection::connect(cx.tls, s, cx.server_name, deadline);
@@ -505,16 +567,18 @@ fn forget_gone(
             }
             Ok(())
         })
-        .map_err(|e| format!("{s}: not reset ({why}): {e}"))?;
-        connect(s)
-            .and_then(|mut c| reset(&mut c, cx.master, deadline))
-            .map_err(|e| e.to_string())?;
+        .map_err(|source| StepError::NotReset {
+            sentinel: s.clone(),
+            why: Box::new(why),
+            source: Box::new(source),
+        })?;
+        connect(s).and_then(|mut c| reset(&mut c, cx.master, deadline))?;
         until(deadline, || {
             let mut c = connect(s)?;
             ckquorum(&mut c, cx.master, deadline)?;
             knows_exactly(&mut c, cx.master, others, replicas, deadline)
         })
-        .map_err(|e| format!("reset, but not back to the live ones: {e}"))?;
+        .map_err(StepError::NotBackAfterReset)?;
     }
     Ok(())
 }

@@ -138,6 +138,35 @@ pub fn paused_switchover(
     master: &str,
     deadline: Instant,
 ) -> Result<Switchover, RedisError> {
+    paused_switchover_disconnecting(
+        tls,
+        server_name,
+        sentinels,
+        master,
+        deadline,
+        Disconnect::ClientsAndSubscribers,
+    )
+}
+
+/// Which of the demoted primary's connections the switchover closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// What the rotation does: normal clients and subscribers find the new primary.
+    ClientsAndSubscribers,
+    /// Normal clients only, as the switchover once did: subscribers stay on the demoted
+    /// primary. Kept for the negative control that shows what they then miss.
+    ClientsOnly,
+}
+
+/// `paused_switchover`, closing `who` on the demoted primary.
+pub fn paused_switchover_disconnecting(
+    tls: &TlsClient,
+    server_name: &str,
+    sentinels: &[String],
+    master: &str,
+    deadline: Instant,
+    who: Disconnect,
+) -> Result<Switchover, RedisError> {
     let old = agreed_primary(tls, server_name, sentinels, master, deadline).ok_or_else(|| {
         topology(format!(
             "the sentinels {sentinels:?} do not agree on a primary for {master}"
@@ -179,7 +208,7 @@ pub fn paused_switchover(
         master,
         &old,
         &mut primary,
-        (paused_at, catch_up, first),
+        (paused_at, catch_up, first, who),
     );
     // Unpause whatever happened: on a new connection if ours broke.
     let unpause_by = Instant::now() + OP_TIMEOUT * 2;
@@ -192,7 +221,7 @@ pub fn paused_switchover(
     let (new, replicaof_sent, caught_up_after, promoted_after) = moved?;
     unpaused?;
     // A client that reconnected between the kill and the unpause reached the demoted primary.
-    let _ = disconnect_clients(&mut primary, soon(deadline));
+    let _ = disconnect_clients(&mut primary, who, soon(deadline));
     Ok(Switchover {
         old_primary: old,
         new_primary: new,
@@ -355,7 +384,7 @@ fn move_while_paused(
     master: &str,
     old: &str,
     primary: &mut Connection,
-    (paused_at, catch_up, first): (Instant, Duration, Duration),
+    (paused_at, catch_up, first, who): (Instant, Duration, Duration, Disconnect),
 ) -> Result<(String, bool, Duration, Duration), RedisError> {
     wait_caught_up(tls, server_name, old, primary, paused_at + catch_up)?;
     let caught_up_after = paused_at.elapsed();
@@ -422,7 +451,7 @@ fn move_while_paused(
         primary.call(&["REPLICAOF", &host, &port.to_string()], soon(deadline))?;
     }
     // Clients still connected to the old primary must find the new one through the sentinels.
-    disconnect_clients(primary, soon(deadline))?;
+    disconnect_clients(primary, who, soon(deadline))?;
     Ok((new, replicaof_sent, caught_up_after, promoted_after))
 }
 
@@ -457,8 +486,14 @@ fn extend_pause(
 /// subscriber left on it gets the new primary's messages only through replication, and loses
 /// every one published before the old primary follows the new one (all of them when that takes
 /// a full resync). Replicas (this primary's link to its new primary) are not touched.
-fn disconnect_clients(primary: &mut Connection, deadline: Instant) -> Result<(), RedisError> {
+fn disconnect_clients(
+    primary: &mut Connection,
+    who: Disconnect,
+    deadline: Instant,
+) -> Result<(), RedisError> {
     primary.call(&["CLIENT", "KILL", "TYPE", "normal"], deadline)?;
-    primary.call(&["CLIENT", "KILL", "TYPE", "pubsub"], deadline)?;
+    if who == Disconnect::ClientsAndSubscribers {
+        primary.call(&["CLIENT", "KILL", "TYPE", "pubsub"], deadline)?;
+    }
     Ok(())
 }

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use super::Restarter;
+
 use crate::cluster::ResourceExt;
 use k8s_openapi::api::core::v1::Pod;
 
@@ -22,30 +24,56 @@ use crate::restart::{pod_ready, terminating, wait_pods, RestartError};
 
 /// `--redis-endpoint POD=HOST:PORT`: where the tool reaches one dSSM pod's Redis instead of its
 /// pod IP and container port (a port-forward, a test's loopback port).
-pub fn parse_redis_endpoint(s: &str) -> Result<(String, String), String> {
-    let (pod, endpoint) = s.split_once('=').ok_or_else(|| {
-        format!("{s:?}: expected POD=HOST:PORT, e.g. f5-dssm-db-0=127.0.0.1:6379")
-    })?;
+pub fn parse_redis_endpoint(s: &str) -> Result<(String, String), InvalidEndpoint> {
+    let bad = |problem| InvalidEndpoint {
+        value: s.to_string(),
+        problem,
+    };
+    let (pod, endpoint) = s
+        .split_once('=')
+        .ok_or_else(|| bad(EndpointProblem::NotPodEqualsEndpoint))?;
     let pod = pod.trim();
     if pod.is_empty() {
-        return Err(format!("{s:?}: the pod name is missing"));
+        return Err(bad(EndpointProblem::NoPod));
     }
     let (host, port) = endpoint
         .trim()
         .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?}: {endpoint:?} has no :PORT"))?;
+        .ok_or_else(|| bad(EndpointProblem::NoPort(endpoint.to_string())))?;
     if host.is_empty() {
-        return Err(format!("{s:?}: the host is missing"));
+        return Err(bad(EndpointProblem::NoHost));
     }
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return Err(format!(
-            "{s:?}: an IPv6 address needs brackets, e.g. {pod}=[fd00::2]:6379"
-        ));
+        return Err(bad(EndpointProblem::Ipv6WithoutBrackets(pod.to_string())));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok((pod.to_string(), endpoint.trim().to_string())),
-        _ => Err(format!("{s:?}: {port:?} is not a port (1-65535)")),
+        _ => Err(bad(EndpointProblem::NotAPort(port.to_string()))),
     }
+}
+
+/// A `--redis-endpoint` value the command line refuses, quoting it.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{value:?}: {problem}")]
+pub struct InvalidEndpoint {
+    pub value: String,
+    pub problem: EndpointProblem,
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum EndpointProblem {
+    #[error("expected POD=HOST:PORT, e.g. f5-dssm-db-0=127.0.0.1:6379")]
+    NotPodEqualsEndpoint,
+    #[error("the pod name is missing")]
+    NoPod,
+    #[error("{0:?} has no :PORT")]
+    NoPort(String),
+    #[error("the host is missing")]
+    NoHost,
+    #[error("an IPv6 address needs brackets, e.g. {0}=[fd00::2]:6379")]
+    Ipv6WithoutBrackets(String),
+    #[error("{0:?} is not a port (1-65535)")]
+    NotAPort(String),
 }
 
 /// A sentinel by its `app` label (or, without one, by its Redis container's port: named
@@ -85,25 +113,59 @@ pub fn join_host_port(host: &str, port: u16) -> String {
 
 /// Where the tool reaches a pod's Redis: the override, else its pod IP and the port of its
 /// Redis container (`redis_container`, `redis_port`).
-pub fn pod_endpoint(p: &Pod, overrides: &BTreeMap<String, String>) -> Result<String, String> {
+pub fn pod_endpoint(
+    p: &Pod,
+    overrides: &BTreeMap<String, String>,
+) -> Result<String, PodEndpointError> {
     let name = p.name_any();
     if let Some(e) = overrides.get(&name) {
         return Ok(e.clone());
     }
-    let at = format!("pod {}/{name}", p.namespace().unwrap_or_default());
-    let hint = format!("pass --redis-endpoint {name}=HOST:PORT to reach it another way");
+    let namespace = p.namespace().unwrap_or_default();
     let ip = p
         .status
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
         .filter(|ip| !ip.is_empty())
-        .ok_or_else(|| format!("{at} has no pod IP yet; {hint}"))?;
-    let ip: std::net::IpAddr = ip
-        .parse()
-        .map_err(|e| format!("{at}: pod IP {ip:?} is not an address ({e}); {hint}"))?;
+        .ok_or_else(|| PodEndpointError::NoIp {
+            namespace: namespace.clone(),
+            pod: name.clone(),
+        })?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|source| PodEndpointError::BadIp {
+        namespace: namespace.clone(),
+        pod: name.clone(),
+        ip: ip.clone(),
+        source,
+    })?;
     let spec = p.spec.clone().unwrap_or_default();
-    let c = redis_container(&spec).map_err(|e| format!("{at}: {e}; {hint}"))?;
+    let c = redis_container(&spec).map_err(|source| PodEndpointError::NoRedis {
+        namespace,
+        pod: name.clone(),
+        source,
+    })?;
     Ok(join_host_port(&ip.to_string(), redis_port(c, pod_kind(p))))
+}
+
+/// Why the tool cannot tell where a dSSM pod's Redis listens; each says how to reach it anyway.
+#[derive(Debug, thiserror::Error)]
+pub enum PodEndpointError {
+    #[error("pod {namespace}/{pod} has no pod IP yet; pass --redis-endpoint {pod}=HOST:PORT to reach it another way")]
+    NoIp { namespace: String, pod: String },
+    #[error("pod {namespace}/{pod}: pod IP {ip:?} is not an address ({source}); pass --redis-endpoint {pod}=HOST:PORT to reach it another way")]
+    BadIp {
+        namespace: String,
+        pod: String,
+        ip: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("pod {namespace}/{pod}: {source}; pass --redis-endpoint {pod}=HOST:PORT to reach it another way")]
+    NoRedis {
+        namespace: String,
+        pod: String,
+        #[source]
+        source: crate::model::pods::NoRedisContainer,
+    },
 }
 
 /// Why the Redis side of dSSM's roll failed, with its cause.
@@ -115,9 +177,46 @@ pub enum DssmRollError {
     Plan(#[from] rollout::RolloutPlanError),
     #[error("{0}")]
     Roll(#[from] rollout::RolloutError),
-    /// A pod observed through Redis (its role, its replication).
+    /// A DB whose role the tool cannot ask (its Redis unreachable or not answering).
+    #[error("pod {namespace}/{pod}: cannot reach its Redis: {source}")]
+    Unreachable {
+        namespace: String,
+        pod: String,
+        #[source]
+        source: Box<crate::redis::RedisError>,
+    },
+    #[error("pod {namespace}/{pod}: {source}")]
+    Observe {
+        namespace: String,
+        pod: String,
+        #[source]
+        source: Box<crate::redis::RedisError>,
+    },
+    /// A sentinel the pre-flight of a CA rotation's phase refuses.
+    #[error("sentinel pod {namespace}/{pod}: {problem}")]
+    Sentinel {
+        namespace: String,
+        pod: String,
+        #[source]
+        problem: SentinelProblem,
+    },
+}
+
+/// What the pre-flight found wrong with one sentinel.
+#[derive(Debug, thiserror::Error)]
+pub enum SentinelProblem {
+    #[error("cannot reach it: {0}")]
+    Unreachable(#[source] Box<crate::redis::RedisError>),
+    #[error("SENTINEL CKQUORUM {master}: {source}")]
+    NoQuorum {
+        master: String,
+        #[source]
+        source: Box<crate::redis::RedisError>,
+    },
+    #[error("it does not know the master name {0:?}")]
+    UnknownMaster(String),
     #[error("{0}")]
-    Observe(String),
+    Redis(#[source] Box<crate::redis::RedisError>),
 }
 
 /// How the tool talks to dSSM during a rolling restart.
@@ -172,7 +271,7 @@ impl Pods for ClusterPods {
 
     /// Evicts the pod (PDBs respected) and returns once its controller's replacement (same
     /// name, new uid) is Ready, at its new address.
-    fn restart(&mut self, pod: &str, deadline: Instant) -> Result<(), String> {
+    fn restart(&mut self, pod: &str, deadline: Instant) -> Result<(), rollout::PodRestartError> {
         if self.proven.contains(pod) {
             return Ok(());
         }
@@ -195,7 +294,7 @@ impl Pods for ClusterPods {
             .await?;
             Ok::<_, RestartError>(now.get(&name).cloned())
         });
-        let p = back.map_err(|e| e.to_string())?.ok_or("vanished")?;
+        let p = back?.ok_or_else(|| format!("pod {}/{pod} vanished", self.api.namespace()))?;
         use crate::model::restarts::{count, Kind};
         match self.kinds.get(pod) {
             Some(PodKind::Sentinel) => count(Kind::SentinelRestart, 1),
@@ -287,14 +386,14 @@ struct Prepared {
     fingerprint: String,
 }
 
-impl Cluster {
+impl Restarter<'_> {
     async fn prepare_dssm(
         &self,
         access: &RedisAccess,
         preflight: bool,
     ) -> Result<Prepared, RestartError> {
-        let api = self.pods_in(&self.dssm_ns);
-        let sel = self.dssm_selector.clone();
+        let api = self.cluster.pods_in(&self.cluster.dssm_ns);
+        let sel = self.cluster.dssm_selector.clone();
         let list = api.list(&sel).await?;
         let live: Vec<Pod> = list
             .into_iter()
@@ -304,7 +403,7 @@ impl Cluster {
         if let Some(stray) = access.endpoints.keys().find(|k| !names.contains(k)) {
             return Err(RestartError::StrayEndpoint {
                 pod: stray.clone(),
-                namespace: self.dssm_ns.clone(),
+                namespace: self.cluster.dssm_ns.clone(),
                 selector: sel,
                 pods: names,
             });
@@ -313,16 +412,13 @@ impl Cluster {
         let mut uids = BTreeMap::new();
         let kinds = live.iter().map(|p| (p.name_any(), pod_kind(p))).collect();
         for p in &live {
-            endpoints.insert(
-                p.name_any(),
-                pod_endpoint(p, &access.endpoints).map_err(RestartError::Rollout)?,
-            );
+            endpoints.insert(p.name_any(), pod_endpoint(p, &access.endpoints)?);
             uids.insert(p.name_any(), p.uid().unwrap_or_default());
         }
         let (materials, fingerprint) = if preflight {
-            preflight_client(self).await?
+            preflight_client(self.cluster).await?
         } else {
-            dssm_client(self).await?
+            dssm_client(self.cluster).await?
         };
         Ok(Prepared {
             pods: ClusterPods {
@@ -345,17 +441,16 @@ impl Cluster {
     /// answers with the deployed materials, exactly one DB is primary, and the plan is safe.
     pub async fn check_dssm_rollout(&self, access: &RedisAccess) -> Result<(), RestartError> {
         let p = self.prepare_dssm(access, true).await?;
-        let ns = self.dssm_ns.clone();
+        let ns = self.cluster.dssm_ns.clone();
         tokio::task::spawn_blocking(move || {
             let tool = TlsClient::new(&p.materials, true)?;
-            let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)
-                .map_err(DssmRollError::Observe)?;
+            let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)?;
             Ok::<_, DssmRollError>(rollout::plan(&observed)?)
         })
         .await
         .expect("the dSSM rollout check panicked")
         .map(drop)
-        .map_err(RestartError::DssmRoll)
+        .map_err(|e| RestartError::DssmRoll(Box::new(e)))
     }
 
     /// Every sentinel pod answers `SENTINEL CKQUORUM` for `access.master` and knows its primary
@@ -363,35 +458,39 @@ impl Cluster {
     /// before each phase of a CA rotation.
     pub async fn check_sentinels(&self, access: &RedisAccess) -> Result<(), RestartError> {
         let p = self.prepare_dssm(access, true).await?;
-        let (ns, master) = (self.dssm_ns.clone(), access.master.clone());
+        let (ns, master) = (self.cluster.dssm_ns.clone(), access.master.clone());
         tokio::task::spawn_blocking(move || {
-            let tool = TlsClient::new(&p.materials, true).map_err(|e| e.to_string())?;
+            let tool = TlsClient::new(&p.materials, true)?;
             let deadline = Instant::now() + Duration::from_secs(10);
             let sentinels = p.live.iter().filter(|x| pod_kind(x) == PodKind::Sentinel);
             for pod in sentinels {
                 let name = pod.name_any();
+                let refused = |problem| DssmRollError::Sentinel {
+                    namespace: ns.clone(),
+                    pod: name.clone(),
+                    problem,
+                };
                 let endpoint = p.pods.endpoint(&name);
                 let server_name = contract::SENTINEL_SERVICE;
                 let mut c = Connection::connect(&tool, &endpoint, server_name, deadline)
-                    .map_err(|e| format!("sentinel pod {ns}/{name}: cannot reach it: {e}"))?;
-                crate::redis::sentinel::ckquorum(&mut c, &master, deadline).map_err(|e| {
-                    format!("sentinel pod {ns}/{name}: SENTINEL CKQUORUM {master}: {e}")
+                    .map_err(|e| refused(SentinelProblem::Unreachable(Box::new(e))))?;
+                crate::redis::sentinel::ckquorum(&mut c, &master, deadline).map_err(|source| {
+                    refused(SentinelProblem::NoQuorum {
+                        master: master.clone(),
+                        source: Box::new(source),
+                    })
                 })?;
                 match crate::redis::sentinel::primary_addr(&mut c, &master, deadline) {
                     Ok(Some(_)) => {}
-                    Ok(None) => {
-                        return Err(format!(
-                            "sentinel pod {ns}/{name} does not know the master name {master:?}"
-                        ))
-                    }
-                    Err(e) => return Err(format!("sentinel pod {ns}/{name}: {e}")),
+                    Ok(None) => return Err(refused(SentinelProblem::UnknownMaster(master))),
+                    Err(e) => return Err(refused(SentinelProblem::Redis(Box::new(e)))),
                 }
             }
             Ok(())
         })
         .await
         .expect("the sentinel check panicked")
-        .map_err(RestartError::Rollout)
+        .map_err(|e| RestartError::DssmRoll(Box::new(e)))
     }
 
     /// Rolls the dSSM pods the Redis-aware way: DBs reload in place (restarted where `subPath`
@@ -413,8 +512,12 @@ impl Cluster {
         } = self.prepare_dssm(access, false).await?;
         let server_name = contract::SENTINEL_SERVICE.to_string();
         let master = access.master.clone();
-        let ns = self.dssm_ns.clone();
-        let _ = writeln!(out, "dSSM pods in {} roll one at a time:", self.dssm_ns);
+        let ns = self.cluster.dssm_ns.clone();
+        let _ = writeln!(
+            out,
+            "dSSM pods in {} roll one at a time:",
+            self.cluster.dssm_ns
+        );
         // The Redis side blocks (its own deadlines): on a blocking thread, with the API calls
         // of the restarts sent back to this runtime, and its progress lines sent back to `out`
         // as they happen.
@@ -436,8 +539,7 @@ impl Cluster {
                 .map(|m| TlsClient::pinned_to(m, true, deployed))
                 .collect::<Result<Vec<_>, _>>()?;
             let refuses = clients(&extra.refuses)?;
-            let observed =
-                observe(&live, &pods, &tool, &server_name, &ns).map_err(DssmRollError::Observe)?;
+            let observed = observe(&live, &pods, &tool, &server_name, &ns)?;
             let mut steps = rollout::plan(&observed)?;
             if extra.keep_sentinels {
                 keep_sentinels(&mut steps);
@@ -481,7 +583,7 @@ impl Cluster {
         }
         work.await
             .expect("the dSSM rollout panicked")
-            .map_err(RestartError::DssmRoll)
+            .map_err(|e| RestartError::DssmRoll(Box::new(e)))
     }
 }
 
@@ -547,7 +649,7 @@ fn observe(
     tool: &TlsClient,
     server_name: &str,
     ns: &str,
-) -> Result<Vec<rollout::Pod>, String> {
+) -> Result<Vec<rollout::Pod>, DssmRollError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     live.iter()
         .map(|p| {
@@ -558,9 +660,17 @@ fn observe(
                 PodKind::Db => {
                     let endpoint = pods.endpoint(&name);
                     let mut c = Connection::connect(tool, &endpoint, server_name, deadline)
-                        .map_err(|e| format!("pod {ns}/{name}: cannot reach its Redis: {e}"))?;
+                        .map_err(|source| DssmRollError::Unreachable {
+                            namespace: ns.to_string(),
+                            pod: name.clone(),
+                            source: Box::new(source),
+                        })?;
                     info_replication(&mut c, deadline)
-                        .map_err(|e| format!("pod {ns}/{name}: {e}"))?
+                        .map_err(|source| DssmRollError::Observe {
+                            namespace: ns.to_string(),
+                            pod: name.clone(),
+                            source: Box::new(source),
+                        })?
                         .role
                         == Role::Primary
                 }
@@ -600,7 +710,7 @@ mod tests {
             ("a=h:65536", "is not a port"),
             ("a=fd00::2:6379", "needs brackets"),
         ] {
-            let e = parse_redis_endpoint(bad).unwrap_err();
+            let e = parse_redis_endpoint(bad).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
         }
     }
@@ -645,7 +755,9 @@ mod tests {
         let pending = pod(
             json!({"metadata": {"name": "f5-dssm-db-2", "namespace": "u"}, "spec": {"containers": []}}),
         );
-        let e = pod_endpoint(&pending, &BTreeMap::new()).unwrap_err();
+        let e = pod_endpoint(&pending, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("u/f5-dssm-db-2") && e.contains("--redis-endpoint f5-dssm-db-2="),
             "{e}"
@@ -714,7 +826,7 @@ mod tests {
             json!({"name": "other", "ports": [{"containerPort": 7000}]}),
             "10.1.0.7",
         );
-        let e = pod_endpoint(&p, &none).unwrap_err();
+        let e = pod_endpoint(&p, &none).unwrap_err().to_string();
         for says in [
             "u/f5-dssm-x-0",
             "metrics, other",
@@ -730,6 +842,7 @@ mod tests {
         );
         assert!(pod_endpoint(&p, &none)
             .unwrap_err()
+            .to_string()
             .contains("is not an address"));
     }
 

@@ -58,11 +58,11 @@ pub enum RestartError {
     Probe(String),
     #[error("rolling restart of dSSM: secret {namespace}/{certs} holds a leaf that does not match the key of {namespace}/{keys}", certs = crate::contract::CERTS_SECRET, keys = crate::contract::KEYS_SECRET)]
     LeafKeyMismatch { namespace: String },
-    /// What the Redis-aware roll (`redis::rollout`) or a pod's endpoint reported.
+    /// Where a dSSM pod's Redis listens is unknown.
     #[error("rolling restart of dSSM: {0}")]
-    Rollout(String),
+    PodEndpoint(#[from] dssm::PodEndpointError),
     #[error("rolling restart of dSSM: {0}")]
-    DssmRoll(#[source] dssm::DssmRollError),
+    DssmRoll(#[source] Box<dssm::DssmRollError>),
     #[error("rolling restart of dSSM: --redis-endpoint names pod {pod}, which is not a dSSM pod in {namespace} ({selector}); pods: {}", pods.join(", "))]
     StrayEndpoint {
         pod: String,
@@ -104,7 +104,20 @@ pub async fn wait_pods(
     }
 }
 
-impl Cluster {
+/// The restart orchestration: the manual procedure's steps, driven over one cluster. `Cluster`
+/// offers API operations only; what to do with them, and in which order, lives here.
+#[derive(Clone, Copy)]
+pub struct Restarter<'a> {
+    pub cluster: &'a Cluster,
+}
+
+impl<'a> Restarter<'a> {
+    pub fn new(cluster: &'a Cluster) -> Self {
+        Restarter { cluster }
+    }
+}
+
+impl Restarter<'_> {
     /// The whole procedure, for every TMM target: `restart_state::next` decides each step from
     /// what the targets carry and what this run saw, so a run resumes an interrupted one
     /// (skipping the targets it finished). On a failure after TMM was stopped, every target is
@@ -140,7 +153,8 @@ impl Cluster {
                         let _ = writeln!(out, "could not restore TMM: {r}");
                     }
                 }
-                self.event_on_targets(EventType::Warning, Reason::RestartFailed, &e.to_string())
+                self.cluster
+                    .event_on_targets(EventType::Warning, Reason::RestartFailed, &e.to_string())
                     .await;
             }
         }
@@ -160,9 +174,13 @@ impl Cluster {
         };
         let mut first = true;
         loop {
-            let workloads = self.require_workloads().await?;
-            let state =
-                crate::restart_state::observed(None, &self.targets, &workloads, &self.dssm_ns);
+            let workloads = self.cluster.require_workloads().await?;
+            let state = crate::restart_state::observed(
+                None,
+                &self.cluster.targets,
+                &workloads,
+                &self.cluster.dssm_ns,
+            );
             run.seen.stopped = workloads.iter().map(Workload::stopped).collect();
             if state.resuming() {
                 // A recorded restart is resumed whatever the cluster looks like (TMM is at
@@ -183,7 +201,7 @@ impl Cluster {
     }
 
     fn announce_resume(&self, state: &RestartState, out: &mut (dyn std::io::Write + Send)) {
-        for (t, s) in self.targets.iter().zip(&state.targets) {
+        for (t, s) in self.cluster.targets.iter().zip(&state.targets) {
             if let Some(n) = s.recorded {
                 let _ = writeln!(
                     out,
@@ -212,7 +230,7 @@ impl Cluster {
                 run.seen.preflight = true;
             }
             Step::RefuseRolling { target } => {
-                let t = self.targets[target].to_string();
+                let t = self.cluster.targets[target].to_string();
                 return Err(RestartError::RollingAfterCaChange(t));
             }
             Step::Record { .. } | Step::Stop { .. } | Step::WaitTerminated { .. } => {
@@ -235,13 +253,13 @@ impl Cluster {
                 run.seen.dssm_restarted = true;
             }
             Step::RollTarget { target, token, .. } => {
-                let t = &self.targets[target];
+                let t = &self.cluster.targets[target];
                 self.roll_target_counted(t, &token, timeout, out).await?;
                 let done = [
                     (annotations::TMM_RESTARTED, Some(token.as_str())),
                     (annotations::TMM_ROLL, None),
                 ];
-                self.annotate_target(t, &done).await?;
+                self.cluster.annotate_target(t, &done).await?;
             }
             Step::Finish => self.finish_step(opts, run, out).await?,
             Step::Done
@@ -265,17 +283,18 @@ impl Cluster {
         workloads: &[Workload],
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let t = &self.targets[target];
+        let t = &self.cluster.targets[target];
         let replicas = workloads[target].recorded().unwrap_or(1);
-        self.start_target(t, replicas).await?;
-        self.annotate_target(
-            t,
-            &[
-                (annotations::TMM_REPLICAS, None),
-                (annotations::TMM_RESTARTED, Some(token)),
-            ],
-        )
-        .await?;
+        self.cluster.start_target(t, replicas).await?;
+        self.cluster
+            .annotate_target(
+                t,
+                &[
+                    (annotations::TMM_REPLICAS, None),
+                    (annotations::TMM_RESTARTED, Some(token)),
+                ],
+            )
+            .await?;
         run.counts.insert(target, replicas);
         let started = u64::try_from(replicas).unwrap_or(0);
         crate::model::restarts::count(crate::model::restarts::Kind::TmmPod, started);
@@ -311,8 +330,9 @@ impl Cluster {
         &self,
         t: &TmmTarget,
     ) -> Result<std::collections::BTreeSet<String>, RestartError> {
-        let w = self.require_workload(t).await?;
+        let w = self.cluster.require_workload(t).await?;
         let pods = self
+            .cluster
             .pods_in(&t.namespace)
             .list(&selector_query(w.selector()))
             .await?;
@@ -335,7 +355,7 @@ impl Cluster {
             let counts: Vec<String> = run
                 .counts
                 .iter()
-                .map(|(i, n)| format!("{}: {n}", self.targets[*i]))
+                .map(|(i, n)| format!("{}: {n}", self.cluster.targets[*i]))
                 .collect();
             format!("TMM and dSSM restarted (restored {})", counts.join(", "))
         } else {
@@ -349,14 +369,16 @@ impl Cluster {
 
     /// The restart is done: every target loses its marks, and says so in an Event.
     async fn finish_restart(&self, note: &str) -> Result<(), ClusterError> {
-        self.annotate_targets(&[
-            (annotations::RESTART_NEEDED, None),
-            (annotations::CA_CHANGED, None),
-            (annotations::TMM_RESTARTED, None),
-            (annotations::TMM_ROLL, None),
-        ])
-        .await?;
-        self.event_on_targets(EventType::Normal, Reason::Restarted, note)
+        self.cluster
+            .annotate_targets(&[
+                (annotations::RESTART_NEEDED, None),
+                (annotations::CA_CHANGED, None),
+                (annotations::TMM_RESTARTED, None),
+                (annotations::TMM_ROLL, None),
+            ])
+            .await?;
+        self.cluster
+            .event_on_targets(EventType::Normal, Reason::Restarted, note)
             .await;
         Ok(())
     }
@@ -372,15 +394,21 @@ impl Cluster {
         let endpoint = opts
             .probe_endpoint
             .clone()
-            .unwrap_or_else(|| crate::probe::sentinel_endpoint(&self.dssm_ns));
+            .unwrap_or_else(|| crate::probe::sentinel_endpoint(&self.cluster.dssm_ns));
         let name = opts
             .probe_server_name
             .clone()
             .unwrap_or_else(|| crate::probe::default_server_name(&endpoint));
         // Every TMM namespace holds identical copies: the first target's stands for all.
-        let tmm_ns = &self.targets[0].namespace;
-        let certs = self.get_secret(tmm_ns, contract::CERTS_SECRET).await?;
-        let keys = self.get_secret(tmm_ns, contract::KEYS_SECRET).await?;
+        let tmm_ns = &self.cluster.targets[0].namespace;
+        let certs = self
+            .cluster
+            .get_secret(tmm_ns, contract::CERTS_SECRET)
+            .await?;
+        let keys = self
+            .cluster
+            .get_secret(tmm_ns, contract::KEYS_SECRET)
+            .await?;
         let get = |s: &Option<k8s_openapi::api::core::v1::Secret>, k: &str| {
             s.as_ref()
                 .and_then(|s| s.data.as_ref())

@@ -5,7 +5,19 @@
 use super::*;
 use crate::model::targets::blocking_budgets;
 
-impl Cluster {
+impl Restarter<'_> {
+    /// A pre-flight refusal: told on every TMM target as a Warning Event, then returned.
+    async fn refuse(&self, why: String) -> RestartError {
+        self.cluster
+            .event_on_targets(
+                EventType::Warning,
+                Reason::RestartRefused,
+                &format!("pre-flight: {why}"),
+            )
+            .await;
+        RestartError::Preflight(why)
+    }
+
     /// Pre-flight (docs/design.md, "The rules every pass keeps"), before any disruptive step and before new materials are written:
     /// every dSSM pod Ready and TMM's rollout complete, waited for (watching) up to `timeout`,
     /// since a rollout that is finishing is not a reason to refuse. Still not so: a Warning Event
@@ -37,17 +49,12 @@ impl Cluster {
         let why = blocking.join("; ");
         if force {
             let note = format!("--force: restarting although {why}");
-            self.event_on_targets(EventType::Warning, Reason::PreflightOverridden, &note)
+            self.cluster
+                .event_on_targets(EventType::Warning, Reason::PreflightOverridden, &note)
                 .await;
             return Ok(());
         }
-        self.event_on_targets(
-            EventType::Warning,
-            Reason::RestartRefused,
-            &format!("pre-flight: {why}"),
-        )
-        .await;
-        Err(RestartError::Preflight(why))
+        Err(self.refuse(why).await)
     }
 
     /// Every dSSM pod Ready and each StatefulSet at its replicas, waited for up to `timeout`;
@@ -56,12 +63,15 @@ impl Cluster {
         &self,
         timeout: Duration,
     ) -> Result<Vec<String>, RestartError> {
-        let pods = self.pods_in(&self.dssm_ns);
-        let (ns, sel) = (self.dssm_ns.clone(), self.dssm_selector.clone());
+        let pods = self.cluster.pods_in(&self.cluster.dssm_ns);
+        let (ns, sel) = (
+            self.cluster.dssm_ns.clone(),
+            self.cluster.dssm_selector.clone(),
+        );
         let what = format!("pods ({sel}) in {ns}");
         let mut blocking = Vec::new();
         let owners = statefulset_owners(&pods.list(&sel).await?);
-        let wanted = self.statefulset_replicas(&ns, &owners).await?;
+        let wanted = self.cluster.statefulset_replicas(&ns, &owners).await?;
         let verdict = |now: &BTreeMap<String, Pod>| {
             let now: Vec<Pod> = now.values().cloned().collect();
             dssm_not_ready(&now, &ns, &sel).or_else(|| statefulsets_short(&now, &ns, &wanted))
@@ -81,12 +91,13 @@ impl Cluster {
     /// PodDisruptionBudgets over dSSM pods that allow no disruption now: every eviction would be
     /// refused (429) until the deadline.
     pub(super) async fn blocking_pdbs(&self) -> Result<Vec<String>, ClusterError> {
-        let pdbs = self.pdbs_in(&self.dssm_ns).await?;
+        let pdbs = self.cluster.pdbs_in(&self.cluster.dssm_ns).await?;
         let dssm = self
-            .pods_in(&self.dssm_ns)
-            .list(&self.dssm_selector)
+            .cluster
+            .pods_in(&self.cluster.dssm_ns)
+            .list(&self.cluster.dssm_selector)
             .await?;
-        Ok(blocking_budgets(&self.dssm_ns, &pdbs, &dssm))
+        Ok(blocking_budgets(&self.cluster.dssm_ns, &pdbs, &dssm))
     }
 
     /// PodDisruptionBudgets over the live pods of `t` (a target the tool replaces itself, one
@@ -98,6 +109,7 @@ impl Cluster {
         w: &Workload,
     ) -> Result<Vec<String>, ClusterError> {
         let pods = self
+            .cluster
             .pods_in(&t.namespace)
             .list(&selector_query(w.selector()))
             .await?;
@@ -108,7 +120,7 @@ impl Cluster {
         if live.is_empty() {
             return Ok(Vec::new());
         }
-        let pdbs = self.pdbs_in(&t.namespace).await?;
+        let pdbs = self.cluster.pdbs_in(&t.namespace).await?;
         Ok(blocking_budgets(&t.namespace, &pdbs, &live))
     }
 
@@ -120,10 +132,17 @@ impl Cluster {
         skip: &[crate::model::targets::TmmTarget],
     ) -> Result<Vec<String>, ClusterError> {
         let mut blocking = Vec::new();
-        for t in self.targets.iter().filter(|t| !skip.contains(t)) {
-            let done = self.watch_target(t, move |w| w.rollout_incomplete(t).is_none());
+        for t in self.cluster.targets.iter().filter(|t| !skip.contains(t)) {
+            let done = self
+                .cluster
+                .watch_target(t, move |w| w.rollout_incomplete(t).is_none());
             if tokio::time::timeout(timeout, done).await.is_err() {
-                blocking.extend(self.require_workload(t).await?.rollout_incomplete(t));
+                blocking.extend(
+                    self.cluster
+                        .require_workload(t)
+                        .await?
+                        .rollout_incomplete(t),
+                );
             }
         }
         Ok(blocking)
@@ -137,8 +156,8 @@ impl Cluster {
     pub async fn check_tmm_gaps(&self, allow: bool) -> Result<(), RestartError> {
         let mut gaps = Vec::new();
         let mut budgets = Vec::new();
-        for t in &self.targets {
-            let w = self.require_workload(t).await?;
+        for t in &self.cluster.targets {
+            let w = self.cluster.require_workload(t).await?;
             let plan = w.roll_plan();
             if let RollPlan::Gap { why } = &plan {
                 gaps.push(format!("{t}: {why}"));
@@ -167,12 +186,6 @@ impl Cluster {
         } else {
             return Ok(());
         };
-        self.event_on_targets(
-            EventType::Warning,
-            Reason::RestartRefused,
-            &format!("pre-flight: {why}"),
-        )
-        .await;
-        Err(RestartError::Preflight(why))
+        Err(self.refuse(why).await)
     }
 }

@@ -3,14 +3,14 @@
 
 use super::*;
 
-impl Cluster {
+impl Restarter<'_> {
     pub(super) async fn restart_dssm(
         &self,
         timeout: Duration,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let pods = self.pods_in(&self.dssm_ns);
-        let sel = self.dssm_selector.clone();
+        let pods = self.cluster.pods_in(&self.cluster.dssm_ns);
+        let sel = self.cluster.dssm_selector.clone();
         let before = pods.list(&sel).await?;
         let old: BTreeMap<String, String> = before
             .iter()
@@ -18,7 +18,8 @@ impl Cluster {
             .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
             .collect();
         let wanted = self
-            .statefulset_replicas(&self.dssm_ns, &statefulset_owners(&before))
+            .cluster
+            .statefulset_replicas(&self.cluster.dssm_ns, &statefulset_owners(&before))
             .await?;
         let deadline = tokio::time::Instant::now() + timeout;
         for name in old.keys() {
@@ -37,14 +38,14 @@ impl Cluster {
             out,
             "evicted {} dSSM pods in {} ({sel})",
             old.len(),
-            self.dssm_ns
+            self.cluster.dssm_ns
         );
         let wait_what = format!(
             "the {} dSSM pods in {} to come back Running and Ready",
             old.len(),
-            self.dssm_ns
+            self.cluster.dssm_ns
         );
-        let ns = self.dssm_ns.clone();
+        let ns = self.cluster.dssm_ns.clone();
         wait_pods(&pods, &sel, &wait_what, timeout, |now| {
             let all: Vec<Pod> = now.values().cloned().collect();
             old.iter().all(|(name, uid)| {
@@ -57,7 +58,7 @@ impl Cluster {
         let _ = writeln!(
             out,
             "dSSM pods in {} are back, Running and Ready",
-            self.dssm_ns
+            self.cluster.dssm_ns
         );
         Ok(())
     }
@@ -84,16 +85,17 @@ impl Cluster {
         match step {
             Step::Record { target } => {
                 let n = workloads[target].replicas().to_string();
-                self.annotate_target(
-                    &self.targets[target],
-                    &[(annotations::TMM_REPLICAS, Some(&n))],
-                )
-                .await?;
+                self.cluster
+                    .annotate_target(
+                        &self.cluster.targets[target],
+                        &[(annotations::TMM_REPLICAS, Some(&n))],
+                    )
+                    .await?;
             }
             Step::Stop { target } => {
-                let t = &self.targets[target];
+                let t = &self.cluster.targets[target];
                 let replicas = workloads[target].recorded().unwrap_or(0);
-                self.stop_target(t).await?;
+                self.cluster.stop_target(t).await?;
                 let _ = match t.kind {
                     Kind::Deployment => writeln!(out, "scaled {t} to 0 (was {replicas})"),
                     Kind::DaemonSet => writeln!(
@@ -105,9 +107,9 @@ impl Cluster {
             Step::WaitTerminated { targets } => {
                 // All targets at once: they terminate in parallel.
                 let waits = targets.iter().map(|i| {
-                    let t = &self.targets[*i];
+                    let t = &self.cluster.targets[*i];
                     let sel = selector_query(workloads[*i].selector());
-                    let pods = self.pods_in(&t.namespace);
+                    let pods = self.cluster.pods_in(&t.namespace);
                     async move {
                         let what = format!("the TMM pods in {} to terminate ({t})", t.namespace);
                         // A Failed or Succeeded (evicted) pod stays listed but runs nothing:
@@ -117,7 +119,7 @@ impl Cluster {
                 });
                 futures::future::try_join_all(waits).await?;
                 for i in &targets {
-                    let t = &self.targets[*i];
+                    let t = &self.cluster.targets[*i];
                     let _ = writeln!(out, "no TMM pod left in {} ({t})", t.namespace);
                 }
                 run.seen.terminated = true;
@@ -147,14 +149,14 @@ impl Cluster {
         futures::future::try_join_all(
             targets
                 .iter()
-                .map(|i| self.wait_tmm_available(&self.targets[*i], count(*i), timeout)),
+                .map(|i| self.wait_tmm_available(&self.cluster.targets[*i], count(*i), timeout)),
         )
         .await?;
         for i in targets {
             let _ = writeln!(
                 out,
                 "{} has {} available replicas",
-                self.targets[*i],
+                self.cluster.targets[*i],
                 count(*i)
             );
         }

@@ -4,7 +4,7 @@
 use super::*;
 use crate::cluster::lease::HolderCheck;
 
-impl Cluster {
+impl Restarter<'_> {
     /// A restart record (a recorded count on any TMM target) whose Lease is free or expired
     /// is an orphan: its holder died mid-restart. Take the Lease, restore every recorded target
     /// first, give the Lease back. A live holder's record is left to it (`Locked`). The restart
@@ -12,8 +12,9 @@ impl Cluster {
     /// marks.
     pub async fn recover_orphan(&self, holder: HolderCheck) -> Result<Option<i32>, ClusterError> {
         let mut recorded = false;
-        for t in &self.targets {
+        for t in &self.cluster.targets {
             recorded |= self
+                .cluster
                 .get_workload(t)
                 .await?
                 .is_some_and(|w| w.recorded().is_some());
@@ -21,7 +22,7 @@ impl Cluster {
         if !recorded {
             return Ok(None);
         }
-        let lease = self.acquire_lease_waiting(holder).await?;
+        let lease = self.cluster.acquire_lease_waiting(holder).await?;
         let restored = lease.guard(self.restore_tmm()).await;
         lease.release().await;
         restored
@@ -34,7 +35,7 @@ impl Cluster {
     pub async fn restore_tmm(&self) -> Result<Option<i32>, ClusterError> {
         let mut restored = None;
         let mut first_error = None;
-        for t in &self.targets {
+        for t in &self.cluster.targets {
             match self.restore_target(t).await {
                 Ok(Some(n)) => restored = Some(restored.unwrap_or(0) + n),
                 Ok(None) => {}
@@ -51,16 +52,17 @@ impl Cluster {
     }
 
     pub(super) async fn restore_target(&self, t: &TmmTarget) -> Result<Option<i32>, ClusterError> {
-        let Some(w) = self.get_workload(t).await? else {
+        let Some(w) = self.cluster.get_workload(t).await? else {
             return Ok(None);
         };
         let Some(n) = w.recorded() else {
             return Ok(None);
         };
         if w.stopped() || matches!(w, Workload::DaemonSet(_)) {
-            self.start_target(t, n).await?;
+            self.cluster.start_target(t, n).await?;
         }
-        self.annotate_target(t, &[(annotations::TMM_REPLICAS, None)])
+        self.cluster
+            .annotate_target(t, &[(annotations::TMM_REPLICAS, None)])
             .await?;
         Ok(Some(n))
     }
@@ -74,7 +76,7 @@ impl Cluster {
     ) -> Result<(), RestartError> {
         let cond =
             move |w: &Workload| w.rollout_incomplete(t).is_none() && w.available() >= replicas;
-        if tokio::time::timeout(timeout, self.watch_target(t, cond))
+        if tokio::time::timeout(timeout, self.cluster.watch_target(t, cond))
             .await
             .is_ok()
         {
@@ -99,7 +101,7 @@ impl Cluster {
         timeout: Duration,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let w = self.require_workload(t).await?;
+        let w = self.cluster.require_workload(t).await?;
         let replicas = w.replicas();
         let recorded = recorded_roll(&w, token);
         let since = match recorded {
@@ -116,11 +118,14 @@ impl Cluster {
         match w.roll_plan() {
             RollPlan::Controller => {
                 if recorded.is_none() {
-                    self.rollout_restart_target(t, &since.to_string(), &record)
+                    self.cluster
+                        .rollout_restart_target(t, &since.to_string(), &record)
                         .await?;
                     let _ = writeln!(out, "rolling restart of {t} ({replicas} pods)");
                 }
-                let done = self.watch_target(t, move |w| w.rollout_incomplete(t).is_none());
+                let done = self
+                    .cluster
+                    .watch_target(t, move |w| w.rollout_incomplete(t).is_none());
                 if tokio::time::timeout(timeout, done).await.is_err() {
                     return Err(RestartError::Timeout {
                         what: format!("the rollout of {t}"),
@@ -130,7 +135,8 @@ impl Cluster {
             }
             RollPlan::OneByOne { why } | RollPlan::Gap { why } => {
                 if recorded.is_none() {
-                    self.annotate_target(t, &[(annotations::TMM_ROLL, Some(&record))])
+                    self.cluster
+                        .annotate_target(t, &[(annotations::TMM_ROLL, Some(&record))])
                         .await?;
                 }
                 let _ = writeln!(
@@ -156,6 +162,7 @@ impl Cluster {
     ) -> Result<Timestamp, RestartError> {
         let nonce = Timestamp::now().as_nanosecond();
         let stamped = self
+            .cluster
             .server_time(t, &format!("{token}@pending-{nonce}"))
             .await?;
         let at = stamped.unwrap_or_else(|| {
@@ -179,8 +186,13 @@ impl Cluster {
         timeout: Duration,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let want = self.require_workload(t).await?.replicas().max(w.replicas());
-        let api = self.pods_in(&t.namespace);
+        let want = self
+            .cluster
+            .require_workload(t)
+            .await?
+            .replicas()
+            .max(w.replicas());
+        let api = self.cluster.pods_in(&t.namespace);
         let sel = selector_query(w.selector());
         let what = format!("every pod of {t} to be newer than {since}, Ready and of one template");
         wait_pods(&api, &sel, &what, timeout, |now| {
@@ -205,7 +217,7 @@ impl Cluster {
         timeout: Duration,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), RestartError> {
-        let api = self.pods_in(&t.namespace);
+        let api = self.cluster.pods_in(&t.namespace);
         let sel = selector_query(w.selector());
         let want = usize::try_from(w.replicas().max(1)).unwrap_or(1);
         let deadline = tokio::time::Instant::now() + timeout;

@@ -869,7 +869,7 @@ impl Pods for TestPods<'_> {
     fn endpoint(&self, pod: &str) -> String {
         self.0.get(pod).endpoint()
     }
-    fn restart(&mut self, pod: &str, _deadline: Instant) -> Result<(), String> {
+    fn restart(&mut self, pod: &str, _deadline: Instant) -> Result<(), rollout::PodRestartError> {
         self.0.restart(pod);
         Ok(())
     }
@@ -952,7 +952,7 @@ impl Pods for SwapOnRestart<'_> {
     fn endpoint(&self, pod: &str) -> String {
         self.topology.get(pod).endpoint()
     }
-    fn restart(&mut self, pod: &str, _deadline: Instant) -> Result<(), String> {
+    fn restart(&mut self, pod: &str, _deadline: Instant) -> Result<(), rollout::PodRestartError> {
         KubeletMount {
             dir: self.topology.get(pod).mount.clone(),
         }
@@ -1366,12 +1366,14 @@ pub mod scenarios {
         let (files, _) = renewal_materials(tmp.path());
         let (t, load) = start(&files, cfg);
         let sentinels: Vec<String> = t.sentinels().map(|s| s.endpoint()).collect();
-        let moved = dssm_certs::redis::switchover::paused_switchover(
+        // The switchover as it once was: it leaves the demoted primary's subscribers on it.
+        let moved = dssm_certs::redis::switchover::paused_switchover_disconnecting(
             &tls_client(&files),
             SERVER_NAME,
             &sentinels,
             MASTER,
             Instant::now() + Duration::from_secs(30),
+            dssm_certs::redis::switchover::Disconnect::ClientsOnly,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let old = t
