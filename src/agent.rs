@@ -353,9 +353,10 @@ pub async fn inspect_without_keys(
         .copies
         .iter()
         .map(|c| {
-            // An unreadable store (the agent may not read the CA key) is left out, not "absent".
-            let store = (c.namespace == dssm_ns && obs.store_readable).then_some(&obs.store);
-            let mut s = c.source(store);
+            // An unreadable CA key Secret (the agent may not read the CA key) is left out, not "absent".
+            let ca_key_secret = (c.namespace == dssm_ns && obs.ca_key_secret_readable)
+                .then_some(&obs.ca_key_secret);
+            let mut s = c.source(ca_key_secret);
             // Not read, so not "not found": left out, as the CA key is when it lives elsewhere.
             s.entries.retain(|e| e.file != contract::LEAF_KEY);
             s

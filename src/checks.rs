@@ -404,7 +404,7 @@ pub fn judge_copy(source: &Source, now: i64, t: Thresholds) -> CopyFindings {
 #[derive(Debug, Clone)]
 pub struct Anchors {
     /// Where they are stored, for messages (`ns/dssm-ca-key-secret`).
-    pub store: String,
+    pub ca_key_secret: String,
     pub stored: Certificate,
     /// The CA bundle saved as the rotation's previous one (empty outside a rotation).
     pub previous: Vec<Certificate>,
@@ -435,7 +435,7 @@ pub fn judge_anchors(f: &mut CopyFindings, anchors: &Anchors) {
                 i + 1,
                 c.cert.subject,
                 c.cert.sha256_fingerprint,
-                anchors.store
+                anchors.ca_key_secret
             );
             found.push((Status::Critical, message));
         }
@@ -443,7 +443,7 @@ pub fn judge_anchors(f: &mut CopyFindings, anchors: &Anchors) {
     if found.is_empty() {
         let message = format!(
             "{place}: every CA is the stored CA ({}) or the rotation's previous CA",
-            anchors.store
+            anchors.ca_key_secret
         );
         found.push((Status::Ok, message));
     }

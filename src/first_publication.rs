@@ -85,7 +85,7 @@ pub fn is_fresh(obs: &Observation, namespaces: &[String], action: Action) -> boo
     match action {
         Action::Publish => missing_in(obs, namespaces).len() == namespaces.len(),
         Action::Resume => matches!(
-            &obs.store,
+            &obs.ca_key_secret,
             SecretObs::Present { annotations, .. }
                 if annotations.get(crate::writes::PENDING_ACTION).map(String::as_str)
                     == Some(crate::writes::action_name(Action::Publish))

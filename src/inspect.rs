@@ -196,18 +196,22 @@ pub async fn inspect_observation(
         .copies
         .iter()
         .map(|c| {
-            // An unreadable store (the agent may not read the CA key) is left out, not "absent".
-            let store = (c.namespace == dssm_ns && obs.store_readable).then_some(&obs.store);
-            c.source(store)
+            // An unreadable CA key Secret (the agent may not read the CA key) is left out, not "absent".
+            let ca_key_secret = (c.namespace == dssm_ns && obs.ca_key_secret_readable)
+                .then_some(&obs.ca_key_secret);
+            c.source(ca_key_secret)
         })
         .collect();
     let rotation_phase = crate::model::rotation::phase_on_copies(obs, dssm_ns);
-    let store = obs.store_readable.then(|| obs.store.clone());
+    let ca_key_secret = obs
+        .ca_key_secret_readable
+        .then(|| obs.ca_key_secret.clone());
     let dssm_ns = dssm_ns.to_string();
     tokio::task::spawn_blocking(move || {
         // Each copy's CAs against the stored ones, when the CA key Secret can be read.
-        let store = store.map(|s| crate::plan::evaluate_store(&s, &dssm_ns, now));
-        let anchors = store.as_ref().and_then(|s| s.anchors());
+        let ca_key_secret =
+            ca_key_secret.map(|s| crate::plan::evaluate_ca_key_secret(&s, &dssm_ns, now));
+        let anchors = ca_key_secret.as_ref().and_then(|s| s.anchors());
         let copies = (sources.iter())
             .map(|s| {
                 let mut f = crate::checks::judge_copy(s, now, t);

@@ -52,8 +52,8 @@ pub fn ca_key_secret_yaml(namespace: Option<&str>, ca_cert: &[u8], ca_key: &[u8]
         crate::contract::CA_KEY_SECRET,
         namespace,
         &[
-            (crate::materials::store_keys::CA_CERT, ca_cert),
-            (crate::materials::store_keys::CA_KEY, ca_key),
+            (crate::materials::ca_key_secret_keys::CA_CERT, ca_cert),
+            (crate::materials::ca_key_secret_keys::CA_KEY, ca_key),
         ],
     );
     let label = format!(

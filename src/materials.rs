@@ -34,7 +34,7 @@ pub fn secret_of(file: &str) -> &'static str {
 }
 
 /// Keys of the CA key Secret (dSSM namespace only, never mounted by pods).
-pub mod store_keys {
+pub mod ca_key_secret_keys {
     pub const CA_CERT: &str = crate::contract::CA_CERT;
     pub const CA_KEY: &str = crate::contract::CA_KEY;
     pub const PENDING_CERT: &str = "pending-dssm-cert.crt";
@@ -198,8 +198,8 @@ pub struct CopyObs {
 }
 
 impl CopyObs {
-    /// This copy as the checks read it; `store` (the CA key Secret) adds the CA key.
-    pub fn source(&self, store: Option<&SecretObs>) -> Source {
+    /// This copy as the checks read it; `ca_key_secret` (the CA key Secret) adds the CA key.
+    pub fn source(&self, ca_key_secret: Option<&SecretObs>) -> Source {
         let ns = &self.namespace;
         let entry = |obs: &SecretObs, file: &'static str| Entry {
             file,
@@ -221,8 +221,8 @@ impl CopyObs {
                 )
             })
             .collect();
-        if let Some(store) = store {
-            entries.push(entry(store, store_keys::CA_KEY));
+        if let Some(ca_key_secret) = ca_key_secret {
+            entries.push(entry(ca_key_secret, ca_key_secret_keys::CA_KEY));
         }
         Source {
             label: format!("namespace/{ns}"),
@@ -378,7 +378,7 @@ mod tests {
             Place::secret("spk-ingress", LEAF_KEY).to_string(),
             "spk-ingress/dssm-keys-secret[dssm-key.key]"
         );
-        assert_eq!(store_keys::CA_KEY, CA_KEY);
+        assert_eq!(ca_key_secret_keys::CA_KEY, CA_KEY);
     }
 
     #[test]

@@ -5,7 +5,9 @@ use serde::Serialize;
 
 use crate::checks::{self, Anchors, Thresholds};
 use crate::contract;
-use crate::materials::{annotations, saved_keys, store_keys, Bundle, CopyObs, Owner, SecretObs};
+use crate::materials::{
+    annotations, ca_key_secret_keys, saved_keys, Bundle, CopyObs, Owner, SecretObs,
+};
 use crate::pki::{self, Certificate, PrivateKey, SecretBytes};
 
 /// What one copy amounts to.
@@ -24,7 +26,7 @@ pub enum CopyState {
 /// The CA key Secret, read.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)]
-pub enum StoreState {
+pub enum CaKeySecretState {
     Missing,
     Invalid(String),
     Valid {
@@ -38,11 +40,11 @@ pub enum StoreState {
     },
 }
 
-impl StoreState {
+impl CaKeySecretState {
     /// The CAs a copy may hold, when a CA is stored.
     pub fn anchors(&self) -> Option<&Anchors> {
         match self {
-            StoreState::Valid { anchors, .. } => Some(anchors),
+            CaKeySecretState::Valid { anchors, .. } => Some(anchors),
             _ => None,
         }
     }
@@ -89,8 +91,8 @@ pub struct Plan {
     pub source: Option<Bundle>,
     /// Repair: the namespace whose copy wins.
     pub source_namespace: Option<String>,
-    /// New materials: reuse the CA in the store (RenewLeaf, ReplaceInvalid with a usable CA).
-    pub reuse_store_ca: bool,
+    /// New materials: reuse the CA in the CA key Secret (RenewLeaf, ReplaceInvalid with a usable CA).
+    pub reuse_kept_ca: bool,
     /// DH params to keep when renewing (valid ones found in a copy).
     pub reusable_dhparams: Option<Vec<u8>>,
     /// Copies that differ from the target, or are missing or invalid.
@@ -180,37 +182,39 @@ fn validate_against(
 }
 
 /// Reads the CA key Secret.
-pub fn evaluate_store(s: &SecretObs, ns: &str, now: i64) -> StoreState {
+pub fn evaluate_ca_key_secret(s: &SecretObs, ns: &str, now: i64) -> CaKeySecretState {
     let SecretObs::Present {
         data, annotations, ..
     } = s
     else {
-        return StoreState::Missing;
+        return CaKeySecretState::Missing;
     };
     let at = |k: &str| format!("{ns}/{}[{k}]", contract::CA_KEY_SECRET);
-    let (Some(cert), Some(key)) = (data.get(store_keys::CA_CERT), data.get(store_keys::CA_KEY))
-    else {
-        return StoreState::Invalid(format!(
+    let (Some(cert), Some(key)) = (
+        data.get(ca_key_secret_keys::CA_CERT),
+        data.get(ca_key_secret_keys::CA_KEY),
+    ) else {
+        return CaKeySecretState::Invalid(format!(
             "{ns}/{}: lacks {} or {}",
             contract::CA_KEY_SECRET,
-            store_keys::CA_CERT,
-            store_keys::CA_KEY
+            ca_key_secret_keys::CA_CERT,
+            ca_key_secret_keys::CA_KEY
         ));
     };
-    let ca = match pki::parse_certificate(cert, &at(store_keys::CA_CERT)) {
+    let ca = match pki::parse_certificate(cert, &at(ca_key_secret_keys::CA_CERT)) {
         Ok(c) => c,
-        Err(e) => return StoreState::Invalid(e.to_string()),
+        Err(e) => return CaKeySecretState::Invalid(e.to_string()),
     };
-    match PrivateKey::from_pem(key, &at(store_keys::CA_KEY)) {
+    match PrivateKey::from_pem(key, &at(ca_key_secret_keys::CA_KEY)) {
         Ok(k) if ca.matches_key(&k) => {}
         Ok(_) => {
-            return StoreState::Invalid(format!(
+            return CaKeySecretState::Invalid(format!(
                 "{} does not match {}",
-                at(store_keys::CA_KEY),
-                at(store_keys::CA_CERT)
+                at(ca_key_secret_keys::CA_KEY),
+                at(ca_key_secret_keys::CA_CERT)
             ))
         }
-        Err(e) => return StoreState::Invalid(e.to_string()),
+        Err(e) => return CaKeySecretState::Invalid(e.to_string()),
     }
     let revision = annotations
         .get(annotations::REVISION)
@@ -220,9 +224,9 @@ pub fn evaluate_store(s: &SecretObs, ns: &str, now: i64) -> StoreState {
         .then(|| {
             Some(Bundle {
                 ca_cert: cert.clone(),
-                leaf_cert: data.get(store_keys::PENDING_CERT)?.clone(),
-                leaf_key: SecretBytes::new(data.get(store_keys::PENDING_KEY)?.clone()),
-                dhparams: data.get(store_keys::PENDING_DH)?.clone(),
+                leaf_cert: data.get(ca_key_secret_keys::PENDING_CERT)?.clone(),
+                leaf_key: SecretBytes::new(data.get(ca_key_secret_keys::PENDING_KEY)?.clone()),
+                dhparams: data.get(ca_key_secret_keys::PENDING_DH)?.clone(),
             })
         })
         .flatten()
@@ -231,9 +235,9 @@ pub fn evaluate_store(s: &SecretObs, ns: &str, now: i64) -> StoreState {
     let previous = (data.get(saved_keys::PREVIOUS_CA_CERT))
         .and_then(|p| pki::inspect::parse_certificates(p, "previous CA").ok())
         .unwrap_or_default();
-    StoreState::Valid {
+    CaKeySecretState::Valid {
         anchors: Anchors {
-            store: format!("{ns}/{}", contract::CA_KEY_SECRET),
+            ca_key_secret: format!("{ns}/{}", contract::CA_KEY_SECRET),
             stored: ca.clone(),
             previous,
         },
@@ -256,7 +260,7 @@ fn base(action: Action, reasons: Vec<String>) -> Plan {
         reasons,
         source: None,
         source_namespace: None,
-        reuse_store_ca: false,
+        reuse_kept_ca: false,
         reusable_dhparams: None,
         out_of_sync: false,
         invalid: Vec::new(),
@@ -269,7 +273,7 @@ struct Seen<'a> {
     states: Vec<(String, CopyState)>,
     invalid: Vec<String>,
     in_sync: bool,
-    store_ca: Option<&'a Certificate>,
+    kept_ca: Option<&'a Certificate>,
     anchors: Option<&'a Anchors>,
 }
 
@@ -280,15 +284,15 @@ struct Winner<'a> {
     ca: &'a Certificate,
     leaf: &'a Certificate,
     /// The stored CA (whose key we hold) is this copy's CA and signs its leaf.
-    store_signs: bool,
+    kept_ca_signs: bool,
 }
 
 impl<'a> Seen<'a> {
-    fn new(copies: &'a [CopyObs], store: &'a StoreState, now: i64) -> Self {
+    fn new(copies: &'a [CopyObs], ca_key_secret: &'a CaKeySecretState, now: i64) -> Self {
         let states: Vec<(String, CopyState)> = copies
             .iter()
             .map(|c| {
-                let state = evaluate_copy_against(c, now, store.anchors());
+                let state = evaluate_copy_against(c, now, ca_key_secret.anchors());
                 (c.namespace.clone(), state)
             })
             .collect();
@@ -304,11 +308,11 @@ impl<'a> Seen<'a> {
             states,
             invalid,
             in_sync: false,
-            store_ca: match store {
-                StoreState::Valid { ca, .. } => Some(ca),
+            kept_ca: match ca_key_secret {
+                CaKeySecretState::Valid { ca, .. } => Some(ca),
                 _ => None,
             },
-            anchors: store.anchors(),
+            anchors: ca_key_secret.anchors(),
         };
         let valid = seen.valid();
         seen.in_sync = !valid.is_empty()
@@ -334,21 +338,21 @@ impl<'a> Seen<'a> {
     fn winner(&self) -> Option<Winner<'_>> {
         let valid = self.valid();
         let dssm = valid.iter().find(|v| v.0 == &self.copies[0].namespace);
-        let (ns, bundle, ca, leaf) = *match self.store_ca {
-            Some(store_ca) => (valid.iter().find(|v| v.3.is_signed_by(store_ca)))
+        let (ns, bundle, ca, leaf) = *match self.kept_ca {
+            Some(kept_ca) => (valid.iter().find(|v| v.3.is_signed_by(kept_ca)))
                 .or(dssm)
                 .or(valid.first())?,
             None => dssm?,
         };
-        let store_signs = self
-            .store_ca
+        let kept_ca_signs = self
+            .kept_ca
             .is_some_and(|s| leaf.is_signed_by(s) && s.der() == ca.der());
         Some(Winner {
             ns,
             bundle,
             ca,
             leaf,
-            store_signs,
+            kept_ca_signs,
         })
     }
 
@@ -361,15 +365,20 @@ impl<'a> Seen<'a> {
         policy: Policy,
     ) -> Plan {
         let mut p = base(action, reasons);
-        p.reuse_store_ca = self.store_ca.is_some_and(|ca| ca_usable(ca, now, policy));
+        p.reuse_kept_ca = self.kept_ca.is_some_and(|ca| ca_usable(ca, now, policy));
         p
     }
 }
 
 /// The one decision of a pass: the first step that applies, in this order.
-pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) -> Plan {
-    let seen = Seen::new(copies, store, now);
-    let mut p = interrupted(store)
+pub fn plan(
+    copies: &[CopyObs],
+    ca_key_secret: &CaKeySecretState,
+    now: i64,
+    policy: Policy,
+) -> Plan {
+    let seen = Seen::new(copies, ca_key_secret, now);
+    let mut p = interrupted(ca_key_secret)
         .or_else(|| first_install(&seen, now, policy))
         .or_else(|| nothing_usable(&seen, now, policy))
         .unwrap_or_else(|| match seen.winner() {
@@ -384,12 +393,12 @@ pub fn plan(copies: &[CopyObs], store: &StoreState, now: i64, policy: Policy) ->
 }
 
 /// Step 1: An interrupted rotation is finished before anything else, from what was saved.
-fn interrupted(store: &StoreState) -> Option<Plan> {
-    let StoreState::Valid {
+fn interrupted(ca_key_secret: &CaKeySecretState) -> Option<Plan> {
+    let CaKeySecretState::Valid {
         pending: Some(b),
         revision,
         ..
-    } = store
+    } = ca_key_secret
     else {
         return None;
     };
@@ -483,7 +492,7 @@ fn due(w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
     ];
     reasons.extend(next_leaf(w.ca, now, policy).note());
     let mut p = base(Action::RenewLeaf, reasons);
-    p.reuse_store_ca = true;
+    p.reuse_kept_ca = true;
     p.reusable_dhparams = keep_dh;
     Some(p)
 }
@@ -505,7 +514,7 @@ fn ca_rotation_reasons(w: &Winner, now: i64, policy: Policy) -> Vec<String> {
             );
         }
     }
-    if renew && !w.store_signs {
+    if renew && !w.kept_ca_signs {
         reasons.push(format!(
             "the leaf is due but no CA key for {:?} is stored in {}: a new CA is needed",
             w.ca.subject,
@@ -513,7 +522,7 @@ fn ca_rotation_reasons(w: &Winner, now: i64, policy: Policy) -> Vec<String> {
         ));
     }
     // Only a leaf that is due on its own: `rotate` asked for a leaf under this CA.
-    if leaf_due(w.leaf, now, policy) && w.store_signs && reasons.is_empty() {
+    if leaf_due(w.leaf, now, policy) && w.kept_ca_signs && reasons.is_empty() {
         reasons.extend(ca_due_before_renewed_leaf(w.ca, now, policy));
     }
     reasons
@@ -526,7 +535,7 @@ fn drift(seen: &Seen, w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
     if seen.in_sync {
         return None;
     }
-    if seen.store_ca.is_some() && !w.store_signs {
+    if seen.kept_ca.is_some() && !w.kept_ca_signs {
         let mut reasons = vec![format!(
             "the copies differ and none chains to the CA stored in {}: new materials under that \
              CA, never a copy of a foreign CA",
@@ -736,16 +745,22 @@ pub(crate) mod tests {
         }
     }
 
-    fn store(m: &Made, pending: Option<&Bundle>) -> StoreState {
+    fn ca_key_secret(m: &Made, pending: Option<&Bundle>) -> CaKeySecretState {
         let mut data = BTreeMap::from([
-            (store_keys::CA_CERT.to_string(), m.bundle.ca_cert.clone()),
-            (store_keys::CA_KEY.to_string(), m.ca_key.clone()),
+            (
+                ca_key_secret_keys::CA_CERT.to_string(),
+                m.bundle.ca_cert.clone(),
+            ),
+            (ca_key_secret_keys::CA_KEY.to_string(), m.ca_key.clone()),
         ]);
         let mut ann = BTreeMap::from([(annotations::REVISION.to_string(), "4".to_string())]);
         if let Some(p) = pending {
-            data.insert(store_keys::PENDING_CERT.into(), p.leaf_cert.clone());
-            data.insert(store_keys::PENDING_KEY.into(), p.leaf_key.expose().to_vec());
-            data.insert(store_keys::PENDING_DH.into(), p.dhparams.clone());
+            data.insert(ca_key_secret_keys::PENDING_CERT.into(), p.leaf_cert.clone());
+            data.insert(
+                ca_key_secret_keys::PENDING_KEY.into(),
+                p.leaf_key.expose().to_vec(),
+            );
+            data.insert(ca_key_secret_keys::PENDING_DH.into(), p.dhparams.clone());
             ann.insert(annotations::STATE.into(), "pending".into());
         }
         let obs = SecretObs::Present {
@@ -753,7 +768,7 @@ pub(crate) mod tests {
             owner: Owner::Us,
             annotations: ann,
         };
-        evaluate_store(&obs, "dssm", now())
+        evaluate_ca_key_secret(&obs, "dssm", now())
     }
 
     fn now() -> i64 {
@@ -787,12 +802,12 @@ pub(crate) mod tests {
         let us = Owner::Us;
         let hand = Owner::Nobody;
 
-        type Case<'a> = (&'a str, Vec<CopyObs>, StoreState, Policy, Action);
+        type Case<'a> = (&'a str, Vec<CopyObs>, CaKeySecretState, Policy, Action);
         let cases: Vec<Case<'_>> = vec![
             (
                 "nothing anywhere",
                 vec![copy("d", None, us.clone()), copy("t", None, us.clone())],
-                StoreState::Missing,
+                CaKeySecretState::Missing,
                 policy(),
                 Action::Publish,
             ),
@@ -802,7 +817,7 @@ pub(crate) mod tests {
                     copy("d", Some(&fresh.bundle), us.clone()),
                     copy("t", Some(&fresh.bundle), us.clone()),
                 ],
-                store(&fresh, None),
+                ca_key_secret(&fresh, None),
                 policy(),
                 Action::Nothing,
             ),
@@ -812,7 +827,7 @@ pub(crate) mod tests {
                     copy("d", Some(&fresh.bundle), hand.clone()),
                     copy("t", Some(&fresh.bundle), hand.clone()),
                 ],
-                StoreState::Missing,
+                CaKeySecretState::Missing,
                 policy(),
                 Action::Adopt,
             ),
@@ -822,14 +837,14 @@ pub(crate) mod tests {
                     copy("d", Some(&leaf_due.bundle), us.clone()),
                     copy("t", Some(&leaf_due.bundle), us.clone()),
                 ],
-                store(&leaf_due, None),
+                ca_key_secret(&leaf_due, None),
                 policy(),
                 Action::RenewLeaf,
             ),
             (
                 "leaf due, no CA key",
                 vec![copy("d", Some(&leaf_due.bundle), hand.clone())],
-                StoreState::Missing,
+                CaKeySecretState::Missing,
                 policy(),
                 Action::RotateCa,
             ),
@@ -837,21 +852,21 @@ pub(crate) mod tests {
                 // The copy's CA is not the stored one: foreign, replaced under the stored CA.
                 "leaf due, another CA's key stored",
                 vec![copy("d", Some(&leaf_due.bundle), us.clone())],
-                store(&other, None),
+                ca_key_secret(&other, None),
                 policy(),
                 Action::ReplaceInvalid,
             ),
             (
                 "CA due",
                 vec![copy("d", Some(&ca_due.bundle), us.clone())],
-                store(&ca_due, None),
+                ca_key_secret(&ca_due, None),
                 policy(),
                 Action::RotateCa,
             ),
             (
                 "leaf due, new leaf would outlive the CA",
                 vec![copy("d", Some(&short_ca_due.bundle), us.clone())],
-                store(&short_ca_due, None),
+                ca_key_secret(&short_ca_due, None),
                 Policy {
                     leaf_days: 365,
                     ..policy()
@@ -861,14 +876,14 @@ pub(crate) mod tests {
             (
                 "not due with a short CA",
                 vec![copy("d", Some(&short_ca.bundle), us.clone())],
-                store(&short_ca, None),
+                ca_key_secret(&short_ca, None),
                 policy(),
                 Action::Nothing,
             ),
             (
                 "--renew-before makes it due",
                 vec![copy("d", Some(&fresh.bundle), us.clone())],
-                store(&fresh, None),
+                ca_key_secret(&fresh, None),
                 Policy {
                     renew_before: Some(400 * DAY),
                     ..policy()
@@ -881,7 +896,7 @@ pub(crate) mod tests {
                     copy("d", Some(&fresh.bundle), us.clone()),
                     copy("t", Some(&other.bundle), us.clone()),
                 ],
-                StoreState::Missing,
+                CaKeySecretState::Missing,
                 policy(),
                 Action::Repair,
             ),
@@ -891,7 +906,7 @@ pub(crate) mod tests {
                     copy("d", Some(&fresh.bundle), us.clone()),
                     copy("t", None, us.clone()),
                 ],
-                store(&fresh, None),
+                ca_key_secret(&fresh, None),
                 policy(),
                 Action::Repair,
             ),
@@ -901,7 +916,7 @@ pub(crate) mod tests {
                     copy("d", Some(&garbage), us.clone()),
                     copy("t", Some(&fresh.bundle), us.clone()),
                 ],
-                store(&fresh, None),
+                ca_key_secret(&fresh, None),
                 policy(),
                 Action::Repair,
             ),
@@ -911,7 +926,7 @@ pub(crate) mod tests {
                     copy("d", Some(&garbage), us.clone()),
                     copy("t", Some(&mismatched), us.clone()),
                 ],
-                StoreState::Missing,
+                CaKeySecretState::Missing,
                 policy(),
                 Action::ReplaceInvalid,
             ),
@@ -921,7 +936,7 @@ pub(crate) mod tests {
                     copy("d", Some(&other.bundle), us.clone()),
                     copy("t", Some(&fresh.bundle), us.clone()),
                 ],
-                store(&other, Some(&other.bundle)),
+                ca_key_secret(&other, Some(&other.bundle)),
                 policy(),
                 Action::Resume,
             ),
@@ -930,7 +945,7 @@ pub(crate) mod tests {
                 // on every pass.
                 "due by policy, issued minutes ago, and so would its successor be",
                 vec![copy("d", Some(&just_made.bundle), us.clone())],
-                store(&just_made, None),
+                ca_key_secret(&just_made, None),
                 Policy {
                     renew_before: Some(400 * DAY),
                     ca_renew_before: Some(999 * DAY),
@@ -941,7 +956,7 @@ pub(crate) mod tests {
             (
                 "due by policy, issued minutes ago, its successor not due: renewed",
                 vec![copy("d", Some(&just_made.bundle), us.clone())],
-                store(&just_made, None),
+                ca_key_secret(&just_made, None),
                 Policy {
                     renew_before: Some(400 * DAY),
                     leaf_days: 730,
@@ -952,7 +967,7 @@ pub(crate) mod tests {
             (
                 "rotate",
                 vec![copy("d", Some(&fresh.bundle), us.clone())],
-                store(&fresh, None),
+                ca_key_secret(&fresh, None),
                 Policy {
                     force_leaf: true,
                     ..policy()
@@ -962,7 +977,7 @@ pub(crate) mod tests {
             (
                 "rotate --ca",
                 vec![copy("d", Some(&fresh.bundle), us.clone())],
-                store(&fresh, None),
+                ca_key_secret(&fresh, None),
                 Policy {
                     force_leaf: true,
                     force_ca: true,
@@ -1081,7 +1096,7 @@ pub(crate) mod tests {
         ];
         for (name, m, pol, want, because) in cases {
             let copies = vec![copy("d", Some(&m.bundle), Owner::Us)];
-            let p = plan(&copies, &store(&m, None), now(), pol);
+            let p = plan(&copies, &ca_key_secret(&m, None), now(), pol);
             assert_eq!(p.action, want, "{name}: {:?}", p.reasons);
             assert!(
                 p.reasons.iter().any(|r| r.contains(because)),
@@ -1099,13 +1114,13 @@ pub(crate) mod tests {
             copy("dssm", Some(&a.bundle), Owner::Us),
             copy("tmm", Some(&b.bundle), Owner::Us),
         ];
-        let p = plan(&copies, &StoreState::Missing, now(), policy());
+        let p = plan(&copies, &CaKeySecretState::Missing, now(), policy());
         assert_eq!(
             p.source_namespace.as_deref(),
             Some("dssm"),
             "without a stored CA the dSSM copy wins"
         );
-        let p = plan(&copies, &store(&b, None), now(), policy());
+        let p = plan(&copies, &ca_key_secret(&b, None), now(), policy());
         assert_eq!(
             p.source_namespace.as_deref(),
             Some("tmm"),
@@ -1119,7 +1134,7 @@ pub(crate) mod tests {
             copy("dssm", Some(&broken), Owner::Us),
             copy("tmm", Some(&b.bundle), Owner::Us),
         ];
-        let p = plan(&copies, &store(&b, None), now(), policy());
+        let p = plan(&copies, &ca_key_secret(&b, None), now(), policy());
         assert_eq!(p.action, Action::Repair);
         assert_eq!(p.source_namespace.as_deref(), Some("tmm"));
         assert!(
@@ -1141,10 +1156,10 @@ pub(crate) mod tests {
             copy("dssm", Some(&broken), Owner::Us),
             copy("tmm", Some(&foreign.bundle), Owner::Us),
         ];
-        let p = plan(&copies, &store(&ours, None), now(), policy());
+        let p = plan(&copies, &ca_key_secret(&ours, None), now(), policy());
         assert_eq!(p.action, Action::ReplaceInvalid, "{:?}", p.reasons);
         assert!(p.source.is_none() && p.source_namespace.is_none());
-        assert!(p.reuse_store_ca, "new materials under the stored CA");
+        assert!(p.reuse_kept_ca, "new materials under the stored CA");
         assert!(
             (p.reasons.iter()).any(|r| r.contains("is neither the stored CA")),
             "{:?}",
@@ -1155,7 +1170,7 @@ pub(crate) mod tests {
             copy("dssm", Some(&foreign.bundle), Owner::Us),
             copy("tmm", Some(&other_leaf_same_ca(&ours)), Owner::Us),
         ];
-        let p = plan(&copies, &store(&ours, None), now(), policy());
+        let p = plan(&copies, &ca_key_secret(&ours, None), now(), policy());
         assert_eq!(p.action, Action::Repair, "the copy under our CA wins");
         assert_eq!(p.source_namespace.as_deref(), Some("tmm"));
     }
@@ -1178,8 +1193,8 @@ pub(crate) mod tests {
             ("present", Some(&ours.bundle)),
         ];
         for (stored, st) in [
-            ("stored", store(&ours, None)),
-            ("none", StoreState::Missing),
+            ("stored", ca_key_secret(&ours, None)),
+            ("none", CaKeySecretState::Missing),
         ] {
             for (what, dssm) in dssm_copies {
                 let name = format!("CA {stored}, dSSM copy {what}");
@@ -1216,7 +1231,7 @@ pub(crate) mod tests {
                 }
                 if what != "present" {
                     assert_eq!(p.action, Action::ReplaceInvalid, "{name}: {:?}", p.reasons);
-                    assert_eq!(p.reuse_store_ca, stored == "stored", "{name}");
+                    assert_eq!(p.reuse_kept_ca, stored == "stored", "{name}");
                 } else {
                     assert_eq!(p.action, Action::Repair, "{name}: {:?}", p.reasons);
                 }
@@ -1235,7 +1250,7 @@ pub(crate) mod tests {
             copy("dssm", None, Owner::Us),
             copy("tmm", Some(&noisy), Owner::Us),
         ];
-        let p = plan(&copies, &store(&ours, None), now(), policy());
+        let p = plan(&copies, &ca_key_secret(&ours, None), now(), policy());
         assert_eq!(p.action, Action::Repair, "{:?}", p.reasons);
         let src = p.source.unwrap();
         assert!(!src.ca_cert.windows(4).any(|w| w == b"junk"));
@@ -1280,7 +1295,7 @@ pub(crate) mod tests {
         let mut bad = a.bundle.clone();
         bad.leaf_cert = b"truncated".to_vec();
         let copies = vec![copy("d", Some(&a.bundle), Owner::Us)];
-        let p = plan(&copies, &store(&a, Some(&bad)), now(), policy());
+        let p = plan(&copies, &ca_key_secret(&a, Some(&bad)), now(), policy());
         assert_ne!(p.action, Action::Resume);
     }
 }

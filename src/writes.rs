@@ -8,16 +8,16 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::contract;
-use crate::materials::{annotations, store_keys, Bundle, SecretObs};
+use crate::materials::{annotations, ca_key_secret_keys, Bundle, SecretObs};
 use crate::model::observation::{secret_obs, Observation};
 use crate::model::rotation::{self, Phase};
 use crate::model::targets::TmmTarget;
 use crate::pki::{self, SecretBytes};
-use crate::plan::{Action, Plan, StoreState};
+use crate::plan::{Action, CaKeySecretState, Plan};
 
 /// Where copies live and what is restarted.
 #[derive(Debug, Clone)]
-pub struct Places {
+pub struct Destinations {
     pub dssm_ns: String,
     /// dSSM's first, then every TMM namespace that differs, each once.
     pub namespaces: Vec<String>,
@@ -26,7 +26,7 @@ pub struct Places {
 
 /// What the writes publish.
 #[derive(Clone, Copy)]
-pub enum Content<'a> {
+pub enum ToPublish<'a> {
     /// The bundle to publish, with the new CA key when it is new material (saved first).
     Bundle {
         bundle: &'a Bundle,
@@ -37,19 +37,19 @@ pub enum Content<'a> {
     ToBeIssued { reused_ca: Option<&'a [u8]> },
 }
 
-impl Content<'_> {
+impl ToPublish<'_> {
     pub fn bundle(&self) -> Option<&Bundle> {
         match self {
-            Content::Bundle { bundle, .. } => Some(bundle),
-            Content::ToBeIssued { .. } => None,
+            ToPublish::Bundle { bundle, .. } => Some(bundle),
+            ToPublish::ToBeIssued { .. } => None,
         }
     }
 
     /// The CA certificate published, when known (a new CA is not).
     fn ca_cert(&self) -> Option<&[u8]> {
         match self {
-            Content::Bundle { bundle, .. } => Some(&bundle.ca_cert),
-            Content::ToBeIssued { reused_ca } => *reused_ca,
+            ToPublish::Bundle { bundle, .. } => Some(&bundle.ca_cert),
+            ToPublish::ToBeIssued { reused_ca } => *reused_ca,
         }
     }
 }
@@ -68,15 +68,15 @@ pub enum Precondition {
 /// Secret data, by key. Holds private keys: `Debug` shows key names only, and the values are
 /// wiped when the write goes.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Data(pub BTreeMap<String, Vec<u8>>);
+pub struct SecretData(pub BTreeMap<String, Vec<u8>>);
 
-impl fmt::Debug for Data {
+impl fmt::Debug for SecretData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.0.keys()).finish()
     }
 }
 
-impl Drop for Data {
+impl Drop for SecretData {
     fn drop(&mut self) {
         use zeroize::Zeroize;
         self.0.values_mut().for_each(Zeroize::zeroize);
@@ -89,7 +89,7 @@ pub struct SecretWrite {
     pub name: &'static str,
     pub precondition: Precondition,
     /// None only in a dry run of new materials (not issued yet): never performed.
-    pub data: Option<Data>,
+    pub data: Option<SecretData>,
     /// Our annotations it sets (revision, state, fingerprints, notAfter, phase, rotation record).
     pub annotations: BTreeMap<String, String>,
     /// What changes, for people: never key material.
@@ -164,21 +164,21 @@ pub const PENDING_CA_CHANGED: &str = annotations::CA_CHANGED;
 /// On the CA key Secret while a rotation is pending: the action that made it.
 pub const PENDING_ACTION: &str = annotations::ACTION;
 
-/// What a pass relies on besides the plan.
-pub struct Input<'a> {
-    pub places: &'a Places,
+/// What one pass publishes, where, and what it relies on besides the plan.
+pub struct Publication<'a> {
+    pub destinations: &'a Destinations,
     pub obs: &'a Observation,
     pub plan: &'a Plan,
     pub revision: u64,
-    pub content: Content<'a>,
-    /// A rolling CA rotation starts from this deployed bundle: only the store is written, with
+    pub content: ToPublish<'a>,
+    /// A rolling CA rotation starts from this deployed bundle: only the CA key Secret is written, with
     /// the rotation record (`rotation::drive` writes the copies phase by phase).
     pub phased_from: Option<&'a Bundle>,
 }
 
 /// The ordered writes of one pass (the write order of docs/design.md): a crash between any two is finished by the next
 /// run from what the first one saved.
-pub fn writes(i: &Input) -> Vec<Write> {
+pub fn writes(i: &Publication) -> Vec<Write> {
     let mut list = Vec::new();
     let new_materials = i.plan.action.needs_new_materials();
     // 1. New materials are saved first, marked pending, with the CA key.
@@ -189,15 +189,15 @@ pub fn writes(i: &Input) -> Vec<Write> {
         }
     }
     // 2. The dSSM copies, then 3. the TMM copies.
-    let copies = copies(i.places, i.obs, i.content.bundle(), i.revision, None);
+    let copies = copies(i.destinations, i.obs, i.content.bundle(), i.revision, None);
     let in_ns = |ns: &str| copies.iter().any(|c| c.namespace == ns);
     // 4. TMM and dSSM must restart to use new files: all targets when new materials were made,
     // a rotation resumed or the dSSM copies changed (dSSM restarts, and every TMM must follow);
     // else only those whose namespace got a copy. A resumed rotation marks even when every copy
     // was already written: the run that wrote them may have died before marking.
-    let all = i.plan.action != Action::Repair || in_ns(&i.places.dssm_ns);
+    let all = i.plan.action != Action::Repair || in_ns(&i.destinations.dssm_ns);
     let marked: Vec<TmmTarget> = if new_materials || !copies.is_empty() || resumes(i.plan) {
-        (i.places.targets.iter())
+        (i.destinations.targets.iter())
             .filter(|t| all || in_ns(&t.namespace))
             .cloned()
             .collect()
@@ -213,7 +213,7 @@ pub fn writes(i: &Input) -> Vec<Write> {
             ca_changed,
         })
     }));
-    // 5. The rotation is complete: the store keeps the CA, the pending copy goes.
+    // 5. The rotation is complete: the CA key Secret keeps the CA, the pending copy goes.
     if let Some(w) = complete(i, new_materials.then_some(0)) {
         list.push(Write::Secret(w));
     }
@@ -230,10 +230,10 @@ fn resumes(plan: &Plan) -> bool {
 pub fn revision(
     obs: &Observation,
     plan: &Plan,
-    store: &StoreState,
+    ca_key_secret: &CaKeySecretState,
 ) -> Result<u64, RevisionExhausted> {
-    match (&plan.action, store) {
-        (Action::Resume, StoreState::Valid { revision, .. }) => Ok(*revision),
+    match (&plan.action, ca_key_secret) {
+        (Action::Resume, CaKeySecretState::Valid { revision, .. }) => Ok(*revision),
         _ => highest_revision(obs)
             .checked_add(1)
             .ok_or(RevisionExhausted),
@@ -263,7 +263,7 @@ fn highest_revision(obs: &Observation) -> u64 {
         .iter()
         .take(1)
         .flat_map(|c| [from(&c.certs), from(&c.keys)])
-        .chain([from(&obs.store)])
+        .chain([from(&obs.ca_key_secret)])
         .max()
         .unwrap_or(0)
 }
@@ -278,22 +278,34 @@ fn precondition(obs: &Observation, ns: &str, name: &str) -> Precondition {
 }
 
 /// The CA key Secret with the new materials, pending (and the rotation record when phased).
-fn save_pending(i: &Input) -> SecretWrite {
-    let ns = &i.places.dssm_ns;
+fn save_pending(i: &Publication) -> SecretWrite {
+    let ns = &i.destinations.dssm_ns;
     let data = match i.content {
-        Content::Bundle {
+        ToPublish::Bundle {
             bundle,
             ca_key: Some(key),
         } => {
             let mut d = BTreeMap::from([
-                (store_keys::CA_CERT.to_string(), bundle.ca_cert.clone()),
-                (store_keys::CA_KEY.to_string(), key.expose().to_vec()),
-                (store_keys::PENDING_CERT.into(), bundle.leaf_cert.clone()),
                 (
-                    store_keys::PENDING_KEY.into(),
+                    ca_key_secret_keys::CA_CERT.to_string(),
+                    bundle.ca_cert.clone(),
+                ),
+                (
+                    ca_key_secret_keys::CA_KEY.to_string(),
+                    key.expose().to_vec(),
+                ),
+                (
+                    ca_key_secret_keys::PENDING_CERT.into(),
+                    bundle.leaf_cert.clone(),
+                ),
+                (
+                    ca_key_secret_keys::PENDING_KEY.into(),
                     bundle.leaf_key.expose().to_vec(),
                 ),
-                (store_keys::PENDING_DH.to_string(), bundle.dhparams.clone()),
+                (
+                    ca_key_secret_keys::PENDING_DH.to_string(),
+                    bundle.dhparams.clone(),
+                ),
             ]);
             if let Some(old) = i.phased_from {
                 use crate::materials::saved_keys;
@@ -304,7 +316,7 @@ fn save_pending(i: &Input) -> SecretWrite {
                     old.leaf_key.expose().to_vec(),
                 );
             }
-            Some(Data(d))
+            Some(SecretData(d))
         }
         _ => None,
     };
@@ -350,31 +362,41 @@ fn save_pending(i: &Input) -> SecretWrite {
 
 /// The CA key Secret marked complete: it keeps the CA and its key. `written`: the index of the
 /// write that saved the pending materials in this list (else a resumed rotation's, observed).
-fn complete(i: &Input, written: Option<usize>) -> Option<SecretWrite> {
-    let ns = &i.places.dssm_ns;
+fn complete(i: &Publication, written: Option<usize>) -> Option<SecretWrite> {
+    let ns = &i.destinations.dssm_ns;
     let (precondition, data) = match (written, i.content) {
-        (Some(index), Content::Bundle { bundle, ca_key }) => (
+        (Some(index), ToPublish::Bundle { bundle, ca_key }) => (
             Precondition::ReplaceWritten { index },
             ca_key.map(|key| {
-                Data(BTreeMap::from([
-                    (store_keys::CA_CERT.to_string(), bundle.ca_cert.clone()),
-                    (store_keys::CA_KEY.to_string(), key.expose().to_vec()),
+                SecretData(BTreeMap::from([
+                    (
+                        ca_key_secret_keys::CA_CERT.to_string(),
+                        bundle.ca_cert.clone(),
+                    ),
+                    (
+                        ca_key_secret_keys::CA_KEY.to_string(),
+                        key.expose().to_vec(),
+                    ),
                 ]))
             }),
         ),
-        (Some(index), Content::ToBeIssued { .. }) => (Precondition::ReplaceWritten { index }, None),
+        (Some(index), ToPublish::ToBeIssued { .. }) => {
+            (Precondition::ReplaceWritten { index }, None)
+        }
         (None, _) if resumes(i.plan) => {
-            let store = i
+            let ca_key_secret = i
                 .obs
                 .raw
                 .get(&(ns.clone(), contract::CA_KEY_SECRET.to_string()))?;
-            let d: BTreeMap<String, Vec<u8>> = (store.data.iter().flatten())
-                .filter(|(k, _)| *k == store_keys::CA_CERT || *k == store_keys::CA_KEY)
+            let d: BTreeMap<String, Vec<u8>> = (ca_key_secret.data.iter().flatten())
+                .filter(|(k, _)| {
+                    *k == ca_key_secret_keys::CA_CERT || *k == ca_key_secret_keys::CA_KEY
+                })
                 .map(|(k, v)| (k.clone(), v.0.clone()))
                 .collect();
             (
                 precondition(i.obs, ns, contract::CA_KEY_SECRET),
-                Some(Data(d)),
+                Some(SecretData(d)),
             )
         }
         (None, _) => return None,
@@ -396,9 +418,9 @@ fn complete(i: &Input, written: Option<usize>) -> Option<SecretWrite> {
 }
 
 /// Did any copy hold another CA (a resumed rotation also reads what the interrupted run saved)?
-fn ca_changed(i: &Input) -> bool {
+fn ca_changed(i: &Publication) -> bool {
     let saved = resumes(i.plan)
-        && matches!(&i.obs.store, SecretObs::Present { annotations: a, .. }
+        && matches!(&i.obs.ca_key_secret, SecretObs::Present { annotations: a, .. }
             if a.get(PENDING_CA_CHANGED).map(String::as_str) == Some("true"));
     copies_hold_another_ca(i.obs, &i.content) || saved
 }
@@ -408,7 +430,7 @@ fn ca_changed(i: &Input) -> bool {
 /// the new leaf, or the new CAs do not include the issuer of a copy's leaf. Byte differences
 /// alone (a foreign CA dropped from a bundle, CRLF, another PEM encoding) change no trust between
 /// old and new pods, so they are not a CA change. `new_cas` None: a new CA, not issued yet.
-fn copies_hold_another_ca(obs: &Observation, content: &Content) -> bool {
+fn copies_hold_another_ca(obs: &Observation, content: &ToPublish) -> bool {
     let new_cas = content.ca_cert().and_then(certificates).unwrap_or_default();
     // The CAs that issue (or will issue) the new leaf: all of a reused bundle, conservatively.
     let leaf = content
@@ -449,7 +471,7 @@ fn certificates(pem: &[u8]) -> Option<Vec<pki::Certificate>> {
 /// Secrets, then each TMM namespace's (the write order of docs/design.md). A copy that already holds the bundle,
 /// managed by us, in the same rotation phase, is kept.
 pub fn copies(
-    places: &Places,
+    destinations: &Destinations,
     obs: &Observation,
     bundle: Option<&Bundle>,
     revision: u64,
@@ -475,7 +497,7 @@ pub fn copies(
     let keys = bundle
         .map(|b| BTreeMap::from([(contract::LEAF_KEY.to_string(), b.leaf_key.expose().to_vec())]));
     let mut list = Vec::new();
-    for ns in &places.namespaces {
+    for ns in &destinations.namespaces {
         for (name, data) in [
             (contract::CERTS_SECRET, &certs),
             (contract::KEYS_SECRET, &keys),
@@ -503,7 +525,7 @@ pub fn copies(
                 namespace: ns.clone(),
                 name,
                 precondition: precondition(obs, ns, name),
-                data: data.clone().map(Data),
+                data: data.clone().map(SecretData),
                 annotations: ann,
                 summary: format!("revision {revision}, {files}{}", phase.unwrap_or_default()),
             });
@@ -622,10 +644,10 @@ mod tests {
     }
 
     /// The dSSM namespace and one `f5-tmm` Deployment per TMM namespace.
-    fn places(tmm: &[&str]) -> Places {
+    fn destinations(tmm: &[&str]) -> Destinations {
         let mut namespaces = vec![DSSM.to_string()];
         namespaces.extend(tmm.iter().map(|t| t.to_string()));
-        Places {
+        Destinations {
             dssm_ns: DSSM.into(),
             namespaces,
             targets: tmm
@@ -688,20 +710,20 @@ mod tests {
         ]
     }
 
-    fn store_of(b: &Bundle, key: &SecretBytes, rv: u32, ann: &[(&str, &str)]) -> Secret {
+    fn ca_key_secret_of(b: &Bundle, key: &SecretBytes, rv: u32, ann: &[(&str, &str)]) -> Secret {
         secret(
             DSSM,
             contract::CA_KEY_SECRET,
             rv,
             &[
-                (store_keys::CA_CERT, &b.ca_cert),
-                (store_keys::CA_KEY, key.expose()),
+                (ca_key_secret_keys::CA_CERT, &b.ca_cert),
+                (ca_key_secret_keys::CA_KEY, key.expose()),
             ],
             ann,
         )
     }
 
-    fn observe(p: &Places, secrets: Vec<Secret>) -> Observation {
+    fn observe(p: &Destinations, secrets: Vec<Secret>) -> Observation {
         let raw: BTreeMap<(String, String), Secret> = secrets
             .into_iter()
             .map(|s| {
@@ -721,9 +743,9 @@ mod tests {
                     keys: get(ns, contract::KEYS_SECRET),
                 })
                 .collect(),
-            store: get(DSSM, contract::CA_KEY_SECRET),
+            ca_key_secret: get(DSSM, contract::CA_KEY_SECRET),
             workloads: Vec::new(),
-            store_readable: true,
+            ca_key_secret_readable: true,
             raw,
         }
     }
@@ -734,7 +756,7 @@ mod tests {
             reasons: Vec::new(),
             source: source.cloned(),
             source_namespace: None,
-            reuse_store_ca: false,
+            reuse_kept_ca: false,
             reusable_dhparams: None,
             out_of_sync: false,
             invalid: Vec::new(),
@@ -768,22 +790,22 @@ mod tests {
     }
 
     fn run(
-        p: &Places,
+        p: &Destinations,
         obs: &Observation,
         plan: &Plan,
-        content: Content,
+        content: ToPublish,
         from: Option<&Bundle>,
     ) -> Vec<Write> {
-        let store = crate::plan::evaluate_store(
-            &obs.store,
+        let ca_key_secret = crate::plan::evaluate_ca_key_secret(
+            &obs.ca_key_secret,
             DSSM,
             time::OffsetDateTime::now_utc().unix_timestamp(),
         );
-        writes(&Input {
-            places: p,
+        writes(&Publication {
+            destinations: p,
             obs,
             plan,
-            revision: revision(obs, plan, &store).unwrap(),
+            revision: revision(obs, plan, &ca_key_secret).unwrap(),
             content,
             phased_from: from,
         })
@@ -791,13 +813,13 @@ mod tests {
 
     /// The writes of new materials `made`.
     fn with_new(
-        p: &Places,
+        p: &Destinations,
         obs: &Observation,
         plan: &Plan,
         made: (&Bundle, &SecretBytes),
         from: Option<&Bundle>,
     ) -> Vec<Write> {
-        let content = Content::Bundle {
+        let content = ToPublish::Bundle {
             bundle: made.0,
             ca_key: Some(made.1),
         };
@@ -806,7 +828,7 @@ mod tests {
 
     #[test]
     fn first_install_saves_the_ca_key_first_then_dssm_then_tmm_then_marks_then_completes() {
-        let p = places(&["spk-ingress"]);
+        let p = destinations(&["spk-ingress"]);
         let obs = observe(&p, Vec::new());
         let (b, key) = made();
         let plan = plan_of(Action::Publish, None);
@@ -834,14 +856,17 @@ mod tests {
             panic!()
         };
         let kept: Vec<&String> = done.data.as_ref().unwrap().0.keys().collect();
-        assert_eq!(kept, [store_keys::CA_CERT, store_keys::CA_KEY]);
+        assert_eq!(
+            kept,
+            [ca_key_secret_keys::CA_CERT, ca_key_secret_keys::CA_KEY]
+        );
 
         // The dry run, before anything is issued, lists the same writes in the same words.
         let dry = run(
             &p,
             &obs,
             &plan,
-            Content::ToBeIssued { reused_ca: None },
+            ToPublish::ToBeIssued { reused_ca: None },
             None,
         );
         let lines = |l: &[Write]| l.iter().map(Write::line).collect::<Vec<_>>();
@@ -854,7 +879,7 @@ mod tests {
     #[test]
     fn every_certificate_secret_written_records_its_keys_spki_and_the_key_secret_does_not() {
         // The agent checks the key against this annotation instead of reading the key Secret.
-        let p = places(&["spk-ingress"]);
+        let p = destinations(&["spk-ingress"]);
         let obs = observe(&p, Vec::new());
         let (b, key) = made();
         let list = with_new(&p, &obs, &plan_of(Action::Publish, None), (&b, &key), None);
@@ -877,9 +902,14 @@ mod tests {
 
     #[test]
     fn leaf_renewal_replaces_each_secret_at_its_observed_version_in_order() {
-        let p = places(&["spk-ingress"]);
+        let p = destinations(&["spk-ingress"]);
         let (old, key) = made();
-        let mut secrets = vec![store_of(&old, &key, 10, &[(annotations::REVISION, "1")])];
+        let mut secrets = vec![ca_key_secret_of(
+            &old,
+            &key,
+            10,
+            &[(annotations::REVISION, "1")],
+        )];
         secrets.extend(copy_of(DSSM, &old, 20));
         secrets.extend(copy_of("spk-ingress", &old, 30));
         let obs = observe(&p, secrets);
@@ -904,7 +934,7 @@ mod tests {
         };
         assert_eq!(saved.annotations[PENDING_CA_CHANGED], "false");
         // The dry run knows the reused CA, so it says the same.
-        let reused = Content::ToBeIssued {
+        let reused = ToPublish::ToBeIssued {
             reused_ca: Some(&old.ca_cert),
         };
         let dry = run(&p, &obs, &plan, reused, None);
@@ -917,16 +947,21 @@ mod tests {
 
     #[test]
     fn drift_repair_of_one_tmm_namespace_writes_and_marks_only_that_namespace() {
-        let p = places(&["spk-a", "spk-b"]);
+        let p = destinations(&["spk-a", "spk-b"]);
         let (good, key) = made();
         let (drifted, _) = made();
-        let mut secrets = vec![store_of(&good, &key, 10, &[(annotations::REVISION, "1")])];
+        let mut secrets = vec![ca_key_secret_of(
+            &good,
+            &key,
+            10,
+            &[(annotations::REVISION, "1")],
+        )];
         secrets.extend(copy_of(DSSM, &good, 20));
         secrets.extend(copy_of("spk-a", &good, 30));
         secrets.extend(copy_of("spk-b", &drifted, 40));
         let obs = observe(&p, secrets);
         let plan = plan_of(Action::Repair, Some(&good));
-        let content = Content::Bundle {
+        let content = ToPublish::Bundle {
             bundle: &good,
             ca_key: None,
         };
@@ -947,7 +982,7 @@ mod tests {
     /// after the writes, on every later run too. Copies of another CA, or a new CA, still are.
     #[test]
     fn only_a_change_of_trust_between_old_and_new_pods_is_a_ca_change() {
-        let p = places(&["spk-a"]);
+        let p = destinations(&["spk-a"]);
         let (good, key) = made();
         let (other, _) = made();
         let with_bundle = |ca: Vec<u8>| Bundle {
@@ -963,13 +998,18 @@ mod tests {
                 .replace('\n', "\r\n")
                 .into_bytes(),
         );
-        let judge = |tmm_copy: &Bundle, content: Content| {
-            let mut secrets = vec![store_of(&good, &key, 10, &[(annotations::REVISION, "1")])];
+        let judge = |tmm_copy: &Bundle, content: ToPublish| {
+            let mut secrets = vec![ca_key_secret_of(
+                &good,
+                &key,
+                10,
+                &[(annotations::REVISION, "1")],
+            )];
             secrets.extend(copy_of(DSSM, &good, 20));
             secrets.extend(copy_of("spk-a", tmm_copy, 30));
             copies_hold_another_ca(&observe(&p, secrets), &content)
         };
-        let ours = || Content::Bundle {
+        let ours = || ToPublish::Bundle {
             bundle: &good,
             ca_key: None,
         };
@@ -977,11 +1017,11 @@ mod tests {
         assert!(!judge(&appended, ours()), "a foreign CA appended, dropped");
         assert!(!judge(&crlf, ours()), "CRLF line ends");
         assert!(judge(&other, ours()), "a copy of another CA");
-        let reused = Content::ToBeIssued {
+        let reused = ToPublish::ToBeIssued {
             reused_ca: Some(&good.ca_cert),
         };
         assert!(!judge(&appended, reused), "a renewal under the stored CA");
-        let new_ca = Content::ToBeIssued { reused_ca: None };
+        let new_ca = ToPublish::ToBeIssued { reused_ca: None };
         assert!(judge(&good, new_ca), "a new CA, not issued yet");
     }
 
@@ -990,10 +1030,15 @@ mod tests {
     /// or panicked (debug).
     #[test]
     fn the_revision_comes_from_the_dssm_copy_and_the_store_only_and_never_wraps() {
-        let p = places(&["spk-a"]);
+        let p = destinations(&["spk-a"]);
         let (good, key) = made();
         let with = |tmm_rev: &str, dssm_rev: &str| {
-            let mut secrets = vec![store_of(&good, &key, 10, &[(annotations::REVISION, "3")])];
+            let mut secrets = vec![ca_key_secret_of(
+                &good,
+                &key,
+                10,
+                &[(annotations::REVISION, "3")],
+            )];
             secrets.extend(copy_of(DSSM, &good, 20));
             secrets.extend(copy_of("spk-a", &good, 30));
             for s in &mut secrets {
@@ -1005,8 +1050,8 @@ mod tests {
                 }
             }
             let obs = observe(&p, secrets);
-            let store = crate::plan::evaluate_store(&obs.store, DSSM, 0);
-            revision(&obs, &plan_of(Action::RenewLeaf, None), &store)
+            let ca_key_secret = crate::plan::evaluate_ca_key_secret(&obs.ca_key_secret, DSSM, 0);
+            revision(&obs, &plan_of(Action::RenewLeaf, None), &ca_key_secret)
         };
         assert_eq!(
             with("18446744073709551615", "1"),
@@ -1023,9 +1068,9 @@ mod tests {
 
     #[test]
     fn a_rolling_ca_rotation_starts_by_recording_it_on_the_ca_key_secret_only() {
-        let p = places(&["spk-ingress"]);
+        let p = destinations(&["spk-ingress"]);
         let (old, old_key) = made();
-        let mut secrets = vec![store_of(
+        let mut secrets = vec![ca_key_secret_of(
             &old,
             &old_key,
             10,
@@ -1049,15 +1094,15 @@ mod tests {
             data[crate::materials::saved_keys::PREVIOUS_CA_CERT],
             old.ca_cert
         );
-        assert_eq!(data[store_keys::CA_CERT], new.ca_cert);
+        assert_eq!(data[ca_key_secret_keys::CA_CERT], new.ca_cert);
         assert_eq!(s.annotations[PENDING_CA_CHANGED], "true");
     }
 
     #[test]
     fn several_tmm_namespaces_get_their_copies_in_target_order_then_every_target_is_marked() {
-        let p = places(&["spk-a", "spk-b", "spk-c"]);
+        let p = destinations(&["spk-a", "spk-b", "spk-c"]);
         let (old, old_key) = made();
-        let mut secrets = vec![store_of(
+        let mut secrets = vec![ca_key_secret_of(
             &old,
             &old_key,
             10,
@@ -1093,7 +1138,7 @@ mod tests {
 
     #[test]
     fn a_resumed_rotation_skips_copies_already_written_and_still_marks_and_completes() {
-        let p = places(&["spk-ingress"]);
+        let p = destinations(&["spk-ingress"]);
         let (old, _) = made();
         let (new, key) = made();
         let pending = [
@@ -1101,27 +1146,27 @@ mod tests {
             (annotations::STATE, "pending"),
             (PENDING_CA_CHANGED, "true"),
         ];
-        let mut store = store_of(&new, &key, 10, &pending);
-        let data = store.data.as_mut().unwrap();
+        let mut ca_key_secret = ca_key_secret_of(&new, &key, 10, &pending);
+        let data = ca_key_secret.data.as_mut().unwrap();
         data.insert(
-            store_keys::PENDING_CERT.into(),
+            ca_key_secret_keys::PENDING_CERT.into(),
             ByteString(new.leaf_cert.clone()),
         );
         data.insert(
-            store_keys::PENDING_KEY.into(),
+            ca_key_secret_keys::PENDING_KEY.into(),
             ByteString(new.leaf_key.expose().to_vec()),
         );
         data.insert(
-            store_keys::PENDING_DH.into(),
+            ca_key_secret_keys::PENDING_DH.into(),
             ByteString(new.dhparams.clone()),
         );
-        let mut secrets = vec![store];
+        let mut secrets = vec![ca_key_secret];
         // The interrupted run wrote the dSSM copy, not TMM's.
         secrets.extend(copy_of(DSSM, &new, 20));
         secrets.extend(copy_of("spk-ingress", &old, 30));
         let obs = observe(&p, secrets);
         let plan = plan_of(Action::Resume, Some(&new));
-        let content = Content::Bundle {
+        let content = ToPublish::Bundle {
             bundle: &new,
             ca_key: None,
         };
@@ -1139,12 +1184,15 @@ mod tests {
             panic!()
         };
         let kept: Vec<&String> = done.data.as_ref().unwrap().0.keys().collect();
-        assert_eq!(kept, [store_keys::CA_CERT, store_keys::CA_KEY]);
+        assert_eq!(
+            kept,
+            [ca_key_secret_keys::CA_CERT, ca_key_secret_keys::CA_KEY]
+        );
     }
 
     #[test]
     fn lines_and_debug_never_show_key_material() {
-        let p = places(&["spk-ingress"]);
+        let p = destinations(&["spk-ingress"]);
         let obs = observe(&p, Vec::new());
         let (b, key) = made();
         let plan = plan_of(Action::Publish, None);

@@ -540,7 +540,7 @@ fn variant(good: &Path, dir: &Path, file: &str, contents: &[u8]) -> std::path::P
 #[test]
 fn check_and_plan_agree_on_every_case() {
     use dssm_certs::check::{self, Status};
-    use dssm_certs::plan::{self, Action, CopyState, StoreState};
+    use dssm_certs::plan::{self, Action, CaKeySecretState, CopyState};
     use support::load::scenarios::CaRotation;
 
     let tmp = tempdir();
@@ -804,7 +804,7 @@ fn check_and_plan_agree_on_every_case() {
             CopyState::Missing => panic!("{summary}"),
         }
         // The whole planner: a usable copy is never repaired or replaced as invalid.
-        let p = plan::plan(&[copy_obs(&dir)], &StoreState::Missing, now, policy);
+        let p = plan::plan(&[copy_obs(&dir)], &CaKeySecretState::Missing, now, policy);
         let replaced = matches!(p.action, Action::ReplaceInvalid | Action::Repair);
         assert_eq!(replaced, !usable, "{name}: {:?} {:?}", p.action, p.reasons);
         if let Some(want) = verifies {

@@ -371,7 +371,7 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
             return None; // n is past the last write: every crash point was covered
         }
         let point = env.server.with_state(|s| writes(s))[n - 1].clone();
-        let store_ca = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["data"]
+        let kept_ca = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["data"]
             ["dssm-ca.crt"]
             .clone();
         let pending = env.secret("spk-utilities", "dssm-ca-key-secret").unwrap()["metadata"]
@@ -405,7 +405,7 @@ fn a_rotation_killed_after_any_write_is_finished_by_the_next_reconcile() {
         );
         if pending {
             assert_eq!(
-                store["data"]["dssm-ca.crt"], store_ca,
+                store["data"]["dssm-ca.crt"], kept_ca,
                 "crash after write {n}: a different CA was generated"
             );
         }

@@ -18,7 +18,7 @@ impl Cluster {
 
     /// `observe` for the agent, which never reads the key Secret (`dssm-keys-secret`: the
     /// shared key of dSSM and every TMM), and whose own ServiceAccount may not read the CA key
-    /// Secret: a 403 on that one Secret leaves the store out (`store_readable: false`) instead
+    /// Secret: a 403 on that one Secret leaves the CA key Secret out (`ca_key_secret_readable: false`) instead
     /// of failing. Each copy's `keys` is `Missing` here and means "not read": the key match is
     /// judged from the certificate Secret's `key-spki-sha256` annotation.
     pub async fn observe_for_agent(&self) -> Result<Observation, ClusterError> {
@@ -50,15 +50,15 @@ impl Cluster {
                 }
             }
         }
-        let (store, store_readable) = match self
+        let (ca_key_secret, ca_key_secret_readable) = match self
             .get_secret(&self.dssm_ns, contract::CA_KEY_SECRET)
             .await
         {
             Err(ClusterError::Forbidden { .. }) if ca_key_may_be_forbidden => (None, false),
             r => (r?, true),
         };
-        let store_obs = secret_obs(store.as_ref());
-        if let Some(s) = store {
+        let ca_key_secret_obs = secret_obs(ca_key_secret.as_ref());
+        if let Some(s) = ca_key_secret {
             raw.insert(
                 (self.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string()),
                 s,
@@ -70,10 +70,10 @@ impl Cluster {
         }
         Ok(Observation {
             copies,
-            store: store_obs,
+            ca_key_secret: ca_key_secret_obs,
             raw,
             workloads,
-            store_readable,
+            ca_key_secret_readable,
         })
     }
 }

@@ -15,7 +15,7 @@ use crate::materials::{annotations, CopyObs, Owner, SecretObs};
 pub struct Observation {
     /// dSSM namespace first, then TMM's when it differs.
     pub copies: Vec<CopyObs>,
-    pub store: SecretObs,
+    pub ca_key_secret: SecretObs,
     pub raw: BTreeMap<(String, String), Secret>,
     /// Every TMM target and its workload (None: not found).
     pub workloads: Vec<(
@@ -23,8 +23,8 @@ pub struct Observation {
         Option<crate::model::targets::Workload>,
     )>,
     /// False when the CA key Secret could not be read (403, the agent's read-only account):
-    /// `store` is then `Missing` and means "not available", not "absent".
-    pub store_readable: bool,
+    /// `ca_key_secret` is then `Missing` and means "not available", not "absent".
+    pub ca_key_secret_readable: bool,
 }
 
 impl Observation {
@@ -74,7 +74,7 @@ impl Observation {
             .copies
             .iter_mut()
             .flat_map(|c| [&mut c.certs, &mut c.keys]);
-        for obs in copies.chain([&mut self.store]) {
+        for obs in copies.chain([&mut self.ca_key_secret]) {
             if let SecretObs::Present { data, .. } = obs {
                 data.values_mut().for_each(Zeroize::zeroize);
             }
@@ -94,7 +94,7 @@ impl std::fmt::Debug for Observation {
             .collect();
         f.debug_struct("Observation")
             .field("copies", &self.copies)
-            .field("store", &self.store)
+            .field("ca_key_secret", &self.ca_key_secret)
             .field("raw", &raw)
             .field(
                 "workloads",
@@ -160,7 +160,7 @@ mod tests {
                 certs: SecretObs::Missing,
                 keys: secret_obs(Some(&secret)),
             }],
-            store: SecretObs::Missing,
+            ca_key_secret: SecretObs::Missing,
             raw: [(
                 (
                     "spk-utilities".to_string(),
@@ -171,7 +171,7 @@ mod tests {
             .into_iter()
             .collect(),
             workloads: Vec::new(),
-            store_readable: true,
+            ca_key_secret_readable: true,
         };
         let shown = format!("{obs:?}");
         let as_numbers = format!("{:?}", &key[..8]);

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::contract;
-use crate::materials::{annotations, saved_keys, store_keys, Bundle, SecretObs};
+use crate::materials::{annotations, ca_key_secret_keys, saved_keys, Bundle, SecretObs};
 use crate::pki::SecretBytes;
 
 /// The phase a rotation is in, as the copies of the certs Secret announce it: the furthest any
@@ -123,8 +123,8 @@ pub enum RecordError {
 }
 
 /// The record on the CA key Secret, if a rotation runs.
-pub fn record_of(store: &SecretObs) -> Option<Result<Record, RecordError>> {
-    match store {
+pub fn record_of(ca_key_secret: &SecretObs) -> Option<Result<Record, RecordError>> {
+    match ca_key_secret {
         SecretObs::Present { annotations, .. } => annotations
             .get(annotations::ROTATION)
             .map(|s| Record::parse(s)),
@@ -163,11 +163,11 @@ impl Saved {
             old_ca: get(saved_keys::PREVIOUS_CA_CERT)?,
             old_leaf: get(saved_keys::PREVIOUS_CERT)?,
             old_key: SecretBytes::new(get(saved_keys::PREVIOUS_KEY)?),
-            new_ca: get(store_keys::CA_CERT)?,
-            new_ca_key: SecretBytes::new(get(store_keys::CA_KEY)?),
-            new_leaf: get(store_keys::PENDING_CERT)?,
-            new_key: SecretBytes::new(get(store_keys::PENDING_KEY)?),
-            dhparams: get(store_keys::PENDING_DH)?,
+            new_ca: get(ca_key_secret_keys::CA_CERT)?,
+            new_ca_key: SecretBytes::new(get(ca_key_secret_keys::CA_KEY)?),
+            new_leaf: get(ca_key_secret_keys::PENDING_CERT)?,
+            new_key: SecretBytes::new(get(ca_key_secret_keys::PENDING_KEY)?),
+            dhparams: get(ca_key_secret_keys::PENDING_DH)?,
         })
     }
 

@@ -17,10 +17,10 @@ use crate::cluster::{Cluster, ClusterError, Observation};
 use crate::contract;
 use crate::generate::{self, DhSource, ExistingCa, GenerateError, GenerateOptions};
 use crate::inspect::Thresholds;
-use crate::materials::{annotations, store_keys, Bundle, SecretObs};
+use crate::materials::{annotations, ca_key_secret_keys, Bundle, SecretObs};
 use crate::pki::{self, SecretBytes};
-use crate::plan::{self, Action, Plan, Policy, StoreState};
-use crate::writes::{self, Content, Places, Precondition, Write as Write_};
+use crate::plan::{self, Action, CaKeySecretState, Plan, Policy};
+use crate::writes::{self, Destinations, Precondition, ToPublish, Write as Write_};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -152,10 +152,10 @@ pub async fn reconcile(
                 crate::first_publication::await_start(cluster, r, found, out).await?;
                 return Ok(outcome);
             }
-            let store = cluster
+            let ca_key_secret = cluster
                 .get_secret(&cluster.dssm_ns, contract::CA_KEY_SECRET)
                 .await?;
-            let recorded = store.is_some_and(|s| {
+            let recorded = ca_key_secret.is_some_and(|s| {
                 s.metadata
                     .annotations
                     .is_some_and(|a| a.contains_key(crate::materials::annotations::ROTATION))
@@ -232,7 +232,7 @@ async fn pass_once(
 ) -> Result<Pass, ReconcileError> {
     let unix = time::OffsetDateTime::now_utc().unix_timestamp();
     let obs = cluster.observe().await?;
-    let (store, plan) = plan_off_runtime(cluster, &obs, opts.policy, unix).await;
+    let (ca_key_secret, plan) = plan_off_runtime(cluster, &obs, opts.policy, unix).await;
     report_plan(&plan, out);
     let mut outcome = Outcome {
         plan: plan.clone(),
@@ -253,15 +253,15 @@ async fn pass_once(
     }
     // Everything that can refuse the pass is checked before the first write.
     refuse_foreign(cluster, &obs)?;
-    let phased_from = rolling_start(cluster, &obs, &plan, &store, opts, unix)?;
+    let phased_from = rolling_start(cluster, &obs, &plan, &ca_key_secret, opts, unix)?;
     // Pods waiting for Secrets missing in their namespace only start on this publication: no
     // restart and no pre-flight for them (`first_publication`).
     let found = publication_pods(cluster, &obs, &plan, opts).await?;
-    let places = places(cluster);
-    let revision = writes::revision(&obs, &plan, &store)?;
+    let destinations = destinations(cluster);
+    let revision = writes::revision(&obs, &plan, &ca_key_secret)?;
     outcome.revision = Some(revision);
-    let input = |content| writes::Input {
-        places: &places,
+    let input = |content| writes::Publication {
+        destinations: &destinations,
         obs: &obs,
         plan: &plan,
         revision,
@@ -276,7 +276,7 @@ async fn pass_once(
         }
         list
     };
-    let preview = list_of(content(&plan, &store, None));
+    let preview = list_of(content(&plan, &ca_key_secret, None));
     let phased = phased_from.is_some();
     outcome.first_start =
         before_writes(cluster, opts, &plan, &preview, found.clone(), phased, out).await?;
@@ -287,9 +287,9 @@ async fn pass_once(
     // New materials are made outside the pure writes: slow and random.
     let made = match &plan.source {
         Some(_) => None,
-        None => Some(new_materials(cluster, &obs, &store, &plan, opts, out).await?),
+        None => Some(new_materials(cluster, &obs, &ca_key_secret, &plan, opts, out).await?),
     };
-    let content = content(&plan, &store, made.as_ref());
+    let content = content(&plan, &ca_key_secret, made.as_ref());
     let list = list_of(content);
     let done = perform(cluster, &obs, &list, out).await?;
     outcome.written = list.iter().map(Write_::line).collect();
@@ -358,7 +358,7 @@ async fn publication_pods(
 
 /// New materials under a CA that no stored one is: pods on unseen materials cannot trust it.
 fn new_ca(plan: &Plan) -> bool {
-    plan.action.needs_new_materials() && !plan.reuse_store_ca
+    plan.action.needs_new_materials() && !plan.reuse_kept_ca
 }
 
 fn rolling(opts: &Options) -> bool {
@@ -371,24 +371,24 @@ fn rolling(opts: &Options) -> bool {
 /// run new materials not issued yet.
 fn content<'a>(
     plan: &'a Plan,
-    store: &'a StoreState,
+    ca_key_secret: &'a CaKeySecretState,
     made: Option<&'a NewMaterials>,
-) -> Content<'a> {
-    match (made, &plan.source, store) {
-        (Some(m), _, _) => Content::Bundle {
+) -> ToPublish<'a> {
+    match (made, &plan.source, ca_key_secret) {
+        (Some(m), _, _) => ToPublish::Bundle {
             bundle: &m.bundle,
             ca_key: Some(&m.ca_key),
         },
-        (None, Some(bundle), _) => Content::Bundle {
+        (None, Some(bundle), _) => ToPublish::Bundle {
             bundle,
             ca_key: None,
         },
-        (None, None, StoreState::Valid { ca_cert, .. }) if plan.reuse_store_ca => {
-            Content::ToBeIssued {
+        (None, None, CaKeySecretState::Valid { ca_cert, .. }) if plan.reuse_kept_ca => {
+            ToPublish::ToBeIssued {
                 reused_ca: Some(ca_cert),
             }
         }
-        (None, None, _) => Content::ToBeIssued { reused_ca: None },
+        (None, None, _) => ToPublish::ToBeIssued { reused_ca: None },
     }
 }
 
@@ -398,13 +398,13 @@ async fn plan_off_runtime(
     obs: &Observation,
     policy: Policy,
     unix: i64,
-) -> (StoreState, Plan) {
-    let (store, copies) = (obs.store.clone(), obs.copies.clone());
+) -> (CaKeySecretState, Plan) {
+    let (ca_key_secret, copies) = (obs.ca_key_secret.clone(), obs.copies.clone());
     let ns = cluster.dssm_ns.clone();
     tokio::task::spawn_blocking(move || {
-        let store = plan::evaluate_store(&store, &ns, unix);
-        let plan = plan::plan(&copies, &store, unix, policy);
-        (store, plan)
+        let ca_key_secret = plan::evaluate_ca_key_secret(&ca_key_secret, &ns, unix);
+        let plan = plan::plan(&copies, &ca_key_secret, unix, policy);
+        (ca_key_secret, plan)
     })
     .await
     .expect("planning panicked")
@@ -429,7 +429,7 @@ fn must_write(
     lease: Lease,
     out: &mut (dyn Write + Send),
 ) -> Result<Next, ReconcileError> {
-    let record = crate::reconcile::rotation::record_of(&obs.store);
+    let record = crate::reconcile::rotation::record_of(&obs.ca_key_secret);
     if plan.action.writes() || record.is_some() {
         if let Some(t) = obs.missing_target() {
             return Err(ClusterError::NoWorkload(t.clone()).into());
@@ -485,7 +485,7 @@ fn rolling_start(
     cluster: &Cluster,
     obs: &Observation,
     plan: &Plan,
-    store: &StoreState,
+    ca_key_secret: &CaKeySecretState,
     opts: &Options,
     unix: i64,
 ) -> Result<Option<Bundle>, ReconcileError> {
@@ -497,7 +497,7 @@ fn rolling_start(
         return Ok(None);
     }
     let dssm_copy = obs.copies.iter().find(|c| c.namespace == cluster.dssm_ns);
-    match dssm_copy.map(|c| plan::evaluate_copy_against(c, unix, store.anchors())) {
+    match dssm_copy.map(|c| plan::evaluate_copy_against(c, unix, ca_key_secret.anchors())) {
         Some(plan::CopyState::Valid { bundle, .. }) => Ok(Some(bundle)),
         _ => Err(ReconcileError::Refused(format!(
             "the plan is a CA rotation ({}), and --strategy rolling rolls a new CA out in \
@@ -587,8 +587,8 @@ fn preflight_error(e: crate::restart::RestartError) -> ReconcileError {
 }
 
 /// Where this cluster's copies live and what it restarts.
-pub(crate) fn places(cluster: &Cluster) -> Places {
-    Places {
+pub(crate) fn destinations(cluster: &Cluster) -> Destinations {
+    Destinations {
         dssm_ns: cluster.dssm_ns.clone(),
         namespaces: cluster.namespaces(),
         targets: cluster.targets.clone(),
@@ -662,10 +662,11 @@ pub(crate) async fn write_copies(
     phase: Option<crate::reconcile::rotation::Phase>,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<Secret>, ReconcileError> {
-    let list: Vec<Write_> = writes::copies(&places(cluster), obs, Some(bundle), revision, phase)
-        .into_iter()
-        .map(Write_::Secret)
-        .collect();
+    let list: Vec<Write_> =
+        writes::copies(&destinations(cluster), obs, Some(bundle), revision, phase)
+            .into_iter()
+            .map(Write_::Secret)
+            .collect();
     let done = perform(cluster, obs, &list, out).await?;
     Ok(done.into_iter().flatten().collect())
 }
@@ -681,9 +682,9 @@ pub(crate) async fn write_copies_in(
     namespaces: &[String],
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<Secret>, ReconcileError> {
-    let mut places = places(cluster);
-    places.namespaces.retain(|ns| namespaces.contains(ns));
-    let list: Vec<Write_> = writes::copies(&places, obs, Some(bundle), revision, Some(phase))
+    let mut destinations = destinations(cluster);
+    destinations.namespaces.retain(|ns| namespaces.contains(ns));
+    let list: Vec<Write_> = writes::copies(&destinations, obs, Some(bundle), revision, Some(phase))
         .into_iter()
         .map(Write_::Secret)
         .collect();
@@ -704,7 +705,7 @@ async fn report_written(
     let leaf = pki::parse_certificate(&bundle.leaf_cert, contract::LEAF_CERT)
         .map_err(|e| ReconcileError::Refused(e.to_string()))?;
     let reason = match plan.action {
-        Action::Resume => match &obs.store {
+        Action::Resume => match &obs.ca_key_secret {
             SecretObs::Present { annotations: a, .. } => {
                 match a.get(writes::PENDING_ACTION).map(String::as_str) {
                     Some("rotate-ca") | Some("replace-invalid") => Reason::CaRotated,
@@ -768,23 +769,27 @@ struct NewMaterials {
 async fn new_materials(
     cluster: &Cluster,
     obs: &Observation,
-    store: &StoreState,
+    ca_key_secret: &CaKeySecretState,
     plan: &Plan,
     opts: &Options,
     out: &mut (dyn Write + Send),
 ) -> Result<NewMaterials, ReconcileError> {
     let mut g = opts.generate.clone();
     g.existing_ca = None;
-    if plan.reuse_store_ca {
-        if let (StoreState::Valid { ca_cert, .. }, SecretObs::Present { data, .. }) =
-            (store, &obs.store)
+    if plan.reuse_kept_ca {
+        if let (CaKeySecretState::Valid { ca_cert, .. }, SecretObs::Present { data, .. }) =
+            (ca_key_secret, &obs.ca_key_secret)
         {
             let at = |k: &str| format!("{}/{}[{k}]", cluster.dssm_ns, contract::CA_KEY_SECRET);
             g.existing_ca = Some(ExistingCa {
                 cert: ca_cert.clone(),
-                key: SecretBytes::new(data.get(store_keys::CA_KEY).cloned().unwrap_or_default()),
-                cert_name: at(store_keys::CA_CERT),
-                key_name: at(store_keys::CA_KEY),
+                key: SecretBytes::new(
+                    data.get(ca_key_secret_keys::CA_KEY)
+                        .cloned()
+                        .unwrap_or_default(),
+                ),
+                cert_name: at(ca_key_secret_keys::CA_CERT),
+                key_name: at(ca_key_secret_keys::CA_KEY),
             });
         }
     }

@@ -22,7 +22,7 @@ use std::io::Write;
 use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
-use crate::materials::{annotations, saved_keys, store_keys, SecretObs};
+use crate::materials::{annotations, ca_key_secret_keys, saved_keys, SecretObs};
 use crate::model::restarts::Restarts;
 use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, write_copies_in, ReconcileError};
@@ -100,7 +100,7 @@ pub fn phase_proof(
 /// trust the new CA before any of them serves a leaf of it.
 fn probe_leaf_of_new_ca(saved: &Saved, ns: &str) -> Result<ClientMaterials, ProofMaterialsError> {
     let at = |k: &str| format!("{ns}/{}[{k}]", contract::CA_KEY_SECRET);
-    let ca_key = PrivateKey::from_pem(saved.new_ca_key.expose(), &at(store_keys::CA_KEY))?;
+    let ca_key = PrivateKey::from_pem(saved.new_ca_key.expose(), &at(ca_key_secret_keys::CA_KEY))?;
     let key = PrivateKey::generate(pki::KeyAlgorithm::EcdsaP256)?;
     let subject = pki::issue::Subject::parse("O=dssm-certs, CN=rotation probe")?;
     let dns = [contract::SENTINEL_SERVICE.to_string()];
@@ -109,7 +109,10 @@ fn probe_leaf_of_new_ca(saved: &Saved, ns: &str) -> Result<ClientMaterials, Proo
         days: 1,
         dns_names: &dns,
     };
-    let (cert_name, key_name) = (at(store_keys::CA_CERT), at(store_keys::CA_KEY));
+    let (cert_name, key_name) = (
+        at(ca_key_secret_keys::CA_CERT),
+        at(ca_key_secret_keys::CA_KEY),
+    );
     let signer = pki::CaSigner {
         cert_pem: &saved.new_ca,
         key: &ca_key,
@@ -161,10 +164,10 @@ async fn drive_from(
     let mut checked: Option<Phase> = None;
     loop {
         let obs = cluster.observe().await?;
-        let SecretObs::Present { data, .. } = &obs.store else {
+        let SecretObs::Present { data, .. } = &obs.ca_key_secret else {
             return Ok(());
         };
-        let Some(record) = record_of(&obs.store) else {
+        let Some(record) = record_of(&obs.ca_key_secret) else {
             return Ok(());
         };
         let record = record?;
@@ -267,7 +270,7 @@ async fn phase_preflight(
 }
 
 /// The drop phase rolled everywhere: the copies stop announcing a phase (metadata only: the
-/// files stay as they are), the store keeps the new CA only, the targets lose their marks.
+/// files stay as they are), the CA key Secret keeps the new CA only, the targets lose their marks.
 async fn finish_rotation(
     cluster: &Cluster,
     obs: &crate::cluster::Observation,
@@ -422,18 +425,22 @@ async fn save_record(
     record: &Record,
 ) -> Result<(), ReconcileError> {
     let key = (cluster.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string());
-    let Some(store) = obs.raw.get(&key) else {
+    let Some(ca_key_secret) = obs.raw.get(&key) else {
         return Err(ReconcileError::Refused(format!(
             "secret {}/{} vanished during a CA rotation",
             key.0, key.1
         )));
     };
-    let data = secret_data(store);
-    let mut ann = store.metadata.annotations.clone().unwrap_or_default();
+    let data = secret_data(ca_key_secret);
+    let mut ann = ca_key_secret
+        .metadata
+        .annotations
+        .clone()
+        .unwrap_or_default();
     ann.retain(|k, _| k.starts_with(annotations::PREFIX));
     ann.insert(annotations::ROTATION.to_string(), record.to_json());
     cluster
-        .write_secret(&key.0, &key.1, data, ann, Some(store))
+        .write_secret(&key.0, &key.1, data, ann, Some(ca_key_secret))
         .await?;
     Ok(())
 }
@@ -447,24 +454,24 @@ fn secret_data(s: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<String, Vec<u
         .collect()
 }
 
-/// The rotation is over: the store keeps the new CA and its key only, the record goes.
+/// The rotation is over: the CA key Secret keeps the new CA and its key only, the record goes.
 async fn finish(
     cluster: &Cluster,
     obs: &crate::cluster::Observation,
     revision: u64,
 ) -> Result<(), ReconcileError> {
     let key = (cluster.dssm_ns.clone(), contract::CA_KEY_SECRET.to_string());
-    let Some(store) = obs.raw.get(&key) else {
+    let Some(ca_key_secret) = obs.raw.get(&key) else {
         return Ok(());
     };
-    let mut data = secret_data(store);
-    data.retain(|k, _| k == store_keys::CA_CERT || k == store_keys::CA_KEY);
+    let mut data = secret_data(ca_key_secret);
+    data.retain(|k, _| k == ca_key_secret_keys::CA_CERT || k == ca_key_secret_keys::CA_KEY);
     let ann = BTreeMap::from([
         (annotations::REVISION.to_string(), revision.to_string()),
         (annotations::STATE.to_string(), "complete".to_string()),
     ]);
     cluster
-        .write_secret(&key.0, &key.1, data, ann, Some(store))
+        .write_secret(&key.0, &key.1, data, ann, Some(ca_key_secret))
         .await?;
     Ok(())
 }
