@@ -39,7 +39,7 @@ pub struct Pod {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub enum RollStep {
     /// `CONFIG SET` the same TLS paths, until new handshakes prove the new files.
     ReloadDb {
         pod: String,
@@ -76,33 +76,33 @@ pub enum Step {
     },
 }
 
-impl Step {
+impl RollStep {
     pub fn pod(&self) -> &str {
         match self {
-            Step::ReloadDb { pod }
-            | Step::RestartDb { pod }
-            | Step::DbCaughtUp { pod }
-            | Step::RestartSentinel { pod }
-            | Step::SentinelInQuorum { pod, .. } => pod,
-            Step::Switchover { from } => from,
-            Step::ForgetGone { after, .. } => after,
+            RollStep::ReloadDb { pod }
+            | RollStep::RestartDb { pod }
+            | RollStep::DbCaughtUp { pod }
+            | RollStep::RestartSentinel { pod }
+            | RollStep::SentinelInQuorum { pod, .. } => pod,
+            RollStep::Switchover { from } => from,
+            RollStep::ForgetGone { after, .. } => after,
         }
     }
 }
 
-impl std::fmt::Display for Step {
+impl std::fmt::Display for RollStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Step::ReloadDb { pod } => write!(f, "{pod}: reload TLS files in place (CONFIG SET), prove with a new handshake"),
-            Step::Switchover { from } => write!(f, "{from}: paused switchover of the primary role to a caught-up replica"),
-            Step::RestartDb { pod } => write!(f, "{pod}: restart (as a replica)"),
-            Step::DbCaughtUp { pod } => write!(f, "{pod}: wait until replica link up and caught up"),
-            Step::RestartSentinel { pod } => write!(f, "{pod}: restart"),
-            Step::SentinelInQuorum { pod, others, replicas } => write!(
+            RollStep::ReloadDb { pod } => write!(f, "{pod}: reload TLS files in place (CONFIG SET), prove with a new handshake"),
+            RollStep::Switchover { from } => write!(f, "{from}: paused switchover of the primary role to a caught-up replica"),
+            RollStep::RestartDb { pod } => write!(f, "{pod}: restart (as a replica)"),
+            RollStep::DbCaughtUp { pod } => write!(f, "{pod}: wait until replica link up and caught up"),
+            RollStep::RestartSentinel { pod } => write!(f, "{pod}: restart"),
+            RollStep::SentinelInQuorum { pod, others, replicas } => write!(
                 f,
                 "{pod}: wait until CKQUORUM passes and it sees {others} sentinels and {replicas} replicas"
             ),
-            Step::ForgetGone { after, others, replicas } => write!(
+            RollStep::ForgetGone { after, others, replicas } => write!(
                 f,
                 "{after}: every sentinel forgets the gone peers and replicas (SENTINEL RESET one at a time, each back to exactly {others} sentinels and {replicas} replicas before the next)"
             ),
@@ -125,7 +125,7 @@ pub enum RolloutPlanError {
 }
 
 /// The ordered steps that roll the new materials through dSSM's pods.
-pub fn plan(pods: &[Pod]) -> Result<Vec<Step>, RolloutPlanError> {
+pub fn plan(pods: &[Pod]) -> Result<Vec<RollStep>, RolloutPlanError> {
     let mut names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
@@ -172,26 +172,26 @@ pub fn plan(pods: &[Pod]) -> Result<Vec<Step>, RolloutPlanError> {
     for db in &dbs {
         let pod = db.name.clone();
         match (db.sub_path, db.primary) {
-            (false, _) => steps.push(Step::ReloadDb { pod }),
+            (false, _) => steps.push(RollStep::ReloadDb { pod }),
             (true, primary) => {
                 if primary {
-                    steps.push(Step::Switchover { from: pod.clone() });
+                    steps.push(RollStep::Switchover { from: pod.clone() });
                 }
-                steps.push(Step::RestartDb { pod: pod.clone() });
-                steps.push(Step::DbCaughtUp { pod });
+                steps.push(RollStep::RestartDb { pod: pod.clone() });
+                steps.push(RollStep::DbCaughtUp { pod });
             }
         }
     }
     for s in &sentinels {
-        steps.push(Step::RestartSentinel {
+        steps.push(RollStep::RestartSentinel {
             pod: s.name.clone(),
         });
-        steps.push(Step::SentinelInQuorum {
+        steps.push(RollStep::SentinelInQuorum {
             pod: s.name.clone(),
             others: sentinels.len() - 1,
             replicas: dbs.len() - 1,
         });
-        steps.push(Step::ForgetGone {
+        steps.push(RollStep::ForgetGone {
             after: s.name.clone(),
             others: sentinels.len() - 1,
             replicas: dbs.len() - 1,
@@ -297,14 +297,14 @@ const POLL: Duration = Duration::from_millis(100);
 /// Runs `steps` in order; stops at the first that fails (nothing later is touched). `done` is
 /// told of each finished step.
 pub fn execute(
-    steps: &[Step],
+    steps: &[RollStep],
     pods: &mut dyn Pods,
     cx: &RolloutContext<'_>,
-    mut done: impl FnMut(&Step, Duration),
+    mut done: impl FnMut(&RollStep, Duration),
 ) -> Result<(), RolloutError> {
     let dbs = steps
         .iter()
-        .filter(|s| matches!(s, Step::ReloadDb { .. } | Step::DbCaughtUp { .. }))
+        .filter(|s| matches!(s, RollStep::ReloadDb { .. } | RollStep::DbCaughtUp { .. }))
         .count();
     for step in steps {
         // A signal or a lost Lease stops the roll here, between steps, never inside one.
@@ -319,20 +319,20 @@ pub fn execute(
         let sentinels: Vec<String> = steps
             .iter()
             .filter_map(|s| match s {
-                Step::RestartSentinel { pod } => Some(pods.endpoint(pod)),
+                RollStep::RestartSentinel { pod } => Some(pods.endpoint(pod)),
                 _ => None,
             })
             .collect();
         let start = Instant::now();
         let timeout = match step {
-            Step::ReloadDb { .. } => cx.reload_timeout.min(cx.step_timeout),
+            RollStep::ReloadDb { .. } => cx.reload_timeout.min(cx.step_timeout),
             _ => cx.step_timeout,
         };
         let deadline = start + timeout;
         let result = match run_step(step, pods, cx, &sentinels, deadline) {
             // The files never changed under the DB (a mount kubelet does not update, not
             // detected as `subPath`): a restart brings them, the safe way.
-            Err(e) if matches!(step, Step::ReloadDb { .. }) && e.wants_restart() => {
+            Err(e) if matches!(step, RollStep::ReloadDb { .. }) && e.wants_restart() => {
                 restart_db_instead(step.pod(), dbs, pods, cx, &sentinels, e)
             }
             other => other,
@@ -362,9 +362,9 @@ fn restart_db_instead(
     }
     let from = pod.to_string();
     for step in [
-        Step::Switchover { from: from.clone() },
-        Step::RestartDb { pod: from.clone() },
-        Step::DbCaughtUp { pod: from.clone() },
+        RollStep::Switchover { from: from.clone() },
+        RollStep::RestartDb { pod: from.clone() },
+        RollStep::DbCaughtUp { pod: from.clone() },
     ] {
         let deadline = Instant::now() + cx.step_timeout;
         if let Err(e) = run_step(&step, pods, cx, sentinels, deadline) {
@@ -393,7 +393,7 @@ fn until<T>(
 }
 
 fn run_step(
-    step: &Step,
+    step: &RollStep,
     pods: &mut dyn Pods,
     cx: &RolloutContext<'_>,
     sentinels: &[String],
@@ -401,28 +401,30 @@ fn run_step(
 ) -> Result<(), StepError> {
     let endpoint = pods.endpoint(step.pod());
     match step {
-        Step::ReloadDb { .. } => {
+        RollStep::ReloadDb { .. } => {
             reload_tls(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)?;
             Ok(())
         }
         // The pod itself says whether it is the primary, asked right before: a failover since
         // the plan was made may have moved the role (then nothing to move), or given it to a
         // DB planned as a replica (then it moves first). Never an address compared as text.
-        Step::Switchover { .. } => match role_of(cx, &endpoint, deadline)? {
+        RollStep::Switchover { .. } => match role_of(cx, &endpoint, deadline)? {
             Role::Replica => Ok(()),
             Role::Primary => switch_away_from(cx, sentinels, &endpoint, deadline),
         },
-        Step::RestartDb { pod } => {
+        RollStep::RestartDb { pod } => {
             if role_of(cx, &endpoint, deadline)? == Role::Primary {
                 switch_away_from(cx, sentinels, &endpoint, deadline)?;
             }
             pods.restart(pod, deadline).map_err(StepError::PodRestart)
         }
-        Step::RestartSentinel { pod } => pods.restart(pod, deadline).map_err(StepError::PodRestart),
-        Step::DbCaughtUp { .. } => Ok(until(deadline, || {
+        RollStep::RestartSentinel { pod } => {
+            pods.restart(pod, deadline).map_err(StepError::PodRestart)
+        }
+        RollStep::DbCaughtUp { .. } => Ok(until(deadline, || {
             db_caught_up(cx, sentinels, &endpoint, deadline)
         })?),
-        Step::SentinelInQuorum {
+        RollStep::SentinelInQuorum {
             others, replicas, ..
         } => Ok(until(deadline, || {
             let mut c = Connection::connect(cx.tls, &endpoint, cx.server_name, deadline)?;
@@ -431,7 +433,7 @@ fn run_step(
         })?),
         // Each sentinel's reset has a deadline of its own: it relearns the replicas from the
         // primary's INFO, which Sentinel may ask for only every 10 s.
-        Step::ForgetGone {
+        RollStep::ForgetGone {
             others, replicas, ..
         } => forget_gone(cx, sentinels, *others, *replicas),
     }
@@ -537,7 +539,7 @@ fn switch_away_from(
     }
 }
 
-/// `Step::ForgetGone`: one sentinel at a time, never during a failover (a reset aborts it),
+/// `RollStep::ForgetGone`: one sentinel at a time, never during a failover (a reset aborts it),
 /// only while the others hold a quorum without it, and each back to exactly the live sentinels
 /// and replicas before the next is touched.
 fn forget_gone(
@@ -607,17 +609,17 @@ mod tests {
         pods
     }
 
-    fn show(steps: &[Step]) -> Vec<String> {
+    fn show(steps: &[RollStep]) -> Vec<String> {
         steps
             .iter()
             .map(|s| {
                 let kind = match s {
-                    Step::ReloadDb { .. } => "reload",
-                    Step::Switchover { .. } => "switchover",
-                    Step::RestartDb { .. } | Step::RestartSentinel { .. } => "restart",
-                    Step::DbCaughtUp { .. } => "caught-up",
-                    Step::SentinelInQuorum { .. } => "quorum",
-                    Step::ForgetGone { .. } => "forget",
+                    RollStep::ReloadDb { .. } => "reload",
+                    RollStep::Switchover { .. } => "switchover",
+                    RollStep::RestartDb { .. } | RollStep::RestartSentinel { .. } => "restart",
+                    RollStep::DbCaughtUp { .. } => "caught-up",
+                    RollStep::SentinelInQuorum { .. } => "quorum",
+                    RollStep::ForgetGone { .. } => "forget",
                 };
                 format!("{kind} {}", s.pod())
             })
@@ -644,7 +646,7 @@ mod tests {
         assert_eq!(show(&steps), want);
         assert_eq!(
             steps[4],
-            Step::SentinelInQuorum {
+            RollStep::SentinelInQuorum {
                 pod: "sentinel-0".into(),
                 others: 2,
                 replicas: 2

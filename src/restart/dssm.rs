@@ -18,7 +18,7 @@ pub use crate::model::pods::{
     mounts_secrets_with_sub_path, port_role, redis_container, redis_port, DB_PORT,
 };
 use crate::redis::reload::Proof;
-use crate::redis::rollout::{self, PodKind, Pods, RolloutContext, Step};
+use crate::redis::rollout::{self, PodKind, Pods, RollStep, RolloutContext};
 use crate::redis::{info_replication, ClientMaterials, Connection, Role, TlsClient};
 use crate::restart::{pod_ready, terminating, wait_pods, RestartError};
 
@@ -564,8 +564,11 @@ impl Restarter<'_> {
                 step_timeout,
                 reload_timeout: step_timeout,
             };
-            rollout::execute(&steps, &mut pods, &cx, |s: &Step, took| {
-                let restart = matches!(s, Step::RestartSentinel { .. } | Step::RestartDb { .. });
+            rollout::execute(&steps, &mut pods, &cx, |s: &RollStep, took| {
+                let restart = matches!(
+                    s,
+                    RollStep::RestartSentinel { .. } | RollStep::RestartDb { .. }
+                );
                 let line = if restart && proven.contains(s.pod()) {
                     format!(
                         "  not restarted: {}: it already runs these materials",
@@ -594,7 +597,7 @@ impl Restarter<'_> {
 /// rollout names the sentinels by them) and are no-ops (`ClusterPods::restart`); their gates
 /// stay (cheap, and the killed run may have died before them).
 fn skip_proven(
-    steps: &mut Vec<Step>,
+    steps: &mut Vec<RollStep>,
     pods: &ClusterPods,
     (tool, server_name): (&TlsClient, &str),
     proof: &Proof<'_>,
@@ -602,7 +605,9 @@ fn skip_proven(
 ) -> std::collections::BTreeSet<String> {
     let mut proven = std::collections::BTreeSet::new();
     for s in steps.iter() {
-        if let Step::ReloadDb { pod } | Step::RestartDb { pod } | Step::RestartSentinel { pod } = s
+        if let RollStep::ReloadDb { pod }
+        | RollStep::RestartDb { pod }
+        | RollStep::RestartSentinel { pod } = s
         {
             let deadline = Instant::now() + Duration::from_secs(5);
             let endpoint = pods.endpoint(pod);
@@ -614,7 +619,7 @@ fn skip_proven(
         }
     }
     steps.retain(|s| match s {
-        Step::ReloadDb { pod } | Step::Switchover { from: pod } => !proven.contains(pod),
+        RollStep::ReloadDb { pod } | RollStep::Switchover { from: pod } => !proven.contains(pod),
         _ => true,
     });
     for pod in &proven {
@@ -627,18 +632,18 @@ fn skip_proven(
 
 /// Leaves the sentinel steps out of a plan whose DBs all reload in place; a plan that restarts
 /// a DB keeps them (the switchover and the DB gates ask the sentinels named by them).
-fn keep_sentinels(steps: &mut Vec<Step>) {
+fn keep_sentinels(steps: &mut Vec<RollStep>) {
     let only_reloads = steps.iter().all(|s| {
         matches!(
             s,
-            Step::ReloadDb { .. }
-                | Step::RestartSentinel { .. }
-                | Step::SentinelInQuorum { .. }
-                | Step::ForgetGone { .. }
+            RollStep::ReloadDb { .. }
+                | RollStep::RestartSentinel { .. }
+                | RollStep::SentinelInQuorum { .. }
+                | RollStep::ForgetGone { .. }
         )
     });
     if only_reloads {
-        steps.retain(|s| matches!(s, Step::ReloadDb { .. }));
+        steps.retain(|s| matches!(s, RollStep::ReloadDb { .. }));
     }
 }
 

@@ -919,7 +919,7 @@ pub fn roll_dssm_keeping(
     tool: &TlsClient,
     proof: Proof<'_>,
     sub_path: bool,
-    keep: impl Fn(&rollout::Step) -> bool,
+    keep: impl Fn(&rollout::RollStep) -> bool,
 ) {
     for p in &t.procs {
         KubeletMount {
@@ -1092,7 +1092,7 @@ pub mod scenarios {
             refuses: vec![],
         };
         roll_dssm_keeping(&mut t, &new, &tool, proof, false, |s| {
-            forget_gone || !matches!(s, rollout::Step::ForgetGone { .. })
+            forget_gone || !matches!(s, rollout::RollStep::ForgetGone { .. })
         });
         load.roll_clients(&new, ROLL_GAP);
         load.settle();
