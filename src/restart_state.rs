@@ -187,12 +187,10 @@ pub enum Step {
     WaitTerminated {
         targets: Vec<usize>,
     },
-    /// Restart every dSSM pod (scale-to-zero: at once; rolling: the Redis-aware way, through
-    /// `phase` when a rotation runs).
+    /// Restart every dSSM pod at once (scale-to-zero).
     RestartDssm,
-    RollDssm {
-        phase: Option<Phase>,
-    },
+    /// Roll every dSSM pod the Redis-aware way (rolling).
+    RollDssm,
     /// Start a stopped target with its recorded count, forget the count and mark it done.
     Start {
         target: usize,
@@ -202,40 +200,41 @@ pub enum Step {
     WaitAvailable {
         targets: Vec<usize>,
     },
-    /// A rolling restart of one target, then mark it done (`tmm-restarted`, or the rotation
-    /// record's `rolled`).
+    /// A rolling restart of one target, then mark it done (`tmm-restarted`).
     RollTarget {
         target: usize,
         token: String,
-        phase: Option<Phase>,
     },
     /// Every target loses its marks; an Event says so; then the probe.
     Finish,
-    /// Rotation: write the phase's materials into `copies`.
-    WritePhase {
+}
+
+/// The one step to take next in a recorded CA rotation (`next_in_rotation`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotationStep {
+    /// Write the phase's materials into `copies`.
+    WritePhase { phase: Phase, copies: Copies },
+    /// Without restart (`--no-restart`): mark every target and stop there.
+    AwaitRestart { phase: Phase },
+    /// Roll every dSSM pod the Redis-aware way through `phase`, proven by its handshakes.
+    RollDssm { phase: Phase },
+    /// A rolling restart of one target through `phase`, recorded in the record's `rolled`.
+    RollTarget {
+        target: usize,
+        token: String,
         phase: Phase,
-        copies: Copies,
     },
-    /// Rotation without restart (`--no-restart`): mark every target and stop there.
-    AwaitRestart {
-        phase: Phase,
-    },
-    /// Rotation: every workload rolled through `from`; record the next phase.
-    AdvancePhase {
-        from: Phase,
-        to: Phase,
-    },
-    /// Rotation: the drop phase rolled everywhere; the record and the saved materials go.
+    /// Every workload rolled through `from`; record the next phase.
+    AdvancePhase { from: Phase, to: Phase },
+    /// The drop phase rolled everywhere; the record and the saved materials go.
     FinishRotation,
 }
 
-/// The next step, from what is persisted and what this run saw. Pure.
+/// The next step of a restart, from what is persisted and what this run saw. Pure. A recorded
+/// CA rotation is not decided here but by `next_in_rotation`.
 pub fn next(state: &RestartState, seen: &Seen, mode: Mode) -> Step {
     if seen.finished {
         return Step::Done;
-    }
-    if let Some(record) = &state.rotation {
-        return next_in_rotation(state, record, seen);
     }
     let asked = state
         .targets
@@ -261,13 +260,12 @@ pub fn next(state: &RestartState, seen: &Seen, mode: Mode) -> Step {
 
 fn next_rolling(state: &RestartState, pending: &[(usize, String)], seen: &Seen) -> Step {
     if !seen.dssm_restarted {
-        return Step::RollDssm { phase: None };
+        return Step::RollDssm;
     }
     match pending.first() {
         Some((i, token)) => Step::RollTarget {
             target: *i,
             token: token.clone(),
-            phase: None,
         },
         None if marked(state) => Step::Finish,
         None => Step::Done,
@@ -369,30 +367,30 @@ fn tmm_left(state: &RestartState, record: &Record) -> Option<usize> {
 ///
 /// Each roll is recorded in `rolled`; a resumed run writes the due copies again (the same
 /// content) and rolls only what is not recorded.
-fn next_in_rotation(state: &RestartState, record: &Record, seen: &Seen) -> Step {
+pub fn next_in_rotation(state: &RestartState, record: &Record, seen: &Seen) -> RotationStep {
     let phase = record.phase;
     if !seen.phase_written {
         let copies = copies_due(state, record);
-        return Step::WritePhase { phase, copies };
+        return RotationStep::WritePhase { phase, copies };
     }
     if !seen.may_restart {
-        return Step::AwaitRestart { phase };
+        return RotationStep::AwaitRestart { phase };
     }
     if phase == Phase::Switch {
         if let Some(i) = tmm_left(state, record) {
-            return Step::RollTarget {
+            return RotationStep::RollTarget {
                 target: i,
                 token: record.revision.to_string(),
-                phase: Some(phase),
+                phase,
             };
         }
     }
     if !record.rolled.contains(&state.dssm) {
-        return Step::RollDssm { phase: Some(phase) };
+        return RotationStep::RollDssm { phase };
     }
     match phase.next() {
-        Some(to) => Step::AdvancePhase { from: phase, to },
-        None => Step::FinishRotation,
+        Some(to) => RotationStep::AdvancePhase { from: phase, to },
+        None => RotationStep::FinishRotation,
     }
 }
 
@@ -623,7 +621,6 @@ mod tests {
             Step::RollTarget {
                 target: 0,
                 token: MANUAL.into(),
-                phase: None
             }
         );
         // Not asked for, and nothing asked for by a write: nothing to do.
@@ -641,7 +638,7 @@ mod tests {
                 &needed,
                 &needed,
                 seen(|o| o.preflight = true),
-                Step::RollDssm { phase: None },
+                Step::RollDssm,
             ),
             (
                 &needed,
@@ -653,7 +650,6 @@ mod tests {
                 Step::RollTarget {
                     target: 0,
                     token: "4".into(),
-                    phase: None,
                 },
             ),
             (
@@ -666,7 +662,6 @@ mod tests {
                 Step::RollTarget {
                     target: 1,
                     token: "4".into(),
-                    phase: None,
                 },
             ),
             (
@@ -689,7 +684,6 @@ mod tests {
                 Step::RollTarget {
                     target: 0,
                     token: "5".into(),
-                    phase: None,
                 },
             ),
             (
@@ -728,14 +722,14 @@ mod tests {
         };
         let written = seen(|o| o.phase_written = true);
         let tok = || "9".to_string();
-        let write = |phase, copies| Step::WritePhase { phase, copies };
-        let roll = |target| Step::RollTarget {
+        let write = |phase, copies| RotationStep::WritePhase { phase, copies };
+        let roll = |target| RotationStep::RollTarget {
             target,
             token: tok(),
-            phase: Some(Phase::Switch),
+            phase: Phase::Switch,
         };
-        let dssm = |p| Step::RollDssm { phase: Some(p) };
-        let rows: Vec<(Record, Seen, Step)> = vec![
+        let dssm = |phase| RotationStep::RollDssm { phase };
+        let rows: Vec<(Record, Seen, RotationStep)> = vec![
             // trust: the dSSM copies only, dSSM rolled, no TMM roll.
             (
                 record(Phase::Trust, &[]),
@@ -748,7 +742,7 @@ mod tests {
                     o.phase_written = true;
                     o.may_restart = false
                 }),
-                Step::AwaitRestart {
+                RotationStep::AwaitRestart {
                     phase: Phase::Trust,
                 },
             ),
@@ -767,7 +761,7 @@ mod tests {
             (
                 record(Phase::Trust, &[DSSM]),
                 written.clone(),
-                Step::AdvancePhase {
+                RotationStep::AdvancePhase {
                     from: Phase::Trust,
                     to: Phase::Switch,
                 },
@@ -799,7 +793,7 @@ mod tests {
             (
                 record(Phase::Switch, &[A, B, DSSM]),
                 written.clone(),
-                Step::AdvancePhase {
+                RotationStep::AdvancePhase {
                     from: Phase::Switch,
                     to: Phase::Drop,
                 },
@@ -814,16 +808,19 @@ mod tests {
             (
                 record(Phase::Drop, &[DSSM]),
                 written.clone(),
-                Step::FinishRotation,
+                RotationStep::FinishRotation,
             ),
         ];
         for (i, (r, seen, want)) in rows.into_iter().enumerate() {
-            let mut s = state(vec![
+            let s = state(vec![
                 target(A, &[(RESTART_NEEDED, "9")]),
                 target(B, &[(RESTART_NEEDED, "9")]),
             ]);
-            s.rotation = Some(r);
-            assert_eq!(next(&s, &seen, ROLLING), want, "row {i}: {s:?} {seen:?}");
+            assert_eq!(
+                next_in_rotation(&s, &r, &seen),
+                want,
+                "row {i}: {s:?} {r:?} {seen:?}"
+            );
         }
     }
 
@@ -850,28 +847,28 @@ mod tests {
             let o = seen(|o| {
                 o.phase_written = written == Some((record.phase, copies_due(&s, &record)))
             });
-            let step = next(&s, &o, ROLLING);
+            let step = next_in_rotation(&s, &record, &o);
             taken += 1;
             let r = s.rotation.as_mut().unwrap();
             match step {
-                Step::WritePhase { phase, copies } => {
+                RotationStep::WritePhase { phase, copies } => {
                     log.push(format!("write {} {copies:?}", phase.name()));
                     written = Some((phase, copies));
                 }
-                Step::RollDssm { phase } => {
-                    log.push(format!("roll dSSM {}", phase.unwrap().name()));
+                RotationStep::RollDssm { phase } => {
+                    log.push(format!("roll dSSM {}", phase.name()));
                     r.rolled.push(DSSM.into());
                 }
-                Step::RollTarget { target, phase, .. } => {
-                    log.push(format!("roll {target} {}", phase.unwrap().name()));
+                RotationStep::RollTarget { target, phase, .. } => {
+                    log.push(format!("roll {target} {}", phase.name()));
                     r.rolled.push(s.targets[target].id.clone());
                 }
-                Step::AdvancePhase { to, .. } => {
+                RotationStep::AdvancePhase { to, .. } => {
                     r.phase = to;
                     r.rolled.clear();
                 }
-                Step::FinishRotation => return log,
-                other => panic!("not a rotation step: {other:?}"),
+                RotationStep::FinishRotation => return log,
+                RotationStep::AwaitRestart { .. } => panic!("this run may restart"),
             }
         }
     }
@@ -928,11 +925,11 @@ mod tests {
         s.rotation = Some(Record::parse(json).unwrap());
         let o = seen(|o| o.phase_written = true);
         assert_eq!(
-            next(&s, &o, ROLLING),
-            Step::RollTarget {
+            next_in_rotation(&s, s.rotation.as_ref().unwrap(), &o),
+            RotationStep::RollTarget {
                 target: 1,
                 token: "12".into(),
-                phase: Some(Phase::Switch)
+                phase: Phase::Switch
             }
         );
         // An older record without `rolled` (every workload still to roll).
@@ -940,9 +937,9 @@ mod tests {
         s2.rotation =
             Some(Record::parse(r#"{"kind":"ca","phase":"trust","revision":12}"#).unwrap());
         assert_eq!(
-            next(&s2, &o, ROLLING),
-            Step::RollDssm {
-                phase: Some(Phase::Trust)
+            next_in_rotation(&s2, s2.rotation.as_ref().unwrap(), &o),
+            RotationStep::RollDssm {
+                phase: Phase::Trust
             }
         );
         // A scale-to-zero restart interrupted by the current main: counts on the targets.

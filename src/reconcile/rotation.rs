@@ -27,7 +27,7 @@ use crate::model::restarts::Restarts;
 use crate::pki::{self, PrivateKey, SecretBytes};
 use crate::reconcile::{write_copies, write_copies_in, ReconcileError};
 use crate::redis::ClientMaterials;
-use crate::restart_state::{copies_due, next, Copies, Mode, RestartState, Seen, Step};
+use crate::restart_state::{copies_due, next_in_rotation, Copies, RotationStep, Seen};
 
 pub use crate::model::rotation::*;
 
@@ -180,23 +180,28 @@ async fn drive_from(
             &cluster.dssm_ns,
         );
         seen.phase_written = written == Some((record.phase, copies_due(&state, &record)));
-        let step = next(&state, &seen, rotation_mode());
+        let step = next_in_rotation(&state, &record, &seen);
         tracing::debug!(?step, "rotation step");
         let phase = record.phase;
         let acts = matches!(
             step,
-            Step::WritePhase { .. } | Step::RollDssm { .. } | Step::RollTarget { .. }
+            RotationStep::WritePhase { .. }
+                | RotationStep::RollDssm { .. }
+                | RotationStep::RollTarget { .. }
         );
         if let (Some(r), true) = (restart, acts && checked != Some(phase)) {
             phase_preflight(cluster, r, phase, out).await?;
             checked = Some(phase);
         }
         match (step, restart) {
-            (Step::WritePhase { phase, copies }, _) => {
+            (RotationStep::WritePhase { phase, copies }, _) => {
                 write_phase(cluster, &obs, &saved, (phase, copies), record.revision, out).await?;
                 written = Some((phase, copies));
             }
-            (Step::AwaitRestart { phase }, _) => {
+            // Without restart options (`--no-restart`) a phase is never rolled here:
+            // `may_restart` is false, so `next_in_rotation` says AwaitRestart.
+            (RotationStep::AwaitRestart { phase }, _)
+            | (RotationStep::RollDssm { phase } | RotationStep::RollTarget { phase, .. }, None) => {
                 let revision = record.revision.to_string();
                 cluster
                     .annotate_targets(&[(annotations::RESTART_NEEDED, Some(&revision))])
@@ -208,22 +213,34 @@ async fn drive_from(
                 );
                 return Ok(());
             }
-            (step @ (Step::RollDssm { .. } | Step::RollTarget { .. }), Some(r)) => {
-                roll_one(cluster, r, step, &saved, record, &state, out).await?;
+            (RotationStep::RollDssm { .. }, Some(r)) => {
+                let proof = phase_proof(&saved, phase, &cluster.dssm_ns)?;
+                // In drop, the sentinels are not restarted (`phase_proof`).
+                Restarter::new(cluster)
+                    .roll_dssm(&r.redis, proof, r.wait_timeout, out)
+                    .await?;
+                record_rolled(cluster, record, state.dssm.clone()).await?;
             }
-            (Step::AdvancePhase { to, .. }, _) => {
+            (RotationStep::RollTarget { target, token, .. }, Some(r)) => {
+                // Each phase rolls TMM anew: the roll's record names the phase as well.
+                let token = format!("{token}/{}", phase.name());
+                Restarter::new(cluster)
+                    .roll_target_counted(&cluster.targets[target], &token, r.wait_timeout, out)
+                    .await?;
+                record_rolled(cluster, record, state.targets[target].id.clone()).await?;
+            }
+            (RotationStep::AdvancePhase { to, .. }, _) => {
                 phase_rolled(cluster, &obs, phase, None, out).await;
                 let mut record = record;
                 record.phase = to;
                 record.rolled.clear();
                 save_record(cluster, &obs, &record).await?;
             }
-            (Step::FinishRotation, _) => {
+            (RotationStep::FinishRotation, _) => {
                 let restarts = Restarts::since(start);
                 phase_rolled(cluster, &obs, phase, Some(restarts), out).await;
                 return finish_rotation(cluster, &obs, &saved, &record, out).await;
             }
-            (step, _) => unreachable!("not a rotation step: {step:?}"),
         }
     }
 }
@@ -336,51 +353,13 @@ fn copies_line(copies: Copies) -> &'static str {
     }
 }
 
-/// A rotation's steps do not depend on the restart strategy or order.
-fn rotation_mode() -> Mode {
-    Mode {
-        strategy: crate::restart::Strategy::Rolling,
-        order: crate::restart::Order::TmmFirst,
-    }
-}
-
-/// Rolls one workload (dSSM, or a TMM target) through the record's phase, then records it in
-/// `rolled` so a resumed phase skips it (a target added midway is rolled in the phase it joins).
-async fn roll_one(
+/// Records a workload rolled through the record's phase in `rolled`, so a resumed phase skips
+/// it (a target added midway is rolled in the phase it joins).
+async fn record_rolled(
     cluster: &Cluster,
-    r: &crate::restart::Options,
-    step: Step,
-    saved: &Saved,
     mut record: Record,
-    state: &RestartState,
-    out: &mut (dyn Write + Send),
+    rolled: String,
 ) -> Result<(), ReconcileError> {
-    let rolled = match step {
-        Step::RollDssm { .. } => {
-            // In drop, the sentinels are not restarted (`phase_proof`).
-            let proof = phase_proof(saved, record.phase, &cluster.dssm_ns)?;
-            Restarter::new(cluster)
-                .roll_dssm(&r.redis, proof, r.wait_timeout, out)
-                .await?;
-            state.dssm.clone()
-        }
-        Step::RollTarget {
-            target,
-            token,
-            phase,
-        } => {
-            // Each phase rolls TMM anew: the roll's record names the phase as well.
-            let token = match phase {
-                Some(p) => format!("{token}/{}", p.name()),
-                None => token,
-            };
-            Restarter::new(cluster)
-                .roll_target_counted(&cluster.targets[target], &token, r.wait_timeout, out)
-                .await?;
-            state.targets[target].id.clone()
-        }
-        other => unreachable!("not a roll: {other:?}"),
-    };
     record.rolled.push(rolled);
     // Saved from a fresh read: the record was written since the last one (a 409 otherwise).
     save_record(cluster, &cluster.observe().await?, &record).await

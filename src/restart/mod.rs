@@ -233,8 +233,11 @@ impl Restarter<'_> {
                 let t = self.cluster.targets[target].to_string();
                 return Err(RestartError::RollingAfterCaChange(t));
             }
-            Step::Record { .. } | Step::Stop { .. } | Step::WaitTerminated { .. } => {
-                self.stop_step(step, run, workloads, timeout, out).await?
+            Step::Record { target } => self.record_step(target, run, workloads, out).await?,
+            Step::Stop { target } => self.stop_step(target, run, workloads, out).await?,
+            Step::WaitTerminated { targets } => {
+                self.wait_terminated(&targets, run, workloads, timeout, out)
+                    .await?
             }
             Step::RestartDssm => {
                 self.restart_dssm(timeout, out).await?;
@@ -247,12 +250,12 @@ impl Restarter<'_> {
                 self.wait_available(&targets, run, workloads, timeout, out)
                     .await?
             }
-            Step::RollDssm { .. } => {
+            Step::RollDssm => {
                 let proof = crate::restart::dssm::PhaseProof::default();
                 self.roll_dssm(&opts.redis, proof, timeout, out).await?;
                 run.seen.dssm_restarted = true;
             }
-            Step::RollTarget { target, token, .. } => {
+            Step::RollTarget { target, token } => {
                 let t = &self.cluster.targets[target];
                 self.roll_target_counted(t, &token, timeout, out).await?;
                 let done = [
@@ -262,14 +265,8 @@ impl Restarter<'_> {
                 self.cluster.annotate_target(t, &done).await?;
             }
             Step::Finish => self.finish_step(opts, run, out).await?,
-            Step::Done
-            | Step::WritePhase { .. }
-            | Step::AwaitRestart { .. }
-            | Step::AdvancePhase { .. }
-            | Step::FinishRotation => {
-                // No rotation record is read by `run_restart`: `next` never decides these.
-                unreachable!("a rotation step outside a rotation: {step:?}")
-            }
+            // `run_restart` returns on Done before taking a step.
+            Step::Done => {}
         }
         Ok(())
     }

@@ -63,17 +63,8 @@ impl Restarter<'_> {
         Ok(())
     }
 
-    /// The scale-to-zero steps that take TMM down: record a target's count on it (unless an
-    /// interrupted run did: then its count is the truth), stop it, and wait until no pod of
-    /// any stopped target is left.
-    pub(super) async fn stop_step(
-        &self,
-        step: Step,
-        run: &mut Run,
-        workloads: &[Workload],
-        timeout: Duration,
-        out: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), RestartError> {
+    /// Says once per run that TMM goes down: the manual procedure interrupts traffic.
+    fn announce_scale_to_zero(run: &mut Run, out: &mut (dyn std::io::Write + Send)) {
         if !run.scaled {
             run.scaled = true;
             let _ = writeln!(
@@ -82,50 +73,79 @@ impl Restarter<'_> {
                  dSSM pod restarts at once; this interrupts traffic"
             );
         }
-        match step {
-            Step::Record { target } => {
-                let n = workloads[target].replicas().to_string();
-                self.cluster
-                    .annotate_target(
-                        &self.cluster.targets[target],
-                        &[(annotations::TMM_REPLICAS, Some(&n))],
-                    )
-                    .await?;
+    }
+
+    /// Records a target's count on it before it is stopped (unless an interrupted run did:
+    /// then its count is the truth).
+    pub(super) async fn record_step(
+        &self,
+        target: usize,
+        run: &mut Run,
+        workloads: &[Workload],
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        Self::announce_scale_to_zero(run, out);
+        let n = workloads[target].replicas().to_string();
+        self.cluster
+            .annotate_target(
+                &self.cluster.targets[target],
+                &[(annotations::TMM_REPLICAS, Some(&n))],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stops a target whose count is recorded: a Deployment to 0, a DaemonSet by a nodeSelector
+    /// no node has.
+    pub(super) async fn stop_step(
+        &self,
+        target: usize,
+        run: &mut Run,
+        workloads: &[Workload],
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        Self::announce_scale_to_zero(run, out);
+        let t = &self.cluster.targets[target];
+        let replicas = workloads[target].recorded().unwrap_or(0);
+        self.cluster.stop_target(t).await?;
+        let _ = match t.kind {
+            Kind::Deployment => writeln!(out, "scaled {t} to 0 (was {replicas})"),
+            Kind::DaemonSet => writeln!(
+                out,
+                "stopped {t} (was {replicas}): nodeSelector {STOP_NODE_SELECTOR}=true"
+            ),
+        };
+        Ok(())
+    }
+
+    /// Waits until no pod of any stopped target is left (all targets at once: they terminate
+    /// in parallel).
+    pub(super) async fn wait_terminated(
+        &self,
+        targets: &[usize],
+        run: &mut Run,
+        workloads: &[Workload],
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), RestartError> {
+        Self::announce_scale_to_zero(run, out);
+        let waits = targets.iter().map(|i| {
+            let t = &self.cluster.targets[*i];
+            let sel = selector_query(workloads[*i].selector());
+            let pods = self.cluster.pods_in(&t.namespace);
+            async move {
+                let what = format!("the TMM pods in {} to terminate ({t})", t.namespace);
+                // A Failed or Succeeded (evicted) pod stays listed but runs nothing:
+                // it does not hold the scale-down up until the timeout.
+                wait_pods(&pods, &sel, &what, timeout, |p| p.values().all(ended)).await
             }
-            Step::Stop { target } => {
-                let t = &self.cluster.targets[target];
-                let replicas = workloads[target].recorded().unwrap_or(0);
-                self.cluster.stop_target(t).await?;
-                let _ = match t.kind {
-                    Kind::Deployment => writeln!(out, "scaled {t} to 0 (was {replicas})"),
-                    Kind::DaemonSet => writeln!(
-                        out,
-                        "stopped {t} (was {replicas}): nodeSelector {STOP_NODE_SELECTOR}=true"
-                    ),
-                };
-            }
-            Step::WaitTerminated { targets } => {
-                // All targets at once: they terminate in parallel.
-                let waits = targets.iter().map(|i| {
-                    let t = &self.cluster.targets[*i];
-                    let sel = selector_query(workloads[*i].selector());
-                    let pods = self.cluster.pods_in(&t.namespace);
-                    async move {
-                        let what = format!("the TMM pods in {} to terminate ({t})", t.namespace);
-                        // A Failed or Succeeded (evicted) pod stays listed but runs nothing:
-                        // it does not hold the scale-down up until the timeout.
-                        wait_pods(&pods, &sel, &what, timeout, |p| p.values().all(ended)).await
-                    }
-                });
-                futures::future::try_join_all(waits).await?;
-                for i in &targets {
-                    let t = &self.cluster.targets[*i];
-                    let _ = writeln!(out, "no TMM pod left in {} ({t})", t.namespace);
-                }
-                run.seen.terminated = true;
-            }
-            _ => unreachable!("not a stop step: {step:?}"),
+        });
+        futures::future::try_join_all(waits).await?;
+        for i in targets {
+            let t = &self.cluster.targets[*i];
+            let _ = writeln!(out, "no TMM pod left in {} ({t})", t.namespace);
         }
+        run.seen.terminated = true;
         Ok(())
     }
 
