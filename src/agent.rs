@@ -19,7 +19,7 @@ use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
 use crate::inspect::{self, CheckResult, Report, Status, Thresholds};
-use crate::materials::{CopyObs, Place, SecretObs, Source};
+use crate::materials::{CopyObs, Place, ReadCopy, SecretObs};
 use crate::metrics::Metrics;
 use crate::reconcile;
 
@@ -349,14 +349,14 @@ pub async fn inspect_without_keys(
     now: i64,
     t: Thresholds,
 ) -> Report {
-    let sources: Vec<Source> = obs
+    let sources: Vec<ReadCopy> = obs
         .copies
         .iter()
         .map(|c| {
             // An unreadable CA key Secret (the agent may not read the CA key) is left out, not "absent".
             let ca_key_secret = (c.namespace == dssm_ns && obs.ca_key_secret_readable)
                 .then_some(&obs.ca_key_secret);
-            let mut s = c.source(ca_key_secret);
+            let mut s = c.to_read_copy(ca_key_secret);
             // Not read, so not "not found": left out, as the CA key is when it lives elsewhere.
             s.entries.retain(|e| e.file != contract::LEAF_KEY);
             s

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::exit;
 use crate::materials::{
-    Entry, Found, Place, Source, CA_CERT, CA_KEY, DH_PARAMS, LEAF_CERT, LEAF_KEY,
+    Entry, Found, Place, ReadCopy, CA_CERT, CA_KEY, DH_PARAMS, LEAF_CERT, LEAF_KEY,
 };
 use crate::pki::{self, format_time, Certificate, DhParams, PrivateKey};
 
@@ -278,7 +278,7 @@ fn validity(c: &Certificate, now: i64, t: Thresholds) -> (Check, Status, String)
 
 /// Collects findings about one copy.
 struct Judge<'a> {
-    source: &'a Source,
+    source: &'a ReadCopy,
     findings: Vec<Finding>,
 }
 
@@ -345,7 +345,7 @@ impl<'a> Judge<'a> {
 }
 
 /// Judges one copy of the materials at `now` (unix seconds).
-pub fn judge_copy(source: &Source, now: i64, t: Thresholds) -> CopyFindings {
+pub fn judge_copy(source: &ReadCopy, now: i64, t: Thresholds) -> CopyFindings {
     let mut j = Judge {
         source,
         findings: Vec::new(),
@@ -755,7 +755,7 @@ fn judge_dh(j: &mut Judge<'_>, entry: &Entry, b: &[u8]) -> Option<(u32, u32)> {
 /// bundle included, so a copy that lacks the new CA of a rotation differs). Different copies
 /// under the same CA bundle still talk to each other (warning); under different CA bundles TMM
 /// and dSSM may refuse each other (critical).
-pub fn judge_drift(sources: &[Source]) -> Finding {
+pub fn judge_drift(sources: &[ReadCopy]) -> Finding {
     let labels: Vec<String> = sources.iter().map(|s| s.label.clone()).collect();
     let differing: Vec<&str> = crate::materials::MOUNTED
         .iter()
@@ -885,10 +885,16 @@ mod tests {
         let mut b = bundle(&[&old, &other], &old);
         b.leaf_cert = a.leaf_cert.clone();
         b.leaf_key = a.leaf_key.clone();
-        let f = judge_drift(&[a.source("spk-utilities"), b.source("spk-ingress")]);
+        let f = judge_drift(&[
+            a.to_read_copy("spk-utilities"),
+            b.to_read_copy("spk-ingress"),
+        ]);
         assert_eq!(f.status, Status::Critical, "{f:?}");
         assert!(f.message.ends_with("differ in dssm-ca.crt"), "{f:?}");
-        let f = judge_drift(&[a.source("spk-utilities"), a.source("spk-ingress")]);
+        let f = judge_drift(&[
+            a.to_read_copy("spk-utilities"),
+            a.to_read_copy("spk-ingress"),
+        ]);
         assert_eq!(f.status, Status::Ok, "{f:?}");
     }
 
@@ -898,7 +904,7 @@ mod tests {
     fn only_the_ca_that_signs_the_leaf_must_be_in_its_validity() {
         let (expired, new) = (ca(400, 365), ca(1, 3650));
         let f = judge_copy(
-            &bundle(&[&expired, &new], &new).source("ns"),
+            &bundle(&[&expired, &new], &new).to_read_copy("ns"),
             now(),
             Thresholds::default(),
         );
@@ -914,7 +920,7 @@ mod tests {
         let leaf = leaf(&expired, 380);
         b.leaf_cert = leaf.0.into_bytes();
         b.leaf_key = SecretBytes::new(leaf.1.to_pkcs8_pem());
-        let f = judge_copy(&b.source("ns"), now(), Thresholds::default());
+        let f = judge_copy(&b.to_read_copy("ns"), now(), Thresholds::default());
         assert!(!f.usable());
         let broken: Vec<String> = f.breaking().map(Finding::describe).collect();
         assert!(

@@ -3,7 +3,7 @@
 #![doc(hidden)]
 
 use crate::inspect::{inspect, Thresholds};
-use crate::materials::{Entry, Found, Place, Source};
+use crate::materials::{Entry, Found, Place, ReadCopy};
 pub use crate::metrics::{parse_exposition, Sample};
 
 pub fn certificate_pem(data: &[u8]) {
@@ -81,7 +81,7 @@ pub fn check_inspect(data: &[u8]) {
             }
         })
         .collect();
-    let source = Source {
+    let source = ReadCopy {
         label: "fuzz".into(),
         entries,
     };

@@ -6,7 +6,7 @@ use serde::Serialize;
 pub use crate::checks::printable;
 pub use crate::checks::{format_residual, Status, Thresholds};
 use crate::checks::{CertFinding, CopyFindings, Finding};
-use crate::materials::{Place, Source};
+use crate::materials::{Place, ReadCopy};
 use crate::pki::format_time;
 
 /// The JSON schema identifier; bump it only with an incompatible change.
@@ -120,7 +120,7 @@ impl Report {
     /// Adds the comparison of the copies (cluster): identical bytes everywhere, or which differ.
     /// Different copies under the same CA still talk to each other (warning); under different
     /// CAs TMM and dSSM refuse each other (critical).
-    pub fn with_sync(mut self, sources: &[Source]) -> Self {
+    pub fn with_sync(mut self, sources: &[ReadCopy]) -> Self {
         if sources.len() < 2 {
             self.in_sync = Some(true);
             return self;
@@ -192,14 +192,14 @@ pub async fn inspect_observation(
     now: i64,
     t: Thresholds,
 ) -> Report {
-    let sources: Vec<Source> = obs
+    let sources: Vec<ReadCopy> = obs
         .copies
         .iter()
         .map(|c| {
             // An unreadable CA key Secret (the agent may not read the CA key) is left out, not "absent".
             let ca_key_secret = (c.namespace == dssm_ns && obs.ca_key_secret_readable)
                 .then_some(&obs.ca_key_secret);
-            c.source(ca_key_secret)
+            c.to_read_copy(ca_key_secret)
         })
         .collect();
     let rotation_phase = crate::model::rotation::phase_on_copies(obs, dssm_ns);
@@ -307,7 +307,7 @@ pub fn inspect_dir(dir: &std::path::Path, now: i64, t: Thresholds) -> CopyReport
 }
 
 /// Inspects one copy of the materials at time `now` (unix seconds).
-pub fn inspect(source: &Source, now: i64, t: Thresholds) -> CopyReport {
+pub fn inspect(source: &ReadCopy, now: i64, t: Thresholds) -> CopyReport {
     report_copy(&crate::checks::judge_copy(source, now, t), now)
 }
 

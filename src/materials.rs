@@ -199,7 +199,7 @@ pub struct CopyObs {
 
 impl CopyObs {
     /// This copy as the checks read it; `ca_key_secret` (the CA key Secret) adds the CA key.
-    pub fn source(&self, ca_key_secret: Option<&SecretObs>) -> Source {
+    pub fn to_read_copy(&self, ca_key_secret: Option<&SecretObs>) -> ReadCopy {
         let ns = &self.namespace;
         let entry = |obs: &SecretObs, file: &'static str| Entry {
             file,
@@ -224,7 +224,7 @@ impl CopyObs {
         if let Some(ca_key_secret) = ca_key_secret {
             entries.push(entry(ca_key_secret, ca_key_secret_keys::CA_KEY));
         }
-        Source {
+        ReadCopy {
             label: format!("namespace/{ns}"),
             entries,
         }
@@ -250,7 +250,7 @@ impl fmt::Debug for Bundle {
 
 impl Bundle {
     /// The bundle as one namespace's copy holds it, for the checks.
-    pub fn source(&self, namespace: &str) -> Source {
+    pub fn to_read_copy(&self, namespace: &str) -> ReadCopy {
         let entries = MOUNTED
             .iter()
             .map(|(_, file)| {
@@ -267,7 +267,7 @@ impl Bundle {
                 }
             })
             .collect();
-        Source {
+        ReadCopy {
             label: format!("namespace/{namespace}"),
             entries,
         }
@@ -314,13 +314,13 @@ pub struct Entry {
 /// One copy of the materials as read: a folder, or one namespace's Secrets. What the checks
 /// judge.
 #[derive(Debug, Clone)]
-pub struct Source {
+pub struct ReadCopy {
     /// e.g. `dir:/path` or `namespace/spk-ingress`
     pub label: String,
     pub entries: Vec<Entry>,
 }
 
-impl Source {
+impl ReadCopy {
     pub fn get(&self, file: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.file == file)
     }
@@ -338,7 +338,7 @@ impl Source {
 }
 
 /// Reads the five files of the manual procedure from `dir`.
-pub fn read_dir(dir: &Path) -> Source {
+pub fn read_dir(dir: &Path) -> ReadCopy {
     let entries = FILES
         .into_iter()
         .map(|file| {
@@ -357,7 +357,7 @@ pub fn read_dir(dir: &Path) -> Source {
             }
         })
         .collect();
-    Source {
+    ReadCopy {
         label: format!("dir:{}", dir.display()),
         entries,
     }
@@ -397,6 +397,6 @@ mod tests {
             leaf_key: SecretBytes::new(b"PRIVATE".to_vec()),
             dhparams: vec![],
         };
-        assert!(!format!("{:?}", b.source("ns")).contains("PRIVATE"));
+        assert!(!format!("{:?}", b.to_read_copy("ns")).contains("PRIVATE"));
     }
 }

@@ -526,7 +526,7 @@ mod tests {
         for (phase, b, cas) in phases {
             let report = crate::inspect::Report::new(
                 vec![crate::inspect::inspect(
-                    &b.source("spk-ingress"),
+                    &b.to_read_copy("spk-ingress"),
                     now,
                     Default::default(),
                 )],

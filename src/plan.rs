@@ -88,9 +88,9 @@ pub struct Plan {
     pub action: Action,
     pub reasons: Vec<String>,
     /// Repair and Resume: the bundle to write.
-    pub source: Option<Bundle>,
+    pub bundle_to_write: Option<Bundle>,
     /// Repair: the namespace whose copy wins.
-    pub source_namespace: Option<String>,
+    pub repair_from: Option<String>,
     /// New materials: reuse the CA in the CA key Secret (RenewLeaf, ReplaceInvalid with a usable CA).
     pub reuse_kept_ca: bool,
     /// DH params to keep when renewing (valid ones found in a copy).
@@ -170,7 +170,7 @@ fn validate_against(
     anchors: Option<&Anchors>,
 ) -> Result<(Certificate, Certificate), String> {
     // Thresholds only grade residual time, which never makes a copy unusable.
-    let mut found = checks::judge_copy(&b.source(ns), now, Thresholds::default());
+    let mut found = checks::judge_copy(&b.to_read_copy(ns), now, Thresholds::default());
     if let Some(a) = anchors {
         checks::judge_anchors(&mut found, a);
     }
@@ -258,8 +258,8 @@ fn base(action: Action, reasons: Vec<String>) -> Plan {
     Plan {
         action,
         reasons,
-        source: None,
-        source_namespace: None,
+        bundle_to_write: None,
+        repair_from: None,
         reuse_kept_ca: false,
         reusable_dhparams: None,
         out_of_sync: false,
@@ -410,7 +410,7 @@ fn interrupted(ca_key_secret: &CaKeySecretState) -> Option<Plan> {
             contract::CA_KEY_SECRET
         )],
     );
-    p.source = Some(b.clone());
+    p.bundle_to_write = Some(b.clone());
     Some(p)
 }
 
@@ -555,8 +555,8 @@ fn drift(seen: &Seen, w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
         // never the copy's bytes.
         source.ca_cert = trust_bundle(&source.ca_cert);
     }
-    p.source = Some(source);
-    p.source_namespace = Some(w.ns.clone());
+    p.bundle_to_write = Some(source);
+    p.repair_from = Some(w.ns.clone());
     Some(p)
 }
 
@@ -1116,17 +1116,17 @@ pub(crate) mod tests {
         ];
         let p = plan(&copies, &CaKeySecretState::Missing, now(), policy());
         assert_eq!(
-            p.source_namespace.as_deref(),
+            p.repair_from.as_deref(),
             Some("dssm"),
             "without a stored CA the dSSM copy wins"
         );
         let p = plan(&copies, &ca_key_secret(&b, None), now(), policy());
         assert_eq!(
-            p.source_namespace.as_deref(),
+            p.repair_from.as_deref(),
             Some("tmm"),
             "the copy chaining to the stored CA wins"
         );
-        assert!(p.source == Some(b.bundle.clone()));
+        assert!(p.bundle_to_write == Some(b.bundle.clone()));
 
         let mut broken = b.bundle.clone();
         broken.leaf_key = a.bundle.leaf_key.clone();
@@ -1136,7 +1136,7 @@ pub(crate) mod tests {
         ];
         let p = plan(&copies, &ca_key_secret(&b, None), now(), policy());
         assert_eq!(p.action, Action::Repair);
-        assert_eq!(p.source_namespace.as_deref(), Some("tmm"));
+        assert_eq!(p.repair_from.as_deref(), Some("tmm"));
         assert!(
             p.invalid.iter().any(|e| e.contains("does not match")),
             "{:?}",
@@ -1158,7 +1158,7 @@ pub(crate) mod tests {
         ];
         let p = plan(&copies, &ca_key_secret(&ours, None), now(), policy());
         assert_eq!(p.action, Action::ReplaceInvalid, "{:?}", p.reasons);
-        assert!(p.source.is_none() && p.source_namespace.is_none());
+        assert!(p.bundle_to_write.is_none() && p.repair_from.is_none());
         assert!(p.reuse_kept_ca, "new materials under the stored CA");
         assert!(
             (p.reasons.iter()).any(|r| r.contains("is neither the stored CA")),
@@ -1172,7 +1172,7 @@ pub(crate) mod tests {
         ];
         let p = plan(&copies, &ca_key_secret(&ours, None), now(), policy());
         assert_eq!(p.action, Action::Repair, "the copy under our CA wins");
-        assert_eq!(p.source_namespace.as_deref(), Some("tmm"));
+        assert_eq!(p.repair_from.as_deref(), Some("tmm"));
     }
 
     /// The trust-boundary issue: a TMM-namespace copy whose bundle holds one more CA (with the
@@ -1203,7 +1203,7 @@ pub(crate) mod tests {
                     copy("tmm", Some(&appended), Owner::Us),
                 ];
                 let p = plan(&copies, &st, now(), policy());
-                if let Some(src) = &p.source {
+                if let Some(src) = &p.bundle_to_write {
                     let cas = pki::inspect::parse_certificates(&src.ca_cert, "x").unwrap();
                     assert_eq!(cas.len(), 1, "{name}: {:?}", p.reasons);
                     assert_eq!(
@@ -1213,7 +1213,7 @@ pub(crate) mod tests {
                             .der(),
                         "{name}"
                     );
-                    assert_ne!(p.source_namespace.as_deref(), Some("tmm"), "{name}");
+                    assert_ne!(p.repair_from.as_deref(), Some("tmm"), "{name}");
                 }
                 assert_ne!(
                     p.reusable_dhparams.as_deref(),
@@ -1252,7 +1252,7 @@ pub(crate) mod tests {
         ];
         let p = plan(&copies, &ca_key_secret(&ours, None), now(), policy());
         assert_eq!(p.action, Action::Repair, "{:?}", p.reasons);
-        let src = p.source.unwrap();
+        let src = p.bundle_to_write.unwrap();
         assert!(!src.ca_cert.windows(4).any(|w| w == b"junk"));
         assert_eq!(
             pki::parse_certificate(&src.ca_cert, "x").unwrap().der(),

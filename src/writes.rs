@@ -754,8 +754,8 @@ mod tests {
         Plan {
             action,
             reasons: Vec::new(),
-            source: source.cloned(),
-            source_namespace: None,
+            bundle_to_write: source.cloned(),
+            repair_from: None,
             reuse_kept_ca: false,
             reusable_dhparams: None,
             out_of_sync: false,

@@ -285,7 +285,7 @@ async fn pass_once(
         return Ok(Pass::Done(outcome));
     }
     // New materials are made outside the pure writes: slow and random.
-    let made = match &plan.source {
+    let made = match &plan.bundle_to_write {
         Some(_) => None,
         None => Some(new_materials(cluster, &obs, &ca_key_secret, &plan, opts, out).await?),
     };
@@ -374,7 +374,7 @@ fn content<'a>(
     ca_key_secret: &'a CaKeySecretState,
     made: Option<&'a NewMaterials>,
 ) -> ToPublish<'a> {
-    match (made, &plan.source, ca_key_secret) {
+    match (made, &plan.bundle_to_write, ca_key_secret) {
         (Some(m), _, _) => ToPublish::Bundle {
             bundle: &m.bundle,
             ca_key: Some(&m.ca_key),
