@@ -129,14 +129,17 @@ fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// A connection set up with the deployed materials. `client_cert: false` leaves the certificate
-/// out (to prove the server demands one).
+/// A connection set up with the deployed materials. `ClientIdentity::Withheld` leaves the
+/// certificate out (to prove the server demands one).
 pub struct Prober {
     tls: TlsClient,
 }
 
 impl Prober {
-    pub fn new(m: &ClientMaterials, client_cert: bool) -> Result<Self, ProbeError> {
+    pub fn new(
+        m: &ClientMaterials,
+        client_cert: crate::redis::ClientIdentity,
+    ) -> Result<Self, ProbeError> {
         Ok(Prober {
             tls: TlsClient::for_deployed(m, client_cert)?,
         })

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use dssm_certs::pki::PrivateKey;
 use dssm_certs::probe::{ClientMaterials, Prober, VerifyPath};
+use dssm_certs::redis::ClientIdentity;
 use support::redis::*;
 use support::*;
 
@@ -26,7 +27,12 @@ fn client(mount: &Path, with_cert: bool) -> Prober {
         leaf_cert: read(&mount.join("dssm-cert.crt")),
         leaf_key: PrivateKey::from_pem(&read(&mount.join("dssm-key.key")), "dssm-key.key").unwrap(),
     };
-    Prober::new(&m, with_cert).unwrap()
+    let identity = if with_cert {
+        ClientIdentity::Presented
+    } else {
+        ClientIdentity::Withheld
+    };
+    Prober::new(&m, identity).unwrap()
 }
 
 fn pong(prober: &Prober, port: u16) -> bool {
@@ -132,11 +138,13 @@ fn clients_without_a_certificate_or_from_another_ca_are_refused() {
             leaf_cert: read(&other.join("dssm-cert.crt")),
             leaf_key: PrivateKey::from_pem(&read(&other.join("dssm-key.key")), "k").unwrap(),
         };
-        let r = Prober::new(&stranger, true).unwrap().ping(
-            &endpoint(p.port),
-            "f5-dssm-sentinel",
-            Duration::from_secs(5),
-        );
+        let r = Prober::new(&stranger, ClientIdentity::Presented)
+            .unwrap()
+            .ping(
+                &endpoint(p.port),
+                "f5-dssm-sentinel",
+                Duration::from_secs(5),
+            );
         assert_eq!(r.reply, None, "{}: {r:?}", p.name);
         // redis-cli agrees
         assert_eq!(t.cli(&other, p.port, &["PING"]).trim(), "");

@@ -17,8 +17,8 @@ pub fn run(a: ProbeArgs) -> Result<i32, CommandError> {
             ))
         }
     };
-    let prober =
-        Prober::new(&materials, true).map_err(|e| CommandError::CannotTell(e.to_string()))?;
+    let prober = Prober::new(&materials, crate::redis::ClientIdentity::Presented)
+        .map_err(|e| CommandError::CannotTell(e.to_string()))?;
     let timeout = std::time::Duration::from_secs(a.timeout.max(1) as u64);
     let deadline = std::time::Duration::from_secs(a.deadline.max(1) as u64);
     let endpoints: Vec<String> = std::iter::once(sentinel).chain(a.db_endpoints).collect();

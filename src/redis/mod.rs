@@ -15,7 +15,7 @@ pub mod tls;
 
 pub use replication::{info_replication, Replication, Role};
 pub use resp::{Connection, Value};
-pub use tls::{ClientMaterials, TlsClient};
+pub use tls::{ClientIdentity, ClientMaterials, TlsClient};
 
 /// The name Sentinel monitors dSSM's primary under, unless configured otherwise.
 pub const DEFAULT_MASTER_NAME: &str = "mymaster";

@@ -422,7 +422,7 @@ mod tests {
             leaf_cert: ca.into_bytes(),
             leaf_key: key,
         };
-        let tls = TlsClient::new(&m, true).unwrap();
+        let tls = TlsClient::new(&m, crate::redis::ClientIdentity::Presented).unwrap();
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let closing_addr = closing.local_addr().unwrap().to_string();

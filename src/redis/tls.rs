@@ -277,7 +277,7 @@ impl ResolvesClientCert for ClientCert {
     }
 }
 
-/// A client configuration made from the deployed materials. `client_cert: false` leaves the
+/// A client configuration made from the deployed materials. `ClientIdentity::Withheld` leaves the
 /// certificate out (to prove the server demands one).
 #[derive(Clone)]
 pub struct TlsClient {
@@ -292,15 +292,26 @@ impl std::fmt::Debug for TlsClient {
     }
 }
 
+/// Whether a client presents its certificate: withheld, a proof shows that the server demands
+/// one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientIdentity {
+    Presented,
+    Withheld,
+}
+
 impl TlsClient {
-    pub fn new(m: &ClientMaterials, client_cert: bool) -> Result<Self, TlsSetupError> {
+    pub fn new(m: &ClientMaterials, client_cert: ClientIdentity) -> Result<Self, TlsSetupError> {
         Self::with_deployed(m, client_cert, false)
     }
 
     /// A client of the deployed materials whose server must serve the same leaf (`probe`): the
     /// verification path comes from that leaf, not from what is served, and a served leaf
     /// without subjectAltName must be it.
-    pub fn for_deployed(m: &ClientMaterials, client_cert: bool) -> Result<Self, TlsSetupError> {
+    pub fn for_deployed(
+        m: &ClientMaterials,
+        client_cert: ClientIdentity,
+    ) -> Result<Self, TlsSetupError> {
         Self::with_deployed(m, client_cert, true)
     }
 
@@ -309,7 +320,7 @@ impl TlsClient {
     /// from that leaf, never from what is served.
     pub fn pinned_to(
         m: &ClientMaterials,
-        client_cert: bool,
+        client_cert: ClientIdentity,
         deployed: &[u8],
     ) -> Result<Self, TlsSetupError> {
         let deployed = pki::parse_certificate(deployed, LEAF_CERT)
@@ -319,7 +330,7 @@ impl TlsClient {
 
     fn with_deployed(
         m: &ClientMaterials,
-        client_cert: bool,
+        client_cert: ClientIdentity,
         pin: bool,
     ) -> Result<Self, TlsSetupError> {
         let leaf = pki::parse_certificate(&m.leaf_cert, LEAF_CERT)
@@ -329,7 +340,7 @@ impl TlsClient {
 
     fn build(
         m: &ClientMaterials,
-        client_cert: bool,
+        client_cert: ClientIdentity,
         deployed: Option<Certificate>,
         pin_every_path: bool,
     ) -> Result<Self, TlsSetupError> {
@@ -360,7 +371,7 @@ impl TlsClient {
             .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(verifier.clone());
-        let config = if client_cert {
+        let config = if client_cert == ClientIdentity::Presented {
             let key = provider
                 .key_provider
                 // Moved, not copied, into rustls: the DER exists once outside the signer.
@@ -511,12 +522,12 @@ mod tests {
                 .verify_server_cert(&der, &[], &name, &[], UnixTime::now())
                 .map(|_| ())
         };
-        let pinned = TlsClient::for_deployed(&m, true).unwrap();
+        let pinned = TlsClient::for_deployed(&m, ClientIdentity::Presented).unwrap();
         assert!(verify(&pinned, &a).is_ok());
         let e = verify(&pinned, &b).unwrap_err().to_string();
         assert!(e.contains("is not the deployed leaf"), "{e}");
         // Without the deployed leaf (proof clients holding another leaf), as before.
-        assert!(verify(&TlsClient::new(&m, true).unwrap(), &b).is_ok());
+        assert!(verify(&TlsClient::new(&m, ClientIdentity::Presented).unwrap(), &b).is_ok());
     }
 
     /// The trust-boundary issue: proof connections allowed TLS session resumption, where a
@@ -529,7 +540,7 @@ mod tests {
             leaf_cert: ca(),
             leaf_key: PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
         };
-        for client_cert in [true, false] {
+        for client_cert in [ClientIdentity::Presented, ClientIdentity::Withheld] {
             let c = TlsClient::new(&m, client_cert).unwrap();
             let r = format!("{:?}", c.config.resumption);
             assert!(

@@ -443,7 +443,7 @@ impl Restarter<'_> {
         let p = self.prepare_dssm(access, true).await?;
         let ns = self.cluster.dssm_ns.clone();
         tokio::task::spawn_blocking(move || {
-            let tool = TlsClient::new(&p.materials, true)?;
+            let tool = TlsClient::new(&p.materials, crate::redis::ClientIdentity::Presented)?;
             let observed = observe(&p.live, &p.pods, &tool, contract::SENTINEL_SERVICE, &ns)?;
             Ok::<_, DssmRollError>(rollout::plan(&observed)?)
         })
@@ -460,7 +460,7 @@ impl Restarter<'_> {
         let p = self.prepare_dssm(access, true).await?;
         let (ns, master) = (self.cluster.dssm_ns.clone(), access.master.clone());
         tokio::task::spawn_blocking(move || {
-            let tool = TlsClient::new(&p.materials, true)?;
+            let tool = TlsClient::new(&p.materials, crate::redis::ClientIdentity::Presented)?;
             let deadline = Instant::now() + Duration::from_secs(10);
             let sentinels = p.live.iter().filter(|x| pod_kind(x) == PodKind::Sentinel);
             for pod in sentinels {
@@ -523,20 +523,24 @@ impl Restarter<'_> {
         // as they happen.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let work = tokio::task::spawn_blocking(move || {
-            let tool = TlsClient::new(&materials, true)?;
+            let tool = TlsClient::new(&materials, crate::redis::ClientIdentity::Presented)?;
             let clients = |ms: &[ClientMaterials]| {
                 ms.iter()
-                    .map(|m| TlsClient::new(m, true))
+                    .map(|m| TlsClient::new(m, crate::redis::ClientIdentity::Presented))
                     .collect::<Result<Vec<_>, _>>()
             };
             // What a proof accepts is pinned to the deployed leaf (the dSSM copy's): served
             // byte for byte, verified on the path that leaf decides, whatever is served.
             let deployed = &materials.leaf_cert;
-            let pinned = TlsClient::pinned_to(&materials, true, deployed)?;
+            let pinned = TlsClient::pinned_to(
+                &materials,
+                crate::redis::ClientIdentity::Presented,
+                deployed,
+            )?;
             let accepts = extra
                 .accepts
                 .iter()
-                .map(|m| TlsClient::pinned_to(m, true, deployed))
+                .map(|m| TlsClient::pinned_to(m, crate::redis::ClientIdentity::Presented, deployed))
                 .collect::<Result<Vec<_>, _>>()?;
             let refuses = clients(&extra.refuses)?;
             let observed = observe(&live, &pods, &tool, &server_name, &ns)?;
@@ -895,13 +899,15 @@ mod tests {
                 .map(drop)
                 .map_err(|e| e.to_string())
         };
-        let unpinned = TlsClient::new(&m, true).unwrap();
+        let unpinned = TlsClient::new(&m, crate::redis::ClientIdentity::Presented).unwrap();
         assert_eq!(
             verify(&unpinned, &other),
             Ok(()),
             "the unpinned path takes it"
         );
-        let pinned = TlsClient::pinned_to(&m, true, &m.leaf_cert).unwrap();
+        let pinned =
+            TlsClient::pinned_to(&m, crate::redis::ClientIdentity::Presented, &m.leaf_cert)
+                .unwrap();
         let e = verify(&pinned, &other).unwrap_err();
         assert!(
             e.contains(&other.sha256_fingerprint)

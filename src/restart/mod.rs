@@ -431,7 +431,8 @@ impl Restarter<'_> {
                 leaf_cert,
                 leaf_key,
             };
-            let prober = crate::probe::Prober::new(&m, true).map_err(|e| e.to_string())?;
+            let prober = crate::probe::Prober::new(&m, crate::redis::ClientIdentity::Presented)
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>(prober.ping(&endpoint, &name, Duration::from_secs(5)))
         })
         .await

@@ -154,7 +154,11 @@ pub fn renewal_materials(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 pub fn tls_client(dir: &Path) -> TlsClient {
-    TlsClient::new(&ClientMaterials::from_dir(dir).unwrap(), true).unwrap()
+    TlsClient::new(
+        &ClientMaterials::from_dir(dir).unwrap(),
+        dssm_certs::redis::ClientIdentity::Presented,
+    )
+    .unwrap()
 }
 
 pub fn fingerprint_of(dir: &Path) -> String {
@@ -441,7 +445,8 @@ fn connect_primary(
     let sentinels = sentinel_endpoints(sentinels);
     // Reconnecting re-reads the mount: a rolled TMM pod starts with the current files.
     let materials = ClientMaterials::from_dir(mount).map_err(|e| e.to_string())?;
-    let tls = TlsClient::new(&materials, true).map_err(|e| e.to_string())?;
+    let tls = TlsClient::new(&materials, dssm_certs::redis::ClientIdentity::Presented)
+        .map_err(|e| e.to_string())?;
     let mut asked = Vec::new();
     let primary = (0..sentinels.len())
         .map(|i| &sentinels[(first + i) % sentinels.len()])
@@ -659,7 +664,7 @@ fn up(t: &Target) -> bool {
     let deadline = Instant::now() + Duration::from_secs(1);
     ClientMaterials::from_dir(&t.mount)
         .ok()
-        .and_then(|m| TlsClient::new(&m, true).ok())
+        .and_then(|m| TlsClient::new(&m, dssm_certs::redis::ClientIdentity::Presented).ok())
         .is_some_and(|tls| {
             let endpoint = super::redis::endpoint(t.port);
             Connection::connect(&tls, &endpoint, SERVER_NAME, deadline).is_ok()
