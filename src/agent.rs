@@ -19,7 +19,7 @@ use crate::cluster::events::{EventType, Reason};
 use crate::cluster::Cluster;
 use crate::contract;
 use crate::inspect::{self, CheckResult, Report, Status, Thresholds};
-use crate::materials::{CopyObs, Place, ReadCopy, SecretObs};
+use crate::materials::{CopyObs, Place, SecretObs};
 use crate::metrics::Metrics;
 use crate::reconcile;
 
@@ -278,7 +278,10 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
             return;
         }
     };
-    let report = inspect_without_keys(&obs, &cluster.dssm_ns, now, opts.thresholds).await;
+    // The agent never reads the key Secret: each copy's key is judged by its recorded SPKI.
+    let keys = inspect::KeyMatch::Judged(obs.copies.iter().map(key_match).collect());
+    let report =
+        inspect::inspect_observation(&obs, &cluster.dssm_ns, now, opts.thresholds, keys).await;
     shared.metrics.record(&report);
     shared.metrics.record_targets(&obs.workloads);
     shared.ready.store(true, Ordering::SeqCst);
@@ -339,51 +342,6 @@ async fn inspect(cluster: &Cluster, opts: &Options, shared: &Shared) {
         .metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
-}
-
-/// `check`'s report over an observation made without the key Secret: each copy's key match is
-/// judged from its certificate Secret's `key-spki-sha256` annotation instead (`key_match`).
-pub async fn inspect_without_keys(
-    obs: &crate::cluster::Observation,
-    dssm_ns: &str,
-    now: i64,
-    t: Thresholds,
-) -> Report {
-    let sources: Vec<ReadCopy> = obs
-        .copies
-        .iter()
-        .map(|c| {
-            // An unreadable CA key Secret (the agent may not read the CA key) is left out, not "absent".
-            let ca_key_secret = (c.namespace == dssm_ns && obs.ca_key_secret_readable)
-                .then_some(&obs.ca_key_secret);
-            let mut s = c.to_read_copy(ca_key_secret);
-            // Not read, so not "not found": left out, as the CA key is when it lives elsewhere.
-            s.entries.retain(|e| e.file != contract::LEAF_KEY);
-            s
-        })
-        .collect();
-    let matches: Vec<Option<CheckResult>> = obs.copies.iter().map(key_match).collect();
-    let rotation_phase = crate::reconcile::rotation::phase_on_copies(obs, dssm_ns);
-    tokio::task::spawn_blocking(move || {
-        let copies = sources
-            .iter()
-            .zip(matches)
-            .map(|(s, m)| {
-                let mut copy = inspect::inspect(s, now, t);
-                if let Some(m) = m {
-                    copy.status = copy.status.max(m.status);
-                    copy.usable &= m.status != Status::Critical;
-                    copy.checks.push(m);
-                }
-                copy
-            })
-            .collect();
-        let mut report = Report::new(copies, now, t).with_sync(&sources);
-        report.rotation_phase = rotation_phase;
-        report
-    })
-    .await
-    .expect("the inspection panicked")
 }
 
 /// Whether a copy's key matches its certificate, as far as the certificate Secret tells: the

@@ -191,6 +191,7 @@ pub async fn inspect_observation(
     dssm_ns: &str,
     now: i64,
     t: Thresholds,
+    keys: KeyMatch,
 ) -> Report {
     let sources: Vec<ReadCopy> = obs
         .copies
@@ -199,9 +200,18 @@ pub async fn inspect_observation(
             // An unreadable CA key Secret (the agent may not read the CA key) is left out, not "absent".
             let ca_key_secret = (c.namespace == dssm_ns && obs.ca_key_secret_readable)
                 .then_some(&obs.ca_key_secret);
-            c.to_read_copy(ca_key_secret)
+            let mut s = c.to_read_copy(ca_key_secret);
+            if let KeyMatch::Judged(_) = keys {
+                // Not read, so not "not found": left out, as the CA key is when it lives elsewhere.
+                s.entries.retain(|e| e.file != crate::contract::LEAF_KEY);
+            }
+            s
         })
         .collect();
+    let judged = match keys {
+        KeyMatch::FromKeySecret => vec![None; sources.len()],
+        KeyMatch::Judged(v) => v,
+    };
     let rotation_phase = crate::model::rotation::phase_on_copies(obs, dssm_ns);
     let ca_key_secret = obs
         .ca_key_secret_readable
@@ -212,13 +222,19 @@ pub async fn inspect_observation(
         let ca_key_secret =
             ca_key_secret.map(|s| crate::plan::evaluate_ca_key_secret(&s, &dssm_ns, now));
         let anchors = ca_key_secret.as_ref().and_then(|s| s.anchors());
-        let copies = (sources.iter())
-            .map(|s| {
+        let copies = (sources.iter().zip(judged))
+            .map(|(s, key)| {
                 let mut f = crate::checks::judge_copy(s, now, t);
                 if let Some(a) = anchors {
                     crate::checks::judge_anchors(&mut f, a);
                 }
-                report_copy(&f, now)
+                let mut copy = report_copy(&f, now);
+                if let Some(m) = key {
+                    copy.status = copy.status.max(m.status);
+                    copy.usable &= m.status != Status::Critical;
+                    copy.checks.push(m);
+                }
+                copy
             })
             .collect();
         let mut report = Report::new(copies, now, t).with_sync(&sources);
@@ -227,6 +243,15 @@ pub async fn inspect_observation(
     })
     .await
     .expect("the inspection panicked")
+}
+
+/// How a report judges each copy's key against its certificate.
+pub enum KeyMatch {
+    /// From the key Secret, as read (`check`, `doctor`).
+    FromKeySecret,
+    /// Judged without reading the key Secret (the agent: `agent::key_match`), one result per
+    /// copy of the observation, in order; the key files are left out of the report.
+    Judged(Vec<Option<CheckResult>>),
 }
 
 /// One copy's report, from the findings about it.

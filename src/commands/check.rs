@@ -51,9 +51,13 @@ async fn cluster_report(
 ) -> Result<Report, ClusterError> {
     let cluster = Cluster::connect(&args.settings()).await?;
     let obs = cluster.observe().await?;
-    Ok(
-        inspect::inspect_observation(&obs, &cluster.dssm_ns, now, thresholds)
-            .await
-            .with_targets(&obs.workloads),
+    Ok(inspect::inspect_observation(
+        &obs,
+        &cluster.dssm_ns,
+        now,
+        thresholds,
+        inspect::KeyMatch::FromKeySecret,
     )
+    .await
+    .with_targets(&obs.workloads))
 }

@@ -112,7 +112,14 @@ async fn secrets(obs: &Observation, cluster: &Cluster, t: Thresholds) -> Vec<Fin
         }
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let report = inspect::inspect_observation(obs, &cluster.dssm_ns, now, t).await;
+    let report = inspect::inspect_observation(
+        obs,
+        &cluster.dssm_ns,
+        now,
+        t,
+        inspect::KeyMatch::FromKeySecret,
+    )
+    .await;
     for copy in &report.copies {
         let soonest = copy.certificates.iter().min_by_key(|c| c.residual_seconds);
         let message = match soonest {
