@@ -812,33 +812,45 @@ fn openssl_s_server_and_s_client_complete_mutual_tls_with_the_one_leaf() {
         &["-tls1_3"][..],
         &["-tls1_2", "-cipher", "DHE-RSA-AES256-GCM-SHA384"][..],
     ] {
-        let port = support::redis::free_port().to_string();
-        let mut server = std::process::Command::new("openssl")
-            .args([
-                "s_server",
-                "-accept",
-                &port,
-                "-cert",
-                "dssm-cert.crt",
-                "-key",
-                "dssm-key.key",
-                "-CAfile",
-                "dssm-ca.crt",
-                "-Verify",
-                "1",
-                "-verify_return_error",
-                "-dhparam",
-                "dhparam2048.pem",
-                "-quiet",
-            ])
-            .current_dir(&out)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        // A port found free may be taken by another test's process before s_server binds it:
+        // then s_server exits, and it is started again on another port.
+        let (port, mut server) = (0..5)
+            .find_map(|_| {
+                let port = support::redis::free_port().to_string();
+                let mut server = std::process::Command::new("openssl")
+                    .args([
+                        "s_server",
+                        "-accept",
+                        &port,
+                        "-cert",
+                        "dssm-cert.crt",
+                        "-key",
+                        "dssm-key.key",
+                        "-CAfile",
+                        "dssm-ca.crt",
+                        "-Verify",
+                        "1",
+                        "-verify_return_error",
+                        "-dhparam",
+                        "dhparam2048.pem",
+                        "-quiet",
+                    ])
+                    .current_dir(&out)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                match server.try_wait().unwrap() {
+                    None => Some((port, server)),
+                    Some(_) => None,
+                }
+            })
+            .expect("openssl s_server started on a free port");
+        // Under a loaded CI machine a handshake with a fresh process takes seconds.
         let client = support::redis::wait_for(
             "s_client to finish a handshake",
-            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(30),
             || {
                 let mut args = vec![
                     "s_client",
