@@ -202,31 +202,19 @@ async fn drive_from(
             // `may_restart` is false, so `next_in_rotation` says AwaitRestart.
             (RotationStep::AwaitRestart { phase }, _)
             | (RotationStep::RollDssm { phase } | RotationStep::RollTarget { phase, .. }, None) => {
-                let revision = record.revision.to_string();
-                cluster
-                    .annotate_targets(&[(annotations::RESTART_NEEDED, Some(&revision))])
-                    .await?;
-                let _ = writeln!(
-                    out,
-                    "phase {} written; it moves on once a run with a restart has rolled it",
-                    phase.name()
-                );
-                return Ok(());
+                return await_restart(cluster, &record, phase, out).await;
             }
             (RotationStep::RollDssm { .. }, Some(r)) => {
-                let proof = phase_proof(&saved, phase, &cluster.dssm_ns)?;
                 // In drop, the sentinels are not restarted (`phase_proof`).
+                let proof = phase_proof(&saved, phase, &cluster.dssm_ns)?;
                 Restarter::new(cluster)
                     .roll_dssm(&r.redis, proof, r.wait_timeout, out)
                     .await?;
                 record_rolled(cluster, record, state.dssm.clone()).await?;
             }
             (RotationStep::RollTarget { target, token, .. }, Some(r)) => {
-                // Each phase rolls TMM anew: the roll's record names the phase as well.
-                let token = format!("{token}/{}", phase.name());
-                Restarter::new(cluster)
-                    .roll_target_counted(&cluster.targets[target], &token, r.wait_timeout, out)
-                    .await?;
+                let t = &cluster.targets[target];
+                roll_target_in_phase(cluster, r, t, &token, phase, out).await?;
                 record_rolled(cluster, record, state.targets[target].id.clone()).await?;
             }
             (RotationStep::AdvancePhase { to, .. }, _) => {
@@ -351,6 +339,42 @@ fn copies_line(copies: Copies) -> &'static str {
         Copies::Tmm => "the TMM copies first; TMM rolls once, then the dSSM copies",
         Copies::All => "every copy; the DBs reload, sentinels and TMM are not restarted",
     }
+}
+
+/// Without restart options: every target is marked, and the phase waits for a run that rolls it.
+async fn await_restart(
+    cluster: &Cluster,
+    record: &Record,
+    phase: Phase,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let revision = record.revision.to_string();
+    cluster
+        .annotate_targets(&[(annotations::RESTART_NEEDED, Some(&revision))])
+        .await?;
+    let _ = writeln!(
+        out,
+        "phase {} written; it moves on once a run with a restart has rolled it",
+        phase.name()
+    );
+    Ok(())
+}
+
+/// Rolls one TMM target through `phase`: each phase rolls TMM anew, so the roll's record names
+/// the phase as well.
+async fn roll_target_in_phase(
+    cluster: &Cluster,
+    r: &crate::restart::Options,
+    t: &crate::model::targets::TmmTarget,
+    token: &str,
+    phase: Phase,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ReconcileError> {
+    let token = format!("{token}/{}", phase.name());
+    Restarter::new(cluster)
+        .roll_target_counted(t, &token, r.wait_timeout, out)
+        .await?;
+    Ok(())
 }
 
 /// Records a workload rolled through the record's phase in `rolled`, so a resumed phase skips
