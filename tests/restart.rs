@@ -1713,27 +1713,9 @@ fn rolling_crash_matrix(signal: i32) -> Vec<String> {
         }
         let (f, b) = dssm_pods::finish(bed, load);
         let what = format!("signal {signal} after write {n} ({point})");
-        let after = env.copy("spk-ingress").unwrap();
-        assert!(
-            env.copy("spk-utilities").unwrap() == after,
-            "{what}: copies differ"
-        );
-        let (_, ann) = tmm_replicas(&env);
-        for mark in [
-            "restart-needed",
-            "tmm-roll",
-            "tmm-restarted",
-            "tmm-replicas",
-        ] {
-            assert!(
-                ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
-                "{what}: {mark} left: {ann}\n{log}"
-            );
-        }
         // Published with --no-restart, TMM carries a pending restart from the start: whatever
         // the crash point, the rotation ends with TMM rolled, and only once.
-        let rolled = b.new_tmm_pods.get("spk-ingress").copied().unwrap_or(0);
-        assert_eq!(rolled, 3, "{what}: TMM rolled once: {b:?}\n{log}");
+        assert_finished_with_tmm_rolled_once(&env, &b, &what, &log);
         if torn {
             assert_only_the_pair_window(&what, &f);
         } else {
@@ -1741,6 +1723,34 @@ fn rolling_crash_matrix(signal: i32) -> Vec<String> {
         }
         Some(point)
     })
+}
+
+/// How an interrupted rolling rotation ends once a later run has finished it: both namespaces'
+/// copies equal, no restart mark left on TMM, and TMM (3 replicas) rolled exactly once.
+fn assert_finished_with_tmm_rolled_once(
+    env: &TestEnv,
+    b: &dssm_pods::BedFigures,
+    what: &str,
+    log: &str,
+) {
+    assert!(
+        env.copy("spk-utilities").unwrap() == env.copy("spk-ingress").unwrap(),
+        "{what}: copies differ\n{log}"
+    );
+    let (_, ann) = tmm_replicas(env);
+    for mark in [
+        "restart-needed",
+        "tmm-roll",
+        "tmm-restarted",
+        "tmm-replicas",
+    ] {
+        assert!(
+            ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
+            "{what}: {mark} left: {ann}\n{log}"
+        );
+    }
+    let rolled = b.new_tmm_pods.get("spk-ingress").copied().unwrap_or(0);
+    assert_eq!(rolled, 3, "{what}: TMM rolled once: {b:?}\n{log}");
 }
 
 /// Whether the killed run left a namespace between its two Secret writes (the certificate
@@ -2176,23 +2186,7 @@ fn a_rolling_rotation_killed_inside_the_switchovers_pause_loses_nothing_and_is_f
         std::thread::sleep(Duration::from_millis(300));
     }
     let (f, b) = dssm_pods::finish(bed, load);
-    assert_eq!(
-        env.copy("spk-utilities").unwrap(),
-        env.copy("spk-ingress").unwrap(),
-        "copies differ"
-    );
-    let (_, ann) = tmm_replicas(&env);
-    for mark in ["restart-needed", "tmm-roll", "tmm-restarted"] {
-        assert!(
-            ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
-            "{mark} left: {ann}\n{log}"
-        );
-    }
-    assert_eq!(
-        b.new_tmm_pods.get("spk-ingress"),
-        Some(&3),
-        "TMM rolled once: {b:?}"
-    );
+    assert_finished_with_tmm_rolled_once(&env, &b, "killed inside the pause", &log);
     assert!(f.acked > 0 && f.reads > 0, "{f:?}");
     assert_eq!(f.failed_after_retry, 0, "{f:?}");
     assert_eq!(f.lost, 0, "{f:?}");
@@ -2391,22 +2385,7 @@ fn killed_inside_the_sentinel_step(point: InsideSentinelStep) {
     let mut log = std::fs::read_to_string(&log).unwrap_or_default();
     reconcile_until_it_runs(&env, &bed, &what, &mut log);
     let (f, b, mut topology) = dssm_pods::finish_keeping(bed, load);
-    assert!(
-        env.copy("spk-utilities").unwrap() == env.copy("spk-ingress").unwrap(),
-        "{what}: copies differ\n{log}"
-    );
-    let (_, ann) = tmm_replicas(&env);
-    for mark in ["restart-needed", "tmm-roll", "tmm-restarted"] {
-        assert!(
-            ann.get(format!("dssm-certs.f5.com/{mark}")).is_none(),
-            "{what}: {mark} left: {ann}\n{log}"
-        );
-    }
-    assert_eq!(
-        b.new_tmm_pods.get("spk-ingress"),
-        Some(&3),
-        "{what}: TMM rolled once: {b:?}\n{log}"
-    );
+    assert_finished_with_tmm_rolled_once(&env, &b, &what, &log);
     f.assert_unnoticed(&what);
     let r = support::load::scenarios::failover_with_one_sentinel_down(&mut topology);
     eprintln!("{what}: {f:?} {r:?}\n{log}");
@@ -2511,15 +2490,7 @@ fn signalled_between_a_pair(
     reconcile_until_it_runs(&env, &bed, &what, &mut log);
     let (f, b) = dssm_pods::finish(bed, load);
     eprintln!("{what}: {f:?}\n{log}");
-    assert!(
-        env.copy("spk-utilities").unwrap() == env.copy("spk-ingress").unwrap(),
-        "{what}: copies differ\n{log}"
-    );
-    assert_eq!(
-        b.new_tmm_pods.get("spk-ingress"),
-        Some(&3),
-        "{what}: TMM rolled once: {b:?}\n{log}"
-    );
+    assert_finished_with_tmm_rolled_once(&env, &b, &what, &log);
     f
 }
 

@@ -134,7 +134,9 @@ fn a_paused_switchover_with_a_lagging_replica_aborts_inside_the_pause_and_loses_
     let (f, result, took, unchanged) =
         scenarios::switchover_against(LoadConfig::default(), Some("db-2"), false);
     eprintln!("switchover, replica frozen: {f:?} {result:?} in {took:?}");
-    let err = result.expect_err("a switchover with a replica that cannot catch up");
+    let err = result
+        .expect_err("a switchover with a replica that cannot catch up")
+        .to_string();
     assert!(
         err.contains("did not catch up") && err.contains("aborted"),
         "{err}"

@@ -18,6 +18,7 @@ pub mod faults;
 pub mod logic;
 mod protobuf;
 pub mod rbac;
+pub mod refusal;
 pub mod routes;
 pub mod store;
 pub mod watch;

@@ -4,6 +4,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::refusal::Refusal;
+
 // ---------------------------------------------------------------------------------------------
 // Label selectors (k8s.io/apimachinery/pkg/labels): =, ==, !=, in, notin, exists, !exists.
 
@@ -17,7 +19,7 @@ pub enum Req {
     NotExists(String),
 }
 
-pub fn parse_label_selector(s: &str) -> Result<Vec<Req>, String> {
+pub fn parse_label_selector(s: &str) -> Result<Vec<Req>, Refusal> {
     let mut reqs = Vec::new();
     let mut parts = Vec::new();
     let (mut depth, mut start) = (0, 0);
@@ -48,7 +50,9 @@ pub fn parse_label_selector(s: &str) -> Result<Vec<Req>, String> {
                 .strip_prefix('(')
                 .and_then(|r| r.strip_suffix(')'))
                 .ok_or_else(|| {
-                    format!("unable to parse requirement: found '{rest}', expected: '('")
+                    Refusal::BadRequest(format!(
+                        "unable to parse requirement: found '{rest}', expected: '('"
+                    ))
                 })?;
             let vals = inner
                 .split(',')
@@ -69,7 +73,9 @@ pub fn parse_label_selector(s: &str) -> Result<Vec<Req>, String> {
         } else if words.len() == 1 {
             Req::Exists(p.to_string())
         } else {
-            return Err(format!("unable to parse requirement: {p:?}"));
+            return Err(Refusal::BadRequest(format!(
+                "unable to parse requirement: {p:?}"
+            )));
         };
         reqs.push(req);
     }
@@ -90,7 +96,7 @@ pub fn labels_match(reqs: &[Req], obj: &Value) -> bool {
 }
 
 /// Field selectors: `metadata.name`, `metadata.namespace` with = / == / !=.
-pub fn parse_field_selector(s: &str) -> Result<Vec<(String, bool, String)>, String> {
+pub fn parse_field_selector(s: &str) -> Result<Vec<(String, bool, String)>, Refusal> {
     let mut out = Vec::new();
     for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, eq, v) = if let Some((k, v)) = p.split_once("!=") {
@@ -100,10 +106,14 @@ pub fn parse_field_selector(s: &str) -> Result<Vec<(String, bool, String)>, Stri
         } else if let Some((k, v)) = p.split_once('=') {
             (k, true, v)
         } else {
-            return Err(format!("invalid selector: '{p}'; can't understand '{p}'"));
+            return Err(Refusal::BadRequest(format!(
+                "invalid selector: '{p}'; can't understand '{p}'"
+            )));
         };
         if k != "metadata.name" && k != "metadata.namespace" {
-            return Err(format!("field label not supported: {k}"));
+            return Err(Refusal::BadRequest(format!(
+                "field label not supported: {k}"
+            )));
         }
         out.push((k.to_string(), eq, v.to_string()));
     }
@@ -181,17 +191,17 @@ fn unescape(token: &str) -> String {
     token.replace("~1", "/").replace("~0", "~")
 }
 
-fn pointer_parent<'a>(doc: &'a mut Value, path: &str) -> Result<(&'a mut Value, String), String> {
+fn pointer_parent<'a>(doc: &'a mut Value, path: &str) -> Result<(&'a mut Value, String), Refusal> {
     let (parent, last) = path
         .rsplit_once('/')
-        .ok_or_else(|| format!("invalid path {path:?}"))?;
+        .ok_or_else(|| Refusal::Invalid(format!("invalid path {path:?}")))?;
     let p = doc
         .pointer_mut(parent)
-        .ok_or_else(|| format!("doc is missing path: {parent:?}"))?;
+        .ok_or_else(|| Refusal::Invalid(format!("doc is missing path: {parent:?}")))?;
     Ok((p, unescape(last)))
 }
 
-fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
+fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), Refusal> {
     if path.is_empty() {
         *doc = value;
         return Ok(());
@@ -205,41 +215,51 @@ fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
             if key == "-" {
                 a.push(value);
             } else {
-                let i: usize = key.parse().map_err(|_| format!("invalid index {key:?}"))?;
+                let i: usize = key
+                    .parse()
+                    .map_err(|_| Refusal::Invalid(format!("invalid index {key:?}")))?;
                 if i > a.len() {
-                    return Err(format!("index out of bounds: {i}"));
+                    return Err(Refusal::Invalid(format!("index out of bounds: {i}")));
                 }
                 a.insert(i, value);
             }
         }
-        _ => return Err(format!("doc is missing path: {path:?}")),
+        _ => return Err(Refusal::Invalid(format!("doc is missing path: {path:?}"))),
     }
     Ok(())
 }
 
-fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
+fn remove(doc: &mut Value, path: &str) -> Result<Value, Refusal> {
     let (parent, key) = pointer_parent(doc, path)?;
     match parent {
         Value::Object(m) => m
             .remove(&key)
-            .ok_or_else(|| format!("unable to remove nonexistent key: {key}")),
+            .ok_or_else(|| Refusal::Invalid(format!("unable to remove nonexistent key: {key}"))),
         Value::Array(a) => {
-            let i: usize = key.parse().map_err(|_| format!("invalid index {key:?}"))?;
+            let i: usize = key
+                .parse()
+                .map_err(|_| Refusal::Invalid(format!("invalid index {key:?}")))?;
             (i < a.len())
                 .then(|| a.remove(i))
-                .ok_or_else(|| format!("index out of bounds: {i}"))
+                .ok_or_else(|| Refusal::Invalid(format!("index out of bounds: {i}")))
         }
-        _ => Err(format!("doc is missing path: {path:?}")),
+        _ => Err(Refusal::Invalid(format!("doc is missing path: {path:?}"))),
     }
 }
 
 /// RFC 6902 JSON patch.
-pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
+fn invalid(message: &str) -> Refusal {
+    Refusal::Invalid(message.to_string())
+}
+
+pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), Refusal> {
     let ops = ops
         .as_array()
-        .ok_or("a JSON patch is a list of operations")?;
+        .ok_or_else(|| invalid("a JSON patch is a list of operations"))?;
     for op in ops {
-        let path = op["path"].as_str().ok_or("operation without path")?;
+        let path = op["path"]
+            .as_str()
+            .ok_or_else(|| invalid("operation without path"))?;
         match op["op"].as_str() {
             Some("add") => add(doc, path, op["value"].clone())?,
             Some("remove") => {
@@ -247,27 +267,40 @@ pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
             }
             Some("replace") => {
                 doc.pointer(path).ok_or_else(|| {
-                    format!("replace operation does not apply: doc is missing key: {path}")
+                    Refusal::Invalid(format!(
+                        "replace operation does not apply: doc is missing key: {path}"
+                    ))
                 })?;
                 *doc.pointer_mut(path).unwrap() = op["value"].clone();
             }
             Some("test") => {
                 if doc.pointer(path) != Some(&op["value"]) {
-                    return Err(format!("testing value {path} failed: test failed"));
+                    return Err(Refusal::Invalid(format!(
+                        "testing value {path} failed: test failed"
+                    )));
                 }
             }
             Some("move") => {
-                let v = remove(doc, op["from"].as_str().ok_or("move without from")?)?;
+                let v = remove(
+                    doc,
+                    op["from"]
+                        .as_str()
+                        .ok_or_else(|| invalid("move without from"))?,
+                )?;
                 add(doc, path, v)?;
             }
             Some("copy") => {
                 let v = doc
-                    .pointer(op["from"].as_str().ok_or("copy without from")?)
+                    .pointer(
+                        op["from"]
+                            .as_str()
+                            .ok_or_else(|| invalid("copy without from"))?,
+                    )
                     .cloned()
-                    .ok_or("copy from a missing path")?;
+                    .ok_or_else(|| invalid("copy from a missing path"))?;
                 add(doc, path, v)?;
             }
-            other => return Err(format!("Unexpected kind: {other:?}")),
+            other => return Err(Refusal::Invalid(format!("Unexpected kind: {other:?}"))),
         }
     }
     Ok(())
@@ -465,7 +498,7 @@ pub fn apply(
     force: bool,
     api_version: &str,
     now: &str,
-) -> Result<Value, String> {
+) -> Result<Value, Refusal> {
     let mut managers = current.map(managers_of).unwrap_or_default();
     let wanted = leaf_paths(applied);
     let mut conflicts: Vec<(String, String)> = Vec::new();
@@ -502,10 +535,10 @@ pub fn apply(
             }
             s.trim_end().to_string()
         };
-        return Err(format!(
+        return Err(Refusal::Conflict(format!(
             "Apply failed with {n} conflict{}: {body}",
             if n == 1 { "" } else { "s" }
-        ));
+        )));
     }
     let wanted_paths: Vec<String> = wanted.iter().map(|(p, _)| p.clone()).collect();
     for m in managers.iter_mut().filter(|m| m.name != manager) {

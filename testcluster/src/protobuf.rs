@@ -6,6 +6,8 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::refusal::Refusal;
+
 #[derive(Clone, Copy)]
 enum Kind {
     Str,
@@ -191,11 +193,11 @@ fn message(msg: &[u8], name: &str) -> Option<Value> {
 }
 
 /// A `kind` object sent as protobuf, as JSON; None when `kind` is not one read here.
-pub(crate) fn object(body: &[u8], kind: &str, api_version: &str) -> Option<Result<Value, String>> {
+pub(crate) fn object(body: &[u8], kind: &str, api_version: &str) -> Option<Result<Value, Refusal>> {
     if schema(kind).is_empty() {
         return None;
     }
-    let bad = || format!("invalid {kind} (protobuf)");
+    let bad = || Refusal::BadRequest(format!("invalid {kind} (protobuf)"));
     let read = || {
         let unknown = body.strip_prefix(b"k8s\0")?;
         let raw = bytes_field(unknown, 2)?;

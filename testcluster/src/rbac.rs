@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::logic::parse_field_selector;
+use crate::refusal::Refusal;
 use crate::routes::{parse_path, query_map, verb_of, Parsed};
 use crate::store::Recorded;
 
@@ -129,11 +130,12 @@ pub(crate) fn self_subject_access_review(
     user: &str,
     body: &[u8],
     content_type: &str,
-) -> Result<Value, String> {
+) -> Result<Value, Refusal> {
     let mut review: Value = if content_type.starts_with("application/vnd.kubernetes.protobuf") {
         review_from_protobuf(body)?
     } else {
-        serde_json::from_slice(body).map_err(|e| format!("invalid SelfSubjectAccessReview: {e}"))?
+        serde_json::from_slice(body)
+            .map_err(|e| Refusal::BadRequest(format!("invalid SelfSubjectAccessReview: {e}")))?
     };
     let attrs = review["spec"]["resourceAttributes"].clone();
     let field = |k: &str| attrs[k].as_str().unwrap_or("").to_string();
@@ -174,8 +176,8 @@ pub(crate) fn self_subject_access_review(
 /// kubectl's typed clients send built-in kinds as protobuf: the `k8s\0` envelope around a
 /// runtime.Unknown whose `raw` is the SelfSubjectAccessReview (generated.proto field numbers:
 /// spec=2, resourceAttributes=1, then namespace..name = 1..7).
-fn review_from_protobuf(body: &[u8]) -> Result<Value, String> {
-    let bad = || "invalid SelfSubjectAccessReview (protobuf)".to_string();
+fn review_from_protobuf(body: &[u8]) -> Result<Value, Refusal> {
+    let bad = || Refusal::BadRequest("invalid SelfSubjectAccessReview (protobuf)".to_string());
     let unknown = body.strip_prefix(b"k8s\0").ok_or_else(bad)?;
     let raw = field(unknown, 2).ok_or_else(bad)?;
     let spec = field(raw, 2).ok_or_else(bad)?;

@@ -123,16 +123,37 @@ pub fn metric_names(e: &promql_parser::parser::Expr, out: &mut Vec<String>) {
     }
 }
 
+/// An alert expression that cannot be judged against the agent's metrics.
+#[derive(Debug)]
+pub enum BadAlertExpr {
+    /// Not PromQL: the parser's message.
+    Unparsable { expr: String, error: String },
+    /// An expression over no metric cannot watch the agent.
+    NoMetric(String),
+}
+
+impl std::fmt::Display for BadAlertExpr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadAlertExpr::Unparsable { expr, error } => write!(f, "{expr}: {error}"),
+            BadAlertExpr::NoMetric(expr) => write!(f, "{expr} uses no metric"),
+        }
+    }
+}
+
 /// Parses `expr` and returns the metric names it uses that the agent does not export (`up` is
 /// written by Prometheus for every target; counters are exposed as `<name>_total` and appear
 /// only after their first increment, so their `# TYPE` line is what the agent declares;
 /// histograms as `_bucket`, `_sum`, `_count`).
-pub fn unknown_metrics(expr: &str, exposition: &str) -> Result<Vec<String>, String> {
-    let parsed = promql_parser::parser::parse(expr).map_err(|e| format!("{expr}: {e}"))?;
+pub fn unknown_metrics(expr: &str, exposition: &str) -> Result<Vec<String>, BadAlertExpr> {
+    let parsed = promql_parser::parser::parse(expr).map_err(|error| BadAlertExpr::Unparsable {
+        expr: expr.to_string(),
+        error,
+    })?;
     let mut names = Vec::new();
     metric_names(&parsed, &mut names);
     if names.is_empty() {
-        return Err(format!("{expr} uses no metric"));
+        return Err(BadAlertExpr::NoMetric(expr.to_string()));
     }
     let exported: Vec<&str> = exposition
         .lines()

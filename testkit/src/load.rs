@@ -1314,7 +1314,7 @@ pub mod scenarios {
         silent_sentinel: bool,
     ) -> (
         Figures,
-        Result<dssm_certs::redis::switchover::Switchover, String>,
+        Result<dssm_certs::redis::switchover::Switchover, dssm_certs::redis::RedisError>,
         Duration,
         bool,
     ) {
@@ -1351,8 +1351,7 @@ pub mod scenarios {
             &sentinels,
             MASTER,
             Instant::now() + Duration::from_secs(30),
-        )
-        .map_err(|e| e.to_string());
+        );
         let took = start.elapsed();
         if let Some(name) = frozen {
             t.signal(name, "CONT");

@@ -8,7 +8,7 @@ use hyper::Response;
 use serde_json::{json, Value};
 
 use super::{
-    bad_request, json_response, modified, not_found, parse_body, status_error, Body, Call,
+    bad_request, json_response, modified, not_found, parse_body, refused, status_error, Body, Call,
 };
 use crate::controllers::{mark_terminating, mark_terminating_with_grace};
 use crate::logic::*;
@@ -74,7 +74,7 @@ fn new_object(c: &Call) -> Result<Value, Response<Body>> {
         Ok(_) => Err(bad_request(
             "the body of the request was in an unknown format",
         )),
-        Err(e) => Err(bad_request(&e)),
+        Err(e) => Err(refused(&e, None)),
     }
 }
 
@@ -137,7 +137,7 @@ fn write(s: &mut State, c: &Call) -> Response<Body> {
     let current = s.get(r, &c.ns(), &name).cloned();
     let parsed = match parse_body(c.body, c.content_type) {
         Ok(v) => v,
-        Err(e) => return bad_request(&e),
+        Err(e) => return refused(&e, None),
     };
     let obj = match (c.verb, current.as_ref()) {
         ("update", None) => return not_found(r, &name),
@@ -186,7 +186,7 @@ fn applied(c: &Call, cur: Option<&Value>, parsed: &Value) -> Result<Value, Respo
         &c.p.res.api_version(),
         &c.now,
     )
-    .map_err(|m| status_error(409, "Conflict", &m, None))
+    .map_err(|e| refused(&e, None))
 }
 
 /// A patch of an existing object, by its content type.
@@ -204,7 +204,7 @@ fn patched(c: &Call, cur: &Value, parsed: &Value, name: &str) -> Result<Value, R
     if c.is_apply() {
         o = applied(c, Some(cur), parsed)?;
     } else if ct.starts_with("application/json-patch+json") {
-        json_patch(&mut o, parsed).map_err(|e| status_error(422, "Invalid", &e, None))?;
+        json_patch(&mut o, parsed).map_err(|e| refused(&e, None))?;
     } else if ct.starts_with("application/merge-patch+json") {
         merge_patch(&mut o, parsed);
     } else if ct.starts_with("application/strategic-merge-patch+json") {

@@ -5,7 +5,7 @@
 use hyper::Response;
 use serde_json::{json, Value};
 
-use super::{bad_request, generic, json_response, modified, not_found, parse_body, status_error};
+use super::{generic, json_response, modified, not_found, parse_body, refused, status_error};
 use super::{Body, Call};
 use crate::logic::{json_patch, merge_patch};
 use crate::store::State;
@@ -24,7 +24,7 @@ pub(super) fn core_v1(s: &mut State, c: &Call) -> Response<Body> {
 fn eviction(s: &mut State, c: &Call) -> Response<Body> {
     let eviction = match parse_body(c.body, c.content_type) {
         Ok(v) => v,
-        Err(e) => return bad_request(&e),
+        Err(e) => return refused(&e, None),
     };
     let (code, v) = crate::disruption::evict(s, &c.ns(), &c.name(), &eviction);
     let retry = v["details"]["retryAfterSeconds"].as_u64();
@@ -76,7 +76,7 @@ fn scale(s: &mut State, c: &Call) -> Response<Body> {
     }
     let parsed = match parse_body(c.body, c.content_type) {
         Ok(v) => v,
-        Err(e) => return bad_request(&e),
+        Err(e) => return refused(&e, None),
     };
     let mut scale = scale_of(&cur);
     if c.verb == "update" {
@@ -89,7 +89,7 @@ fn scale(s: &mut State, c: &Call) -> Response<Body> {
         scale = parsed;
     } else if c.content_type.starts_with("application/json-patch+json") {
         if let Err(e) = json_patch(&mut scale, &parsed) {
-            return status_error(422, "Invalid", &e, None);
+            return refused(&e, None);
         }
     } else {
         merge_patch(&mut scale, &parsed);
@@ -159,6 +159,6 @@ pub(super) fn authorization_v1(
 ) -> Response<Body> {
     match crate::rbac::self_subject_access_review(s.rbac.as_ref(), user, body, content_type) {
         Ok(review) => json_response(201, &review),
-        Err(e) => bad_request(&e),
+        Err(e) => refused(&e, None),
     }
 }

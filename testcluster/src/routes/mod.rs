@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use crate::faults;
 use crate::logic::*;
 use crate::rbac::authorized;
+use crate::refusal::Refusal;
 use crate::store::{Recorded, Resource, State, PROMETHEUS_OPERATOR_GROUP, RESOURCES};
 use crate::{Shared, ADMIN_TOKEN, AGENT_TOKEN, SA_TOKEN};
 
@@ -171,15 +172,20 @@ pub(crate) fn verb_of(method: &str, p: &Parsed, q: &HashMap<String, String>) -> 
     }
 }
 
-pub(crate) fn parse_body(body: &[u8], content_type: &str) -> Result<Value, String> {
+pub(crate) fn parse_body(body: &[u8], content_type: &str) -> Result<Value, Refusal> {
     if body.is_empty() {
         return Ok(Value::Null);
     }
     if content_type.contains("yaml") {
-        serde_yaml::from_slice(body).map_err(|e| e.to_string())
+        serde_yaml::from_slice(body).map_err(|e| Refusal::BadRequest(e.to_string()))
     } else {
-        serde_json::from_slice(body).map_err(|e| e.to_string())
+        serde_json::from_slice(body).map_err(|e| Refusal::BadRequest(e.to_string()))
     }
+}
+
+/// The Status response of a refusal.
+pub(crate) fn refused(r: &Refusal, details: Option<(&str, &str, &str)>) -> Response<Body> {
+    status_error(r.code(), r.reason(), r.message(), details)
 }
 
 fn manager_name(q: &HashMap<String, String>, user_agent: &str) -> String {
@@ -427,13 +433,13 @@ fn admit<'a>(
         .get("fieldSelector")
         .map(|f| parse_field_selector(f))
         .transpose()
-        .map_err(|e| bad_request(&e))?
+        .map_err(|e| refused(&e, None))?
         .unwrap_or_default();
     let labels = q
         .get("labelSelector")
         .map(|l| parse_label_selector(l))
         .transpose()
-        .map_err(|e| bad_request(&e))?
+        .map_err(|e| refused(&e, None))?
         .unwrap_or_default();
     let call = Call {
         verb,
