@@ -179,6 +179,11 @@ fn everything_restarted_at_once_shows_failed_operations_and_lost_writes_or_the_j
         f.stale_reads > 0,
         "the judge is broken: no stale read: {f:?}"
     );
+    // The sampler sees them down (it keeps a connection per process between samples).
+    assert!(
+        f.min_dbs_up < 3 && f.min_sentinels_up < 3,
+        "the judge is broken: no DB or no sentinel seen down while everything restarts: {f:?}"
+    );
 }
 
 /// Negative control of the pub/sub judge: subscribers left on an old primary cut from
@@ -207,6 +212,11 @@ fn scale_to_zero_shows_failed_operations_and_lost_writes_or_the_judge_is_broken(
     assert!(
         f.failed_after_retry > 0 && f.lost > 0,
         "the judge is broken: no failed operation or no lost write with scale-to-zero: {f:?}"
+    );
+    assert_eq!(
+        (f.min_dbs_up, f.min_sentinels_up),
+        (0, 0),
+        "the judge is broken: every dSSM pod is deleted at once, yet the sampler saw some up: {f:?}"
     );
 }
 
