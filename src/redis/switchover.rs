@@ -3,7 +3,8 @@
 //! primary after the chosen replica's last sync); pausing writes first closes that window.
 //!
 //! `CLIENT PAUSE WRITE` on the primary (with a timeout, so a crashed caller never leaves it
-//! paused), wait until every replica's offset reaches the primary's, `SENTINEL FAILOVER`, wait
+//! paused), wait until every replica's offset reaches the primary's, `SENTINEL FAILOVER` (asked
+//! of the sentinels on connections opened before the pause and kept through it), wait
 //! until the sentinels agree on the new primary and it says so (and, briefly, until every sentinel
 //! that answers names it), make sure the old one follows it
 //! (`REPLICAOF` if Sentinel has not yet), disconnect its clients (normal and subscribers) so
@@ -69,6 +70,82 @@ pub struct Switchover {
     pub replicaof_sent: bool,
 }
 
+/// Connections to the sentinels kept open through a switchover, each opened on first use and
+/// again after an error. A new connection per question cost each sentinel an RSA-4096 signature
+/// per poll (three every 20 ms while paused), on the single thread that must also run the
+/// failover: the pause then lasted seconds longer on a loaded machine.
+struct Sentinels<'a> {
+    tls: &'a TlsClient,
+    server_name: &'a str,
+    links: Vec<(String, Option<Connection>)>,
+}
+
+impl<'a> Sentinels<'a> {
+    fn new(tls: &'a TlsClient, server_name: &'a str, endpoints: &[String]) -> Self {
+        let links = endpoints.iter().map(|e| (e.clone(), None)).collect();
+        Sentinels {
+            tls,
+            server_name,
+            links,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    fn endpoint(&self, i: usize) -> &str {
+        &self.links[i].0
+    }
+
+    /// Asks sentinel `i` on its kept connection (connecting first, by `op`, if it has none); an
+    /// error closes the connection (a reply may be left half-read).
+    fn ask<T>(
+        &mut self,
+        i: usize,
+        op: Instant,
+        question: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, RedisError> {
+        let (endpoint, link) = &mut self.links[i];
+        let conn = match link {
+            Some(c) => c,
+            None => link.insert(Connection::connect(
+                self.tls,
+                endpoint,
+                self.server_name,
+                op,
+            )?),
+        };
+        let answer = question(conn);
+        if answer.is_err() {
+            *link = None;
+        }
+        answer
+    }
+
+    /// Forgets the sentinels in `gone`.
+    fn without(mut self, gone: &[String]) -> Self {
+        self.links.retain(|(e, _)| !gone.contains(e));
+        self
+    }
+
+    /// Where the sentinels say the primary is: the answer of a majority that agree, else None.
+    fn agreed_primary(&mut self, master: &str, deadline: Instant) -> Option<String> {
+        let mut answers: Vec<String> = Vec::new();
+        for i in 0..self.len() {
+            let op = soon(deadline);
+            if let Ok(Some(a)) = self.ask(i, op, |c| primary_addr(c, master, op)) {
+                answers.push(a);
+            }
+        }
+        let majority = self.len() / 2 + 1;
+        answers
+            .iter()
+            .find(|a| answers.iter().filter(|b| same_address(a, b)).count() >= majority)
+            .cloned()
+    }
+}
+
 /// Where the sentinels say the primary is: the answer of a majority that agree, else None.
 pub fn agreed_primary(
     tls: &TlsClient,
@@ -77,20 +154,7 @@ pub fn agreed_primary(
     master: &str,
     deadline: Instant,
 ) -> Option<String> {
-    let mut answers: Vec<String> = Vec::new();
-    for s in sentinels {
-        let op = soon(deadline);
-        let answer = Connection::connect(tls, s, server_name, op)
-            .and_then(|mut c| primary_addr(&mut c, master, op));
-        if let Ok(Some(a)) = answer {
-            answers.push(a);
-        }
-    }
-    let majority = sentinels.len() / 2 + 1;
-    answers
-        .iter()
-        .find(|a| answers.iter().filter(|b| same_address(a, b)).count() >= majority)
-        .cloned()
+    Sentinels::new(tls, server_name, sentinels).agreed_primary(master, deadline)
 }
 
 /// How long the pause may wait for the last sentinels to learn the promotion.
@@ -100,21 +164,12 @@ const ALL_SENTINELS_WAIT: Duration = Duration::from_secs(2);
 /// client's retry may ask another sentinel than its first try: one still naming the old primary
 /// would send it to a replica. Sentinel pushes a promotion to the others at once, so this is
 /// usually immediate; one that does not answer cannot misdirect anybody and is not waited for.
-fn every_sentinel_names(
-    tls: &TlsClient,
-    server_name: &str,
-    sentinels: &[String],
-    master: &str,
-    new: &str,
-    deadline: Instant,
-) {
+fn every_sentinel_names(sentinels: &mut Sentinels<'_>, master: &str, new: &str, deadline: Instant) {
     let until = (Instant::now() + ALL_SENTINELS_WAIT).min(deadline);
     loop {
-        let all = sentinels.iter().all(|s| {
+        let all = (0..sentinels.len()).all(|i| {
             let op = soon(until);
-            match Connection::connect(tls, s, server_name, op)
-                .and_then(|mut c| primary_addr(&mut c, master, op))
-            {
+            match sentinels.ask(i, op, |c| primary_addr(c, master, op)) {
                 Ok(named) => named.is_some_and(|n| same_address(&n, new)),
                 Err(_) => true,
             }
@@ -204,7 +259,7 @@ pub fn paused_switchover_disconnecting(
     let moved = move_while_paused(
         tls,
         server_name,
-        &answering,
+        answering,
         master,
         &old,
         &mut primary,
@@ -235,14 +290,14 @@ pub fn paused_switchover_disconnecting(
 /// Waits (until `pause_by`) until every replica of `info` is ready for the answering sentinels;
 /// then returns the sentinels that answer right before the pause (a majority: the only ones
 /// asked inside it, so that one gone silent costs no paused time) and the catch-up bound.
-fn ready_to_pause(
-    tls: &TlsClient,
-    server_name: &str,
+fn ready_to_pause<'a>(
+    tls: &'a TlsClient,
+    server_name: &'a str,
     sentinels: &[String],
     master: &str,
     info: &super::replication::Replication,
     pause_by: Instant,
-) -> Result<(Vec<String>, Duration), RedisError> {
+) -> Result<(Sentinels<'a>, Duration), RedisError> {
     for r in &info.replicas {
         let endpoint = r.endpoint();
         loop {
@@ -257,8 +312,9 @@ fn ready_to_pause(
         }
     }
     let answering = answering_sentinels(tls, server_name, sentinels, pause_by)?;
-    let down_after = down_after(tls, server_name, &answering, master, pause_by)?;
-    Ok((answering, down_after))
+    let mut kept = Sentinels::new(tls, server_name, &answering);
+    let down_after = down_after(&mut kept, master, pause_by)?;
+    Ok((kept, down_after))
 }
 
 /// How long writes are first paused, until `SENTINEL FAILOVER` is about to be sent: a pause
@@ -297,19 +353,15 @@ fn answering_sentinels(
 
 /// The shortest `down-after-milliseconds` the answering sentinels have for `master`.
 fn down_after(
-    tls: &TlsClient,
-    server_name: &str,
-    sentinels: &[String],
+    sentinels: &mut Sentinels<'_>,
     master: &str,
     deadline: Instant,
 ) -> Result<Duration, RedisError> {
     let mut asked = Vec::new();
     let mut shortest: Option<Duration> = None;
-    for s in sentinels {
+    for i in 0..sentinels.len() {
         let op = soon(deadline);
-        match Connection::connect(tls, s, server_name, op)
-            .and_then(|mut c| master_entry(&mut c, master, op))
-        {
+        match sentinels.ask(i, op, |c| master_entry(c, master, op)) {
             Ok(m) => match m
                 .get("down-after-milliseconds")
                 .and_then(|v| v.parse().ok())
@@ -318,7 +370,10 @@ fn down_after(
                     let d = Duration::from_millis(ms);
                     shortest = Some(shortest.map_or(d, |s| s.min(d)));
                 }
-                None => asked.push(format!("{s}: no down-after-milliseconds")),
+                None => asked.push(format!(
+                    "{}: no down-after-milliseconds",
+                    sentinels.endpoint(i)
+                )),
             },
             Err(e) => asked.push(e.to_string()),
         }
@@ -380,7 +435,7 @@ fn wait_caught_up(
 fn move_while_paused(
     tls: &TlsClient,
     server_name: &str,
-    sentinels: &[String],
+    mut sentinels: Sentinels<'_>,
     master: &str,
     old: &str,
     primary: &mut Connection,
@@ -393,31 +448,25 @@ fn move_while_paused(
     let deadline = extended_at + PAUSE - MARGIN;
     let mut asked = Err(topology("no sentinel to ask".into()));
     let mut silent = Vec::new();
-    for s in sentinels {
+    for i in 0..sentinels.len() {
         let op = soon(deadline);
-        asked = Connection::connect(tls, s, server_name, op)
-            .and_then(|mut c| c.call(&["SENTINEL", "FAILOVER", master], op));
+        asked = sentinels.ask(i, op, |c| c.call(&["SENTINEL", "FAILOVER", master], op));
         match &asked {
             Ok(_) => break,
-            Err(RedisError::Io { .. } | RedisError::Timeout { .. }) => silent.push(s.clone()),
+            Err(RedisError::Io { .. } | RedisError::Timeout { .. }) => {
+                silent.push(sentinels.endpoint(i).to_string())
+            }
             Err(_) => {}
         }
     }
     asked?;
     // A sentinel that did not answer is not asked again while paused (each try would cost
     // `OP_TIMEOUT`), as long as the others are a majority of all: their agreement still is one.
-    let answering: Vec<String> = sentinels
-        .iter()
-        .filter(|s| !silent.contains(s))
-        .cloned()
-        .collect();
-    let ask = if answering.len() > sentinels.len() / 2 {
-        &answering[..]
-    } else {
-        sentinels
-    };
+    if sentinels.len() - silent.len() > sentinels.len() / 2 {
+        sentinels = sentinels.without(&silent);
+    }
     let new = loop {
-        if let Some(p) = agreed_primary(tls, server_name, ask, master, deadline) {
+        if let Some(p) = sentinels.agreed_primary(master, deadline) {
             if !same_address(&p, old) {
                 let op = soon(deadline);
                 let promoted = Connection::connect(tls, &p, server_name, op)
@@ -436,7 +485,7 @@ fn move_while_paused(
         pause_until(deadline, POLL);
     };
     let promoted_after = paused_at.elapsed();
-    every_sentinel_names(tls, server_name, ask, master, &new, deadline);
+    every_sentinel_names(&mut sentinels, master, &new, deadline);
     // Sentinel would turn the old primary into a replica of the new one too, but only after its
     // next INFO poll (seconds); while paused nobody writes to it, so it follows now.
     let info = info_replication(primary, soon(deadline))?;
