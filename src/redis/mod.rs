@@ -5,6 +5,7 @@
 //!
 //! Every operation takes a deadline; nothing here waits unbounded.
 
+pub mod kept;
 pub mod reload;
 pub mod replication;
 pub mod resp;

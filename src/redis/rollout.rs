@@ -16,9 +16,9 @@
 
 use std::time::{Duration, Instant};
 
+use super::kept::Kept;
 use super::reload::{check_proof, reload_tls, Proof};
 use super::replication::{info_replication, info_server, Role};
-use super::resp::Connection;
 use super::sentinel::{
     ckquorum, in_quorum_and_sees_the_others, knows_exactly, master_entry,
     replica_ready_for_sentinels_by, reset, ReplicaId,
@@ -226,6 +226,20 @@ pub struct RolloutContext<'a> {
     pub reload_timeout: Duration,
 }
 
+/// A roll's context and the connections its waits keep open between polls (to DBs and
+/// sentinels; proofs make new handshakes).
+struct Roll<'c, 'a> {
+    cx: &'c RolloutContext<'a>,
+    kept: Kept<'c>,
+}
+
+impl<'a> std::ops::Deref for Roll<'_, 'a> {
+    type Target = RolloutContext<'a>;
+    fn deref(&self) -> &RolloutContext<'a> {
+        self.cx
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("rollout step \"{step}\" failed: {error}")]
 pub struct RolloutError {
@@ -302,6 +316,10 @@ pub fn execute(
     cx: &RolloutContext<'_>,
     mut done: impl FnMut(&RollStep, Duration),
 ) -> Result<(), RolloutError> {
+    let cx = &Roll {
+        cx,
+        kept: Kept::new(cx.tls, cx.server_name),
+    };
     let dbs = steps
         .iter()
         .filter(|s| matches!(s, RollStep::ReloadDb { .. } | RollStep::DbCaughtUp { .. }))
@@ -352,7 +370,7 @@ fn restart_db_instead(
     pod: &str,
     dbs: usize,
     pods: &mut dyn Pods,
-    cx: &RolloutContext<'_>,
+    cx: &Roll<'_, '_>,
     sentinels: &[String],
     why: StepError,
 ) -> Result<(), StepError> {
@@ -395,7 +413,7 @@ fn until<T>(
 fn run_step(
     step: &RollStep,
     pods: &mut dyn Pods,
-    cx: &RolloutContext<'_>,
+    cx: &Roll<'_, '_>,
     sentinels: &[String],
     deadline: Instant,
 ) -> Result<(), StepError> {
@@ -427,8 +445,9 @@ fn run_step(
         RollStep::SentinelInQuorum {
             others, replicas, ..
         } => Ok(until(deadline, || {
-            let mut c = Connection::connect(cx.tls, &endpoint, cx.server_name, deadline)?;
-            in_quorum_and_sees_the_others(&mut c, cx.master, *others, *replicas, deadline)?;
+            cx.kept.ask(&endpoint, deadline, |c| {
+                in_quorum_and_sees_the_others(c, cx.master, *others, *replicas, deadline)
+            })?;
             check_proof(cx.tls, &endpoint, cx.server_name, &cx.proof, deadline)
         })?),
         // Each sentinel's reset has a deadline of its own: it relearns the replicas from the
@@ -442,14 +461,17 @@ fn run_step(
 /// The gate after a DB restart: it answers as a replica with its link up, has reached where its
 /// primary was a moment ago, every sentinel sees it ready, and new handshakes prove the phase.
 fn db_caught_up(
-    cx: &RolloutContext<'_>,
+    cx: &Roll<'_, '_>,
     sentinels: &[String],
     endpoint: &str,
     deadline: Instant,
 ) -> Result<(), RedisError> {
-    let mut c = Connection::connect(cx.tls, endpoint, cx.server_name, deadline)?;
-    let run_id = info_server(&mut c, deadline)?.run_id;
-    let me = info_replication(&mut c, deadline)?;
+    let (run_id, me) = cx.kept.ask(endpoint, deadline, |c| {
+        Ok((
+            info_server(c, deadline)?.run_id,
+            info_replication(c, deadline)?,
+        ))
+    })?;
     let primary = me
         .primary
         .clone()
@@ -457,13 +479,14 @@ fn db_caught_up(
     let primary = primary.ok_or_else(|| {
         RedisError::Topology(format!("{endpoint}: not yet a replica with its link up"))
     })?;
-    let target = {
-        let mut p = Connection::connect(cx.tls, &primary, cx.server_name, deadline)?;
-        info_replication(&mut p, deadline)?.master_repl_offset
-    };
+    let target = cx.kept.ask(&primary, deadline, |p| {
+        Ok(info_replication(p, deadline)?.master_repl_offset)
+    })?;
     // The primary moves on under load: caught up = reached where it was a moment ago.
     loop {
-        let now = info_replication(&mut c, deadline)?;
+        let now = cx
+            .kept
+            .ask(endpoint, deadline, |c| info_replication(c, deadline))?;
         if now.replica_offset.unwrap_or(-1) >= target {
             break;
         }
@@ -481,14 +504,14 @@ fn db_caught_up(
         endpoint,
         run_id: Some(&run_id),
     };
-    replica_ready_for_sentinels_by(cx.tls, cx.server_name, sentinels, cx.master, id, deadline)?;
+    replica_ready_for_sentinels_by(&cx.kept, sentinels, cx.master, id, deadline)?;
     check_proof(cx.tls, endpoint, cx.server_name, &cx.proof, deadline)
 }
 
 /// The role the DB at `endpoint` reports itself (`INFO replication`).
-fn role_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result<Role, StepError> {
-    Connection::connect(cx.tls, endpoint, cx.server_name, deadline)
-        .and_then(|mut c| info_replication(&mut c, deadline))
+fn role_of(cx: &Roll<'_, '_>, endpoint: &str, deadline: Instant) -> Result<Role, StepError> {
+    cx.kept
+        .ask(endpoint, deadline, |c| info_replication(c, deadline))
         .map(|r| r.role)
         .map_err(|source| StepError::RoleUnknown {
             endpoint: endpoint.to_string(),
@@ -497,13 +520,9 @@ fn role_of(cx: &RolloutContext<'_>, endpoint: &str, deadline: Instant) -> Result
 }
 
 /// The `run_id` of the process at `endpoint`: the same process whatever address names it.
-fn run_id_of(
-    cx: &RolloutContext<'_>,
-    endpoint: &str,
-    deadline: Instant,
-) -> Result<String, RedisError> {
-    Connection::connect(cx.tls, endpoint, cx.server_name, deadline)
-        .and_then(|mut c| info_server(&mut c, deadline))
+fn run_id_of(cx: &Roll<'_, '_>, endpoint: &str, deadline: Instant) -> Result<String, RedisError> {
+    cx.kept
+        .ask(endpoint, deadline, |c| info_server(c, deadline))
         .map(|s| s.run_id)
 }
 
@@ -511,7 +530,7 @@ fn run_id_of(
 /// sentinels' agreed primary is that very process (same run ID), and proves that it then says
 /// it is a replica.
 fn switch_away_from(
-    cx: &RolloutContext<'_>,
+    cx: &Roll<'_, '_>,
     sentinels: &[String],
     endpoint: &str,
     deadline: Instant,
@@ -543,23 +562,25 @@ fn switch_away_from(
 /// only while the others hold a quorum without it, and each back to exactly the live sentinels
 /// and replicas before the next is touched.
 fn forget_gone(
-    cx: &RolloutContext<'_>,
+    cx: &Roll<'_, '_>,
     sentinels: &[String],
     others: usize,
     replicas: usize,
 ) -> Result<(), StepError> {
     for s in sentinels {
         let deadline = Instant::now() + cx.step_timeout;
-        let connect = |s: &str| Connection::connect(cx.tls, s, cx.server_name, deadline);
-        let exact = connect(s)
-            .and_then(|mut c| knows_exactly(&mut c, cx.master, others, replicas, deadline));
+        let exact = cx.kept.ask(s, deadline, |c| {
+            knows_exactly(c, cx.master, others, replicas, deadline)
+        });
         let Err(why) = exact else { continue };
         until(deadline, || {
             for o in sentinels.iter().filter(|o| *o != s) {
-                ckquorum(&mut connect(o)?, cx.master, deadline)?;
+                cx.kept
+                    .ask(o, deadline, |c| ckquorum(c, cx.master, deadline))?;
             }
-            let mut c = connect(s)?;
-            let flags = master_entry(&mut c, cx.master, deadline)?
+            let flags = cx
+                .kept
+                .ask(s, deadline, |c| master_entry(c, cx.master, deadline))?
                 .remove("flags")
                 .unwrap_or_default();
             if flags.split(',').any(|f| f.starts_with("failover")) {
@@ -574,11 +595,13 @@ fn forget_gone(
             why: Box::new(why),
             source: Box::new(source),
         })?;
-        connect(s).and_then(|mut c| reset(&mut c, cx.master, deadline))?;
+        cx.kept
+            .ask(s, deadline, |c| reset(c, cx.master, deadline))?;
         until(deadline, || {
-            let mut c = connect(s)?;
-            ckquorum(&mut c, cx.master, deadline)?;
-            knows_exactly(&mut c, cx.master, others, replicas, deadline)
+            cx.kept.ask(s, deadline, |c| {
+                ckquorum(c, cx.master, deadline)?;
+                knows_exactly(c, cx.master, others, replicas, deadline)
+            })
         })
         .map_err(StepError::NotBackAfterReset)?;
     }

@@ -240,13 +240,14 @@ pub fn replica_ready_for_sentinels(
         endpoint: replica,
         run_id: None,
     };
-    replica_ready_for_sentinels_by(tls, server_name, sentinels, master, id, deadline)
+    let kept = super::kept::Kept::new(tls, server_name);
+    replica_ready_for_sentinels_by(&kept, sentinels, master, id, deadline)
 }
 
-/// `replica_ready_for_sentinels`, the replica found in Sentinel's lists by `id`.
+/// `replica_ready_for_sentinels`, the replica found in Sentinel's lists by `id`, each sentinel
+/// asked on the connection `kept` holds for it.
 pub fn replica_ready_for_sentinels_by(
-    tls: &super::TlsClient,
-    server_name: &str,
+    kept: &super::kept::Kept<'_>,
     sentinels: &[String],
     master: &str,
     id: ReplicaId<'_>,
@@ -254,8 +255,7 @@ pub fn replica_ready_for_sentinels_by(
 ) -> Result<(), RedisError> {
     let replica = id.endpoint;
     for s in sentinels {
-        let mut c = Connection::connect(tls, s, server_name, deadline)?;
-        let seen = replicas(&mut c, master, deadline)?;
+        let seen = kept.ask(s, deadline, |c| replicas(c, master, deadline))?;
         let ready = seen.iter().any(|p| {
             id.is(p)
                 && p.healthy()

@@ -28,9 +28,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::kept::Kept;
 use super::replication::{info_replication, Role};
 use super::resp::Connection;
-use super::sentinel::{master_entry, primary_addr, replica_ready_for_sentinels};
+use super::sentinel::{master_entry, primary_addr, replica_ready_for_sentinels_by, ReplicaId};
 use super::tls::TlsClient;
 use super::{pause_until, same_address, split_host_port, RedisError};
 
@@ -298,12 +299,17 @@ fn ready_to_pause<'a>(
     info: &super::replication::Replication,
     pause_by: Instant,
 ) -> Result<(Sentinels<'a>, Duration), RedisError> {
+    // Asked every 100 ms until Sentinel's next INFO of the replica (up to 10 s): on kept
+    // connections.
+    let kept = Kept::new(tls, server_name);
     for r in &info.replicas {
-        let endpoint = r.endpoint();
+        let id = ReplicaId {
+            endpoint: &r.endpoint(),
+            run_id: None,
+        };
         loop {
-            let ready = answering_sentinels(tls, server_name, sentinels, pause_by).and_then(|a| {
-                replica_ready_for_sentinels(tls, server_name, &a, master, &endpoint, pause_by)
-            });
+            let ready = answering_sentinels(&kept, sentinels, pause_by)
+                .and_then(|a| replica_ready_for_sentinels_by(&kept, &a, master, id, pause_by));
             match ready {
                 Ok(()) => break,
                 Err(e) if Instant::now() + POLL >= pause_by => return Err(e),
@@ -311,10 +317,10 @@ fn ready_to_pause<'a>(
             }
         }
     }
-    let answering = answering_sentinels(tls, server_name, sentinels, pause_by)?;
-    let mut kept = Sentinels::new(tls, server_name, &answering);
-    let down_after = down_after(&mut kept, master, pause_by)?;
-    Ok((kept, down_after))
+    let answering = answering_sentinels(&kept, sentinels, pause_by)?;
+    let mut asked = Sentinels::new(tls, server_name, &answering);
+    let down_after = down_after(&mut asked, master, pause_by)?;
+    Ok((asked, down_after))
 }
 
 /// How long writes are first paused, until `SENTINEL FAILOVER` is about to be sent: a pause
@@ -327,18 +333,18 @@ pub fn first_pause(down_after: Duration) -> Duration {
     (down_after * 3 / 4).min(PAUSE)
 }
 
-/// The sentinels that accept a connection within `OP_TIMEOUT`, if a majority of all: one that
+/// The sentinels that answer a PING within `OP_TIMEOUT`, if a majority of all: one that
 /// stops answering neither authorizes nor misdirects, and must not hold the switchover.
 fn answering_sentinels(
-    tls: &TlsClient,
-    server_name: &str,
+    kept: &Kept<'_>,
     sentinels: &[String],
     deadline: Instant,
 ) -> Result<Vec<String>, RedisError> {
     let mut answering = Vec::new();
     let mut silent = Vec::new();
     for s in sentinels {
-        match Connection::connect(tls, s, server_name, soon(deadline)) {
+        let op = soon(deadline);
+        match kept.ask(s, op, |c| c.call(&["PING"], op)) {
             Ok(_) => answering.push(s.clone()),
             Err(e) => silent.push(e.to_string()),
         }
