@@ -277,10 +277,10 @@ fn precondition(obs: &Observation, ns: &str, name: &str) -> Precondition {
     }
 }
 
-/// The CA key Secret with the new materials, pending (and the rotation record when phased).
-fn save_pending(i: &Publication) -> SecretWrite {
-    let ns = &i.destinations.dssm_ns;
-    let data = match i.content {
+/// What the pending CA key Secret holds: the CA and its key, the new leaf, key and DH params,
+/// and for a phased rotation the deployed CA, leaf and key it starts from. None without a key.
+fn pending_data(i: &Publication) -> Option<SecretData> {
+    match i.content {
         ToPublish::Bundle {
             bundle,
             ca_key: Some(key),
@@ -319,7 +319,13 @@ fn save_pending(i: &Publication) -> SecretWrite {
             Some(SecretData(d))
         }
         _ => None,
-    };
+    }
+}
+
+/// The CA key Secret with the new materials, pending (and the rotation record when phased).
+fn save_pending(i: &Publication) -> SecretWrite {
+    let ns = &i.destinations.dssm_ns;
+    let data = pending_data(i);
     let mut ann = BTreeMap::from([
         (annotations::REVISION.to_string(), i.revision.to_string()),
         (annotations::STATE.to_string(), "pending".to_string()),

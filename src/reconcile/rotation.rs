@@ -183,13 +183,7 @@ async fn drive_from(
         let step = next_in_rotation(&state, &record, &seen);
         tracing::debug!(?step, "rotation step");
         let phase = record.phase;
-        let acts = matches!(
-            step,
-            RotationStep::WritePhase { .. }
-                | RotationStep::RollDssm { .. }
-                | RotationStep::RollTarget { .. }
-        );
-        if let (Some(r), true) = (restart, acts && checked != Some(phase)) {
+        if let (Some(r), true) = (restart, acts(&step) && checked != Some(phase)) {
             phase_preflight(cluster, r, phase, out).await?;
             checked = Some(phase);
         }
@@ -219,10 +213,7 @@ async fn drive_from(
             }
             (RotationStep::AdvancePhase { to, .. }, _) => {
                 phase_rolled(cluster, &obs, phase, None, out).await;
-                let mut record = record;
-                record.phase = to;
-                record.rolled.clear();
-                save_record(cluster, &obs, &record).await?;
+                advance_phase(cluster, &obs, record, to).await?;
             }
             (RotationStep::FinishRotation, _) => {
                 let restarts = Restarts::since(start);
@@ -231,6 +222,28 @@ async fn drive_from(
             }
         }
     }
+}
+
+/// Whether `step` writes or rolls (then the phase's pre-flight must have passed in this run).
+fn acts(step: &RotationStep) -> bool {
+    matches!(
+        step,
+        RotationStep::WritePhase { .. }
+            | RotationStep::RollDssm { .. }
+            | RotationStep::RollTarget { .. }
+    )
+}
+
+/// Records that the rotation moved on to phase `to`, nothing rolled in it yet.
+async fn advance_phase(
+    cluster: &Cluster,
+    obs: &crate::cluster::Observation,
+    mut record: Record,
+    to: Phase,
+) -> Result<(), ReconcileError> {
+    record.phase = to;
+    record.rolled.clear();
+    save_record(cluster, obs, &record).await
 }
 
 /// Before a phase's first write, and on every resume: every dSSM pod Ready (and the rest of the

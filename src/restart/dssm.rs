@@ -524,36 +524,13 @@ impl Restarter<'_> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let work = tokio::task::spawn_blocking(move || {
             let tool = TlsClient::new(&materials, crate::redis::ClientIdentity::Presented)?;
-            let clients = |ms: &[ClientMaterials]| {
-                ms.iter()
-                    .map(|m| TlsClient::new(m, crate::redis::ClientIdentity::Presented))
-                    .collect::<Result<Vec<_>, _>>()
-            };
-            // What a proof accepts is pinned to the deployed leaf (the dSSM copy's): served
-            // byte for byte, verified on the path that leaf decides, whatever is served.
-            let deployed = &materials.leaf_cert;
-            let pinned = TlsClient::pinned_to(
-                &materials,
-                crate::redis::ClientIdentity::Presented,
-                deployed,
-            )?;
-            let accepts = extra
-                .accepts
-                .iter()
-                .map(|m| TlsClient::pinned_to(m, crate::redis::ClientIdentity::Presented, deployed))
-                .collect::<Result<Vec<_>, _>>()?;
-            let refuses = clients(&extra.refuses)?;
+            let clients = ProofClients::new(&materials, &extra)?;
             let observed = observe(&live, &pods, &tool, &server_name, &ns)?;
             let mut steps = rollout::plan(&observed)?;
             if extra.keep_sentinels {
                 keep_sentinels(&mut steps);
             }
-            let mut proof = Proof {
-                serves: Some(fingerprint),
-                accepts: vec![&pinned],
-                refuses: refuses.iter().collect(),
-            };
-            proof.accepts.extend(accepts.iter());
+            let proof = clients.proof(fingerprint);
             let say = |line: String| drop(tx.send(line));
             pods.proven = skip_proven(&mut steps, &pods, (&tool, &server_name), &proof, say);
             for s in &steps {
@@ -569,19 +546,7 @@ impl Restarter<'_> {
                 reload_timeout: step_timeout,
             };
             rollout::execute(&steps, &mut pods, &cx, |s: &RollStep, took| {
-                let restart = matches!(
-                    s,
-                    RollStep::RestartSentinel { .. } | RollStep::RestartDb { .. }
-                );
-                let line = if restart && proven.contains(s.pod()) {
-                    format!(
-                        "  not restarted: {}: it already runs these materials",
-                        s.pod()
-                    )
-                } else {
-                    format!("  done: {s} ({:.1} s)", took.as_secs_f64())
-                };
-                let _ = tx.send(line);
+                let _ = tx.send(done_line(s, took, &proven));
             })?;
             Ok::<_, DssmRollError>(())
         });
@@ -591,6 +556,59 @@ impl Restarter<'_> {
         work.await
             .expect("the dSSM rollout panicked")
             .map_err(|e| RestartError::DssmRoll(Box::new(e)))
+    }
+}
+
+/// The clients of a phase's proof handshakes. What must be accepted is pinned to the deployed
+/// leaf (the dSSM copy's): served byte for byte, verified on the path that leaf decides,
+/// whatever is served. What must be refused is a plain client of its materials.
+struct ProofClients {
+    pinned: TlsClient,
+    accepts: Vec<TlsClient>,
+    refuses: Vec<TlsClient>,
+}
+
+impl ProofClients {
+    fn new(
+        materials: &ClientMaterials,
+        extra: &PhaseProof,
+    ) -> Result<Self, crate::redis::tls::TlsSetupError> {
+        let deployed = &materials.leaf_cert;
+        let pin = |m: &ClientMaterials| {
+            TlsClient::pinned_to(m, crate::redis::ClientIdentity::Presented, deployed)
+        };
+        Ok(ProofClients {
+            pinned: pin(materials)?,
+            accepts: extra.accepts.iter().map(pin).collect::<Result<_, _>>()?,
+            refuses: (extra.refuses.iter())
+                .map(|m| TlsClient::new(m, crate::redis::ClientIdentity::Presented))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The proof: `fingerprint` served, these clients accepted and refused.
+    fn proof(&self, fingerprint: String) -> Proof<'_> {
+        Proof {
+            serves: Some(fingerprint),
+            accepts: std::iter::once(&self.pinned).chain(&self.accepts).collect(),
+            refuses: self.refuses.iter().collect(),
+        }
+    }
+}
+
+/// The progress line of a finished roll step: a restart the resumed run skipped says so.
+fn done_line(s: &RollStep, took: Duration, proven: &std::collections::BTreeSet<String>) -> String {
+    let restart = matches!(
+        s,
+        RollStep::RestartSentinel { .. } | RollStep::RestartDb { .. }
+    );
+    if restart && proven.contains(s.pod()) {
+        format!(
+            "  not restarted: {}: it already runs these materials",
+            s.pod()
+        )
+    } else {
+        format!("  done: {s} ({:.1} s)", took.as_secs_f64())
     }
 }
 
