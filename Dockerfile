@@ -3,8 +3,8 @@
 # the final stage is distroless "cc" (glibc, libssl3), non-root, no shell.
 #
 # Both base images are pinned by digest: a tag moves, a digest does not. To update one, read
-# the digest the registry serves for the tag now, then replace the sha256 below (README,
-# "Container image"):
+# the digest the registry serves for the tag now, then replace the sha256 below
+# (docs/commands.md, "Container image"):
 #   crane digest rust:1-bookworm
 #   crane digest gcr.io/distroless/cc-debian12:nonroot
 # (or `docker buildx imagetools inspect <image>`, `skopeo inspect docker://<image>`).

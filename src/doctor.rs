@@ -95,17 +95,27 @@ fn secret_volumes(template: &PodTemplateSpec) -> Vec<String> {
 }
 
 /// dSSM containers that mount the Secrets with `subPath`: kubelet never updates such a file, so
-/// a DB cannot reload in place and must be restarted (the primary through a switchover).
+/// a DB cannot reload in place and must be restarted (the primary through a switchover). Only
+/// the Redis container counts when it can be told from its sidecars, as in the roll
+/// (`mounts_secrets_with_sub_path`): a sidecar's `subPath` mount restarts nothing.
 pub fn sub_path_mounts(w: &Workload) -> Vec<Finding> {
     if w.role != Role::Dssm {
         return vec![];
     }
     let volumes = secret_volumes(&w.template);
     let spec = w.template.spec.clone().unwrap_or_default();
-    spec.init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
+    let containers: Vec<&k8s_openapi::api::core::v1::Container> =
+        match crate::model::pods::redis_container(&spec) {
+            Ok(redis) => vec![redis],
+            Err(_) => spec
+                .init_containers
+                .iter()
+                .flatten()
+                .chain(&spec.containers)
+                .collect(),
+        };
+    containers
+        .into_iter()
         .flat_map(|c| {
             c.volume_mounts.iter().flatten().filter_map(|m| {
                 let sub = m.sub_path.as_deref().filter(|s| !s.is_empty())?;

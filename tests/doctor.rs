@@ -235,6 +235,26 @@ fn subpath_mounts_operator_owners_untargeted_mounts_and_a_blocking_budget_are_ea
     assert_eq!(report["findings"][0]["status"], "critical", "{report:#}");
 }
 
+/// Issue 22: doctor judged a sidecar's `subPath` mount as the DB's and warned that a rotation
+/// restarts each pod, while the roll (which looks at the Redis container only) reloads in place.
+#[test]
+fn a_sidecars_sub_path_mount_is_not_a_redis_sub_path_warning() {
+    let env = published_spk();
+    // An exporter listed first mounts the CA with subPath; the Redis container mounts the
+    // Secrets as directories.
+    support::objects::dssm_sidecar_first(&env.server, &env.dssm_ns);
+    let (_, report, err) = doctor(&env, &[]);
+    let f = found(&report);
+    assert!(
+        !f.iter().any(|(c, _, _)| c == "sub-path"),
+        "a sidecar's subPath mount was judged as Redis's: {report:#}{err}"
+    );
+    assert!(
+        !f.iter().any(|(c, _, _)| c == "redis-container"),
+        "the Redis container was not told from the sidecar: {report:#}{err}"
+    );
+}
+
 #[test]
 fn each_permission_the_tools_service_account_lacks_is_named_and_critical() {
     let env = published_spk();

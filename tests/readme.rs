@@ -343,7 +343,7 @@ impl Cluster {
         let python = repo().join(".venv/bin/python");
         assert!(
             python.exists(),
-            "{} is missing: run scripts/setup",
+            "{} is missing: run scripts/setup-tests",
             python.display()
         );
         let (code, out, err) = output(

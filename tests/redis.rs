@@ -1,5 +1,5 @@
 //! Real Redis: what dssm-certs generates really works for dSSM (Redis DB + Sentinel over mutual
-//! TLS), before and after a rotation. Needs redis-server and redis-sentinel (scripts/setup); a
+//! TLS), before and after a rotation. Needs redis-server and redis-sentinel (scripts/setup-tests); a
 //! missing binary fails the test.
 
 use testkit as support;
