@@ -555,6 +555,15 @@ fn drift(seen: &Seen, w: &Winner, now: i64, policy: Policy) -> Option<Plan> {
         // never the copy's bytes.
         source.ca_cert = trust_bundle(&source.ca_cert);
     }
+    // The leaf from its DER and the DH params as OpenSSL re-encodes them (PKCS#3): nothing of
+    // the winning copy's bytes around them is spread to the others.
+    let leaf = trust_bundle(&source.leaf_cert);
+    if !leaf.is_empty() {
+        source.leaf_cert = leaf;
+    }
+    if let Ok(dh) = pki::dhparams::DhParams::validate(&source.dhparams, "DH params") {
+        source.dhparams = dh.pem().to_vec();
+    }
     p.bundle_to_write = Some(source);
     p.repair_from = Some(w.ns.clone());
     Some(p)
@@ -1239,6 +1248,18 @@ pub(crate) mod tests {
         }
     }
 
+    /// What a repair writes when the dSSM copy is missing and the TMM copy `noisy` (under
+    /// `ours`' stored CA) wins.
+    fn repaired_from(ours: &Made, noisy: &Bundle) -> Bundle {
+        let copies = vec![
+            copy("dssm", None, Owner::Us),
+            copy("tmm", Some(noisy), Owner::Us),
+        ];
+        let p = plan(&copies, &ca_key_secret(ours, None), now(), policy());
+        assert_eq!(p.action, Action::Repair, "{:?}", p.reasons);
+        p.bundle_to_write.unwrap()
+    }
+
     /// A repair writes the stored CAs from their DER: text around the PEM blocks of the winning
     /// copy's bundle is not copied.
     #[test]
@@ -1246,13 +1267,7 @@ pub(crate) mod tests {
         let ours = made(1, 1000, 365);
         let mut noisy = ours.bundle.clone();
         noisy.ca_cert = [b"junk before\n", &ours.bundle.ca_cert[..], b"junk after\n"].concat();
-        let copies = vec![
-            copy("dssm", None, Owner::Us),
-            copy("tmm", Some(&noisy), Owner::Us),
-        ];
-        let p = plan(&copies, &ca_key_secret(&ours, None), now(), policy());
-        assert_eq!(p.action, Action::Repair, "{:?}", p.reasons);
-        let src = p.bundle_to_write.unwrap();
+        let src = repaired_from(&ours, &noisy);
         assert!(!src.ca_cert.windows(4).any(|w| w == b"junk"));
         assert_eq!(
             pki::parse_certificate(&src.ca_cert, "x").unwrap().der(),
@@ -1260,6 +1275,36 @@ pub(crate) mod tests {
                 .unwrap()
                 .der()
         );
+    }
+
+    /// Issue 24: a repair spread the winning copy's leaf and DH files byte for byte, text
+    /// around them included; it writes what was parsed, re-encoded.
+    #[test]
+    fn a_repair_writes_the_leaf_and_dh_params_re_encoded_not_the_copys_bytes() {
+        let ours = made(1, 1000, 365);
+        let mut noisy = ours.bundle.clone();
+        noisy.leaf_cert = [
+            b"junk before\n",
+            &ours.bundle.leaf_cert[..],
+            b"junk after\n",
+        ]
+        .concat();
+        noisy.dhparams = [b"junk before\n", &ours.bundle.dhparams[..]].concat();
+        let src = repaired_from(&ours, &noisy);
+        for (name, bytes) in [("leaf", &src.leaf_cert), ("DH params", &src.dhparams)] {
+            assert!(
+                !bytes.windows(4).any(|w| w == b"junk"),
+                "{name} kept the copy's bytes"
+            );
+        }
+        assert_eq!(
+            pki::parse_certificate(&src.leaf_cert, "x").unwrap().der(),
+            pki::parse_certificate(&ours.bundle.leaf_cert, "x")
+                .unwrap()
+                .der()
+        );
+        let canonical = pki::dhparams::DhParams::validate(&ours.bundle.dhparams, "x").unwrap();
+        assert_eq!(src.dhparams, canonical.pem());
     }
 
     /// A second leaf under `m`'s CA.
