@@ -133,68 +133,69 @@ fn the_chart_ships_the_same_policy_file() {
     );
 }
 
+/// Every patch comes from `dssm_certs::model::tmm_patches`, the builders the cluster layer sends:
+/// a patch the tool starts to send and the policy refuses fails here, not in a rotation.
 #[test]
 fn every_change_the_tool_makes_to_a_tmm_workload_is_allowed() {
+    use dssm_certs::model::tmm_patches;
     let deployment = tmm("Deployment");
     let daemonset = tmm("DaemonSet");
-    let ours = |k: &str, v: Value| json!({"metadata": {"annotations": {k: v}}});
-    let stop = json!({"spec": {"template": {"spec": {"nodeSelector": {annotations::STOP_NODE_SELECTOR: "true"}}}}});
-    let start = json!({"spec": {"template": {"spec": {"nodeSelector": {annotations::STOP_NODE_SELECTOR: null}}}}});
-    let stopped = merge(&daemonset, &stop);
+    let ours = |k: &str, v: Option<&str>| tmm_patches::annotate(&[(k, v)]);
+    let stopped = merge(&daemonset, &tmm_patches::stop_daemonset());
     let mut bare = tmm("DaemonSet");
     bare["spec"]["template"]["spec"]
         .as_object_mut()
         .unwrap()
         .remove("nodeSelector");
-    let bare_stopped = merge(&bare, &stop);
+    let bare_stopped = merge(&bare, &tmm_patches::stop_daemonset());
     let mut bare_started = bare_stopped.clone();
     // The API server drops the emptied map.
     bare_started["spec"]["template"]["spec"]
         .as_object_mut()
         .unwrap()
         .remove("nodeSelector");
-    let marked = merge(&deployment, &ours(annotations::RESTART_NEEDED, json!("3")));
+    let marked = merge(&deployment, &ours(annotations::RESTART_NEEDED, Some("3")));
+    let restart = tmm_patches::rollout_restart("2026-12-07T04:00:00Z", "3:1");
     let cases = [
-        // The restart marks and records: set, then removed.
+        // The restart marks and records: set, then removed, several in one patch.
         update(
             WRITER,
             &deployment,
-            &ours(annotations::RESTART_NEEDED, json!("3")),
+            &ours(annotations::RESTART_NEEDED, Some("3")),
+        ),
+        update(WRITER, &marked, &ours(annotations::RESTART_NEEDED, None)),
+        update(
+            WRITER,
+            &deployment,
+            &ours(annotations::TMM_REPLICAS, Some("2")),
+        ),
+        update(
+            WRITER,
+            &daemonset,
+            &ours(annotations::TMM_RESTARTED, Some("3")),
         ),
         update(
             WRITER,
             &marked,
-            &ours(annotations::RESTART_NEEDED, Value::Null),
-        ),
-        update(
-            WRITER,
-            &deployment,
-            &ours(annotations::TMM_REPLICAS, json!("2")),
-        ),
-        update(
-            WRITER,
-            &daemonset,
-            &ours(annotations::TMM_RESTARTED, json!("3")),
+            &tmm_patches::annotate(&[
+                (annotations::RESTART_NEEDED, None),
+                (annotations::TMM_ROLL, None),
+            ]),
         ),
         // Scale to zero and back (a patch of the Deployment; the scale subresource carries
         // nothing but replicas and is not matched).
-        update(WRITER, &deployment, &json!({"spec": {"replicas": 0}})),
-        // `rollout restart`.
-        update(
-            WRITER,
-            &deployment,
-            &json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": "2026-12-07T04:00:00Z"}}}}}),
-        ),
-        update(
-            WRITER,
-            &daemonset,
-            &json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": "2026-12-07T04:00:00Z"}}}}}),
-        ),
+        update(WRITER, &deployment, &tmm_patches::scale(0)),
+        update(WRITER, &deployment, &tmm_patches::scale(2)),
+        // `rollout restart` with the roll record in the same patch, and the record alone (the
+        // server's clock read off its stamp).
+        update(WRITER, &deployment, &restart),
+        update(WRITER, &daemonset, &restart),
+        update(WRITER, &deployment, &tmm_patches::roll_record("pending")),
         // A DaemonSet stopped and started by its nodeSelector key, with and without the
         // operator's own nodeSelector.
-        update(WRITER, &daemonset, &stop),
-        update(WRITER, &stopped, &start),
-        update(WRITER, &bare, &stop),
+        update(WRITER, &daemonset, &tmm_patches::stop_daemonset()),
+        update(WRITER, &stopped, &tmm_patches::start_daemonset()),
+        update(WRITER, &bare, &tmm_patches::stop_daemonset()),
         json!({"request": request(WRITER, "daemonsets", "UPDATE"), "object": bare_started, "oldObject": bare_stopped}),
     ];
     for (case, answer) in cases.iter().zip(evaluate(&cases)) {

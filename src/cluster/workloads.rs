@@ -8,8 +8,8 @@ use kube::Api;
 
 use super::watch::watch_until;
 use super::{call, Cluster, ClusterError};
-use crate::materials::annotations::{STOP_NODE_SELECTOR, TMM_ROLL};
 use crate::model::targets::{Kind, TmmTarget, Workload};
+use crate::model::tmm_patches;
 
 fn pp() -> PatchParams {
     PatchParams {
@@ -91,11 +91,7 @@ impl Cluster {
         t: &TmmTarget,
         changes: &[(&str, Option<&str>)],
     ) -> Result<(), ClusterError> {
-        let ann: serde_json::Map<String, serde_json::Value> = changes
-            .iter()
-            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
-            .collect();
-        let patch = serde_json::json!({"metadata": {"annotations": ann}});
+        let patch = tmm_patches::annotate(changes);
         self.patch_target(t, &t.to_string(), &patch).await?;
         Ok(())
     }
@@ -117,7 +113,7 @@ impl Cluster {
         match t.kind {
             Kind::Deployment => self.scale_deployment(t, 0).await,
             Kind::DaemonSet => {
-                let patch = serde_json::json!({"spec": {"template": {"spec": {"nodeSelector": {STOP_NODE_SELECTOR: "true"}}}}});
+                let patch = tmm_patches::stop_daemonset();
                 self.patch_target(t, &format!("{t} (stop: nodeSelector)"), &patch)
                     .await?;
                 Ok(())
@@ -131,7 +127,7 @@ impl Cluster {
         match t.kind {
             Kind::Deployment => self.scale_deployment(t, replicas).await,
             Kind::DaemonSet => {
-                let patch = serde_json::json!({"spec": {"template": {"spec": {"nodeSelector": {STOP_NODE_SELECTOR: null}}}}});
+                let patch = tmm_patches::start_daemonset();
                 self.patch_target(t, &format!("{t} (start: nodeSelector)"), &patch)
                     .await?;
                 Ok(())
@@ -141,7 +137,7 @@ impl Cluster {
 
     async fn scale_deployment(&self, t: &TmmTarget, replicas: i32) -> Result<(), ClusterError> {
         let api = self.deployments_in(&t.namespace);
-        let patch = serde_json::json!({"spec": {"replicas": replicas}});
+        let patch = tmm_patches::scale(replicas);
         let patch = Patch::Merge(&patch);
         let pp = pp();
         let what = format!("{t} (scale)");
@@ -158,10 +154,7 @@ impl Cluster {
         now: &str,
         record: &str,
     ) -> Result<i64, ClusterError> {
-        let patch = serde_json::json!({
-            "metadata": {"annotations": {TMM_ROLL: record}},
-            "spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}
-        });
+        let patch = tmm_patches::rollout_restart(now, record);
         self.patch_target(t, &format!("{t} (rollout restart)"), &patch)
             .await
     }
@@ -175,7 +168,7 @@ impl Cluster {
         t: &TmmTarget,
         pending: &str,
     ) -> Result<Option<k8s_openapi::jiff::Timestamp>, ClusterError> {
-        let patch = serde_json::json!({"metadata": {"annotations": {TMM_ROLL: pending}}});
+        let patch = tmm_patches::roll_record(pending);
         let patch = Patch::Merge(&patch);
         let (pp, what) = (pp(), format!("{t} (roll record)"));
         let meta = match t.kind {

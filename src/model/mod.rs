@@ -6,3 +6,4 @@ pub mod pods;
 pub mod restarts;
 pub mod rotation;
 pub mod targets;
+pub mod tmm_patches;
