@@ -21,7 +21,7 @@ use super::reload::{check_proof, reload_tls, Proof};
 use super::replication::{info_replication, info_server, Role};
 use super::sentinel::{
     ckquorum, in_quorum_and_sees_the_others, knows_exactly, master_entry,
-    replica_ready_for_sentinels_by, reset, ReplicaId,
+    replica_ready_for_sentinels_by, reset, since_primary_info, wait_before_reset, ReplicaId,
 };
 use super::switchover::{agreed_primary, paused_switchover};
 use super::tls::TlsClient;
@@ -560,20 +560,68 @@ fn switch_away_from(
 
 /// `RollStep::ForgetGone`: one sentinel at a time, never during a failover (a reset aborts it),
 /// only while the others hold a quorum without it, and each back to exactly the live sentinels
-/// and replicas before the next is touched.
+/// and replicas before the next is touched. A reset sentinel relearns its replicas only at its
+/// next `INFO` of the primary: the one whose `INFO` comes soonest goes first, and its reset is
+/// sent just before that `INFO`, so that it is without replicas for about a second, not up to
+/// ten, and resets need not wait out a whole period each.
 fn forget_gone(
     cx: &Roll<'_, '_>,
     sentinels: &[String],
     others: usize,
     replicas: usize,
 ) -> Result<(), StepError> {
-    for s in sentinels {
+    let mut left: Vec<&String> = sentinels.iter().collect();
+    loop {
         let deadline = Instant::now() + cx.step_timeout;
-        let exact = cx.kept.ask(s, deadline, |c| {
-            knows_exactly(c, cx.master, others, replicas, deadline)
-        });
-        let Err(why) = exact else { continue };
-        until(deadline, || {
+        let mut due = Vec::new();
+        for s in left {
+            let exact = cx.kept.ask(s, deadline, |c| {
+                knows_exactly(c, cx.master, others, replicas, deadline)
+            });
+            if let Err(why) = exact {
+                due.push((wait_before_reset(info_since(cx, s, deadline)), s, why));
+            }
+        }
+        due.sort_by_key(|(wait, s, _)| (*wait, *s));
+        let mut due = due.into_iter();
+        let Some((_, s, why)) = due.next() else {
+            return Ok(());
+        };
+        reset_before_its_next_info(cx, s, sentinels, why)?;
+        let back = Instant::now() + cx.step_timeout;
+        until(back, || {
+            cx.kept.ask(s, back, |c| {
+                ckquorum(c, cx.master, back)?;
+                knows_exactly(c, cx.master, others, replicas, back)
+            })
+        })
+        .map_err(StepError::NotBackAfterReset)?;
+        left = due.map(|(_, s, _)| s).collect();
+    }
+}
+
+/// How long ago sentinel `s` had the primary's `INFO` (None if it cannot say).
+fn info_since(cx: &Roll<'_, '_>, s: &str, deadline: Instant) -> Option<Duration> {
+    let entry = cx
+        .kept
+        .ask(s, deadline, |c| master_entry(c, cx.master, deadline));
+    entry.ok().as_ref().and_then(since_primary_info)
+}
+
+/// Resets sentinel `s` (which remembers gone peers: `why`) `RESET_LEAD` before its next `INFO`
+/// of the primary, once the others hold a quorum without it and no failover is under way. Checks
+/// that took long enough to let that `INFO` pass wait for the next one; past the deadline, the
+/// reset is sent anyway (a sentinel that never says when it had the `INFO` is reset at once).
+fn reset_before_its_next_info(
+    cx: &Roll<'_, '_>,
+    s: &str,
+    sentinels: &[String],
+    why: RedisError,
+) -> Result<(), StepError> {
+    let deadline = Instant::now() + cx.step_timeout;
+    loop {
+        pause_until(deadline, wait_before_reset(info_since(cx, s, deadline)));
+        let quiet = until(deadline, || {
             for o in sentinels.iter().filter(|o| *o != s) {
                 cx.kept
                     .ask(o, deadline, |c| ckquorum(c, cx.master, deadline))?;
@@ -589,23 +637,22 @@ fn forget_gone(
                 )));
             }
             Ok(())
-        })
-        .map_err(|source| StepError::NotReset {
-            sentinel: s.clone(),
-            why: Box::new(why),
-            source: Box::new(source),
-        })?;
-        cx.kept
-            .ask(s, deadline, |c| reset(c, cx.master, deadline))?;
-        until(deadline, || {
-            cx.kept.ask(s, deadline, |c| {
-                ckquorum(c, cx.master, deadline)?;
-                knows_exactly(c, cx.master, others, replicas, deadline)
-            })
-        })
-        .map_err(StepError::NotBackAfterReset)?;
+        });
+        if let Err(source) = quiet {
+            return Err(StepError::NotReset {
+                sentinel: s.to_string(),
+                why: Box::new(why),
+                source: Box::new(source),
+            });
+        }
+        let ready = wait_before_reset(info_since(cx, s, deadline)).is_zero();
+        if ready || Instant::now() >= deadline {
+            break;
+        }
     }
-    Ok(())
+    Ok(cx
+        .kept
+        .ask(s, deadline, |c| reset(c, cx.master, deadline))?)
 }
 
 #[cfg(test)]

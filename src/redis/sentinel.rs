@@ -2,7 +2,7 @@
 //! monitors, and whether a quorum could authorize a failover (`SENTINEL CKQUORUM`).
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::resp::{Connection, Value};
 use super::RedisError;
@@ -160,9 +160,35 @@ pub fn master_entry(
     Ok(fields)
 }
 
+/// How often a sentinel asks the primary for `INFO` (Redis' `SENTINEL_INFO_PERIOD`; only
+/// `SENTINEL DEBUG` changes it). The replicas a sentinel knows come from that `INFO` alone.
+pub const INFO_PERIOD: Duration = Duration::from_secs(10);
+
+/// How long before a sentinel's next `INFO` of the primary its reset is sent: room for the
+/// checks before the reset, the reset itself and the sentinel's reconnect (it sends the `INFO`
+/// on its first ~100 ms tick past the period).
+pub const RESET_LEAD: Duration = Duration::from_millis(1500);
+
+/// How long ago this sentinel last had the primary's `INFO` (`info-refresh` in its
+/// `SENTINEL MASTER` entry), if it says.
+pub fn since_primary_info(entry: &BTreeMap<String, String>) -> Option<Duration> {
+    let ms: u64 = entry.get("info-refresh")?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// How long to wait so that a reset lands `RESET_LEAD` before the sentinel's next `INFO` of the
+/// primary: nothing if that `INFO` is already as close (or overdue, or the sentinel did not say
+/// when it had the last).
+pub fn wait_before_reset(since: Option<Duration>) -> Duration {
+    since.map_or(Duration::ZERO, |s| {
+        INFO_PERIOD.saturating_sub(RESET_LEAD).saturating_sub(s)
+    })
+}
+
 /// `SENTINEL RESET <master>`: the sentinel forgets every other sentinel and every replica it
-/// knows for `master` (and any failover state), then relearns the live ones: replicas from the
-/// primary's INFO at once, sentinels from their hello messages (every 2 s).
+/// knows for `master` (and any failover state), then relearns the live ones: sentinels from
+/// their hello messages (every 2 s), replicas only at its next `INFO` of the primary, which the
+/// reset does not bring forward (up to `INFO_PERIOD` later).
 pub fn reset(conn: &mut Connection, master: &str, deadline: Instant) -> Result<(), RedisError> {
     match conn.call(&["SENTINEL", "RESET", master], deadline)? {
         Value::Int(1) => Ok(()),
@@ -284,6 +310,24 @@ pub fn replica_ready_for_sentinels_by(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reset_waits_until_the_sentinels_next_info_of_the_primary_is_a_lead_away() {
+        let entry = |ms: &str| BTreeMap::from([("info-refresh".to_string(), ms.to_string())]);
+        let wait = |ms: &str| wait_before_reset(since_primary_info(&entry(ms)));
+        // Had the INFO 2 s ago: the next comes in 8 s, the reset 1.5 s before it.
+        assert_eq!(wait("2000"), Duration::from_millis(6500));
+        assert_eq!(wait("0"), INFO_PERIOD - RESET_LEAD);
+        // Within the lead, overdue, or not said: at once.
+        assert_eq!(wait("8500"), Duration::ZERO);
+        assert_eq!(wait("9900"), Duration::ZERO);
+        assert_eq!(wait("25000"), Duration::ZERO);
+        assert_eq!(wait("soon"), Duration::ZERO);
+        assert_eq!(
+            wait_before_reset(since_primary_info(&BTreeMap::new())),
+            Duration::ZERO
+        );
+    }
 
     fn bulk(s: &str) -> Value {
         Value::Bulk(Some(s.as_bytes().to_vec()))

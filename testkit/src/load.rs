@@ -215,6 +215,8 @@ pub struct Figures {
     pub sentinel_starts: usize,
     pub db_starts: usize,
     pub db_reloads: u64,
+    /// The longest any sentinel went without its replicas after a reset (None: no reset).
+    pub blind_after_reset: Option<Duration>,
     /// Why the first few failed operations failed (both attempts), so a failure names its cause.
     pub failures: Vec<String>,
 }
@@ -245,6 +247,12 @@ impl Figures {
         assert!(self.min_dbs_up >= 2, "{what}: {self:?}");
         assert!(self.min_sentinels_up >= 2, "{what}: {self:?}");
         assert_eq!(self.no_ready_tmm, Duration::ZERO, "{what}: {self:?}");
+        if let Some(blind) = self.blind_after_reset {
+            assert!(
+                blind < RESET_BLIND_BOUND,
+                "{what}: a reset sentinel was without its replicas for {blind:?}: {self:?}"
+            );
+        }
         assert!(
             self.longest_gap <= gap,
             "{what}: a write gap over {gap:?}: {self:?}"
@@ -258,12 +266,19 @@ impl Figures {
         self.db_starts = t.db_starts;
         self.sentinel_starts = t.sentinel_starts;
         self.db_reloads = t.db_reloads();
+        self.blind_after_reset = t.longest_without_replicas_after_reset();
     }
 }
 
 /// The longest a client may go without an acknowledged write while a rotation nobody notices
 /// runs (a paused switchover included, also one that aborts or meets a silent sentinel).
 pub const WRITE_GAP_BOUND: Duration = Duration::from_secs(2);
+
+/// The longest a sentinel may go without its replicas after the roll resets it. It relearns
+/// them only at its next `INFO` of the primary (every 10 s, a clock the reset does not move): the
+/// tool sends the reset about 1.5 s before that `INFO` (1.56-1.58 s measured); a reset sent at
+/// once leaves the sentinel unable to lead a failover for 0-10 s (10.0 s measured).
+pub const RESET_BLIND_BOUND: Duration = Duration::from_secs(4);
 
 /// The same through a paused switchover of the primary: under 2 s on a quiet machine (1.7 s
 /// measured with load average ~6 on 2 cores), up to 3.4 s measured at load average ~18.

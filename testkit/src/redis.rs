@@ -303,6 +303,15 @@ impl Topology {
         self.procs.iter().filter(|p| p.role == Role::Sentinel)
     }
 
+    /// The longest any sentinel went without its replicas after a `SENTINEL RESET`: from a
+    /// `+reset-master` in its log (which every start of it appends to) to its next `+slave`, when
+    /// it relearned them from the primary's `INFO`. None if no sentinel was reset.
+    pub fn longest_without_replicas_after_reset(&self) -> Option<Duration> {
+        self.sentinels()
+            .flat_map(|p| blind_after_resets(&p.log()))
+            .max()
+    }
+
     /// redis-cli against `port`, as a client holding the files in `mount`.
     pub fn cli(&self, mount: &Path, port: u16, args: &[&str]) -> String {
         cli_with(mount, port, args)
@@ -706,4 +715,30 @@ fn pipe(
             Err(_) => return,
         }
     }
+}
+
+/// From a sentinel's log, each time from a `+reset-master` to the next `+slave` (a reset never
+/// followed by one is left out: the roll waits for it, and a test that stops earlier says so).
+fn blind_after_resets(log: &str) -> Vec<Duration> {
+    // `pid:X 07 Dec 2026 21:33:04.123 # +reset-master master ...`: the time of day, in ms.
+    let at = |line: &str| -> Option<u64> {
+        let t = line.split_whitespace().nth(4)?;
+        let (hms, ms) = t.split_once('.')?;
+        let mut parts = hms.split(':').map(|x| x.parse::<u64>().ok());
+        let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+        Some(((h * 60 + m) * 60 + s) * 1000 + ms.parse::<u64>().ok()?)
+    };
+    let mut out = Vec::new();
+    let mut reset_at = None;
+    for line in log.lines() {
+        if line.contains(" +reset-master ") {
+            reset_at = at(line);
+        } else if line.contains(" +slave ") {
+            if let (Some(r), Some(s)) = (reset_at.take(), at(line)) {
+                const DAY: u64 = 24 * 3600 * 1000;
+                out.push(Duration::from_millis((s + DAY - r) % DAY));
+            }
+        }
+    }
+    out
 }
