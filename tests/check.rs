@@ -937,10 +937,13 @@ fn check_dir_warns_of_an_appended_ca_it_cannot_place() {
 /// chains OpenSSL refuses: a SHA-1-signed leaf, a keyUsage that forbids TLS, a malformed
 /// extendedKeyUsage (read as "no EKU"), an unknown critical extension, and an anchor that is
 /// not self-signed. OpenSSL now judges each chain, as a TLS server and as a TLS client
-/// certificate at auth level 2; the real `openssl verify` agrees on every case. (RSA: ring,
-/// behind x509-parser, verifies SHA-1 RSA signatures but not SHA-1 ECDSA ones.)
+/// certificate at auth level 2; the real `openssl verify` agrees on every case, and so does the
+/// planner: each refused copy is replaced as invalid, naming its Secret (the cases
+/// `check_and_plan_agree_on_every_case` does not build). (RSA: ring, behind x509-parser,
+/// verifies SHA-1 RSA signatures but not SHA-1 ECDSA ones.)
 #[test]
 fn chains_openssl_refuses_are_critical_and_unusable() {
+    use dssm_certs::plan::{self, Action, CaKeySecretState, CopyState};
     let tmp = tempdir();
     let d = tmp.path();
     sh(
@@ -999,6 +1002,22 @@ fn chains_openssl_refuses_are_critical_and_unusable() {
         );
         let (code, json) = check_json(&dir, &[]);
         let chain = check_named(&json, "chain");
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let state = plan::evaluate_copy(&copy_obs(&dir), now);
+        let p = plan::plan(
+            &[copy_obs(&dir)],
+            &CaKeySecretState::Missing,
+            now,
+            plan::Policy::default(),
+        );
+        match (&state, refused) {
+            (CopyState::Valid { .. }, None) => {}
+            (CopyState::Invalid(why), Some(_)) => {
+                assert!(why.contains("spk-utilities/dssm-"), "{name}: {why}");
+                assert_eq!(p.action, Action::ReplaceInvalid, "{name}: {:?}", p.reasons);
+            }
+            _ => panic!("{name}: the planner says {state:?}, OpenSSL refused: {refused:?}"),
+        }
         match refused {
             None => {
                 assert_eq!(code, 0, "{name}: {json:#}");

@@ -482,18 +482,23 @@ fn db_caught_up(
     let target = cx.kept.ask(&primary, deadline, |p| {
         Ok(info_replication(p, deadline)?.master_repl_offset)
     })?;
-    // The primary moves on under load: caught up = reached where it was a moment ago.
-    loop {
+    // The primary moves on under load: caught up = reached where it was a moment ago. A link
+    // that drops meanwhile (a new sync) sends the gate back to its start, and so does a replica
+    // still behind after `CATCH_UP_POLLS`: the error the step ends with is then the condition
+    // that held it, not the last few milliseconds of this loop.
+    const CATCH_UP_POLLS: u32 = 100;
+    for poll in 1.. {
         let now = cx
             .kept
             .ask(endpoint, deadline, |c| info_replication(c, deadline))?;
         if now.replica_offset.unwrap_or(-1) >= target {
             break;
         }
-        if Instant::now() + POLL >= deadline {
+        if !now.link_up || poll >= CATCH_UP_POLLS || Instant::now() + POLL >= deadline {
             return Err(RedisError::Topology(format!(
-                "{endpoint}: offset {:?} behind the primary's {target}",
-                now.replica_offset
+                "{endpoint}: offset {:?} behind the primary's {target} (replica link {})",
+                now.replica_offset,
+                if now.link_up { "up" } else { "down" }
             )));
         }
         pause_until(deadline, POLL / 5);

@@ -3,8 +3,9 @@
 //! primary after the chosen replica's last sync); pausing writes first closes that window.
 //!
 //! `CLIENT PAUSE WRITE` on the primary (with a timeout, so a crashed caller never leaves it
-//! paused), wait until every replica's offset reaches the primary's, `SENTINEL FAILOVER` (asked
-//! of the sentinels on connections opened before the pause and kept through it), wait
+//! paused), wait until every replica's offset reaches the primary's, `SENTINEL FAILOVER` (the
+//! sentinels and replicas are asked on connections opened before the pause and kept through it:
+//! no handshake inside it unless one breaks), wait
 //! until the sentinels agree on the new primary and it says so (and, briefly, until every sentinel
 //! that answers names it), make sure the old one follows it
 //! (`REPLICAOF` if Sentinel has not yet), disconnect its clients (normal and subscribers) so
@@ -71,62 +72,46 @@ pub struct Switchover {
     pub replicaof_sent: bool,
 }
 
-/// Connections to the sentinels kept open through a switchover, each opened on first use and
-/// again after an error. A new connection per question cost each sentinel an RSA-4096 signature
-/// per poll (three every 20 ms while paused), on the single thread that must also run the
-/// failover: the pause then lasted seconds longer on a loaded machine.
+/// The sentinels asked through a switchover, on connections opened before the pause and kept
+/// through it. A new connection per question cost each sentinel an RSA-4096 signature per poll
+/// (three every 20 ms while paused), on the single thread that must also run the failover: the
+/// pause then lasted seconds longer on a loaded machine. The replicas' connections are kept in
+/// the same `Kept`.
 struct Sentinels<'a> {
-    tls: &'a TlsClient,
-    server_name: &'a str,
-    links: Vec<(String, Option<Connection>)>,
+    kept: Kept<'a>,
+    endpoints: Vec<String>,
 }
 
 impl<'a> Sentinels<'a> {
-    fn new(tls: &'a TlsClient, server_name: &'a str, endpoints: &[String]) -> Self {
-        let links = endpoints.iter().map(|e| (e.clone(), None)).collect();
+    fn new(kept: Kept<'a>, endpoints: &[String]) -> Self {
         Sentinels {
-            tls,
-            server_name,
-            links,
+            kept,
+            endpoints: endpoints.to_vec(),
         }
     }
 
     fn len(&self) -> usize {
-        self.links.len()
+        self.endpoints.len()
     }
 
     fn endpoint(&self, i: usize) -> &str {
-        &self.links[i].0
+        &self.endpoints[i]
     }
 
-    /// Asks sentinel `i` on its kept connection (connecting first, by `op`, if it has none); an
-    /// error closes the connection (a reply may be left half-read).
+    /// Asks sentinel `i` on its kept connection (connecting first, by `op`, if it has none),
+    /// once: an error closes the connection.
     fn ask<T>(
         &mut self,
         i: usize,
         op: Instant,
         question: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
     ) -> Result<T, RedisError> {
-        let (endpoint, link) = &mut self.links[i];
-        let conn = match link {
-            Some(c) => c,
-            None => link.insert(Connection::connect(
-                self.tls,
-                endpoint,
-                self.server_name,
-                op,
-            )?),
-        };
-        let answer = question(conn);
-        if answer.is_err() {
-            *link = None;
-        }
-        answer
+        self.kept.ask_once(&self.endpoints[i], op, question)
     }
 
     /// Forgets the sentinels in `gone`.
     fn without(mut self, gone: &[String]) -> Self {
-        self.links.retain(|(e, _)| !gone.contains(e));
+        self.endpoints.retain(|e| !gone.contains(e));
         self
     }
 
@@ -155,7 +140,7 @@ pub fn agreed_primary(
     master: &str,
     deadline: Instant,
 ) -> Option<String> {
-    Sentinels::new(tls, server_name, sentinels).agreed_primary(master, deadline)
+    Sentinels::new(Kept::new(tls, server_name), sentinels).agreed_primary(master, deadline)
 }
 
 /// How long the pause may wait for the last sentinels to learn the promotion.
@@ -258,8 +243,6 @@ pub fn paused_switchover_disconnecting(
         first.as_secs_f64()
     );
     let moved = move_while_paused(
-        tls,
-        server_name,
         answering,
         master,
         &old,
@@ -318,7 +301,13 @@ fn ready_to_pause<'a>(
         }
     }
     let answering = answering_sentinels(&kept, sentinels, pause_by)?;
-    let mut asked = Sentinels::new(tls, server_name, &answering);
+    // The replicas too are asked inside the pause (their offsets, the promoted one's role):
+    // connected now. One that does not answer is asked again inside it, within `OP_TIMEOUT`.
+    for r in &info.replicas {
+        let op = soon(pause_by);
+        let _ = kept.ask(&r.endpoint(), op, |c| c.call(&["PING"], op));
+    }
+    let mut asked = Sentinels::new(kept, &answering);
     let down_after = down_after(&mut asked, master, pause_by)?;
     Ok((asked, down_after))
 }
@@ -395,8 +384,7 @@ fn down_after(
 /// whichever Sentinel picks loses nothing. Asked of the replicas themselves (the primary learns
 /// their offsets only once a second), each connection and command within `OP_TIMEOUT`.
 fn wait_caught_up(
-    tls: &TlsClient,
-    server_name: &str,
+    kept: &Kept<'_>,
     old: &str,
     primary: &mut Connection,
     by: Instant,
@@ -405,24 +393,16 @@ fn wait_caught_up(
     let info = info_replication(primary, soon(by))?;
     let target = info.master_repl_offset;
     let endpoints: Vec<String> = info.replicas.iter().map(|r| r.endpoint()).collect();
-    let mut replicas: Vec<Option<Connection>> = endpoints.iter().map(|_| None).collect();
     loop {
         let mut behind = Vec::new();
-        for (r, endpoint) in replicas.iter_mut().zip(&endpoints) {
-            let me = match r {
-                Some(c) => info_replication(c, soon(by)),
-                None => Connection::connect(tls, endpoint, server_name, soon(by))
-                    .and_then(|c| info_replication(r.insert(c), soon(by))),
-            };
+        for endpoint in &endpoints {
+            let op = soon(by);
             // At least: the paused primary still sends its replicas PINGs, which move the
             // offset past `target` after it was read (equality then never comes).
-            match me {
+            match kept.ask_once(endpoint, op, |c| info_replication(c, op)) {
                 Ok(me) if me.link_up && me.replica_offset.is_some_and(|o| o >= target) => {}
                 Ok(me) => behind.push(format!("{endpoint} at {:?}", me.replica_offset)),
-                Err(e) => {
-                    *r = None;
-                    behind.push(e.to_string());
-                }
+                Err(e) => behind.push(e.to_string()),
             }
         }
         if behind.is_empty() {
@@ -439,15 +419,13 @@ fn wait_caught_up(
 }
 
 fn move_while_paused(
-    tls: &TlsClient,
-    server_name: &str,
     mut sentinels: Sentinels<'_>,
     master: &str,
     old: &str,
     primary: &mut Connection,
     (paused_at, catch_up, first, who): (Instant, Duration, Duration, Disconnect),
 ) -> Result<(String, bool, Duration, Duration), RedisError> {
-    wait_caught_up(tls, server_name, old, primary, paused_at + catch_up)?;
+    wait_caught_up(&sentinels.kept, old, primary, paused_at + catch_up)?;
     let caught_up_after = paused_at.elapsed();
     let extended_at = extend_pause(old, primary, paused_at + first)?;
     // Every wait below ends before the pause does: the outcome is known while writes wait.
@@ -475,8 +453,7 @@ fn move_while_paused(
         if let Some(p) = sentinels.agreed_primary(master, deadline) {
             if !same_address(&p, old) {
                 let op = soon(deadline);
-                let promoted = Connection::connect(tls, &p, server_name, op)
-                    .and_then(|mut c| info_replication(&mut c, op));
+                let promoted = sentinels.kept.ask_once(&p, op, |c| info_replication(c, op));
                 if matches!(promoted, Ok(ref i) if i.role == Role::Primary) {
                     break p;
                 }
