@@ -1621,18 +1621,7 @@ fn the_default_rotation_rides_out_a_10_s_api_outage() {
     let mut log = format!("{}{}", first.1, first.2);
     if first.0 != 0 {
         // The next run, once the stopped run's Lease expired.
-        let start = std::time::Instant::now();
-        loop {
-            let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
-            log.push_str(&out);
-            log.push_str(&err);
-            if code == 0 {
-                break;
-            }
-            assert_eq!(code, 5, "{log}");
-            assert!(start.elapsed() < Duration::from_secs(30), "{log}");
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        reconcile_until_finished(&env, &bed, &mut log, |_, _| false);
     }
     let (f, b) = dssm_pods::finish(bed, load);
     assert_eq!(
@@ -1723,6 +1712,29 @@ fn rolling_crash_matrix(signal: i32) -> Vec<String> {
         }
         Some(point)
     })
+}
+
+/// `reconcile` on the bed until a run succeeds, as the next runs of the CronJob would, within
+/// 60 s; what each run said is appended to `log`. A run may be refused with 5 (the stopped
+/// run's Lease has not expired yet) or as `also_refused(code, stderr)` allows; nothing else.
+fn reconcile_until_finished(
+    env: &TestEnv,
+    bed: &dssm_pods::Bed,
+    log: &mut String,
+    also_refused: impl Fn(i32, &str) -> bool,
+) {
+    let start = std::time::Instant::now();
+    loop {
+        let (code, out, err) = dssm_pods::run(env, bed, &["reconcile"]);
+        log.push_str(&out);
+        log.push_str(&err);
+        if code == 0 {
+            return;
+        }
+        assert!(code == 5 || also_refused(code, &err), "{log}");
+        assert!(start.elapsed() < Duration::from_secs(60), "{log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// How an interrupted rolling rotation ends once a later run has finished it: both namespaces'
@@ -2168,23 +2180,11 @@ fn a_rolling_rotation_killed_inside_the_switchovers_pause_loses_nothing_and_is_f
         resumed_after <= pause + Duration::from_secs(10),
         "writes resumed {resumed_after:?} after the kill"
     );
-    let start = std::time::Instant::now();
-    loop {
-        let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
-        log.push_str(&out);
-        log.push_str(&err);
-        if code == 0 {
-            break;
-        }
-        // 5: the dead holder's Lease has not expired yet. 4: the switchover the killed run
-        // began is still settling (the old primary, paused, says primary beside the promoted
-        // one): refused before any pod is touched, for a later run.
-        let settling =
-            code == 4 && err.contains("expected exactly one; wait until the sentinels settle");
-        assert!(code == 5 || settling, "{log}");
-        assert!(start.elapsed() < Duration::from_secs(60), "{log}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    // 4: the switchover the killed run began is still settling (the old primary, paused, says
+    // primary beside the promoted one): refused before any pod is touched, for a later run.
+    reconcile_until_finished(&env, &bed, &mut log, |code, err| {
+        code == 4 && err.contains("expected exactly one; wait until the sentinels settle")
+    });
     let (f, b) = dssm_pods::finish(bed, load);
     assert_finished_with_tmm_rolled_once(&env, &b, "killed inside the pause", &log);
     assert!(f.acked > 0 && f.reads > 0, "{f:?}");
@@ -2529,18 +2529,7 @@ fn a_rolling_rotation_sent_sigterm_inside_the_switchovers_pause_ends_it_stops_an
     assert!(log.contains("interrupted by a signal"), "{log}");
     // The step in which the signal came ended: the primary moved before the run stopped.
     assert!(!log.contains("unpaused with the outcome unknown"), "{log}");
-    let start = std::time::Instant::now();
-    loop {
-        let (code, out, err) = dssm_pods::run(&env, &bed, &["reconcile"]);
-        log.push_str(&out);
-        log.push_str(&err);
-        if code == 0 {
-            break;
-        }
-        assert_eq!(code, 5, "{log}");
-        assert!(start.elapsed() < Duration::from_secs(60), "{log}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    reconcile_until_finished(&env, &bed, &mut log, |_, _| false);
     let (f, b) = dssm_pods::finish(bed, load);
     assert_finished_with_tmm_rolled_once(&env, &b, "SIGTERM inside the pause", &log);
     f.assert_unnoticed_with_switchover("SIGTERM inside the switchover's pause");

@@ -234,6 +234,7 @@ impl Figures {
     }
 
     fn assert_unnoticed_within(&self, what: &str, gap: Duration) {
+        self.record(what, gap);
         assert!(
             self.acked > 0 && self.samples > 0,
             "{what}: no load: {self:?}"
@@ -261,6 +262,38 @@ impl Figures {
 }
 
 impl Figures {
+    /// Appends this run's figures to the file `DSSM_TEST_FIGURES` names, if set (one line, tab
+    /// separated: what, longest write gap and its bound in ms, retried, failed after retry,
+    /// lost, longest time a reset sentinel was without replicas in ms or `-`): `scripts/test`
+    /// sets it and prints the longest gaps of the whole suite, so that every CI log shows the
+    /// measured figures beside their bounds.
+    fn record(&self, what: &str, bound: Duration) {
+        use std::io::Write;
+        let Some(path) = std::env::var_os("DSSM_TEST_FIGURES") else {
+            return;
+        };
+        let blind = self
+            .blind_after_reset
+            .map_or("-".to_string(), |b| b.as_millis().to_string());
+        let line = format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{blind}\n",
+            what.replace(['\t', '\n'], " "),
+            self.longest_gap.as_millis(),
+            bound.as_millis(),
+            self.retried,
+            self.failed_after_retry,
+            self.lost,
+        );
+        // One short write in append mode: lines from parallel tests do not interleave.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+        if let Ok(mut f) = file {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+
     /// Adds the process starts and DB reloads `t` counted.
     pub fn with_restarts(&mut self, t: &Topology) {
         self.db_starts = t.db_starts;
