@@ -1621,7 +1621,13 @@ fn the_default_rotation_rides_out_a_10_s_api_outage() {
     let mut log = format!("{}{}", first.1, first.2);
     if first.0 != 0 {
         // The next run, once the stopped run's Lease expired.
-        reconcile_until_finished(&env, &bed, &mut log, |_, _| false);
+        reconcile_until_finished(
+            &env,
+            &bed,
+            ("a 10 s API outage", Duration::from_secs(30)),
+            &mut log,
+            |_, _| false,
+        );
     }
     let (f, b) = dssm_pods::finish(bed, load);
     assert_eq!(
@@ -1715,11 +1721,12 @@ fn rolling_crash_matrix(signal: i32) -> Vec<String> {
 }
 
 /// `reconcile` on the bed until a run succeeds, as the next runs of the CronJob would, within
-/// 60 s; what each run said is appended to `log`. A run may be refused with 5 (the stopped
+/// `within`; what each run said is appended to `log`. A run may be refused with 5 (the stopped
 /// run's Lease has not expired yet) or as `also_refused(code, stderr)` allows; nothing else.
 fn reconcile_until_finished(
     env: &TestEnv,
     bed: &dssm_pods::Bed,
+    (what, within): (&str, Duration),
     log: &mut String,
     also_refused: impl Fn(i32, &str) -> bool,
 ) {
@@ -1731,8 +1738,8 @@ fn reconcile_until_finished(
         if code == 0 {
             return;
         }
-        assert!(code == 5 || also_refused(code, &err), "{log}");
-        assert!(start.elapsed() < Duration::from_secs(60), "{log}");
+        assert!(code == 5 || also_refused(code, &err), "{what}: {log}");
+        assert!(start.elapsed() < within, "{what}: {log}");
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -2182,7 +2189,8 @@ fn a_rolling_rotation_killed_inside_the_switchovers_pause_loses_nothing_and_is_f
     );
     // 4: the switchover the killed run began is still settling (the old primary, paused, says
     // primary beside the promoted one): refused before any pod is touched, for a later run.
-    reconcile_until_finished(&env, &bed, &mut log, |code, err| {
+    let what = ("killed inside the pause", Duration::from_secs(60));
+    reconcile_until_finished(&env, &bed, what, &mut log, |code, err| {
         code == 4 && err.contains("expected exactly one; wait until the sentinels settle")
     });
     let (f, b) = dssm_pods::finish(bed, load);
@@ -2333,23 +2341,6 @@ impl InsideSentinelStep {
     }
 }
 
-/// Runs `reconcile` (as the next CronJob run would) until it is not locked out by a dead run's
-/// Lease (exit 5) and succeeds, within 30 s; its output goes to `log`.
-fn reconcile_until_it_runs(env: &TestEnv, bed: &dssm_pods::Bed, what: &str, log: &mut String) {
-    let start = std::time::Instant::now();
-    loop {
-        let (code, out, err) = dssm_pods::run(env, bed, &["reconcile"]);
-        log.push_str(&out);
-        log.push_str(&err);
-        if code == 0 {
-            return;
-        }
-        assert_eq!(code, 5, "{what}: {log}");
-        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {log}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
 /// `rotate` (defaults: rolling, leaf renewal) on the real-process bed, killed (-9) at `point`
 /// inside the sentinel step, then `reconcile` until it runs (the dead run's Lease expires):
 /// the rotation ends complete with TMM rolled once, nobody notices, and every sentinel knows
@@ -2383,7 +2374,13 @@ fn killed_inside_the_sentinel_step(point: InsideSentinelStep) {
     child.wait().unwrap();
     let what = format!("killed -9 inside the sentinel step ({point:?})");
     let mut log = std::fs::read_to_string(&log).unwrap_or_default();
-    reconcile_until_it_runs(&env, &bed, &what, &mut log);
+    reconcile_until_finished(
+        &env,
+        &bed,
+        (&what, Duration::from_secs(30)),
+        &mut log,
+        |_, _| false,
+    );
     let (f, b, mut topology) = dssm_pods::finish_keeping(bed, load);
     assert_finished_with_tmm_rolled_once(&env, &b, &what, &log);
     f.assert_unnoticed(&what);
@@ -2487,7 +2484,13 @@ fn signalled_between_a_pair(
     );
     let what = format!("signal {signal} between the {pair:?} certs and keys writes");
     let mut log = std::fs::read_to_string(&log).unwrap_or_default();
-    reconcile_until_it_runs(&env, &bed, &what, &mut log);
+    reconcile_until_finished(
+        &env,
+        &bed,
+        (&what, Duration::from_secs(30)),
+        &mut log,
+        |_, _| false,
+    );
     let (f, b) = dssm_pods::finish(bed, load);
     eprintln!("{what}: {f:?}\n{log}");
     assert_finished_with_tmm_rolled_once(&env, &b, &what, &log);
@@ -2529,7 +2532,8 @@ fn a_rolling_rotation_sent_sigterm_inside_the_switchovers_pause_ends_it_stops_an
     assert!(log.contains("interrupted by a signal"), "{log}");
     // The step in which the signal came ended: the primary moved before the run stopped.
     assert!(!log.contains("unpaused with the outcome unknown"), "{log}");
-    reconcile_until_finished(&env, &bed, &mut log, |_, _| false);
+    let what = ("SIGTERM inside the pause", Duration::from_secs(60));
+    reconcile_until_finished(&env, &bed, what, &mut log, |_, _| false);
     let (f, b) = dssm_pods::finish(bed, load);
     assert_finished_with_tmm_rolled_once(&env, &b, "SIGTERM inside the pause", &log);
     f.assert_unnoticed_with_switchover("SIGTERM inside the switchover's pause");

@@ -35,27 +35,11 @@ impl<'a> Kept<'a> {
         deadline: Instant,
         question: impl Fn(&mut Connection) -> Result<T, RedisError>,
     ) -> Result<T, RedisError> {
-        let connect = || Connection::connect(self.tls, endpoint, self.server_name, deadline);
-        let kept = self.links.borrow_mut().remove(endpoint);
-        let (conn, answer) = match kept {
-            Some(mut c) => match question(&mut c) {
-                Err(RedisError::Io { .. }) => {
-                    let mut c = connect()?;
-                    let answer = question(&mut c);
-                    (c, answer)
-                }
-                answer => (c, answer),
-            },
-            None => {
-                let mut c = connect()?;
-                let answer = question(&mut c);
-                (c, answer)
-            }
-        };
-        if answer.is_ok() {
-            self.links.borrow_mut().insert(endpoint.to_string(), conn);
+        let kept = self.links.borrow().contains_key(endpoint);
+        match self.ask_once(endpoint, deadline, &question) {
+            Err(RedisError::Io { .. }) if kept => self.ask_once(endpoint, deadline, &question),
+            answer => answer,
         }
-        answer
     }
 
     /// `ask`, never sent twice: a failed question closes the connection (a reply may be left
