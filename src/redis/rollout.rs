@@ -613,10 +613,11 @@ fn info_since(cx: &Roll<'_, '_>, s: &str, deadline: Instant) -> Option<Duration>
     entry.ok().as_ref().and_then(since_primary_info)
 }
 
-/// Resets sentinel `s` (which remembers gone peers: `why`) `RESET_LEAD` before its next `INFO`
-/// of the primary, once the others hold a quorum without it and no failover is under way. Checks
-/// that took long enough to let that `INFO` pass wait for the next one; past the deadline, the
-/// reset is sent anyway (a sentinel that never says when it had the `INFO` is reset at once).
+/// Resets sentinel `s` (which remembers gone peers: `why`) between `RESET_LEAD` and
+/// `RESET_LATEST` before its next `INFO` of the primary, once the others hold a quorum without it
+/// and no failover is under way. Checks that took long enough to pass that window wait for the
+/// next `INFO`'s; past the deadline, the reset is sent anyway (a sentinel that never says when it
+/// had the `INFO` is reset at once).
 fn reset_before_its_next_info(
     cx: &Roll<'_, '_>,
     s: &str,

@@ -164,10 +164,19 @@ pub fn master_entry(
 /// `SENTINEL DEBUG` changes it). The replicas a sentinel knows come from that `INFO` alone.
 pub const INFO_PERIOD: Duration = Duration::from_secs(10);
 
-/// How long before a sentinel's next `INFO` of the primary its reset is sent: room for the
-/// checks before the reset, the reset itself and the sentinel's reconnect (it sends the `INFO`
-/// on its first ~100 ms tick past the period).
+/// How long before a sentinel's next `INFO` of the primary its reset is sent at the earliest:
+/// room for the checks before the reset, the reset itself and the sentinel's reconnect (it
+/// sends the `INFO` on its first ~100 ms tick past the period).
 pub const RESET_LEAD: Duration = Duration::from_millis(1500);
+
+/// How long before that `INFO` a reset is sent at the latest. Later, the reply to that `INFO`
+/// could land just before the reset, which would then leave the sentinel without replicas for
+/// a whole period: the reset waits for the next `INFO` instead.
+pub const RESET_LATEST: Duration = Duration::from_millis(500);
+
+/// How overdue a sentinel's `INFO` of the primary may be and still be expected: past it, its
+/// link to the primary is down, no `INFO` is coming, and nothing is gained by waiting.
+pub const INFO_STALE: Duration = Duration::from_secs(3);
 
 /// How long ago this sentinel last had the primary's `INFO` (`info-refresh` in its
 /// `SENTINEL MASTER` entry), if it says.
@@ -176,13 +185,22 @@ pub fn since_primary_info(entry: &BTreeMap<String, String>) -> Option<Duration> 
     Some(Duration::from_millis(ms))
 }
 
-/// How long to wait so that a reset lands `RESET_LEAD` before the sentinel's next `INFO` of the
-/// primary: nothing if that `INFO` is already as close (or overdue, or the sentinel did not say
-/// when it had the last).
+/// How long to wait so that a reset lands between `RESET_LEAD` and `RESET_LATEST` before the
+/// sentinel's next `INFO` of the primary. Nothing within that window, or when the sentinel
+/// did not say when it had the last `INFO`, or when that `INFO` is stale; the next `INFO`'s
+/// window when this one's has passed (that `INFO` may be in flight).
 pub fn wait_before_reset(since: Option<Duration>) -> Duration {
-    since.map_or(Duration::ZERO, |s| {
-        INFO_PERIOD.saturating_sub(RESET_LEAD).saturating_sub(s)
-    })
+    let Some(since) = since else {
+        return Duration::ZERO;
+    };
+    let earliest = INFO_PERIOD - RESET_LEAD;
+    if since < earliest {
+        earliest - since
+    } else if since <= INFO_PERIOD - RESET_LATEST || since >= INFO_PERIOD + INFO_STALE {
+        Duration::ZERO
+    } else {
+        (INFO_PERIOD + earliest).saturating_sub(since)
+    }
 }
 
 /// `SENTINEL RESET <master>`: the sentinel forgets every other sentinel and every replica it
@@ -318,9 +336,16 @@ mod tests {
         // Had the INFO 2 s ago: the next comes in 8 s, the reset 1.5 s before it.
         assert_eq!(wait("2000"), Duration::from_millis(6500));
         assert_eq!(wait("0"), INFO_PERIOD - RESET_LEAD);
-        // Within the lead, overdue, or not said: at once.
+        // Within the window: at once.
         assert_eq!(wait("8500"), Duration::ZERO);
-        assert_eq!(wait("9900"), Duration::ZERO);
+        assert_eq!(wait("9500"), Duration::ZERO);
+        // Past it: the INFO may be in flight, and its reply land just before the reset (a
+        // fresh-clone CI run had a reset sentinel without replicas for 10.03 s). The next one's.
+        assert_eq!(wait("9900"), Duration::from_millis(8600));
+        assert_eq!(wait("10050"), Duration::from_millis(8450));
+        assert_eq!(wait("12900"), Duration::from_millis(5600));
+        // Stale (the sentinel's link to the primary is down) or not said: at once.
+        assert_eq!(wait("13000"), Duration::ZERO);
         assert_eq!(wait("25000"), Duration::ZERO);
         assert_eq!(wait("soon"), Duration::ZERO);
         assert_eq!(
