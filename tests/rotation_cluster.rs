@@ -645,3 +645,94 @@ fn a_ca_rotation_killed_after_tmm_rolled_keeps_no_old_ca_key_and_rolls_tmm_once(
     assert_eq!(f.db_starts, 0, "no DB restarted: {f:?}");
     f.assert_unnoticed("CA rotation killed after TMM rolled, resumed");
 }
+
+/// The stand-in kubelet mounts a recreated dSSM pod's volume from the Secret as it is then, as
+/// kubelet does for a new pod (no sync delay), subPath or not. It used to start the process on
+/// the mounts' last sync: a pod recreated within the delay of a rotation's write served the old
+/// leaf, and the roll's gate waited out its whole step (3 of 35 runs of the SIGTERM-in-the-pause
+/// test).
+#[test]
+fn a_dssm_pod_recreated_right_after_a_secret_change_serves_the_new_leaf() {
+    use base64::Engine;
+    use dssm_certs::redis::{ClientIdentity, ClientMaterials, Connection, TlsClient};
+    let env = support::dssm_pods::published();
+    let (bed, load) = Bed::start(&env, LoadConfig::default());
+    load.settle();
+    let ns = env.dssm_ns.clone();
+    let data = |name: &str, key: &str| {
+        let v = env.secret(&ns, name).unwrap()["data"][key].clone();
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap())
+            .unwrap()
+    };
+    // A leaf renewal, as a rotation writes it: the same CA, a new leaf and key.
+    let ca = support::load::Ca {
+        cert: data("dssm-certs-secret", "dssm-ca.crt"),
+        key: dssm_certs::pki::PrivateKey::from_pem(
+            &data("dssm-ca-key-secret", "dssm-ca.key"),
+            "ca",
+        )
+        .unwrap(),
+    };
+    let (cert, key) = ca.leaf(365);
+    let key = key.to_pkcs8_pem();
+    let dh = data("dssm-certs-secret", "dhparam2048.pem");
+    env.put_secret(
+        &ns,
+        "dssm-certs-secret",
+        &[
+            ("dssm-ca.crt", &ca.cert),
+            ("dssm-cert.crt", &cert),
+            ("dhparam2048.pem", &dh),
+        ],
+    );
+    env.put_secret(&ns, "dssm-keys-secret", &[("dssm-key.key", &key)]);
+    // At once: well within the stand-in kubelet's sync delay of the running pods' mounts.
+    let gone = env
+        .server
+        .delete("", "pods", &ns, "f5-dssm-sentinel-2")
+        .expect("the pod");
+    // Its replacement Ready: the stand-in kubelet started its process (it says Ready once the
+    // process answers).
+    support::redis::wait_for("the replacement pod Ready", Duration::from_secs(20), || {
+        let p = env.server.get("", "pods", &ns, "f5-dssm-sentinel-2")?;
+        let ready = p["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        (p["metadata"]["uid"] != gone["metadata"]["uid"] && ready).then_some(())
+    });
+    let endpoint = bed
+        .redis_endpoints
+        .split(',')
+        .find_map(|e| e.strip_prefix("f5-dssm-sentinel-2="))
+        .unwrap()
+        .to_string();
+    let files = support::tempdir();
+    support::load::write_materials(
+        files.path(),
+        &ca.cert,
+        &cert,
+        &dssm_certs::pki::PrivateKey::from_pem(&key, "leaf").unwrap(),
+    );
+    let tls = TlsClient::new(
+        &ClientMaterials::from_dir(files.path()).unwrap(),
+        ClientIdentity::Presented,
+    )
+    .unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&cert).unwrap();
+    let expected = dssm_certs::redis::tls::fingerprint(&pem.contents);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let served = Connection::connect(&tls, &endpoint, "f5-dssm-sentinel", deadline)
+        .unwrap()
+        .served_fingerprint()
+        .map(str::to_string);
+    assert_eq!(
+        served,
+        Some(expected),
+        "the recreated sentinel serves the new leaf"
+    );
+    finish(bed, load)
+        .0
+        .assert_unnoticed("a pod recreated right after a Secret change");
+}

@@ -354,8 +354,12 @@ impl Bed {
                     figures.no_ready_tmm += now - last;
                 }
                 last = now;
-                dssm_sync.tick(dssm_secret);
-                // dSSM: a deleted pod stops its process, its replacement starts it.
+                dssm_sync.tick(dssm_secret.clone());
+                // dSSM: a deleted pod stops its process, its replacement starts it on the
+                // Secret as it is now (kubelet mounts a new pod's volume from the current Secret,
+                // with no sync delay; subPath or not). Started on the mount as last synced, a
+                // pod recreated within the delay served the old leaf and the roll's gate waited
+                // out its whole step (3 of 35 runs of the SIGTERM-in-the-pause test).
                 for p in &dssm {
                     let Some(name) = p["metadata"]["name"].as_str() else {
                         continue;
@@ -372,6 +376,13 @@ impl Bed {
                     } else if running.get(&proc) != Some(&id) {
                         if t.running(&proc) {
                             t.stop_proc(&proc);
+                        }
+                        if let Some(files) = &dssm_secret {
+                            let dir = write_files(&dssm_sync.staging.join("new-pod"), files);
+                            KubeletMount {
+                                dir: t.get(&proc).mount.clone(),
+                            }
+                            .swap(&dir);
                         }
                         t.start_proc(&proc);
                         figures.started += 1;
