@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 static BUSY: AtomicUsize = AtomicUsize::new(0);
+static HONOURED: AtomicBool = AtomicBool::new(false);
 
 /// Asks every roll of this process to start no further step.
 pub fn request() {
@@ -17,11 +18,24 @@ pub fn request() {
 /// Forgets a stop asked for earlier (a long-running agent starts a new pass).
 pub fn clear() {
     REQUESTED.store(false, Ordering::SeqCst);
+    HONOURED.store(false, Ordering::SeqCst);
 }
 
 /// Whether a stop was asked for: a roll checks it before each step.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Said by a roll that stops for the stop asked for, before it returns.
+pub fn honour() {
+    HONOURED.store(true, Ordering::SeqCst);
+}
+
+/// Whether a roll stopped for the stop asked for: the work then ends with that roll's error,
+/// which is the stop's outcome, not a failure (it may end before `at_safe_point` is polled
+/// again).
+pub fn honoured() -> bool {
+    HONOURED.load(Ordering::SeqCst)
 }
 
 /// A step in progress, until dropped.
@@ -65,9 +79,13 @@ mod tests {
         assert!(waited.is_err(), "a safe point inside a step");
         drop(step);
         rt.block_on(at_safe_point());
+        assert!(!honoured());
         request();
         assert!(requested());
+        honour();
+        assert!(honoured());
         clear();
         assert!(!requested());
+        assert!(!honoured());
     }
 }

@@ -153,7 +153,13 @@ async fn until_sigterm<T, E>(
     tokio::select! {
         biased;
         () = crate::stop::at_safe_point() => Err(stop(cluster, command).await),
-        r = &mut work => Ok(r),
+        // A roll that stopped for the signal ends the work with its "not started" error:
+        // that is this stop, not a failed step (the roll's thread can end between two polls
+        // of `at_safe_point`).
+        r = &mut work => match r {
+            Err(_) if crate::stop::honoured() => Err(stop(cluster, command).await),
+            r => Ok(r),
+        },
     }
 }
 

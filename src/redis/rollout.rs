@@ -327,6 +327,7 @@ pub fn execute(
     for step in steps {
         // A signal or a lost Lease stops the roll here, between steps, never inside one.
         if crate::stop::requested() {
+            crate::stop::honour();
             return Err(RolloutError {
                 step: step.to_string(),
                 error: Box::new(StepError::Stopped),
@@ -401,11 +402,20 @@ fn until<T>(
     deadline: Instant,
     mut f: impl FnMut() -> Result<T, RedisError>,
 ) -> Result<T, RedisError> {
+    // Each new reason to wait is logged once: the error a step ends with is only the last.
+    let mut last = String::new();
     loop {
         match f() {
             Ok(v) => return Ok(v),
             Err(e) if Instant::now() + POLL >= deadline => return Err(e),
-            Err(_) => pause_until(deadline, POLL),
+            Err(e) => {
+                let now = e.to_string();
+                if now != last {
+                    tracing::debug!(waiting_on = %now, "not yet");
+                    last = now;
+                }
+                pause_until(deadline, POLL)
+            }
         }
     }
 }
@@ -479,9 +489,10 @@ fn db_caught_up(
     let primary = primary.ok_or_else(|| {
         RedisError::Topology(format!("{endpoint}: not yet a replica with its link up"))
     })?;
-    let target = cx.kept.ask(&primary, deadline, |p| {
-        Ok(info_replication(p, deadline)?.master_repl_offset)
-    })?;
+    let seen_by_primary = cx
+        .kept
+        .ask(&primary, deadline, |p| info_replication(p, deadline))?;
+    let target = seen_by_primary.master_repl_offset;
     // The primary moves on under load: caught up = reached where it was a moment ago. A link
     // that drops meanwhile (a new sync) sends the gate back to its start, and so does a replica
     // still behind after `CATCH_UP_POLLS`: the error the step ends with is then the condition
@@ -495,10 +506,19 @@ fn db_caught_up(
             break;
         }
         if !now.link_up || poll >= CATCH_UP_POLLS || Instant::now() + POLL >= deadline {
+            // What the primary listed when its offset was read says whether it was feeding
+            // this replica at all.
+            let listed: Vec<String> = seen_by_primary
+                .replicas
+                .iter()
+                .map(|r| format!("{} {} at {}", r.endpoint(), r.state, r.offset))
+                .collect();
             return Err(RedisError::Topology(format!(
-                "{endpoint}: offset {:?} behind the primary's {target} (replica link {})",
+                "{endpoint}: offset {:?} behind the primary's {target} (replica link {}; \
+                 its primary {primary} listed [{}])",
                 now.replica_offset,
-                if now.link_up { "up" } else { "down" }
+                if now.link_up { "up" } else { "down" },
+                listed.join(", ")
             )));
         }
         pause_until(deadline, POLL / 5);
