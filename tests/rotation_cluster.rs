@@ -736,3 +736,46 @@ fn a_dssm_pod_recreated_right_after_a_secret_change_serves_the_new_leaf() {
         .0
         .assert_unnoticed("a pod recreated right after a Secret change");
 }
+
+/// A TMM DaemonSet with `updateStrategy: OnDelete` never replaces a pod by itself, so a
+/// `rollout restart` would leave its pods on the old files. The rotation replaces them itself,
+/// one node at a time, each replacement Ready before the next eviction, and nobody notices.
+#[test]
+fn an_on_delete_tmm_daemonset_is_replaced_one_pod_at_a_time_and_nobody_notices() {
+    let env = published_on(scenarios::multi());
+    let mut ds = env
+        .server
+        .get("apps", "daemonsets", "bnk-tmm", "tmm")
+        .unwrap();
+    ds["spec"]["updateStrategy"] = serde_json::json!({"type": "OnDelete"});
+    env.server.put("apps", "daemonsets", "bnk-tmm", ds);
+    let r =
+        support::dssm_pods::rotate_under(env, scenarios::multi_load(), &rotate_args(false, None));
+    let (f, b, out, env) = (&r.figures, &r.bed, &r.out, &r.env);
+    assert_eq!(r.code, 0, "{out}");
+    let counts: Vec<usize> = TARGETS.iter().map(|t| expected_pods(env, *t)).collect();
+    let nodes = expected_pods(env, TARGETS[2]);
+    assert!(nodes >= 2, "a DaemonSet on {nodes} node(s)");
+    assert!(
+        out.contains("daemonset bnk-tmm/tmm") && out.contains("replaced one at a time"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("  evicted pod bnk-tmm/").count(),
+        nodes,
+        "each node's pod evicted once: {out}"
+    );
+    assert!(
+        restarted_at(env, TARGETS[2]).is_null(),
+        "no rollout restart of an OnDelete DaemonSet: {out}"
+    );
+    assert_targets_restored(env, &counts, "OnDelete DaemonSet");
+    assert_every_target_rolled(b, &counts, 1, "OnDelete DaemonSet");
+    assert!(
+        b.fewest_ready
+            .get("bnk-tmm")
+            .is_some_and(|r| *r >= nodes - 1),
+        "at most one of its pods down at a time: {b:?}"
+    );
+    f.assert_unnoticed("leaf renewal with an OnDelete TMM DaemonSet");
+}
