@@ -229,6 +229,50 @@ fn rerun_until_unlocked(
     }
 }
 
+/// A resumed CA rotation runs the pre-flight first, as each phase does: with a dSSM pod not
+/// Ready it is refused (exit 6, here after a 2 s `--wait-timeout`) before any write but the
+/// Lease's and Events, in the phase it resumes; the pod is Ready again when this returns.
+fn resume_refused_while_a_dssm_pod_is_not_ready(
+    env: &TestEnv,
+    bed: &Bed,
+    args: &[&str],
+    phase: &str,
+) -> String {
+    let ns = env.dssm_ns.clone();
+    let ready = env.server.get("", "pods", &ns, "f5-dssm-db-1").unwrap();
+    let mut not_ready = ready.clone();
+    not_ready["status"]["conditions"] = serde_json::json!([{"type": "Ready", "status": "False"}]);
+    env.server.put("", "pods", &ns, not_ready);
+    let lease_held = std::time::Instant::now();
+    let (code, out) = loop {
+        env.server.clear_requests();
+        let (code, out, err) = support::output(&mut support::dssm_pods::command_timed(
+            env, bed, args, "4s", "2s",
+        ));
+        // The killed run's Lease first (exit 5), as `rerun_until_unlocked` waits it out.
+        if code != 5 || lease_held.elapsed() > Duration::from_secs(30) {
+            break (code, format!("{out}{err}"));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    env.server.put("", "pods", &ns, ready);
+    assert_eq!(code, 6, "resuming {phase} with a pod not Ready: {out}");
+    assert!(
+        out.contains("pre-flight refused") && out.contains("f5-dssm-db-1 not Ready"),
+        "resuming {phase}: {out}"
+    );
+    let writes: Vec<_> = env
+        .writes()
+        .into_iter()
+        .filter(|w| !w.path.contains("/leases") && !w.path.contains("/events"))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "resuming {phase}: wrote {writes:?}\n{out}"
+    );
+    out
+}
+
 #[test]
 fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     let env = seeded();
@@ -256,6 +300,14 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
     for (i, kill) in kills.iter().enumerate() {
         // `rotate --ca` again, then `reconcile`: any run that finds the record resumes it.
         let args: &[&str] = if i < 2 { &rotate } else { &reconcile };
+        if i > 0 {
+            log.push_str(&resume_refused_while_a_dssm_pod_is_not_ready(
+                &env,
+                &bed,
+                args,
+                kills[i - 1].0,
+            ));
+        }
         let (code, killed, out) = rerun_until_unlocked(&env, &bed, args, Some(*kill));
         log.push_str(&out);
         assert!(killed, "never reached {kill:?} (exit {code:?}):\n{out}");
@@ -277,6 +329,9 @@ fn a_ca_rotation_killed_in_each_phase_resumes_there_and_nobody_notices() {
             resumed_at.push(l.to_string());
         }
     }
+    log.push_str(&resume_refused_while_a_dssm_pod_is_not_ready(
+        &env, &bed, &reconcile, "drop",
+    ));
     let (code, killed, out) = rerun_until_unlocked(&env, &bed, &reconcile, None);
     log.push_str(&out);
     assert!(!killed);

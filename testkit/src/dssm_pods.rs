@@ -457,6 +457,18 @@ pub fn command_leased(
     args: &[&str],
     lease: &str,
 ) -> std::process::Command {
+    command_timed(env, bed, args, lease, "60s")
+}
+
+/// `command_leased` with `--wait-timeout wait` (a refusal a test expects need not wait a
+/// minute).
+pub fn command_timed(
+    env: &TestEnv,
+    bed: &Bed,
+    args: &[&str],
+    lease: &str,
+    wait: &str,
+) -> std::process::Command {
     let mut cmd = super::bin();
     // The processes run: the binary's own default strategy applies.
     cmd.env_remove("DSSM_CERTS_STRATEGY");
@@ -472,7 +484,7 @@ pub fn command_leased(
             "--probe-server-name",
             "f5-dssm-sentinel",
             "--wait-timeout",
-            "60s",
+            wait,
             "--lease-duration",
             lease,
             "--max-clock-skew",
