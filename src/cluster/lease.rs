@@ -336,7 +336,14 @@ impl Held {
             () = crate::stop::at_safe_point() => Err(ClusterError::LeaseLost(format!(
                 "lease {}/{LEASE_NAME}", self.namespace
             )).into()),
-            r = &mut work => r,
+            // A roll that stopped for it ends the work with its "not started" error: that is
+            // the lost Lease, not a failed step.
+            r = &mut work => match r {
+                Err(_) if crate::stop::honoured() => Err(ClusterError::LeaseLost(format!(
+                    "lease {}/{LEASE_NAME}", self.namespace
+                )).into()),
+                r => r,
+            },
         }
     }
 

@@ -325,7 +325,10 @@ pub fn execute(
         .filter(|s| matches!(s, RollStep::ReloadDb { .. } | RollStep::DbCaughtUp { .. }))
         .count();
     for step in steps {
-        // A signal or a lost Lease stops the roll here, between steps, never inside one.
+        // A signal or a lost Lease stops the roll here, between steps, never inside one. Busy
+        // first, then the check: a stop asked between the two would otherwise find a safe
+        // point while this step runs.
+        let _busy = crate::stop::busy();
         if crate::stop::requested() {
             crate::stop::honour();
             return Err(RolloutError {
@@ -333,7 +336,6 @@ pub fn execute(
                 error: Box::new(StepError::Stopped),
             });
         }
-        let _busy = crate::stop::busy();
         // Asked again at every step: a restarted pod may come back at another address.
         let sentinels: Vec<String> = steps
             .iter()
@@ -676,10 +678,15 @@ fn reset_before_its_next_info(
             break;
         }
     }
+    // Sent even when the wait took the whole deadline: a bound of its own.
+    let deadline = deadline.max(Instant::now() + RESET_ASK);
     Ok(cx
         .kept
         .ask(s, deadline, |c| reset(c, cx.master, deadline))?)
 }
+
+/// How long the `SENTINEL RESET` itself may take once it is due.
+const RESET_ASK: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -187,10 +187,13 @@ pub fn since_primary_info(entry: &BTreeMap<String, String>) -> Option<Duration> 
 
 /// How long to wait so that a reset lands between `RESET_LEAD` and `RESET_LATEST` before the
 /// sentinel's next `INFO` of the primary. Nothing within that window, or when the sentinel
-/// did not say when it had the last `INFO`, or when that `INFO` is stale; the next `INFO`'s
+/// did not say when it had the last `INFO` (or never had one), or when that `INFO` is stale; the
+/// next `INFO`'s
 /// window when this one's has passed (that `INFO` may be in flight).
 pub fn wait_before_reset(since: Option<Duration>) -> Duration {
-    let Some(since) = since else {
+    // 0: it never had that `INFO` (it cannot reach the primary yet); it asks at once when it
+    // does, so there is nothing to wait for.
+    let Some(since) = since.filter(|s| !s.is_zero()) else {
         return Duration::ZERO;
     };
     let earliest = INFO_PERIOD - RESET_LEAD;
@@ -335,7 +338,12 @@ mod tests {
         let wait = |ms: &str| wait_before_reset(since_primary_info(&entry(ms)));
         // Had the INFO 2 s ago: the next comes in 8 s, the reset 1.5 s before it.
         assert_eq!(wait("2000"), Duration::from_millis(6500));
-        assert_eq!(wait("0"), INFO_PERIOD - RESET_LEAD);
+        assert_eq!(
+            wait("1"),
+            INFO_PERIOD - RESET_LEAD - Duration::from_millis(1)
+        );
+        // Never had it (Redis says 0): it asks as soon as it reaches the primary. At once.
+        assert_eq!(wait("0"), Duration::ZERO);
         // Within the window: at once.
         assert_eq!(wait("8500"), Duration::ZERO);
         assert_eq!(wait("9500"), Duration::ZERO);
