@@ -38,6 +38,24 @@ pub fn honoured() -> bool {
     HONOURED.load(Ordering::SeqCst)
 }
 
+/// Runs `work` to its end unless a stop asked for takes it first: None once no step is in
+/// progress, or when a roll ended the work because it stopped for it (the roll's thread can end
+/// between two polls of `at_safe_point`; its "not started" error is then the stop, not a
+/// failed step).
+pub async fn work_or_safe_point<T, E>(
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<Result<T, E>> {
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        () = at_safe_point() => None,
+        r = &mut work => match r {
+            Err(_) if honoured() => None,
+            r => Some(r),
+        },
+    }
+}
+
 /// A step in progress, until dropped.
 #[must_use]
 pub struct Busy(());

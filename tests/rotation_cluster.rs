@@ -261,15 +261,7 @@ fn resume_refused_while_a_dssm_pod_is_not_ready(
         out.contains("pre-flight refused") && out.contains("f5-dssm-db-1 not Ready"),
         "resuming {phase}: {out}"
     );
-    let writes: Vec<_> = env
-        .writes()
-        .into_iter()
-        .filter(|w| !w.path.contains("/leases") && !w.path.contains("/events"))
-        .collect();
-    assert!(
-        writes.is_empty(),
-        "resuming {phase}: wrote {writes:?}\n{out}"
-    );
+    env.assert_wrote_only_lease_and_events();
     out
 }
 

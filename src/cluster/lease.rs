@@ -331,20 +331,14 @@ impl Held {
             () = self.lost() => {}
         }
         crate::stop::request();
-        tokio::select! {
-            biased;
-            () = crate::stop::at_safe_point() => Err(ClusterError::LeaseLost(format!(
-                "lease {}/{LEASE_NAME}", self.namespace
-            )).into()),
-            // A roll that stopped for it ends the work with its "not started" error: that is
-            // the lost Lease, not a failed step.
-            r = &mut work => match r {
-                Err(_) if crate::stop::honoured() => Err(ClusterError::LeaseLost(format!(
-                    "lease {}/{LEASE_NAME}", self.namespace
-                )).into()),
-                r => r,
-            },
-        }
+        crate::stop::work_or_safe_point(&mut work)
+            .await
+            .unwrap_or_else(|| {
+                Err(
+                    ClusterError::LeaseLost(format!("lease {}/{LEASE_NAME}", self.namespace))
+                        .into(),
+                )
+            })
     }
 
     /// Gives the Lease back, only if it is still ours, with the resourceVersion read (client-go's

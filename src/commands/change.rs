@@ -150,16 +150,9 @@ async fn until_sigterm<T, E>(
     // work is dropped at that safe point.
     crate::stop::request();
     log::notice("signal received: stopping at the next safe point");
-    tokio::select! {
-        biased;
-        () = crate::stop::at_safe_point() => Err(stop(cluster, command).await),
-        // A roll that stopped for the signal ends the work with its "not started" error:
-        // that is this stop, not a failed step (the roll's thread can end between two polls
-        // of `at_safe_point`).
-        r = &mut work => match r {
-            Err(_) if crate::stop::honoured() => Err(stop(cluster, command).await),
-            r => Ok(r),
-        },
+    match crate::stop::work_or_safe_point(&mut work).await {
+        Some(r) => Ok(r),
+        None => Err(stop(cluster, command).await),
     }
 }
 

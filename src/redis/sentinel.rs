@@ -188,8 +188,7 @@ pub fn since_primary_info(entry: &BTreeMap<String, String>) -> Option<Duration> 
 /// How long to wait so that a reset lands between `RESET_LEAD` and `RESET_LATEST` before the
 /// sentinel's next `INFO` of the primary. Nothing within that window, or when the sentinel
 /// did not say when it had the last `INFO` (or never had one), or when that `INFO` is stale; the
-/// next `INFO`'s
-/// window when this one's has passed (that `INFO` may be in flight).
+/// next `INFO`'s window when this one's has passed (that `INFO` may be in flight).
 pub fn wait_before_reset(since: Option<Duration>) -> Duration {
     // 0: it never had that `INFO` (it cannot reach the primary yet); it asks at once when it
     // does, so there is nothing to wait for.
